@@ -1,0 +1,1 @@
+"""Site side: the site daemon (SuperNode + warm worker) and the per-message ClientApp."""

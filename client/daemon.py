@@ -1,0 +1,153 @@
+"""`medfed site start`: the site daemon = a Flower SuperNode + the warm site worker.
+
+The worker runs in this process (it keeps torch, the model, the decoded data and
+the GPU context warm); the SuperNode is a child process whose per-message
+ClientApps relay to the worker over a Unix socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from medfed.client.worker import SiteWorker, bind
+from medfed.core import wire
+from medfed.core.config import SiteConfig, load_toml, resolve
+from medfed.core.errors import IdentityError, MedfedError, ProcessError
+from medfed.core.flower_env import flower_env
+from medfed.core.identity import check_certificate_valid, load_certificate
+from medfed.core.procs import Managed, require_free_port
+
+log = logging.getLogger("medfed.site")
+
+DEFAULT_POLL_INTERVAL = 0.2  # seconds between SuperNode polls when idle (Flower: 3 s)
+NOT_ENROLLED_EXIT = 305  # flower-supernode's exit code when the SuperLink rejects its key
+
+
+@dataclass
+class SiteDaemon:
+    """One site's daemon, built from its site.toml."""
+
+    config_path: Path
+    poll_interval: float = DEFAULT_POLL_INTERVAL
+
+    def __post_init__(self) -> None:
+        self.config_path = Path(self.config_path).resolve()
+        self.config: SiteConfig = load_toml(self.config_path, SiteConfig)
+        self.worker: SiteWorker | None = None
+        self.supernode: Managed | None = None
+        self._server = None
+        self._thread: threading.Thread | None = None
+
+    def path(self, relative: str) -> Path:
+        """Resolve a site.toml path."""
+        return resolve(self.config_path, relative)
+
+    @property
+    def name(self) -> str:
+        """The site's name."""
+        return self.config.site.name
+
+    def check(self) -> None:
+        """Fail early, with the fix, on a missing key, a bad CA or a taken port."""
+        s = self.config.site
+        ca = self.path(s.federation_ca)
+        check_certificate_valid(load_certificate(ca), where=f"{ca} (site.toml key site.federation_ca)")
+        if not self.path(s.private_key).exists():
+            raise IdentityError(
+                "The site's private key is missing.",
+                where=f"{self.path(s.private_key)} (site.toml key site.private_key)",
+                fix="restore it, or create a new site with `medfed site init` and enrol it again",
+            )
+        require_free_port("127.0.0.1", s.runtime_port, what="SuperNode runtime API",
+                          key=f"{self.config_path} key site.runtime_port")
+
+    def supernode_process(self) -> Managed:
+        """The SuperNode as a managed process (not started yet)."""
+        s = self.config.site
+        node_config = (f'{wire.NODE_WORKER_SOCKET}="{self.path(s.worker_socket)}" '
+                       f'{wire.NODE_SITE_NAME}="{s.name}"')
+        import sys
+
+        argv = [
+            sys.executable, "-m", "medfed.client.supernode_launcher",
+            "--superlink", s.server,
+            "--root-certificates", str(self.path(s.federation_ca)),
+            "--auth-supernode-private-key", str(self.path(s.private_key)),
+            "--node-config", node_config,
+            "--port", str(s.runtime_port),
+        ]
+        env = {**flower_env(self.path("state/flwr_home")),
+               "MEDFED_POLL_INTERVAL": str(self.poll_interval)}
+        return Managed(f"SuperNode of site {s.name}", argv, self.path("logs/supernode.log"),
+                       env=env)
+
+    def start(self) -> None:
+        """Start the worker (in a thread of this process) and the SuperNode."""
+        self.check()
+        self.worker = SiteWorker(self.config, self.config_path)
+        self._server = bind(self.worker, self.path(self.config.site.worker_socket))
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        kwargs={"poll_interval": 0.2}, daemon=True,
+                                        name="medfed-worker")
+        self._thread.start()
+        self.worker.audit.record("daemon-started", site=self.name, device=str(self.worker.device))
+        self.supernode = self.supernode_process().start()
+
+    def wait(self, *, stop: threading.Event | None = None) -> None:
+        """Block until the SuperNode ends (or ``stop`` is set); raise a clear error on failure."""
+        assert self.supernode is not None
+        while self.supernode.alive():
+            if stop is not None and stop.wait(0.5):
+                return
+            if stop is None:
+                time.sleep(0.5)
+            self._check_log()
+        raise self.failure()
+
+    def _check_log(self) -> None:
+        assert self.supernode is not None
+        tail = self.supernode.log_tail(40)
+        if "CERTIFICATE_VERIFY_FAILED" in tail:
+            self.supernode.stop()
+            raise IdentityError(
+                "The server's TLS certificate is not signed by the federation CA this site pins "
+                "(or it has expired).",
+                where=f"{self.path(self.config.site.federation_ca)} (site.toml site.federation_ca)",
+                fix="get the federation's ca.pem from the coordinator; check the server address",
+            )
+
+    def failure(self) -> MedfedError:
+        """Explain why the SuperNode stopped."""
+        assert self.supernode is not None and self.supernode.proc is not None
+        code = self.supernode.proc.returncode
+        tail = self.supernode.log_tail(15)
+        if code == NOT_ENROLLED_EXIT or "Failed to activate SuperNode" in tail:
+            return IdentityError(
+                f"The server at {self.config.site.server} refused site {self.name!r}: "
+                "its key is not enrolled in this federation.",
+                where=str(self.path(self.config.site.public_key)),
+                fix="send this public key to the coordinator, who runs "
+                f"`medfed server enrol {self.config.site.public_key} --name {self.name}`; "
+                "then start the site again",
+            )
+        return ProcessError(
+            f"The SuperNode of site {self.name!r} stopped (exit code {code}).",
+            where=str(self.supernode.log_path), fix="read its log; last lines:\n" + tail,
+        )
+
+    def stop(self) -> None:
+        """Stop the SuperNode and the worker; remove the socket."""
+        if self.supernode is not None:
+            self.supernode.stop()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        sock = self.path(self.config.site.worker_socket)
+        sock.unlink(missing_ok=True)
+        if self.worker is not None:
+            self.worker.audit.record("daemon-stopped", site=self.name)

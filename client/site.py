@@ -1,0 +1,75 @@
+"""`medfed site init`: the site operator's folder (keys, pinned federation CA, site.toml)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from medfed.core.config import SiteConfig, load_toml
+from medfed.core.errors import ConfigError
+from medfed.core.identity import SiteKeys, check_certificate_valid, load_certificate
+
+SITE_TOML = """\
+# medfed site configuration (written by `medfed site init`). Owned by the site:
+# a federated run can never loosen what this file allows.
+# Paths are relative to this file. Start the site daemon with:
+#   medfed site start --config site.toml
+
+[site]
+name = "{name}"
+server = "{server}"                    # the coordinator's SuperLink, HOST:PORT
+federation_ca = "federation-ca.pem"    # pinned CA of the federation
+private_key = "keys/site.key"          # SuperNode authentication key (never leaves this folder)
+public_key = "keys/site.pub"           # send this file to the coordinator to be enrolled
+runtime_port = {runtime_port}          # local port of the SuperNode's runtime API
+worker_socket = "run/worker.sock"      # local channel to the warm worker
+audit_log = "audit.jsonl"
+
+[data]
+# kind = "dicom-folder" reads DICOM series under `path`; "synthetic" generates data.
+kind = "synthetic"
+path = ""
+seed = {seed}
+num_samples = 64
+val_fraction = 0.25
+profile = {profile}
+
+[policy]
+allowed_tasks = ["*"]         # e.g. ["brain-tissue-seg"]
+allowed_strategies = ["*"]    # e.g. ["fedavg", "fedprox"]
+
+[compute]
+device = "auto"   # "auto" uses CUDA when present, else the CPU
+amp = true
+threads = 0
+"""
+
+
+def init_site(
+    folder: Path,
+    *,
+    name: str,
+    federation_ca: Path,
+    server: str = "127.0.0.1:9200",
+    runtime_port: int = 9300,
+    seed: int = 0,
+    profile: int = 0,
+) -> Path:
+    """Create a site folder; returns the path of its site.toml."""
+    folder = Path(folder)
+    config_path = folder / "site.toml"
+    if config_path.exists():
+        raise ConfigError(
+            "A site already exists in this folder.", where=str(config_path),
+            fix="choose an empty folder, or keep using the existing site.toml",
+        )
+    ca = load_certificate(federation_ca)
+    check_certificate_valid(ca, where=str(federation_ca))
+    folder.mkdir(parents=True, exist_ok=True)
+    text = SITE_TOML.format(name=name, server=server, runtime_port=runtime_port,
+                            seed=seed, profile=profile)
+    config_path.write_text(text, encoding="utf-8")
+    config = load_toml(config_path, SiteConfig)  # the template must itself be valid
+    shutil.copyfile(federation_ca, folder / config.site.federation_ca)
+    SiteKeys.create().save(folder / config.site.private_key, folder / config.site.public_key)
+    return config_path

@@ -1,0 +1,211 @@
+"""The warm site worker: a long-lived process holding models, decoded data and the device.
+
+The per-message ClientApp relays each Flower message here over a Unix socket.
+Requests are served one at a time (one device, one model in training).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import socketserver
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medfed.client.audit import AuditLog, arrays_digest
+from medfed.client.policy import decide
+from medfed.core import wire
+from medfed.core.config import RunConfig, SiteConfig, resolve
+from medfed.core.packing import WEIGHTS_KEY, Layout, pack, unpack
+from medfed.core.errors import MedfedError
+from medfed.tasks import SiteData, Task, engine, get_task
+
+log = logging.getLogger("medfed.site")
+
+
+def _seed(*parts: object) -> int:
+    digest = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+@dataclass
+class SiteWorker:
+    """Handles train/evaluate requests for one site."""
+
+    config: SiteConfig
+    config_path: Path
+    device: torch.device = field(init=False)
+    audit: AuditLog = field(init=False)
+    _data: dict[str, SiteData] = field(default_factory=dict, init=False)
+    _models: dict[str, torch.nn.Module] = field(default_factory=dict, init=False)
+    _layouts: dict[str, Layout] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        self.device = engine.select_device(self.config.compute.device)
+        if self.config.compute.threads:
+            torch.set_num_threads(self.config.compute.threads)
+        self.audit = AuditLog(resolve(self.config_path, self.config.site.audit_log))
+
+    @property
+    def site(self) -> str:
+        """This site's name."""
+        return self.config.site.name
+
+    def data_for(self, task: Task) -> SiteData:
+        """The site's data for ``task``, decoded once and kept warm."""
+        if task.name not in self._data:
+            t0 = time.perf_counter()
+            self._data[task.name] = task.load_site_data(self.config.data)
+            log.info("loaded %s data in %.2fs: %s", task.name, time.perf_counter() - t0,
+                     self._data[task.name].description)
+        return self._data[task.name]
+
+    def model_for(self, task: Task) -> torch.nn.Module:
+        """A model instance per task, reused across rounds (weights replaced each round)."""
+        if task.name not in self._models:
+            model = task.build_model()
+            self._layouts[task.name] = Layout.of(engine.get_weights(model))
+            self._models[task.name] = model.to(self.device)
+        return self._models[task.name]
+
+    def warm_up(self, task_names: list[str]) -> None:
+        """Load data and build models ahead of the first round."""
+        for name in task_names:
+            task = get_task(name)
+            self.data_for(task)
+            self.model_for(task)
+
+    # ---------------------------------------------------------------- requests
+
+    def handle(self, request: wire.Frame) -> wire.Frame:
+        """Answer one request; every refusal and failure is an explicit reply."""
+        op = request.header.get("op")
+        if op == "ping":
+            return wire.Frame({"ok": True, "site": self.site, "metrics": {}})
+        config = request.header.get("config", {})
+        run_id = request.header.get("run_id")
+        try:
+            run = RunConfig.from_json(str(config.get(wire.RUN_CONFIG_KEY, "")))
+        except MedfedError as exc:
+            return self._refuse(run_id, "run-config", str(exc), status="failed")
+        decision = decide(self.config.policy, run)
+        if not decision.allowed:
+            return self._refuse(run_id, decision.rule, decision.reason)
+        try:
+            if op == "train":
+                return self._train(run, run_id, config, request.arrays)
+            if op == "evaluate":
+                return self._evaluate(run, run_id, request.arrays)
+            return self._refuse(run_id, "op", f"unknown operation {op!r}", status="failed")
+        except Exception as exc:  # reply with the reason; never crash the daemon
+            log.error("%s failed: %s\n%s", op, exc, traceback.format_exc())
+            self.audit.record("error", run_id=run_id, op=op, reason=str(exc))
+            return wire.Frame({"ok": False, "site": self.site, "status": "failed",
+                               "reason": f"{type(exc).__name__}: {exc}"})
+
+    def _refuse(self, run_id: object, rule: str, reason: str, *, status: str = "refused"
+                ) -> wire.Frame:
+        self.audit.record(status, run_id=run_id, rule=rule, reason=reason)
+        log.warning("%s run %s: %s", status, run_id, reason)
+        return wire.Frame({"ok": False, "site": self.site, "status": status, "rule": rule,
+                           "reason": reason})
+
+    def _load_global(self, task: Task, arrays: dict[str, np.ndarray]) -> torch.nn.Module:
+        if WEIGHTS_KEY not in arrays:
+            raise ValueError(f"the message carries no {WEIGHTS_KEY!r} array")
+        model = self.model_for(task)
+        engine.set_weights(model, unpack(arrays[WEIGHTS_KEY], self._layouts[task.name]))
+        return model
+
+    def _train(self, run: RunConfig, run_id: object, config: dict, arrays: dict
+               ) -> wire.Frame:
+        task = get_task(run.task)
+        data = self.data_for(task)
+        model = self._load_global(task, arrays)
+        rnd = int(config.get(wire.SERVER_ROUND_KEY, 0))
+        hp = task.defaults
+        t0 = time.perf_counter()
+        stats = engine.train(
+            task, model, data.train,
+            epochs=run.local_epochs or hp.local_epochs,
+            batch_size=run.batch_size or hp.batch_size,
+            learning_rate=run.learning_rate or hp.learning_rate,
+            device=self.device,
+            generator=torch.Generator().manual_seed(_seed(run.seed, run_id, rnd, self.site)),
+            amp=self.config.compute.amp,
+            proximal_mu=float(config.get(wire.PROXIMAL_MU_KEY, 0.0)),
+        )
+        seconds = time.perf_counter() - t0
+        weights = {WEIGHTS_KEY: pack(engine.get_weights(model))}
+        digest, size = arrays_digest(weights)
+        metrics = {"train-loss": stats.loss, wire.WEIGHT_KEY: stats.num_examples,
+                   "steps": stats.steps, "train-seconds": seconds}
+        # The audit record is written before the reply leaves the worker.
+        self.audit.record("update-sent", run_id=run_id, round=rnd, task=run.task,
+                          bytes=size, hash=digest, protection="tls", metrics=metrics)
+        return wire.Frame({"ok": True, "site": self.site, "metrics": metrics}, weights)
+
+    def _evaluate(self, run: RunConfig, run_id: object, arrays: dict) -> wire.Frame:
+        task = get_task(run.task)
+        data = self.data_for(task)
+        model = self._load_global(task, arrays)
+        metrics = engine.evaluate(task, model, data.val, device=self.device)
+        self.audit.record("metrics-sent", run_id=run_id, task=run.task, metrics=metrics)
+        return wire.Frame({"ok": True, "site": self.site, "metrics": metrics})
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    server: _WorkerServer
+
+    def handle(self) -> None:
+        try:
+            request = wire.recv_frame(self.request)
+        except wire.ChannelError as exc:
+            log.warning("dropped a malformed request: %s", exc)
+            return
+        wire.send_frame(self.request, self.server.worker.handle(request))
+
+
+class _WorkerServer(socketserver.UnixStreamServer):
+    def __init__(self, path: str, worker: SiteWorker) -> None:
+        self.worker = worker
+        super().__init__(path, _Handler)
+
+
+def bind(worker: SiteWorker, socket_path: Path) -> socketserver.UnixStreamServer:
+    """Bind the worker's Unix socket (owner-only), replacing a stale socket file."""
+    socket_path.parent.mkdir(parents=True, exist_ok=True)
+    if len(str(socket_path)) > 100:
+        raise MedfedError(
+            "The worker socket path is too long for a Unix socket.",
+            where=str(socket_path), expected="at most 100 characters",
+            fix="set site.worker_socket in site.toml to a shorter path",
+        )
+    if socket_path.exists():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(socket_path))
+        except OSError:
+            socket_path.unlink()  # stale socket of a process that is gone
+        else:
+            raise MedfedError(
+                "Another site worker is already running on this socket.",
+                where=str(socket_path), fix="stop the other `medfed site start` first",
+            )
+        finally:
+            probe.close()
+    old = os.umask(0o177)
+    try:
+        server = _WorkerServer(str(socket_path), worker)
+    finally:
+        os.umask(old)
+    return server
+
+

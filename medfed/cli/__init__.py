@@ -1,0 +1,1 @@
+"""Command line: the face on top; holds no logic a test would call without a terminal."""

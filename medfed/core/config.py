@@ -1,0 +1,223 @@
+"""Typed, validated configuration: server.toml, site.toml and the run configuration.
+
+Every model forbids unknown keys, so a typo is an error that names the file and
+the key instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from medfed.core.errors import ConfigError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_address(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT such as 127.0.0.1:9200, got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- server
+
+
+class SuperLinkSection(_Strict):
+    """Where the SuperLink listens (its HTTP API carries Fleet, Control and ServerAppIo)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(9200, gt=0, lt=65536)
+    public_host: str = Field(
+        "127.0.0.1", description="the host name sites use; must be one of the certificate's SANs"
+    )
+
+    @property
+    def address(self) -> str:
+        """HOST:PORT as clients dial it."""
+        return f"{self.public_host}:{self.port}"
+
+
+class TlsSection(_Strict):
+    """Paths of the federation CA and the server certificate, relative to the config file."""
+
+    ca_cert: str = "ca/ca.pem"
+    ca_key: str = "ca/ca.key"
+    cert: str = "tls/server.pem"
+    key: str = "tls/server.key"
+
+
+class StateSection(_Strict):
+    """Persistent server state."""
+
+    database: str = "state/superlink.db"
+    runs_dir: str = "runs"
+    sites_file: str = "sites.toml"
+    log_file: str = "state/superlink.log"
+
+
+class ServerConfig(_Strict):
+    """server.toml: the coordinator's federation folder."""
+
+    federation: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    superlink: SuperLinkSection = SuperLinkSection()
+    tls: TlsSection = TlsSection()
+    state: StateSection = StateSection()
+
+
+# ----------------------------------------------------------------------------- site
+
+
+class DataSourceConfig(_Strict):
+    """A site's data source for a task.
+
+    ``kind = "synthetic"`` generates data deterministically from ``seed`` (demo,
+    tests); ``kind = "dicom-folder"`` reads DICOM series under ``path``.
+    """
+
+    kind: Literal["synthetic", "dicom-folder"] = "synthetic"
+    path: str = ""
+    seed: int = 0
+    num_samples: int = Field(64, gt=0)
+    val_fraction: float = Field(0.25, gt=0.0, lt=1.0)
+    profile: int = Field(0, ge=0, description="synthetic scanner profile of this site")
+
+
+class SiteSection(_Strict):
+    """The site's identity and how it reaches the federation."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    server: str = "127.0.0.1:9200"
+    federation_ca: str = "federation-ca.pem"
+    private_key: str = "keys/site.key"
+    public_key: str = "keys/site.pub"
+    runtime_port: int = Field(9300, gt=0, lt=65536, description="SuperNode's local runtime API")
+    worker_socket: str = "run/worker.sock"
+    audit_log: str = "audit.jsonl"
+
+    _server = field_validator("server")(lambda cls, v: _check_address(v))
+
+
+class PolicySection(_Strict):
+    """The site's own rules; a run cannot loosen them."""
+
+    allowed_tasks: list[str] = ["*"]
+    allowed_strategies: list[str] = ["*"]
+
+
+class ComputeSection(_Strict):
+    """Where the site trains."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0 leaves torch's default")
+
+
+class SiteConfig(_Strict):
+    """site.toml: the site operator's folder."""
+
+    site: SiteSection
+    data: DataSourceConfig = DataSourceConfig()
+    policy: PolicySection = PolicySection()
+    compute: ComputeSection = ComputeSection()
+
+
+# ------------------------------------------------------------------------------ run
+
+
+class RunConfig(_Strict):
+    """What the coordinator submits: declarative, validated before anything starts."""
+
+    task: str
+    strategy: str = "fedavg"
+    strategy_options: dict[str, float | int | str | bool] = {}
+    rounds: int = Field(3, gt=0, le=10_000)
+    min_sites: int = Field(2, gt=0)
+    local_epochs: int | None = Field(None, gt=0)
+    batch_size: int | None = Field(None, gt=0)
+    learning_rate: float | None = Field(None, gt=0)
+    round_timeout_s: float = Field(600.0, gt=0)
+    seed: int = 0
+    name: str = ""
+
+    def to_json(self) -> str:
+        """Serialise for Flower's run config (one string value)."""
+        return self.model_dump_json()
+
+    @classmethod
+    def from_json(cls, text: str) -> RunConfig:
+        """Parse what :meth:`to_json` wrote; a malformed payload is a ConfigError."""
+        try:
+            return cls.model_validate(json.loads(text))
+        except (ValidationError, json.JSONDecodeError) as exc:
+            raise ConfigError(
+                f"The run configuration is invalid: {exc}", where="run config 'medfed-run'"
+            ) from exc
+
+
+# ------------------------------------------------------------------------- loading
+
+
+def _describe(error: dict[str, Any]) -> tuple[str, str]:
+    key = ".".join(str(p) for p in error["loc"]) or "(top level)"
+    kind = error["type"]
+    if kind == "missing":
+        return key, "a value (this key is required)"
+    if kind == "extra_forbidden":
+        return key, "no such key: remove it or fix its spelling"
+    msg = str(error["msg"]).removeprefix("Value error, ")
+    return key, f"{msg} (got {error.get('input')!r})"
+
+
+def validate(model: type[M], data: dict[str, Any], *, where: str) -> M:
+    """Validate ``data`` as ``model``; the error names each bad key and what it expects."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = [_describe(e) for e in exc.errors()]
+        keys = ", ".join(repr(k) for k, _ in problems)
+        raise ConfigError(
+            f"Invalid configuration: {len(problems)} bad key(s): {keys}.",
+            where=where,
+            expected="; ".join(f"{k}: {m}" for k, m in problems),
+            fix=f"edit {where} and correct the key(s) named above",
+        ) from None
+
+
+def load_toml(path: Path, model: type[M]) -> M:
+    """Read and validate a TOML file as ``model``."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(
+            "Config file not found.", where=str(path),
+            fix="pass the path of an existing file, or create one with `medfed server init` / "
+            "`medfed site init`",
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"Not valid TOML: {exc}", where=str(path)) from None
+    return validate(model, data, where=str(path))
+
+
+def write_toml(path: Path, model: BaseModel, *, header: str = "") -> None:
+    """Write ``model`` as TOML, refusing to overwrite an existing file."""
+    text = tomli_w.dumps(model.model_dump(mode="json", exclude_none=True))
+    with open(path, "x", encoding="utf-8") as fh:
+        fh.write(header + text)
+
+
+def resolve(config_path: Path, relative: str) -> Path:
+    """Resolve a path from a config file relative to that file's folder."""
+    p = Path(relative).expanduser()
+    return p if p.is_absolute() else (Path(config_path).resolve().parent / p)

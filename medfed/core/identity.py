@@ -1,0 +1,268 @@
+"""Federation identity with `cryptography`: a CA, the server's TLS certificate, site keys.
+
+The coordinator's CA signs the SuperLink's TLS certificate; sites pin that CA.
+Each site holds an EC key pair (NIST P-384, the curve Flower's SuperNode
+authentication expects); the coordinator enrols the public half.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from medfed.core.errors import IdentityError
+
+CURVE = ec.SECP384R1()
+CA_VALIDITY_DAYS = 3650
+SERVER_VALIDITY_DAYS = 825  # the maximum most TLS clients accept for a leaf
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write key material readable by the owner only, never over an existing file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+
+
+def write_public(path: Path, data: bytes) -> None:
+    """Write a certificate or public key; refuse to overwrite one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "xb") as fh:
+        fh.write(data)
+
+
+def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+@dataclass(frozen=True)
+class CertificateAuthority:
+    """The federation's CA: its key signs the server certificate."""
+
+    key: ec.EllipticCurvePrivateKey
+    cert: x509.Certificate
+
+    @classmethod
+    def create(cls, name: str, *, days: int = CA_VALIDITY_DAYS) -> CertificateAuthority:
+        """Create a self-signed CA for the federation ``name``."""
+        key = ec.generate_private_key(CURVE)
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"medfed CA {name}")])
+        now = _now()
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=False, content_commitment=False,
+                    key_encipherment=False, data_encipherment=False, key_agreement=False,
+                    key_cert_sign=True, crl_sign=True, encipher_only=False, decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+            .sign(key, hashes.SHA384())
+        )
+        return cls(key=key, cert=cert)
+
+    def issue_server_cert(
+        self,
+        hosts: list[str],
+        *,
+        days: int = SERVER_VALIDITY_DAYS,
+        not_before: dt.datetime | None = None,
+    ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+        """Issue a TLS server certificate whose SANs are ``hosts`` (names or IPs)."""
+        if not hosts:
+            raise IdentityError(
+                "A server certificate needs at least one host name or IP address.",
+                expected="--host 127.0.0.1 (repeatable)",
+            )
+        key = ec.generate_private_key(CURVE)
+        sans: list[x509.GeneralName] = []
+        for host in hosts:
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                sans.append(x509.DNSName(host))
+        start = not_before or (_now() - dt.timedelta(minutes=5))
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(start + dt.timedelta(days=days))
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), False
+            )
+            .sign(self.key, hashes.SHA384())
+        )
+        return key, cert
+
+    def save(self, cert_path: Path, key_path: Path) -> None:
+        """Write the CA certificate and its (owner-only) key."""
+        write_private(key_path, _private_pem(self.key))
+        write_public(cert_path, self.cert.public_bytes(serialization.Encoding.PEM))
+
+    @classmethod
+    def load(cls, cert_path: Path, key_path: Path) -> CertificateAuthority:
+        """Load a CA written by :meth:`save`."""
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise IdentityError("The CA key is not an EC key.", where=str(key_path))
+        return cls(key=key, cert=load_certificate(cert_path))
+
+
+def save_server_identity(
+    key: ec.EllipticCurvePrivateKey, cert: x509.Certificate, cert_path: Path, key_path: Path
+) -> None:
+    """Write the server's TLS key (owner-only) and certificate."""
+    write_private(key_path, _private_pem(key))
+    write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+
+
+def load_certificate(path: Path) -> x509.Certificate:
+    """Load a PEM certificate, or say clearly why it is not one."""
+    try:
+        return x509.load_pem_x509_certificate(Path(path).read_bytes())
+    except FileNotFoundError:
+        raise IdentityError(
+            "Certificate file not found.", where=str(path),
+            fix="check the path in the config, or re-run `medfed server init`",
+        ) from None
+    except ValueError as exc:
+        raise IdentityError(
+            f"Not a PEM certificate: {exc}", where=str(path),
+            expected="a file starting with '-----BEGIN CERTIFICATE-----'",
+        ) from None
+
+
+def check_certificate_valid(cert: x509.Certificate, *, where: str) -> None:
+    """Fail if ``cert`` is expired or not yet valid, saying when and what to do."""
+    now = _now()
+    if cert.not_valid_after_utc < now:
+        raise IdentityError(
+            f"The certificate expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC.",
+            where=where,
+            fix="issue a new one with `medfed server renew-cert --config server.toml`",
+        )
+    if cert.not_valid_before_utc > now:
+        raise IdentityError(
+            f"The certificate is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC.",
+            where=where,
+            fix="check this machine's clock, or issue a new certificate",
+        )
+
+
+def check_issued_by(cert: x509.Certificate, ca: x509.Certificate, *, where: str) -> None:
+    """Fail unless ``cert`` carries a valid signature of ``ca`` (a wrong CA is caught here)."""
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, Exception) as exc:  # InvalidSignature has no common base
+        raise IdentityError(
+            "The server certificate was not issued by the federation CA this side trusts.",
+            where=where,
+            expected=f"a certificate signed by {ca.subject.rfc4514_string()}",
+            fix="ask the coordinator for the federation's ca.pem and point the config at it",
+        ) from exc
+
+
+@dataclass(frozen=True)
+class SiteKeys:
+    """A site's key pair for SuperNode authentication."""
+
+    private_key: ec.EllipticCurvePrivateKey
+
+    @classmethod
+    def create(cls) -> SiteKeys:
+        """Generate a fresh key pair."""
+        return cls(private_key=ec.generate_private_key(CURVE))
+
+    def public_openssh(self) -> bytes:
+        """The public key in OpenSSH format (what the coordinator enrols)."""
+        return self.private_key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+
+    def save(self, private_path: Path, public_path: Path) -> None:
+        """Write the private key (owner-only, OpenSSH format, which the SuperNode reads)
+        and the public key (one OpenSSH line)."""
+        write_private(
+            private_path,
+            self.private_key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.OpenSSH,
+                serialization.NoEncryption(),
+            ),
+        )
+        write_public(public_path, self.public_openssh() + b"\n")
+
+
+def load_site_public_key(path: Path) -> ec.EllipticCurvePublicKey:
+    """Load a site's public key (OpenSSH or PEM), or say why it is not one."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise IdentityError(
+            "Site public key file not found.", where=str(path),
+            fix="the site operator finds it as keys/site.pub in the site folder",
+        ) from None
+    try:
+        if data.lstrip().startswith(b"-----BEGIN"):
+            key = serialization.load_pem_public_key(data)
+        else:
+            key = serialization.load_ssh_public_key(data.strip())
+    except (ValueError, Exception) as exc:
+        raise IdentityError(
+            f"Not a public key: {exc}", where=str(path),
+            expected="an OpenSSH 'ecdsa-sha2-nistp384 ...' line or a PEM public key",
+        ) from None
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise IdentityError(
+            "The site key is not an elliptic-curve key.", where=str(path),
+            expected="a NIST EC key (P-384), as `medfed site init` creates",
+        )
+    return key
+
+
+def public_key_pem(key: ec.EllipticCurvePublicKey) -> bytes:
+    """SubjectPublicKeyInfo PEM, the form Flower's node registry stores."""
+    return key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def public_key_fingerprint(key: ec.EllipticCurvePublicKey) -> str:
+    """A short stable fingerprint of a public key (SHA-256 of its DER form)."""
+    der = key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return "sha256:" + hashlib.sha256(der).hexdigest()[:32]

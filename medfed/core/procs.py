@@ -1,0 +1,156 @@
+"""Starting and stopping the processes medfed runs (SuperLink, SuperNodes, workers).
+
+Each child gets its own process group, so stopping it also stops what it spawned
+(ServerApp and ClientApp subprocesses). Stopping is idempotent and escalates
+from SIGTERM to SIGKILL.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from medfed.core.errors import ProcessError
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """True if something already listens on ``host:port`` (or the port cannot be bound)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS reports free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def require_free_port(host: str, port: int, *, what: str, key: str) -> None:
+    """Fail with a clear message if ``port`` is taken."""
+    if port_in_use(host, port):
+        raise ProcessError(
+            f"Port {port} on {host} is already in use, so the {what} cannot listen there.",
+            where=key,
+            fix=f"stop the process using it (`ss -ltnp | grep :{port}`) or change {key}",
+        )
+
+
+def wait_for_port(host: str, port: int, *, timeout: float, alive: Callable[[], bool]) -> bool:
+    """Wait until something accepts connections on ``host:port``; False on timeout or death."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive():
+            return False
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+@dataclass
+class Managed:
+    """A child process in its own process group, logging to a file."""
+
+    name: str
+    argv: Sequence[str]
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: Path | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    _log: IO[bytes] | None = None
+
+    def start(self) -> Managed:
+        """Start the process; its stdout and stderr go to ``log_path``."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            list(self.argv), stdout=self._log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, env={**os.environ, **self.env},
+            cwd=self.cwd, start_new_session=True,
+        )
+        return self
+
+    def alive(self) -> bool:
+        """True while the process runs."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The last lines of the process's log, for error messages."""
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, *, grace: float = 5.0) -> None:
+        """Stop the whole process group: SIGTERM, then SIGKILL after ``grace`` seconds."""
+        if self.proc is not None:
+            pgid = self.proc.pid  # start_new_session: the group id is the child's pid
+            for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+                try:
+                    os.killpg(pgid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    self.proc.wait(timeout=wait)
+                except subprocess.TimeoutExpired:
+                    continue
+                # the leader is gone; make sure nothing in its group lingers
+                try:
+                    os.killpg(pgid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                break
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+class ProcessGroup:
+    """Processes started together and stopped together (in reverse order)."""
+
+    def __init__(self) -> None:
+        self.members: list[Managed] = []
+
+    def start(self, proc: Managed) -> Managed:
+        """Start ``proc`` and remember it for :meth:`stop_all`."""
+        self.members.append(proc.start())
+        return proc
+
+    def stop_all(self) -> None:
+        """Stop every member, last started first."""
+        for proc in reversed(self.members):
+            proc.stop()
+        self.members.clear()
+
+    def check_alive(self) -> None:
+        """Raise if a member died, with the tail of its log."""
+        for proc in self.members:
+            if not proc.alive():
+                raise ProcessError(
+                    f"The {proc.name} stopped unexpectedly "
+                    f"(exit code {proc.proc.returncode if proc.proc else '?'}).",
+                    where=str(proc.log_path),
+                    fix="read the log above; last lines:\n" + proc.log_tail(),
+                )
+
+    def __enter__(self) -> ProcessGroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()

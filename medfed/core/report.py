@@ -1,0 +1,42 @@
+"""Plots and tables made from a run folder's metrics.jsonl."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+
+def per_site_series(
+    metrics: list[dict[str, Any]], metric: str, phase: str = "evaluate"
+) -> dict[str, list[tuple[int, float]]]:
+    """``{site: [(round, value), ...]}`` for one metric and phase."""
+    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for row in metrics:
+        if row.get("phase") == phase and metric in row:
+            series[row["site"]].append((int(row["round"]), float(row[metric])))
+    return {k: sorted(v) for k, v in sorted(series.items())}
+
+
+def plot_metrics(metrics: list[dict[str, Any]], metric: str, out: Path, *, title: str) -> Path:
+    """Plot ``metric`` per site per round (evaluation) and the training loss, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, (name, phase) in zip(axes, [(metric, "evaluate"), ("train-loss", "train")]):
+        for site, points in per_site_series(metrics, name, phase).items():
+            xs, ys = zip(*points)
+            style = {"color": "black", "linewidth": 2.5} if site == "global" else {}
+            ax.plot(xs, ys, marker="o", label=site, **style)
+        ax.set_xlabel("round")
+        ax.set_ylabel(f"{name} ({phase})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

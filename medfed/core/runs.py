@@ -1,0 +1,170 @@
+"""The run folder: checkpoints, per-site metrics, progress events and the summary.
+
+Written by the ServerApp as the run goes; read by `medfed run/runs/status`.
+Every file is appended or written atomically, so a crash loses nothing already
+written.
+
+Layout of ``runs/<run-id>/``::
+
+    run.json           the validated run configuration and start time
+    events.jsonl       progress: round started, site replied/refused, round done, end
+    metrics.jsonl      one line per round, per site and phase (train/evaluate), plus "global"
+    checkpoints/round-NNN.npz   the global model after each round
+    summary.json       final status, timings, last metrics (written at the end)
+    metrics.png        per-site primary metric per round
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medfed.core.config import RunConfig
+
+
+def now_iso() -> str:
+    """UTC time stamp."""
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file and rename (never a torn file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """Append one JSON line and flush it to disk."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record, sort_keys=True) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Read a JSON-lines file; a torn last line (crash mid-write) is skipped."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """One run's folder."""
+
+    path: Path
+
+    @classmethod
+    def create(cls, runs_dir: Path, run_id: int | str, config: RunConfig) -> RunFolder:
+        """Create the folder of a new run and record its configuration."""
+        folder = cls(Path(runs_dir) / str(run_id))
+        folder.path.mkdir(parents=True, exist_ok=True)
+        info = {"run_id": str(run_id), "started": now_iso(), "config": config.model_dump()}
+        atomic_write(folder.run_file, json.dumps(info, indent=2).encode())
+        return folder
+
+    @property
+    def run_file(self) -> Path:
+        """run.json."""
+        return self.path / "run.json"
+
+    @property
+    def events_file(self) -> Path:
+        """events.jsonl."""
+        return self.path / "events.jsonl"
+
+    @property
+    def metrics_file(self) -> Path:
+        """metrics.jsonl."""
+        return self.path / "metrics.jsonl"
+
+    @property
+    def summary_file(self) -> Path:
+        """summary.json."""
+        return self.path / "summary.json"
+
+    @property
+    def plot_file(self) -> Path:
+        """metrics.png."""
+        return self.path / "metrics.png"
+
+    def checkpoint_file(self, server_round: int) -> Path:
+        """checkpoints/round-NNN.npz."""
+        return self.path / "checkpoints" / f"round-{server_round:03d}.npz"
+
+    def event(self, kind: str, **fields: Any) -> None:
+        """Append a progress event."""
+        append_jsonl(self.events_file, {"time": now_iso(), "event": kind, **fields})
+
+    def metrics(self, server_round: int, site: str, phase: str, values: dict[str, Any]) -> None:
+        """Append one metrics line (``site`` is a site name or "global")."""
+        append_jsonl(self.metrics_file,
+                     {"round": server_round, "site": site, "phase": phase, **values})
+
+    def save_checkpoint(self, server_round: int, weights: dict[str, np.ndarray]) -> Path:
+        """Write the global model of ``server_round`` atomically (numpy .npz, no pickle)."""
+        path = self.checkpoint_file(server_round)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
+        os.close(fd)
+        try:
+            np.savez(tmp, **weights)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        """Write summary.json atomically."""
+        atomic_write(self.summary_file, json.dumps(summary, indent=2, sort_keys=True).encode())
+
+    def read_run(self) -> dict[str, Any]:
+        """run.json as a dict."""
+        return json.loads(self.run_file.read_text(encoding="utf-8"))
+
+    def read_summary(self) -> dict[str, Any] | None:
+        """summary.json, or None while the run is going."""
+        if not self.summary_file.exists():
+            return None
+        return json.loads(self.summary_file.read_text(encoding="utf-8"))
+
+    def read_events(self) -> list[dict[str, Any]]:
+        """All events so far."""
+        return read_jsonl(self.events_file)
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """All metrics lines so far."""
+        return read_jsonl(self.metrics_file)
+
+
+def list_runs(runs_dir: Path) -> Iterator[RunFolder]:
+    """Run folders under ``runs_dir``, newest first."""
+    if not Path(runs_dir).exists():
+        return iter(())
+    folders = [RunFolder(p) for p in Path(runs_dir).iterdir() if (p / "run.json").exists()]
+    return iter(sorted(folders, key=lambda f: f.run_file.stat().st_mtime, reverse=True))

@@ -1,0 +1,115 @@
+"""Wire records shared by server and site: the keys of Flower messages, and the
+local channel between the per-message ClientApp and the site's warm worker.
+
+The local channel frames a JSON header and raw array bytes (no pickle: the
+header is data, arrays are typed buffers), over a Unix socket only the site's
+user can open.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+# ---- keys of Flower messages (one schema, written by the server, read by the site)
+RUN_CONFIG_KEY = "medfed-run"  # ConfigRecord value: RunConfig as JSON
+PROXIMAL_MU_KEY = "proximal-mu"  # set by Flower's FedProx.configure_train
+SERVER_ROUND_KEY = "server-round"  # set by every Flower strategy
+ARRAYS_KEY = "arrays"  # Flower strategies' default ArrayRecord key
+CONFIG_KEY = "config"  # Flower strategies' default ConfigRecord key
+METRICS_KEY = "metrics"
+SITE_RECORD_KEY = "medfed-site"  # reply ConfigRecord: {"name": site, ...}
+WEIGHT_KEY = "num-examples"  # Flower strategies' default weighting key
+
+# ---- node config keys given to the SuperNode by `medfed site start`
+NODE_WORKER_SOCKET = "medfed-worker"
+NODE_SITE_NAME = "medfed-site"
+
+_LEN = struct.Struct(">Q")
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+
+
+class ChannelError(RuntimeError):
+    """The local channel broke or carried a malformed frame."""
+
+
+@dataclass
+class Frame:
+    """One request or reply on the local channel."""
+
+    header: dict[str, Any]
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise ChannelError(f"peer closed the channel after {got} of {n} bytes")
+        got += k
+    return bytes(buf)
+
+
+def send_frame(sock: socket.socket, frame: Frame) -> int:
+    """Send ``frame``; returns the number of bytes written."""
+    manifest = []
+    blobs = []
+    for name, arr in frame.arrays.items():
+        arr = np.ascontiguousarray(arr)
+        manifest.append({"name": name, "dtype": arr.dtype.str, "shape": list(arr.shape)})
+        blobs.append(arr.tobytes())
+    header = json.dumps({"header": frame.header, "arrays": manifest}).encode()
+    sizes = b"".join(_LEN.pack(len(b)) for b in blobs)
+    payload = [_LEN.pack(len(header)), header, _LEN.pack(len(blobs)), sizes, *blobs]
+    sock.sendall(b"".join(payload))
+    return sum(len(p) for p in payload)
+
+
+def recv_frame(sock: socket.socket) -> Frame:
+    """Receive one frame; a malformed frame raises :class:`ChannelError`."""
+    (hlen,) = _LEN.unpack(_recv_exact(sock, _LEN.size))
+    if hlen > MAX_HEADER_BYTES:
+        raise ChannelError(f"frame header of {hlen} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        meta = json.loads(_recv_exact(sock, hlen))
+    except json.JSONDecodeError as exc:
+        raise ChannelError(f"frame header is not JSON: {exc}") from exc
+    (count,) = _LEN.unpack(_recv_exact(sock, _LEN.size))
+    if count != len(meta["arrays"]):
+        raise ChannelError("frame array count does not match its manifest")
+    sizes = [_LEN.unpack_from(_recv_exact(sock, _LEN.size))[0] for _ in range(count)]
+    arrays: dict[str, np.ndarray] = {}
+    for spec, size in zip(meta["arrays"], sizes):
+        dtype = np.dtype(spec["dtype"])
+        if dtype.hasobject:
+            raise ChannelError("object arrays are not accepted on the channel")
+        expected = int(np.prod(spec["shape"], dtype=np.int64)) * dtype.itemsize
+        if size != expected:
+            raise ChannelError(f"array {spec['name']!r}: {size} bytes, shape needs {expected}")
+        arrays[spec["name"]] = np.frombuffer(_recv_exact(sock, size), dtype=dtype).reshape(
+            spec["shape"]
+        )
+    return Frame(header=meta["header"], arrays=arrays)
+
+
+def call_worker(socket_path: str, frame: Frame, *, timeout: float | None = None) -> Frame:
+    """Send one request to the warm worker and wait for its reply."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(socket_path)
+        except OSError as exc:
+            raise ChannelError(
+                f"cannot reach the site worker at {socket_path}: {exc}; "
+                "is `medfed site start` running?"
+            ) from exc
+        send_frame(sock, frame)
+        return recv_frame(sock)

@@ -1,0 +1,1 @@
+"""Server side: the SuperLink process, the ServerApp, enrolment and run folders."""

@@ -1,0 +1,100 @@
+"""The ServerApp: builds the initial model from the task, drives the strategy, writes the run folder.
+
+Flower's SuperLink starts it for each submitted run. Everything it writes goes to
+the run folder under the federation's runs directory (``MEDFED_RUNS_DIR``, set by
+`medfed server start`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from flwr.superlink.grid import http_grid
+
+from medfed.core import wire
+from medfed.core.config import RunConfig
+from medfed.core.flower_tuning import shorten_object_pull_backoff
+from medfed.core.packing import WEIGHTS_KEY, Layout, pack, unpack
+from medfed.core.report import plot_metrics
+from medfed.core.runs import RunFolder
+from medfed.server.recording_grid import RecordingGrid
+from medfed.strategies import build_strategy
+from medfed.tasks import get_task
+
+RUNS_DIR_ENV = "MEDFED_RUNS_DIR"
+
+app = ServerApp()
+
+
+def _runs_dir(context: Context) -> Path:
+    env = os.environ.get(RUNS_DIR_ENV)
+    if not env:
+        raise RuntimeError(
+            f"{RUNS_DIR_ENV} is not set: start the SuperLink with `medfed server start`"
+        )
+    return Path(env)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run one federated training as configured by the coordinator."""
+    # A reply's arrays can reach the SuperLink just after its metadata; Flower's grid
+    # then waits a full second before pulling them again. Retry after 50 ms instead.
+    shorten_object_pull_backoff(http_grid, initial=0.05, cap=1.0)
+    run = RunConfig.from_json(str(context.run_config[wire.RUN_CONFIG_KEY]))
+    folder = RunFolder.create(_runs_dir(context), context.run_id, run)
+    t0 = time.time()
+    folder.event("run-started", task=run.task, strategy=run.strategy, rounds=run.rounds)
+    try:
+        task = get_task(run.task)
+        torch.manual_seed(run.seed)
+        model = task.build_model()
+        initial = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+        layout = Layout.of(initial)
+        strategy = build_strategy(run.strategy, dict(run.strategy_options),
+                                  min_sites=run.min_sites)
+        recorder = RecordingGrid(grid, folder)
+
+        def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            weights = unpack(arrays[WEIGHTS_KEY].numpy(), layout)
+            if server_round > 0:
+                path = folder.save_checkpoint(server_round, weights)
+                recorder.finish_round(server_round, checkpoint=path.name)
+            return None
+
+        config = ConfigRecord({wire.RUN_CONFIG_KEY: run.to_json()})
+        result = strategy.start(
+            grid=recorder,
+            initial_arrays=ArrayRecord({WEIGHTS_KEY: Array(pack(initial))}),
+            num_rounds=run.rounds,
+            timeout=run.round_timeout_s,
+            train_config=config,
+            evaluate_config=ConfigRecord({wire.RUN_CONFIG_KEY: run.to_json()}),
+            evaluate_fn=end_of_round,
+        )
+        metrics = folder.read_metrics()
+        plot_metrics(metrics, task.primary_metric, folder.plot_file,
+                     title=f"{run.task} / {run.strategy} (run {context.run_id})")
+        final = {str(r): dict(m) for r, m in result.evaluate_metrics_clientapp.items()}
+        folder.write_summary({
+            "status": "completed", "run_id": str(context.run_id), "task": run.task,
+            "strategy": run.strategy, "rounds": run.rounds,
+            "seconds": round(time.time() - t0, 2),
+            "round_seconds": recorder.round_seconds,
+            "sites": sorted(recorder.sites_seen),
+            "evaluate_metrics": final,
+            "primary_metric": task.primary_metric,
+            "final_checkpoint": folder.checkpoint_file(run.rounds).name,
+        })
+        folder.event("run-finished", seconds=round(time.time() - t0, 2))
+    except BaseException as exc:
+        folder.write_summary({"status": "failed", "run_id": str(context.run_id),
+                              "reason": f"{type(exc).__name__}: {exc}",
+                              "seconds": round(time.time() - t0, 2)})
+        folder.event("run-failed", reason=f"{type(exc).__name__}: {exc}")
+        raise

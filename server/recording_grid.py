@@ -1,0 +1,97 @@
+"""A Grid wrapper that records every reply per site into the run folder.
+
+Flower's strategies aggregate metrics across sites; the coordinator also wants
+them per site, and wants to see progress as replies arrive. Wrapping the Grid
+(composition) leaves the strategies untouched.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from medfed.core import wire
+from medfed.core.runs import RunFolder
+
+
+class RecordingGrid:
+    """Delegates to a Grid; logs replies, refusals and per-round timings."""
+
+    def __init__(self, grid: Grid, folder: RunFolder, *, poll_interval: float = 0.1) -> None:
+        self._grid = grid
+        self.poll_interval = poll_interval
+        self._folder = folder
+        self.sites_seen: set[str] = set()
+        self.round_seconds: dict[int, float] = {}
+        self._round_start: dict[int, float] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
+                         ) -> Iterable[Message]:
+        """Send, wait for the replies, and record each of them."""
+        messages = list(messages)
+        if not messages:
+            return []
+        phase = str(messages[0].metadata.message_type).split(".")[-1]
+        rnd = int(messages[0].content[wire.CONFIG_KEY].get(wire.SERVER_ROUND_KEY, 0)) \
+            if wire.CONFIG_KEY in messages[0].content else 0
+        if phase == "train":
+            self._round_start[rnd] = time.time()
+        self._folder.event("round-sent", round=rnd, phase=phase, sites=len(messages))
+        replies = self._exchange(messages, timeout)
+        for reply in replies:
+            self._record(rnd, phase, reply)
+        missing = len(messages) - len(replies)
+        if missing:
+            self._folder.event("sites-missing", round=rnd, phase=phase, count=missing)
+        return replies
+
+    def _exchange(self, messages: list[Message], timeout: float | None) -> list[Message]:
+        """Push, then pull replies every ``poll_interval`` s (Flower's Grid sleeps 3 s)."""
+        pending = set(self._grid.push_messages(messages))
+        end = time.monotonic() + (timeout if timeout is not None else float("inf"))
+        replies: list[Message] = []
+        while pending and time.monotonic() < end:
+            got = list(self._grid.pull_messages(pending))
+            for reply in got:
+                pending.discard(reply.metadata.reply_to_message_id)
+            replies.extend(got)
+            if pending:
+                time.sleep(self.poll_interval)
+        return replies
+
+    def _record(self, rnd: int, phase: str, reply: Message) -> None:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            reason = reply.error.reason
+            self._folder.event("site-error", round=rnd, phase=phase, node=node, reason=reason)
+            return
+        content = reply.content
+        site = str(content[wire.SITE_RECORD_KEY]["name"]) \
+            if wire.SITE_RECORD_KEY in content else f"node-{node}"
+        self.sites_seen.add(site)
+        metrics = dict(content[wire.METRICS_KEY]) if wire.METRICS_KEY in content else {}
+        self._folder.metrics(rnd, site, phase, metrics)
+        self._folder.event("site-replied", round=rnd, phase=phase, site=site, metrics=metrics)
+
+    def finish_round(self, rnd: int, *, checkpoint: str) -> None:
+        """Record the round's end: its duration and the weighted global metrics."""
+        seconds = time.time() - self._round_start.get(rnd, time.time())
+        self.round_seconds[rnd] = round(seconds, 3)
+        rows = [m for m in self._folder.read_metrics()
+                if m["round"] == rnd and m["phase"] == "evaluate" and m["site"] != "global"]
+        total = sum(float(m.get(wire.WEIGHT_KEY, 0)) for m in rows)
+        if rows and total > 0:
+            keys = set.intersection(*(set(m) for m in rows)) - {"round", "site", "phase"}
+            glob = {k: sum(float(m[k]) * float(m[wire.WEIGHT_KEY]) for m in rows) / total
+                    for k in keys if k != wire.WEIGHT_KEY}
+            glob[wire.WEIGHT_KEY] = total
+            self._folder.metrics(rnd, "global", "evaluate", glob)
+        self._folder.event("round-finished", round=rnd, seconds=round(seconds, 3),
+                           checkpoint=checkpoint)

@@ -1,0 +1,66 @@
+"""The task contract: everything a site and the server need to train and evaluate a task."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from medfed.core.config import DataSourceConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class Hyperparameters:
+    """Default local-training settings of a task; a run may override them."""
+
+    learning_rate: float = 1e-3
+    batch_size: int = 16
+    local_epochs: int = 1
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class SiteData:
+    """A site's data for one task: a training and a held-out validation split."""
+
+    train: Dataset[Any]
+    val: Dataset[Any]
+    description: dict[str, Any] = field(default_factory=dict)  # counts only, no identifiers
+
+
+@dataclass(frozen=True, kw_only=True)
+class Task:
+    """A registered task.
+
+    Attributes
+    ----------
+    name : str
+        Registry name, e.g. ``"tiny-seg"``.
+    description : str
+        One line for ``medfed tasks``.
+    build_model : Callable[[], nn.Module]
+        Returns a fresh model; DP-compatible by construction (no BatchNorm).
+    build_loss : Callable[[], nn.Module]
+        Returns the loss (a MONAI loss), called as ``loss(logits, target)``.
+    compute_metrics : Callable[[torch.Tensor, torch.Tensor], dict[str, float]]
+        Maps stacked logits and targets of a split to named metrics (MONAI metrics).
+    primary_metric : str
+        The metric reports and plots lead with (higher is better).
+    load_site_data : Callable[[DataSourceConfig], SiteData]
+        Builds the site's splits from its declared data source.
+    defaults : Hyperparameters
+        Default local-training hyperparameters.
+    """
+
+    name: str
+    description: str
+    build_model: Callable[[], nn.Module]
+    build_loss: Callable[[], nn.Module]
+    compute_metrics: Callable[[torch.Tensor, torch.Tensor], dict[str, float]]
+    primary_metric: str
+    load_site_data: Callable[[DataSourceConfig], SiteData]
+    defaults: Hyperparameters = field(default_factory=Hyperparameters)

@@ -1,0 +1,23 @@
+"""The task registry: built-ins plus the ``medfed.tasks`` entry point group."""
+
+from __future__ import annotations
+
+from medfed.core.registry import Registry
+from medfed.tasks.base import Task
+
+TASKS: Registry[Task] = Registry("task", plural="tasks", entry_point_group="medfed.tasks")
+
+
+def _register_builtins() -> None:
+    from medfed.tasks.tiny_seg import TASK as tiny_seg
+
+    for task in (tiny_seg,):
+        TASKS.register(task.name, task)
+
+
+_register_builtins()
+
+
+def get_task(name: str) -> Task:
+    """Return the task registered as ``name`` ('did you mean' on a typo)."""
+    return TASKS.get(name)
