@@ -8,6 +8,7 @@ ClientApps relay to the worker over a Unix socket.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -70,8 +71,6 @@ class SiteDaemon:
         s = self.config.site
         node_config = (f'{wire.NODE_WORKER_SOCKET}="{self.path(s.worker_socket)}" '
                        f'{wire.NODE_SITE_NAME}="{s.name}"')
-        import sys
-
         argv = [
             sys.executable, "-m", "medfed.client.supernode_launcher",
             "--superlink", s.server,

@@ -15,12 +15,14 @@ import os
 import sys
 
 from medfed.core.flower_tuning import cap_module_sleeps, shorten_object_pull_backoff
+from medfed.core.parent_watch import watch_parent
 
 POLL_ENV = "MEDFED_POLL_INTERVAL"
 
 
 def main() -> int:
     """Apply the poll caps (if configured) and run flower-supernode."""
+    watch_parent()  # the site daemon owns this process; never outlive it
     cap = os.environ.get(POLL_ENV)
     if cap:
         from flwr.supernode import start_client_internal

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 from medfed.core.errors import MedfedError, ProcessError
-from medfed.core.flower_env import flower_env, python_entry
+from medfed.core.flower_env import flower_env
 from medfed.core.identity import check_certificate_valid, check_issued_by, load_certificate
 from medfed.core.procs import Managed, require_free_port, wait_for_port
 from medfed.server.app import RUNS_DIR_ENV
@@ -36,7 +37,7 @@ def superlink_process(fed: Federation) -> Managed:
     db.parent.mkdir(parents=True, exist_ok=True)
     fed.runs_dir.mkdir(parents=True, exist_ok=True)
     argv = [
-        *python_entry("flwr.superlink.cli:flower_superlink"),
+        sys.executable, "-m", "medfed.server.superlink_launcher",
         "--ssl-ca-certfile", str(fed.path(tls.ca_cert)),
         "--ssl-certfile", str(fed.path(tls.cert)),
         "--ssl-keyfile", str(fed.path(tls.key)),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 
@@ -18,8 +17,3 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
         "PYTHONUNBUFFERED": "1",
     }
 
-
-def python_entry(module_func: str) -> list[str]:
-    """argv running ``module:function`` with this interpreter (no reliance on PATH)."""
-    module, func = module_func.split(":")
-    return [sys.executable, "-c", f"import sys; from {module} import {func} as f; sys.exit(f())"]

@@ -24,6 +24,7 @@ def plot_metrics(metrics: list[dict[str, Any]], metric: str, out: Path, *, title
 
     matplotlib.use("Agg")  # no display on servers
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, (name, phase) in zip(axes, [(metric, "evaluate"), ("train-loss", "train")]):
@@ -32,6 +33,7 @@ def plot_metrics(metrics: list[dict[str, Any]], metric: str, out: Path, *, title
             style = {"color": "black", "linewidth": 2.5} if site == "global" else {}
             ax.plot(xs, ys, marker="o", label=site, **style)
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(f"{name} ({phase})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

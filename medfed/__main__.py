@@ -1,0 +1,5 @@
+"""`python -m medfed` runs the command line."""
+
+from medfed.cli.main import main
+
+main()

@@ -1,0 +1,36 @@
+"""`medfed strategies` and `medfed tasks`: what is registered."""
+
+from __future__ import annotations
+
+import typer
+from rich.table import Table
+
+from medfed.cli.main import console
+
+
+def register(app: typer.Typer) -> None:
+    """Add the listing commands."""
+
+    @app.command("strategies")
+    def strategies() -> None:
+        """List aggregation strategies (built-in and plugins) with their options."""
+        from medfed.strategies import STRATEGIES, strategy_options
+
+        table = Table("name", "class", "origin", "options (default)")
+        for name in STRATEGIES.names():
+            cls = STRATEGIES.get(name)
+            opts = ", ".join(f"{k}={v}" for k, v in strategy_options(name).items())
+            table.add_row(name, f"{cls.__module__}.{cls.__qualname__}", STRATEGIES.origin(name),
+                          opts)
+        console.print(table)
+
+    @app.command("tasks")
+    def tasks() -> None:
+        """List tasks (built-in and plugins)."""
+        from medfed.tasks import TASKS
+
+        table = Table("name", "description", "metric", "origin")
+        for name in TASKS.names():
+            task = TASKS.get(name)
+            table.add_row(name, task.description, task.primary_metric, TASKS.origin(name))
+        console.print(table)

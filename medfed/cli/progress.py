@@ -1,0 +1,52 @@
+"""Rendering of a run's progress events on the terminal."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+
+_SKIP = {"num-examples", "steps"}
+
+
+def _fmt(metrics: dict[str, Any]) -> str:
+    parts = []
+    for k, v in sorted(metrics.items()):
+        if k in _SKIP:
+            continue
+        parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
+    return "  ".join(parts)
+
+
+class ProgressView:
+    """Prints one line per event: rounds, sites that replied or refused, round results."""
+
+    def __init__(self, console: Console, rounds: int) -> None:
+        self.console = console
+        self.rounds = rounds
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        """Render one event from events.jsonl."""
+        kind = event.get("event")
+        rnd = event.get("round")
+        c = self.console
+        if kind == "run-started":
+            c.print(f"[bold]run started[/]: task {event['task']}, strategy {event['strategy']}, "
+                    f"{event['rounds']} rounds")
+        elif kind == "round-sent" and event.get("phase") == "train":
+            c.rule(f"round {rnd}/{self.rounds}")
+        elif kind == "site-replied":
+            c.print(f"  {event['phase']:<8} [cyan]{event['site']:<16}[/] {_fmt(event['metrics'])}",
+                    highlight=False)
+        elif kind == "site-error":
+            c.print(f"  {event['phase']:<8} [red]node {event['node']} did not contribute:[/] "
+                    f"{event['reason']}", highlight=False)
+        elif kind == "sites-missing":
+            c.print(f"  [yellow]{event['count']} site(s) did not reply in time ({event['phase']})[/]")
+        elif kind == "round-finished":
+            c.print(f"  [green]round {rnd} done[/] in {event['seconds']:.2f} s "
+                    f"(checkpoint {event['checkpoint']})")
+        elif kind == "run-failed":
+            c.print(f"[red]run failed:[/] {event['reason']}", highlight=False)
+        elif kind == "run-finished":
+            c.print(f"[green]run finished[/] in {event['seconds']:.1f} s")

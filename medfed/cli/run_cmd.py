@@ -1,0 +1,186 @@
+"""`medfed run / runs / status / stop`: the coordinator launches and watches runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from medfed.cli.main import console
+from medfed.cli.progress import ProgressView
+from medfed.core.errors import ConfigError
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    """Parse ``key=value``; the value becomes a bool, int, float or string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"Malformed strategy option {text!r}.", where="--strategy-option",
+                          expected="KEY=VALUE, e.g. --strategy-option proximal_mu=0.01")
+    low = raw.lower()
+    if low in ("true", "false"):
+        return key, low == "true"
+    for cast in (int, float):
+        try:
+            return key, cast(raw)
+        except ValueError:
+            pass
+    return key, raw
+
+
+class Target:
+    """Where the server is: address, CA, and (when local) the runs folder."""
+
+    def __init__(self, config: Path | None, server: str | None, ca: Path | None) -> None:
+        self.runs_dir: Path | None = None
+        address, ca_path = server, ca
+        if config is None and Path("server.toml").exists():
+            config = Path("server.toml")
+        if config is not None:
+            from medfed.server.federation import Federation
+
+            fed = Federation.load(config)
+            address = address or fed.config.superlink.address
+            ca_path = ca_path or fed.ca_cert
+            self.runs_dir = fed.runs_dir
+        if not address or not ca_path:
+            raise ConfigError(
+                "No server given.", where="medfed run",
+                expected="--config server.toml (the federation folder), or --server HOST:PORT "
+                "with --ca ca.pem",
+                fix="pass --config path/to/server.toml",
+            )
+        self.address = address
+        self.ca = ca_path
+
+    def control(self):  # noqa: ANN201
+        """A Control API client."""
+        from medfed.server.control import Control
+
+        return Control(self.address, self.ca)
+
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c",
+                                                help="federation server.toml (default ./server.toml)")]
+ServerOpt = Annotated[str | None, typer.Option("--server", help="server HOST:PORT")]
+CaOpt = Annotated[Path | None, typer.Option("--ca", help="federation CA (ca.pem)")]
+
+
+def register(app: typer.Typer) -> None:
+    """Add the run commands to the top-level app."""
+
+    @app.command("run")
+    def run(
+        task: Annotated[str, typer.Option(help="task name (`medfed tasks`)")],
+        strategy: Annotated[str, typer.Option(help="strategy name (`medfed strategies`)")] = "fedavg",
+        rounds: Annotated[int, typer.Option(help="federated rounds")] = 3,
+        strategy_option: Annotated[list[str] | None, typer.Option(
+            "--strategy-option", "-o", help="KEY=VALUE for the strategy (repeatable)")] = None,
+        min_sites: Annotated[int, typer.Option(help="sites needed per round")] = 2,
+        local_epochs: Annotated[int | None, typer.Option(help="local epochs per round")] = None,
+        batch_size: Annotated[int | None, typer.Option(help="local batch size")] = None,
+        lr: Annotated[float | None, typer.Option(help="local learning rate")] = None,
+        seed: Annotated[int, typer.Option(help="seed of the initial model")] = 0,
+        round_timeout: Annotated[float, typer.Option(help="seconds to wait for sites")] = 600.0,
+        name: Annotated[str, typer.Option(help="a label for the run")] = "",
+        detach: Annotated[bool, typer.Option(help="submit and return at once")] = False,
+        config: ConfigOpt = None, server: ServerOpt = None, ca: CaOpt = None,
+    ) -> None:
+        """Launch a federated run on a running server and follow it."""
+        from medfed.core.config import RunConfig, validate
+        from medfed.server.follow import follow_run
+        from medfed.strategies.registry import check_options
+        from medfed.tasks import get_task
+
+        options = dict(parse_option(o) for o in strategy_option or [])
+        run_config = validate(RunConfig, {
+            "task": task, "strategy": strategy, "strategy_options": options, "rounds": rounds,
+            "min_sites": min_sites, "local_epochs": local_epochs, "batch_size": batch_size,
+            "learning_rate": lr, "seed": seed, "round_timeout_s": round_timeout, "name": name,
+        }, where="medfed run options")
+        get_task(task)
+        check_options(strategy, options)
+        target = Target(config, server, ca)
+        with target.control() as control:
+            run_id = control.submit(run_config)
+            console.print(f"submitted run [bold]{run_id}[/] to {target.address}")
+            if detach or target.runs_dir is None:
+                console.print(f"  follow it with: medfed status {run_id}")
+                return
+            summary = follow_run(control, run_id, target.runs_dir,
+                                 on_event=ProgressView(console, rounds),
+                                 timeout=round_timeout * rounds * 2 + 120)
+        _print_summary(summary, target.runs_dir / str(run_id))
+        if summary.get("status") != "completed":
+            raise typer.Exit(1)
+
+    @app.command("runs")
+    def runs(config: ConfigOpt = None, server: ServerOpt = None, ca: CaOpt = None) -> None:
+        """List the runs of the federation."""
+        target = Target(config, server, ca)
+        with target.control() as control:
+            infos = sorted(control.runs(), key=lambda r: r.pending_at, reverse=True)
+        table = Table("run", "status", "submitted", "finished", "task", "strategy")
+        for info in infos:
+            cfg = _local_config(target, info.run_id)
+            status = info.status + (f":{info.sub_status}" if info.sub_status else "")
+            table.add_row(str(info.run_id), status, info.pending_at[:19], info.finished_at[:19],
+                          cfg.get("task", ""), cfg.get("strategy", ""))
+        console.print(table)
+
+    @app.command("status")
+    def status(run_id: int, config: ConfigOpt = None, server: ServerOpt = None,
+               ca: CaOpt = None) -> None:
+        """Show one run: state, rounds done, latest metrics."""
+        target = Target(config, server, ca)
+        with target.control() as control:
+            infos = control.runs(run_id)
+        if not infos:
+            raise ConfigError(f"No run {run_id} on this server.", fix="`medfed runs` lists them")
+        info = infos[0]
+        console.print(f"run {run_id}: [bold]{info.status}[/] {info.sub_status} {info.details}")
+        if target.runs_dir is not None:
+            from medfed.core.runs import RunFolder
+
+            folder = RunFolder(target.runs_dir / str(run_id))
+            events = folder.read_events()
+            done = [e for e in events if e["event"] == "round-finished"]
+            console.print(f"  rounds finished: {len(done)}   folder: {folder.path}")
+            summary = folder.read_summary()
+            if summary:
+                _print_summary(summary, folder.path)
+
+    @app.command("stop")
+    def stop(run_id: int, config: ConfigOpt = None, server: ServerOpt = None,
+             ca: CaOpt = None) -> None:
+        """Stop a run."""
+        target = Target(config, server, ca)
+        with target.control() as control:
+            ok = control.stop(run_id)
+        console.print(f"run {run_id}: {'stopping' if ok else 'not stopped (already finished?)'}")
+
+
+def _local_config(target: Target, run_id: int) -> dict[str, Any]:
+    if target.runs_dir is None:
+        return {}
+    path = target.runs_dir / str(run_id) / "run.json"
+    if not path.exists():
+        return {}
+    return dict(json.loads(path.read_text())["config"])
+
+
+def _print_summary(summary: dict[str, Any], folder: Path) -> None:
+    if summary.get("status") != "completed":
+        console.print(f"[red]run {summary.get('status')}[/]: {summary.get('reason', '')}",
+                      highlight=False)
+        return
+    metric = summary.get("primary_metric", "")
+    final = summary.get("evaluate_metrics", {}).get(str(summary.get("rounds")), {})
+    console.print(f"[green]completed[/] {summary['rounds']} rounds in {summary['seconds']} s; "
+                  f"final {metric}: {final.get(metric, float('nan')):.4f}")
+    console.print(f"  run folder: {folder}")
+    console.print(f"  model:      {folder / 'checkpoints' / summary['final_checkpoint']}")
+    console.print(f"  plot:       {folder / 'metrics.png'}")

@@ -1,0 +1,82 @@
+"""`medfed site ...`: the site operator's commands."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from medfed.cli.main import console, interrupt_on_signal
+
+app = typer.Typer(help="Enrol, configure and run a hospital site (site operator).",
+                  no_args_is_help=True)
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="the site's site.toml")]
+
+
+@app.command("init")
+def init(
+    name: Annotated[str, typer.Argument(help="site name, e.g. st-elsewhere-radiology")],
+    directory: Annotated[Path, typer.Argument(help="new site folder")],
+    federation_ca: Annotated[Path, typer.Option("--federation-ca", help="the federation's ca.pem")],
+    server: Annotated[str, typer.Option(help="the server's HOST:PORT")] = "127.0.0.1:9200",
+    runtime_port: Annotated[int, typer.Option(help="local port for the SuperNode")] = 9300,
+) -> None:
+    """Create a site folder: key pair, pinned federation CA, site.toml."""
+    from medfed.client.site import init_site
+
+    path = init_site(directory, name=name, federation_ca=federation_ca, server=server,
+                     runtime_port=runtime_port)
+    console.print(f"[green]created[/] site {name!r} in {directory}")
+    console.print(f"  config:      {path}   (data source, privacy policy, compute)")
+    console.print(f"  public key:  {directory / 'keys' / 'site.pub'}  -> send to the coordinator:")
+    console.print(f"               medfed server enrol site.pub --name {name}")
+    console.print(f"  next:        medfed site start --config {path}")
+
+
+@app.command("start")
+def start(config: ConfigOpt = Path("site.toml"),
+          verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    """Run the site daemon (SuperNode + warm worker) until Ctrl-C."""
+    from medfed.client.daemon import SiteDaemon
+
+    logging.getLogger("medfed").setLevel(logging.INFO if verbose else logging.WARNING)
+    daemon = SiteDaemon(config)
+    signal.signal(signal.SIGTERM, interrupt_on_signal)
+    try:
+        daemon.start()
+        assert daemon.worker is not None
+        console.print(f"[green]site {daemon.name!r}[/] connecting to {daemon.config.site.server} "
+                      f"(device: {daemon.worker.device}); Ctrl-C stops it.")
+        daemon.wait()
+    except KeyboardInterrupt:
+        console.print("stopping the site ...")
+    finally:
+        daemon.stop()
+
+
+@app.command("audit")
+def audit(config: ConfigOpt = Path("site.toml"),
+          last: Annotated[int, typer.Option(help="show the last N records")] = 20,
+          as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Show the site's audit log: what left the site, when, its size and hash."""
+    from medfed.client.audit import AuditLog
+    from medfed.core.config import SiteConfig, load_toml, resolve
+
+    cfg = load_toml(config, SiteConfig)
+    records = AuditLog(resolve(config, cfg.site.audit_log)).read()[-last:]
+    if as_json:
+        for r in records:
+            console.print_json(json.dumps(r))
+        return
+    table = Table("time", "event", "run", "round", "bytes", "hash / reason")
+    for r in records:
+        table.add_row(r["time"][:19], r["event"], str(r.get("run_id", "")),
+                      str(r.get("round", "")), str(r.get("bytes", "")),
+                      str(r.get("hash") or r.get("reason") or "")[:48])
+    console.print(table)

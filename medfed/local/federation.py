@@ -1,0 +1,134 @@
+"""LocalFederation: a federation folder, N site folders, a SuperLink and N site daemons on loopback."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medfed.client.site import init_site
+from medfed.core.config import RunConfig
+from medfed.core.errors import ProcessError
+from medfed.core.procs import Managed, ProcessGroup, free_port
+from medfed.core.runs import RunFolder
+from medfed.server.control import Control
+from medfed.server.federation import Federation, init_federation
+from medfed.server.follow import follow_run
+from medfed.server.superlink import start_superlink
+
+
+def site_daemon_argv(site_toml: Path) -> list[str]:
+    """The command line of a real site daemon (`medfed site start`)."""
+    return [sys.executable, "-m", "medfed", "site", "start", "--config", str(site_toml)]
+
+
+@dataclass
+class LocalFederation:
+    """Everything of a federation under ``root``, started and stopped together.
+
+    Use as a context manager: every process it started is stopped on exit,
+    including on errors and Ctrl-C.
+    """
+
+    root: Path
+    site_names: list[str]
+    name: str = "local"
+    enrol: bool = True
+    site_configs: dict[str, Path] = field(default_factory=dict)
+    group: ProcessGroup = field(default_factory=ProcessGroup)
+    federation: Federation | None = None
+
+    def create(self, *, site_data: Callable[[int, str], dict[str, Any]] | None = None
+               ) -> LocalFederation:
+        """Write the federation folder and one folder per site (enrolled unless ``enrol`` is off).
+
+        ``site_data(index, name)`` may return overrides of the sites' ``[data]`` section.
+        """
+        self.root = Path(self.root).resolve()
+        port = free_port()
+        server_toml = init_federation(self.root / "server", name=self.name,
+                                      hosts=["127.0.0.1", "localhost"], port=port)
+        self.federation = Federation.load(server_toml)
+        for i, site in enumerate(self.site_names):
+            cfg = init_site(self.root / site, name=site, federation_ca=self.federation.ca_cert,
+                            server=f"127.0.0.1:{port}", runtime_port=free_port(),
+                            seed=1000 + i, profile=i)
+            if site_data is not None:
+                _override_data(cfg, site_data(i, site))
+            self.site_configs[site] = cfg
+            if self.enrol:
+                self.federation.enrol(self.root / site / "keys" / "site.pub", site)
+        return self
+
+    @property
+    def fed(self) -> Federation:
+        """The loaded federation (after :meth:`create`)."""
+        assert self.federation is not None, "call create() first"
+        return self.federation
+
+    def control(self) -> Control:
+        """A Control API client of this federation's SuperLink."""
+        return Control(self.fed.config.superlink.address, self.fed.ca_cert)
+
+    def start(self, *, sites: list[str] | None = None, wait_online: bool = True,
+              timeout: float = 120.0) -> LocalFederation:
+        """Start the SuperLink and the site daemons; wait until the sites are online."""
+        self.group.members.append(start_superlink(self.fed))
+        names = self.site_names if sites is None else sites
+        for site in names:
+            self.start_site(site)
+        if wait_online:
+            self.wait_online(len(names), timeout=timeout)
+        return self
+
+    def start_site(self, site: str) -> Managed:
+        """Start one site daemon as its own process."""
+        cfg = self.site_configs[site]
+        proc = Managed(f"site daemon {site}", site_daemon_argv(cfg), cfg.parent / "logs" / "daemon.log")
+        return self.group.start(proc)
+
+    def wait_online(self, count: int, *, timeout: float = 120.0) -> None:
+        """Wait until ``count`` sites are online at the SuperLink."""
+        deadline = time.monotonic() + timeout
+        with self.control() as control:
+            while time.monotonic() < deadline:
+                self.group.check_alive()
+                nodes = control.nodes()
+                if sum(n["status"] == "online" for n in nodes) >= count:
+                    return
+                time.sleep(0.3)
+        raise ProcessError(f"Only some of {count} sites came online within {timeout:.0f} s.",
+                           where=str(self.root), fix="read the logs under each site's logs/")
+
+    def run(self, config: RunConfig, *, on_event: Callable[[dict[str, Any]], None] = lambda e: None,
+            timeout: float = 1800.0) -> tuple[RunFolder, dict[str, Any]]:
+        """Submit a run, follow it to its end, return its folder and summary."""
+        with self.control() as control:
+            run_id = control.submit(config)
+            summary = follow_run(control, run_id, self.fed.runs_dir, on_event=on_event,
+                                 timeout=timeout)
+        return RunFolder(self.fed.runs_dir / str(run_id)), summary
+
+    def stop(self) -> None:
+        """Stop every process this federation started."""
+        self.group.stop_all()
+
+    def __enter__(self) -> LocalFederation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _override_data(site_toml: Path, overrides: dict[str, Any]) -> None:
+    """Rewrite the [data] section of a fresh site.toml (keeps the file valid TOML)."""
+    import tomllib
+
+    import tomli_w
+
+    data = tomllib.loads(site_toml.read_text(encoding="utf-8"))
+    data["data"] = {**data.get("data", {}), **overrides}
+    site_toml.write_text(tomli_w.dumps(data), encoding="utf-8")

@@ -1,0 +1,60 @@
+"""Follow a run: its progress events from the run folder, its state from the SuperLink."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from medfed.core.errors import MedfedError
+from medfed.core.runs import RunFolder
+from medfed.server.control import Control
+
+TERMINAL = "finished"
+
+
+def follow_run(
+    control: Control,
+    run_id: int,
+    runs_dir: Path,
+    *,
+    on_event: Callable[[dict[str, Any]], None],
+    timeout: float,
+    poll: float = 0.2,
+) -> dict[str, Any]:
+    """Call ``on_event`` for each new progress event until the run ends; return its summary.
+
+    The SuperLink's status is checked too, so a ServerApp that dies before writing
+    its summary still ends the wait, with the SuperLink's reason.
+    """
+    folder = RunFolder(Path(runs_dir) / str(run_id))
+    seen = 0
+    deadline = time.monotonic() + timeout
+    last_status_check = 0.0
+    while True:
+        events = folder.read_events()
+        for event in events[seen:]:
+            on_event(event)
+        seen = len(events)
+        summary = folder.read_summary()
+        if summary is not None:
+            return summary
+        now = time.monotonic()
+        if now - last_status_check > 2.0:
+            last_status_check = now
+            runs = control.runs(run_id)
+            if runs and runs[0].status == TERMINAL:
+                time.sleep(0.5)  # let the ServerApp's last writes land
+                summary = folder.read_summary()
+                if summary is not None:
+                    return summary
+                return {"status": runs[0].sub_status or "failed", "run_id": str(run_id),
+                        "reason": runs[0].details or "the ServerApp ended without a summary"}
+        if now > deadline:
+            raise MedfedError(
+                f"Run {run_id} did not finish within {timeout:.0f} s.",
+                fix=f"it keeps going on the server: `medfed status {run_id}`; "
+                f"stop it with `medfed stop {run_id}`",
+            )
+        time.sleep(poll)
