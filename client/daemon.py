@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from medfed.client.executor import InProcessExecutor
 from medfed.client.worker import SiteWorker, bind
 from medfed.core import wire
 from medfed.core.config import SiteConfig, load_toml, resolve
@@ -42,6 +43,7 @@ class SiteDaemon:
         self.supernode: Managed | None = None
         self._server = None
         self._thread: threading.Thread | None = None
+        self.executor: InProcessExecutor | None = None
 
     def path(self, relative: str) -> Path:
         """Resolve a site.toml path."""
@@ -78,6 +80,7 @@ class SiteDaemon:
             "--auth-supernode-private-key", str(self.path(s.private_key)),
             "--node-config", node_config,
             "--port", str(s.runtime_port),
+            "--isolation", "process",  # ClientApp tasks run in this daemon (InProcessExecutor)
         ]
         env = {**flower_env(self.path("state/flwr_home")),
                "MEDFED_POLL_INTERVAL": str(self.poll_interval)}
@@ -95,6 +98,10 @@ class SiteDaemon:
         self._thread.start()
         self.worker.audit.record("daemon-started", site=self.name, device=str(self.worker.device))
         self.supernode = self.supernode_process().start()
+        from medfed.client.app import app as client_app
+
+        self.executor = InProcessExecutor(f"127.0.0.1:{self.config.site.runtime_port}", client_app)
+        self.executor.start()
 
     def wait(self, *, stop: threading.Event | None = None) -> None:
         """Block until the SuperNode ends (or ``stop`` is set); raise a clear error on failure."""
@@ -139,7 +146,9 @@ class SiteDaemon:
         )
 
     def stop(self) -> None:
-        """Stop the SuperNode and the worker; remove the socket."""
+        """Stop the executor, the SuperNode and the worker; remove the socket."""
+        if self.executor is not None:
+            self.executor.stop()
         if self.supernode is not None:
             self.supernode.stop()
         if self._server is not None:

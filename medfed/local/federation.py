@@ -56,8 +56,10 @@ class LocalFederation:
             cfg = init_site(self.root / site, name=site, federation_ca=self.federation.ca_cert,
                             server=f"127.0.0.1:{port}", runtime_port=free_port(),
                             seed=1000 + i, profile=i)
+            # Sites share this machine's cores: one torch thread each avoids oversubscription.
+            _override(cfg, "compute", {"threads": 1})
             if site_data is not None:
-                _override_data(cfg, site_data(i, site))
+                _override(cfg, "data", site_data(i, site))
             self.site_configs[site] = cfg
             if self.enrol:
                 self.federation.enrol(self.root / site / "keys" / "site.pub", site)
@@ -123,12 +125,12 @@ class LocalFederation:
         self.stop()
 
 
-def _override_data(site_toml: Path, overrides: dict[str, Any]) -> None:
-    """Rewrite the [data] section of a fresh site.toml (keeps the file valid TOML)."""
+def _override(site_toml: Path, section: str, overrides: dict[str, Any]) -> None:
+    """Rewrite one section of a fresh site.toml (keeps the file valid TOML)."""
     import tomllib
 
     import tomli_w
 
     data = tomllib.loads(site_toml.read_text(encoding="utf-8"))
-    data["data"] = {**data.get("data", {}), **overrides}
+    data[section] = {**data.get(section, {}), **overrides}
     site_toml.write_text(tomli_w.dumps(data), encoding="utf-8")

@@ -1,0 +1,145 @@
+"""Round latency: medfed vs a stock Flower 1.42 deployment, same tiny workload, one run.
+
+Both federations run on 127.0.0.1 with TLS and SuperNode authentication: one
+SuperLink, 3 SuperNodes, 3 rounds of FedAvg (train + evaluate per round) on a
+model of about 2,000 parameters.
+
+- anchor: a plain Flower app (``benchmarks/stock_flower_app``: default ServerApp
+  and ClientApp, stock ``flower-superlink`` / ``flower-supernode``, launched with
+  ``flwr run``), 2,000-parameter linear model. Flower starts a fresh ClientApp
+  process per message and polls every 3 s.
+- value: ``medfed`` (``LocalFederation``: real site daemons with warm workers),
+  task ``tiny-seg`` (a 1,947-parameter MONAI UNet).
+
+Figure: median seconds per round (train + evaluate + aggregation), ratio
+medfed / stock. Target (issue 2): ratio <= 0.3.
+
+Run: ``python benchmarks/round_latency.py [--quick] [--rounds N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from medfed.core.config import RunConfig
+from medfed.core.identity import CertificateAuthority, SiteKeys, save_server_identity
+from medfed.core.procs import Managed, ProcessGroup, free_port, wait_for_port
+from medfed.local import LocalFederation
+
+HERE = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+SITES = 3
+
+
+def _flwr_env(home: Path) -> dict[str, str]:
+    return {"FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run_stock(root: Path, rounds: int) -> list[float]:
+    """Stock Flower: SuperLink + SuperNodes + `flwr run`; returns seconds per round."""
+    certs, keys, home = root / "certs", root / "keys", root / "flwr_home"
+    ca = CertificateAuthority.create("stock")
+    ca.save(certs / "ca.pem", certs / "ca.key")
+    key, cert = ca.issue_server_cert(["127.0.0.1", "localhost"])
+    save_server_identity(key, cert, certs / "server.pem", certs / "server.key")
+    port = free_port()
+    env = _flwr_env(home)
+    home.mkdir(parents=True)
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\naddress = "127.0.0.1:{port}"\n'
+        f'root-certificates = "{certs / "ca.pem"}"\n')
+    with ProcessGroup() as group:
+        link = group.start(Managed("stock SuperLink", [
+            str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(certs / "ca.pem"),
+            "--ssl-certfile", str(certs / "server.pem"), "--ssl-keyfile", str(certs / "server.key"),
+            "--enable-supernode-auth", "--database", str(root / "state.db"),
+            "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port),
+        ], root / "superlink.log", env=env))
+        if not wait_for_port("127.0.0.1", port, timeout=60, alive=link.alive):
+            raise RuntimeError(f"stock SuperLink did not start:\n{link.log_tail()}")
+        for i in range(SITES):
+            node_key = SiteKeys.create()
+            node_key.save(keys / f"node{i}", keys / f"node{i}.pub")
+            subprocess.run([str(BIN / "flwr"), "supernode", "register", str(keys / f"node{i}.pub"),
+                            "bench"], env={**os.environ, **env}, check=True,
+                           capture_output=True, timeout=60)
+            group.start(Managed(f"stock SuperNode {i}", [
+                str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{port}",
+                "--root-certificates", str(certs / "ca.pem"),
+                "--auth-supernode-private-key", str(keys / f"node{i}"),
+                "--node-config", f"partition-id={i}", "--port", str(free_port()),
+            ], root / f"node{i}.log", env=env))
+        _wait_stock_online(env, SITES)
+        out = root / "result"
+        subprocess.run([str(BIN / "flwr"), "run", str(HERE / "stock_flower_app"), "bench",
+                        "-c", f"out-dir='{out}' num-server-rounds={rounds} min-nodes={SITES}"],
+                       env={**os.environ, **env}, check=True, capture_output=True, timeout=120)
+        deadline = time.time() + 120 * rounds
+        while not (out / "result.json").exists():
+            group.check_alive()
+            if time.time() > deadline:
+                raise RuntimeError("stock Flower run did not finish")
+            time.sleep(0.5)
+        return list(json.loads((out / "result.json").read_text())["round_seconds"])
+
+
+def _wait_stock_online(env: dict[str, str], count: int) -> None:
+    for _ in range(120):
+        res = subprocess.run([str(BIN / "flwr"), "supernode", "ls", "bench", "--format", "json"],
+                             env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+        try:
+            nodes = json.loads(res.stdout).get("nodes", [])
+        except json.JSONDecodeError:
+            nodes = []
+        if sum(n.get("status") == "online" for n in nodes) >= count:
+            return
+        time.sleep(0.5)
+    raise RuntimeError("stock SuperNodes did not come online")
+
+
+def run_medfed(root: Path, rounds: int) -> list[float]:
+    """medfed: LocalFederation with real site daemons; returns seconds per round."""
+    names = [f"site-{i + 1}" for i in range(SITES)]
+    with LocalFederation(root, names, name="bench") as fed:
+        fed.create(site_data=lambda i, n: {"num_samples": 64})
+        fed.start()
+        _, summary = fed.run(RunConfig(task="tiny-seg", rounds=rounds, min_sites=SITES))
+    if summary.get("status") != "completed":
+        raise RuntimeError(f"medfed run failed: {summary}")
+    return [float(v) for _, v in sorted(summary["round_seconds"].items(), key=lambda kv: int(kv[0]))]
+
+
+def main() -> None:
+    """Run both, print per-round times, medians and the BENCH line."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="2 rounds instead of 3")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folders")
+    args = parser.parse_args()
+    rounds = 2 if args.quick else args.rounds
+    tmp = Path(tempfile.mkdtemp(prefix="medfed-bench-"))
+    try:
+        stock = run_stock(tmp / "stock", rounds)
+        medfed = run_medfed(tmp / "medfed", rounds)
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+    s_med, m_med = statistics.median(stock), statistics.median(medfed)
+    print(f"stock Flower 1.42 seconds per round: {stock}  median {s_med:.2f}")
+    print(f"medfed            seconds per round: {medfed}  median {m_med:.2f}")
+    print(f"BENCH round_latency median_round_seconds value={m_med:.3f} anchor={s_med:.3f} "
+          f"ratio={m_med / s_med:.3f} target<=0.3 unit=s")
+
+
+if __name__ == "__main__":
+    main()

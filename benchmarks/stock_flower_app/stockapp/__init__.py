@@ -1,0 +1,1 @@
+"""Stock Flower app used as the benchmark anchor."""

@@ -1,0 +1,238 @@
+"""Turn one file on disk into a :class:`FileRecord`, or say why it is skipped."""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+
+from medfed.data.decode import FileProblem, check_decodable, decode_frames, open_dataset
+from medfed.data.records import FileRecord, FrameInfo, Skipped, SkipReason
+
+SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+def read_record(path: Path, root: Path, *, decode: bool = False) -> FileRecord | Skipped:
+    """Read one file's header (and, with ``decode``, its pixels) into a record.
+
+    Parameters
+    ----------
+    path : Path
+        The file.
+    root : Path
+        The site folder; the record's path is relative to it.
+    decode : bool
+        Also decode the pixel data, to find corrupt compressed streams. Without
+        it only the header, the decoder's availability and the length of
+        uncompressed pixel data are checked.
+
+    Returns
+    -------
+    FileRecord or Skipped
+        Never raises for a bad file: every problem becomes a :class:`Skipped`.
+    """
+    rel = path.relative_to(root).as_posix()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns on odd values; problems are reported
+        return _read(path, rel, decode=decode)
+
+
+def _read(path: Path, rel: str, *, decode: bool) -> FileRecord | Skipped:
+    try:
+        stat = path.stat()
+        ds = open_dataset(path)
+        record = _record_from_dataset(ds, rel, stat)
+        check_decodable(ds)
+        _check_native_length(ds, record)
+        if decode:
+            decode_frames(ds)
+    except FileProblem as problem:
+        return Skipped(rel, problem.reason, problem.detail)
+    except OSError as exc:
+        return Skipped(rel, SkipReason.UNREADABLE, f"{type(exc).__name__}: cannot read file")
+    return record
+
+
+def _record_from_dataset(ds: Dataset, rel: str, stat: os.stat_result) -> FileRecord:
+    if "PixelData" not in ds:
+        if "Rows" in ds and "Columns" in ds:
+            raise FileProblem(
+                SkipReason.TRUNCATED_PIXEL_DATA, "image attributes present but pixel data missing"
+            )
+        raise FileProblem(SkipReason.NO_PIXEL_DATA, f"modality {ds.get('Modality', '?')}")
+    try:
+        for keyword in ("SeriesInstanceUID", "Rows", "Columns", "BitsAllocated"):
+            if ds.get(keyword) in (None, ""):
+                raise FileProblem(SkipReason.INVALID_ATTRIBUTES, f"{keyword} missing")
+        n_frames = _int(ds.get("NumberOfFrames", 1) or 1)
+        is_seg = ds.get("SOPClassUID", "") == SEG_SOP_CLASS or ds.get("Modality") == "SEG"
+        photometric = ds.get("PhotometricInterpretation", "")
+        samples = 3 if photometric == "PALETTE COLOR" else _int(ds.get("SamplesPerPixel", 1))
+        return FileRecord(
+            path=rel,
+            size=stat.st_size,
+            mtime_ns=stat.st_mtime_ns,
+            series_uid=str(ds.SeriesInstanceUID),
+            sop_uid=str(ds.get("SOPInstanceUID", "")),
+            modality=str(ds.get("Modality", "OT") or "OT"),
+            rows=_int(ds.Rows),
+            columns=_int(ds.Columns),
+            samples=samples,
+            transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
+            instance_number=_int(ds.get("InstanceNumber", 0) or 0),
+            slice_thickness=_float_or_none(ds.get("SliceThickness")),
+            spacing_between_slices=_float_or_none(ds.get("SpacingBetweenSlices")),
+            frames=_frames(ds, n_frames),
+            is_seg=is_seg,
+            referenced_series=tuple(
+                str(item.SeriesInstanceUID)
+                for item in ds.get("ReferencedSeriesSequence", [])
+                if "SeriesInstanceUID" in item
+            ),
+        )
+    except FileProblem:
+        raise
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
+        raise FileProblem(SkipReason.INVALID_ATTRIBUTES, f"{type(exc).__name__}: {exc}") from exc
+
+
+def _frames(ds: Dataset, n_frames: int) -> tuple[FrameInfo, ...]:
+    """Per-frame geometry from functional groups, frame offsets or top-level tags."""
+    shared = _first(ds, "SharedFunctionalGroupsSequence")
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame is not None and len(per_frame) < n_frames or (
+        per_frame is not None and len(per_frame) > n_frames and "NumberOfFrames" in ds
+    ):
+        raise FileProblem(
+            SkipReason.INVALID_ATTRIBUTES,
+            f"{len(per_frame)} per-frame groups for {n_frames} frames",
+        )
+    base_position = _vec(ds.get("ImagePositionPatient"))
+    base_orientation = _vec(ds.get("ImageOrientationPatient"))
+    base_spacing = _vec(ds.get("PixelSpacing")) or _vec(ds.get("ImagerPixelSpacing"))
+    slope, intercept = _rescale(ds)
+    legacy_positions = _legacy_positions(ds, n_frames, base_position, base_orientation)
+    # Without NumberOfFrames (one frame), extra per-frame groups are ignored.
+    frames = []
+    for k in range(n_frames):
+        group = per_frame[k] if per_frame is not None else None
+        position = _macro(group, shared, "PlanePositionSequence", "ImagePositionPatient")
+        orientation = _macro(group, shared, "PlaneOrientationSequence", "ImageOrientationPatient")
+        spacing = _macro(group, shared, "PixelMeasuresSequence", "PixelSpacing")
+        value = _macro_item(group, shared, "PixelValueTransformationSequence")
+        k_slope, k_intercept = _rescale(value) if value is not None else (slope, intercept)
+        segment = _macro_item(group, shared, "SegmentIdentificationSequence")
+        frames.append(
+            FrameInfo(
+                position=_vec(position) or legacy_positions[k],
+                orientation=_vec(orientation) or base_orientation,
+                pixel_spacing=_vec(spacing) or base_spacing,
+                slope=k_slope,
+                intercept=k_intercept,
+                segment=int(segment.ReferencedSegmentNumber) if segment is not None else None,
+                source_sop=_source_sop(group),
+            )
+        )
+    return tuple(frames)
+
+
+def _legacy_positions(
+    ds: Dataset, n_frames: int, position: Any, orientation: Any
+) -> list[Any]:
+    """Frame positions from the top-level position plus frame offsets along the normal.
+
+    Uses GridFrameOffsetVector (RT dose), else SpacingBetweenSlices or
+    SliceThickness; ``None`` per frame where the geometry is unknown.
+    """
+    if n_frames == 1:
+        return [position]
+    if position is None or orientation is None:
+        return [None] * n_frames
+    grid = ds.get("GridFrameOffsetVector")
+    if grid is not None and len(grid) == n_frames:
+        values = np.asarray([float(v) for v in grid])
+        offsets = values - values[0]
+    else:
+        step = _float_or_none(ds.get("SpacingBetweenSlices")) or _float_or_none(
+            ds.get("SliceThickness")
+        )
+        if step is None:
+            return [None] * n_frames
+        offsets = step * np.arange(n_frames)
+    normal = np.cross(orientation[:3], orientation[3:])
+    origin = np.asarray(position)
+    return [tuple(float(v) for v in origin + d * normal) for d in offsets]
+
+
+def _rescale(item: Dataset) -> tuple[float, float]:
+    slope = _float_or_none(item.get("RescaleSlope"))
+    if slope is None and item.get("Modality") == "RTDOSE":
+        slope = _float_or_none(item.get("DoseGridScaling"))
+    intercept = _float_or_none(item.get("RescaleIntercept"))
+    return (1.0 if slope is None else slope, 0.0 if intercept is None else intercept)
+
+
+def _first(ds: Dataset | None, keyword: str) -> Dataset | None:
+    if ds is None:
+        return None
+    seq = ds.get(keyword)
+    return seq[0] if seq else None
+
+
+def _macro_item(group: Dataset | None, shared: Dataset | None, keyword: str) -> Dataset | None:
+    return _first(group, keyword) or _first(shared, keyword)
+
+
+def _macro(group: Dataset | None, shared: Dataset | None, seq: str, keyword: str) -> Any:
+    item = _macro_item(group, shared, seq)
+    return None if item is None else item.get(keyword)
+
+
+def _source_sop(group: Dataset | None) -> str | None:
+    derivation = _first(group, "DerivationImageSequence")
+    source = _first(derivation, "SourceImageSequence")
+    if source is None or "ReferencedSOPInstanceUID" not in source:
+        return None
+    return str(source.ReferencedSOPInstanceUID)
+
+
+def _check_native_length(ds: Dataset, record: FileRecord) -> None:
+    if UID(record.transfer_syntax).is_compressed:
+        return
+    bits = _int(ds.BitsAllocated)
+    samples = _int(ds.get("SamplesPerPixel", 1))
+    n_values = record.rows * record.columns * samples * len(record.frames)
+    if ds.get("PhotometricInterpretation") == "YBR_FULL_422":
+        n_values = n_values * 2 // 3
+    expected = math.ceil(n_values * bits / 8)
+    actual = len(ds.PixelData)
+    if actual < expected:
+        raise FileProblem(
+            SkipReason.TRUNCATED_PIXEL_DATA, f"{actual} of {expected} pixel bytes present"
+        )
+
+
+def _vec(value: Any) -> Any:
+    """Tuple of floats for a multi-valued DS, or ``None``."""
+    if value is None or value == "":
+        return None
+    try:
+        return tuple(float(v) for v in value)
+    except TypeError:
+        return None
+
+
+def _float_or_none(value: Any) -> float | None:
+    if value is None or value == "":
+        return None
+    return float(value)
+
+
+def _int(value: object) -> int:
+    return int(str(value).strip())

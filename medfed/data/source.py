@@ -1,0 +1,253 @@
+"""A site's DICOM folder as a source of MONAI-ready image/label pairs, cached on disk."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.utils import SpaceKeys
+
+from medfed.core.errors import MedfedError
+from medfed.data.assemble import SeriesPlan, assemble
+from medfed.data.cache import CachedSeries, SeriesCache, fingerprint
+from medfed.data.decode import FileProblem
+from medfed.data.index import FolderIndex, Progress, index_folder
+from medfed.data.labels import load_manifest, nifti_label_volume
+from medfed.data.records import FileRecord
+from medfed.data.scan import ScanReport, scan_folder, short_hash
+from medfed.data.seg import seg_label_volume
+from medfed.data.series import Series, label_source_of, series_from_plan
+from medfed.data.volume import decode_volume
+
+CACHE_DIRNAME = ".medfed-cache"
+
+
+class DicomFolderSource:
+    """The series of a DICOM folder, decoded once and then read from a cache.
+
+    Images come back as :class:`monai.data.MetaTensor` of float32, shape
+    ``(c, x, y, z)`` (see :class:`medfed.data.Series` for the axes), with an
+    ``affine`` from voxel index to patient millimetres in DICOM's LPS frame
+    (``meta["space"] == "LPS"``). Labels are int16 ``(1, x, y, z)`` on the same
+    grid, from the manifest's NIfTI file or else the series' DICOM SEG.
+
+    Parameters
+    ----------
+    root : Path
+        The site's DICOM folder, any layout.
+    cache_dir : Path, optional
+        Where decoded series and the header index go; default
+        ``root / ".medfed-cache"`` (hidden folders are never scanned).
+    manifest : Path, optional
+        Label manifest, see :mod:`medfed.data.labels`.
+    progress : callable, optional
+        ``progress(done, total)`` while headers are read.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        cache_dir: Path | None = None,
+        manifest: Path | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        if not root.is_dir():
+            raise MedfedError(
+                "the DICOM folder does not exist", where=str(root), fix="check the path in site.toml"
+            )
+        self.root = root
+        self.cache = SeriesCache(cache_dir if cache_dir is not None else root / CACHE_DIRNAME)
+        self.manifest = manifest
+        self._labels = load_manifest(manifest) if manifest is not None else {}
+        self._progress = progress
+        self._index: FolderIndex | None = None
+        self._plans: dict[str, SeriesPlan] = {}
+
+    def refresh(self) -> None:
+        """Re-read the folder (only new or changed files are parsed again)."""
+        self._index = index_folder(
+            self.root,
+            exclude=self._excluded(),
+            index_file=self.cache.folder / "index.json",
+            progress=self._progress,
+        )
+        plans, _ = assemble(self._index.records)
+        self._plans = {p.series_uid: p for p in plans}
+
+    def series(self) -> list[Series]:
+        """The usable series, sorted by UID."""
+        plans = self._current_plans()
+        uids = frozenset(self._labels)
+        return [series_from_plan(p, label_source=label_source_of(p, uids)) for p in plans.values()]
+
+    def scan(self, *, decode: bool = True) -> ScanReport:
+        """Scan the folder (every file decoded by default) and report; see :func:`scan_folder`."""
+        return scan_folder(
+            self.root, manifest=self.manifest, decode=decode, exclude=(self.cache.folder,)
+        )
+
+    def load(self, series_uid: str) -> tuple[MetaTensor, MetaTensor | None]:
+        """The image and label (or ``None``) of one series, from the cache when it is current.
+
+        Raises
+        ------
+        MedfedError
+            Unknown series, a file of it that no longer decodes, or a label that
+            does not fit the series.
+        """
+        plan = self._plan(series_uid)
+        sources = self._sources(plan)
+        key = fingerprint(self.root, sources)
+        cached = self.cache.get(series_uid, key)
+        if cached is None:
+            cached = self._decode(plan)
+            self.cache.put(series_uid, key, cached)
+        return _to_metatensors(cached, plan)
+
+    def _plan(self, series_uid: str) -> SeriesPlan:
+        plans = self._current_plans()
+        if series_uid in plans and not self._stale(plans[series_uid]):
+            return plans[series_uid]
+        self.refresh()
+        if series_uid not in self._plans:
+            raise MedfedError(
+                "no usable series with this SeriesInstanceUID in the DICOM folder",
+                where=f"{self.root} (series {short_hash(series_uid)})",
+                expected=f"one of the {len(self._plans)} series listed by series()",
+                fix="run `medfed site scan` to see which files were skipped and why",
+            )
+        return self._plans[series_uid]
+
+    def _current_plans(self) -> dict[str, SeriesPlan]:
+        if self._index is None:
+            self.refresh()
+        return self._plans
+
+    def _stale(self, plan: SeriesPlan) -> bool:
+        """Whether a source file changed since the folder was indexed."""
+        assert self._index is not None
+        known = {r.path: r for r in self._index.records}
+        for rel in self._sources(plan):
+            record: FileRecord | None = known.get(rel)
+            if record is None:
+                continue  # a manifest label file: covered by the fingerprint
+            try:
+                stat = (self.root / rel).stat()
+            except OSError:
+                return True
+            if (stat.st_size, stat.st_mtime_ns) != (record.size, record.mtime_ns):
+                return True
+        return False
+
+    def _sources(self, plan: SeriesPlan) -> list[str]:
+        sources = list(plan.files)
+        if plan.series_uid in self._labels:
+            sources.append(str(self._labels[plan.series_uid]))
+        elif plan.seg_file:
+            sources.append(plan.seg_file)
+        return sources
+
+    def _decode(self, plan: SeriesPlan) -> CachedSeries:
+        try:
+            image = decode_volume(plan, self.root)
+            label = self._label(plan)
+        except FileProblem as problem:
+            raise MedfedError(
+                f"a file of series {short_hash(plan.series_uid)} cannot be used: "
+                f"{problem.reason.value} ({problem.detail})",
+                where=str(self.root),
+                fix="run `medfed site scan` to find the file, then replace or remove it",
+            ) from problem
+        return CachedSeries(image=image, affine=plan.affine, label=label)
+
+    def _label(self, plan: SeriesPlan) -> np.ndarray | None:
+        if plan.series_uid in self._labels:
+            return nifti_label_volume(self._labels[plan.series_uid], plan.affine, plan.shape[1:])
+        if plan.seg_file:
+            assert self._index is not None
+            record = next(r for r in self._index.records if r.path == plan.seg_file)
+            return seg_label_volume(self.root / plan.seg_file, record, plan)
+        return None
+
+    def _excluded(self) -> tuple[Path, ...]:
+        manifest = (self.manifest,) if self.manifest is not None else ()
+        return (self.cache.folder, *manifest, *self._labels.values())
+
+
+def load_series(paths: Sequence[Path]) -> tuple[MetaTensor, Series]:
+    """Decode the given files as one series, without cache or labels.
+
+    Parameters
+    ----------
+    paths : sequence of Path
+        The files of one series, in any order.
+
+    Returns
+    -------
+    image : MetaTensor
+        float32 ``(c, x, y, z)`` with its LPS affine.
+    series : Series
+
+    Raises
+    ------
+    MedfedError
+        A file is unusable, or the files do not form exactly one series.
+    """
+    from medfed.data.headers import read_record
+
+    if not paths:
+        raise MedfedError("no files given", expected="the DICOM files of one series")
+    files = [Path(p).resolve() for p in paths]
+    root = Path(os.path.commonpath([str(p.parent) for p in files]))
+    results = [read_record(p, root) for p in files]
+    bad = [r for r in results if not isinstance(r, FileRecord)]
+    if bad:
+        raise MedfedError(
+            f"{len(bad)} file(s) cannot be used: {bad[0].reason.value} ({bad[0].detail})",
+            where=str(root / bad[0].path),
+            fix="remove the file or replace it with a readable copy",
+        )
+    plans, unusable = assemble([r for r in results if isinstance(r, FileRecord)])
+    if unusable or len(plans) != 1:
+        detail = unusable[0].reason.value if unusable else f"{len(plans)} series found"
+        raise MedfedError(
+            "the files do not form exactly one usable series",
+            where=str(root),
+            expected="files sharing one SeriesInstanceUID with regular slice geometry",
+            fix=f"check the files ({detail})",
+        )
+    plan = plans[0]
+    try:
+        image = decode_volume(plan, root)
+    except FileProblem as problem:
+        raise MedfedError(
+            f"a file cannot be decoded: {problem.reason.value} ({problem.detail})",
+            where=str(root),
+            fix="remove the file or replace it with a readable copy",
+        ) from problem
+    cached = CachedSeries(image=image, affine=plan.affine, label=None)
+    return _to_metatensors(cached, plan)[0], series_from_plan(plan, label_source=None)
+
+
+def _to_metatensors(cached: CachedSeries, plan: SeriesPlan) -> tuple[MetaTensor, MetaTensor | None]:
+    affine = torch.as_tensor(np.asarray(cached.affine, dtype=np.float64))
+    meta: dict[str, Any] = {
+        "space": SpaceKeys.LPS,
+        "original_channel_dim": 0,
+        "spatial_shape": np.asarray(cached.image.shape[1:]),
+        "series_uid": plan.series_uid,
+        "modality": plan.modality,
+    }
+    image = MetaTensor(torch.from_numpy(cached.image), affine=affine, meta=dict(meta))
+    if cached.label is None:
+        return image, None
+    label = MetaTensor(
+        torch.from_numpy(cached.label[None]), affine=affine.clone(), meta=dict(meta)
+    )
+    return image, label
