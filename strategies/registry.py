@@ -44,12 +44,15 @@ _MANAGED = {"min_train_nodes", "min_evaluate_nodes", "min_available_nodes",
             "train_metrics_aggr_fn", "evaluate_metrics_aggr_fn"}
 
 
+REQUIRED = "(required)"
+
+
 def strategy_options(name: str) -> dict[str, Any]:
-    """The options a user may set for strategy ``name``, with their defaults."""
+    """The options a user may set for strategy ``name``: defaults, or ``REQUIRED``."""
     cls = STRATEGIES.get(name)
     params = inspect.signature(cls.__init__).parameters
     return {
-        p.name: (None if p.default is inspect.Parameter.empty else p.default)
+        p.name: (REQUIRED if p.default is inspect.Parameter.empty else p.default)
         for p in params.values()
         if p.name != "self" and p.name not in _MANAGED
         and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
@@ -74,7 +77,7 @@ def check_options(name: str, options: dict[str, Any]) -> None:
                 expected=f"one of: {', '.join(sorted(allowed)) or '(none)'}",
                 fix=f"did you mean {close[0]!r}?" if close else "see `medfed strategies`",
             )
-    required = [k for k, v in allowed.items() if v is None and k not in options]
+    required = [k for k, v in allowed.items() if v is REQUIRED and k not in options]
     if required:
         raise ConfigError(
             f"Strategy {name!r} needs option(s) {', '.join(required)}.",

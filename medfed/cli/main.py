@@ -13,7 +13,7 @@ from rich.console import Console
 from medfed.core.errors import MedfedError
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # errors are never cut mid-path
 
 app = typer.Typer(
     name="medfed",

@@ -82,9 +82,13 @@ def assemble(records: Iterable[FileRecord]) -> tuple[list[SeriesPlan], list[Skip
     for seg in sorted(segs, key=lambda r: r.path):
         target = _seg_target(seg, plans)
         if target is None:
-            skipped.append(Skipped(seg.path, SkipReason.UNMATCHED_SEG, "no referenced series found"))
+            skipped.append(
+                Skipped(seg.path, SkipReason.UNMATCHED_SEG, "no referenced series found")
+            )
         elif plans[target].seg_file is not None:
-            skipped.append(Skipped(seg.path, SkipReason.DUPLICATE_LABEL, "series already has a SEG"))
+            skipped.append(
+                Skipped(seg.path, SkipReason.DUPLICATE_LABEL, "series already has a SEG")
+            )
         else:
             plans[target] = replace(plans[target], seg_file=seg.path)
     return [plans[uid] for uid in sorted(plans)], skipped
@@ -100,7 +104,8 @@ def plan_series(group: list[FileRecord]) -> SeriesPlan:
         or uneven spacing.
     """
     first = group[0]
-    if any((r.rows, r.columns, r.samples) != (first.rows, first.columns, first.samples) for r in group):
+    size = (first.rows, first.columns, first.samples)
+    if any((r.rows, r.columns, r.samples) != size for r in group):
         raise GeometryProblem(SkipReason.INCONSISTENT_GEOMETRY, "slices differ in size")
     items: list[tuple[FileRecord, int, FrameInfo]] = [
         (r, k, f) for r in group for k, f in enumerate(r.frames)
@@ -109,11 +114,13 @@ def plan_series(group: list[FileRecord]) -> SeriesPlan:
     fallback = first.spacing_between_slices or first.slice_thickness
     spacing_2d = items[0][2].pixel_spacing or (1.0, 1.0)
     if any(f.pixel_spacing != items[0][2].pixel_spacing for _, _, f in items):
-        raise GeometryProblem(SkipReason.INCONSISTENT_GEOMETRY, "pixel spacing differs between slices")
+        raise GeometryProblem(
+            SkipReason.INCONSISTENT_GEOMETRY, "pixel spacing differs between slices"
+        )
     if all(with_position):
-        orientation = items[0][2].orientation
-        assert orientation is not None
-        if any(not same_orientation(f.orientation, orientation) for _, _, f in items):  # type: ignore[arg-type]
+        orientations = [f.orientation for _, _, f in items if f.orientation is not None]
+        orientation = orientations[0]
+        if any(not same_orientation(o, orientation) for o in orientations):
             raise GeometryProblem(SkipReason.INCONSISTENT_GEOMETRY, "slice orientations differ")
         stack = stack_slices(
             [f.position for _, _, f in items],  # type: ignore[misc]

@@ -45,13 +45,11 @@ def iter_files(root: Path, *, exclude: Iterable[Path] = ()) -> Iterator[Path]:
     excluded = {p.resolve() for p in exclude}
     for folder, dirs, files in os.walk(root):
         here = Path(folder)
-        dirs[:] = sorted(
-            d for d in dirs if not d.startswith(".") and (here / d).resolve() not in excluded
-        )
+        real = here.resolve()  # once per folder, not per file
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and real / d not in excluded)
         for name in sorted(files):
-            path = here / name
-            if not name.startswith(".") and path.resolve() not in excluded:
-                yield path
+            if not name.startswith(".") and real / name not in excluded:
+                yield here / name
 
 
 def index_folder(
@@ -87,28 +85,28 @@ def index_folder(
     records: list[FileRecord] = []
     skipped: list[Skipped] = []
     fresh: dict[str, dict[str, Any]] = {}
+    changed = len(known) != len(files)
     for done, path in enumerate(files, start=1):
         rel = path.relative_to(root).as_posix()
         stat = path.stat()
         entry = known.get(rel)
-        result = _reuse(entry, stat) or read_record(path, root, decode=decode)
+        result = _reuse(entry, stat)
+        if result is None or entry is None:
+            changed = True
+            result = read_record(path, root, decode=decode)
+            entry = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+            if isinstance(result, FileRecord):
+                entry["record"] = result.to_json()
+            else:
+                entry["skipped"] = skipped_to_json(result)
         if isinstance(result, FileRecord):
             records.append(result)
-            fresh[rel] = {
-                "size": stat.st_size,
-                "mtime_ns": stat.st_mtime_ns,
-                "record": result.to_json(),
-            }
         else:
             skipped.append(result)
-            fresh[rel] = {
-                "size": stat.st_size,
-                "mtime_ns": stat.st_mtime_ns,
-                "skipped": skipped_to_json(result),
-            }
+        fresh[rel] = entry
         if progress is not None:
             progress(done, len(files))
-    if index_file is not None and not decode and fresh != known:
+    if index_file is not None and not decode and (changed or fresh.keys() != known.keys()):
         _write_index(index_file, fresh)
     return FolderIndex(records=tuple(records), skipped=tuple(skipped))
 

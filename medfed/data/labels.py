@@ -101,7 +101,8 @@ def nifti_label_volume(
         raise MedfedError(
             "cannot read the NIfTI label", where=str(path), expected="a .nii or .nii.gz file"
         ) from exc
-    data = data.reshape(data.shape[:3]) if data.ndim > 3 and data.shape[3:] == (1,) * (data.ndim - 3) else data
+    if data.ndim > 3 and all(n == 1 for n in data.shape[3:]):
+        data = data.reshape(data.shape[:3])  # trailing singleton dimensions (e.g. time)
     aligned = align_to_grid(data, label_affine, image_affine, image_shape)
     if aligned is None:
         raise MedfedError(

@@ -59,7 +59,9 @@ class DicomFolderSource:
     ) -> None:
         if not root.is_dir():
             raise MedfedError(
-                "the DICOM folder does not exist", where=str(root), fix="check the path in site.toml"
+                "the DICOM folder does not exist",
+                where=str(root),
+                fix="check the path in site.toml",
             )
         self.root = root
         self.cache = SeriesCache(cache_dir if cache_dir is not None else root / CACHE_DIRNAME)
@@ -68,6 +70,7 @@ class DicomFolderSource:
         self._progress = progress
         self._index: FolderIndex | None = None
         self._plans: dict[str, SeriesPlan] = {}
+        self._records: dict[str, FileRecord] = {}
 
     def refresh(self) -> None:
         """Re-read the folder (only new or changed files are parsed again)."""
@@ -79,6 +82,7 @@ class DicomFolderSource:
         )
         plans, _ = assemble(self._index.records)
         self._plans = {p.series_uid: p for p in plans}
+        self._records = {r.path: r for r in self._index.records}
 
     def series(self) -> list[Series]:
         """The usable series, sorted by UID."""
@@ -131,10 +135,8 @@ class DicomFolderSource:
 
     def _stale(self, plan: SeriesPlan) -> bool:
         """Whether a source file changed since the folder was indexed."""
-        assert self._index is not None
-        known = {r.path: r for r in self._index.records}
         for rel in self._sources(plan):
-            record: FileRecord | None = known.get(rel)
+            record = self._records.get(rel)
             if record is None:
                 continue  # a manifest label file: covered by the fingerprint
             try:
@@ -170,8 +172,7 @@ class DicomFolderSource:
         if plan.series_uid in self._labels:
             return nifti_label_volume(self._labels[plan.series_uid], plan.affine, plan.shape[1:])
         if plan.seg_file:
-            assert self._index is not None
-            record = next(r for r in self._index.records if r.path == plan.seg_file)
+            record = self._records[plan.seg_file]
             return seg_label_volume(self.root / plan.seg_file, record, plan)
         return None
 

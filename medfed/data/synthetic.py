@@ -232,7 +232,7 @@ def _base(sop_class: str, modality: str, series_uid: str, study_uid: str) -> Dat
 
 
 def _set_pixels(ds: Dataset, pixels: np.ndarray) -> None:
-    """Set int16/uint16 (or uint8) pixel data; ``pixels`` is (rows, cols) or (frames, rows, cols)."""
+    """Set integer pixel data from ``(rows, cols)`` or ``(frames, rows, cols)``."""
     ds.Rows, ds.Columns = pixels.shape[-2:]
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
@@ -244,6 +244,7 @@ def _set_pixels(ds: Dataset, pixels: np.ndarray) -> None:
 
 
 def _save(ds: Dataset, path: Path, transfer_syntax: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     syntax = UID(transfer_syntax)
     if syntax.is_compressed:

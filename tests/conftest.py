@@ -1,0 +1,23 @@
+"""Shared fixtures: small builders, no network beyond 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+
+@pytest.fixture
+def short_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A temporary folder with a short path (Unix socket paths are limited to ~100 bytes)."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="mf-", dir="/tmp"))
+    yield path
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)

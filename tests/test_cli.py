@@ -1,0 +1,71 @@
+"""The command line: listings, init/enrol flows, and user errors without tracebacks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def medfed(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "medfed", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=120)
+
+
+def test_listings() -> None:
+    out = medfed("strategies")
+    assert out.returncode == 0 and "fedprox" in out.stdout and "proximal_mu" in out.stdout
+    out = medfed("tasks")
+    assert out.returncode == 0 and "tiny-seg" in out.stdout
+
+
+def test_unknown_task_gets_did_you_mean_without_traceback(tmp_path: Path) -> None:
+    out = medfed("run", "--task", "tiny-sge", "--server", "127.0.0.1:1", "--ca", "x.pem",
+                 cwd=tmp_path)
+    assert out.returncode == 2
+    assert "did you mean 'tiny-seg'" in out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+
+
+def test_bad_strategy_option_is_named(tmp_path: Path) -> None:
+    out = medfed("run", "--task", "tiny-seg", "--strategy", "fedprox", "-o", "proximal_m=0.1",
+                 "--server", "127.0.0.1:1", "--ca", "x.pem", cwd=tmp_path)
+    assert out.returncode == 2 and "proximal_mu" in out.stderr
+
+
+def test_init_enrol_and_config_error_flow(tmp_path: Path) -> None:
+    out = medfed("server", "init", str(tmp_path / "fed"), "--name", "demo", "--port", "9555")
+    assert out.returncode == 0, out.stderr
+    server_toml = tmp_path / "fed" / "server.toml"
+    assert server_toml.exists() and (tmp_path / "fed" / "ca" / "ca.pem").exists()
+    out = medfed("site", "init", "site-a", str(tmp_path / "a"), "--federation-ca",
+                 str(tmp_path / "fed" / "ca" / "ca.pem"), "--server", "127.0.0.1:9555")
+    assert out.returncode == 0, out.stderr
+    out = medfed("server", "enrol", str(tmp_path / "a" / "keys" / "site.pub"), "--name", "site-a",
+                 "--config", str(server_toml))
+    assert out.returncode == 0 and "enrolled" in out.stdout
+    assert "site-a" in (tmp_path / "fed" / "sites.toml").read_text()
+    # a typo in site.toml: the error names the file and key, no traceback
+    site_toml = tmp_path / "a" / "site.toml"
+    site_toml.write_text(site_toml.read_text().replace("runtime_port", "runtime_prot"))
+    out = medfed("site", "start", "--config", str(site_toml))
+    assert out.returncode == 2
+    assert "site.runtime_prot" in out.stderr and str(site_toml) in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_wrong_ca_for_site_init(tmp_path: Path) -> None:
+    (tmp_path / "ca.pem").write_text("not a cert")
+    out = medfed("site", "init", "s", str(tmp_path / "s"), "--federation-ca",
+                 str(tmp_path / "ca.pem"))
+    assert out.returncode == 2 and "Not a PEM certificate" in out.stderr
+
+
+@pytest.mark.parametrize("args", [["status", "1"], ["runs"]])
+def test_server_not_running_is_explained(tmp_path: Path, args: list[str]) -> None:
+    medfed("server", "init", str(tmp_path / "fed"), "--port", "9")
+    out = medfed(*args, "--config", str(tmp_path / "fed" / "server.toml"))
+    assert out.returncode == 2
+    assert "medfed server start" in out.stderr

@@ -1,0 +1,93 @@
+"""End to end on loopback: a real SuperLink and real site daemons, TLS and site authentication."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medfed.core.config import RunConfig
+from medfed.core.errors import ProcessError
+from medfed.core.procs import Managed
+from medfed.local import LocalFederation
+from medfed.local.federation import site_daemon_argv
+from medfed.server.superlink import start_superlink
+
+pytestmark = pytest.mark.slow
+
+
+def test_two_sites_two_rounds_and_an_unenrolled_site_is_refused(short_tmp: Path) -> None:
+    fed = LocalFederation(short_tmp, ["site-a", "site-b"], name="e2e")
+    with fed:
+        fed.create(site_data=lambda i, name: {"num_samples": 32})
+        # a third site the coordinator never enrolled
+        from medfed.client.site import init_site
+        from medfed.core.procs import free_port
+
+        rogue = init_site(short_tmp / "rogue", name="rogue", federation_ca=fed.fed.ca_cert,
+                          server=fed.fed.config.superlink.address, runtime_port=free_port())
+        fed.start()
+        started = list(fed.group.members)
+        rogue_proc = Managed("rogue", site_daemon_argv(rogue), short_tmp / "rogue.log").start()
+        try:
+            folder, summary = fed.run(RunConfig(task="tiny-seg", rounds=2, min_sites=2),
+                                      timeout=300)
+            rogue_proc.proc.wait(timeout=60)
+        finally:
+            rogue_proc.stop()
+    assert summary["status"] == "completed", summary
+    assert sorted(summary["sites"]) == ["site-a", "site-b"]
+    for r in (1, 2):
+        ckpt = np.load(folder.checkpoint_file(r))
+        assert len(ckpt.files) > 5
+    rows = folder.read_metrics()
+    seen = {(m["round"], m["site"], m["phase"]) for m in rows}
+    for r in (1, 2):
+        for site in ("site-a", "site-b", "global"):
+            assert (r, site, "evaluate") in seen
+        assert (r, "site-a", "train") in seen
+    assert folder.plot_file.stat().st_size > 1000
+    # the unenrolled site was refused and said how to fix it
+    assert rogue_proc.proc.returncode == 2
+    log = (short_tmp / "rogue.log").read_text()
+    assert "not enrolled" in log and "medfed server enrol" in log
+    # each site audited what it sent, before sending
+    audit = (short_tmp / "site-a" / "audit.jsonl").read_text()
+    assert audit.count('"update-sent"') == 2
+    # nothing is left running
+    assert len(started) == 3
+    for proc in started:
+        assert not proc.alive()
+
+
+def test_port_in_use_is_explained(short_tmp: Path) -> None:
+    import socket
+
+    fed = LocalFederation(short_tmp, [], name="busy").create()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", fed.fed.config.superlink.port))
+        s.listen()
+        with pytest.raises(ProcessError) as err:
+            start_superlink(fed.fed)
+    assert "already in use" in err.value.what and "superlink.port" in err.value.where
+
+
+def test_site_with_wrong_ca_is_told_so(short_tmp: Path) -> None:
+    from medfed.core.identity import CertificateAuthority
+
+    fed = LocalFederation(short_tmp, ["site-a"], name="ca")
+    with fed:
+        fed.create()
+        other = CertificateAuthority.create("other")
+        pinned = short_tmp / "site-a" / "federation-ca.pem"
+        pinned.unlink()
+        other.save(pinned, short_tmp / "other.key")
+        fed.start(wait_online=False)
+        proc = fed.group.members[-1]
+        deadline = time.time() + 60
+        while proc.alive() and time.time() < deadline:
+            time.sleep(0.5)
+    log = (short_tmp / "site-a" / "logs" / "daemon.log").read_text()
+    assert "not signed by the federation CA" in log
