@@ -8,11 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import tomli_w
+from cryptography import x509
 
 from medfed.core.config import ServerConfig, SuperLinkSection, load_toml, resolve, write_toml
 from medfed.core.errors import ConfigError, IdentityError
 from medfed.core.identity import (
     CertificateAuthority,
+    load_certificate,
     load_site_public_key,
     public_key_fingerprint,
     public_key_pem,
@@ -95,6 +97,29 @@ class Federation:
                  "enrolled": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
         atomic_write(self.sites_file, tomli_w.dumps({"site": [*sites, entry]}).encode())
         return entry
+
+
+def renew_server_cert(fed: Federation, *, days: int = 825) -> Path:
+    """Issue a new server certificate from the federation CA (same host names).
+
+    The old certificate and key are kept beside the new ones with a ``.old`` suffix.
+    Sites need nothing new: they pin the CA, not the server certificate.
+    """
+    tls = fed.config.tls
+    cert_path, key_path = fed.path(tls.cert), fed.path(tls.key)
+    old = load_certificate(cert_path)
+    sans = old.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    hosts = [str(v) for v in sans.get_values_for_type(x509.IPAddress)]
+    hosts = [fed.config.superlink.public_host] + [
+        h for h in sans.get_values_for_type(x509.DNSName) + hosts
+        if h != fed.config.superlink.public_host
+    ]
+    ca = CertificateAuthority.load(fed.path(tls.ca_cert), fed.path(tls.ca_key))
+    key, cert = ca.issue_server_cert(hosts, days=days)
+    for path in (cert_path, key_path):
+        path.replace(path.with_name(path.name + ".old"))
+    save_server_identity(key, cert, cert_path, key_path)
+    return cert_path
 
 
 def init_federation(

@@ -81,3 +81,19 @@ def test_init_refuses_existing_federation(tmp_path: Path) -> None:
     init_federation(tmp_path / "fed", name="f", hosts=["127.0.0.1"], port=9999)
     with pytest.raises(Exception, match="already exists"):
         init_federation(tmp_path / "fed", name="f", hosts=["127.0.0.1"], port=9999)
+
+
+def test_renew_server_cert_keeps_hosts_and_ca(tmp_path: Path) -> None:
+    from medfed.core.identity import load_certificate
+    from medfed.server.federation import renew_server_cert
+
+    fed = Federation.load(init_federation(tmp_path / "fed", name="f",
+                                          hosts=["127.0.0.1", "localhost"], port=9999))
+    old = load_certificate(fed.path(fed.config.tls.cert))
+    new_path = renew_server_cert(fed)
+    new = load_certificate(new_path)
+    assert new.serial_number != old.serial_number
+    check_issued_by(new, load_certificate(fed.ca_cert), where="t")
+    sans = new.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "localhost" in sans.get_values_for_type(x509.DNSName)
+    assert (new_path.parent / "server.pem.old").exists()

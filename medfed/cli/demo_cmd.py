@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import signal
 import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from medfed.cli.main import console
+from medfed.cli.main import console, interrupt_on_signal
 from medfed.cli.progress import ProgressView
 
 
@@ -33,18 +34,24 @@ def register(app: typer.Typer) -> None:
 
         get_task(task)
         check_options(strategy, {})
+        signal.signal(signal.SIGTERM, interrupt_on_signal)  # stop everything, as on Ctrl-C
         root = out or Path("medfed-demo") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         names = [f"site-{i + 1}" for i in range(sites)]
         t0 = time.time()
-        with LocalFederation(root, names, name="demo") as fed:
-            fed.create()
-            console.print(f"[bold]medfed demo[/]: federation in {fed.root}")
-            console.print(f"  server + {sites} sites on 127.0.0.1 (TLS, enrolled site keys) ...")
-            fed.start()
-            console.print(f"  {sites} sites online after {time.time() - t0:.1f} s")
-            run = RunConfig(task=task, strategy=strategy, rounds=rounds, min_sites=sites,
-                            name="demo")
-            folder, summary = fed.run(run, on_event=ProgressView(console, rounds))
+        try:
+            with LocalFederation(root, names, name="demo") as fed:
+                fed.create()
+                console.print(f"[bold]medfed demo[/]: federation in {fed.root}")
+                console.print(f"  server + {sites} sites on 127.0.0.1 (TLS, enrolled keys) ...")
+                fed.start()
+                console.print(f"  {sites} sites online after {time.time() - t0:.1f} s")
+                run = RunConfig(task=task, strategy=strategy, rounds=rounds, min_sites=sites,
+                                name="demo")
+                folder, summary = fed.run(run, on_event=ProgressView(console, rounds))
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/]: every process the demo started is stopped; "
+                          f"what was written is in {root}")
+            raise typer.Exit(130) from None
         if summary.get("status") != "completed":
             console.print(f"[red]demo run {summary.get('status')}[/]: {summary.get('reason')}")
             raise typer.Exit(1)

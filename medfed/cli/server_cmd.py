@@ -85,6 +85,16 @@ def start(config: ConfigOpt = Path("server.toml")) -> None:
         proc.stop()
 
 
+@app.command("renew-cert")
+def renew_cert(config: ConfigOpt = Path("server.toml"),
+               days: Annotated[int, typer.Option(help="validity in days")] = 825) -> None:
+    """Issue a new server TLS certificate from the federation CA (sites keep their CA)."""
+    from medfed.server.federation import Federation, renew_server_cert
+
+    path = renew_server_cert(Federation.load(config), days=days)
+    console.print(f"[green]renewed[/] {path} (old files kept as .old); restart the server")
+
+
 @app.command("sites")
 def sites(config: ConfigOpt = Path("server.toml")) -> None:
     """List enrolled sites and, if the server runs, whether each is online."""

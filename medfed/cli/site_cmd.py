@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import logging
 import signal
 from pathlib import Path
@@ -12,6 +13,7 @@ import typer
 from rich.table import Table
 
 from medfed.cli.main import console, interrupt_on_signal
+from medfed.core.parent_watch import EXIT_WITH_PARENT_ENV
 
 app = typer.Typer(help="Enrol, configure and run a hospital site (site operator).",
                   no_args_is_help=True)
@@ -46,6 +48,10 @@ def start(config: ConfigOpt = Path("site.toml"),
     from medfed.client.daemon import SiteDaemon
 
     logging.getLogger("medfed").setLevel(logging.INFO if verbose else logging.WARNING)
+    if os.environ.get(EXIT_WITH_PARENT_ENV):
+        from medfed.core.parent_watch import watch_parent
+
+        watch_parent()  # started by `medfed demo` or a test: never outlive it
     daemon = SiteDaemon(config)
     signal.signal(signal.SIGTERM, interrupt_on_signal)
     try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 
@@ -15,5 +17,8 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
         # SuperExec launches ServerApp/ClientApp processes; Flower's default waits 1 s.
         "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.05",
         "PYTHONUNBUFFERED": "1",
+        # Flower starts its helpers (flower-superexec, flwr-serverapp) by name: find them
+        # in this interpreter's environment even when it is not activated.
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
     }
 

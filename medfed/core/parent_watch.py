@@ -12,6 +12,9 @@ import signal
 import threading
 import time
 
+# Set by a process that starts medfed daemons it must not leave behind (demo, tests).
+EXIT_WITH_PARENT_ENV = "MEDFED_EXIT_WITH_PARENT"
+
 
 def watch_parent(interval: float = 0.5) -> threading.Thread:
     """Start a daemon thread that SIGTERMs this process group once the parent changes."""

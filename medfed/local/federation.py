@@ -12,6 +12,7 @@ from typing import Any
 from medfed.client.site import init_site
 from medfed.core.config import RunConfig
 from medfed.core.errors import ProcessError
+from medfed.core.parent_watch import EXIT_WITH_PARENT_ENV
 from medfed.core.procs import Managed, ProcessGroup, free_port
 from medfed.core.runs import RunFolder
 from medfed.server.control import Control
@@ -89,7 +90,8 @@ class LocalFederation:
     def start_site(self, site: str) -> Managed:
         """Start one site daemon as its own process."""
         cfg = self.site_configs[site]
-        proc = Managed(f"site daemon {site}", site_daemon_argv(cfg), cfg.parent / "logs" / "daemon.log")
+        proc = Managed(f"site daemon {site}", site_daemon_argv(cfg),
+                       cfg.parent / "logs" / "daemon.log", env={EXIT_WITH_PARENT_ENV: "1"})
         return self.group.start(proc)
 
     def wait_online(self, count: int, *, timeout: float = 120.0) -> None:

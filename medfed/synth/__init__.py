@@ -20,9 +20,14 @@ On-disk layout (``synthesize_sites(out, ...)``)::
     out/site-N/dicom/SYN-siteN-MMM/IM-KKKK.dcm   one MR file per slice, KKKK = k + 1
     out/site-N/labels/SYN-siteN-MMM.nii.gz       uint8 label volume
 
-``manifest.json`` holds ``{"format", "site", "profile", "labels", "axes", "series":
-{<SeriesInstanceUID>: {"subject", "dicom", "label", "lesion", "profile",
-"lesion_centre_mni_mm", "lesion_sigma_mm"}}}``; paths are relative to the site folder.
+``manifest.json`` holds ``{"format", "version", "labels", "targets", "site", "profile",
+"label_names", "axes", "series": {<SeriesInstanceUID>: {"subject", "dicom", "label",
+"lesion", "profile", "lesion_centre_mni_mm", "lesion_sigma_mm"}}}``; paths are relative
+to the site folder. ``version``, ``labels`` (SeriesInstanceUID -> label path) and
+``targets`` (SeriesInstanceUID -> ``{"lesion": 0 | 1}``) are the keys of
+:mod:`medfed.data.labels` and :mod:`medfed.data.targets`, so ``DicomFolderSource(site_dir,
+manifest=site_dir / "manifest.json")`` reads a site as written; ``label_names`` maps
+label values to tissue names.
 
 Axis convention (the DICOM reader must agree with this)
 -------------------------------------------------------

@@ -19,7 +19,7 @@ from medfed.synth.generate import FOV_MM, quantise, synthesize_subject
 from medfed.synth.profiles import LABEL_NAMES, ScannerProfile, profile_for_site
 from medfed.synth.template import TEMPLATE_CITATION, TEMPLATE_NOTICE, TEMPLATE_RESOLUTION_MM
 
-SITE_MANIFEST_FORMAT = "medfed-synth-site/1"
+SITE_MANIFEST_FORMAT = "medfed-synth-site/2"
 SYNTH_FORMAT = "medfed-synth/1"
 MAX_SITES = 64
 MAX_SUBJECTS_PER_SITE = 500
@@ -96,9 +96,14 @@ class SiteManifest:
         """Return the JSON document written to ``manifest.json``."""
         return {
             "format": SITE_MANIFEST_FORMAT,
+            # The keys of medfed.data's label manifest (medfed.data.labels, .targets), so a
+            # site folder is readable as is: DicomFolderSource(site, manifest=site/manifest.json).
+            "version": 1,
+            "labels": {uid: e.label for uid, e in self.series.items()},
+            "targets": {uid: {"lesion": int(e.lesion)} for uid, e in self.series.items()},
             "site": self.site,
             "profile": self.profile.as_dict(),
-            "labels": {str(i): n for i, n in enumerate(LABEL_NAMES)},
+            "label_names": {str(i): n for i, n in enumerate(LABEL_NAMES)},
             "axes": "array (i, j, k) = DICOM (column, row, slice); label affine is RAS mm",
             "series": {uid: e.as_dict() for uid, e in self.series.items()},
         }

@@ -1,0 +1,245 @@
+"""Shared pieces of the brain MRI tasks: a site's subjects, the subject split, preprocessing.
+
+A *subject* is one image series (one scan) with its label volume and targets.
+Both brain tasks read subjects the same way:
+
+``kind = "dicom-folder"``
+    ``source.path`` is the site's folder. Its series are read with
+    :class:`medfed.data.DicomFolderSource` (decoded once, then read from the
+    folder's ``.medfed-cache``); labels and per-series targets come from
+    ``<path>/manifest.json`` when present (see :mod:`medfed.data.labels` and
+    :mod:`medfed.data.targets`). A site written by ``medfed data synth`` is
+    such a folder (``DIR/site-N``).
+``kind = "synthetic"``
+    ``max(2, num_samples // SAMPLES_PER_SYNTHETIC_SUBJECT)`` subjects are
+    synthesized in memory with :mod:`medfed.synth`, as site ``profile`` of the
+    benchmark with seed ``seed``, half of them with a lesion. So
+    ``num_samples = 16`` gives 2 subjects (about 3 s, most of it reading the
+    template once per process) and the default 64 gives 8.
+
+Train and validation are split by subject, never by slice, so no scan has
+slices on both sides (:func:`split_subjects`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import (
+    Compose,
+    Orientationd,
+    ResizeWithPadOrCropd,
+    ScaleIntensityRangePercentilesd,
+    Spacingd,
+)
+from monai.utils import SpaceKeys
+
+from medfed.core.config import DataSourceConfig
+from medfed.core.errors import MedfedError
+
+#: A site folder's manifest (labels and targets), relative to ``DataSourceConfig.path``.
+MANIFEST_NAME = "manifest.json"
+#: ``kind = "synthetic"``: one subject per this many ``num_samples`` (at least 2 subjects).
+SAMPLES_PER_SYNTHETIC_SUBJECT = 8
+_SPLIT_STREAM = 0x5B117
+_LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One scan of a site.
+
+    Attributes
+    ----------
+    key : str
+        SeriesInstanceUID (or ``synthetic-NNN``); stays at the site.
+    image : MetaTensor
+        float32 ``(1, x, y, z)`` with its voxel-to-LPS affine.
+    label : MetaTensor or None
+        Integer ``(1, x, y, z)`` on the image's grid.
+    targets : dict of str to float
+        Per-series targets, e.g. ``{"lesion": 1.0}``.
+    """
+
+    key: str
+    image: MetaTensor
+    label: MetaTensor | None
+    targets: dict[str, float] = field(default_factory=dict)
+
+
+def load_subjects(source: DataSourceConfig) -> list[Subject]:
+    """The site's subjects from its declared data source, sorted by key."""
+    if source.kind == "synthetic":
+        return synthetic_subjects(source)
+    if source.kind == "dicom-folder":
+        return dicom_subjects(source)
+    raise MedfedError(  # unreachable while the config's Literal holds; fail closed anyway
+        f"unknown data source kind {source.kind!r}",
+        where="[data] kind in site.toml",
+        expected="'synthetic' or 'dicom-folder'",
+    )
+
+
+def dicom_subjects(source: DataSourceConfig) -> list[Subject]:
+    """Read every usable series under ``source.path`` with its manifest label and targets."""
+    from medfed.data import DicomFolderSource
+    from medfed.data.targets import load_targets
+
+    if not source.path:
+        raise MedfedError(
+            "data kind 'dicom-folder' needs a folder",
+            where="[data] path in site.toml",
+            expected="the site's DICOM folder",
+            fix="set path = '/data/site-folder' (or kind = 'synthetic' for a demo)",
+        )
+    root = Path(source.path).expanduser()
+    manifest = root / MANIFEST_NAME
+    manifest_or_none = manifest if manifest.is_file() else None
+    folder = DicomFolderSource(root, manifest=manifest_or_none)
+    targets = load_targets(manifest) if manifest_or_none is not None else {}
+    subjects = []
+    for series in folder.series():
+        image, label = folder.load(series.series_uid)
+        subjects.append(Subject(key=series.series_uid, image=image, label=label,
+                                targets=targets.get(series.series_uid, {})))
+    if not subjects:
+        raise MedfedError(
+            "the DICOM folder holds no usable series",
+            where=str(root),
+            fix="run `medfed site scan` to see which files were skipped and why",
+        )
+    return subjects
+
+
+def synthetic_subjects(source: DataSourceConfig) -> list[Subject]:
+    """Synthesize the subjects of benchmark site ``source.profile`` in memory."""
+    from medfed.synth import profile_for_site, synthesize_subject
+    from medfed.synth.sites import lesion_flags
+
+    n = max(2, source.num_samples // SAMPLES_PER_SYNTHETIC_SUBJECT)
+    site = source.profile
+    profile = profile_for_site(site, seed=source.seed)
+    flags = lesion_flags(n, seed=source.seed, site_index=site, fraction=0.5)
+    subjects = []
+    for i in range(n):
+        vol = synthesize_subject(profile, seed=source.seed, site_index=site, subject_index=i,
+                                 lesion=bool(flags[i]))
+        affine = torch.as_tensor(_LPS_FROM_RAS @ vol.geometry.affine_ras())
+        meta = {"space": SpaceKeys.LPS}
+        subjects.append(Subject(
+            key=f"synthetic-{i:03d}",
+            image=MetaTensor(torch.from_numpy(vol.image[None]), affine=affine, meta=dict(meta)),
+            label=MetaTensor(torch.from_numpy(vol.label[None].astype(np.int16)),
+                             affine=affine.clone(), meta=dict(meta)),
+            targets={"lesion": float(flags[i])},
+        ))
+    return subjects
+
+
+def split_subjects(
+    keys: Sequence[str],
+    *,
+    seed: int,
+    val_fraction: float,
+    strata: Sequence[int] | None = None,
+) -> tuple[list[str], list[str]]:
+    """Split subjects into (train, val) keys, deterministically from ``seed``.
+
+    ``round(n * val_fraction)`` subjects (at least one, and at least one left
+    for training) go to validation. With ``strata`` (e.g. the class of each
+    subject), each stratum is spread over both sides in proportion. The split
+    depends on the set of keys, not their order.
+
+    Raises
+    ------
+    MedfedError
+        Fewer than two subjects, or keys that repeat.
+    """
+    if len(set(keys)) != len(keys):
+        raise MedfedError("subject keys repeat", where="split_subjects",
+                          expected="one entry per series")
+    n = len(keys)
+    if n < 2:
+        raise MedfedError(
+            f"a train/validation split needs at least 2 subjects, the site has {n}",
+            where="[data] in site.toml",
+            fix="add series to the site's folder (or raise num_samples for kind = 'synthetic')",
+        )
+    groups = strata if strata is not None else [0] * n
+    rng = np.random.default_rng([seed, _SPLIT_STREAM])
+    ordered = sorted(zip(keys, groups, strict=True))
+    # Each subject's place within its stratum, as a fraction; sorting on it interleaves
+    # the strata so that any prefix holds each stratum in proportion.
+    place: dict[str, float] = {}
+    for g in sorted(set(groups)):
+        members = [k for k, s in ordered if s == g]
+        for rank, i in enumerate(rng.permutation(len(members))):
+            place[members[i]] = (rank + 0.5) / len(members)
+    tie = rng.random(n)
+    order = sorted(range(n), key=lambda i: (place[ordered[i][0]], tie[i]))
+    n_val = min(max(1, round(n * val_fraction)), n - 1)
+    val = sorted(ordered[i][0] for i in order[:n_val])
+    train = sorted(ordered[i][0] for i in order[n_val:])
+    return train, val
+
+
+def preprocess(
+    subject: Subject, *, pixdim: Sequence[float], spatial_size: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Resample, normalise and pad/crop one subject to a fixed grid (MONAI transforms).
+
+    Axial slices (orientation LPS: x toward the patient's left, y posterior,
+    z superior), voxel size ``pixdim`` in mm (a value <= 0 keeps the series'
+    own spacing along that axis), intensities scaled per volume so that its
+    1st..99th percentiles map to 0..1 (clipped), so scanners with other raw
+    scales, gains and contrast curves land on one range; then centred
+    padding/cropping to ``spatial_size`` (-1 keeps that axis' size).
+
+    Returns
+    -------
+    image : torch.Tensor
+        float32 ``(1, X, Y, Z)``.
+    label : torch.Tensor or None
+        int64 ``(1, X, Y, Z)``.
+    """
+    keys = ["image", "label"] if subject.label is not None else ["image"]
+    transform = Compose([
+        Orientationd(keys=keys, axcodes="LPS", labels=None),
+        Spacingd(keys=keys, pixdim=tuple(pixdim),
+                 mode=("bilinear", "nearest")[: len(keys)], padding_mode="zeros"),
+        ScaleIntensityRangePercentilesd(keys="image", lower=1.0, upper=99.0,
+                                        b_min=0.0, b_max=1.0, clip=True),
+        ResizeWithPadOrCropd(keys=keys, spatial_size=tuple(spatial_size)),
+    ])
+    data = {"image": subject.image.float()}
+    if subject.label is not None:
+        data["label"] = subject.label.float()  # nearest-neighbour keeps the label values
+    out = transform(data)
+    image = torch.as_tensor(out["image"].as_tensor(), dtype=torch.float32).contiguous()
+    if subject.label is None:
+        return image, None
+    label = torch.round(out["label"].as_tensor()).to(torch.int64).contiguous()
+    return image, label
+
+
+def axial_slices(
+    image: torch.Tensor, label: torch.Tensor, *, min_foreground: float = 0.01, keep_every: int = 4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut a ``(1, X, Y, Z)`` volume into ``(N, 1, X, Y)`` axial slices.
+
+    Slices with at least ``min_foreground`` of their pixels labelled (brain)
+    are all kept; of the others (above the vertex, below the brain) only every
+    ``keep_every``-th, so the model still sees empty slices without spending
+    most of an epoch on them.
+    """
+    foreground = (label[0] > 0).float().mean(dim=(0, 1))  # per slice z
+    z = torch.arange(label.shape[-1])
+    keep = (foreground >= min_foreground) | (z % keep_every == 0)
+    images = image[0].permute(2, 0, 1)[keep].unsqueeze(1)
+    labels = label[0].permute(2, 0, 1)[keep].unsqueeze(1)
+    return images.contiguous(), labels.contiguous()
