@@ -26,9 +26,13 @@ worker_socket = "run/worker.sock"      # local channel to the warm worker
 audit_log = "audit.jsonl"
 
 [data]
-# kind = "dicom-folder" reads DICOM series under `path`; "synthetic" generates data.
+# kind = "dicom-folder" reads DICOM series under `path` (labels through `manifest`,
+# default <path>/manifest.json; decoded series cached in `cache_dir`);
+# "synthetic" generates data. Check a folder with `medfed site scan`.
 kind = "synthetic"
 path = ""
+manifest = ""
+cache_dir = "cache"
 seed = {seed}
 num_samples = 64
 val_fraction = 0.25

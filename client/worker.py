@@ -22,7 +22,7 @@ import torch
 from medfed.client.audit import AuditLog, arrays_digest
 from medfed.client.policy import decide
 from medfed.core import wire
-from medfed.core.config import RunConfig, SiteConfig, resolve
+from medfed.core.config import RunConfig, SiteConfig, resolve, resolve_data_source
 from medfed.core.packing import WEIGHTS_KEY, Layout, pack, unpack
 from medfed.core.errors import MedfedError
 from medfed.tasks import SiteData, Task, engine, get_task
@@ -62,7 +62,8 @@ class SiteWorker:
         """The site's data for ``task``, decoded once and kept warm."""
         if task.name not in self._data:
             t0 = time.perf_counter()
-            self._data[task.name] = task.load_site_data(self.config.data)
+            source = resolve_data_source(self.config_path, self.config.data)
+            self._data[task.name] = task.load_site_data(source)
             log.info("loaded %s data in %.2fs: %s", task.name, time.perf_counter() - t0,
                      self._data[task.name].description)
         return self._data[task.name]

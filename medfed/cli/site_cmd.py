@@ -86,3 +86,35 @@ def audit(config: ConfigOpt = Path("site.toml"),
                       str(r.get("round", "")), str(r.get("bytes", "")),
                       str(r.get("hash") or r.get("reason") or "")[:48])
     console.print(table)
+
+
+@app.command("scan")
+def scan(config: ConfigOpt = Path("site.toml"),
+         decode: Annotated[bool, typer.Option(help="also decode pixel data")] = True,
+         report: Annotated[Path | None, typer.Option(
+             help="where to write the JSON report (default: scan-report.json beside site.toml)")]
+         = None) -> None:
+    """Read every file of the site's DICOM folder; report series found and files skipped."""
+    from rich.progress import Progress
+
+    from medfed.core.config import SiteConfig, load_toml, resolve_data_source
+    from medfed.core.errors import ConfigError
+    from medfed.data import scan_folder
+
+    cfg = load_toml(config, SiteConfig)
+    if cfg.data.kind != "dicom-folder":
+        raise ConfigError("This site has no DICOM folder to scan.", where=f"{config} [data]",
+                          expected='data.kind = "dicom-folder" and data.path',
+                          fix="set them in site.toml")
+    source = resolve_data_source(config, cfg.data)
+    with Progress(transient=True, console=console) as bar:
+        job = bar.add_task("scanning", total=None)
+        result = scan_folder(Path(source.path),
+                             manifest=Path(source.manifest) if source.manifest else None,
+                             decode=decode, exclude=(Path(source.cache_dir),),
+                             progress=lambda done, total, *_: bar.update(job, completed=done,
+                                                                        total=total))
+    console.print(result.render_text(), highlight=False)
+    out = report or Path(config).resolve().parent / "scan-report.json"
+    result.write_json(out)
+    console.print(f"report (counts only, no patient identifiers): {out}")

@@ -86,7 +86,9 @@ class DataSourceConfig(_Strict):
     """
 
     kind: Literal["synthetic", "dicom-folder"] = "synthetic"
-    path: str = ""
+    path: str = Field("", description="DICOM folder (dicom-folder), relative to site.toml")
+    manifest: str = Field("", description="label manifest; default: <path>/manifest.json if present")
+    cache_dir: str = Field("cache", description="decoded-series cache, relative to site.toml")
     seed: int = 0
     num_samples: int = Field(64, gt=0)
     val_fraction: float = Field(0.25, gt=0.0, lt=1.0)
@@ -215,6 +217,24 @@ def write_toml(path: Path, model: BaseModel, *, header: str = "") -> None:
     text = tomli_w.dumps(model.model_dump(mode="json", exclude_none=True))
     with open(path, "x", encoding="utf-8") as fh:
         fh.write(header + text)
+
+
+def resolve_data_source(config_path: Path, source: DataSourceConfig) -> DataSourceConfig:
+    """``source`` with its paths made absolute (relative to the site.toml that declared them)."""
+    if source.kind != "dicom-folder":
+        return source
+    if not source.path:
+        raise ConfigError(
+            "data.kind is 'dicom-folder' but data.path is empty.", where=f"{config_path} [data]",
+            expected="the folder holding the site's DICOM files", fix='set data.path = "dicom"',
+        )
+    root = resolve(config_path, source.path)
+    manifest = resolve(config_path, source.manifest) if source.manifest else root / "manifest.json"
+    return source.model_copy(update={
+        "path": str(root),
+        "manifest": str(manifest) if manifest.exists() else "",
+        "cache_dir": str(resolve(config_path, source.cache_dir)),
+    })
 
 
 def resolve(config_path: Path, relative: str) -> Path:
