@@ -78,6 +78,11 @@ def main(grid: Grid, context: Context) -> None:
             evaluate_fn=end_of_round,
         )
         metrics = folder.read_metrics()
+        # Cross-site row of the global model: the last round's evaluation at every site.
+        last = {m["site"]: {k: v for k, v in m.items() if k not in ("round", "site", "phase")}
+                for m in metrics if m["round"] == run.rounds and m["phase"] == "evaluate"
+                and m["site"] != "global"}
+        folder.write_cross_site({"global": last}, metric=task.primary_metric)
         plot_metrics(metrics, task.primary_metric, folder.plot_file,
                      title=f"{run.task} / {run.strategy} (run {context.run_id})")
         final = {str(r): dict(m) for r, m in result.evaluate_metrics_clientapp.items()}

@@ -11,6 +11,7 @@ Layout of ``runs/<run-id>/``::
     metrics.jsonl      one line per round, per site and phase (train/evaluate), plus "global"
     checkpoints/round-NNN.npz   the global model after each round
     summary.json       final status, timings, last metrics (written at the end)
+    cross_site.json    the global model evaluated on every site's held-out split
     metrics.png        per-site primary metric per round
 """
 
@@ -138,6 +139,17 @@ class RunFolder:
             Path(tmp).unlink(missing_ok=True)
             raise
         return path
+
+    @property
+    def cross_site_file(self) -> Path:
+        """cross_site.json: every model evaluated on every site's held-out split."""
+        return self.path / "cross_site.json"
+
+    def write_cross_site(self, matrix: dict[str, dict[str, dict[str, float]]], *, metric: str
+                         ) -> None:
+        """Write the cross-site matrix (model -> site -> metrics)."""
+        atomic_write(self.cross_site_file,
+                     json.dumps({"metric": metric, "matrix": matrix}, indent=2).encode())
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         """Write summary.json atomically."""
