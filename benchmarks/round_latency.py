@@ -116,7 +116,8 @@ def run_medfed(root: Path, rounds: int) -> list[float]:
         _, summary = fed.run(RunConfig(task="tiny-seg", rounds=rounds, min_sites=SITES))
     if summary.get("status") != "completed":
         raise RuntimeError(f"medfed run failed: {summary}")
-    return [float(v) for _, v in sorted(summary["round_seconds"].items(), key=lambda kv: int(kv[0]))]
+    rounds_done = sorted(summary["round_seconds"].items(), key=lambda kv: int(kv[0]))
+    return [float(v) for _, v in rounds_done]
 
 
 def main() -> None:

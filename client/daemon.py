@@ -16,6 +16,7 @@ from pathlib import Path
 
 from medfed.client.executor import InProcessExecutor
 from medfed.client.worker import SiteWorker, bind
+
 from medfed.core import wire
 from medfed.core.config import SiteConfig, load_toml, resolve
 from medfed.core.errors import IdentityError, MedfedError, ProcessError
@@ -58,7 +59,8 @@ class SiteDaemon:
         """Fail early, with the fix, on a missing key, a bad CA or a taken port."""
         s = self.config.site
         ca = self.path(s.federation_ca)
-        check_certificate_valid(load_certificate(ca), where=f"{ca} (site.toml key site.federation_ca)")
+        check_certificate_valid(load_certificate(ca),
+                                where=f"{ca} (site.toml key site.federation_ca)")
         if not self.path(s.private_key).exists():
             raise IdentityError(
                 "The site's private key is missing.",

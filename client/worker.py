@@ -18,14 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from medfed.client.audit import AuditLog, arrays_digest
 from medfed.client.policy import decide
+from medfed.tasks import SiteData, Task, engine, get_task
+
 from medfed.core import wire
 from medfed.core.config import RunConfig, SiteConfig, resolve, resolve_data_source
-from medfed.core.packing import WEIGHTS_KEY, Layout, pack, unpack
 from medfed.core.errors import MedfedError
-from medfed.tasks import SiteData, Task, engine, get_task
+from medfed.core.packing import WEIGHTS_KEY, Layout, pack, unpack
 
 log = logging.getLogger("medfed.site")
 
@@ -55,7 +55,7 @@ class SiteWorker:
 
     @property
     def site(self) -> str:
-        """This site's name."""
+        """The site's name."""
         return self.config.site.name
 
     def data_for(self, task: Task) -> SiteData:

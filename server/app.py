@@ -1,4 +1,4 @@
-"""The ServerApp: builds the initial model from the task, drives the strategy, writes the run folder.
+"""The ServerApp: builds the task's initial model, drives the strategy, writes the run folder.
 
 Flower's SuperLink starts it for each submitted run. Everything it writes goes to
 the run folder under the federation's runs directory (``MEDFED_RUNS_DIR``, set by
@@ -15,6 +15,9 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid import http_grid
+from medfed.server.recording_grid import RecordingGrid
+from medfed.strategies import build_strategy
+from medfed.tasks import get_task
 
 from medfed.core import wire
 from medfed.core.config import RunConfig
@@ -22,9 +25,6 @@ from medfed.core.flower_tuning import shorten_object_pull_backoff
 from medfed.core.packing import WEIGHTS_KEY, Layout, pack, unpack
 from medfed.core.report import plot_metrics
 from medfed.core.runs import RunFolder
-from medfed.server.recording_grid import RecordingGrid
-from medfed.strategies import build_strategy
-from medfed.tasks import get_task
 
 RUNS_DIR_ENV = "MEDFED_RUNS_DIR"
 

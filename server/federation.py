@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 import tomli_w
+import tomllib
 from cryptography import x509
 
 from medfed.core.config import ServerConfig, SuperLinkSection, load_toml, resolve, write_toml

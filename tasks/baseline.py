@@ -1,5 +1,7 @@
-"""Baselines beside federated results: pooled (centralized) and site-alone (local) training,
-and the cross-site matrix: every model evaluated on every site's held-out split."""
+"""Baselines beside federated results: pooled (centralized) and site-alone (local) training.
+
+The cross-site matrix evaluates every model on every site's held-out split.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +9,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import nn
-from torch.utils.data import ConcatDataset
-
 from medfed.tasks import engine
 from medfed.tasks.base import SiteData, Task
+from torch import nn
+from torch.utils.data import ConcatDataset
 
 Mode = Literal["centralized", "local"]
 Matrix = dict[str, dict[str, dict[str, float]]]  # model -> site -> metrics

@@ -12,10 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from medfed.tasks.base import Task
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-
-from medfed.tasks.base import Task
 
 
 def select_device(preference: str = "auto") -> torch.device:
@@ -95,7 +94,8 @@ def train(
             with _autocast(device, amp):
                 loss = loss_fn(model(x), y)
             if anchor:
-                prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
+                pairs = zip(model.parameters(), anchor, strict=True)
+                prox = sum(((p - a) ** 2).sum() for p, a in pairs)
                 loss = loss + 0.5 * proximal_mu * prox
             loss.backward()
             optimizer.step()

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from medfed.server.superlink import start_superlink
 
 from medfed.core.config import RunConfig
 from medfed.core.errors import ProcessError
 from medfed.core.procs import Managed
 from medfed.local import LocalFederation
 from medfed.local.federation import site_daemon_argv
-from medfed.server.superlink import start_superlink
 
 pytestmark = pytest.mark.slow
 
@@ -24,6 +24,7 @@ def test_two_sites_two_rounds_and_an_unenrolled_site_is_refused(short_tmp: Path)
         fed.create(site_data=lambda i, name: {"num_samples": 32})
         # a third site the coordinator never enrolled
         from medfed.client.site import init_site
+
         from medfed.core.procs import free_port
 
         rogue = init_site(short_tmp / "rogue", name="rogue", federation_ca=fed.fed.ca_cert,

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 from flwr.serverapp import strategy as fl
-
-from medfed.core.errors import ConfigError, MedfedError, UnknownNameError
-from medfed.core.registry import Registry
 from medfed.strategies import STRATEGIES, build_strategy, strategy_options
 from medfed.strategies.registry import check_options
 from medfed.tasks import TASKS, get_task
+
+from medfed.core.errors import ConfigError, MedfedError, UnknownNameError
+from medfed.core.registry import Registry
 
 
 def test_duplicate_name_rejected() -> None:

@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from medfed.client.worker import SiteWorker, bind
+from medfed.tasks import engine, get_task
+
 from medfed.core import wire
 from medfed.core.config import RunConfig, SiteConfig, validate
 from medfed.core.errors import MedfedError
 from medfed.core.packing import WEIGHTS_KEY, pack
-from medfed.tasks import engine, get_task
 
 
 def make_worker(tmp: Path, **policy: object) -> SiteWorker:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import signal
+import statistics
 import time
 from pathlib import Path
 from typing import Annotated
@@ -57,9 +58,9 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(1)
         metric = summary["primary_metric"]
         console.rule("result")
+        median = statistics.median(summary["round_seconds"].values())
         console.print(f"{sites} sites, {rounds} rounds of {task} with {strategy} "
-                      f"in {summary['seconds']} s (median round "
-                      f"{sorted(summary['round_seconds'].values())[len(summary['round_seconds']) // 2]:.2f} s)")
+                      f"in {summary['seconds']} s (median round {median:.2f} s)")
         for r, m in sorted(summary["evaluate_metrics"].items(), key=lambda kv: int(kv[0])):
             console.print(f"  round {r}: {metric} {m.get(metric, float('nan')):.4f}  "
                           f"loss {m.get('loss', float('nan')):.4f}")

@@ -42,7 +42,8 @@ class ProgressView:
             c.print(f"  {event['phase']:<8} [red]node {event['node']} did not contribute:[/] "
                     f"{event['reason']}", highlight=False)
         elif kind == "sites-missing":
-            c.print(f"  [yellow]{event['count']} site(s) did not reply in time ({event['phase']})[/]")
+            c.print(f"  [yellow]{event['count']} site(s) did not reply in time "
+                    f"({event['phase']})[/]")
         elif kind == "round-finished":
             c.print(f"  [green]round {rnd} done[/] in {event['seconds']:.2f} s "
                     f"(checkpoint {event['checkpoint']})")

@@ -63,8 +63,8 @@ class Target:
         return Control(self.address, self.ca)
 
 
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c",
-                                                help="federation server.toml (default ./server.toml)")]
+ConfigOpt = Annotated[Path | None, typer.Option(
+    "--config", "-c", help="federation server.toml (default ./server.toml)")]
 ServerOpt = Annotated[str | None, typer.Option("--server", help="server HOST:PORT")]
 CaOpt = Annotated[Path | None, typer.Option("--ca", help="federation CA (ca.pem)")]
 
@@ -75,7 +75,8 @@ def register(app: typer.Typer) -> None:
     @app.command("run")
     def run(
         task: Annotated[str, typer.Option(help="task name (`medfed tasks`)")],
-        strategy: Annotated[str, typer.Option(help="strategy name (`medfed strategies`)")] = "fedavg",
+        strategy: Annotated[str, typer.Option(
+            help="strategy name (`medfed strategies`)")] = "fedavg",
         rounds: Annotated[int, typer.Option(help="federated rounds")] = 3,
         strategy_option: Annotated[list[str] | None, typer.Option(
             "--strategy-option", "-o", help="KEY=VALUE for the strategy (repeatable)")] = None,

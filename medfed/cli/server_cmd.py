@@ -23,7 +23,8 @@ def init(
     directory: Annotated[Path, typer.Argument(help="new federation folder")],
     name: Annotated[str, typer.Option(help="federation name")] = "federation",
     host: Annotated[list[str] | None, typer.Option(
-        "--host", help="host name or IP sites dial (repeatable; first is used in site.toml)")] = None,
+        "--host", help="host name or IP sites dial (repeatable; the first goes in site.toml)"
+    )] = None,
     port: Annotated[int, typer.Option(help="SuperLink port")] = 9200,
     bind: Annotated[str, typer.Option(help="address the SuperLink listens on")] = "127.0.0.1",
 ) -> None:

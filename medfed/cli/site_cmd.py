@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import logging
+import os
 import signal
 from pathlib import Path
 from typing import Annotated

@@ -7,11 +7,11 @@ the key instead of a silently ignored setting.
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import tomli_w
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from medfed.core.errors import ConfigError
@@ -87,7 +87,7 @@ class DataSourceConfig(_Strict):
 
     kind: Literal["synthetic", "dicom-folder"] = "synthetic"
     path: str = Field("", description="DICOM folder (dicom-folder), relative to site.toml")
-    manifest: str = Field("", description="label manifest; default: <path>/manifest.json if present")
+    manifest: str = Field("", description="label manifest; default <path>/manifest.json")
     cache_dir: str = Field("cache", description="decoded-series cache, relative to site.toml")
     seed: int = 0
     num_samples: int = Field(64, gt=0)

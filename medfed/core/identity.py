@@ -213,8 +213,10 @@ class SiteKeys:
         )
 
     def save(self, private_path: Path, public_path: Path) -> None:
-        """Write the private key (owner-only, OpenSSH format, which the SuperNode reads)
-        and the public key (one OpenSSH line)."""
+        """Write the private key (owner-only) and the public key (one OpenSSH line).
+
+        The private key is in OpenSSH format, the one Flower's SuperNode reads.
+        """
         write_private(
             private_path,
             self.private_key.private_bytes(

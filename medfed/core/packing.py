@@ -58,7 +58,7 @@ def unpack(vector: np.ndarray, layout: Layout) -> dict[str, np.ndarray]:
         )
     out: dict[str, np.ndarray] = {}
     offset = 0
-    for name, shape, dtype in zip(layout.names, layout.shapes, layout.dtypes):
+    for name, shape, dtype in zip(layout.names, layout.shapes, layout.dtypes, strict=True):
         n = int(np.prod(shape, dtype=np.int64))
         out[name] = vector[offset:offset + n].reshape(shape).astype(np.dtype(dtype), copy=True)
         offset += n

@@ -27,9 +27,10 @@ def plot_metrics(metrics: list[dict[str, Any]], metric: str, out: Path, *, title
     from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, (name, phase) in zip(axes, [(metric, "evaluate"), ("train-loss", "train")]):
+    panels = [(metric, "evaluate"), ("train-loss", "train")]
+    for ax, (name, phase) in zip(axes, panels, strict=True):
         for site, points in per_site_series(metrics, name, phase).items():
-            xs, ys = zip(*points)
+            xs, ys = zip(*points, strict=True)
             style = {"color": "black", "linewidth": 2.5} if site == "global" else {}
             ax.plot(xs, ys, marker="o", label=site, **style)
         ax.set_xlabel("round")

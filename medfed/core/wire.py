@@ -1,5 +1,6 @@
-"""Wire records shared by server and site: the keys of Flower messages, and the
-local channel between the per-message ClientApp and the site's warm worker.
+"""Wire records shared by server and site: Flower message keys and the local channel.
+
+The local channel links the per-message ClientApp and the site's warm worker.
 
 The local channel frames a JSON header and raw array bytes (no pickle: the
 header is data, arrays are typed buffers), over a Unix socket only the site's
@@ -87,7 +88,7 @@ def recv_frame(sock: socket.socket) -> Frame:
         raise ChannelError("frame array count does not match its manifest")
     sizes = [_LEN.unpack_from(_recv_exact(sock, _LEN.size))[0] for _ in range(count)]
     arrays: dict[str, np.ndarray] = {}
-    for spec, size in zip(meta["arrays"], sizes):
+    for spec, size in zip(meta["arrays"], sizes, strict=True):
         dtype = np.dtype(spec["dtype"])
         if dtype.hasobject:
             raise ChannelError("object arrays are not accepted on the channel")

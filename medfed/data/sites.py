@@ -1,5 +1,7 @@
-"""A folder of site folders (``DIR/site-N/{dicom/, manifest.json}``, as `medfed data synth`
-writes): the data sources of baselines and benchmarks that see every site at once."""
+"""Data sources of a folder of site folders, for baselines and benchmarks.
+
+The layout is ``DIR/site-N/{dicom/, manifest.json}``, as `medfed data synth` writes it.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LocalFederation: a federation folder, N site folders, a SuperLink and N site daemons on loopback."""
+"""LocalFederation: federation and site folders, a SuperLink and site daemons on loopback."""
 
 from __future__ import annotations
 
@@ -129,9 +129,8 @@ class LocalFederation:
 
 def _override(site_toml: Path, section: str, overrides: dict[str, Any]) -> None:
     """Rewrite one section of a fresh site.toml (keeps the file valid TOML)."""
-    import tomllib
-
     import tomli_w
+    import tomllib
 
     data = tomllib.loads(site_toml.read_text(encoding="utf-8"))
     data[section] = {**data.get(section, {}), **overrides}

@@ -8,6 +8,7 @@ sites differ. The medical tasks (brain MRI) replace it in the demo once they lan
 from __future__ import annotations
 
 import torch
+from medfed.tasks.base import Hyperparameters, SiteData, Task
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric
 from monai.networks.nets import UNet
@@ -15,7 +16,6 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from medfed.core.config import DataSourceConfig
-from medfed.tasks.base import Hyperparameters, SiteData, Task
 
 SIZE = 32
 
