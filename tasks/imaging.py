@@ -5,9 +5,9 @@ Both brain tasks read subjects the same way:
 
 ``kind = "dicom-folder"``
     ``source.path`` is the site's folder. Its series are read with
-    :class:`medfed.data.DicomFolderSource` (decoded once, then read from the
-    folder's ``.medfed-cache``); labels and per-series targets come from
-    ``<path>/manifest.json`` when present (see :mod:`medfed.data.labels` and
+    :class:`medfed.data.DicomFolderSource` (decoded once, then read from
+    ``cache_dir``, by default the folder's ``.medfed-cache``); labels and per-series
+    targets come from ``manifest``, by default ``<path>/manifest.json`` when present (see :mod:`medfed.data.labels` and
     :mod:`medfed.data.targets`). A site written by ``medfed data synth`` is
     such a folder (``DIR/site-N``).
 ``kind = "synthetic"``
@@ -98,9 +98,10 @@ def dicom_subjects(source: DataSourceConfig) -> list[Subject]:
             fix="set path = '/data/site-folder' (or kind = 'synthetic' for a demo)",
         )
     root = Path(source.path).expanduser()
-    manifest = root / MANIFEST_NAME
+    manifest = Path(source.manifest) if source.manifest else root / MANIFEST_NAME
     manifest_or_none = manifest if manifest.is_file() else None
-    folder = DicomFolderSource(root, manifest=manifest_or_none)
+    cache = Path(source.cache_dir) if source.cache_dir else None
+    folder = DicomFolderSource(root, manifest=manifest_or_none, cache_dir=cache)
     targets = load_targets(manifest) if manifest_or_none is not None else {}
     subjects = []
     for series in folder.series():

@@ -88,7 +88,7 @@ class DataSourceConfig(_Strict):
     kind: Literal["synthetic", "dicom-folder"] = "synthetic"
     path: str = Field("", description="DICOM folder (dicom-folder), relative to site.toml")
     manifest: str = Field("", description="label manifest; default <path>/manifest.json")
-    cache_dir: str = Field("cache", description="decoded-series cache, relative to site.toml")
+    cache_dir: str = Field("", description="decoded-series cache; site.toml default: cache/")
     seed: int = 0
     num_samples: int = Field(64, gt=0)
     val_fraction: float = Field(0.25, gt=0.0, lt=1.0)
@@ -233,7 +233,7 @@ def resolve_data_source(config_path: Path, source: DataSourceConfig) -> DataSour
     return source.model_copy(update={
         "path": str(root),
         "manifest": str(manifest) if manifest.exists() else "",
-        "cache_dir": str(resolve(config_path, source.cache_dir)),
+        "cache_dir": str(resolve(config_path, source.cache_dir or "cache")),
     })
 
 

@@ -46,7 +46,7 @@ PIXDIM_MM = 3.0
 
 
 def build_model() -> nn.Module:
-    """A 4-level MONAI UNet (~0.3 M parameters) with instance norm (no BatchNorm: DP-ready)."""
+    """A 4-level MONAI UNet (~0.2 M parameters) with instance norm (no BatchNorm: DP-ready)."""
     return UNet(
         spatial_dims=2, in_channels=1, out_channels=1 + len(CLASSES),
         channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=1, norm="instance",
@@ -54,8 +54,13 @@ def build_model() -> nn.Module:
 
 
 def build_loss() -> nn.Module:
-    """Dice (over the whole batch, so a slice without CSF is no 0/0) + cross-entropy (MONAI)."""
-    return DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+    """Dice + cross-entropy (MONAI), per slice.
+
+    The loss must be a sum of per-sample terms: Opacus's per-sample gradients (DP-SGD)
+    are only private if no sample's loss depends on another's, which rules out
+    ``batch=True`` Dice. MONAI's smoothing terms keep a slice without CSF finite.
+    """
+    return DiceCELoss(to_onehot_y=True, softmax=True, batch=False)
 
 
 def compute_metrics(logits: torch.Tensor, target: torch.Tensor) -> dict[str, float]:

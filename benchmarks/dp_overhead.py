@@ -1,0 +1,135 @@
+"""Step time of DP-SGD (Opacus) against plain SGD, for every registered task model.
+
+Value: the median wall time of one DP-SGD step (forward, backward with Opacus's
+per-sample gradients, per-sample clipping, Gaussian noise, Adam step) at batch
+16, through ``medfed.tasks.dp.make_private`` (the path ``dp_train`` uses).
+Anchor: the median time of one plain step, same model (same initial weights),
+same batch, same optimizer (Adam, as ``engine.train``). Ratio = value / anchor;
+the target is <= 1.4.
+
+Method: ``torch.set_num_threads(2)``; one batch of 16 built from
+``task.load_site_data(DataSourceConfig(num_samples=32))`` (samples repeated when
+the split is smaller); warm-up steps, then plain and DP steps ALTERNATE so that
+load from other processes hits both alike; the median of N each.
+
+Modes (``--modes auto,hooks,functorch``; the BENCH lines use the first; ``auto``
+is ``dp.choose_grad_sample_mode``: functorch for 3D convs, hooks otherwise):
+``hooks`` is Opacus's default; ``functorch`` forces vmap per-sample gradients
+for every layer. Tried and dropped: ``ew`` (PyTorch expanded weights: fails on
+MONAI's PReLU and DenseNet) and ``ghost`` (fast gradient clipping: two backward
+passes, slower on CPU per the issue's anchor; medfed's make_private refuses it).
+See the docstring of ``medfed.tasks.dp`` for the findings.
+
+    python benchmarks/dp_overhead.py [--steps 10] [--tasks tiny-seg,...] [--modes hooks]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+from medfed.tasks import TASKS, Task, dp
+from torch.utils.data import DataLoader, TensorDataset
+
+from medfed.core.config import DataSourceConfig
+
+BATCH = 16
+
+
+def one_batch(task: Task) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of 16 from the task's own synthetic data."""
+    data = task.load_site_data(DataSourceConfig(num_samples=32)).train
+    pairs = [data[i % len(data)] for i in range(BATCH)]  # type: ignore[arg-type]
+    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+def plain_step(task: Task, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """One plain Adam step of a fresh model (the anchor)."""
+    torch.manual_seed(0)
+    model, loss_fn = task.build_model().train(), task.build_loss()
+    dp.disable_inplace(model)  # same module graph as the DP model
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def dp_step(task: Task, x: torch.Tensor, y: torch.Tensor, mode: str) -> Callable[[], None]:
+    """One DP-SGD step of the same fresh model through ``dp.make_private``."""
+    torch.manual_seed(0)
+    model, loss_fn = task.build_model().train(), task.build_loss()
+    mode = dp.choose_grad_sample_mode(model) if mode == "auto" else mode
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loader = DataLoader(TensorDataset(x, y), batch_size=BATCH)
+    private = dp.make_private(
+        model, opt, loader, noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode,
+        noise_generator=torch.Generator().manual_seed(0),
+    )
+
+    def step() -> None:
+        private.optimizer.zero_grad(set_to_none=True)
+        loss_fn(private.model(x), y).backward()
+        private.optimizer.step()
+
+    return step
+
+
+def measure(plain: Callable[[], None], private: Callable[[], None], steps: int
+            ) -> tuple[float, float]:
+    """Median seconds of a plain and a DP step, measured alternately after warm-up."""
+    for _ in range(3):
+        plain()
+        private()
+    a, b = [], []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        plain()
+        t1 = time.perf_counter()
+        private()
+        t2 = time.perf_counter()
+        a.append(t1 - t0)
+        b.append(t2 - t1)
+    return statistics.median(a), statistics.median(b)
+
+
+def main() -> None:
+    """Measure every task (and mode) and print the BENCH lines."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--tasks", default=",".join(TASKS.names()))
+    parser.add_argument("--modes", default="auto", help="auto = dp.choose_grad_sample_mode")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+    bench: list[str] = []
+    for name in args.tasks.split(","):
+        task = TASKS.get(name)
+        x, y = one_batch(task)
+        for i, mode in enumerate(args.modes.split(",")):
+            try:
+                anchor, value = measure(plain_step(task, x, y), dp_step(task, x, y, mode),
+                                        args.steps)
+            except Exception as exc:  # a mode Opacus cannot run on this model: say so
+                print(f"{name:18s} {mode:10s} FAILED {type(exc).__name__}: {str(exc)[:120]}")
+                continue
+            ratio = value / anchor
+            print(f"{name:18s} {mode:10s} dp={value:.4f}s plain={anchor:.4f}s ratio={ratio:.2f}",
+                  flush=True)
+            if i == 0:
+                bench.append(f"BENCH dp_overhead {name}_step_time value={value:.4f} "
+                             f"anchor={anchor:.4f} ratio={ratio:.2f} target<=1.4 unit=s")
+    for line in bench:
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

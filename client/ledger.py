@@ -1,0 +1,368 @@
+"""The site's privacy ledger: every epsilon a dataset spends, across runs and coordinators.
+
+SQLite (stdlib), WAL journal, ``synchronous = FULL``: a committed transaction is
+on disk before the call returns. One file per site; rows per dataset.
+
+Lifecycle of a round (the worker's order):
+
+1. :meth:`PrivacyLedger.reserve` BEFORE training: in one ``BEGIN IMMEDIATE``
+   transaction it computes the round's epsilon from the run's persisted
+   accountant history plus the round's planned history, refuses with
+   :class:`BudgetExceeded` if spent + asked > ``epsilon_max``, else writes a
+   ``reserved`` spend record and the run's extended history.
+2. Train, clip/noise, encrypt, audit.
+3. :meth:`PrivacyLedger.commit` once the reply is ready to leave.
+
+Conservative choice: a ``reserved`` record counts as spent, forever. A crash
+after training and before sending, or a refused reply after training, may
+over-count; it never under-counts (the noised update may have been computed and
+might have left). Retrying a round reserves again: fresh noise is a fresh release.
+
+Composition. Within one run on one dataset, the run's epsilon is the accountant's
+epsilon over the run's whole history (RDP/PRV composition, tighter than adding
+per-round epsilons); each round records its increment
+``eps(history + round) - eps(history)``, so the records of a run sum to the
+run's epsilon. Across different runs on the same dataset epsilons add (basic
+composition); the deltas add too: ``k`` runs at delta ``d`` give ``k * d``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import sqlite3
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from medfed.tasks.dp import HistoryEntry, epsilon_of_history
+
+from medfed.core.errors import MedfedError
+from medfed.core.privacy import DatasetBudget
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS budgets (
+    dataset      TEXT PRIMARY KEY,
+    epsilon_max  REAL NOT NULL,
+    delta        REAL NOT NULL,
+    updated      TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS spends (
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id           TEXT NOT NULL,
+    round            INTEGER NOT NULL,
+    dataset          TEXT NOT NULL,
+    mode             TEXT NOT NULL,
+    epsilon          REAL NOT NULL,
+    delta            REAL NOT NULL,
+    accountant       TEXT NOT NULL,
+    noise_multiplier REAL NOT NULL,
+    sample_rate      REAL NOT NULL,
+    steps            INTEGER NOT NULL,
+    status           TEXT NOT NULL CHECK (status IN ('reserved', 'committed')),
+    reserved_at      TEXT NOT NULL,
+    committed_at     TEXT
+);
+CREATE INDEX IF NOT EXISTS spends_dataset ON spends (dataset);
+CREATE TABLE IF NOT EXISTS histories (
+    run_id      TEXT NOT NULL,
+    dataset     TEXT NOT NULL,
+    accountant  TEXT NOT NULL,
+    delta       REAL NOT NULL,
+    history     TEXT NOT NULL,
+    updated     TEXT NOT NULL,
+    PRIMARY KEY (run_id, dataset)
+);
+"""
+
+
+class LedgerError(MedfedError):
+    """The privacy ledger cannot record or confirm a spend; the reply is blocked."""
+
+
+class BudgetExceeded(LedgerError):
+    """A round would take a dataset past its epsilon budget."""
+
+    def __init__(self, *, dataset: str, spent: float, asked: float, budget: float) -> None:
+        self.dataset, self.spent, self.asked, self.budget = dataset, spent, asked, budget
+        super().__init__(
+            f"Privacy budget exceeded for dataset {dataset!r}: spent {spent:.4g} + this round "
+            f"{asked:.4g} > epsilon_max {budget:.4g}.",
+            where=f"privacy.datasets.{dataset}.epsilon_max",
+            expected=f"a round that spends at most {max(budget - spent, 0.0):.4g}",
+            fix="the site refuses this round; the coordinator may lower the rounds or raise "
+            "the noise, and only the site operator may raise epsilon_max",
+        )
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """A reserved spend: the record to commit and the epsilons behind it."""
+
+    record_id: int
+    epsilon: float  # what this round adds
+    run_epsilon: float  # the run's epsilon on this dataset, this round included
+    spent: float  # the dataset's total, this round included
+    remaining: float
+
+
+@dataclass(frozen=True)
+class SpendRecord:
+    """One row of the ledger."""
+
+    id: int
+    run_id: str
+    round: int
+    dataset: str
+    mode: str
+    epsilon: float
+    delta: float
+    accountant: str
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    status: str
+    reserved_at: str
+    committed_at: str | None
+
+
+@dataclass(frozen=True)
+class DatasetSummary:
+    """Spent and remaining epsilon of one dataset."""
+
+    dataset: str
+    epsilon_max: float | None
+    spent: float
+    remaining: float | None
+    runs: int
+    rounds: int
+    first: str | None
+    last: str | None
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What one run spent on one dataset."""
+
+    run_id: str
+    dataset: str
+    epsilon: float
+    delta: float
+    rounds: int
+    reserved: int  # records never committed (counted as spent)
+    first: str
+    last: str
+
+
+@dataclass(frozen=True)
+class LedgerSummary:
+    """``medfed site budget``: rows per dataset and per run."""
+
+    datasets: list[DatasetSummary]
+    runs: list[RunSummary]
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class PrivacyLedger:
+    """The persistent per-site, per-dataset privacy ledger."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.close(fd)
+        with self._connect() as con:
+            con.executescript(_SCHEMA)
+
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        try:
+            con = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
+        except sqlite3.Error as exc:
+            raise LedgerError(
+                f"Cannot open the privacy ledger: {exc}", where=str(self.path),
+                fix="check the file's permissions and free disk space",
+            ) from exc
+        try:
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA synchronous=FULL")
+            con.row_factory = sqlite3.Row
+            yield con
+        finally:
+            con.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._connect() as con:
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                yield con
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+
+    # ------------------------------------------------------------------ reads
+
+    @staticmethod
+    def _spent(con: sqlite3.Connection, dataset: str) -> float:
+        row = con.execute(
+            "SELECT COALESCE(SUM(epsilon), 0.0) FROM spends WHERE dataset = ?", (dataset,)
+        ).fetchone()
+        return float(row[0])
+
+    def spent(self, dataset: str) -> float:
+        """Epsilon spent on ``dataset``: committed and reserved records alike."""
+        with self._connect() as con:
+            return self._spent(con, dataset)
+
+    def remaining(self, dataset: str, budget: DatasetBudget) -> float:
+        """``budget.epsilon_max`` minus what ``dataset`` has spent (may be negative)."""
+        return budget.epsilon_max - self.spent(dataset)
+
+    def run_history(self, run_id: str, dataset: str) -> list[HistoryEntry]:
+        """The accountant history persisted for ``run_id`` on ``dataset``."""
+        with self._connect() as con:
+            return self._history(con, run_id, dataset)[0]
+
+    @staticmethod
+    def _history(
+        con: sqlite3.Connection, run_id: str, dataset: str
+    ) -> tuple[list[HistoryEntry], str | None, float | None]:
+        row = con.execute(
+            "SELECT history, accountant, delta FROM histories WHERE run_id = ? AND dataset = ?",
+            (run_id, dataset),
+        ).fetchone()
+        if row is None:
+            return [], None, None
+        return ([(float(z), float(q), int(s)) for z, q, s in json.loads(row["history"])],
+                row["accountant"], float(row["delta"]))
+
+    # ------------------------------------------------------------------ writes
+
+    def reserve(
+        self, run_id: str, rnd: int, dataset: str, *, budget: DatasetBudget,
+        round_history: Sequence[HistoryEntry], delta: float, accountant: str = "rdp",
+        mode: str = "sample",
+    ) -> Reservation:
+        """Atomically charge one round to ``dataset``, or refuse it.
+
+        The round's epsilon is the increment of the run's accountant epsilon
+        (persisted history + ``round_history``) at ``delta``. Raises
+        :class:`BudgetExceeded` (nothing written) when spent + reserved + asked
+        exceeds ``budget.epsilon_max``; otherwise the spend record and the run's
+        extended history are on disk when this returns.
+        """
+        if delta > budget.delta:
+            raise LedgerError(
+                f"Accounting at delta {delta:g} is above the budget's delta {budget.delta:g}.",
+                where=f"privacy.datasets.{dataset}.delta",
+                fix="the run's target_delta must not exceed the site's delta",
+            )
+        entries = [(float(z), float(q), int(s)) for z, q, s in round_history]
+        with self._transaction() as con:
+            history, used_acc, used_delta = self._history(con, run_id, dataset)
+            if history and (used_acc != accountant or used_delta != delta):
+                raise LedgerError(
+                    f"Run {run_id!r} accounted dataset {dataset!r} with {used_acc} at delta "
+                    f"{used_delta:g}; this round asks for {accountant} at delta {delta:g}.",
+                    fix="a run keeps one accountant and delta for all its rounds",
+                )
+            before = epsilon_of_history(history, delta, accountant)  # type: ignore[arg-type]
+            after = epsilon_of_history([*history, *entries], delta, accountant)  # type: ignore[arg-type]
+            asked = max(after - before, 0.0)
+            spent = self._spent(con, dataset)
+            if spent + asked > budget.epsilon_max:
+                raise BudgetExceeded(
+                    dataset=dataset, spent=spent, asked=asked, budget=budget.epsilon_max
+                )
+            now = _now()
+            con.execute(
+                "INSERT INTO budgets (dataset, epsilon_max, delta, updated) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(dataset) DO UPDATE SET epsilon_max = excluded.epsilon_max, "
+                "delta = excluded.delta, updated = excluded.updated",
+                (dataset, budget.epsilon_max, budget.delta, now),
+            )
+            noise = entries[-1][0] if entries else 0.0
+            rate = entries[-1][1] if entries else 0.0
+            cur = con.execute(
+                "INSERT INTO spends (run_id, round, dataset, mode, epsilon, delta, accountant, "
+                "noise_multiplier, sample_rate, steps, status, reserved_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'reserved', ?)",
+                (run_id, int(rnd), dataset, mode, asked, delta, accountant, noise, rate,
+                 sum(e[2] for e in entries), now),
+            )
+            con.execute(
+                "INSERT INTO histories (run_id, dataset, accountant, delta, history, updated) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(run_id, dataset) DO UPDATE SET "
+                "history = excluded.history, updated = excluded.updated",
+                (run_id, dataset, accountant, delta, json.dumps([*history, *entries]), now),
+            )
+            record_id = int(cur.lastrowid or 0)
+        total = spent + asked
+        return Reservation(record_id, asked, after, total, budget.epsilon_max - total)
+
+    def commit(self, record_id: int, *, steps: int | None = None) -> None:
+        """Mark a reserved spend as committed (the reply is about to leave).
+
+        ``steps``, when given, must equal the reserved steps: training that ran
+        more steps than were charged blocks the reply (fail closed).
+        """
+        with self._transaction() as con:
+            row = con.execute("SELECT steps, status FROM spends WHERE id = ?",
+                              (record_id,)).fetchone()
+            if row is None:
+                raise LedgerError(f"No spend record {record_id} in the privacy ledger.",
+                                  where=str(self.path))
+            if steps is not None and int(steps) > int(row["steps"]):
+                raise LedgerError(
+                    f"Training ran {steps} DP steps but the ledger reserved {row['steps']}; "
+                    "the reply is blocked.", where=str(self.path),
+                    fix="plan the round with medfed.tasks.dp.plan_round before training",
+                )
+            con.execute("UPDATE spends SET status = 'committed', committed_at = ? WHERE id = ?",
+                        (_now(), record_id))
+
+    # ------------------------------------------------------------------ reports
+
+    def history(self, dataset: str) -> list[SpendRecord]:
+        """Every spend record of ``dataset``, oldest first."""
+        with self._connect() as con:
+            rows = con.execute("SELECT * FROM spends WHERE dataset = ? ORDER BY id",
+                               (dataset,)).fetchall()
+        return [SpendRecord(**dict(r)) for r in rows]
+
+    def summary(self) -> LedgerSummary:
+        """Spent and remaining epsilon per dataset, and each run's spend, with dates."""
+        with self._connect() as con:
+            ds = con.execute(
+                "SELECT s.dataset, b.epsilon_max, SUM(s.epsilon) AS spent, "
+                "COUNT(DISTINCT s.run_id) AS runs, COUNT(*) AS rounds, "
+                "MIN(s.reserved_at) AS first, MAX(s.reserved_at) AS last "
+                "FROM spends s LEFT JOIN budgets b ON b.dataset = s.dataset "
+                "GROUP BY s.dataset ORDER BY s.dataset"
+            ).fetchall()
+            runs = con.execute(
+                "SELECT run_id, dataset, SUM(epsilon) AS epsilon, MAX(delta) AS delta, "
+                "COUNT(*) AS rounds, SUM(status = 'reserved') AS reserved, "
+                "MIN(reserved_at) AS first, MAX(reserved_at) AS last "
+                "FROM spends GROUP BY run_id, dataset ORDER BY first, run_id"
+            ).fetchall()
+        return LedgerSummary(
+            datasets=[DatasetSummary(
+                dataset=r["dataset"], epsilon_max=r["epsilon_max"], spent=float(r["spent"]),
+                remaining=None if r["epsilon_max"] is None else r["epsilon_max"] - r["spent"],
+                runs=r["runs"], rounds=r["rounds"], first=r["first"], last=r["last"],
+            ) for r in ds],
+            runs=[RunSummary(
+                run_id=r["run_id"], dataset=r["dataset"], epsilon=float(r["epsilon"]),
+                delta=float(r["delta"]), rounds=r["rounds"], reserved=int(r["reserved"]),
+                first=r["first"], last=r["last"],
+            ) for r in runs],
+        )

@@ -1,0 +1,444 @@
+"""Differential privacy for any task: DP-SGD with Opacus, update-level DP, and epsilon.
+
+Sample-level DP (DP-SGD, Abadi et al. 2016) is Opacus end to end: Poisson
+sampling (``DPDataLoader``), per-sample gradients and clipping (``GradSampleModule``
++ ``DPOptimizer``), Gaussian noise, and Opacus's accountants (RDP or PRV) for
+epsilon. Nothing here re-derives privacy math; :func:`epsilon_for` and friends
+only feed an accountant a history ``[(noise_multiplier, sample_rate, steps), ...]``.
+
+Randomness. The Poisson sampling and the noise must be unpredictable to the
+coordinator: a seed it knows (run seed, round, site name) would let it recompute
+and subtract the noise. :func:`dp_train` and :func:`clip_and_noise_update`
+therefore take a generator that a site must create from OS entropy (the default
+when ``None``); seeded generators are for tests and benchmarks only. (torch's
+Mersenne Twister is not a CSPRNG; Opacus's ``secure_mode`` needs ``torchcsprng``,
+which this platform does not ship: a known limitation.)
+
+Opacus modes measured on CPU (2 threads, batch 16, Adam, median step time; DP
+over plain SGD, same model, batch and optimizer; ``benchmarks/dp_overhead.py``):
+
+- ``grad_sample_mode="hooks"`` (Opacus default) is the fastest correct mode for
+  the 2D UNets: conv layers get per-sample gradients from one ``unfold`` +
+  ``einsum``. ``"functorch"`` (vmap of every layer's backward) was 1.2-1.5x
+  slower there.
+- For 3D convolutions (brain-lesion-cls's DenseNet) it is the other way round:
+  ``unfold3d`` copies each input k^3 times; ``"functorch"`` measured DP/plain
+  1.6x against 3.3x for hooks. :func:`choose_grad_sample_mode` picks per model.
+- ``"ew"`` (PyTorch expanded weights) fails on MONAI's ``PReLU`` ("Expanded
+  Weights encountered but cannot handle function prelu") and on the DenseNet.
+- ``"ghost"`` (fast gradient clipping) needs the loss wrapped by Opacus and
+  two backward passes; on CPU it is slower for conv nets (the issue's anchor).
+- Opacus has no per-sample rule for ``nn.PReLU`` (MONAI's default activation), so
+  hooks mode falls back to functorch for each PReLU: on tiny-seg this made DP
+  7.5x plain. :func:`_register_prelu_sampler` adds the closed-form rule
+  (``d/da PReLU(x) = min(x, 0)``), checked against functorch in the tests; with
+  it tiny-seg drops to about 1.4x.
+- In-place activations (MONAI's DenseNet uses ``ReLU(inplace=True)``) break
+  Opacus's backward hooks ("Output 0 of BackwardHookFunction is a view and is
+  being modified inplace"); :func:`disable_inplace` switches them off (same math).
+- ``BatchMemoryManager`` only splits a large logical batch into physical ones;
+  at batch 16 it adds overhead and saves nothing on CPU. ``channels_last`` and
+  ``torch.compile`` do not help the unfold path (compile breaks on the hooks).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from medfed.tasks.base import Task
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from medfed.core.errors import MedfedError
+
+AccountantName = Literal["rdp", "prv"]
+#: One accountant history entry, as Opacus keeps it: (noise_multiplier, sample_rate, steps).
+HistoryEntry = tuple[float, float, int]
+
+#: Grad-sample modes medfed runs (``"ew"`` and ``"ghost"`` fail or lose on these models).
+GRAD_SAMPLE_MODES = ("hooks", "functorch")
+
+
+def choose_grad_sample_mode(model: nn.Module) -> str:
+    """The fastest correct Opacus mode for ``model`` on CPU (measured, see the module docstring).
+
+    3D convolutions: ``"functorch"`` (Opacus's unfold3d copies each input k^3 times);
+    everything else: ``"hooks"``.
+    """
+    return "functorch" if any(isinstance(m, nn.Conv3d) for m in model.modules()) else "hooks"
+
+
+class DPIncompatibleModel(MedfedError):
+    """The task's model cannot be trained with DP-SGD as built."""
+
+
+# ------------------------------------------------------------------ validation
+
+
+def _inplace_modules(model: nn.Module) -> list[str]:
+    return [name or "(model)" for name, m in model.named_modules() if getattr(m, "inplace", False)]
+
+
+def validate_for_dp(model: nn.Module) -> list[str]:
+    """Check ``model`` for DP-SGD with Opacus before any round; return notes, raise on errors.
+
+    Returns
+    -------
+    list[str]
+        Notes on what :func:`make_private` changes without altering the math
+        (in-place activations switched off). Empty when nothing needs changing.
+
+    Raises
+    ------
+    DPIncompatibleModel
+        Opacus's ``ModuleValidator`` found modules DP-SGD cannot train (BatchNorm
+        mixes samples, so per-sample gradients do not exist). The message names
+        each module, Opacus's reason and the fix: build the model with GroupNorm
+        or InstanceNorm in the task (what ``ModuleValidator.fix`` does). medfed does
+        not apply the fix at the site, because it changes the weights' layout the
+        server and the other sites share.
+    """
+    from opacus.utils.module_utils import trainable_modules
+    from opacus.validators import ModuleValidator
+
+    was_training = model.training
+    model.train()  # Opacus validates the training configuration
+    try:
+        errors = ModuleValidator.validate(model, strict=False)
+        lines = []
+        if errors:  # Opacus's errors do not say where: ask each module's validator
+            for name, sub in trainable_modules(model):
+                check = ModuleValidator.VALIDATORS.get(type(sub))
+                for err in check(sub) if check else []:
+                    reason = str(err).split(". ")[0].strip()
+                    lines.append(f"{name or '(model)'} ({type(sub).__name__}): {reason}")
+            lines = lines or [str(e).split(". ")[0] for e in errors]
+    finally:
+        model.train(was_training)
+    if errors:
+        raise DPIncompatibleModel(
+            f"The model cannot be trained with DP-SGD: {len(lines)} incompatible module(s): "
+            + "; ".join(lines) + ".",
+            where=f"{type(model).__name__}",
+            expected="no BatchNorm or other layers that mix samples of a batch",
+            fix="build the model with GroupNorm or InstanceNorm in the task's build_model "
+            "(opacus.validators.ModuleValidator.fix(model) replaces BatchNorm with GroupNorm), "
+            "then restart the federation from fresh weights",
+        )
+    return [
+        f"{name}: in-place operation, switched off for DP-SGD (Opacus hooks need it; same math)"
+        for name in _inplace_modules(model)
+    ]
+
+
+def disable_inplace(model: nn.Module) -> list[str]:
+    """Set ``inplace = False`` on every module that has it; return their names."""
+    changed = _inplace_modules(model)
+    for m in model.modules():
+        if getattr(m, "inplace", False):
+            m.inplace = False  # type: ignore[assignment]
+    return changed
+
+
+def _prelu_grad_sample(
+    layer: nn.PReLU, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    # PReLU(x) = max(0, x) + a * min(0, x), so dPReLU/da = min(x, 0), per element.
+    x = activations[0].to(backprops.dtype)
+    g = torch.clamp(x, max=0.0) * backprops
+    n = x.shape[0]
+    if layer.weight.numel() == 1:
+        per_sample = g.reshape(n, -1).sum(1, keepdim=True)
+    else:  # one slope per channel (dim 1)
+        per_sample = g.reshape(n, g.shape[1], -1).sum(-1)
+    return {layer.weight: per_sample}
+
+
+def _register_prelu_sampler() -> None:
+    """Give Opacus a closed-form per-sample gradient for ``nn.PReLU`` (idempotent)."""
+    from opacus.grad_sample import GradSampleModule
+
+    if nn.PReLU not in GradSampleModule.GRAD_SAMPLERS:
+        GradSampleModule.GRAD_SAMPLERS[nn.PReLU] = _prelu_grad_sample
+
+
+# ------------------------------------------------------------------ DP-SGD
+
+
+@dataclass(frozen=True)
+class PrivateTraining:
+    """What :func:`make_private` returns: Opacus's engine and its wrapped trio.
+
+    ``engine.accountant.state_dict()`` / ``load_state_dict`` save and restore the
+    accountant; ``model`` is a ``GradSampleModule`` around the caller's model (the
+    same parameters); call :meth:`close` after training to remove Opacus's hooks.
+    """
+
+    engine: Any  # opacus.PrivacyEngine
+    model: nn.Module
+    optimizer: Any  # opacus.optimizers.DPOptimizer
+    data_loader: DataLoader
+
+    def close(self) -> None:
+        """Remove Opacus's hooks and per-sample gradients from the wrapped model."""
+        close = getattr(self.model, "_close", None)
+        if close is not None:
+            close()
+
+
+def make_private(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data_loader: DataLoader,
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    poisson_sampling: bool = True,
+    grad_sample_mode: str | None = None,
+    accountant: AccountantName = "rdp",
+    accountant_state: dict[str, Any] | None = None,
+    noise_generator: torch.Generator | None = None,
+) -> PrivateTraining:
+    """Wrap model, optimizer and loader for DP-SGD with ``opacus.PrivacyEngine``.
+
+    The model is validated first (:func:`validate_for_dp`), its in-place
+    activations are switched off, and Opacus gets a per-sample rule for PReLU.
+    ``accountant_state`` (a previous ``engine.accountant.state_dict()``) restores
+    the accountant's history. Poisson sampling draws from ``data_loader.generator``.
+    ``grad_sample_mode=None`` picks :func:`choose_grad_sample_mode`.
+    """
+    from opacus import PrivacyEngine
+
+    mode = grad_sample_mode or choose_grad_sample_mode(model)
+    if mode not in GRAD_SAMPLE_MODES:
+        raise MedfedError(
+            f"Opacus grad_sample_mode {mode!r} is not supported by medfed.",
+            expected=f"one of {GRAD_SAMPLE_MODES}",
+            fix="leave grad_sample_mode unset (medfed picks the fastest correct mode)",
+        )
+    validate_for_dp(model)
+    disable_inplace(model)
+    _register_prelu_sampler()
+    with warnings.catch_warnings():
+        # Opacus warns about the non-secure RNG on every call; the module docstring says why.
+        warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+        engine = PrivacyEngine(accountant=accountant)
+        if accountant_state is not None:
+            engine.accountant.load_state_dict(accountant_state)
+        private_model, private_opt, private_loader = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=data_loader,
+            noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+            poisson_sampling=poisson_sampling, grad_sample_mode=mode,
+            noise_generator=noise_generator,
+        )
+    return PrivateTraining(engine, private_model, private_opt, private_loader)
+
+
+def plan_round(
+    num_examples: int, *, batch_size: int, epochs: int, noise_multiplier: float
+) -> list[HistoryEntry]:
+    """The accountant history one :func:`dp_train` call will produce, known before training.
+
+    Opacus's Poisson loader samples at ``q = 1 / len(DataLoader)`` for
+    ``len(DataLoader) = ceil(n / batch_size)`` steps per epoch.
+    """
+    if num_examples <= 0:
+        raise ValueError("cannot train with DP on an empty dataset")
+    steps_per_epoch = math.ceil(num_examples / batch_size)
+    return [(float(noise_multiplier), 1.0 / steps_per_epoch, steps_per_epoch * epochs)]
+
+
+@dataclass(frozen=True)
+class DPTrainStats:
+    """What one :func:`dp_train` call reports (the fields of ``engine.TrainStats`` and more)."""
+
+    loss: float
+    num_examples: int
+    steps: int
+    sample_rate: float
+    noise_multiplier: float
+    max_grad_norm: float
+    history: list[HistoryEntry]
+    empty_batches: int
+
+
+def _os_generator() -> torch.Generator:
+    return torch.Generator().manual_seed(secrets.randbits(63))
+
+
+def dp_train(
+    task: Task,
+    model: nn.Module,
+    dataset: Dataset[Any],
+    *,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+    accountant: AccountantName = "rdp",
+    grad_sample_mode: str | None = None,
+) -> DPTrainStats:
+    """Train ``model`` in place with DP-SGD (same optimizer as ``engine.train``: Adam).
+
+    ``generator`` drives Poisson sampling and the noise. ``None`` (what a site must
+    use) seeds fresh generators from the OS; a seeded one is for tests only. The
+    model leaves without Opacus hooks, so a cached model stays a plain module.
+    An empty Poisson batch (possible on tiny datasets) skips the update but is
+    still charged to the accountant (over-counting is the safe side).
+    ``stats.history`` is this call's accountant history, equal to :func:`plan_round`.
+    """
+    n = len(dataset)  # type: ignore[arg-type]
+    sampling = generator if generator is not None else _os_generator()
+    noise = generator if generator is not None else _os_generator()
+    model.to(device).train()
+    loss_fn = task.build_loss()
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=learning_rate, weight_decay=task.defaults.weight_decay
+    )
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=sampling)
+    private = make_private(
+        model, optimizer, loader, noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm, accountant=accountant, noise_generator=noise,
+        grad_sample_mode=grad_sample_mode,
+    )
+    sample_rate = 1.0 / len(private.data_loader)
+    total, seen, empty = 0.0, 0, 0
+    try:
+        for _ in range(epochs):
+            for x, y in private.data_loader:
+                if len(x) == 0:
+                    private.engine.accountant.step(
+                        noise_multiplier=noise_multiplier, sample_rate=sample_rate
+                    )
+                    empty += 1
+                    continue
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                private.optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(private.model(x), y)
+                with warnings.catch_warnings():  # the input needs no grad: expected here
+                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                    loss.backward()
+                private.optimizer.step()
+                total += float(loss.detach()) * len(x)
+                seen += len(x)
+    finally:
+        private.close()
+        for p in model.parameters():
+            p.grad = None
+    history = [(float(a), float(b), int(c)) for a, b, c in private.engine.accountant.history]
+    return DPTrainStats(
+        loss=total / max(seen, 1), num_examples=n, steps=sum(h[2] for h in history),
+        sample_rate=sample_rate, noise_multiplier=float(noise_multiplier),
+        max_grad_norm=float(max_grad_norm), history=history, empty_batches=empty,
+    )
+
+
+# ------------------------------------------------------------------ accounting
+
+
+def _accountant(name: AccountantName) -> Any:
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    if name == "rdp":
+        return RDPAccountant()
+    if name == "prv":
+        return PRVAccountant()
+    raise MedfedError(
+        f"Unknown privacy accountant {name!r}.", expected="'rdp' or 'prv'",
+        fix="set privacy.accountant = 'rdp' (or 'prv') in the run configuration",
+    )
+
+
+def epsilon_of_history(
+    history: Sequence[HistoryEntry], delta: float, accountant: AccountantName = "rdp"
+) -> float:
+    """Epsilon of a whole accountant history at ``delta`` (Opacus's accountant); 0 if empty."""
+    entries = [(float(z), float(q), int(s)) for z, q, s in history if int(s) > 0]
+    if not entries:
+        return 0.0
+    acc = _accountant(accountant)
+    acc.history = entries
+    return float(acc.get_epsilon(delta=delta))
+
+
+def epsilon_for(
+    steps: int, sample_rate: float, noise_multiplier: float, delta: float,
+    accountant: AccountantName = "rdp",
+) -> float:
+    """Epsilon of ``steps`` Poisson-subsampled Gaussian steps at ``delta``."""
+    return epsilon_of_history([(noise_multiplier, sample_rate, steps)], delta, accountant)
+
+
+def epsilon_of_round(
+    history_so_far: Sequence[HistoryEntry], round_history: Sequence[HistoryEntry],
+    delta: float, accountant: AccountantName = "rdp",
+) -> float:
+    """Epsilon one more round adds to a run: eps(history + round) - eps(history).
+
+    The accountant composes the run's whole history (tighter than summing
+    per-round epsilons); the increments of a run's rounds add up to its epsilon,
+    so a ledger can sum them. Call it before training with :func:`plan_round`.
+    """
+    before = epsilon_of_history(history_so_far, delta, accountant)
+    after = epsilon_of_history([*history_so_far, *round_history], delta, accountant)
+    return max(after - before, 0.0)
+
+
+# ------------------------------------------------------------------ update-level DP
+
+
+def clip_and_noise_update(
+    delta_vector: np.ndarray, *, clipping_norm: float, noise_multiplier: float,
+    generator: np.random.Generator,
+) -> np.ndarray:
+    """L2-clip a site's update to ``clipping_norm`` and add Gaussian noise (a new array).
+
+    The noise is ``N(0, (noise_multiplier * clipping_norm)^2)`` per coordinate.
+    This is the client-side part of Flower's ``DifferentialPrivacyClientSideFixedClipping``
+    (McMahan et al. 2018, "Learning differentially private recurrent language
+    models"), with the noise added at the site instead of the server, so it still
+    holds once updates are encrypted: with secure aggregation the server only ever
+    sees the noised, masked sum. ``generator`` must come from OS entropy
+    (``np.random.default_rng()``) at a site, never from a seed the coordinator knows.
+    Fails closed on a non-finite update.
+    """
+    if clipping_norm <= 0 or noise_multiplier < 0:
+        raise ValueError(
+            f"need clipping_norm > 0 and noise_multiplier >= 0, got {clipping_norm}, "
+            f"{noise_multiplier}"
+        )
+    vec = np.asarray(delta_vector, dtype=np.float64)
+    if not np.all(np.isfinite(vec)):
+        raise MedfedError(
+            "The update holds NaN or infinite values; it is not sent.",
+            fix="check the local training (learning rate, data); the round is refused",
+        )
+    norm = float(np.linalg.norm(vec))
+    clipped = vec * min(1.0, clipping_norm / norm) if norm > 0 else vec.copy()
+    noised = clipped + generator.normal(0.0, noise_multiplier * clipping_norm, size=vec.shape)
+    out_dtype = delta_vector.dtype if np.issubdtype(delta_vector.dtype, np.floating) else np.float64
+    return noised.astype(out_dtype)
+
+
+def epsilon_for_update_dp(
+    rounds: int, sampling_fraction: float, noise_multiplier: float, delta: float
+) -> float:
+    """User-level epsilon of a site's whole dataset after ``rounds`` noised updates.
+
+    Each round is a Gaussian mechanism on the clipped update (sensitivity
+    ``clipping_norm``, noise multiplier ``noise_multiplier``), subsampled with
+    probability ``sampling_fraction``; Opacus's RDP accountant composes them.
+    A site charging its own ledger should pass ``sampling_fraction = 1.0``: it
+    cannot verify the server's sampling, and it knows when it takes part.
+    """
+    return epsilon_for(rounds, sampling_fraction, noise_multiplier, delta, "rdp")

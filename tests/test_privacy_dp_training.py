@@ -1,0 +1,71 @@
+"""DP-SGD (Opacus) for every registered task; models are validated up front."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from medfed.tasks import TASKS, dp, engine
+from torch import nn
+from torch.utils.data import Subset
+
+from medfed.core.config import DataSourceConfig
+
+
+@pytest.mark.parametrize("name", TASKS.names())
+def test_dp_training_of_each_registered_task(name: str) -> None:
+    task = TASKS.get(name)
+    model = task.build_model().eval()  # a cached model may come from evaluation
+    dp.validate_for_dp(model)  # raises on an incompatible model
+    data = task.load_site_data(DataSourceConfig(num_samples=32, seed=3)).train
+    data = Subset(data, range(min(6, len(data))))  # type: ignore[arg-type]
+    batch = (len(data) + 1) // 2  # two Poisson steps
+    before = engine.get_weights(model)
+    stats = dp.dp_train(
+        task, model, data, epochs=1, batch_size=batch, learning_rate=1e-2,
+        noise_multiplier=1.0, max_grad_norm=1.0, device=torch.device("cpu"),
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert stats.steps == 2 and stats.history == dp.plan_round(
+        len(data), batch_size=batch, epochs=1, noise_multiplier=1.0)
+    assert stats.sample_rate == pytest.approx(0.5)
+    after = engine.get_weights(model)
+    assert set(after) == set(before)  # the weights' layout is untouched
+    assert any((after[k] != before[k]).any() for k in after)
+    # the cached model leaves without Opacus hooks or per-sample gradients
+    assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
+    assert not any(hasattr(p, "grad_sample") for p in model.parameters())
+
+
+def test_a_batchnorm_model_is_rejected_with_the_fix_named() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten())
+    with pytest.raises(dp.DPIncompatibleModel) as caught:
+        dp.validate_for_dp(model)
+    text = str(caught.value)
+    assert "1 (BatchNorm2d)" in text  # the offending module, by name
+    assert "GroupNorm" in text and "ModuleValidator.fix" in text
+
+
+def test_inplace_activations_are_noted_not_rejected() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.ReLU(inplace=True))
+    assert [n.split(":")[0] for n in dp.validate_for_dp(model)] == ["2"]
+    assert dp.disable_inplace(model) == ["2"] and not model[2].inplace
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_prelu_per_sample_gradient_matches_functorch(channels: int) -> None:
+    from opacus import GradSampleModule
+
+    def grads(force_functorch: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 3, 3), nn.PReLU(channels), nn.Flatten(),
+                              nn.LazyLinear(1))
+        x = torch.randn(5, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+        model(x)
+        gsm = GradSampleModule(model, force_functorch=force_functorch)
+        gsm(x).sum().backward()
+        return model[1].weight.grad_sample.clone()
+
+    dp._register_prelu_sampler()
+    fast = grads(False)
+    assert fast.shape == (5, channels)
+    torch.testing.assert_close(fast, grads(True), rtol=1e-5, atol=1e-6)
