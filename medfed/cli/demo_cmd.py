@@ -24,7 +24,7 @@ def register(app: typer.Typer) -> None:
             help="folder for the federation (default: ./medfed-demo/<time>)")] = None,
         sites: Annotated[int, typer.Option(min=2, max=8, help="number of sites")] = 3,
         rounds: Annotated[int, typer.Option(min=1, help="federated rounds")] = 3,
-        task: Annotated[str, typer.Option(help="task name")] = "tiny-seg",
+        task: Annotated[str, typer.Option(help="task name")] = "brain-tissue-seg",
         strategy: Annotated[str, typer.Option(help="strategy name")] = "fedavg",
     ) -> None:
         """Run a server and sites with their own data on loopback (TLS), train, report, stop."""
