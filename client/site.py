@@ -42,6 +42,19 @@ profile = {profile}
 allowed_tasks = ["*"]         # e.g. ["brain-tissue-seg"]
 allowed_strategies = ["*"]    # e.g. ["fedavg", "fedprox"]
 
+[privacy]
+# The site's privacy budget per dataset, enforced here and recorded in the ledger
+# (`medfed site budget`). A run asking for less privacy than a rule allows is refused.
+default = "default"
+ledger = "privacy/ledger.sqlite"
+
+[privacy.datasets.default]
+epsilon_max = 10.0           # total epsilon this dataset may ever spend, across all runs
+delta = 1e-5                 # largest delta a run may use
+min_noise_multiplier = 0.5   # least noise a DP run may ask for
+max_clipping_norm = 5.0      # largest clipping norm a DP run may ask for
+dp_required = false          # true: refuse every run without differential privacy
+
 [compute]
 device = "auto"   # "auto" uses CUDA when present, else the CPU
 amp = true

@@ -20,7 +20,9 @@ import numpy as np
 import torch
 from medfed.client.audit import AuditLog, arrays_digest
 from medfed.client.policy import decide
+from medfed.client.privacy_guard import PrivacyGate, PrivacyRefusal, noised_update
 from medfed.tasks import SiteData, Task, engine, get_task
+from medfed.tasks.dp import dp_train
 
 from medfed.core import wire
 from medfed.core.config import RunConfig, SiteConfig, resolve, resolve_data_source
@@ -43,6 +45,7 @@ class SiteWorker:
     config_path: Path
     device: torch.device = field(init=False)
     audit: AuditLog = field(init=False)
+    privacy: PrivacyGate = field(init=False)
     _data: dict[str, SiteData] = field(default_factory=dict, init=False)
     _models: dict[str, torch.nn.Module] = field(default_factory=dict, init=False)
     _layouts: dict[str, Layout] = field(default_factory=dict, init=False)
@@ -52,6 +55,7 @@ class SiteWorker:
         if self.config.compute.threads:
             torch.set_num_threads(self.config.compute.threads)
         self.audit = AuditLog(resolve(self.config_path, self.config.site.audit_log))
+        self.privacy = PrivacyGate(self.config, self.config_path)
 
     @property
     def site(self) -> str:
@@ -132,25 +136,42 @@ class SiteWorker:
         model = self._load_global(task, arrays)
         rnd = int(config.get(wire.SERVER_ROUND_KEY, 0))
         hp = task.defaults
+        epochs = run.local_epochs or hp.local_epochs
+        batch_size = run.batch_size or hp.batch_size
+        lr = run.learning_rate or hp.learning_rate
+        try:
+            privacy = self.privacy.before_training(
+                run, str(run_id), rnd, model=model, num_examples=len(data.train),
+                batch_size=batch_size, epochs=epochs)
+        except PrivacyRefusal as refusal:
+            return self._refuse(run_id, refusal.rule, refusal.reason)
         t0 = time.perf_counter()
-        stats = engine.train(
-            task, model, data.train,
-            epochs=run.local_epochs or hp.local_epochs,
-            batch_size=run.batch_size or hp.batch_size,
-            learning_rate=run.learning_rate or hp.learning_rate,
-            device=self.device,
-            generator=torch.Generator().manual_seed(_seed(run.seed, run_id, rnd, self.site)),
-            amp=self.config.compute.amp,
-            proximal_mu=float(config.get(wire.PROXIMAL_MU_KEY, 0.0)),
-        )
+        if privacy.mode == "sample":
+            stats = dp_train(task, model, data.train, epochs=epochs, batch_size=batch_size,
+                             learning_rate=lr, noise_multiplier=run.privacy.noise_multiplier,
+                             max_grad_norm=run.privacy.max_grad_norm, device=self.device,
+                             accountant=run.privacy.accountant)
+        else:
+            stats = engine.train(
+                task, model, data.train, epochs=epochs, batch_size=batch_size,
+                learning_rate=lr, device=self.device,
+                generator=torch.Generator().manual_seed(_seed(run.seed, run_id, rnd, self.site)),
+                amp=self.config.compute.amp,
+                proximal_mu=float(config.get(wire.PROXIMAL_MU_KEY, 0.0)),
+            )
         seconds = time.perf_counter() - t0
-        weights = {WEIGHTS_KEY: pack(engine.get_weights(model))}
+        vector = pack(engine.get_weights(model))
+        if privacy.mode == "update":
+            vector = noised_update(arrays[WEIGHTS_KEY], vector, run)
+        weights = {WEIGHTS_KEY: vector}
         digest, size = arrays_digest(weights)
+        self.privacy.commit(privacy, steps=stats.steps)
         metrics = {"train-loss": stats.loss, wire.WEIGHT_KEY: stats.num_examples,
-                   "steps": stats.steps, "train-seconds": seconds}
+                   "steps": stats.steps, "train-seconds": seconds, **privacy.metrics()}
         # The audit record is written before the reply leaves the worker.
         self.audit.record("update-sent", run_id=run_id, round=rnd, task=run.task,
-                          bytes=size, hash=digest, protection="tls", metrics=metrics)
+                          bytes=size, hash=digest, protection="tls",
+                          privacy=privacy.record(run, stats.steps), metrics=metrics)
         return wire.Frame({"ok": True, "site": self.site, "metrics": metrics}, weights)
 
     def _evaluate(self, run: RunConfig, run_id: object, arrays: dict) -> wire.Frame:

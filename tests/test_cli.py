@@ -69,3 +69,24 @@ def test_server_not_running_is_explained(tmp_path: Path, args: list[str]) -> Non
     out = medfed(*args, "--config", str(tmp_path / "fed" / "server.toml"))
     assert out.returncode == 2
     assert "medfed server start" in out.stderr
+
+
+def test_site_budget_lists_spend(tmp_path: Path) -> None:
+    from medfed.client.ledger import PrivacyLedger
+    from medfed.core.config import SiteConfig, load_toml
+    from medfed.core.identity import CertificateAuthority
+
+    ca = CertificateAuthority.create("t")
+    ca.save(tmp_path / "ca.pem", tmp_path / "ca.key")
+    assert medfed("site", "init", "s", str(tmp_path / "s"), "--federation-ca",
+                  str(tmp_path / "ca.pem")).returncode == 0
+    cfg = load_toml(tmp_path / "s" / "site.toml", SiteConfig)
+    name, budget = cfg.privacy.budget_for()
+    ledger = PrivacyLedger(tmp_path / "s" / cfg.privacy.ledger)
+    res = ledger.reserve("77", 1, name, budget=budget, round_history=[(1.0, 0.5, 2)],
+                         delta=1e-5)
+    ledger.commit(res.record_id, steps=2)
+    out = medfed("site", "budget", "--config", str(tmp_path / "s" / "site.toml"))
+    assert out.returncode == 0, out.stderr
+    assert "default" in out.stdout and "77" in out.stdout
+    assert f"{res.epsilon:.4f}" in out.stdout

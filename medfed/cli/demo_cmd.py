@@ -26,6 +26,8 @@ def register(app: typer.Typer) -> None:
         rounds: Annotated[int, typer.Option(min=1, help="federated rounds")] = 3,
         task: Annotated[str, typer.Option(help="task name")] = "brain-tissue-seg",
         strategy: Annotated[str, typer.Option(help="strategy name")] = "fedavg",
+        dp: Annotated[str, typer.Option(help="off | sample (DP-SGD) | update")] = "off",
+        noise_multiplier: Annotated[float, typer.Option(help="DP noise multiplier")] = 1.0,
     ) -> None:
         """Run a server and sites with their own data on loopback (TLS), train, report, stop."""
         from medfed.core.config import RunConfig
@@ -46,8 +48,10 @@ def register(app: typer.Typer) -> None:
                 console.print(f"  server + {sites} sites on 127.0.0.1 (TLS, enrolled keys) ...")
                 fed.start()
                 console.print(f"  {sites} sites online after {time.time() - t0:.1f} s")
+                privacy = {"mode": dp, "noise_multiplier": noise_multiplier} \
+                    if dp != "off" else {}
                 run = RunConfig(task=task, strategy=strategy, rounds=rounds, min_sites=sites,
-                                name="demo")
+                                name="demo", privacy=privacy)
                 folder, summary = fed.run(run, on_event=ProgressView(console, rounds))
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]: every process the demo started is stopped; "

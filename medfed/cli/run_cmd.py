@@ -31,6 +31,15 @@ def parse_option(text: str) -> tuple[str, Any]:
     return key, raw
 
 
+def privacy_options(mode: str, noise: float, max_grad_norm: float, clipping_norm: float,
+                    delta: float, accountant: str) -> dict[str, Any]:
+    """The run's privacy section from the command-line options."""
+    if mode == "off":
+        return {"mode": "off"}
+    return {"mode": mode, "noise_multiplier": noise, "max_grad_norm": max_grad_norm,
+            "clipping_norm": clipping_norm, "target_delta": delta, "accountant": accountant}
+
+
 class Target:
     """Where the server is: address, CA, and (when local) the runs folder."""
 
@@ -87,6 +96,15 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[int, typer.Option(help="seed of the initial model")] = 0,
         round_timeout: Annotated[float, typer.Option(help="seconds to wait for sites")] = 600.0,
         name: Annotated[str, typer.Option(help="a label for the run")] = "",
+        dp: Annotated[str, typer.Option(
+            help="differential privacy: off | sample (DP-SGD) | update (user-level)")] = "off",
+        noise_multiplier: Annotated[float, typer.Option(help="DP noise multiplier")] = 1.0,
+        max_grad_norm: Annotated[float, typer.Option(help="DP-SGD per-sample clip")] = 1.0,
+        clipping_norm: Annotated[float, typer.Option(help="update-level DP clip")] = 1.0,
+        delta: Annotated[float, typer.Option(help="DP target delta")] = 1e-5,
+        accountant: Annotated[str, typer.Option(help="rdp | prv")] = "rdp",
+        dataset: Annotated[str, typer.Option(
+            help="the sites' dataset budget to charge (default: each site's default)")] = "",
         detach: Annotated[bool, typer.Option(help="submit and return at once")] = False,
         config: ConfigOpt = None, server: ServerOpt = None, ca: CaOpt = None,
     ) -> None:
@@ -101,6 +119,8 @@ def register(app: typer.Typer) -> None:
             "task": task, "strategy": strategy, "strategy_options": options, "rounds": rounds,
             "min_sites": min_sites, "local_epochs": local_epochs, "batch_size": batch_size,
             "learning_rate": lr, "seed": seed, "round_timeout_s": round_timeout, "name": name,
+            "dataset": dataset, "privacy": privacy_options(dp, noise_multiplier, max_grad_norm,
+                                                           clipping_norm, delta, accountant),
         }, where="medfed run options")
         get_task(task)
         check_options(strategy, options)

@@ -88,6 +88,30 @@ def audit(config: ConfigOpt = Path("site.toml"),
     console.print(table)
 
 
+@app.command("budget")
+def budget(config: ConfigOpt = Path("site.toml")) -> None:
+    """Privacy budget: spent and remaining epsilon per dataset, and per run, with dates."""
+    from medfed.client.ledger import PrivacyLedger
+    from medfed.core.config import SiteConfig, load_toml, resolve
+
+    cfg = load_toml(config, SiteConfig)
+    ledger = PrivacyLedger(resolve(config, cfg.privacy.ledger))
+    summary = ledger.summary()
+    table = Table("dataset", "epsilon max", "delta", "spent", "remaining", "dp required",
+                  title="privacy budget per dataset")
+    for name, b in sorted(cfg.privacy.datasets.items()):
+        spent = ledger.spent(name)
+        table.add_row(name, f"{b.epsilon_max:g}", f"{b.delta:g}", f"{spent:.4f}",
+                      f"{b.epsilon_max - spent:.4f}", "yes" if b.dp_required else "no")
+    console.print(table)
+    runs = Table("run", "dataset", "rounds", "epsilon", "uncommitted", "first", "last",
+                 title="per run (uncommitted: reserved, maybe never sent; counted as spent)")
+    for r in summary.runs:
+        runs.add_row(str(r.run_id), r.dataset, str(r.rounds), f"{r.epsilon:.4f}",
+                     str(r.reserved), str(r.first)[:19], str(r.last)[:19])
+    console.print(runs)
+
+
 @app.command("scan")
 def scan(config: ConfigOpt = Path("site.toml"),
          decode: Annotated[bool, typer.Option(help="also decode pixel data")] = True,

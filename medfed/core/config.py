@@ -15,6 +15,7 @@ import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from medfed.core.errors import ConfigError
+from medfed.core.privacy import RunPrivacy, SitePrivacyPolicy
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -131,6 +132,7 @@ class SiteConfig(_Strict):
     site: SiteSection
     data: DataSourceConfig = DataSourceConfig()
     policy: PolicySection = PolicySection()
+    privacy: SitePrivacyPolicy = SitePrivacyPolicy()
     compute: ComputeSection = ComputeSection()
 
 
@@ -151,6 +153,9 @@ class RunConfig(_Strict):
     round_timeout_s: float = Field(600.0, gt=0)
     seed: int = 0
     name: str = ""
+    privacy: RunPrivacy = RunPrivacy()
+    dataset: str = Field("", description="the site dataset budget to charge; default: the "
+                         "site's privacy.default")
 
     def to_json(self) -> str:
         """Serialise for Flower's run config (one string value)."""

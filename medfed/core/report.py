@@ -19,15 +19,17 @@ def per_site_series(
 
 
 def plot_metrics(metrics: list[dict[str, Any]], metric: str, out: Path, *, title: str) -> Path:
-    """Plot ``metric`` per site per round (evaluation) and the training loss, as a PNG."""
+    """Plot ``metric`` per site per round, the training loss and, in DP runs, epsilon (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     panels = [(metric, "evaluate"), ("train-loss", "train")]
+    if any("epsilon-run" in row for row in metrics):
+        panels.append(("epsilon-run", "train"))  # privacy spent by each site so far
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
     for ax, (name, phase) in zip(axes, panels, strict=True):
         for site, points in per_site_series(metrics, name, phase).items():
             xs, ys = zip(*points, strict=True)

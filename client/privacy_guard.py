@@ -1,0 +1,132 @@
+"""The site's privacy gate around one training round.
+
+Before training: the run's privacy settings are checked against the site's own
+policy (a run cannot loosen it), the model is validated for DP, and the round's
+epsilon is reserved in the persistent ledger (a refusal if it does not fit the
+remaining budget). After training, before the reply leaves: the reservation is
+committed. A reserved round stays charged even if the site crashes before
+sending (never under-counts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medfed.client.ledger import BudgetExceeded, PrivacyLedger, Reservation
+from medfed.core.config import RunConfig, SiteConfig, resolve
+from medfed.core.errors import ConfigError, MedfedError
+from medfed.core.privacy import DatasetBudget, check_run_against_policy
+from medfed.tasks import dp
+
+
+class PrivacyRefusal(Exception):
+    """The round may not run here; ``rule`` names the site.toml key behind it."""
+
+    def __init__(self, rule: str, reason: str) -> None:
+        super().__init__(reason)
+        self.rule = rule
+        self.reason = reason
+
+
+@dataclass
+class RoundPrivacy:
+    """What the gate decided for one round (and what goes into the audit record)."""
+
+    mode: str
+    dataset: str = ""
+    budget: DatasetBudget | None = None
+    reservation: Reservation | None = None
+    history: list[tuple[float, float, int]] = field(default_factory=list)
+
+    def record(self, run: RunConfig, steps: int) -> dict[str, Any]:
+        """The privacy part of the audit record and of the reply's metrics."""
+        if self.reservation is None:
+            return {"mode": self.mode}
+        r = self.reservation
+        return {
+            "mode": self.mode, "dataset": self.dataset, "epsilon_round": r.epsilon,
+            "epsilon_run": r.run_epsilon, "epsilon_spent": r.spent,
+            "epsilon_remaining": r.remaining, "delta": run.privacy.target_delta,
+            "accountant": run.privacy.accountant,
+            "noise_multiplier": run.privacy.noise_multiplier,
+            "clipping": run.privacy.clipping, "sample_rate": self.history[-1][1]
+            if self.history else 0.0, "steps": steps,
+        }
+
+    def metrics(self) -> dict[str, float]:
+        """Epsilon figures for the coordinator (per site, per round)."""
+        if self.reservation is None:
+            return {}
+        r = self.reservation
+        return {"epsilon": r.epsilon, "epsilon-run": r.run_epsilon,
+                "epsilon-remaining": r.remaining}
+
+
+class PrivacyGate:
+    """The site's privacy policy and ledger."""
+
+    def __init__(self, config: SiteConfig, config_path: Path) -> None:
+        self.policy = config.privacy
+        self.ledger_path = resolve(config_path, config.privacy.ledger)
+        self._ledger: PrivacyLedger | None = None
+
+    @property
+    def ledger(self) -> PrivacyLedger:
+        """The ledger, opened on first use."""
+        if self._ledger is None:
+            self._ledger = PrivacyLedger(self.ledger_path)
+        return self._ledger
+
+    def before_training(self, run: RunConfig, run_id: str, rnd: int, *, model: Any,
+                        num_examples: int, batch_size: int, epochs: int) -> RoundPrivacy:
+        """Check policy, validate the model, reserve the round's epsilon; or refuse."""
+        mode = run.privacy.mode
+        if not self.policy.datasets:
+            if mode == "off":
+                return RoundPrivacy(mode)  # the site declares no budget and requires no DP
+            raise PrivacyRefusal("privacy.datasets",
+                                 "the run asks for DP but this site has no privacy budget")
+        try:
+            name, budget = self.policy.budget_for(run.dataset)
+        except ConfigError as exc:
+            raise PrivacyRefusal("privacy.datasets", exc.what) from None
+        decision = check_run_against_policy(run.privacy, budget, dataset=name)
+        if not decision.allowed:
+            raise PrivacyRefusal(decision.rule, decision.reason)
+        if mode == "off":
+            return RoundPrivacy(mode, name, budget)
+        if mode == "sample":
+            try:
+                dp.validate_for_dp(model)
+            except MedfedError as exc:
+                raise PrivacyRefusal("task model", str(exc)) from None
+            history = dp.plan_round(num_examples, batch_size=batch_size, epochs=epochs,
+                                    noise_multiplier=run.privacy.noise_multiplier)
+        else:  # update-level: one Gaussian mechanism on the clipped update per round
+            history = [(run.privacy.noise_multiplier, 1.0, 1)]
+        try:
+            reservation = self.ledger.reserve(
+                run_id, rnd, name, budget=budget, round_history=history,
+                delta=run.privacy.target_delta, accountant=run.privacy.accountant, mode=mode)
+        except BudgetExceeded as exc:
+            raise PrivacyRefusal(f"privacy.datasets.{name}.epsilon_max", exc.what) from None
+        return RoundPrivacy(mode, name, budget, reservation, history)
+
+    def commit(self, rp: RoundPrivacy, *, steps: int) -> None:
+        """Mark the reserved spend committed; more steps than reserved blocks the reply."""
+        if rp.reservation is not None:
+            self.ledger.commit(rp.reservation.record_id,
+                               steps=steps if rp.mode == "sample" else None)
+
+
+def noised_update(global_vec: np.ndarray, local_vec: np.ndarray, run: RunConfig) -> np.ndarray:
+    """Update-level DP: global + clip-and-noise(local - global), noise from OS entropy."""
+    delta = local_vec.astype(np.float64) - global_vec.astype(np.float64)
+    noised = dp.clip_and_noise_update(delta, clipping_norm=run.privacy.clipping_norm,
+                                      noise_multiplier=run.privacy.noise_multiplier,
+                                      generator=np.random.default_rng())
+    return (global_vec.astype(np.float64) + noised).astype(np.float32)

@@ -1,0 +1,111 @@
+"""The site worker under its privacy policy: DP rounds charged to the ledger, refusals named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+from medfed.client.ledger import PrivacyLedger
+from medfed.client.worker import SiteWorker
+from medfed.core import wire
+from medfed.core.config import RunConfig, SiteConfig, validate
+from medfed.core.packing import WEIGHTS_KEY, pack
+from medfed.tasks import engine, get_task
+
+BUDGET = {"epsilon_max": 20.0, "delta": 1e-5, "min_noise_multiplier": 0.8,
+          "max_clipping_norm": 2.0, "dp_required": True}
+
+
+def make_worker(tmp: Path, **budget: object) -> SiteWorker:
+    cfg = validate(SiteConfig, {
+        "site": {"name": "site-x"}, "data": {"num_samples": 32},
+        "privacy": {"default": "brain", "datasets": {"brain": {**BUDGET, **budget}}},
+        "compute": {"threads": 1}}, where="test")
+    return SiteWorker(cfg, tmp / "site.toml")
+
+
+def train_request(run: RunConfig, rnd: int = 1) -> wire.Frame:
+    torch.manual_seed(0)
+    weights = {WEIGHTS_KEY: pack(engine.get_weights(get_task(run.task).build_model()))}
+    return wire.Frame({"op": "train", "run_id": 42, "config": {
+        wire.RUN_CONFIG_KEY: run.to_json(), wire.SERVER_ROUND_KEY: rnd}}, weights)
+
+
+def dp_run(**privacy: object) -> RunConfig:
+    return RunConfig(task="tiny-seg", privacy={"mode": "sample", "noise_multiplier": 1.0,
+                                               "max_grad_norm": 1.0, **privacy})
+
+
+def test_dp_round_is_charged_and_reported(tmp_path: Path) -> None:
+    worker = make_worker(tmp_path)
+    reply = worker.handle(train_request(dp_run()))
+    assert reply.header["ok"], reply.header
+    m = reply.header["metrics"]
+    # independent Opacus computation: 24 training examples, batch 16 -> q = 1/2, 2 steps
+    rdp = compute_rdp(q=0.5, noise_multiplier=1.0, steps=2, orders=ORDERS)
+    eps, _ = get_privacy_spent(orders=ORDERS, rdp=rdp, delta=1e-5)
+    assert m["epsilon-run"] == pytest.approx(eps, rel=1e-6)
+    assert m["epsilon-remaining"] == pytest.approx(20.0 - eps, rel=1e-6)
+    ledger = PrivacyLedger(tmp_path / "privacy" / "ledger.sqlite")
+    assert ledger.spent("brain") == pytest.approx(eps, rel=1e-6)
+    audit = [r for r in worker.audit.read() if r["event"] == "update-sent"][-1]
+    assert audit["privacy"]["mode"] == "sample"
+    assert audit["privacy"]["epsilon_round"] == pytest.approx(eps, rel=1e-6)
+
+
+ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+
+
+def test_round_over_budget_is_refused_with_the_rule(tmp_path: Path) -> None:
+    # z = 2, q = 1/2, 2 steps per round: the run's epsilon is 2.06 after one round,
+    # 2.81 after two, 3.40 after three (Opacus RDP, delta 1e-5)
+    worker = make_worker(tmp_path, epsilon_max=3.0)
+    replies = [worker.handle(train_request(dp_run(noise_multiplier=2.0), rnd=r))
+               for r in (1, 2, 3)]
+    assert [r.header["ok"] for r in replies] == [True, True, False]
+    assert replies[2].header["rule"] == "privacy.datasets.brain.epsilon_max"
+    assert "exceeded" in replies[2].header["reason"]
+    spent = PrivacyLedger(tmp_path / "privacy" / "ledger.sqlite").spent("brain")
+    assert spent == pytest.approx(2.813, abs=2e-3)
+
+
+@pytest.mark.parametrize(("privacy", "rule"), [
+    ({"mode": "off"}, "dp_required"),
+    ({"noise_multiplier": 0.5}, "min_noise_multiplier"),
+    ({"max_grad_norm": 5.0}, "max_clipping_norm"),
+])
+def test_run_loosening_the_policy_is_refused(tmp_path: Path, privacy: dict, rule: str) -> None:
+    worker = make_worker(tmp_path)
+    run = RunConfig(task="tiny-seg", privacy={"mode": "sample", "noise_multiplier": 1.0,
+                                              "max_grad_norm": 1.0, **privacy}) \
+        if privacy.get("mode") != "off" else RunConfig(task="tiny-seg")
+    reply = worker.handle(train_request(run))
+    assert not reply.header["ok"] and reply.header["status"] == "refused"
+    assert rule in reply.header["rule"]
+    assert not reply.arrays
+
+
+def test_update_level_dp_noises_the_update(tmp_path: Path) -> None:
+    worker = make_worker(tmp_path, min_noise_multiplier=0.0)
+    run = RunConfig(task="tiny-seg", privacy={"mode": "update", "noise_multiplier": 1.0,
+                                              "clipping_norm": 0.5})
+    request = train_request(run)
+    reply = worker.handle(request)
+    assert reply.header["ok"], reply.header
+    delta = reply.arrays[WEIGHTS_KEY] - request.arrays[WEIGHTS_KEY]
+    # noise std = 1.0 * 0.5 per coordinate dominates the clipped update
+    assert np.std(delta) == pytest.approx(0.5, rel=0.1)
+    assert reply.header["metrics"]["epsilon"] > 0
+
+
+def test_site_without_budget_refuses_dp_but_allows_plain_runs(tmp_path: Path) -> None:
+    cfg = validate(SiteConfig, {"site": {"name": "s"}, "data": {"num_samples": 32}},
+                   where="test")
+    worker = SiteWorker(cfg, tmp_path / "site.toml")
+    assert worker.handle(train_request(RunConfig(task="tiny-seg"))).header["ok"]
+    reply = worker.handle(train_request(dp_run()))
+    assert reply.header["status"] == "refused" and reply.header["rule"] == "privacy.datasets"
