@@ -1,15 +1,16 @@
-"""The per-message ClientApp: a thin relay to the site's warm worker.
+"""The ClientApp: a thin relay from Flower messages to the site's warm worker.
 
-Flower starts a fresh ClientApp process for every message. This module imports
-neither torch nor the task code, so that process starts in about a second; the
-worker (``medfed.client.worker``), which holds the model, the decoded data and
-the GPU context, does the work.
+It runs inside the site daemon (``medfed.client.executor``), or, under Flower's
+own isolation, in a process per message; it imports neither torch nor task code,
+so either way it is cheap. The worker (``medfed.client.worker``), which holds the
+model, the decoded data and the GPU context, does the work.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -18,8 +19,44 @@ from medfed.core import wire
 app = ClientApp()
 
 
-def _config_dict(record: ConfigRecord) -> dict[str, Any]:
-    return {k: (v.decode("latin-1") if isinstance(v, bytes) else v) for k, v in record.items()}
+def _request(op: str, msg: Message) -> wire.Frame:
+    """The local-channel frame of a Flower message.
+
+    Config values go in the header; bytes values and arrays travel as typed buffers.
+    """
+    arrays = msg.content.array_records.get(wire.ARRAYS_KEY, ArrayRecord())
+    config = msg.content.config_records.get(wire.CONFIG_KEY, ConfigRecord())
+    header_config: dict[str, Any] = {}
+    buffers = {k: a.numpy() for k, a in arrays.items()}
+    for key, value in config.items():
+        if isinstance(value, bytes):
+            buffers[wire.BYTES_PREFIX + key] = np.frombuffer(value, dtype=np.uint8)
+        else:
+            header_config[key] = value
+    return wire.Frame({"op": op, "config": header_config, "run_id": msg.metadata.run_id},
+                      buffers)
+
+
+def _reply(reply: wire.Frame, msg: Message) -> Message:
+    """The Flower reply of a worker frame (or an error naming the site and the reason)."""
+    if not reply.header.get("ok"):
+        # A refusal or failure is an explicit error reply naming the site and the reason.
+        raise RuntimeError(
+            f"site {reply.header.get('site', '?')} {reply.header.get('status', 'failed')}: "
+            f"{reply.header.get('reason', 'no reason given')}"
+        )
+    content = RecordDict({
+        wire.METRICS_KEY: MetricRecord(reply.header.get("metrics", {})),
+        wire.SITE_RECORD_KEY: ConfigRecord({"name": reply.header["site"]}),
+    })
+    blobs = {k[len(wire.BYTES_PREFIX):]: v.tobytes() for k, v in reply.arrays.items()
+             if k.startswith(wire.BYTES_PREFIX)}
+    if blobs:
+        content[wire.SECAGG_RECORD_KEY] = ConfigRecord(blobs)
+    arrays = {k: Array(v) for k, v in reply.arrays.items() if not k.startswith(wire.BYTES_PREFIX)}
+    if arrays:
+        content[wire.ARRAYS_KEY] = ArrayRecord(arrays)
+    return Message(content=content, reply_to=msg)
 
 
 def _relay(op: str, msg: Message, context: Context) -> Message:
@@ -29,34 +66,19 @@ def _relay(op: str, msg: Message, context: Context) -> Message:
             f"node config key {wire.NODE_WORKER_SOCKET!r} is missing: this SuperNode was not "
             "started by `medfed site start`"
         )
-    arrays = msg.content.array_records.get(wire.ARRAYS_KEY, ArrayRecord())
-    config = msg.content.config_records.get(wire.CONFIG_KEY, ConfigRecord())
-    request = wire.Frame(
-        header={"op": op, "config": _config_dict(config), "run_id": msg.metadata.run_id},
-        arrays={k: a.numpy() for k, a in arrays.items()},
-    )
-    reply = wire.call_worker(socket_path, request)
-    if not reply.header.get("ok"):
-        # A refusal or failure is an explicit error reply naming the site and the reason.
-        raise RuntimeError(
-            f"site {reply.header.get('site', '?')} {reply.header.get('status', 'failed')}: "
-            f"{reply.header.get('reason', 'no reason given')}"
-        )
-    content = RecordDict(
-        {
-            wire.METRICS_KEY: MetricRecord(reply.header["metrics"]),
-            wire.SITE_RECORD_KEY: ConfigRecord({"name": reply.header["site"]}),
-        }
-    )
-    if reply.arrays:
-        content[wire.ARRAYS_KEY] = ArrayRecord({k: Array(v) for k, v in reply.arrays.items()})
-    return Message(content=content, reply_to=msg)
+    return _reply(wire.call_worker(socket_path, _request(op, msg)), msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Relay a training message to the warm worker."""
     return _relay("train", msg, context)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Relay a query (secure-aggregation set-up or unmasking) to the warm worker."""
+    return _relay("query", msg, context)
 
 
 @app.evaluate()

@@ -18,21 +18,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from medfed.client.audit import AuditLog, arrays_digest
 from medfed.client.policy import decide
 from medfed.client.privacy_guard import PrivacyGate, PrivacyRefusal, noised_update
-from medfed.tasks import SiteData, Task, engine, get_task
-from medfed.tasks.dp import dp_train
-
+from medfed.client.secure_site import SecureSite
 from medfed.core import wire
 from medfed.core.config import RunConfig, SiteConfig, resolve, resolve_data_source
 from medfed.core.errors import MedfedError
 from medfed.core.packing import WEIGHTS_KEY, Layout, pack, unpack
+from medfed.tasks import SiteData, Task, engine, get_task
+from medfed.tasks.dp import dp_train
 
 log = logging.getLogger("medfed.site")
 
 
 def _seed(*parts: object) -> int:
+    # From the run's seed, the round and the site only, so a rerun of a run
+    # configuration trains the same way (reproducible comparisons). DP noise never
+    # uses it: its generators come from OS entropy (medfed.tasks.dp).
     digest = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "big") & 0x7FFF_FFFF_FFFF_FFFF
 
@@ -46,6 +50,7 @@ class SiteWorker:
     device: torch.device = field(init=False)
     audit: AuditLog = field(init=False)
     privacy: PrivacyGate = field(init=False)
+    secure: SecureSite = field(init=False)
     _data: dict[str, SiteData] = field(default_factory=dict, init=False)
     _models: dict[str, torch.nn.Module] = field(default_factory=dict, init=False)
     _layouts: dict[str, Layout] = field(default_factory=dict, init=False)
@@ -56,6 +61,7 @@ class SiteWorker:
             torch.set_num_threads(self.config.compute.threads)
         self.audit = AuditLog(resolve(self.config_path, self.config.site.audit_log))
         self.privacy = PrivacyGate(self.config, self.config_path)
+        self.secure = SecureSite(self.site, Path(self.config_path).resolve().parent)
 
     @property
     def site(self) -> str:
@@ -95,6 +101,9 @@ class SiteWorker:
         if op == "ping":
             return wire.Frame({"ok": True, "site": self.site, "metrics": {}})
         config = request.header.get("config", {})
+        blobs = {k[len(wire.BYTES_PREFIX):]: v.tobytes() for k, v in request.arrays.items()
+                 if k.startswith(wire.BYTES_PREFIX)}
+        arrays = {k: v for k, v in request.arrays.items() if not k.startswith(wire.BYTES_PREFIX)}
         run_id = request.header.get("run_id")
         try:
             run = RunConfig.from_json(str(config.get(wire.RUN_CONFIG_KEY, "")))
@@ -105,9 +114,11 @@ class SiteWorker:
             return self._refuse(run_id, decision.rule, decision.reason)
         try:
             if op == "train":
-                return self._train(run, run_id, config, request.arrays)
+                return self._train(run, run_id, config, blobs, arrays)
             if op == "evaluate":
-                return self._evaluate(run, run_id, request.arrays)
+                return self._evaluate(run, run_id, arrays)
+            if op == "query":
+                return self._query(run, run_id, config, blobs)
             return self._refuse(run_id, "op", f"unknown operation {op!r}", status="failed")
         except Exception as exc:  # reply with the reason; never crash the daemon
             log.error("%s failed: %s\n%s", op, exc, traceback.format_exc())
@@ -129,8 +140,8 @@ class SiteWorker:
         engine.set_weights(model, unpack(arrays[WEIGHTS_KEY], self._layouts[task.name]))
         return model
 
-    def _train(self, run: RunConfig, run_id: object, config: dict, arrays: dict
-               ) -> wire.Frame:
+    def _train(self, run: RunConfig, run_id: object, config: dict, blobs: dict[str, bytes],
+               arrays: dict) -> wire.Frame:
         task = get_task(run.task)
         data = self.data_for(task)
         model = self._load_global(task, arrays)
@@ -155,7 +166,7 @@ class SiteWorker:
             stats = engine.train(
                 task, model, data.train, epochs=epochs, batch_size=batch_size,
                 learning_rate=lr, device=self.device,
-                generator=torch.Generator().manual_seed(_seed(run.seed, run_id, rnd, self.site)),
+                generator=torch.Generator().manual_seed(_seed(run.seed, rnd, self.site)),
                 amp=self.config.compute.amp,
                 proximal_mu=float(config.get(wire.PROXIMAL_MU_KEY, 0.0)),
             )
@@ -163,16 +174,46 @@ class SiteWorker:
         vector = pack(engine.get_weights(model))
         if privacy.mode == "update":
             vector = noised_update(arrays[WEIGHTS_KEY], vector, run)
-        weights = {WEIGHTS_KEY: vector}
+        metrics = {"train-loss": stats.loss, "steps": stats.steps, "train-seconds": seconds,
+                   **privacy.metrics()}
+        secagg: dict[str, object] | None = None
+        if run.secure_aggregation == "off":
+            weights = {WEIGHTS_KEY: vector}
+            metrics[wire.WEIGHT_KEY] = stats.num_examples
+            protection = "tls"
+        else:  # the site's weight travels inside the masked vector, not in plaintext
+            header, masked, secagg = self.secure.mask(
+                str(run_id), rnd, config, blobs, global_vec=arrays[WEIGHTS_KEY],
+                local_vec=vector, weight=float(stats.num_examples))
+            weights = {WEIGHTS_KEY: masked, wire.BYTES_PREFIX + "update": _u8(header)}
+            protection = f"tls+secure-aggregation/{run.secure_aggregation}"
         digest, size = arrays_digest(weights)
         self.privacy.commit(privacy, steps=stats.steps)
-        metrics = {"train-loss": stats.loss, wire.WEIGHT_KEY: stats.num_examples,
-                   "steps": stats.steps, "train-seconds": seconds, **privacy.metrics()}
         # The audit record is written before the reply leaves the worker.
         self.audit.record("update-sent", run_id=run_id, round=rnd, task=run.task,
-                          bytes=size, hash=digest, protection="tls",
-                          privacy=privacy.record(run, stats.steps), metrics=metrics)
+                          bytes=size, hash=digest, protection=protection,
+                          privacy=privacy.record(run, stats.steps), secure_aggregation=secagg,
+                          metrics=metrics)
         return wire.Frame({"ok": True, "site": self.site, "metrics": metrics}, weights)
+
+    def _query(self, run: RunConfig, run_id: object, config: dict, blobs: dict[str, bytes]
+               ) -> wire.Frame:
+        """Secure-aggregation set-up (join) and unmasking (reveal) for a run."""
+        if run.secure_aggregation == "off":
+            return self._refuse(run_id, "query", "the run has secure aggregation off",
+                                status="failed")
+        if wire.SECAGG_JOIN in config:
+            out = self.secure.join(str(run_id), str(config[wire.SECAGG_JOIN]))
+            self.audit.record("secure-aggregation-joined", run_id=run_id,
+                              mode=run.secure_aggregation)
+            return wire.Frame({"ok": True, "site": self.site, "metrics": {}},
+                              {wire.BYTES_PREFIX + k: _u8(v) for k, v in out.items()})
+        if wire.SECAGG_UNMASK in blobs:
+            reveal, entry = self.secure.reveal(str(run_id), blobs[wire.SECAGG_UNMASK])
+            self.audit.record("reveal-sent", run_id=run_id, secure_aggregation=entry)
+            return wire.Frame({"ok": True, "site": self.site, "metrics": {}},
+                              {wire.BYTES_PREFIX + "reveal": _u8(reveal)})
+        return self._refuse(run_id, "query", "unknown query", status="failed")
 
     def _evaluate(self, run: RunConfig, run_id: object, arrays: dict) -> wire.Frame:
         task = get_task(run.task)
@@ -181,6 +222,10 @@ class SiteWorker:
         metrics = engine.evaluate(task, model, data.val, device=self.device)
         self.audit.record("metrics-sent", run_id=run_id, task=run.task, metrics=metrics)
         return wire.Frame({"ok": True, "site": self.site, "metrics": metrics})
+
+
+def _u8(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype=np.uint8)
 
 
 class _Handler(socketserver.BaseRequestHandler):

@@ -15,9 +15,6 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid import http_grid
-from medfed.server.recording_grid import RecordingGrid
-from medfed.strategies import build_strategy
-from medfed.tasks import get_task
 
 from medfed.core import wire
 from medfed.core.config import RunConfig
@@ -25,6 +22,12 @@ from medfed.core.flower_tuning import shorten_object_pull_backoff
 from medfed.core.packing import WEIGHTS_KEY, Layout, pack, unpack
 from medfed.core.report import plot_metrics
 from medfed.core.runs import RunFolder
+from medfed.core.secagg import SecAggConfig
+from medfed.server.recording_grid import RecordingGrid
+from medfed.server.secure_aggregation import SecureAggregation
+from medfed.strategies import build_strategy
+from medfed.strategies.registry import check_secure_aggregation
+from medfed.tasks import get_task
 
 RUNS_DIR_ENV = "MEDFED_RUNS_DIR"
 
@@ -56,9 +59,20 @@ def main(grid: Grid, context: Context) -> None:
         model = task.build_model()
         initial = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
         layout = Layout.of(initial)
+        check_secure_aggregation(run.strategy, run.secure_aggregation)
         strategy = build_strategy(run.strategy, dict(run.strategy_options),
                                   min_sites=run.min_sites)
         recorder = RecordingGrid(grid, folder)
+        if run.secure_aggregation != "off":
+            secure = SecureAggregation(
+                strategy, grid=recorder, folder=folder, run_id=str(context.run_id),
+                config=SecAggConfig(mode=run.secure_aggregation, clip_range=run.secagg_clip),
+                size=layout.size, round_timeout=run.round_timeout_s, run_json=run.to_json())
+            secure.setup(run.min_sites)
+            strategy = secure
+        else:
+            folder.event("warning", reason="secure aggregation is off: the server sees every "
+                         "site's update (debugging only)")
 
         def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
             weights = unpack(arrays[WEIGHTS_KEY].numpy(), layout)
@@ -89,6 +103,8 @@ def main(grid: Grid, context: Context) -> None:
         folder.write_summary({
             "status": "completed", "run_id": str(context.run_id), "task": run.task,
             "strategy": run.strategy, "rounds": run.rounds,
+            "protection": {"transport": "tls", "secure_aggregation": run.secure_aggregation,
+                           "privacy": run.privacy.mode},
             "seconds": round(time.time() - t0, 2),
             "round_seconds": recorder.round_seconds,
             "sites": sorted(recorder.sites_seen),

@@ -77,7 +77,8 @@ class RecordingGrid:
             if wire.SITE_RECORD_KEY in content else f"node-{node}"
         self.sites_seen.add(site)
         metrics = dict(content[wire.METRICS_KEY]) if wire.METRICS_KEY in content else {}
-        self._folder.metrics(rnd, site, phase, metrics)
+        if phase != "query":  # secure-aggregation set-up and unmasking carry no metrics
+            self._folder.metrics(rnd, site, phase, metrics)
         self._folder.event("site-replied", round=rnd, phase=phase, site=site, metrics=metrics)
 
     def finish_round(self, rnd: int, *, checkpoint: str) -> None:

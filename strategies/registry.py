@@ -85,6 +85,25 @@ def check_options(name: str, options: dict[str, Any]) -> None:
         )
 
 
+# Strategies that look at each site's update (robust statistics, per-site losses): with
+# secure aggregation the server only ever holds the sum, so they cannot run.
+NEEDS_INDIVIDUAL_UPDATES = {"fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan",
+                            "qfedavg"}
+
+
+def check_secure_aggregation(name: str, mode: str) -> None:
+    """Refuse a strategy that needs individual updates when secure aggregation is on."""
+    if mode != "off" and name in NEEDS_INDIVIDUAL_UPDATES:
+        raise ConfigError(
+            f"Strategy {name!r} needs every site's individual update, but with secure "
+            f"aggregation ({mode}) the server only learns their sum.",
+            where="--strategy / --secure-aggregation",
+            expected="a strategy that aggregates a (weighted) mean: fedavg, fedprox, fedavgm, "
+            "fedadam, fedyogi, fedadagrad",
+            fix=f"choose one of those, or (debugging only) --secure-aggregation off with {name}",
+        )
+
+
 def build_strategy(name: str, options: dict[str, Any], *, min_sites: int) -> fl.Strategy:
     """Instantiate strategy ``name`` with validated options and medfed's node counts."""
     check_options(name, options)

@@ -90,3 +90,10 @@ def test_site_budget_lists_spend(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert "default" in out.stdout and "77" in out.stdout
     assert f"{res.epsilon:.4f}" in out.stdout
+
+
+def test_robust_strategy_with_secure_aggregation_is_refused(tmp_path: Path) -> None:
+    out = medfed("run", "--task", "tiny-seg", "--strategy", "krum", "--server", "127.0.0.1:1",
+                 "--ca", "x.pem", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "individual update" in out.stderr and "secure" in out.stderr

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from medfed.server.superlink import start_superlink
 
 from medfed.core.config import RunConfig
 from medfed.core.errors import ProcessError
 from medfed.core.procs import Managed
 from medfed.local import LocalFederation
 from medfed.local.federation import site_daemon_argv
+from medfed.server.superlink import start_superlink
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,6 @@ def test_two_sites_two_rounds_and_an_unenrolled_site_is_refused(short_tmp: Path)
         fed.create(site_data=lambda i, name: {"num_samples": 32})
         # a third site the coordinator never enrolled
         from medfed.client.site import init_site
-
         from medfed.core.procs import free_port
 
         rogue = init_site(short_tmp / "rogue", name="rogue", federation_ca=fed.fed.ca_cert,
@@ -92,3 +91,26 @@ def test_site_with_wrong_ca_is_told_so(short_tmp: Path) -> None:
             time.sleep(0.5)
     log = (short_tmp / "site-a" / "logs" / "daemon.log").read_text()
     assert "not signed by the federation CA" in log
+
+
+def test_secure_aggregation_gives_the_plain_global_model(short_tmp: Path) -> None:
+    fed = LocalFederation(short_tmp, ["site-a", "site-b", "site-c"], name="sa")
+    with fed:
+        fed.create(site_data=lambda i, name: {"num_samples": 32})
+        fed.start()
+        plain, s1 = fed.run(RunConfig(task="tiny-seg", rounds=2, min_sites=3,
+                                      secure_aggregation="off"), timeout=300)
+        secure, s2 = fed.run(RunConfig(task="tiny-seg", rounds=2, min_sites=3), timeout=300)
+    assert s1["status"] == s2["status"] == "completed"
+    assert s2["protection"]["secure_aggregation"] == "default"
+    bound = [e["error_bound"] for e in secure.read_events() if e["event"] == "secure-aggregation"]
+    assert len(bound) == 2
+    a, b = np.load(plain.checkpoint_file(1)), np.load(secure.checkpoint_file(1))
+    for key in a.files:
+        np.testing.assert_allclose(b[key], a[key], atol=bound[0] + 1e-6, rtol=0)
+    # round 2 trains from models that differ by at most the bound: the results agree
+    d1, d2 = (s["evaluate_metrics"]["2"]["dice"] for s in (s1, s2))
+    assert abs(d1 - d2) < 0.02
+    # the server never received a plaintext update: every site audited a masked one
+    audit = (short_tmp / "site-a" / "audit.jsonl").read_text()
+    assert "tls+secure-aggregation/default" in audit

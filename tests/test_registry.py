@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 from flwr.serverapp import strategy as fl
-from medfed.strategies import STRATEGIES, build_strategy, strategy_options
-from medfed.strategies.registry import check_options
-from medfed.tasks import TASKS, get_task
 
 from medfed.core.errors import ConfigError, MedfedError, UnknownNameError
 from medfed.core.registry import Registry
+from medfed.strategies import STRATEGIES, build_strategy, strategy_options
+from medfed.strategies.registry import check_options
+from medfed.tasks import TASKS, get_task
 
 
 def test_duplicate_name_rejected() -> None:
@@ -68,3 +68,13 @@ def test_strategy_options_checked() -> None:
 
 def test_tiny_seg_is_registered() -> None:
     assert "tiny-seg" in TASKS.names()
+
+
+@pytest.mark.parametrize("name", ["fedmedian", "krum", "fedtrimmedavg", "bulyan"])
+def test_robust_strategy_refused_with_secure_aggregation(name: str) -> None:
+    from medfed.strategies.registry import check_secure_aggregation
+
+    with pytest.raises(ConfigError, match="individual update"):
+        check_secure_aggregation(name, "default")
+    check_secure_aggregation(name, "off")
+    check_secure_aggregation("fedadam", "strict")

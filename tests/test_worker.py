@@ -34,7 +34,7 @@ def request(op: str, run: RunConfig, arrays: dict[str, np.ndarray], rnd: int = 1
 
 def test_train_returns_an_update_of_the_same_size_and_audits_it(tmp_path: Path) -> None:
     worker = make_worker(tmp_path)
-    run = RunConfig(task="tiny-seg")
+    run = RunConfig(secure_aggregation="off", task="tiny-seg")
     start = global_weights()
     reply = worker.handle(request("train", run, start))
     assert reply.header["ok"], reply.header
@@ -47,7 +47,7 @@ def test_train_returns_an_update_of_the_same_size_and_audits_it(tmp_path: Path) 
 
 
 def test_evaluate_reports_task_metrics(tmp_path: Path) -> None:
-    reply = make_worker(tmp_path).handle(request("evaluate", RunConfig(task="tiny-seg"),
+    reply = make_worker(tmp_path).handle(request("evaluate", RunConfig(secure_aggregation="off", task="tiny-seg"),
                                                  global_weights()))
     assert reply.header["ok"]
     assert {"dice", "loss", "num-examples"} <= set(reply.header["metrics"])
@@ -55,7 +55,7 @@ def test_evaluate_reports_task_metrics(tmp_path: Path) -> None:
 
 def test_policy_refusal_is_explicit_and_logged(tmp_path: Path) -> None:
     worker = make_worker(tmp_path, allowed_strategies=["fedavg"])
-    reply = worker.handle(request("train", RunConfig(task="tiny-seg", strategy="krum"),
+    reply = worker.handle(request("train", RunConfig(secure_aggregation="off", task="tiny-seg", strategy="krum"),
                                   global_weights()))
     assert not reply.header["ok"]
     assert reply.header["status"] == "refused"
@@ -67,9 +67,9 @@ def test_policy_refusal_is_explicit_and_logged(tmp_path: Path) -> None:
 
 def test_unknown_task_and_bad_weights_fail_with_reason(tmp_path: Path) -> None:
     worker = make_worker(tmp_path)
-    reply = worker.handle(request("train", RunConfig(task="tiny-sge"), global_weights()))
+    reply = worker.handle(request("train", RunConfig(secure_aggregation="off", task="tiny-sge"), global_weights()))
     assert reply.header["status"] == "failed" and "did you mean" in reply.header["reason"]
-    reply = worker.handle(request("train", RunConfig(task="tiny-seg"),
+    reply = worker.handle(request("train", RunConfig(secure_aggregation="off", task="tiny-seg"),
                                   {WEIGHTS_KEY: np.zeros(3, np.float32)}))
     assert reply.header["status"] == "failed" and "model differs" in reply.header["reason"]
     reply = worker.handle(wire.Frame({"op": "train", "config": {}}))

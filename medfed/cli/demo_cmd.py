@@ -28,15 +28,20 @@ def register(app: typer.Typer) -> None:
         strategy: Annotated[str, typer.Option(help="strategy name")] = "fedavg",
         dp: Annotated[str, typer.Option(help="off | sample (DP-SGD) | update")] = "off",
         noise_multiplier: Annotated[float, typer.Option(help="DP noise multiplier")] = 1.0,
+        secure_aggregation: Annotated[str, typer.Option(
+            help="default | strict | off (debugging only)")] = "default",
     ) -> None:
         """Run a server and sites with their own data on loopback (TLS), train, report, stop."""
         from medfed.core.config import RunConfig
         from medfed.local import LocalFederation
-        from medfed.strategies.registry import check_options
+        from medfed.strategies.registry import check_options, check_secure_aggregation
         from medfed.tasks import get_task
 
         get_task(task)
         check_options(strategy, {})
+        check_secure_aggregation(strategy, secure_aggregation)
+        if secure_aggregation == "off":
+            console.print("[bold yellow]warning:[/] secure aggregation is off (debugging only)")
         signal.signal(signal.SIGTERM, interrupt_on_signal)  # stop everything, as on Ctrl-C
         root = out or Path("medfed-demo") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         names = [f"site-{i + 1}" for i in range(sites)]
@@ -51,7 +56,8 @@ def register(app: typer.Typer) -> None:
                 privacy = {"mode": dp, "noise_multiplier": noise_multiplier} \
                     if dp != "off" else {}
                 run = RunConfig(task=task, strategy=strategy, rounds=rounds, min_sites=sites,
-                                name="demo", privacy=privacy)
+                                name="demo", privacy=privacy,
+                                secure_aggregation=secure_aggregation)
                 folder, summary = fed.run(run, on_event=ProgressView(console, rounds))
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]: every process the demo started is stopped; "

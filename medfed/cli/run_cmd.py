@@ -103,6 +103,9 @@ def register(app: typer.Typer) -> None:
         clipping_norm: Annotated[float, typer.Option(help="update-level DP clip")] = 1.0,
         delta: Annotated[float, typer.Option(help="DP target delta")] = 1e-5,
         accountant: Annotated[str, typer.Option(help="rdp | prv")] = "rdp",
+        secure_aggregation: Annotated[str, typer.Option(
+            help="default | strict | off (off: the server sees each update; debugging only)")
+        ] = "default",
         dataset: Annotated[str, typer.Option(
             help="the sites' dataset budget to charge (default: each site's default)")] = "",
         detach: Annotated[bool, typer.Option(help="submit and return at once")] = False,
@@ -111,7 +114,7 @@ def register(app: typer.Typer) -> None:
         """Launch a federated run on a running server and follow it."""
         from medfed.core.config import RunConfig, validate
         from medfed.server.follow import follow_run
-        from medfed.strategies.registry import check_options
+        from medfed.strategies.registry import check_options, check_secure_aggregation
         from medfed.tasks import get_task
 
         options = dict(parse_option(o) for o in strategy_option or [])
@@ -119,11 +122,16 @@ def register(app: typer.Typer) -> None:
             "task": task, "strategy": strategy, "strategy_options": options, "rounds": rounds,
             "min_sites": min_sites, "local_epochs": local_epochs, "batch_size": batch_size,
             "learning_rate": lr, "seed": seed, "round_timeout_s": round_timeout, "name": name,
-            "dataset": dataset, "privacy": privacy_options(dp, noise_multiplier, max_grad_norm,
+            "dataset": dataset, "secure_aggregation": secure_aggregation,
+            "privacy": privacy_options(dp, noise_multiplier, max_grad_norm,
                                                            clipping_norm, delta, accountant),
         }, where="medfed run options")
         get_task(task)
         check_options(strategy, options)
+        check_secure_aggregation(strategy, secure_aggregation)
+        if secure_aggregation == "off":
+            console.print("[bold yellow]warning:[/] secure aggregation is off: the server will "
+                          "see every site's update (use only for debugging)")
         target = Target(config, server, ca)
         with target.control() as control:
             run_id = control.submit(run_config)

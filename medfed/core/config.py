@@ -154,6 +154,11 @@ class RunConfig(_Strict):
     seed: int = 0
     name: str = ""
     privacy: RunPrivacy = RunPrivacy()
+    secure_aggregation: Literal["default", "strict", "off"] = Field(
+        "default", description="pairwise-masked updates; 'off' only for debugging")
+    secagg_clip: float = Field(
+        1.0, gt=0, description="each coordinate of a site's update (local - global) is "
+        "clipped to +-secagg_clip before quantization")
     dataset: str = Field("", description="the site dataset budget to charge; default: the "
                          "site's privacy.default")
 

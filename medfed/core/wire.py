@@ -27,6 +27,16 @@ METRICS_KEY = "metrics"
 SITE_RECORD_KEY = "medfed-site"  # reply ConfigRecord: {"name": site, ...}
 WEIGHT_KEY = "num-examples"  # Flower strategies' default weighting key
 
+# ---- secure aggregation (medfed.core.secagg) on Flower messages
+SECAGG_JOIN = "secagg-join"  # query config: the run's SecAggConfig as JSON
+SECAGG_UNMASK = "secagg-unmask"  # query config: UnmaskRequest bytes
+SECAGG_ROSTER = "secagg-roster"  # train config: Roster bytes
+SECAGG_DIRECTORY = "secagg-directory"  # train config: JSON {site: identity key hex}
+SECAGG_PARTICIPANTS = "secagg-participants"  # train config: JSON list of site ids
+SECAGG_DEADLINE = "secagg-deadline"  # train config: epoch seconds; no update after it
+SECAGG_RECORD_KEY = "medfed-secagg"  # reply ConfigRecord: advert/identity/update/reveal bytes
+BYTES_PREFIX = "bytes:"  # local channel: a bytes value travels as a uint8 array
+
 # ---- node config keys given to the SuperNode by `medfed site start`
 NODE_WORKER_SOCKET = "medfed-worker"
 NODE_SITE_NAME = "medfed-site"

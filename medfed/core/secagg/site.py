@@ -117,6 +117,23 @@ class SiteSession:
         self._rounds: dict[int, _SiteRound] = {}
 
     # ---- setup (once per run)
+    def pin_directory(self, directory: Mapping[str, bytes]) -> None:
+        """Adopt the identity keys of all sites, before the roster (once per run).
+
+        For a site that learns its peers only when a run starts: it advertises
+        first, then receives the directory with the roster. The directory must
+        carry this site's own key unchanged.
+        """
+        checked = check_directory(directory)
+        if checked.get(self.site_id) != self.identity.public_bytes:
+            raise RosterError("the directory carries another identity key for this site",
+                              where=f"site {self.site_id!r}", fix="stop the run: the relay "
+                              "substituted this site's identity")
+        if self._order:
+            raise RosterError("the directory arrived after the roster",
+                              where=f"site {self.site_id!r}")
+        self.directory = checked
+
     def advertise(self) -> KeyAdvert:
         """Sign and return the per-run X25519 public key (one short message)."""
         advert = KeyAdvert(self.site_id, self.run_id, self._public)

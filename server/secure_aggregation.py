@@ -1,0 +1,196 @@
+"""Secure aggregation around any mean-aggregating Flower Message-API strategy.
+
+The wrapped strategy keeps its own logic (FedAvg, FedProx, FedAvgM, FedAdam,
+FedYogi, FedAdagrad): each round it is handed ONE reply whose arrays are the
+securely aggregated weighted mean (global + mean of the sites' masked updates)
+and whose weight is the sites' total, so server optimizers act on the mean as
+they would without encryption. The server never holds one site's update.
+
+Message flow (docs/secure-aggregation.md): once per run, a short join query in
+which every site advertises its per-run key; then one message per round (the
+masked update); after a dropout (default mode) or every round (strict mode), one
+short unmasking query to the survivors.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+from medfed.core import wire
+from medfed.core.errors import MedfedError
+from medfed.core.packing import WEIGHTS_KEY
+from medfed.core.runs import RunFolder
+from medfed.core.secagg import (
+    Aggregator,
+    KeyAdvert,
+    MaskedUpdate,
+    RecoveryError,
+    Reveal,
+    Roster,
+    SecAggConfig,
+    SecAggError,
+)
+
+DEADLINE_MARGIN = 0.1  # sites stop sending this fraction of the round timeout early
+
+
+class SecureAggregation(Strategy):
+    """Wraps ``inner`` so that it only ever sees the securely aggregated mean."""
+
+    def __init__(self, inner: Strategy, *, grid: Grid, folder: RunFolder, run_id: str,
+                 config: SecAggConfig, size: int, round_timeout: float, run_json: str) -> None:
+        self.inner = inner
+        self.grid = grid
+        self.folder = folder
+        self.run_id = run_id
+        self.config = config
+        self.size = size
+        self.round_timeout = round_timeout
+        self.run_json = run_json
+        self.aggregator: Aggregator | None = None
+        self.site_of: dict[int, str] = {}
+        self.roster_bytes = b""
+        self.directory: dict[str, str] = {}
+        self._global: np.ndarray | None = None
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, min_sites: int) -> None:
+        """Once per run: collect every site's signed key advert and build the roster."""
+        sample_nodes(self.grid, min_sites, min_sites)  # waits until min_sites are online
+        nodes = list(self.grid.get_node_ids())
+        join = ConfigRecord({wire.RUN_CONFIG_KEY: self.run_json,
+                             wire.SECAGG_JOIN: json.dumps(self.config.to_dict())})
+        replies = self.grid.send_and_receive(
+            [Message(RecordDict({wire.CONFIG_KEY: join}), dst_node_id=n,
+                     message_type=MessageType.QUERY) for n in nodes],
+            timeout=self.round_timeout)
+        adverts: list[KeyAdvert] = []
+        directory: dict[str, bytes] = {}
+        for reply in replies:
+            if reply.has_error() or wire.SECAGG_RECORD_KEY not in reply.content:
+                continue
+            record = reply.content[wire.SECAGG_RECORD_KEY]
+            advert = KeyAdvert.from_bytes(bytes(record["advert"]))
+            adverts.append(advert)
+            directory[advert.site_id] = bytes(record["identity"])
+            self.site_of[reply.metadata.src_node_id] = advert.site_id
+        if len(adverts) < min_sites:
+            raise MedfedError(
+                f"Secure aggregation needs {min_sites} sites, {len(adverts)} joined.",
+                fix="see the site errors above (refusals name the site's rule); or lower "
+                "--min-sites")
+        roster = Roster.of(self.run_id, adverts)
+        self.aggregator = Aggregator(self.config, self.run_id, roster, directory=directory,
+                                     size=self.size)
+        self.roster_bytes = roster.to_bytes()
+        self.directory = {s: k.hex() for s, k in directory.items()}
+        self.folder.event("secure-aggregation-ready", mode=self.config.mode,
+                          sites=list(roster.site_ids), threshold=self.aggregator.threshold)
+
+    # --------------------------------------------------------------- training
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """The inner strategy's messages, for roster sites, with this round's secagg keys."""
+        assert self.aggregator is not None, "call setup() first"
+        self._global = arrays[WEIGHTS_KEY].numpy().astype(np.float32)
+        messages = [m for m in self.inner.configure_train(server_round, arrays, config, grid)
+                    if m.metadata.dst_node_id in self.site_of]
+        participants = sorted(self.site_of[m.metadata.dst_node_id] for m in messages)
+        deadline = time.time() + self.round_timeout * (1 - DEADLINE_MARGIN)
+        for message in messages:
+            cfg = message.content[wire.CONFIG_KEY]
+            cfg[wire.SECAGG_ROSTER] = self.roster_bytes
+            cfg[wire.SECAGG_DIRECTORY] = json.dumps(self.directory)
+            cfg[wire.SECAGG_PARTICIPANTS] = json.dumps(participants)
+            cfg[wire.SECAGG_DEADLINE] = deadline
+        self.aggregator.begin_round(server_round, participants=participants)
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Add the masked updates, unmask if needed, hand the mean to the inner strategy."""
+        assert self.aggregator is not None and self._global is not None
+        metrics: list[dict[str, Any]] = []
+        for reply in replies:
+            if reply.has_error() or wire.SECAGG_RECORD_KEY not in reply.content:
+                continue
+            site = self.site_of.get(reply.metadata.src_node_id, "?")
+            try:
+                update = MaskedUpdate.from_parts(
+                    bytes(reply.content[wire.SECAGG_RECORD_KEY]["update"]),
+                    reply.content[wire.ARRAYS_KEY][WEIGHTS_KEY].numpy())
+                self.aggregator.add(update)
+            except (SecAggError, KeyError) as exc:
+                self.folder.event("update-rejected", round=server_round, site=site,
+                                  reason=f"{type(exc).__name__}: {exc}")
+                continue
+            if wire.METRICS_KEY in reply.content:
+                metrics.append(dict(reply.content[wire.METRICS_KEY]))
+        try:
+            status = self.aggregator.close_collection(server_round, deadline_passed=True)
+            if status.needs_unmasking:
+                self._unmask(server_round, status.unmask)
+            mean_delta, total = self.aggregator.result(server_round)
+        except (RecoveryError, SecAggError) as exc:
+            self.folder.event("round-lost", round=server_round, reason=str(exc))
+            return None, None
+        self.folder.event("secure-aggregation", round=server_round, mode=self.config.mode,
+                          survivors=list(status.survivors), dropped=list(status.dropped),
+                          error_bound=self.aggregator.error_bound(server_round))
+        mean = (self._global.astype(np.float64) + mean_delta).astype(np.float32)
+        summary = {k: float(np.mean([m[k] for m in metrics])) for k in
+                   (set.intersection(*(set(m) for m in metrics)) if metrics else set())
+                   if k != wire.WEIGHT_KEY}
+        combined = Message(
+            RecordDict({wire.ARRAYS_KEY: ArrayRecord({WEIGHTS_KEY: Array(mean)}),
+                        wire.METRICS_KEY: MetricRecord({**summary, wire.WEIGHT_KEY: total})}),
+            dst_node_id=0, message_type=MessageType.TRAIN)
+        return self.inner.aggregate_train(server_round, [combined])
+
+    def _unmask(self, server_round: int, requests: dict[str, Any]) -> None:
+        assert self.aggregator is not None
+        node_of = {s: n for n, s in self.site_of.items()}
+        messages = [Message(RecordDict({wire.CONFIG_KEY: ConfigRecord({
+            wire.RUN_CONFIG_KEY: self.run_json, wire.SECAGG_UNMASK: request.to_bytes(),
+            wire.SERVER_ROUND_KEY: server_round})}), dst_node_id=node_of[site],
+            message_type=MessageType.QUERY) for site, request in requests.items()]
+        for reply in self.grid.send_and_receive(messages, timeout=self.round_timeout):
+            if reply.has_error() or wire.SECAGG_RECORD_KEY not in reply.content:
+                continue
+            try:
+                self.aggregator.add_reveal(
+                    Reveal.from_bytes(bytes(reply.content[wire.SECAGG_RECORD_KEY]["reveal"])))
+            except SecAggError as exc:
+                self.folder.event("reveal-rejected", round=server_round, reason=str(exc))
+
+    # ------------------------------------------------------ evaluation, summary
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """Evaluation is unchanged: the global model is not secret."""
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        """Delegated to the inner strategy."""
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        """The inner strategy's summary."""
+        self.inner.summary()
