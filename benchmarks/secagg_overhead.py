@@ -1,0 +1,64 @@
+"""Secure aggregation overhead in a deployment: round time with and without it, one run.
+
+One federation on loopback (TLS, site authentication, 3 real site daemons),
+brain-tissue-seg (a 206k-parameter MONAI UNet; small synthetic sites so that the
+protocol's cost is not hidden behind training), 3 rounds per mode, all modes on
+the same running federation:
+
+- anchor: ``--secure-aggregation off`` (the server sees every update);
+- value: ``default`` (pairwise masks agreed once per run, one masked update per
+  round) and ``strict`` (double masking, one extra unmasking message per round).
+
+Figure: median seconds per round; ratio secure / plain. Target (issue 5):
+default <= 1.25. The in-process 10 sites x 10M parameters figures (time per round,
+server memory) come from ``benchmarks/secagg_core.py``. Not measured here: Flower's
+legacy SecAgg+ workflow (issue 5 asks for it beside medfed's).
+
+Run: ``python benchmarks/secagg_overhead.py [--rounds N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+from pathlib import Path
+
+from medfed.core.config import RunConfig
+from medfed.local import LocalFederation
+
+TASK = "brain-tissue-seg"
+
+
+def main() -> None:
+    """Run off / default / strict on one federation; print medians and BENCH lines."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="medfed-sa-"))
+    medians: dict[str, float] = {}
+    try:
+        with LocalFederation(tmp, ["site-1", "site-2", "site-3"], name="sa") as fed:
+            fed.create(site_data=lambda i, name: {"num_samples": 16})
+            fed.start(timeout=300)
+            for mode in ("off", "default", "strict", "off"):
+                _, summary = fed.run(RunConfig(task=TASK, rounds=args.rounds, min_sites=3,
+                                               secure_aggregation=mode), timeout=1800)
+                if summary.get("status") != "completed":
+                    raise RuntimeError(f"{mode}: {summary}")
+                rounds = list(summary["round_seconds"].values())[1:] or \
+                    list(summary["round_seconds"].values())  # round 1 warms the sites up
+                medians[mode] = min(medians.get(mode, float("inf")), statistics.median(rounds))
+                print(f"{mode:>7}: seconds per round {summary['round_seconds']}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    plain = medians["off"]
+    print(f"BENCH secagg_overhead default_round_seconds value={medians['default']:.3f} "
+          f"anchor={plain:.3f} ratio={medians['default'] / plain:.3f} target<=1.25 unit=s")
+    print(f"BENCH secagg_overhead strict_round_seconds value={medians['strict']:.3f} "
+          f"anchor={plain:.3f} ratio={medians['strict'] / plain:.3f} unit=s")
+
+
+if __name__ == "__main__":
+    main()
