@@ -12,6 +12,7 @@ from cryptography import x509
 
 from medfed.core.config import ServerConfig, SuperLinkSection, load_toml, resolve, write_toml
 from medfed.core.errors import ConfigError, IdentityError
+from medfed.core.files import atomic_write
 from medfed.core.identity import (
     CertificateAuthority,
     load_certificate,
@@ -20,7 +21,6 @@ from medfed.core.identity import (
     public_key_pem,
     save_server_identity,
 )
-from medfed.core.runs import atomic_write
 
 SERVER_TOML_HEADER = """\
 # medfed federation server configuration (written by `medfed server init`).

@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
         import numpy as np
 
         from medfed.core.errors import ConfigError
-        from medfed.core.runs import atomic_write
+        from medfed.core.files import atomic_write
         from medfed.data.sites import site_sources
         from medfed.tasks import engine, get_task
         from medfed.tasks.baseline import run_baseline

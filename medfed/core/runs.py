@@ -20,7 +20,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,26 +28,12 @@ from typing import Any
 import numpy as np
 
 from medfed.core.config import RunConfig
+from medfed.core.files import atomic_savez, atomic_write
 
 
 def now_iso() -> str:
     """UTC time stamp."""
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file and rename (never a torn file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -128,17 +113,7 @@ class RunFolder:
 
     def save_checkpoint(self, server_round: int, weights: dict[str, np.ndarray]) -> Path:
         """Write the global model of ``server_round`` atomically (numpy .npz, no pickle)."""
-        path = self.checkpoint_file(server_round)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
-        os.close(fd)
-        try:
-            np.savez(tmp, **weights)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_savez(self.checkpoint_file(server_round), **weights)
 
     @property
     def cross_site_file(self) -> Path:

@@ -11,13 +11,13 @@ moved into place with :func:`os.replace`, so a reader never sees half a file.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from medfed.core.files import atomic_savez
 
 
 @dataclass(frozen=True)
@@ -88,23 +88,13 @@ class SeriesCache:
 
     def put(self, series_uid: str, source_fingerprint: str, series: CachedSeries) -> Path:
         """Store a decoded series atomically, replacing any older entry."""
-        path = self.entry_path(series_uid)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=self.folder)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                np.savez(
-                    handle,
-                    fingerprint=np.array(source_fingerprint),
-                    image=series.image,
-                    affine=series.affine,
-                    has_label=np.array(series.label is not None),
-                    label=series.label if series.label is not None else np.zeros(0, np.int16),
-                )
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        path = atomic_savez(
+            self.entry_path(series_uid),
+            fingerprint=np.array(source_fingerprint),
+            image=series.image,
+            affine=series.affine,
+            has_label=np.array(series.label is not None),
+            label=series.label if series.label is not None else np.zeros(0, np.int16),
+        )
         self.stats.writes += 1
         return path
