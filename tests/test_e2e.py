@@ -114,3 +114,36 @@ def test_secure_aggregation_gives_the_plain_global_model(short_tmp: Path) -> Non
     # the server never received a plaintext update: every site audited a masked one
     audit = (short_tmp / "site-a" / "audit.jsonl").read_text()
     assert "tls+secure-aggregation/default" in audit
+
+
+def test_a_site_dropping_mid_run_is_recovered_by_the_survivors(short_tmp: Path) -> None:
+    """DP + secure aggregation + a refusal: site-c's budget fits round 1 only, so it drops
+    out of round 2; the survivors reveal that round's masks and the run goes on."""
+    import tomllib
+
+    import tomli_w
+
+    fed = LocalFederation(short_tmp, ["site-a", "site-b", "site-c"], name="drop")
+    with fed:
+        fed.create(site_data=lambda i, name: {"num_samples": 32})
+        for name, cfg in fed.site_configs.items():
+            data = tomllib.loads(cfg.read_text())
+            data["privacy"]["datasets"]["default"]["epsilon_max"] = \
+                2.5 if name == "site-c" else 100.0
+            cfg.write_text(tomli_w.dumps(data))
+        fed.start()
+        # z = 2, q = 1/2, 2 steps per round: run epsilon 2.06 after round 1, 2.81 after 2
+        folder, summary = fed.run(RunConfig(
+            task="tiny-seg", rounds=2, min_sites=2, round_timeout_s=60,
+            privacy={"mode": "sample", "noise_multiplier": 2.0, "max_grad_norm": 1.0}),
+            timeout=300)
+    assert summary["status"] == "completed", summary
+    rounds = {e["round"]: e for e in folder.read_events() if e["event"] == "secure-aggregation"}
+    assert rounds[1]["dropped"] == [] and rounds[2]["dropped"] == ["site-c"]
+    assert rounds[2]["survivors"] == ["site-a", "site-b"]
+    refused = [e for e in folder.read_events() if e["event"] == "site-error"]
+    assert any("epsilon_max" in e["reason"] for e in refused)
+    audit_a = (short_tmp / "site-a" / "audit.jsonl").read_text()
+    assert '"reveal-sent"' in audit_a and "server_declared_dropped" in audit_a
+    final = np.load(folder.checkpoint_file(2))
+    assert all(np.isfinite(final[k]).all() for k in final.files)
