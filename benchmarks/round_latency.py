@@ -45,8 +45,12 @@ def _flwr_env(home: Path) -> dict[str, str]:
             "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def run_stock(root: Path, rounds: int) -> list[float]:
-    """Stock Flower: SuperLink + SuperNodes + `flwr run`; returns seconds per round."""
+def run_stock(root: Path, rounds: int, app: Path = HERE / "stock_flower_app",
+              extra_config: str = "") -> list[float]:
+    """Stock Flower: SuperLink + SuperNodes + `flwr run` of ``app``; returns seconds per round.
+
+    The app's ServerApp writes ``round_seconds`` to ``out-dir/result.json``.
+    """
     certs, keys, home = root / "certs", root / "keys", root / "flwr_home"
     ca = CertificateAuthority.create("stock")
     ca.save(certs / "ca.pem", certs / "ca.key")
@@ -81,8 +85,9 @@ def run_stock(root: Path, rounds: int) -> list[float]:
             ], root / f"node{i}.log", env=env))
         _wait_stock_online(env, SITES)
         out = root / "result"
-        subprocess.run([str(BIN / "flwr"), "run", str(HERE / "stock_flower_app"), "bench",
-                        "-c", f"out-dir='{out}' num-server-rounds={rounds} min-nodes={SITES}"],
+        subprocess.run([str(BIN / "flwr"), "run", str(app), "bench", "-c",
+                        f"out-dir='{out}' num-server-rounds={rounds} min-nodes={SITES} "
+                        f"{extra_config}".strip()],
                        env={**os.environ, **env}, check=True, capture_output=True, timeout=120)
         deadline = time.time() + 120 * rounds
         while not (out / "result.json").exists():

@@ -9,10 +9,14 @@ the same running federation:
 - value: ``default`` (pairwise masks agreed once per run, one masked update per
   round) and ``strict`` (double masking, one extra unmasking message per round).
 
-Figure: median seconds per round; ratio secure / plain. Target (issue 5):
-default <= 1.25. The in-process 10 sites x 10M parameters figures (time per round,
-server memory) come from ``benchmarks/secagg_core.py``. Not measured here: Flower's
-legacy SecAgg+ workflow (issue 5 asks for it beside medfed's).
+Beside it, stock Flower 1.42 on the same kind of deployment (TLS, SuperNode
+authentication, 3 SuperNodes, ``flwr run``): its legacy ``DefaultWorkflow`` with
+FedAvg, plain vs ``SecAggPlusWorkflow`` (the only secure aggregation Flower ships),
+on an MLP of the same size (205,825 parameters; ``benchmarks/stock_secaggplus_app``).
+
+Figures: median seconds per round; ratio secure / plain for each. Target (issue 5):
+medfed default <= 1.25. The in-process 10 sites x 10M parameters figures (time per
+round, server memory) come from ``benchmarks/secagg_core.py``.
 
 Run: ``python benchmarks/secagg_overhead.py [--rounds N]``.
 """
@@ -22,11 +26,16 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
 from medfed.core.config import RunConfig
 from medfed.local import LocalFederation
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from round_latency import run_stock  # noqa: E402  (the stock Flower deployment, shared)
 
 TASK = "brain-tissue-seg"
 
@@ -54,6 +63,24 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     plain = medians["off"]
+    flower = {}
+    for mode in ("plain", "secaggplus"):
+        app = tmp.with_name(tmp.name + f"-{mode}")
+        shutil.copytree(HERE / "stock_secaggplus_app", app)
+        (app / "pyproject.toml").write_text(
+            (app / "pyproject.template.toml").read_text().replace(
+                "CLIENTAPP", f"legacyapp.client:{mode}"))
+        try:
+            seconds = run_stock(Path(str(app) + "-deploy"), args.rounds + 1, app=app,
+                                extra_config=f"secaggplus={str(mode != 'plain').lower()}")
+        finally:
+            shutil.rmtree(app, ignore_errors=True)
+            shutil.rmtree(Path(str(app) + "-deploy"), ignore_errors=True)
+        flower[mode] = statistics.median(seconds[1:])
+        print(f"flower legacy {mode:>10}: seconds per round {seconds}")
+    print(f"BENCH secagg_overhead flower_secaggplus_round_seconds value={flower['secaggplus']:.3f} "
+          f"anchor={flower['plain']:.3f} ratio={flower['secaggplus'] / flower['plain']:.3f} "
+          f"unit=s")
     print(f"BENCH secagg_overhead default_round_seconds value={medians['default']:.3f} "
           f"anchor={plain:.3f} ratio={medians['default'] / plain:.3f} target<=1.25 unit=s")
     print(f"BENCH secagg_overhead strict_round_seconds value={medians['strict']:.3f} "

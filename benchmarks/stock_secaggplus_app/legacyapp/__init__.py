@@ -1,0 +1,1 @@
+"""Stock Flower legacy-workflow app (NumPyClient, DefaultWorkflow, optional SecAgg+)."""
