@@ -12,7 +12,7 @@ from rich.console import Console
 
 from medfed.core.errors import MedfedError
 
-console = Console()
+console = Console(soft_wrap=True)  # paths are never broken across lines
 err_console = Console(stderr=True, soft_wrap=True)  # errors are never cut mid-path
 
 app = typer.Typer(
