@@ -32,6 +32,16 @@ _LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _TOL_VOXEL = 0.1
 
 
+def read_manifest_text(path: Path) -> str:
+    """The manifest's text, or a MedfedError naming the file."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise MedfedError(
+            "cannot read the label manifest", where=str(path), fix="check the path in site.toml"
+        ) from exc
+
+
 def load_manifest(path: Path) -> dict[str, Path]:
     """Read a label manifest: SeriesInstanceUID -> absolute label path.
 
@@ -40,12 +50,7 @@ def load_manifest(path: Path) -> dict[str, Path]:
     MedfedError
         The manifest is unreadable or malformed, or names a missing file.
     """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise MedfedError(
-            "cannot read the label manifest", where=str(path), fix="check the path in site.toml"
-        ) from exc
+    text = read_manifest_text(path)
     if path.suffix.lower() == ".csv":
         entries = _parse_csv(text, path)
     else:

@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 from medfed.core.errors import MedfedError
+from medfed.data.labels import read_manifest_text
 
 _EXPECTED = '"targets": {"<SeriesInstanceUID>": {"<name>": <number>, ...}, ...}'
 
@@ -33,12 +34,7 @@ def load_targets(path: Path) -> dict[str, dict[str, float]]:
     MedfedError
         The manifest is unreadable, not JSON, or its ``targets`` is malformed.
     """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise MedfedError(
-            "cannot read the label manifest", where=str(path), fix="check the path in site.toml"
-        ) from exc
+    text = read_manifest_text(path)
     if path.suffix.lower() == ".csv":
         return {}
     try:
