@@ -28,6 +28,7 @@ class RecordingGrid:
         self.sites_seen: set[str] = set()
         self.round_seconds: dict[int, float] = {}
         self._round_start: dict[int, float] = {}
+        self._evaluated: dict[int, list[dict[str, Any]]] = {}  # round -> sites' eval metrics
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
@@ -79,17 +80,18 @@ class RecordingGrid:
         metrics = dict(content[wire.METRICS_KEY]) if wire.METRICS_KEY in content else {}
         if phase != "query":  # secure-aggregation set-up and unmasking carry no metrics
             self._folder.metrics(rnd, site, phase, metrics)
+        if phase == "evaluate":
+            self._evaluated.setdefault(rnd, []).append(metrics)
         self._folder.event("site-replied", round=rnd, phase=phase, site=site, metrics=metrics)
 
     def finish_round(self, rnd: int, *, checkpoint: str) -> None:
         """Record the round's end: its duration and the weighted global metrics."""
         seconds = time.time() - self._round_start.get(rnd, time.time())
         self.round_seconds[rnd] = round(seconds, 3)
-        rows = [m for m in self._folder.read_metrics()
-                if m["round"] == rnd and m["phase"] == "evaluate" and m["site"] != "global"]
+        rows = self._evaluated.pop(rnd, [])
         total = sum(float(m.get(wire.WEIGHT_KEY, 0)) for m in rows)
         if rows and total > 0:
-            keys = set.intersection(*(set(m) for m in rows)) - {"round", "site", "phase"}
+            keys = set.intersection(*(set(m) for m in rows))
             glob = {k: sum(float(m[k]) * float(m[wire.WEIGHT_KEY]) for m in rows) / total
                     for k in keys if k != wire.WEIGHT_KEY}
             glob[wire.WEIGHT_KEY] = total
