@@ -110,6 +110,19 @@ def write_series(
     return paths
 
 
+
+def _shared_groups(geometry: SyntheticGeometry) -> DicomSequence:
+    """Orientation and pixel measures shared by every frame of a multi-frame object."""
+    shared = Dataset()
+    shared.PlaneOrientationSequence = _item(
+        ImageOrientationPatient=[float(v) for v in geometry.orientation]
+    )
+    shared.PixelMeasuresSequence = _item(
+        PixelSpacing=[float(geometry.spacing[1]), float(geometry.spacing[0])],
+        SliceThickness=float(geometry.spacing[2]),
+    )
+    return DicomSequence([shared])
+
 def write_multiframe(
     path: Path,
     stored: np.ndarray,
@@ -128,15 +141,7 @@ def write_multiframe(
     order = list(frame_order) if frame_order is not None else list(range(stored.shape[2]))
     ds = _base(ENHANCED_CT_STORAGE, "CT", generate_uid(), generate_uid())
     ds.NumberOfFrames = len(order)
-    shared = Dataset()
-    shared.PlaneOrientationSequence = _item(
-        ImageOrientationPatient=[float(v) for v in geometry.orientation]
-    )
-    shared.PixelMeasuresSequence = _item(
-        PixelSpacing=[float(geometry.spacing[1]), float(geometry.spacing[0])],
-        SliceThickness=float(geometry.spacing[2]),
-    )
-    ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
+    ds.SharedFunctionalGroupsSequence = _shared_groups(geometry)
     groups = []
     for k in order:
         group = Dataset()
@@ -175,15 +180,7 @@ def write_seg(
     ref = Dataset()
     ref.SeriesInstanceUID = series_uid
     ds.ReferencedSeriesSequence = DicomSequence([ref])
-    shared = Dataset()
-    shared.PlaneOrientationSequence = _item(
-        ImageOrientationPatient=[float(v) for v in geometry.orientation]
-    )
-    shared.PixelMeasuresSequence = _item(
-        PixelSpacing=[float(geometry.spacing[1]), float(geometry.spacing[0])],
-        SliceThickness=float(geometry.spacing[2]),
-    )
-    ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
+    ds.SharedFunctionalGroupsSequence = _shared_groups(geometry)
     frames, groups = [], []
     for number in segments:
         for k in range(labels.shape[2]):
