@@ -2,21 +2,35 @@
 
 The update that leaves the site is ``mask(local - global)``: the server can only
 recover the sum over sites. Nothing here ever falls back to sending a plaintext
-update: any failure refuses the round (fail closed).
+update: any failure refuses the round (fail closed). Peer identity keys are pinned
+on first use (peer_pins.py); each run's state is kept on disk until the run ends
+(secagg_sessions.py), so a daemon restart does not drop the site from its run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from medfed.client.peer_pins import PINS_FILE, PeerPins
+from medfed.client.secagg_sessions import KEEP_DAYS, SESSIONS_DIR, SessionStore
 from medfed.core import wire
 from medfed.core.errors import MedfedError
 from medfed.core.identity import write_private
-from medfed.core.secagg import Roster, SecAggConfig, SiteIdentity, SiteSession, UnmaskRequest
+from medfed.core.secagg import (
+    ProtocolError,
+    Roster,
+    SecAggConfig,
+    SiteIdentity,
+    SiteSession,
+    UnmaskRequest,
+    fingerprint,
+)
 
 IDENTITY_FILE = "keys/secagg-identity.key"
 
@@ -29,15 +43,33 @@ def load_identity(site_dir: Path) -> SiteIdentity:
     return SiteIdentity.from_private_bytes(path.read_bytes())
 
 
-class SecureSite:
-    """Secure-aggregation sessions of one site, by run."""
+@dataclass
+class _Run:
+    session: SiteSession
+    masked: dict[int, str] = field(default_factory=dict)  # round -> sha256 of the update
+    restored: frozenset[int] = frozenset()  # rounds masked before a daemon restart
 
-    def __init__(self, site: str, site_dir: Path) -> None:
+    def state(self) -> dict[str, Any]:
+        return {"session": self.session.to_state(),
+                "masked": {str(r): d for r, d in self.masked.items()}}
+
+
+def _update_digest(delta: np.ndarray, weight: float) -> str:
+    return hashlib.sha256(np.ascontiguousarray(delta).tobytes()
+                          + repr(float(weight)).encode()).hexdigest()
+
+
+class SecureSite:
+    """Secure-aggregation sessions of one site, by run (in memory, mirrored on disk)."""
+
+    def __init__(self, site: str, site_dir: Path, *, keep_days: float = KEEP_DAYS) -> None:
         self.site = site
         self.site_dir = site_dir
+        self.pins = PeerPins(site_dir / PINS_FILE)
+        self.store = SessionStore(site_dir / SESSIONS_DIR)
+        self.store.prune(keep_days)  # fallback for runs that never ended cleanly
         self._identity: SiteIdentity | None = None
-        self._sessions: dict[str, SiteSession] = {}
-        self._with_roster: set[str] = set()
+        self._runs: dict[str, _Run] = {}
 
     @property
     def identity(self) -> SiteIdentity:
@@ -51,41 +83,86 @@ class SecureSite:
         config = SecAggConfig.from_dict(json.loads(config_json))
         session = SiteSession(self.site, self.identity, config, run_id,
                               directory={self.site: self.identity.public_bytes})
-        self._sessions[run_id] = session
+        run = _Run(session)
+        self.store.save(run_id, run.state())  # before the advert leaves: a restart keeps it
+        self._runs[run_id] = run
         return {"advert": session.advertise().to_bytes(),
                 "identity": self.identity.public_bytes}
 
+    def _run(self, run_id: str) -> _Run:
+        if run_id not in self._runs:  # after a daemon restart: resume from disk
+            state = self.store.load(run_id)
+            if state is None:
+                raise MedfedError(
+                    f"Run {run_id} asks for secure aggregation but this site holds no session "
+                    "for it (it never joined, or the run ended); the round is refused.",
+                    where=str(self.store.path(run_id)), fix="the coordinator restarts the run")
+            try:
+                masked = {int(r): str(d) for r, d in state["masked"].items()}
+                session = SiteSession.from_state(self.identity, state["session"])
+            except (KeyError, ValueError, TypeError, AttributeError) as exc:
+                raise MedfedError(
+                    f"The secure-aggregation state of run {run_id} is damaged ({exc!r}); "
+                    "the round is refused.", where=str(self.store.path(run_id)),
+                    fix="the coordinator restarts the run") from None
+            self._runs[run_id] = _Run(session, masked, frozenset(masked))
+        return self._runs[run_id]
+
     def session(self, run_id: str) -> SiteSession:
-        """The run's session (it must have joined)."""
-        if run_id not in self._sessions:
-            raise MedfedError(
-                f"Run {run_id} asks for a masked update but this site never joined its "
-                "secure aggregation (the daemon may have restarted); the round is refused.",
-                fix="the coordinator restarts the run")
-        return self._sessions[run_id]
+        """The run's session (it must have joined; reloaded from disk after a restart)."""
+        return self._run(run_id).session
+
+    def end_run(self, run_id: str) -> None:
+        """Forget the run: its secret key must not outlive it, in memory or on disk."""
+        self._runs.pop(run_id, None)
+        self.store.delete(run_id)
 
     def mask(self, run_id: str, rnd: int, config: dict[str, Any], blobs: dict[str, bytes],
              *, global_vec: np.ndarray, local_vec: np.ndarray, weight: float
              ) -> tuple[bytes, np.ndarray, dict[str, Any]]:
         """Mask ``local - global`` for round ``rnd``; returns header, vector, audit entry."""
-        session = self.session(run_id)
-        if run_id not in self._with_roster:  # first round: adopt the directory, then the roster
+        run = self._run(run_id)
+        session = run.session
+        pinned: dict[str, str] = {}
+        if not session.has_roster:  # first round: check the directory, then the roster
             directory = {s: bytes.fromhex(k) for s, k in
                          json.loads(str(config[wire.SECAGG_DIRECTORY])).items()}
+            new = self.pins.check(directory, own=self.site)  # a changed peer key fails here
             session.pin_directory(directory)
             session.accept_roster(Roster.from_bytes(blobs[wire.SECAGG_ROSTER]))
-            self._with_roster.add(run_id)
-        delta = local_vec.astype(np.float64) - global_vec.astype(np.float64)
+            self.pins.add(directory, new, run_id=run_id)
+            pinned = {s: fingerprint(directory[s]) for s in new}
+        delta = (local_vec.astype(np.float64) - global_vec.astype(np.float64)).astype(np.float32)
+        digest = _update_digest(delta, weight)
+        if rnd in run.masked:
+            what = "this update" if run.masked[rnd] == digest else "a DIFFERENT update"
+            raise ProtocolError(
+                f"round {rnd} of run {run_id} was already masked and sent with {what}; the "
+                "round is refused (two updates under one round's pairwise masks would reveal "
+                "their difference to the server)", where=f"site {self.site!r}",
+                fix="the round is lost for this site; it takes part again from the next one")
         update = session.mask_update(
-            rnd, delta.astype(np.float32), weight,
+            rnd, delta, weight,
             participants=json.loads(str(config[wire.SECAGG_PARTICIPANTS])),
             deadline=float(config[wire.SECAGG_DEADLINE]))
+        run.masked[rnd] = digest
+        self.store.save(run_id, run.state())  # recorded before the update leaves the site
         header, vector = update.to_parts()
-        return header, vector, session.audit_entry(rnd)
+        entry = session.audit_entry(rnd)
+        if pinned:
+            entry["peers_pinned"] = pinned  # trust on first use: audited
+        return header, vector, entry
 
     def reveal(self, run_id: str, request_bytes: bytes) -> tuple[bytes, dict[str, Any]]:
         """Answer an unmasking request; returns the reveal and the audit entry to write first."""
-        session = self.session(run_id)
+        run = self._run(run_id)
         request = UnmaskRequest.from_bytes(request_bytes)
-        reveal = session.reveal(request)
-        return reveal.to_bytes(), session.audit_entry(request.server_round)
+        if request.server_round in run.restored:
+            raise ProtocolError(
+                f"round {request.server_round} was masked before the site daemon restarted; "
+                "what this site revealed for it then is not known, so it reveals nothing "
+                "(a second, different answer could expose its update)",
+                where=f"site {self.site!r}, run {run_id}",
+                fix="the round is lost; later rounds are unaffected")
+        reveal = run.session.reveal(request)
+        return reveal.to_bytes(), run.session.audit_entry(request.server_round)

@@ -142,3 +142,35 @@ def scan(config: ConfigOpt = Path("site.toml"),
     out = report or Path(config).resolve().parent / "scan-report.json"
     result.write_json(out)
     console.print(f"report (counts only, no patient identifiers): {out}")
+
+
+@app.command("peers")
+def peers(config: ConfigOpt = Path("site.toml"),
+          forget: Annotated[str | None, typer.Option(
+              "--forget", help="remove this peer's pinned identity key (it re-keyed)")] = None
+          ) -> None:
+    """Pinned peer identity keys (trust on first use) and this site's own fingerprint."""
+    from medfed.client.peer_pins import PINS_FILE, PeerPins
+    from medfed.client.secure_site import load_identity
+    from medfed.core.config import SiteConfig, load_toml
+    from medfed.core.secagg import fingerprint
+
+    cfg = load_toml(config, SiteConfig)
+    site_dir = Path(config).resolve().parent  # the folder the site daemon uses
+    pins = PeerPins(site_dir / PINS_FILE)
+    if forget is not None:
+        pin = pins.forget(forget)
+        console.print(f"[green]forgot[/] {pin.site} ({pin.fingerprint}); the next run pins "
+                      "the key it then presents")
+        return
+    own = fingerprint(load_identity(site_dir).public_bytes)
+    console.print(f"this site {cfg.site.name!r}: {own}   (compare out of band with peers)")
+    console.print(f"pinned peers: {pins.path}", highlight=False)
+    pinned = pins.load()
+    if not pinned:
+        console.print("no peer pinned yet: peers are pinned at the first secure round")
+        return
+    table = Table("peer", "fingerprint", "first seen", "run")
+    for pin in sorted(pinned.values(), key=lambda p: p.site):
+        table.add_row(pin.site, pin.fingerprint, pin.first_seen[:19], pin.run_id)
+    console.print(table)

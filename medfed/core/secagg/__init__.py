@@ -22,7 +22,7 @@ from medfed.core.secagg.errors import (
     UnknownSiteError,
     UpdateRejected,
 )
-from medfed.core.secagg.identity import SiteIdentity
+from medfed.core.secagg.identity import SiteIdentity, fingerprint
 from medfed.core.secagg.messages import KeyAdvert, MaskedUpdate, Reveal, Roster, UnmaskRequest
 from medfed.core.secagg.quantize import error_bound
 from medfed.core.secagg.server import Aggregator, RoundStatus
@@ -34,5 +34,5 @@ __all__ = [
     "ReplayedUpdateError", "Reveal", "Roster", "RosterError", "RoundStatus", "SecAggConfig",
     "SecAggConfigError", "SecAggError", "SiteIdentity", "SiteSession", "TamperedUpdateError",
     "TruncatedUpdateError", "UnknownSiteError", "UnmaskRequest", "UpdateRejected",
-    "error_bound",
+    "error_bound", "fingerprint",
 ]

@@ -9,6 +9,7 @@ man in the middle) nor forge, replay or alter an update unnoticed.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -78,3 +79,8 @@ def check_directory(directory: Mapping[str, bytes]) -> dict[str, bytes]:
             ) from None
         out[site] = bytes(key)
     return out
+
+
+def fingerprint(public: bytes) -> str:
+    """Short SHA-256 fingerprint of an identity public key, for operators to compare."""
+    return "sha256:" + hashlib.sha256(public).hexdigest()[:32]

@@ -105,11 +105,12 @@ class SiteSession:
         if directory.get(site_id) != identity.public_bytes:
             raise RosterError("this site's identity key differs from its enrolled one",
                               where=f"site {site_id!r}", fix="re-enrol the site identity")
-        # fresh per run, never leaves this object
+        # fresh per run; leaves this object only via to_state (owner-only file, deleted at run end)
         self._key = exchange_key if exchange_key is not None else X25519PrivateKey.generate()
         self._public = self._key.public_key().public_bytes(
             serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         self._pairs: dict[str, bytes] = {}
+        self._roster: Roster | None = None
         self._order: tuple[str, ...] = ()
         self._fp: FixedPoint | None = None
         self._threshold = 0
@@ -166,7 +167,45 @@ class SiteSession:
             pairs[advert.site_id] = prg.pair_secret(shared, self.run_id, self.site_id,
                                                     self._public, advert.site_id, advert.public_key)
         self._pairs = pairs
+        self._roster = roster
         self._order = roster.site_ids
+
+    @property
+    def has_roster(self) -> bool:
+        """True once the run's roster is accepted (pair secrets derived)."""
+        return self._roster is not None
+
+    # ---- resume after a site daemon restart
+    def to_state(self) -> dict[str, Any]:
+        """JSON-ready state to resume this run: holds the run's SECRET X25519 key.
+
+        Only what re-derives the pair secrets (key, directory, roster) and the last
+        masked round, so a resumed session still never masks a round twice. Per-round
+        reveal records are not kept: a resumed session refuses to reveal for rounds
+        masked before it (it cannot know what it already answered).
+        """
+        return {
+            "site": self.site_id, "run": self.run_id, "config": self.config.to_dict(),
+            "exchange_key": self._key.private_bytes(
+                serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                serialization.NoEncryption()).hex(),
+            "directory": {s: k.hex() for s, k in self.directory.items()},
+            "roster": None if self._roster is None else self._roster.to_bytes().hex(),
+            "last_round": self._last_round,
+        }
+
+    @classmethod
+    def from_state(cls, identity: SiteIdentity, state: Mapping[str, Any]) -> SiteSession:
+        """Rebuild a session from :meth:`to_state` (the roster is verified again)."""
+        session = cls(str(state["site"]), identity, SecAggConfig.from_dict(state["config"]),
+                      str(state["run"]),
+                      directory={s: bytes.fromhex(k) for s, k in state["directory"].items()},
+                      exchange_key=X25519PrivateKey.from_private_bytes(
+                          bytes.fromhex(state["exchange_key"])))
+        if state["roster"] is not None:
+            session.accept_roster(Roster.from_bytes(bytes.fromhex(state["roster"])))
+        session._last_round = int(state["last_round"])
+        return session
 
     @property
     def threshold(self) -> int:
