@@ -23,11 +23,13 @@ from medfed.client.audit import AuditLog, arrays_digest
 from medfed.client.policy import decide
 from medfed.client.privacy_guard import PrivacyGate, PrivacyRefusal, noised_update
 from medfed.client.secure_site import SecureSite
+from medfed.client.site_local import SiteLocalStore
 from medfed.core import wire
 from medfed.core.config import RunConfig, SiteConfig, resolve, resolve_data_source
 from medfed.core.errors import MedfedError
-from medfed.core.packing import WEIGHTS_KEY, Layout, pack, unpack
+from medfed.core.packing import WEIGHTS_KEY, Layout, pack, shared_state, unpack
 from medfed.tasks import SiteData, Task, engine, get_task
+from medfed.tasks.adaptation import local_keys
 from medfed.tasks.dp import dp_train
 
 log = logging.getLogger("medfed.site")
@@ -51,9 +53,11 @@ class SiteWorker:
     audit: AuditLog = field(init=False)
     privacy: PrivacyGate = field(init=False)
     secure: SecureSite = field(init=False)
+    site_local: SiteLocalStore = field(init=False)
     _data: dict[str, SiteData] = field(default_factory=dict, init=False)
     _models: dict[str, torch.nn.Module] = field(default_factory=dict, init=False)
-    _layouts: dict[str, Layout] = field(default_factory=dict, init=False)
+    _shared: dict[tuple[str, str], tuple[frozenset[str], Layout]] = field(
+        default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         self.device = engine.select_device(self.config.compute.device)
@@ -62,6 +66,7 @@ class SiteWorker:
         self.audit = AuditLog(resolve(self.config_path, self.config.site.audit_log))
         self.privacy = PrivacyGate(self.config, self.config_path)
         self.secure = SecureSite(self.site, Path(self.config_path).resolve().parent)
+        self.site_local = SiteLocalStore(Path(self.config_path).resolve().parent)
 
     @property
     def site(self) -> str:
@@ -81,10 +86,17 @@ class SiteWorker:
     def model_for(self, task: Task) -> torch.nn.Module:
         """A model instance per task, reused across rounds (weights replaced each round)."""
         if task.name not in self._models:
-            model = task.build_model()
-            self._layouts[task.name] = Layout.of(engine.get_weights(model))
-            self._models[task.name] = model.to(self.device)
+            self._models[task.name] = task.build_model().to(self.device)
         return self._models[task.name]
+
+    def shared_spec(self, task: Task, adaptation: str) -> tuple[frozenset[str], Layout]:
+        """The keys this site keeps under ``adaptation`` and the layout of the rest."""
+        key = (task.name, adaptation)
+        if key not in self._shared:
+            model = self.model_for(task)
+            local = local_keys(task, model, adaptation)
+            self._shared[key] = local, Layout.of(shared_state(engine.get_weights(model), local))
+        return self._shared[key]
 
     def warm_up(self, task_names: list[str]) -> None:
         """Load data and build models ahead of the first round."""
@@ -116,7 +128,7 @@ class SiteWorker:
             if op == "train":
                 return self._train(run, run_id, config, blobs, arrays)
             if op == "evaluate":
-                return self._evaluate(run, run_id, arrays)
+                return self._evaluate(run, run_id, config, arrays)
             if op == "query":
                 return self._query(run, run_id, config, blobs)
             return self._refuse(run_id, "op", f"unknown operation {op!r}", status="failed")
@@ -133,18 +145,34 @@ class SiteWorker:
         return wire.Frame({"ok": False, "site": self.site, "status": status, "rule": rule,
                            "reason": reason})
 
-    def _load_global(self, task: Task, arrays: dict[str, np.ndarray]) -> torch.nn.Module:
+    def _load_global(self, task: Task, run: RunConfig, run_id: object,
+                     arrays: dict[str, np.ndarray]) -> torch.nn.Module:
+        """The task model with the global weights and this site's own local parameters."""
         if WEIGHTS_KEY not in arrays:
             raise ValueError(f"the message carries no {WEIGHTS_KEY!r} array")
         model = self.model_for(task)
-        engine.set_weights(model, unpack(arrays[WEIGHTS_KEY], self._layouts[task.name]))
+        local, layout = self.shared_spec(task, run.adaptation)
+        weights = unpack(arrays[WEIGHTS_KEY], layout)
+        if local:
+            weights.update(self.site_local.load(str(run_id))
+                           or self._initial_local(task, run, local))
+        engine.set_weights(model, weights)
         return model
+
+    @staticmethod
+    def _initial_local(task: Task, run: RunConfig, local: frozenset[str]
+                       ) -> dict[str, np.ndarray]:
+        # The same initial values as the server's model of the run (same seed).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(run.seed)
+            fresh = engine.get_weights(task.build_model())
+        return {k: fresh[k] for k in local}
 
     def _train(self, run: RunConfig, run_id: object, config: dict, blobs: dict[str, bytes],
                arrays: dict) -> wire.Frame:
         task = get_task(run.task)
         data = self.data_for(task)
-        model = self._load_global(task, arrays)
+        model = self._load_global(task, run, run_id, arrays)
         rnd = int(config.get(wire.SERVER_ROUND_KEY, 0))
         hp = task.defaults
         epochs = run.local_epochs or hp.local_epochs
@@ -171,7 +199,11 @@ class SiteWorker:
                 proximal_mu=float(config.get(wire.PROXIMAL_MU_KEY, 0.0)),
             )
         seconds = time.perf_counter() - t0
-        vector = pack(engine.get_weights(model))
+        trained = engine.get_weights(model)
+        local, _ = self.shared_spec(task, run.adaptation)
+        if local:  # kept at the site, written before the reply leaves
+            self.site_local.save(str(run_id), {k: trained[k] for k in local})
+        vector = pack(shared_state(trained, local))
         if privacy.mode == "update":
             vector = noised_update(arrays[WEIGHTS_KEY], vector, run)
         metrics = {"train-loss": stats.loss, "steps": stats.steps, "train-seconds": seconds,
@@ -215,12 +247,19 @@ class SiteWorker:
                               {wire.BYTES_PREFIX + "reveal": _u8(reveal)})
         return self._refuse(run_id, "query", "unknown query", status="failed")
 
-    def _evaluate(self, run: RunConfig, run_id: object, arrays: dict) -> wire.Frame:
+    def _evaluate(self, run: RunConfig, run_id: object, config: dict, arrays: dict
+                  ) -> wire.Frame:
         task = get_task(run.task)
         data = self.data_for(task)
-        model = self._load_global(task, arrays)
+        model = self._load_global(task, run, run_id, arrays)
         metrics = engine.evaluate(task, model, data.val, device=self.device)
         self.audit.record("metrics-sent", run_id=run_id, task=run.task, metrics=metrics)
+        last_round = int(config.get(wire.SERVER_ROUND_KEY, 0)) >= run.rounds
+        if run.secure_aggregation != "off" and last_round:
+            # The last round's evaluation follows its unmasking: the run's pairwise secrets
+            # are no longer needed, and kept they could unmask a stored update later.
+            self.secure.end_run(str(run_id))
+            self.audit.record("secure-aggregation-ended", run_id=run_id)
         return wire.Frame({"ok": True, "site": self.site, "metrics": metrics})
 
 

@@ -19,7 +19,7 @@ from flwr.superlink.grid import http_grid
 from medfed.core import wire
 from medfed.core.config import RunConfig
 from medfed.core.flower_tuning import shorten_object_pull_backoff
-from medfed.core.packing import WEIGHTS_KEY, Layout, pack, unpack
+from medfed.core.packing import WEIGHTS_KEY, Layout, pack, shared_state, unpack
 from medfed.core.report import plot_metrics
 from medfed.core.runs import RunFolder
 from medfed.core.secagg import SecAggConfig
@@ -28,6 +28,7 @@ from medfed.server.secure_aggregation import SecureAggregation
 from medfed.strategies import build_strategy
 from medfed.strategies.registry import check_secure_aggregation
 from medfed.tasks import get_task
+from medfed.tasks.adaptation import local_keys
 
 RUNS_DIR_ENV = "MEDFED_RUNS_DIR"
 
@@ -57,8 +58,15 @@ def main(grid: Grid, context: Context) -> None:
         task = get_task(run.task)
         torch.manual_seed(run.seed)
         model = task.build_model()
-        initial = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+        # Parameters a site keeps (domain adaptation) are neither sent nor aggregated:
+        # the global model, its checkpoints and the masked vectors hold the rest.
+        local = local_keys(task, model, run.adaptation)
+        initial = shared_state(
+            {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}, local)
         layout = Layout.of(initial)
+        if local:
+            folder.event("adaptation", hook=run.adaptation, site_local_tensors=len(local),
+                         site_local_values=sum(model.state_dict()[k].numel() for k in local))
         check_secure_aggregation(run.strategy, run.secure_aggregation)
         strategy = build_strategy(run.strategy, dict(run.strategy_options),
                                   min_sites=run.min_sites)
@@ -96,7 +104,10 @@ def main(grid: Grid, context: Context) -> None:
         last = {m["site"]: {k: v for k, v in m.items() if k not in ("round", "site", "phase")}
                 for m in metrics if m["round"] == run.rounds and m["phase"] == "evaluate"
                 and m["site"] != "global"}
-        folder.write_cross_site({"global": last}, metric=task.primary_metric)
+        folder.write_cross_site(
+            {"global": last}, metric=task.primary_metric,
+            note=f"each site scored the shared model with its own site-local parameters "
+                 f"(adaptation {run.adaptation!r})" if local else "")
         plot_metrics(metrics, task.primary_metric, folder.plot_file,
                      title=f"{run.task} / {run.strategy} (run {context.run_id})")
         final = {str(r): dict(m) for r, m in result.evaluate_metrics_clientapp.items()}
@@ -105,6 +116,7 @@ def main(grid: Grid, context: Context) -> None:
             "strategy": run.strategy, "rounds": run.rounds,
             "protection": {"transport": "tls", "secure_aggregation": run.secure_aggregation,
                            "privacy": run.privacy.mode},
+            "adaptation": {"hook": run.adaptation, "site_local_parameters": sorted(local)},
             "seconds": round(time.time() - t0, 2),
             "round_seconds": recorder.round_seconds,
             "sites": sorted(recorder.sites_seen),

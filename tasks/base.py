@@ -54,6 +54,12 @@ class Task:
         Builds the site's splits from its declared data source.
     defaults : Hyperparameters
         Default local-training hyperparameters.
+    input_block : tuple[str, ...]
+        Module names of the model's first block (what first sees the image's
+        intensities), which the ``site-input-block`` adaptation keeps at each site.
+    output_block : tuple[str, ...]
+        Module names of the model's last block (the prediction head), which the
+        ``site-input-output`` adaptation keeps at each site beside the input block.
     """
 
     name: str
@@ -64,3 +70,5 @@ class Task:
     primary_metric: str
     load_site_data: Callable[[DataSourceConfig], SiteData]
     defaults: Hyperparameters = field(default_factory=Hyperparameters)
+    input_block: tuple[str, ...] = ()
+    output_block: tuple[str, ...] = ()

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from medfed.tasks import engine
-from medfed.tasks.base import SiteData, Task
 from torch import nn
 from torch.utils.data import ConcatDataset
+
+from medfed.tasks import engine
+from medfed.tasks.base import SiteData, Task
 
 Mode = Literal["centralized", "local"]
 Matrix = dict[str, dict[str, dict[str, float]]]  # model -> site -> metrics

@@ -52,11 +52,11 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from medfed.tasks.base import Task
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from medfed.core.errors import MedfedError
+from medfed.tasks.base import Task
 
 AccountantName = Literal["rdp", "prv"]
 #: One accountant history entry, as Opacus keeps it: (noise_multiplier, sample_rate, steps).

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from medfed.tasks.base import Task
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+
+from medfed.tasks.base import Task
 
 
 def select_device(preference: str = "auto") -> torch.device:

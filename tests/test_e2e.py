@@ -101,7 +101,18 @@ def test_secure_aggregation_gives_the_plain_global_model(short_tmp: Path) -> Non
         plain, s1 = fed.run(RunConfig(task="tiny-seg", rounds=2, min_sites=3,
                                       secure_aggregation="off"), timeout=300)
         secure, s2 = fed.run(RunConfig(task="tiny-seg", rounds=2, min_sites=3), timeout=300)
-    assert s1["status"] == s2["status"] == "completed"
+        adapted, s3 = fed.run(RunConfig(task="tiny-seg", rounds=2, min_sites=3,
+                                        adaptation="site-input-block"), timeout=300)
+    assert s1["status"] == s2["status"] == s3["status"] == "completed"
+    # Site-local parameters (domain adaptation) stay at the sites, even masked.
+    local = set(s3["adaptation"]["site_local_parameters"])
+    shared, every = (set(np.load(f.checkpoint_file(2)).files) for f in (adapted, plain))
+    assert local and shared and not local & shared and local | shared == every
+    for site in ("site-a", "site-b", "site-c"):
+        kept = np.load(short_tmp / site / "site-local" / f"run-{s3['run_id']}.npz")
+        assert set(kept.files) == set(local)
+        # The run's pairwise secrets were deleted after its last round.
+        assert not list((short_tmp / site / "secagg" / "sessions").glob("*.json"))
     assert s2["protection"]["secure_aggregation"] == "default"
     bound = [e["error_bound"] for e in secure.read_events() if e["event"] == "secure-aggregation"]
     assert len(bound) == 2
@@ -119,9 +130,8 @@ def test_secure_aggregation_gives_the_plain_global_model(short_tmp: Path) -> Non
 def test_a_site_dropping_mid_run_is_recovered_by_the_survivors(short_tmp: Path) -> None:
     """DP + secure aggregation + a refusal: site-c's budget fits round 1 only, so it drops
     out of round 2; the survivors reveal that round's masks and the run goes on."""
-    import tomllib
-
     import tomli_w
+    import tomllib
 
     fed = LocalFederation(short_tmp, ["site-a", "site-b", "site-c"], name="drop")
     with fed:

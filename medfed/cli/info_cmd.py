@@ -1,4 +1,4 @@
-"""`medfed strategies` and `medfed tasks`: what is registered."""
+"""`medfed strategies`, `medfed tasks` and `medfed adaptations`: what is registered."""
 
 from __future__ import annotations
 
@@ -33,4 +33,14 @@ def register(app: typer.Typer) -> None:
         for name in TASKS.names():
             task = TASKS.get(name)
             table.add_row(name, task.description, task.primary_metric, TASKS.origin(name))
+        console.print(table)
+
+    @app.command("adaptations")
+    def adaptations() -> None:
+        """List domain-adaptation hooks: which parameters each site keeps local."""
+        from medfed.tasks.adaptation import ADAPTATIONS
+
+        table = Table("name", "description", "origin")
+        for name in ADAPTATIONS.names():
+            table.add_row(name, ADAPTATIONS.get(name).description, ADAPTATIONS.origin(name))
         console.print(table)

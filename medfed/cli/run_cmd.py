@@ -108,6 +108,9 @@ def register(app: typer.Typer) -> None:
         ] = "default",
         dataset: Annotated[str, typer.Option(
             help="the sites' dataset budget to charge (default: each site's default)")] = "",
+        adaptation: Annotated[str, typer.Option(
+            help="domain-adaptation hook: parameters each site keeps local "
+                 "(`medfed adaptations`)")] = "none",
         detach: Annotated[bool, typer.Option(help="submit and return at once")] = False,
         config: ConfigOpt = None, server: ServerOpt = None, ca: CaOpt = None,
     ) -> None:
@@ -116,6 +119,7 @@ def register(app: typer.Typer) -> None:
         from medfed.server.follow import follow_run
         from medfed.strategies.registry import check_options, check_secure_aggregation
         from medfed.tasks import get_task
+        from medfed.tasks.adaptation import local_keys
 
         options = dict(parse_option(o) for o in strategy_option or [])
         run_config = validate(RunConfig, {
@@ -123,10 +127,12 @@ def register(app: typer.Typer) -> None:
             "min_sites": min_sites, "local_epochs": local_epochs, "batch_size": batch_size,
             "learning_rate": lr, "seed": seed, "round_timeout_s": round_timeout, "name": name,
             "dataset": dataset, "secure_aggregation": secure_aggregation,
+            "adaptation": adaptation,
             "privacy": privacy_options(dp, noise_multiplier, max_grad_norm,
                                                            clipping_norm, delta, accountant),
         }, where="medfed run options")
-        get_task(task)
+        chosen = get_task(task)
+        local_keys(chosen, chosen.build_model(), adaptation)  # fails here, not at the sites
         check_options(strategy, options)
         check_secure_aggregation(strategy, secure_aggregation)
         if secure_aggregation == "off":

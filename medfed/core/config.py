@@ -161,6 +161,8 @@ class RunConfig(_Strict):
         "clipped to +-secagg_clip before quantization")
     dataset: str = Field("", description="the site dataset budget to charge; default: the "
                          "site's privacy.default")
+    adaptation: str = Field("none", description="domain-adaptation hook (`medfed "
+                            "adaptations`): which parameters each site keeps local")
 
     def to_json(self) -> str:
         """Serialise for Flower's run config (one string value)."""

@@ -10,7 +10,7 @@ the flattening, and secure aggregation masks one vector.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +39,12 @@ class Layout:
     def size(self) -> int:
         """Number of scalars in the flat vector."""
         return int(sum(int(np.prod(s, dtype=np.int64)) for s in self.shapes))
+
+
+def shared_state(state: Mapping[str, np.ndarray], local: Collection[str]
+                 ) -> dict[str, np.ndarray]:
+    """``state`` without the entries a site keeps local (domain adaptation), in order."""
+    return {k: v for k, v in state.items() if k not in local}
 
 
 def pack(state: Mapping[str, np.ndarray]) -> np.ndarray:

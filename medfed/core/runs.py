@@ -120,11 +120,13 @@ class RunFolder:
         """cross_site.json: every model evaluated on every site's held-out split."""
         return self.path / "cross_site.json"
 
-    def write_cross_site(self, matrix: dict[str, dict[str, dict[str, float]]], *, metric: str
-                         ) -> None:
-        """Write the cross-site matrix (model -> site -> metrics)."""
-        atomic_write(self.cross_site_file,
-                     json.dumps({"metric": metric, "matrix": matrix}, indent=2).encode())
+    def write_cross_site(self, matrix: dict[str, dict[str, dict[str, float]]], *, metric: str,
+                         note: str = "") -> None:
+        """Write the cross-site matrix (model -> site -> metrics), with what it means."""
+        body: dict[str, Any] = {"metric": metric, "matrix": matrix}
+        if note:
+            body["note"] = note
+        atomic_write(self.cross_site_file, json.dumps(body, indent=2).encode())
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         """Write summary.json atomically."""

@@ -142,4 +142,6 @@ TASK = Task(
     primary_metric="auc",
     load_site_data=load_site_data,
     defaults=Hyperparameters(learning_rate=1e-3, batch_size=4, local_epochs=2),
+    input_block=("features.conv0", "features.norm0"),
+    output_block=("class_layers",),
 )

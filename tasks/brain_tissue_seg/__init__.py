@@ -130,4 +130,6 @@ TASK = Task(
     primary_metric="dice",
     load_site_data=load_site_data,
     defaults=Hyperparameters(learning_rate=3e-3, batch_size=16, local_epochs=1),
+    input_block=("model.0",),
+    output_block=("model.2",),
 )

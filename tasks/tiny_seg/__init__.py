@@ -8,7 +8,6 @@ sites differ. The medical tasks (brain MRI) replace it in the demo once they lan
 from __future__ import annotations
 
 import torch
-from medfed.tasks.base import Hyperparameters, SiteData, Task
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric
 from monai.networks.nets import UNet
@@ -16,6 +15,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from medfed.core.config import DataSourceConfig
+from medfed.tasks.base import Hyperparameters, SiteData, Task
 
 SIZE = 32
 
@@ -82,4 +82,6 @@ TASK = Task(
     primary_metric="dice",
     load_site_data=load_site_data,
     defaults=Hyperparameters(learning_rate=1e-2, batch_size=16, local_epochs=1),
+    input_block=("model.0",),
+    output_block=("model.2",),
 )

@@ -1,0 +1,43 @@
+"""The parameters a site keeps to itself under a domain-adaptation hook, per run, on disk.
+
+They never leave the site. Written after every training round (before the
+round's reply), so a daemon restart mid-run resumes with the site's own
+parameters instead of silently starting them over. After the run, the file and
+the run's global checkpoint together are this site's model.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from medfed.core.files import atomic_savez
+
+FOLDER = "site-local"
+
+
+class SiteLocalStore:
+    """``<site folder>/site-local/run-<id>.npz``: one file per run."""
+
+    def __init__(self, site_dir: Path) -> None:
+        self.folder = Path(site_dir) / FOLDER
+
+    def path(self, run_id: str) -> Path:
+        """The file of ``run_id`` (the id is checked: it becomes part of a path)."""
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run_id):
+            raise ValueError(f"invalid run id {run_id!r} for a file name")
+        return self.folder / f"run-{run_id}.npz"
+
+    def load(self, run_id: str) -> dict[str, np.ndarray] | None:
+        """The run's site-local parameters, or None before its first training round."""
+        path = self.path(run_id)
+        if not path.exists():
+            return None
+        with np.load(path, allow_pickle=False) as stored:
+            return {k: stored[k] for k in stored.files}
+
+    def save(self, run_id: str, params: dict[str, np.ndarray]) -> Path:
+        """Replace the run's site-local parameters (atomic; a crash keeps the old file)."""
+        return atomic_savez(self.path(run_id), **params)
