@@ -1,9 +1,9 @@
 """Secure aggregation overhead in a deployment: round time with and without it, one run.
 
 One federation on loopback (TLS, site authentication, 3 real site daemons),
-brain-tissue-seg (a 206k-parameter MONAI UNet; small synthetic sites so that the
-protocol's cost is not hidden behind training), 3 rounds per mode, all modes on
-the same running federation:
+brain-tissue-seg-wide (a 0.82 M-parameter MONAI UNet, the issue's ~1 M; small
+synthetic sites so that the protocol's cost is not hidden behind training), 3 rounds
+per mode, all modes on the same running federation:
 
 - anchor: ``--secure-aggregation off`` (the server sees every update);
 - value: ``default`` (pairwise masks agreed once per run, one masked update per
@@ -12,7 +12,7 @@ the same running federation:
 Beside it, stock Flower 1.42 on the same kind of deployment (TLS, SuperNode
 authentication, 3 SuperNodes, ``flwr run``): its legacy ``DefaultWorkflow`` with
 FedAvg, plain vs ``SecAggPlusWorkflow`` (the only secure aggregation Flower ships),
-on an MLP of the same size (205,825 parameters; ``benchmarks/stock_secaggplus_app``).
+on an MLP of the same size (820,081 parameters; ``benchmarks/stock_secaggplus_app``).
 
 Figures: median seconds per round; ratio secure / plain for each. Target (issue 5):
 medfed default <= 1.25. The in-process 10 sites x 10M parameters figures (time per
@@ -37,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from round_latency import run_stock  # noqa: E402  (the stock Flower deployment, shared)
 
-TASK = "brain-tissue-seg"
+TASK = "brain-tissue-seg-wide"
 
 
 def main() -> None:

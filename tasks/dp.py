@@ -28,11 +28,11 @@ over plain SGD, same model, batch and optimizer; ``benchmarks/dp_overhead.py``):
   Weights encountered but cannot handle function prelu") and on the DenseNet.
 - ``"ghost"`` (fast gradient clipping) needs the loss wrapped by Opacus and
   two backward passes; on CPU it is slower for conv nets (the issue's anchor).
-- Opacus has no per-sample rule for ``nn.PReLU`` (MONAI's default activation), so
-  hooks mode falls back to functorch for each PReLU: on tiny-seg this made DP
-  7.5x plain. :func:`_register_prelu_sampler` adds the closed-form rule
-  (``d/da PReLU(x) = min(x, 0)``), checked against functorch in the tests; with
-  it tiny-seg drops to about 1.4x.
+- Opacus has no per-sample rule for ``nn.PReLU`` (MONAI's default activation) nor
+  for ``nn.ConvTranspose2d`` (the UNet's up path), so hooks mode falls back to
+  functorch for each of them: on tiny-seg the PReLU fallback alone made DP 7.5x
+  plain. :mod:`medfed.tasks.dp_samplers` adds closed-form rules for both, checked
+  against functorch in the tests.
 - In-place activations (MONAI's DenseNet uses ``ReLU(inplace=True)``) break
   Opacus's backward hooks ("Output 0 of BackwardHookFunction is a view and is
   being modified inplace"); :func:`disable_inplace` switches them off (same math).
@@ -56,6 +56,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from medfed.core.errors import MedfedError
+from medfed.tasks import dp_samplers
 from medfed.tasks.base import Task
 
 AccountantName = Literal["rdp", "prv"]
@@ -147,28 +148,6 @@ def disable_inplace(model: nn.Module) -> list[str]:
     return changed
 
 
-def _prelu_grad_sample(
-    layer: nn.PReLU, activations: list[torch.Tensor], backprops: torch.Tensor
-) -> dict[nn.Parameter, torch.Tensor]:
-    # PReLU(x) = max(0, x) + a * min(0, x), so dPReLU/da = min(x, 0), per element.
-    x = activations[0].to(backprops.dtype)
-    g = torch.clamp(x, max=0.0) * backprops
-    n = x.shape[0]
-    if layer.weight.numel() == 1:
-        per_sample = g.reshape(n, -1).sum(1, keepdim=True)
-    else:  # one slope per channel (dim 1)
-        per_sample = g.reshape(n, g.shape[1], -1).sum(-1)
-    return {layer.weight: per_sample}
-
-
-def _register_prelu_sampler() -> None:
-    """Give Opacus a closed-form per-sample gradient for ``nn.PReLU`` (idempotent)."""
-    from opacus.grad_sample import GradSampleModule
-
-    if nn.PReLU not in GradSampleModule.GRAD_SAMPLERS:
-        GradSampleModule.GRAD_SAMPLERS[nn.PReLU] = _prelu_grad_sample
-
-
 # ------------------------------------------------------------------ DP-SGD
 
 
@@ -209,7 +188,8 @@ def make_private(
     """Wrap model, optimizer and loader for DP-SGD with ``opacus.PrivacyEngine``.
 
     The model is validated first (:func:`validate_for_dp`), its in-place
-    activations are switched off, and Opacus gets a per-sample rule for PReLU.
+    activations are switched off, and Opacus gets per-sample rules for PReLU and
+    transposed convolutions (:mod:`medfed.tasks.dp_samplers`).
     ``accountant_state`` (a previous ``engine.accountant.state_dict()``) restores
     the accountant's history. Poisson sampling draws from ``data_loader.generator``.
     ``grad_sample_mode=None`` picks :func:`choose_grad_sample_mode`.
@@ -225,7 +205,7 @@ def make_private(
         )
     validate_for_dp(model)
     disable_inplace(model)
-    _register_prelu_sampler()
+    dp_samplers.register()
     with warnings.catch_warnings():
         # Opacus warns about the non-secure RNG on every call; the module docstring says why.
         warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")

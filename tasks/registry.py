@@ -11,9 +11,10 @@ TASKS: Registry[Task] = Registry("task", plural="tasks", entry_point_group="medf
 def _register_builtins() -> None:
     from medfed.tasks.brain_lesion_cls import TASK as brain_lesion_cls
     from medfed.tasks.brain_tissue_seg import TASK as brain_tissue_seg
+    from medfed.tasks.brain_tissue_seg import TASK_WIDE as brain_tissue_seg_wide
     from medfed.tasks.tiny_seg import TASK as tiny_seg
 
-    for task in (tiny_seg, brain_tissue_seg, brain_lesion_cls):
+    for task in (tiny_seg, brain_tissue_seg, brain_tissue_seg_wide, brain_lesion_cls):
         TASKS.register(task.name, task)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from medfed.tasks import TASKS, dp, engine
+from medfed.tasks import TASKS, dp, dp_samplers, engine
 from torch import nn
 from torch.utils.data import Subset
 
@@ -65,7 +65,39 @@ def test_prelu_per_sample_gradient_matches_functorch(channels: int) -> None:
         gsm(x).sum().backward()
         return model[1].weight.grad_sample.clone()
 
-    dp._register_prelu_sampler()
+    dp_samplers.register()
     fast = grads(False)
     assert fast.shape == (5, channels)
     torch.testing.assert_close(fast, grads(True), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("dims", "stride", "padding", "output_padding", "dilation", "bias"), [
+    (2, 2, 1, 1, 1, True),   # MONAI UNet's up-sampling layer
+    (2, 1, 0, 0, 1, False),
+    (2, 3, 2, 2, 2, True),
+    (1, 2, 1, 1, 1, True),
+    (3, 2, 1, 1, 1, True),
+])
+def test_conv_transpose_per_sample_gradient_matches_functorch(
+        dims: int, stride: int, padding: int, output_padding: int, dilation: int,
+        bias: bool) -> None:
+    from opacus import GradSampleModule
+
+    conv_t = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[dims]
+
+    def grads(force_functorch: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(conv_t(3, 4, 3, stride=stride, padding=padding,
+                                     output_padding=output_padding, dilation=dilation,
+                                     bias=bias), nn.Flatten(), nn.LazyLinear(1))
+        x = torch.randn(5, 3, *([5] * dims), generator=torch.Generator().manual_seed(1))
+        model(x)
+        gsm = GradSampleModule(model, force_functorch=force_functorch)
+        gsm(x).square().sum().backward()
+        return [p.grad_sample.clone() for p in model[0].parameters()]
+
+    dp_samplers.register()
+    fast, reference = grads(False), grads(True)
+    assert fast[0].shape == (5, 3, 4, *([3] * dims))
+    for a, b in zip(fast, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
