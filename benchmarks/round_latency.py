@@ -41,8 +41,12 @@ SITES = 3
 
 
 def _flwr_env(home: Path) -> dict[str, str]:
+    # Stock settings; PATH only so that Flower finds its own helpers (flower-superexec)
+    # when this interpreter's environment is not activated.
     return {"FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"}
+            "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1",
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent),
+                                     os.environ.get("PATH", "")])}
 
 
 def run_stock(root: Path, rounds: int, app: Path = HERE / "stock_flower_app",
