@@ -189,7 +189,9 @@ class SiteWorker:
             stats = dp_train(task, model, data.train, epochs=epochs, batch_size=batch_size,
                              learning_rate=lr, noise_multiplier=run.privacy.noise_multiplier,
                              max_grad_norm=run.privacy.max_grad_norm, device=self.device,
-                             accountant=run.privacy.accountant)
+                             accountant=run.privacy.accountant,
+                             optimizer=run.privacy.optimizer,
+                             average_iterates=run.privacy.average_iterates)
         else:
             stats = engine.train(
                 task, model, data.train, epochs=epochs, batch_size=batch_size,

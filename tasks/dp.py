@@ -267,8 +267,17 @@ def dp_train(
     generator: torch.Generator | None = None,
     accountant: AccountantName = "rdp",
     grad_sample_mode: str | None = None,
+    optimizer: Literal["adam", "sgd"] = "adam",
+    average_iterates: float = 0.0,
 ) -> DPTrainStats:
-    """Train ``model`` in place with DP-SGD (same optimizer as ``engine.train``: Adam).
+    """Train ``model`` in place with DP-SGD.
+
+    ``optimizer``: ``"adam"`` (as ``engine.train``) or ``"sgd"`` (momentum 0.9), which
+    measured better under DP noise on brain-tissue-seg at lr 0.1 (Adam normalizes each
+    coordinate by its noisy second moment, amplifying noise where the signal is weak).
+    ``average_iterates`` > 0 leaves the model at the exponential moving average of its
+    iterates (that decay per step) instead of the last iterate: it averages out part
+    of the noise, and as a function of DP outputs it costs no privacy.
 
     ``generator`` drives Poisson sampling and the noise. ``None`` (what a site must
     use) seeds fresh generators from the OS; a seeded one is for tests only. The
@@ -282,12 +291,17 @@ def dp_train(
     noise = generator if generator is not None else _os_generator()
     model.to(device).train()
     loss_fn = task.build_loss()
-    optimizer = torch.optim.Adam(
-        model.parameters(), lr=learning_rate, weight_decay=task.defaults.weight_decay
-    )
+    if optimizer == "sgd":
+        base: torch.optim.Optimizer = torch.optim.SGD(
+            model.parameters(), lr=learning_rate, momentum=0.9,
+            weight_decay=task.defaults.weight_decay)
+    else:
+        base = torch.optim.Adam(
+            model.parameters(), lr=learning_rate, weight_decay=task.defaults.weight_decay)
+    averaged = [(p, p.detach().clone()) for p in model.parameters()] if average_iterates else []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=sampling)
     private = make_private(
-        model, optimizer, loader, noise_multiplier=noise_multiplier,
+        model, base, loader, noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm, accountant=accountant, noise_generator=noise,
         grad_sample_mode=grad_sample_mode,
     )
@@ -309,12 +323,18 @@ def dp_train(
                     warnings.filterwarnings("ignore", message="Full backward hook is firing")
                     loss.backward()
                 private.optimizer.step()
+                with torch.no_grad():
+                    for p, avg in averaged:
+                        avg.lerp_(p.detach(), 1.0 - average_iterates)
                 total += float(loss.detach()) * len(x)
                 seen += len(x)
     finally:
         private.close()
         for p in model.parameters():
             p.grad = None
+    with torch.no_grad():
+        for p, avg in averaged:
+            p.copy_(avg)
     history = [(float(a), float(b), int(c)) for a, b, c in private.engine.accountant.history]
     return DPTrainStats(
         loss=total / max(seen, 1), num_examples=n, steps=sum(h[2] for h in history),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from medfed.tasks import TASKS, dp, dp_samplers, engine
@@ -101,3 +102,25 @@ def test_conv_transpose_per_sample_gradient_matches_functorch(
     assert fast[0].shape == (5, 3, 4, *([3] * dims))
     for a, b in zip(fast, reference, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_sgd_with_averaged_iterates_sends_the_moving_average() -> None:
+    task = TASKS.get("tiny-seg")
+    data = task.load_site_data(DataSourceConfig(num_samples=32, seed=3)).train
+
+    def train(average: float) -> tuple[dict, dict]:
+        torch.manual_seed(0)
+        model = task.build_model()
+        before = engine.get_weights(model)
+        dp.dp_train(task, model, data, epochs=1, batch_size=len(data),  # one step, rate 1
+                    learning_rate=0.1, noise_multiplier=1.0, max_grad_norm=1.0,
+                    device=torch.device("cpu"), generator=torch.Generator().manual_seed(0),
+                    optimizer="sgd", average_iterates=average)
+        return before, engine.get_weights(model)
+
+    start, last = train(0.0)
+    _, averaged = train(0.75)
+    assert any(not np.allclose(last[k], start[k]) for k in last)
+    for k in last:  # one step: EMA = 0.75 * start + 0.25 * last iterate, same noise draw
+        np.testing.assert_allclose(averaged[k], 0.75 * start[k] + 0.25 * last[k],
+                                   rtol=1e-5, atol=1e-6)

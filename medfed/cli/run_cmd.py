@@ -32,12 +32,14 @@ def parse_option(text: str) -> tuple[str, Any]:
 
 
 def privacy_options(mode: str, noise: float, max_grad_norm: float, clipping_norm: float,
-                    delta: float, accountant: str) -> dict[str, Any]:
+                    delta: float, accountant: str, optimizer: str = "adam",
+                    average_iterates: float = 0.0) -> dict[str, Any]:
     """The run's privacy section from the command-line options."""
     if mode == "off":
         return {"mode": "off"}
     return {"mode": mode, "noise_multiplier": noise, "max_grad_norm": max_grad_norm,
-            "clipping_norm": clipping_norm, "target_delta": delta, "accountant": accountant}
+            "clipping_norm": clipping_norm, "target_delta": delta, "accountant": accountant,
+            "optimizer": optimizer, "average_iterates": average_iterates}
 
 
 class Target:
@@ -103,6 +105,11 @@ def register(app: typer.Typer) -> None:
         clipping_norm: Annotated[float, typer.Option(help="update-level DP clip")] = 1.0,
         delta: Annotated[float, typer.Option(help="DP target delta")] = 1e-5,
         accountant: Annotated[str, typer.Option(help="rdp | prv")] = "rdp",
+        dp_optimizer: Annotated[str, typer.Option(
+            help="DP-SGD optimizer: adam | sgd (momentum 0.9; pair it with --lr 0.1)")] = "adam",
+        dp_average: Annotated[float, typer.Option(
+            help="DP-SGD: send the moving average of the iterates with this decay "
+                 "(e.g. 0.9); 0 = the last iterate")] = 0.0,
         secure_aggregation: Annotated[str, typer.Option(
             help="default | strict | off (off: the server sees each update; debugging only)")
         ] = "default",
@@ -128,8 +135,8 @@ def register(app: typer.Typer) -> None:
             "learning_rate": lr, "seed": seed, "round_timeout_s": round_timeout, "name": name,
             "dataset": dataset, "secure_aggregation": secure_aggregation,
             "adaptation": adaptation,
-            "privacy": privacy_options(dp, noise_multiplier, max_grad_norm,
-                                                           clipping_norm, delta, accountant),
+            "privacy": privacy_options(dp, noise_multiplier, max_grad_norm, clipping_norm,
+                                       delta, accountant, dp_optimizer, dp_average),
         }, where="medfed run options")
         chosen = get_task(task)
         local_keys(chosen, chosen.build_model(), adaptation)  # fails here, not at the sites

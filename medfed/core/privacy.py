@@ -29,6 +29,7 @@ from medfed.core.errors import ConfigError
 
 Accountant = Literal["rdp", "prv"]
 PrivacyMode = Literal["off", "sample", "update"]
+DPOptimizer = Literal["adam", "sgd"]
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
@@ -111,6 +112,13 @@ class RunPrivacy(_Strict):
     clipping_norm: float = Field(1.0, gt=0.0, description="update clipping norm (update mode)")
     target_delta: float = Field(1e-5, gt=0.0, le=1e-2)
     accountant: Accountant = "rdp"
+    optimizer: DPOptimizer = Field(
+        "adam", description="DP-SGD's optimizer (sample mode): 'adam', or 'sgd' (momentum "
+        "0.9; give it a learning rate near 0.1 with the run's learning_rate)")
+    average_iterates: float = Field(
+        0.0, ge=0.0, lt=1.0, description="sample mode: the site sends an exponential moving "
+        "average of its DP iterates with this decay (e.g. 0.9) instead of the last one; "
+        "post-processing, so free in privacy; 0 = off")
 
     @model_validator(mode="after")
     def _noise_when_on(self) -> RunPrivacy:
