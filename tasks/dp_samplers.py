@@ -38,7 +38,7 @@ def prelu_grad_sample(layer: nn.PReLU, activations: list[torch.Tensor], backprop
 
 
 def _unfold(t: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-    """``(N, C, *spatial)`` -> ``(N, C * prod(kernel), L)``: patches as the adjoint conv sees them."""
+    """``(N, C, *spatial)`` -> ``(N, C * prod(kernel), L)`` patches, as the adjoint sees them."""
     from opacus.utils.tensor_utils import unfold2d, unfold3d
 
     dims = t.dim() - 2
