@@ -8,8 +8,8 @@ Both brain tasks read subjects the same way:
     :class:`medfed.data.DicomFolderSource` (decoded once, then read from
     ``cache_dir``, by default the folder's ``.medfed-cache``); labels and per-series
     targets come from ``manifest``, by default ``<path>/manifest.json`` when present
-    (see :mod:`medfed.data.labels` and :mod:`medfed.data.targets`). A site written by ``medfed data synth`` is
-    such a folder (``DIR/site-N``).
+    (see :mod:`medfed.data.labels` and :mod:`medfed.data.targets`). A site written by
+    ``medfed data synth`` is such a folder (``DIR/site-N``).
 ``kind = "synthetic"``
     ``max(2, num_samples // SAMPLES_PER_SYNTHETIC_SUBJECT)`` subjects are
     synthesized in memory with :mod:`medfed.synth`, as site ``profile`` of the
