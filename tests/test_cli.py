@@ -19,6 +19,20 @@ def test_listings() -> None:
     assert out.returncode == 0 and "fedprox" in out.stdout and "proximal_mu" in out.stdout
     out = medfed("tasks")
     assert out.returncode == 0 and "tiny-seg" in out.stdout
+    out = medfed("adaptations")
+    assert out.returncode == 0 and "site-input-output" in out.stdout and "fedbn" in out.stdout
+
+
+@pytest.mark.parametrize(("adaptation", "message"), [
+    ("fedbm", "did you mean 'fedbn'"),
+    ("fedbn", "no normalization parameters"),  # the tissue UNet's norms are not affine
+])
+def test_an_adaptation_that_does_not_fit_is_refused_before_submitting(
+        tmp_path: Path, adaptation: str, message: str) -> None:
+    out = medfed("run", "--task", "brain-tissue-seg", "--adaptation", adaptation,
+                 "--server", "127.0.0.1:1", "--ca", "x.pem", cwd=tmp_path)
+    assert out.returncode == 2 and message in out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
 
 
 def test_unknown_task_gets_did_you_mean_without_traceback(tmp_path: Path) -> None:
