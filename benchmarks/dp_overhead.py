@@ -12,12 +12,15 @@ Method: ``torch.set_num_threads(2)``; one batch of 16 built from
 the split is smaller); warm-up steps, then plain and DP steps ALTERNATE so that
 load from other processes hits both alike; the median of N each.
 
-Modes (``--modes auto,hooks,functorch``; the BENCH lines use the first; ``auto``
-is ``dp.choose_grad_sample_mode``: functorch for 3D convs, hooks otherwise):
-``hooks`` is Opacus's default; ``functorch`` forces vmap per-sample gradients
-for every layer. Tried and dropped: ``ew`` (PyTorch expanded weights: fails on
-MONAI's PReLU and DenseNet) and ``ghost`` (fast gradient clipping: two backward
-passes, slower on CPU per the issue's anchor; medfed's make_private refuses it).
+Modes (``--modes auto,vmap,hooks,functorch``; the BENCH lines use the first;
+``auto`` is what ``dp_train`` picks, ``dp.choose_grad_sample_mode``: ``vmap`` when
+torch.func can trace the model and loss, else functorch for 3D convs and hooks
+otherwise): ``vmap`` is one ``torch.func.vmap(grad)`` over the whole model
+(``medfed.tasks.dp_vmap``, Opacus in ``no_op`` mode clips, noises and accounts);
+``hooks`` is Opacus's default; ``functorch`` is Opacus's per-layer vmap. Tried and
+dropped: ``ew`` (PyTorch expanded weights: fails on MONAI's PReLU and DenseNet)
+and ``ghost`` (fast gradient clipping: two backward passes, slower on CPU per the
+issue's anchor; medfed's make_private refuses it).
 See the docstring of ``medfed.tasks.dp`` for the findings.
 
     python benchmarks/dp_overhead.py [--steps 10] [--tasks tiny-seg,...] [--modes hooks]
@@ -32,10 +35,10 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from medfed.tasks import TASKS, Task, dp
 from torch.utils.data import DataLoader, TensorDataset
 
 from medfed.core.config import DataSourceConfig
+from medfed.tasks import TASKS, Task, dp
 
 BATCH = 16
 
@@ -62,24 +65,19 @@ def plain_step(task: Task, x: torch.Tensor, y: torch.Tensor) -> Callable[[], Non
     return step
 
 
-def dp_step(task: Task, x: torch.Tensor, y: torch.Tensor, mode: str) -> Callable[[], None]:
-    """One DP-SGD step of the same fresh model through ``dp.make_private``."""
+def dp_step(task: Task, x: torch.Tensor, y: torch.Tensor, mode: str
+            ) -> tuple[Callable[[], None], str]:
+    """One DP-SGD step of the same fresh model through ``dp.make_private`` (as dp_train)."""
     torch.manual_seed(0)
     model, loss_fn = task.build_model().train(), task.build_loss()
-    mode = dp.choose_grad_sample_mode(model) if mode == "auto" else mode
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     loader = DataLoader(TensorDataset(x, y), batch_size=BATCH)
     private = dp.make_private(
-        model, opt, loader, noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode,
+        model, opt, loader, noise_multiplier=1.0, max_grad_norm=1.0,
+        grad_sample_mode=None if mode == "auto" else mode, loss_fn=loss_fn,
         noise_generator=torch.Generator().manual_seed(0),
     )
-
-    def step() -> None:
-        private.optimizer.zero_grad(set_to_none=True)
-        loss_fn(private.model(x), y).backward()
-        private.optimizer.step()
-
-    return step
+    return lambda: private.step(loss_fn, x, y), private.mode
 
 
 def measure(plain: Callable[[], None], private: Callable[[], None], steps: int
@@ -116,14 +114,14 @@ def main() -> None:
         x, y = one_batch(task)
         for i, mode in enumerate(args.modes.split(",")):
             try:
-                anchor, value = measure(plain_step(task, x, y), dp_step(task, x, y, mode),
-                                        args.steps)
+                private, used = dp_step(task, x, y, mode)
+                anchor, value = measure(plain_step(task, x, y), private, args.steps)
             except Exception as exc:  # a mode Opacus cannot run on this model: say so
-                print(f"{name:18s} {mode:10s} FAILED {type(exc).__name__}: {str(exc)[:120]}")
+                print(f"{name:22s} {mode:10s} FAILED {type(exc).__name__}: {str(exc)[:120]}")
                 continue
             ratio = value / anchor
-            print(f"{name:18s} {mode:10s} dp={value:.4f}s plain={anchor:.4f}s ratio={ratio:.2f}",
-                  flush=True)
+            print(f"{name:22s} {mode}->{used:10s} dp={value:.4f}s plain={anchor:.4f}s "
+                  f"ratio={ratio:.2f}", flush=True)
             if i == 0:
                 bench.append(f"BENCH dp_overhead {name}_step_time value={value:.4f} "
                              f"anchor={anchor:.4f} ratio={ratio:.2f} target<=1.4 unit=s")

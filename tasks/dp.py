@@ -14,25 +14,31 @@ when ``None``); seeded generators are for tests and benchmarks only. (torch's
 Mersenne Twister is not a CSPRNG; Opacus's ``secure_mode`` needs ``torchcsprng``,
 which this platform does not ship: a known limitation.)
 
-Opacus modes measured on CPU (2 threads, batch 16, Adam, median step time; DP
-over plain SGD, same model, batch and optimizer; ``benchmarks/dp_overhead.py``):
+Per-sample gradient modes measured on CPU (2 threads, batch 16, Adam, median step
+time; DP over plain, same model, batch and optimizer; ``benchmarks/dp_overhead.py``):
 
-- ``grad_sample_mode="hooks"`` (Opacus default) is the fastest correct mode for
-  the 2D UNets: conv layers get per-sample gradients from one ``unfold`` +
-  ``einsum``. ``"functorch"`` (vmap of every layer's backward) was 1.2-1.5x
-  slower there.
-- For 3D convolutions (brain-lesion-cls's DenseNet) it is the other way round:
-  ``unfold3d`` copies each input k^3 times; ``"functorch"`` measured DP/plain
-  1.6x against 3.3x for hooks. :func:`choose_grad_sample_mode` picks per model.
+- ``"vmap"`` (:mod:`medfed.tasks.dp_vmap`): one ``torch.func.vmap(grad)`` over the
+  whole model, Opacus in ``no_op`` mode doing clipping, noise and accounting. The
+  fastest everywhere: brain-tissue-seg 1.47x, tiny-seg 1.60x, brain-lesion-cls
+  2.45x. :func:`choose_grad_sample_mode` picks it whenever vmap can trace the model
+  and the loss (tested against Opacus's hooks gradients), which is why the tasks'
+  Dice losses one-hot their targets out of place (:mod:`medfed.tasks.losses`).
+- ``grad_sample_mode="hooks"`` (Opacus default), the fallback for 2D models vmap
+  cannot trace: brain-tissue-seg 1.86x. Per step about 6 ms go to Opacus's Python
+  hooks, 7 ms to ``unfold`` copies and 6 ms to the per-sample ``bmm`` (torch
+  profiler). Skipping Opacus's zero-filled per-sample buffers, ``F.unfold``, and
+  Opacus's "backward as a convolution" rule gained nothing or lost.
+- ``"functorch"`` (Opacus's per-layer vmap), the fallback for 3D convolutions:
+  ``unfold3d`` copies each input k^3 times, so hooks were 3.3x against 1.6x then.
 - ``"ew"`` (PyTorch expanded weights) fails on MONAI's ``PReLU`` ("Expanded
   Weights encountered but cannot handle function prelu") and on the DenseNet.
 - ``"ghost"`` (fast gradient clipping) needs the loss wrapped by Opacus and
   two backward passes; on CPU it is slower for conv nets (the issue's anchor).
 - Opacus has no per-sample rule for ``nn.PReLU`` (MONAI's default activation) nor
   for ``nn.ConvTranspose2d`` (the UNet's up path), so hooks mode falls back to
-  functorch for each of them: on tiny-seg the PReLU fallback alone made DP 7.5x
-  plain. :mod:`medfed.tasks.dp_samplers` adds closed-form rules for both, checked
-  against functorch in the tests.
+  functorch for each of them (the PReLU fallback alone made tiny-seg 7.5x plain).
+  :mod:`medfed.tasks.dp_samplers` adds closed-form rules for both (hooks mode on
+  the UNet: 2.04x -> 1.80x), checked against functorch in the tests.
 - In-place activations (MONAI's DenseNet uses ``ReLU(inplace=True)``) break
   Opacus's backward hooks ("Output 0 of BackwardHookFunction is a view and is
   being modified inplace"); :func:`disable_inplace` switches them off (same math).
@@ -56,24 +62,37 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from medfed.core.errors import MedfedError
-from medfed.tasks import dp_samplers
+from medfed.tasks import dp_samplers, dp_vmap
 from medfed.tasks.base import Task
 
 AccountantName = Literal["rdp", "prv"]
 #: One accountant history entry, as Opacus keeps it: (noise_multiplier, sample_rate, steps).
 HistoryEntry = tuple[float, float, int]
 
-#: Grad-sample modes medfed runs (``"ew"`` and ``"ghost"`` fail or lose on these models).
-GRAD_SAMPLE_MODES = ("hooks", "functorch")
+#: Per-sample gradient modes medfed runs: ``"vmap"`` (:mod:`medfed.tasks.dp_vmap`, Opacus
+#: in ``no_op`` mode) and two of Opacus's own (``"ew"`` and ``"ghost"`` fail or lose here).
+GRAD_SAMPLE_MODES = ("vmap", "hooks", "functorch")
 
 
-def choose_grad_sample_mode(model: nn.Module) -> str:
-    """The fastest correct Opacus mode for ``model`` on CPU (measured, see the module docstring).
+def choose_grad_sample_mode(
+    model: nn.Module, loss_fn: nn.Module | None = None,
+    sample: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> str:
+    """The fastest correct mode for ``model`` on CPU (measured, see the module docstring).
 
-    3D convolutions: ``"functorch"`` (Opacus's unfold3d copies each input k^3 times);
-    everything else: ``"hooks"``.
+    ``"vmap"`` when ``torch.func`` can trace the model and ``loss_fn`` on ``sample``
+    (a small batch); otherwise ``"functorch"`` for 3D convolutions (Opacus's unfold3d
+    copies each input k^3 times) and ``"hooks"`` for everything else.
     """
+    if loss_fn is not None and sample is not None and dp_vmap.supported(model, loss_fn, *sample):
+        return "vmap"
     return "functorch" if any(isinstance(m, nn.Conv3d) for m in model.modules()) else "hooks"
+
+
+def first_samples(dataset: Dataset[Any], n: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` samples of ``dataset`` as a batch (the vmap probe's input)."""
+    items = [dataset[i] for i in range(min(n, len(dataset)))]  # type: ignore[arg-type]
+    return torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
 
 
 class DPIncompatibleModel(MedfedError):
@@ -164,6 +183,20 @@ class PrivateTraining:
     model: nn.Module
     optimizer: Any  # opacus.optimizers.DPOptimizer
     data_loader: DataLoader
+    mode: str = "hooks"
+
+    def step(self, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One DP-SGD step on the batch ``(x, y)``; returns its mean loss."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.mode == "vmap":
+            loss = dp_vmap.per_sample_grads(self.model._module, loss_fn, x, y)
+        else:
+            loss = loss_fn(self.model(x), y)
+            with warnings.catch_warnings():  # the input needs no grad: expected here
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                loss.backward()
+        self.optimizer.step()  # Opacus: clip each sample, sum, add noise, account
+        return float(loss.detach())
 
     def close(self) -> None:
         """Remove Opacus's hooks and per-sample gradients from the wrapped model."""
@@ -184,6 +217,7 @@ def make_private(
     accountant: AccountantName = "rdp",
     accountant_state: dict[str, Any] | None = None,
     noise_generator: torch.Generator | None = None,
+    loss_fn: nn.Module | None = None,
 ) -> PrivateTraining:
     """Wrap model, optimizer and loader for DP-SGD with ``opacus.PrivacyEngine``.
 
@@ -192,20 +226,26 @@ def make_private(
     transposed convolutions (:mod:`medfed.tasks.dp_samplers`).
     ``accountant_state`` (a previous ``engine.accountant.state_dict()``) restores
     the accountant's history. Poisson sampling draws from ``data_loader.generator``.
-    ``grad_sample_mode=None`` picks :func:`choose_grad_sample_mode`.
+    ``grad_sample_mode=None`` picks :func:`choose_grad_sample_mode` (``"vmap"`` is
+    only probed when ``loss_fn`` is given). Train with :meth:`PrivateTraining.step`.
     """
     from opacus import PrivacyEngine
 
-    mode = grad_sample_mode or choose_grad_sample_mode(model)
-    if mode not in GRAD_SAMPLE_MODES:
+    if grad_sample_mode is not None and grad_sample_mode not in GRAD_SAMPLE_MODES:
         raise MedfedError(
-            f"Opacus grad_sample_mode {mode!r} is not supported by medfed.",
+            f"Opacus grad_sample_mode {grad_sample_mode!r} is not supported by medfed.",
             expected=f"one of {GRAD_SAMPLE_MODES}",
             fix="leave grad_sample_mode unset (medfed picks the fastest correct mode)",
         )
     validate_for_dp(model)
     disable_inplace(model)
     dp_samplers.register()
+    sample = None
+    if loss_fn is not None:
+        device = next(model.parameters()).device
+        x, y = first_samples(data_loader.dataset)
+        sample = x.to(device), y.to(device)
+    mode = grad_sample_mode or choose_grad_sample_mode(model, loss_fn, sample)
     with warnings.catch_warnings():
         # Opacus warns about the non-secure RNG on every call; the module docstring says why.
         warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
@@ -215,10 +255,11 @@ def make_private(
         private_model, private_opt, private_loader = engine.make_private(
             module=model, optimizer=optimizer, data_loader=data_loader,
             noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-            poisson_sampling=poisson_sampling, grad_sample_mode=mode,
+            poisson_sampling=poisson_sampling,
+            grad_sample_mode="no_op" if mode == "vmap" else mode,
             noise_generator=noise_generator,
         )
-    return PrivateTraining(engine, private_model, private_opt, private_loader)
+    return PrivateTraining(engine, private_model, private_opt, private_loader, mode)
 
 
 def plan_round(
@@ -303,7 +344,7 @@ def dp_train(
     private = make_private(
         model, base, loader, noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm, accountant=accountant, noise_generator=noise,
-        grad_sample_mode=grad_sample_mode,
+        grad_sample_mode=grad_sample_mode, loss_fn=loss_fn,
     )
     sample_rate = 1.0 / len(private.data_loader)
     total, seen, empty = 0.0, 0, 0
@@ -317,16 +358,11 @@ def dp_train(
                     empty += 1
                     continue
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                private.optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(private.model(x), y)
-                with warnings.catch_warnings():  # the input needs no grad: expected here
-                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                    loss.backward()
-                private.optimizer.step()
+                loss = private.step(loss_fn, x, y)
                 with torch.no_grad():
                     for p, avg in averaged:
                         avg.lerp_(p.detach(), 1.0 - average_iterates)
-                total += float(loss.detach()) * len(x)
+                total += loss * len(x)
                 seen += len(x)
     finally:
         private.close()

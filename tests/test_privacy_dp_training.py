@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from medfed.tasks import TASKS, dp, dp_samplers, engine
 from torch import nn
 from torch.utils.data import Subset
 
 from medfed.core.config import DataSourceConfig
+from medfed.tasks import TASKS, dp, dp_samplers, engine
 
 
 @pytest.mark.parametrize("name", TASKS.names())
@@ -124,3 +124,43 @@ def test_sgd_with_averaged_iterates_sends_the_moving_average() -> None:
     for k in last:  # one step: EMA = 0.75 * start + 0.25 * last iterate, same noise draw
         np.testing.assert_allclose(averaged[k], 0.75 * start[k] + 0.25 * last[k],
                                    rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["tiny-seg", "brain-tissue-seg", "brain-lesion-cls"])
+def test_vmap_per_sample_gradients_equal_opacus_hooks(name: str) -> None:
+    import copy
+
+    from opacus import GradSampleModule
+
+    from medfed.tasks import dp_vmap
+
+    task = TASKS.get(name)
+    data = task.load_site_data(DataSourceConfig(num_samples=32, seed=3)).train
+    x, y = dp.first_samples(data, 3)
+    torch.manual_seed(0)
+    model = task.build_model().train()
+    dp.disable_inplace(model)
+    dp_samplers.register()
+    loss_fn = task.build_loss()
+    assert dp.choose_grad_sample_mode(model, loss_fn, (x, y)) == "vmap"
+    hooked = GradSampleModule(copy.deepcopy(model))  # Opacus's reference (loss mean)
+    reference = loss_fn(hooked(x), y)
+    reference.backward()
+    loss = dp_vmap.per_sample_grads(model, loss_fn, x, y)
+    torch.testing.assert_close(loss, reference.detach(), rtol=1e-5, atol=1e-6)
+    pairs = zip(model.named_parameters(), hooked._module.named_parameters(), strict=True)
+    for (name_a, a), (_, b) in pairs:
+        assert a.grad_sample.shape == (3, *a.shape), name_a
+        torch.testing.assert_close(a.grad_sample, b.grad_sample, rtol=1e-4, atol=1e-5)
+
+
+def test_a_loss_vmap_cannot_trace_falls_back_to_opacus_hooks() -> None:
+    from monai.losses import DiceCELoss  # its one_hot scatters in place
+
+    task = TASKS.get("tiny-seg")
+    data = task.load_site_data(DataSourceConfig(num_samples=32, seed=3)).train
+    model = task.build_model()
+    traced = dp.choose_grad_sample_mode(model, task.build_loss(), dp.first_samples(data))
+    untraced = dp.choose_grad_sample_mode(
+        model, DiceCELoss(to_onehot_y=True, softmax=True), dp.first_samples(data))
+    assert (traced, untraced) == ("vmap", "hooks")

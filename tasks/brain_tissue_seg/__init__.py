@@ -28,7 +28,6 @@ import dataclasses
 import functools
 
 import torch
-from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric
 from monai.networks.nets import UNet
 from monai.networks.utils import one_hot
@@ -39,6 +38,7 @@ from medfed.core.config import DataSourceConfig
 from medfed.core.errors import MedfedError
 from medfed.tasks.base import Hyperparameters, SiteData, Task
 from medfed.tasks.imaging import Subject, axial_slices, load_subjects, preprocess, split_subjects
+from medfed.tasks.losses import DiceCEOnLabels
 
 NAME = "brain-tissue-seg"
 #: Tissue classes after background, in label-value order.
@@ -67,7 +67,7 @@ def build_loss() -> nn.Module:
     are only private if no sample's loss depends on another's, which rules out
     ``batch=True`` Dice. MONAI's smoothing terms keep a slice without CSF finite.
     """
-    return DiceCELoss(to_onehot_y=True, softmax=True, batch=False)
+    return DiceCEOnLabels(1 + len(CLASSES), batch=False)
 
 
 def compute_metrics(logits: torch.Tensor, target: torch.Tensor) -> dict[str, float]:

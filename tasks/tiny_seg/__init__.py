@@ -8,7 +8,6 @@ sites differ. The medical tasks (brain MRI) replace it in the demo once they lan
 from __future__ import annotations
 
 import torch
-from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric
 from monai.networks.nets import UNet
 from torch import nn
@@ -16,6 +15,7 @@ from torch.utils.data import TensorDataset
 
 from medfed.core.config import DataSourceConfig
 from medfed.tasks.base import Hyperparameters, SiteData, Task
+from medfed.tasks.losses import DiceCEOnLabels
 
 SIZE = 32
 
@@ -30,7 +30,7 @@ def build_model() -> nn.Module:
 
 def build_loss() -> nn.Module:
     """Dice + cross-entropy on one-hot targets (MONAI)."""
-    return DiceCELoss(to_onehot_y=True, softmax=True)
+    return DiceCEOnLabels(2)
 
 
 def compute_metrics(logits: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
