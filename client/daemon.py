@@ -16,7 +16,6 @@ from pathlib import Path
 
 from medfed.client.executor import InProcessExecutor
 from medfed.client.worker import SiteWorker, bind
-
 from medfed.core import wire
 from medfed.core.config import SiteConfig, load_toml, resolve
 from medfed.core.errors import IdentityError, MedfedError, ProcessError

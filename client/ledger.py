@@ -37,10 +37,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from medfed.tasks.dp import HistoryEntry, epsilon_of_history
-
 from medfed.core.errors import MedfedError
 from medfed.core.privacy import DatasetBudget
+from medfed.tasks.dp import HistoryEntry, epsilon_of_history
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS budgets (

@@ -7,10 +7,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from medfed.server.control import Control
-
 from medfed.core.errors import MedfedError
 from medfed.core.runs import RunFolder
+from medfed.server.control import Control
 
 TERMINAL = "finished"
 

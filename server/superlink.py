@@ -6,14 +6,13 @@ import logging
 import sys
 from pathlib import Path
 
-from medfed.server.app import RUNS_DIR_ENV
-from medfed.server.control import Control
-from medfed.server.federation import Federation
-
 from medfed.core.errors import MedfedError, ProcessError
 from medfed.core.flower_env import flower_env
 from medfed.core.identity import check_certificate_valid, check_issued_by, load_certificate
 from medfed.core.procs import Managed, require_free_port, wait_for_port
+from medfed.server.app import RUNS_DIR_ENV
+from medfed.server.control import Control
+from medfed.server.federation import Federation
 
 log = logging.getLogger("medfed.server")
 

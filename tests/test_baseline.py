@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from medfed.tasks import get_task
-from medfed.tasks.baseline import mean_over_sites, run_baseline
 
 from medfed.core.config import DataSourceConfig
 from medfed.core.errors import MedfedError
 from medfed.data.sites import site_sources
+from medfed.tasks import get_task
+from medfed.tasks.baseline import mean_over_sites, run_baseline
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-import pytest
 import pydicom.data
+import pytest
 from pydicom.data import get_testdata_file
 
 from medfed.core.errors import MedfedError

@@ -86,7 +86,7 @@ def test_bad_slice_geometry_is_reported(
     if positions is not None:
         import pydicom
 
-        for path, z in zip(paths, positions):
+        for path, z in zip(paths, positions, strict=True):
             ds = pydicom.dcmread(path)
             ds.ImagePositionPatient = [0.0, 0.0, 2.0 * z]
             ds.save_as(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from flwr.cli.build import build_fab_from_files
+
 from medfed.client.executor import INSTALLED_CLIENTAPP, bundle_clientapp
 from medfed.server.control import _fab_bytes
 

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
-from medfed.server.federation import Federation, init_federation
 
 from medfed.core.errors import IdentityError
 from medfed.core.identity import (
@@ -19,6 +18,7 @@ from medfed.core.identity import (
     check_issued_by,
     load_site_public_key,
 )
+from medfed.server.federation import Federation, init_federation
 
 
 def test_server_certificate_has_sans_and_chains_to_ca() -> None:
@@ -84,9 +84,8 @@ def test_init_refuses_existing_federation(tmp_path: Path) -> None:
 
 
 def test_renew_server_cert_keeps_hosts_and_ca(tmp_path: Path) -> None:
-    from medfed.server.federation import renew_server_cert
-
     from medfed.core.identity import load_certificate
+    from medfed.server.federation import renew_server_cert
 
     fed = Federation.load(init_federation(tmp_path / "fed", name="f",
                                           hosts=["127.0.0.1", "localhost"], port=9999))

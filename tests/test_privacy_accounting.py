@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from medfed.tasks import dp
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+from medfed.tasks import dp
 
 # (sample_rate, noise_multiplier, steps, delta) -> epsilon, computed once with
 # Opacus 1.6 compute_rdp/get_privacy_spent over RDPAccountant.DEFAULT_ALPHAS.

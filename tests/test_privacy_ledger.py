@@ -9,10 +9,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from medfed.client.ledger import BudgetExceeded, LedgerError, PrivacyLedger
-from medfed.tasks import dp
 
+from medfed.client.ledger import BudgetExceeded, LedgerError, PrivacyLedger
 from medfed.core.privacy import DatasetBudget
+from medfed.tasks import dp
 
 BUDGET = DatasetBudget(epsilon_max=10.0, delta=1e-5, min_noise_multiplier=0.5,
                        max_clipping_norm=1.0)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from medfed.tasks import TASKS, engine, get_task
 
 from medfed.core.config import DataSourceConfig
+from medfed.tasks import TASKS, engine, get_task
 
 
 @pytest.mark.parametrize("name", TASKS.names())

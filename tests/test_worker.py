@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from medfed.client.worker import SiteWorker, bind
-from medfed.tasks import engine, get_task
 
+from medfed.client.worker import SiteWorker, bind
 from medfed.core import wire
 from medfed.core.config import RunConfig, SiteConfig, validate
 from medfed.core.errors import MedfedError
 from medfed.core.packing import WEIGHTS_KEY, pack
+from medfed.tasks import engine, get_task
 
 
 def make_worker(tmp: Path, **policy: object) -> SiteWorker:
@@ -47,7 +47,8 @@ def test_train_returns_an_update_of_the_same_size_and_audits_it(tmp_path: Path) 
 
 
 def test_evaluate_reports_task_metrics(tmp_path: Path) -> None:
-    reply = make_worker(tmp_path).handle(request("evaluate", RunConfig(secure_aggregation="off", task="tiny-seg"),
+    plain = RunConfig(secure_aggregation="off", task="tiny-seg")
+    reply = make_worker(tmp_path).handle(request("evaluate", plain,
                                                  global_weights()))
     assert reply.header["ok"]
     assert {"dice", "loss", "num-examples"} <= set(reply.header["metrics"])
@@ -55,7 +56,8 @@ def test_evaluate_reports_task_metrics(tmp_path: Path) -> None:
 
 def test_policy_refusal_is_explicit_and_logged(tmp_path: Path) -> None:
     worker = make_worker(tmp_path, allowed_strategies=["fedavg"])
-    reply = worker.handle(request("train", RunConfig(secure_aggregation="off", task="tiny-seg", strategy="krum"),
+    krum = RunConfig(secure_aggregation="off", task="tiny-seg", strategy="krum")
+    reply = worker.handle(request("train", krum,
                                   global_weights()))
     assert not reply.header["ok"]
     assert reply.header["status"] == "refused"
@@ -67,7 +69,8 @@ def test_policy_refusal_is_explicit_and_logged(tmp_path: Path) -> None:
 
 def test_unknown_task_and_bad_weights_fail_with_reason(tmp_path: Path) -> None:
     worker = make_worker(tmp_path)
-    reply = worker.handle(request("train", RunConfig(secure_aggregation="off", task="tiny-sge"), global_weights()))
+    typo = RunConfig(secure_aggregation="off", task="tiny-sge")
+    reply = worker.handle(request("train", typo, global_weights()))
     assert reply.header["status"] == "failed" and "did you mean" in reply.header["reason"]
     reply = worker.handle(request("train", RunConfig(secure_aggregation="off", task="tiny-seg"),
                                   {WEIGHTS_KEY: np.zeros(3, np.float32)}))

@@ -36,8 +36,9 @@ def train_request(run: RunConfig, rnd: int = 1) -> wire.Frame:
 
 
 def dp_run(**privacy: object) -> RunConfig:
-    return RunConfig(secure_aggregation="off", task="tiny-seg", privacy={"mode": "sample", "noise_multiplier": 1.0,
-                                               "max_grad_norm": 1.0, **privacy})
+    return RunConfig(
+        secure_aggregation="off", task="tiny-seg",
+        privacy={"mode": "sample", "noise_multiplier": 1.0, "max_grad_norm": 1.0, **privacy})
 
 
 def test_dp_round_is_charged_and_reported(tmp_path: Path) -> None:
@@ -80,8 +81,9 @@ def test_round_over_budget_is_refused_with_the_rule(tmp_path: Path) -> None:
 ])
 def test_run_loosening_the_policy_is_refused(tmp_path: Path, privacy: dict, rule: str) -> None:
     worker = make_worker(tmp_path)
-    run = RunConfig(secure_aggregation="off", task="tiny-seg", privacy={"mode": "sample", "noise_multiplier": 1.0,
-                                              "max_grad_norm": 1.0, **privacy}) \
+    run = RunConfig(
+        secure_aggregation="off", task="tiny-seg",
+        privacy={"mode": "sample", "noise_multiplier": 1.0, "max_grad_norm": 1.0, **privacy}) \
         if privacy.get("mode") != "off" else RunConfig(secure_aggregation="off", task="tiny-seg")
     reply = worker.handle(train_request(run))
     assert not reply.header["ok"] and reply.header["status"] == "refused"
@@ -91,8 +93,9 @@ def test_run_loosening_the_policy_is_refused(tmp_path: Path, privacy: dict, rule
 
 def test_update_level_dp_noises_the_update(tmp_path: Path) -> None:
     worker = make_worker(tmp_path, min_noise_multiplier=0.0)
-    run = RunConfig(secure_aggregation="off", task="tiny-seg", privacy={"mode": "update", "noise_multiplier": 1.0,
-                                              "clipping_norm": 0.5})
+    run = RunConfig(
+        secure_aggregation="off", task="tiny-seg",
+        privacy={"mode": "update", "noise_multiplier": 1.0, "clipping_norm": 0.5})
     request = train_request(run)
     reply = worker.handle(request)
     assert reply.header["ok"], reply.header
@@ -106,6 +109,7 @@ def test_site_without_budget_refuses_dp_but_allows_plain_runs(tmp_path: Path) ->
     cfg = validate(SiteConfig, {"site": {"name": "s"}, "data": {"num_samples": 32}},
                    where="test")
     worker = SiteWorker(cfg, tmp_path / "site.toml")
-    assert worker.handle(train_request(RunConfig(secure_aggregation="off", task="tiny-seg"))).header["ok"]
+    plain = RunConfig(secure_aggregation="off", task="tiny-seg")
+    assert worker.handle(train_request(plain)).header["ok"]
     reply = worker.handle(train_request(dp_run()))
     assert reply.header["status"] == "refused" and reply.header["rule"] == "privacy.datasets"

@@ -28,7 +28,7 @@ def main(grid: Grid, context: Context) -> None:
                    num_rounds=int(rc["num-server-rounds"]),
                    train_config=ConfigRecord({"lr": float(rc["lr"])}),
                    evaluate_fn=on_round_end)
-    rounds = [round(b - a, 3) for a, b in zip(marks, marks[1:])]
+    rounds = [round(b - a, 3) for a, b in zip(marks, marks[1:], strict=False)]
     out = Path(str(rc["out-dir"]))
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps({"round_seconds": rounds}))

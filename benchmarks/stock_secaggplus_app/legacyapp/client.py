@@ -2,8 +2,8 @@
 
 import torch
 from flwr.client import NumPyClient
-from flwr.clientapp import ClientApp
 from flwr.client.mod import secaggplus_mod
+from flwr.clientapp import ClientApp
 
 from legacyapp.task import get_params, make_data, make_model, set_params
 
@@ -16,6 +16,7 @@ class Client(NumPyClient):
         self.x, self.y = make_data(partition)
 
     def fit(self, parameters, config):  # noqa: ANN001, ANN201
+        """Five SGD steps from the global parameters."""
         set_params(self.model, parameters)
         opt = torch.optim.SGD(self.model.parameters(), lr=0.01)
         for _ in range(5):
@@ -25,6 +26,7 @@ class Client(NumPyClient):
         return get_params(self.model), len(self.x), {}
 
     def evaluate(self, parameters, config):  # noqa: ANN001, ANN201
+        """MSE of the global parameters on this node's data."""
         set_params(self.model, parameters)
         with torch.no_grad():
             loss = float(torch.nn.functional.mse_loss(self.model(self.x), self.y))

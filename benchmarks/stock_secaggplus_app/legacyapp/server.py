@@ -37,4 +37,4 @@ def main(grid, context) -> None:  # noqa: ANN001
     out = Path(str(rc["out-dir"]))
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(
-        {"round_seconds": [round(b - a, 3) for a, b in zip(marks, marks[1:])]}))
+        {"round_seconds": [round(b - a, 3) for a, b in zip(marks, marks[1:], strict=False)]}))

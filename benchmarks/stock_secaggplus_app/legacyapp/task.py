@@ -30,4 +30,5 @@ def get_params(model: torch.nn.Module) -> list[np.ndarray]:
 def set_params(model: torch.nn.Module, params: list[np.ndarray]) -> None:
     """Load numpy arrays into the model."""
     keys = list(model.state_dict())
-    model.load_state_dict({k: torch.from_numpy(np.asarray(p)) for k, p in zip(keys, params)})
+    pairs = zip(keys, params, strict=True)
+    model.load_state_dict({k: torch.from_numpy(np.asarray(p)) for k, p in pairs})
