@@ -16,6 +16,8 @@ import numpy as np
 from medfed.core.files import atomic_savez
 
 FOLDER = "site-local"
+#: Runs whose parameters stay in memory (a daemon serves runs for months).
+CACHED_RUNS = 4
 
 
 class SiteLocalStore:
@@ -23,6 +25,7 @@ class SiteLocalStore:
 
     def __init__(self, site_dir: Path) -> None:
         self.folder = Path(site_dir) / FOLDER
+        self._cache: dict[str, dict[str, np.ndarray]] = {}  # read from disk once per run
 
     def path(self, run_id: str) -> Path:
         """The file of ``run_id`` (the id is checked: it becomes part of a path)."""
@@ -32,12 +35,19 @@ class SiteLocalStore:
 
     def load(self, run_id: str) -> dict[str, np.ndarray] | None:
         """The run's site-local parameters, or None before its first training round."""
-        path = self.path(run_id)
-        if not path.exists():
-            return None
-        with np.load(path, allow_pickle=False) as stored:
-            return {k: stored[k] for k in stored.files}
+        if run_id not in self._cache:
+            path = self.path(run_id)
+            if not path.exists():
+                return None
+            with np.load(path, allow_pickle=False) as stored:
+                self._cache[run_id] = {k: stored[k] for k in stored.files}
+        return {k: v.copy() for k, v in self._cache[run_id].items()}
 
     def save(self, run_id: str, params: dict[str, np.ndarray]) -> Path:
         """Replace the run's site-local parameters (atomic; a crash keeps the old file)."""
-        return atomic_savez(self.path(run_id), **params)
+        path = atomic_savez(self.path(run_id), **params)
+        self._cache.pop(run_id, None)
+        self._cache[run_id] = {k: np.array(v, copy=True) for k, v in params.items()}
+        while len(self._cache) > CACHED_RUNS:  # the least recently written run leaves memory
+            self._cache.pop(next(iter(self._cache)))
+        return path
