@@ -23,6 +23,7 @@ from medfed.core.packing import WEIGHTS_KEY, Layout, pack, shared_state, unpack
 from medfed.core.report import plot_metrics
 from medfed.core.runs import RunFolder
 from medfed.core.secagg import SecAggConfig
+from medfed.core.warm_start import load_start_weights
 from medfed.server.recording_grid import RecordingGrid
 from medfed.server.secure_aggregation import SecureAggregation
 from medfed.strategies import build_strategy
@@ -64,6 +65,9 @@ def main(grid: Grid, context: Context) -> None:
         initial = shared_state(
             {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}, local)
         layout = Layout.of(initial)
+        if run.init_from:  # warm start: the weights of an earlier run, checked against ours
+            source, initial = load_start_weights(_runs_dir(context), run.init_from, layout)
+            folder.event("initial-model", source=str(source))
         if local:
             folder.event("adaptation", hook=run.adaptation, site_local_tensors=len(local),
                          site_local_values=sum(model.state_dict()[k].numel() for k in local))

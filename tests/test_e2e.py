@@ -103,6 +103,16 @@ def test_secure_aggregation_gives_the_plain_global_model(short_tmp: Path) -> Non
         secure, s2 = fed.run(RunConfig(task="tiny-seg", rounds=2, min_sites=3), timeout=300)
         adapted, s3 = fed.run(RunConfig(task="tiny-seg", rounds=2, min_sites=3,
                                         adaptation="site-input-block"), timeout=300)
+        # Warm start from the plain run's last checkpoint; a mismatched model is refused.
+        warm, s4 = fed.run(RunConfig(task="tiny-seg", rounds=1, min_sites=3,
+                                     init_from=s1["run_id"]), timeout=300)
+        _, s5 = fed.run(RunConfig(task="tiny-seg", rounds=1, min_sites=3,
+                                  init_from=s3["run_id"]), timeout=300)
+    assert s4["status"] == "completed"
+    started = [e for e in warm.read_events() if e["event"] == "initial-model"]
+    assert started and started[0]["source"].endswith(f"{s1['run_id']}/checkpoints/round-002.npz")
+    assert s4["evaluate_metrics"]["1"]["loss"] < s1["evaluate_metrics"]["1"]["loss"]
+    assert s5["status"] == "failed" and "different model" in s5["reason"]
     assert s1["status"] == s2["status"] == s3["status"] == "completed"
     # Site-local parameters (domain adaptation) stay at the sites, even masked.
     local = set(s3["adaptation"]["site_local_parameters"])

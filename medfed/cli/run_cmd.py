@@ -118,6 +118,8 @@ def register(app: typer.Typer) -> None:
         adaptation: Annotated[str, typer.Option(
             help="domain-adaptation hook: parameters each site keeps local "
                  "(`medfed adaptations`)")] = "none",
+        init_from: Annotated[str, typer.Option(
+            help="start from an earlier run's model: RUN_ID (last round) or RUN_ID:ROUND")] = "",
         detach: Annotated[bool, typer.Option(help="submit and return at once")] = False,
         config: ConfigOpt = None, server: ServerOpt = None, ca: CaOpt = None,
     ) -> None:
@@ -134,7 +136,7 @@ def register(app: typer.Typer) -> None:
             "min_sites": min_sites, "local_epochs": local_epochs, "batch_size": batch_size,
             "learning_rate": lr, "seed": seed, "round_timeout_s": round_timeout, "name": name,
             "dataset": dataset, "secure_aggregation": secure_aggregation,
-            "adaptation": adaptation,
+            "adaptation": adaptation, "init_from": init_from,
             "privacy": privacy_options(dp, noise_multiplier, max_grad_norm, clipping_norm,
                                        delta, accountant, dp_optimizer, dp_average),
         }, where="medfed run options")

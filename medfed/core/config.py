@@ -163,6 +163,8 @@ class RunConfig(_Strict):
                          "site's privacy.default")
     adaptation: str = Field("none", description="domain-adaptation hook (`medfed "
                             "adaptations`): which parameters each site keeps local")
+    init_from: str = Field("", description="start from an earlier run's checkpoint: "
+                           "'RUN_ID' (its last round) or 'RUN_ID:ROUND'; default: fresh weights")
 
     def to_json(self) -> str:
         """Serialise for Flower's run config (one string value)."""
