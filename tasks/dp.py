@@ -89,6 +89,10 @@ def choose_grad_sample_mode(
     return "functorch" if any(isinstance(m, nn.Conv3d) for m in model.modules()) else "hooks"
 
 
+#: The mode :func:`dp_train` chose for each task (a task fixes its model and loss).
+_MODE_BY_TASK: dict[str, str] = {}
+
+
 def first_samples(dataset: Dataset[Any], n: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``n`` samples of ``dataset`` as a batch (the vmap probe's input)."""
     items = [dataset[i] for i in range(min(n, len(dataset)))]  # type: ignore[arg-type]
@@ -344,8 +348,10 @@ def dp_train(
     private = make_private(
         model, base, loader, noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm, accountant=accountant, noise_generator=noise,
-        grad_sample_mode=grad_sample_mode, loss_fn=loss_fn,
+        grad_sample_mode=grad_sample_mode or _MODE_BY_TASK.get(task.name), loss_fn=loss_fn,
     )
+    if grad_sample_mode is None:  # probe vmap once per task, not every round
+        _MODE_BY_TASK.setdefault(task.name, private.mode)
     sample_rate = 1.0 / len(private.data_loader)
     total, seen, empty = 0.0, 0, 0
     try:
