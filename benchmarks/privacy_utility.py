@@ -66,8 +66,8 @@ def noise_for(target: float, sizes: list[int], batch: int, rounds: int) -> float
     return max(zs)
 
 
-def run_once(root: Path, sources: dict, rounds: int, privacy: dict, **hyper: float | int
-             ) -> tuple[float, dict]:
+def run_once(root: Path, sources: dict, rounds: int, privacy: dict, local_epochs: int = 1,
+             **hyper: float | int) -> tuple[float, dict]:
     """One federated run; returns the mean Dice over sites and the epsilon each site spent."""
     budget = {"epsilon_max": 1000.0, "delta": DELTA, "min_noise_multiplier": 0.0,
               "max_clipping_norm": 10.0, "dp_required": False}
@@ -78,7 +78,7 @@ def run_once(root: Path, sources: dict, rounds: int, privacy: dict, **hyper: flo
         for cfg in fed.site_configs.values():  # a generous budget: the benchmark measures spend
             _set_budget(cfg, budget)
         fed.start(timeout=300)
-        folder, summary = fed.run(RunConfig(task=TASK, rounds=rounds, local_epochs=1,
+        folder, summary = fed.run(RunConfig(task=TASK, rounds=rounds, local_epochs=local_epochs,
                                             min_sites=len(sources), seed=0, privacy=privacy,
                                             adaptation=ADAPTATION, **hyper),
                                   timeout=3600)

@@ -17,17 +17,20 @@ which this platform does not ship: a known limitation.)
 Per-sample gradient modes measured on CPU (2 threads, batch 16, Adam, median step
 time; DP over plain, same model, batch and optimizer; ``benchmarks/dp_overhead.py``):
 
+- ``"rules"`` (:mod:`medfed.tasks.dp_rules`): one ordinary backward for the
+  activation gradients only (parameters frozen during it), then a closed-form rule
+  per layer; convolutions get the fastest of four exact weight-gradient methods,
+  timed on the first batch per layer shape. Opacus in ``no_op`` mode clips, noises
+  and accounts. Measured DP/plain: FIGURES_RULES.
 - ``"vmap"`` (:mod:`medfed.tasks.dp_vmap`): one ``torch.func.vmap(grad)`` over the
-  whole model, Opacus in ``no_op`` mode doing clipping, noise and accounting. The
-  fastest everywhere: brain-tissue-seg 1.47x, tiny-seg 1.60x, brain-lesion-cls
-  2.45x. :func:`choose_grad_sample_mode` picks it whenever vmap can trace the model
-  and the loss (tested against Opacus's hooks gradients), which is why the tasks'
-  Dice losses one-hot their targets out of place (:mod:`medfed.tasks.losses`).
-- ``grad_sample_mode="hooks"`` (Opacus default), the fallback for 2D models vmap
-  cannot trace: brain-tissue-seg 1.86x. Per step about 6 ms go to Opacus's Python
-  hooks, 7 ms to ``unfold`` copies and 6 ms to the per-sample ``bmm`` (torch
-  profiler). Skipping Opacus's zero-filled per-sample buffers, ``F.unfold``, and
-  Opacus's "backward as a convolution" rule gained nothing or lost.
+  whole model, Opacus in ``no_op`` mode. FIGURES_VMAP. Its batched convolution
+  backward is what costs: on the lesion DenseNet 73 ms a step against 22 ms plain.
+- :func:`choose_grad_sample_mode` times both on the first batch and keeps the faster
+  (per task and process), after checking the rules' gradients equal vmap's.
+- ``grad_sample_mode="hooks"`` (Opacus default), the fallback without a loss to
+  probe: brain-tissue-seg 1.86x. Per step about 6 ms go to Opacus's Python hooks,
+  7 ms to ``unfold`` copies and 6 ms to the per-sample ``bmm`` (torch profiler);
+  its backward also computes the batch's weight gradients, which DP discards.
 - ``"functorch"`` (Opacus's per-layer vmap), the fallback for 3D convolutions:
   ``unfold3d`` copies each input k^3 times, so hooks were 3.3x against 1.6x then.
 - ``"ew"`` (PyTorch expanded weights) fails on MONAI's ``PReLU`` ("Expanded
@@ -45,12 +48,17 @@ time; DP over plain, same model, batch and optimizer; ``benchmarks/dp_overhead.p
 - ``BatchMemoryManager`` only splits a large logical batch into physical ones;
   at batch 16 it adds overhead and saves nothing on CPU. ``channels_last`` and
   ``torch.compile`` do not help the unfold path (compile breaks on the hooks).
+- What is left is Opacus's optimizer step: per parameter tensor a norm, a
+  weighted sum and a noise draw, about 4 ms a step on brain-tissue-seg (37
+  tensors) and 5 ms on the lesion DenseNet (73); medfed leaves clipping and noise
+  to Opacus.
 """
 
 from __future__ import annotations
 
 import math
 import secrets
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -62,31 +70,103 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from medfed.core.errors import MedfedError
-from medfed.tasks import dp_samplers, dp_vmap
+from medfed.tasks import dp_rules, dp_samplers, dp_vmap
 from medfed.tasks.base import Task
 
 AccountantName = Literal["rdp", "prv"]
 #: One accountant history entry, as Opacus keeps it: (noise_multiplier, sample_rate, steps).
 HistoryEntry = tuple[float, float, int]
 
-#: Per-sample gradient modes medfed runs: ``"vmap"`` (:mod:`medfed.tasks.dp_vmap`, Opacus
-#: in ``no_op`` mode) and two of Opacus's own (``"ew"`` and ``"ghost"`` fail or lose here).
-GRAD_SAMPLE_MODES = ("vmap", "hooks", "functorch")
+#: Per-sample gradient modes medfed runs: ``"rules"`` (:mod:`medfed.tasks.dp_rules`) and
+#: ``"vmap"`` (:mod:`medfed.tasks.dp_vmap`), both with Opacus in ``no_op`` mode, and two of
+#: Opacus's own (``"ew"`` and ``"ghost"`` fail or lose here).
+GRAD_SAMPLE_MODES = ("rules", "vmap", "hooks", "functorch")
+#: Per-sample gradient functions of the modes that bypass Opacus's hooks.
+_PER_SAMPLE = {"rules": dp_rules.per_sample_grads, "vmap": dp_vmap.per_sample_grads}
+
+
+class LossNotPerSample(MedfedError):
+    """The task's loss couples the samples of a batch: DP-SGD's clipping would not bound them."""
+
+
+def _loss_is_mean_of_samples(model: nn.Module, loss_fn: nn.Module, x: torch.Tensor,
+                             y: torch.Tensor) -> bool:
+    """Whether the batch loss equals the mean of each sample's own loss (model in eval mode)."""
+    was_training = model.training
+    model.eval()  # no dropout draws: the same function of each sample both times
+    try:
+        with torch.no_grad():
+            batch = loss_fn(model(x), y)
+            alone = torch.stack([loss_fn(model(x[i:i + 1]), y[i:i + 1]) for i in range(len(x))])
+    finally:
+        model.train(was_training)
+    return bool(torch.allclose(batch, alone.mean(), rtol=1e-4, atol=1e-6))
+
+
+def _seconds(fn: Any, device: torch.device) -> float:
+    """Wall time of the faster of two calls of ``fn`` after a warm-up call."""
+    times = []
+    for _ in range(3):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return min(times[1:])
 
 
 def choose_grad_sample_mode(
     model: nn.Module, loss_fn: nn.Module | None = None,
     sample: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> str:
-    """The fastest correct mode for ``model`` on CPU (measured, see the module docstring).
+    """The fastest correct per-sample gradient mode for ``model`` and ``loss_fn``, measured.
 
-    ``"vmap"`` when ``torch.func`` can trace the model and ``loss_fn`` on ``sample``
-    (a small batch); otherwise ``"functorch"`` for 3D convolutions (Opacus's unfold3d
-    copies each input k^3 times) and ``"hooks"`` for everything else.
+    With ``loss_fn`` and ``sample`` (a batch of the expected size): ``"vmap"`` when
+    ``torch.func`` can trace model and loss, ``"rules"`` when every layer with
+    parameters has a rule and its gradients equal vmap's on ``sample`` (or, where vmap
+    cannot trace, the batch loss is the mean of the samples' own losses, which the
+    rules assume); when both qualify, the one faster on ``sample`` (timed here, about
+    three steps each). A loss that couples the samples of a batch is refused
+    (:class:`LossNotPerSample`): per-sample clipping would not bound any sample's
+    influence. Without a sample: ``"functorch"`` for 3D convolutions (Opacus's
+    unfold3d copies each input k^3 times) and ``"hooks"`` otherwise, Opacus's own.
     """
-    if loss_fn is not None and sample is not None and dp_vmap.supported(model, loss_fn, *sample):
-        return "vmap"
-    return "functorch" if any(isinstance(m, nn.Conv3d) for m in model.modules()) else "hooks"
+    if loss_fn is None or sample is None:
+        return "functorch" if any(isinstance(m, nn.Conv3d) for m in model.modules()) else "hooks"
+    x, y = sample
+    vmap_ok = dp_vmap.supported(model, loss_fn, x, y)
+    if not vmap_ok and not _loss_is_mean_of_samples(model, loss_fn, x, y):
+        raise LossNotPerSample(
+            "The task's loss is not the mean of each sample's own loss: a sample's "
+            "gradient depends on the other samples of the batch, so DP-SGD's per-sample "
+            "clipping would not bound its influence.",
+            where=f"the task's build_loss ({type(loss_fn).__name__})",
+            expected="a loss averaged over per-sample terms (e.g. MONAI Dice with batch=False)",
+            fix="compute the loss per sample and average it (no batch-wide Dice or statistics)",
+        )
+    rules_ok = not dp_rules.unsupported(model)
+    if rules_ok and vmap_ok:
+        dp_vmap.per_sample_grads(model, loss_fn, x, y)
+        reference = [p.grad_sample for p in model.parameters() if p.requires_grad]
+        dp_rules.per_sample_grads(model, loss_fn, x, y)
+        rules_ok = all(
+            torch.allclose(p.grad_sample, r, rtol=1e-3, atol=1e-6 * float(r.abs().max()) + 1e-9)
+            for p, r in zip((p for p in model.parameters() if p.requires_grad), reference,
+                            strict=True))
+        for p in model.parameters():
+            p.grad_sample = None
+    candidates = [m for m, ok in (("rules", rules_ok), ("vmap", vmap_ok)) if ok]
+    if not candidates:
+        return "functorch" if any(isinstance(m, nn.Conv3d) for m in model.modules()) else "hooks"
+    if len(candidates) == 1:
+        return candidates[0]
+    timed = {m: _seconds(lambda m=m: _PER_SAMPLE[m](model, loss_fn, x, y), x.device)
+             for m in candidates}
+    for p in model.parameters():
+        p.grad_sample = None
+    return min(timed, key=timed.__getitem__)
 
 
 #: The mode :func:`dp_train` chose for each task (a task fixes its model and loss).
@@ -192,8 +272,8 @@ class PrivateTraining:
     def step(self, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         """One DP-SGD step on the batch ``(x, y)``; returns its mean loss."""
         self.optimizer.zero_grad(set_to_none=True)
-        if self.mode == "vmap":
-            loss = dp_vmap.per_sample_grads(self.model._module, loss_fn, x, y)
+        if self.mode in _PER_SAMPLE:
+            loss = _PER_SAMPLE[self.mode](self.model._module, loss_fn, x, y)
         else:
             loss = loss_fn(self.model(x), y)
             with warnings.catch_warnings():  # the input needs no grad: expected here
@@ -230,8 +310,9 @@ def make_private(
     transposed convolutions (:mod:`medfed.tasks.dp_samplers`).
     ``accountant_state`` (a previous ``engine.accountant.state_dict()``) restores
     the accountant's history. Poisson sampling draws from ``data_loader.generator``.
-    ``grad_sample_mode=None`` picks :func:`choose_grad_sample_mode` (``"vmap"`` is
-    only probed when ``loss_fn`` is given). Train with :meth:`PrivateTraining.step`.
+    ``grad_sample_mode=None`` picks :func:`choose_grad_sample_mode` (the modes that
+    bypass Opacus's hooks are only probed when ``loss_fn`` is given). Train with
+    :meth:`PrivateTraining.step`.
     """
     from opacus import PrivacyEngine
 
@@ -244,12 +325,14 @@ def make_private(
     validate_for_dp(model)
     disable_inplace(model)
     dp_samplers.register()
-    sample = None
-    if loss_fn is not None:
-        device = next(model.parameters()).device
-        x, y = first_samples(data_loader.dataset)
-        sample = x.to(device), y.to(device)
-    mode = grad_sample_mode or choose_grad_sample_mode(model, loss_fn, sample)
+    mode = grad_sample_mode
+    if mode is None:
+        sample = None
+        if loss_fn is not None:  # a batch of the expected size: the modes are timed on it
+            device = next(model.parameters()).device
+            x, y = first_samples(data_loader.dataset, min(max(data_loader.batch_size or 2, 2), 32))
+            sample = x.to(device), y.to(device)
+        mode = choose_grad_sample_mode(model, loss_fn, sample)
     with warnings.catch_warnings():
         # Opacus warns about the non-secure RNG on every call; the module docstring says why.
         warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
@@ -260,7 +343,7 @@ def make_private(
             module=model, optimizer=optimizer, data_loader=data_loader,
             noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
             poisson_sampling=poisson_sampling,
-            grad_sample_mode="no_op" if mode == "vmap" else mode,
+            grad_sample_mode="no_op" if mode in _PER_SAMPLE else mode,
             noise_generator=noise_generator,
         )
     return PrivateTraining(engine, private_model, private_opt, private_loader, mode)

@@ -1,0 +1,270 @@
+"""Per-sample gradients from one plain backward pass and a closed-form rule per layer.
+
+DP-SGD needs each sample's gradient. ``torch.func.vmap`` (:mod:`medfed.tasks.dp_vmap`)
+vectorizes the whole forward and backward per sample, and Opacus's hooks mode runs
+the ordinary backward (which also computes the batch's weight gradients, unused)
+and then a rule per layer (``unfold`` + ``einsum`` for convolutions). Here:
+
+1. The forward runs with the parameters frozen and the first layer's output
+   marked as needing a gradient, so autograd computes activation gradients only:
+   none of the batch weight gradients Opacus's hooks mode computes and discards.
+2. A forward hook on each layer with parameters keeps its input; a tensor hook
+   on its output keeps the gradient there (what Opacus calls activations and
+   backprops).
+3. Each layer's per-sample gradients come from a rule: Opacus's own table
+   (``GradSampleModule.GRAD_SAMPLERS``, with medfed's PReLU rule) for most layers,
+   :mod:`medfed.tasks.dp_samplers`'s faster GroupNorm rule, and for (transposed)
+   convolutions the fastest of several exact computations of the weight gradient
+   per sample, timed on the first batch per layer shape and remembered:
+
+   - ``"loop"``: the layer's own weight-gradient kernel once per sample (best for
+     large maps and kernels: the lesion DenseNet's 7^3 stem);
+   - ``"grouped"``: one call of that kernel with the batch as groups (best for the
+     UNet's strided 3x3 convolutions);
+   - ``"gemm"``: one batched matmul per kernel offset (1x1 convolutions);
+   - ``"slabs"`` (stride 1): unfold all spatial dims but the first, then one
+     batched matmul per offset along it, on views (3x3 and 3x3x3 on small maps);
+   - ``"unfold"`` (transposed): :mod:`medfed.tasks.dp_samplers`'s rule.
+
+   Opacus's ``unfold`` copies the input once per kernel offset all at once (27x
+   for 3x3x3), which costs more than all of these here.
+
+Measured on CPU (2 threads, batch 16; ``benchmarks/dp_overhead.py``), the lesion
+DenseNet's per-sample convolution weight gradients cost about 20 ms a step this way
+(15 ms for the batch's own weight gradients) against 73 ms of vmap's batched
+convolution backward. The per-sample gradients equal vmap's and Opacus's (tests);
+like Opacus's hooks mode, the rules assume the loss is the mean of per-sample
+losses, which :func:`medfed.tasks.dp.choose_grad_sample_mode` checks (against vmap,
+or against the samples' own losses) before it picks this mode.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medfed.tasks import dp_samplers
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+Rule = Callable[[nn.Module, list[torch.Tensor], torch.Tensor], dict[nn.Parameter, torch.Tensor]]
+Method = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+#: Chosen weight-gradient method per convolution shape (see :func:`_conv_method`).
+_METHOD: dict[tuple[Any, ...], str] = {}
+
+
+def _backward_args(layer: nn.Module, dims: int) -> tuple[Any, ...]:
+    """``aten.convolution_backward``'s arguments after the weight: the layer's geometry."""
+    transposed = isinstance(layer, _CONV_T)
+    output_padding = list(layer.output_padding) if transposed else [0] * dims
+    return (None, layer.stride, layer.padding, layer.dilation, transposed, output_padding)
+
+
+def _weight_loop(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The layer's own weight-gradient kernel on one sample at a time."""
+    args = _backward_args(layer, x.dim() - 2)
+    return torch.stack([
+        torch.ops.aten.convolution_backward(
+            g[i:i + 1], x[i:i + 1], layer.weight, *args, layer.groups, [False, True, False])[1]
+        for i in range(x.shape[0])
+    ])
+
+
+def _weight_grouped(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The batch as groups: one weight-gradient call of the layer with ``n * groups`` groups."""
+    n = x.shape[0]
+    weight = layer.weight
+    # only its shape is read, but a real tensor: an expanded one gave a zero-stride gradient
+    grouped = weight.new_empty((n * weight.shape[0], *weight.shape[1:]))
+    grad = torch.ops.aten.convolution_backward(
+        g.reshape(1, -1, *g.shape[2:]), x.reshape(1, -1, *x.shape[2:]), grouped,
+        *_backward_args(layer, x.dim() - 2), layer.groups * n, [False, True, False])[1]
+    return grad.view(n, *weight.shape)
+
+
+def _weight_gemm(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """One batched matmul per kernel offset k: ``sum_s g[b, o, s] x[b, i, s*stride + k*dil]``."""
+    n, c_in = x.shape[:2]
+    spatial = g.shape[2:]
+    pads = [p for p in reversed(layer.padding) for _ in (0, 1)]
+    xp = F.pad(x, pads) if any(layer.padding) else x
+    gf = g.reshape(n, g.shape[1], -1)
+    out = x.new_empty((n, g.shape[1], c_in, *layer.kernel_size))
+    for k in itertools.product(*(range(size) for size in layer.kernel_size)):
+        window = tuple(
+            slice(k[d] * layer.dilation[d],
+                  k[d] * layer.dilation[d] + layer.stride[d] * (spatial[d] - 1) + 1,
+                  layer.stride[d])
+            for d in range(len(spatial)))
+        xk = xp[(slice(None), slice(None), *window)].reshape(n, c_in, -1)
+        out[(slice(None), slice(None), slice(None), *k)] = torch.bmm(gf, xk.transpose(1, 2))
+    return out
+
+
+def _weight_slabs(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Stride 1, no dilation: unfold all spatial dims but the first, a matmul per first-dim offset.
+
+    The unfolded copy holds ``prod(k[1:])`` shifted inputs (9 for 3x3x3 instead of
+    27); each offset along the first dim is then a slab of it, read without a copy.
+    """
+    n, c_in = x.shape[:2]
+    spatial = g.shape[2:]
+    kernel = layer.kernel_size
+    pads = [p for p in reversed(layer.padding) for _ in (0, 1)]
+    t = F.pad(x, pads) if any(layer.padding) else x
+    for d in range(1, len(spatial)):  # -> (N, C, P1, S2.., k2..)
+        t = t.unfold(2 + d, kernel[d], 1)
+    rest = len(spatial) - 1
+    order = [0, 1, *range(2 + len(spatial), 2 + len(spatial) + rest), *range(2, 2 + len(spatial))]
+    t = t.permute(order).contiguous()  # (N, C, k2.., P1, S2..)
+    gf = g.reshape(n, g.shape[1], -1)
+    out = x.new_empty((n, g.shape[1], c_in, *kernel))
+    for z in range(kernel[0]):
+        slab = t[(slice(None),) * (2 + rest) + (slice(z, z + spatial[0]),)]
+        slab = slab.reshape(n, -1, gf.shape[-1])  # a view: the slab's rows are contiguous
+        out[:, :, :, z] = torch.bmm(gf, slab.transpose(1, 2)).view(n, g.shape[1], c_in,
+                                                                     *kernel[1:])
+    return out
+
+
+def _weight_unfold_transposed(layer: nn.Module, x: torch.Tensor, g: torch.Tensor
+                              ) -> torch.Tensor:
+    """Transposed convolutions: medfed's unfold rule (:mod:`medfed.tasks.dp_samplers`)."""
+    return dp_samplers.conv_transpose_grad_sample(layer, [x], g)[layer.weight]
+
+
+_METHODS: dict[str, Method] = {
+    "loop": _weight_loop, "grouped": _weight_grouped, "gemm": _weight_gemm,
+    "slabs": _weight_slabs, "unfold": _weight_unfold_transposed,
+}
+
+
+def _candidates(layer: nn.Module) -> list[str]:
+    """The exact methods that apply to ``layer``."""
+    # Grouped 3D weight gradients came out wrong on one thread (torch 2.13 CPU): not offered.
+    grouped = ["grouped"] if layer.weight.dim() < 5 else []
+    if isinstance(layer, _CONV_T):
+        return ["loop", *grouped] + (["unfold"] if layer.groups == 1 else [])
+    if layer.groups != 1:
+        return ["loop", *grouped]
+    unit = all(s == 1 for s in layer.stride) and all(d == 1 for d in layer.dilation)
+    few_offsets = math.prod(layer.kernel_size) <= 27  # one matmul each
+    return ["loop", *grouped] + (["gemm"] if few_offsets else []) + (["slabs"] if unit else [])
+
+
+def _timed(fn: Callable[[], torch.Tensor], device: torch.device) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def _conv_method(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> str:
+    """The fastest exact method for this layer and input shape, timed once and remembered."""
+    key = (type(layer), tuple(layer.weight.shape), layer.stride, layer.padding,
+           layer.dilation, layer.groups, getattr(layer, "output_padding", None),
+           tuple(x.shape[1:]), x.device.type)
+    if key not in _METHOD:
+        # "loop" is the layer's own kernel, as autograd runs it on one sample: the
+        # reference. A method that disagrees with it on this batch is not used.
+        reference = _weight_loop(layer, x, g)
+        tolerance = 1e-5 * float(reference.abs().max()) + 1e-12
+        methods = [m for m in _candidates(layer) if m == "loop" or torch.allclose(
+            _METHODS[m](layer, x, g), reference, rtol=1e-3, atol=tolerance)]
+        _METHOD[key] = min(methods,
+                           key=lambda m: _timed(lambda: _METHODS[m](layer, x, g), x.device))
+    return _METHOD[key]
+
+
+def conv_grad_sample(layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor
+                     ) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradients of a (transposed) convolution's weight and bias."""
+    x = activations[0].to(backprops.dtype)
+    out: dict[nn.Parameter, torch.Tensor] = {}
+    if layer.weight.requires_grad:
+        out[layer.weight] = _METHODS[_conv_method(layer, x, backprops)](layer, x, backprops)
+    if layer.bias is not None and layer.bias.requires_grad:
+        out[layer.bias] = backprops.reshape(*backprops.shape[:2], -1).sum(-1)
+    return out
+
+
+def _rule_for(module: nn.Module) -> Rule | None:
+    from opacus.grad_sample import GradSampleModule
+
+    if type(module) in _CONV + _CONV_T:
+        # other padding modes pad inside forward: the kept input is not what the kernel saw
+        plain = module.padding_mode == "zeros" and not isinstance(module.padding, str)
+        return conv_grad_sample if plain else None
+    if type(module) is nn.GroupNorm:
+        return dp_samplers.group_norm_grad_sample
+    dp_samplers.register()
+    return GradSampleModule.GRAD_SAMPLERS.get(type(module))
+
+
+def _layers(module: nn.Module) -> list[nn.Module]:
+    """The modules that own trainable parameters directly."""
+    return [m for m in module.modules()
+            if any(p.requires_grad for p in m.parameters(recurse=False))]
+
+
+def unsupported(module: nn.Module) -> list[str]:
+    """Layers with trainable parameters that have no rule here (empty: supported)."""
+    names = {m: name or "(model)" for name, m in module.named_modules()}
+    return [f"{names[m]} ({type(m).__name__})" for m in _layers(module) if _rule_for(m) is None]
+
+
+def per_sample_grads(module: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor
+                     ) -> torch.Tensor:
+    """Set ``p.grad_sample`` (each sample's own loss gradient) on every trainable parameter.
+
+    ``loss_fn`` must average per-sample losses over the batch (as for Opacus's hooks).
+    Returns the batch's mean loss (detached).
+    """
+    layers = _layers(module)
+    params = [p for p in module.parameters() if p.requires_grad]
+    captured: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {m: [] for m in layers}
+
+    def keep(layer: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        if not output.requires_grad:  # parameters frozen: start autograd's graph here
+            output.requires_grad_()
+        activation = inputs[0].detach()
+        output.register_hook(lambda grad: captured[layer].append((activation, grad.detach())))
+
+    handles = [m.register_forward_hook(keep) for m in layers]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        loss = loss_fn(module(x), y)
+        (loss * x.shape[0]).backward()  # the mean's gradient times n: each sample's own
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+        for h in handles:
+            h.remove()
+    grads: dict[nn.Parameter, torch.Tensor] = {}
+    with torch.no_grad():
+        _apply_rules(layers, captured, grads)
+    for p in params:  # a parameter the loss did not reach has zero gradients
+        p.grad_sample = grads.get(p, x.new_zeros((x.shape[0], *p.shape)))
+    return loss.detach()
+
+
+def _apply_rules(layers: list[nn.Module],
+                 captured: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]],
+                 grads: dict[nn.Parameter, torch.Tensor]) -> None:
+    for layer in layers:
+        rule = _rule_for(layer)
+        if rule is None:
+            raise TypeError(f"no per-sample gradient rule for {type(layer).__name__}")
+        for activation, grad in captured[layer]:  # a layer called twice: its gradients add
+            for p, g in rule(layer, [activation], grad).items():
+                grads[p] = grads[p] + g if p in grads else g

@@ -1,0 +1,168 @@
+"""Per-sample gradients from layer rules (medfed.tasks.dp_rules) equal vmap's and Opacus's."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from medfed.core.config import DataSourceConfig
+from medfed.tasks import TASKS, dp, dp_rules, dp_samplers, dp_vmap
+
+
+def _batch(name: str, n: int = 3) -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor]:
+    task = TASKS.get(name)
+    data = task.load_site_data(DataSourceConfig(num_samples=32, seed=3)).train
+    x, y = dp.first_samples(data, n)
+    torch.manual_seed(0)
+    model = task.build_model().train()
+    dp.disable_inplace(model)
+    return model, task.build_loss(), x, y
+
+
+@pytest.mark.parametrize("name", TASKS.names())
+def test_rules_per_sample_gradients_equal_vmap_and_opacus_hooks(name: str) -> None:
+    from opacus import GradSampleModule
+
+    model, loss_fn, x, y = _batch(name)
+    assert dp_rules.unsupported(model) == []
+    dp_samplers.register()
+    hooked = GradSampleModule(copy.deepcopy(model))  # Opacus's reference (loss mean)
+    loss_fn(hooked(x), y).backward()
+    dp_vmap.per_sample_grads(model, loss_fn, x, y)
+    vmapped = {k: p.grad_sample for k, p in model.named_parameters()}
+    loss = dp_rules.per_sample_grads(model, loss_fn, x, y)
+    torch.testing.assert_close(loss, loss_fn(model(x), y).detach(), rtol=1e-5, atol=1e-6)
+    pairs = zip(model.named_parameters(), hooked._module.named_parameters(), strict=True)
+    for (key, a), (_, b) in pairs:
+        assert a.grad is None, key  # no batch gradient was computed along the way
+        assert a.grad_sample.shape == (3, *a.shape), key
+        torch.testing.assert_close(a.grad_sample, vmapped[key], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.grad_sample, b.grad_sample, rtol=1e-4, atol=1e-5)
+    assert all(p.requires_grad for p in model.parameters())  # unfrozen again
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+_LAYERS = {
+    "conv1d": lambda: nn.Conv1d(3, 4, 3, padding=1),
+    "conv2d": lambda: nn.Conv2d(3, 4, 3, padding=1),
+    "conv2d-1x1-nobias": lambda: nn.Conv2d(3, 4, 1, bias=False),
+    "conv2d-stride2": lambda: nn.Conv2d(3, 4, 3, stride=2, padding=1),  # UNet's down path
+    "conv2d-dilated": lambda: nn.Conv2d(3, 4, 3, stride=2, padding=2, dilation=2, bias=False),
+    "conv2d-groups": lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2),
+    "conv3d": lambda: nn.Conv3d(3, 4, 3, padding=1, bias=False),  # the DenseNet's 3x3x3
+    "conv3d-stem": lambda: nn.Conv3d(2, 4, 7, stride=2, padding=3, bias=False),
+    "conv-t2d": lambda: nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1, output_padding=1),
+    "conv-t3d": lambda: nn.ConvTranspose3d(3, 4, 3, stride=2, padding=1, output_padding=1),
+    "conv-t1d-groups": lambda: nn.ConvTranspose1d(4, 6, 3, stride=2, groups=2),
+}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("kind", sorted(_LAYERS))
+def test_every_conv_weight_method_equals_autograd_per_sample(kind: str, threads: int) -> None:
+    # one thread: how a site configured with compute.threads = 1 runs (a grouped 3D
+    # kernel was wrong there, so it is not offered)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_conv_methods(kind)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _check_conv_methods(kind: str) -> None:
+    torch.manual_seed(0)
+    conv = _LAYERS[kind]()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, conv.in_channels, *([7] * (conv.weight.dim() - 2)), generator=gen)
+    g = torch.randn(conv(x).shape, generator=gen)
+    expected = []
+    for i in range(len(x)):  # autograd, one sample at a time
+        conv.zero_grad()
+        (conv(x[i:i + 1]) * g[i:i + 1]).sum().backward()
+        expected.append([p.grad.clone() for p in conv.parameters()])
+    methods = dp_rules._candidates(conv)
+    assert "loop" in methods and ("grouped" in methods) == (conv.weight.dim() < 5)
+    for method in methods:
+        got = dp_rules._METHODS[method](conv, x, g)
+        torch.testing.assert_close(got, torch.stack([e[0] for e in expected]), rtol=1e-4,
+                                   atol=1e-5, msg=lambda m, method=method: f"{method}: {m}")
+    grads = dp_rules.conv_grad_sample(conv, [x], g)  # the timed choice, and the bias
+    for p, e in zip(conv.parameters(), zip(*expected, strict=True), strict=True):
+        torch.testing.assert_close(grads[p], torch.stack(e), rtol=1e-4, atol=1e-5)
+
+
+def test_a_method_that_disagrees_with_the_layers_own_kernel_is_never_chosen(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 8, 8, generator=gen)
+    g = torch.randn(4, 4, 8, 8, generator=gen)
+    wrong = lambda layer, x, g: torch.zeros(len(x), *layer.weight.shape)  # noqa: E731  # fast
+    monkeypatch.setattr(dp_rules, "_METHODS", {**dp_rules._METHODS, "gemm": wrong,
+                                               "slabs": wrong, "grouped": wrong})
+    monkeypatch.setattr(dp_rules, "_METHOD", {})
+    assert dp_rules._conv_method(conv, x, g) == "loop"
+
+
+def test_group_norm_rule_equals_opacus() -> None:
+    from opacus.grad_sample.group_norm import compute_group_norm_grad_sample
+
+    from medfed.tasks import dp_samplers
+
+    norm = nn.GroupNorm(2, 4)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        norm.weight.normal_(generator=gen)
+    x = torch.randn(3, 4, 5, 6, generator=gen)
+    g = torch.randn(3, 4, 5, 6, generator=gen)
+    ours = dp_samplers.group_norm_grad_sample(norm, [x], g)
+    theirs = compute_group_norm_grad_sample(norm, [x], g)
+    assert set(ours) == set(theirs) == {norm.weight, norm.bias}
+    for p in ours:
+        torch.testing.assert_close(ours[p], theirs[p], rtol=1e-5, atol=1e-5)
+
+
+def test_a_layer_called_twice_gets_both_gradients() -> None:
+    torch.manual_seed(0)
+    shared = nn.Conv2d(2, 2, 3, padding=1)
+    model = nn.Sequential(shared, nn.ReLU(), shared, nn.Flatten(), nn.Linear(2 * 5 * 5, 1))
+    x = torch.randn(3, 2, 5, 5, generator=torch.Generator().manual_seed(1))
+    y = torch.randn(3, 1, generator=torch.Generator().manual_seed(2))
+    loss_fn = nn.MSELoss()
+    dp_vmap.per_sample_grads(model, loss_fn, x, y)
+    reference = [p.grad_sample for p in model.parameters()]
+    dp_rules.per_sample_grads(model, loss_fn, x, y)
+    for p, r in zip(model.parameters(), reference, strict=True):
+        torch.testing.assert_close(p.grad_sample, r, rtol=1e-4, atol=1e-6)
+
+
+def test_a_layer_without_a_rule_is_named_and_vmap_is_used() -> None:
+    class Scale(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.s = nn.Parameter(torch.ones(1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.s
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), Scale(), nn.Flatten(), nn.LazyLinear(1))
+    x = torch.randn(4, 1, 6, 6, generator=torch.Generator().manual_seed(0))
+    y = torch.randn(4, 1, generator=torch.Generator().manual_seed(1))
+    model(x)
+    assert dp_rules.unsupported(model) == ["1 (Scale)"]
+    assert dp.choose_grad_sample_mode(model, nn.MSELoss(), (x, y)) == "vmap"
+
+
+def test_a_loss_that_couples_the_batch_is_refused_when_vmap_cannot_check_it() -> None:
+    from monai.losses import DiceCELoss  # one_hot scatters in place: vmap cannot trace it
+
+    model, _, x, y = _batch("tiny-seg", 4)
+    per_sample = DiceCELoss(to_onehot_y=True, softmax=True)  # batch=False: a mean of samples
+    assert dp.choose_grad_sample_mode(model, per_sample, (x, y)) == "rules"
+    with pytest.raises(dp.LossNotPerSample, match="not the mean of each sample"):
+        dp.choose_grad_sample_mode(
+            model, DiceCELoss(to_onehot_y=True, softmax=True, batch=True), (x, y))
