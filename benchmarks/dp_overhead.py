@@ -12,18 +12,19 @@ Method: ``torch.set_num_threads(2)``; one batch of 16 built from
 the split is smaller); warm-up steps, then plain and DP steps ALTERNATE so that
 load from other processes hits both alike; the median of N each.
 
-Modes (``--modes auto,vmap,hooks,functorch``; the BENCH lines use the first;
-``auto`` is what ``dp_train`` picks, ``dp.choose_grad_sample_mode``: ``vmap`` when
-torch.func can trace the model and loss, else functorch for 3D convs and hooks
-otherwise): ``vmap`` is one ``torch.func.vmap(grad)`` over the whole model
-(``medfed.tasks.dp_vmap``, Opacus in ``no_op`` mode clips, noises and accounts);
-``hooks`` is Opacus's default; ``functorch`` is Opacus's per-layer vmap. Tried and
-dropped: ``ew`` (PyTorch expanded weights: fails on MONAI's PReLU and DenseNet)
+Modes (``--modes auto,rules,vmap,hooks,functorch``; the BENCH lines use the first;
+``auto`` is what ``dp_train`` picks, ``dp.choose_grad_sample_mode``: the faster of
+``rules`` and ``vmap`` on the first batch, timed there): ``rules`` is one
+activation-only backward and a per-sample rule per layer (``medfed.tasks.dp_rules``),
+``vmap`` one ``torch.func.vmap(grad)`` over the whole model
+(``medfed.tasks.dp_vmap``); in both Opacus runs in ``no_op`` mode and clips, noises
+and accounts. ``hooks`` is Opacus's default; ``functorch`` is Opacus's per-layer vmap.
+The machine's load moves single ratios by about +-0.05 between runs. Tried and dropped: ``ew`` (PyTorch expanded weights: fails on MONAI's PReLU and DenseNet)
 and ``ghost`` (fast gradient clipping: two backward passes, slower on CPU per the
 issue's anchor; medfed's make_private refuses it).
 See the docstring of ``medfed.tasks.dp`` for the findings.
 
-    python benchmarks/dp_overhead.py [--steps 10] [--tasks tiny-seg,...] [--modes hooks]
+    python benchmarks/dp_overhead.py [--steps 30] [--tasks tiny-seg,...] [--modes hooks]
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def measure(plain: Callable[[], None], private: Callable[[], None], steps: int
 def main() -> None:
     """Measure every task (and mode) and print the BENCH lines."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--tasks", default=",".join(TASKS.names()))
     parser.add_argument("--modes", default="auto", help="auto = dp.choose_grad_sample_mode")
     args = parser.parse_args()

@@ -19,12 +19,16 @@ time; DP over plain, same model, batch and optimizer; ``benchmarks/dp_overhead.p
 
 - ``"rules"`` (:mod:`medfed.tasks.dp_rules`): one ordinary backward for the
   activation gradients only (parameters frozen during it), then a closed-form rule
-  per layer; convolutions get the fastest of four exact weight-gradient methods,
+  per layer; convolutions get the fastest of several exact weight-gradient methods,
   timed on the first batch per layer shape. Opacus in ``no_op`` mode clips, noises
-  and accounts. Measured DP/plain: FIGURES_RULES.
+  and accounts. DP/plain over three runs on a busy 2-core VM: brain-tissue-seg
+  1.33-1.38, tiny-seg 1.30-1.44, brain-tissue-seg-wide 1.41-1.46, brain-lesion-cls
+  1.44-1.54.
 - ``"vmap"`` (:mod:`medfed.tasks.dp_vmap`): one ``torch.func.vmap(grad)`` over the
-  whole model, Opacus in ``no_op`` mode. FIGURES_VMAP. Its batched convolution
-  backward is what costs: on the lesion DenseNet 73 ms a step against 22 ms plain.
+  whole model, Opacus in ``no_op`` mode: brain-tissue-seg 1.45-1.48, tiny-seg
+  1.60-1.69, brain-tissue-seg-wide 1.49-1.59, brain-lesion-cls 2.34-2.42. Its
+  batched convolution backward is what costs: on the lesion DenseNet 73 ms a step,
+  against 22 ms for the plain step's convolution backward.
 - :func:`choose_grad_sample_mode` times both on the first batch and keeps the faster
   (per task and process), after checking the rules' gradients equal vmap's.
 - ``grad_sample_mode="hooks"`` (Opacus default), the fallback without a loss to
