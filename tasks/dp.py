@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import math
 import secrets
-import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -109,16 +108,8 @@ def _loss_is_mean_of_samples(model: nn.Module, loss_fn: nn.Module, x: torch.Tens
 
 def _seconds(fn: Any, device: torch.device) -> float:
     """Wall time of the faster of two calls of ``fn`` after a warm-up call."""
-    times = []
-    for _ in range(3):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return min(times[1:])
+    fn()
+    return min(dp_rules.wall_time(fn, device) for _ in range(2))
 
 
 def choose_grad_sample_mode(

@@ -159,7 +159,8 @@ def _candidates(layer: nn.Module) -> list[str]:
     return ["loop", *grouped] + (["gemm"] if few_offsets else []) + (["slabs"] if unit else [])
 
 
-def _timed(fn: Callable[[], torch.Tensor], device: torch.device) -> float:
+def wall_time(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds one call of ``fn`` takes on ``device`` (CUDA: until its kernels finish)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()
@@ -181,7 +182,7 @@ def _conv_method(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> str:
         methods = [m for m in _candidates(layer) if m == "loop" or torch.allclose(
             _METHODS[m](layer, x, g), reference, rtol=1e-3, atol=tolerance)]
         _METHOD[key] = min(methods,
-                           key=lambda m: _timed(lambda: _METHODS[m](layer, x, g), x.device))
+                           key=lambda m: wall_time(lambda: _METHODS[m](layer, x, g), x.device))
     return _METHOD[key]
 
 
@@ -206,8 +207,7 @@ def _rule_for(module: nn.Module) -> Rule | None:
         return conv_grad_sample if plain else None
     if type(module) is nn.GroupNorm:
         return dp_samplers.group_norm_grad_sample
-    dp_samplers.register()
-    return GradSampleModule.GRAD_SAMPLERS.get(type(module))
+    return GradSampleModule.GRAD_SAMPLERS.get(type(module))  # PReLU: dp_samplers.register()
 
 
 def _layers(module: nn.Module) -> list[nn.Module]:
@@ -218,6 +218,7 @@ def _layers(module: nn.Module) -> list[nn.Module]:
 
 def unsupported(module: nn.Module) -> list[str]:
     """Layers with trainable parameters that have no rule here (empty: supported)."""
+    dp_samplers.register()
     names = {m: name or "(model)" for name, m in module.named_modules()}
     return [f"{names[m]} ({type(m).__name__})" for m in _layers(module) if _rule_for(m) is None]
 
@@ -229,6 +230,7 @@ def per_sample_grads(module: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: 
     ``loss_fn`` must average per-sample losses over the batch (as for Opacus's hooks).
     Returns the batch's mean loss (detached).
     """
+    dp_samplers.register()
     layers = _layers(module)
     params = [p for p in module.parameters() if p.requires_grad]
     captured: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {m: [] for m in layers}
