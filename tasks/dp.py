@@ -112,6 +112,25 @@ def _seconds(fn: Any, device: torch.device) -> float:
     return min(dp_rules.wall_time(fn, device) for _ in range(2))
 
 
+def _rules_agree(model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 against_vmap: bool) -> bool:
+    """Whether the layer rules run on this batch and, if asked, give vmap's gradients."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    try:
+        if against_vmap:
+            dp_vmap.per_sample_grads(model, loss_fn, x, y)
+            reference = [p.grad_sample for p in trainable]
+        dp_rules.per_sample_grads(model, loss_fn, x, y)
+        return not against_vmap or all(
+            torch.allclose(p.grad_sample, r, rtol=1e-3, atol=1e-6 * float(r.abs().max()) + 1e-9)
+            for p, r in zip(trainable, reference, strict=True))
+    except Exception:  # a layer the rules cannot follow (e.g. tuple outputs): not this mode
+        return False
+    finally:
+        for p in model.parameters():
+            p.grad_sample = None
+
+
 def choose_grad_sample_mode(
     model: nn.Module, loss_fn: nn.Module | None = None,
     sample: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -141,17 +160,7 @@ def choose_grad_sample_mode(
             expected="a loss averaged over per-sample terms (e.g. MONAI Dice with batch=False)",
             fix="compute the loss per sample and average it (no batch-wide Dice or statistics)",
         )
-    rules_ok = not dp_rules.unsupported(model)
-    if rules_ok and vmap_ok:
-        dp_vmap.per_sample_grads(model, loss_fn, x, y)
-        reference = [p.grad_sample for p in model.parameters() if p.requires_grad]
-        dp_rules.per_sample_grads(model, loss_fn, x, y)
-        rules_ok = all(
-            torch.allclose(p.grad_sample, r, rtol=1e-3, atol=1e-6 * float(r.abs().max()) + 1e-9)
-            for p, r in zip((p for p in model.parameters() if p.requires_grad), reference,
-                            strict=True))
-        for p in model.parameters():
-            p.grad_sample = None
+    rules_ok = not dp_rules.unsupported(model) and _rules_agree(model, loss_fn, x, y, vmap_ok)
     candidates = [m for m, ok in (("rules", rules_ok), ("vmap", vmap_ok)) if ok]
     if not candidates:
         return "functorch" if any(isinstance(m, nn.Conv3d) for m in model.modules()) else "hooks"
