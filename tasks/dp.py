@@ -131,6 +131,11 @@ def _rules_agree(model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch
             p.grad_sample = None
 
 
+def _opacus_mode(model: nn.Module) -> str:
+    """Opacus's own mode: functorch for 3D convolutions (unfold3d copies inputs k^3 times)."""
+    return "functorch" if any(isinstance(m, nn.Conv3d) for m in model.modules()) else "hooks"
+
+
 def choose_grad_sample_mode(
     model: nn.Module, loss_fn: nn.Module | None = None,
     sample: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -148,7 +153,7 @@ def choose_grad_sample_mode(
     unfold3d copies each input k^3 times) and ``"hooks"`` otherwise, Opacus's own.
     """
     if loss_fn is None or sample is None:
-        return "functorch" if any(isinstance(m, nn.Conv3d) for m in model.modules()) else "hooks"
+        return _opacus_mode(model)
     x, y = sample
     vmap_ok = dp_vmap.supported(model, loss_fn, x, y)
     if not vmap_ok and not _loss_is_mean_of_samples(model, loss_fn, x, y):
@@ -163,7 +168,7 @@ def choose_grad_sample_mode(
     rules_ok = not dp_rules.unsupported(model) and _rules_agree(model, loss_fn, x, y, vmap_ok)
     candidates = [m for m, ok in (("rules", rules_ok), ("vmap", vmap_ok)) if ok]
     if not candidates:
-        return "functorch" if any(isinstance(m, nn.Conv3d) for m in model.modules()) else "hooks"
+        return _opacus_mode(model)
     if len(candidates) == 1:
         return candidates[0]
     timed = {m: _seconds(lambda m=m: _PER_SAMPLE[m](model, loss_fn, x, y), x.device)
