@@ -54,6 +54,8 @@ _LAYERS = {
     "conv2d-groups": lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2),
     "conv3d": lambda: nn.Conv3d(3, 4, 3, padding=1, bias=False),  # the DenseNet's 3x3x3
     "conv3d-stem": lambda: nn.Conv3d(2, 4, 7, stride=2, padding=3, bias=False),
+    "conv3d-uneven-padding": lambda: nn.Conv3d(2, 3, 3, padding=(1, 0, 2)),
+    "conv2d-dilated-stride1": lambda: nn.Conv2d(3, 4, 3, padding=3, dilation=2),
     "conv-t2d": lambda: nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1, output_padding=1),
     "conv-t3d": lambda: nn.ConvTranspose3d(3, 4, 3, stride=2, padding=1, output_padding=1),
     "conv-t1d-groups": lambda: nn.ConvTranspose1d(4, 6, 3, stride=2, groups=2),
@@ -88,6 +90,10 @@ def _check_conv_methods(kind: str) -> None:
         expected.append([p.grad.clone() for p in conv.parameters()])
     methods = dp_rules._candidates(conv)
     assert "loop" in methods and ("grouped" in methods) == (conv.weight.dim() < 5)
+    stride_one = not isinstance(conv, nn.ConvTranspose1d | nn.ConvTranspose2d
+                                | nn.ConvTranspose3d) and conv.groups == 1 and all(
+        s == 1 for s in conv.stride)
+    assert ("shifted" in methods) == stride_one
     for method in methods:
         got = dp_rules._METHODS[method](conv, x, g)
         torch.testing.assert_close(got, torch.stack([e[0] for e in expected]), rtol=1e-4,
@@ -105,7 +111,8 @@ def test_a_method_that_disagrees_with_the_layers_own_kernel_is_never_chosen(
     g = torch.randn(4, 4, 8, 8, generator=gen)
     wrong = lambda layer, x, g: torch.zeros(len(x), *layer.weight.shape)  # noqa: E731  # fast
     monkeypatch.setattr(dp_rules, "_METHODS", {**dp_rules._METHODS, "gemm": wrong,
-                                               "slabs": wrong, "grouped": wrong})
+                                               "slabs": wrong, "grouped": wrong,
+                                               "shifted": wrong})
     monkeypatch.setattr(dp_rules, "_METHOD", {})
     assert dp_rules._conv_method(conv, x, g) == "loop"
 
