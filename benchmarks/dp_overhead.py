@@ -18,7 +18,9 @@ Modes (``--modes auto,rules,vmap,hooks,functorch``; the BENCH lines use the firs
 activation-only backward and a per-sample rule per layer (``medfed.tasks.dp_rules``),
 ``vmap`` one ``torch.func.vmap(grad)`` over the whole model
 (``medfed.tasks.dp_vmap``); in both Opacus runs in ``no_op`` mode and clips, noises
-and accounts. ``hooks`` is Opacus's default; ``functorch`` is Opacus's per-layer vmap.
+and accounts, through ``medfed.tasks.dp_optimizer`` (Opacus's ``DPOptimizer`` with
+its per-tensor loop batched). ``hooks`` is Opacus's default; ``functorch`` is
+Opacus's per-layer vmap.
 The machine's load moves single ratios by about +-0.05 between runs. Tried and
 dropped: ``ew`` (PyTorch expanded weights: fails on MONAI's PReLU and DenseNet) and
 ``ghost`` (fast gradient clipping: two backward passes, slower on CPU per the

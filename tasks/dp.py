@@ -21,9 +21,9 @@ time; DP over plain, same model, batch and optimizer; ``benchmarks/dp_overhead.p
   activation gradients only (parameters frozen during it), then a closed-form rule
   per layer; convolutions get the fastest of several exact weight-gradient methods,
   timed on the first batch per layer shape. Opacus in ``no_op`` mode clips, noises
-  and accounts. DP/plain over three runs on a busy 2-core VM: brain-tissue-seg
-  1.33-1.38, tiny-seg 1.30-1.44, brain-tissue-seg-wide 1.41-1.46, brain-lesion-cls
-  1.44-1.54.
+  and accounts (its optimizer batched: :mod:`medfed.tasks.dp_optimizer`). DP/plain
+  over three runs on a 2-core VM: brain-tissue-seg 1.24-1.25, tiny-seg 1.24-1.25,
+  brain-tissue-seg-wide 1.32-1.34, brain-lesion-cls 1.27-1.36.
 - ``"vmap"`` (:mod:`medfed.tasks.dp_vmap`): one ``torch.func.vmap(grad)`` over the
   whole model, Opacus in ``no_op`` mode: brain-tissue-seg 1.45-1.48, tiny-seg
   1.60-1.69, brain-tissue-seg-wide 1.49-1.59, brain-lesion-cls 2.34-2.42. Its

