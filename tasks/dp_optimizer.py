@@ -15,8 +15,9 @@ parameters in all) took about 4 ms a step against about 1 ms batched.
 - each sample's norm is the L2 norm over the parts' per-sample norms (Opacus: over
   the tensors' norms; the same number);
 - clip factors ``min(1, C / (norm + 1e-6))``, Opacus's formula;
-- the clipped sums land in one flat buffer (``addmv`` per part); the noise is one
-  draw of Opacus's own ``_generate_noise`` over that buffer, std ``z * C``;
+- the clipped sums land in one flat buffer (one matmul per part, reading a per-sample
+  gradient in the layout its rule wrote it); the noise is one draw of Opacus's own
+  ``_generate_noise`` over that buffer, std ``z * C``;
 - ``p.summed_grad`` and ``p.grad`` are views into flat buffers; the division by the
   expected batch size is one op.
 
