@@ -202,11 +202,11 @@ def _candidates(layer: nn.Module) -> list[str]:
         return ["loop", *grouped] + (["unfold"] if layer.groups == 1 else [])
     if layer.groups != 1:
         return ["loop", *grouped]
-    unit = all(s == 1 for s in layer.stride) and all(d == 1 for d in layer.dilation)
+    stride_one = all(s == 1 for s in layer.stride)
+    unit = stride_one and all(d == 1 for d in layer.dilation)
     few_offsets = math.prod(layer.kernel_size) <= 27  # one matmul each
     return (["loop", *grouped] + (["gemm"] if few_offsets else [])
-            + (["slabs"] if unit else []) + (["shifted"] if all(s == 1 for s in layer.stride)
-                                             else []))
+            + (["slabs"] if unit else []) + (["shifted"] if stride_one else []))
 
 
 def wall_time(fn: Callable[[], object], device: torch.device) -> float:
