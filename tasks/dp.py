@@ -56,7 +56,7 @@ time; DP over plain, same model, batch and optimizer; ``benchmarks/dp_overhead.p
   zero tensor and a noise draw): about 4 ms a step on the lesion DenseNet's 73
   small tensors. :mod:`medfed.tasks.dp_optimizer` runs the same formulas over all
   parameters at once (Opacus's ``DPOptimizer`` subclassed, its noise function):
-  about 1 ms there, and it reads the per-sample gradients in the layout the rules
+  about 1 ms for the same work, and it reads the per-sample gradients in the layout the rules
   write them (no copy of the wide UNet's 19 MB deepest-layer gradients).
 """
 
