@@ -70,8 +70,8 @@ CLIP = 0.3
 #: 0.698; Adam with epsilon set to the noise's std (lr 3e-3: 0.598, lr 0.015: 0.676);
 #: 80 subjects per site, batch 64, 1 epoch: 0.704 against 0.780 without DP, the same
 #: 0.90 ratio as 40 subjects (the non-private model gains from the data as much).
-#: Where the gap is (one run each, 40 subjects, epsilon 8 unless said): at a fixed
-#: noise multiplier 0.3 (epsilon 152-161) the recipe reaches 0.724, so noise is only
+#: Where the gap is (one run each, 40 subjects, epsilon 8, C = 1 and lr 0.1 unless
+#: said): at a fixed noise multiplier 0.3 (epsilon 152-161) it reaches 0.724, so noise is only
 #: part of the gap; the recipe itself does not reach the Adam anchor here. Per site
 #: (the FedAvgM run below) 0.748 / 0.654 / 0.673 / 0.681, while one site trained alone with
 #: the same DP-SGD (no federation; simulation in one process) reaches 0.754 (site-1)
@@ -186,9 +186,11 @@ def main() -> None:
         plain, _ = run_once(tmp / "plain", sources, rounds, {}, adaptation=args.adaptation)
         print(f"no DP: dice {plain:.4f} ({time.time() - t0:.0f} s)", flush=True)
         results = {}
-        fixed = [] if args.noise_multiplier is None else [args.noise_multiplier]
-        runs = [(eps, noise_for(eps, sizes, args.dp_batch, rounds * args.dp_epochs,
-                                args.accountant)) for eps in epsilons] + [(None, z) for z in fixed]
+        runs: list[tuple[float | None, float]] = [
+            (eps, noise_for(eps, sizes, args.dp_batch, rounds * args.dp_epochs, args.accountant))
+            for eps in epsilons]
+        if args.noise_multiplier is not None:
+            runs.append((None, args.noise_multiplier))
         for i, (eps, z) in enumerate(runs):
             t0 = time.time()
             dice, spent = run_once(tmp / f"dp{i}", sources, rounds, {
