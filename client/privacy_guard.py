@@ -41,6 +41,8 @@ class RoundPrivacy:
     budget: DatasetBudget | None = None
     reservation: Reservation | None = None
     history: list[tuple[float, float, int]] = field(default_factory=list)
+    #: The noise this site adds: the run's, or derived here from its target_epsilon.
+    noise_multiplier: float = 0.0
 
     def record(self, run: RunConfig, steps: int) -> dict[str, Any]:
         """The privacy part of the audit record and of the reply's metrics."""
@@ -52,7 +54,8 @@ class RoundPrivacy:
             "epsilon_run": r.run_epsilon, "epsilon_spent": r.spent,
             "epsilon_remaining": r.remaining, "delta": run.privacy.target_delta,
             "accountant": run.privacy.accountant,
-            "noise_multiplier": run.privacy.noise_multiplier,
+            "noise_multiplier": self.noise_multiplier,
+            "target_epsilon": run.privacy.target_epsilon,
             "clipping": run.privacy.clipping, "sample_rate": self.history[-1][1]
             if self.history else 0.0, "steps": steps,
         }
@@ -63,7 +66,7 @@ class RoundPrivacy:
             return {}
         r = self.reservation
         return {"epsilon": r.epsilon, "epsilon-run": r.run_epsilon,
-                "epsilon-remaining": r.remaining}
+                "epsilon-remaining": r.remaining, "noise-multiplier": self.noise_multiplier}
 
 
 class PrivacyGate:
@@ -94,27 +97,34 @@ class PrivacyGate:
             name, budget = self.policy.budget_for(run.dataset)
         except ConfigError as exc:
             raise PrivacyRefusal("privacy.datasets", exc.what) from None
-        decision = check_run_against_policy(run.privacy, budget, dataset=name)
+        if mode == "off":
+            decision = check_run_against_policy(run.privacy, budget, dataset=name)
+            if not decision.allowed:
+                raise PrivacyRefusal(decision.rule, decision.reason)
+            return RoundPrivacy(mode, name, budget)
+        if mode == "sample":
+            (_, sample_rate, steps), = dp.plan_round(
+                num_examples, batch_size=batch_size, epochs=epochs, noise_multiplier=1.0)
+        else:  # update-level: one Gaussian mechanism on the clipped update per round
+            sample_rate, steps = 1.0, 1
+        noise = site_noise_multiplier(run, sample_rate=sample_rate, steps_per_round=steps)
+        decision = check_run_against_policy(run.privacy, budget, dataset=name,
+                                            noise_multiplier=noise)
         if not decision.allowed:
             raise PrivacyRefusal(decision.rule, decision.reason)
-        if mode == "off":
-            return RoundPrivacy(mode, name, budget)
         if mode == "sample":
             try:
                 dp.validate_for_dp(model)
             except MedfedError as exc:
                 raise PrivacyRefusal("task model", str(exc)) from None
-            history = dp.plan_round(num_examples, batch_size=batch_size, epochs=epochs,
-                                    noise_multiplier=run.privacy.noise_multiplier)
-        else:  # update-level: one Gaussian mechanism on the clipped update per round
-            history = [(run.privacy.noise_multiplier, 1.0, 1)]
+        history = [(noise, sample_rate, steps)]
         try:
             reservation = self.ledger.reserve(
                 run_id, rnd, name, budget=budget, round_history=history,
                 delta=run.privacy.target_delta, accountant=run.privacy.accountant, mode=mode)
         except BudgetExceeded as exc:
             raise PrivacyRefusal(f"privacy.datasets.{name}.epsilon_max", exc.what) from None
-        return RoundPrivacy(mode, name, budget, reservation, history)
+        return RoundPrivacy(mode, name, budget, reservation, history, noise)
 
     def commit(self, rp: RoundPrivacy, *, steps: int) -> None:
         """Mark the reserved spend committed; more steps than reserved blocks the reply."""
@@ -123,10 +133,31 @@ class PrivacyGate:
                                steps=steps if rp.mode == "sample" else None)
 
 
-def noised_update(global_vec: np.ndarray, local_vec: np.ndarray, run: RunConfig) -> np.ndarray:
+def site_noise_multiplier(run: RunConfig, *, sample_rate: float, steps_per_round: int) -> float:
+    """The noise multiplier this site adds in ``run``.
+
+    The run's ``noise_multiplier``, or, with ``target_epsilon``, the smallest noise that
+    keeps this site's epsilon after all the run's rounds (``steps_per_round`` steps each at
+    ``sample_rate``, the run's delta and accountant) at or below the target, never below
+    the run's ``noise_multiplier``. A site with more data samples at a lower rate, so it
+    needs less noise for the same epsilon.
+    """
+    p = run.privacy
+    if p.target_epsilon <= 0:
+        return p.noise_multiplier
+    try:
+        derived = dp.noise_for_target(p.target_epsilon, p.target_delta, sample_rate=sample_rate,
+                                      steps=steps_per_round * run.rounds, accountant=p.accountant)
+    except ValueError as exc:
+        raise PrivacyRefusal("privacy.target_epsilon", str(exc)) from None
+    return max(derived, p.noise_multiplier)
+
+
+def noised_update(global_vec: np.ndarray, local_vec: np.ndarray, run: RunConfig,
+                  noise_multiplier: float) -> np.ndarray:
     """Update-level DP: global + clip-and-noise(local - global), noise from OS entropy."""
     delta = local_vec.astype(np.float64) - global_vec.astype(np.float64)
     noised = dp.clip_and_noise_update(delta, clipping_norm=run.privacy.clipping_norm,
-                                      noise_multiplier=run.privacy.noise_multiplier,
+                                      noise_multiplier=noise_multiplier,
                                       generator=np.random.default_rng())
     return (global_vec.astype(np.float64) + noised).astype(np.float32)

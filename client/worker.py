@@ -187,7 +187,7 @@ class SiteWorker:
         t0 = time.perf_counter()
         if privacy.mode == "sample":
             stats = dp_train(task, model, data.train, epochs=epochs, batch_size=batch_size,
-                             learning_rate=lr, noise_multiplier=run.privacy.noise_multiplier,
+                             learning_rate=lr, noise_multiplier=privacy.noise_multiplier,
                              max_grad_norm=run.privacy.max_grad_norm, device=self.device,
                              accountant=run.privacy.accountant,
                              optimizer=run.privacy.optimizer,
@@ -207,7 +207,7 @@ class SiteWorker:
             self.site_local.save(str(run_id), {k: trained[k] for k in local})
         vector = pack(shared_state(trained, local))
         if privacy.mode == "update":
-            vector = noised_update(arrays[WEIGHTS_KEY], vector, run)
+            vector = noised_update(arrays[WEIGHTS_KEY], vector, run, privacy.noise_multiplier)
         metrics = {"train-loss": stats.loss, "steps": stats.steps, "train-seconds": seconds,
                    **privacy.metrics()}
         secagg: dict[str, object] | None = None

@@ -62,6 +62,7 @@ time; DP over plain, same model, batch and optimizer; ``benchmarks/dp_overhead.p
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 import warnings
@@ -515,6 +516,37 @@ def epsilon_for(
 ) -> float:
     """Epsilon of ``steps`` Poisson-subsampled Gaussian steps at ``delta``."""
     return epsilon_of_history([(noise_multiplier, sample_rate, steps)], delta, accountant)
+
+
+def noise_for_target(
+    target_epsilon: float, delta: float, *, sample_rate: float, steps: int,
+    accountant: AccountantName = "rdp",
+) -> float:
+    """The smallest noise multiplier within ``(target_epsilon, delta)`` after ``steps``.
+
+    The steps are Poisson-subsampled Gaussian steps at ``sample_rate``; Opacus's
+    ``get_noise_multiplier`` searches. Its binary search returns the upper end of its
+    bracket, so the result's epsilon is at most the target (within 0.01 below it).
+    """
+    return _noise_for_target(float(target_epsilon), float(delta), float(sample_rate),
+                             int(steps), accountant)
+
+
+@functools.lru_cache(maxsize=64)
+def _noise_for_target(target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                      accountant: AccountantName) -> float:
+    # Cached: a site asks the same question every round of a run (PRV takes seconds).
+    from opacus.accountants.utils import get_noise_multiplier
+
+    try:
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                          sample_rate=sample_rate, steps=steps,
+                                          accountant=accountant))
+    except ValueError as exc:  # "The privacy budget is too low."
+        raise ValueError(
+            f"no noise multiplier up to 1e6 keeps {steps} steps at sampling rate "
+            f"{sample_rate:g} within epsilon {target_epsilon:g} (delta {delta:g}): {exc}"
+        ) from None
 
 
 def epsilon_of_round(

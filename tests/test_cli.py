@@ -111,3 +111,15 @@ def test_robust_strategy_with_secure_aggregation_is_refused(tmp_path: Path) -> N
                  "--ca", "x.pem", cwd=tmp_path)
     assert out.returncode == 2
     assert "individual update" in out.stderr and "secure" in out.stderr
+
+
+def test_a_target_epsilon_leaves_the_noise_to_each_site() -> None:
+    from medfed.cli.run_cmd import privacy_options
+    from medfed.core.privacy import RunPrivacy
+
+    asked = privacy_options("sample", None, 0.3, 1.0, 1e-5, "prv", target_epsilon=8.0)
+    assert RunPrivacy(**asked).noise_multiplier == 0.0  # no floor unless given
+    assert RunPrivacy(**asked).target_epsilon == 8.0
+    assert privacy_options("sample", None, 1.0, 1.0, 1e-5, "rdp")["noise_multiplier"] == 1.0
+    floor = privacy_options("sample", 0.5, 1.0, 1.0, 1e-5, "rdp", target_epsilon=8.0)
+    assert floor["noise_multiplier"] == 0.5

@@ -57,9 +57,19 @@ def test_dp_off_is_allowed_only_where_not_required() -> None:
     assert check_run_against_policy(RunPrivacy(mode="off"), relaxed, dataset="brain").allowed
 
 
+def test_a_noise_derived_from_target_epsilon_is_checked_like_an_asked_one() -> None:
+    run = RunPrivacy(mode="sample", target_epsilon=8.0)  # no noise_multiplier: the site's
+    decision = check_run_against_policy(run, BRAIN, dataset="brain", noise_multiplier=0.6)
+    assert decision.rule == "privacy.datasets.brain.min_noise_multiplier"
+    assert "target_epsilon = 8" in decision.reason and "0.6" in decision.reason
+    assert check_run_against_policy(run, BRAIN, dataset="brain", noise_multiplier=0.9).allowed
+
+
 def test_schemas_are_strict() -> None:
     with pytest.raises(ValidationError):
         RunPrivacy(mode="sample", noise_multiplier=0.0)  # DP on without noise
+    with pytest.raises(ValidationError):
+        RunPrivacy(mode="update", target_epsilon=-1.0)
     with pytest.raises(ValidationError):
         RunPrivacy(mode="sample", noise_multiplier=1.0, noise=2.0)  # typo'd key
     with pytest.raises(ValidationError):

@@ -20,9 +20,9 @@ BUDGET = {"epsilon_max": 20.0, "delta": 1e-5, "min_noise_multiplier": 0.8,
           "max_clipping_norm": 2.0, "dp_required": True}
 
 
-def make_worker(tmp: Path, **budget: object) -> SiteWorker:
+def make_worker(tmp: Path, num_samples: int = 32, **budget: object) -> SiteWorker:
     cfg = validate(SiteConfig, {
-        "site": {"name": "site-x"}, "data": {"num_samples": 32},
+        "site": {"name": "site-x"}, "data": {"num_samples": num_samples},
         "privacy": {"default": "brain", "datasets": {"brain": {**BUDGET, **budget}}},
         "compute": {"threads": 1}}, where="test")
     return SiteWorker(cfg, tmp / "site.toml")
@@ -89,6 +89,53 @@ def test_run_loosening_the_policy_is_refused(tmp_path: Path, privacy: dict, rule
     assert not reply.header["ok"] and reply.header["status"] == "refused"
     assert rule in reply.header["rule"]
     assert not reply.arrays
+
+
+def eps_rdp(z: float, q: float, steps: int) -> float:
+    eps, _ = get_privacy_spent(orders=ORDERS, rdp=compute_rdp(q=q, noise_multiplier=z,
+                                                              steps=steps, orders=ORDERS),
+                               delta=1e-5)
+    return float(eps)
+
+
+def test_target_epsilon_sets_each_sites_noise_from_its_own_data(tmp_path: Path) -> None:
+    # 3 rounds, batch 16: 24 training examples -> q = 1/2, 2 steps per round;
+    # 96 -> q = 1/6, 6 steps. The larger site needs less noise for the same epsilon.
+    run = dp_run(noise_multiplier=0.0, target_epsilon=6.0).model_copy(update={"rounds": 3})
+    noise, spent = {}, {}
+    for n, q, steps in ((32, 1 / 2, 2), (128, 1 / 6, 6)):
+        worker = make_worker(tmp_path / str(n), num_samples=n, min_noise_multiplier=0.0)
+        replies = [worker.handle(train_request(run, rnd=r)) for r in (1, 2, 3)]
+        assert all(r.header["ok"] for r in replies), replies[-1].header
+        zs = {r.header["metrics"]["noise-multiplier"] for r in replies}
+        assert len(zs) == 1  # one noise level for the whole run
+        noise[n] = zs.pop()
+        spent[n] = replies[-1].header["metrics"]["epsilon-run"]
+        # what the ledger charged = an independent Opacus computation at that noise
+        assert spent[n] == pytest.approx(eps_rdp(noise[n], q, 3 * steps), rel=1e-6)
+        assert 6.0 - 0.011 <= spent[n] <= 6.0  # Opacus's search tolerance, never above
+        audit = [r for r in worker.audit.read() if r["event"] == "update-sent"][-1]
+        assert audit["privacy"]["noise_multiplier"] == noise[n]
+        assert audit["privacy"]["target_epsilon"] == 6.0
+    assert noise[128] < noise[32]
+
+
+def test_target_epsilon_keeps_the_runs_noise_as_a_floor(tmp_path: Path) -> None:
+    worker = make_worker(tmp_path, min_noise_multiplier=0.0)
+    run = dp_run(noise_multiplier=3.0, target_epsilon=50.0)
+    reply = worker.handle(train_request(run))
+    assert reply.header["ok"], reply.header
+    assert reply.header["metrics"]["noise-multiplier"] == 3.0
+
+
+def test_target_epsilon_needing_less_noise_than_the_policy_is_refused(tmp_path: Path) -> None:
+    worker = make_worker(tmp_path)  # min_noise_multiplier 0.8
+    run = dp_run(noise_multiplier=0.0, target_epsilon=200.0)
+    reply = worker.handle(train_request(run))
+    assert reply.header["status"] == "refused"
+    assert reply.header["rule"] == "privacy.datasets.brain.min_noise_multiplier"
+    assert "target_epsilon = 200" in reply.header["reason"]
+    assert PrivacyLedger(tmp_path / "privacy" / "ledger.sqlite").spent("brain") == 0.0
 
 
 def test_update_level_dp_noises_the_update(tmp_path: Path) -> None:

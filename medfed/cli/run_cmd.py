@@ -31,15 +31,23 @@ def parse_option(text: str) -> tuple[str, Any]:
     return key, raw
 
 
-def privacy_options(mode: str, noise: float, max_grad_norm: float, clipping_norm: float,
+def privacy_options(mode: str, noise: float | None, max_grad_norm: float, clipping_norm: float,
                     delta: float, accountant: str, optimizer: str = "adam",
-                    average_iterates: float = 0.0) -> dict[str, Any]:
-    """The run's privacy section from the command-line options."""
+                    average_iterates: float = 0.0, target_epsilon: float = 0.0
+                    ) -> dict[str, Any]:
+    """The run's privacy section from the command-line options.
+
+    Without ``noise`` the noise multiplier is 1.0, or, with a ``target_epsilon``, 0
+    (each site derives its own, with no floor).
+    """
     if mode == "off":
         return {"mode": "off"}
-    return {"mode": mode, "noise_multiplier": noise, "max_grad_norm": max_grad_norm,
-            "clipping_norm": clipping_norm, "target_delta": delta, "accountant": accountant,
-            "optimizer": optimizer, "average_iterates": average_iterates}
+    if noise is None:
+        noise = 0.0 if target_epsilon > 0 else 1.0
+    return {"mode": mode, "noise_multiplier": noise, "target_epsilon": target_epsilon,
+            "max_grad_norm": max_grad_norm, "clipping_norm": clipping_norm,
+            "target_delta": delta, "accountant": accountant, "optimizer": optimizer,
+            "average_iterates": average_iterates}
 
 
 class Target:
@@ -100,7 +108,12 @@ def register(app: typer.Typer) -> None:
         name: Annotated[str, typer.Option(help="a label for the run")] = "",
         dp: Annotated[str, typer.Option(
             help="differential privacy: off | sample (DP-SGD) | update (user-level)")] = "off",
-        noise_multiplier: Annotated[float, typer.Option(help="DP noise multiplier")] = 1.0,
+        noise_multiplier: Annotated[float | None, typer.Option(
+            help="DP noise multiplier (default 1.0; with --target-epsilon, a floor, default none)")
+        ] = None,
+        target_epsilon: Annotated[float, typer.Option(
+            help="DP: each site derives the least noise that keeps its epsilon over the run "
+                 "at or below this (its data size sets it); 0 = use --noise-multiplier")] = 0.0,
         max_grad_norm: Annotated[float, typer.Option(help="DP-SGD per-sample clip")] = 1.0,
         clipping_norm: Annotated[float, typer.Option(help="update-level DP clip")] = 1.0,
         delta: Annotated[float, typer.Option(help="DP target delta")] = 1e-5,
@@ -138,7 +151,8 @@ def register(app: typer.Typer) -> None:
             "dataset": dataset, "secure_aggregation": secure_aggregation,
             "adaptation": adaptation, "init_from": init_from,
             "privacy": privacy_options(dp, noise_multiplier, max_grad_norm, clipping_norm,
-                                       delta, accountant, dp_optimizer, dp_average),
+                                       delta, accountant, dp_optimizer, dp_average,
+                                       target_epsilon),
         }, where="medfed run options")
         chosen = get_task(task)
         local_keys(chosen, chosen.build_model(), adaptation)  # fails here, not at the sites

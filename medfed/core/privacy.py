@@ -104,10 +104,20 @@ class RunPrivacy(_Strict):
     ``mode = "update"``: user-level DP of the site's whole update: the update is
     L2-clipped to ``clipping_norm`` and noised with std
     ``noise_multiplier * clipping_norm`` at the site, before encryption.
+
+    ``target_epsilon`` asks for a privacy level instead of a noise level: each site
+    derives the noise multiplier that spends at most that epsilon over the run's
+    rounds on its own data (a site with more data needs less noise for the same
+    epsilon), never below ``noise_multiplier``. The site's policy then checks the
+    noise it derived, and its ledger charges what it actually spends.
     """
 
     mode: PrivacyMode = "off"
-    noise_multiplier: float = Field(0.0, ge=0.0)
+    noise_multiplier: float = Field(
+        0.0, ge=0.0, description="the noise every site adds; with target_epsilon, a floor")
+    target_epsilon: float = Field(
+        0.0, ge=0.0, description="each site derives its own noise multiplier: the smallest "
+        "keeping its epsilon after the run's rounds at or below this (0 = off)")
     max_grad_norm: float = Field(1.0, gt=0.0, description="per-sample clipping norm (sample mode)")
     clipping_norm: float = Field(1.0, gt=0.0, description="update clipping norm (update mode)")
     target_delta: float = Field(1e-5, gt=0.0, le=1e-2)
@@ -122,10 +132,11 @@ class RunPrivacy(_Strict):
 
     @model_validator(mode="after")
     def _noise_when_on(self) -> RunPrivacy:
-        if self.mode != "off" and self.noise_multiplier <= 0:
+        if self.mode != "off" and self.noise_multiplier <= 0 and self.target_epsilon <= 0:
             raise ValueError(
-                f"privacy.mode = {self.mode!r} needs privacy.noise_multiplier > 0 "
-                f"(got {self.noise_multiplier})"
+                f"privacy.mode = {self.mode!r} needs privacy.noise_multiplier > 0 or "
+                f"privacy.target_epsilon > 0 (got {self.noise_multiplier} and "
+                f"{self.target_epsilon})"
             )
         return self
 
@@ -145,7 +156,8 @@ class PrivacyDecision:
 
 
 def check_run_against_policy(
-    run: RunPrivacy, budget: DatasetBudget, *, dataset: str
+    run: RunPrivacy, budget: DatasetBudget, *, dataset: str,
+    noise_multiplier: float | None = None,
 ) -> PrivacyDecision:
     """Refuse a run that asks for less privacy than ``budget`` requires.
 
@@ -153,7 +165,8 @@ def check_run_against_policy(
     clipping norm above the maximum; delta above the budget's. The first rule
     broken is named (``privacy.datasets.<dataset>.<key>``) with both values.
     Whether the round's epsilon still fits the remaining budget is the ledger's
-    question, asked separately (it needs the site's history).
+    question, asked separately (it needs the site's history). ``noise_multiplier`` is
+    the noise the site would add when it derived it from the run's ``target_epsilon``.
     """
     key = f"privacy.datasets.{dataset}"
     if run.mode == "off":
@@ -165,11 +178,16 @@ def check_run_against_policy(
                 "ask for mode 'sample' or 'update'",
             )
         return PrivacyDecision(True)
-    if run.noise_multiplier < budget.min_noise_multiplier:
+    noise = run.noise_multiplier if noise_multiplier is None else noise_multiplier
+    if noise < budget.min_noise_multiplier:
+        asked = (f"target_epsilon = {run.target_epsilon:g}, which needs noise_multiplier = "
+                 f"{noise:.4g} on this site's data," if run.target_epsilon > 0
+                 else f"noise_multiplier = {noise:g},")
         return PrivacyDecision(
             False, f"{key}.min_noise_multiplier",
-            f"the run asks for noise_multiplier = {run.noise_multiplier:g}, below this site's "
-            f"minimum {budget.min_noise_multiplier:g} ({key}.min_noise_multiplier)",
+            f"the run asks for {asked} below this site's minimum "
+            f"{budget.min_noise_multiplier:g} ({key}.min_noise_multiplier); ask for a "
+            "smaller target_epsilon or more noise",
         )
     name = "clipping_norm" if run.mode == "update" else "max_grad_norm"
     if run.clipping > budget.max_clipping_norm:
