@@ -119,7 +119,8 @@ def register(app: typer.Typer) -> None:
         delta: Annotated[float, typer.Option(help="DP target delta")] = 1e-5,
         accountant: Annotated[str, typer.Option(help="rdp | prv")] = "rdp",
         dp_optimizer: Annotated[str, typer.Option(
-            help="DP-SGD optimizer: adam | sgd (momentum 0.9; pair it with --lr 0.1)")] = "adam",
+            help="DP-SGD optimizer: adam | sgd (momentum 0.9; pair it with --lr 0.66 "
+                 "at --max-grad-norm 0.3)")] = "adam",
         dp_average: Annotated[float, typer.Option(
             help="DP-SGD: send the moving average of the iterates with this decay "
                  "(e.g. 0.9); 0 = the last iterate")] = 0.0,
