@@ -120,6 +120,18 @@ def test_target_epsilon_sets_each_sites_noise_from_its_own_data(tmp_path: Path) 
     assert noise[128] < noise[32]
 
 
+def test_target_epsilon_in_update_mode_spreads_over_the_runs_rounds(tmp_path: Path) -> None:
+    worker = make_worker(tmp_path, min_noise_multiplier=0.0)
+    run = RunConfig(secure_aggregation="off", task="tiny-seg", rounds=4,
+                    privacy={"mode": "update", "target_epsilon": 4.0, "clipping_norm": 0.5})
+    reply = worker.handle(train_request(run))
+    assert reply.header["ok"], reply.header
+    z = reply.header["metrics"]["noise-multiplier"]
+    # one Gaussian mechanism per round (q = 1): 4 rounds at z stay within 4.0
+    assert 4.0 - 0.011 <= eps_rdp(z, 1.0, 4) <= 4.0
+    assert reply.header["metrics"]["epsilon-run"] == pytest.approx(eps_rdp(z, 1.0, 1), rel=1e-6)
+
+
 def test_target_epsilon_keeps_the_runs_noise_as_a_floor(tmp_path: Path) -> None:
     worker = make_worker(tmp_path, min_noise_multiplier=0.0)
     run = dp_run(noise_multiplier=3.0, target_epsilon=50.0)
