@@ -96,6 +96,25 @@ class BudgetExceeded(LedgerError):
         )
 
 
+class RunTargetExceeded(LedgerError):
+    """A round would take a run past the epsilon it asked for (``privacy.target_epsilon``)."""
+
+    def __init__(self, *, run_id: str, dataset: str, after: float, target: float) -> None:
+        self.after, self.target = after, target
+        super().__init__(
+            f"Run {run_id!r} asked for at most epsilon {target:.4g} on dataset {dataset!r}; "
+            f"this round would bring it to {after:.4g}.",
+            where="privacy.target_epsilon of the run",
+            expected="no more rounds than the run declared (its noise was set for them)",
+            fix="the site refuses this round; start a new run for more rounds",
+        )
+
+
+#: Slack on a run's target epsilon: composing R rounds one by one may differ from the
+#: R-round question the noise was derived from by rounding (PRV's discretization).
+TARGET_SLACK = 1e-3
+
+
 @dataclass(frozen=True)
 class Reservation:
     """A reserved spend: the record to commit and the epsilons behind it."""
@@ -248,15 +267,17 @@ class PrivacyLedger:
     def reserve(
         self, run_id: str, rnd: int, dataset: str, *, budget: DatasetBudget,
         round_history: Sequence[HistoryEntry], delta: float, accountant: str = "rdp",
-        mode: str = "sample",
+        mode: str = "sample", run_epsilon_max: float | None = None,
     ) -> Reservation:
         """Atomically charge one round to ``dataset``, or refuse it.
 
         The round's epsilon is the increment of the run's accountant epsilon
         (persisted history + ``round_history``) at ``delta``. Raises
         :class:`BudgetExceeded` (nothing written) when spent + reserved + asked
-        exceeds ``budget.epsilon_max``; otherwise the spend record and the run's
-        extended history are on disk when this returns.
+        exceeds ``budget.epsilon_max``, and :class:`RunTargetExceeded` when the run's
+        epsilon would pass ``run_epsilon_max`` (its target, :data:`TARGET_SLACK` relative
+        slack); otherwise the spend record and the run's extended history are on disk
+        when this returns.
         """
         if delta > budget.delta:
             raise LedgerError(
@@ -276,6 +297,9 @@ class PrivacyLedger:
             before = epsilon_of_history(history, delta, accountant)  # type: ignore[arg-type]
             after = epsilon_of_history([*history, *entries], delta, accountant)  # type: ignore[arg-type]
             asked = max(after - before, 0.0)
+            if run_epsilon_max is not None and after > run_epsilon_max * (1 + TARGET_SLACK):
+                raise RunTargetExceeded(run_id=run_id, dataset=dataset, after=after,
+                                        target=run_epsilon_max)
             spent = self._spent(con, dataset)
             if spent + asked > budget.epsilon_max:
                 raise BudgetExceeded(

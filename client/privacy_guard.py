@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from medfed.client.ledger import BudgetExceeded, PrivacyLedger, Reservation
+from medfed.client.ledger import BudgetExceeded, PrivacyLedger, Reservation, RunTargetExceeded
 from medfed.core.config import RunConfig, SiteConfig, resolve
 from medfed.core.errors import ConfigError, MedfedError
 from medfed.core.privacy import DatasetBudget, check_run_against_policy
@@ -121,9 +121,12 @@ class PrivacyGate:
         try:
             reservation = self.ledger.reserve(
                 run_id, rnd, name, budget=budget, round_history=history,
-                delta=run.privacy.target_delta, accountant=run.privacy.accountant, mode=mode)
+                delta=run.privacy.target_delta, accountant=run.privacy.accountant, mode=mode,
+                run_epsilon_max=run.privacy.target_epsilon or None)
         except BudgetExceeded as exc:
             raise PrivacyRefusal(f"privacy.datasets.{name}.epsilon_max", exc.what) from None
+        except RunTargetExceeded as exc:
+            raise PrivacyRefusal("privacy.target_epsilon", exc.what) from None
         return RoundPrivacy(mode, name, budget, reservation, history, noise)
 
     def commit(self, rp: RoundPrivacy, *, steps: int) -> None:

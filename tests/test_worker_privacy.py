@@ -118,6 +118,12 @@ def test_target_epsilon_sets_each_sites_noise_from_its_own_data(tmp_path: Path) 
         assert audit["privacy"]["noise_multiplier"] == noise[n]
         assert audit["privacy"]["target_epsilon"] == 6.0
     assert noise[128] < noise[32]
+    # a round beyond those the noise was derived for would pass the target: refused
+    extra = worker.handle(train_request(run, rnd=4))
+    assert extra.header["status"] == "refused"
+    assert extra.header["rule"] == "privacy.target_epsilon"
+    assert PrivacyLedger(tmp_path / "128" / "privacy" / "ledger.sqlite").spent("brain") \
+        == pytest.approx(spent[128], rel=1e-9)
 
 
 def test_target_epsilon_in_update_mode_spreads_over_the_runs_rounds(tmp_path: Path) -> None:
