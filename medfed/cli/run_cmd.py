@@ -119,7 +119,7 @@ def register(app: typer.Typer) -> None:
         delta: Annotated[float, typer.Option(help="DP target delta")] = 1e-5,
         accountant: Annotated[str, typer.Option(help="rdp | prv")] = "rdp",
         dp_optimizer: Annotated[str, typer.Option(
-            help="DP-SGD optimizer: adam | sgd (momentum 0.9; pair it with --lr 0.66 "
+            help="DP-SGD optimizer: adam | sgd (momentum 0.9; pair it with --lr 0.33 "
                  "at --max-grad-norm 0.3)")] = "adam",
         dp_average: Annotated[float, typer.Option(
             help="DP-SGD: send the moving average of the iterates with this decay "

@@ -124,7 +124,7 @@ class RunPrivacy(_Strict):
     accountant: Accountant = "rdp"
     optimizer: DPOptimizer = Field(
         "adam", description="DP-SGD's optimizer (sample mode): 'adam', or 'sgd' (momentum "
-        "0.9; give it a learning rate near 0.66 at max_grad_norm 0.3 with the run's "
+        "0.9; give it a learning rate near 0.33 at max_grad_norm 0.3 with the run's "
         "learning_rate)")
     average_iterates: float = Field(
         0.0, ge=0.0, lt=1.0, description="sample mode: the site sends an exponential moving "
