@@ -36,19 +36,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from opacus.accountants.utils import get_noise_multiplier
-
 from medfed.core.config import RunConfig
 from medfed.data.sites import site_sources
 from medfed.local import LocalFederation
 from medfed.synth import synthesize_sites
-from medfed.tasks import get_task
+from medfed.tasks import dp, get_task
 
 TASK = "brain-tissue-seg"
 ADAPTATION = "site-input-output"
@@ -125,13 +122,15 @@ SUBJECTS = 40
 
 def noise_for(target: float, sizes: list[int], batch: int, epochs: int,
               accountant: str = "prv") -> float:
-    """Smallest noise multiplier keeping every site at or below ``target`` after ``epochs``."""
+    """Smallest noise multiplier keeping every site at or below ``target`` after ``epochs``.
+
+    The sites' own derivation (``dp.plan_round`` and ``dp.noise_for_target``), maximized.
+    """
     zs = []
     for n in sizes:
-        steps_per_epoch = math.ceil(n / batch)
-        zs.append(get_noise_multiplier(target_epsilon=target, target_delta=DELTA,
-                                       sample_rate=1.0 / steps_per_epoch,
-                                       steps=steps_per_epoch * epochs, accountant=accountant))
+        (_, rate, steps), = dp.plan_round(n, batch_size=batch, epochs=epochs, noise_multiplier=1.0)
+        zs.append(dp.noise_for_target(target, DELTA, sample_rate=rate, steps=steps,
+                                      accountant=accountant))
     return max(zs)
 
 
@@ -207,7 +206,8 @@ def main() -> None:
     try:
         synthesize_sites(tmp / "data", sites=4, subjects_per_site=subjects, seed=0)
         sources = site_sources(tmp / "data", seed=0)
-        sizes = [len(task.load_site_data(src).train) for src in sources.values()]
+        sizes = ([len(task.load_site_data(src).train) for src in sources.values()]
+                 if args.shared_noise else [])
         t0 = time.time()
         plain, _, _ = run_once(tmp / "plain", sources, rounds, {}, adaptation=args.adaptation)
         print(f"no DP: dice {plain:.4f} ({time.time() - t0:.0f} s)", flush=True)

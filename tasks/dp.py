@@ -545,7 +545,8 @@ def _noise_for_target(target_epsilon: float, delta: float, sample_rate: float, s
     except ValueError as exc:  # "The privacy budget is too low."
         raise ValueError(
             f"no noise multiplier up to 1e6 keeps {steps} steps at sampling rate "
-            f"{sample_rate:g} within epsilon {target_epsilon:g} (delta {delta:g}): {exc}"
+            f"{sample_rate:g} within epsilon {target_epsilon:g} (delta {delta:g}): {exc} "
+            "Ask for a larger target_epsilon, fewer rounds or local epochs, or a larger batch."
         ) from None
 
 
