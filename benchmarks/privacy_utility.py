@@ -27,7 +27,8 @@ and its ratio to the non-private run. Target (issue 4): at epsilon = 8, ratio >=
 
 Run: ``python benchmarks/privacy_utility.py [--quick] [--rounds R] [--subjects N]``.
 Diagnostics (no BENCH line of their own): ``--epsilons 8`` runs only the targets
-named; ``--noise-multiplier Z`` adds a DP run at a fixed noise multiplier (e.g. 0.3:
+named; ``--privacy-unit scan`` protects whole scans instead of slices (``--dp-batch``
+then counts scans); ``--noise-multiplier Z`` adds a DP run at a fixed noise multiplier (e.g. 0.3:
 how much of the gap is the recipe and how much the noise); ``--adaptation`` picks
 another domain-adaptation hook for every run. Each run prints its Dice per site.
 """
@@ -196,6 +197,9 @@ def main() -> None:
                              "(the earlier recipe) instead of each site's own")
     parser.add_argument("--adaptation", default=ADAPTATION,
                         help="domain-adaptation hook of every run")
+    parser.add_argument("--privacy-unit", default="sample", choices=("sample", "scan"),
+                        help="what epsilon protects: one slice, or a whole scan (then "
+                             "--dp-batch counts scans)")
     args = parser.parse_args()
     rounds = args.rounds or (3 if args.quick else 10)
     subjects = args.subjects or (4 if args.quick else SUBJECTS)
@@ -206,8 +210,8 @@ def main() -> None:
     try:
         synthesize_sites(tmp / "data", sites=4, subjects_per_site=subjects, seed=0)
         sources = site_sources(tmp / "data", seed=0)
-        sizes = ([len(task.load_site_data(src).train) for src in sources.values()]
-                 if args.shared_noise else [])
+        sizes = [dp.privacy_units(len(d.train), d.train_scans, args.privacy_unit)
+                 for d in map(task.load_site_data, sources.values())] if args.shared_noise else []
         t0 = time.time()
         plain, _, _ = run_once(tmp / "plain", sources, rounds, {}, adaptation=args.adaptation)
         print(f"no DP: dice {plain:.4f} ({time.time() - t0:.0f} s)", flush=True)
@@ -227,7 +231,7 @@ def main() -> None:
                 "mode": "sample", **noise_asked, "max_grad_norm": CLIP,
                 "target_delta": DELTA, "accountant": args.accountant,
                 "optimizer": args.dp_optimizer,
-                "average_iterates": args.dp_average},
+                "average_iterates": args.dp_average, "unit": args.privacy_unit},
                 adaptation=args.adaptation, batch_size=args.dp_batch,
                 learning_rate=args.dp_lr, local_epochs=args.dp_epochs)
             label = f"epsilon {eps:g}" if eps is not None else "fixed noise"

@@ -56,6 +56,7 @@ class RoundPrivacy:
             "accountant": run.privacy.accountant,
             "noise_multiplier": self.noise_multiplier,
             "target_epsilon": run.privacy.target_epsilon,
+            "unit": run.privacy.unit if self.mode == "sample" else "site",
             "clipping": run.privacy.clipping, "sample_rate": self.history[-1][1]
             if self.history else 0.0, "steps": steps,
         }
@@ -86,7 +87,11 @@ class PrivacyGate:
 
     def before_training(self, run: RunConfig, run_id: str, rnd: int, *, model: Any,
                         num_examples: int, batch_size: int, epochs: int) -> RoundPrivacy:
-        """Check policy, validate the model, reserve the round's epsilon; or refuse."""
+        """Check policy, validate the model, reserve the round's epsilon; or refuse.
+
+        ``num_examples`` counts the units DP-SGD samples from (``dp.privacy_units``):
+        training examples, or scans under ``privacy.unit = "scan"``.
+        """
         mode = run.privacy.mode
         if not self.policy.datasets:
             if mode == "off":

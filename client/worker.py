@@ -30,7 +30,7 @@ from medfed.core.errors import MedfedError
 from medfed.core.packing import WEIGHTS_KEY, Layout, pack, shared_state, unpack
 from medfed.tasks import SiteData, Task, engine, get_task
 from medfed.tasks.adaptation import local_keys
-from medfed.tasks.dp import dp_train
+from medfed.tasks.dp import ScansUnknown, dp_train, privacy_units
 
 log = logging.getLogger("medfed.site")
 
@@ -179,9 +179,13 @@ class SiteWorker:
         batch_size = run.batch_size or hp.batch_size
         lr = run.learning_rate or hp.learning_rate
         try:
+            units = (privacy_units(len(data.train), data.train_scans, run.privacy.unit)
+                     if run.privacy.mode == "sample" else len(data.train))
             privacy = self.privacy.before_training(
-                run, str(run_id), rnd, model=model, num_examples=len(data.train),
-                batch_size=batch_size, epochs=epochs)
+                run, str(run_id), rnd, model=model, batch_size=batch_size, epochs=epochs,
+                num_examples=units)
+        except ScansUnknown as exc:
+            return self._refuse(run_id, "privacy.unit", str(exc))
         except PrivacyRefusal as refusal:
             return self._refuse(run_id, refusal.rule, refusal.reason)
         t0 = time.perf_counter()
@@ -191,7 +195,8 @@ class SiteWorker:
                              max_grad_norm=run.privacy.max_grad_norm, device=self.device,
                              accountant=run.privacy.accountant,
                              optimizer=run.privacy.optimizer,
-                             average_iterates=run.privacy.average_iterates)
+                             average_iterates=run.privacy.average_iterates,
+                             scans=data.train_scans if run.privacy.unit == "scan" else None)
         else:
             stats = engine.train(
                 task, model, data.train, epochs=epochs, batch_size=batch_size,

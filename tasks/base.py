@@ -30,6 +30,11 @@ class SiteData:
     train: Dataset[Any]
     val: Dataset[Any]
     description: dict[str, Any] = field(default_factory=dict)  # counts only, no identifiers
+    #: Which scan each training example was cut from (an integer per example: the
+    #: slice's scan for a 2D task, ``arange`` for a task training per scan). DP-SGD's
+    #: ``privacy.unit = "scan"`` samples and clips per scan, and is refused (fail
+    #: closed) for a task that leaves this ``None``.
+    train_scans: torch.Tensor | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -73,7 +73,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 
 from medfed.core.errors import MedfedError
 from medfed.tasks import dp_rules, dp_samplers, dp_vmap
@@ -282,8 +282,15 @@ class PrivateTraining:
     data_loader: DataLoader
     mode: str = "hooks"
 
-    def step(self, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-        """One DP-SGD step on the batch ``(x, y)``; returns its mean loss."""
+    def step(self, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor,
+             units: torch.Tensor | None = None) -> float:
+        """One DP-SGD step on the batch ``(x, y)``; returns its mean loss.
+
+        ``units`` (``privacy.unit = "scan"``): for each example, the index (0..k-1) of
+        the privacy unit it belongs to in this batch. The optimizer then clips and sums
+        one gradient per unit: the mean of its examples' gradients (the gradient of the
+        unit's mean loss), so a whole scan moves the sum by at most the clipping norm.
+        """
         self.optimizer.zero_grad(set_to_none=True)
         if self.mode in _PER_SAMPLE:
             loss = _PER_SAMPLE[self.mode](self.model._module, loss_fn, x, y)
@@ -292,7 +299,9 @@ class PrivateTraining:
             with warnings.catch_warnings():  # the input needs no grad: expected here
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 loss.backward()
-        self.optimizer.step()  # Opacus: clip each sample, sum, add noise, account
+        if units is not None:
+            _grad_per_unit(self.optimizer.params, units)
+        self.optimizer.step()  # Opacus: clip each sample (or unit), sum, add noise, account
         return float(loss.detach())
 
     def close(self) -> None:
@@ -300,6 +309,19 @@ class PrivateTraining:
         close = getattr(self.model, "_close", None)
         if close is not None:
             close()
+
+
+def _grad_per_unit(params: Sequence[nn.Parameter], units: torch.Tensor) -> None:
+    """Replace each ``p.grad_sample`` (one row per example) by one row per unit: the mean."""
+    units = units.to(params[0].device)
+    k = int(units.max()) + 1
+    counts = torch.bincount(units, minlength=k).to(params[0].dtype)
+    for p in params:
+        g = p.grad_sample
+        if not isinstance(g, torch.Tensor):  # accumulated lists: not a path dp_train takes
+            raise RuntimeError("per-unit gradients need one per-sample gradient tensor")
+        summed = g.new_zeros((k, *g.shape[1:])).index_add_(0, units, g)
+        p.grad_sample = summed / counts.view(k, *([1] * (g.dim() - 1)))
 
 
 def make_private(
@@ -315,6 +337,7 @@ def make_private(
     accountant_state: dict[str, Any] | None = None,
     noise_generator: torch.Generator | None = None,
     loss_fn: nn.Module | None = None,
+    examples: Dataset[Any] | None = None,
 ) -> PrivateTraining:
     """Wrap model, optimizer and loader for DP-SGD with ``opacus.PrivacyEngine``.
 
@@ -324,8 +347,8 @@ def make_private(
     ``accountant_state`` (a previous ``engine.accountant.state_dict()``) restores
     the accountant's history. Poisson sampling draws from ``data_loader.generator``.
     ``grad_sample_mode=None`` picks :func:`choose_grad_sample_mode` (the modes that
-    bypass Opacus's hooks are only probed when ``loss_fn`` is given). Train with
-    :meth:`PrivateTraining.step`.
+    bypass Opacus's hooks are only probed when ``loss_fn`` is given, on ``examples``,
+    by default the loader's dataset). Train with :meth:`PrivateTraining.step`.
     """
     from opacus import PrivacyEngine
 
@@ -343,7 +366,8 @@ def make_private(
         sample = None
         if loss_fn is not None:  # a batch of the expected size: the modes are timed on it
             device = next(model.parameters()).device
-            x, y = first_samples(data_loader.dataset, min(max(data_loader.batch_size or 2, 2), 32))
+            probe = examples if examples is not None else data_loader.dataset
+            x, y = first_samples(probe, min(max(data_loader.batch_size or 2, 2), 32))
             sample = x.to(device), y.to(device)
         mode = choose_grad_sample_mode(model, loss_fn, sample)
     with warnings.catch_warnings():
@@ -411,6 +435,7 @@ def dp_train(
     grad_sample_mode: str | None = None,
     optimizer: Literal["adam", "sgd"] = "adam",
     average_iterates: float = 0.0,
+    scans: torch.Tensor | None = None,
 ) -> DPTrainStats:
     """Train ``model`` in place with DP-SGD.
 
@@ -420,6 +445,11 @@ def dp_train(
     ``average_iterates`` > 0 leaves the model at the exponential moving average of its
     iterates (that decay per step) instead of the last iterate: it averages out part
     of the noise, and as a function of DP outputs it costs no privacy.
+
+    ``scans`` (``privacy.unit = "scan"``): the scan each example was cut from
+    (``SiteData.train_scans``). Poisson sampling then draws whole scans, ``batch_size``
+    of them expected per step, and each scan's examples are clipped as one unit
+    (:meth:`PrivateTraining.step`): epsilon protects a scan, not a slice.
 
     ``generator`` drives Poisson sampling and the noise. ``None`` (what a site must
     use) seeds fresh generators from the OS; a seeded one is for tests only. The
@@ -441,11 +471,16 @@ def dp_train(
         base = torch.optim.Adam(
             model.parameters(), lr=learning_rate, weight_decay=task.defaults.weight_decay)
     averaged = [(p, p.detach().clone()) for p in model.parameters()] if average_iterates else []
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=sampling)
+    members = _scan_members(scans, n) if scans is not None else None
+    # Poisson sampling draws units: examples, or (per scan) scan indices
+    units: Dataset[Any] = dataset if members is None else TensorDataset(
+        torch.arange(len(members)))
+    loader = DataLoader(units, batch_size=batch_size, shuffle=True, generator=sampling)
     private = make_private(
         model, base, loader, noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm, accountant=accountant, noise_generator=noise,
         grad_sample_mode=grad_sample_mode or _MODE_BY_TASK.get(task.name), loss_fn=loss_fn,
+        examples=dataset,
     )
     if grad_sample_mode is None:  # probe vmap once per task, not every round
         _MODE_BY_TASK.setdefault(task.name, private.mode)
@@ -453,7 +488,9 @@ def dp_train(
     total, seen, empty = 0.0, 0, 0
     try:
         for _ in range(epochs):
-            for x, y in private.data_loader:
+            for batch in private.data_loader:
+                x, y, owner = (*batch, None) if members is None else _scan_batch(
+                    dataset, members, batch[0])
                 if len(x) == 0:
                     private.engine.accountant.step(
                         noise_multiplier=noise_multiplier, sample_rate=sample_rate
@@ -461,7 +498,7 @@ def dp_train(
                     empty += 1
                     continue
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                loss = private.step(loss_fn, x, y)
+                loss = private.step(loss_fn, x, y, owner)
                 with torch.no_grad():
                     for p, avg in averaged:
                         avg.lerp_(p.detach(), 1.0 - average_iterates)
@@ -480,6 +517,60 @@ def dp_train(
         sample_rate=sample_rate, noise_multiplier=float(noise_multiplier),
         max_grad_norm=float(max_grad_norm), history=history, empty_batches=empty,
     )
+
+
+class ScansUnknown(MedfedError):
+    """``privacy.unit = "scan"`` on a task that does not say which scan each example is from."""
+
+
+def privacy_units(num_examples: int, scans: torch.Tensor | None, unit: str) -> int:
+    """How many units DP-SGD samples from: the examples, or (``unit = "scan"``) the scans.
+
+    Raises
+    ------
+    ScansUnknown
+        ``unit = "scan"`` but the task gave no ``SiteData.train_scans``: counting each
+        example as a scan could protect one slice while claiming a whole scan.
+    """
+    if unit != "scan":
+        return num_examples
+    if scans is None:
+        raise ScansUnknown(
+            "The run asks for privacy.unit = 'scan', but this task does not say which scan "
+            "each training example was cut from.",
+            where="the task's load_site_data (SiteData.train_scans)",
+            expected="one scan index per training example",
+            fix="ask for privacy.unit = 'sample', or set train_scans in the task")
+    return int(torch.unique(scans).numel())
+
+
+def _scan_members(scans: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """The example indices of each scan, in scan order."""
+    if scans.shape != (n,):
+        raise MedfedError(
+            f"The task gave {tuple(scans.shape)} scan indices for {n} training examples.",
+            where="SiteData.train_scans", expected="one scan index per training example",
+            fix="return train_scans with one integer per example from load_site_data")
+    _, inverse = torch.unique(scans, return_inverse=True)
+    order = torch.argsort(inverse, stable=True)
+    return list(torch.split(order, torch.bincount(inverse).tolist()))
+
+
+def _scan_batch(dataset: Dataset[Any], members: list[torch.Tensor], drawn: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The examples of the drawn scans, and for each example its scan's place in the draw."""
+    parts = [members[i] for i in drawn.tolist()]
+    if not parts:
+        x, y = first_samples(dataset, 1)
+        return x[:0], y[:0], torch.zeros(0, dtype=torch.long)
+    index = torch.cat(parts)
+    owner = torch.repeat_interleave(torch.arange(len(parts)),
+                                    torch.tensor([len(m) for m in parts]))
+    if isinstance(dataset, TensorDataset):
+        x, y = (t[index] for t in dataset.tensors)
+    else:
+        x, y = default_collate([dataset[i] for i in index.tolist()])
+    return x, y, owner
 
 
 # ------------------------------------------------------------------ accounting

@@ -123,3 +123,17 @@ def test_a_target_epsilon_leaves_the_noise_to_each_site() -> None:
     assert privacy_options("sample", None, 1.0, 1.0, 1e-5, "rdp")["noise_multiplier"] == 1.0
     floor = privacy_options("sample", 0.5, 1.0, 1.0, 1e-5, "rdp", target_epsilon=8.0)
     assert floor["noise_multiplier"] == 0.5
+
+
+def test_the_privacy_unit_option_reaches_the_run_and_a_bad_one_is_refused() -> None:
+    from medfed.cli.run_cmd import privacy_options
+    from medfed.core.config import RunConfig, validate
+    from medfed.core.errors import ConfigError
+    from medfed.core.privacy import RunPrivacy
+
+    assert RunPrivacy(**privacy_options("sample", 1.0, 1.0, 1.0, 1e-5, "rdp")).unit == "sample"
+    per_scan = privacy_options("sample", 1.0, 1.0, 1.0, 1e-5, "rdp", unit="scan")
+    assert RunPrivacy(**per_scan).unit == "scan"
+    bad = privacy_options("sample", 1.0, 1.0, 1.0, 1e-5, "rdp", unit="patient")
+    with pytest.raises(ConfigError, match="unit"):
+        validate(RunConfig, {"task": "tiny-seg", "privacy": bad}, where="medfed run options")

@@ -33,8 +33,8 @@ def parse_option(text: str) -> tuple[str, Any]:
 
 def privacy_options(mode: str, noise: float | None, max_grad_norm: float, clipping_norm: float,
                     delta: float, accountant: str, optimizer: str = "adam",
-                    average_iterates: float = 0.0, target_epsilon: float = 0.0
-                    ) -> dict[str, Any]:
+                    average_iterates: float = 0.0, target_epsilon: float = 0.0,
+                    unit: str = "sample") -> dict[str, Any]:
     """The run's privacy section from the command-line options.
 
     Without ``noise`` the noise multiplier is 1.0, or, with a ``target_epsilon``, 0
@@ -47,7 +47,7 @@ def privacy_options(mode: str, noise: float | None, max_grad_norm: float, clippi
     return {"mode": mode, "noise_multiplier": noise, "target_epsilon": target_epsilon,
             "max_grad_norm": max_grad_norm, "clipping_norm": clipping_norm,
             "target_delta": delta, "accountant": accountant, "optimizer": optimizer,
-            "average_iterates": average_iterates}
+            "average_iterates": average_iterates, "unit": unit}
 
 
 class Target:
@@ -124,6 +124,10 @@ def register(app: typer.Typer) -> None:
         dp_average: Annotated[float, typer.Option(
             help="DP-SGD: send the moving average of the iterates with this decay "
                  "(e.g. 0.9); 0 = the last iterate")] = 0.0,
+        privacy_unit: Annotated[str, typer.Option(
+            help="DP-SGD: what epsilon protects: sample (one training example, a slice "
+                 "for 2D tasks) | scan (all of a scan's examples; --batch-size counts "
+                 "scans)")] = "sample",
         secure_aggregation: Annotated[str, typer.Option(
             help="default | strict | off (off: the server sees each update; debugging only)")
         ] = "default",
@@ -153,7 +157,7 @@ def register(app: typer.Typer) -> None:
             "adaptation": adaptation, "init_from": init_from,
             "privacy": privacy_options(dp, noise_multiplier, max_grad_norm, clipping_norm,
                                        delta, accountant, dp_optimizer, dp_average,
-                                       target_epsilon),
+                                       target_epsilon, privacy_unit),
         }, where="medfed run options")
         chosen = get_task(task)
         local_keys(chosen, chosen.build_model(), adaptation)  # fails here, not at the sites

@@ -30,6 +30,9 @@ from medfed.core.errors import ConfigError
 Accountant = Literal["rdp", "prv"]
 PrivacyMode = Literal["off", "sample", "update"]
 DPOptimizer = Literal["adam", "sgd"]
+#: What DP-SGD protects: one training example, or every example cut from one scan (a
+#: patient's, where each patient has one scan: scans are not yet grouped by PatientID).
+PrivacyUnit = Literal["sample", "scan"]
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
@@ -53,6 +56,10 @@ class DatasetBudget(_Strict):
         10.0, gt=0.0, description="largest per-sample (or per-update) clipping norm of a run"
     )
     dp_required: bool = Field(True, description="refuse runs without differential privacy")
+    privacy_unit: PrivacyUnit = Field(
+        "sample", description="what a sample-level DP run must protect at least: 'scan' "
+        "refuses runs whose epsilon covers one training example (a slice) rather than a "
+        "whole scan")
 
 
 class SitePrivacyPolicy(_Strict):
@@ -130,6 +137,10 @@ class RunPrivacy(_Strict):
         0.0, ge=0.0, lt=1.0, description="sample mode: the site sends an exponential moving "
         "average of its DP iterates with this decay (e.g. 0.9) instead of the last one; "
         "post-processing, so free in privacy; 0 = off")
+    unit: PrivacyUnit = Field(
+        "sample", description="sample mode: what epsilon protects. 'sample': one training "
+        "example (for brain-tissue-seg one slice); 'scan': all the examples cut from one "
+        "scan (Poisson sampling and clipping per scan; the batch size then counts scans)")
 
     @model_validator(mode="after")
     def _noise_when_on(self) -> RunPrivacy:
@@ -162,8 +173,9 @@ def check_run_against_policy(
 ) -> PrivacyDecision:
     """Refuse a run that asks for less privacy than ``budget`` requires.
 
-    Checked in order: DP switched off while required; noise below the minimum;
-    clipping norm above the maximum; delta above the budget's. The first rule
+    Checked in order: DP switched off while required; a DP-SGD run per example on a
+    dataset whose policy protects whole scans; noise below the minimum; clipping norm
+    above the maximum; delta above the budget's. The first rule
     broken is named (``privacy.datasets.<dataset>.<key>``) with both values.
     Whether the round's epsilon still fits the remaining budget is the ledger's
     question, asked separately (it needs the site's history). ``noise_multiplier`` is
@@ -179,6 +191,14 @@ def check_run_against_policy(
                 "ask for mode 'sample' or 'update'",
             )
         return PrivacyDecision(True)
+    if run.mode == "sample" and run.unit == "sample" and budget.privacy_unit == "scan":
+        return PrivacyDecision(
+            False, f"{key}.privacy_unit",
+            f"the run asks for privacy.unit = 'sample' (epsilon per training example) but "
+            f"this site protects whole scans on dataset {dataset!r} ({key}.privacy_unit "
+            "= 'scan'); ask for privacy.unit = 'scan' (medfed run --privacy-unit scan) "
+            "or update-level DP",
+        )
     noise = run.noise_multiplier if noise_multiplier is None else noise_multiplier
     if noise < budget.min_noise_multiplier:
         asked = (f"target_epsilon = {run.target_epsilon:g}, which needs noise_multiplier = "

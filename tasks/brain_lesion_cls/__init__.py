@@ -125,6 +125,7 @@ def load_site_data(source: DataSourceConfig) -> SiteData:
     return SiteData(
         train=train,
         val=val,
+        train_scans=torch.arange(len(train)),  # one example per scan
         description={
             "train": len(train), "val": len(val),
             "subjects-train": len(train_keys), "subjects-val": len(val_keys),

@@ -86,16 +86,18 @@ def compute_metrics(logits: torch.Tensor, target: torch.Tensor) -> dict[str, flo
     return {**per_class, "dice": float(dice.mean())}
 
 
-def _slices(subjects: list[Subject]) -> TensorDataset:
-    images, labels = [], []
-    for subject in subjects:
+def _slices(subjects: list[Subject]) -> tuple[TensorDataset, torch.Tensor]:
+    """The subjects' slices, and the index of the subject (scan) each slice came from."""
+    images, labels, scans = [], [], []
+    for i, subject in enumerate(subjects):
         image, label = preprocess(subject, pixdim=(PIXDIM_MM, PIXDIM_MM, -1),
                                   spatial_size=(SIZE, SIZE, -1))
         assert label is not None  # only labelled subjects come here
         x, y = axial_slices(image, label)
         images.append(x)
         labels.append(y)
-    return TensorDataset(torch.cat(images), torch.cat(labels))
+        scans.append(torch.full((len(x),), i, dtype=torch.long))
+    return TensorDataset(torch.cat(images), torch.cat(labels)), torch.cat(scans)
 
 
 def load_site_data(source: DataSourceConfig) -> SiteData:
@@ -115,11 +117,12 @@ def load_site_data(source: DataSourceConfig) -> SiteData:
         [s.key for s in labelled], seed=source.seed, val_fraction=source.val_fraction
     )
     by_key = {s.key: s for s in labelled}
-    train = _slices([by_key[k] for k in train_keys])
-    val = _slices([by_key[k] for k in val_keys])
+    train, train_scans = _slices([by_key[k] for k in train_keys])
+    val, _ = _slices([by_key[k] for k in val_keys])
     return SiteData(
         train=train,
         val=val,
+        train_scans=train_scans,
         description={
             "train": len(train), "val": len(val),
             "subjects-train": len(train_keys), "subjects-val": len(val_keys),

@@ -69,6 +69,7 @@ def load_site_data(source: DataSourceConfig) -> SiteData:
     return SiteData(
         train=TensorDataset(x[n_val:], y[n_val:]),
         val=TensorDataset(x[:n_val], y[:n_val]),
+        train_scans=torch.arange(len(x) - n_val),  # each synthetic image stands alone
         description={"train": len(x) - n_val, "val": n_val},
     )
 
