@@ -90,6 +90,9 @@ HistoryEntry = tuple[float, float, int]
 GRAD_SAMPLE_MODES = ("rules", "vmap", "hooks", "functorch")
 #: Per-sample gradient functions of the modes that bypass Opacus's hooks.
 _PER_SAMPLE = {"rules": dp_rules.per_sample_grads, "vmap": dp_vmap.per_sample_grads}
+#: Per-scan DP-SGD: at most this many examples' per-example gradients at once (a draw
+#: of a few 2D scans holds hundreds of slices).
+PHYSICAL_BATCH = 64
 
 
 class LossNotPerSample(MedfedError):
@@ -290,19 +293,47 @@ class PrivateTraining:
         the privacy unit it belongs to in this batch. The optimizer then clips and sums
         one gradient per unit: the mean of its examples' gradients (the gradient of the
         unit's mean loss), so a whole scan moves the sum by at most the clipping norm.
+        A draw of scans holds many examples, so in the rules and vmap modes their
+        per-example gradients are computed ``PHYSICAL_BATCH`` at a time and summed per
+        unit as they come.
         """
         self.optimizer.zero_grad(set_to_none=True)
-        if self.mode in _PER_SAMPLE:
+        if units is not None and self.mode in _PER_SAMPLE:
+            loss = self._per_unit_in_chunks(loss_fn, x, y, units)
+        elif self.mode in _PER_SAMPLE:
             loss = _PER_SAMPLE[self.mode](self.model._module, loss_fn, x, y)
         else:
             loss = loss_fn(self.model(x), y)
             with warnings.catch_warnings():  # the input needs no grad: expected here
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 loss.backward()
-        if units is not None:
+        if units is not None and self.mode not in _PER_SAMPLE:
             _grad_per_unit(self.optimizer.params, units)
         self.optimizer.step()  # Opacus: clip each sample (or unit), sum, add noise, account
         return float(loss.detach())
+
+    def _per_unit_in_chunks(self, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                            units: torch.Tensor) -> torch.Tensor:
+        """Set each ``p.grad_sample`` to one row per unit (the mean), a chunk at a time."""
+        params = self.optimizer.params
+        units = units.to(x.device)
+        k = int(units.max()) + 1
+        sums: list[torch.Tensor] = []
+        loss = x.new_zeros(())
+        for start in range(0, len(x), PHYSICAL_BATCH):
+            part = slice(start, start + PHYSICAL_BATCH)
+            mean = _PER_SAMPLE[self.mode](self.model._module, loss_fn, x[part], y[part])
+            loss = loss + mean * len(x[part])
+            for i, p in enumerate(params):
+                g = p.grad_sample
+                if i == len(sums):
+                    sums.append(g.new_zeros((k, *g.shape[1:])))
+                sums[i].index_add_(0, units[part], g)
+                p.grad_sample = None
+        counts = torch.bincount(units, minlength=k).to(sums[0].dtype)
+        for p, summed in zip(params, sums, strict=True):
+            p.grad_sample = summed / counts.view(k, *([1] * (summed.dim() - 1)))
+        return loss / len(x)
 
     def close(self) -> None:
         """Remove Opacus's hooks and per-sample gradients from the wrapped model."""
@@ -312,7 +343,10 @@ class PrivateTraining:
 
 
 def _grad_per_unit(params: Sequence[nn.Parameter], units: torch.Tensor) -> None:
-    """Replace each ``p.grad_sample`` (one row per example) by one row per unit: the mean."""
+    """Replace each ``p.grad_sample`` (one row per example) by one row per unit: the mean.
+
+    For Opacus's own modes (hooks, functorch), which see the whole draw at once.
+    """
     units = units.to(params[0].device)
     k = int(units.max()) + 1
     counts = torch.bincount(units, minlength=k).to(params[0].dtype)
@@ -367,7 +401,9 @@ def make_private(
         if loss_fn is not None:  # a batch of the expected size: the modes are timed on it
             device = next(model.parameters()).device
             probe = examples if examples is not None else data_loader.dataset
-            x, y = first_samples(probe, min(max(data_loader.batch_size or 2, 2), 32))
+            # examples per step: the loader may draw units (scans) of several examples each
+            per_step = (data_loader.batch_size or 2) * len(probe) / len(data_loader.dataset)
+            x, y = first_samples(probe, min(max(round(per_step), 2), 32))
             sample = x.to(device), y.to(device)
         mode = choose_grad_sample_mode(model, loss_fn, sample)
     with warnings.catch_warnings():

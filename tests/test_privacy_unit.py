@@ -29,9 +29,15 @@ def _examples(n: int, seed: int = 0) -> TensorDataset:
     return TensorDataset(x, (x > 0.6).float())
 
 
-@pytest.mark.parametrize("mode", ["rules", "vmap", "hooks"])
-def test_each_scan_is_clipped_as_one_unit(mode: str) -> None:
-    """The noiseless DP gradient is the sum over scans of each scan's clipped mean gradient."""
+@pytest.mark.parametrize(("mode", "chunk"), [("rules", 64), ("rules", 5), ("vmap", 5),
+                                           ("hooks", 64)])
+def test_each_scan_is_clipped_as_one_unit(mode: str, chunk: int,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The noiseless DP gradient is the sum over scans of each scan's clipped mean gradient.
+
+    With chunks of 5 examples, scans are split across chunks (rules and vmap modes).
+    """
+    monkeypatch.setattr(dp, "PHYSICAL_BATCH", chunk)
     task = get_task("tiny-seg")
     torch.manual_seed(0)
     model, loss_fn = task.build_model(), task.build_loss()
