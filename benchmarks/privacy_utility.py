@@ -197,9 +197,10 @@ def main() -> None:
                              "(the earlier recipe) instead of each site's own")
     parser.add_argument("--adaptation", default=ADAPTATION,
                         help="domain-adaptation hook of every run")
-    parser.add_argument("--privacy-unit", default="sample", choices=("sample", "scan"),
-                        help="what epsilon protects: one slice, or a whole scan (then "
-                             "--dp-batch counts scans)")
+    parser.add_argument("--privacy-unit", default="sample",
+                        choices=("sample", "scan", "patient"),
+                        help="what epsilon protects: one slice, or a whole scan or patient "
+                             "(then --dp-batch counts those)")
     args = parser.parse_args()
     rounds = args.rounds or (3 if args.quick else 10)
     subjects = args.subjects or (4 if args.quick else SUBJECTS)
@@ -210,7 +211,7 @@ def main() -> None:
     try:
         synthesize_sites(tmp / "data", sites=4, subjects_per_site=subjects, seed=0)
         sources = site_sources(tmp / "data", seed=0)
-        sizes = [dp.privacy_units(len(d.train), d.train_scans, args.privacy_unit)
+        sizes = [dp.privacy_units(len(d.train), d.train_units, args.privacy_unit)
                  for d in map(task.load_site_data, sources.values())] if args.shared_noise else []
         t0 = time.time()
         plain, _, _ = run_once(tmp / "plain", sources, rounds, {}, adaptation=args.adaptation)

@@ -54,7 +54,7 @@ delta = 1e-5                 # largest delta a run may use
 min_noise_multiplier = 0.5   # least noise a DP run may ask for
 max_clipping_norm = 5.0      # largest clipping norm a DP run may ask for
 dp_required = false          # true: refuse every run without differential privacy
-privacy_unit = "sample"      # "scan": refuse DP-SGD runs whose epsilon covers one slice, not a scan
+privacy_unit = "sample"      # "scan" / "patient": refuse DP-SGD runs protecting less
 
 [compute]
 device = "auto"   # "auto" uses CUDA when present, else the CPU

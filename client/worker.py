@@ -30,7 +30,7 @@ from medfed.core.errors import MedfedError
 from medfed.core.packing import WEIGHTS_KEY, Layout, pack, shared_state, unpack
 from medfed.tasks import SiteData, Task, engine, get_task
 from medfed.tasks.adaptation import local_keys
-from medfed.tasks.dp import ScansUnknown, dp_train, privacy_units
+from medfed.tasks.dp import UnitUnknown, dp_train, privacy_units
 
 log = logging.getLogger("medfed.site")
 
@@ -179,12 +179,12 @@ class SiteWorker:
         batch_size = run.batch_size or hp.batch_size
         lr = run.learning_rate or hp.learning_rate
         try:
-            units = (privacy_units(len(data.train), data.train_scans, run.privacy.unit)
+            units = (privacy_units(len(data.train), data.train_units, run.privacy.unit)
                      if run.privacy.mode == "sample" else len(data.train))
             privacy = self.privacy.before_training(
                 run, str(run_id), rnd, model=model, batch_size=batch_size, epochs=epochs,
                 num_examples=units)
-        except ScansUnknown as exc:
+        except UnitUnknown as exc:
             return self._refuse(run_id, "privacy.unit", str(exc))
         except PrivacyRefusal as refusal:
             return self._refuse(run_id, refusal.rule, refusal.reason)
@@ -196,7 +196,7 @@ class SiteWorker:
                              accountant=run.privacy.accountant,
                              optimizer=run.privacy.optimizer,
                              average_iterates=run.privacy.average_iterates,
-                             scans=data.train_scans if run.privacy.unit == "scan" else None)
+                             units=data.train_units.get(run.privacy.unit))
         else:
             stats = engine.train(
                 task, model, data.train, epochs=epochs, batch_size=batch_size,

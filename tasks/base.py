@@ -30,11 +30,11 @@ class SiteData:
     train: Dataset[Any]
     val: Dataset[Any]
     description: dict[str, Any] = field(default_factory=dict)  # counts only, no identifiers
-    #: Which scan each training example was cut from (an integer per example: the
-    #: slice's scan for a 2D task, ``arange`` for a task training per scan). DP-SGD's
-    #: ``privacy.unit = "scan"`` samples and clips per scan, and is refused (fail
-    #: closed) for a task that leaves this ``None``.
-    train_scans: torch.Tensor | None = None
+    #: For a privacy unit coarser than one example (``"scan"``, ``"patient"``), the unit
+    #: each training example belongs to: one integer per example (a slice's scan; both
+    #: copies of a mirrored scan). DP-SGD with ``privacy.unit`` set to it samples and
+    #: clips per unit, and is refused (fail closed) for a unit the task leaves out.
+    train_units: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -90,8 +90,8 @@ HistoryEntry = tuple[float, float, int]
 GRAD_SAMPLE_MODES = ("rules", "vmap", "hooks", "functorch")
 #: Per-sample gradient functions of the modes that bypass Opacus's hooks.
 _PER_SAMPLE = {"rules": dp_rules.per_sample_grads, "vmap": dp_vmap.per_sample_grads}
-#: Per-scan DP-SGD: at most this many examples' per-example gradients at once (a draw
-#: of a few 2D scans holds hundreds of slices).
+#: DP-SGD per scan or patient: at most this many examples' per-example gradients at
+#: once (a draw of a few 2D scans holds hundreds of slices).
 PHYSICAL_BATCH = 64
 
 
@@ -289,13 +289,13 @@ class PrivateTraining:
              units: torch.Tensor | None = None) -> float:
         """One DP-SGD step on the batch ``(x, y)``; returns its mean loss.
 
-        ``units`` (``privacy.unit = "scan"``): for each example, the index (0..k-1) of
-        the privacy unit it belongs to in this batch. The optimizer then clips and sums
-        one gradient per unit: the mean of its examples' gradients (the gradient of the
-        unit's mean loss), so a whole scan moves the sum by at most the clipping norm.
-        A draw of scans holds many examples, so in the rules and vmap modes their
-        per-example gradients are computed ``PHYSICAL_BATCH`` at a time and summed per
-        unit as they come.
+        ``units`` (``privacy.unit`` "scan" or "patient"): for each example, the index
+        (0..k-1) of the privacy unit it belongs to in this batch. The optimizer then
+        clips and sums one gradient per unit: the mean of its examples' gradients (the
+        gradient of the unit's mean loss), so a whole unit moves the sum by at most the
+        clipping norm. A draw of scans or patients holds many examples, so in the rules
+        and vmap modes their per-example gradients are computed ``PHYSICAL_BATCH`` at a
+        time and summed per unit as they come.
         """
         self.optimizer.zero_grad(set_to_none=True)
         if units is not None and self.mode in _PER_SAMPLE:
@@ -471,7 +471,7 @@ def dp_train(
     grad_sample_mode: str | None = None,
     optimizer: Literal["adam", "sgd"] = "adam",
     average_iterates: float = 0.0,
-    scans: torch.Tensor | None = None,
+    units: torch.Tensor | None = None,
 ) -> DPTrainStats:
     """Train ``model`` in place with DP-SGD.
 
@@ -482,10 +482,11 @@ def dp_train(
     iterates (that decay per step) instead of the last iterate: it averages out part
     of the noise, and as a function of DP outputs it costs no privacy.
 
-    ``scans`` (``privacy.unit = "scan"``): the scan each example was cut from
-    (``SiteData.train_scans``). Poisson sampling then draws whole scans, ``batch_size``
-    of them expected per step, and each scan's examples are clipped as one unit
-    (:meth:`PrivateTraining.step`): epsilon protects a scan, not a slice.
+    ``units`` (``privacy.unit`` "scan" or "patient"): the unit each example belongs to
+    (``SiteData.train_units[unit]``). Poisson sampling then draws whole units,
+    ``batch_size`` of them expected per step, and each unit's examples are clipped
+    together (:meth:`PrivateTraining.step`): epsilon protects a scan or a patient,
+    not a slice.
 
     ``generator`` drives Poisson sampling and the noise. ``None`` (what a site must
     use) seeds fresh generators from the OS; a seeded one is for tests only. The
@@ -507,11 +508,11 @@ def dp_train(
         base = torch.optim.Adam(
             model.parameters(), lr=learning_rate, weight_decay=task.defaults.weight_decay)
     averaged = [(p, p.detach().clone()) for p in model.parameters()] if average_iterates else []
-    members = _scan_members(scans, n) if scans is not None else None
-    # Poisson sampling draws units: examples, or (per scan) scan indices
-    units: Dataset[Any] = dataset if members is None else TensorDataset(
+    members = _unit_members(units, n) if units is not None else None
+    # Poisson sampling draws units: examples, or the indices of scans or patients
+    drawn_from: Dataset[Any] = dataset if members is None else TensorDataset(
         torch.arange(len(members)))
-    loader = DataLoader(units, batch_size=batch_size, shuffle=True, generator=sampling)
+    loader = DataLoader(drawn_from, batch_size=batch_size, shuffle=True, generator=sampling)
     private = make_private(
         model, base, loader, noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm, accountant=accountant, noise_generator=noise,
@@ -525,7 +526,7 @@ def dp_train(
     try:
         for _ in range(epochs):
             for batch in private.data_loader:
-                x, y, owner = (*batch, None) if members is None else _scan_batch(
+                x, y, owner = (*batch, None) if members is None else _unit_batch(
                     dataset, members, batch[0])
                 if len(x) == 0:
                     private.engine.accountant.step(
@@ -555,46 +556,51 @@ def dp_train(
     )
 
 
-class ScansUnknown(MedfedError):
-    """``privacy.unit = "scan"`` on a task that does not say which scan each example is from."""
+class UnitUnknown(MedfedError):
+    """``privacy.unit`` names a unit the task does not map its training examples to."""
 
 
-def privacy_units(num_examples: int, scans: torch.Tensor | None, unit: str) -> int:
-    """How many units DP-SGD samples from: the examples, or (``unit = "scan"``) the scans.
+def privacy_units(num_examples: int, units: dict[str, torch.Tensor], unit: str) -> int:
+    """How many units DP-SGD samples from: the examples, or the scans or patients.
+
+    ``units`` is ``SiteData.train_units``.
 
     Raises
     ------
-    ScansUnknown
-        ``unit = "scan"`` but the task gave no ``SiteData.train_scans``: counting each
-        example as a scan could protect one slice while claiming a whole scan.
+    UnitUnknown
+        The task does not say which ``unit`` each example belongs to: counting each
+        example as one could protect a slice while claiming a whole scan or patient.
     """
-    if unit != "scan":
+    if unit == "sample":
         return num_examples
-    if scans is None:
-        raise ScansUnknown(
-            "The run asks for privacy.unit = 'scan', but this task does not say which scan "
-            "each training example was cut from.",
-            where="the task's load_site_data (SiteData.train_scans)",
-            expected="one scan index per training example",
-            fix="ask for privacy.unit = 'sample', or set train_scans in the task")
-    return int(torch.unique(scans).numel())
+    if unit not in units:
+        known = ", ".join(repr(u) for u in ("sample", *units))
+        raise UnitUnknown(
+            f"The run asks for privacy.unit = {unit!r}, but this site's training examples "
+            f"are not mapped to a {unit} (only to: {known}).",
+            where="the task's load_site_data (SiteData.train_units)",
+            expected=f"the {unit} of every training example"
+                     + (": every scan's DICOM PatientID" if unit == "patient" else ""),
+            fix="ask for one of the units this site knows, or fill in what is missing "
+                "(for 'patient': PatientID in every series)")
+    return int(torch.unique(units[unit]).numel())
 
 
-def _scan_members(scans: torch.Tensor, n: int) -> list[torch.Tensor]:
-    """The example indices of each scan, in scan order."""
-    if scans.shape != (n,):
+def _unit_members(units: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """The example indices of each unit, in unit order."""
+    if units.shape != (n,):
         raise MedfedError(
-            f"The task gave {tuple(scans.shape)} scan indices for {n} training examples.",
-            where="SiteData.train_scans", expected="one scan index per training example",
-            fix="return train_scans with one integer per example from load_site_data")
-    _, inverse = torch.unique(scans, return_inverse=True)
+            f"The task gave {tuple(units.shape)} unit indices for {n} training examples.",
+            where="SiteData.train_units", expected="one unit index per training example",
+            fix="return train_units with one integer per example from load_site_data")
+    _, inverse = torch.unique(units, return_inverse=True)
     order = torch.argsort(inverse, stable=True)
     return list(torch.split(order, torch.bincount(inverse).tolist()))
 
 
-def _scan_batch(dataset: Dataset[Any], members: list[torch.Tensor], drawn: torch.Tensor
+def _unit_batch(dataset: Dataset[Any], members: list[torch.Tensor], drawn: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The examples of the drawn scans, and for each example its scan's place in the draw."""
+    """The examples of the drawn units, and for each example its unit's place in the draw."""
     parts = [members[i] for i in drawn.tolist()]
     if not parts:
         x, y = first_samples(dataset, 1)

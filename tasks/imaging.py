@@ -64,12 +64,16 @@ class Subject:
         Integer ``(1, x, y, z)`` on the image's grid.
     targets : dict of str to float
         Per-series targets, e.g. ``{"lesion": 1.0}``.
+    patient : str
+        The patient the scan belongs to (DICOM PatientID; stays at the site), or
+        ``""`` when unknown.
     """
 
     key: str
     image: MetaTensor
     label: MetaTensor | None
     targets: dict[str, float] = field(default_factory=dict)
+    patient: str = ""
 
 
 def load_subjects(source: DataSourceConfig) -> list[Subject]:
@@ -107,7 +111,8 @@ def dicom_subjects(source: DataSourceConfig) -> list[Subject]:
     for series in folder.series():
         image, label = folder.load(series.series_uid)
         subjects.append(Subject(key=series.series_uid, image=image, label=label,
-                                targets=targets.get(series.series_uid, {})))
+                                targets=targets.get(series.series_uid, {}),
+                                patient=series.patient_id))
     if not subjects:
         raise MedfedError(
             "the DICOM folder holds no usable series",
@@ -138,6 +143,7 @@ def synthetic_subjects(source: DataSourceConfig) -> list[Subject]:
             label=MetaTensor(torch.from_numpy(vol.label[None].astype(np.int16)),
                              affine=affine.clone(), meta=dict(meta)),
             targets={"lesion": float(flags[i])},
+            patient=f"synthetic-{i:03d}",  # one scan per synthesized patient
         ))
     return subjects
 
@@ -148,6 +154,7 @@ def split_subjects(
     seed: int,
     val_fraction: float,
     strata: Sequence[int] | None = None,
+    patients: Sequence[str] | None = None,
 ) -> tuple[list[str], list[str]]:
     """Split subjects into (train, val) keys, deterministically from ``seed``.
 
@@ -155,6 +162,11 @@ def split_subjects(
     for training) go to validation. With ``strata`` (e.g. the class of each
     subject), each stratum is spread over both sides in proportion. The split
     depends on the set of keys, not their order.
+    With ``patients`` (each subject's patient, ``""`` when unknown), a patient's
+    scans all land on the same side: the patients are split (``val_fraction`` of
+    them), each as its first scan (key order) with that scan's stratum, so with one
+    scan per patient the split is the one without ``patients``. A scan of unknown
+    patient counts as a patient of its own.
 
     Raises
     ------
@@ -164,6 +176,19 @@ def split_subjects(
     if len(set(keys)) != len(keys):
         raise MedfedError("subject keys repeat", where="split_subjects",
                           expected="one entry per series")
+    if patients is not None:  # split the patients, each represented by its first scan
+        owner = {k: p or f"scan:{k}" for k, p in zip(keys, patients, strict=True)}
+        first: dict[str, str] = {}
+        for k in sorted(keys):
+            first.setdefault(owner[k], k)
+        stratum = dict(zip(keys, strata, strict=True)) if strata is not None else {}
+        firsts = sorted(first.values())
+        _, val_firsts = split_subjects(
+            firsts, seed=seed, val_fraction=val_fraction,
+            strata=[stratum[k] for k in firsts] if stratum else None)
+        on_val = {owner[k] for k in val_firsts}
+        return (sorted(k for k in keys if owner[k] not in on_val),
+                sorted(k for k in keys if owner[k] in on_val))
     n = len(keys)
     if n < 2:
         raise MedfedError(
@@ -187,6 +212,23 @@ def split_subjects(
     val = sorted(ordered[i][0] for i in order[:n_val])
     train = sorted(ordered[i][0] for i in order[n_val:])
     return train, val
+
+
+def unit_indices(subjects: Sequence[Subject], examples: Sequence[int]
+                 ) -> dict[str, torch.Tensor]:
+    """For ``SiteData.train_units``: the scan and the patient of each training example.
+
+    ``examples[i]`` is how many consecutive examples subject ``i`` gave. ``"patient"``
+    is left out when a scan's patient is unknown: DP-SGD per patient is then refused
+    rather than guessed.
+    """
+    counts = torch.tensor(list(examples))
+    units = {"scan": torch.repeat_interleave(torch.arange(len(subjects)), counts)}
+    if all(s.patient for s in subjects):
+        names = sorted({s.patient for s in subjects})
+        index = torch.tensor([names.index(s.patient) for s in subjects])
+        units["patient"] = torch.repeat_interleave(index, counts)
+    return units
 
 
 def preprocess(

@@ -134,6 +134,6 @@ def test_the_privacy_unit_option_reaches_the_run_and_a_bad_one_is_refused() -> N
     assert RunPrivacy(**privacy_options("sample", 1.0, 1.0, 1.0, 1e-5, "rdp")).unit == "sample"
     per_scan = privacy_options("sample", 1.0, 1.0, 1.0, 1e-5, "rdp", unit="scan")
     assert RunPrivacy(**per_scan).unit == "scan"
-    bad = privacy_options("sample", 1.0, 1.0, 1.0, 1e-5, "rdp", unit="patient")
+    bad = privacy_options("sample", 1.0, 1.0, 1.0, 1e-5, "rdp", unit="study")
     with pytest.raises(ConfigError, match="unit"):
         validate(RunConfig, {"task": "tiny-seg", "privacy": bad}, where="medfed run options")

@@ -126,8 +126,9 @@ def register(app: typer.Typer) -> None:
                  "(e.g. 0.9); 0 = the last iterate")] = 0.0,
         privacy_unit: Annotated[str, typer.Option(
             help="DP-SGD: what epsilon protects: sample (one training example, a slice "
-                 "for 2D tasks) | scan (all of a scan's examples; --batch-size counts "
-                 "scans)")] = "sample",
+                 "for 2D tasks) | scan (all of a scan's examples) | patient (all of a "
+                 "patient's scans, by DICOM PatientID); --batch-size then counts "
+                 "units")] = "sample",
         secure_aggregation: Annotated[str, typer.Option(
             help="default | strict | off (off: the server sees each update; debugging only)")
         ] = "default",

@@ -30,9 +30,10 @@ from medfed.core.errors import ConfigError
 Accountant = Literal["rdp", "prv"]
 PrivacyMode = Literal["off", "sample", "update"]
 DPOptimizer = Literal["adam", "sgd"]
-#: What DP-SGD protects: one training example, or every example cut from one scan (a
-#: patient's, where each patient has one scan: scans are not yet grouped by PatientID).
-PrivacyUnit = Literal["sample", "scan"]
+#: What DP-SGD protects, finest first: one training example, every example cut from
+#: one scan, or every example of one patient (all their scans, by DICOM PatientID).
+PrivacyUnit = Literal["sample", "scan", "patient"]
+_UNIT_RANK = {"sample": 0, "scan": 1, "patient": 2}
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
@@ -57,9 +58,9 @@ class DatasetBudget(_Strict):
     )
     dp_required: bool = Field(True, description="refuse runs without differential privacy")
     privacy_unit: PrivacyUnit = Field(
-        "sample", description="what a sample-level DP run must protect at least: 'scan' "
-        "refuses runs whose epsilon covers one training example (a slice) rather than a "
-        "whole scan")
+        "sample", description="the least a DP-SGD run must protect: 'scan' refuses runs "
+        "whose epsilon covers one training example (a slice); 'patient' also refuses runs "
+        "per scan")
 
 
 class SitePrivacyPolicy(_Strict):
@@ -140,7 +141,8 @@ class RunPrivacy(_Strict):
     unit: PrivacyUnit = Field(
         "sample", description="sample mode: what epsilon protects. 'sample': one training "
         "example (for brain-tissue-seg one slice); 'scan': all the examples cut from one "
-        "scan (Poisson sampling and clipping per scan; the batch size then counts scans)")
+        "scan; 'patient': all of one patient's scans (DICOM PatientID). Poisson sampling "
+        "and clipping then work per unit, and the batch size counts units")
 
     @model_validator(mode="after")
     def _noise_when_on(self) -> RunPrivacy:
@@ -173,8 +175,8 @@ def check_run_against_policy(
 ) -> PrivacyDecision:
     """Refuse a run that asks for less privacy than ``budget`` requires.
 
-    Checked in order: DP switched off while required; a DP-SGD run per example on a
-    dataset whose policy protects whole scans; noise below the minimum; clipping norm
+    Checked in order: DP switched off while required; a DP-SGD run protecting a finer
+    unit than the policy's ``privacy_unit``; noise below the minimum; clipping norm
     above the maximum; delta above the budget's. The first rule
     broken is named (``privacy.datasets.<dataset>.<key>``) with both values.
     Whether the round's epsilon still fits the remaining budget is the ledger's
@@ -191,13 +193,13 @@ def check_run_against_policy(
                 "ask for mode 'sample' or 'update'",
             )
         return PrivacyDecision(True)
-    if run.mode == "sample" and run.unit == "sample" and budget.privacy_unit == "scan":
+    if run.mode == "sample" and _UNIT_RANK[run.unit] < _UNIT_RANK[budget.privacy_unit]:
         return PrivacyDecision(
             False, f"{key}.privacy_unit",
-            f"the run asks for privacy.unit = 'sample' (epsilon per training example) but "
-            f"this site protects whole scans on dataset {dataset!r} ({key}.privacy_unit "
-            "= 'scan'); ask for privacy.unit = 'scan' (medfed run --privacy-unit scan) "
-            "or update-level DP",
+            f"the run asks for privacy.unit = {run.unit!r} but this site protects at least "
+            f"a whole {budget.privacy_unit} on dataset {dataset!r} ({key}.privacy_unit = "
+            f"{budget.privacy_unit!r}); ask for privacy.unit = {budget.privacy_unit!r} "
+            f"(medfed run --privacy-unit {budget.privacy_unit}) or update-level DP",
         )
     noise = run.noise_multiplier if noise_multiplier is None else noise_multiplier
     if noise < budget.min_noise_multiplier:

@@ -50,6 +50,8 @@ class SeriesPlan:
     transfer_syntaxes: tuple[str, ...]
     sop_to_slice: dict[str, int] = field(compare=False, repr=False)
     seg_file: str | None = None
+    #: The series' DICOM PatientID; "" when absent or when its files disagree.
+    patient_id: str = ""
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -155,7 +157,14 @@ def plan_series(group: list[FileRecord]) -> SeriesPlan:
         sop_to_slice={
             r.sop_uid: z for z, (r, _, _) in enumerate(ordered) if len(r.frames) == 1 and r.sop_uid
         },
+        patient_id=_one_patient(group),
     )
+
+
+def _one_patient(records: list[FileRecord]) -> str:
+    """The PatientID all the series' files share, or "" (unknown) when they do not."""
+    ids = {r.patient_id for r in records}
+    return ids.pop() if len(ids) == 1 else ""
 
 
 def _seg_target(seg: FileRecord, plans: dict[str, SeriesPlan]) -> str | None:

@@ -95,6 +95,7 @@ def _record_from_dataset(ds: Dataset, rel: str, stat: os.stat_result) -> FileRec
                 for item in ds.get("ReferencedSeriesSequence", [])
                 if "SeriesInstanceUID" in item
             ),
+            patient_id=str(ds.get("PatientID", "") or "").strip(),
         )
     except FileProblem:
         raise

@@ -23,7 +23,7 @@ from medfed.data.records import (
     skipped_to_json,
 )
 
-_INDEX_VERSION = 1
+_INDEX_VERSION = 2  # 2: records carry PatientID
 Progress = Callable[[int, int], None]
 
 

@@ -85,6 +85,8 @@ class FileRecord:
     frames: tuple[FrameInfo, ...]
     is_seg: bool = False
     referenced_series: tuple[str, ...] = field(default_factory=tuple)
+    #: DICOM PatientID ("" when absent); stays at the site, groups a patient's scans.
+    patient_id: str = ""
 
     def to_json(self) -> dict[str, Any]:
         """Return a JSON-serialisable dict."""

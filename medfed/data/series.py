@@ -33,6 +33,8 @@ class Series:
         slices stacked in InstanceNumber order).
     label_source : str or None
         ``"manifest"`` (NIfTI), ``"seg"`` (DICOM SEG) or ``None``.
+    patient_id : str
+        DICOM PatientID (stays at the site); ``""`` when unknown.
     """
 
     series_uid: str
@@ -43,6 +45,7 @@ class Series:
     file_count: int
     geometry: str
     label_source: str | None
+    patient_id: str = ""
 
 
 def series_from_plan(plan: SeriesPlan, *, label_source: str | None) -> Series:
@@ -56,6 +59,7 @@ def series_from_plan(plan: SeriesPlan, *, label_source: str | None) -> Series:
         file_count=len(plan.files),
         geometry=plan.geometry,
         label_source=label_source,
+        patient_id=plan.patient_id,
     )
 
 

@@ -33,7 +33,7 @@ from torch.utils.data import TensorDataset
 from medfed.core.config import DataSourceConfig
 from medfed.core.errors import MedfedError
 from medfed.tasks.base import Hyperparameters, SiteData, Task
-from medfed.tasks.imaging import Subject, load_subjects, preprocess, split_subjects
+from medfed.tasks.imaging import Subject, load_subjects, preprocess, split_subjects, unit_indices
 
 NAME = "brain-lesion-cls"
 TARGET = "lesion"
@@ -117,7 +117,7 @@ def load_site_data(source: DataSourceConfig) -> SiteData:
     strata = [int(s.targets[TARGET] > 0.5) for s in usable]
     train_keys, val_keys = split_subjects(
         [s.key for s in usable], seed=source.seed, val_fraction=source.val_fraction,
-        strata=strata,
+        strata=strata, patients=[s.patient for s in usable],
     )
     by_key = {s.key: s for s in usable}
     train = _scans([by_key[k] for k in train_keys], mirrored=True)
@@ -125,7 +125,8 @@ def load_site_data(source: DataSourceConfig) -> SiteData:
     return SiteData(
         train=train,
         val=val,
-        train_scans=torch.arange(len(train)),  # one example per scan
+        # each training scan gives two examples: itself and its mirror image
+        train_units=unit_indices([by_key[k] for k in train_keys], [2] * len(train_keys)),
         description={
             "train": len(train), "val": len(val),
             "subjects-train": len(train_keys), "subjects-val": len(val_keys),

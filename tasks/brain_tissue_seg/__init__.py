@@ -37,7 +37,14 @@ from torch.utils.data import TensorDataset
 from medfed.core.config import DataSourceConfig
 from medfed.core.errors import MedfedError
 from medfed.tasks.base import Hyperparameters, SiteData, Task
-from medfed.tasks.imaging import Subject, axial_slices, load_subjects, preprocess, split_subjects
+from medfed.tasks.imaging import (
+    Subject,
+    axial_slices,
+    load_subjects,
+    preprocess,
+    split_subjects,
+    unit_indices,
+)
 from medfed.tasks.losses import DiceCEOnLabels
 
 NAME = "brain-tissue-seg"
@@ -86,18 +93,18 @@ def compute_metrics(logits: torch.Tensor, target: torch.Tensor) -> dict[str, flo
     return {**per_class, "dice": float(dice.mean())}
 
 
-def _slices(subjects: list[Subject]) -> tuple[TensorDataset, torch.Tensor]:
-    """The subjects' slices, and the index of the subject (scan) each slice came from."""
-    images, labels, scans = [], [], []
-    for i, subject in enumerate(subjects):
+def _slices(subjects: list[Subject]) -> tuple[TensorDataset, dict[str, torch.Tensor]]:
+    """The subjects' slices, and the scan and patient of each (``SiteData.train_units``)."""
+    images, labels = [], []
+    for subject in subjects:
         image, label = preprocess(subject, pixdim=(PIXDIM_MM, PIXDIM_MM, -1),
                                   spatial_size=(SIZE, SIZE, -1))
         assert label is not None  # only labelled subjects come here
         x, y = axial_slices(image, label)
         images.append(x)
         labels.append(y)
-        scans.append(torch.full((len(x),), i, dtype=torch.long))
-    return TensorDataset(torch.cat(images), torch.cat(labels)), torch.cat(scans)
+    units = unit_indices(subjects, [len(x) for x in images])
+    return TensorDataset(torch.cat(images), torch.cat(labels)), units
 
 
 def load_site_data(source: DataSourceConfig) -> SiteData:
@@ -114,15 +121,16 @@ def load_site_data(source: DataSourceConfig) -> SiteData:
                 "(see medfed.data.labels), or add DICOM SEGs",
         )
     train_keys, val_keys = split_subjects(
-        [s.key for s in labelled], seed=source.seed, val_fraction=source.val_fraction
+        [s.key for s in labelled], seed=source.seed, val_fraction=source.val_fraction,
+        patients=[s.patient for s in labelled],
     )
     by_key = {s.key: s for s in labelled}
-    train, train_scans = _slices([by_key[k] for k in train_keys])
+    train, train_units = _slices([by_key[k] for k in train_keys])
     val, _ = _slices([by_key[k] for k in val_keys])
     return SiteData(
         train=train,
         val=val,
-        train_scans=train_scans,
+        train_units=train_units,
         description={
             "train": len(train), "val": len(val),
             "subjects-train": len(train_keys), "subjects-val": len(val_keys),

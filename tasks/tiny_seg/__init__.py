@@ -69,7 +69,8 @@ def load_site_data(source: DataSourceConfig) -> SiteData:
     return SiteData(
         train=TensorDataset(x[n_val:], y[n_val:]),
         val=TensorDataset(x[:n_val], y[:n_val]),
-        train_scans=torch.arange(len(x) - n_val),  # each synthetic image stands alone
+        # each synthetic image stands alone: its own scan and patient
+        train_units={u: torch.arange(len(x) - n_val) for u in ("scan", "patient")},
         description={"train": len(x) - n_val, "val": n_val},
     )
 
