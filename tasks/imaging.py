@@ -65,8 +65,8 @@ class Subject:
     targets : dict of str to float
         Per-series targets, e.g. ``{"lesion": 1.0}``.
     patient : str
-        The patient the scan belongs to (DICOM PatientID; stays at the site), or
-        ``""`` when unknown.
+        The patient the scan belongs to (a key of its DICOM PatientID, equal for a
+        patient's scans), or ``""`` when unknown.
     """
 
     key: str

@@ -21,6 +21,7 @@ from medfed.core.errors import MedfedError
 from medfed.core.packing import WEIGHTS_KEY, pack
 from medfed.core.privacy import DatasetBudget, RunPrivacy, check_run_against_policy
 from medfed.data import DicomFolderSource
+from medfed.data.headers import patient_key
 from medfed.data.synthetic import SyntheticGeometry, write_series
 from medfed.tasks import dp, engine, get_task
 from medfed.tasks.imaging import Subject, split_subjects, unit_indices
@@ -146,12 +147,14 @@ def test_dicom_series_carry_their_patient_id(tmp_path: Path) -> None:
     write_series(tmp_path / "site" / "a", stored, geometry=geometry)
     files = write_series(tmp_path / "site" / "b", stored, geometry=geometry)
     source = DicomFolderSource(tmp_path / "site", cache_dir=tmp_path / "cache")
-    assert [s.patient_id for s in source.series()] == ["SYNTH", "SYNTH"]
+    synth = patient_key("SYNTH")
+    assert [s.patient_id for s in source.series()] == [synth, synth]
+    assert synth and "SYNTH" not in synth  # a key, not the ID
     ds = pydicom.dcmread(files[0])
     ds.PatientID = "SOMEONE-ELSE"  # files of one series disagree: unknown, never guessed
     ds.save_as(files[0])
     source = DicomFolderSource(tmp_path / "site", cache_dir=tmp_path / "cache")
-    assert sorted(s.patient_id for s in source.series()) == ["", "SYNTH"]
+    assert sorted(s.patient_id for s in source.series()) == ["", synth]
 
 
 def test_a_site_protecting_scans_refuses_per_slice_runs_with_the_rule() -> None:

@@ -50,7 +50,8 @@ class SeriesPlan:
     transfer_syntaxes: tuple[str, ...]
     sop_to_slice: dict[str, int] = field(compare=False, repr=False)
     seg_file: str | None = None
-    #: The series' DICOM PatientID; "" when absent or when its files disagree.
+    #: The series' patient (a key of its DICOM PatientID); "" when absent or when its
+    #: files disagree.
     patient_id: str = ""
 
     @property

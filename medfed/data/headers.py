@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import warnings
@@ -59,6 +60,15 @@ def _read(path: Path, rel: str, *, decode: bool) -> FileRecord | Skipped:
     return record
 
 
+def patient_key(patient_id: str) -> str:
+    """A stand-in for a DICOM PatientID that only groups scans: a SHA-256 prefix ("" if none).
+
+    The index and the caches keep this, not the ID itself: grouping needs equality only.
+    """
+    value = patient_id.strip()
+    return hashlib.sha256(value.encode()).hexdigest()[:20] if value else ""
+
+
 def _record_from_dataset(ds: Dataset, rel: str, stat: os.stat_result) -> FileRecord:
     if "PixelData" not in ds:
         if "Rows" in ds and "Columns" in ds:
@@ -95,7 +105,7 @@ def _record_from_dataset(ds: Dataset, rel: str, stat: os.stat_result) -> FileRec
                 for item in ds.get("ReferencedSeriesSequence", [])
                 if "SeriesInstanceUID" in item
             ),
-            patient_id=str(ds.get("PatientID", "") or "").strip(),
+            patient_id=patient_key(str(ds.get("PatientID", "") or "")),
         )
     except FileProblem:
         raise

@@ -85,7 +85,8 @@ class FileRecord:
     frames: tuple[FrameInfo, ...]
     is_seg: bool = False
     referenced_series: tuple[str, ...] = field(default_factory=tuple)
-    #: DICOM PatientID ("" when absent); stays at the site, groups a patient's scans.
+    #: :func:`medfed.data.headers.patient_key` of the DICOM PatientID ("" when absent):
+    #: groups a patient's scans without keeping the ID.
     patient_id: str = ""
 
     def to_json(self) -> dict[str, Any]:

@@ -34,7 +34,8 @@ class Series:
     label_source : str or None
         ``"manifest"`` (NIfTI), ``"seg"`` (DICOM SEG) or ``None``.
     patient_id : str
-        DICOM PatientID (stays at the site); ``""`` when unknown.
+        A key of the DICOM PatientID (:func:`medfed.data.headers.patient_key`), equal
+        for a patient's series; ``""`` when unknown.
     """
 
     series_uid: str
