@@ -23,7 +23,7 @@ from medfed.data.records import (
     skipped_to_json,
 )
 
-_INDEX_VERSION = 2  # 2: records carry PatientID
+_INDEX_VERSION = 3  # 3: records carry a key of PatientID (2 had the ID itself)
 Progress = Callable[[int, int], None]
 
 
