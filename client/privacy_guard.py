@@ -90,7 +90,7 @@ class PrivacyGate:
         """Check policy, validate the model, reserve the round's epsilon; or refuse.
 
         ``num_examples`` counts the units DP-SGD samples from (``dp.privacy_units``):
-        training examples, or scans under ``privacy.unit = "scan"``.
+        training examples, or the scans or patients ``privacy.unit`` names.
         """
         mode = run.privacy.mode
         if not self.policy.datasets:
