@@ -324,15 +324,8 @@ class PrivateTraining:
             part = slice(start, start + PHYSICAL_BATCH)
             mean = _PER_SAMPLE[self.mode](self.model._module, loss_fn, x[part], y[part])
             loss = loss + mean * len(x[part])
-            for i, p in enumerate(params):
-                g = p.grad_sample
-                if i == len(sums):
-                    sums.append(g.new_zeros((k, *g.shape[1:])))
-                sums[i].index_add_(0, units[part], g)
-                p.grad_sample = None
-        counts = torch.bincount(units, minlength=k).to(sums[0].dtype)
-        for p, summed in zip(params, sums, strict=True):
-            p.grad_sample = summed / counts.view(k, *([1] * (summed.dim() - 1)))
+            _add_per_unit(params, units[part], k, sums)
+        _set_unit_means(params, sums, units)
         return loss / len(x)
 
     def close(self) -> None:
@@ -348,14 +341,31 @@ def _grad_per_unit(params: Sequence[nn.Parameter], units: torch.Tensor) -> None:
     For Opacus's own modes (hooks, functorch), which see the whole draw at once.
     """
     units = units.to(params[0].device)
-    k = int(units.max()) + 1
-    counts = torch.bincount(units, minlength=k).to(params[0].dtype)
-    for p in params:
+    sums: list[torch.Tensor] = []
+    _add_per_unit(params, units, int(units.max()) + 1, sums)
+    _set_unit_means(params, sums, units)
+
+
+def _add_per_unit(params: Sequence[nn.Parameter], units: torch.Tensor, k: int,
+                  sums: list[torch.Tensor]) -> None:
+    """Add each ``p.grad_sample`` row to its unit's row of ``sums`` (created on first use)."""
+    for i, p in enumerate(params):
         g = p.grad_sample
         if not isinstance(g, torch.Tensor):  # accumulated lists: not a path dp_train takes
             raise RuntimeError("per-unit gradients need one per-sample gradient tensor")
-        summed = g.new_zeros((k, *g.shape[1:])).index_add_(0, units, g)
-        p.grad_sample = summed / counts.view(k, *([1] * (g.dim() - 1)))
+        if i == len(sums):
+            sums.append(g.new_zeros((k, *g.shape[1:])))
+        sums[i].index_add_(0, units, g)
+        p.grad_sample = None
+
+
+def _set_unit_means(params: Sequence[nn.Parameter], sums: list[torch.Tensor],
+                    units: torch.Tensor) -> None:
+    """Set each ``p.grad_sample`` to its per-unit sums divided by the units' sizes."""
+    k = len(sums[0])
+    counts = torch.bincount(units, minlength=k).to(sums[0].dtype)
+    for p, summed in zip(params, sums, strict=True):
+        p.grad_sample = summed / counts.view(k, *([1] * (summed.dim() - 1)))
 
 
 def make_private(
