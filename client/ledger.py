@@ -24,6 +24,12 @@ per-round epsilons); each round records its increment
 ``eps(history + round) - eps(history)``, so the records of a run sum to the
 run's epsilon. Across different runs on the same dataset epsilons add (basic
 composition); the deltas add too: ``k`` runs at delta ``d`` give ``k * d``.
+
+Units. Each record says what its epsilon protects (``unit``: a sample, a scan, a
+patient, or ``site`` for update-level DP). Epsilons of different units do not add
+up to a bound on the coarser one (a slice-level epsilon says little about a
+patient), so a dataset whose policy now asks for a coarser ``privacy_unit`` than
+some earlier spend protected is refused: its budget at that unit cannot be certified.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medfed.core.errors import MedfedError
-from medfed.core.privacy import DatasetBudget
+from medfed.core.privacy import DatasetBudget, unit_covers
 from medfed.tasks.dp import HistoryEntry, epsilon_of_history
 
 _SCHEMA = """
@@ -60,6 +66,7 @@ CREATE TABLE IF NOT EXISTS spends (
     noise_multiplier REAL NOT NULL,
     sample_rate      REAL NOT NULL,
     steps            INTEGER NOT NULL,
+    unit             TEXT NOT NULL DEFAULT 'sample',
     status           TEXT NOT NULL CHECK (status IN ('reserved', 'committed')),
     reserved_at      TEXT NOT NULL,
     committed_at     TEXT
@@ -93,6 +100,23 @@ class BudgetExceeded(LedgerError):
             expected=f"a round that spends at most {max(budget - spent, 0.0):.4g}",
             fix="the site refuses this round; the coordinator may lower the rounds or raise "
             "the noise, and only the site operator may raise epsilon_max",
+        )
+
+
+class UnitNotCovered(LedgerError):
+    """Earlier spends on a dataset protected a finer unit than its policy now requires."""
+
+    def __init__(self, *, dataset: str, required: str, finer: dict[str, int]) -> None:
+        self.required, self.finer = required, finer
+        held = ", ".join(f"{n} round(s) per {u}" for u, n in sorted(finer.items()))
+        super().__init__(
+            f"Dataset {dataset!r} must be protected per {required}, but the ledger holds "
+            f"spends that protected less ({held}); their epsilon does not bound a whole "
+            f"{required}, so this dataset's budget per {required} cannot be certified.",
+            where=f"privacy.datasets.{dataset}.privacy_unit",
+            expected=f"a dataset whose every spend protected at least a {required}",
+            fix="the site refuses DP rounds on this dataset; only the site operator can "
+            "return privacy_unit to what the earlier runs protected",
         )
 
 
@@ -141,6 +165,7 @@ class SpendRecord:
     noise_multiplier: float
     sample_rate: float
     steps: int
+    unit: str
     status: str
     reserved_at: str
     committed_at: str | None
@@ -170,6 +195,7 @@ class RunSummary:
     delta: float
     rounds: int
     reserved: int  # records never committed (counted as spent)
+    unit: str  # what its epsilon protects; several, comma-separated, if rounds differed
     first: str
     last: str
 
@@ -197,6 +223,19 @@ class PrivacyLedger:
             os.close(fd)
         with self._connect() as con:
             con.executescript(_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Ledgers written before records named their unit: add it, conservatively.
+
+        A sample-level record of that time protected one training example; update-level
+        records protected the site's whole contribution.
+        """
+        with self._transaction() as con:
+            columns = {r["name"] for r in con.execute("PRAGMA table_info(spends)")}
+            if "unit" not in columns:
+                con.execute("ALTER TABLE spends ADD COLUMN unit TEXT NOT NULL DEFAULT 'sample'")
+                con.execute("UPDATE spends SET unit = 'site' WHERE mode = 'update'")
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -267,17 +306,19 @@ class PrivacyLedger:
     def reserve(
         self, run_id: str, rnd: int, dataset: str, *, budget: DatasetBudget,
         round_history: Sequence[HistoryEntry], delta: float, accountant: str = "rdp",
-        mode: str = "sample", run_epsilon_max: float | None = None,
+        mode: str = "sample", unit: str = "sample", run_epsilon_max: float | None = None,
     ) -> Reservation:
         """Atomically charge one round to ``dataset``, or refuse it.
 
         The round's epsilon is the increment of the run's accountant epsilon
         (persisted history + ``round_history``) at ``delta``. Raises
         :class:`BudgetExceeded` (nothing written) when spent + reserved + asked
-        exceeds ``budget.epsilon_max``, and :class:`RunTargetExceeded` when the run's
+        exceeds ``budget.epsilon_max``; :class:`RunTargetExceeded` when the run's
         epsilon would pass ``run_epsilon_max`` (its target, :data:`TARGET_SLACK` relative
-        slack); otherwise the spend record and the run's extended history are on disk
-        when this returns.
+        slack); :class:`UnitNotCovered` when this round or an earlier spend on
+        ``dataset`` protected less than ``budget.privacy_unit`` (``unit``: what this
+        round protects; update-level rounds protect the ``site``). Otherwise the spend
+        record and the run's extended history are on disk when this returns.
         """
         if delta > budget.delta:
             raise LedgerError(
@@ -285,8 +326,20 @@ class PrivacyLedger:
                 where=f"privacy.datasets.{dataset}.delta",
                 fix="the run's target_delta must not exceed the site's delta",
             )
+        if mode == "update":
+            unit = "site"
+        if unit not in ("sample", "scan", "patient", "site"):
+            raise LedgerError(f"Unknown privacy unit {unit!r} for a spend on {dataset!r}.",
+                              expected="sample, scan, patient or site")
         entries = [(float(z), float(q), int(s)) for z, q, s in round_history]
         with self._transaction() as con:
+            finer = {u: n for u, n in con.execute(
+                "SELECT unit, COUNT(*) FROM spends WHERE dataset = ? GROUP BY unit", (dataset,))
+                if not unit_covers(u, budget.privacy_unit)}
+            if not unit_covers(unit, budget.privacy_unit):
+                finer[f"{unit} (this round)"] = 1
+            if finer:
+                raise UnitNotCovered(dataset=dataset, required=budget.privacy_unit, finer=finer)
             history, used_acc, used_delta = self._history(con, run_id, dataset)
             if history and (used_acc != accountant or used_delta != delta):
                 raise LedgerError(
@@ -316,10 +369,10 @@ class PrivacyLedger:
             rate = entries[-1][1] if entries else 0.0
             cur = con.execute(
                 "INSERT INTO spends (run_id, round, dataset, mode, epsilon, delta, accountant, "
-                "noise_multiplier, sample_rate, steps, status, reserved_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'reserved', ?)",
+                "noise_multiplier, sample_rate, steps, unit, status, reserved_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'reserved', ?)",
                 (run_id, int(rnd), dataset, mode, asked, delta, accountant, noise, rate,
-                 sum(e[2] for e in entries), now),
+                 sum(e[2] for e in entries), unit, now),
             )
             con.execute(
                 "INSERT INTO histories (run_id, dataset, accountant, delta, history, updated) "
@@ -374,6 +427,7 @@ class PrivacyLedger:
             runs = con.execute(
                 "SELECT run_id, dataset, SUM(epsilon) AS epsilon, MAX(delta) AS delta, "
                 "COUNT(*) AS rounds, SUM(status = 'reserved') AS reserved, "
+                "GROUP_CONCAT(DISTINCT unit) AS unit, "
                 "MIN(reserved_at) AS first, MAX(reserved_at) AS last "
                 "FROM spends GROUP BY run_id, dataset ORDER BY first, run_id"
             ).fetchall()
@@ -386,6 +440,6 @@ class PrivacyLedger:
             runs=[RunSummary(
                 run_id=r["run_id"], dataset=r["dataset"], epsilon=float(r["epsilon"]),
                 delta=float(r["delta"]), rounds=r["rounds"], reserved=int(r["reserved"]),
-                first=r["first"], last=r["last"],
+                unit=r["unit"], first=r["first"], last=r["last"],
             ) for r in runs],
         )

@@ -16,7 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from medfed.client.ledger import BudgetExceeded, PrivacyLedger, Reservation, RunTargetExceeded
+from medfed.client.ledger import (
+    BudgetExceeded,
+    PrivacyLedger,
+    Reservation,
+    RunTargetExceeded,
+    UnitNotCovered,
+)
 from medfed.core.config import RunConfig, SiteConfig, resolve
 from medfed.core.errors import ConfigError, MedfedError
 from medfed.core.privacy import DatasetBudget, check_run_against_policy
@@ -127,11 +133,13 @@ class PrivacyGate:
             reservation = self.ledger.reserve(
                 run_id, rnd, name, budget=budget, round_history=history,
                 delta=run.privacy.target_delta, accountant=run.privacy.accountant, mode=mode,
-                run_epsilon_max=run.privacy.target_epsilon or None)
+                unit=run.privacy.unit, run_epsilon_max=run.privacy.target_epsilon or None)
         except BudgetExceeded as exc:
             raise PrivacyRefusal(f"privacy.datasets.{name}.epsilon_max", exc.what) from None
         except RunTargetExceeded as exc:
             raise PrivacyRefusal("privacy.target_epsilon", exc.what) from None
+        except UnitNotCovered as exc:
+            raise PrivacyRefusal(f"privacy.datasets.{name}.privacy_unit", exc.what) from None
         return RoundPrivacy(mode, name, budget, reservation, history, noise)
 
     def commit(self, rp: RoundPrivacy, *, steps: int) -> None:

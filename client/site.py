@@ -55,6 +55,8 @@ min_noise_multiplier = 0.5   # least noise a DP run may ask for
 max_clipping_norm = 5.0      # largest clipping norm a DP run may ask for
 dp_required = false          # true: refuse every run without differential privacy
 privacy_unit = "sample"      # "scan" / "patient": refuse DP-SGD runs protecting less
+                             # (set it before the first run: raising it later refuses
+                             # the dataset, whose earlier epsilon bounds less)
 
 [compute]
 device = "auto"   # "auto" uses CUDA when present, else the CPU

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from medfed.client.ledger import BudgetExceeded, LedgerError, PrivacyLedger
+from medfed.client.ledger import BudgetExceeded, LedgerError, PrivacyLedger, UnitNotCovered
 from medfed.core.privacy import DatasetBudget
 from medfed.tasks import dp
 
@@ -79,6 +79,63 @@ def test_commit_blocks_a_round_that_trained_more_steps_than_reserved(tmp_path: P
     ledger = PrivacyLedger(tmp_path / "ledger.sqlite")
     with pytest.raises(LedgerError, match="blocked"):
         ledger.commit(_reserve(ledger, "run-a", 1).record_id, steps=11)
+
+
+def test_spends_name_their_unit_and_a_coarser_policy_refuses_finer_ones(tmp_path: Path) -> None:
+    ledger = PrivacyLedger(tmp_path / "ledger.sqlite")
+    _reserve(ledger, "run-slices", 1)  # per sample
+    ledger.reserve("run-update", 1, "brain", budget=BUDGET, round_history=[(1.0, 1.0, 1)],
+                   delta=1e-5, mode="update", unit="sample")  # update-level protects the site
+    assert {r.run_id: r.unit for r in ledger.history("brain")} == {
+        "run-slices": "sample", "run-update": "site"}
+    per_scan = BUDGET.model_copy(update={"privacy_unit": "scan"})
+    spent = ledger.spent("brain")
+    with pytest.raises(UnitNotCovered) as caught:  # the operator raised privacy_unit later
+        ledger.reserve("run-scans", 1, "brain", budget=per_scan, round_history=ROUND,
+                       delta=1e-5, unit="scan")
+    assert caught.value.finer == {"sample": 1}
+    assert "privacy_unit" in caught.value.where and "1 round(s) per sample" in str(caught.value)
+    assert ledger.spent("brain") == pytest.approx(spent)  # the refusal wrote nothing
+    # another dataset, spent per scan only, takes per-scan and update-level rounds
+    ledger.reserve("run-scans", 1, "lung", budget=per_scan, round_history=ROUND, delta=1e-5,
+                   unit="scan")
+    ledger.reserve("run-update", 1, "lung", budget=per_scan, round_history=[(1.0, 1.0, 1)],
+                   delta=1e-5, mode="update")
+    with pytest.raises(UnitNotCovered, match="this round"):  # a finer round itself
+        ledger.reserve("run-x", 1, "lung", budget=per_scan, round_history=ROUND, delta=1e-5)
+    with pytest.raises(LedgerError, match="Unknown privacy unit"):
+        ledger.reserve("run-x", 1, "lung", budget=BUDGET, round_history=ROUND, delta=1e-5,
+                       unit="slice")
+    units = {(r.run_id, r.dataset): r.unit for r in ledger.summary().runs}
+    assert units[("run-scans", "lung")] == "scan" and units[("run-update", "lung")] == "site"
+
+
+def test_a_ledger_written_before_units_reads_its_spends_as_per_sample(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "ledger.sqlite"
+    con = sqlite3.connect(path)
+    con.executescript("""
+        CREATE TABLE spends (id INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL,
+            round INTEGER NOT NULL, dataset TEXT NOT NULL, mode TEXT NOT NULL,
+            epsilon REAL NOT NULL, delta REAL NOT NULL, accountant TEXT NOT NULL,
+            noise_multiplier REAL NOT NULL, sample_rate REAL NOT NULL, steps INTEGER NOT NULL,
+            status TEXT NOT NULL, reserved_at TEXT NOT NULL, committed_at TEXT);
+        INSERT INTO spends VALUES (1, 'old', 1, 'brain', 'sample', 2.5, 1e-5, 'rdp', 1.0, 0.1,
+            10, 'committed', '2026-01-01T00:00:00+00:00', '2026-01-01T00:00:01+00:00');
+        INSERT INTO spends VALUES (2, 'old-u', 1, 'brain', 'update', 0.5, 1e-5, 'rdp', 1.0, 1.0,
+            1, 'committed', '2026-01-02T00:00:00+00:00', '2026-01-02T00:00:01+00:00');
+    """)
+    con.commit()
+    con.close()
+    ledger = PrivacyLedger(path)
+    assert [(r.run_id, r.unit) for r in ledger.history("brain")] == [
+        ("old", "sample"), ("old-u", "site")]
+    assert ledger.spent("brain") == pytest.approx(3.0)  # nothing lost
+    with pytest.raises(UnitNotCovered):
+        ledger.reserve("new", 1, "brain", round_history=ROUND, delta=1e-5, unit="patient",
+                       budget=BUDGET.model_copy(update={"privacy_unit": "patient"}))
+    PrivacyLedger(path)  # opening it again migrates nothing twice
 
 
 CRASHING_SITE = textwrap.dedent("""

@@ -223,3 +223,15 @@ def test_a_task_that_does_not_name_its_scans_is_refused_per_scan(tmp_path: Path,
     assert reply.header["status"] == "refused" and reply.header["rule"] == "privacy.unit"
     assert "train_units" in reply.header["reason"] and not reply.arrays
     assert PrivacyLedger(tmp_path / "privacy" / "ledger.sqlite").spent("brain") == 0.0
+
+
+def test_raising_privacy_unit_after_per_slice_spends_refuses_the_dataset(tmp_path: Path) -> None:
+    ledger = PrivacyLedger(tmp_path / "privacy" / "ledger.sqlite")
+    ledger.reserve("earlier", 1, "brain", budget=DatasetBudget(epsilon_max=50.0),
+                   round_history=[(1.0, 0.1, 10)], delta=1e-5)  # per slice, before the change
+    spent = ledger.spent("brain")
+    reply = _train(_worker(tmp_path), _per_scan_run("brain-tissue-seg"))  # now privacy_unit=scan
+    assert reply.header["status"] == "refused", reply.header
+    assert reply.header["rule"] == "privacy.datasets.brain.privacy_unit"
+    assert "per sample" in reply.header["reason"] and not reply.arrays
+    assert ledger.spent("brain") == pytest.approx(spent)

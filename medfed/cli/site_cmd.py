@@ -98,16 +98,18 @@ def budget(config: ConfigOpt = Path("site.toml")) -> None:
     ledger = PrivacyLedger(resolve(config, cfg.privacy.ledger))
     summary = ledger.summary()
     table = Table("dataset", "epsilon max", "delta", "spent", "remaining", "dp required",
-                  title="privacy budget per dataset")
+                  "protects", title="privacy budget per dataset")
     for name, b in sorted(cfg.privacy.datasets.items()):
         spent = ledger.spent(name)
         table.add_row(name, f"{b.epsilon_max:g}", f"{b.delta:g}", f"{spent:.4f}",
-                      f"{b.epsilon_max - spent:.4f}", "yes" if b.dp_required else "no")
+                      f"{b.epsilon_max - spent:.4f}", "yes" if b.dp_required else "no",
+                      f"a {b.privacy_unit}")
     console.print(table)
-    runs = Table("run", "dataset", "rounds", "epsilon", "uncommitted", "first", "last",
-                 title="per run (uncommitted: reserved, maybe never sent; counted as spent)")
+    runs = Table("run", "dataset", "unit", "rounds", "epsilon", "uncommitted", "first", "last",
+                 title="per run (unit: what its epsilon protects; uncommitted: reserved, "
+                 "maybe never sent, counted as spent)")
     for r in summary.runs:
-        runs.add_row(str(r.run_id), r.dataset, str(r.rounds), f"{r.epsilon:.4f}",
+        runs.add_row(str(r.run_id), r.dataset, r.unit, str(r.rounds), f"{r.epsilon:.4f}",
                      str(r.reserved), str(r.first)[:19], str(r.last)[:19])
     console.print(runs)
 

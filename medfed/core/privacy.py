@@ -33,7 +33,13 @@ DPOptimizer = Literal["adam", "sgd"]
 #: What DP-SGD protects, finest first: one training example, every example cut from
 #: one scan, or every example of one patient (all their scans, by DICOM PatientID).
 PrivacyUnit = Literal["sample", "scan", "patient"]
-_UNIT_RANK = {"sample": 0, "scan": 1, "patient": 2}
+#: Ranks of what a spend protected; "site" is update-level DP (a site's whole data).
+_UNIT_RANK = {"sample": 0, "scan": 1, "patient": 2, "site": 3}
+
+
+def unit_covers(unit: str, required: str) -> bool:
+    """Whether epsilon spent protecting ``unit`` also bounds a whole ``required`` unit."""
+    return _UNIT_RANK[unit] >= _UNIT_RANK[required]
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
@@ -193,7 +199,7 @@ def check_run_against_policy(
                 "ask for mode 'sample' or 'update'",
             )
         return PrivacyDecision(True)
-    if run.mode == "sample" and _UNIT_RANK[run.unit] < _UNIT_RANK[budget.privacy_unit]:
+    if run.mode == "sample" and not unit_covers(run.unit, budget.privacy_unit):
         return PrivacyDecision(
             False, f"{key}.privacy_unit",
             f"the run asks for privacy.unit = {run.unit!r} but this site protects at least "
