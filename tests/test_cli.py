@@ -102,7 +102,7 @@ def test_site_budget_lists_spend(tmp_path: Path) -> None:
     ledger.commit(res.record_id, steps=2)
     out = medfed("site", "budget", "--config", str(tmp_path / "s" / "site.toml"))
     assert out.returncode == 0, out.stderr
-    assert "default" in out.stdout and "77" in out.stdout and "a sample" in out.stdout
+    assert "default" in out.stdout and "77" in out.stdout and "sample" in out.stdout
     assert f"{res.epsilon:.4f}" in out.stdout
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
+from rich.table import Column, Table
 
 from medfed.cli.main import console, interrupt_on_signal
 from medfed.core.parent_watch import EXIT_WITH_PARENT_ENV
@@ -88,6 +88,11 @@ def audit(config: ConfigOpt = Path("site.toml"),
     console.print(table)
 
 
+def _minute(iso: str | None) -> str:
+    """``2026-11-27T18:35:22+00:00`` -> ``2026-11-27 18:35`` (the ledger writes UTC)."""
+    return str(iso or "")[:16].replace("T", " ")
+
+
 @app.command("budget")
 def budget(config: ConfigOpt = Path("site.toml")) -> None:
     """Privacy budget: spent and remaining epsilon per dataset, and per run, with dates."""
@@ -97,20 +102,23 @@ def budget(config: ConfigOpt = Path("site.toml")) -> None:
     cfg = load_toml(config, SiteConfig)
     ledger = PrivacyLedger(resolve(config, cfg.privacy.ledger))
     summary = ledger.summary()
-    table = Table("dataset", "epsilon max", "delta", "spent", "remaining", "dp required",
-                  "protects", title="privacy budget per dataset")
+    table = Table(*(Column(h, overflow="fold") for h in (
+        "dataset", "epsilon max", "delta", "spent", "remaining", "dp required",
+        "unit required")), title="privacy budget per dataset")
     for name, b in sorted(cfg.privacy.datasets.items()):
         spent = ledger.spent(name)
         table.add_row(name, f"{b.epsilon_max:g}", f"{b.delta:g}", f"{spent:.4f}",
                       f"{b.epsilon_max - spent:.4f}", "yes" if b.dp_required else "no",
-                      f"a {b.privacy_unit}")
+                      b.privacy_unit)
     console.print(table)
-    runs = Table("run", "dataset", "unit", "rounds", "epsilon", "uncommitted", "first", "last",
-                 title="per run (unit: what its epsilon protects; uncommitted: reserved, "
-                 "maybe never sent, counted as spent)")
+    # fold, never truncate: on a narrow terminal a cut date or unit would mislead
+    runs = Table(*(Column(h, overflow="fold") for h in (
+        "run", "dataset", "unit", "rounds", "epsilon", "unsent", "first (UTC)", "last (UTC)")),
+        title="per run (unit: what its epsilon protects; unsent: reserved, maybe never "
+        "sent, counted as spent)")
     for r in summary.runs:
         runs.add_row(str(r.run_id), r.dataset, r.unit, str(r.rounds), f"{r.epsilon:.4f}",
-                     str(r.reserved), str(r.first)[:19], str(r.last)[:19])
+                     str(r.reserved), _minute(r.first), _minute(r.last))
     console.print(runs)
 
 
