@@ -213,8 +213,13 @@ class SiteWorker:
         vector = pack(shared_state(trained, local))
         if privacy.mode == "update":
             vector = noised_update(arrays[WEIGHTS_KEY], vector, run, privacy.noise_multiplier)
-        metrics = {"train-loss": stats.loss, "steps": stats.steps, "train-seconds": seconds,
-                   **privacy.metrics()}
+        metrics = {"steps": stats.steps, "train-seconds": seconds, **privacy.metrics()}
+        if privacy.mode == "off":
+            metrics["train-loss"] = stats.loss
+        else:  # a mean loss over the protected examples is neither clipped nor noised:
+            # epsilon does not cover it, so it stays in the site's own log
+            log.info("run %s round %s: train loss %.4f (not sent under DP)", run_id, rnd,
+                     stats.loss)
         secagg: dict[str, object] | None = None
         if run.secure_aggregation == "off":
             weights = {WEIGHTS_KEY: vector}

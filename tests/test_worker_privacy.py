@@ -56,6 +56,8 @@ def test_dp_round_is_charged_and_reported(tmp_path: Path) -> None:
     audit = [r for r in worker.audit.read() if r["event"] == "update-sent"][-1]
     assert audit["privacy"]["mode"] == "sample"
     assert audit["privacy"]["epsilon_round"] == pytest.approx(eps, rel=1e-6)
+    # the training loss is a mean over the protected examples, not noised: it stays here
+    assert "train-loss" not in m and "train-loss" not in audit["metrics"]
 
 
 ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
@@ -168,6 +170,7 @@ def test_update_level_dp_noises_the_update(tmp_path: Path) -> None:
     # noise std = 1.0 * 0.5 per coordinate dominates the clipped update
     assert np.std(delta) == pytest.approx(0.5, rel=0.1)
     assert reply.header["metrics"]["epsilon"] > 0
+    assert "train-loss" not in reply.header["metrics"]
 
 
 def test_site_without_budget_refuses_dp_but_allows_plain_runs(tmp_path: Path) -> None:
@@ -175,6 +178,7 @@ def test_site_without_budget_refuses_dp_but_allows_plain_runs(tmp_path: Path) ->
                    where="test")
     worker = SiteWorker(cfg, tmp_path / "site.toml")
     plain = RunConfig(secure_aggregation="off", task="tiny-seg")
-    assert worker.handle(train_request(plain)).header["ok"]
+    sent = worker.handle(train_request(plain)).header
+    assert sent["ok"] and sent["metrics"]["train-loss"] > 0  # without DP it is reported
     reply = worker.handle(train_request(dp_run()))
     assert reply.header["status"] == "refused" and reply.header["rule"] == "privacy.datasets"

@@ -18,19 +18,31 @@ def per_site_series(
     return {k: sorted(v) for k, v in sorted(series.items())}
 
 
+def plot_panels(metrics: list[dict[str, Any]], metric: str) -> list[tuple[str, str]]:
+    """The (metric, phase) panels of the run plot: the sites' scores, then what was sent.
+
+    Sites send no training loss under DP (epsilon does not cover it), so DP runs have
+    no such panel; they have epsilon spent by each site so far instead.
+    """
+    panels = [(metric, "evaluate")]
+    if any("train-loss" in row for row in metrics):
+        panels.append(("train-loss", "train"))
+    if any("epsilon-run" in row for row in metrics):
+        panels.append(("epsilon-run", "train"))
+    return panels
+
+
 def plot_metrics(metrics: list[dict[str, Any]], metric: str, out: Path, *, title: str) -> Path:
-    """Plot ``metric`` per site per round, the training loss and, in DP runs, epsilon (PNG)."""
+    """Plot ``metric`` per site per round, the training loss or, in DP runs, epsilon (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    panels = [(metric, "evaluate"), ("train-loss", "train")]
-    if any("epsilon-run" in row for row in metrics):
-        panels.append(("epsilon-run", "train"))  # privacy spent by each site so far
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
-    for ax, (name, phase) in zip(axes, panels, strict=True):
+    panels = plot_panels(metrics, metric)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (name, phase) in zip(axes[0], panels, strict=True):
         for site, points in per_site_series(metrics, name, phase).items():
             xs, ys = zip(*points, strict=True)
             style = {"color": "black", "linewidth": 2.5} if site == "global" else {}
