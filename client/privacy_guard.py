@@ -171,9 +171,8 @@ def site_noise_multiplier(run: RunConfig, *, sample_rate: float, steps_per_round
 
 def noised_update(global_vec: np.ndarray, local_vec: np.ndarray, run: RunConfig,
                   noise_multiplier: float) -> np.ndarray:
-    """Update-level DP: global + clip-and-noise(local - global), noise from OS entropy."""
+    """Update-level DP: global + clip-and-noise(local - global), noise from ChaCha20."""
     delta = local_vec.astype(np.float64) - global_vec.astype(np.float64)
     noised = dp.clip_and_noise_update(delta, clipping_norm=run.privacy.clipping_norm,
-                                      noise_multiplier=noise_multiplier,
-                                      generator=np.random.default_rng())
+                                      noise_multiplier=noise_multiplier)
     return (global_vec.astype(np.float64) + noised).astype(np.float32)

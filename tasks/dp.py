@@ -9,10 +9,12 @@ only feed an accountant a history ``[(noise_multiplier, sample_rate, steps), ...
 Randomness. The Poisson sampling and the noise must be unpredictable to the
 coordinator: a seed it knows (run seed, round, site name) would let it recompute
 and subtract the noise. :func:`dp_train` and :func:`clip_and_noise_update`
-therefore take a generator that a site must create from OS entropy (the default
-when ``None``); seeded generators are for tests and benchmarks only. (torch's
-Mersenne Twister is not a CSPRNG; Opacus's ``secure_mode`` needs ``torchcsprng``,
-which this platform does not ship: a known limitation.)
+therefore take a generator; seeded generators are for tests and benchmarks only.
+A site passes none: its noise then comes from :class:`~medfed.tasks.dp_noise.SecureGaussian`
+(ChaCha20 keyed from the OS, samples formed in float64; why in its module), and its
+Poisson sampling from torch's generator seeded with 63 bits from the OS (Mersenne
+Twister: unpredictable to the coordinator, who never sees its outputs, but not a
+CSPRNG). Update-level DP draws its noise from ``SecureGaussian`` as well.
 
 Per-sample gradient modes measured on CPU (2 threads, batch 16, Adam, median step
 time; DP over plain, same model, batch and optimizer; ``benchmarks/dp_overhead.py``):
@@ -23,7 +25,9 @@ time; DP over plain, same model, batch and optimizer; ``benchmarks/dp_overhead.p
   timed on the first batch per layer shape. Opacus in ``no_op`` mode clips, noises
   and accounts (its optimizer batched: :mod:`medfed.tasks.dp_optimizer`). DP/plain
   over three runs on a 2-core VM: brain-tissue-seg 1.24-1.25, tiny-seg 1.24-1.25,
-  brain-tissue-seg-wide 1.32-1.34, brain-lesion-cls 1.27-1.36.
+  brain-tissue-seg-wide 1.32-1.34, brain-lesion-cls 1.27-1.36. With the noise a site
+  draws (:mod:`medfed.tasks.dp_noise`, ChaCha20 and float64 Box-Muller instead of
+  torch's float32 draw), two runs: 1.27-1.31, 1.28-1.30, 1.35-1.36, 1.29-1.32.
 - ``"vmap"`` (:mod:`medfed.tasks.dp_vmap`): one ``torch.func.vmap(grad)`` over the
   whole model, Opacus in ``no_op`` mode: brain-tissue-seg 1.45-1.48, tiny-seg
   1.60-1.69, brain-tissue-seg-wide 1.49-1.59, brain-lesion-cls 2.34-2.42. Its
@@ -78,7 +82,8 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 from medfed.core.errors import MedfedError
 from medfed.tasks import dp_rules, dp_samplers, dp_vmap
 from medfed.tasks.base import Task
-from medfed.tasks.dp_optimizer import batch_optimizer_steps
+from medfed.tasks.dp_noise import SecureGaussian
+from medfed.tasks.dp_optimizer import BatchedDPOptimizer, batch_optimizer_steps
 
 AccountantName = Literal["rdp", "prv"]
 #: One accountant history entry, as Opacus keeps it: (noise_multiplier, sample_rate, steps).
@@ -380,6 +385,7 @@ def make_private(
     accountant: AccountantName = "rdp",
     accountant_state: dict[str, Any] | None = None,
     noise_generator: torch.Generator | None = None,
+    noise_source: SecureGaussian | None = None,
     loss_fn: nn.Module | None = None,
     examples: Dataset[Any] | None = None,
 ) -> PrivateTraining:
@@ -389,7 +395,9 @@ def make_private(
     activations are switched off, and Opacus gets per-sample rules for PReLU and
     transposed convolutions (:mod:`medfed.tasks.dp_samplers`).
     ``accountant_state`` (a previous ``engine.accountant.state_dict()``) restores
-    the accountant's history. Poisson sampling draws from ``data_loader.generator``.
+    the accountant's history. Poisson sampling draws from ``data_loader.generator``;
+    the noise from ``noise_source`` when given (every draw; an optimizer that cannot
+    take it is refused), else from ``noise_generator``.
     ``grad_sample_mode=None`` picks :func:`choose_grad_sample_mode` (the modes that
     bypass Opacus's hooks are only probed when ``loss_fn`` is given, on ``examples``,
     by default the loader's dataset). Train with :meth:`PrivateTraining.step`.
@@ -430,6 +438,14 @@ def make_private(
             noise_generator=noise_generator,
         )
     private_opt = batch_optimizer_steps(private_opt)  # the same math, fewer small ops
+    if noise_source is not None:
+        if not isinstance(private_opt, BatchedDPOptimizer):  # fail closed: no weaker noise
+            raise MedfedError(
+                f"Opacus returned a {type(private_opt).__name__}, which cannot draw its noise "
+                "from the site's cryptographic generator.",
+                expected="Opacus's DPOptimizer (flat clipping)",
+                fix="train with flat per-sample clipping; the round is refused")
+        private_opt.noise_source = noise_source
     return PrivateTraining(engine, private_model, private_opt, private_loader, mode)
 
 
@@ -499,7 +515,8 @@ def dp_train(
     not a slice.
 
     ``generator`` drives Poisson sampling and the noise. ``None`` (what a site must
-    use) seeds fresh generators from the OS; a seeded one is for tests only. The
+    use) samples with a generator seeded from the OS and noises with a fresh
+    :class:`~medfed.tasks.dp_noise.SecureGaussian`; a seeded one is for tests only. The
     model leaves without Opacus hooks, so a cached model stays a plain module.
     An empty Poisson batch (possible on tiny datasets) skips the update but is
     still charged to the accountant (over-counting is the safe side).
@@ -507,7 +524,7 @@ def dp_train(
     """
     n = len(dataset)  # type: ignore[arg-type]
     sampling = generator if generator is not None else _os_generator()
-    noise = generator if generator is not None else _os_generator()
+    secure_noise = SecureGaussian() if generator is None else None
     model.to(device).train()
     loss_fn = task.build_loss()
     if optimizer == "sgd":
@@ -525,7 +542,8 @@ def dp_train(
     loader = DataLoader(drawn_from, batch_size=batch_size, shuffle=True, generator=sampling)
     private = make_private(
         model, base, loader, noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm, accountant=accountant, noise_generator=noise,
+        max_grad_norm=max_grad_norm, accountant=accountant, noise_generator=generator,
+        noise_source=secure_noise,
         grad_sample_mode=grad_sample_mode or _MODE_BY_TASK.get(task.name), loss_fn=loss_fn,
         examples=dataset,
     )
@@ -713,7 +731,7 @@ def epsilon_of_round(
 
 def clip_and_noise_update(
     delta_vector: np.ndarray, *, clipping_norm: float, noise_multiplier: float,
-    generator: np.random.Generator,
+    generator: np.random.Generator | None = None,
 ) -> np.ndarray:
     """L2-clip a site's update to ``clipping_norm`` and add Gaussian noise (a new array).
 
@@ -722,8 +740,8 @@ def clip_and_noise_update(
     (McMahan et al. 2018, "Learning differentially private recurrent language
     models"), with the noise added at the site instead of the server, so it still
     holds once updates are encrypted: with secure aggregation the server only ever
-    sees the noised, masked sum. ``generator`` must come from OS entropy
-    (``np.random.default_rng()``) at a site, never from a seed the coordinator knows.
+    sees the noised, masked sum. A site passes no ``generator``: the noise then comes
+    from :class:`~medfed.tasks.dp_noise.SecureGaussian`; a seeded one is for tests.
     Fails closed on a non-finite update.
     """
     if clipping_norm <= 0 or noise_multiplier < 0:
@@ -739,7 +757,11 @@ def clip_and_noise_update(
         )
     norm = float(np.linalg.norm(vec))
     clipped = vec * min(1.0, clipping_norm / norm) if norm > 0 else vec.copy()
-    noised = clipped + generator.normal(0.0, noise_multiplier * clipping_norm, size=vec.shape)
+    std = noise_multiplier * clipping_norm
+    noise = (generator.normal(0.0, std, size=vec.shape) if generator is not None
+             else SecureGaussian().normal(std, torch.empty(vec.shape, dtype=torch.float64))
+             .numpy())
+    noised = clipped + noise
     out_dtype = delta_vector.dtype if np.issubdtype(delta_vector.dtype, np.floating) else np.float64
     return noised.astype(out_dtype)
 

@@ -24,7 +24,9 @@ parameters in all; random per-sample gradients of their shapes, 2 threads) Opacu
 
 Anything it does not cover goes to Opacus's own methods unchanged: accumulated
 per-sample gradients (virtual steps), an empty batch, mixed devices or dtypes,
-``secure_mode`` noise. Opacus's processed-flags, step skipping and accountant hook
+``secure_mode`` noise. With a ``noise_source`` (:class:`~medfed.tasks.dp_noise.SecureGaussian`,
+what a site uses) every noise draw, batched or per tensor, comes from it and never
+from torch's generator. Opacus's processed-flags, step skipping and accountant hook
 are untouched. Tests check clipped sums equal Opacus's and the noise's spread.
 """
 
@@ -41,6 +43,8 @@ from opacus.optimizers.optimizer import (
     _mark_as_processed,
 )
 
+from medfed.tasks.dp_noise import SecureGaussian
+
 #: Per-sample gradients of at most this many elements per sample are concatenated (one
 #: copy) rather than handled one tensor at a time.
 SMALL_TENSOR = 2048
@@ -51,6 +55,8 @@ class BatchedDPOptimizer(DPOptimizer):
 
     _flat_summed: torch.Tensor | None = None
     _flat_grad: torch.Tensor | None = None
+    #: Where the noise comes from; ``None``: Opacus's draw from ``self.generator``.
+    noise_source: SecureGaussian | None = None
     #: Where each parameter's values start in the flat buffers, in buffer order.
     _layout: list[tuple[torch.nn.Parameter, int]]
 
@@ -113,18 +119,31 @@ class BatchedDPOptimizer(DPOptimizer):
 
     def add_noise(self) -> None:
         """Gaussian noise of std ``z * C`` on every coordinate (Opacus's ``_generate_noise``)."""
+        std = self.noise_multiplier * self.max_grad_norm
         if self._flat_summed is None:
-            return super().add_noise()
+            if self.noise_source is None:
+                return super().add_noise()
+            for p in self.params:  # Opacus's per-tensor loop, with the site's noise
+                _check_processed_flag(p.summed_grad)
+                p.grad = (p.summed_grad + self._noise(std, p.summed_grad)).view_as(p)
+                _mark_as_processed(p.summed_grad)
+            return None
         for p in self.params:
             _check_processed_flag(p.summed_grad)
-        noised = _generate_noise(std=self.noise_multiplier * self.max_grad_norm,
-                                 reference=self._flat_summed, generator=self.generator,
-                                 secure_mode=False)
+        noised = self._noise(std, self._flat_summed)
         noised.add_(self._flat_summed)
         for p, start in self._layout:
             p.grad = noised[start:start + p.numel()].view_as(p)
             _mark_as_processed(p.summed_grad)
         self._flat_grad = noised
+
+    def _noise(self, std: float, reference: torch.Tensor) -> torch.Tensor:
+        if self.noise_source is None:
+            return _generate_noise(std=std, reference=reference, generator=self.generator,
+                                   secure_mode=False)
+        if std == 0:
+            return torch.zeros_like(reference)
+        return self.noise_source.normal(std, reference)
 
     def scale_grad(self) -> None:
         """Opacus's ``loss_reduction='mean'``: divide by the expected batch size, once."""

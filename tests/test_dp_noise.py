@@ -1,0 +1,112 @@
+"""A site's DP noise comes from ChaCha20 keyed by the OS, never from torch's generator."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from medfed.core.config import DataSourceConfig
+from medfed.core.errors import MedfedError
+from medfed.tasks import dp, dp_optimizer, get_task
+from medfed.tasks.dp_noise import SecureGaussian
+from tests.test_dp_optimizer import BATCH, _model, _optimizers, _pre_step
+
+
+def test_secure_gaussian_has_the_asked_spread_shape_and_dtype() -> None:
+    like = torch.empty(3, 150_001)  # odd: Box-Muller pairs and a lone last sample
+    z = SecureGaussian().normal(0.7, like).double()
+    assert z.shape == like.shape and SecureGaussian().normal(1.0, like).dtype == torch.float32
+    flat = z.flatten() / 0.7
+    assert float(flat.mean()) == pytest.approx(0.0, abs=0.01)
+    assert float(flat.std()) == pytest.approx(1.0, rel=0.01)
+    assert float(flat.pow(4).mean()) == pytest.approx(3.0, rel=0.03)  # Gaussian tails
+    # a normal's quantiles, not only its moments
+    assert float((flat.abs() < 1.0).double().mean()) == pytest.approx(0.6827, abs=0.005)
+    assert float((flat.abs() > 3.0).double().mean()) == pytest.approx(0.0027, abs=0.0008)
+    assert SecureGaussian().normal(2.0, torch.empty(4, dtype=torch.float64)).dtype == \
+        torch.float64
+
+
+def test_secure_gaussian_ignores_torch_seeds_and_instances_differ() -> None:
+    like = torch.empty(1000)
+    torch.manual_seed(0)
+    a = SecureGaussian().normal(1.0, like)
+    torch.manual_seed(0)
+    b = SecureGaussian().normal(1.0, like)
+    source = SecureGaussian()
+    c, d = source.normal(1.0, like), source.normal(1.0, like)  # the stream moves on
+    for x, y in ((a, b), (c, d)):
+        assert abs(float(torch.corrcoef(torch.stack([x, y]))[0, 1])) < 0.15
+
+
+def test_the_batched_and_per_tensor_paths_draw_from_the_source(monkeypatch: pytest.MonkeyPatch
+                                                               ) -> None:
+    def no_torch_noise(**_: object) -> torch.Tensor:
+        raise AssertionError("noise drawn from torch's generator")
+
+    monkeypatch.setattr(dp_optimizer, "_generate_noise", no_torch_noise)
+    model = _model()
+    _, batched = _optimizers(model, noise=1.5, clip=0.4)
+    batched.noise_source = SecureGaussian()
+    zeros = [torch.zeros((BATCH, *p.shape)) for p in model.parameters()]
+    draw = torch.cat([g.flatten() for g in _pre_step(batched, model, zeros)]) * BATCH
+    assert batched._flat_summed is not None  # the batched path
+    assert float(draw.std()) == pytest.approx(1.5 * 0.4, rel=0.03)
+    # accumulated per-sample gradients take Opacus's per-tensor path: the same source
+    batched.zero_grad(set_to_none=True)
+    for p in model.parameters():
+        p.grad_sample = [torch.zeros((BATCH // 2, *p.shape)) for _ in range(2)]
+    assert batched.pre_step()
+    assert batched._flat_summed is None
+    draw = torch.cat([p.grad.flatten() for p in model.parameters()]) * BATCH
+    assert float(draw.std()) == pytest.approx(1.5 * 0.4 / 2, rel=0.03)  # over 2 accumulations
+
+
+def test_a_sites_dp_training_never_draws_noise_from_torch(monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    calls = []
+    real = SecureGaussian.normal
+
+    def counted(self: SecureGaussian, std: float, like: torch.Tensor) -> torch.Tensor:
+        calls.append(like.numel())
+        return real(self, std, like)
+
+    def no_torch_noise(**_: object) -> torch.Tensor:
+        raise AssertionError("noise drawn from torch's generator")
+
+    monkeypatch.setattr(SecureGaussian, "normal", counted)
+    monkeypatch.setattr(dp_optimizer, "_generate_noise", no_torch_noise)
+    task = get_task("tiny-seg")
+    data = task.load_site_data(_tiny_source())
+    model = task.build_model()
+    stats = dp.dp_train(task, model, data.train, epochs=1, batch_size=8, learning_rate=0.01,
+                        noise_multiplier=1.0, max_grad_norm=1.0, device=torch.device("cpu"))
+    params = sum(p.numel() for p in model.parameters())
+    assert calls and set(calls) == {params}
+    assert len(calls) == stats.steps - stats.empty_batches
+
+
+def test_update_level_noise_without_a_generator_comes_from_the_source() -> None:
+    zero = np.zeros(200_000, dtype=np.float32)
+    noised = dp.clip_and_noise_update(zero, clipping_norm=0.5, noise_multiplier=2.0)
+    assert noised.dtype == np.float32
+    assert float(noised.std()) == pytest.approx(1.0, rel=0.02)
+    again = dp.clip_and_noise_update(zero, clipping_norm=0.5, noise_multiplier=2.0)
+    assert abs(float(np.corrcoef(noised, again)[0, 1])) < 0.02
+
+
+def test_make_private_refuses_a_source_its_optimizer_cannot_use(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(
+        torch.zeros(16, 1, 5, 5), torch.zeros(16, dtype=torch.long)), batch_size=BATCH)
+    monkeypatch.setattr(dp, "batch_optimizer_steps", lambda opt: opt)  # Opacus's own class
+    with pytest.raises(MedfedError, match="cryptographic generator"):
+        dp.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), loader,
+                        noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode="hooks",
+                        noise_source=SecureGaussian())
+
+
+def _tiny_source() -> DataSourceConfig:
+    return DataSourceConfig(kind="synthetic", num_samples=32, seed=1)
