@@ -231,9 +231,11 @@ class PrivacyLedger:
         A sample-level record of that time protected one training example; update-level
         records protected the site's whole contribution.
         """
+        with self._connect() as con:  # a read first: no write lock on every open
+            if "unit" in {r["name"] for r in con.execute("PRAGMA table_info(spends)")}:
+                return
         with self._transaction() as con:
-            columns = {r["name"] for r in con.execute("PRAGMA table_info(spends)")}
-            if "unit" not in columns:
+            if "unit" not in {r["name"] for r in con.execute("PRAGMA table_info(spends)")}:
                 con.execute("ALTER TABLE spends ADD COLUMN unit TEXT NOT NULL DEFAULT 'sample'")
                 con.execute("UPDATE spends SET unit = 'site' WHERE mode = 'update'")
 
