@@ -3,7 +3,7 @@
 Value: the median wall time of one DP-SGD step (forward, backward with Opacus's
 per-sample gradients, per-sample clipping, Gaussian noise, Adam step) at batch
 16, through ``medfed.tasks.dp.make_private`` (the path ``dp_train`` uses), with the
-noise a site draws (``medfed.tasks.dp_noise.SecureGaussian``: ChaCha20, float64).
+noise a site draws (``medfed.tasks.dp_noise.SecureRandom``: ChaCha20, float64).
 Anchor: the median time of one plain step, same model (same initial weights),
 same batch, same optimizer (Adam, as ``engine.train``). Ratio = value / anchor;
 the target is <= 1.4.
@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from medfed.core.config import DataSourceConfig
 from medfed.tasks import TASKS, Task, dp
-from medfed.tasks.dp_noise import SecureGaussian
+from medfed.tasks.dp_noise import SecureRandom
 
 BATCH = 16
 
@@ -81,7 +81,7 @@ def dp_step(task: Task, x: torch.Tensor, y: torch.Tensor, mode: str
     private = dp.make_private(
         model, opt, loader, noise_multiplier=1.0, max_grad_norm=1.0,
         grad_sample_mode=None if mode == "auto" else mode, loss_fn=loss_fn,
-        noise_generator=torch.Generator().manual_seed(0), noise_source=SecureGaussian(),
+        noise_generator=torch.Generator().manual_seed(0), randomness=SecureRandom(),
     )
     return lambda: private.step(loss_fn, x, y), private.mode
 

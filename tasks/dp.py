@@ -10,11 +10,9 @@ Randomness. The Poisson sampling and the noise must be unpredictable to the
 coordinator: a seed it knows (run seed, round, site name) would let it recompute
 and subtract the noise. :func:`dp_train` and :func:`clip_and_noise_update`
 therefore take a generator; seeded generators are for tests and benchmarks only.
-A site passes none: its noise then comes from :class:`~medfed.tasks.dp_noise.SecureGaussian`
-(ChaCha20 keyed from the OS, samples formed in float64; why in its module), and its
-Poisson sampling from torch's generator seeded with 63 bits from the OS (Mersenne
-Twister: unpredictable to the coordinator, who never sees its outputs, but not a
-CSPRNG). Update-level DP draws its noise from ``SecureGaussian`` as well.
+A site passes none: its noise and its Poisson sampling then come from
+:class:`~medfed.tasks.dp_noise.SecureRandom` (ChaCha20 keyed from the OS, Gaussians
+formed in float64; why in its module). Update-level DP draws its noise there as well.
 
 Per-sample gradient modes measured on CPU (2 threads, batch 16, Adam, median step
 time; DP over plain, same model, batch and optimizer; ``benchmarks/dp_overhead.py``):
@@ -68,7 +66,6 @@ from __future__ import annotations
 
 import functools
 import math
-import secrets
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -82,7 +79,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 from medfed.core.errors import MedfedError
 from medfed.tasks import dp_rules, dp_samplers, dp_vmap
 from medfed.tasks.base import Task
-from medfed.tasks.dp_noise import SecureGaussian
+from medfed.tasks.dp_noise import SecureRandom, sample_securely
 from medfed.tasks.dp_optimizer import BatchedDPOptimizer, batch_optimizer_steps
 
 AccountantName = Literal["rdp", "prv"]
@@ -385,7 +382,7 @@ def make_private(
     accountant: AccountantName = "rdp",
     accountant_state: dict[str, Any] | None = None,
     noise_generator: torch.Generator | None = None,
-    noise_source: SecureGaussian | None = None,
+    randomness: SecureRandom | None = None,
     loss_fn: nn.Module | None = None,
     examples: Dataset[Any] | None = None,
 ) -> PrivateTraining:
@@ -395,9 +392,10 @@ def make_private(
     activations are switched off, and Opacus gets per-sample rules for PReLU and
     transposed convolutions (:mod:`medfed.tasks.dp_samplers`).
     ``accountant_state`` (a previous ``engine.accountant.state_dict()``) restores
-    the accountant's history. Poisson sampling draws from ``data_loader.generator``;
-    the noise from ``noise_source`` when given (every draw; an optimizer that cannot
-    take it is refused), else from ``noise_generator``.
+    the accountant's history. With ``randomness`` (what a site passes) the Poisson
+    sampling and every noise draw come from it, and a loader or optimizer that cannot
+    take it is refused; without, sampling draws from ``data_loader.generator`` and
+    the noise from ``noise_generator``.
     ``grad_sample_mode=None`` picks :func:`choose_grad_sample_mode` (the modes that
     bypass Opacus's hooks are only probed when ``loss_fn`` is given, on ``examples``,
     by default the loader's dataset). Train with :meth:`PrivateTraining.step`.
@@ -438,14 +436,16 @@ def make_private(
             noise_generator=noise_generator,
         )
     private_opt = batch_optimizer_steps(private_opt)  # the same math, fewer small ops
-    if noise_source is not None:
-        if not isinstance(private_opt, BatchedDPOptimizer):  # fail closed: no weaker noise
+    if randomness is not None:  # fail closed: no weaker noise or sampling
+        if not isinstance(private_opt, BatchedDPOptimizer):
             raise MedfedError(
                 f"Opacus returned a {type(private_opt).__name__}, which cannot draw its noise "
                 "from the site's cryptographic generator.",
                 expected="Opacus's DPOptimizer (flat clipping)",
                 fix="train with flat per-sample clipping; the round is refused")
-        private_opt.noise_source = noise_source
+        private_opt.noise_source = randomness
+        if poisson_sampling:
+            sample_securely(private_loader, randomness)
     return PrivateTraining(engine, private_model, private_opt, private_loader, mode)
 
 
@@ -475,10 +475,6 @@ class DPTrainStats:
     max_grad_norm: float
     history: list[HistoryEntry]
     empty_batches: int
-
-
-def _os_generator() -> torch.Generator:
-    return torch.Generator().manual_seed(secrets.randbits(63))
 
 
 def dp_train(
@@ -515,16 +511,15 @@ def dp_train(
     not a slice.
 
     ``generator`` drives Poisson sampling and the noise. ``None`` (what a site must
-    use) samples with a generator seeded from the OS and noises with a fresh
-    :class:`~medfed.tasks.dp_noise.SecureGaussian`; a seeded one is for tests only. The
+    use) samples and noises with a fresh :class:`~medfed.tasks.dp_noise.SecureRandom`;
+    a seeded one is for tests only. The
     model leaves without Opacus hooks, so a cached model stays a plain module.
     An empty Poisson batch (possible on tiny datasets) skips the update but is
     still charged to the accountant (over-counting is the safe side).
     ``stats.history`` is this call's accountant history, equal to :func:`plan_round`.
     """
     n = len(dataset)  # type: ignore[arg-type]
-    sampling = generator if generator is not None else _os_generator()
-    secure_noise = SecureGaussian() if generator is None else None
+    randomness = SecureRandom() if generator is None else None
     model.to(device).train()
     loss_fn = task.build_loss()
     if optimizer == "sgd":
@@ -539,11 +534,11 @@ def dp_train(
     # Poisson sampling draws units: examples, or the indices of scans or patients
     drawn_from: Dataset[Any] = dataset if members is None else TensorDataset(
         torch.arange(len(members)))
-    loader = DataLoader(drawn_from, batch_size=batch_size, shuffle=True, generator=sampling)
+    loader = DataLoader(drawn_from, batch_size=batch_size, shuffle=True, generator=generator)
     private = make_private(
         model, base, loader, noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm, accountant=accountant, noise_generator=generator,
-        noise_source=secure_noise,
+        randomness=randomness,
         grad_sample_mode=grad_sample_mode or _MODE_BY_TASK.get(task.name), loss_fn=loss_fn,
         examples=dataset,
     )
@@ -741,7 +736,7 @@ def clip_and_noise_update(
     models"), with the noise added at the site instead of the server, so it still
     holds once updates are encrypted: with secure aggregation the server only ever
     sees the noised, masked sum. A site passes no ``generator``: the noise then comes
-    from :class:`~medfed.tasks.dp_noise.SecureGaussian`; a seeded one is for tests.
+    from :class:`~medfed.tasks.dp_noise.SecureRandom`; a seeded one is for tests.
     Fails closed on a non-finite update.
     """
     if clipping_norm <= 0 or noise_multiplier < 0:
@@ -759,7 +754,7 @@ def clip_and_noise_update(
     clipped = vec * min(1.0, clipping_norm / norm) if norm > 0 else vec.copy()
     std = noise_multiplier * clipping_norm
     noise = (generator.normal(0.0, std, size=vec.shape) if generator is not None
-             else SecureGaussian().normal(std, torch.empty(vec.shape, dtype=torch.float64))
+             else SecureRandom().normal(std, torch.empty(vec.shape, dtype=torch.float64))
              .numpy())
     noised = clipped + noise
     out_dtype = delta_vector.dtype if np.issubdtype(delta_vector.dtype, np.floating) else np.float64

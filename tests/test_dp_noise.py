@@ -1,22 +1,24 @@
-"""A site's DP noise comes from ChaCha20 keyed by the OS, never from torch's generator."""
+"""A site's DP noise and Poisson sampling come from ChaCha20 keyed by the OS, not torch's RNG."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch.utils.data import DataLoader, TensorDataset
 
 from medfed.core.config import DataSourceConfig
 from medfed.core.errors import MedfedError
 from medfed.tasks import dp, dp_optimizer, get_task
-from medfed.tasks.dp_noise import SecureGaussian
+from medfed.tasks.dp_noise import SecurePoissonSampler, SecureRandom, sample_securely
 from tests.test_dp_optimizer import BATCH, _model, _optimizers, _pre_step
 
 
 def test_secure_gaussian_has_the_asked_spread_shape_and_dtype() -> None:
     like = torch.empty(3, 150_001)  # odd: Box-Muller pairs and a lone last sample
-    z = SecureGaussian().normal(0.7, like).double()
-    assert z.shape == like.shape and SecureGaussian().normal(1.0, like).dtype == torch.float32
+    z = SecureRandom().normal(0.7, like).double()
+    assert z.shape == like.shape and SecureRandom().normal(1.0, like).dtype == torch.float32
     flat = z.flatten() / 0.7
     assert float(flat.mean()) == pytest.approx(0.0, abs=0.01)
     assert float(flat.std()) == pytest.approx(1.0, rel=0.01)
@@ -24,17 +26,17 @@ def test_secure_gaussian_has_the_asked_spread_shape_and_dtype() -> None:
     # a normal's quantiles, not only its moments
     assert float((flat.abs() < 1.0).double().mean()) == pytest.approx(0.6827, abs=0.005)
     assert float((flat.abs() > 3.0).double().mean()) == pytest.approx(0.0027, abs=0.0008)
-    assert SecureGaussian().normal(2.0, torch.empty(4, dtype=torch.float64)).dtype == \
+    assert SecureRandom().normal(2.0, torch.empty(4, dtype=torch.float64)).dtype == \
         torch.float64
 
 
 def test_secure_gaussian_ignores_torch_seeds_and_instances_differ() -> None:
     like = torch.empty(1000)
     torch.manual_seed(0)
-    a = SecureGaussian().normal(1.0, like)
+    a = SecureRandom().normal(1.0, like)
     torch.manual_seed(0)
-    b = SecureGaussian().normal(1.0, like)
-    source = SecureGaussian()
+    b = SecureRandom().normal(1.0, like)
+    source = SecureRandom()
     c, d = source.normal(1.0, like), source.normal(1.0, like)  # the stream moves on
     for x, y in ((a, b), (c, d)):
         assert abs(float(torch.corrcoef(torch.stack([x, y]))[0, 1])) < 0.15
@@ -48,7 +50,7 @@ def test_the_batched_and_per_tensor_paths_draw_from_the_source(monkeypatch: pyte
     monkeypatch.setattr(dp_optimizer, "_generate_noise", no_torch_noise)
     model = _model()
     _, batched = _optimizers(model, noise=1.5, clip=0.4)
-    batched.noise_source = SecureGaussian()
+    batched.noise_source = SecureRandom()
     zeros = [torch.zeros((BATCH, *p.shape)) for p in model.parameters()]
     draw = torch.cat([g.flatten() for g in _pre_step(batched, model, zeros)]) * BATCH
     assert batched._flat_summed is not None  # the batched path
@@ -63,20 +65,23 @@ def test_the_batched_and_per_tensor_paths_draw_from_the_source(monkeypatch: pyte
     assert float(draw.std()) == pytest.approx(1.5 * 0.4 / 2, rel=0.03)  # over 2 accumulations
 
 
-def test_a_sites_dp_training_never_draws_noise_from_torch(monkeypatch: pytest.MonkeyPatch
-                                                          ) -> None:
+def test_a_sites_dp_training_never_draws_from_torch(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    real = SecureGaussian.normal
+    real = SecureRandom.normal
 
-    def counted(self: SecureGaussian, std: float, like: torch.Tensor) -> torch.Tensor:
+    def counted(self: SecureRandom, std: float, like: torch.Tensor) -> torch.Tensor:
         calls.append(like.numel())
         return real(self, std, like)
 
     def no_torch_noise(**_: object) -> torch.Tensor:
         raise AssertionError("noise drawn from torch's generator")
 
-    monkeypatch.setattr(SecureGaussian, "normal", counted)
+    def no_torch_sampling(self: object) -> None:
+        raise AssertionError("batches drawn with torch's generator")
+
+    monkeypatch.setattr(SecureRandom, "normal", counted)
     monkeypatch.setattr(dp_optimizer, "_generate_noise", no_torch_noise)
+    monkeypatch.setattr(UniformWithReplacementSampler, "__iter__", no_torch_sampling)
     task = get_task("tiny-seg")
     data = task.load_site_data(_tiny_source())
     model = task.build_model()
@@ -105,8 +110,33 @@ def test_make_private_refuses_a_source_its_optimizer_cannot_use(
     with pytest.raises(MedfedError, match="cryptographic generator"):
         dp.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), loader,
                         noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode="hooks",
-                        noise_source=SecureGaussian())
+                        randomness=SecureRandom())
 
 
 def _tiny_source() -> DataSourceConfig:
     return DataSourceConfig(kind="synthetic", num_samples=32, seed=1)
+
+
+def test_secure_poisson_sampling_keeps_each_index_with_the_rate() -> None:
+    sampler = UniformWithReplacementSampler(num_samples=2000, sample_rate=0.05, steps=200)
+    loader = DataLoader(TensorDataset(torch.arange(2000)), batch_sampler=sampler)
+    sample_securely(loader, SecureRandom())
+    assert type(loader.batch_sampler) is SecurePoissonSampler
+    torch.manual_seed(0)
+    batches = list(loader.batch_sampler)
+    assert len(batches) == 200
+    sizes = torch.tensor([len(b) for b in batches], dtype=torch.float64)
+    assert float(sizes.mean()) == pytest.approx(100.0, rel=0.03)  # q * n
+    assert float(sizes.var()) == pytest.approx(2000 * 0.05 * 0.95, rel=0.25)  # binomial
+    hits = torch.zeros(2000)
+    for b in batches:
+        hits[b] += 1
+    assert float(hits.mean()) == pytest.approx(10.0, rel=0.03) and int(hits.max()) < 30
+    torch.manual_seed(0)
+    assert list(loader.batch_sampler)[0] != batches[0]  # not replayed by torch's seed
+
+
+def test_a_loader_without_poisson_sampling_is_refused() -> None:
+    plain = DataLoader(TensorDataset(torch.arange(10)), batch_size=2)
+    with pytest.raises(MedfedError, match="cannot take its coin flips"):
+        sample_securely(plain, SecureRandom())
