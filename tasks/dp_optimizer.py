@@ -24,7 +24,7 @@ parameters in all; random per-sample gradients of their shapes, 2 threads) Opacu
 
 Anything it does not cover goes to Opacus's own methods unchanged: accumulated
 per-sample gradients (virtual steps), an empty batch, mixed devices or dtypes,
-``secure_mode`` noise. With a ``noise_source`` (:class:`~medfed.tasks.dp_noise.SecureGaussian`,
+``secure_mode`` noise. With a ``noise_source`` (:class:`~medfed.tasks.dp_noise.SecureRandom`,
 what a site uses) every noise draw, batched or per tensor, comes from it and never
 from torch's generator. Opacus's processed-flags, step skipping and accountant hook
 are untouched. Tests check clipped sums equal Opacus's and the noise's spread.
@@ -43,7 +43,7 @@ from opacus.optimizers.optimizer import (
     _mark_as_processed,
 )
 
-from medfed.tasks.dp_noise import SecureGaussian
+from medfed.tasks.dp_noise import SecureRandom
 
 #: Per-sample gradients of at most this many elements per sample are concatenated (one
 #: copy) rather than handled one tensor at a time.
@@ -56,7 +56,7 @@ class BatchedDPOptimizer(DPOptimizer):
     _flat_summed: torch.Tensor | None = None
     _flat_grad: torch.Tensor | None = None
     #: Where the noise comes from; ``None``: Opacus's draw from ``self.generator``.
-    noise_source: SecureGaussian | None = None
+    noise_source: SecureRandom | None = None
     #: Where each parameter's values start in the flat buffers, in buffer order.
     _layout: list[tuple[torch.nn.Parameter, int]]
 
