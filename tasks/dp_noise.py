@@ -48,8 +48,10 @@ _MANTISSA = (1 << 53) - 1
 class SecureRandom:
     """Uniforms and Gaussians from ChaCha20 keyed by the OS; one instance per training call."""
 
-    def __init__(self) -> None:
-        cipher = Cipher(algorithms.ChaCha20(os.urandom(32), os.urandom(16)), mode=None)
+    def __init__(self, key: bytes | None = None) -> None:
+        """A fresh OS key; ``key`` (32 bytes, zero nonce) replays a stream, for tests only."""
+        nonce = os.urandom(16) if key is None else bytes(16)
+        cipher = Cipher(algorithms.ChaCha20(key or os.urandom(32), nonce), mode=None)
         self._keystream = cipher.encryptor()
         self._zeros = bytes(8 * _CHUNK)
         self._buffer = bytearray(8 * _CHUNK + 64)  # update_into wants room for a block
