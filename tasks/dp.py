@@ -25,7 +25,9 @@ time; DP over plain, same model, batch and optimizer; ``benchmarks/dp_overhead.p
   over three runs on a 2-core VM: brain-tissue-seg 1.24-1.25, tiny-seg 1.24-1.25,
   brain-tissue-seg-wide 1.32-1.34, brain-lesion-cls 1.27-1.36. With the noise a site
   draws (:mod:`medfed.tasks.dp_noise`, ChaCha20 and float64 Box-Muller instead of
-  torch's float32 draw), two runs: 1.27-1.31, 1.28-1.30, 1.35-1.36, 1.29-1.32.
+  torch's float32 draw), two runs: 1.27-1.31, 1.28-1.30, 1.35-1.36, 1.29-1.32; later,
+  with the VM's plain steps 20-30% slower, up to 1.31, 1.31, 1.39 and 1.42 (torch's
+  draw in that state: 1.27, 1.29, 1.46, 1.35).
 - ``"vmap"`` (:mod:`medfed.tasks.dp_vmap`): one ``torch.func.vmap(grad)`` over the
   whole model, Opacus in ``no_op`` mode: brain-tissue-seg 1.45-1.48, tiny-seg
   1.60-1.69, brain-tissue-seg-wide 1.49-1.59, brain-lesion-cls 2.34-2.42. Its
