@@ -13,7 +13,7 @@ current torch.
 
 What this does instead. :class:`SecureRandom` draws a fresh 256-bit key and nonce
 from the OS (``os.urandom``) and reads ChaCha20's keystream (``cryptography``), the
-same primitive TLS uses; each 64-bit word gives a 53-bit uniform in (0, 1).
+same primitive TLS uses; each 64-bit word gives a 53-bit uniform in (0, 1].
 Box-Muller turns pairs of them into standard normals in float64, and only the
 scaled float64 sample is rounded, once, to the gradient's dtype. That keeps the
 sample's resolution far finer than the float32 grid it lands on; it is a
@@ -60,14 +60,14 @@ class SecureRandom:
         self._uniform = torch.empty(_CHUNK, dtype=torch.float64)
 
     def _chunk(self, k: int) -> torch.Tensor:
-        """``k <= _CHUNK`` uniforms in (0, 1), float64, in a buffer the next call reuses."""
+        """``k <= _CHUNK`` uniforms in (0, 1], float64, in a buffer the next call reuses."""
         self._keystream.update_into(self._zeros[:8 * k], self._buffer)
         words, u = self._words[:k], self._uniform[:k]
         torch.bitwise_and(words, _MANTISSA, out=words)  # 53 random bits, non-negative
-        return u.copy_(words).add_(0.5).mul_(2.0 ** -53)  # never 0, never 1
+        return u.copy_(words).add_(0.5).mul_(2.0 ** -53)  # never 0: the log stays finite
 
     def uniform(self, n: int) -> torch.Tensor:
-        """``n`` independent uniforms in (0, 1), float64."""
+        """``n`` independent uniforms in (0, 1], float64 (1 only with probability 2^-54)."""
         out = torch.empty(n, dtype=torch.float64)
         for start in range(0, n, _CHUNK):
             k = min(_CHUNK, n - start)
