@@ -67,7 +67,7 @@ class SecureRandom:
         return u.copy_(words).add_(0.5).mul_(2.0 ** -53)  # never 0: the log stays finite
 
     def uniform(self, n: int) -> torch.Tensor:
-        """``n`` independent uniforms in (0, 1], float64 (1 only with probability 2^-54)."""
+        """``n`` independent uniforms in (0, 1], float64 (1 only with probability 2^-53)."""
         out = torch.empty(n, dtype=torch.float64)
         for start in range(0, n, _CHUNK):
             k = min(_CHUNK, n - start)
