@@ -225,8 +225,8 @@ def unit_indices(subjects: Sequence[Subject], examples: Sequence[int]
     counts = torch.tensor(list(examples))
     units = {"scan": torch.repeat_interleave(torch.arange(len(subjects)), counts)}
     if all(s.patient for s in subjects):
-        names = sorted({s.patient for s in subjects})
-        index = torch.tensor([names.index(s.patient) for s in subjects])
+        place = {p: i for i, p in enumerate(sorted({s.patient for s in subjects}))}
+        index = torch.tensor([place[s.patient] for s in subjects])
         units["patient"] = torch.repeat_interleave(index, counts)
     return units
 
