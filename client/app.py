@@ -41,10 +41,11 @@ def _reply(reply: wire.Frame, msg: Message) -> Message:
     """The Flower reply of a worker frame (or an error naming the site and the reason)."""
     if not reply.header.get("ok"):
         # A refusal or failure is an explicit error reply naming the site and the reason.
-        raise RuntimeError(
-            f"site {reply.header.get('site', '?')} {reply.header.get('status', 'failed')}: "
-            f"{reply.header.get('reason', 'no reason given')}"
-        )
+        raise RuntimeError(wire.SiteError(
+            site=str(reply.header.get("site", "?")),
+            status="refused" if reply.header.get("status") == "refused" else "failed",
+            rule=str(reply.header.get("rule", "")),
+            reason=str(reply.header.get("reason", "no reason given"))).text())
     content = RecordDict({
         wire.METRICS_KEY: MetricRecord(reply.header.get("metrics", {})),
         wire.SITE_RECORD_KEY: ConfigRecord({"name": reply.header["site"]}),

@@ -21,7 +21,7 @@ from medfed.core.config import SiteConfig, load_toml, resolve
 from medfed.core.errors import IdentityError, MedfedError, ProcessError
 from medfed.core.flower_env import flower_env
 from medfed.core.identity import check_certificate_valid, load_certificate
-from medfed.core.procs import Managed, require_free_port
+from medfed.core.procs import Managed, require_free_port, wait_for_port
 
 log = logging.getLogger("medfed.site")
 
@@ -99,6 +99,10 @@ class SiteDaemon:
         self._thread.start()
         self.worker.audit.record("daemon-started", site=self.name, device=str(self.worker.device))
         self.supernode = self.supernode_process().start()
+        # The executor dials the SuperNode's runtime API; dialling before it listens only
+        # fills the console with refused connections. If it never listens, wait() reports why.
+        wait_for_port("127.0.0.1", self.config.site.runtime_port, timeout=60,
+                      alive=self.supernode.alive)
         from medfed.client.app import app as client_app
 
         self.executor = InProcessExecutor(f"127.0.0.1:{self.config.site.runtime_port}", client_app)
@@ -156,7 +160,8 @@ class SiteDaemon:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
-        sock = self.path(self.config.site.worker_socket)
-        sock.unlink(missing_ok=True)
+            # Only the daemon that bound the socket removes it: a second `medfed site
+            # start` that fails its checks must not cut a running daemon off its worker.
+            self.path(self.config.site.worker_socket).unlink(missing_ok=True)
         if self.worker is not None:
             self.worker.audit.record("daemon-stopped", site=self.name)

@@ -95,7 +95,7 @@ class BudgetExceeded(LedgerError):
         self.dataset, self.spent, self.asked, self.budget = dataset, spent, asked, budget
         super().__init__(
             f"Privacy budget exceeded for dataset {dataset!r}: spent {spent:.4g} + this round "
-            f"{asked:.4g} > epsilon_max {budget:.4g}.",
+            f"{asked:.4g} > epsilon_max {budget:.4g} (remaining {max(budget - spent, 0.0):.4g}).",
             where=f"privacy.datasets.{dataset}.epsilon_max",
             expected=f"a round that spends at most {max(budget - spent, 0.0):.4g}",
             fix="the site refuses this round; the coordinator may lower the rounds or raise "

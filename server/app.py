@@ -25,6 +25,7 @@ from medfed.core.runs import RunFolder
 from medfed.core.secagg import SecAggConfig
 from medfed.core.warm_start import load_start_weights
 from medfed.server.recording_grid import RecordingGrid
+from medfed.server.refusals import SitesRefused
 from medfed.server.secure_aggregation import SecureAggregation
 from medfed.strategies import build_strategy
 from medfed.strategies.registry import check_secure_aggregation
@@ -129,9 +130,30 @@ def main(grid: Grid, context: Context) -> None:
             "final_checkpoint": folder.checkpoint_file(run.rounds).name,
         })
         folder.event("run-finished", seconds=round(time.time() - t0, 2))
+    except SitesRefused as exc:  # a clean end: the sites said no, and why
+        _end_refused(folder, exc, run, str(context.run_id), seconds=round(time.time() - t0, 2))
     except BaseException as exc:
         folder.write_summary({"status": "failed", "run_id": str(context.run_id),
                               "reason": f"{type(exc).__name__}: {exc}",
                               "seconds": round(time.time() - t0, 2)})
         folder.event("run-failed", reason=f"{type(exc).__name__}: {exc}")
         raise
+
+
+def _end_refused(folder: RunFolder, exc: SitesRefused, run: RunConfig, run_id: str, *,
+                 seconds: float) -> None:
+    """Close a run the sites' refusals stopped: the rounds done, and each site's rule."""
+    done = sorted(e["round"] for e in folder.read_events() if e["event"] == "round-finished")
+    folder.event("run-refused", round=exc.round, phase=exc.phase, reason=exc.what,
+                 sites={s: {"rule": e.rule, "reason": e.reason} for s, e in exc.refusals.items()})
+    if done:
+        plot_metrics(folder.read_metrics(), get_task(run.task).primary_metric, folder.plot_file,
+                     title=f"{run.task} / {run.strategy} (run {run_id}, refused)")
+    folder.write_summary({
+        "status": "refused", "run_id": run_id, "task": run.task, "strategy": run.strategy,
+        "rounds": run.rounds, "rounds_finished": len(done), "reason": str(exc),
+        "refusals": {s: {"rule": e.rule, "reason": e.reason}
+                     for s, e in sorted(exc.refusals.items())},
+        "final_checkpoint": folder.checkpoint_file(done[-1]).name if done else None,
+        "seconds": seconds,
+    })

@@ -16,6 +16,7 @@ from flwr.serverapp import Grid
 
 from medfed.core import wire
 from medfed.core.runs import RunFolder
+from medfed.server.refusals import RefusalLog
 
 
 class RecordingGrid:
@@ -29,6 +30,8 @@ class RecordingGrid:
         self.round_seconds: dict[int, float] = {}
         self._round_start: dict[int, float] = {}
         self._evaluated: dict[int, list[dict[str, Any]]] = {}  # round -> sites' eval metrics
+        self._site_of: dict[int, str] = {}  # node id -> site name, from its replies
+        self.errors = RefusalLog()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
@@ -51,6 +54,8 @@ class RecordingGrid:
         missing = len(messages) - len(replies)
         if missing:
             self._folder.event("sites-missing", round=rnd, phase=phase, count=missing)
+        elif phase != "evaluate" and all(r.has_error() for r in replies):
+            self.errors.end_if_refused(rnd, phase, "no site replied with a result")
         return replies
 
     def _exchange(self, messages: list[Message], timeout: float | None) -> list[Message]:
@@ -70,12 +75,20 @@ class RecordingGrid:
     def _record(self, rnd: int, phase: str, reply: Message) -> None:
         node = reply.metadata.src_node_id
         if reply.has_error():
-            reason = reply.error.reason
-            self._folder.event("site-error", round=rnd, phase=phase, node=node, reason=reason)
+            error = wire.SiteError.parse(reply.error.reason)
+            # The name this node replied under before; the error's own claim only if none.
+            site = self._site_of.get(node) or (error.site if error else f"node-{node}")
+            if phase != "evaluate":  # a missing score does not stop training
+                self.errors.add(rnd, site, error)
+            detail = ({"status": error.status, "rule": error.rule, "reason": error.reason}
+                      if error else {"status": "failed", "reason": reply.error.reason})
+            self._folder.event("site-error", round=rnd, phase=phase, site=site, node=node,
+                               **detail)
             return
         content = reply.content
         site = str(content[wire.SITE_RECORD_KEY]["name"]) \
             if wire.SITE_RECORD_KEY in content else f"node-{node}"
+        self._site_of[node] = site
         self.sites_seen.add(site)
         metrics = dict(content[wire.METRICS_KEY]) if wire.METRICS_KEY in content else {}
         if phase != "query":  # secure-aggregation set-up and unmasking carry no metrics

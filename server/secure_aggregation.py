@@ -47,6 +47,7 @@ from medfed.core.secagg import (
     SecAggConfig,
     SecAggError,
 )
+from medfed.server.recording_grid import RecordingGrid
 
 DEADLINE_MARGIN = 0.1  # sites stop sending this fraction of the round timeout early
 
@@ -54,7 +55,7 @@ DEADLINE_MARGIN = 0.1  # sites stop sending this fraction of the round timeout e
 class SecureAggregation(Strategy):
     """Wraps ``inner`` so that it only ever sees the securely aggregated mean."""
 
-    def __init__(self, inner: Strategy, *, grid: Grid, folder: RunFolder, run_id: str,
+    def __init__(self, inner: Strategy, *, grid: RecordingGrid, folder: RunFolder, run_id: str,
                  config: SecAggConfig, size: int, round_timeout: float, run_json: str) -> None:
         self.inner = inner
         self.grid = grid
@@ -92,6 +93,8 @@ class SecureAggregation(Strategy):
             directory[advert.site_id] = bytes(record["identity"])
             self.site_of[reply.metadata.src_node_id] = advert.site_id
         if len(adverts) < min_sites:
+            self.grid.errors.end_if_refused(
+                0, "query", f"{len(adverts)} of the {min_sites} sites needed joined")
             raise MedfedError(
                 f"Secure aggregation needs {min_sites} sites, {len(adverts)} joined.",
                 fix="see the site errors above (refusals name the site's rule); or lower "
@@ -150,6 +153,8 @@ class SecureAggregation(Strategy):
             mean_delta, total = self.aggregator.result(server_round)
         except (RecoveryError, SecAggError) as exc:
             self.folder.event("round-lost", round=server_round, reason=str(exc))
+            self.grid.errors.end_if_refused(server_round, "train",
+                                            "too few sites trained for secure aggregation")
             return None, None
         self.folder.event("secure-aggregation", round=server_round, mode=self.config.mode,
                           survivors=list(status.survivors), dropped=list(status.dropped),

@@ -157,6 +157,17 @@ def test_a_site_dropping_mid_run_is_recovered_by_the_survivors(short_tmp: Path) 
             task="tiny-seg", rounds=2, min_sites=2, round_timeout_s=60,
             privacy={"mode": "sample", "noise_multiplier": 2.0, "max_grad_norm": 1.0}),
             timeout=300)
+        # Less noise than every site's policy allows: each refuses round 1 and the run
+        # ends there, cleanly, naming each site's rule (no untrained "completed" run).
+        refused, refused_summary = fed.run(RunConfig(
+            task="tiny-seg", rounds=3, min_sites=2, round_timeout_s=60,
+            privacy={"mode": "sample", "noise_multiplier": 0.3, "max_grad_norm": 1.0}),
+            timeout=300)
+    assert refused_summary["status"] == "refused", refused_summary
+    assert refused_summary["rounds_finished"] == 0
+    assert {s: r["rule"] for s, r in refused_summary["refusals"].items()} == {
+        s: "privacy.datasets.default.min_noise_multiplier" for s in ("site-a", "site-b", "site-c")}
+    assert not any(e["event"] == "round-finished" for e in refused.read_events())
     assert summary["status"] == "completed", summary
     rounds = {e["round"]: e for e in folder.read_events() if e["event"] == "secure-aggregation"}
     assert rounds[1]["dropped"] == [] and rounds[2]["dropped"] == ["site-c"]

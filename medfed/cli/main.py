@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> Any:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Flower logs through its own console handler; passed on to ours too, each line showed
+    # twice, and its DEBUG lines with it (the root level does not filter propagated records).
+    logging.getLogger("flwr").propagate = False
     _register()
     try:
         return app(args=argv, standalone_mode=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 _SKIP = {"num-examples", "steps"}
 
@@ -39,8 +40,23 @@ class ProgressView:
             c.print(f"  {event['phase']:<8} [cyan]{event['site']:<16}[/] {_fmt(event['metrics'])}",
                     highlight=False)
         elif kind == "site-error":
-            c.print(f"  {event['phase']:<8} [red]node {event['node']} did not contribute:[/] "
-                    f"{event['reason']}", highlight=False)
+            who = escape(event.get("site") or f"node {event['node']}")
+            reason = escape(str(event["reason"]))
+            if event.get("status") == "refused":
+                rule = escape(event.get("rule") or "policy")
+                c.print(f"  {event['phase']:<8} [red]{who:<16} refused[/] ({rule}): {reason}",
+                        highlight=False)
+            else:
+                c.print(f"  {event['phase']:<8} [red]{who:<16} failed:[/] {reason}",
+                        highlight=False)
+        elif kind in ("round-lost", "update-rejected", "reveal-rejected"):
+            who = f" {escape(event['site'])}" if event.get("site") else ""
+            c.print(f"  [red]{kind.replace('-', ' ')}{who}[/] (round {rnd}): "
+                    f"{escape(str(event['reason']))}", highlight=False)
+        elif kind == "warning":
+            c.print(f"  [yellow]warning:[/] {escape(str(event['reason']))}", highlight=False)
+        elif kind == "run-refused":
+            c.print(f"[red]run ended: the sites refused[/] (round {rnd})", highlight=False)
         elif kind == "sites-missing":
             c.print(f"  [yellow]{event['count']} site(s) did not reply in time "
                     f"({event['phase']})[/]")
@@ -48,6 +64,6 @@ class ProgressView:
             c.print(f"  [green]round {rnd} done[/] in {event['seconds']:.2f} s "
                     f"(checkpoint {event['checkpoint']})")
         elif kind == "run-failed":
-            c.print(f"[red]run failed:[/] {event['reason']}", highlight=False)
+            c.print(f"[red]run failed:[/] {escape(str(event['reason']))}", highlight=False)
         elif kind == "run-finished":
             c.print(f"[green]run finished[/] in {event['seconds']:.1f} s")

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from medfed.cli.main import console
@@ -190,7 +191,8 @@ def register(app: typer.Typer) -> None:
         table = Table("run", "status", "submitted", "finished", "task", "strategy")
         for info in infos:
             cfg = _local_config(target, info.run_id)
-            status = info.status + (f":{info.sub_status}" if info.sub_status else "")
+            status = _outcome(target, info.run_id) or \
+                info.status + (f":{info.sub_status}" if info.sub_status else "")
             table.add_row(str(info.run_id), status, info.pending_at[:19], info.finished_at[:19],
                           cfg.get("task", ""), cfg.get("strategy", ""))
         console.print(table)
@@ -205,7 +207,8 @@ def register(app: typer.Typer) -> None:
         if not infos:
             raise ConfigError(f"No run {run_id} on this server.", fix="`medfed runs` lists them")
         info = infos[0]
-        console.print(f"run {run_id}: [bold]{info.status}[/] {info.sub_status} {info.details}")
+        state = _outcome(target, run_id) or f"{info.status} {info.sub_status} {info.details}"
+        console.print(f"run {run_id}: [bold]{escape(state)}[/]")
         if target.runs_dir is not None:
             from medfed.core.runs import RunFolder
 
@@ -236,10 +239,28 @@ def _local_config(target: Target, run_id: int) -> dict[str, Any]:
     return dict(json.loads(path.read_text())["config"])
 
 
+def _outcome(target: Target, run_id: int) -> str:
+    """The outcome of a finished run (completed, refused, failed), from its summary.
+
+    Flower's own status says only whether the ServerApp returned: a run the sites refused
+    ends cleanly, so Flower calls it "completed".
+    """
+    if target.runs_dir is None:
+        return ""
+    path = target.runs_dir / str(run_id) / "summary.json"
+    if not path.exists():
+        return ""
+    return str(json.loads(path.read_text()).get("status", ""))
+
+
 def _print_summary(summary: dict[str, Any], folder: Path) -> None:
     if summary.get("status") != "completed":
-        console.print(f"[red]run {summary.get('status')}[/]: {summary.get('reason', '')}",
-                      highlight=False)
+        console.print(f"[red]run {summary.get('status')}[/]: "
+                      f"{escape(str(summary.get('reason', '')))}", highlight=False)
+        if summary.get("final_checkpoint"):  # a refused run keeps the rounds it finished
+            console.print(f"  rounds finished: {summary.get('rounds_finished')} of "
+                          f"{summary.get('rounds')}; last model: "
+                          f"{folder / 'checkpoints' / summary['final_checkpoint']}")
         return
     metric = summary.get("primary_metric", "")
     final = summary.get("evaluate_metrics", {}).get(str(summary.get("rounds")), {})

@@ -1,0 +1,117 @@
+"""Sites' refusals as the server reads them: named per site and rule, and ending a run
+that can no longer train instead of reporting an untrained model as completed."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from flwr.app import ConfigRecord, MessageType, RecordDict
+from rich.console import Console
+
+from medfed.cli.progress import ProgressView
+from medfed.core import wire
+from medfed.core.config import RunConfig
+from medfed.core.runs import RunFolder
+from medfed.server.recording_grid import RecordingGrid
+from medfed.server.refusals import SitesRefused
+
+BUDGET = wire.SiteError(
+    "site-a", "refused", "privacy.datasets.default.epsilon_max",
+    "Privacy budget exceeded for dataset 'default': spent 2 + this round 1.5 > epsilon_max 3 "
+    "(remaining 1).")
+
+
+def test_a_site_error_reads_back_from_the_executors_text() -> None:
+    # The ClientApp executor puts the exception type in front of the site's text.
+    assert wire.SiteError.parse(f"RuntimeError: {BUDGET.text()}") == BUDGET
+    failed = wire.SiteError("site-b", "failed", "", "ValueError: no labels\nsecond line")
+    assert wire.SiteError.parse("RuntimeError: " + failed.text()) == failed
+    assert wire.SiteError.parse("ConnectionError: the SuperNode went away") is None
+
+
+class FakeGrid:
+    """Answers every message with the error (or success) given for its node."""
+
+    def __init__(self, answers: dict[int, str | None]) -> None:
+        self.answers = answers
+        self._sent: dict[str, int] = {}
+
+    def push_messages(self, messages: list[Any]) -> list[str]:
+        ids = []
+        for i, m in enumerate(messages):
+            ids.append(f"m{i}")
+            self._sent[f"m{i}"] = m.metadata.dst_node_id
+        return ids
+
+    def pull_messages(self, ids: set[str]) -> list[Any]:
+        return [self._reply(mid, self._sent[mid]) for mid in sorted(ids)]
+
+    def _reply(self, mid: str, node: int) -> Any:
+        text = self.answers[node]
+        meta = SimpleNamespace(src_node_id=node, reply_to_message_id=mid)
+        if text is None:  # a result
+            content = RecordDict({wire.SITE_RECORD_KEY: ConfigRecord({"name": f"site-{node}"}),
+                                  wire.METRICS_KEY: ConfigRecord({})})
+            return SimpleNamespace(metadata=meta, has_error=lambda: False, content=content)
+        return SimpleNamespace(metadata=meta, has_error=lambda: True,
+                               error=SimpleNamespace(reason=text))
+
+
+def _train(nodes: list[int], rnd: int = 1) -> list[Any]:
+    """Training messages as the strategy hands them to the grid (only what it reads)."""
+    return [SimpleNamespace(
+        metadata=SimpleNamespace(dst_node_id=n, message_type=MessageType.TRAIN),
+        content={wire.CONFIG_KEY: {wire.SERVER_ROUND_KEY: rnd}}) for n in nodes]
+
+
+def _folder(tmp_path: Path) -> RunFolder:
+    return RunFolder.create(tmp_path, 7, RunConfig(task="tiny-seg", rounds=3))
+
+
+def test_a_round_every_site_refuses_ends_the_run_with_each_sites_rule(tmp_path: Path) -> None:
+    folder = _folder(tmp_path)
+    other = wire.SiteError("site-b", "refused", "privacy.datasets.default.min_noise_multiplier",
+                           "noise 0.3 is below 0.5")
+    grid = RecordingGrid(FakeGrid({1: "RuntimeError: " + BUDGET.text(),
+                                   2: "RuntimeError: " + other.text()}), folder)
+    with pytest.raises(SitesRefused) as caught:
+        grid.send_and_receive(_train([1, 2]))
+    assert set(caught.value.refusals) == {"site-a", "site-b"} and caught.value.round == 1
+    text = str(caught.value)
+    assert "site-a [privacy.datasets.default.epsilon_max]" in text and "remaining 1" in text
+    assert "min_noise_multiplier" in text and "fix:" in text
+    errors = [e for e in folder.read_events() if e["event"] == "site-error"]
+    assert {(e["site"], e["status"], e["rule"]) for e in errors} == {
+        ("site-a", "refused", BUDGET.rule), ("site-b", "refused", other.rule)}
+
+
+def test_a_failure_or_a_training_site_keeps_the_run_going(tmp_path: Path) -> None:
+    folder = _folder(tmp_path)
+    crash = wire.SiteError("site-b", "failed", "", "OSError: disk full").text()
+    # one refusal and one crash: the crash may not repeat, so no end
+    grid = RecordingGrid(FakeGrid({1: BUDGET.text(), 2: crash}), folder)
+    assert len(grid.send_and_receive(_train([1, 2]))) == 2
+    # one refusal and one site that trained: the round has a result
+    grid = RecordingGrid(FakeGrid({1: BUDGET.text(), 2: None}), folder)
+    assert len(grid.send_and_receive(_train([1, 2], rnd=2))) == 2
+    # a shortfall explained by refusals alone (secure aggregation's threshold) does end it
+    with pytest.raises(SitesRefused, match="too few"):
+        grid.errors.end_if_refused(2, "train", "too few sites trained")
+
+
+def test_the_progress_view_names_the_site_and_rule_of_a_refusal(tmp_path: Path) -> None:
+    out = io.StringIO()
+    view = ProgressView(Console(file=out, width=200, color_system=None), rounds=3)
+    view({"event": "site-error", "round": 1, "phase": "train", "node": 9, "site": "site-a",
+          "status": "refused", "rule": BUDGET.rule, "reason": BUDGET.reason})
+    view({"event": "round-lost", "round": 1, "reason": "0 survivors [threshold 1]"})
+    view({"event": "site-error", "round": 1, "phase": "train", "node": 12,
+          "reason": "RuntimeError: SuperNode gone"})
+    printed = out.getvalue()
+    assert f"site-a           refused ({BUDGET.rule}): Privacy budget exceeded" in printed
+    assert "round lost (round 1): 0 survivors [threshold 1]" in printed  # brackets kept
+    assert "node 12          failed: RuntimeError: SuperNode gone" in printed
