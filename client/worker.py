@@ -123,7 +123,8 @@ class SiteWorker:
             return self._refuse(run_id, "run-config", str(exc), status="failed")
         decision = decide(self.config.policy, run)
         if not decision.allowed:
-            return self._refuse(run_id, decision.rule, decision.reason)
+            return self._refuse(run_id, decision.rule, decision.reason,
+                                rnd=int(config.get(wire.SERVER_ROUND_KEY, 0) or 0))
         try:
             if op == "train":
                 return self._train(run, run_id, config, blobs, arrays)
@@ -138,9 +139,10 @@ class SiteWorker:
             return wire.Frame({"ok": False, "site": self.site, "status": "failed",
                                "reason": f"{type(exc).__name__}: {exc}"})
 
-    def _refuse(self, run_id: object, rule: str, reason: str, *, status: str = "refused"
-                ) -> wire.Frame:
-        self.audit.record(status, run_id=run_id, rule=rule, reason=reason)
+    def _refuse(self, run_id: object, rule: str, reason: str, *, status: str = "refused",
+                rnd: int | None = None) -> wire.Frame:
+        where = {"round": rnd} if rnd else {}
+        self.audit.record(status, run_id=run_id, rule=rule, reason=reason, **where)
         log.warning("%s run %s: %s", status, run_id, reason)
         return wire.Frame({"ok": False, "site": self.site, "status": status, "rule": rule,
                            "reason": reason})
@@ -185,9 +187,9 @@ class SiteWorker:
                 run, str(run_id), rnd, model=model, batch_size=batch_size, epochs=epochs,
                 num_examples=units)
         except UnitUnknown as exc:
-            return self._refuse(run_id, "privacy.unit", str(exc))
+            return self._refuse(run_id, "privacy.unit", str(exc), rnd=rnd)
         except PrivacyRefusal as refusal:
-            return self._refuse(run_id, refusal.rule, refusal.reason)
+            return self._refuse(run_id, refusal.rule, refusal.reason, rnd=rnd)
         t0 = time.perf_counter()
         if privacy.mode == "sample":
             stats = dp_train(task, model, data.train, epochs=epochs, batch_size=batch_size,

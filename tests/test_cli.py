@@ -104,6 +104,19 @@ def test_site_budget_lists_spend(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert "default" in out.stdout and "77" in out.stdout and "sample" in out.stdout
     assert f"{res.epsilon:.4f}" in out.stdout
+    # a refusal in the audit log reads whole: its rule, its reason and its round
+    from medfed.client.audit import AuditLog
+
+    AuditLog(tmp_path / "s" / cfg.site.audit_log).record(
+        "refused", run_id=78, round=3, rule="privacy.datasets.default.epsilon_max",
+        reason="Privacy budget exceeded for dataset 'default': spent 9.5 + this round 1.2 > "
+        "epsilon_max 10 (remaining 0.5).")
+    out = medfed("site", "audit", "--config", str(tmp_path / "s" / "site.toml"))
+    assert out.returncode == 0, out.stderr
+    row = [line.split("│") for line in out.stdout.splitlines() if line.count("│") == 7]
+    last_cell = "".join(cells[-2].strip() for cells in row).replace(" ", "")
+    assert "privacy.datasets.default.epsilon_max:Privacybudgetexceeded" in last_cell
+    assert last_cell.endswith("(remaining0.5).") and any(c[4].strip() == "3" for c in row)
 
 
 def test_robust_strategy_with_secure_aggregation_is_refused(tmp_path: Path) -> None:

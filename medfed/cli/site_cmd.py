@@ -80,11 +80,13 @@ def audit(config: ConfigOpt = Path("site.toml"),
         for r in records:
             console.print_json(json.dumps(r))
         return
-    table = Table("time", "event", "run", "round", "bytes", "hash / reason")
+    table = Table(*(Column(h, overflow="fold") for h in (
+        "time (UTC)", "event", "run", "round", "bytes", "hash / rule: reason")))
     for r in records:
-        table.add_row(r["time"][:19], r["event"], str(r.get("run_id", "")),
-                      str(r.get("round", "")), str(r.get("bytes", "")),
-                      str(r.get("hash") or r.get("reason") or "")[:48])
+        what = r.get("hash") or (f"{r['rule']}: " if r.get("rule") else "") + str(
+            r.get("reason") or "")
+        table.add_row(r["time"][:19].replace("T", " "), r["event"], str(r.get("run_id", "")),
+                      str(r.get("round", "")), str(r.get("bytes", "")), str(what))
     console.print(table)
 
 
