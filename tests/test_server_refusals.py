@@ -109,9 +109,12 @@ def test_the_progress_view_names_the_site_and_rule_of_a_refusal(tmp_path: Path) 
     view({"event": "site-error", "round": 1, "phase": "train", "node": 9, "site": "site-a",
           "status": "refused", "rule": BUDGET.rule, "reason": BUDGET.reason})
     view({"event": "round-lost", "round": 1, "reason": "0 survivors [threshold 1]"})
+    view({"event": "secure-aggregation", "round": 2, "dropped": ["site-c"],
+          "survivors": ["site-a", "site-b"]})
     view({"event": "site-error", "round": 1, "phase": "train", "node": 12,
           "reason": "RuntimeError: SuperNode gone"})
     printed = out.getvalue()
     assert f"site-a           refused ({BUDGET.rule}): Privacy budget exceeded" in printed
     assert "round lost (round 1): 0 survivors [threshold 1]" in printed  # brackets kept
     assert "node 12          failed: RuntimeError: SuperNode gone" in printed
+    assert "secure aggregation without site-c: the sum of site-a, site-b (round 2)" in printed

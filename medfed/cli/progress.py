@@ -37,7 +37,9 @@ class ProgressView:
         elif kind == "round-sent" and event.get("phase") == "train":
             c.rule(f"round {rnd}/{self.rounds}")
         elif kind == "site-replied":
-            c.print(f"  {event['phase']:<8} [cyan]{event['site']:<16}[/] {_fmt(event['metrics'])}",
+            # A query reply (secure-aggregation key advert, unmasking) carries no metrics.
+            shown = _fmt(event["metrics"]) or ("ok" if event["phase"] == "query" else "")
+            c.print(f"  {event['phase']:<8} [cyan]{event['site']:<16}[/] {shown}",
                     highlight=False)
         elif kind == "site-error":
             who = escape(event.get("site") or f"node {event['node']}")
@@ -53,6 +55,10 @@ class ProgressView:
             who = f" {escape(event['site'])}" if event.get("site") else ""
             c.print(f"  [red]{kind.replace('-', ' ')}{who}[/] (round {rnd}): "
                     f"{escape(str(event['reason']))}", highlight=False)
+        elif kind == "secure-aggregation" and event.get("dropped"):
+            c.print(f"  [yellow]secure aggregation without {', '.join(event['dropped'])}[/]: "
+                    f"the sum of {', '.join(event.get('survivors', []))} (round {rnd})",
+                    highlight=False)
         elif kind == "warning":
             c.print(f"  [yellow]warning:[/] {escape(str(event['reason']))}", highlight=False)
         elif kind == "run-refused":
