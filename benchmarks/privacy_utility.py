@@ -130,7 +130,11 @@ CLIP = 0.3
 #: 0.747, the DP recipe without noise 0.739, with epsilon-8 noise 0.669: the noise, not the
 #: recipe, costs the most. Test-time flip averaging (the mean of the softmax of a slice and
 #: of its mirror, either in-plane axis): DP 0.669 -> 0.674 / 0.675, non-private 0.747 ->
-#: 0.736 / 0.746: under 0.01 on the ratio, not adopted.
+#: 0.736 / 0.746: under 0.01 on the ratio, not adopted. Clipping the site-local and the
+#: shared parameters apart, at C * sqrt(s) and C * sqrt(1 - s) under the same noise (the
+#: same epsilon; the shared part's noise is then averaged over four sites, the local
+#: part's is not): s = 0.9 gave 0.707 federated, inside flat clipping's spread
+#: (0.696-0.709); site-2 alone 0.661 / 0.665 at s = 0.8 / 0.9 against 0.669 flat.
 #: Opacus's PRV accountant: a tighter epsilon than RDP for the same noise, so a smaller
 #: noise multiplier meets a target (epsilon 8 here: 0.944 against RDP's 0.993). The
 #: sites' ledgers charge with the same accountant.
