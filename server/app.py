@@ -146,9 +146,6 @@ def _end_refused(folder: RunFolder, exc: SitesRefused, run: RunConfig, run_id: s
     done = sorted(e["round"] for e in folder.read_events() if e["event"] == "round-finished")
     folder.event("run-refused", round=exc.round, phase=exc.phase, reason=exc.what,
                  sites={s: {"rule": e.rule, "reason": e.reason} for s, e in exc.refusals.items()})
-    if done:
-        plot_metrics(folder.read_metrics(), get_task(run.task).primary_metric, folder.plot_file,
-                     title=f"{run.task} / {run.strategy} (run {run_id}, refused)")
     folder.write_summary({
         "status": "refused", "run_id": run_id, "task": run.task, "strategy": run.strategy,
         "rounds": run.rounds, "rounds_finished": len(done), "reason": str(exc),
@@ -157,3 +154,6 @@ def _end_refused(folder: RunFolder, exc: SitesRefused, run: RunConfig, run_id: s
         "final_checkpoint": folder.checkpoint_file(done[-1]).name if done else None,
         "seconds": seconds,
     })
+    if done:  # the rounds it finished, plotted
+        plot_metrics(folder.read_metrics(), get_task(run.task).primary_metric, folder.plot_file,
+                     title=f"{run.task} / {run.strategy} (run {run_id}, refused)")

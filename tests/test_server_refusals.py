@@ -31,6 +31,8 @@ def test_a_site_error_reads_back_from_the_executors_text() -> None:
     failed = wire.SiteError("site-b", "failed", "", "ValueError: no labels\nsecond line")
     assert wire.SiteError.parse("RuntimeError: " + failed.text()) == failed
     assert wire.SiteError.parse("ConnectionError: the SuperNode went away") is None
+    # a failure that quotes another's text is still not a refusal
+    assert wire.SiteError.parse("ValueError: bad label: site x refused [r]: y") is None
 
 
 class FakeGrid:

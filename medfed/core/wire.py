@@ -44,7 +44,8 @@ NODE_SITE_NAME = "medfed-site"
 
 #: A site's error reply ends with this text (the ClientApp executor puts the exception's
 #: type before it): ``site NAME refused [RULE]: REASON`` or ``site NAME failed: REASON``.
-_SITE_ERROR = re.compile(r"site (\S+) (refused|failed)(?: \[([^\]]*)\])?: (.*)", re.DOTALL)
+_SITE_ERROR = re.compile(r"(?:[\w.]+: )?site (\S+) (refused|failed)(?: \[([^\]]*)\])?: (.*)",
+                         re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ class SiteError:
     @classmethod
     def parse(cls, text: str) -> SiteError | None:
         """The site error in an error reply's reason, or None when it holds none."""
-        m = _SITE_ERROR.search(text)
+        m = _SITE_ERROR.match(text)
         if m is None:
             return None
         return cls(site=m[1], status=m[2], rule=m[3] or "", reason=m[4])
