@@ -247,10 +247,10 @@ def _outcome(target: Target, run_id: int) -> str:
     """
     if target.runs_dir is None:
         return ""
-    path = target.runs_dir / str(run_id) / "summary.json"
-    if not path.exists():
-        return ""
-    return str(json.loads(path.read_text()).get("status", ""))
+    from medfed.core.runs import RunFolder
+
+    summary = RunFolder(target.runs_dir / str(run_id)).read_summary()
+    return str(summary.get("status", "")) if summary else ""
 
 
 def _print_summary(summary: dict[str, Any], folder: Path) -> None:

@@ -83,8 +83,8 @@ def audit(config: ConfigOpt = Path("site.toml"),
     table = Table(*(Column(h, overflow="fold") for h in (
         "time (UTC)", "event", "run", "round", "bytes", "hash / rule: reason")))
     for r in records:
-        what = r.get("hash") or (f"{r['rule']}: " if r.get("rule") else "") + str(
-            r.get("reason") or "")
+        rule = f"{r['rule']}: " if r.get("rule") else ""
+        what = r.get("hash") or f"{rule}{r.get('reason') or ''}"
         table.add_row(r["time"][:19].replace("T", " "), r["event"], str(r.get("run_id", "")),
                       str(r.get("round", "")), str(r.get("bytes", "")), str(what))
     console.print(table)
