@@ -91,15 +91,18 @@ class LedgerError(MedfedError):
 class BudgetExceeded(LedgerError):
     """A round would take a dataset past its epsilon budget."""
 
-    def __init__(self, *, dataset: str, spent: float, asked: float, budget: float) -> None:
+    def __init__(self, *, dataset: str, spent: float, asked: float, budget: float,
+                 what: str = "this round") -> None:
         self.dataset, self.spent, self.asked, self.budget = dataset, spent, asked, budget
+        left = max(budget - spent, 0.0)
         super().__init__(
-            f"Privacy budget exceeded for dataset {dataset!r}: spent {spent:.4g} + this round "
-            f"{asked:.4g} > epsilon_max {budget:.4g} (remaining {max(budget - spent, 0.0):.4g}).",
+            f"Privacy budget exceeded for dataset {dataset!r}: spent {spent:.4g} + {what} "
+            f"{asked:.4g} > epsilon_max {budget:.4g} (remaining {left:.4g}).",
             where=f"privacy.datasets.{dataset}.epsilon_max",
-            expected=f"a round that spends at most {max(budget - spent, 0.0):.4g}",
-            fix="the site refuses this round; the coordinator may lower the rounds or raise "
-            "the noise, and only the site operator may raise epsilon_max",
+            expected=f"{what} spending at most {left:.4g}",
+            fix=f"the site refuses {what}; the coordinator may ask for fewer rounds, more "
+            f"noise or a --target-epsilon of at most {left:.4g}, and only the site operator "
+            "may raise epsilon_max",
         )
 
 
@@ -303,6 +306,78 @@ class PrivacyLedger:
         return ([(float(z), float(q), int(s)) for z, q, s in json.loads(row["history"])],
                 row["accountant"], float(row["delta"]))
 
+    def _assess(
+        self, con: sqlite3.Connection, run_id: str, dataset: str, *, budget: DatasetBudget,
+        entries: list[HistoryEntry], delta: float, accountant: str, unit: str,
+        run_epsilon_max: float | None, what: str,
+    ) -> tuple[list[HistoryEntry], float, float, float]:
+        """Check ``entries`` on top of the run's history, or raise the refusal.
+
+        Returns (the run's history, its epsilon after ``entries``, the epsilon they
+        add, what the dataset has spent so far).
+        """
+        if delta > budget.delta:
+            raise LedgerError(
+                f"Accounting at delta {delta:g} is above the budget's delta {budget.delta:g}.",
+                where=f"privacy.datasets.{dataset}.delta",
+                fix="the run's target_delta must not exceed the site's delta",
+            )
+        if unit not in ("sample", "scan", "patient", "site"):
+            raise LedgerError(f"Unknown privacy unit {unit!r} for a spend on {dataset!r}.",
+                              expected="sample, scan, patient or site")
+        finer = {u: n for u, n in con.execute(
+            "SELECT unit, COUNT(*) FROM spends WHERE dataset = ? GROUP BY unit", (dataset,))
+            if not unit_covers(u, budget.privacy_unit)}
+        if not unit_covers(unit, budget.privacy_unit):
+            finer[f"{unit} ({what})"] = 1
+        if finer:
+            raise UnitNotCovered(dataset=dataset, required=budget.privacy_unit, finer=finer)
+        history, used_acc, used_delta = self._history(con, run_id, dataset)
+        if history and (used_acc != accountant or used_delta != delta):
+            raise LedgerError(
+                f"Run {run_id!r} accounted dataset {dataset!r} with {used_acc} at delta "
+                f"{used_delta:g}; {what} asks for {accountant} at delta {delta:g}.",
+                fix="a run keeps one accountant and delta for all its rounds",
+            )
+        before = epsilon_of_history(history, delta, accountant)  # type: ignore[arg-type]
+        after = epsilon_of_history([*history, *entries], delta, accountant)  # type: ignore[arg-type]
+        asked = max(after - before, 0.0)
+        if run_epsilon_max is not None and after > run_epsilon_max * (1 + TARGET_SLACK):
+            raise RunTargetExceeded(run_id=run_id, dataset=dataset, after=after,
+                                    target=run_epsilon_max)
+        spent = self._spent(con, dataset)
+        if spent + asked > budget.epsilon_max:
+            raise BudgetExceeded(dataset=dataset, spent=spent, asked=asked,
+                                 budget=budget.epsilon_max, what=what)
+        return history, after, asked, spent
+
+    def rounds_charged(self, run_id: str, dataset: str) -> int:
+        """How many rounds of ``run_id`` are charged to ``dataset`` (reserved or committed)."""
+        with self._connect() as con:
+            row = con.execute("SELECT COUNT(*) FROM spends WHERE run_id = ? AND dataset = ?",
+                              (run_id, dataset)).fetchone()
+        return int(row[0])
+
+    def check_plan(
+        self, run_id: str, dataset: str, *, budget: DatasetBudget,
+        plan: Sequence[HistoryEntry], delta: float, accountant: str = "rdp",
+        mode: str = "sample", unit: str = "sample", run_epsilon_max: float | None = None,
+        rounds: int = 1,
+    ) -> float:
+        """Check whether the run's remaining ``rounds`` (``plan``: their history) fit.
+
+        The checks of :meth:`reserve`, for all of them at once and writing nothing: a site
+        refuses a run up front (when it joins) rather than after others spent on it.
+        Returns the run's epsilon after them; raises what :meth:`reserve` raises.
+        """
+        entries = [(float(z), float(q), int(s)) for z, q, s in plan]
+        with self._connect() as con:
+            return self._assess(
+                con, run_id, dataset, budget=budget, entries=entries, delta=delta,
+                accountant=accountant, unit="site" if mode == "update" else unit,
+                run_epsilon_max=run_epsilon_max,
+                what="this run's next round" if rounds == 1 else f"this run's {rounds} rounds")[1]
+
     # ------------------------------------------------------------------ writes
 
     def reserve(
@@ -322,44 +397,13 @@ class PrivacyLedger:
         round protects; update-level rounds protect the ``site``). Otherwise the spend
         record and the run's extended history are on disk when this returns.
         """
-        if delta > budget.delta:
-            raise LedgerError(
-                f"Accounting at delta {delta:g} is above the budget's delta {budget.delta:g}.",
-                where=f"privacy.datasets.{dataset}.delta",
-                fix="the run's target_delta must not exceed the site's delta",
-            )
-        if mode == "update":
-            unit = "site"
-        if unit not in ("sample", "scan", "patient", "site"):
-            raise LedgerError(f"Unknown privacy unit {unit!r} for a spend on {dataset!r}.",
-                              expected="sample, scan, patient or site")
+        unit = "site" if mode == "update" else unit  # an update protects the whole site
         entries = [(float(z), float(q), int(s)) for z, q, s in round_history]
         with self._transaction() as con:
-            finer = {u: n for u, n in con.execute(
-                "SELECT unit, COUNT(*) FROM spends WHERE dataset = ? GROUP BY unit", (dataset,))
-                if not unit_covers(u, budget.privacy_unit)}
-            if not unit_covers(unit, budget.privacy_unit):
-                finer[f"{unit} (this round)"] = 1
-            if finer:
-                raise UnitNotCovered(dataset=dataset, required=budget.privacy_unit, finer=finer)
-            history, used_acc, used_delta = self._history(con, run_id, dataset)
-            if history and (used_acc != accountant or used_delta != delta):
-                raise LedgerError(
-                    f"Run {run_id!r} accounted dataset {dataset!r} with {used_acc} at delta "
-                    f"{used_delta:g}; this round asks for {accountant} at delta {delta:g}.",
-                    fix="a run keeps one accountant and delta for all its rounds",
-                )
-            before = epsilon_of_history(history, delta, accountant)  # type: ignore[arg-type]
-            after = epsilon_of_history([*history, *entries], delta, accountant)  # type: ignore[arg-type]
-            asked = max(after - before, 0.0)
-            if run_epsilon_max is not None and after > run_epsilon_max * (1 + TARGET_SLACK):
-                raise RunTargetExceeded(run_id=run_id, dataset=dataset, after=after,
-                                        target=run_epsilon_max)
-            spent = self._spent(con, dataset)
-            if spent + asked > budget.epsilon_max:
-                raise BudgetExceeded(
-                    dataset=dataset, spent=spent, asked=asked, budget=budget.epsilon_max
-                )
+            history, after, asked, spent = self._assess(
+                con, run_id, dataset, budget=budget, entries=entries, delta=delta,
+                accountant=accountant, unit=unit,
+                run_epsilon_max=run_epsilon_max, what="this round")
             now = _now()
             con.execute(
                 "INSERT INTO budgets (dataset, epsilon_max, delta, updated) VALUES (?, ?, ?, ?) "

@@ -5,11 +5,15 @@ policy (a run cannot loosen it), the model is validated for DP, and the round's
 epsilon is reserved in the persistent ledger (a refusal if it does not fit the
 remaining budget). After training, before the reply leaves: the reservation is
 committed. A reserved round stays charged even if the site crashes before
-sending (never under-counts).
+sending (never under-counts). When a site joins a run under secure aggregation, the
+same checks run first for the run's next round and then for its remaining rounds
+(:meth:`PrivacyGate.preflight`): a refusal then comes before anyone has trained.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +31,7 @@ from medfed.core.config import RunConfig, SiteConfig, resolve
 from medfed.core.errors import ConfigError, MedfedError
 from medfed.core.privacy import DatasetBudget, check_run_against_policy
 from medfed.tasks import dp
+from medfed.tasks.dp import HistoryEntry
 
 
 class PrivacyRefusal(Exception):
@@ -98,6 +103,65 @@ class PrivacyGate:
         ``num_examples`` counts the units DP-SGD samples from (``dp.privacy_units``):
         training examples, or the scans or patients ``privacy.unit`` names.
         """
+        plan = self._plan(run, model=model, num_examples=num_examples, batch_size=batch_size,
+                          epochs=epochs)
+        if isinstance(plan, RoundPrivacy):
+            return plan
+        name, budget, noise, entry = plan
+        with _ledger_refusals(name):
+            reservation = self.ledger.reserve(
+                run_id, rnd, name, budget=budget, round_history=[entry],
+                delta=run.privacy.target_delta, accountant=run.privacy.accountant,
+                mode=run.privacy.mode, unit=run.privacy.unit,
+                run_epsilon_max=run.privacy.target_epsilon or None)
+        return RoundPrivacy(run.privacy.mode, name, budget, reservation, [entry], noise)
+
+    def preflight(self, run: RunConfig, run_id: str, *, model: Any, num_examples: int,
+                  batch_size: int, epochs: int) -> int | None:
+        """Refuse, before anyone trains, a run this site would refuse in its first round.
+
+        The checks of :meth:`before_training` (policy, model, privacy unit, budget) for
+        the run's next round, writing nothing: under secure aggregation a site refusing
+        a round can cost the sites that trained it their round, and their epsilon with it.
+        Returns how many of the run's remaining rounds the budget covers (``None`` when
+        no budget applies); fewer than all means the site will refuse the rest, which
+        the coordinator hears now. Each round is still reserved by :meth:`before_training`.
+        """
+        plan = self._plan(run, model=model, num_examples=num_examples, batch_size=batch_size,
+                          epochs=epochs)
+        if isinstance(plan, RoundPrivacy):
+            return None
+        name, budget, _, entry = plan
+        rounds_left = run.rounds - self.ledger.rounds_charged(run_id, name)
+        if rounds_left <= 0:
+            return 0  # the ledger refuses any further round itself
+
+        def fits(k: int) -> bool:
+            with _ledger_refusals(name):
+                try:
+                    self.ledger.check_plan(
+                        run_id, name, budget=budget, plan=[entry] * k,
+                        delta=run.privacy.target_delta, accountant=run.privacy.accountant,
+                        mode=run.privacy.mode, unit=run.privacy.unit,
+                        run_epsilon_max=run.privacy.target_epsilon or None, rounds=k)
+                except BudgetExceeded:
+                    if k == 1:
+                        raise  # not even the next round: refused
+                    return False
+            return True
+
+        fits(1)
+        if rounds_left == 1 or fits(rounds_left):
+            return rounds_left
+        low, high = 1, rounds_left - 1  # fits(low); the largest k that fits lies in [low, high]
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if fits(mid) else (low, mid - 1)
+        return low
+
+    def _plan(self, run: RunConfig, *, model: Any, num_examples: int, batch_size: int,
+              epochs: int) -> RoundPrivacy | tuple[str, DatasetBudget, float, HistoryEntry]:
+        """The round's dataset, budget, noise and accountant entry; or a round without DP."""
         mode = run.privacy.mode
         if not self.policy.datasets:
             if mode == "off":
@@ -128,25 +192,26 @@ class PrivacyGate:
                 dp.validate_for_dp(model)
             except MedfedError as exc:
                 raise PrivacyRefusal("task model", str(exc)) from None
-        history = [(noise, sample_rate, steps)]
-        try:
-            reservation = self.ledger.reserve(
-                run_id, rnd, name, budget=budget, round_history=history,
-                delta=run.privacy.target_delta, accountant=run.privacy.accountant, mode=mode,
-                unit=run.privacy.unit, run_epsilon_max=run.privacy.target_epsilon or None)
-        except BudgetExceeded as exc:
-            raise PrivacyRefusal(f"privacy.datasets.{name}.epsilon_max", exc.what) from None
-        except RunTargetExceeded as exc:
-            raise PrivacyRefusal("privacy.target_epsilon", exc.what) from None
-        except UnitNotCovered as exc:
-            raise PrivacyRefusal(f"privacy.datasets.{name}.privacy_unit", exc.what) from None
-        return RoundPrivacy(mode, name, budget, reservation, history, noise)
+        return name, budget, noise, (noise, sample_rate, steps)
 
     def commit(self, rp: RoundPrivacy, *, steps: int) -> None:
         """Mark the reserved spend committed; more steps than reserved blocks the reply."""
         if rp.reservation is not None:
             self.ledger.commit(rp.reservation.record_id,
                                steps=steps if rp.mode == "sample" else None)
+
+
+@contextlib.contextmanager
+def _ledger_refusals(dataset: str) -> Iterator[None]:
+    """The ledger's refusals as :class:`PrivacyRefusal`, each naming its rule."""
+    try:
+        yield
+    except BudgetExceeded as exc:
+        raise PrivacyRefusal(f"privacy.datasets.{dataset}.epsilon_max", exc.what) from None
+    except RunTargetExceeded as exc:
+        raise PrivacyRefusal("privacy.target_epsilon", exc.what) from None
+    except UnitNotCovered as exc:
+        raise PrivacyRefusal(f"privacy.datasets.{dataset}.privacy_unit", exc.what) from None
 
 
 def site_noise_multiplier(run: RunConfig, *, sample_rate: float, steps_per_round: int) -> float:

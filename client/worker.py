@@ -176,16 +176,11 @@ class SiteWorker:
         data = self.data_for(task)
         model = self._load_global(task, run, run_id, arrays)
         rnd = int(config.get(wire.SERVER_ROUND_KEY, 0))
-        hp = task.defaults
-        epochs = run.local_epochs or hp.local_epochs
-        batch_size = run.batch_size or hp.batch_size
-        lr = run.learning_rate or hp.learning_rate
+        epochs, batch_size, lr = _round_shape(run, task)
         try:
-            units = (privacy_units(len(data.train), data.train_units, run.privacy.unit)
-                     if run.privacy.mode == "sample" else len(data.train))
             privacy = self.privacy.before_training(
                 run, str(run_id), rnd, model=model, batch_size=batch_size, epochs=epochs,
-                num_examples=units)
+                num_examples=_privacy_units(run, data))
         except UnitUnknown as exc:
             return self._refuse(run_id, "privacy.unit", str(exc), rnd=rnd)
         except PrivacyRefusal as refusal:
@@ -249,10 +244,16 @@ class SiteWorker:
             return self._refuse(run_id, "query", "the run has secure aggregation off",
                                 status="failed")
         if wire.SECAGG_JOIN in config:
+            covered = self._preflight(run, run_id)
+            if isinstance(covered, wire.Frame):
+                return covered  # refused
             out = self.secure.join(str(run_id), str(config[wire.SECAGG_JOIN]))
+            # Fewer rounds than the run's: the site will refuse the rest; say so now.
+            metrics = {} if covered is None or covered >= run.rounds else {
+                wire.BUDGET_ROUNDS_KEY: covered}
             self.audit.record("secure-aggregation-joined", run_id=run_id,
-                              mode=run.secure_aggregation)
-            return wire.Frame({"ok": True, "site": self.site, "metrics": {}},
+                              mode=run.secure_aggregation, **metrics)
+            return wire.Frame({"ok": True, "site": self.site, "metrics": metrics},
                               {wire.BYTES_PREFIX + k: _u8(v) for k, v in out.items()})
         if wire.SECAGG_UNMASK in blobs:
             reveal, entry = self.secure.reveal(str(run_id), blobs[wire.SECAGG_UNMASK])
@@ -260,6 +261,25 @@ class SiteWorker:
             return wire.Frame({"ok": True, "site": self.site, "metrics": {}},
                               {wire.BYTES_PREFIX + "reveal": _u8(reveal)})
         return self._refuse(run_id, "query", "unknown query", status="failed")
+
+    def _preflight(self, run: RunConfig, run_id: object) -> wire.Frame | int | None:
+        """At the join: refuse a run this site would refuse in its first round.
+
+        Otherwise how many of its rounds the budget covers (None: no budget applies).
+        Under secure aggregation a joined site's refusal can cost the others their
+        round, after they spent epsilon on it; refused up front, nobody has trained.
+        """
+        task = get_task(run.task)
+        epochs, batch_size, _ = _round_shape(run, task)
+        try:
+            return self.privacy.preflight(
+                run, str(run_id), model=self.model_for(task),
+                num_examples=_privacy_units(run, self.data_for(task)),
+                batch_size=batch_size, epochs=epochs)
+        except UnitUnknown as exc:
+            return self._refuse(run_id, "privacy.unit", str(exc))
+        except PrivacyRefusal as refusal:
+            return self._refuse(run_id, refusal.rule, refusal.reason)
 
     def _evaluate(self, run: RunConfig, run_id: object, config: dict, arrays: dict
                   ) -> wire.Frame:
@@ -275,6 +295,20 @@ class SiteWorker:
             self.secure.end_run(str(run_id))
             self.audit.record("secure-aggregation-ended", run_id=run_id)
         return wire.Frame({"ok": True, "site": self.site, "metrics": metrics})
+
+
+def _round_shape(run: RunConfig, task: Task) -> tuple[int, int, float]:
+    """Local epochs, batch size and learning rate of a round: the run's, else the task's."""
+    hp = task.defaults
+    return (run.local_epochs or hp.local_epochs, run.batch_size or hp.batch_size,
+            run.learning_rate or hp.learning_rate)
+
+
+def _privacy_units(run: RunConfig, data: SiteData) -> int:
+    """What DP-SGD samples from: examples, scans or patients (``privacy.unit``)."""
+    if run.privacy.mode != "sample":
+        return len(data.train)  # type: ignore[arg-type]
+    return privacy_units(len(data.train), data.train_units, run.privacy.unit)  # type: ignore[arg-type]
 
 
 def _u8(data: bytes) -> np.ndarray:

@@ -29,7 +29,7 @@ from medfed.server.refusals import SitesRefused
 from medfed.server.secure_aggregation import SecureAggregation
 from medfed.strategies import build_strategy
 from medfed.strategies.registry import check_secure_aggregation
-from medfed.tasks import get_task
+from medfed.tasks import dp, get_task
 from medfed.tasks.adaptation import local_keys
 
 RUNS_DIR_ENV = "MEDFED_RUNS_DIR"
@@ -69,6 +69,8 @@ def main(grid: Grid, context: Context) -> None:
         if run.init_from:  # warm start: the weights of an earlier run, checked against ours
             source, initial = load_start_weights(_runs_dir(context), run.init_from, layout)
             folder.event("initial-model", source=str(source))
+        if (warning := _update_dp_warning(run, layout.size)) is not None:
+            folder.event("warning", reason=warning)
         if local:
             folder.event("adaptation", hook=run.adaptation, site_local_tensors=len(local),
                          site_local_values=sum(model.state_dict()[k].numel() for k in local))
@@ -138,6 +140,35 @@ def main(grid: Grid, context: Context) -> None:
                               "seconds": round(time.time() - t0, 2)})
         folder.event("run-failed", reason=f"{type(exc).__name__}: {exc}")
         raise
+
+
+def _update_dp_warning(run: RunConfig, size: int) -> str | None:
+    """What update-level DP's noise does to a model sent between few sites, or None.
+
+    Each site adds noise of std z * C to each of the ``size`` values of an update whose
+    whole norm is at most C: the noise's norm is z * sqrt(size) times the largest update,
+    and averaging n sites' updates divides it only by sqrt(n).
+    """
+    p = run.privacy
+    if p.mode != "update":
+        return None
+    z = p.noise_multiplier
+    if p.target_epsilon > 0:  # what each site derives (one mechanism per round, no sampling)
+        try:
+            z = max(z, dp.noise_for_target(p.target_epsilon, p.target_delta, sample_rate=1.0,
+                                           steps=run.rounds, accountant=p.accountant))
+        except ValueError:
+            return None  # the sites refuse such a target themselves, with the reason
+    ratio = z * (size / max(run.min_sites, 1)) ** 0.5
+    if ratio <= 1.0:
+        return None
+    noise_norm = z * p.clipping * size ** 0.5
+    return (f"update-level DP: each site adds noise of norm about {noise_norm:.3g} "
+            f"(noise multiplier {z:.3g}, {size} values) to an update clipped to norm "
+            f"{p.clipping:g}; averaged over {run.min_sites} site(s) the noise is still about "
+            f"{ratio:.3g} times the largest update, so the model will barely learn. "
+            "Update-level DP needs many sites (hundreds); between a few hospitals, protect "
+            "examples instead (--dp sample)")
 
 
 def _end_refused(folder: RunFolder, exc: SitesRefused, run: RunConfig, run_id: str, *,

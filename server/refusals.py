@@ -24,8 +24,9 @@ class SitesRefused(MedfedError):
         self.round, self.phase, self.refusals = rnd, phase, refusals
         listed = "\n".join(f"    {site} [{e.rule or 'policy'}]: {e.reason}"
                            for site, e in sorted(refusals.items()))
+        when = f"Round {rnd} ({phase})" if rnd else "Set-up, before any site trained"
         super().__init__(
-            f"Round {rnd} ({phase}): {why}; a refusal repeats every round, so the run ends.\n"
+            f"{when}: {why}; a refusal repeats every round, so the run ends.\n"
             f"{listed}",
             where="the refusing sites' site.toml rules named above",
             expected="a run every site's policy and remaining budget allow",

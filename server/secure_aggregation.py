@@ -67,6 +67,9 @@ class SecureAggregation(Strategy):
         self.run_json = run_json
         self.aggregator: Aggregator | None = None
         self.site_of: dict[int, str] = {}
+        #: Sites whose privacy budget covers fewer rounds than the run's, as they said
+        #: when they joined (they will refuse the rounds after).
+        self.covers: dict[str, int] = {}
         self.roster_bytes = b""
         self.directory: dict[str, str] = {}
         self._global: np.ndarray | None = None
@@ -92,11 +95,17 @@ class SecureAggregation(Strategy):
             adverts.append(advert)
             directory[advert.site_id] = bytes(record["identity"])
             self.site_of[reply.metadata.src_node_id] = advert.site_id
-        if len(adverts) < min_sites:
+            said = (reply.content[wire.METRICS_KEY] if wire.METRICS_KEY in reply.content
+                    else {})
+            if wire.BUDGET_ROUNDS_KEY in said:
+                self.covers[advert.site_id] = int(said[wire.BUDGET_ROUNDS_KEY])
+        # Masking needs threshold + 1 sites, and a sum of fewer than two is one site's update.
+        needed = max(min_sites, 2, (self.config.threshold or 0) + 1)
+        if len(adverts) < needed:
             self.grid.errors.end_if_refused(
-                0, "query", f"{len(adverts)} of the {min_sites} sites needed joined")
+                0, "query", f"{len(adverts)} of the {needed} sites needed joined")
             raise MedfedError(
-                f"Secure aggregation needs {min_sites} sites, {len(adverts)} joined.",
+                f"Secure aggregation needs {needed} sites, {len(adverts)} joined.",
                 fix="see the site errors above (refusals name the site's rule); or lower "
                 "--min-sites")
         roster = Roster.of(self.run_id, adverts)
@@ -116,6 +125,7 @@ class SecureAggregation(Strategy):
         messages = [m for m in self.inner.configure_train(server_round, arrays, config, grid)
                     if m.metadata.dst_node_id in self.site_of]
         participants = sorted(self.site_of[m.metadata.dst_node_id] for m in messages)
+        self._end_if_budgets_run_out(server_round, participants)
         deadline = time.time() + self.round_timeout * (1 - DEADLINE_MARGIN)
         for message in messages:
             cfg = message.content[wire.CONFIG_KEY]
@@ -125,6 +135,27 @@ class SecureAggregation(Strategy):
             cfg[wire.SECAGG_DEADLINE] = deadline
         self.aggregator.begin_round(server_round, participants=participants)
         return messages
+
+    def _end_if_budgets_run_out(self, server_round: int, participants: list[str]) -> None:
+        """End the run before this round if the sites' own forecasts say it will be lost.
+
+        A site said at the join how many rounds its budget covers. Past them it refuses,
+        after the others trained and masked against it; if too few remain for secure
+        aggregation, the round is lost, and the epsilon the others spent on it with it.
+        The forecast only ends a run that way: the site itself still decides each round.
+        """
+        out = [s for s in participants if self.covers.get(s, server_round) < server_round]
+        assert self.aggregator is not None
+        if not out or len(participants) - len(out) >= self.aggregator.threshold + 1:
+            return
+        for site in out:
+            self.grid.errors.add(server_round, site, wire.SiteError(
+                site=site, status="refused", rule="epsilon_max",
+                reason=f"its privacy budget covers {self.covers[site]} of the run's rounds "
+                       "(said when it joined)"))
+        self.grid.errors.end_if_refused(
+            server_round, "train", f"{len(participants) - len(out)} site(s) have the budget "
+            f"for it, {self.aggregator.threshold + 1} are needed for secure aggregation")
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:

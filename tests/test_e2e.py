@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from medfed.core import wire
 from medfed.core.config import RunConfig
 from medfed.core.errors import ProcessError
 from medfed.core.procs import Managed
@@ -30,7 +31,9 @@ def test_two_sites_two_rounds_and_an_unenrolled_site_is_refused(short_tmp: Path)
                           server=fed.fed.config.superlink.address, runtime_port=free_port())
         fed.start()
         started = list(fed.group.members)
-        rogue_proc = Managed("rogue", site_daemon_argv(rogue), short_tmp / "rogue.log").start()
+        # (no retries: an unknown key and a site the server still counts online look alike)
+        rogue_proc = Managed("rogue", site_daemon_argv(rogue), short_tmp / "rogue.log",
+                             env={"MEDFED_ACTIVATION_PATIENCE_S": "0"}).start()
         try:
             folder, summary = fed.run(RunConfig(task="tiny-seg", rounds=2, min_sites=2),
                                       timeout=300)
@@ -138,8 +141,9 @@ def test_secure_aggregation_gives_the_plain_global_model(short_tmp: Path) -> Non
 
 
 def test_a_site_dropping_mid_run_is_recovered_by_the_survivors(short_tmp: Path) -> None:
-    """DP + secure aggregation + a refusal: site-c's budget fits round 1 only, so it drops
-    out of round 2; the survivors reveal that round's masks and the run goes on."""
+    """DP + secure aggregation + a refusal: site-c's budget fits round 1 only (it says so
+    when it joins), so it drops out of round 2; the survivors reveal that round's masks and
+    the run goes on. A run every site's policy refuses ends at set-up, before anyone trains."""
     import tomli_w
     import tomllib
 
@@ -157,8 +161,8 @@ def test_a_site_dropping_mid_run_is_recovered_by_the_survivors(short_tmp: Path) 
             task="tiny-seg", rounds=2, min_sites=2, round_timeout_s=60,
             privacy={"mode": "sample", "noise_multiplier": 2.0, "max_grad_norm": 1.0}),
             timeout=300)
-        # Less noise than every site's policy allows: each refuses round 1 and the run
-        # ends there, cleanly, naming each site's rule (no untrained "completed" run).
+        # Less noise than every site's policy allows: each refuses when it joins and the
+        # run ends there, cleanly, naming each site's rule (no untrained "completed" run).
         refused, refused_summary = fed.run(RunConfig(
             task="tiny-seg", rounds=3, min_sites=2, round_timeout_s=60,
             privacy={"mode": "sample", "noise_multiplier": 0.3, "max_grad_norm": 1.0}),
@@ -168,7 +172,11 @@ def test_a_site_dropping_mid_run_is_recovered_by_the_survivors(short_tmp: Path) 
     assert {s: r["rule"] for s, r in refused_summary["refusals"].items()} == {
         s: "privacy.datasets.default.min_noise_multiplier" for s in ("site-a", "site-b", "site-c")}
     assert not any(e["event"] == "round-finished" for e in refused.read_events())
+    assert [e["round"] for e in refused.read_events() if e["event"] == "run-refused"] == [0]
     assert summary["status"] == "completed", summary
+    joined = {e["site"]: e["metrics"] for e in folder.read_events()
+              if e["event"] == "site-replied" and e["phase"] == "query" and e["round"] == 0}
+    assert joined == {"site-a": {}, "site-b": {}, "site-c": {wire.BUDGET_ROUNDS_KEY: 1}}
     rounds = {e["round"]: e for e in folder.read_events() if e["event"] == "secure-aggregation"}
     assert rounds[1]["dropped"] == [] and rounds[2]["dropped"] == ["site-c"]
     assert rounds[2]["survivors"] == ["site-a", "site-b"]

@@ -92,3 +92,18 @@ def test_clip_and_noise_refuses_a_non_finite_update() -> None:
     with pytest.raises(MedfedError, match="NaN"):
         dp.clip_and_noise_update(np.array([1.0, np.nan]), clipping_norm=1.0,
                                  noise_multiplier=1.0, generator=np.random.default_rng(0))
+
+
+def test_the_coordinator_is_warned_when_update_level_noise_drowns_the_update() -> None:
+    from medfed.core.config import RunConfig
+    from medfed.server.app import _update_dp_warning
+
+    few = RunConfig(task="tiny-seg", min_sites=2, privacy={
+        "mode": "update", "noise_multiplier": 1.0, "clipping_norm": 1.0})
+    text = _update_dp_warning(few, 20_000)  # noise 1 * sqrt(20000 / 2) = 100x the update
+    assert text is not None and "still about 100 times the largest update" in text
+    assert "--dp sample" in text
+    many = few.model_copy(update={"min_sites": 1000})
+    assert _update_dp_warning(many, 100) is None  # sqrt(100 / 1000) < 1: the mean is signal
+    sample = RunConfig(task="tiny-seg", privacy={"mode": "sample", "noise_multiplier": 1.0})
+    assert _update_dp_warning(sample, 20_000) is None

@@ -120,3 +120,59 @@ def test_the_progress_view_names_the_site_and_rule_of_a_refusal(tmp_path: Path) 
     assert "round lost (round 1): 0 survivors [threshold 1]" in printed  # brackets kept
     assert "node 12          failed: RuntimeError: SuperNode gone" in printed
     assert "secure aggregation without site-c: the sum of site-a, site-b (round 2)" in printed
+
+
+def test_a_run_ends_before_a_round_the_sites_budgets_cannot_carry(tmp_path: Path) -> None:
+    """Forecasts from the join: past site-a's 2 rounds, one site is left, and secure
+    aggregation needs 2; the run ends before round 3, so site-b does not spend on it."""
+    from medfed.core.secagg import SecAggConfig
+    from medfed.server.secure_aggregation import SecureAggregation
+
+    folder = _folder(tmp_path)
+    secure = SecureAggregation(
+        None, grid=RecordingGrid(FakeGrid({}), folder), folder=folder,  # type: ignore[arg-type]
+        run_id="7", config=SecAggConfig(mode="default"), size=1, round_timeout=1.0,
+        run_json="{}")
+    secure.aggregator = SimpleNamespace(threshold=1)  # type: ignore[assignment]
+    secure.covers = {"site-a": 2}
+    secure._end_if_budgets_run_out(2, ["site-a", "site-b"])  # covered: the round goes ahead
+    # a third site keeps the round possible: site-a refuses it itself, as before
+    secure._end_if_budgets_run_out(3, ["site-a", "site-b", "site-c"])
+    with pytest.raises(SitesRefused) as caught:
+        secure._end_if_budgets_run_out(3, ["site-a", "site-b"])
+    assert caught.value.round == 3 and set(caught.value.refusals) == {"site-a"}
+    assert "covers 2 of the run's rounds" in caught.value.refusals["site-a"].reason
+
+
+def test_the_progress_view_shows_a_joined_sites_budget_forecast() -> None:
+    out = io.StringIO()
+    view = ProgressView(Console(file=out, width=200, color_system=None), rounds=3)
+    view({"event": "site-replied", "round": 0, "phase": "query", "site": "site-a",
+          "metrics": {wire.BUDGET_ROUNDS_KEY: 2}})
+    view({"event": "site-replied", "round": 0, "phase": "query", "site": "site-b",
+          "metrics": {}})
+    view({"event": "run-refused", "round": 0})
+    printed = out.getvalue()
+    assert "site-a           joined, but its privacy budget covers only 2 of the 3 rounds" \
+        in printed
+    assert "site-b           ok" in printed
+    assert "run ended: the sites refused (at set-up, before any site trained)" in printed
+
+
+def test_an_error_the_superlink_writes_for_a_site_is_recorded_under_that_site(
+        tmp_path: Path) -> None:
+    """A crashed site's "Node Unavailable" comes from the SuperLink (its own node id)."""
+    class SuperLinkAnswers(FakeGrid):
+        def _reply(self, mid: str, node: int) -> Any:
+            reply = super()._reply(mid, node)
+            if self.answers[node] is not None:
+                reply.metadata.src_node_id = 1  # the SuperLink, not the site
+            return reply
+
+    folder = _folder(tmp_path)
+    grid = RecordingGrid(SuperLinkAnswers({7: None, 8: None}), folder)
+    grid.send_and_receive(_train([7, 8]))  # both reply: node 7 is site-7
+    grid._grid.answers[7] = "Error: Node Unavailable - no heartbeat"  # type: ignore[attr-defined]
+    grid.send_and_receive(_train([7, 8], rnd=2))
+    errors = [e for e in folder.read_events() if e["event"] == "site-error"]
+    assert [(e["site"], e["node"], e["round"]) for e in errors] == [("site-7", 7, 2)]

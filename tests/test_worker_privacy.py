@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -182,3 +183,46 @@ def test_site_without_budget_refuses_dp_but_allows_plain_runs(tmp_path: Path) ->
     assert sent["ok"] and sent["metrics"]["train-loss"] > 0  # without DP it is reported
     reply = worker.handle(train_request(dp_run()))
     assert reply.header["status"] == "refused" and reply.header["rule"] == "privacy.datasets"
+
+
+def join_request(run: RunConfig) -> wire.Frame:
+    from medfed.core.secagg import SecAggConfig
+
+    return wire.Frame({"op": "query", "run_id": 42, "config": {
+        wire.RUN_CONFIG_KEY: run.to_json(),
+        wire.SECAGG_JOIN: json.dumps(SecAggConfig(mode="default").to_dict())}})
+
+
+def secure(run: RunConfig, rounds: int) -> RunConfig:
+    return run.model_copy(update={"secure_aggregation": "default", "rounds": rounds})
+
+
+@pytest.mark.parametrize(("budget", "privacy", "rule"), [
+    ({"privacy_unit": "patient"}, {}, "privacy.datasets.brain.privacy_unit"),
+    ({}, {"noise_multiplier": 0.5}, "privacy.datasets.brain.min_noise_multiplier"),
+    ({"epsilon_max": 1.0}, {}, "privacy.datasets.brain.epsilon_max"),  # not even round 1
+])
+def test_a_run_the_site_would_refuse_is_refused_when_it_joins(
+        tmp_path: Path, budget: dict, privacy: dict, rule: str) -> None:
+    """Refused at the join, before any site trains, and nothing is charged or joined."""
+    worker = make_worker(tmp_path, **budget)
+    reply = worker.handle(join_request(secure(dp_run(**privacy), rounds=3)))
+    assert not reply.header["ok"] and reply.header["status"] == "refused"
+    assert reply.header["rule"] == rule
+    assert not reply.arrays  # no key advert: the site is not in the run's roster
+    assert PrivacyLedger(tmp_path / "privacy" / "ledger.sqlite").spent("brain") == 0.0
+    assert [r["rule"] for r in worker.audit.read() if r["event"] == "refused"] == [rule]
+
+
+def test_the_join_says_how_many_rounds_the_budget_covers(tmp_path: Path) -> None:
+    # z = 2, q = 1/2, 2 steps per round: 2.06 after one round, 2.81 after two, 3.40 after 3
+    worker = make_worker(tmp_path, epsilon_max=3.0)
+    run = secure(dp_run(noise_multiplier=2.0), rounds=5)
+    reply = worker.handle(join_request(run))
+    assert reply.header["ok"], reply.header
+    assert reply.header["metrics"] == {wire.BUDGET_ROUNDS_KEY: 2}
+    assert wire.BYTES_PREFIX + "advert" in reply.arrays
+    # a run the budget covers whole joins without a note; the join charged nothing
+    assert worker.handle(join_request(secure(dp_run(noise_multiplier=2.0), rounds=2))
+                         ).header["metrics"] == {}
+    assert PrivacyLedger(tmp_path / "privacy" / "ledger.sqlite").spent("brain") == 0.0

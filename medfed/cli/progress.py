@@ -7,6 +7,8 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
+from medfed.core import wire
+
 _SKIP = {"num-examples", "steps"}
 
 
@@ -37,8 +39,13 @@ class ProgressView:
         elif kind == "round-sent" and event.get("phase") == "train":
             c.rule(f"round {rnd}/{self.rounds}")
         elif kind == "site-replied":
-            # A query reply (secure-aggregation key advert, unmasking) carries no metrics.
-            shown = _fmt(event["metrics"]) or ("ok" if event["phase"] == "query" else "")
+            if event["phase"] == "query":  # secure-aggregation set-up or unmasking
+                covered = event["metrics"].get(wire.BUDGET_ROUNDS_KEY)
+                shown = "ok" if covered is None else (
+                    f"[yellow]joined, but its privacy budget covers only {int(covered)} of "
+                    f"the {self.rounds} rounds; it will refuse the rest[/]")
+            else:
+                shown = _fmt(event["metrics"])
             c.print(f"  {event['phase']:<8} [cyan]{event['site']:<16}[/] {shown}",
                     highlight=False)
         elif kind == "site-error":
@@ -62,7 +69,8 @@ class ProgressView:
         elif kind == "warning":
             c.print(f"  [yellow]warning:[/] {escape(str(event['reason']))}", highlight=False)
         elif kind == "run-refused":
-            c.print(f"[red]run ended: the sites refused[/] (round {rnd})", highlight=False)
+            when = f"round {rnd}" if rnd else "at set-up, before any site trained"
+            c.print(f"[red]run ended: the sites refused[/] ({when})", highlight=False)
         elif kind == "sites-missing":
             c.print(f"  [yellow]{event['count']} site(s) did not reply in time "
                     f"({event['phase']})[/]")

@@ -27,6 +27,8 @@ CONFIG_KEY = "config"  # Flower strategies' default ConfigRecord key
 METRICS_KEY = "metrics"
 SITE_RECORD_KEY = "medfed-site"  # reply ConfigRecord: {"name": site, ...}
 WEIGHT_KEY = "num-examples"  # Flower strategies' default weighting key
+#: A join reply's metric: the run's rounds the site's privacy budget covers, when fewer than all
+BUDGET_ROUNDS_KEY = "budget-rounds"
 
 # ---- secure aggregation (medfed.core.secagg) on Flower messages
 SECAGG_JOIN = "secagg-join"  # query config: the run's SecAggConfig as JSON
