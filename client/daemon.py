@@ -8,11 +8,14 @@ ClientApps relay to the worker over a Unix socket.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
 
 from medfed.client.executor import InProcessExecutor
 from medfed.client.worker import SiteWorker, bind
@@ -26,7 +29,14 @@ from medfed.core.procs import Managed, require_free_port, wait_for_port
 log = logging.getLogger("medfed.site")
 
 DEFAULT_POLL_INTERVAL = 0.2  # seconds between SuperNode polls when idle (Flower: 3 s)
-NOT_ENROLLED_EXIT = 305  # flower-supernode's exit code when the SuperLink rejects its key
+#: A site that stopped without signing off (it crashed, or the server went down before
+#: it) stays "online" at the SuperLink until its heartbeats' patience runs out, and the
+#: SuperLink refuses to activate it again until then, with the same error as an unknown
+#: key. For that long a refused activation is retried before it is called "not enrolled"
+#: (``MEDFED_ACTIVATION_PATIENCE_S`` sets another span, e.g. 0 to fail at once).
+ACTIVATION_PATIENCE_S = float(os.environ.get(
+    "MEDFED_ACTIVATION_PATIENCE_S", HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL + 15.0))
+ACTIVATION_RETRY_S = 5.0
 
 
 @dataclass
@@ -109,15 +119,38 @@ class SiteDaemon:
         self.executor.start()
 
     def wait(self, *, stop: threading.Event | None = None) -> None:
-        """Block until the SuperNode ends (or ``stop`` is set); raise a clear error on failure."""
+        """Block until the SuperNode ends (or ``stop`` is set); raise a clear error on failure.
+
+        A refused activation is retried for :data:`ACTIVATION_PATIENCE_S` (the server may
+        still count this site's last connection as live) before it is reported.
+        """
         assert self.supernode is not None
-        while self.supernode.alive():
-            if stop is not None and stop.wait(0.5):
+        started = time.monotonic()
+        while True:
+            while self.supernode.alive():
+                if stop is not None and stop.wait(0.5):
+                    return
+                if stop is None:
+                    time.sleep(0.5)
+                self._check_log()
+            if not self._activation_refused() \
+                    or time.monotonic() - started > ACTIVATION_PATIENCE_S:
+                raise self.failure()
+            log.warning("the server at %s did not accept site %r yet: it may still count the "
+                        "site's last connection as live (up to %.0f s after a crash or a server "
+                        "restart); retrying in %.0f s", self.config.site.server, self.name,
+                        ACTIVATION_PATIENCE_S, ACTIVATION_RETRY_S)
+            if stop is not None and stop.wait(ACTIVATION_RETRY_S):
                 return
             if stop is None:
-                time.sleep(0.5)
-            self._check_log()
-        raise self.failure()
+                time.sleep(ACTIVATION_RETRY_S)
+            self.supernode.stop()  # exited; closes its log
+            self.supernode = self.supernode_process().start()
+
+    def _activation_refused(self) -> bool:
+        assert self.supernode is not None
+        # flower-supernode logs its exit code 305, but the OS reports it modulo 256
+        return "Failed to activate SuperNode" in self.supernode.log_of_this_start()
 
     def _check_log(self) -> None:
         assert self.supernode is not None
@@ -136,15 +169,28 @@ class SiteDaemon:
         assert self.supernode is not None and self.supernode.proc is not None
         code = self.supernode.proc.returncode
         tail = self.supernode.log_tail(15)
-        if code == NOT_ENROLLED_EXIT or "Failed to activate SuperNode" in tail:
+        if self._activation_refused():
             return IdentityError(
                 f"The server at {self.config.site.server} refused site {self.name!r}: "
-                "its key is not enrolled in this federation.",
+                f"its key is not enrolled in this federation (retried for "
+                f"{ACTIVATION_PATIENCE_S:.0f} s, longer than the server keeps a lost "
+                "connection).",
                 where=str(self.path(self.config.site.public_key)),
                 fix="send this public key to the coordinator, who runs "
                 f"`medfed server enrol {self.config.site.public_key} --name {self.name}`; "
                 "then start the site again",
             )
+        port = self.config.site.runtime_port
+        if f"{port}): address already in use" in self.supernode.log_tail(60):
+            # Passed check() but lost the race for the port: two site daemons on one
+            # machine started together with the same runtime_port (site init's default).
+            return ProcessError(
+                f"The SuperNode of site {self.name!r} could not listen on its runtime port "
+                f"{port}: another program took it first (another site daemon on this "
+                "machine?).",
+                where=f"{self.config_path} key site.runtime_port",
+                fix="give each site daemon on a machine its own runtime_port, or stop the "
+                    f"program using it (`ss -ltnp | grep :{port}`)")
         return ProcessError(
             f"The SuperNode of site {self.name!r} stopped (exit code {code}).",
             where=str(self.supernode.log_path), fix="read its log; last lines:\n" + tail,

@@ -31,6 +31,9 @@ class RecordingGrid:
         self._round_start: dict[int, float] = {}
         self._evaluated: dict[int, list[dict[str, Any]]] = {}  # round -> sites' eval metrics
         self._site_of: dict[int, str] = {}  # node id -> site name, from its replies
+        # message id -> the node it went to: an error the SuperLink writes for a node
+        # (e.g. "Node Unavailable") comes from the SuperLink, not from that node
+        self._dst_of: dict[str, int] = {}
         self.errors = RefusalLog()
 
     def __getattr__(self, name: str) -> Any:
@@ -60,7 +63,10 @@ class RecordingGrid:
 
     def _exchange(self, messages: list[Message], timeout: float | None) -> list[Message]:
         """Push, then pull replies every ``poll_interval`` s (Flower's Grid sleeps 3 s)."""
-        pending = set(self._grid.push_messages(messages))
+        ids = list(self._grid.push_messages(messages))
+        self._dst_of.update((mid, m.metadata.dst_node_id)
+                            for mid, m in zip(ids, messages, strict=False))
+        pending = set(ids)
         end = time.monotonic() + (timeout if timeout is not None else float("inf"))
         replies: list[Message] = []
         while pending and time.monotonic() < end:
@@ -73,7 +79,7 @@ class RecordingGrid:
         return replies
 
     def _record(self, rnd: int, phase: str, reply: Message) -> None:
-        node = reply.metadata.src_node_id
+        node = self._dst_of.pop(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
         if reply.has_error():
             error = wire.SiteError.parse(reply.error.reason)
             # The name this node replied under before; the error's own claim only if none.

@@ -73,11 +73,13 @@ class Managed:
     cwd: Path | None = None
     proc: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = None
+    _log_start: int = 0  # where this start's output begins in the (appended) log
 
     def start(self) -> Managed:
         """Start the process; its stdout and stderr go to ``log_path``."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
+        self._log_start = self._log.tell()
         self.proc = subprocess.Popen(
             list(self.argv), stdout=self._log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, env={**os.environ, **self.env},
@@ -96,6 +98,15 @@ class Managed:
         except FileNotFoundError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
+
+    def log_of_this_start(self) -> str:
+        """What the process wrote since it was last started (the log is appended to)."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_start)
+                return f.read().decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
 
     def stop(self, *, grace: float = 5.0) -> None:
         """Stop the whole process group: SIGTERM, then SIGKILL after ``grace`` seconds."""
