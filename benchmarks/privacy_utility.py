@@ -171,8 +171,7 @@ def run_once(root: Path, sources: dict, rounds: int, privacy: dict, local_epochs
         fed.create(site_data=lambda i, name: {
             k: v for k, v in sources[name].model_dump().items()
             if k in ("kind", "path", "manifest", "cache_dir", "seed", "val_fraction")})
-        for cfg in fed.site_configs.values():  # a generous budget: the benchmark measures spend
-            _set_budget(cfg, budget)
+        fed.set_budget(**budget)  # a generous budget: the benchmark measures spend
         fed.start(timeout=300)
         folder, summary = fed.run(RunConfig(task=TASK, rounds=rounds, local_epochs=local_epochs,
                                             min_sites=len(sources), seed=0, privacy=privacy,
@@ -188,15 +187,6 @@ def run_once(root: Path, sources: dict, rounds: int, privacy: dict, local_epochs
     print(f"  {metric} per site: { {s: round(r[metric], 4) for s, r in sorted(row.items())} }",
           flush=True)
     return sum(r[metric] for r in row.values()) / len(row), eps, noise
-
-
-def _set_budget(site_toml: Path, budget: dict) -> None:
-    import tomli_w
-    import tomllib
-
-    data = tomllib.loads(site_toml.read_text())
-    data["privacy"]["datasets"] = {"default": budget}
-    site_toml.write_text(tomli_w.dumps(data))
 
 
 def main() -> None:

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 
-def medfed(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def medfed(*args: str, cwd: Path | None = None, timeout: float = 120
+           ) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "medfed", *args], capture_output=True,
-                          text=True, cwd=cwd, timeout=120)
+                          text=True, cwd=cwd, timeout=timeout)
 
 
 def test_listings() -> None:

@@ -39,12 +39,21 @@ def interrupt_on_signal(signum: int, frame: object) -> None:
 
 
 def _register() -> None:
-    from medfed.cli import baseline_cmd, data_cmd, demo_cmd, info_cmd, run_cmd, server_cmd, site_cmd
+    from medfed.cli import (
+        baseline_cmd,
+        compare_cmd,
+        data_cmd,
+        demo_cmd,
+        info_cmd,
+        run_cmd,
+        server_cmd,
+        site_cmd,
+    )
 
     app.add_typer(server_cmd.app, name="server")
     app.add_typer(site_cmd.app, name="site")
     app.add_typer(data_cmd.app, name="data")
-    for module in (run_cmd, info_cmd, demo_cmd, baseline_cmd):
+    for module in (run_cmd, info_cmd, demo_cmd, compare_cmd, baseline_cmd):
         module.register(app)
 
 

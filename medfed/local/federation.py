@@ -66,6 +66,23 @@ class LocalFederation:
                 self.federation.enrol(self.root / site / "keys" / "site.pub", site)
         return self
 
+    def set_budget(self, **budget: Any) -> None:
+        """Set every site's default privacy budget; call it before :meth:`start`.
+
+        ``budget``: keys of ``[privacy.datasets.NAME]`` (``epsilon_max``,
+        ``min_noise_multiplier`` ...), e.g. a generous budget for simulations that
+        compare DP runs.
+        """
+        import tomli_w
+        import tomllib
+
+        for cfg in self.site_configs.values():
+            data = tomllib.loads(cfg.read_text(encoding="utf-8"))
+            default = data["privacy"]["default"]
+            datasets = data["privacy"].setdefault("datasets", {})
+            datasets[default] = {**datasets.get(default, {}), **budget}
+            cfg.write_text(tomli_w.dumps(data), encoding="utf-8")
+
     @property
     def fed(self) -> Federation:
         """The loaded federation (after :meth:`create`)."""
