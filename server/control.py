@@ -48,6 +48,10 @@ class RunInfo:
     finished_at: str
 
 
+class ServerUnreachable(MedfedError):
+    """Nothing answers at the server's address (it is not running, or the address is wrong)."""
+
+
 class Control:
     """A connection to one SuperLink's Control API."""
 
@@ -87,7 +91,7 @@ class Control:
                     fix="use the ca.pem of this federation; if it expired, run "
                     "`medfed server renew-cert`",
                 ) from None
-            raise MedfedError(
+            raise ServerUnreachable(
                 f"Cannot reach the medfed server at {self.address} to {what}: {exc}",
                 where=self.address,
                 fix="start it with `medfed server start --config server.toml`, "

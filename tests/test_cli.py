@@ -151,3 +151,27 @@ def test_the_privacy_unit_option_reaches_the_run_and_a_bad_one_is_refused() -> N
     bad = privacy_options("sample", 1.0, 1.0, 1.0, 1e-5, "rdp", unit="study")
     with pytest.raises(ConfigError, match="unit"):
         validate(RunConfig, {"task": "tiny-seg", "privacy": bad}, where="medfed run options")
+
+
+def test_runs_and_status_read_the_run_folders_while_the_server_is_down(tmp_path: Path) -> None:
+    from medfed.core.config import RunConfig
+    from medfed.core.runs import RunFolder
+
+    medfed("server", "init", str(tmp_path / "fed"), "--port", "9")
+    folder = RunFolder.create(tmp_path / "fed" / "runs", 123456789012345678,
+                              RunConfig(task="tiny-seg", rounds=2))
+    folder.write_summary({"status": "refused", "rounds_finished": 0, "reason": "no budget",
+                          "final_checkpoint": None})
+    RunFolder.create(tmp_path / "fed" / "runs", 77, RunConfig(task="tiny-seg"))  # unfinished
+    cfg = str(tmp_path / "fed" / "server.toml")
+    runs = medfed("runs", "--config", cfg)
+    assert runs.returncode == 0, runs.stderr
+    assert "Cannot reach the medfed server" in runs.stdout and "medfed server start" in runs.stdout
+    assert "123456789012345678" in runs.stdout  # whole: `medfed status` takes it
+    assert "refused" in runs.stdout and "not finished" in runs.stdout
+    status = medfed("status", "123456789012345678", "--config", cfg)
+    assert status.returncode == 0, status.stderr
+    assert "run 123456789012345678: refused" in status.stdout
+    assert "rounds finished: 0" in status.stdout
+    # a run this machine holds no folder of still needs the server
+    assert medfed("status", "5", "--config", cfg).returncode == 2

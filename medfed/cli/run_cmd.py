@@ -8,11 +8,11 @@ from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
-from rich.table import Table
+from rich.table import Column, Table
 
 from medfed.cli.main import console
 from medfed.cli.progress import ProgressView
-from medfed.core.errors import ConfigError
+from medfed.core.errors import ConfigError, MedfedError
 
 
 def parse_option(text: str) -> tuple[str, Any]:
@@ -185,33 +185,54 @@ def register(app: typer.Typer) -> None:
     @app.command("runs")
     def runs(config: ConfigOpt = None, server: ServerOpt = None, ca: CaOpt = None) -> None:
         """List the runs of the federation."""
+        from medfed.server.control import ServerUnreachable
+
         target = Target(config, server, ca)
-        with target.control() as control:
-            infos = sorted(control.runs(), key=lambda r: r.pending_at, reverse=True)
-        table = Table("run", "status", "submitted", "finished", "task", "strategy")
+        try:
+            with target.control() as control:
+                infos = sorted(control.runs(), key=lambda r: r.pending_at, reverse=True)
+        except ServerUnreachable as exc:
+            if target.runs_dir is None or not any(
+                    (p / "run.json").is_file() for p in target.runs_dir.glob("*")):
+                raise
+            _runs_from_folders(target, exc)
+            return
+        rows = []
         for info in infos:
             cfg = _local_config(target, info.run_id)
             status = _outcome(target, info.run_id) or \
                 info.status + (f":{info.sub_status}" if info.sub_status else "")
-            table.add_row(str(info.run_id), status, info.pending_at[:19], info.finished_at[:19],
-                          cfg.get("task", ""), cfg.get("strategy", ""))
-        console.print(table)
+            rows.append((str(info.run_id), status, info.pending_at[:19], info.finished_at[:19],
+                         cfg.get("task", ""), cfg.get("strategy", "")))
+        _print_runs(rows, "submitted")
 
     @app.command("status")
     def status(run_id: int, config: ConfigOpt = None, server: ServerOpt = None,
                ca: CaOpt = None) -> None:
         """Show one run: state, rounds done, latest metrics."""
+        from medfed.core.runs import RunFolder
+        from medfed.server.control import ServerUnreachable
+
         target = Target(config, server, ca)
-        with target.control() as control:
-            infos = control.runs(run_id)
-        if not infos:
-            raise ConfigError(f"No run {run_id} on this server.", fix="`medfed runs` lists them")
-        info = infos[0]
-        state = _outcome(target, run_id) or f"{info.status} {info.sub_status} {info.details}"
+        try:
+            with target.control() as control:
+                infos = control.runs(run_id)
+        except ServerUnreachable as exc:
+            # The run folder is on this machine: what it holds needs no server.
+            if target.runs_dir is None or not (target.runs_dir / str(run_id)).is_dir():
+                raise
+            console.print(f"[yellow]{escape(exc.what)}[/] ({escape(exc.fix)})\n"
+                          "  from the run folder instead:")
+            infos = []
+            state = _outcome(target, run_id) or _UNFINISHED
+        else:
+            if not infos:
+                raise ConfigError(f"No run {run_id} on this server.",
+                                  fix="`medfed runs` lists them")
+            info = infos[0]
+            state = _outcome(target, run_id) or f"{info.status} {info.sub_status} {info.details}"
         console.print(f"run {run_id}: [bold]{escape(state)}[/]")
         if target.runs_dir is not None:
-            from medfed.core.runs import RunFolder
-
             folder = RunFolder(target.runs_dir / str(run_id))
             events = folder.read_events()
             done = [e for e in events if e["event"] == "round-finished"]
@@ -228,6 +249,52 @@ def register(app: typer.Typer) -> None:
         with target.control() as control:
             ok = control.stop(run_id)
         console.print(f"run {run_id}: {'stopping' if ok else 'not stopped (already finished?)'}")
+
+
+#: A run folder without a summary, read while the server is down.
+_UNFINISHED = "not finished (no summary: still running when the server stopped, or running now)"
+
+
+def _runs_from_folders(target: Target, exc: MedfedError) -> None:
+    """`medfed runs` while the server is down: the run folders on this machine."""
+    import datetime as dt
+
+    assert target.runs_dir is not None
+    console.print(f"[yellow]{escape(exc.what)}[/] ({escape(exc.fix)})\n"
+                  "  the run folders on this machine instead:")
+    rows = []
+    for path in target.runs_dir.iterdir():
+        if not (path / "run.json").is_file() or not path.name.isdigit():
+            continue
+        info = json.loads((path / "run.json").read_text())
+        cfg = info.get("config", {})
+        finished = ""
+        if (path / "summary.json").is_file():
+            stamp = (path / "summary.json").stat().st_mtime
+            finished = dt.datetime.fromtimestamp(stamp, dt.timezone.utc).isoformat()[:19]
+        rows.append((info.get("started", "")[:19], path.name,
+                     _outcome(target, int(path.name)) or "not finished", finished,
+                     cfg.get("task", ""), cfg.get("strategy", "")))
+    _print_runs([(run_id, status, started, finished, task, strategy) for
+                 started, run_id, status, finished, task, strategy in sorted(rows, reverse=True)],
+                "started")
+
+
+def _print_runs(rows: list[tuple[str, ...]], since: str) -> None:
+    """Print the runs table.
+
+    The run id and its status are never cut (`medfed status` takes the id); on a
+    narrow terminal the dates, task and strategy fold instead.
+    """
+
+    def whole(name: str, i: int) -> Column:
+        return Column(name, no_wrap=True, min_width=max((len(r[i]) for r in rows), default=3))
+
+    table = Table(whole("run", 0), whole("status", 1), *(Column(h, overflow="fold") for h in (
+        since, "finished", "task", "strategy")))
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
 
 
 def _local_config(target: Target, run_id: int) -> dict[str, Any]:
