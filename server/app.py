@@ -11,6 +11,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
@@ -89,11 +90,18 @@ def main(grid: Grid, context: Context) -> None:
             folder.event("warning", reason="secure aggregation is off: the server sees every "
                          "site's update (debugging only)")
 
+        previous: list[np.ndarray] = []  # the global model after the last round
+
         def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-            weights = unpack(arrays[WEIGHTS_KEY].numpy(), layout)
+            vector = arrays[WEIGHTS_KEY].numpy()
+            weights = unpack(vector, layout)
             if server_round > 0:
                 path = folder.save_checkpoint(server_round, weights)
-                recorder.finish_round(server_round, checkpoint=path.name)
+                # A lost round (no site's update, or secure aggregation could not unmask)
+                # leaves the model as it was: say so rather than report a finished round.
+                recorder.finish_round(server_round, checkpoint=path.name, unchanged=bool(
+                    previous and np.array_equal(previous[0], vector)))
+            previous[:] = [vector.copy()]
             return None
 
         config = ConfigRecord({wire.RUN_CONFIG_KEY: run.to_json()})

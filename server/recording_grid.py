@@ -103,8 +103,11 @@ class RecordingGrid:
             self._evaluated.setdefault(rnd, []).append(metrics)
         self._folder.event("site-replied", round=rnd, phase=phase, site=site, metrics=metrics)
 
-    def finish_round(self, rnd: int, *, checkpoint: str) -> None:
-        """Record the round's end: its duration and the weighted global metrics."""
+    def finish_round(self, rnd: int, *, checkpoint: str, unchanged: bool = False) -> None:
+        """Record the round's end: its duration and the weighted global metrics.
+
+        ``unchanged``: the round produced no new global model (it was lost).
+        """
         seconds = time.time() - self._round_start.get(rnd, time.time())
         self.round_seconds[rnd] = round(seconds, 3)
         rows = self._evaluated.pop(rnd, [])
@@ -115,5 +118,6 @@ class RecordingGrid:
                     for k in keys if k != wire.WEIGHT_KEY}
             glob[wire.WEIGHT_KEY] = total
             self._folder.metrics(rnd, "global", "evaluate", glob)
+        extra = {"model_unchanged": True} if unchanged else {}
         self._folder.event("round-finished", round=rnd, seconds=round(seconds, 3),
-                           checkpoint=checkpoint)
+                           checkpoint=checkpoint, **extra)

@@ -180,6 +180,9 @@ def test_a_site_dropping_mid_run_is_recovered_by_the_survivors(short_tmp: Path) 
     rounds = {e["round"]: e for e in folder.read_events() if e["event"] == "secure-aggregation"}
     assert rounds[1]["dropped"] == [] and rounds[2]["dropped"] == ["site-c"]
     assert rounds[2]["survivors"] == ["site-a", "site-b"]
+    # both rounds gave a new model (round 2 from the survivors' sum)
+    assert [e.get("model_unchanged", False) for e in folder.read_events()
+            if e["event"] == "round-finished"] == [False, False]
     refused = [e for e in folder.read_events() if e["event"] == "site-error"]
     assert any("epsilon_max" in e["reason"] for e in refused)
     audit_a = (short_tmp / "site-a" / "audit.jsonl").read_text()

@@ -176,3 +176,19 @@ def test_an_error_the_superlink_writes_for_a_site_is_recorded_under_that_site(
     grid.send_and_receive(_train([7, 8], rnd=2))
     errors = [e for e in folder.read_events() if e["event"] == "site-error"]
     assert [(e["site"], e["node"], e["round"]) for e in errors] == [("site-7", 7, 2)]
+
+
+def test_a_lost_round_is_not_reported_as_done(tmp_path: Path) -> None:
+    folder = _folder(tmp_path)
+    grid = RecordingGrid(FakeGrid({}), folder)
+    grid.finish_round(1, checkpoint="round-001.npz")
+    grid.finish_round(2, checkpoint="round-002.npz", unchanged=True)
+    finished = [e for e in folder.read_events() if e["event"] == "round-finished"]
+    assert [e.get("model_unchanged", False) for e in finished] == [False, True]
+    out = io.StringIO()
+    view = ProgressView(Console(file=out, width=200, color_system=None), rounds=3)
+    for event in finished:
+        view(event)
+    printed = out.getvalue()
+    assert "round 1 done" in printed
+    assert "round 2 gave no new model" in printed and "round 2 done" not in printed

@@ -74,6 +74,9 @@ class ProgressView:
         elif kind == "sites-missing":
             c.print(f"  [yellow]{event['count']} site(s) did not reply in time "
                     f"({event['phase']})[/]")
+        elif kind == "round-finished" and event.get("model_unchanged"):
+            c.print(f"  [yellow]round {rnd} gave no new model[/] in {event['seconds']:.2f} s: "
+                    f"{event['checkpoint']} holds the model it started from")
         elif kind == "round-finished":
             c.print(f"  [green]round {rnd} done[/] in {event['seconds']:.2f} s "
                     f"(checkpoint {event['checkpoint']})")
