@@ -22,6 +22,7 @@ from medfed.core.config import RunConfig
 from medfed.core.flower_tuning import shorten_object_pull_backoff
 from medfed.core.packing import WEIGHTS_KEY, Layout, pack, shared_state, unpack
 from medfed.core.report import plot_metrics
+from medfed.core.run_report import write_report
 from medfed.core.runs import RunFolder
 from medfed.core.secagg import SecAggConfig
 from medfed.core.warm_start import load_start_weights
@@ -140,14 +141,25 @@ def main(grid: Grid, context: Context) -> None:
             "final_checkpoint": folder.checkpoint_file(run.rounds).name,
         })
         folder.event("run-finished", seconds=round(time.time() - t0, 2))
+        _write_report(folder)
     except SitesRefused as exc:  # a clean end: the sites said no, and why
         _end_refused(folder, exc, run, str(context.run_id), seconds=round(time.time() - t0, 2))
+        _write_report(folder)
     except BaseException as exc:
         folder.write_summary({"status": "failed", "run_id": str(context.run_id),
                               "reason": f"{type(exc).__name__}: {exc}",
                               "seconds": round(time.time() - t0, 2)})
         folder.event("run-failed", reason=f"{type(exc).__name__}: {exc}")
+        _write_report(folder)
         raise
+
+
+def _write_report(folder: RunFolder) -> None:
+    """report.md; a fault in it is noted, never turned into the run's outcome."""
+    try:
+        write_report(folder)
+    except Exception as exc:  # noqa: BLE001 - the run's own result stands
+        folder.event("warning", reason=f"report.md was not written: {type(exc).__name__}: {exc}")
 
 
 def _update_dp_warning(run: RunConfig, size: int) -> str | None:

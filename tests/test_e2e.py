@@ -180,6 +180,11 @@ def test_a_site_dropping_mid_run_is_recovered_by_the_survivors(short_tmp: Path) 
     rounds = {e["round"]: e for e in folder.read_events() if e["event"] == "secure-aggregation"}
     assert rounds[1]["dropped"] == [] and rounds[2]["dropped"] == ["site-c"]
     assert rounds[2]["survivors"] == ["site-a", "site-b"]
+    # the one-page report: epsilon per site per round, and site-c's refusal with its rule
+    report = (folder.path / "report.md").read_text()
+    assert "## Privacy: epsilon spent by each site" in report and "without site-c" in report
+    assert "privacy.datasets.default.epsilon_max" in report
+    assert "status: **refused**, 0 of 3 rounds" in (refused.path / "report.md").read_text()
     # both rounds gave a new model (round 2 from the survivors' sum)
     assert [e.get("model_unchanged", False) for e in folder.read_events()
             if e["event"] == "round-finished"] == [False, False]

@@ -40,3 +40,38 @@ def test_evaluation_alone_gives_one_panel(tmp_path: Path) -> None:
     rows = [r for r in _rows(dp=True) if r["phase"] == "evaluate"]
     assert plot_panels(rows, "dice") == [("dice", "evaluate")]
     assert _png_width(plot_metrics(rows, "dice", tmp_path / "m.png", title="t")) == 550
+
+
+def test_the_run_report_tells_protection_scores_epsilon_and_refusals(tmp_path: Path) -> None:
+    from medfed.core.config import RunConfig
+    from medfed.core.run_report import write_report
+    from medfed.core.runs import RunFolder
+
+    folder = RunFolder.create(tmp_path, 42, RunConfig(
+        task="tiny-seg", rounds=2, strategy="fedprox", strategy_options={"proximal_mu": 0.1},
+        privacy={"mode": "sample", "target_epsilon": 8.0, "max_grad_norm": 0.3}))
+    for rnd in (1, 2):
+        for site, z in (("site-a", 0.9), ("site-b", 1.1)):
+            if (rnd, site) == (2, "site-b"):
+                folder.event("site-error", round=2, phase="train", site="site-b", node=5,
+                             status="refused", rule="privacy.datasets.default.epsilon_max",
+                             reason="Privacy budget exceeded (remaining 0.5).")
+                continue
+            folder.metrics(rnd, site, "train", {"epsilon-run": 4.0 * rnd, "noise-multiplier": z})
+        folder.metrics(rnd, "global", "evaluate", {"dice": 0.5 + rnd / 10})
+        folder.event("round-finished", round=rnd, seconds=3.0, checkpoint=f"round-00{rnd}.npz")
+    folder.event("secure-aggregation", round=2, dropped=["site-b"], survivors=["site-a"])
+    folder.write_cross_site({"global": {"site-a": {"dice": 0.8, "num-examples": 10.0},
+                                        "site-b": {"dice": 0.6, "num-examples": 12.0}}},
+                            metric="dice")
+    folder.write_summary({"status": "completed", "primary_metric": "dice", "seconds": 12.0,
+                          "final_checkpoint": "round-002.npz"})
+    text = write_report(folder).read_text()
+    assert text.startswith("# Run 42: tiny-seg with fedprox")
+    assert "status: **completed**, 2 of 2 rounds" in text and "proximal_mu=0.1" in text
+    assert "DP-SGD, one sample protected; per-sample clipping 0.3; target epsilon 8" in text
+    assert "| site-a | 0.8 | 10 |" in text and "| mean | 0.7 |" in text
+    assert "| 1 | 4 (0.9) | 4 (1.1) |" in text and "| 2 | 8 (0.9) | - |" in text
+    assert "| 2 | 0.7 | 3 | site-a | without site-b |" in text
+    assert "privacy.datasets.default.epsilon_max" in text and "remaining 0.5" in text
+    assert "`checkpoints/round-002.npz`" in text

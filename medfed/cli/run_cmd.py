@@ -328,6 +328,8 @@ def _print_summary(summary: dict[str, Any], folder: Path) -> None:
             console.print(f"  rounds finished: {summary.get('rounds_finished')} of "
                           f"{summary.get('rounds')}; last model: "
                           f"{folder / 'checkpoints' / summary['final_checkpoint']}")
+        if (folder / "report.md").exists():
+            console.print(f"  report: {folder / 'report.md'}")
         return
     metric = summary.get("primary_metric", "")
     final = summary.get("evaluate_metrics", {}).get(str(summary.get("rounds")), {})
@@ -336,3 +338,4 @@ def _print_summary(summary: dict[str, Any], folder: Path) -> None:
     console.print(f"  run folder: {folder}")
     console.print(f"  model:      {folder / 'checkpoints' / summary['final_checkpoint']}")
     console.print(f"  plot:       {folder / 'metrics.png'}")
+    console.print(f"  report:     {folder / 'report.md'}")

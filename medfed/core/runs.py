@@ -13,6 +13,7 @@ Layout of ``runs/<run-id>/``::
     summary.json       final status, timings, last metrics (written at the end)
     cross_site.json    the global model evaluated on every site's held-out split
     metrics.png        per-site primary metric per round
+    report.md          the run in one page: protection, scores, epsilon per site per round
 """
 
 from __future__ import annotations

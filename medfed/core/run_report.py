@@ -1,0 +1,136 @@
+"""report.md: a run told in one page, for the coordinator and whoever they answer to.
+
+Made from the run folder alone (run.json, summary.json, metrics.jsonl, events.jsonl,
+cross_site.json), so it can be written again at any time: what was trained, how it
+was protected, what each site's data gave and what it cost each site in epsilon,
+round by round, and which sites refused or failed and why.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from medfed.core.files import atomic_write
+from medfed.core.runs import RunFolder
+
+REPORT_FILE = "report.md"
+
+
+def _cell(value: Any, digits: int = 4) -> str:
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1e4 else f"{value:.4e}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(_cell(v) for v in row) + " |" for row in rows)]
+
+
+def _privacy_lines(privacy: dict[str, Any]) -> list[str]:
+    mode = privacy.get("mode", "off")
+    if mode == "off":
+        return ["- differential privacy: off"]
+    noise = (f"target epsilon {privacy['target_epsilon']:g} (each site derives its noise)"
+             if privacy.get("target_epsilon") else
+             f"noise multiplier {privacy.get('noise_multiplier', 0):g}")
+    if mode == "sample":
+        what = (f"DP-SGD, one {privacy.get('unit', 'sample')} protected; per-sample clipping "
+                f"{privacy.get('max_grad_norm', 0):g}")
+    else:
+        what = (f"update-level (a site's whole data protected); update clipping "
+                f"{privacy.get('clipping_norm', 0):g}")
+    return [f"- differential privacy: {what}; {noise}; delta {privacy.get('target_delta', 0):g}; "
+            f"{privacy.get('accountant', 'rdp')} accountant (Opacus)"]
+
+
+def render(folder: RunFolder) -> str:
+    """The report of the run in ``folder`` (markdown)."""
+    info = json.loads(folder.run_file.read_text())
+    cfg: dict[str, Any] = info.get("config", {})
+    summary = folder.read_summary() or {"status": "not finished"}
+    metrics = folder.read_metrics()
+    events = folder.read_events()
+    metric = summary.get("primary_metric", "dice")
+    rounds = int(cfg.get("rounds", 0))
+    lines = [f"# Run {info.get('run_id', folder.path.name)}: {cfg.get('task')} with "
+             f"{cfg.get('strategy')}", ""]
+    options = ", ".join(f"{k}={v}" for k, v in sorted(cfg.get("strategy_options", {}).items()))
+    finished = summary.get("rounds_finished", rounds if summary.get("status") == "completed"
+                           else sum(e["event"] == "round-finished" for e in events))
+    lines += [f"- status: **{summary.get('status')}**, {finished} of {rounds} rounds; "
+              f"started {info.get('started', '?')[:19]} UTC"
+              + (f", {summary['seconds']:.0f} s" if "seconds" in summary else ""),
+              f"- strategy options: {options or 'defaults'}; adaptation hook: "
+              f"{cfg.get('adaptation', 'none')}; seed {cfg.get('seed', 0)}",
+              f"- transport: TLS; secure aggregation: {cfg.get('secure_aggregation', 'default')}",
+              *_privacy_lines(cfg.get("privacy", {}))]
+    if summary.get("reason"):
+        lines += ["", "## Why it ended", "", "```", str(summary["reason"]), "```"]
+
+    if folder.cross_site_file.exists():
+        row = json.loads(folder.cross_site_file.read_text())["matrix"].get("global", {})
+        if row:
+            lines += ["", f"## The final model at each site ({metric}, held-out split)", ""]
+            sites = sorted(row)
+            mean = sum(row[s].get(metric, 0.0) for s in sites) / len(sites)
+            lines += _table(["site", metric, "examples"],
+                            [[s, row[s].get(metric), row[s].get("num-examples")] for s in sites]
+                            + [["mean", mean, ""]])
+
+    by_round: dict[int, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for m in metrics:
+        if m["phase"] == "train":
+            by_round[m["round"]][m["site"]] = m
+    sites_eps = sorted({s for r in by_round.values() for s, m in r.items() if "epsilon-run" in m})
+    if sites_eps:
+        lines += ["", "## Privacy: epsilon spent by each site in this run, after each round",
+                  "", "(noise multiplier in brackets; a site's ledger holds its total over all "
+                  "runs: `medfed site budget`)", ""]
+        lines += _table(["round", *sites_eps], [
+            [r, *(f"{by_round[r][s]['epsilon-run']:.4g} ({by_round[r][s]['noise-multiplier']:.3g})"
+                  if s in by_round[r] and "epsilon-run" in by_round[r][s] else "-"
+                  for s in sites_eps)] for r in sorted(by_round)])
+
+    glob = {m["round"]: m for m in metrics if m["site"] == "global" and m["phase"] == "evaluate"}
+    finished_ev = {e["round"]: e for e in events if e["event"] == "round-finished"}
+    secagg = {e["round"]: e for e in events if e["event"] == "secure-aggregation"}
+    if finished_ev:
+        lines += ["", "## Rounds", ""]
+        rows = []
+        for r in sorted(finished_ev):
+            e = finished_ev[r]
+            trained = ", ".join(sorted(by_round.get(r, {}))) or "-"
+            note = "no new model (lost round)" if e.get("model_unchanged") else ""
+            if secagg.get(r, {}).get("dropped"):
+                note = "without " + ", ".join(secagg[r]["dropped"])
+            rows.append([r, glob.get(r, {}).get(metric), e.get("seconds"), trained, note])
+        lines += _table(["round", f"global {metric}", "seconds", "sites trained", "note"], rows)
+
+    trouble = [e for e in events if e["event"] == "site-error"]
+    if trouble:
+        lines += ["", "## Refusals and failures", ""]
+        lines += _table(["round", "phase", "site", "status", "rule", "reason"], [
+            [e.get("round"), e.get("phase"), e.get("site"), e.get("status"), e.get("rule", ""),
+             e.get("reason")] for e in trouble])
+    warnings = [e["reason"] for e in events if e["event"] == "warning"]
+    if warnings:
+        lines += ["", "## Warnings", "", *(f"- {w}" for w in warnings)]
+    model = summary.get("final_checkpoint")
+    lines += ["", "## Files", "",
+              f"- model: `checkpoints/{model}`" if model else "- model: none (no round finished)",
+              "- per-site metrics per round: `metrics.jsonl`; progress: `events.jsonl`; "
+              "plot: `metrics.png`; every site's score: `cross_site.json`", ""]
+    return "\n".join(lines)
+
+
+def write_report(folder: RunFolder) -> Path:
+    """Write ``report.md`` into the run folder (atomically) and return its path."""
+    path = folder.path / REPORT_FILE
+    atomic_write(path, render(folder).encode())
+    return path
