@@ -223,7 +223,6 @@ def register(app: typer.Typer) -> None:
                 raise
             console.print(f"[yellow]{escape(exc.what)}[/] ({escape(exc.fix)})\n"
                           "  from the run folder instead:")
-            infos = []
             state = _outcome(target, run_id) or _UNFINISHED
         else:
             if not infos:
