@@ -68,7 +68,7 @@ def start(config: ConfigOpt = Path("site.toml"),
 
 
 def _exit_stopped() -> None:
-    """Leave at once once the daemon has stopped in order.
+    """Exit right away, the daemon having stopped in order.
 
     Tearing down an interpreter that holds torch, MONAI, the warm model and the decoded
     data took 1-30 s (its final garbage collection), and a service manager or `medfed
