@@ -211,6 +211,11 @@ class LedgerSummary:
     runs: list[RunSummary]
 
 
+def _protected_unit(mode: str, unit: str) -> str:
+    """What a spend's epsilon protects: an update-level round protects the whole site."""
+    return "site" if mode == "update" else unit
+
+
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -374,7 +379,7 @@ class PrivacyLedger:
         with self._connect() as con:
             return self._assess(
                 con, run_id, dataset, budget=budget, entries=entries, delta=delta,
-                accountant=accountant, unit="site" if mode == "update" else unit,
+                accountant=accountant, unit=_protected_unit(mode, unit),
                 run_epsilon_max=run_epsilon_max,
                 what="this run's next round" if rounds == 1 else f"this run's {rounds} rounds")[1]
 
@@ -397,7 +402,7 @@ class PrivacyLedger:
         round protects; update-level rounds protect the ``site``). Otherwise the spend
         record and the run's extended history are on disk when this returns.
         """
-        unit = "site" if mode == "update" else unit  # an update protects the whole site
+        unit = _protected_unit(mode, unit)
         entries = [(float(z), float(q), int(s)) for z, q, s in round_history]
         with self._transaction() as con:
             history, after, asked, spent = self._assess(
