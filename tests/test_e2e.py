@@ -194,3 +194,60 @@ def test_a_site_dropping_mid_run_is_recovered_by_the_survivors(short_tmp: Path) 
     assert '"reveal-sent"' in audit_a and "server_declared_dropped" in audit_a
     final = np.load(folder.checkpoint_file(2))
     assert all(np.isfinite(final[k]).all() for k in final.files)
+
+
+def _children(pid: int) -> list[int]:
+    """The pids whose parent is ``pid`` (Linux /proc)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def test_a_site_killed_and_restarted_at_once_is_let_back_in(short_tmp: Path) -> None:
+    """kill -9 of a site daemon and its SuperNode (a power cut, the OOM killer), restarted
+    at once: the SuperLink still counts the dead connection as online (up to 60 s) and
+    refuses the new one as it would an unknown key; the daemon retries instead of telling
+    the operator the site is not enrolled, and the site trains in the next run."""
+    import os
+    import signal
+
+    fed = LocalFederation(short_tmp, ["site-a", "site-b"], name="crash")
+    with fed:
+        fed.create(site_data=lambda i, name: {"num_samples": 32})
+        fed.start()
+        victim = next(p for p in fed.group.members if p.name == "site daemon site-b")
+        assert victim.proc is not None
+        supernodes = _children(victim.proc.pid)
+        assert supernodes, "the site daemon runs its SuperNode as a child"
+        for pid in supernodes:  # no sign-off from the SuperNode either
+            os.kill(pid, signal.SIGKILL)
+        os.killpg(victim.proc.pid, signal.SIGKILL)
+        victim.proc.wait(timeout=10)
+        fed.group.members.remove(victim)
+        with fed.control() as control:  # the server has not noticed yet
+            assert {n["name"]: n["status"] for n in control.nodes()}["site-b"] == "online"
+        supernode_log = fed.site_configs["site-b"].parent / "logs" / "supernode.log"
+        before = len(supernode_log.read_text(errors="replace"))
+        restarted = fed.start_site("site-b")
+        deadline = time.monotonic() + 150
+        # "SuperNode ID" is printed once the server let a SuperNode in
+        while "SuperNode ID:" not in (since := supernode_log.read_text(errors="replace")[
+                before:]).rsplit("Starting Flower SuperNode", 1)[-1]:
+            assert restarted.alive() and time.monotonic() < deadline, restarted.log_tail()
+            time.sleep(1)
+        assert "Failed to activate SuperNode" in since  # refused at first, then let in
+        folder, summary = fed.run(RunConfig(task="tiny-seg", rounds=1, min_sites=2,
+                                            round_timeout_s=120), timeout=300)
+        daemon_log = restarted.log_of_this_start()
+    assert "did not accept site 'site-b' yet" in daemon_log, daemon_log[-2000:]
+    assert "not enrolled" not in daemon_log
+    assert summary["status"] == "completed", summary
+    assert sorted(summary["sites"]) == ["site-a", "site-b"]
+    trained = {m["site"] for m in folder.read_metrics() if m["phase"] == "train"}
+    assert trained == {"site-a", "site-b"}
