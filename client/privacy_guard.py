@@ -8,6 +8,8 @@ committed. A reserved round stays charged even if the site crashes before
 sending (never under-counts). When a site joins a run under secure aggregation, the
 same checks run first for the run's next round and then for its remaining rounds
 (:meth:`PrivacyGate.preflight`): a refusal then comes before anyone has trained.
+A dataset whose policy sets ``max_fitted_noise_multiplier`` takes part in a run that
+would not fit its remaining budget with more noise instead (:meth:`PrivacyGate._fit`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ from medfed.core.privacy import DatasetBudget, check_run_against_policy
 from medfed.tasks import dp
 from medfed.tasks.dp import HistoryEntry
 
+#: Relative precision of a noise multiplier fitted to a remaining budget (on the safe side).
+FIT_TOLERANCE = 5e-3
+
 
 class PrivacyRefusal(Exception):
     """The round may not run here; ``rule`` names the site.toml key behind it."""
@@ -54,6 +59,8 @@ class RoundPrivacy:
     history: list[tuple[float, float, int]] = field(default_factory=list)
     #: The noise this site adds: the run's, or derived here from its target_epsilon.
     noise_multiplier: float = 0.0
+    #: True when the site raised the noise to fit the run into its remaining budget.
+    fitted: bool = False
 
     def record(self, run: RunConfig, steps: int) -> dict[str, Any]:
         """The privacy part of the audit record and of the reply's metrics."""
@@ -66,6 +73,7 @@ class RoundPrivacy:
             "epsilon_remaining": r.remaining, "delta": run.privacy.target_delta,
             "accountant": run.privacy.accountant,
             "noise_multiplier": self.noise_multiplier,
+            "noise_fitted_to_budget": self.fitted,
             "target_epsilon": run.privacy.target_epsilon,
             "unit": run.privacy.unit if self.mode == "sample" else "site",
             "clipping": run.privacy.clipping, "sample_rate": self.history[-1][1]
@@ -79,6 +87,27 @@ class RoundPrivacy:
         r = self.reservation
         return {"epsilon": r.epsilon, "epsilon-run": r.run_epsilon,
                 "epsilon-remaining": r.remaining, "noise-multiplier": self.noise_multiplier}
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """What a site tells the coordinator when it joins a run (:meth:`PrivacyGate.preflight`)."""
+
+    #: How many of the run's remaining rounds the budget covers.
+    rounds: int
+    #: The noise multiplier this site will add.
+    noise_multiplier: float
+    #: True when that is more than the run asks, to fit the site's remaining budget.
+    fitted: bool = False
+
+
+@dataclass(frozen=True)
+class _Plan:
+    dataset: str
+    budget: DatasetBudget
+    noise: float
+    entry: HistoryEntry
+    fitted: bool
 
 
 class PrivacyGate:
@@ -103,47 +132,43 @@ class PrivacyGate:
         ``num_examples`` counts the units DP-SGD samples from (``dp.privacy_units``):
         training examples, or the scans or patients ``privacy.unit`` names.
         """
-        plan = self._plan(run, model=model, num_examples=num_examples, batch_size=batch_size,
-                          epochs=epochs)
+        plan = self._plan(run, run_id, model=model, num_examples=num_examples,
+                          batch_size=batch_size, epochs=epochs)
         if isinstance(plan, RoundPrivacy):
             return plan
-        name, budget, noise, entry = plan
-        with _ledger_refusals(name):
+        with _ledger_refusals(plan.dataset):
             reservation = self.ledger.reserve(
-                run_id, rnd, name, budget=budget, round_history=[entry],
+                run_id, rnd, plan.dataset, budget=plan.budget, round_history=[plan.entry],
                 delta=run.privacy.target_delta, accountant=run.privacy.accountant,
                 mode=run.privacy.mode, unit=run.privacy.unit,
                 run_epsilon_max=run.privacy.target_epsilon or None)
-        return RoundPrivacy(run.privacy.mode, name, budget, reservation, [entry], noise)
+        return RoundPrivacy(run.privacy.mode, plan.dataset, plan.budget, reservation,
+                            [plan.entry], plan.noise, plan.fitted)
 
     def preflight(self, run: RunConfig, run_id: str, *, model: Any, num_examples: int,
-                  batch_size: int, epochs: int) -> int | None:
+                  batch_size: int, epochs: int) -> Forecast | None:
         """Refuse, before anyone trains, a run this site would refuse in its first round.
 
         The checks of :meth:`before_training` (policy, model, privacy unit, budget) for
         the run's next round, writing nothing: under secure aggregation a site refusing
         a round can cost the sites that trained it their round, and their epsilon with it.
-        Returns how many of the run's remaining rounds the budget covers (``None`` when
-        no budget applies); fewer than all means the site will refuse the rest, which
-        the coordinator hears now. Each round is still reserved by :meth:`before_training`.
+        Returns how many of the run's remaining rounds the budget covers and the noise
+        this site will add (``None`` when no budget applies); fewer rounds than all means
+        the site will refuse the rest, which the coordinator hears now. Each round is
+        still reserved by :meth:`before_training`.
         """
-        plan = self._plan(run, model=model, num_examples=num_examples, batch_size=batch_size,
-                          epochs=epochs)
+        plan = self._plan(run, run_id, model=model, num_examples=num_examples,
+                          batch_size=batch_size, epochs=epochs)
         if isinstance(plan, RoundPrivacy):
             return None
-        name, budget, _, entry = plan
-        rounds_left = run.rounds - self.ledger.rounds_charged(run_id, name)
+        rounds_left = run.rounds - self.ledger.rounds_charged(run_id, plan.dataset)
         if rounds_left <= 0:
-            return 0  # the ledger refuses any further round itself
+            return Forecast(0, plan.noise, plan.fitted)  # the ledger refuses further rounds
 
         def fits(k: int) -> bool:
-            with _ledger_refusals(name):
+            with _ledger_refusals(plan.dataset):
                 try:
-                    self.ledger.check_plan(
-                        run_id, name, budget=budget, plan=[entry] * k,
-                        delta=run.privacy.target_delta, accountant=run.privacy.accountant,
-                        mode=run.privacy.mode, unit=run.privacy.unit,
-                        run_epsilon_max=run.privacy.target_epsilon or None, rounds=k)
+                    self._check(run, run_id, plan, k)
                 except BudgetExceeded:
                     if k == 1:
                         raise  # not even the next round: refused
@@ -152,15 +177,80 @@ class PrivacyGate:
 
         fits(1)
         if rounds_left == 1 or fits(rounds_left):
-            return rounds_left
+            return Forecast(rounds_left, plan.noise, plan.fitted)
         low, high = 1, rounds_left - 1  # fits(low); the largest k that fits lies in [low, high]
         while low < high:
             mid = (low + high + 1) // 2
             low, high = (mid, high) if fits(mid) else (low, mid - 1)
-        return low
+        return Forecast(low, plan.noise, plan.fitted)
 
-    def _plan(self, run: RunConfig, *, model: Any, num_examples: int, batch_size: int,
-              epochs: int) -> RoundPrivacy | tuple[str, DatasetBudget, float, HistoryEntry]:
+    def _check(self, run: RunConfig, run_id: str, plan: _Plan, rounds: int) -> None:
+        """The ledger's checks for ``rounds`` more rounds like ``plan``; raises its refusals."""
+        self.ledger.check_plan(
+            run_id, plan.dataset, budget=plan.budget, plan=[plan.entry] * rounds,
+            delta=run.privacy.target_delta, accountant=run.privacy.accountant,
+            mode=run.privacy.mode, unit=run.privacy.unit,
+            run_epsilon_max=run.privacy.target_epsilon or None, rounds=rounds)
+
+    def _fit(self, run: RunConfig, run_id: str, plan: _Plan) -> _Plan:
+        """More noise, so that the run's remaining rounds fit this dataset's remaining budget.
+
+        Only with ``max_fitted_noise_multiplier`` set in the dataset's policy, and only
+        when the run's own noise does not fit: the least noise, up to that cap, with which
+        every remaining round fits both the budget and the run's ``target_epsilon`` (the
+        ledger's own checks, so concurrent runs and the run's earlier rounds count). Asked
+        again each round; a run's rounds keep the noise fitted first unless another run
+        spent in between. More noise only ever lowers epsilon; the cap keeps a site with almost
+        nothing left from sending the federation updates that are mostly noise.
+        """
+        cap = plan.budget.max_fitted_noise_multiplier
+        rounds_left = run.rounds - self.ledger.rounds_charged(run_id, plan.dataset)
+        if cap <= plan.noise or rounds_left <= 0:
+            return plan
+
+        def fits(noise: float) -> bool:
+            trial = _Plan(plan.dataset, plan.budget, noise, (noise, *plan.entry[1:]), True)
+            try:
+                self._check(run, run_id, trial, rounds_left)
+            except (BudgetExceeded, RunTargetExceeded):
+                return False
+            return True
+
+        if fits(plan.noise):
+            return plan  # fits as asked
+        low, high = plan.noise, cap  # not fits(low); fits(high) is asked next
+        history = self.ledger.run_history(run_id, plan.dataset)
+        earlier = history[-1][0] if history else 0.0
+        if low < earlier < high:  # this run's previous round here was fitted: keep its noise
+            if fits(earlier):
+                return _Plan(plan.dataset, plan.budget, earlier, (earlier, *plan.entry[1:]), True)
+            low = earlier  # another run spent in between
+        elif not history:  # the accountant's own answer, checked: one bisection, not many
+            guess = self._first_guess(run, plan, rounds_left)
+            if low < guess < high and fits(guess):
+                low, high = max(low, guess * (1 - FIT_TOLERANCE)), guess
+                if not fits(low):
+                    return _Plan(plan.dataset, plan.budget, high, (high, *plan.entry[1:]), True)
+        if not fits(high):
+            return plan  # not even at the cap: the rounds that do not fit are refused as usual
+        while high - low > FIT_TOLERANCE * high:
+            mid = (low + high) / 2
+            low, high = (low, mid) if fits(mid) else (mid, high)
+        return _Plan(plan.dataset, plan.budget, high, (high, *plan.entry[1:]), True)
+
+    def _first_guess(self, run: RunConfig, plan: _Plan, rounds: int) -> float:
+        """The noise whose ``rounds`` rounds spend what the dataset has left (or the target)."""
+        left = plan.budget.epsilon_max - self.ledger.spent(plan.dataset)
+        target = min(left, run.privacy.target_epsilon or left)
+        _, rate, steps = plan.entry
+        try:
+            return dp.noise_for_target(target, run.privacy.target_delta, sample_rate=rate,
+                                       steps=steps * rounds, accountant=run.privacy.accountant)
+        except ValueError:  # nothing left, or no noise reaches it: bisect instead
+            return 0.0
+
+    def _plan(self, run: RunConfig, run_id: str, *, model: Any, num_examples: int,
+              batch_size: int, epochs: int) -> RoundPrivacy | _Plan:
         """The round's dataset, budget, noise and accountant entry; or a round without DP."""
         mode = run.privacy.mode
         if not self.policy.datasets:
@@ -192,7 +282,11 @@ class PrivacyGate:
                 dp.validate_for_dp(model)
             except MedfedError as exc:
                 raise PrivacyRefusal("task model", str(exc)) from None
-        return name, budget, noise, (noise, sample_rate, steps)
+        plan = _Plan(name, budget, noise, (noise, sample_rate, steps), False)
+        if not budget.max_fitted_noise_multiplier:
+            return plan
+        with _ledger_refusals(name):
+            return self._fit(run, run_id, plan)
 
     def commit(self, rp: RoundPrivacy, *, steps: int) -> None:
         """Mark the reserved spend committed; more steps than reserved blocks the reply."""

@@ -57,6 +57,8 @@ dp_required = false          # true: refuse every run without differential priva
 privacy_unit = "sample"      # "scan" / "patient": refuse DP-SGD runs protecting less
                              # (set it before the first run: raising it later refuses
                              # the dataset, whose earlier epsilon bounds less)
+max_fitted_noise_multiplier = 0.0  # > 0: when a run's epsilon would not fit what is left,
+                             # take part with more noise, up to this, instead of refusing
 
 [compute]
 device = "auto"   # "auto" uses CUDA when present, else the CPU

@@ -21,7 +21,7 @@ import torch
 
 from medfed.client.audit import AuditLog, arrays_digest
 from medfed.client.policy import decide
-from medfed.client.privacy_guard import PrivacyGate, PrivacyRefusal, noised_update
+from medfed.client.privacy_guard import Forecast, PrivacyGate, PrivacyRefusal, noised_update
 from medfed.client.secure_site import SecureSite
 from medfed.client.site_local import SiteLocalStore
 from medfed.core import wire
@@ -244,13 +244,16 @@ class SiteWorker:
             return self._refuse(run_id, "query", "the run has secure aggregation off",
                                 status="failed")
         if wire.SECAGG_JOIN in config:
-            covered = self._preflight(run, run_id)
-            if isinstance(covered, wire.Frame):
-                return covered  # refused
+            forecast = self._preflight(run, run_id)
+            if isinstance(forecast, wire.Frame):
+                return forecast  # refused
             out = self.secure.join(str(run_id), str(config[wire.SECAGG_JOIN]))
-            # Fewer rounds than the run's: the site will refuse the rest; say so now.
-            metrics = {} if covered is None or covered >= run.rounds else {
-                wire.BUDGET_ROUNDS_KEY: covered}
+            metrics: dict[str, float] = {}
+            if forecast is not None and forecast.rounds < run.rounds:
+                # the site will refuse the rest; say so now
+                metrics[wire.BUDGET_ROUNDS_KEY] = forecast.rounds
+            if forecast is not None and forecast.fitted:
+                metrics[wire.FITTED_NOISE_KEY] = forecast.noise_multiplier
             self.audit.record("secure-aggregation-joined", run_id=run_id,
                               mode=run.secure_aggregation, **metrics)
             return wire.Frame({"ok": True, "site": self.site, "metrics": metrics},
@@ -262,10 +265,11 @@ class SiteWorker:
                               {wire.BYTES_PREFIX + "reveal": _u8(reveal)})
         return self._refuse(run_id, "query", "unknown query", status="failed")
 
-    def _preflight(self, run: RunConfig, run_id: object) -> wire.Frame | int | None:
+    def _preflight(self, run: RunConfig, run_id: object) -> wire.Frame | Forecast | None:
         """At the join: refuse a run this site would refuse in its first round.
 
-        Otherwise how many of its rounds the budget covers (None: no budget applies).
+        Otherwise how many of its rounds the budget covers, at which noise (None: no
+        budget applies).
         Under secure aggregation a joined site's refusal can cost the others their
         round, after they spent epsilon on it; refused up front, nobody has trained.
         """

@@ -50,6 +50,8 @@ def test_the_run_report_tells_protection_scores_epsilon_and_refusals(tmp_path: P
     folder = RunFolder.create(tmp_path, 42, RunConfig(
         task="tiny-seg", rounds=2, strategy="fedprox", strategy_options={"proximal_mu": 0.1},
         privacy={"mode": "sample", "target_epsilon": 8.0, "max_grad_norm": 0.3}))
+    folder.event("site-replied", round=0, phase="query", site="site-a",
+                 metrics={"fitted-noise": 0.9})
     for rnd in (1, 2):
         for site, z in (("site-a", 0.9), ("site-b", 1.1)):
             if (rnd, site) == (2, "site-b"):
@@ -72,6 +74,8 @@ def test_the_run_report_tells_protection_scores_epsilon_and_refusals(tmp_path: P
     assert "DP-SGD, one sample protected; per-sample clipping 0.3; target epsilon 8" in text
     assert "| site-a | 0.8 | 10 |" in text and "| mean | 0.7 |" in text
     assert "| 1 | 4 (0.9) | 4 (1.1) |" in text and "| 2 | 8 (0.9) | - |" in text
+    assert "- site-a added more noise than the run asks (noise multiplier 0.9)" in text
+    assert "site-b added" not in text
     assert "| 2 | 0.7 | 3 | site-a | without site-b |" in text
     assert "privacy.datasets.default.epsilon_max" in text and "remaining 0.5" in text
     assert "`checkpoints/round-002.npz`" in text

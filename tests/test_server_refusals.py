@@ -151,11 +151,15 @@ def test_the_progress_view_shows_a_joined_sites_budget_forecast() -> None:
           "metrics": {wire.BUDGET_ROUNDS_KEY: 2}})
     view({"event": "site-replied", "round": 0, "phase": "query", "site": "site-b",
           "metrics": {}})
+    view({"event": "site-replied", "round": 0, "phase": "query", "site": "site-c",
+          "metrics": {wire.FITTED_NOISE_KEY: 2.2412}})
     view({"event": "run-refused", "round": 0})
     printed = out.getvalue()
     assert "site-a           joined, but its privacy budget covers only 2 of the 3 rounds" \
         in printed
     assert "site-b           ok" in printed
+    assert ("site-c           joined, but it adds more noise than the run asks (noise "
+            "multiplier 2.24) to fit its remaining privacy budget") in printed
     assert "run ended: the sites refused (at set-up, before any site trained)" in printed
 
 

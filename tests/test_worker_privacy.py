@@ -226,3 +226,55 @@ def test_the_join_says_how_many_rounds_the_budget_covers(tmp_path: Path) -> None
     assert worker.handle(join_request(secure(dp_run(noise_multiplier=2.0), rounds=2))
                          ).header["metrics"] == {}
     assert PrivacyLedger(tmp_path / "privacy" / "ledger.sqlite").spent("brain") == 0.0
+
+
+def _rdp_epsilon(noise: float, rounds: int) -> float:
+    """Opacus RDP epsilon of ``rounds`` rounds of tiny-seg here: q = 1/2, 2 steps each."""
+    rdp = compute_rdp(q=0.5, noise_multiplier=noise, steps=2 * rounds, orders=ORDERS)
+    return get_privacy_spent(orders=ORDERS, rdp=rdp, delta=1e-5)[0]
+
+
+def test_a_site_may_fit_a_run_to_its_remaining_budget_with_more_noise(tmp_path: Path) -> None:
+    """With max_fitted_noise_multiplier, a run that would take the dataset past epsilon_max
+    is trained whole with the least noise that fits, and every round fits the budget."""
+    # z = 2 over 3 rounds: 3.40 > 3.0; the same noise for all 3 rounds fits at about z = 2.2
+    worker = make_worker(tmp_path, epsilon_max=3.0, max_fitted_noise_multiplier=4.0)
+    run = secure(dp_run(noise_multiplier=2.0), rounds=3)
+    joined = worker.handle(join_request(run))
+    assert joined.header["ok"], joined.header
+    fitted = joined.header["metrics"][wire.FITTED_NOISE_KEY]
+    assert wire.BUDGET_ROUNDS_KEY not in joined.header["metrics"]  # it covers every round
+    # the least noise: an independent Opacus computation puts it at the budget's edge
+    assert _rdp_epsilon(fitted, 3) <= 3.0 < _rdp_epsilon(fitted * 0.99, 3)
+    plain = run.model_copy(update={"secure_aggregation": "off"})  # the same rounds, unmasked
+    replies = [worker.handle(train_request(plain, rnd=r)) for r in (1, 2, 3)]
+    assert [r.header["ok"] for r in replies] == [True, True, True]
+    noises = [r.header["metrics"]["noise-multiplier"] for r in replies]
+    assert noises == [fitted] * 3  # one noise for the run's rounds
+    spent = PrivacyLedger(tmp_path / "privacy" / "ledger.sqlite").spent("brain")
+    assert _rdp_epsilon(fitted, 3) * 0.999 <= spent <= 3.0
+    audit = [r for r in worker.audit.read() if r["event"] == "update-sent"]
+    assert [a["privacy"]["noise_fitted_to_budget"] for a in audit] == [True] * 3
+
+
+@pytest.mark.parametrize(("cap", "covered"), [(0.0, 2), (2.1, 2)])
+def test_without_room_under_the_cap_the_site_refuses_rounds_as_usual(
+        tmp_path: Path, cap: float, covered: int) -> None:
+    """No fitting when the policy does not allow it (0), or when even the cap does not fit."""
+    worker = make_worker(tmp_path, epsilon_max=3.0, max_fitted_noise_multiplier=cap)
+    run = secure(dp_run(noise_multiplier=2.0), rounds=3)
+    joined = worker.handle(join_request(run))
+    assert joined.header["metrics"] == {wire.BUDGET_ROUNDS_KEY: covered}
+    plain = run.model_copy(update={"secure_aggregation": "off"})
+    replies = [worker.handle(train_request(plain, rnd=r)) for r in (1, 2, 3)]
+    assert [r.header["ok"] for r in replies] == [True, True, False]
+    assert replies[0].header["metrics"]["noise-multiplier"] == 2.0
+    assert replies[2].header["rule"] == "privacy.datasets.brain.epsilon_max"
+
+
+def test_a_run_that_fits_as_asked_keeps_its_noise(tmp_path: Path) -> None:
+    worker = make_worker(tmp_path, epsilon_max=3.0, max_fitted_noise_multiplier=4.0)
+    run = secure(dp_run(noise_multiplier=2.0), rounds=2)  # 2.81 <= 3.0
+    assert worker.handle(join_request(run)).header["metrics"] == {}
+    reply = worker.handle(train_request(run.model_copy(update={"secure_aggregation": "off"})))
+    assert reply.header["metrics"]["noise-multiplier"] == 2.0

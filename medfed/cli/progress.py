@@ -40,10 +40,15 @@ class ProgressView:
             c.rule(f"round {rnd}/{self.rounds}")
         elif kind == "site-replied":
             if event["phase"] == "query":  # secure-aggregation set-up or unmasking
-                covered = event["metrics"].get(wire.BUDGET_ROUNDS_KEY)
-                shown = "ok" if covered is None else (
-                    f"[yellow]joined, but its privacy budget covers only {int(covered)} of "
-                    f"the {self.rounds} rounds; it will refuse the rest[/]")
+                said = event["metrics"]
+                covered, fitted = said.get(wire.BUDGET_ROUNDS_KEY), said.get(wire.FITTED_NOISE_KEY)
+                notes = [] if covered is None else [
+                    f"its privacy budget covers only {int(covered)} of the {self.rounds} "
+                    "rounds; it will refuse the rest"]
+                if fitted is not None:
+                    notes.append(f"it adds more noise than the run asks (noise multiplier "
+                                 f"{fitted:.3g}) to fit its remaining privacy budget")
+                shown = "ok" if not notes else f"[yellow]joined, but {'; '.join(notes)}[/]"
             else:
                 shown = _fmt(event["metrics"])
             c.print(f"  {event['phase']:<8} [cyan]{event['site']:<16}[/] {shown}",

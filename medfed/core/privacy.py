@@ -67,6 +67,10 @@ class DatasetBudget(_Strict):
         "sample", description="the least a DP-SGD run must protect: 'scan' refuses runs "
         "whose epsilon covers one training example (a slice); 'patient' also refuses runs "
         "per scan")
+    max_fitted_noise_multiplier: float = Field(
+        0.0, ge=0.0, description="0: refuse the rounds of a run that do not fit the "
+        "remaining budget. Above 0: take part with more noise instead, the least (up to "
+        "this noise multiplier) that fits the run's remaining rounds into what is left")
 
 
 class SitePrivacyPolicy(_Strict):

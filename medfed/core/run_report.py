@@ -13,6 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from medfed.core import wire
 from medfed.core.files import atomic_write
 from medfed.core.runs import RunFolder
 
@@ -96,6 +97,13 @@ def render(folder: RunFolder) -> str:
             [r, *(f"{by_round[r][s]['epsilon-run']:.4g} ({by_round[r][s]['noise-multiplier']:.3g})"
                   if s in by_round[r] and "epsilon-run" in by_round[r][s] else "-"
                   for s in sites_eps)] for r in sorted(by_round)])
+    fitted = {e["site"]: e["metrics"][wire.FITTED_NOISE_KEY] for e in events
+              if e["event"] == "site-replied" and e.get("phase") == "query"
+              and wire.FITTED_NOISE_KEY in e.get("metrics", {})}
+    if fitted:
+        lines += ["", *(f"- {s} added more noise than the run asks (noise multiplier {z:.3g}) "
+                        "to fit the run into its remaining privacy budget (its policy's "
+                        "max_fitted_noise_multiplier)" for s, z in sorted(fitted.items()))]
 
     glob = {m["round"]: m for m in metrics if m["site"] == "global" and m["phase"] == "evaluate"}
     finished_ev = {e["round"]: e for e in events if e["event"] == "round-finished"}

@@ -29,6 +29,8 @@ SITE_RECORD_KEY = "medfed-site"  # reply ConfigRecord: {"name": site, ...}
 WEIGHT_KEY = "num-examples"  # Flower strategies' default weighting key
 #: A join reply's metric: the run's rounds the site's privacy budget covers, when fewer than all
 BUDGET_ROUNDS_KEY = "budget-rounds"
+#: A join reply's metric: the noise multiplier a site raised to fit its remaining budget
+FITTED_NOISE_KEY = "fitted-noise"
 
 # ---- secure aggregation (medfed.core.secagg) on Flower messages
 SECAGG_JOIN = "secagg-join"  # query config: the run's SecAggConfig as JSON
