@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 
 
-def medfed(*args: str, cwd: Path | None = None, timeout: float = 120
-           ) -> subprocess.CompletedProcess[str]:
+def medfed(*args: str, cwd: Path | None = None, timeout: float = 120,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
     return subprocess.run([sys.executable, "-m", "medfed", *args], capture_output=True,
-                          text=True, cwd=cwd, timeout=timeout)
+                          text=True, cwd=cwd, timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def test_listings() -> None:
@@ -98,13 +100,20 @@ def test_site_budget_lists_spend(tmp_path: Path) -> None:
     cfg = load_toml(tmp_path / "s" / "site.toml", SiteConfig)
     name, budget = cfg.privacy.budget_for()
     ledger = PrivacyLedger(tmp_path / "s" / cfg.privacy.ledger)
-    res = ledger.reserve("77", 1, name, budget=budget, round_history=[(1.0, 0.5, 2)],
+    run_id = "6265552103838161844"  # Flower's run ids have up to 20 digits
+    res = ledger.reserve(run_id, 1, name, budget=budget, round_history=[(1.0, 0.5, 2)],
                          delta=1e-5)
     ledger.commit(res.record_id, steps=2)
-    out = medfed("site", "budget", "--config", str(tmp_path / "s" / "site.toml"))
+    out = medfed("site", "budget", "--config", str(tmp_path / "s" / "site.toml"),
+                 env={"COLUMNS": "80"})
     assert out.returncode == 0, out.stderr
-    assert "default" in out.stdout and "77" in out.stdout and "sample" in out.stdout
-    assert f"{res.epsilon:.4f}" in out.stdout
+    # at 80 columns the run's row reads whole on one line: its id, unit, epsilon and date
+    row = next(line for line in out.stdout.splitlines() if run_id in line).split()
+    assert row[:5] == [run_id, "default", "sample", "1", f"{res.epsilon:.4f}"], row
+    import re
+
+    assert len(row) == 7 and re.fullmatch(r"\d{4}-\d\d-\d\d", row[5]), row
+    assert re.fullmatch(r"\d\d:\d\d", row[6]), row
     # a refusal in the audit log reads whole: its rule, its reason and its round
     from medfed.client.audit import AuditLog
 

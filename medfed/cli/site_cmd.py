@@ -113,6 +113,24 @@ def _minute(iso: str | None) -> str:
     return str(iso or "")[:16].replace("T", " ")
 
 
+def _span(first: str | None, last: str | None) -> str:
+    """First and last spend of a run: ``2026-11-28 01:15-01:16`` when on one day."""
+    a, b = _minute(first), _minute(last)
+    if a == b:
+        return a
+    return f"{a}-{b[11:]}" if a[:10] == b[:10] else f"{a} - {b}"
+
+
+def _compact_table(*columns: Column, title: str) -> Table:
+    """A table without vertical rules: a run id and a date stay whole in 80 columns."""
+    from rich import box
+
+    for column in columns:  # a header may wrap between its words, never inside one
+        column.min_width = max(len(w) for w in str(column.header).split())
+    return Table(*columns, title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
+                 collapse_padding=True)
+
+
 @app.command("budget")
 def budget(config: ConfigOpt = Path("site.toml")) -> None:
     """Privacy budget: spent and remaining epsilon per dataset, and per run, with dates."""
@@ -122,23 +140,29 @@ def budget(config: ConfigOpt = Path("site.toml")) -> None:
     cfg = load_toml(config, SiteConfig)
     ledger = PrivacyLedger(resolve(config, cfg.privacy.ledger))
     summary = ledger.summary()
-    table = Table(*(Column(h, overflow="fold") for h in (
-        "dataset", "epsilon max", "delta", "spent", "remaining", "dp required",
-        "unit required")), title="privacy budget per dataset")
-    for name, b in sorted(cfg.privacy.datasets.items()):
+    datasets = sorted(cfg.privacy.datasets.items())
+    fitting = any(b.max_fitted_noise_multiplier for _, b in datasets)
+    # fold, never truncate: on a narrow terminal a cut date or unit would mislead
+    table = _compact_table(*(Column(h, overflow="fold") for h in (
+        "dataset", "epsilon max", "delta", "spent", "remaining", "dp required", "unit required",
+        *(["fits noise up to"] if fitting else []))), title="privacy budget per dataset")
+    for name, b in datasets:
         spent = ledger.spent(name)
         table.add_row(name, f"{b.epsilon_max:g}", f"{b.delta:g}", f"{spent:.4f}",
                       f"{b.epsilon_max - spent:.4f}", "yes" if b.dp_required else "no",
-                      b.privacy_unit)
+                      b.privacy_unit,
+                      *([f"{b.max_fitted_noise_multiplier:g}" if b.max_fitted_noise_multiplier
+                         else "-"] if fitting else []))
     console.print(table)
-    # fold, never truncate: on a narrow terminal a cut date or unit would mislead
-    runs = Table(*(Column(h, overflow="fold") for h in (
-        "run", "dataset", "unit", "rounds", "epsilon", "unsent", "first (UTC)", "last (UTC)")),
+    runs = _compact_table(
+        Column("run", no_wrap=True), *(Column(h, overflow="fold") for h in (
+            "dataset", "unit", "rounds", "epsilon", "when (UTC)")),
         title="per run (unit: what its epsilon protects; unsent: reserved, maybe never "
         "sent, counted as spent)")
     for r in summary.runs:
-        runs.add_row(str(r.run_id), r.dataset, r.unit, str(r.rounds), f"{r.epsilon:.4f}",
-                     str(r.reserved), _minute(r.first), _minute(r.last))
+        unsent = f" ({r.reserved} unsent)" if r.reserved else ""
+        runs.add_row(str(r.run_id), r.dataset, r.unit, str(r.rounds),
+                     f"{r.epsilon:.4f}{unsent}", _span(r.first, r.last))
     console.print(runs)
 
 
