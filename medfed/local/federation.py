@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -57,8 +58,9 @@ class LocalFederation:
             cfg = init_site(self.root / site, name=site, federation_ca=self.federation.ca_cert,
                             server=f"127.0.0.1:{port}", runtime_port=free_port(),
                             seed=1000 + i, profile=i)
-            # Sites share this machine's cores: one torch thread each avoids oversubscription.
-            _override(cfg, "compute", {"threads": 1})
+            # Sites train at once on this machine's cores: an equal share each, at least one
+            # torch thread (more threads than cores slows every site down).
+            _override(cfg, "compute", {"threads": _threads_per_site(len(self.site_names))})
             if site_data is not None:
                 _override(cfg, "data", site_data(i, site))
             self.site_configs[site] = cfg
@@ -142,6 +144,15 @@ class LocalFederation:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _threads_per_site(sites: int) -> int:
+    """Torch threads per site: the usable cores (CPU affinity, e.g. a container's) shared out."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(sites, 1))
 
 
 def _override(site_toml: Path, section: str, overrides: dict[str, Any]) -> None:
