@@ -121,12 +121,17 @@ def test_site_budget_lists_spend(tmp_path: Path) -> None:
         "refused", run_id=78, round=3, rule="privacy.datasets.default.epsilon_max",
         reason="Privacy budget exceeded for dataset 'default': spent 9.5 + this round 1.2 > "
         "epsilon_max 10 (remaining 0.5).")
-    out = medfed("site", "audit", "--config", str(tmp_path / "s" / "site.toml"))
+    out = medfed("site", "audit", "--config", str(tmp_path / "s" / "site.toml"),
+                 env={"COLUMNS": "80"})
     assert out.returncode == 0, out.stderr
-    row = [line.split("│") for line in out.stdout.splitlines() if line.count("│") == 7]
-    last_cell = "".join(cells[-2].strip() for cells in row).replace(" ", "")
-    assert "privacy.datasets.default.epsilon_max:Privacybudgetexceeded" in last_cell
-    assert last_cell.endswith("(remaining0.5).") and any(c[4].strip() == "3" for c in row)
+    lines = out.stdout.splitlines()
+    at = next(i for i, line in enumerate(lines) if " refused " in line)
+    assert lines[at].split()[1:] == ["refused", "78", "round", "3"], lines[at]
+    said = " ".join(line.strip() for line in lines[at + 1:at + 4])
+    assert said.startswith("privacy.datasets.default.epsilon_max: Privacy budget exceeded for "
+                           "dataset 'default': spent 9.5 + this round 1.2 > epsilon_max 10 "
+                           "(remaining 0.5)."), said
+    assert all(len(line) <= 80 for line in lines)
 
 
 def test_robust_strategy_with_secure_aggregation_is_refused(tmp_path: Path) -> None:

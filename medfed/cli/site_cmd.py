@@ -98,14 +98,48 @@ def audit(config: ConfigOpt = Path("site.toml"),
         for r in records:
             console.print_json(json.dumps(r))
         return
-    table = Table(*(Column(h, overflow="fold") for h in (
-        "time (UTC)", "event", "run", "round", "bytes", "hash / rule: reason")))
+    # One line per record (time, event, run, round: never broken, 65 columns), then what
+    # it says, indented, wrapped to the terminal; each day opens with its date.
+    import textwrap
+
+    from rich.text import Text
+
+    day = ""
     for r in records:
-        rule = f"{r['rule']}: " if r.get("rule") else ""
-        what = r.get("hash") or f"{rule}{r.get('reason') or ''}"
-        table.add_row(r["time"][:19].replace("T", " "), r["event"], str(r.get("run_id", "")),
-                      str(r.get("round", "")), str(r.get("bytes", "")), str(what))
-    console.print(table)
+        if r["time"][:10] != day:
+            day = r["time"][:10]
+            console.print(f"[bold]{day}[/] (UTC)")
+        rnd = f"round {r['round']}" if r.get("round") is not None else ""
+        console.print(Text(f"{r['time'][11:19]}  {r['event']:<25}  "
+                           f"{str(r.get('run_id', '')):<19}  {rnd}".rstrip()), soft_wrap=True)
+        details = _audit_details(r)
+        for line in textwrap.wrap(details, width=max(console.width - 10, 30),
+                                  break_on_hyphens=False):
+            console.print(Text(" " * 10 + line), soft_wrap=True)
+    console.print("[dim]hashes shortened; `medfed site audit --json` prints whole records[/]")
+
+
+def _audit_details(record: dict) -> str:
+    """What an audit record says beyond its event: epsilon and size of an update, a rule."""
+    parts = []
+    privacy = record.get("privacy") or {}
+    if "epsilon_round" in privacy:
+        fitted = ", fitted to the budget" if privacy.get("noise_fitted_to_budget") else ""
+        parts.append(f"epsilon {privacy['epsilon_round']:.4g} (run {privacy['epsilon_run']:.4g}, "
+                     f"noise {privacy['noise_multiplier']:.3g}{fitted})")
+    if "fitted-noise" in record:
+        parts.append(f"noise {record['fitted-noise']:.3g}, fitted to the budget")
+    if "budget-rounds" in record:
+        parts.append(f"budget covers {record['budget-rounds']} rounds")
+    if "bytes" in record:
+        parts.append(f"{record['bytes']} bytes")
+    if record.get("hash"):
+        parts.append(str(record["hash"])[:23])  # sha256: and 16 hex digits
+    if record.get("rule"):
+        parts.append(f"{record['rule']}: {record.get('reason') or ''}")
+    elif record.get("reason"):
+        parts.append(str(record["reason"]))
+    return "; ".join(parts)
 
 
 def _minute(iso: str | None) -> str:
