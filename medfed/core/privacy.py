@@ -4,7 +4,8 @@ Two halves, owned by two people:
 
 - :class:`SitePrivacyPolicy` is the ``[privacy]`` section a site operator writes in
   ``site.toml``: per dataset an (epsilon, delta) budget, the least noise and the
-  largest clipping norm the site accepts, and whether DP is required at all.
+  largest clipping norm the site accepts, whether DP is required at all, and how much
+  noise the site may add of its own to fit a run into what is left of its budget.
 - :class:`RunPrivacy` is what a coordinator's run asks for: no DP, sample-level
   DP-SGD (``"sample"``) or update-level (user-level) DP (``"update"``).
 
