@@ -141,6 +141,15 @@ CLIP = 0.3
 #: 0.681 / 0.680 / 0.688 / 0.699 from 0.669, but the non-private model gains as much (0.747
 #: -> 0.759 / 0.763 / 0.761 / 0.766): ratio 0.896 -> 0.912. Averaging the softmax of the
 #: last 2 / 3 / 5 rounds' models: DP 0.669 -> 0.671 / 0.672 / 0.673. Neither adopted.
+#: Site-2 alone, four more (one run each, epsilon-8 noise, 0.670 as trained): augmentation
+#: multiplicity (De et al. 2022; 4 views per slice, flip and shift, their gradients averaged
+#: before clipping, the same epsilon) 0.668 in 3.7x the time (0.727 without noise, against
+#: 0.739 unaugmented: the registered slices gain nothing from flips and shifts); training
+#: only the shared body after round 5 (the whole clipping norm for it) 0.665; alternating
+#: body and site-local rounds 0.650; noise falling over the rounds (z 1.50 -> 0.75
+#: geometric, the same PRV epsilon 8) 0.665. Federated (in one process): a 25-parameter
+#: per-site intensity map in front of an all-shared UNet, so that no noised block stays
+#: local, cannot map the T2-like site (0.28 without DP; mean 0.588), not pursued.
 #: Opacus's PRV accountant: a tighter epsilon than RDP for the same noise, so a smaller
 #: noise multiplier meets a target (epsilon 8 here: 0.944 against RDP's 0.993). The
 #: sites' ledgers charge with the same accountant.
