@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Column, Table
@@ -119,18 +119,20 @@ def audit(config: ConfigOpt = Path("site.toml"),
     console.print("[dim]hashes shortened; `medfed site audit --json` prints whole records[/]")
 
 
-def _audit_details(record: dict) -> str:
+def _audit_details(record: dict[str, Any]) -> str:
     """What an audit record says beyond its event: epsilon and size of an update, a rule."""
+    from medfed.core import wire  # (numpy: only for the audit view, not every CLI start)
+
     parts = []
     privacy = record.get("privacy") or {}
     if "epsilon_round" in privacy:
         fitted = ", fitted to the budget" if privacy.get("noise_fitted_to_budget") else ""
         parts.append(f"epsilon {privacy['epsilon_round']:.4g} (run {privacy['epsilon_run']:.4g}, "
                      f"noise {privacy['noise_multiplier']:.3g}{fitted})")
-    if "fitted-noise" in record:
-        parts.append(f"noise {record['fitted-noise']:.3g}, fitted to the budget")
-    if "budget-rounds" in record:
-        parts.append(f"budget covers {record['budget-rounds']} rounds")
+    if wire.FITTED_NOISE_KEY in record:  # a join's forecast (worker._query)
+        parts.append(f"noise {record[wire.FITTED_NOISE_KEY]:.3g}, fitted to the budget")
+    if wire.BUDGET_ROUNDS_KEY in record:
+        parts.append(f"budget covers {record[wire.BUDGET_ROUNDS_KEY]} rounds")
     if "bytes" in record:
         parts.append(f"{record['bytes']} bytes")
     if record.get("hash"):
@@ -156,7 +158,7 @@ def _span(first: str | None, last: str | None) -> str:
 
 
 def _compact_table(*columns: Column, title: str) -> Table:
-    """A table without vertical rules: a run id and a date stay whole in 80 columns."""
+    """A table without vertical rules, so that a run id and a day's dates fit 80 columns."""
     from rich import box
 
     for column in columns:  # a header may wrap between its words, never inside one
