@@ -149,7 +149,9 @@ CLIP = 0.3
 #: body and site-local rounds 0.650; noise falling over the rounds (z 1.50 -> 0.75
 #: geometric, the same PRV epsilon 8) 0.665. Federated (in one process): a 25-parameter
 #: per-site intensity map in front of an all-shared UNet, so that no noised block stays
-#: local, cannot map the T2-like site (0.28 without DP; mean 0.588), not pursued.
+#: local, cannot map the T2-like site (0.28 without DP; mean 0.588), not pursued. The same
+#: in-process federation reproduces this benchmark's epsilon-8 run (0.703); averaging the
+#: site-local blocks too in the first 2 rounds, as a common start for them: 0.702.
 #: Opacus's PRV accountant: a tighter epsilon than RDP for the same noise, so a smaller
 #: noise multiplier meets a target (epsilon 8 here: 0.944 against RDP's 0.993). The
 #: sites' ledgers charge with the same accountant.
