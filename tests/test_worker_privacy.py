@@ -257,14 +257,30 @@ def test_a_site_may_fit_a_run_to_its_remaining_budget_with_more_noise(tmp_path: 
     assert [a["privacy"]["noise_fitted_to_budget"] for a in audit] == [True] * 3
 
 
-@pytest.mark.parametrize(("cap", "covered"), [(0.0, 2), (2.1, 2)])
+def test_another_runs_spend_mid_run_raises_the_fitted_noise(tmp_path: Path) -> None:
+    """The fit is asked again each round: what another run spent in between counts."""
+    worker = make_worker(tmp_path, epsilon_max=3.0, max_fitted_noise_multiplier=4.0)
+    run = dp_run(noise_multiplier=2.0).model_copy(update={"rounds": 3})
+    first = worker.handle(train_request(run, rnd=1)).header["metrics"]["noise-multiplier"]
+    ledger = PrivacyLedger(tmp_path / "privacy" / "ledger.sqlite")
+    _, budget = worker.privacy.policy.budget_for("brain")
+    ledger.reserve("other", 1, "brain", budget=budget, round_history=[(8.0, 0.5, 2)],
+                   delta=1e-5)  # another coordinator's run, between this run's rounds
+    replies = [worker.handle(train_request(run, rnd=r)).header for r in (2, 3)]
+    assert [r["ok"] for r in replies] == [True, True]
+    later = [r["metrics"]["noise-multiplier"] for r in replies]
+    assert later[0] > first and later[1] == later[0]
+    assert ledger.spent("brain") <= 3.0
+
+
+@pytest.mark.parametrize("cap", [0.0, 2.1])
 def test_without_room_under_the_cap_the_site_refuses_rounds_as_usual(
-        tmp_path: Path, cap: float, covered: int) -> None:
+        tmp_path: Path, cap: float) -> None:
     """No fitting when the policy does not allow it (0), or when even the cap does not fit."""
     worker = make_worker(tmp_path, epsilon_max=3.0, max_fitted_noise_multiplier=cap)
     run = secure(dp_run(noise_multiplier=2.0), rounds=3)
     joined = worker.handle(join_request(run))
-    assert joined.header["metrics"] == {wire.BUDGET_ROUNDS_KEY: covered}
+    assert joined.header["metrics"] == {wire.BUDGET_ROUNDS_KEY: 2}
     plain = run.model_copy(update={"secure_aggregation": "off"})
     replies = [worker.handle(train_request(plain, rnd=r)) for r in (1, 2, 3)]
     assert [r.header["ok"] for r in replies] == [True, True, False]
