@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -114,6 +115,13 @@ def test_site_budget_lists_spend(tmp_path: Path) -> None:
 
     assert len(row) == 7 and re.fullmatch(r"\d{4}-\d\d-\d\d", row[5]), row
     assert re.fullmatch(r"\d\d:\d\d", row[6]), row
+    out = medfed("site", "budget", "--config", str(tmp_path / "s" / "site.toml"), "--json")
+    assert out.returncode == 0, out.stderr
+    said = json.loads(out.stdout)
+    assert said["datasets"]["default"]["spent"] == pytest.approx(res.epsilon)
+    assert said["datasets"]["default"]["remaining"] == pytest.approx(budget.epsilon_max
+                                                                     - res.epsilon)
+    assert [(r["run_id"], r["rounds"]) for r in said["runs"]] == [(run_id, 1)]
     # a refusal in the audit log reads whole: its rule, its reason and its round
     from medfed.client.audit import AuditLog
 

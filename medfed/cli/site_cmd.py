@@ -168,8 +168,13 @@ def _compact_table(*columns: Column, title: str) -> Table:
 
 
 @app.command("budget")
-def budget(config: ConfigOpt = Path("site.toml")) -> None:
+def budget(config: ConfigOpt = Path("site.toml"),
+           as_json: Annotated[bool, typer.Option(
+               "--json", help="one JSON object, e.g. for monitoring what is left")] = False
+           ) -> None:
     """Privacy budget: spent and remaining epsilon per dataset, and per run, with dates."""
+    import dataclasses
+
     from medfed.client.ledger import PrivacyLedger
     from medfed.core.config import SiteConfig, load_toml, resolve
 
@@ -177,6 +182,14 @@ def budget(config: ConfigOpt = Path("site.toml")) -> None:
     ledger = PrivacyLedger(resolve(config, cfg.privacy.ledger))
     summary = ledger.summary()
     datasets = sorted(cfg.privacy.datasets.items())
+    if as_json:
+        spent = {name: ledger.spent(name) for name, _ in datasets}
+        print(json.dumps({
+            "datasets": {name: {**b.model_dump(), "spent": spent[name],
+                                "remaining": b.epsilon_max - spent[name]}
+                         for name, b in datasets},
+            "runs": [dataclasses.asdict(r) for r in summary.runs]}, indent=2))
+        return
     fitting = any(b.max_fitted_noise_multiplier for _, b in datasets)
     # fold, never truncate: on a narrow terminal a cut date or unit would mislead
     table = _compact_table(*(Column(h, overflow="fold") for h in (
