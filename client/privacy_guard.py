@@ -240,7 +240,7 @@ class PrivacyGate:
 
     def _first_guess(self, run: RunConfig, plan: _Plan, rounds: int) -> float:
         """The noise whose ``rounds`` rounds spend what the dataset has left (or the target)."""
-        left = plan.budget.epsilon_max - self.ledger.spent(plan.dataset)
+        left = self.ledger.remaining(plan.dataset, plan.budget)
         target = min(left, run.privacy.target_epsilon or left)
         _, rate, steps = plan.entry
         try:

@@ -77,6 +77,6 @@ def register(app: typer.Typer) -> None:
         console.print(f"run folder: {folder.path}")
         console.print(f"  metrics:  {folder.metrics_file}")
         console.print(f"  plot:     {folder.plot_file}")
-        console.print(f"  report:   {folder.path / 'report.md'}")
+        console.print(f"  report:   {folder.report_file}")
         console.print(f"  model:    {folder.checkpoint_file(rounds)}")
         console.print(f"all processes stopped; total {time.time() - t0:.1f} s")

@@ -185,6 +185,7 @@ def register(app: typer.Typer) -> None:
     @app.command("runs")
     def runs(config: ConfigOpt = None, server: ServerOpt = None, ca: CaOpt = None) -> None:
         """List the runs of the federation."""
+        from medfed.core.runs import RunFolder
         from medfed.server.control import ServerUnreachable
 
         target = Target(config, server, ca)
@@ -193,7 +194,7 @@ def register(app: typer.Typer) -> None:
                 infos = sorted(control.runs(), key=lambda r: r.pending_at, reverse=True)
         except ServerUnreachable as exc:
             if target.runs_dir is None or not any(
-                    (p / "run.json").is_file() for p in target.runs_dir.glob("*")):
+                    RunFolder(p).run_file.is_file() for p in target.runs_dir.glob("*")):
                 raise
             _runs_from_folders(target, exc)
             return
@@ -258,18 +259,21 @@ def _runs_from_folders(target: Target, exc: MedfedError) -> None:
     """`medfed runs` while the server is down: the run folders on this machine."""
     import datetime as dt
 
+    from medfed.core.runs import RunFolder
+
     assert target.runs_dir is not None
     console.print(f"[yellow]{escape(exc.what)}[/] ({escape(exc.fix)})\n"
                   "  the run folders on this machine instead:")
     rows = []
     for path in target.runs_dir.iterdir():
-        if not (path / "run.json").is_file() or not path.name.isdigit():
+        folder = RunFolder(path)
+        if not folder.run_file.is_file() or not path.name.isdigit():
             continue
-        info = json.loads((path / "run.json").read_text())
+        info = folder.read_run()
         cfg = info.get("config", {})
         finished = ""
-        if (path / "summary.json").is_file():
-            stamp = (path / "summary.json").stat().st_mtime
+        if folder.summary_file.is_file():
+            stamp = folder.summary_file.stat().st_mtime
             finished = dt.datetime.fromtimestamp(stamp, dt.timezone.utc).isoformat()[:19]
         rows.append((info.get("started", "")[:19], path.name,
                      _outcome(target, int(path.name)) or "not finished", finished,
@@ -320,6 +324,9 @@ def _outcome(target: Target, run_id: int) -> str:
 
 
 def _print_summary(summary: dict[str, Any], folder: Path) -> None:
+    from medfed.core.runs import RunFolder
+
+    run = RunFolder(folder)
     if summary.get("status") != "completed":
         console.print(f"[red]run {summary.get('status')}[/]: "
                       f"{escape(str(summary.get('reason', '')))}", highlight=False)
@@ -327,8 +334,8 @@ def _print_summary(summary: dict[str, Any], folder: Path) -> None:
             console.print(f"  rounds finished: {summary.get('rounds_finished')} of "
                           f"{summary.get('rounds')}; last model: "
                           f"{folder / 'checkpoints' / summary['final_checkpoint']}")
-        if (folder / "report.md").exists():
-            console.print(f"  report: {folder / 'report.md'}")
+        if run.report_file.exists():
+            console.print(f"  report: {run.report_file}")
         return
     metric = summary.get("primary_metric", "")
     final = summary.get("evaluate_metrics", {}).get(str(summary.get("rounds")), {})
@@ -336,5 +343,5 @@ def _print_summary(summary: dict[str, Any], folder: Path) -> None:
                   f"final {metric}: {final.get(metric, float('nan')):.4f}")
     console.print(f"  run folder: {folder}")
     console.print(f"  model:      {folder / 'checkpoints' / summary['final_checkpoint']}")
-    console.print(f"  plot:       {folder / 'metrics.png'}")
-    console.print(f"  report:     {folder / 'report.md'}")
+    console.print(f"  plot:       {run.plot_file}")
+    console.print(f"  report:     {run.report_file}")

@@ -17,8 +17,6 @@ from medfed.core import wire
 from medfed.core.files import atomic_write
 from medfed.core.runs import RunFolder
 
-REPORT_FILE = "report.md"
-
 
 def _cell(value: Any, digits: int = 4) -> str:
     if value is None or value == "":
@@ -52,7 +50,7 @@ def _privacy_lines(privacy: dict[str, Any]) -> list[str]:
 
 def render(folder: RunFolder) -> str:
     """The report of the run in ``folder`` (markdown)."""
-    info = json.loads(folder.run_file.read_text())
+    info = folder.read_run()
     cfg: dict[str, Any] = info.get("config", {})
     summary = folder.read_summary() or {"status": "not finished"}
     metrics = folder.read_metrics()
@@ -139,6 +137,5 @@ def render(folder: RunFolder) -> str:
 
 def write_report(folder: RunFolder) -> Path:
     """Write ``report.md`` into the run folder (atomically) and return its path."""
-    path = folder.path / REPORT_FILE
-    atomic_write(path, render(folder).encode())
-    return path
+    atomic_write(folder.report_file, render(folder).encode())
+    return folder.report_file

@@ -99,6 +99,11 @@ class RunFolder:
         """metrics.png."""
         return self.path / "metrics.png"
 
+    @property
+    def report_file(self) -> Path:
+        """report.md (:mod:`medfed.core.run_report`)."""
+        return self.path / "report.md"
+
     def checkpoint_file(self, server_round: int) -> Path:
         """checkpoints/round-NNN.npz."""
         return self.path / "checkpoints" / f"round-{server_round:03d}.npz"

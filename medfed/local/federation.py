@@ -54,15 +54,16 @@ class LocalFederation:
         server_toml = init_federation(self.root / "server", name=self.name,
                                       hosts=["127.0.0.1", "localhost"], port=port)
         self.federation = Federation.load(server_toml)
+        # Sites train at once on this machine's cores: an equal share each, at least one
+        # torch thread (more threads than cores slows every site down).
+        threads = _threads_per_site(len(self.site_names))
         for i, site in enumerate(self.site_names):
             cfg = init_site(self.root / site, name=site, federation_ca=self.federation.ca_cert,
                             server=f"127.0.0.1:{port}", runtime_port=free_port(),
                             seed=1000 + i, profile=i)
-            # Sites train at once on this machine's cores: an equal share each, at least one
-            # torch thread (more threads than cores slows every site down).
-            _override(cfg, "compute", {"threads": _threads_per_site(len(self.site_names))})
+            _override(cfg, ("compute",), {"threads": threads})
             if site_data is not None:
-                _override(cfg, "data", site_data(i, site))
+                _override(cfg, ("data",), site_data(i, site))
             self.site_configs[site] = cfg
             if self.enrol:
                 self.federation.enrol(self.root / site / "keys" / "site.pub", site)
@@ -75,15 +76,11 @@ class LocalFederation:
         ``min_noise_multiplier`` ...), e.g. a generous budget for simulations that
         compare DP runs.
         """
-        import tomli_w
         import tomllib
 
         for cfg in self.site_configs.values():
-            data = tomllib.loads(cfg.read_text(encoding="utf-8"))
-            default = data["privacy"]["default"]
-            datasets = data["privacy"].setdefault("datasets", {})
-            datasets[default] = {**datasets.get(default, {}), **budget}
-            cfg.write_text(tomli_w.dumps(data), encoding="utf-8")
+            default = tomllib.loads(cfg.read_text(encoding="utf-8"))["privacy"]["default"]
+            _override(cfg, ("privacy", "datasets", default), budget)
 
     @property
     def fed(self) -> Federation:
@@ -155,11 +152,17 @@ def _threads_per_site(sites: int) -> int:
     return max(1, cores // max(sites, 1))
 
 
-def _override(site_toml: Path, section: str, overrides: dict[str, Any]) -> None:
-    """Rewrite one section of a fresh site.toml (keeps the file valid TOML)."""
+def _override(site_toml: Path, table: tuple[str, ...], overrides: dict[str, Any]) -> None:
+    """Update one table of a fresh site.toml, e.g. ``("privacy", "datasets", "default")``.
+
+    The file stays valid TOML; a table named by a dataset may hold dots, hence the tuple.
+    """
     import tomli_w
     import tomllib
 
     data = tomllib.loads(site_toml.read_text(encoding="utf-8"))
-    data[section] = {**data.get(section, {}), **overrides}
+    section = data
+    for key in table:
+        section = section.setdefault(key, {})
+    section.update(overrides)
     site_toml.write_text(tomli_w.dumps(data), encoding="utf-8")
