@@ -13,6 +13,7 @@ import typer
 from rich.table import Column, Table
 
 from medfed.cli.main import console, interrupt_on_signal
+from medfed.core import wire
 from medfed.core.parent_watch import EXIT_WITH_PARENT_ENV
 
 app = typer.Typer(help="Enrol, configure and run a hospital site (site operator).",
@@ -121,8 +122,6 @@ def audit(config: ConfigOpt = Path("site.toml"),
 
 def _audit_details(record: dict[str, Any]) -> str:
     """What an audit record says beyond its event: epsilon and size of an update, a rule."""
-    from medfed.core import wire  # (numpy: only for the audit view, not every CLI start)
-
     parts = []
     privacy = record.get("privacy") or {}
     if "epsilon_round" in privacy:
