@@ -659,8 +659,20 @@ def _accountant(name: AccountantName) -> Any:
 def epsilon_of_history(
     history: Sequence[HistoryEntry], delta: float, accountant: AccountantName = "rdp"
 ) -> float:
-    """Epsilon of a whole accountant history at ``delta`` (Opacus's accountant); 0 if empty."""
-    entries = [(float(z), float(q), int(s)) for z, q, s in history if int(s) > 0]
+    """Epsilon of a whole accountant history at ``delta`` (Opacus's accountant); 0 if empty.
+
+    Consecutive entries of the same noise and sampling rate are merged first, as
+    Opacus's accountants merge them on ``step()``: a run's rounds then give the
+    history one long training would, and PRV discretizes one entry, not one per round.
+    """
+    entries: list[HistoryEntry] = []
+    for z, q, s in history:
+        if int(s) <= 0:
+            continue
+        if entries and entries[-1][:2] == (float(z), float(q)):
+            entries[-1] = (float(z), float(q), entries[-1][2] + int(s))
+        else:
+            entries.append((float(z), float(q), int(s)))
     if not entries:
         return 0.0
     acc = _accountant(accountant)

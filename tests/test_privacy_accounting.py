@@ -107,3 +107,16 @@ def test_the_coordinator_is_warned_when_update_level_noise_drowns_the_update() -
     assert _update_dp_warning(many, 100) is None  # sqrt(100 / 1000) < 1: the mean is signal
     sample = RunConfig(task="tiny-seg", privacy={"mode": "sample", "noise_multiplier": 1.0})
     assert _update_dp_warning(sample, 20_000) is None
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_a_run_of_equal_rounds_is_accounted_as_one_long_training(accountant: str) -> None:
+    # Opacus's accountant, stepped 60 times at one noise and rate, keeps one entry;
+    # ten rounds of six steps must give its epsilon, not a coarser composition.
+    rounds = [(0.9, 0.05, 6)] * 10
+    assert dp.epsilon_of_history(rounds, 1e-5, accountant) == pytest.approx(
+        dp.epsilon_for(60, 0.05, 0.9, 1e-5, accountant), rel=1e-12)
+    # a round at another noise in between is its own entry: not merged across it
+    mixed = [*rounds[:5], (2.0, 0.05, 6), *rounds[5:]]
+    assert dp.epsilon_of_history(mixed, 1e-5, accountant) < dp.epsilon_for(
+        66, 0.05, 0.9, 1e-5, accountant)
