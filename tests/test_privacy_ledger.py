@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from opacus.accountants import PRVAccountant
 
 from medfed.client.ledger import BudgetExceeded, LedgerError, PrivacyLedger, UnitNotCovered
 from medfed.core.privacy import DatasetBudget
@@ -34,6 +35,22 @@ def test_rounds_of_a_run_compose_through_the_accountant(tmp_path: Path) -> None:
     assert ledger.remaining("brain", BUDGET) == pytest.approx(10.0 - second.run_epsilon)
     assert ledger.run_history("run-a", "brain") == [(1.0, 0.1, 10), (1.0, 0.1, 10)]
     assert [r.status for r in ledger.history("brain")] == ["committed", "reserved"]
+
+
+def test_a_prv_run_is_charged_what_opacus_prv_accountant_reports(tmp_path: Path) -> None:
+    # Opacus's PRV accountant stepped as DP-SGD steps it: 3 rounds of 10 steps
+    stepped = PRVAccountant()
+    for _ in range(30):
+        stepped.step(noise_multiplier=1.0, sample_rate=0.1)
+    independent = float(stepped.get_epsilon(delta=1e-5))
+    assert independent == pytest.approx(4.18855485888563, rel=1e-9)  # Opacus 1.6
+    ledger = PrivacyLedger(tmp_path / "ledger.sqlite")
+    for rnd in (1, 2, 3):
+        r = ledger.reserve("run-a", rnd, "brain", budget=BUDGET, round_history=ROUND,
+                           delta=1e-5, accountant="prv")
+        ledger.commit(r.record_id, steps=10)
+    assert r.run_epsilon == pytest.approx(independent, rel=1e-9)
+    assert ledger.spent("brain") == pytest.approx(independent, rel=1e-9)
 
 
 def test_runs_on_one_dataset_add_up_and_datasets_are_separate(tmp_path: Path) -> None:
