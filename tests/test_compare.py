@@ -13,6 +13,8 @@ from test_cli import medfed
     (["-o", "fedadam:eta=0.1"], "names no strategy of this comparison"),
     (["-o", "fedprox:proximal_m=0.1"], "did you mean 'proximal_mu'"),
     (["--adaptations", "fedbm"], "did you mean 'fedbn'"),
+    (["--dp", "off,dp-sgd"], "Unknown or repeated DP mode"),
+    (["--dp", "sample", "--dp-optimizer", "rmsprop"], "--dp sample"),
 ])
 def test_bad_input_is_refused_before_anything_starts(
         tmp_path: Path, args: list[str], message: str) -> None:
@@ -40,3 +42,27 @@ def test_two_strategies_are_compared_on_the_same_sites(short_tmp: Path) -> None:
         assert r["mean"] == pytest.approx(sum(r["sites"].values()) / 2)
         assert Path(r["run_folder"], "summary.json").exists()
     assert "mean dice" in out.stdout and "fedprox" in out.stdout
+
+
+@pytest.mark.slow
+def test_dp_runs_are_scored_against_their_non_private_twins(short_tmp: Path) -> None:
+    out = medfed("compare", "--strategies", "fedavg", "--dp", "off,sample",
+                 "--target-epsilon", "50", "--accountant", "prv", "--dp-optimizer", "sgd",
+                 "--dp-lr", "0.1", "--max-grad-norm", "0.5", "--sites", "2", "--rounds", "1",
+                 "--out", str(short_tmp / "cmp"), cwd=short_tmp, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads((short_tmp / "cmp" / "compare.json").read_text())
+    runs = {r["dp"]: r for r in result["runs"]}
+    assert set(runs) == {"off", "sample"}
+    assert result["privacy"]["sample"]["target_epsilon"] == 50.0
+    assert runs["off"]["epsilon"] is None and "vs_no_dp" not in runs["off"]
+    # each site spends at most the target (PRV; the sites derive their noise from it)
+    assert 0.0 < runs["sample"]["epsilon"] <= 50.0
+    assert runs["sample"]["vs_no_dp"] == pytest.approx(
+        runs["sample"]["mean"] / runs["off"]["mean"])
+    # the DP run trained with its own recipe, the plain one with the task's defaults
+    dp_run = json.loads(Path(runs["sample"]["run_folder"], "run.json").read_text())
+    plain_run = json.loads(Path(runs["off"]["run_folder"], "run.json").read_text())
+    assert dp_run["config"]["learning_rate"] == 0.1
+    assert plain_run["config"]["learning_rate"] is None
+    assert "DP/plain" in out.stdout and "dice per site" in out.stdout

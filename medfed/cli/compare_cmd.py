@@ -2,8 +2,10 @@
 
 A researcher's plugin (docs/plugins.md) against the built-ins, on the same sites,
 data, task, rounds and seed: one federation on 127.0.0.1 (a real SuperLink and
-site daemons, as `medfed demo`), one run per strategy x hook, and a table of the
-global model's score at every site.
+site daemons, as `medfed demo`), one run per strategy x hook x DP mode, and a table
+of the global model's score at every site. With ``--dp off,sample`` each DP run is
+also scored against its non-private twin (what ``benchmarks/privacy_utility.py``
+measures for the built-ins), so a hook or strategy is judged under DP too.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.table import Column, Table
 
 from medfed.cli.main import console, interrupt_on_signal
@@ -24,6 +27,10 @@ from medfed.core.errors import ConfigError
 #: Each site's budget in a comparison: a simulation measures epsilon, it does not ration it.
 SIMULATION_BUDGET = {"epsilon_max": 1e6, "min_noise_multiplier": 0.0,
                      "max_clipping_norm": 1e3, "dp_required": False}
+
+
+#: What ``--dp`` may list.
+DP_MODES = ("off", "sample", "update")
 
 
 def _names(text: str, what: str) -> list[str]:
@@ -49,6 +56,27 @@ def _options(texts: list[str], strategies: list[str]) -> dict[str, dict[str, Any
         key, value = parse_option(option)
         out[strategy][key] = value
     return out
+
+
+def _dp_modes(text: str) -> list[str]:
+    modes = _names(text, "dp")
+    unknown = [m for m in modes if m not in DP_MODES]
+    if unknown or len(set(modes)) != len(modes):
+        raise ConfigError(
+            f"Unknown or repeated DP mode in --dp {text!r}.", where="--dp",
+            expected=f"comma-separated, each once: {', '.join(DP_MODES)}",
+            fix="e.g. --dp off,sample to score DP-SGD against the same runs without DP")
+    return modes
+
+
+def _score_against_plain(results: list[dict[str, Any]]) -> None:
+    """``vs_no_dp`` of each completed DP run: its mean over its non-private twin's."""
+    plain = {(r["strategy"], r["adaptation"]): r["mean"] for r in results
+             if r["dp"] == "off" and r["status"] == "completed"}
+    for r in results:
+        twin = plain.get((r["strategy"], r["adaptation"]))
+        if r["dp"] != "off" and r["status"] == "completed" and twin:
+            r["vs_no_dp"] = r["mean"] / twin
 
 
 def _result(folder: Any, summary: dict[str, Any], rounds: int) -> dict[str, Any]:
@@ -80,14 +108,40 @@ def register(app: typer.Typer) -> None:
         sites: Annotated[int, typer.Option(min=2, max=8, help="number of sites")] = 3,
         rounds: Annotated[int, typer.Option(min=1, help="federated rounds per run")] = 3,
         seed: Annotated[int, typer.Option(help="seed of the initial model")] = 0,
-        dp: Annotated[str, typer.Option(help="off | sample (DP-SGD) | update")] = "off",
-        noise_multiplier: Annotated[float, typer.Option(help="DP noise multiplier")] = 1.0,
+        local_epochs: Annotated[int | None, typer.Option(
+            help="local epochs per round (default: the task's)")] = None,
+        batch_size: Annotated[int | None, typer.Option(
+            help="local batch size (default: the task's)")] = None,
+        lr: Annotated[float | None, typer.Option(
+            help="local learning rate (default: the task's)")] = None,
+        dp: Annotated[str, typer.Option(
+            help="comma-separated DP modes to compare: off | sample (DP-SGD) | update; "
+                 "with off among others, each DP run is scored against its off twin")
+        ] = "off",
+        noise_multiplier: Annotated[float | None, typer.Option(
+            help="DP noise multiplier (default 1.0; with --target-epsilon, a floor)")] = None,
+        target_epsilon: Annotated[float, typer.Option(
+            help="DP: each site derives the least noise that keeps its epsilon over the run "
+                 "at or below this; 0 = use --noise-multiplier")] = 0.0,
         max_grad_norm: Annotated[float, typer.Option(help="DP-SGD per-sample clip")] = 1.0,
+        clipping_norm: Annotated[float, typer.Option(help="update-level DP clip")] = 1.0,
+        delta: Annotated[float, typer.Option(help="DP target delta")] = 1e-5,
+        accountant: Annotated[str, typer.Option(help="rdp | prv")] = "rdp",
+        dp_optimizer: Annotated[str, typer.Option(help="DP-SGD optimizer: adam | sgd")] = "adam",
+        dp_average: Annotated[float, typer.Option(
+            help="DP-SGD: send the moving average of the iterates (decay); 0 = off")] = 0.0,
+        dp_local_epochs: Annotated[int | None, typer.Option(
+            help="local epochs of the DP runs (default: --local-epochs)")] = None,
+        dp_batch_size: Annotated[int | None, typer.Option(
+            help="batch size of the DP runs (default: --batch-size)")] = None,
+        dp_lr: Annotated[float | None, typer.Option(
+            help="learning rate of the DP runs (default: --lr)")] = None,
         out: Annotated[Path | None, typer.Option(
             help="folder for the federation and compare.json "
                  "(default: ./medfed-compare/<time>)")] = None,
     ) -> None:
         """Compare strategies and adaptation hooks on one simulated federation (loopback)."""
+        from medfed.cli.run_cmd import privacy_options
         from medfed.core.config import RunConfig, validate
         from medfed.local import LocalFederation
         from medfed.strategies.registry import check_options
@@ -96,18 +150,27 @@ def register(app: typer.Typer) -> None:
 
         chosen = get_task(task)
         names, hooks = _names(strategies, "strategies"), _names(adaptations, "adaptations")
+        modes = _dp_modes(dp)
         options = _options(strategy_option or [], names)
         for s in names:
             check_options(s, options[s])
         for hook in hooks:  # an unknown hook or one that does not fit fails here
             local_keys(chosen, chosen.build_model(), hook)
-        privacy = {"mode": dp, "noise_multiplier": noise_multiplier,
-                   "max_grad_norm": max_grad_norm} if dp != "off" else {}
-        runs = [(s, h, validate(RunConfig, {
+        privacy = {m: privacy_options(m, noise_multiplier, max_grad_norm, clipping_norm, delta,
+                                      accountant, dp_optimizer, dp_average, target_epsilon)
+                   for m in modes}
+        plain = {"local_epochs": local_epochs, "batch_size": batch_size, "learning_rate": lr}
+        own = lambda dp_value, value: value if dp_value is None else dp_value  # noqa: E731
+        private = {"local_epochs": own(dp_local_epochs, local_epochs),
+                   "batch_size": own(dp_batch_size, batch_size),
+                   "learning_rate": own(dp_lr, lr)}
+        runs = [(s, h, m, validate(RunConfig, {
             "task": task, "strategy": s, "strategy_options": options[s], "rounds": rounds,
-            "min_sites": sites, "seed": seed, "adaptation": h, "privacy": privacy,
-            "name": f"compare {s} {h}"}, where="medfed compare options"))
-            for s in names for h in hooks]
+            "min_sites": sites, "seed": seed, "adaptation": h, "privacy": privacy[m],
+            **(plain if m == "off" else private),
+            "name": f"compare {s} {h}" + ("" if m == "off" else f" dp-{m}")},
+            where=f"medfed compare options (--dp {m})"))
+            for s in names for h in hooks for m in modes]
         signal.signal(signal.SIGTERM, interrupt_on_signal)
         root = (out or Path("medfed-compare")
                 / dt.datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
@@ -117,14 +180,14 @@ def register(app: typer.Typer) -> None:
             with LocalFederation(root, [f"site-{i + 1}" for i in range(sites)],
                                  name="compare") as fed:
                 fed.create()
-                if dp != "off":
+                if modes != ["off"]:
                     fed.set_budget(**SIMULATION_BUDGET)
                 console.print(f"[bold]medfed compare[/]: {len(runs)} runs of {task}, {sites} "
                               f"sites, {rounds} rounds each; federation in {root}")
                 fed.start()
-                for strategy, hook, run in runs:
+                for strategy, hook, mode, run in runs:
                     folder, summary = fed.run(run)
-                    result = {"strategy": strategy, "adaptation": hook,
+                    result = {"strategy": strategy, "adaptation": hook, "dp": mode,
                               "options": options[strategy]}
                     if summary.get("status") == "completed":
                         result.update(_result(folder, summary, rounds))
@@ -133,11 +196,14 @@ def register(app: typer.Typer) -> None:
                         result.update(status=summary.get("status", "failed"),
                                       reason=summary.get("reason", ""))
                         shown = f"[red]{result['status']}[/]"
-                    console.print(f"  {strategy:<14} {hook:<18} {shown}", highlight=False)
+                    dp_shown = "" if modes == ["off"] else f" {mode:<7}"
+                    console.print(f"  {strategy:<14} {hook:<18}{dp_shown} {shown}",
+                                  highlight=False)
                     results.append(result)
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]: every process it started is stopped")
             raise typer.Exit(130) from None
+        _score_against_plain(results)
         (root / "compare.json").write_text(json.dumps(
             {"task": task, "sites": sites, "rounds": rounds, "seed": seed, "privacy": privacy,
              "runs": results}, indent=2))
@@ -149,22 +215,37 @@ def register(app: typer.Typer) -> None:
 
 
 def _print_table(results: list[dict[str, Any]]) -> None:
-    done = [r for r in results if r["status"] == "completed"]
+    """The runs best first, then their scores per site (two tables: fits 80 columns)."""
+    done = sorted((r for r in results if r["status"] == "completed"), key=lambda r: -r["mean"])
+    failed = [r for r in results if r["status"] != "completed"]
     site_names = sorted({s for r in done for s in r["sites"]})
     metric = done[0]["metric"] if done else "score"
+    with_dp = any(r["dp"] != "off" for r in results)
     with_eps = any(r["epsilon"] is not None for r in done)
+    with_ratio = any("vs_no_dp" in r for r in done)
+    number = lambda h: Column(h, justify="right", no_wrap=True)  # noqa: E731
     # fold, never cut: a shortened strategy or hook name would name the wrong run
-    table = Table(*(Column(h, overflow="fold") for h in (
-        "strategy", "adaptation", f"mean {metric}", *site_names, "seconds",
-        *(["epsilon"] if with_eps else []))),
-        title="global model at each site's held-out split (best first)")
-    for r in sorted(done, key=lambda r: -r["mean"]):
-        eps = ([] if not with_eps else ["" if r["epsilon"] is None else f"{r['epsilon']:.3g}"])
-        table.add_row(r["strategy"], r["adaptation"], f"{r['mean']:.4f}",
-                      *(f"{r['sites'].get(s, float('nan')):.4f}" for s in site_names),
-                      f"{r['seconds']:.1f}", *eps)
-    for r in results:
-        if r["status"] != "completed":
-            table.add_row(r["strategy"], r["adaptation"], r["status"],
-                          *("" for _ in range(len(site_names) + 1 + with_eps)))
+    table = Table(number("#"), Column("strategy", overflow="fold"),
+                  Column("adaptation", overflow="fold"), *([Column("dp")] if with_dp else []),
+                  number(f"mean {metric}"), *([number("DP/plain")] if with_ratio else []),
+                  number("s"), *([number("eps")] if with_eps else []),
+                  box=box.SIMPLE_HEAD, title="global model at each site's held-out split")
+    for i, r in enumerate(done, 1):
+        table.add_row(str(i), r["strategy"], r["adaptation"], *([r["dp"]] if with_dp else []),
+                      f"{r['mean']:.4f}",
+                      *([f"{r['vs_no_dp']:.3f}" if "vs_no_dp" in r else ""] if with_ratio
+                        else []),
+                      f"{r['seconds']:.1f}",
+                      *([f"{r['epsilon']:.3g}" if r["epsilon"] is not None else ""]
+                        if with_eps else []))
+    for r in failed:
+        table.add_row("", r["strategy"], r["adaptation"], *([r["dp"]] if with_dp else []),
+                      r["status"], *("" for _ in range(with_ratio + 1 + with_eps)))
     console.print(table)
+    if done:
+        per_site = Table(number("#"), *(number(s) for s in site_names), box=box.SIMPLE_HEAD,
+                         title=f"{metric} per site")
+        for i, r in enumerate(done, 1):
+            per_site.add_row(str(i), *(f"{r['sites'][s]:.4f}" if s in r["sites"] else ""
+                                       for s in site_names))
+        console.print(per_site)
