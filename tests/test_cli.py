@@ -197,3 +197,9 @@ def test_runs_and_status_read_the_run_folders_while_the_server_is_down(tmp_path:
     assert "rounds finished: 0" in status.stdout
     # a run this machine holds no folder of still needs the server
     assert medfed("status", "5", "--config", cfg).returncode == 2
+
+
+def test_a_bad_demo_option_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    out = medfed("demo", "--dp", "smaple", "--out", str(tmp_path / "demo"), cwd=tmp_path)
+    assert out.returncode == 2 and "privacy.mode" in out.stderr and "'sample'" in out.stderr
+    assert not (tmp_path / "demo").exists()  # no federation was created or started

@@ -27,17 +27,28 @@ def register(app: typer.Typer) -> None:
         task: Annotated[str, typer.Option(help="task name")] = "brain-tissue-seg",
         strategy: Annotated[str, typer.Option(help="strategy name")] = "fedavg",
         dp: Annotated[str, typer.Option(help="off | sample (DP-SGD) | update")] = "off",
-        noise_multiplier: Annotated[float, typer.Option(help="DP noise multiplier")] = 1.0,
+        noise_multiplier: Annotated[float | None, typer.Option(
+            help="DP noise multiplier (default 1.0; with --target-epsilon, a floor)")] = None,
+        target_epsilon: Annotated[float, typer.Option(
+            help="DP: each site derives the least noise that keeps its epsilon over the run "
+                 "at or below this; 0 = use --noise-multiplier")] = 0.0,
         secure_aggregation: Annotated[str, typer.Option(
             help="default | strict | off (debugging only)")] = "default",
     ) -> None:
         """Run a server and sites with their own data on loopback (TLS), train, report, stop."""
-        from medfed.core.config import RunConfig
+        from medfed.cli.run_cmd import privacy_options
+        from medfed.core.config import RunConfig, validate
         from medfed.local import LocalFederation
         from medfed.strategies.registry import check_options, check_secure_aggregation
         from medfed.tasks import get_task
 
         get_task(task)
+        run = validate(RunConfig, {
+            "task": task, "strategy": strategy, "rounds": rounds, "min_sites": sites,
+            "name": "demo", "secure_aggregation": secure_aggregation,
+            "privacy": privacy_options(dp, noise_multiplier, 1.0, 1.0, 1e-5, "rdp",
+                                       target_epsilon=target_epsilon)},
+            where="medfed demo options")
         check_options(strategy, {})
         check_secure_aggregation(strategy, secure_aggregation)
         if secure_aggregation == "off":
@@ -53,11 +64,6 @@ def register(app: typer.Typer) -> None:
                 console.print(f"  server + {sites} sites on 127.0.0.1 (TLS, enrolled keys) ...")
                 fed.start()
                 console.print(f"  {sites} sites online after {time.time() - t0:.1f} s")
-                privacy = {"mode": dp, "noise_multiplier": noise_multiplier} \
-                    if dp != "off" else {}
-                run = RunConfig(task=task, strategy=strategy, rounds=rounds, min_sites=sites,
-                                name="demo", privacy=privacy,
-                                secure_aggregation=secure_aggregation)
                 folder, summary = fed.run(run, on_event=ProgressView(console, rounds))
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]: every process the demo started is stopped; "
@@ -79,4 +85,7 @@ def register(app: typer.Typer) -> None:
         console.print(f"  plot:     {folder.plot_file}")
         console.print(f"  report:   {folder.report_file}")
         console.print(f"  model:    {folder.checkpoint_file(rounds)}")
+        if dp != "off":
+            console.print("a site's privacy ledger: medfed site budget --config "
+                          f"{fed.root / names[0] / 'site.toml'}")
         console.print(f"all processes stopped; total {time.time() - t0:.1f} s")
