@@ -28,20 +28,27 @@ def test_bad_input_is_refused_before_anything_starts(
 @pytest.mark.slow
 def test_two_strategies_are_compared_on_the_same_sites(short_tmp: Path) -> None:
     out = medfed("compare", "--strategies", "fedavg,fedprox", "-o", "fedprox:proximal_mu=0.1",
-                 "--sites", "2", "--rounds", "1", "--out", str(short_tmp / "cmp"),
-                 cwd=short_tmp, timeout=600)
+                 "--sites", "2", "--rounds", "1", "--repeats", "2", "--seed", "5",
+                 "--out", str(short_tmp / "cmp"), cwd=short_tmp, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads((short_tmp / "cmp" / "compare.json").read_text())
-    runs = {r["strategy"]: r for r in result["runs"]}
-    assert set(runs) == {"fedavg", "fedprox"}
-    assert runs["fedprox"]["options"] == {"proximal_mu": 0.1}
-    for r in runs.values():
+    assert sorted((r["strategy"], r["seed"]) for r in result["runs"]) == [
+        ("fedavg", 5), ("fedavg", 6), ("fedprox", 5), ("fedprox", 6)]
+    for r in result["runs"]:
         assert r["status"] == "completed" and r["adaptation"] == "none"
         assert set(r["sites"]) == {"site-1", "site-2"}
         assert 0.0 < r["mean"] <= 1.0
         assert r["mean"] == pytest.approx(sum(r["sites"].values()) / 2)
         assert Path(r["run_folder"], "summary.json").exists()
-    assert "mean dice" in out.stdout and "fedprox" in out.stdout
+    rows = {r["strategy"]: r for r in result["combinations"]}
+    assert set(rows) == {"fedavg", "fedprox"}
+    assert rows["fedprox"]["options"] == {"proximal_mu": 0.1}
+    for strategy, row in rows.items():
+        means = [r["mean"] for r in result["runs"] if r["strategy"] == strategy]
+        assert row["runs"] == row["completed"] == 2
+        assert row["mean"] == pytest.approx(sum(means) / 2)
+        assert row["std"] == pytest.approx(abs(means[0] - means[1]) / 2 ** 0.5)
+    assert "mean dice" in out.stdout and "fedprox" in out.stdout and " ± " in out.stdout
 
 
 @pytest.mark.slow
@@ -53,12 +60,13 @@ def test_dp_runs_are_scored_against_their_non_private_twins(short_tmp: Path) -> 
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads((short_tmp / "cmp" / "compare.json").read_text())
     runs = {r["dp"]: r for r in result["runs"]}
-    assert set(runs) == {"off", "sample"}
+    rows = {r["dp"]: r for r in result["combinations"]}
+    assert set(runs) == set(rows) == {"off", "sample"}
     assert result["privacy"]["sample"]["target_epsilon"] == 50.0
-    assert runs["off"]["epsilon"] is None and "vs_no_dp" not in runs["off"]
+    assert runs["off"]["epsilon"] is None and "vs_no_dp" not in rows["off"]
     # each site spends at most the target (PRV; the sites derive their noise from it)
     assert 0.0 < runs["sample"]["epsilon"] <= 50.0
-    assert runs["sample"]["vs_no_dp"] == pytest.approx(
+    assert rows["sample"]["vs_no_dp"] == pytest.approx(
         runs["sample"]["mean"] / runs["off"]["mean"])
     # the DP run trained with its own recipe, the plain one with the task's defaults
     dp_run = json.loads(Path(runs["sample"]["run_folder"], "run.json").read_text())
