@@ -37,6 +37,7 @@ seed = {seed}
 num_samples = 64
 val_fraction = 0.25
 profile = {profile}
+bias_correction = "off"   # "n4": divide each MRI scan by its N4 bias field first (brain tasks)
 
 [policy]
 allowed_tasks = ["*"]         # e.g. ["brain-tissue-seg"]

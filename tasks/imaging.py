@@ -41,6 +41,7 @@ from monai.utils import SpaceKeys
 
 from medfed.core.config import DataSourceConfig
 from medfed.core.errors import MedfedError
+from medfed.tasks.bias_field import n4_correct
 
 #: A site folder's manifest (labels and targets), relative to ``DataSourceConfig.path``.
 MANIFEST_NAME = "manifest.json"
@@ -232,16 +233,18 @@ def unit_indices(subjects: Sequence[Subject], examples: Sequence[int]
 
 
 def preprocess(
-    subject: Subject, *, pixdim: Sequence[float], spatial_size: Sequence[int]
+    subject: Subject, *, pixdim: Sequence[float], spatial_size: Sequence[int],
+    bias_correction: str = "off",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Resample, normalise and pad/crop one subject to a fixed grid (MONAI transforms).
 
-    Axial slices (orientation LPS: x toward the patient's left, y posterior,
-    z superior), voxel size ``pixdim`` in mm (a value <= 0 keeps the series'
-    own spacing along that axis), intensities scaled per volume so that its
-    1st..99th percentiles map to 0..1 (clipped), so scanners with other raw
-    scales, gains and contrast curves land on one range; then centred
-    padding/cropping to ``spatial_size`` (-1 keeps that axis' size).
+    With ``bias_correction="n4"`` the scan is first divided by its N4 bias field
+    (:mod:`medfed.tasks.bias_field`). Axial slices (orientation LPS: x toward the
+    patient's left, y posterior, z superior), voxel size ``pixdim`` in mm (a value
+    <= 0 keeps the series' own spacing along that axis), intensities scaled per
+    volume so that its 1st..99th percentiles map to 0..1 (clipped), so scanners
+    with other raw scales, gains and contrast curves land on one range; then
+    centred padding/cropping to ``spatial_size`` (-1 keeps that axis' size).
 
     Returns
     -------
@@ -260,6 +263,8 @@ def preprocess(
         ResizeWithPadOrCropd(keys=keys, spatial_size=tuple(spatial_size)),
     ])
     data = {"image": subject.image.float()}
+    if bias_correction == "n4":
+        data["image"] = n4_correct(data["image"])
     if subject.label is not None:
         data["label"] = subject.label.float()  # nearest-neighbour keeps the label values
     out = transform(data)

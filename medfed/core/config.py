@@ -94,6 +94,9 @@ class DataSourceConfig(_Strict):
     num_samples: int = Field(64, gt=0)
     val_fraction: float = Field(0.25, gt=0.0, lt=1.0)
     profile: int = Field(0, ge=0, description="synthetic scanner profile of this site")
+    bias_correction: Literal["off", "n4"] = Field(
+        "off", description="MRI bias-field correction before a brain task's preprocessing "
+                           "(n4: SimpleITK's N4)")
 
 
 class SiteSection(_Strict):

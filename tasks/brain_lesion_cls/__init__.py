@@ -86,12 +86,13 @@ def with_asymmetry(image: torch.Tensor) -> torch.Tensor:
     return torch.cat([image, image - torch.flip(image, dims=(1,))])
 
 
-def _scans(subjects: list[Subject], *, mirrored: bool) -> TensorDataset:
+def _scans(subjects: list[Subject], *, mirrored: bool, bias_correction: str = "off"
+           ) -> TensorDataset:
     images, targets = [], []
     for subject in subjects:
         image, _ = preprocess(
             Subject(key=subject.key, image=subject.image, label=None),
-            pixdim=(PIXDIM_MM,) * 3, spatial_size=SHAPE,
+            pixdim=(PIXDIM_MM,) * 3, spatial_size=SHAPE, bias_correction=bias_correction,
         )
         y = torch.tensor([subject.targets[TARGET]], dtype=torch.float32)
         images.append(with_asymmetry(image))
@@ -120,8 +121,10 @@ def load_site_data(source: DataSourceConfig) -> SiteData:
         strata=strata, patients=[s.patient for s in usable],
     )
     by_key = {s.key: s for s in usable}
-    train = _scans([by_key[k] for k in train_keys], mirrored=True)
-    val = _scans([by_key[k] for k in val_keys], mirrored=False)
+    train = _scans([by_key[k] for k in train_keys], mirrored=True,
+                   bias_correction=source.bias_correction)
+    val = _scans([by_key[k] for k in val_keys], mirrored=False,
+                 bias_correction=source.bias_correction)
     return SiteData(
         train=train,
         val=val,

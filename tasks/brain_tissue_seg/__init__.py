@@ -93,12 +93,14 @@ def compute_metrics(logits: torch.Tensor, target: torch.Tensor) -> dict[str, flo
     return {**per_class, "dice": float(dice.mean())}
 
 
-def _slices(subjects: list[Subject]) -> tuple[TensorDataset, dict[str, torch.Tensor]]:
+def _slices(subjects: list[Subject], bias_correction: str = "off"
+            ) -> tuple[TensorDataset, dict[str, torch.Tensor]]:
     """The subjects' slices, and the scan and patient of each (``SiteData.train_units``)."""
     images, labels = [], []
     for subject in subjects:
         image, label = preprocess(subject, pixdim=(PIXDIM_MM, PIXDIM_MM, -1),
-                                  spatial_size=(SIZE, SIZE, -1))
+                                  spatial_size=(SIZE, SIZE, -1),
+                                  bias_correction=bias_correction)
         assert label is not None  # only labelled subjects come here
         x, y = axial_slices(image, label)
         images.append(x)
@@ -125,8 +127,8 @@ def load_site_data(source: DataSourceConfig) -> SiteData:
         patients=[s.patient for s in labelled],
     )
     by_key = {s.key: s for s in labelled}
-    train, train_units = _slices([by_key[k] for k in train_keys])
-    val, _ = _slices([by_key[k] for k in val_keys])
+    train, train_units = _slices([by_key[k] for k in train_keys], source.bias_correction)
+    val, _ = _slices([by_key[k] for k in val_keys], source.bias_correction)
     return SiteData(
         train=train,
         val=val,
