@@ -50,8 +50,16 @@ def n4_correct(image: MetaTensor) -> MetaTensor:
     shrink = [max(1, math.ceil(n / FIT_GRID)) for n in volume.shape]
     n4 = sitk.N4BiasFieldCorrectionImageFilter()
     n4.SetMaximumNumberOfIterations(list(ITERATIONS))
-    n4.Execute(sitk.Shrink(itk_image, shrink), sitk.Shrink(mask, shrink))
-    log_field = sitk.GetArrayFromImage(n4.GetLogBiasFieldAsImage(itk_image)).transpose(2, 1, 0)
+    try:
+        n4.Execute(sitk.Shrink(itk_image, shrink), sitk.Shrink(mask, shrink))
+        log_field = sitk.GetArrayFromImage(n4.GetLogBiasFieldAsImage(itk_image))
+    except RuntimeError as exc:  # e.g. a single-slice series
+        reason = str(exc).strip().splitlines()[-1][:200]
+        raise MedfedError(
+            f"N4 bias-field correction failed on a scan of {volume.shape} voxels: {reason}",
+            where="[data] bias_correction in site.toml", expected="3D scans of several slices",
+            fix="set bias_correction = 'off' for this data") from None
+    log_field = log_field.transpose(2, 1, 0)
     corrected = image.clone()
     corrected[0] = torch.as_tensor(volume / np.exp(log_field), dtype=corrected.dtype)
     return corrected

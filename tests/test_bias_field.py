@@ -9,6 +9,7 @@ import torch
 from monai.data import MetaTensor
 
 from medfed.core.config import DataSourceConfig
+from medfed.core.errors import MedfedError
 from medfed.tasks import get_task
 from medfed.tasks.bias_field import n4_correct
 
@@ -45,6 +46,14 @@ def test_n4_flattens_a_tissue_that_a_field_made_uneven() -> None:
     shell = ~inner & (image[0].numpy() > 0.3)
     ratio = corrected[0].numpy()[shell].mean() / corrected[0].numpy()[inner].mean()
     assert ratio == pytest.approx(0.6, abs=0.03)
+
+
+def test_a_scan_n4_cannot_fit_gets_a_clear_error() -> None:
+    single_slice = MetaTensor(torch.rand(1, 64, 64, 1, generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(MedfedError, match=r"N4 bias-field correction failed on a scan of "
+                                          r"\(64, 64, 1\) voxels") as info:
+        n4_correct(single_slice)
+    assert "bias_correction = 'off'" in str(info.value.fix)
 
 
 def test_bias_correction_is_a_checked_site_data_option() -> None:
