@@ -190,10 +190,9 @@ def register(app: typer.Typer) -> None:
                                       accountant, dp_optimizer, dp_average, target_epsilon)
                    for m in modes}
         plain = {"local_epochs": local_epochs, "batch_size": batch_size, "learning_rate": lr}
-        own = lambda dp_value, value: value if dp_value is None else dp_value  # noqa: E731
-        private = {"local_epochs": own(dp_local_epochs, local_epochs),
-                   "batch_size": own(dp_batch_size, batch_size),
-                   "learning_rate": own(dp_lr, lr)}
+        private = {key: plain[key] if value is None else value for key, value in (
+            ("local_epochs", dp_local_epochs), ("batch_size", dp_batch_size),
+            ("learning_rate", dp_lr))}
         runs = [(s, h, m, validate(RunConfig, {
             "task": task, "strategy": s, "strategy_options": options[s], "rounds": rounds,
             "min_sites": sites, "seed": seed + k, "adaptation": h, "privacy": privacy[m],

@@ -46,7 +46,8 @@ def register(app: typer.Typer) -> None:
         run = validate(RunConfig, {
             "task": task, "strategy": strategy, "rounds": rounds, "min_sites": sites,
             "name": "demo", "secure_aggregation": secure_aggregation,
-            "privacy": privacy_options(dp, noise_multiplier, 1.0, 1.0, 1e-5, "rdp",
+            "privacy": privacy_options(dp, noise_multiplier, max_grad_norm=1.0,
+                                       clipping_norm=1.0, delta=1e-5, accountant="rdp",
                                        target_epsilon=target_epsilon)},
             where="medfed demo options")
         check_options(strategy, {})
