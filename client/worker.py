@@ -31,6 +31,7 @@ from medfed.core.packing import WEIGHTS_KEY, Layout, pack, shared_state, unpack
 from medfed.tasks import SiteData, Task, engine, get_task
 from medfed.tasks.adaptation import local_keys
 from medfed.tasks.dp import UnitUnknown, dp_train, privacy_units
+from medfed.tasks.pretrain import initial_weights
 
 log = logging.getLogger("medfed.site")
 
@@ -164,10 +165,8 @@ class SiteWorker:
     @staticmethod
     def _initial_local(task: Task, run: RunConfig, local: frozenset[str]
                        ) -> dict[str, np.ndarray]:
-        # The same initial values as the server's model of the run (same seed).
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(run.seed)
-            fresh = engine.get_weights(task.build_model())
+        # The same initial values as the server's model of the run (same seed or weights).
+        fresh = initial_weights(task, seed=run.seed, init=run.init_weights)
         return {k: fresh[k] for k in local}
 
     def _train(self, run: RunConfig, run_id: object, config: dict, blobs: dict[str, bytes],

@@ -33,6 +33,7 @@ from medfed.strategies import build_strategy
 from medfed.strategies.registry import check_secure_aggregation
 from medfed.tasks import dp, get_task
 from medfed.tasks.adaptation import local_keys
+from medfed.tasks.pretrain import initial_weights
 
 RUNS_DIR_ENV = "MEDFED_RUNS_DIR"
 
@@ -65,8 +66,11 @@ def main(grid: Grid, context: Context) -> None:
         # Parameters a site keeps (domain adaptation) are neither sent nor aggregated:
         # the global model, its checkpoints and the masked vectors hold the rest.
         local = local_keys(task, model, run.adaptation)
-        initial = shared_state(
-            {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}, local)
+        initial = shared_state(initial_weights(task, seed=run.seed, init=run.init_weights),
+                               local)
+        if run.init_weights == "public":
+            folder.event("initial-model", source=f"public weights of {task.name}",
+                         path=str(task.public_weights))
         layout = Layout.of(initial)
         if run.init_from:  # warm start: the weights of an earlier run, checked against ours
             source, initial = load_start_weights(_runs_dir(context), run.init_from, layout)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -65,6 +66,13 @@ class Task:
     output_block : tuple[str, ...]
         Module names of the model's last block (the prediction head), which the
         ``site-input-output`` adaptation keeps at each site beside the input block.
+    public_data : Callable[[int, int], Dataset] or None
+        Labelled *public* training data, ``(subjects, seed) -> dataset`` (never a
+        site's data): what ``medfed pretrain`` trains the task's public weights on.
+    public_weights : Path or None
+        The weights pretrained on ``public_data`` that ship with the task (an ``.npz``
+        of the model's ``state_dict``, with a ``.json`` recipe beside it); a run with
+        ``init_weights = "public"`` starts from them (:mod:`medfed.tasks.pretrain`).
     """
 
     name: str
@@ -77,3 +85,5 @@ class Task:
     defaults: Hyperparameters = field(default_factory=Hyperparameters)
     input_block: tuple[str, ...] = ()
     output_block: tuple[str, ...] = ()
+    public_data: Callable[[int, int], Dataset[Any]] | None = None
+    public_weights: Path | None = None

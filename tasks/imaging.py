@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -42,6 +43,9 @@ from monai.utils import SpaceKeys
 from medfed.core.config import DataSourceConfig
 from medfed.core.errors import MedfedError
 from medfed.tasks.bias_field import n4_correct
+
+if TYPE_CHECKING:
+    from medfed.synth import SubjectVolume
 
 #: A site folder's manifest (labels and targets), relative to ``DataSourceConfig.path``.
 MANIFEST_NAME = "manifest.json"
@@ -132,21 +136,34 @@ def synthetic_subjects(source: DataSourceConfig) -> list[Subject]:
     site = source.profile
     profile = profile_for_site(site, seed=source.seed)
     flags = lesion_flags(n, seed=source.seed, site_index=site, fraction=0.5)
-    subjects = []
-    for i in range(n):
-        vol = synthesize_subject(profile, seed=source.seed, site_index=site, subject_index=i,
-                                 lesion=bool(flags[i]))
-        affine = torch.as_tensor(_LPS_FROM_RAS @ vol.geometry.affine_ras())
-        meta = {"space": SpaceKeys.LPS}
-        subjects.append(Subject(
-            key=f"synthetic-{i:03d}",
-            image=MetaTensor(torch.from_numpy(vol.image[None]), affine=affine, meta=dict(meta)),
-            label=MetaTensor(torch.from_numpy(vol.label[None].astype(np.int16)),
-                             affine=affine.clone(), meta=dict(meta)),
-            targets={"lesion": float(flags[i])},
-            patient=f"synthetic-{i:03d}",  # one scan per synthesized patient
-        ))
-    return subjects
+    return [_as_subject(synthesize_subject(profile, seed=source.seed, site_index=site,
+                                           subject_index=i, lesion=bool(flags[i])),
+                        key=f"synthetic-{i:03d}", targets={"lesion": float(flags[i])})
+            for i in range(n)]
+
+
+def public_atlas_subjects(count: int, *, seed: int) -> list[Subject]:
+    """Labelled public subjects for pretraining: the MNI152 atlas under random scanners.
+
+    No site's data (:mod:`medfed.synth.public`); one scan per subject.
+    """
+    from medfed.synth.public import public_subjects
+
+    return [_as_subject(vol, key=f"public-{i:04d}", targets={})
+            for i, vol in enumerate(public_subjects(count, seed=seed))]
+
+
+def _as_subject(vol: SubjectVolume, *, key: str, targets: dict[str, float]) -> Subject:
+    affine = torch.as_tensor(_LPS_FROM_RAS @ vol.geometry.affine_ras())
+    meta = {"space": SpaceKeys.LPS}
+    return Subject(
+        key=key,
+        image=MetaTensor(torch.from_numpy(vol.image[None]), affine=affine, meta=dict(meta)),
+        label=MetaTensor(torch.from_numpy(vol.label[None].astype(np.int16)),
+                         affine=affine.clone(), meta=dict(meta)),
+        targets=targets,
+        patient=key,  # one scan per synthesized patient
+    )
 
 
 def split_subjects(

@@ -166,6 +166,9 @@ def register(app: typer.Typer) -> None:
             help="batch size of the DP runs (default: --batch-size)")] = None,
         dp_lr: Annotated[float | None, typer.Option(
             help="learning rate of the DP runs (default: --lr)")] = None,
+        init_weights: Annotated[str, typer.Option(
+            help="every run's starting weights: random | public (the task's weights "
+                 "pretrained on public data)")] = "random",
         out: Annotated[Path | None, typer.Option(
             help="folder for the federation and compare.json "
                  "(default: ./medfed-compare/<time>)")] = None,
@@ -177,6 +180,7 @@ def register(app: typer.Typer) -> None:
         from medfed.strategies.registry import check_options
         from medfed.tasks import get_task
         from medfed.tasks.adaptation import local_keys
+        from medfed.tasks.pretrain import check_init
 
         chosen = get_task(task)
         names, hooks = _names(strategies, "strategies"), _names(adaptations, "adaptations")
@@ -196,10 +200,12 @@ def register(app: typer.Typer) -> None:
         runs = [(s, h, m, validate(RunConfig, {
             "task": task, "strategy": s, "strategy_options": options[s], "rounds": rounds,
             "min_sites": sites, "seed": seed + k, "adaptation": h, "privacy": privacy[m],
+            "init_weights": init_weights,
             **(plain if m == "off" else private),
             "name": f"compare {s} {h}" + ("" if m == "off" else f" dp-{m}")},
             where=f"medfed compare options (--dp {m})"))
             for s in names for h in hooks for m in modes for k in range(repeats)]
+        check_init(chosen, runs[0][3].init_weights)
         signal.signal(signal.SIGTERM, interrupt_on_signal)
         root = (out or Path("medfed-compare")
                 / dt.datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
@@ -236,6 +242,7 @@ def register(app: typer.Typer) -> None:
         combinations = _combine(results)
         (root / "compare.json").write_text(json.dumps(
             {"task": task, "sites": sites, "rounds": rounds, "seed": seed, "repeats": repeats,
+             "init_weights": init_weights,
              "privacy": privacy, "combinations": combinations, "runs": results}, indent=2))
         _print_table(combinations)
         console.print(f"compare.json and the run folders in {root}; total "

@@ -29,10 +29,12 @@ def register(app: typer.Typer) -> None:
         """List tasks (built-in and plugins)."""
         from medfed.tasks import TASKS
 
-        table = Table("name", "description", "metric", "origin")
+        table = Table("name", "description", "metric", "public weights", "origin")
         for name in TASKS.names():
             task = TASKS.get(name)
-            table.add_row(name, task.description, task.primary_metric, TASKS.origin(name))
+            shipped = task.public_weights is not None and task.public_weights.is_file()
+            table.add_row(name, task.description, task.primary_metric,
+                          "yes" if shipped else "-", TASKS.origin(name))
         console.print(table)
 
     @app.command("adaptations")

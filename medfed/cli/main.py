@@ -45,6 +45,7 @@ def _register() -> None:
         data_cmd,
         demo_cmd,
         info_cmd,
+        pretrain_cmd,
         run_cmd,
         server_cmd,
         site_cmd,
@@ -53,7 +54,7 @@ def _register() -> None:
     app.add_typer(server_cmd.app, name="server")
     app.add_typer(site_cmd.app, name="site")
     app.add_typer(data_cmd.app, name="data")
-    for module in (run_cmd, info_cmd, demo_cmd, compare_cmd, baseline_cmd):
+    for module in (run_cmd, info_cmd, demo_cmd, compare_cmd, baseline_cmd, pretrain_cmd):
         module.register(app)
 
 

@@ -140,6 +140,10 @@ def register(app: typer.Typer) -> None:
                  "(`medfed adaptations`)")] = "none",
         init_from: Annotated[str, typer.Option(
             help="start from an earlier run's model: RUN_ID (last round) or RUN_ID:ROUND")] = "",
+        init_weights: Annotated[str, typer.Option(
+            help="random | public: start from the task's weights pretrained on public data "
+                 "(`medfed tasks` marks the tasks that ship them; no privacy cost)")
+        ] = "random",
         detach: Annotated[bool, typer.Option(help="submit and return at once")] = False,
         config: ConfigOpt = None, server: ServerOpt = None, ca: CaOpt = None,
     ) -> None:
@@ -149,6 +153,7 @@ def register(app: typer.Typer) -> None:
         from medfed.strategies.registry import check_options, check_secure_aggregation
         from medfed.tasks import get_task
         from medfed.tasks.adaptation import local_keys
+        from medfed.tasks.pretrain import check_init
 
         options = dict(parse_option(o) for o in strategy_option or [])
         run_config = validate(RunConfig, {
@@ -156,13 +161,14 @@ def register(app: typer.Typer) -> None:
             "min_sites": min_sites, "local_epochs": local_epochs, "batch_size": batch_size,
             "learning_rate": lr, "seed": seed, "round_timeout_s": round_timeout, "name": name,
             "dataset": dataset, "secure_aggregation": secure_aggregation,
-            "adaptation": adaptation, "init_from": init_from,
+            "adaptation": adaptation, "init_from": init_from, "init_weights": init_weights,
             "privacy": privacy_options(dp, noise_multiplier, max_grad_norm, clipping_norm,
                                        delta, accountant, dp_optimizer, dp_average,
                                        target_epsilon, privacy_unit),
         }, where="medfed run options")
         chosen = get_task(task)
         local_keys(chosen, chosen.build_model(), adaptation)  # fails here, not at the sites
+        check_init(chosen, run_config.init_weights)
         check_options(strategy, options)
         check_secure_aggregation(strategy, secure_aggregation)
         if secure_aggregation == "off":

@@ -168,6 +168,10 @@ class RunConfig(_Strict):
                             "adaptations`): which parameters each site keeps local")
     init_from: str = Field("", description="start from an earlier run's checkpoint: "
                            "'RUN_ID' (its last round) or 'RUN_ID:ROUND'; default: fresh weights")
+    init_weights: Literal["random", "public"] = Field(
+        "random", description="the model's starting weights: 'random' (seeded by seed) or "
+        "'public' (the task's weights pretrained on public data; no site's data, no "
+        "privacy budget); init_from then replaces the shared part")
 
     def to_json(self) -> str:
         """Serialise for Flower's run config (one string value)."""

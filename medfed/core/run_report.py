@@ -67,6 +67,7 @@ def render(folder: RunFolder) -> str:
               + (f", {summary['seconds']:.0f} s" if "seconds" in summary else ""),
               f"- strategy options: {options or 'defaults'}; adaptation hook: "
               f"{cfg.get('adaptation', 'none')}; seed {cfg.get('seed', 0)}",
+              f"- initial model: {_initial_model(cfg)}",
               f"- transport: TLS; secure aggregation: {cfg.get('secure_aggregation', 'default')}",
               *_privacy_lines(cfg.get("privacy", {}))]
     if summary.get("reason"):
@@ -139,3 +140,11 @@ def write_report(folder: RunFolder) -> Path:
     """Write ``report.md`` into the run folder (atomically) and return its path."""
     atomic_write(folder.report_file, render(folder).encode())
     return folder.report_file
+
+
+def _initial_model(cfg: dict[str, Any]) -> str:
+    start = ("the task's public weights (pretrained on public data, no site's data)"
+             if cfg.get("init_weights") == "public" else "random (seeded)")
+    if cfg.get("init_from"):
+        return f"shared part from run {cfg['init_from']}; site-local part {start}"
+    return start

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from pathlib import Path
 
 import torch
 from monai.metrics import DiceMetric
@@ -42,6 +43,7 @@ from medfed.tasks.imaging import (
     axial_slices,
     load_subjects,
     preprocess,
+    public_atlas_subjects,
     split_subjects,
     unit_indices,
 )
@@ -141,6 +143,15 @@ def load_site_data(source: DataSourceConfig) -> SiteData:
     )
 
 
+def public_data(subjects: int, seed: int) -> TensorDataset:
+    """Public pretraining slices: the MNI152 atlas under random scanners (no site's data)."""
+    return _slices(public_atlas_subjects(subjects, seed=seed))[0]
+
+
+#: Pretrained on :func:`public_data` by ``medfed pretrain --task brain-tissue-seg``
+#: (recipe in the .json beside it).
+PUBLIC_WEIGHTS = Path(__file__).with_name("public_weights.npz")
+
 TASK = Task(
     name=NAME,
     description="brain MRI tissue segmentation (CSF/GM/WM), 2D MONAI UNet on 64x64 axial slices",
@@ -154,6 +165,8 @@ TASK = Task(
     # scanner's contrast and resolution show; the deeper levels are anatomy, shared.
     input_block=("model.0", "model.1.submodule.0"),
     output_block=("model.1.submodule.2", "model.2"),
+    public_data=public_data,
+    public_weights=PUBLIC_WEIGHTS,
 )
 
 #: The same task with a UNet twice as wide (0.82 M parameters): for sites with a GPU,
@@ -162,4 +175,5 @@ TASK_WIDE = dataclasses.replace(
     TASK, name=f"{NAME}-wide",
     description="brain-tissue-seg with a 2x wider UNet (0.82 M parameters), for GPU sites",
     build_model=functools.partial(build_model, width=32),
+    public_weights=None,  # `medfed pretrain --task brain-tissue-seg-wide` makes them
 )

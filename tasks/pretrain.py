@@ -1,0 +1,117 @@
+"""A task model's starting weights: seeded random, or pretrained on public data.
+
+DP-SGD pays for every step it takes with noise, so the less a private model must
+learn from the sites, the less it loses (Tramèr & Boneh 2021; De et al. 2022). A
+task that declares labelled public data (``Task.public_data``) can be pretrained on
+it once (``medfed pretrain``, :func:`pretrain`); the weights ship beside the task
+(``Task.public_weights``), so neither the server nor a site downloads or trains
+anything at run time, and a run asks for them with ``init_weights = "public"``.
+They are public: starting from them costs no site any privacy budget.
+
+The server's global model and every site's own parameters (domain-adaptation
+hooks) start from :func:`initial_weights`, so both ends agree on round 1.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from medfed.core.errors import MedfedError
+from medfed.core.files import atomic_savez, atomic_write
+from medfed.tasks import engine
+from medfed.tasks.base import Task
+
+InitWeights = Literal["random", "public"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainRecipe:
+    """How public weights were (or are to be) trained; saved beside them."""
+
+    subjects: int = 80
+    steps: int = 3000
+    batch_size: int = 16
+    learning_rate: float = 3e-3
+    seed: int = 12345
+
+
+def pretrain(task: Task, recipe: PretrainRecipe, *, device: torch.device | None = None
+             ) -> tuple[dict[str, np.ndarray], dict[str, object]]:
+    """Train a fresh model of ``task`` on its public data; its weights and what was done."""
+    if task.public_data is None:
+        raise _no_public(task, "declares no public training data (Task.public_data)")
+    device = device or engine.select_device()
+    t0 = time.time()
+    data = task.public_data(recipe.subjects, recipe.seed)
+    examples = len(data)  # type: ignore[arg-type]
+    torch.manual_seed(recipe.seed)
+    model = task.build_model()
+    epochs = max(1, round(recipe.steps * recipe.batch_size / examples))
+    stats = engine.train(task, model, data, epochs=epochs, batch_size=recipe.batch_size,
+                         learning_rate=recipe.learning_rate, device=device,
+                         generator=torch.Generator().manual_seed(recipe.seed))
+    info: dict[str, object] = {
+        "task": task.name, "recipe": asdict(recipe), "examples": examples, "epochs": epochs,
+        "steps": stats.steps, "final-loss": round(stats.loss, 5),
+        "seconds": round(time.time() - t0, 1), "torch": torch.__version__,
+        "data": "public: the MNI152 atlas (nilearn) under randomized scanner physics; "
+                "no site's data"}
+    return engine.get_weights(model.cpu()), info
+
+
+def save_weights(path: Path, weights: dict[str, np.ndarray], info: dict[str, object]) -> Path:
+    """Write ``path`` (.npz, atomic) and its recipe ``path.with_suffix('.json')``."""
+    path = Path(path).with_suffix(".npz")
+    atomic_savez(path, **weights)
+    atomic_write(path.with_suffix(".json"), (json.dumps(info, indent=2) + "\n").encode())
+    return path
+
+
+def load_public_weights(task: Task) -> dict[str, np.ndarray]:
+    """The task's shipped public weights, checked against a fresh model of the task."""
+    path = task.public_weights
+    if path is None:
+        raise _no_public(task, "ships no public weights (Task.public_weights)")
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            weights = {k: stored[k] for k in stored.files}
+    except FileNotFoundError:
+        raise _no_public(task, f"names public weights at {path}, and that file is missing"
+                         ) from None
+    expected = {k: tuple(v.shape) for k, v in task.build_model().state_dict().items()}
+    if {k: tuple(v.shape) for k, v in weights.items()} != expected:
+        raise MedfedError(
+            f"The public weights of task {task.name!r} do not fit its model.",
+            where=str(path), expected=f"{len(expected)} tensors of the task's model",
+            fix=f"re-create them with `medfed pretrain --task {task.name} --out {path}`")
+    return weights
+
+
+def initial_weights(task: Task, *, seed: int, init: InitWeights) -> dict[str, np.ndarray]:
+    """The whole ``state_dict`` a run of ``task`` starts from (random: seeded by ``seed``)."""
+    if init == "public":
+        return load_public_weights(task)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return engine.get_weights(task.build_model())
+
+
+def check_init(task: Task, init: InitWeights) -> None:
+    """Refuse ``init`` before a run starts when the task cannot give it."""
+    if init == "public":
+        load_public_weights(task)
+
+
+def _no_public(task: Task, what: str) -> MedfedError:
+    return MedfedError(
+        f"Task {task.name!r} {what}, so a run cannot start from public weights.",
+        where="run config 'init_weights'", expected="'random' for this task",
+        fix="drop --init-weights public, or pick a task with public weights "
+            "(`medfed tasks` marks them)")
