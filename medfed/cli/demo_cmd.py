@@ -34,6 +34,8 @@ def register(app: typer.Typer) -> None:
                  "at or below this; 0 = use --noise-multiplier")] = 0.0,
         secure_aggregation: Annotated[str, typer.Option(
             help="default | strict | off (debugging only)")] = "default",
+        init_weights: Annotated[str, typer.Option(
+            help="random | public (start from the task's public-data weights)")] = "random",
     ) -> None:
         """Run a server and sites with their own data on loopback (TLS), train, report, stop."""
         from medfed.cli.run_cmd import privacy_options
@@ -41,17 +43,20 @@ def register(app: typer.Typer) -> None:
         from medfed.local import LocalFederation
         from medfed.strategies.registry import check_options, check_secure_aggregation
         from medfed.tasks import get_task
+        from medfed.tasks.pretrain import check_init
 
-        get_task(task)
+        chosen = get_task(task)
         run = validate(RunConfig, {
             "task": task, "strategy": strategy, "rounds": rounds, "min_sites": sites,
             "name": "demo", "secure_aggregation": secure_aggregation,
+            "init_weights": init_weights,
             "privacy": privacy_options(dp, noise_multiplier, max_grad_norm=1.0,
                                        clipping_norm=1.0, delta=1e-5, accountant="rdp",
                                        target_epsilon=target_epsilon)},
             where="medfed demo options")
         check_options(strategy, {})
         check_secure_aggregation(strategy, secure_aggregation)
+        check_init(chosen, run.init_weights)
         if secure_aggregation == "off":
             console.print("[bold yellow]warning:[/] secure aggregation is off (debugging only)")
         signal.signal(signal.SIGTERM, interrupt_on_signal)  # stop everything, as on Ctrl-C
