@@ -44,6 +44,9 @@ From the public weights (one full run, 2026-12-02, N4 on): no DP 0.7828 (0.7657 
 random weights), epsilon 1 / 3 / 8 gave 0.7169 / 0.7415 / 0.7453, ratios 0.916 / 0.947 /
 0.952 (from random weights: 0.78 / 0.88 / 0.91-0.94). Per site at epsilon 8: 0.784 /
 0.732 / 0.713 / 0.753 against 0.823 / 0.774 / 0.752 / 0.782 without DP.
+Zero-shot, before any round (the same sites' held-out splits, N4): the public weights
+score 0.698 (random weights 0.118), 0.892 of the anchor on their own; from there the
+non-private federation adds 0.085 and epsilon-8 DP-SGD 0.047 of it.
 
 Figure per epsilon: the global model's mean Dice over the sites' held-out splits,
 and its ratio to the non-private run. Target (issue 4): at epsilon = 8, ratio >= 0.95.
@@ -195,8 +198,8 @@ DP_OPTIMIZER = "sgd"
 DP_LR = 0.5
 DP_AVERAGE = 0.5
 #: Every run, with and without DP, starts from the task's public weights (MNI152 atlas
-#: under random scanners, :mod:`medfed.synth.public`). Zero-shot, before any round,
-#: they score 0.66-0.73 per site (80 public subjects, 3,000 Adam steps).
+#: under random scanners, :mod:`medfed.synth.public`; 80 public subjects, 3,000 Adam
+#: steps). Zero-shot, before any round, they score 0.66-0.73 per site.
 INIT_WEIGHTS = "public"
 SUBJECTS = 40
 #: Every site corrects its scans' bias field (N4) before preprocessing, as brain tissue
