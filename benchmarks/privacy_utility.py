@@ -40,8 +40,9 @@ for epsilon 8, so half the noise per clipped gradient) kept the same ratio, 0.92
 N4 bias correction as well (80 subjects, batch 64): 0.7364 against 0.7848, ratio 0.938,
 the best measured, in twice the time per run.
 
-From the public weights (one full run, 2026-12-02, N4 on): no DP 0.7828 (0.7657 from
-random weights), epsilon 1 / 3 / 8 gave 0.7169 / 0.7415 / 0.7453, ratios 0.916 / 0.947 /
+From the public weights (full runs, 2026-12-02, N4 on; a second epsilon-8 run gave
+0.7456, 0.952): no DP 0.7828 (0.7657 from random weights), epsilon 1 / 3 / 8 gave
+0.7169 / 0.7415 / 0.7453, ratios 0.916 / 0.947 /
 0.952 (from random weights: 0.78 / 0.88 / 0.91-0.94). Per site at epsilon 8: 0.784 /
 0.732 / 0.713 / 0.753 against 0.823 / 0.774 / 0.752 / 0.782 without DP.
 Zero-shot, before any round (the same sites' held-out splits, N4): the public weights
