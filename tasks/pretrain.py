@@ -46,7 +46,12 @@ def pretrain(task: Task, recipe: PretrainRecipe, *, device: torch.device | None 
              ) -> tuple[dict[str, np.ndarray], dict[str, object]]:
     """Train a fresh model of ``task`` on its public data; its weights and what was done."""
     if task.public_data is None:
-        raise _no_public(task, "declares no public training data (Task.public_data)")
+        raise MedfedError(
+            f"Task {task.name!r} declares no public training data (Task.public_data), so "
+            "there is nothing to pretrain it on.",
+            where=f"task {task.name!r}", expected="a task whose Task.public_data is set",
+            fix="pretrain a task that declares public data (`medfed tasks` marks those that "
+                "ship public weights), or give this task a public_data (docs/plugins.md)")
     device = device or engine.select_device()
     t0 = time.time()
     data = task.public_data(recipe.subjects, recipe.seed)
