@@ -3,16 +3,27 @@
 The worker runs in this process (it keeps torch, the model, the decoded data and
 the GPU context warm); the SuperNode is a child process whose per-message
 ClientApps relay to the worker over a Unix socket.
+
+The daemon supervises both. A SuperNode that stops is started again after a back-off
+(1 s doubling to 60 s, :class:`~medfed.core.procs.RestartBackoff`), whatever the
+reason: killed, crashed, cut off by a TLS certificate the site cannot verify (said
+once, with who must do what; the pinned CA file is read again at each start, so a new
+one needs no restart). The worker's thread is started again should it stop, and the
+in-process executor outlives a SuperNode restart (:class:`SupervisedExecutor`). Only a
+configuration error that no restart can fix ends the daemon (exit status 2): a key the
+server does not know (after :data:`ACTIVATION_PATIENCE_S`), a missing or unreadable
+key, a malformed server address.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
@@ -21,10 +32,10 @@ from medfed.client.executor import InProcessExecutor
 from medfed.client.worker import SiteWorker, bind
 from medfed.core import wire
 from medfed.core.config import SiteConfig, load_toml, resolve
-from medfed.core.errors import IdentityError, MedfedError, ProcessError
+from medfed.core.errors import ConfigError, IdentityError, MedfedError, ProcessError
 from medfed.core.flower_env import flower_env
-from medfed.core.identity import check_certificate_valid, load_certificate
-from medfed.core.procs import Managed, require_free_port, wait_for_port
+from medfed.core.identity import TlsDiagnosis, TlsProblem, diagnose_tls, load_certificates
+from medfed.core.procs import Managed, RestartBackoff, require_free_port, wait_for_port
 
 log = logging.getLogger("medfed.site")
 
@@ -37,6 +48,16 @@ DEFAULT_POLL_INTERVAL = 0.2  # seconds between SuperNode polls when idle (Flower
 ACTIVATION_PATIENCE_S = float(os.environ.get(
     "MEDFED_ACTIVATION_PATIENCE_S", HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL + 15.0))
 ACTIVATION_RETRY_S = 5.0
+#: The longest wait between two restarts of a SuperNode that keeps stopping
+#: (``MEDFED_RESTART_MAX_S`` sets another, e.g. a few seconds in tests).
+RESTART_MAX_S = float(os.environ.get("MEDFED_RESTART_MAX_S", 60.0))
+#: What flower-supernode writes when TLS with the server failed.
+TLS_MARKERS = ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed",
+               "SSL/TLS handshake error")
+#: flower-supernode exit codes (its log's "Exit Code: N") for a configuration that no
+#: restart fixes: the site's key unreadable, the server address malformed.
+CONFIG_EXIT_CODES = {302: "the site's private key could not be loaded",
+                     600: "the server address in site.toml cannot be parsed"}
 
 
 @dataclass
@@ -54,6 +75,7 @@ class SiteDaemon:
         self._server = None
         self._thread: threading.Thread | None = None
         self.executor: InProcessExecutor | None = None
+        self.supervision = _Supervision(RestartBackoff(cap=RESTART_MAX_S))
 
     def path(self, relative: str) -> Path:
         """Resolve a site.toml path."""
@@ -67,15 +89,14 @@ class SiteDaemon:
     def check(self) -> None:
         """Fail early, with the fix, on a missing key, a bad CA or a taken port."""
         s = self.config.site
-        ca = self.path(s.federation_ca)
-        check_certificate_valid(load_certificate(ca),
-                                where=f"{ca} (site.toml key site.federation_ca)")
+        # Missing or not a certificate: a configuration error. Expired: not fatal (the
+        # coordinator must send a new one, which is picked up without a restart).
+        load_certificates(self.path(s.federation_ca))
         if not self.path(s.private_key).exists():
-            raise IdentityError(
-                "The site's private key is missing.",
-                where=f"{self.path(s.private_key)} (site.toml key site.private_key)",
-                fix="restore it, or create a new site with `medfed site init` and enrol it again",
-            )
+            raise self._missing_key()
+        from medfed.data import check_source_available
+
+        check_source_available(self.config_path, self.config.data)  # e.g. a missing DICOM folder
         require_free_port("127.0.0.1", s.runtime_port, what="SuperNode runtime API",
                           key=f"{self.config_path} key site.runtime_port")
 
@@ -108,6 +129,7 @@ class SiteDaemon:
                                         name="medfed-worker")
         self._thread.start()
         self.worker.audit.record("daemon-started", site=self.name, device=str(self.worker.device))
+        self.worker.privacy.check_at_start()  # a ledger the audit log disowns refuses DP rounds
         self.supernode = self.supernode_process().start()
         # The executor dials the SuperNode's runtime API; dialling before it listens only
         # fills the console with refused connections. If it never listens, wait() reports why.
@@ -115,54 +137,198 @@ class SiteDaemon:
                       alive=self.supernode.alive)
         from medfed.client.app import app as client_app
 
-        self.executor = InProcessExecutor(f"127.0.0.1:{self.config.site.runtime_port}", client_app)
+        self.executor = SupervisedExecutor(f"127.0.0.1:{self.config.site.runtime_port}",
+                                           client_app)
         self.executor.start()
 
     def wait(self, *, stop: threading.Event | None = None) -> None:
-        """Block until the SuperNode ends (or ``stop`` is set); raise a clear error on failure.
+        """Supervise the SuperNode and the worker until ``stop`` is set (or forever).
 
-        A refused activation is retried for :data:`ACTIVATION_PATIENCE_S` (the server may
-        still count this site's last connection as live) before it is reported.
+        A SuperNode that stopped is started again after a back-off; raises only for a
+        configuration error a restart cannot fix (see the module doc).
         """
         assert self.supernode is not None
-        started = time.monotonic()
-        while True:
-            while self.supernode.alive():
-                if stop is not None and stop.wait(0.5):
-                    return
-                if stop is None:
-                    time.sleep(0.5)
-                self._check_log()
-            if not self._activation_refused() \
-                    or time.monotonic() - started > ACTIVATION_PATIENCE_S:
+        stop = stop or threading.Event()
+        while not stop.wait(0.5):
+            self._keep_worker_alive()
+            if self.supernode.alive():
+                self._watch_running()
+                continue
+            delay = self._after_exit()  # raises for a configuration error
+            if stop.wait(delay):
+                return
+            self.supernode.stop()  # exited; closes its log
+            self.supernode = self.supernode_process().start()
+
+    def _keep_worker_alive(self) -> None:
+        """Serve the worker's socket again if its thread died (it never should)."""
+        if self._server is None or self._thread is None or self._thread.is_alive():
+            return
+        log.error("the worker of site %r stopped serving; starting it again", self.name)
+        self._record("worker-restarted")
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        kwargs={"poll_interval": 0.2}, daemon=True,
+                                        name="medfed-worker")
+        self._thread.start()
+
+    def _watch_running(self) -> None:
+        """Note a (re)connection; stop a SuperNode stuck failing TLS so that it is redone."""
+        assert self.supernode is not None
+        since = self.supernode.new_output()
+        sup = self.supervision
+        if "SuperNode ID:" in since and not sup.connected:
+            sup.connected = True
+            sup.refused_since = None
+            if sup.reported:
+                log.warning("site %r is connected to the server at %s again", self.name,
+                            self.config.site.server)
+                sup.reported.clear()
+        if any(m in since for m in TLS_MARKERS):
+            sup.tls_seen = sup.tls_seen or time.monotonic()
+        if sup.tls_seen and time.monotonic() - sup.tls_seen > 5:  # it should have ended
+            self.supernode.stop()
+
+    def _after_exit(self) -> float:
+        """Explain why the SuperNode stopped; the seconds to wait before starting it again.
+
+        Raises the error of a configuration that no restart fixes.
+        """
+        assert self.supernode is not None
+        sup = self.supervision
+        text = self.supernode.log_of_this_start()
+        uptime = self.supernode.uptime()
+        sup.connected, sup.tls_seen = False, 0.0
+        code = _flower_exit_code(text)
+        if code in CONFIG_EXIT_CODES:
+            raise self._config_failure(code)
+        if not self.path(self.config.site.private_key).exists():
+            raise self._missing_key()
+        node_id = _node_id(text)
+        if self._activation_refused():
+            now = time.monotonic()
+            first, sup.refused_since = sup.refused_since is None, sup.refused_since or now
+            if now - sup.refused_since >= ACTIVATION_PATIENCE_S:
                 raise self.failure()
+            if first and sup.node_id is not None:
+                # the server may still hold the place of this daemon's last SuperNode (it
+                # lost its connection without signing off): free it, once per streak (a
+                # second daemon with this key would not be pushed off again and again)
+                self._release_node(sup.node_id)
             log.warning("the server at %s did not accept site %r yet: it may still count the "
                         "site's last connection as live (up to %.0f s after a crash or a server "
                         "restart); retrying in %.0f s", self.config.site.server, self.name,
                         ACTIVATION_PATIENCE_S, ACTIVATION_RETRY_S)
-            if stop is not None and stop.wait(ACTIVATION_RETRY_S):
-                return
-            if stop is None:
-                time.sleep(ACTIVATION_RETRY_S)
-            self.supernode.stop()  # exited; closes its log
-            self.supernode = self.supernode_process().start()
+            return ACTIVATION_RETRY_S
+        sup.refused_since = None
+        delay = sup.backoff.delay(uptime)
+        if any(m in text for m in TLS_MARKERS):
+            reason = self._explain_tls(text)
+        else:
+            reason = self._explain_exit(text)
+            if node_id is not None:  # it was in: free its place at the server at once
+                self._release_node(node_id)
+        sup.node_id = node_id if node_id is not None else sup.node_id
+        log.warning("restarting the SuperNode of site %r in %.0f s (restart %d in a row): %s",
+                    self.name, delay, sup.backoff.restarts, reason)
+        if sup.backoff.restarts == 1 or reason != sup.audited:  # once per streak and reason
+            sup.audited = reason
+            self._record("supernode-restarted", reason=reason, delay_s=delay,
+                         restarts_in_a_row=sup.backoff.restarts)
+        return delay
+
+    def _explain_exit(self, text: str) -> str:
+        """A short reason for a SuperNode exit other than TLS or a refused activation."""
+        assert self.supernode is not None and self.supernode.proc is not None
+        code = self.supernode.proc.returncode
+        port = self.config.site.runtime_port
+        if f"{port}): address already in use" in text:
+            error = self.failure()
+            self._report_once("port", f"{error.what}\n  fix: {error.fix}; the site keeps "
+                              "retrying")
+            return f"runtime port {port} taken"
+        if code is not None and code < 0:
+            return f"it was killed (signal {-code})"
+        return f"it stopped (exit code {code}; its log: {self.supernode.log_path})"
+
+    def _explain_tls(self, text: str) -> str:
+        """Classify a TLS failure, say once who must do what; a short reason."""
+        s = self.config.site
+        ca = self.path(s.federation_ca)
+        diagnosis = diagnose_tls(s.server, ca)
+        if diagnosis is None:  # e.g. a new CA bundle was saved since the SuperNode started
+            return "TLS failed, but the pinned CA file now accepts the server's certificate"
+        if diagnosis.problem is TlsProblem.NO_CERTIFICATE:
+            return "TLS failed, and no server answers now"
+        self._report_once(diagnosis.problem.name, tls_advice(diagnosis, server=s.server,
+                                                            ca_path=ca))
+        return diagnosis.problem.value
+
+    def _report_once(self, key: str, message: str) -> None:
+        """Log ``message`` the first time ``key`` happens since the site last connected."""
+        if key in self.supervision.reported:
+            return
+        self.supervision.reported.add(key)
+        log.error("%s", message)
+
+    def _record(self, event: str, **fields: object) -> None:
+        if self.worker is not None:
+            self.worker.audit.record(event, site=self.name, **fields)
+
+    def _release_node(self, node_id: int) -> None:
+        """Deactivate this site's dead SuperNode at the server.
+
+        Its successor is then let in at once, not after the server's heartbeat patience
+        (about a minute).
+
+        Signed with the site's key, like the SuperNode's own sign-off; best effort.
+        """
+        from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+        from flwr.proto.fleet_pb2 import DeactivateNodeRequest  # pylint: disable=E0611
+        from flwr.supercore.interceptors.http.runtime_version import (
+            RuntimeVersionHttpInterceptor,
+        )
+        from flwr.supernode.fleet_http_client import FleetHttpClient
+        from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
+
+        s = self.config.site
+        try:
+            key = load_ssh_private_key(self.path(s.private_key).read_bytes(), password=None)
+            with FleetHttpClient.from_server_address(
+                    s.server, False, str(self.path(s.federation_ca)),
+                    interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperNode"),
+                                  NodeAuthHttpInterceptor(key, key.public_key())],
+            ) as client:
+                client.DeactivateNode(DeactivateNodeRequest(node_id=node_id))
+        except Exception as exc:  # noqa: BLE001 - the server then frees it after its patience
+            log.info("could not sign off the stopped SuperNode %s: %s", node_id, exc)
 
     def _activation_refused(self) -> bool:
         assert self.supernode is not None
         # flower-supernode logs its exit code 305, but the OS reports it modulo 256
         return "Failed to activate SuperNode" in self.supernode.log_of_this_start()
 
-    def _check_log(self) -> None:
-        assert self.supernode is not None
-        tail = self.supernode.log_tail(40)
-        if "CERTIFICATE_VERIFY_FAILED" in tail:
-            self.supernode.stop()
-            raise IdentityError(
-                "The server's TLS certificate is not signed by the federation CA this site pins "
-                "(or it has expired).",
-                where=f"{self.path(self.config.site.federation_ca)} (site.toml site.federation_ca)",
-                fix="get the federation's ca.pem from the coordinator; check the server address",
-            )
+    def _config_failure(self, code: int) -> MedfedError:
+        s = self.config.site
+        if code == 302:
+            return IdentityError(
+                f"The SuperNode of site {self.name!r} could not load the site's private key "
+                f"({CONFIG_EXIT_CODES[code]}).",
+                where=f"{self.path(s.private_key)} (site.toml key site.private_key)",
+                expected="the OpenSSH private key `medfed site init` wrote",
+                fix="restore it from backup, or create a new site with `medfed site init` and "
+                    "enrol it again")
+        return ConfigError(
+            f"The SuperNode of site {self.name!r} stopped: {CONFIG_EXIT_CODES[code]}.",
+            where=f"{self.config_path} key site.server", expected="HOST:PORT",
+            fix="set the server's address as the coordinator gave it, then start the site")
+
+    def _missing_key(self) -> MedfedError:
+        s = self.config.site
+        return IdentityError(
+            "The site's private key is missing.",
+            where=f"{self.path(s.private_key)} (site.toml key site.private_key)",
+            fix="restore it, or create a new site with `medfed site init` and enrol it again",
+        )
 
     def failure(self) -> MedfedError:
         """Explain why the SuperNode stopped."""
@@ -211,3 +377,94 @@ class SiteDaemon:
             self.path(self.config.site.worker_socket).unlink(missing_ok=True)
         if self.worker is not None:
             self.worker.audit.record("daemon-stopped", site=self.name)
+
+
+@dataclass
+class _Supervision:
+    """What the daemon remembers between SuperNode restarts."""
+
+    backoff: RestartBackoff
+    connected: bool = False  # the running SuperNode was let in
+    refused_since: float | None = None  # first refused activation of the current streak
+    node_id: int | None = None  # the node ID the server gave this site's SuperNode
+    audited: str = ""  # the reason of the last restart written to the audit log
+    tls_seen: float = 0.0  # when the running SuperNode first logged a TLS failure
+    reported: set[str] = field(default_factory=set)  # problems said since the last connection
+
+
+class SupervisedExecutor(InProcessExecutor):
+    """The in-process executor, polling again after any error.
+
+    A SuperNode restart cuts a task's connection mid-way: the task is lost, the
+    executor is not.
+    """
+
+    def _client(self, *interceptors: object):  # noqa: ANN202 - a RuntimeHttpClient
+        """As the executor's, but it dials a restarted SuperNode again within a second.
+
+        Flower's retries back off to 20 s, logging each attempt.
+        """
+        from flwr.supercore.retry import make_simple_http_retry_invoker
+        from flwr.supercore.retry.retry_invoker import exponential
+        from flwr.supercore.runtime import RuntimeHttpClient
+
+        invoker = make_simple_http_retry_invoker()
+        invoker.wait_gen_factory = lambda: exponential(base_delay=0.2, max_delay=1)
+        invoker.wait_function = time.sleep
+        return RuntimeHttpClient.from_server_address(
+            server_address=self.runtime_address, insecure=True, root_certificates=None,
+            interceptors=list(interceptors), retry_invoker=invoker)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                super()._loop()
+            except Exception as exc:  # noqa: BLE001 - keep taking tasks
+                log.warning("the ClientApp executor lost the SuperNode (%s); polling again",
+                            exc)
+                self._stop.wait(1.0)
+
+
+def _flower_exit_code(text: str) -> int | None:
+    """The exit code flower-supernode printed last ("Exit Code: N"), if any."""
+    codes = re.findall(r"Exit Code: (\d+)", text)
+    return int(codes[-1]) if codes else None
+
+
+def _node_id(text: str) -> int | None:
+    """The node ID the server gave the SuperNode (its log's "SuperNode ID: N"), if any."""
+    ids = re.findall(r"SuperNode ID: (\d+)", text)
+    return int(ids[-1]) if ids else None
+
+
+def tls_advice(diagnosis: TlsDiagnosis, *, server: str, ca_path: Path) -> str:
+    """Who must do what about a TLS failure, as the site operator reads it."""
+    pinned = f"{ca_path} (site.toml key site.federation_ca)"
+    keep = "This site keeps retrying on its own; nothing needs a restart."
+    p = diagnosis.problem
+    if p is TlsProblem.UNKNOWN_CA:
+        return (f"The server at {server} presents a TLS certificate not signed by the "
+                f"federation CA this site pins ({diagnosis.detail}). Ask the coordinator for the "
+                "federation's current CA certificate (ca/ca.pem of the federation folder, or "
+                f"ca/ca-bundle.pem during a CA rotation) and save it as {pinned}. If it is "
+                "the right one, check site.server in site.toml: another server may answer "
+                f"there. {keep}")
+    if p is TlsProblem.SERVER_CERT_EXPIRED:
+        return (f"The server at {server} presents an expired TLS certificate "
+                f"({diagnosis.detail}). Nothing to change at this site: the coordinator must "
+                "run `medfed server renew-cert --config server.toml` (the running server "
+                f"serves the new certificate at once). {keep}")
+    if p is TlsProblem.PINNED_CA_EXPIRED:
+        return (f"The federation CA this site pins has expired ({diagnosis.detail}). The "
+                "coordinator must create a new one (`medfed server rotate-ca`, then "
+                "`medfed server rotate-ca --finish`) and send this site ca/ca-bundle.pem; "
+                f"save it as {pinned}. {keep}")
+    if p is TlsProblem.NOT_YET_VALID:
+        return (f"TLS with the server at {server} failed: {diagnosis.detail}. Set this "
+                f"machine's clock (NTP), or ask the coordinator to check the server's. {keep}")
+    if p is TlsProblem.WRONG_HOST:
+        return (f"TLS with the server at {server} failed: {diagnosis.detail}. Set site.server "
+                "in site.toml to the host name the coordinator gave (one the certificate "
+                "names), then restart the site.")
+    return (f"TLS with the server at {server} failed ({diagnosis.detail}). Check with the "
+            f"coordinator that this is the federation's address and CA ({pinned}). {keep}")

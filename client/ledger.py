@@ -30,6 +30,26 @@ patient, or ``site`` for update-level DP). Epsilons of different units do not ad
 up to a bound on the coarser one (a slice-level epsilon says little about a
 patient), so a dataset whose policy now asks for a coarser ``privacy_unit`` than
 some earlier spend protected is refused: its budget at that unit cannot be certified.
+
+Bound to the audit log. Each ledger has an identity (``ledger_id``, made with the
+file) that the site's audit log names when the ledger is created, adopted or rebuilt;
+every reservation is audited (``privacy-reserved``) before training. :func:`check_ledger`
+compares the two: a missing ledger while the audit log names one or records spends, a
+ledger of another identity (replaced), a ledger holding less epsilon for some (run,
+round, dataset) than the audit log records (an older copy), or an unreadable file
+raises a :class:`LedgerUntrusted` whose fix is ``medfed site budget
+--rebuild-from-audit`` (:func:`build_from_audit`). A ledger holding MORE than the audit
+log is normal (a crash between reserving and auditing). Nothing here ever makes a
+fresh, empty ledger where an existing one was expected: opening a ledger that is gone
+fails (``mode=rw``) instead of creating an empty file.
+
+Holds (admission of concurrent runs). When a site joins a run under secure
+aggregation it holds the epsilon the run plans to spend on the dataset
+(:meth:`PrivacyLedger.hold`). Checks for OTHER runs count what each live hold has not
+yet spent as spent; a run's own rounds draw down from its hold. A hold ends with the
+run (:meth:`PrivacyLedger.release`), or expires (:func:`hold_ttl`: twice the run's
+round timeout per remaining round, at least an hour and at most a week; each round of
+the run renews it), so a run that never ended does not block the dataset for ever.
 """
 
 from __future__ import annotations
@@ -37,11 +57,14 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import math
 import os
 import sqlite3
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from medfed.core.errors import MedfedError
 from medfed.core.privacy import DatasetBudget, unit_covers
@@ -69,7 +92,8 @@ CREATE TABLE IF NOT EXISTS spends (
     unit             TEXT NOT NULL DEFAULT 'sample',
     status           TEXT NOT NULL CHECK (status IN ('reserved', 'committed')),
     reserved_at      TEXT NOT NULL,
-    committed_at     TEXT
+    committed_at     TEXT,
+    resent           INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS spends_dataset ON spends (dataset);
 CREATE TABLE IF NOT EXISTS histories (
@@ -81,6 +105,20 @@ CREATE TABLE IF NOT EXISTS histories (
     updated     TEXT NOT NULL,
     PRIMARY KEY (run_id, dataset)
 );
+CREATE TABLE IF NOT EXISTS meta (
+    key    TEXT PRIMARY KEY,
+    value  TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS holds (
+    run_id          TEXT NOT NULL,
+    dataset         TEXT NOT NULL,
+    epsilon         REAL NOT NULL,
+    rounds          INTEGER NOT NULL,
+    round_timeout_s REAL NOT NULL,
+    created         TEXT NOT NULL,
+    expires         TEXT NOT NULL,
+    PRIMARY KEY (run_id, dataset)
+);
 """
 
 
@@ -88,21 +126,60 @@ class LedgerError(MedfedError):
     """The privacy ledger cannot record or confirm a spend; the reply is blocked."""
 
 
+def rebuild_fix(config: str | Path | None = None) -> str:
+    """The command that restores a ledger from the audit log."""
+    return (f"restore it from the audit log: medfed site budget --config {config or 'site.toml'} "
+            "--rebuild-from-audit (a damaged file is kept aside, never deleted)")
+
+
+class LedgerUntrusted(LedgerError):
+    """The ledger cannot be trusted to hold every audited spend: every DP round is refused.
+
+    Never a silent reset: until the ledger is restored (:func:`rebuild_fix`), the site
+    refuses DP rounds and DP joins; runs without DP go on.
+    """
+
+    def __init__(self, what: str, *, where: str, config: str | Path | None = None,
+                 expected: str = "") -> None:
+        self.problem = what  # what happened, without the consequence
+        super().__init__(what + " Every DP round is refused until it is restored.",
+                         where=where, expected=expected, fix=rebuild_fix(config))
+
+
+class LedgerMissing(LedgerUntrusted):
+    """The ledger file is gone although the audit log names one or records spends."""
+
+
+class LedgerMismatch(LedgerUntrusted):
+    """The ledger is not the one the audit log names, or holds less than it records."""
+
+
+class LedgerDamaged(LedgerUntrusted):
+    """The ledger file cannot be read (not a database, truncated, malformed)."""
+
+
 class BudgetExceeded(LedgerError):
-    """A round would take a dataset past its epsilon budget."""
+    """A round would take a dataset past its epsilon budget (other live runs' holds count)."""
 
     def __init__(self, *, dataset: str, spent: float, asked: float, budget: float,
-                 what: str = "this round") -> None:
+                 what: str = "this round", holds: Sequence[tuple[str, float]] = ()) -> None:
         self.dataset, self.spent, self.asked, self.budget = dataset, spent, asked, budget
-        left = max(budget - spent, 0.0)
+        self.holds = list(holds)  # (run id, epsilon it holds and has not spent yet)
+        held = sum(e for _, e in self.holds)
+        left = max(budget - spent - held, 0.0)
+        holding = ""
+        if self.holds:
+            runs = ", ".join(f"run {r!r} holds {e:.4g}" for r, e in self.holds)
+            holding = f" + held by other live runs {held:.4g} ({runs})"
         super().__init__(
-            f"Privacy budget exceeded for dataset {dataset!r}: spent {spent:.4g} + {what} "
-            f"{asked:.4g} > epsilon_max {budget:.4g} (remaining {left:.4g}).",
+            f"Privacy budget exceeded for dataset {dataset!r}: spent {spent:.4g}{holding} + "
+            f"{what} {asked:.4g} > epsilon_max {budget:.4g} (remaining {left:.4g}).",
             where=f"privacy.datasets.{dataset}.epsilon_max",
             expected=f"{what} spending at most {left:.4g}",
             fix=f"the site refuses {what}; the coordinator may ask for fewer rounds, more "
-            f"noise or a --target-epsilon of at most {left:.4g}, and only the site operator "
-            "may raise epsilon_max",
+            f"noise or a --target-epsilon of at most {left:.4g}"
+            + (", or wait until the other runs end (their holds: `medfed site budget`)"
+               if self.holds else "") + ", and only the site operator may raise epsilon_max",
         )
 
 
@@ -141,6 +218,39 @@ class RunTargetExceeded(LedgerError):
 #: R-round question the noise was derived from by rounding (PRV's discretization).
 TARGET_SLACK = 1e-3
 
+#: A join's hold on a dataset lasts this many round timeouts per remaining round ...
+HOLD_TIMEOUTS_PER_ROUND = 2.0
+#: ... but at least this long (seconds) ...
+HOLD_MIN_S = 3600.0
+#: ... and at most this long (seconds); each round of the run renews it.
+HOLD_MAX_S = 7 * 24 * 3600.0
+#: Relative slack when a ledger's spend is compared with the audited one (float sums).
+_MATCH_SLACK = 1e-9
+
+
+def hold_ttl(rounds_left: int, round_timeout_s: float) -> float:
+    """Seconds a hold lasts: long enough for the run's remaining rounds at their timeout.
+
+    A run that never ends (the server crashed, the coordinator gave up) stops blocking
+    the dataset after this; a live run renews it with every round.
+    """
+    wanted = HOLD_TIMEOUTS_PER_ROUND * max(int(rounds_left), 0) * float(round_timeout_s)
+    return min(max(wanted, HOLD_MIN_S), HOLD_MAX_S)
+
+
+@dataclass(frozen=True)
+class Hold:
+    """The epsilon a joined run plans to spend on a dataset, kept from other runs."""
+
+    run_id: str
+    dataset: str
+    epsilon: float  # the run's planned epsilon on the dataset, its spent rounds included
+    outstanding: float  # of which not spent yet: what other runs cannot have
+    rounds: int  # the rounds it covers (the run's rounds charged, then planned)
+    created: str
+    expires: str
+    expired: bool
+
 
 @dataclass(frozen=True)
 class Reservation:
@@ -172,6 +282,7 @@ class SpendRecord:
     status: str
     reserved_at: str
     committed_at: str | None
+    resent: int = 0  # times its update was sent again unchanged (a server lost the round)
 
 
 @dataclass(frozen=True)
@@ -201,6 +312,7 @@ class RunSummary:
     unit: str  # what its epsilon protects; several, comma-separated, if rounds differed
     first: str
     last: str
+    resent: int = 0  # rounds whose update was sent again unchanged, charged once
 
 
 @dataclass(frozen=True)
@@ -220,49 +332,114 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-class PrivacyLedger:
-    """The persistent per-site, per-dataset privacy ledger."""
+def _later(seconds: float) -> str:
+    return (dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=seconds)
+            ).isoformat(timespec="seconds")
 
-    def __init__(self, path: Path | str) -> None:
+
+def _new_id() -> str:
+    return "ledger-" + uuid.uuid4().hex
+
+
+class PrivacyLedger:
+    """The persistent per-site, per-dataset privacy ledger.
+
+    ``create``: make the file when it does not exist (an empty ledger with a new
+    identity). Without it a missing file raises :class:`LedgerMissing`; whether a
+    missing ledger may be created is for the caller to decide against the audit log
+    (:func:`check_ledger`). ``config``: the site.toml named in the errors' fix.
+    """
+
+    def __init__(self, path: Path | str, *, create: bool = True,
+                 config: str | Path | None = None) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.config = config
         if not self.path.exists():
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            os.close(fd)
-        with self._connect() as con:
+            if not create:
+                raise LedgerMissing("The privacy ledger is missing.", where=str(self.path),
+                                    config=config)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileExistsError):  # made meanwhile by another process
+                _build(self.path)
+        self.ledger_id = self._open()
+
+    def _open(self) -> str:
+        """Check the file is a ledger, add what older ledgers lack; its identity."""
+        if self.path.stat().st_size == 0:  # never written so: a new ledger is made whole
+            raise LedgerDamaged("The privacy ledger file is empty (truncated).",
+                                where=str(self.path), config=self.config)
+        with self._connect() as con:  # reads first: no write lock on every open
+            tables = {r[0] for r in con.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if "spends" not in tables:
+                raise LedgerDamaged("The privacy ledger file holds no spends table: it is "
+                                    "not a privacy ledger.", where=str(self.path),
+                                    config=self.config)
+            if {"meta", "holds", "histories", "budgets"} <= tables:
+                row = con.execute("SELECT value FROM meta WHERE key = 'ledger_id'").fetchone()
+                columns = {r["name"] for r in con.execute("PRAGMA table_info(spends)")}
+                if row is not None and "unit" in columns:
+                    return str(row[0])
             con.executescript(_SCHEMA)
         self._migrate()
+        with self._connect() as con:  # a ledger written before identities gets one now
+            con.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('ledger_id', ?)",
+                        (_new_id(),))
+            return str(con.execute("SELECT value FROM meta WHERE key = 'ledger_id'"
+                                   ).fetchone()[0])
 
     def _migrate(self) -> None:
-        """Ledgers written before records named their unit: add it, conservatively.
+        """Add the columns older ledgers lack.
 
-        A sample-level record of that time protected one training example; update-level
-        records protected the site's whole contribution.
+        ``unit`` (conservatively: a sample-level record of that time protected one
+        training example; update-level records protected the site's whole contribution)
+        and ``resent`` (how often a round's update was sent again, unchanged, after the
+        server lost it: no new epsilon).
         """
+        def missing(con: sqlite3.Connection) -> set[str]:
+            have = {r["name"] for r in con.execute("PRAGMA table_info(spends)")}
+            return {"unit", "resent"} - have
+
         with self._connect() as con:  # a read first: no write lock on every open
-            if "unit" in {r["name"] for r in con.execute("PRAGMA table_info(spends)")}:
+            if not missing(con):
                 return
         with self._transaction() as con:
-            if "unit" not in {r["name"] for r in con.execute("PRAGMA table_info(spends)")}:
+            todo = missing(con)
+            if "unit" in todo:
                 con.execute("ALTER TABLE spends ADD COLUMN unit TEXT NOT NULL DEFAULT 'sample'")
                 con.execute("UPDATE spends SET unit = 'site' WHERE mode = 'update'")
+            if "resent" in todo:
+                con.execute("ALTER TABLE spends ADD COLUMN resent INTEGER NOT NULL DEFAULT 0")
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
+        # mode=rw: a ledger deleted under a running site is an error, never a new empty file
+        uri = self.path.resolve().as_uri() + "?mode=rw"
         try:
-            con = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
+            con = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30.0)
         except sqlite3.Error as exc:
-            raise LedgerError(
-                f"Cannot open the privacy ledger: {exc}", where=str(self.path),
-                fix="check the file's permissions and free disk space",
-            ) from exc
+            raise self._error(exc) from exc
         try:
             con.execute("PRAGMA journal_mode=WAL")
             con.execute("PRAGMA synchronous=FULL")
             con.row_factory = sqlite3.Row
             yield con
+        except sqlite3.Error as exc:
+            raise self._error(exc) from exc
         finally:
             con.close()
+
+    def _error(self, exc: sqlite3.Error) -> LedgerError:
+        """A sqlite error as what it means for the site: damaged, missing, or else."""
+        name = getattr(exc, "sqlite_errorname", "")
+        if name in ("SQLITE_CORRUPT", "SQLITE_NOTADB") or type(exc) is sqlite3.DatabaseError:
+            return LedgerDamaged(f"The privacy ledger cannot be read: {exc}.",
+                                 where=str(self.path), config=self.config)
+        if name == "SQLITE_CANTOPEN" and not self.path.exists():
+            return LedgerMissing("The privacy ledger is missing (deleted while in use?).",
+                                 where=str(self.path), config=self.config)
+        return LedgerError(f"Cannot use the privacy ledger: {exc}", where=str(self.path),
+                           fix="check the file's permissions and free disk space")
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -274,6 +451,14 @@ class PrivacyLedger:
                 con.execute("ROLLBACK")
                 raise
             con.execute("COMMIT")
+
+    def integrity(self) -> None:
+        """Raise :class:`LedgerDamaged` unless SQLite's quick check finds the file sound."""
+        with self._connect() as con:
+            rows = [str(r[0]) for r in con.execute("PRAGMA quick_check")]
+        if rows != ["ok"]:
+            raise LedgerDamaged("The privacy ledger is damaged: " + "; ".join(rows[:3]) + ".",
+                                where=str(self.path), config=self.config)
 
     # ------------------------------------------------------------------ reads
 
@@ -351,10 +536,28 @@ class PrivacyLedger:
             raise RunTargetExceeded(run_id=run_id, dataset=dataset, after=after,
                                     target=run_epsilon_max)
         spent = self._spent(con, dataset)
-        if spent + asked > budget.epsilon_max:
+        holds = self._held(con, dataset, exclude=run_id)
+        if spent + sum(e for _, e in holds) + asked > budget.epsilon_max:
             raise BudgetExceeded(dataset=dataset, spent=spent, asked=asked,
-                                 budget=budget.epsilon_max, what=what)
+                                 budget=budget.epsilon_max, what=what, holds=holds)
         return history, after, asked, spent
+
+    @staticmethod
+    def _held(con: sqlite3.Connection, dataset: str, *, exclude: str = ""
+              ) -> list[tuple[str, float]]:
+        """(run, epsilon) each other live hold on ``dataset`` has not spent yet."""
+        rows = con.execute(
+            "SELECT h.run_id, h.epsilon - COALESCE((SELECT SUM(s.epsilon) FROM spends s "
+            "WHERE s.run_id = h.run_id AND s.dataset = h.dataset), 0.0) AS outstanding "
+            "FROM holds h WHERE h.dataset = ? AND h.run_id != ? AND h.expires > ? "
+            "ORDER BY h.created, h.run_id", (dataset, exclude, _now())).fetchall()
+        return [(str(r["run_id"]), float(r["outstanding"])) for r in rows
+                if r["outstanding"] > 0]
+
+    def held(self, dataset: str, *, exclude: str = "") -> float:
+        """Epsilon that live holds on ``dataset`` (other than ``exclude``'s) keep back."""
+        with self._connect() as con:
+            return sum(e for _, e in self._held(con, dataset, exclude=exclude))
 
     def rounds_charged(self, run_id: str, dataset: str) -> int:
         """How many rounds of ``run_id`` are charged to ``dataset`` (reserved or committed)."""
@@ -432,6 +635,7 @@ class PrivacyLedger:
                 (run_id, dataset, accountant, delta, json.dumps([*history, *entries]), now),
             )
             record_id = int(cur.lastrowid or 0)
+            self._renew_hold(con, run_id, dataset)
         total = spent + asked
         return Reservation(record_id, asked, after, total, budget.epsilon_max - total)
 
@@ -456,7 +660,108 @@ class PrivacyLedger:
             con.execute("UPDATE spends SET status = 'committed', committed_at = ? WHERE id = ?",
                         (_now(), record_id))
 
+    def hold(
+        self, run_id: str, dataset: str, *, budget: DatasetBudget,
+        plan: Sequence[HistoryEntry], delta: float, accountant: str = "rdp",
+        mode: str = "sample", unit: str = "sample", run_epsilon_max: float | None = None,
+        rounds: int = 1, round_timeout_s: float = 600.0,
+    ) -> Hold:
+        """Hold the epsilon of the run's next ``rounds`` rounds (``plan``) on ``dataset``.
+
+        The checks of :meth:`check_plan` and the hold in one transaction: a run that
+        does not fit beside what the dataset spent and what other live runs hold is
+        refused (:class:`BudgetExceeded`, naming those holds) and holds nothing. The
+        hold replaces an earlier one of the same run (a second join).
+        """
+        entries = [(float(z), float(q), int(s)) for z, q, s in plan]
+        with self._transaction() as con:
+            _, after, _, _ = self._assess(
+                con, run_id, dataset, budget=budget, entries=entries, delta=delta,
+                accountant=accountant, unit=_protected_unit(mode, unit),
+                run_epsilon_max=run_epsilon_max,
+                what="this run's next round" if rounds == 1 else f"this run's {rounds} rounds")
+            charged = int(con.execute(
+                "SELECT COUNT(*) FROM spends WHERE run_id = ? AND dataset = ?",
+                (run_id, dataset)).fetchone()[0])
+            now = _now()
+            expires = _later(hold_ttl(rounds, round_timeout_s))
+            con.execute(
+                "INSERT INTO holds (run_id, dataset, epsilon, rounds, round_timeout_s, created, "
+                "expires) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(run_id, dataset) DO UPDATE "
+                "SET epsilon = excluded.epsilon, rounds = excluded.rounds, round_timeout_s = "
+                "excluded.round_timeout_s, created = excluded.created, expires = excluded.expires",
+                (run_id, dataset, after, charged + int(rounds), float(round_timeout_s), now,
+                 expires))
+        return next(h for h in self.holds() if h.run_id == run_id and h.dataset == dataset)
+
+    @staticmethod
+    def _renew_hold(con: sqlite3.Connection, run_id: str, dataset: str) -> None:
+        """A round of a run with a live hold: the hold lasts for its remaining rounds."""
+        row = con.execute("SELECT rounds, round_timeout_s FROM holds WHERE run_id = ? AND "
+                          "dataset = ? AND expires > ?", (run_id, dataset, _now())).fetchone()
+        if row is None:
+            return
+        charged = int(con.execute("SELECT COUNT(*) FROM spends WHERE run_id = ? AND "
+                                  "dataset = ?", (run_id, dataset)).fetchone()[0])
+        con.execute("UPDATE holds SET expires = ? WHERE run_id = ? AND dataset = ?",
+                    (_later(hold_ttl(int(row["rounds"]) - charged, row["round_timeout_s"])),
+                     run_id, dataset))
+
+    def release(self, run_id: str) -> list[Hold]:
+        """End the run's holds (it ended, or left); returns what they were."""
+        held = [h for h in self.holds() if h.run_id == run_id]
+        if held:
+            with self._transaction() as con:
+                con.execute("DELETE FROM holds WHERE run_id = ?", (run_id,))
+        return held
+
     # ------------------------------------------------------------------ reports
+
+    def holds(self) -> list[Hold]:
+        """Every hold, live and expired, oldest first."""
+        now = _now()
+        with self._connect() as con:
+            rows = con.execute(
+                "SELECT h.*, h.epsilon - COALESCE((SELECT SUM(s.epsilon) FROM spends s "
+                "WHERE s.run_id = h.run_id AND s.dataset = h.dataset), 0.0) AS outstanding "
+                "FROM holds h ORDER BY h.created, h.run_id").fetchall()
+        return [Hold(run_id=str(r["run_id"]), dataset=r["dataset"], epsilon=float(r["epsilon"]),
+                     outstanding=max(float(r["outstanding"]), 0.0), rounds=int(r["rounds"]),
+                     created=r["created"], expires=r["expires"], expired=r["expires"] <= now)
+                for r in rows]
+
+    def committed_round(self, run_id: str, rnd: int) -> SpendRecord | None:
+        """The committed spend of ``run_id``'s round ``rnd`` (its last), if any."""
+        with self._connect() as con:
+            row = con.execute("SELECT * FROM spends WHERE run_id = ? AND round = ? AND "
+                              "status = 'committed' ORDER BY id DESC LIMIT 1",
+                              (run_id, int(rnd))).fetchone()
+        return None if row is None else SpendRecord(**dict(row))
+
+    def mark_resent(self, record_id: int) -> None:
+        """Count one more sending of the update ``record_id`` paid for: no new epsilon."""
+        with self._transaction() as con:
+            cur = con.execute("UPDATE spends SET resent = resent + 1 WHERE id = ? AND "
+                              "status = 'committed'", (record_id,))
+            if cur.rowcount != 1:
+                raise LedgerError(f"No committed spend record {record_id} to send again.",
+                                  where=str(self.path))
+
+    def record(self, record_id: int) -> SpendRecord:
+        """One spend record by id."""
+        with self._connect() as con:
+            row = con.execute("SELECT * FROM spends WHERE id = ?", (record_id,)).fetchone()
+        if row is None:
+            raise LedgerError(f"No spend record {record_id} in the privacy ledger.",
+                              where=str(self.path))
+        return SpendRecord(**dict(row))
+
+    def spend_totals(self) -> dict[tuple[str, int, str], float]:
+        """Epsilon per (run, round, dataset): what the audit log is compared with."""
+        with self._connect() as con:
+            rows = con.execute("SELECT run_id, round, dataset, SUM(epsilon) FROM spends "
+                               "GROUP BY run_id, round, dataset").fetchall()
+        return {(str(r[0]), int(r[1]), str(r[2])): float(r[3]) for r in rows}
 
     def history(self, dataset: str) -> list[SpendRecord]:
         """Every spend record of ``dataset``, oldest first."""
@@ -478,7 +783,7 @@ class PrivacyLedger:
             runs = con.execute(
                 "SELECT run_id, dataset, SUM(epsilon) AS epsilon, MAX(delta) AS delta, "
                 "COUNT(*) AS rounds, SUM(status = 'reserved') AS reserved, "
-                "GROUP_CONCAT(DISTINCT unit) AS unit, "
+                "GROUP_CONCAT(DISTINCT unit) AS unit, SUM(resent > 0) AS resent, "
                 "MIN(reserved_at) AS first, MAX(reserved_at) AS last "
                 "FROM spends GROUP BY run_id, dataset ORDER BY first, run_id"
             ).fetchall()
@@ -491,6 +796,300 @@ class PrivacyLedger:
             runs=[RunSummary(
                 run_id=r["run_id"], dataset=r["dataset"], epsilon=float(r["epsilon"]),
                 delta=float(r["delta"]), rounds=r["rounds"], reserved=int(r["reserved"]),
-                unit=r["unit"], first=r["first"], last=r["last"],
+                unit=r["unit"], first=r["first"], last=r["last"], resent=int(r["resent"] or 0),
             ) for r in runs],
         )
+
+
+def _build(path: Path, fill: Callable[[sqlite3.Connection], None] | None = None) -> str:
+    """Make a whole ledger at ``path`` and return its identity.
+
+    Written under a temporary name and linked into place, so ``path`` is either absent
+    or a whole ledger (never an empty file a crash left); never over an existing file
+    (``FileExistsError``). ``fill`` writes rows in the same transaction.
+    """
+    tmp = path.with_name(f".{path.name}.new-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    ledger_id = _new_id()
+    try:
+        con = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            con.execute("PRAGMA synchronous=FULL")
+            con.executescript(_SCHEMA)
+            con.execute("BEGIN IMMEDIATE")
+            con.executemany("INSERT INTO meta (key, value) VALUES (?, ?)",
+                            [("ledger_id", ledger_id), ("created", _now())])
+            if fill is not None:
+                fill(con)
+            con.execute("COMMIT")
+        finally:
+            con.close()
+        os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the new name is on disk
+    finally:
+        os.close(fd)
+    return ledger_id
+
+
+# ---------------------------------------------------------------- binding to the audit log
+
+#: Audit events that name the site's current ledger (its ``ledger_id``).
+LEDGER_EVENTS = ("ledger-created", "ledger-adopted", "ledger-rebuilt")
+
+
+def _key(run_id: Any, rnd: Any, dataset: Any) -> tuple[str, int, str]:
+    return str(run_id), int(rnd), str(dataset)
+
+
+def _spend_of_record(record: Mapping[str, Any]) -> tuple[tuple[Any, Any], dict[str, Any]] | None:
+    """The spend an audit record reports: ((ledger id, record id), fields), or None.
+
+    ``privacy-reserved`` (before training) and ``update-sent`` (its ``privacy``) name the
+    same reservation by ledger id and record id; logs written before reservations were
+    audited have only ``update-sent``, without ids.
+    """
+    event = record.get("event")
+    try:
+        if event == "privacy-reserved":
+            entry = {k: v for k, v in record.items() if k not in ("status", "committed_at")}
+            rid = (record.get("ledger_id"), record.get("record"))
+        elif event == "update-sent" and isinstance(record.get("privacy"), dict) \
+                and "epsilon_round" in record["privacy"]:
+            p = record["privacy"]
+            mode = str(p.get("mode", "sample"))
+            entry = {
+                "run_id": record.get("run_id"), "round": record.get("round"),
+                "dataset": p.get("dataset"), "mode": mode, "epsilon": p["epsilon_round"],
+                "delta": p.get("delta"), "accountant": p.get("accountant", "rdp"),
+                "noise_multiplier": p.get("noise_multiplier", 0.0),
+                "sample_rate": p.get("sample_rate", 0.0), "steps": p.get("steps", 0),
+                "unit": "site" if mode == "update" else p.get("unit", "sample"),
+                "status": "committed", "committed_at": record.get("time"),
+            }
+            rid = (p.get("ledger_id"), p.get("ledger_record"))
+        else:
+            return None
+        _key(entry["run_id"], entry["round"], entry["dataset"])
+        entry["epsilon"] = float(entry["epsilon"])
+        if not entry.get("history"):  # one round's accountant entry, as the ledger planned it
+            z, q, s = (float(entry["noise_multiplier"]), float(entry["sample_rate"]),
+                       int(entry["steps"]))
+            # update-level DP: one Gaussian mechanism per round, whatever SGD ran
+            entry["history"] = [[z, q, s] if entry["mode"] == "sample" else [z, 1.0, 1]]
+        float(entry["delta"])
+    except (KeyError, TypeError, ValueError):
+        return None  # not a spend this code can read: an edited line (verify tells)
+    entry["reserved_at"] = entry.get("reserved_at") or record.get("time")
+    return rid, entry
+
+
+@dataclass
+class AuditedSpends:
+    """What a site's audit log says its ledger must hold; fed one record at a time."""
+
+    #: The ledger the audit log names last (created, adopted or rebuilt), and by which event.
+    ledger_id: str | None = None
+    named_by: str = ""
+    #: Audited epsilon per (run, round, dataset); each reservation counted once.
+    spends: dict[tuple[str, int, str], float] = field(default_factory=dict)
+    _counted: set[tuple[Any, Any]] = field(default_factory=set, repr=False)
+
+    @classmethod
+    def of(cls, records: Iterable[Mapping[str, Any]]) -> AuditedSpends:
+        """Read a whole audit log."""
+        out = cls()
+        for record in records:
+            out.add(record)
+        return out
+
+    def add(self, record: Mapping[str, Any]) -> None:
+        """Take one audit record into account."""
+        if record.get("event") in LEDGER_EVENTS and record.get("ledger_id"):
+            self.ledger_id = str(record["ledger_id"])
+            self.named_by = f"{record['event']} record of {record.get('time', '?')}"
+            return
+        spend = _spend_of_record(record)
+        if spend is None:
+            return
+        rid, entry = spend
+        if rid[1] is not None:
+            if rid in self._counted:
+                return
+            self._counted.add(rid)
+        key = _key(entry["run_id"], entry["round"], entry["dataset"])
+        self.spends[key] = self.spends.get(key, 0.0) + entry["epsilon"]
+
+    def per_dataset(self) -> dict[str, float]:
+        """Audited epsilon per dataset."""
+        out: dict[str, float] = {}
+        for (_, _, dataset), eps in self.spends.items():
+            out[dataset] = out.get(dataset, 0.0) + eps
+        return out
+
+
+def check_ledger(path: Path, audited: AuditedSpends, *, config: str | Path | None = None
+                 ) -> PrivacyLedger | None:
+    """The ledger at ``path`` if it holds every spend the audit log records; else raise.
+
+    Returns None when there is no ledger and the audit log neither names one nor records
+    a spend (a site that has not spent yet: a new ledger may be made). Raises
+    :class:`LedgerMissing`, :class:`LedgerMismatch` (another identity than the audit log
+    names, or less epsilon for some run, round and dataset) or :class:`LedgerDamaged`,
+    each with the rebuild fix. Reads only: never creates, adopts or repairs.
+    """
+    path = Path(path)
+    if not path.exists():
+        if audited.ledger_id is None and not audited.spends:
+            return None
+        said = [f"names ledger {audited.ledger_id} ({audited.named_by})"] \
+            if audited.ledger_id else []
+        if audited.spends:
+            per = ", ".join(f"{d}: epsilon {e:.4g}" for d, e in sorted(
+                audited.per_dataset().items()))
+            said.append(f"records DP spends ({per})")
+        raise LedgerMissing(
+            f"The privacy ledger is missing, but the audit log {' and '.join(said)}: a new, "
+            "empty ledger would forget those spends.", where=str(path), config=config,
+            expected="the ledger the audit log names")
+    ledger = PrivacyLedger(path, create=False, config=config)
+    ledger.integrity()
+    if audited.ledger_id is not None and ledger.ledger_id != audited.ledger_id:
+        raise LedgerMismatch(
+            f"The privacy ledger was replaced: the file is ledger {ledger.ledger_id}, but the "
+            f"audit log's {audited.named_by} names {audited.ledger_id} (another site's ledger, "
+            "or a copy?).", where=str(path), config=config,
+            expected=f"ledger {audited.ledger_id}")
+    totals = ledger.spend_totals()
+    short = sorted((key, eps, totals.get(key, 0.0)) for key, eps in audited.spends.items()
+                   if totals.get(key, 0.0) < eps - _MATCH_SLACK * max(1.0, abs(eps)))
+    if short:
+        (run, rnd, dataset), eps, held = short[0]
+        raise LedgerMismatch(
+            f"The privacy ledger holds less epsilon than the audit log records as spent, "
+            f"for {len(short)} round(s) (e.g. run {run!r} round {rnd} on dataset {dataset!r}: "
+            f"ledger {held:.4g}, audit log {eps:.4g}): an older copy of the ledger, or one "
+            "edited?", where=str(path), config=config,
+            expected="at least every audited spend in the ledger")
+    return ledger
+
+
+@dataclass(frozen=True)
+class RestoredDataset:
+    """What a rebuilt ledger holds for one dataset."""
+
+    dataset: str
+    epsilon: float
+    runs: int
+    rounds: int
+    unsent: int  # reservations with no update-sent record: counted as spent
+
+
+@dataclass(frozen=True)
+class RebuildResult:
+    """What :func:`build_from_audit` restored."""
+
+    ledger_id: str
+    datasets: list[RestoredDataset]
+    holds: list[tuple[str, str, float]]  # (run, dataset, epsilon) of live holds restored
+    #: Spends read from update-sent records of logs older than audited reservations.
+    legacy: int
+
+
+def build_from_audit(path: Path, records: Iterable[Mapping[str, Any]], *,
+                     budgets: Mapping[str, DatasetBudget]) -> RebuildResult:
+    """Make a new ledger at ``path`` (absent) holding every spend the audit log records.
+
+    Conservative: every audited reservation counts as spent, sent or not. Each spend keeps
+    its audited epsilon, delta, accountant, noise, sample rate, steps, unit and mode; each
+    run's accountant history is rebuilt from the rounds' entries, so its later rounds
+    compose as before; holds that were not released and have not expired come back.
+    """
+    rows: list[dict[str, Any]] = []
+    by_id: dict[tuple[Any, Any], dict[str, Any]] = {}
+    holds: dict[tuple[str, str], Mapping[str, Any]] = {}
+    legacy = 0
+    for record in records:
+        event = record.get("event")
+        if event == "privacy-hold":
+            holds[(str(record.get("run_id")), str(record.get("dataset")))] = record
+            continue
+        if event == "privacy-hold-released":
+            holds = {k: v for k, v in holds.items() if k[0] != str(record.get("run_id"))}
+            continue
+        spend = _spend_of_record(record)
+        if spend is None:
+            continue
+        rid, entry = spend
+        if rid[1] is not None and rid in by_id:
+            if event == "update-sent":  # the reservation was sent (again, if resent)
+                row = by_id[rid]
+                resent = row["status"] == "committed"
+                row.update(status="committed", committed_at=row.get("committed_at")
+                           or record.get("time"), resent=row.get("resent", 0) + resent)
+            continue
+        row = {"status": "reserved", "committed_at": None, **entry}
+        legacy += event == "update-sent"
+        rows.append(row)
+        if rid[1] is not None:
+            by_id[rid] = row
+    now = _now()
+    live = [h for h in holds.values() if str(h.get("expires", "")) > now]
+
+    def fill(con: sqlite3.Connection) -> None:
+        histories: dict[tuple[str, str], tuple[str, float, list[list[float]]]] = {}
+        for row in rows:
+            run_id, dataset = str(row["run_id"]), str(row["dataset"])
+            con.execute(
+                "INSERT INTO spends (run_id, round, dataset, mode, epsilon, delta, accountant, "
+                "noise_multiplier, sample_rate, steps, unit, status, reserved_at, committed_at, "
+                "resent) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (run_id, int(row["round"]), dataset, str(row["mode"]), row["epsilon"],
+                 float(row["delta"]), str(row["accountant"]), float(row["noise_multiplier"]),
+                 float(row["sample_rate"]), int(row["steps"]), str(row["unit"]), row["status"],
+                 _seconds(row["reserved_at"]) or now, _seconds(row["committed_at"]),
+                 int(row.get("resent", 0))))
+            acc, delta, history = histories.get(
+                (run_id, dataset), (str(row["accountant"]), float(row["delta"]), []))
+            history += [[float(z), float(q), int(s)] for z, q, s in row["history"]]
+            histories[(run_id, dataset)] = (acc, delta, history)
+        for (run_id, dataset), (acc, delta, history) in histories.items():
+            con.execute("INSERT INTO histories (run_id, dataset, accountant, delta, history, "
+                        "updated) VALUES (?, ?, ?, ?, ?, ?)",
+                        (run_id, dataset, acc, delta, json.dumps(history), now))
+        for dataset in sorted({str(r["dataset"]) for r in rows} & set(budgets)):
+            con.execute("INSERT INTO budgets (dataset, epsilon_max, delta, updated) "
+                        "VALUES (?, ?, ?, ?)", (dataset, budgets[dataset].epsilon_max,
+                                                budgets[dataset].delta, now))
+        for h in live:
+            con.execute("INSERT INTO holds (run_id, dataset, epsilon, rounds, round_timeout_s, "
+                        "created, expires) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (str(h["run_id"]), str(h["dataset"]), float(h["epsilon"]),
+                         int(h.get("rounds", 1)), float(h.get("round_timeout_s", 600.0)),
+                         _seconds(h.get("time")) or now, str(h["expires"])))
+        con.execute("INSERT INTO meta (key, value) VALUES ('rebuilt_from_audit', ?)", (now,))
+
+    ledger_id = _build(Path(path), fill)
+    restored = []
+    for dataset in sorted({str(r["dataset"]) for r in rows}):
+        mine = [r for r in rows if str(r["dataset"]) == dataset]
+        restored.append(RestoredDataset(
+            dataset, math.fsum(r["epsilon"] for r in mine), len({str(r["run_id"]) for r in mine}),
+            len(mine), sum(r["status"] == "reserved" for r in mine)))
+    return RebuildResult(ledger_id, restored,
+                         [(str(h["run_id"]), str(h["dataset"]), float(h["epsilon"]))
+                          for h in live], legacy)
+
+
+def _seconds(iso: Any) -> str | None:
+    """An audit time (microseconds) as the ledger writes times (seconds, UTC)."""
+    if iso is None:
+        return None
+    try:
+        return dt.datetime.fromisoformat(str(iso)).astimezone(dt.timezone.utc).isoformat(
+            timespec="seconds")
+    except ValueError:
+        return _now()

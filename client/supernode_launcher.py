@@ -6,6 +6,9 @@ and 0.5 s between checks for the ClientApp's reply; each round pays these twice
 (train, evaluate). This launcher caps those sleeps at ``MEDFED_POLL_INTERVAL``
 seconds, then runs the stock ``flower-supernode`` entry point unchanged.
 
+A SuperNode whose connection to the SuperLink ended on an error exits (status 1)
+rather than lingering, so that the site daemon restarts it.
+
 Usage: ``python -m medfed.client.supernode_launcher [flower-supernode args]``.
 """
 
@@ -32,7 +35,13 @@ def main() -> int:
     from flwr.supernode.cli import flower_supernode
 
     sys.argv[0] = "flower-supernode"
-    return int(flower_supernode() or 0)
+    code = int(flower_supernode() or 0)
+    # Flower returns here only when its connection to the SuperLink ended on an error it
+    # logged (a TLS failure, say); its runtime API thread would then keep this process
+    # alive, doing nothing. End it, so that the site daemon starts a new SuperNode.
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code or 1)
 
 
 if __name__ == "__main__":

@@ -21,12 +21,14 @@ import torch
 
 from medfed.client.audit import AuditLog, arrays_digest
 from medfed.client.policy import decide
+from medfed.client.released import Released, ReleasedUpdates, model_digest, run_digest
 from medfed.client.privacy_guard import Forecast, PrivacyGate, PrivacyRefusal, noised_update
 from medfed.client.secure_site import SecureSite
 from medfed.client.site_local import SiteLocalStore
 from medfed.core import wire
 from medfed.core.config import RunConfig, SiteConfig, resolve, resolve_data_source
 from medfed.core.errors import MedfedError
+from medfed.data import take_healed
 from medfed.core.packing import WEIGHTS_KEY, Layout, pack, shared_state, unpack
 from medfed.tasks import SiteData, Task, engine, get_task
 from medfed.tasks.adaptation import local_keys
@@ -55,6 +57,7 @@ class SiteWorker:
     privacy: PrivacyGate = field(init=False)
     secure: SecureSite = field(init=False)
     site_local: SiteLocalStore = field(init=False)
+    released: ReleasedUpdates = field(init=False)
     _data: dict[str, SiteData] = field(default_factory=dict, init=False)
     _models: dict[str, torch.nn.Module] = field(default_factory=dict, init=False)
     _shared: dict[tuple[str, str], tuple[frozenset[str], Layout]] = field(
@@ -65,9 +68,10 @@ class SiteWorker:
         if self.config.compute.threads:
             torch.set_num_threads(self.config.compute.threads)
         self.audit = AuditLog(resolve(self.config_path, self.config.site.audit_log))
-        self.privacy = PrivacyGate(self.config, self.config_path)
+        self.privacy = PrivacyGate(self.config, self.config_path, audit=self.audit)
         self.secure = SecureSite(self.site, Path(self.config_path).resolve().parent)
         self.site_local = SiteLocalStore(Path(self.config_path).resolve().parent)
+        self.released = ReleasedUpdates(Path(self.config_path).resolve().parent)
 
     @property
     def site(self) -> str:
@@ -80,6 +84,9 @@ class SiteWorker:
             t0 = time.perf_counter()
             source = resolve_data_source(self.config_path, self.config.data)
             self._data[task.name] = task.load_site_data(source)
+            for healed in take_healed():  # damaged cache entries decoded again
+                self.audit.record("cache-healed", task=task.name, file=healed.file,
+                                  series=healed.series_id, reason=healed.reason)
             log.info("loaded %s data in %.2fs: %s", task.name, time.perf_counter() - t0,
                      self._data[task.name].description)
         return self._data[task.name]
@@ -122,23 +129,28 @@ class SiteWorker:
             run = RunConfig.from_json(str(config.get(wire.RUN_CONFIG_KEY, "")))
         except MedfedError as exc:
             return self._refuse(run_id, "run-config", str(exc), status="failed")
+        # The server's id of this attempt keys the secure-aggregation session (a resumed
+        # run gets fresh keys); the ledger, audit and site-local parameters keep the
+        # run's first id, so a resumed run's rounds add up under one run.
+        session = str(run_id)
+        run_id = run.resume_of or run_id
         decision = decide(self.config.policy, run)
         if not decision.allowed:
             return self._refuse(run_id, decision.rule, decision.reason,
                                 rnd=int(config.get(wire.SERVER_ROUND_KEY, 0) or 0))
         try:
             if op == "train":
-                return self._train(run, run_id, config, blobs, arrays)
+                return self._train(run, run_id, session, config, blobs, arrays)
             if op == "evaluate":
-                return self._evaluate(run, run_id, config, arrays)
+                return self._evaluate(run, run_id, session, config, arrays)
             if op == "query":
-                return self._query(run, run_id, config, blobs)
+                return self._query(run, run_id, session, config, blobs)
             return self._refuse(run_id, "op", f"unknown operation {op!r}", status="failed")
         except Exception as exc:  # reply with the reason; never crash the daemon
             log.error("%s failed: %s\n%s", op, exc, traceback.format_exc())
             self.audit.record("error", run_id=run_id, op=op, reason=str(exc))
             return wire.Frame({"ok": False, "site": self.site, "status": "failed",
-                               "reason": f"{type(exc).__name__}: {exc}"})
+                               "reason": _reply_reason(exc)})
 
     def _refuse(self, run_id: object, rule: str, reason: str, *, status: str = "refused",
                 rnd: int | None = None) -> wire.Frame:
@@ -169,12 +181,15 @@ class SiteWorker:
         fresh = initial_weights(task, seed=run.seed, init=run.init_weights)
         return {k: fresh[k] for k in local}
 
-    def _train(self, run: RunConfig, run_id: object, config: dict, blobs: dict[str, bytes],
-               arrays: dict) -> wire.Frame:
+    def _train(self, run: RunConfig, run_id: object, session: str, config: dict,
+               blobs: dict[str, bytes], arrays: dict) -> wire.Frame:
         task = get_task(run.task)
         data = self.data_for(task)
         model = self._load_global(task, run, run_id, arrays)
         rnd = int(config.get(wire.SERVER_ROUND_KEY, 0))
+        if arrays.get(WEIGHTS_KEY) is not None and (replay := self.released.matching(
+                str(run_id), run, rnd, arrays[WEIGHTS_KEY])) is not None:
+            return self._resend(run, run_id, session, rnd, config, blobs, arrays, replay)
         epochs, batch_size, lr = _round_shape(run, task)
         try:
             privacy = self.privacy.before_training(
@@ -216,17 +231,12 @@ class SiteWorker:
             # epsilon does not cover it, so it stays in the site's own log
             log.info("run %s round %s: train loss %.4f (not sent under DP)", run_id, rnd,
                      stats.loss)
-        secagg: dict[str, object] | None = None
-        if run.secure_aggregation == "off":
-            weights = {WEIGHTS_KEY: vector}
-            metrics[wire.WEIGHT_KEY] = stats.num_examples
-            protection = "tls"
-        else:  # the site's weight travels inside the masked vector, not in plaintext
-            header, masked, secagg = self.secure.mask(
-                str(run_id), rnd, config, blobs, global_vec=arrays[WEIGHTS_KEY],
-                local_vec=vector, weight=float(stats.num_examples))
-            weights = {WEIGHTS_KEY: masked, wire.BYTES_PREFIX + "update": _u8(header)}
-            protection = f"tls+secure-aggregation/{run.secure_aggregation}"
+        # Kept before anything leaves: a server that loses this round gets it again.
+        self.released.save(str(run_id), Released(
+            rnd, run_digest(run), model_digest(arrays[WEIGHTS_KEY]), vector, float(stats.num_examples),
+            dict(metrics), privacy.record(run, stats.steps)))
+        weights, protection, secagg = self._protect(run, session, rnd, config, blobs, arrays,
+                                                    vector, float(stats.num_examples), metrics)
         digest, size = arrays_digest(weights)
         self.privacy.commit(privacy, steps=stats.steps)
         # The audit record is written before the reply leaves the worker.
@@ -236,8 +246,44 @@ class SiteWorker:
                           metrics=metrics)
         return wire.Frame({"ok": True, "site": self.site, "metrics": metrics}, weights)
 
-    def _query(self, run: RunConfig, run_id: object, config: dict, blobs: dict[str, bytes]
-               ) -> wire.Frame:
+    def _protect(self, run: RunConfig, session: str, rnd: int, config: dict,
+                 blobs: dict[str, bytes], arrays: dict, vector: np.ndarray, weight: float,
+                 metrics: dict) -> tuple[dict[str, np.ndarray], str, dict[str, object] | None]:
+        """The reply's arrays: the update masked for secure aggregation (or plain)."""
+        if run.secure_aggregation == "off":
+            metrics[wire.WEIGHT_KEY] = weight
+            return {WEIGHTS_KEY: vector}, "tls", None
+        # the site's weight travels inside the masked vector, not in plaintext
+        header, masked, secagg = self.secure.mask(
+            session, rnd, config, blobs, global_vec=arrays[WEIGHTS_KEY], local_vec=vector,
+            weight=weight)
+        return ({WEIGHTS_KEY: masked, wire.BYTES_PREFIX + "update": _u8(header)},
+                f"tls+secure-aggregation/{run.secure_aggregation}", secagg)
+
+    def _resend(self, run: RunConfig, run_id: object, session: str, rnd: int, config: dict,
+                blobs: dict[str, bytes], arrays: dict, replay: Released) -> wire.Frame:
+        """Send round ``rnd``'s released update again: the server lost it in a crash.
+
+        Same global model, same update, masked under this attempt's keys; no training,
+        no new epsilon (:mod:`medfed.client.released`).
+        """
+        metrics = dict(replay.metrics)
+        weights, protection, secagg = self._protect(run, session, rnd, config, blobs, arrays,
+                                                    replay.vector, replay.weight, metrics)
+        record = replay.privacy.get("ledger_record")
+        if record is not None:
+            self.privacy.ledger.mark_resent(int(record))
+        digest, size = arrays_digest(weights)
+        self.audit.record("update-sent", run_id=run_id, round=rnd, task=run.task,
+                          bytes=size, hash=digest, protection=protection,
+                          privacy={**replay.privacy, "resent": True},
+                          secure_aggregation=secagg, metrics=metrics, resent=True)
+        log.warning("run %s round %s: the server lost this round; sent the same update "
+                    "again (no new training, no new epsilon)", run_id, rnd)
+        return wire.Frame({"ok": True, "site": self.site, "metrics": metrics}, weights)
+
+    def _query(self, run: RunConfig, run_id: object, session: str, config: dict,
+               blobs: dict[str, bytes]) -> wire.Frame:
         """Secure-aggregation set-up (join) and unmasking (reveal) for a run."""
         if run.secure_aggregation == "off":
             return self._refuse(run_id, "query", "the run has secure aggregation off",
@@ -246,11 +292,11 @@ class SiteWorker:
             forecast = self._preflight(run, run_id)
             if isinstance(forecast, wire.Frame):
                 return forecast  # refused
-            out = self.secure.join(str(run_id), str(config[wire.SECAGG_JOIN]))
+            out = self.secure.join(session, str(config[wire.SECAGG_JOIN]))
             metrics: dict[str, float] = {}
-            if forecast is not None and forecast.rounds < run.rounds:
-                # the site will refuse the rest; say so now
-                metrics[wire.BUDGET_ROUNDS_KEY] = forecast.rounds
+            if forecast is not None and forecast.last_round < run.rounds:
+                # the site will refuse the rest; say so now (the last round it covers)
+                metrics[wire.BUDGET_ROUNDS_KEY] = forecast.last_round
             if forecast is not None and forecast.fitted:
                 metrics[wire.FITTED_NOISE_KEY] = forecast.noise_multiplier
             self.audit.record("secure-aggregation-joined", run_id=run_id,
@@ -258,7 +304,7 @@ class SiteWorker:
             return wire.Frame({"ok": True, "site": self.site, "metrics": metrics},
                               {wire.BYTES_PREFIX + k: _u8(v) for k, v in out.items()})
         if wire.SECAGG_UNMASK in blobs:
-            reveal, entry = self.secure.reveal(str(run_id), blobs[wire.SECAGG_UNMASK])
+            reveal, entry = self.secure.reveal(session, blobs[wire.SECAGG_UNMASK])
             self.audit.record("reveal-sent", run_id=run_id, secure_aggregation=entry)
             return wire.Frame({"ok": True, "site": self.site, "metrics": {}},
                               {wire.BYTES_PREFIX + "reveal": _u8(reveal)})
@@ -284,8 +330,8 @@ class SiteWorker:
         except PrivacyRefusal as refusal:
             return self._refuse(run_id, refusal.rule, refusal.reason)
 
-    def _evaluate(self, run: RunConfig, run_id: object, config: dict, arrays: dict
-                  ) -> wire.Frame:
+    def _evaluate(self, run: RunConfig, run_id: object, session: str, config: dict,
+                  arrays: dict) -> wire.Frame:
         task = get_task(run.task)
         data = self.data_for(task)
         model = self._load_global(task, run, run_id, arrays)
@@ -295,8 +341,11 @@ class SiteWorker:
         if run.secure_aggregation != "off" and last_round:
             # The last round's evaluation follows its unmasking: the run's pairwise secrets
             # are no longer needed, and kept they could unmask a stored update later.
-            self.secure.end_run(str(run_id))
+            self.secure.end_run(session)
             self.audit.record("secure-aggregation-ended", run_id=run_id)
+            self.privacy.release(str(run_id), reason="run ended")  # its hold on the budget
+        if last_round:  # the run is over: no round of it will be asked for again
+            self.released.forget(str(run_id))
         return wire.Frame({"ok": True, "site": self.site, "metrics": metrics})
 
 
@@ -312,6 +361,21 @@ def _privacy_units(run: RunConfig, data: SiteData) -> int:
     if run.privacy.mode != "sample":
         return len(data.train)  # type: ignore[arg-type]
     return privacy_units(len(data.train), data.train_units, run.privacy.unit)  # type: ignore[arg-type]
+
+
+def _reply_reason(exc: Exception) -> str:
+    """A failure as the coordinator reads it: without the site's local paths.
+
+    Where a MedfedError happened (often a path at the site) and an OSError's file
+    stay in the site's log and audit log.
+    """
+    if isinstance(exc, MedfedError):
+        text = MedfedError(exc.what, expected=exc.expected, fix=exc.fix).render()
+    elif isinstance(exc, OSError) and exc.filename is not None:
+        text = f"{exc.strerror or 'failed'} (the file is named in the site's log)"
+    else:
+        text = str(exc)
+    return f"{type(exc).__name__}: {text}"
 
 
 def _u8(data: bytes) -> np.ndarray:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Result, Strategy
 from flwr.superlink.grid import http_grid
 
 from medfed.core import wire
@@ -28,6 +29,8 @@ from medfed.core.secagg import SecAggConfig
 from medfed.core.warm_start import load_start_weights
 from medfed.server.recording_grid import RecordingGrid
 from medfed.server.refusals import SitesRefused
+from medfed.server.rounds import run_rounds
+from medfed.server.run_state import RunStateStore
 from medfed.server.secure_aggregation import SecureAggregation
 from medfed.strategies import build_strategy
 from medfed.strategies.registry import check_secure_aggregation
@@ -56,9 +59,21 @@ def main(grid: Grid, context: Context) -> None:
     # then waits a full second before pulling them again. Retry after 50 ms instead.
     shorten_object_pull_backoff(http_grid, initial=0.05, cap=1.0)
     run = RunConfig.from_json(str(context.run_config[wire.RUN_CONFIG_KEY]))
-    folder = RunFolder.create(_runs_dir(context), context.run_id, run)
+    runs_dir = _runs_dir(context)
+    folder = (RunFolder.reopen(runs_dir, run.resume_of, context.run_id) if run.resume_of
+              else RunFolder.create(runs_dir, context.run_id, run))
+    with folder.lock():
+        _run(grid, context, run, folder)
+
+
+def _run(grid: Grid, context: Context, run: RunConfig, folder: RunFolder) -> None:
+    """The run in ``folder``; a resumed run goes on after its last completed round."""
+    run_id = run.resume_of or str(context.run_id)
+    runs_dir = _runs_dir(context)
     t0 = time.time()
-    folder.event("run-started", task=run.task, strategy=run.strategy, rounds=run.rounds)
+    store = RunStateStore(folder.path)
+    if not run.resume_of:
+        folder.event("run-started", task=run.task, strategy=run.strategy, rounds=run.rounds)
     try:
         task = get_task(run.task)
         torch.manual_seed(run.seed)
@@ -68,57 +83,71 @@ def main(grid: Grid, context: Context) -> None:
         local = local_keys(task, model, run.adaptation)
         initial = shared_state(initial_weights(task, seed=run.seed, init=run.init_weights),
                                local)
-        if run.init_weights == "public":
-            folder.event("initial-model", source=f"public weights of {task.name}",
-                         path=str(task.public_weights))
         layout = Layout.of(initial)
-        if run.init_from:  # warm start: the weights of an earlier run, checked against ours
-            source, initial = load_start_weights(_runs_dir(context), run.init_from, layout)
-            folder.event("initial-model", source=str(source))
-        if (warning := _update_dp_warning(run, layout.size)) is not None:
-            folder.event("warning", reason=warning)
-        if local:
-            folder.event("adaptation", hook=run.adaptation, site_local_tensors=len(local),
-                         site_local_values=sum(model.state_dict()[k].numel() for k in local))
+        if not run.resume_of:
+            if run.init_weights == "public":
+                folder.event("initial-model", source=f"public weights of {task.name}",
+                             path=str(task.public_weights))
+            if run.init_from:  # warm start: the weights of an earlier run, checked against ours
+                source, initial = load_start_weights(runs_dir, run.init_from, layout)
+                folder.event("initial-model", source=str(source))
+            if (warning := _update_dp_warning(run, layout.size)) is not None:
+                folder.event("warning", reason=warning)
+            if local:
+                folder.event("adaptation", hook=run.adaptation, site_local_tensors=len(local),
+                             site_local_values=sum(model.state_dict()[k].numel()
+                                                   for k in local))
         check_secure_aggregation(run.strategy, run.secure_aggregation)
-        strategy = build_strategy(run.strategy, dict(run.strategy_options),
-                                  min_sites=run.min_sites)
+        base = build_strategy(run.strategy, dict(run.strategy_options),
+                              min_sites=run.min_sites)
+        strategy: Strategy = base
+        saved = store.load() if run.resume_of else None
+        result = Result()
+        if saved is not None:  # the strategy and model as they were after that round
+            store.restore(saved, base)
+            _, initial = load_start_weights(runs_dir, f"{run_id}:{saved.round}", layout)
+            result.train_metrics_clientapp.update(
+                {int(r): MetricRecord(m) for r, m in saved.train_metrics.items()})
+            result.evaluate_metrics_clientapp.update(
+                {int(r): MetricRecord(m) for r, m in saved.evaluate_metrics.items()})
+        done = saved.round if saved is not None else 0
+        if run.resume_of:
+            folder.event("run-resumed", round=done + 1, flower_run_id=str(context.run_id))
         recorder = RecordingGrid(grid, folder)
+        recorder.restore_timings(folder.read_events())
         if run.secure_aggregation != "off":
+            # A resumed run is a new secure-aggregation session (its own Flower run id):
+            # fresh per-run keys at every site, so no mask of the crashed session recurs.
             secure = SecureAggregation(
                 strategy, grid=recorder, folder=folder, run_id=str(context.run_id),
                 config=SecAggConfig(mode=run.secure_aggregation, clip_range=run.secagg_clip),
                 size=layout.size, round_timeout=run.round_timeout_s, run_json=run.to_json())
             secure.setup(run.min_sites)
             strategy = secure
-        else:
+        elif not run.resume_of:
             folder.event("warning", reason="secure aggregation is off: the server sees every "
                          "site's update (debugging only)")
 
-        previous: list[np.ndarray] = []  # the global model after the last round
+        previous = [pack(initial)]  # the global model after the last round
 
-        def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        def end_of_round(server_round: int, arrays: ArrayRecord, so_far: Result) -> None:
             vector = arrays[WEIGHTS_KEY].numpy()
-            weights = unpack(vector, layout)
-            if server_round > 0:
-                path = folder.save_checkpoint(server_round, weights)
-                # A lost round (no site's update, or secure aggregation could not unmask)
-                # leaves the model as it was: say so rather than report a finished round.
-                recorder.finish_round(server_round, checkpoint=path.name, unchanged=bool(
-                    previous and np.array_equal(previous[0], vector)))
+            path = folder.save_checkpoint(server_round, unpack(vector, layout))
+            store.save(server_round, base, train_metrics=so_far.train_metrics_clientapp,
+                       evaluate_metrics=so_far.evaluate_metrics_clientapp)
+            # A lost round (no site's update, or secure aggregation could not unmask)
+            # leaves the model as it was: say so rather than report a finished round.
+            recorder.finish_round(server_round, checkpoint=path.name,
+                                  unchanged=bool(np.array_equal(previous[0], vector)))
             previous[:] = [vector.copy()]
-            return None
 
         config = ConfigRecord({wire.RUN_CONFIG_KEY: run.to_json()})
-        result = strategy.start(
-            grid=recorder,
-            initial_arrays=ArrayRecord({WEIGHTS_KEY: Array(pack(initial))}),
-            num_rounds=run.rounds,
-            timeout=run.round_timeout_s,
+        result = run_rounds(
+            strategy, grid=recorder, arrays=ArrayRecord({WEIGHTS_KEY: Array(pack(initial))}),
+            first_round=done + 1, num_rounds=run.rounds, timeout=run.round_timeout_s,
             train_config=config,
             evaluate_config=ConfigRecord({wire.RUN_CONFIG_KEY: run.to_json()}),
-            evaluate_fn=end_of_round,
-        )
+            end_of_round=end_of_round, result=result)
         metrics = folder.read_metrics()
         # Cross-site row of the global model: the last round's evaluation at every site.
         last = {m["site"]: {k: v for k, v in m.items() if k not in ("round", "site", "phase")}
@@ -129,16 +158,17 @@ def main(grid: Grid, context: Context) -> None:
             note=f"each site scored the shared model with its own site-local parameters "
                  f"(adaptation {run.adaptation!r})" if local else "")
         plot_metrics(metrics, task.primary_metric, folder.plot_file,
-                     title=f"{run.task} / {run.strategy} (run {context.run_id})")
+                     title=f"{run.task} / {run.strategy} (run {run_id})")
         final = {str(r): dict(m) for r, m in result.evaluate_metrics_clientapp.items()}
         folder.write_summary({
-            "status": "completed", "run_id": str(context.run_id), "task": run.task,
+            "status": "completed", "run_id": run_id, "task": run.task,
             "strategy": run.strategy, "rounds": run.rounds,
             "protection": {"transport": "tls", "secure_aggregation": run.secure_aggregation,
                            "privacy": run.privacy.mode},
             "adaptation": {"hook": run.adaptation, "site_local_parameters": sorted(local)},
             "seconds": round(time.time() - t0, 2),
             "round_seconds": recorder.round_seconds,
+            **({"resumed": folder.resumptions()} if run.resume_of else {}),
             "sites": sorted(recorder.sites_seen),
             "evaluate_metrics": final,
             "primary_metric": task.primary_metric,
@@ -147,10 +177,16 @@ def main(grid: Grid, context: Context) -> None:
         folder.event("run-finished", seconds=round(time.time() - t0, 2))
         _write_report(folder)
     except SitesRefused as exc:  # a clean end: the sites said no, and why
-        _end_refused(folder, exc, run, str(context.run_id), seconds=round(time.time() - t0, 2))
+        _end_refused(folder, exc, run, run_id, seconds=round(time.time() - t0, 2))
         _write_report(folder)
+    except (KeyboardInterrupt, SystemExit) as exc:
+        # The process is told to end (its SuperLink went away, or a stop): the run is
+        # interrupted, not failed. No summary, so a restarted server resumes it.
+        folder.event("run-interrupted", reason=f"the ServerApp was stopped "
+                     f"({type(exc).__name__}) after {round(time.time() - t0, 2)} s")
+        raise
     except BaseException as exc:
-        folder.write_summary({"status": "failed", "run_id": str(context.run_id),
+        folder.write_summary({"status": "failed", "run_id": run_id,
                               "reason": f"{type(exc).__name__}: {exc}",
                               "seconds": round(time.time() - t0, 2)})
         folder.event("run-failed", reason=f"{type(exc).__name__}: {exc}")

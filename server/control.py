@@ -28,6 +28,7 @@ from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpI
 from medfed.core import wire
 from medfed.core.config import RunConfig
 from medfed.core.errors import MedfedError
+from medfed.core.identity import TlsProblem, diagnose_tls
 
 
 def _fab_bytes() -> bytes:
@@ -52,11 +53,50 @@ class ServerUnreachable(MedfedError):
     """Nothing answers at the server's address (it is not running, or the address is wrong)."""
 
 
+def tls_error(address: str, ca_cert: Path, *, what: str) -> MedfedError:
+    """Why the server at ``address`` failed TLS with the CA ``ca_cert``, for the coordinator."""
+    d = diagnose_tls(address, ca_cert)
+    problem = d.problem if d is not None else None
+    head = f"The server at {address} cannot {what}: its TLS certificate is refused"
+    if problem is TlsProblem.UNKNOWN_CA:
+        return MedfedError(
+            f"{head}: {d.detail} ({ca_cert}). Another federation's server or another "
+            "program answers at this address, or the server's certificate or this CA file "
+            "was replaced.", where=address,
+            expected=f"a certificate issued by the federation CA in {ca_cert}",
+            fix="check superlink.public_host and superlink.port in server.toml and that "
+                "`medfed server start` runs with this server.toml; after `medfed server "
+                "rotate-ca --finish` use the federation's new ca/ca.pem")
+    if problem is TlsProblem.SERVER_CERT_EXPIRED:
+        return MedfedError(
+            f"{head}: {d.detail}.", where=address,
+            fix="run `medfed server renew-cert --config server.toml`: the running server "
+                "serves the new certificate at once and the sites reconnect on their own")
+    if problem is TlsProblem.PINNED_CA_EXPIRED:
+        return MedfedError(
+            f"{head}: {d.detail} ({ca_cert}); no site can connect either.", where=address,
+            fix="run `medfed server rotate-ca --config server.toml`, then `medfed server "
+                "rotate-ca --finish --config server.toml`, and send every site the new "
+                "ca/ca-bundle.pem for its site.federation_ca")
+    if problem is TlsProblem.NOT_YET_VALID:
+        return MedfedError(f"{head}: {d.detail}.", where=address,
+                           fix="set the clocks of this machine and the server (NTP)")
+    if problem is TlsProblem.WRONG_HOST:
+        return MedfedError(
+            f"{head}: {d.detail}.", where=address,
+            fix="set superlink.public_host in server.toml to a name the certificate holds, "
+                "or dial one of them")
+    return MedfedError(
+        f"{head} (the CA file {ca_cert} was not accepted).", where=address,
+        fix="pass the federation's ca/ca.pem (--federation DIR or --ca CA.pem)")
+
+
 class Control:
     """A connection to one SuperLink's Control API."""
 
     def __init__(self, address: str, ca_cert: Path) -> None:
         self.address = address
+        self.ca_cert = Path(ca_cert)
         if not Path(ca_cert).exists():
             raise MedfedError(
                 "The federation CA certificate is missing.", where=str(ca_cert),
@@ -81,28 +121,36 @@ class Control:
     def _call(self, what: str, fn, request):  # noqa: ANN001, ANN202
         try:
             return fn(request)
-        except httpx.ConnectError as exc:
-            text = str(exc)
-            if "CERTIFICATE_VERIFY_FAILED" in text:
-                raise MedfedError(
-                    f"The server at {self.address} presented a certificate this CA does not "
-                    "trust (or that has expired).",
-                    where=self.address, expected="a certificate issued by the federation CA",
-                    fix="use the ca.pem of this federation; if it expired, run "
-                    "`medfed server renew-cert`",
-                ) from None
-            raise ServerUnreachable(
-                f"Cannot reach the medfed server at {self.address} to {what}: {exc}",
-                where=self.address,
-                fix="start it with `medfed server start --config server.toml`, "
-                "or check the address",
-            ) from None
+        except httpx.TransportError as exc:
+            raise self._transport_error(what, exc) from None
         except httpx.HTTPStatusError as exc:
             body = exc.response.text[:300]
             raise MedfedError(
                 f"The server refused to {what} (HTTP {exc.response.status_code}): {body}",
                 where=self.address,
             ) from None
+
+    def _transport_error(self, what: str, exc: httpx.TransportError) -> MedfedError:
+        """What went wrong on the way to the server, and who must do what about it."""
+        text = str(exc)
+        if any(m in text for m in ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed")):
+            return tls_error(self.address, self.ca_cert, what=what)
+        if isinstance(exc, httpx.ConnectError) and "SSL" not in text:
+            return ServerUnreachable(
+                f"Cannot reach the medfed server at {self.address} to {what}: nothing answers "
+                "there (it is not running, or the address is wrong).",
+                where=self.address,
+                fix="start it with `medfed server start --config server.toml`, "
+                "or check superlink.public_host and superlink.port in server.toml",
+            )
+        return MedfedError(
+            f"The connection to the server at {self.address} failed while trying to {what} "
+            f"({type(exc).__name__}{': ' + text if text else ''}).",
+            where=self.address,
+            fix="check that `medfed server start` runs for this federation at this address "
+                "(another program may listen there), read the server's log "
+                "(server.toml key state.log_file), and try again",
+        )
 
     def submit(self, run: RunConfig) -> int:
         """Submit a run; returns its run id."""

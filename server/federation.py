@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,12 +15,16 @@ from medfed.core.config import ServerConfig, SuperLinkSection, load_toml, resolv
 from medfed.core.errors import ConfigError, IdentityError
 from medfed.core.files import atomic_write
 from medfed.core.identity import (
+    CA_VALIDITY_DAYS,
     CertificateAuthority,
     load_certificate,
+    load_certificates,
     load_site_public_key,
     public_key_fingerprint,
     public_key_pem,
+    replace_server_identity,
     save_server_identity,
+    write_ca_bundle,
 )
 
 SERVER_TOML_HEADER = """\
@@ -102,24 +107,131 @@ class Federation:
 def renew_server_cert(fed: Federation, *, days: int = 825) -> Path:
     """Issue a new server certificate from the federation CA (same host names).
 
-    The old certificate and key are kept beside the new ones with a ``.old`` suffix.
-    Sites need nothing new: they pin the CA, not the server certificate.
+    Each file is replaced atomically; the old certificate and key stay beside the new
+    ones with a ``.old`` suffix. A running SuperLink serves the new certificate from its
+    next TLS handshake on (``medfed.server.superlink_launcher``); sites need nothing
+    new: they pin the CA, not the server certificate.
     """
     tls = fed.config.tls
-    cert_path, key_path = fed.path(tls.cert), fed.path(tls.key)
-    old = load_certificate(cert_path)
-    sans = old.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    hosts = [str(v) for v in sans.get_values_for_type(x509.IPAddress)]
-    hosts = [fed.config.superlink.public_host] + [
-        h for h in sans.get_values_for_type(x509.DNSName) + hosts
-        if h != fed.config.superlink.public_host
-    ]
     ca = CertificateAuthority.load(fed.path(tls.ca_cert), fed.path(tls.ca_key))
-    key, cert = ca.issue_server_cert(hosts, days=days)
-    for path in (cert_path, key_path):
-        path.replace(path.with_name(path.name + ".old"))
-    save_server_identity(key, cert, cert_path, key_path)
-    return cert_path
+    return _reissue(fed, ca, days=days)
+
+
+def _server_hosts(fed: Federation) -> list[str]:
+    """The host names and IPs of the current server certificate, the public host first."""
+    public = fed.config.superlink.public_host
+    try:
+        old = load_certificate(fed.path(fed.config.tls.cert))
+        sans = old.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = [*sans.get_values_for_type(x509.DNSName),
+                 *(str(ip) for ip in sans.get_values_for_type(x509.IPAddress))]
+    except (IdentityError, x509.ExtensionNotFound):
+        names = []
+    return [public] + [h for h in names if h != public]
+
+
+def _reissue(fed: Federation, ca: CertificateAuthority, *, days: int) -> Path:
+    tls = fed.config.tls
+    key, cert = ca.issue_server_cert(_server_hosts(fed), days=days)
+    replace_server_identity(key, cert, fed.path(tls.cert), fed.path(tls.key))
+    return fed.path(tls.cert)
+
+
+# ------------------------------------------------------------------ CA rotation
+
+
+@dataclass(frozen=True)
+class CaFiles:
+    """The files of a CA rotation, beside the federation CA (``tls.ca_cert``)."""
+
+    next_cert: Path
+    next_key: Path
+    old_cert: Path
+    old_key: Path
+    bundle: Path
+
+    @classmethod
+    def of(cls, fed: Federation) -> CaFiles:
+        """The rotation files of ``fed``."""
+        ca = fed.ca_cert
+        return cls(next_cert=ca.with_name("ca-next.pem"), next_key=ca.with_name("ca-next.key"),
+                   old_cert=ca.with_name("ca-old.pem"), old_key=ca.with_name("ca-old.key"),
+                   bundle=ca.with_name("ca-bundle.pem"))
+
+
+def rotation_under_way(fed: Federation) -> bool:
+    """True between `medfed server rotate-ca` and `rotate-ca --finish`."""
+    return CaFiles.of(fed).next_cert.exists()
+
+
+def begin_ca_rotation(fed: Federation, *, days: int = CA_VALIDITY_DAYS) -> Path:
+    """Create the next federation CA and the bundle sites pin during the overlap.
+
+    Nothing the server presents changes yet. Returns ``ca-bundle.pem`` (the current CA
+    and the next one): each site puts it in place of its pinned CA, then
+    :func:`finish_ca_rotation` switches the server to a certificate of the next CA.
+    """
+    files = CaFiles.of(fed)
+    if files.next_cert.exists():
+        raise IdentityError(
+            "A CA rotation is already under way.", where=str(files.next_cert),
+            fix="give every site ca-bundle.pem, then run `medfed server rotate-ca --finish`",
+        )
+    current = load_certificate(fed.ca_cert)
+    nxt = CertificateAuthority.create(fed.config.federation, days=days)
+    nxt.save(files.next_cert, files.next_key)
+    write_ca_bundle(files.bundle, current, nxt.cert)
+    return files.bundle
+
+
+def finish_ca_rotation(fed: Federation, *, days: int = 825) -> Path:
+    """Make the next CA the federation CA and give the server a certificate it issued.
+
+    The previous CA is kept as ``ca-old.pem``/``ca-old.key`` and stays in
+    ``ca-bundle.pem`` (sites that pinned the bundle trust both). Returns the new server
+    certificate; a running SuperLink serves it from its next handshake on.
+    """
+    files = CaFiles.of(fed)
+    tls = fed.config.tls
+    if not files.next_cert.exists():
+        raise IdentityError(
+            "No CA rotation is under way.", where=str(files.next_cert),
+            fix="start one with `medfed server rotate-ca`, give every site ca-bundle.pem, "
+                "then run `medfed server rotate-ca --finish`",
+        )
+    nxt = CertificateAuthority.load(files.next_cert, files.next_key)
+    old = load_certificate(fed.ca_cert)
+    for src, dst in ((fed.ca_cert, files.old_cert), (fed.path(tls.ca_key), files.old_key)):
+        dst.unlink(missing_ok=True)
+        os.link(src, dst)
+    write_ca_bundle(files.bundle, nxt.cert, old)
+    # the key first: whoever loads the CA finds the key of the certificate it reads
+    os.replace(files.next_key, fed.path(tls.ca_key))
+    os.replace(files.next_cert, fed.ca_cert)
+    return _reissue(fed, nxt, days=days)
+
+
+def server_trust_file(fed: Federation) -> Path:
+    """The CAs the SuperLink's own components (ServerApps) trust, frozen for one start.
+
+    The federation CA, and during a CA rotation the next one too: a ServerApp started
+    before `rotate-ca --finish` then still trusts the server certificate it serves after.
+    """
+    path = fed.path(fed.config.state.database).parent / "server-trust.pem"
+    files = CaFiles.of(fed)
+    cas = [load_certificate(fed.ca_cert)]
+    if files.next_cert.exists():
+        cas.append(load_certificate(files.next_cert))
+    write_ca_bundle(path, *cas)
+    return path
+
+
+def server_trusts(fed: Federation, ca: x509.Certificate) -> bool:
+    """True if the SuperLink started last trusts ``ca`` (see :func:`server_trust_file`)."""
+    path = fed.path(fed.config.state.database).parent / "server-trust.pem"
+    if not path.exists():
+        return True  # never started with medfed's trust file: nothing to hold back
+    return any(c == ca for c in load_certificates(path))
 
 
 def init_federation(

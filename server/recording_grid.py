@@ -36,6 +36,14 @@ class RecordingGrid:
         self._dst_of: dict[str, int] = {}
         self.errors = RefusalLog()
 
+    def restore_timings(self, events: Iterable[dict[str, Any]]) -> None:
+        """Take over the round times and sites of a resumed run's earlier attempts."""
+        for event in events:
+            if event["event"] == "round-finished" and "seconds" in event:
+                self.round_seconds[int(event["round"])] = float(event["seconds"])
+            elif event["event"] == "site-replied" and "site" in event:
+                self.sites_seen.add(str(event["site"]))
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
 

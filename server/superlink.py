@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from medfed.core.errors import MedfedError, ProcessError
@@ -12,7 +13,8 @@ from medfed.core.identity import check_certificate_valid, check_issued_by, load_
 from medfed.core.procs import Managed, require_free_port, wait_for_port
 from medfed.server.app import RUNS_DIR_ENV
 from medfed.server.control import Control
-from medfed.server.federation import Federation
+from medfed.server.federation import Federation, server_trust_file
+from medfed.server.resume import ResumeOutcome, resume_unfinished
 
 log = logging.getLogger("medfed.server")
 
@@ -38,7 +40,7 @@ def superlink_process(fed: Federation) -> Managed:
     fed.runs_dir.mkdir(parents=True, exist_ok=True)
     argv = [
         sys.executable, "-m", "medfed.server.superlink_launcher",
-        "--ssl-ca-certfile", str(fed.path(tls.ca_cert)),
+        "--ssl-ca-certfile", str(server_trust_file(fed)),  # the CA, + the next in a rotation
         "--ssl-certfile", str(fed.path(tls.cert)),
         "--ssl-keyfile", str(fed.path(tls.key)),
         "--enable-supernode-auth",
@@ -50,8 +52,13 @@ def superlink_process(fed: Federation) -> Managed:
     return Managed("SuperLink", argv, fed.path(state.log_file), env=env)
 
 
-def start_superlink(fed: Federation, *, timeout: float = 60.0) -> Managed:
-    """Check TLS and the port, start the SuperLink, wait until it serves, enrol known sites."""
+def start_superlink(fed: Federation, *, timeout: float = 60.0, resume: bool = True,
+                    on_resumed: Callable[[ResumeOutcome], None] | None = None) -> Managed:
+    """Check TLS and the port, start the SuperLink, wait until it serves, enrol known sites.
+
+    Then every run the server lost in a crash is resumed (or, with ``resume`` off, ended
+    as failed); ``on_resumed`` hears what happened to each (:mod:`medfed.server.resume`).
+    """
     check_tls(fed)
     link = fed.config.superlink
     require_free_port(link.host, link.port, what="SuperLink",
@@ -66,6 +73,10 @@ def start_superlink(fed: Federation, *, timeout: float = 60.0) -> Managed:
         )
     try:
         sync_enrolment(fed)
+        with Control(link.address, fed.ca_cert) as control:
+            for outcome in resume_unfinished(control, fed.runs_dir, resume=resume):
+                if on_resumed is not None:
+                    on_resumed(outcome)
     except BaseException:
         proc.stop()
         raise

@@ -1,18 +1,167 @@
 """Run Flower's SuperLink so that it ends when `medfed server start` (its parent) ends.
 
+It also serves a renewed TLS certificate without a restart: Flower 1.42 serves every
+API (Fleet, Control, Runtime) from one uvicorn server whose TLS context reads the
+certificate once, at start. Here that context checks, at most once a second and
+during a handshake, whether the certificate or key file was replaced (`medfed server
+renew-cert`, `rotate-ca --finish`) and hands each new handshake a context loaded
+from the new files. Connections already open keep theirs; a run in progress goes on.
+And it starts Flower's SuperExec again should it stop (:func:`supervise_superexec`).
+
 Usage: ``python -m medfed.server.superlink_launcher [flower-superlink args]``.
 """
 
 from __future__ import annotations
 
+import logging
+import ssl
 import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 from medfed.core.parent_watch import watch_parent
 
+log = logging.getLogger("flwr")  # the SuperLink's own log
+
+
+def _signature(paths: tuple[Path, ...]) -> tuple[tuple[int, int, int], ...]:
+    out = []
+    for path in paths:
+        try:
+            st = path.stat()
+        except OSError:
+            out.append((0, 0, 0))
+        else:
+            out.append((st.st_ino, st.st_mtime_ns, st.st_size))
+    return tuple(out)
+
+
+class CertificateReloader:
+    """Hands each TLS handshake a context built from the current certificate files.
+
+    ``build`` makes a server context from the files; ``files`` are the certificate and
+    key. Install :meth:`sni_callback` on the context the server listens with (OpenSSL
+    calls it for every handshake, with or without a server name).
+    """
+
+    def __init__(self, build: Callable[[], ssl.SSLContext], files: tuple[Path, ...], *,
+                 check_every: float = 0.0) -> None:
+        self.build = build
+        self.files = files
+        self.check_every = check_every
+        self.context = build()
+        self.reloads = 0
+        self._seen = _signature(files)
+        self._checked = time.monotonic()
+        self._lock = threading.Lock()
+
+    def current(self) -> ssl.SSLContext:
+        """The context of the files as they are now (the previous one if they don't load)."""
+        with self._lock:
+            now = time.monotonic()
+            if now - self._checked < self.check_every:
+                return self.context
+            self._checked = now
+            seen = _signature(self.files)
+            if seen == self._seen:
+                return self.context
+            try:
+                context = self.build()
+            except (OSError, ssl.SSLError) as exc:  # half replaced: try again in a second
+                log.warning("medfed: the renewed TLS certificate did not load yet (%s); "
+                            "serving the previous one", exc)
+                return self.context
+            self.context, self._seen = context, seen
+            self.reloads += 1
+            log.info("medfed: serving the renewed TLS certificate %s", self.files[0])
+            return context
+
+    def sni_callback(self, ssl_object: Any, server_name: str | None,
+                     context: ssl.SSLContext) -> None:
+        """Switch a handshake to the current context (Python's ``sni_callback`` protocol)."""
+        current = self.current()
+        if current is not context:
+            ssl_object.context = current
+
+
+def reload_certificates_on_change() -> None:
+    """Make uvicorn's TLS context follow replaced certificate files (see the module doc)."""
+    import uvicorn.config
+
+    original = uvicorn.config.create_ssl_context
+
+    def create_ssl_context(certfile: Any, keyfile: Any, *args: Any, **kwargs: Any
+                           ) -> ssl.SSLContext:
+        def build() -> ssl.SSLContext:
+            return original(certfile, keyfile, *args, **kwargs)
+
+        files = tuple(Path(f) for f in (certfile, keyfile) if f)
+        reloader = CertificateReloader(build, files)
+        listening = reloader.context
+        listening.sni_callback = reloader.sni_callback
+        return listening
+
+    if getattr(original, "__name__", "") != "create_ssl_context":
+        log.warning("medfed: uvicorn changed; a renewed certificate needs a server restart")
+        return
+    uvicorn.config.create_ssl_context = create_ssl_context  # type: ignore[assignment]
+
+
+def supervise_superexec() -> None:
+    """Start the SuperLink's SuperExec (it launches each run's ServerApp) again if it stops.
+
+    Flower starts it once; it ends on its first TLS failure with the SuperLink (an
+    expired certificate, say), and no run could start after the renewal until the
+    server was restarted. Here it is started again, with a back-off, while the
+    SuperLink runs.
+    """
+    import importlib
+
+    from medfed.core.procs import RestartBackoff
+
+    # (the package exports a function of the module's name: import the module itself)
+    module = importlib.import_module("flwr.superlink.cli.flower_superlink")
+
+    lifespan = getattr(module, "SuperLinkLifespan", None)
+    original = getattr(lifespan, "_start_superexec_if_needed", None)
+    if original is None:
+        log.warning("medfed: Flower changed; a stopped SuperExec needs a server restart")
+        return
+
+    def start(self: Any) -> None:
+        original(self)
+        if self.superexec_process is not None:
+            threading.Thread(target=_watch, args=(self,), daemon=True,
+                             name="medfed-superexec-watch").start()
+
+    def _watch(self: Any) -> None:
+        backoff, proc, since = RestartBackoff(cap=30.0), self.superexec_process, time.monotonic()
+        while True:
+            time.sleep(1.0)
+            if self.superexec_process is not proc:  # the SuperLink is stopping
+                return
+            if proc.poll() is None:
+                continue
+            delay = backoff.delay(time.monotonic() - since)
+            log.warning("medfed: the SuperExec stopped (exit code %s); starting it again "
+                        "in %.0f s", proc.returncode, delay)
+            time.sleep(delay)
+            if self.superexec_process is not proc:
+                return
+            original(self)
+            proc, since = self.superexec_process, time.monotonic()
+
+    lifespan._start_superexec_if_needed = start
+
 
 def main() -> int:
-    """Watch the parent, then run the stock flower-superlink entry point."""
+    """Watch the parent, follow certificate renewals, run the stock flower-superlink."""
     watch_parent()
+    reload_certificates_on_change()
+    supervise_superexec()
     from flwr.superlink.cli import flower_superlink
 
     sys.argv[0] = "flower-superlink"

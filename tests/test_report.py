@@ -79,3 +79,30 @@ def test_the_run_report_tells_protection_scores_epsilon_and_refusals(tmp_path: P
     assert "| 2 | 0.7 | 3 | site-a | without site-b |" in text
     assert "privacy.datasets.default.epsilon_max" in text and "remaining 0.5" in text
     assert "`checkpoints/round-002.npz`" in text
+
+
+def test_the_report_lists_every_round_a_site_missed_and_each_resumption(tmp_path: Path) -> None:
+    from medfed.core.config import RunConfig
+    from medfed.core.run_report import render
+    from medfed.core.runs import RunFolder
+
+    folder = RunFolder.create(tmp_path, 7, RunConfig(task="tiny-seg", rounds=4))
+    for rnd in (1, 2, 3, 4):
+        for site in ("site-a", "site-b"):
+            if site == "site-b" and rnd in (2, 4):
+                if rnd == 2:
+                    folder.event("site-error", round=2, phase="train", site="site-b", node=5,
+                                 status="failed", reason="OSError: disk full")
+                continue
+            folder.event("site-replied", round=rnd, phase="train", site=site, metrics={})
+            folder.metrics(rnd, site, "train", {"steps": 2})
+        folder.event("round-finished", round=rnd, seconds=1.0,
+                     checkpoint=f"round-00{rnd}.npz")
+        if rnd == 2:
+            folder.event("run-resumed", round=3, flower_run_id="99")
+    text = render(folder)
+    assert "## Rounds each site missed" in text
+    assert "| site-b | 2 | failed: OSError: disk full |" in text
+    assert "| site-b | 4 | no reply in time (or no update accepted) |" in text
+    assert "| site-a |" not in text.split("## Rounds each site missed")[1]
+    assert "resumed after a server restart at round 3" in text and "server run 99" in text

@@ -85,7 +85,16 @@ class ProgressView:
         elif kind == "round-finished":
             c.print(f"  [green]round {rnd} done[/] in {event['seconds']:.2f} s "
                     f"(checkpoint {event['checkpoint']})")
-        elif kind == "run-failed":
-            c.print(f"[red]run failed:[/] {escape(str(event['reason']))}", highlight=False)
+        elif kind == "server-unreachable":
+            c.print("[yellow]the server is unreachable[/]; waiting for it: a restarted server "
+                    "(`medfed server start`) resumes the run from its last completed round",
+                    highlight=False)
+        elif kind == "run-resume-submitted":
+            c.print(f"[yellow]the server restarted[/] and resumes the run (server run "
+                    f"{event['flower_run_id']})", highlight=False)
+        elif kind == "run-resumed":
+            c.print(f"[bold]run resumed[/] at round {rnd}", highlight=False)
+        elif kind in ("run-failed", "run-stopped"):
+            c.print(f"[red]run {kind[4:]}:[/] {escape(str(event['reason']))}", highlight=False)
         elif kind == "run-finished":
             c.print(f"[green]run finished[/] in {event['seconds']:.1f} s")

@@ -205,11 +205,16 @@ def register(app: typer.Typer) -> None:
             _runs_from_folders(target, exc)
             return
         rows = []
+        latest = _latest_attempts(target, infos)
         for info in infos:
+            if info.run_id not in latest:
+                continue  # a resumed run's later attempt: shown on the run's own row
+            now = latest[info.run_id]
             cfg = _local_config(target, info.run_id)
             status = _outcome(target, info.run_id) or \
-                info.status + (f":{info.sub_status}" if info.sub_status else "")
-            rows.append((str(info.run_id), status, info.pending_at[:19], info.finished_at[:19],
+                now.status + (f":{now.sub_status}" if now.sub_status else "")
+            rows.append((str(info.run_id), status + _resumed_note(target, info.run_id),
+                         info.pending_at[:19], now.finished_at[:19],
                          cfg.get("task", ""), cfg.get("strategy", "")))
         _print_runs(rows, "submitted")
 
@@ -221,9 +226,10 @@ def register(app: typer.Typer) -> None:
         from medfed.server.control import ServerUnreachable
 
         target = Target(config, server, ca)
+        run_id = _run_of(target, run_id)
         try:
             with target.control() as control:
-                infos = control.runs(run_id)
+                infos = control.runs(_last_attempt(target, run_id))
         except ServerUnreachable as exc:
             # The run folder is on this machine: what it holds needs no server.
             if target.runs_dir is None or not (target.runs_dir / str(run_id)).is_dir():
@@ -237,7 +243,7 @@ def register(app: typer.Typer) -> None:
                                   fix="`medfed runs` lists them")
             info = infos[0]
             state = _outcome(target, run_id) or f"{info.status} {info.sub_status} {info.details}"
-        console.print(f"run {run_id}: [bold]{escape(state)}[/]")
+        console.print(f"run {run_id}: [bold]{escape(state + _resumed_note(target, run_id))}[/]")
         if target.runs_dir is not None:
             folder = RunFolder(target.runs_dir / str(run_id))
             events = folder.read_events()
@@ -252,8 +258,19 @@ def register(app: typer.Typer) -> None:
              ca: CaOpt = None) -> None:
         """Stop a run."""
         target = Target(config, server, ca)
+        run_id = _run_of(target, run_id)
+        attempt = _last_attempt(target, run_id)
         with target.control() as control:
-            ok = control.stop(run_id)
+            infos = control.runs(attempt)
+            if not infos:
+                raise ConfigError(f"No run {run_id} on this server.",
+                                  fix="`medfed runs` lists them")
+            if infos[0].status == "finished":
+                outcome = _outcome(target, run_id) or infos[0].sub_status
+                console.print(f"run {run_id} has already finished ({outcome}); there is "
+                              f"nothing to stop. `medfed status {run_id}` shows its result.")
+                return
+            ok = control.stop(attempt)
         console.print(f"run {run_id}: {'stopping' if ok else 'not stopped (already finished?)'}")
 
 
@@ -304,6 +321,47 @@ def _print_runs(rows: list[tuple[str, ...]], since: str) -> None:
     for row in rows:
         table.add_row(*row)
     console.print(table)
+
+
+def _run_of(target: Target, run_id: int) -> int:
+    """The run a server run id belongs to (a resumed run's later ids name its first)."""
+    if target.runs_dir is None:
+        return run_id
+    from medfed.core.runs import run_id_of
+
+    return int(run_id_of(target.runs_dir, run_id))
+
+
+def _last_attempt(target: Target, run_id: int) -> int:
+    """The server run id under which ``run_id`` runs now (its last resumption's)."""
+    if target.runs_dir is None or not (target.runs_dir / str(run_id)).is_dir():
+        return run_id
+    from medfed.core.runs import RunFolder
+
+    return int(RunFolder(target.runs_dir / str(run_id)).attempt_ids()[-1])
+
+
+def _latest_attempts(target: Target, infos: list[Any]) -> dict[int, Any]:
+    """Each run's first id -> the SuperLink's record of its latest attempt."""
+    by_id = {i.run_id: i for i in infos}
+    out = {}
+    for info in infos:
+        if _run_of(target, info.run_id) != info.run_id:
+            continue
+        out[info.run_id] = by_id.get(_last_attempt(target, info.run_id), info)
+    return out
+
+
+def _resumed_note(target: Target, run_id: int) -> str:
+    """' (resumed at round k)' for a run a server restart resumed, else ''."""
+    if target.runs_dir is None:
+        return ""
+    from medfed.core.runs import RunFolder
+
+    resumed = RunFolder(target.runs_dir / str(run_id)).resumptions()
+    if not resumed:
+        return ""
+    return " (resumed at round " + ", ".join(str(r["round"]) for r in resumed) + ")"
 
 
 def _local_config(target: Target, run_id: int) -> dict[str, Any]:

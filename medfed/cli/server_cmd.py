@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from medfed.cli.main import console, interrupt_on_signal
+from medfed.core.errors import MedfedError
 
 app = typer.Typer(help="Run the aggregation server and enrol sites (coordinator).",
                   no_args_is_help=True)
@@ -47,6 +49,7 @@ def enrol(
 ) -> None:
     """Enrol a site: only enrolled site keys can join the federation."""
     from medfed.core.errors import MedfedError
+    from medfed.server.control import ServerUnreachable
     from medfed.server.federation import Federation
     from medfed.server.superlink import sync_enrolment
 
@@ -57,18 +60,39 @@ def enrol(
         added = sync_enrolment(fed)
         if added:
             console.print("  registered with the running server")
-    except MedfedError:
+    except ServerUnreachable:
         console.print("  the server is not running; the site is registered when it starts")
+    except MedfedError as exc:  # it answers, but not as this federation's server
+        _warn_not_registered(exc, "the site is registered when `medfed server start` next "
+                             "runs, or run this command again once that is fixed")
+
+
+def _warn_not_registered(exc: MedfedError, then: str) -> None:
+    """Say why the running server was not told, and what to do; the command goes on."""
+    console.print(f"  [yellow]not registered with the running server:[/] {escape(exc.what)}")
+    if exc.fix:
+        console.print(f"  fix: {escape(exc.fix)}")
+    console.print(f"  {then}")
 
 
 @app.command("start")
-def start(config: ConfigOpt = Path("server.toml")) -> None:
+def start(config: ConfigOpt = Path("server.toml"),
+          resume: Annotated[bool, typer.Option(
+              "--resume/--no-resume", help="resume the runs a crash interrupted (default), "
+              "or end them as failed")] = True) -> None:
     """Run the SuperLink (TLS, site authentication, persistent state) until Ctrl-C."""
     from medfed.server.federation import Federation
     from medfed.server.superlink import start_superlink
 
+    def said(outcome) -> None:  # noqa: ANN001 - a ResumeOutcome
+        if outcome.resumed_as is not None:
+            console.print(f"[yellow]resuming[/] run {outcome.run_id}, which the server "
+                          f"stopped during (server run {outcome.resumed_as})")
+        else:
+            console.print(f"[red]ended[/] run {outcome.run_id}: {escape(outcome.reason)}")
+
     fed = Federation.load(config)
-    proc = start_superlink(fed)
+    proc = start_superlink(fed, resume=resume, on_resumed=said)
     link = fed.config.superlink
     console.print(f"[green]medfed server[/] {fed.config.federation!r} listening on "
                   f"https://{link.host}:{link.port} (sites dial {link.address})")
@@ -89,31 +113,102 @@ def start(config: ConfigOpt = Path("server.toml")) -> None:
 @app.command("renew-cert")
 def renew_cert(config: ConfigOpt = Path("server.toml"),
                days: Annotated[int, typer.Option(help="validity in days")] = 825) -> None:
-    """Issue a new server TLS certificate from the federation CA (sites keep their CA)."""
+    """Issue a new server TLS certificate from the federation CA (sites keep their CA).
+
+    A running server serves it from its next connection on: no restart, here or at the
+    sites (they pin the CA, not the certificate); sites cut off by an expired
+    certificate reconnect on their own.
+    """
+    from medfed.core.identity import load_certificate
     from medfed.server.federation import Federation, renew_server_cert
 
     path = renew_server_cert(Federation.load(config), days=days)
-    console.print(f"[green]renewed[/] {path} (old files kept as .old); restart the server")
+    until = load_certificate(path).not_valid_after_utc
+    console.print(f"[green]renewed[/] {path}, valid until {until:%Y-%m-%d} (the old one is "
+                  "kept as .old)")
+    console.print("  a running server uses it from its next connection on; sites need "
+                  "nothing new and reconnect on their own")
+
+
+@app.command("rotate-ca")
+def rotate_ca(config: ConfigOpt = Path("server.toml"),
+              finish: Annotated[bool, typer.Option(
+                  "--finish", help="switch the server to a certificate of the new CA (once "
+                  "every site pins ca-bundle.pem)")] = False,
+              days: Annotated[int, typer.Option(
+                  help="validity of the new server certificate in days (with --finish)")] = 825
+              ) -> None:
+    """Replace the federation CA in two steps, with an overlap in which sites trust both.
+
+    Without --finish: create the next CA and ca/ca-bundle.pem (current and next CA);
+    give the bundle to every site. With --finish: the next CA becomes the federation
+    CA and the server gets a certificate it issued (see deploy/README.md).
+    """
+    from medfed.core.errors import IdentityError
+    from medfed.core.identity import load_certificate
+    from medfed.core.procs import port_in_use
+    from medfed.server.federation import (
+        CaFiles,
+        Federation,
+        begin_ca_rotation,
+        finish_ca_rotation,
+        server_trusts,
+    )
+
+    fed = Federation.load(config)
+    files = CaFiles.of(fed)
+    link = fed.config.superlink
+    if not finish:
+        bundle = begin_ca_rotation(fed)
+        console.print(f"[green]created[/] the next federation CA {files.next_cert}")
+        console.print(f"  1. give every site {bundle}; each site operator saves it as the "
+                      "file of site.toml key site.federation_ca (no restart needed)")
+        if port_in_use(link.host, link.port):
+            console.print("  2. restart the server once (between runs), so that its own "
+                          "components trust the next CA too")
+        console.print(f"  3. then: medfed server rotate-ca --finish --config {fed.config_path}")
+        return
+    if files.next_cert.exists() and port_in_use(link.host, link.port) and \
+            not server_trusts(fed, load_certificate(files.next_cert)):
+        raise IdentityError(
+            "The running server started before this CA rotation began: its own components "
+            "(the ServerApp of each run) would not trust a certificate of the next CA.",
+            where=str(files.next_cert),
+            fix="restart the server once (between runs), then run `medfed server rotate-ca "
+                "--finish` again")
+    path = finish_ca_rotation(fed, days=days)
+    console.print(f"[green]rotated[/]: {fed.ca_cert} is the new federation CA; {path} is "
+                  "issued by it (a running server uses it from its next connection on)")
+    console.print(f"  sites that pin {files.bundle.name} reconnect on their own; a site that "
+                  "still pins only the old CA says so in its log and needs the bundle")
+    console.print(f"  the old CA stays in {files.old_cert.name} (and its key in "
+                  f"{files.old_key.name}: delete that key once every site reconnected)")
 
 
 @app.command("sites")
 def sites(config: ConfigOpt = Path("server.toml")) -> None:
     """List enrolled sites and, if the server runs, whether each is online."""
     from medfed.core.errors import MedfedError
-    from medfed.server.control import Control
+    from medfed.server.control import Control, ServerUnreachable
     from medfed.server.federation import Federation
 
     fed = Federation.load(config)
     status: dict[str, str] = {}
+    unknown = "server not running"
     try:
         with Control(fed.config.superlink.address, fed.ca_cert) as control:
             for node in control.nodes():
                 status[bytes(node["public_key"]).decode().strip()] = str(node["status"])
-    except MedfedError:
+    except ServerUnreachable:
         pass
+    except MedfedError as exc:  # it answers, but not as this federation's server
+        console.print(f"[yellow]the server's site status is unknown:[/] {escape(exc.what)}")
+        if exc.fix:
+            console.print(f"  fix: {escape(exc.fix)}")
+        unknown = "unknown (see above)"
     table = Table("site", "fingerprint", "enrolled", "status")
     for site in fed.enrolled():
         table.add_row(site["name"], site["fingerprint"], site["enrolled"],
-                      status.get(site["public_key"].strip(), "server not running"
+                      status.get(site["public_key"].strip(), unknown
                                  if not status else "never connected"))
     console.print(table)

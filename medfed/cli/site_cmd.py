@@ -45,7 +45,13 @@ def init(
 @app.command("start")
 def start(config: ConfigOpt = Path("site.toml"),
           verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
-    """Run the site daemon (SuperNode + warm worker) until Ctrl-C."""
+    """Run the site daemon (SuperNode + warm worker) until Ctrl-C.
+
+    It restarts its SuperNode itself and rides out the server being down or presenting
+    a certificate it cannot verify (it says once who must do what). It exits with status
+    2 only for a configuration error a restart cannot fix (bad site.toml, missing key,
+    key not enrolled, runtime port taken).
+    """
     from medfed.client.daemon import SiteDaemon
 
     logging.getLogger("medfed").setLevel(logging.INFO if verbose else logging.WARNING)
@@ -88,13 +94,21 @@ def _exit_stopped() -> None:
 @app.command("audit")
 def audit(config: ConfigOpt = Path("site.toml"),
           last: Annotated[int, typer.Option(help="show the last N records")] = 20,
-          as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+          as_json: Annotated[bool, typer.Option("--json")] = False,
+          verify: Annotated[bool, typer.Option(
+              "--verify", help="check the log's hash chain: exit 1 if a line was edited, "
+              "inserted or deleted; torn lines (a crash while writing) are warnings")] = False
+          ) -> None:
     """Show the site's audit log: what left the site, when, its size and hash."""
     from medfed.client.audit import AuditLog
     from medfed.core.config import SiteConfig, load_toml, resolve
 
     cfg = load_toml(config, SiteConfig)
-    records = AuditLog(resolve(config, cfg.site.audit_log)).read()[-last:]
+    log = AuditLog(resolve(config, cfg.site.audit_log))
+    if verify:
+        _print_verification(log.verify(), as_json=as_json)
+        return
+    records = log.read()[-last:]
     if as_json:
         for r in records:
             console.print_json(json.dumps(r))
@@ -120,9 +134,58 @@ def audit(config: ConfigOpt = Path("site.toml"),
     console.print("[dim]hashes shortened; `medfed site audit --json` prints whole records[/]")
 
 
+def _print_verification(v: Any, *, as_json: bool) -> None:
+    """``medfed site audit --verify``: what the chain check found; exit 1 when broken."""
+    import dataclasses
+
+    if as_json:
+        print(json.dumps({**dataclasses.asdict(v), "path": str(v.path), "intact": v.intact},
+                         indent=2))
+    else:
+        console.print(f"audit log {v.path}: {v.records} records ({v.chained} chained, "
+                      f"{v.legacy} unchained legacy records written before the chain)",
+                      highlight=False)
+        for t in v.torn:
+            what = ("a torn last line, without its newline (a crash while writing): the "
+                    "next record ends it and notes it" if not t.terminated else
+                    "not a record (torn by a crash while writing)"
+                    + ("; noted by the record after it" if t.noted else "")
+                    + ("; the record glued after it is read back" if t.salvaged else ""))
+            console.print(f"[yellow]warning:[/] line {t.line} (byte {t.offset}, {t.size} "
+                          f"bytes): {what}", highlight=False)
+        for b in v.breaks:
+            console.print(f"[bold red]broken:[/] line {b.line}: {b.what}\n"
+                          f"  expected: {b.expected}\n  found:    {b.found}", highlight=False)
+        if v.intact:
+            console.print(f"[green]chain intact[/]: head seq {v.head_seq}, {v.head} (note it "
+                          "elsewhere: a later check that no longer reaches it shows a rewrite)",
+                          highlight=False)
+        else:
+            console.print(f"[bold red]chain broken[/]: {len(v.breaks)} break(s); records were "
+                          "edited, inserted or deleted. Keep this file as it is and compare it "
+                          "with a backup.", highlight=False)
+    if not v.intact:
+        raise typer.Exit(1)
+
+
 def _audit_details(record: dict[str, Any]) -> str:
     """What an audit record says beyond its event: epsilon and size of an update, a rule."""
     parts = []
+    event = record.get("event")
+    if event == "privacy-reserved":
+        parts.append(f"reserved epsilon {record.get('epsilon', 0):.4g} on "
+                     f"{record.get('dataset')}")
+    elif event == "privacy-hold":
+        parts.append(f"holds epsilon {record.get('epsilon', 0):.4g} on {record.get('dataset')} "
+                     f"until {_minute(record.get('expires'))}")
+    elif event == "privacy-hold-released":
+        parts.append(f"released the hold on {record.get('dataset')}")
+    elif event in ("ledger-created", "ledger-adopted", "ledger-rebuilt"):
+        parts.append(f"ledger {record.get('ledger_id')}"
+                     + (f" ({record['problem']})" if record.get("problem") else ""))
+    elif event == "audit-torn-line":
+        parts.append(f"the line before this one is torn (a crash while writing), at byte "
+                     f"{record.get('offset')}")
     privacy = record.get("privacy") or {}
     if "epsilon_round" in privacy:
         fitted = ", fitted to the budget" if privacy.get("noise_fitted_to_budget") else ""
@@ -131,7 +194,7 @@ def _audit_details(record: dict[str, Any]) -> str:
     if wire.FITTED_NOISE_KEY in record:  # a join's forecast (worker._query)
         parts.append(f"noise {record[wire.FITTED_NOISE_KEY]:.3g}, fitted to the budget")
     if wire.BUDGET_ROUNDS_KEY in record:
-        parts.append(f"budget covers {record[wire.BUDGET_ROUNDS_KEY]} rounds")
+        parts.append(f"budget covers rounds 1-{record[wire.BUDGET_ROUNDS_KEY]}")
     if "bytes" in record:
         parts.append(f"{record['bytes']} bytes")
     if record.get("hash"):
@@ -169,25 +232,42 @@ def _compact_table(*columns: Column, title: str) -> Table:
 @app.command("budget")
 def budget(config: ConfigOpt = Path("site.toml"),
            as_json: Annotated[bool, typer.Option(
-               "--json", help="one JSON object, e.g. for monitoring what is left")] = False
+               "--json", help="one JSON object, e.g. for monitoring what is left")] = False,
+           rebuild: Annotated[bool, typer.Option(
+               "--rebuild-from-audit", help="restore a missing, replaced or damaged ledger "
+               "from the audit log (the old file is kept aside; the rebuild is audited)")]
+           = False,
            ) -> None:
     """Privacy budget: spent and remaining epsilon per dataset, and per run, with dates."""
     import dataclasses
 
-    from medfed.client.ledger import PrivacyLedger
+    from medfed.cli.main import fail
+    from medfed.client.audit import AuditLog
+    from medfed.client.ledger import AuditedSpends, LedgerError, LedgerSummary, check_ledger
     from medfed.core.config import SiteConfig, load_toml, resolve
 
     cfg = load_toml(config, SiteConfig)
-    ledger = PrivacyLedger(resolve(config, cfg.privacy.ledger))
-    summary = ledger.summary()
-    datasets = sorted(cfg.privacy.datasets.items())
+    if rebuild:
+        _rebuild(cfg, config, as_json=as_json)
+        return
+    try:  # the ledger must hold what the audit log records; read only, nothing created
+        ledger = check_ledger(resolve(config, cfg.privacy.ledger), AuditedSpends.of(
+            AuditLog(resolve(config, cfg.site.audit_log)).read()), config=config)
+        summary = ledger.summary() if ledger else LedgerSummary([], [])
+        holds = ledger.holds() if ledger else []
+        datasets = sorted(cfg.privacy.datasets.items())
+        spent = {name: ledger.spent(name) if ledger else 0.0 for name, _ in datasets}
+    except LedgerError as exc:
+        fail(exc)
+    held = {name: sum(h.outstanding for h in holds if h.dataset == name and not h.expired)
+            for name, _ in datasets}
     if as_json:
-        spent = {name: ledger.spent(name) for name, _ in datasets}
         print(json.dumps({
             "datasets": {name: {**b.model_dump(), "spent": spent[name],
-                                "remaining": b.epsilon_max - spent[name]}
+                                "remaining": b.epsilon_max - spent[name], "held": held[name]}
                          for name, b in datasets},
-            "runs": [dataclasses.asdict(r) for r in summary.runs]}, indent=2))
+            "runs": [dataclasses.asdict(r) for r in summary.runs],
+            "holds": [dataclasses.asdict(h) for h in holds]}, indent=2))
         return
     fitting = any(b.max_fitted_noise_multiplier for _, b in datasets)
     # fold, never truncate: on a narrow terminal a cut date or unit would mislead
@@ -195,9 +275,8 @@ def budget(config: ConfigOpt = Path("site.toml"),
         "dataset", "epsilon max", "delta", "spent", "remaining", "dp required", "unit required",
         *(["fits noise up to"] if fitting else []))), title="privacy budget per dataset")
     for name, b in datasets:
-        spent = ledger.spent(name)
-        table.add_row(name, f"{b.epsilon_max:g}", f"{b.delta:g}", f"{spent:.4f}",
-                      f"{b.epsilon_max - spent:.4f}", "yes" if b.dp_required else "no",
+        table.add_row(name, f"{b.epsilon_max:g}", f"{b.delta:g}", f"{spent[name]:.4f}",
+                      f"{b.epsilon_max - spent[name]:.4f}", "yes" if b.dp_required else "no",
                       b.privacy_unit,
                       *([f"{b.max_fitted_noise_multiplier:g}" if b.max_fitted_noise_multiplier
                          else "-"] if fitting else []))
@@ -212,6 +291,53 @@ def budget(config: ConfigOpt = Path("site.toml"),
         runs.add_row(str(r.run_id), r.dataset, r.unit, str(r.rounds),
                      f"{r.epsilon:.4f}{unsent}", _span(r.first, r.last))
     console.print(runs)
+    if holds:
+        table = _compact_table(
+            Column("run", no_wrap=True), *(Column(h, overflow="fold") for h in (
+                "dataset", "holds", "unspent", "until (UTC)")),
+            title="holds of joined runs (kept from other runs until the run ends or the "
+            "hold expires)")
+        for h in holds:
+            table.add_row(h.run_id, h.dataset, f"{h.epsilon:.4f}", f"{h.outstanding:.4f}",
+                          _minute(h.expires) + (" (expired)" if h.expired else ""))
+        console.print(table)
+
+
+def _rebuild(cfg: Any, config: Path, *, as_json: bool) -> None:
+    """``medfed site budget --rebuild-from-audit``: restore the ledger, say what it holds."""
+    import dataclasses
+
+    from medfed.cli.main import fail
+    from medfed.client.ledger import LedgerError
+    from medfed.client.privacy_guard import rebuild_ledger
+
+    try:
+        done = rebuild_ledger(cfg, config)
+    except LedgerError as exc:
+        fail(exc)
+    r = done.result
+    if as_json:
+        print(json.dumps({"ledger": str(done.path), "ledger_id": r.ledger_id,
+                          "problem": done.problem, "kept_aside": [str(a) for a in done.kept_aside],
+                          "datasets": [dataclasses.asdict(d) for d in r.datasets],
+                          "holds": [list(h) for h in r.holds]}, indent=2))
+        return
+    console.print(f"[green]rebuilt[/] the privacy ledger from the audit log: {done.path}",
+                  highlight=False)
+    console.print(f"  why:        {done.problem}", highlight=False)
+    console.print("  kept aside: " + (", ".join(str(a) for a in done.kept_aside)
+                                      or "nothing (there was no file)"), highlight=False)
+    table = _compact_table(*(Column(h, overflow="fold") for h in (
+        "dataset", "epsilon spent", "runs", "rounds", "unsent")),
+        title="restored per dataset (unsent: reserved, maybe never sent, counted as spent)")
+    for d in r.datasets:
+        table.add_row(d.dataset, f"{d.epsilon:.4f}", str(d.runs), str(d.rounds), str(d.unsent))
+    console.print(table)
+    for run_id, dataset, eps in r.holds:
+        console.print(f"  hold restored: run {run_id} on {dataset}, epsilon {eps:.4f}",
+                      highlight=False)
+    console.print(f"  audited as ledger-rebuilt (ledger {r.ledger_id}); DP rounds run again",
+                  highlight=False)
 
 
 @app.command("scan")
@@ -220,24 +346,22 @@ def scan(config: ConfigOpt = Path("site.toml"),
          report: Annotated[Path | None, typer.Option(
              help="where to write the JSON report (default: scan-report.json beside site.toml)")]
          = None) -> None:
-    """Read every file of the site's DICOM folder; report series found and files skipped."""
+    """Read every file of the site's DICOM folder and check its cache; report what was found."""
     from rich.progress import Progress
 
-    from medfed.core.config import SiteConfig, load_toml, resolve_data_source
+    from medfed.core.config import SiteConfig, load_toml
     from medfed.core.errors import ConfigError
-    from medfed.data import scan_folder
+    from medfed.data import check_source_available, scan_source
 
     cfg = load_toml(config, SiteConfig)
     if cfg.data.kind != "dicom-folder":
         raise ConfigError("This site has no DICOM folder to scan.", where=f"{config} [data]",
                           expected='data.kind = "dicom-folder" and data.path',
                           fix="set them in site.toml")
-    source = resolve_data_source(config, cfg.data)
+    source = check_source_available(config, cfg.data)  # a missing folder: exit 2, with the fix
     with Progress(transient=True, console=console) as bar:
         job = bar.add_task("scanning", total=None)
-        result = scan_folder(Path(source.path),
-                             manifest=Path(source.manifest) if source.manifest else None,
-                             decode=decode, exclude=(Path(source.cache_dir),),
+        result = scan_source(source, decode=decode,
                              progress=lambda done, total, *_: bar.update(job, completed=done,
                                                                         total=total))
     console.print(result.render_text(), highlight=False)

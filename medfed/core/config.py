@@ -172,6 +172,9 @@ class RunConfig(_Strict):
         "random", description="the model's starting weights: 'random' (seeded by seed) or "
         "'public' (the task's weights pretrained on public data; no site's data, no "
         "privacy budget); init_from then replaces the shared part")
+    resume_of: str = Field("", description="set by the server when it resumes a run after a "
+                           "crash: the run's original id, under which its folder, its sites' "
+                           "privacy ledgers and site-local parameters go on; never set by hand")
 
     def to_json(self) -> str:
         """Serialise for Flower's run config (one string value)."""

@@ -8,9 +8,11 @@ authentication expects); the coordinator enrols the public half.
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import hashlib
 import ipaddress
 import os
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from medfed.core.errors import IdentityError
+from medfed.core.files import atomic_write
 
 CURVE = ec.SECP384R1()
 CA_VALIDITY_DAYS = 3650
@@ -149,6 +152,29 @@ def save_server_identity(
     write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
 
 
+def replace_server_identity(
+    key: ec.EllipticCurvePrivateKey, cert: x509.Certificate, cert_path: Path, key_path: Path
+) -> None:
+    """Replace the server's TLS key and certificate in place, keeping the old as ``.old``.
+
+    Each file is replaced atomically (a reader sees the old file or the new one); the
+    key first, so that a reader that sees the new certificate also finds its key.
+    """
+    for path in (key_path, cert_path):
+        if path.exists():
+            old = path.with_name(path.name + ".old")
+            old.unlink(missing_ok=True)
+            os.link(path, old)
+    atomic_write(key_path, _private_pem(key))  # its temporary file is owner-only (mkstemp)
+    atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    os.chmod(cert_path, 0o644)
+
+
+def write_ca_bundle(path: Path, *cas: x509.Certificate) -> Path:
+    """Write several CA certificates into one PEM file (TLS clients trust each of them)."""
+    return atomic_write(path, b"".join(ca.public_bytes(serialization.Encoding.PEM) for ca in cas))
+
+
 def load_certificate(path: Path) -> x509.Certificate:
     """Load a PEM certificate, or say clearly why it is not one."""
     try:
@@ -158,6 +184,25 @@ def load_certificate(path: Path) -> x509.Certificate:
             "Certificate file not found.", where=str(path),
             fix="check the path in the config, or re-run `medfed server init`",
         ) from None
+    except ValueError as exc:
+        raise IdentityError(
+            f"Not a PEM certificate: {exc}", where=str(path),
+            expected="a file starting with '-----BEGIN CERTIFICATE-----'",
+        ) from None
+
+
+def load_certificates(path: Path) -> list[x509.Certificate]:
+    """Every certificate of a PEM file (a CA bundle holds several), or say why there is none."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise IdentityError(
+            "Certificate file not found.", where=str(path),
+            fix="check the path in the config, or ask the coordinator for the federation's "
+                "ca.pem",
+        ) from None
+    try:
+        return x509.load_pem_x509_certificates(data)
     except ValueError as exc:
         raise IdentityError(
             f"Not a PEM certificate: {exc}", where=str(path),
@@ -268,3 +313,126 @@ def public_key_fingerprint(key: ec.EllipticCurvePublicKey) -> str:
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     return "sha256:" + hashlib.sha256(der).hexdigest()[:32]
+
+
+# ------------------------------------------------------------ TLS failures, explained
+
+
+class TlsProblem(enum.Enum):
+    """Why a TLS client that pins ``pinned`` CAs refuses a server's certificate."""
+
+    UNKNOWN_CA = "the server's certificate is issued by a CA the client does not pin"
+    SERVER_CERT_EXPIRED = "the server's certificate has expired"
+    PINNED_CA_EXPIRED = "the CA the client pins has expired"
+    NOT_YET_VALID = "a certificate is not valid yet (a clock is wrong)"
+    WRONG_HOST = "the server's certificate does not name the address dialled"
+    NO_CERTIFICATE = "no TLS server answers at the address"
+
+
+@dataclass(frozen=True)
+class TlsDiagnosis:
+    """One :class:`TlsProblem` and the facts behind it (names and dates), in a sentence."""
+
+    problem: TlsProblem
+    detail: str
+
+
+def _cn(name: x509.Name) -> str:
+    cns = name.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(cns[0].value) if cns else name.rfc4514_string()
+
+
+def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca)
+    except Exception:  # noqa: BLE001 - a wrong issuer, signature or key type: not issued by it
+        return False
+    return True
+
+
+def _names_host(cert: x509.Certificate, host: str) -> bool:
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    try:
+        return ipaddress.ip_address(host) in sans.get_values_for_type(x509.IPAddress)
+    except ValueError:
+        return host.lower() in (n.lower() for n in sans.get_values_for_type(x509.DNSName))
+
+
+def diagnose_server_certificate(
+    server_cert: x509.Certificate | None,
+    pinned: list[x509.Certificate],
+    *,
+    host: str,
+    now: dt.datetime | None = None,
+) -> TlsDiagnosis | None:
+    """Why a client pinning ``pinned`` rejects ``server_cert`` (presented at ``host``).
+
+    None when nothing is wrong with the certificate itself (the failure lies elsewhere).
+    A pure function of the certificates: the daemon and the coordinator's commands both
+    explain a refused handshake with it.
+    """
+    now = now or _now()
+    day = "%Y-%m-%d %H:%M UTC"
+    if server_cert is None:
+        return TlsDiagnosis(TlsProblem.NO_CERTIFICATE, "no server presented a certificate")
+    issuer = next((ca for ca in pinned if _issued_by(server_cert, ca)), None)
+    valid_pins = [ca for ca in pinned if ca.not_valid_after_utc >= now]
+    if issuer is None and pinned and not valid_pins:
+        last = max(ca.not_valid_after_utc for ca in pinned)
+        return TlsDiagnosis(TlsProblem.PINNED_CA_EXPIRED,
+                            f"the pinned CA {_cn(pinned[0].subject)!r} expired on {last:{day}}")
+    if issuer is None:
+        pins = ", ".join(repr(_cn(ca.subject)) for ca in pinned) or "none"
+        return TlsDiagnosis(
+            TlsProblem.UNKNOWN_CA,
+            f"the server's certificate is issued by {_cn(server_cert.issuer)!r}; the pinned "
+            f"CA file holds {pins}")
+    if issuer.not_valid_after_utc < now:
+        return TlsDiagnosis(TlsProblem.PINNED_CA_EXPIRED,
+                            f"the pinned CA {_cn(issuer.subject)!r} expired on "
+                            f"{issuer.not_valid_after_utc:{day}}")
+    if server_cert.not_valid_after_utc < now:
+        return TlsDiagnosis(TlsProblem.SERVER_CERT_EXPIRED,
+                            f"the server's certificate expired on "
+                            f"{server_cert.not_valid_after_utc:{day}}")
+    for cert, whose in ((issuer, "the pinned CA"), (server_cert, "the server's certificate")):
+        if cert.not_valid_before_utc > now:
+            return TlsDiagnosis(TlsProblem.NOT_YET_VALID,
+                                f"{whose} is valid only from {cert.not_valid_before_utc:{day}} "
+                                f"(this machine's clock says {now:{day}})")
+    if not _names_host(server_cert, host):
+        return TlsDiagnosis(TlsProblem.WRONG_HOST,
+                            f"the server's certificate does not name {host!r}")
+    return None
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[IPv6]:PORT`` -> (host, port)."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def fetch_server_certificate(address: str, *, timeout: float = 5.0) -> x509.Certificate | None:
+    """The certificate a TLS server at ``address`` presents, unverified (to explain a refusal).
+
+    None if nothing answers there, or it speaks no TLS.
+    """
+    host, port = split_address(address)
+    try:
+        pem = ssl.get_server_certificate((host, port), timeout=timeout)
+    except (OSError, ssl.SSLError, ValueError):
+        return None
+    return x509.load_pem_x509_certificate(pem.encode("ascii"))
+
+
+def diagnose_tls(address: str, ca_file: Path) -> TlsDiagnosis | None:
+    """Dial ``address`` and explain why a client pinning ``ca_file`` rejects its certificate."""
+    try:
+        pinned = load_certificates(ca_file)
+    except IdentityError:
+        pinned = []
+    return diagnose_server_certificate(fetch_server_certificate(address), pinned,
+                                       host=split_address(address)[0])

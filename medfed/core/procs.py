@@ -63,6 +63,31 @@ def wait_for_port(host: str, port: int, *, timeout: float, alive: Callable[[], b
 
 
 @dataclass
+class RestartBackoff:
+    """How long to wait before restarting a child that stopped: exponential, capped.
+
+    The first restart waits ``initial`` seconds, each further one twice as long, up to
+    ``cap``; a child that stayed up ``stable_after`` seconds or more starts again from
+    ``initial`` (it was not crash-looping).
+    """
+
+    initial: float = 1.0
+    cap: float = 60.0
+    stable_after: float = 300.0
+    restarts: int = 0  # restarts in the current streak
+    _next: float = field(default=0.0, repr=False)
+
+    def delay(self, uptime: float) -> float:
+        """Seconds to wait before restarting a child that ran for ``uptime`` seconds."""
+        if uptime >= self.stable_after or self.restarts == 0:
+            self._next, self.restarts = self.initial, 0
+        delay = self._next
+        self._next = min(self._next * 2, self.cap)
+        self.restarts += 1
+        return delay
+
+
+@dataclass
 class Managed:
     """A child process in its own process group, logging to a file."""
 
@@ -74,18 +99,25 @@ class Managed:
     proc: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = None
     _log_start: int = 0  # where this start's output begins in the (appended) log
+    started_at: float = 0.0  # time.monotonic() of the last start
+    _read_to: int = 0  # how far new_output() has read
 
     def start(self) -> Managed:
         """Start the process; its stdout and stderr go to ``log_path``."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
-        self._log_start = self._log.tell()
+        self._log_start = self._read_to = self._log.tell()
         self.proc = subprocess.Popen(
             list(self.argv), stdout=self._log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, env={**os.environ, **self.env},
             cwd=self.cwd, start_new_session=True,
         )
+        self.started_at = time.monotonic()
         return self
+
+    def uptime(self) -> float:
+        """Seconds since the last start (0 if never started)."""
+        return time.monotonic() - self.started_at if self.proc is not None else 0.0
 
     def alive(self) -> bool:
         """True while the process runs."""
@@ -107,6 +139,18 @@ class Managed:
                 return f.read().decode("utf-8", errors="replace")
         except FileNotFoundError:
             return ""
+
+    def new_output(self) -> str:
+        """What the process wrote since the last call (or since it started)."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._read_to)
+                data = f.read()
+        except FileNotFoundError:
+            return ""
+        end = data.rfind(b"\n") + 1  # whole lines only; the rest comes next time
+        self._read_to += end
+        return data[:end].decode("utf-8", errors="replace")
 
     def stop(self, *, grace: float = 5.0) -> None:
         """Stop the whole process group: SIGTERM, then SIGKILL after ``grace`` seconds."""

@@ -70,6 +70,9 @@ def render(folder: RunFolder) -> str:
               f"- initial model: {_initial_model(cfg)}",
               f"- transport: TLS; secure aggregation: {cfg.get('secure_aggregation', 'default')}",
               *_privacy_lines(cfg.get("privacy", {}))]
+    lines += [f"- resumed after a server restart at round {e.get('round')} "
+              f"({str(e.get('time', '?'))[:19]} UTC, server run {e.get('flower_run_id')}); "
+              "the rounds before it were not redone" for e in folder.resumptions()]
     if summary.get("reason"):
         lines += ["", "## Why it ended", "", "```", str(summary["reason"]), "```"]
 
@@ -119,6 +122,7 @@ def render(folder: RunFolder) -> str:
             rows.append([r, glob.get(r, {}).get(metric), e.get("seconds"), trained, note])
         lines += _table(["round", f"global {metric}", "seconds", "sites trained", "note"], rows)
 
+    lines += _missed_rounds(events, by_round, sorted(finished_ev))
     trouble = [e for e in events if e["event"] == "site-error"]
     if trouble:
         lines += ["", "## Refusals and failures", ""]
@@ -134,6 +138,27 @@ def render(folder: RunFolder) -> str:
               "- per-site metrics per round: `metrics.jsonl`; progress: `events.jsonl`; "
               "plot: `metrics.png`; every site's score: `cross_site.json`", ""]
     return "\n".join(lines)
+
+
+def _missed_rounds(events: list[dict[str, Any]], trained: dict[int, dict[str, Any]],
+                   rounds: list[int]) -> list[str]:
+    """Every finished round each site took no part in, with its reason when it gave one."""
+    sites = sorted({e["site"] for e in events if e["event"] in ("site-replied", "site-error")
+                    and e.get("site")})
+    why = {(e.get("round"), e.get("site")): e for e in events
+           if e["event"] == "site-error" and e.get("phase") == "train"}
+    rows = []
+    for site in sites:
+        for r in rounds:
+            if site in trained.get(r, {}):
+                continue
+            e = why.get((r, site))
+            rows.append([site, r, (f"{e.get('status')}" + (f" ({e['rule']})" if e.get("rule")
+                                                            else "") + f": {e.get('reason')}")
+                         if e else "no reply in time (or no update accepted)"])
+    if not rows:
+        return []
+    return ["", "## Rounds each site missed", "", *_table(["site", "round", "why"], rows)]
 
 
 def write_report(folder: RunFolder) -> Path:

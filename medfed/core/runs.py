@@ -18,7 +18,9 @@ Layout of ``runs/<run-id>/``::
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import json
 import os
 from collections.abc import Iterator
@@ -29,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from medfed.core.config import RunConfig
+from medfed.core.errors import MedfedError
 from medfed.core.files import atomic_savez, atomic_write
 
 
@@ -73,6 +76,61 @@ class RunFolder:
         info = {"run_id": str(run_id), "started": now_iso(), "config": config.model_dump()}
         atomic_write(folder.run_file, json.dumps(info, indent=2).encode())
         return folder
+
+    @classmethod
+    def reopen(cls, runs_dir: Path, run_id: str, attempt_id: int | str) -> RunFolder:
+        """The folder of run ``run_id``, which resumes as the server's run ``attempt_id``.
+
+        ``attempt_id`` becomes an alias (``.aliases/ATTEMPT``) so that the coordinator's
+        commands find the run under either id.
+        """
+        folder = cls(Path(runs_dir) / str(run_id))
+        if not folder.run_file.is_file():
+            raise MedfedError(f"Run {run_id} cannot be resumed: its folder is gone.",
+                              where=str(folder.path),
+                              fix="restore the run folder from backup, or start a new run")
+        atomic_write(aliases_dir(runs_dir) / str(attempt_id), str(run_id).encode())
+        return folder
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run: one ServerApp at a time works in a run folder."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / ".lock", "a+b") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise MedfedError(f"Run {self.path.name} is already running on this server.",
+                                  where=str(self.path),
+                                  fix="wait for it or stop it (`medfed stop`)") from None
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def is_running(self) -> bool:
+        """Whether a ServerApp holds this run now (see :meth:`lock`)."""
+        path = self.path / ".lock"
+        if not path.exists():
+            return False
+        with open(path, "rb") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(fh, fcntl.LOCK_UN)
+        return False
+
+    def resumptions(self) -> list[dict[str, Any]]:
+        """Every time the run was resumed: the round it went on from, and when."""
+        return [{"round": e.get("round"), "flower_run_id": e.get("flower_run_id"),
+                 "time": e.get("time")} for e in self.read_events()
+                if e["event"] == "run-resumed"]
+
+    def attempt_ids(self) -> list[str]:
+        """The server's run ids of this run: the first, then each resumption's."""
+        return [self.path.name] + [str(e["flower_run_id"]) for e in self.read_events()
+                                   if e["event"] == "run-resume-submitted"]
 
     @property
     def run_file(self) -> Path:
@@ -155,6 +213,24 @@ class RunFolder:
     def read_metrics(self) -> list[dict[str, Any]]:
         """All metrics lines so far."""
         return read_jsonl(self.metrics_file)
+
+
+def aliases_dir(runs_dir: Path) -> Path:
+    """Where a resumed run's later server run ids point to its folder."""
+    return Path(runs_dir) / ".aliases"
+
+
+def run_id_of(runs_dir: Path, server_run_id: int | str) -> str:
+    """The run a server run id belongs to: itself, or the run it resumed."""
+    alias = aliases_dir(runs_dir) / str(server_run_id)
+    if alias.is_file():
+        return alias.read_text(encoding="utf-8").strip()
+    return str(server_run_id)
+
+
+def find_run(runs_dir: Path, server_run_id: int | str) -> RunFolder:
+    """The folder of the run ``server_run_id`` is (or resumed)."""
+    return RunFolder(Path(runs_dir) / run_id_of(runs_dir, server_run_id))
 
 
 def list_runs(runs_dir: Path) -> Iterator[RunFolder]:

@@ -27,7 +27,8 @@ CONFIG_KEY = "config"  # Flower strategies' default ConfigRecord key
 METRICS_KEY = "metrics"
 SITE_RECORD_KEY = "medfed-site"  # reply ConfigRecord: {"name": site, ...}
 WEIGHT_KEY = "num-examples"  # Flower strategies' default weighting key
-#: A join reply's metric: the run's rounds the site's privacy budget covers, when fewer than all
+#: A join reply's metric: the last round of the run the site's privacy budget covers (counted
+#: from the run's first round, so also after a resume), when it ends before the run does
 BUDGET_ROUNDS_KEY = "budget-rounds"
 #: A join reply's metric: the noise multiplier a site raised to fit its remaining budget
 FITTED_NOISE_KEY = "fitted-noise"

@@ -5,23 +5,31 @@ indices to patient millimetres in DICOM's LPS frame (see
 :mod:`medfed.data.geometry`).
 """
 
-from medfed.data.cache import SeriesCache, fingerprint
+from medfed.data.available import check_source_available
+from medfed.data.cache import CacheStats, SeriesCache, fingerprint
+from medfed.data.heal import CacheCheck, HealedFile, take_healed
 from medfed.data.labels import load_manifest
 from medfed.data.records import SkipReason
 from medfed.data.scan import ScanReport, SeriesSummary, SkippedFile, scan_folder
 from medfed.data.series import Series
-from medfed.data.source import DicomFolderSource, load_series
+from medfed.data.source import DicomFolderSource, load_series, scan_source
 
 __all__ = [
+    "CacheCheck",
+    "CacheStats",
     "DicomFolderSource",
+    "HealedFile",
     "ScanReport",
     "Series",
     "SeriesCache",
     "SeriesSummary",
     "SkipReason",
     "SkippedFile",
+    "check_source_available",
     "fingerprint",
     "load_manifest",
     "load_series",
     "scan_folder",
+    "scan_source",
+    "take_healed",
 ]

@@ -3,19 +3,23 @@
 The optional index file (JSON, inside the site's cache folder) keeps each
 file's record or skip reason with its size and mtime, so later starts re-read
 only new or changed files. It holds UIDs and paths and never leaves the site.
+A damaged index file (or entry) is read again from the files' headers and
+written anew; the replacement is logged and noted (:mod:`medfed.data.heal`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medfed.core.files import atomic_write
 from medfed.data.headers import read_record
+from medfed.data.heal import HealedFile, describe, note_healed
 from medfed.data.records import (
     FileRecord,
     Skipped,
@@ -25,6 +29,7 @@ from medfed.data.records import (
 
 _INDEX_VERSION = 3  # 3: records carry a key of PatientID (2 had the ID itself)
 Progress = Callable[[int, int], None]
+log = logging.getLogger("medfed.data")
 
 
 @dataclass(frozen=True)
@@ -81,7 +86,8 @@ def index_folder(
     FolderIndex
     """
     files = list(iter_files(root, exclude=exclude))
-    known = _load_index(index_file) if index_file and not decode else {}
+    known, damage = _load_index(index_file) if index_file and not decode else ({}, "")
+    damaged_entries = 0
     records: list[FileRecord] = []
     skipped: list[Skipped] = []
     fresh: dict[str, dict[str, Any]] = {}
@@ -91,6 +97,8 @@ def index_folder(
         stat = path.stat()
         entry = known.get(rel)
         result = _reuse(entry, stat)
+        if result is None and _unchanged(entry, stat):
+            damaged_entries += 1
         if result is None or entry is None:
             changed = True
             result = read_record(path, root, decode=decode)
@@ -106,40 +114,57 @@ def index_folder(
         fresh[rel] = entry
         if progress is not None:
             progress(done, len(files))
-    if index_file is not None and not decode and (changed or fresh.keys() != known.keys()):
+    if damaged_entries and not damage:
+        damage = f"{damaged_entries} of its entries unreadable"
+    if index_file is not None and not decode and (
+            changed or damage or fresh.keys() != known.keys()):
         _write_index(index_file, fresh)
+        if damage:
+            note_healed(HealedFile(file=index_file.name, series_id="", reason=damage))
+            log.warning("replaced the damaged header index %s (%s): the headers were read "
+                        "again from the DICOM files", index_file.name, damage)
     return FolderIndex(records=tuple(records), skipped=tuple(skipped))
+
+
+def _unchanged(entry: Any, stat: os.stat_result) -> bool:
+    """Whether ``entry`` is for the file as it is now (so a failed reuse means damage)."""
+    return isinstance(entry, dict) and entry.get("size") == stat.st_size \
+        and entry.get("mtime_ns") == stat.st_mtime_ns
 
 
 def _reuse(entry: dict[str, Any] | None, stat: os.stat_result) -> FileRecord | Skipped | None:
     """The stored result for an unchanged file, or ``None`` (changed, new or damaged entry)."""
-    if not entry or entry.get("size") != stat.st_size or entry.get("mtime_ns") != stat.st_mtime_ns:
+    if entry is None or not _unchanged(entry, stat):
         return None
     try:
         if "record" in entry:
             return FileRecord.from_json(entry["record"])
         return skipped_from_json(entry["skipped"])
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, AttributeError):
         return None
 
 
-def _load_index(path: Path) -> dict[str, dict[str, Any]]:
+def _load_index(path: Path) -> tuple[dict[str, dict[str, Any]], str]:
+    """The stored entries by relative path, and why the file is damaged (``""`` if not).
+
+    No file, or one of another version, is an empty index and no damage.
+    """
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        if data.get("version") != _INDEX_VERSION:
-            return {}
-        return dict(data["files"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return {}
+    except FileNotFoundError:
+        return {}, ""
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8, not JSON (cut short)
+        return {}, describe(exc)
+    if not isinstance(data, dict):
+        return {}, f"holds a JSON {type(data).__name__}, not an object"
+    if data.get("version") != _INDEX_VERSION:
+        return {}, ""  # another version's index: read again, quietly
+    files = data.get("files")
+    if not isinstance(files, dict):
+        return {}, "its 'files' table is missing"
+    return files, ""
 
 
 def _write_index(path: Path, files: dict[str, dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump({"version": _INDEX_VERSION, "files": files}, handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write the index atomically (synced temporary file, then a rename)."""
+    atomic_write(path, json.dumps({"version": _INDEX_VERSION, "files": files}).encode())

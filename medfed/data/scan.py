@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,10 @@ from typing import Any
 
 from pydicom.uid import UID
 
+from medfed.core.files import atomic_write
 from medfed.data.assemble import assemble
+from medfed.data.available import require_folder
+from medfed.data.heal import CacheCheck
 from medfed.data.index import Progress, index_folder
 from medfed.data.labels import load_manifest
 from medfed.data.series import label_source_of
@@ -58,11 +60,12 @@ class SkippedFile:
 
 @dataclass(frozen=True)
 class ScanReport:
-    """What a scan found: usable series and skipped files."""
+    """What a scan found: usable series and skipped files (and the cache, when checked)."""
 
     files_total: int
     series: tuple[SeriesSummary, ...]
     skipped: tuple[SkippedFile, ...]
+    cache: CacheCheck | None = None
 
     @property
     def files_used(self) -> int:
@@ -75,6 +78,13 @@ class ScanReport:
 
     def to_dict(self, *, include_paths: bool = False) -> dict[str, Any]:
         """JSON-ready dict; file paths only with ``include_paths`` (keep those at the site)."""
+        cache = {} if self.cache is None else {"cache": {
+            "entries": self.cache.entries,
+            "damaged_removed": [
+                {**({"file": d.file} if include_paths else {}), "reason": d.reason}
+                for d in self.cache.damaged],
+            "temporary_files_removed": self.cache.leftovers,
+        }}
         return {
             "files_total": self.files_total,
             "files_used": self.files_used,
@@ -102,6 +112,7 @@ class ScanReport:
                 }
                 for f in self.skipped
             ],
+            **cache,
         }
 
     def render_text(self, *, include_paths: bool = False) -> str:
@@ -125,14 +136,14 @@ class ScanReport:
             for f in self.skipped:
                 name = f.path if include_paths else f.file_id
                 lines.append(f"    {name}: {f.reason}" + (f" ({f.detail})" if f.detail else ""))
+        if self.cache is not None:
+            lines.append(_render_cache(self.cache))
         return "\n".join(lines)
 
     def write_json(self, path: Path, *, include_paths: bool = False) -> Path:
         """Write :meth:`to_dict` as JSON, atomically."""
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(include_paths=include_paths), indent=2) + "\n")
-        os.replace(tmp, path)
-        return path
+        text = json.dumps(self.to_dict(include_paths=include_paths), indent=2) + "\n"
+        return atomic_write(path, text.encode())
 
 
 def scan_folder(
@@ -162,8 +173,10 @@ def scan_folder(
     Returns
     -------
     ScanReport
-        Never raises for a bad DICOM file; a bad manifest raises MedfedError.
+        Never raises for a bad DICOM file; a bad manifest raises MedfedError, a
+        missing folder ConfigError.
     """
+    require_folder(path, allow_empty=True)
     labels = load_manifest(manifest) if manifest is not None else {}
     skip_paths = (*exclude, *labels.values(), *((manifest,) if manifest else ()))
     index = index_folder(path, decode=decode, exclude=skip_paths, progress=progress)
@@ -188,3 +201,17 @@ def scan_folder(
         for s in sorted((*index.skipped, *unusable), key=lambda s: s.path)
     )
     return ScanReport(files_total=index.n_files, series=summaries, skipped=skipped)
+
+
+def _render_cache(check: CacheCheck) -> str:
+    line = f"cache: {check.entries} decoded series"
+    if check.damaged:
+        line += (f", {len(check.damaged)} damaged entries removed (decoded again from the "
+                 "DICOM files at the next run)")
+        for d in check.damaged:
+            line += f"\n    {d.file}: {d.reason}"
+    else:
+        line += ", all readable"
+    if check.leftovers:
+        line += f"; {check.leftovers} temporary files of interrupted writes removed"
+    return line

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +13,13 @@ import torch
 from monai.data import MetaTensor
 from monai.utils import SpaceKeys
 
+from medfed.core.config import DataSourceConfig
 from medfed.core.errors import MedfedError
 from medfed.data.assemble import SeriesPlan, assemble
+from medfed.data.available import require_folder
 from medfed.data.cache import CachedSeries, SeriesCache, fingerprint
 from medfed.data.decode import FileProblem
+from medfed.data.heal import CacheCheck
 from medfed.data.index import FolderIndex, Progress, index_folder
 from medfed.data.labels import load_manifest, nifti_label_volume
 from medfed.data.records import FileRecord
@@ -57,12 +61,7 @@ class DicomFolderSource:
         manifest: Path | None = None,
         progress: Progress | None = None,
     ) -> None:
-        if not root.is_dir():
-            raise MedfedError(
-                "the DICOM folder does not exist",
-                where=str(root),
-                fix="check the path in site.toml",
-            )
+        require_folder(root, allow_empty=True)
         self.root = root
         self.cache = SeriesCache(cache_dir if cache_dir is not None else root / CACHE_DIRNAME)
         self.manifest = manifest
@@ -91,10 +90,14 @@ class DicomFolderSource:
         return [series_from_plan(p, label_source=label_source_of(p, uids)) for p in plans.values()]
 
     def scan(self, *, decode: bool = True) -> ScanReport:
-        """Scan the folder (every file decoded by default) and report; see :func:`scan_folder`."""
-        return scan_folder(
+        """Scan the folder (every file decoded by default) and the cache; see :func:`scan_folder`.
+
+        Damaged cache entries are removed (:meth:`SeriesCache.check`) and reported.
+        """
+        report = scan_folder(
             self.root, manifest=self.manifest, decode=decode, exclude=(self.cache.folder,)
         )
+        return replace(report, cache=self.cache.check())
 
     def load(self, series_uid: str) -> tuple[MetaTensor, MetaTensor | None]:
         """The image and label (or ``None``) of one series, from the cache when it is current.
@@ -108,8 +111,8 @@ class DicomFolderSource:
         plan = self._plan(series_uid)
         sources = self._sources(plan)
         key = fingerprint(self.root, sources)
-        cached = self.cache.get(series_uid, key)
-        if cached is None:
+        cached = self.cache.get(series_uid, key, shape=plan.shape)
+        if cached is None:  # absent, stale or damaged: decode again from the DICOM files
             cached = self._decode(plan)
             self.cache.put(series_uid, key, cached)
         return _to_metatensors(cached, plan)
@@ -179,6 +182,34 @@ class DicomFolderSource:
     def _excluded(self) -> tuple[Path, ...]:
         manifest = (self.manifest,) if self.manifest is not None else ()
         return (self.cache.folder, *manifest, *self._labels.values())
+
+
+def scan_source(
+    source: DataSourceConfig, *, decode: bool = True, progress: Progress | None = None
+) -> ScanReport:
+    """What `medfed site scan` reports: a ``dicom-folder`` source's files and its cache.
+
+    Parameters
+    ----------
+    source : DataSourceConfig
+        With absolute paths (:func:`medfed.data.check_source_available` returns it so).
+    decode : bool
+        Decode every file's pixel data too.
+    progress : callable, optional
+        ``progress(done, total)`` after each file.
+
+    Returns
+    -------
+    ScanReport
+        With ``cache`` set: damaged cache entries are removed (their series are
+        decoded again at the next run) and counted.
+    """
+    root = Path(source.path)
+    cache_dir = Path(source.cache_dir) if source.cache_dir else root / CACHE_DIRNAME
+    report = scan_folder(root, manifest=Path(source.manifest) if source.manifest else None,
+                         decode=decode, exclude=(cache_dir,), progress=progress)
+    check = SeriesCache(cache_dir).check() if cache_dir.is_dir() else CacheCheck(entries=0)
+    return replace(report, cache=check)
 
 
 def load_series(paths: Sequence[Path]) -> tuple[MetaTensor, Series]:
