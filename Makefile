@@ -20,11 +20,13 @@ env: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/medfed demo
 
+# Tests run on every core (pytest-xdist), a module per worker: the end-to-end tests
+# mostly wait on processes and loopback, so two of them share two cores well.
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --dist loadscope
 
 test-quick: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -n auto --dist loadscope -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/round_latency.py

@@ -9,7 +9,7 @@ The daemon supervises both. A SuperNode that stops is started again after a back
 reason: killed, crashed, cut off by a TLS certificate the site cannot verify (said
 once, with who must do what; the pinned CA file is read again at each start, so a new
 one needs no restart). The worker's thread is started again should it stop, and the
-in-process executor outlives a SuperNode restart (:class:`SupervisedExecutor`). Only a
+in-process executor outlives a SuperNode restart (:class:`InProcessExecutor`). Only a
 configuration error that no restart can fix ends the daemon (exit status 2): a key the
 server does not know (after :data:`ACTIVATION_PATIENCE_S`), a missing or unreadable
 key, a malformed server address.
@@ -29,12 +29,13 @@ from pathlib import Path
 from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
 
 from medfed.client.executor import InProcessExecutor
+from medfed.client.tls_advice import tls_advice
 from medfed.client.worker import SiteWorker, bind
 from medfed.core import wire
 from medfed.core.config import SiteConfig, load_toml, resolve
 from medfed.core.errors import ConfigError, IdentityError, MedfedError, ProcessError
 from medfed.core.flower_env import flower_env
-from medfed.core.identity import TlsDiagnosis, TlsProblem, diagnose_tls, load_certificates
+from medfed.core.identity import TlsProblem, diagnose_tls, load_certificates
 from medfed.core.procs import Managed, RestartBackoff, require_free_port, wait_for_port
 
 log = logging.getLogger("medfed.site")
@@ -137,7 +138,7 @@ class SiteDaemon:
                       alive=self.supernode.alive)
         from medfed.client.app import app as client_app
 
-        self.executor = SupervisedExecutor(f"127.0.0.1:{self.config.site.runtime_port}",
+        self.executor = InProcessExecutor(f"127.0.0.1:{self.config.site.runtime_port}",
                                            client_app)
         self.executor.start()
 
@@ -392,39 +393,6 @@ class _Supervision:
     reported: set[str] = field(default_factory=set)  # problems said since the last connection
 
 
-class SupervisedExecutor(InProcessExecutor):
-    """The in-process executor, polling again after any error.
-
-    A SuperNode restart cuts a task's connection mid-way: the task is lost, the
-    executor is not.
-    """
-
-    def _client(self, *interceptors: object):  # noqa: ANN202 - a RuntimeHttpClient
-        """As the executor's, but it dials a restarted SuperNode again within a second.
-
-        Flower's retries back off to 20 s, logging each attempt.
-        """
-        from flwr.supercore.retry import make_simple_http_retry_invoker
-        from flwr.supercore.retry.retry_invoker import exponential
-        from flwr.supercore.runtime import RuntimeHttpClient
-
-        invoker = make_simple_http_retry_invoker()
-        invoker.wait_gen_factory = lambda: exponential(base_delay=0.2, max_delay=1)
-        invoker.wait_function = time.sleep
-        return RuntimeHttpClient.from_server_address(
-            server_address=self.runtime_address, insecure=True, root_certificates=None,
-            interceptors=list(interceptors), retry_invoker=invoker)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                super()._loop()
-            except Exception as exc:  # noqa: BLE001 - keep taking tasks
-                log.warning("the ClientApp executor lost the SuperNode (%s); polling again",
-                            exc)
-                self._stop.wait(1.0)
-
-
 def _flower_exit_code(text: str) -> int | None:
     """The exit code flower-supernode printed last ("Exit Code: N"), if any."""
     codes = re.findall(r"Exit Code: (\d+)", text)
@@ -435,36 +403,3 @@ def _node_id(text: str) -> int | None:
     """The node ID the server gave the SuperNode (its log's "SuperNode ID: N"), if any."""
     ids = re.findall(r"SuperNode ID: (\d+)", text)
     return int(ids[-1]) if ids else None
-
-
-def tls_advice(diagnosis: TlsDiagnosis, *, server: str, ca_path: Path) -> str:
-    """Who must do what about a TLS failure, as the site operator reads it."""
-    pinned = f"{ca_path} (site.toml key site.federation_ca)"
-    keep = "This site keeps retrying on its own; nothing needs a restart."
-    p = diagnosis.problem
-    if p is TlsProblem.UNKNOWN_CA:
-        return (f"The server at {server} presents a TLS certificate not signed by the "
-                f"federation CA this site pins ({diagnosis.detail}). Ask the coordinator for the "
-                "federation's current CA certificate (ca/ca.pem of the federation folder, or "
-                f"ca/ca-bundle.pem during a CA rotation) and save it as {pinned}. If it is "
-                "the right one, check site.server in site.toml: another server may answer "
-                f"there. {keep}")
-    if p is TlsProblem.SERVER_CERT_EXPIRED:
-        return (f"The server at {server} presents an expired TLS certificate "
-                f"({diagnosis.detail}). Nothing to change at this site: the coordinator must "
-                "run `medfed server renew-cert --config server.toml` (the running server "
-                f"serves the new certificate at once). {keep}")
-    if p is TlsProblem.PINNED_CA_EXPIRED:
-        return (f"The federation CA this site pins has expired ({diagnosis.detail}). The "
-                "coordinator must create a new one (`medfed server rotate-ca`, then "
-                "`medfed server rotate-ca --finish`) and send this site ca/ca-bundle.pem; "
-                f"save it as {pinned}. {keep}")
-    if p is TlsProblem.NOT_YET_VALID:
-        return (f"TLS with the server at {server} failed: {diagnosis.detail}. Set this "
-                f"machine's clock (NTP), or ask the coordinator to check the server's. {keep}")
-    if p is TlsProblem.WRONG_HOST:
-        return (f"TLS with the server at {server} failed: {diagnosis.detail}. Set site.server "
-                "in site.toml to the host name the coordinator gave (one the certificate "
-                "names), then restart the site.")
-    return (f"TLS with the server at {server} failed ({diagnosis.detail}). Check with the "
-            f"coordinator that this is the federation's address and CA ({pinned}). {keep}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
+import time
 import zipfile
 
 import httpx
@@ -40,6 +41,7 @@ from flwr.supercore.inflatable.inflatable_protobuf_utils import (
 from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
 from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
 from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.retry.retry_invoker import exponential
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
@@ -95,9 +97,14 @@ class InProcessExecutor:
         self.tasks_run = 0
 
     def _client(self, *interceptors: object) -> RuntimeHttpClient:
+        # Flower's retries back off to 20 s, logging each attempt; a restarted SuperNode
+        # (the site daemon restarts one that stopped) is dialled again within a second.
+        invoker = make_simple_http_retry_invoker()
+        invoker.wait_gen_factory = lambda: exponential(base_delay=0.2, max_delay=1)
+        invoker.wait_function = time.sleep
         return RuntimeHttpClient.from_server_address(
             server_address=self.runtime_address, insecure=True, root_certificates=None,
-            interceptors=list(interceptors), retry_invoker=make_simple_http_retry_invoker(),
+            interceptors=list(interceptors), retry_invoker=invoker,
         )
 
     def start(self) -> None:
@@ -112,6 +119,16 @@ class InProcessExecutor:
             self._thread.join(timeout)
 
     def _loop(self) -> None:
+        """Take tasks until stopped; a SuperNode lost mid-task loses the task, not this loop."""
+        while not self._stop.is_set():
+            try:
+                self._poll()
+            except Exception as exc:  # noqa: BLE001 - keep taking tasks
+                log.warning("the ClientApp executor lost the SuperNode (%s); polling again",
+                            exc)
+                self._stop.wait(1.0)
+
+    def _poll(self) -> None:
         client = self._client(RuntimeVersionHttpInterceptor(component_name="SuperExec"))
         request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
         try:

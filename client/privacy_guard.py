@@ -11,7 +11,7 @@ same checks run first for the run's next round and then for its remaining rounds
 A dataset whose policy sets ``max_fitted_noise_multiplier`` takes part in a run that
 would not fit its remaining budget with more noise instead (:meth:`PrivacyGate._fit`).
 
-The ledger is bound to the site's audit log (``medfed.client.ledger.check_ledger``):
+The ledger is bound to the site's audit log (``medfed.client.ledger_audit.check_ledger``):
 checked at daemon start (:meth:`PrivacyGate.check_at_start`) and before every DP round
 and DP join. A missing, replaced, older or damaged ledger refuses every DP round and
 join under the rule ``privacy.ledger``, saying what happened and the fix
@@ -36,16 +36,18 @@ import numpy as np
 
 from medfed.client.audit import AuditLog
 from medfed.client.ledger import (
-    AuditedSpends,
     BudgetExceeded,
     Hold,
     LedgerError,
     LedgerUntrusted,
     PrivacyLedger,
-    RebuildResult,
     Reservation,
     RunTargetExceeded,
     UnitNotCovered,
+)
+from medfed.client.ledger_audit import (
+    AuditedSpends,
+    RebuildResult,
     build_from_audit,
     check_ledger,
 )
@@ -488,7 +490,7 @@ def rebuild_ledger(config: SiteConfig, config_path: Path) -> Rebuilt:
     Only when the ledger cannot be trusted (missing, replaced, older than the audit log,
     damaged) and the audit log's chain is intact. The old file (and its WAL files) is
     kept aside as ``ledger.sqlite.damaged-<UTC time>``, never deleted; the new ledger
-    (:func:`medfed.client.ledger.build_from_audit`) is named in the audit log by a
+    (:func:`medfed.client.ledger_audit.build_from_audit`) is named in the audit log by a
     ``ledger-rebuilt`` record before it is put in place.
     """
     config_path = Path(config_path)

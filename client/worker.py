@@ -21,15 +21,15 @@ import torch
 
 from medfed.client.audit import AuditLog, arrays_digest
 from medfed.client.policy import decide
-from medfed.client.released import Released, ReleasedUpdates, model_digest, run_digest
 from medfed.client.privacy_guard import Forecast, PrivacyGate, PrivacyRefusal, noised_update
+from medfed.client.released import Released, ReleasedUpdates, model_digest, run_digest
 from medfed.client.secure_site import SecureSite
 from medfed.client.site_local import SiteLocalStore
 from medfed.core import wire
 from medfed.core.config import RunConfig, SiteConfig, resolve, resolve_data_source
 from medfed.core.errors import MedfedError
-from medfed.data import take_healed
 from medfed.core.packing import WEIGHTS_KEY, Layout, pack, shared_state, unpack
+from medfed.data import take_healed
 from medfed.tasks import SiteData, Task, engine, get_task
 from medfed.tasks.adaptation import local_keys
 from medfed.tasks.dp import UnitUnknown, dp_train, privacy_units
@@ -233,8 +233,8 @@ class SiteWorker:
                      stats.loss)
         # Kept before anything leaves: a server that loses this round gets it again.
         self.released.save(str(run_id), Released(
-            rnd, run_digest(run), model_digest(arrays[WEIGHTS_KEY]), vector, float(stats.num_examples),
-            dict(metrics), privacy.record(run, stats.steps)))
+            rnd, run_digest(run), model_digest(arrays[WEIGHTS_KEY]), vector,
+            float(stats.num_examples), dict(metrics), privacy.record(run, stats.steps)))
         weights, protection, secagg = self._protect(run, session, rnd, config, blobs, arrays,
                                                     vector, float(stats.num_examples), metrics)
         digest, size = arrays_digest(weights)
@@ -303,6 +303,10 @@ class SiteWorker:
                               mode=run.secure_aggregation, **metrics)
             return wire.Frame({"ok": True, "site": self.site, "metrics": metrics},
                               {wire.BYTES_PREFIX + k: _u8(v) for k, v in out.items()})
+        if wire.RUN_ENDED in config:  # ended before its last round: nothing more comes
+            self._end_run(run, run_id, session,
+                          reason=f"run {config[wire.RUN_ENDED]} at the server")
+            return wire.Frame({"ok": True, "site": self.site, "metrics": {}})
         if wire.SECAGG_UNMASK in blobs:
             reveal, entry = self.secure.reveal(session, blobs[wire.SECAGG_UNMASK])
             self.audit.record("reveal-sent", run_id=run_id, secure_aggregation=entry)
@@ -338,15 +342,21 @@ class SiteWorker:
         metrics = engine.evaluate(task, model, data.val, device=self.device)
         self.audit.record("metrics-sent", run_id=run_id, task=run.task, metrics=metrics)
         last_round = int(config.get(wire.SERVER_ROUND_KEY, 0)) >= run.rounds
-        if run.secure_aggregation != "off" and last_round:
-            # The last round's evaluation follows its unmasking: the run's pairwise secrets
-            # are no longer needed, and kept they could unmask a stored update later.
-            self.secure.end_run(session)
-            self.audit.record("secure-aggregation-ended", run_id=run_id)
-            self.privacy.release(str(run_id), reason="run ended")  # its hold on the budget
-        if last_round:  # the run is over: no round of it will be asked for again
-            self.released.forget(str(run_id))
+        if last_round:
+            self._end_run(run, run_id, session, reason="run ended")
         return wire.Frame({"ok": True, "site": self.site, "metrics": metrics})
+
+    def _end_run(self, run: RunConfig, run_id: object, session: str, *, reason: str) -> None:
+        """Forget a run that is over: its secrets, its hold on the budget, its last update.
+
+        The last round's evaluation follows its unmasking: the run's pairwise secrets are
+        no longer needed, and kept they could unmask a stored update later.
+        """
+        if run.secure_aggregation != "off":
+            self.secure.end_run(session)
+            self.audit.record("secure-aggregation-ended", run_id=run_id, reason=reason)
+        self.privacy.release(str(run_id), reason=reason)
+        self.released.forget(str(run_id))
 
 
 def _round_shape(run: RunConfig, task: Task) -> tuple[int, int, float]:

@@ -22,6 +22,7 @@ from medfed.core import wire
 from medfed.core.config import RunConfig
 from medfed.core.flower_tuning import shorten_object_pull_backoff
 from medfed.core.packing import WEIGHTS_KEY, Layout, pack, shared_state, unpack
+from medfed.core.parent_watch import exit_with_parent
 from medfed.core.report import plot_metrics
 from medfed.core.run_report import write_report
 from medfed.core.runs import RunFolder
@@ -58,6 +59,9 @@ def main(grid: Grid, context: Context) -> None:
     # A reply's arrays can reach the SuperLink just after its metadata; Flower's grid
     # then waits a full second before pulling them again. Retry after 50 ms instead.
     shorten_object_pull_backoff(http_grid, initial=0.05, cap=1.0)
+    # Flower's own watch of the parent (SIGINT) can leave this process waiting for a
+    # SuperLink that is gone, holding the run; end it (the run resumes from disk).
+    exit_with_parent()
     run = RunConfig.from_json(str(context.run_config[wire.RUN_CONFIG_KEY]))
     runs_dir = _runs_dir(context)
     folder = (RunFolder.reopen(runs_dir, run.resume_of, context.run_id) if run.resume_of
@@ -74,6 +78,7 @@ def _run(grid: Grid, context: Context, run: RunConfig, folder: RunFolder) -> Non
     store = RunStateStore(folder.path)
     if not run.resume_of:
         folder.event("run-started", task=run.task, strategy=run.strategy, rounds=run.rounds)
+    secure: SecureAggregation | None = None
     try:
         task = get_task(run.task)
         torch.manual_seed(run.seed)
@@ -179,6 +184,8 @@ def _run(grid: Grid, context: Context, run: RunConfig, folder: RunFolder) -> Non
     except SitesRefused as exc:  # a clean end: the sites said no, and why
         _end_refused(folder, exc, run, run_id, seconds=round(time.time() - t0, 2))
         _write_report(folder)
+        if secure is not None:
+            secure.end("refused")
     except (KeyboardInterrupt, SystemExit) as exc:
         # The process is told to end (its SuperLink went away, or a stop): the run is
         # interrupted, not failed. No summary, so a restarted server resumes it.
@@ -191,6 +198,8 @@ def _run(grid: Grid, context: Context, run: RunConfig, folder: RunFolder) -> Non
                               "seconds": round(time.time() - t0, 2)})
         folder.event("run-failed", reason=f"{type(exc).__name__}: {exc}")
         _write_report(folder)
+        if secure is not None:
+            secure.end("failed")
         raise
 
 

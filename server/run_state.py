@@ -13,10 +13,12 @@ itself is the round's checkpoint (``checkpoints/round-NNN.npz``); beside it, und
   the previous round's files, which are removed only after it is replaced.
 
 A strategy keeps its state in attributes (Flower's FedOpt family: ``m_t``, ``v_t``,
-``current_arrays``; FedAvgM: ``momentum_vector``). Those named in
-:data:`STATE_ATTRIBUTES` are saved; a researcher's strategy with other state
-implements ``state_dict()`` (names to numpy arrays or JSON scalars) and
-``load_state_dict(state)``, as Opacus's accountants and PyTorch modules do.
+``current_arrays``; FedAvgM: ``momentum_vector``): every attribute holding numpy
+arrays (alone, in a dict or list, or as an ArrayRecord), a number, a string or None is
+saved and put back; others (callables, clients) are the strategy's configuration and
+come from the run's options again. A strategy whose state lives elsewhere implements
+``state_dict()`` and ``load_state_dict(state)``, as Opacus's accountants and PyTorch
+modules do, and then only that is saved.
 """
 
 from __future__ import annotations
@@ -33,8 +35,6 @@ from flwr.app import Array, ArrayRecord, MetricRecord
 from medfed.core.errors import MedfedError
 from medfed.core.files import atomic_savez, atomic_write
 
-#: Mutable state of Flower's Message-API strategies (and their DP wrappers).
-STATE_ATTRIBUTES = ("current_arrays", "m_t", "v_t", "momentum_vector", "clipping_norm")
 #: Attributes through which one strategy wraps another (medfed's secure aggregation,
 #: Flower's DP wrappers).
 WRAPPED_ATTRIBUTES = ("inner", "strategy")
@@ -54,6 +54,17 @@ def _chain(strategy: Any) -> list[Any]:
         if inner is None or any(inner is s for s in out):
             return out
         out.append(inner)
+
+
+def _saveable(value: Any) -> bool:
+    """Whether :func:`_encode` can save ``value`` (else it is configuration, not state)."""
+    if value is None or isinstance(value, bool | int | float | str | np.ndarray | ArrayRecord):
+        return True
+    if isinstance(value, dict):
+        return all(isinstance(v, np.ndarray) for v in value.values())
+    if isinstance(value, list | tuple):
+        return all(isinstance(v, np.ndarray) for v in value)
+    return False
 
 
 def _encode(value: Any, prefix: str, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -110,7 +121,7 @@ def strategy_state(strategy: Any) -> tuple[dict[str, Any], dict[str, np.ndarray]
         if hasattr(s, "state_dict") and hasattr(s, "load_state_dict"):
             values = dict(s.state_dict())
         else:
-            values = {a: getattr(s, a) for a in STATE_ATTRIBUTES if hasattr(s, a)}
+            values = {a: v for a, v in vars(s).items() if _saveable(v)}
         manifest[str(depth)] = {
             "class": type(s).__name__,
             "values": {name: _encode(v, f"{depth}/{name}", arrays) for name, v in values.items()},

@@ -216,6 +216,24 @@ class SecureAggregation(Strategy):
             except SecAggError as exc:
                 self.folder.event("reveal-rejected", round=server_round, reason=str(exc))
 
+    def end(self, status: str, *, timeout: float = 15.0) -> None:
+        """Tell the sites that joined that the run ended early (``status``), best effort.
+
+        A run that completes ends at each site with its last evaluation; one that the
+        sites' refusals or a failure ended would otherwise leave its keys and its holds
+        on their budgets until they expire.
+        """
+        if not self.site_of:
+            return
+        config = ConfigRecord({wire.RUN_CONFIG_KEY: self.run_json, wire.RUN_ENDED: status})
+        try:
+            self.grid.send_and_receive(
+                [Message(RecordDict({wire.CONFIG_KEY: config}), dst_node_id=n,
+                         message_type=MessageType.QUERY) for n in self.site_of],
+                timeout=timeout)
+        except Exception as exc:  # noqa: BLE001 - the sites' holds then expire on their own
+            self.folder.event("warning", reason=f"the sites were not told the run ended: {exc}")
+
     # ------------------------------------------------------ evaluation, summary
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

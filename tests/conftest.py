@@ -24,3 +24,19 @@ def short_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def decode_calls(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Record every file the volume decoder opens."""
+    import medfed.data.volume as volume_module
+
+    calls: list[Path] = []
+    real = volume_module.decode_file
+
+    def counting(path: Path) -> object:
+        calls.append(path)
+        return real(path)
+
+    monkeypatch.setattr(volume_module, "decode_file", counting)
+    return calls

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 import medfed.data.index as index_module
-import medfed.data.volume as volume_module
 from medfed.core.config import DataSourceConfig
 from medfed.core.errors import ConfigError, MedfedError
 from medfed.data import (
@@ -33,20 +32,6 @@ from medfed.data.synthetic import SyntheticGeometry, write_seg, write_series
 @pytest.fixture(autouse=True)
 def _no_stale_notes() -> None:
     take_healed()  # notes are per process: start each test with none
-
-
-@pytest.fixture
-def decode_calls(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
-    """Record every file the volume decoder opens."""
-    calls: list[Path] = []
-    real: Callable[[Path], np.ndarray] = volume_module.decode_file
-
-    def counting(path: Path) -> np.ndarray:
-        calls.append(path)
-        return real(path)
-
-    monkeypatch.setattr(volume_module, "decode_file", counting)
-    return calls
 
 
 def _site(root: Path) -> tuple[str, np.ndarray, np.ndarray]:

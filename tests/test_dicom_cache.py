@@ -3,31 +3,15 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import medfed.data.index as index_module
-import medfed.data.volume as volume_module
 from medfed.data import DicomFolderSource, SeriesCache, fingerprint
 from medfed.data.cache import CachedSeries
 from medfed.data.synthetic import SyntheticGeometry, write_series
-
-
-@pytest.fixture
-def decode_calls(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
-    """Record every file the volume decoder opens."""
-    calls: list[Path] = []
-    real: Callable[[Path], np.ndarray] = volume_module.decode_file
-
-    def counting(path: Path) -> np.ndarray:
-        calls.append(path)
-        return real(path)
-
-    monkeypatch.setattr(volume_module, "decode_file", counting)
-    return calls
 
 
 def _site(tmp_path: Path) -> tuple[Path, list[Path], np.ndarray]:

@@ -182,3 +182,33 @@ def test_the_worker_holds_at_join_and_releases_at_the_end_of_the_run(tmp_path: P
     events = [r["event"] for r in worker.audit.read()]
     assert events[-2:] == ["secure-aggregation-ended", "privacy-hold-released"]
     assert query(42).header["ok"]  # run 41 ended: run 42 fits now
+
+
+def test_a_run_the_server_ended_early_releases_its_hold_and_keys(tmp_path: Path) -> None:
+    from medfed.client.worker import SiteWorker
+    from medfed.core.config import validate
+    from medfed.core.secagg import SecAggConfig
+
+    cfg = validate(SiteConfig, {
+        "site": {"name": "site-x"}, "data": {"num_samples": 32}, "compute": {"threads": 1},
+        "privacy": {"default": "brain", "datasets": {"brain": {"epsilon_max": 3.0}}}},
+        where="test")
+    worker = SiteWorker(cfg, tmp_path / "site.toml")
+    run = secure_run()
+
+    def query(run_id: int, **config: str) -> wire.Frame:
+        return worker.handle(wire.Frame({"op": "query", "run_id": run_id, "config": {
+            wire.RUN_CONFIG_KEY: run.to_json(), **config}}))
+
+    join = {wire.SECAGG_JOIN: json.dumps(SecAggConfig(mode="default").to_dict())}
+    assert query(41, **join).header["ok"]
+    assert worker.secure.store.load("41") is not None
+    assert query(42, **join).header["status"] == "refused"
+    # the other sites refused: the server ends run 41 at set-up and says so
+    assert query(41, **{wire.RUN_ENDED: "refused"}).header["ok"]
+    records = worker.audit.read()
+    assert [r["event"] for r in records][-2:] == ["secure-aggregation-ended",
+                                                  "privacy-hold-released"]
+    assert records[-1]["reason"] == "run refused at the server"
+    assert worker.secure.store.load("41") is None  # its secret key is gone
+    assert query(42, **join).header["ok"]  # its budget is free again

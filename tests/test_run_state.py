@@ -175,3 +175,47 @@ def test_no_resume_ends_lost_runs_as_failed_with_the_reason(tmp_path: Path) -> N
     summary = lost.read_summary()
     assert summary["status"] == "failed" and "--no-resume" in summary["reason"]
     assert summary["rounds_finished"] == 1
+
+
+class Drifting(fl.FedAvg):
+    """A researcher's strategy with state of its own: a control vector it updates."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.control: np.ndarray = np.zeros(5, dtype=np.float32)
+        self.seen = 0
+
+    def aggregate_train(self, server_round: int, replies: Any) -> Any:
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        w = arrays["w"].numpy()
+        self.control = 0.5 * self.control + w
+        self.seen += 1
+        return ArrayRecord({"w": Array(w - 0.1 * self.control)}), metrics
+
+
+class Opaque(Drifting):
+    """Its state in an object medfed cannot read: it says what to save."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.box = {"control": self.control}  # not arrays alone: configuration to medfed
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"control": self.control, "seen": self.seen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.control, self.seen = state["control"], state["seen"]
+
+
+@pytest.mark.parametrize("cls", [Drifting, Opaque])
+def test_a_plugin_strategys_own_state_is_resumed(tmp_path: Path, cls: type) -> None:
+    kw = {"min_train_nodes": 3, "min_evaluate_nodes": 3, "min_available_nodes": 3}
+    start = ArrayRecord({"w": Array(np.zeros(5, dtype=np.float32))})
+    whole = _run(cls(**kw), start, 1, 4, None)
+    store = RunStateStore(tmp_path)
+    half = _run(cls(**kw), start, 1, 2, store)
+    second = cls(**kw)
+    store.restore(store.load(), second)
+    assert second.seen == 2
+    rest = _run(second, half.arrays, 3, 4, store)
+    np.testing.assert_array_equal(rest.arrays["w"].numpy(), whole.arrays["w"].numpy())

@@ -243,7 +243,8 @@ def budget(config: ConfigOpt = Path("site.toml"),
 
     from medfed.cli.main import fail
     from medfed.client.audit import AuditLog
-    from medfed.client.ledger import AuditedSpends, LedgerError, LedgerSummary, check_ledger
+    from medfed.client.ledger import LedgerError, LedgerSummary
+    from medfed.client.ledger_audit import AuditedSpends, check_ledger
     from medfed.core.config import SiteConfig, load_toml, resolve
 
     cfg = load_toml(config, SiteConfig)

@@ -30,3 +30,25 @@ def watch_parent(interval: float = 0.5) -> threading.Thread:
     thread = threading.Thread(target=_watch, name="medfed-parent-watch", daemon=True)
     thread.start()
     return thread
+
+
+def exit_with_parent(grace: float = 5.0, interval: float = 0.5) -> threading.Thread:
+    """Start a daemon thread that ends this process once its parent is gone.
+
+    First SIGTERM (the process's own handlers get ``grace`` seconds to finish), then
+    ``os._exit``: a process whose handlers wait for a parent that is gone must not stay
+    behind. Only for a process whose durable state is on disk at every moment it could
+    be cut (the ServerApp: a run resumes from its last saved round).
+    """
+    parent = os.getppid()
+
+    def _watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace)
+        os._exit(3)
+
+    thread = threading.Thread(target=_watch, name="medfed-exit-with-parent", daemon=True)
+    thread.start()
+    return thread

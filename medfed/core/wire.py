@@ -36,6 +36,9 @@ FITTED_NOISE_KEY = "fitted-noise"
 # ---- secure aggregation (medfed.core.secagg) on Flower messages
 SECAGG_JOIN = "secagg-join"  # query config: the run's SecAggConfig as JSON
 SECAGG_UNMASK = "secagg-unmask"  # query config: UnmaskRequest bytes
+#: query config: the run ended before its last round (its status): the sites that joined
+#: forget its secure-aggregation keys and release what they held of their budgets
+RUN_ENDED = "run-ended"
 SECAGG_ROSTER = "secagg-roster"  # train config: Roster bytes
 SECAGG_DIRECTORY = "secagg-directory"  # train config: JSON {site: identity key hex}
 SECAGG_PARTICIPANTS = "secagg-participants"  # train config: JSON list of site ids

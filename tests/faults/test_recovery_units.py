@@ -101,7 +101,7 @@ def test_a_bundle_of_both_cas_trusts_either_servers_certificate(cas) -> None:  #
 
 
 def test_the_site_is_told_who_must_do_what(cas, tmp_path: Path) -> None:  # noqa: ANN001
-    from medfed.client.daemon import tls_advice
+    from medfed.client.tls_advice import tls_advice
     from medfed.core.identity import TlsDiagnosis
 
     ca_path = tmp_path / "federation-ca.pem"
@@ -311,7 +311,6 @@ def test_a_key_the_supernode_cannot_load_stops_the_daemon(short_tmp: Path) -> No
 
 
 def test_the_executor_survives_a_lost_supernode(monkeypatch: pytest.MonkeyPatch) -> None:
-    from medfed.client import daemon as daemon_module
     from medfed.client.executor import InProcessExecutor
 
     calls: list[int] = []
@@ -322,8 +321,8 @@ def test_the_executor_survives_a_lost_supernode(monkeypatch: pytest.MonkeyPatch)
             raise RuntimeError("push to a SuperNode that is gone")
         self._stop.wait(30)
 
-    monkeypatch.setattr(InProcessExecutor, "_loop", flaky)
-    executor = daemon_module.SupervisedExecutor("127.0.0.1:9", app=None)  # type: ignore[arg-type]
+    monkeypatch.setattr(InProcessExecutor, "_poll", flaky)
+    executor = InProcessExecutor("127.0.0.1:9", app=None)  # type: ignore[arg-type]
     executor.start()
     deadline = time.monotonic() + 10
     while len(calls) < 2:

@@ -13,21 +13,9 @@ import pytest
 
 from medfed.core.config import RunConfig
 from medfed.local import LocalFederation
+from tests.test_e2e import _children as children
 
 pytestmark = pytest.mark.slow
-
-
-def children(pid: int) -> list[int]:
-    """The pids whose parent is ``pid`` (Linux /proc)."""
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            kids.append(int(stat.parent.name))
-    return kids
 
 
 def trained(folder) -> set[str]:  # noqa: ANN001 - a RunFolder
