@@ -10,8 +10,11 @@ spent, and the ledger counts the resend on the round's one spend
 
 The update is the vector after training and update-level DP, before masking: exactly
 what the first reply carried inside its masked vector. It is kept with the SHA-256 of
-the global model it was trained from and of the run's configuration, and sent again
-only for that same model in that same run. Only
+the global model it was trained from, of the run's configuration, and the round's
+secure-aggregation participants, and sent again only for that same model in that same
+run, to the same participants: the server then learns the same sum as before, nothing
+more (summed with other sites, the same update would let it subtract sums). Otherwise
+the round is trained and charged anew. Only
 the run's last round is kept (a resumed run redoes at most the round it lost); the
 file goes when the run ends. Written atomically before the ledger commit and the
 reply, so a round whose update may have left always has it.
@@ -21,12 +24,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from medfed.core import wire
 from medfed.core.config import RunConfig
 from medfed.core.files import atomic_savez
 
@@ -35,6 +40,12 @@ def run_digest(run: RunConfig) -> str:
     """SHA-256 of a run's configuration, whether or not it was resumed."""
     text = run.model_copy(update={"resume_of": ""}).to_json()
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def participants_of(config: Mapping[str, Any]) -> tuple[str, ...]:
+    """The round's secure-aggregation participants a train message names, sorted."""
+    raw = config.get(wire.SECAGG_PARTICIPANTS)
+    return tuple(sorted(json.loads(str(raw)))) if raw else ()
 
 
 def model_digest(vector: np.ndarray) -> str:
@@ -50,6 +61,7 @@ class Released:
     round: int
     run_digest: str  # the run configuration it was trained under
     global_digest: str
+    participants: tuple[str, ...]  # the round's secure-aggregation sites (none: off)
     vector: np.ndarray
     weight: float
     metrics: dict[str, Any]
@@ -69,14 +81,14 @@ class ReleasedUpdates:
     def save(self, run_id: str, update: Released) -> None:
         """Keep ``update`` as the run's last release (replacing the one before)."""
         meta = {"round": update.round, "run": update.run_digest,
-                "global": update.global_digest,
+                "global": update.global_digest, "participants": list(update.participants),
                 "weight": update.weight, "metrics": update.metrics,
                 "privacy": update.privacy}
         atomic_savez(self._path(run_id), vector=np.asarray(update.vector, dtype=np.float32),
                      meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
 
-    def matching(self, run_id: str, run: RunConfig, rnd: int, global_vec: np.ndarray
-                 ) -> Released | None:
+    def matching(self, run_id: str, run: RunConfig, rnd: int, global_vec: np.ndarray,
+                 participants: tuple[str, ...]) -> Released | None:
         """The release of round ``rnd`` if it was trained under ``run`` from ``global_vec``.
 
         An unreadable file is no release (the round is trained and charged anew).
@@ -91,10 +103,11 @@ class ReleasedUpdates:
         except (OSError, ValueError, KeyError):
             return None
         if (int(meta["round"]) != int(rnd) or meta.get("run") != run_digest(run)
-                or meta["global"] != model_digest(global_vec)):
+                or meta["global"] != model_digest(global_vec)
+                or tuple(meta.get("participants", ())) != tuple(participants)):
             return None
-        return Released(int(meta["round"]), meta["run"], meta["global"], vector,
-                        float(meta["weight"]),
+        return Released(int(meta["round"]), meta["run"], meta["global"],
+                        tuple(meta["participants"]), vector, float(meta["weight"]),
                         dict(meta["metrics"]), dict(meta["privacy"]))
 
     def forget(self, run_id: str) -> None:

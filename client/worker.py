@@ -22,7 +22,13 @@ import torch
 from medfed.client.audit import AuditLog, arrays_digest
 from medfed.client.policy import decide
 from medfed.client.privacy_guard import Forecast, PrivacyGate, PrivacyRefusal, noised_update
-from medfed.client.released import Released, ReleasedUpdates, model_digest, run_digest
+from medfed.client.released import (
+    Released,
+    ReleasedUpdates,
+    model_digest,
+    participants_of,
+    run_digest,
+)
 from medfed.client.secure_site import SecureSite
 from medfed.client.site_local import SiteLocalStore
 from medfed.core import wire
@@ -188,7 +194,8 @@ class SiteWorker:
         model = self._load_global(task, run, run_id, arrays)
         rnd = int(config.get(wire.SERVER_ROUND_KEY, 0))
         if arrays.get(WEIGHTS_KEY) is not None and (replay := self.released.matching(
-                str(run_id), run, rnd, arrays[WEIGHTS_KEY])) is not None:
+                str(run_id), run, rnd, arrays[WEIGHTS_KEY],
+                participants_of(config))) is not None:
             return self._resend(run, run_id, session, rnd, config, blobs, arrays, replay)
         epochs, batch_size, lr = _round_shape(run, task)
         try:
@@ -233,7 +240,8 @@ class SiteWorker:
                      stats.loss)
         # Kept before anything leaves: a server that loses this round gets it again.
         self.released.save(str(run_id), Released(
-            rnd, run_digest(run), model_digest(arrays[WEIGHTS_KEY]), vector,
+            rnd, run_digest(run), model_digest(arrays[WEIGHTS_KEY]), participants_of(config),
+            vector,
             float(stats.num_examples), dict(metrics), privacy.record(run, stats.steps)))
         weights, protection, secagg = self._protect(run, session, rnd, config, blobs, arrays,
                                                     vector, float(stats.num_examples), metrics)

@@ -8,6 +8,7 @@ the run folder under the federation's runs directory (``MEDFED_RUNS_DIR``, set b
 from __future__ import annotations
 
 import os
+import random
 import time
 from pathlib import Path
 
@@ -82,6 +83,10 @@ def _run(grid: Grid, context: Context, run: RunConfig, folder: RunFolder) -> Non
     try:
         task = get_task(run.task)
         torch.manual_seed(run.seed)
+        # Flower samples each round's sites (and so orders their sum) with `random`: seeded,
+        # a run is repeatable; a resumed run restores the state it had instead.
+        random.seed(run.seed)
+        np.random.seed(run.seed)
         model = task.build_model()
         # Parameters a site keeps (domain adaptation) are neither sent nor aggregated:
         # the global model, its checkpoints and the masked vectors hold the rest.

@@ -65,3 +65,30 @@ def test_the_kept_update_goes_when_the_run_ends(tmp_path: Path) -> None:
     evaluate = wire.Frame({**request.header, "op": "evaluate"}, request.arrays)
     assert worker.handle(evaluate).header["ok"]
     assert not kept[0].exists()
+
+
+def test_an_update_is_sent_again_only_to_the_same_participants(tmp_path: Path) -> None:
+    import json
+
+    from medfed.client.released import (
+        Released,
+        ReleasedUpdates,
+        model_digest,
+        participants_of,
+        run_digest,
+    )
+    from medfed.core.config import RunConfig
+
+    run = RunConfig(task="tiny-seg")
+    store = ReleasedUpdates(tmp_path)
+    model = np.arange(4, dtype=np.float32)
+    store.save("7", Released(2, run_digest(run), model_digest(model), ("site-a", "site-b"),
+                             np.ones(3, dtype=np.float32), 5.0, {}, {}))
+    same = participants_of({wire.SECAGG_PARTICIPANTS: json.dumps(["site-b", "site-a"])})
+    other = participants_of({wire.SECAGG_PARTICIPANTS: json.dumps(["site-a", "site-c"])})
+    assert store.matching("7", run, 2, model, same) is not None
+    # summed with another site, the same update would let the server subtract two sums
+    assert store.matching("7", run, 2, model, other) is None
+    assert store.matching("7", run, 3, model, same) is None
+    store.forget("7")
+    assert store.matching("7", run, 2, model, same) is None
