@@ -94,12 +94,13 @@ def _run(grid: Grid, context: Context, run: RunConfig, folder: RunFolder) -> Non
         initial = shared_state(initial_weights(task, seed=run.seed, init=run.init_weights),
                                local)
         layout = Layout.of(initial)
-        if not run.resume_of:
+        if run.init_from:  # warm start: the weights of an earlier run, checked against ours
+            source, initial = load_start_weights(runs_dir, run.init_from, layout)
+        if not run.resume_of:  # said once, when the run starts
             if run.init_weights == "public":
                 folder.event("initial-model", source=f"public weights of {task.name}",
                              path=str(task.public_weights))
-            if run.init_from:  # warm start: the weights of an earlier run, checked against ours
-                source, initial = load_start_weights(runs_dir, run.init_from, layout)
+            if run.init_from:
                 folder.event("initial-model", source=str(source))
             if (warning := _update_dp_warning(run, layout.size)) is not None:
                 folder.event("warning", reason=warning)

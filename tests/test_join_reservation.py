@@ -152,18 +152,24 @@ def test_a_run_refused_when_it_joins_again_gives_up_its_earlier_hold(tmp_path: P
 # ------------------------------------------------------------------------------ worker
 
 
-def test_the_worker_holds_at_join_and_releases_at_the_end_of_the_run(tmp_path: Path) -> None:
+def _site_worker(tmp_path: Path):  # noqa: ANN202 - a SiteWorker
+    """A site worker whose one dataset has a budget of epsilon 3."""
     from medfed.client.worker import SiteWorker
     from medfed.core.config import validate
-    from medfed.core.packing import WEIGHTS_KEY, pack
-    from medfed.core.secagg import SecAggConfig
-    from medfed.tasks import engine, get_task
 
     cfg = validate(SiteConfig, {
         "site": {"name": "site-x"}, "data": {"num_samples": 32}, "compute": {"threads": 1},
         "privacy": {"default": "brain", "datasets": {"brain": {"epsilon_max": 3.0}}}},
         where="test")
-    worker = SiteWorker(cfg, tmp_path / "site.toml")
+    return SiteWorker(cfg, tmp_path / "site.toml")
+
+
+def test_the_worker_holds_at_join_and_releases_at_the_end_of_the_run(tmp_path: Path) -> None:
+    from medfed.core.packing import WEIGHTS_KEY, pack
+    from medfed.core.secagg import SecAggConfig
+    from medfed.tasks import engine, get_task
+
+    worker = _site_worker(tmp_path)
     run = secure_run()
 
     def query(run_id: int) -> wire.Frame:
@@ -185,15 +191,9 @@ def test_the_worker_holds_at_join_and_releases_at_the_end_of_the_run(tmp_path: P
 
 
 def test_a_run_the_server_ended_early_releases_its_hold_and_keys(tmp_path: Path) -> None:
-    from medfed.client.worker import SiteWorker
-    from medfed.core.config import validate
     from medfed.core.secagg import SecAggConfig
 
-    cfg = validate(SiteConfig, {
-        "site": {"name": "site-x"}, "data": {"num_samples": 32}, "compute": {"threads": 1},
-        "privacy": {"default": "brain", "datasets": {"brain": {"epsilon_max": 3.0}}}},
-        where="test")
-    worker = SiteWorker(cfg, tmp_path / "site.toml")
+    worker = _site_worker(tmp_path)
     run = secure_run()
 
     def query(run_id: int, **config: str) -> wire.Frame:
