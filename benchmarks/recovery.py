@@ -2,9 +2,13 @@
 
 One federation on 127.0.0.1 (TLS, site authentication, secure aggregation on,
 3 site daemons): a run of ``--rounds`` rounds of FedAvg; in round ``--crash-round``,
-once its training messages are out, the SuperLink and its ServerApp are killed
-(SIGKILL to the process group), and ``start_superlink`` (what ``medfed server start``
-calls) starts the server again, which resumes the run (``medfed.server.resume``).
+once its training messages are out, the SuperLink is killed (SIGKILL to its process
+group; its SuperExec and the run's ServerApp end with it), and ``start_superlink``
+starts the server again, which resumes the run (``medfed.server.resume``). This
+process plays ``medfed server start``, which does the same when its SuperLink dies
+(``medfed.server.superlink.keep_running``) and, like this process, keeps a warm spare
+ServerApp that outlives the SuperLink (``medfed.server.serverapp_spare``). If the
+whole server machine restarts, the resumed ServerApp starts cold (5-8 s more here).
 
 Figures (one line each):
 
@@ -13,8 +17,8 @@ Figures (one line each):
   round, redone); anchor = the median seconds of the same run's other rounds (from
   its ``round-finished`` events, >= 5 rounds); ratio = how many rounds' worth the
   crash cost. Target (issue 20): <= 3. The one-time parts are printed beside it:
-  the SuperLink's start, the resumed ServerApp's start (a new process importing
-  torch and MONAI), the secure-aggregation join, and the redone round.
+  the SuperLink's start, the resumed ServerApp's start (the warm spare taking the
+  run), the secure-aggregation join, and the redone round.
 - ``rounds_redone``: value = rounds trained more than once besides the interrupted
   one; anchor = the run's rounds; ratio = the fraction redone. Target: 0.
 

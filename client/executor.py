@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 import zipfile
+from collections.abc import Callable
 
 import httpx
 import tomllib
@@ -170,12 +171,19 @@ class InProcessExecutor:
                 reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
                                       reason=details), reply_to=message)
         finally:
-            try:
-                if reply is not None and context is not None:
-                    push_message(client, reply, context)
-            finally:
-                push_task_output(client, context, sub_status, details)
-                if heartbeat.is_running:
-                    heartbeat.stop()
-                client.close()
-                self.tasks_run += 1
+            if reply is not None and context is not None:
+                _tolerate_withdrawal(push_message, client, reply, context)
+            _tolerate_withdrawal(push_task_output, client, context, sub_status, details)
+            if heartbeat.is_running:
+                heartbeat.stop()
+            client.close()
+            self.tasks_run += 1
+
+
+def _tolerate_withdrawal(push: Callable[..., object], *args: object) -> None:
+    """Push a task's result; a SuperNode that withdrew the task (its run ended) refuses it."""
+    try:
+        push(*args)
+    except Exception as exc:  # noqa: BLE001 - the next task must still be taken
+        log.warning("the SuperNode did not take this task's result (its run may have "
+                    "ended): %s", exc)

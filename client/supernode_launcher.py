@@ -6,6 +6,9 @@ and 0.5 s between checks for the ClientApp's reply; each round pays these twice
 (train, evaluate). This launcher caps those sleeps at ``MEDFED_POLL_INTERVAL``
 seconds, then runs the stock ``flower-supernode`` entry point unchanged.
 
+A message of a run that ended while it was being received no longer leaves a task
+that blocks the site's executor (:mod:`medfed.client.ended_run_tasks`).
+
 A SuperNode whose connection to the SuperLink ended on an error exits (status 1)
 rather than lingering, so that the site daemon restarts it.
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 import os
 import sys
 
+from medfed.client.ended_run_tasks import withdraw_tasks_of_ended_runs
 from medfed.core.flower_tuning import cap_module_sleeps, shorten_object_pull_backoff
 from medfed.core.parent_watch import watch_parent
 
@@ -26,10 +30,11 @@ POLL_ENV = "MEDFED_POLL_INTERVAL"
 def main() -> int:
     """Apply the poll caps (if configured) and run flower-supernode."""
     watch_parent()  # the site daemon owns this process; never outlive it
+    from flwr.supernode import start_client_internal
+
+    withdraw_tasks_of_ended_runs(start_client_internal)
     cap = os.environ.get(POLL_ENV)
     if cap:
-        from flwr.supernode import start_client_internal
-
         cap_module_sleeps(start_client_internal, float(cap))
         shorten_object_pull_backoff(start_client_internal, float(cap) / 4, 1.0)
     from flwr.supernode.cli import flower_supernode

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from medfed.core.errors import MedfedError, ProcessError
 from medfed.core.flower_env import flower_env
 from medfed.core.identity import check_certificate_valid, check_issued_by, load_certificate
-from medfed.core.procs import Managed, require_free_port, wait_for_port
+from medfed.core.procs import Managed, RestartBackoff, require_free_port, wait_for_port
 from medfed.server.app import RUNS_DIR_ENV
 from medfed.server.control import Control
 from medfed.server.federation import Federation, server_trust_file
 from medfed.server.resume import ResumeOutcome, resume_unfinished
+from medfed.server.serverapp_spare import SPARES_ENV, spare_pool
 
 log = logging.getLogger("medfed.server")
 
@@ -48,22 +50,38 @@ def superlink_process(fed: Federation) -> Managed:
         "--disable-runtime-dependency-installation",
         "--host", link.host, "--port", str(link.port),
     ]
-    env = {**flower_env(db.parent / "flwr_home"), RUNS_DIR_ENV: str(fed.runs_dir)}
+    env = {**flower_env(db.parent / "flwr_home"), RUNS_DIR_ENV: str(fed.runs_dir),
+           SPARES_ENV: str(spares_folder(fed))}
     return Managed("SuperLink", argv, fed.path(state.log_file), env=env)
+
+
+def spares_folder(fed: Federation) -> Path:
+    """Where the warm spare ServerApps listen (:mod:`medfed.server.serverapp_spare`)."""
+    return fed.path(fed.config.state.database).parent / "spares"
 
 
 def start_superlink(fed: Federation, *, timeout: float = 60.0, resume: bool = True,
                     on_resumed: Callable[[ResumeOutcome], None] | None = None) -> Managed:
     """Check TLS and the port, start the SuperLink, wait until it serves, enrol known sites.
 
-    Then every run the server lost in a crash is resumed (or, with ``resume`` off, ended
-    as failed); ``on_resumed`` hears what happened to each (:mod:`medfed.server.resume`).
+    This process keeps a warm spare ServerApp for the SuperLink's runs, which outlives
+    a SuperLink crash (:mod:`medfed.server.serverapp_spare`); stopping the returned
+    process stops it. Then every run the server lost in a crash is resumed (or, with
+    ``resume`` off, ended as failed); ``on_resumed`` hears what happened to each
+    (:mod:`medfed.server.resume`).
     """
     check_tls(fed)
     link = fed.config.superlink
     require_free_port(link.host, link.port, what="SuperLink",
                       key=f"{fed.config_path} key superlink.port")
-    proc = superlink_process(fed).start()
+    proc = superlink_process(fed)
+    try:  # a warm ServerApp for the first run (a resumed one, say): this process keeps one
+        pool = spare_pool(spares_folder(fed), proc.env, proc.log_path)
+        proc.on_stop = pool.stop
+    except OSError as exc:
+        log.warning("runs start without a warm ServerApp: %s", exc)
+        proc.env.pop(SPARES_ENV)
+    proc.start()
     if not wait_for_port(link.host, link.port, timeout=timeout, alive=proc.alive):
         tail = proc.log_tail()
         proc.stop()
@@ -81,6 +99,35 @@ def start_superlink(fed: Federation, *, timeout: float = 60.0, resume: bool = Tr
         proc.stop()
         raise
     return proc
+
+
+def keep_running(proc: Managed, restart: Callable[[], Managed], *,
+                 report: Callable[[str], None], stop: threading.Event | None = None,
+                 poll: float = 0.5) -> None:
+    """Start the SuperLink ``proc`` again, with ``restart``, whenever it stops.
+
+    Waits a back-off first (1 s doubling to 60 s while it keeps failing); ``restart``
+    (:func:`start_superlink`) resumes its runs, and the warm spare ServerApp this
+    process keeps, which a dead SuperLink leaves alone, takes the first at once.
+    Until ``stop`` is set (or an interrupt); then the SuperLink of the moment is stopped.
+    """
+    stop = stop or threading.Event()
+    backoff = RestartBackoff()
+    try:
+        while not stop.wait(poll):
+            if proc.alive():
+                continue
+            delay = backoff.delay(proc.uptime())
+            code = proc.proc.returncode if proc.proc is not None else None
+            report(f"the SuperLink stopped (exit {code}); starting it again in {delay:.0f} s; "
+                   f"last log lines:\n{proc.log_tail()}")
+            proc.on_stop = None  # closes its log; the spare stays for the next SuperLink
+            proc.stop()
+            if stop.wait(delay):
+                break
+            proc = restart()
+    finally:
+        proc.stop()
 
 
 def sync_enrolment(fed: Federation) -> int:

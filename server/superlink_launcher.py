@@ -157,11 +157,36 @@ def supervise_superexec() -> None:
     lifespan._start_superexec_if_needed = start
 
 
+def launch_superexec_with_spares() -> None:
+    """Start medfed's SuperExec launcher in place of ``flower-superexec``.
+
+    It hands each run's ServerApp to a warm spare process when the server keeps one
+    (:mod:`medfed.server.superexec_launcher`, :mod:`medfed.server.serverapp_spare`).
+    """
+    import importlib
+
+    module = importlib.import_module("flwr.superlink.cli.flower_superlink")
+    original = getattr(module, "_get_superexec_command", None)
+    if original is None:
+        log.warning("medfed: Flower changed; each ServerApp starts cold")
+        return
+
+    def command(*args: Any, **kwargs: Any) -> list[str]:
+        stock = list(original(*args, **kwargs))
+        if stock[:1] != ["flower-superexec"]:
+            log.warning("medfed: Flower's SuperExec command changed; ServerApps start cold")
+            return stock
+        return [sys.executable, "-m", "medfed.server.superexec_launcher", *stock[1:]]
+
+    module._get_superexec_command = command
+
+
 def main() -> int:
     """Watch the parent, follow certificate renewals, run the stock flower-superlink."""
     watch_parent()
     reload_certificates_on_change()
     supervise_superexec()
+    launch_superexec_with_spares()
     from flwr.superlink.cli import flower_superlink
 
     sys.argv[0] = "flower-superlink"

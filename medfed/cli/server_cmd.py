@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -80,9 +79,12 @@ def start(config: ConfigOpt = Path("server.toml"),
           resume: Annotated[bool, typer.Option(
               "--resume/--no-resume", help="resume the runs a crash interrupted (default), "
               "or end them as failed")] = True) -> None:
-    """Run the SuperLink (TLS, site authentication, persistent state) until Ctrl-C."""
+    """Run the SuperLink (TLS, site authentication, persistent state) until Ctrl-C.
+
+    A SuperLink that stops is started again after a back-off, and its runs resume.
+    """
     from medfed.server.federation import Federation
-    from medfed.server.superlink import start_superlink
+    from medfed.server.superlink import keep_running, start_superlink
 
     def said(outcome) -> None:  # noqa: ANN001 - a ResumeOutcome
         if outcome.resumed_as is not None:
@@ -98,16 +100,11 @@ def start(config: ConfigOpt = Path("server.toml"),
                   f"https://{link.host}:{link.port} (sites dial {link.address})")
     console.print(f"  runs:  {fed.runs_dir}\n  log:   {proc.log_path}\n  Ctrl-C stops it.")
     signal.signal(signal.SIGTERM, interrupt_on_signal)
-    try:
-        while proc.alive():
-            time.sleep(0.5)
-        console.print(f"[red]the SuperLink stopped[/] (exit {proc.proc.returncode}); "
-                      f"last log lines:\n{proc.log_tail()}")
-        raise typer.Exit(1)
+    try:  # stops the SuperLink it runs when interrupted
+        keep_running(proc, lambda: start_superlink(fed, resume=resume, on_resumed=said),
+                     report=lambda text: console.print(f"[red]{escape(text)}[/]"))
     except KeyboardInterrupt:
         console.print("stopping the server ...")
-    finally:
-        proc.stop()
 
 
 @app.command("renew-cert")

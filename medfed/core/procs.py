@@ -101,6 +101,7 @@ class Managed:
     _log_start: int = 0  # where this start's output begins in the (appended) log
     started_at: float = 0.0  # time.monotonic() of the last start
     _read_to: int = 0  # how far new_output() has read
+    on_stop: Callable[[], None] | None = None  # called by stop(), after the group ended
 
     def start(self) -> Managed:
         """Start the process; its stdout and stderr go to ``log_path``."""
@@ -174,6 +175,8 @@ class Managed:
         if self._log is not None:
             self._log.close()
             self._log = None
+        if self.on_stop is not None:
+            self.on_stop()
 
 
 class ProcessGroup:

@@ -403,3 +403,27 @@ def test_sites_and_enrol_say_who_answers_when_the_server_has_another_certificate
         assert "Traceback" not in out.stderr and "CERTIFICATE_VERIFY_FAILED" not in text
     assert "not registered with the running server" in outputs[0].stdout
     assert "unknown (see above)" in outputs[1].stdout
+
+
+def test_the_server_starts_a_superlink_that_stopped_again_and_stops_the_last_one(
+        short_tmp: Path) -> None:
+    from medfed.server.superlink import keep_running
+
+    def proc(name: str, code: str) -> Managed:
+        return Managed(name, [sys.executable, "-c", code], short_tmp / f"{name}.log")
+
+    crashed = proc("crashing", "print('boom', flush=True); raise SystemExit(3)").start()
+    spare_kept: list[str] = []
+    crashed.on_stop = lambda: spare_kept.append("stopped")  # the spare pool's stop
+    restarted: list[Managed] = []
+    stop, reports = threading.Event(), []
+
+    def restart() -> Managed:
+        restarted.append(proc("restarted", "import time; time.sleep(60)").start())
+        stop.set()
+        return restarted[-1]
+
+    keep_running(crashed, restart, report=reports.append, stop=stop, poll=0.05)
+    assert len(restarted) == 1 and "exit 3" in reports[0] and "boom" in reports[0]
+    assert spare_kept == []  # the dead SuperLink's stop left the spare alone
+    assert restarted[0].proc.poll() is not None  # the running one was stopped at the end

@@ -1,0 +1,92 @@
+"""Withdraw the SuperNode tasks of a run that ended while its message was being received.
+
+Flower 1.42's SuperNode creates a ClientApp task for a message *before* it pulls the
+message's arrays from the SuperLink. If the run stops in between (the server that
+sent it crashed, say, and a resumed run took its place) the pull raises
+``RunNotRunningException`` and Flower logs "Ignoring message", but leaves the task
+pending and the content-less message stored. The site's executor then takes that task
+and waits up to ~250 s for arrays that never come, while the resumed run's join
+queues behind it and times out (seen as "Secure aggregation needs 2 sites, 1 joined").
+
+:func:`withdraw_tasks_of_ended_runs` wraps Flower's receive step: when a pull reports
+the run is no longer running, every unfinished task of that run is finished as failed
+(its task token stops working, so an executor already holding it gives up at once),
+and the run's stored message and objects are dropped.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+log = logging.getLogger("medfed.site")
+
+UNFINISHED = ("pending", "starting", "running")
+
+
+def withdraw_ended_run(state: Any, object_store: Any, run_id: int,
+                       message_ids: list[str]) -> int:
+    """Finish ``run_id``'s unfinished tasks as failed; drop its messages and objects.
+
+    Returns how many tasks were withdrawn.
+    """
+    withdrawn = 0
+    for task in state.get_tasks(run_ids=[run_id], statuses=list(UNFINISHED)):
+        if state.finish_task(task.task_id, sub_status="failed",
+                             details=f"run {run_id} ended before its message arrived"):
+            withdrawn += 1
+    state.delete_messages(message_ids=message_ids)
+    object_store.delete_objects_in_run(run_id)
+    return withdrawn
+
+
+def withdraw_tasks_of_ended_runs(module: ModuleType) -> bool:
+    """Patch ``module._pull_and_store_message`` (flwr.supernode.start_client_internal)."""
+    from flwr.supercore.run import RunNotRunningException
+
+    original = getattr(module, "_pull_and_store_message", None)
+    if original is None or getattr(original, "_medfed_withdraws", False):
+        if original is None:
+            log.warning("%s has no _pull_and_store_message; tasks of a run that ends while "
+                        "its message arrives are left to expire", module.__name__)
+        return False
+
+    @functools.wraps(original)
+    def pull_and_store(*, state: Any, object_store: Any, receive: Callable[[], Any],
+                       pull_object: Callable[[int, str], bytes],
+                       confirm_message_received: Callable[[int, str], None],
+                       **kwargs: Any) -> int | None:
+        received: list[str] = []
+        ended: list[int] = []
+
+        def note_receive() -> Any:
+            got = receive()
+            if got is not None:
+                received.append(got[0].metadata.message_id)
+            return got
+
+        def noting_end(call: Callable[[int, str], Any]) -> Callable[[int, str], Any]:
+            def wrapped(run_id: int, object_id: str) -> Any:
+                try:
+                    return call(run_id, object_id)
+                except RunNotRunningException:
+                    ended.append(run_id)
+                    raise
+            return wrapped
+
+        run_id = original(state=state, object_store=object_store, receive=note_receive,
+                          pull_object=noting_end(pull_object),
+                          confirm_message_received=noting_end(confirm_message_received),
+                          **kwargs)
+        for stopped in dict.fromkeys(ended):
+            n = withdraw_ended_run(state, object_store, stopped, received)
+            log.warning("run %s ended while a message of it arrived; %d task(s) withdrawn",
+                        stopped, n)
+        return run_id
+
+    pull_and_store._medfed_withdraws = True  # type: ignore[attr-defined]
+    module._pull_and_store_message = pull_and_store  # type: ignore[attr-defined]
+    return True

@@ -1,0 +1,62 @@
+"""Warm spare ServerApps: the hand-over, a gone spare, and the pool that keeps one."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from medfed.server.serverapp_spare import SOCKET_SUFFIX, SparePool, hand_over
+from medfed.server.superexec_launcher import SERVERAPP_COMMAND, SpareFirst
+
+
+def test_no_spare_means_no_hand_over(short_tmp: Path) -> None:
+    assert not hand_over(str(short_tmp), ["--token", "t"])
+
+
+def test_the_socket_of_a_spare_that_died_is_removed(short_tmp: Path) -> None:
+    path = short_tmp / f"dead{SOCKET_SUFFIX}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(str(path))  # bound, never listening, then closed: as a killed spare leaves it
+    assert path.exists()
+    assert not hand_over(str(short_tmp), ["--token", "t"], timeout=1.0)
+    assert not path.exists()
+
+
+def test_without_a_spare_the_serverapp_starts_as_flower_starts_it(
+        short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    started: list[list[str]] = []
+    monkeypatch.setattr(subprocess, "Popen", lambda args, **kw: started.append(list(args)))
+    launcher = SpareFirst(str(short_tmp))
+    launcher.Popen(["flower-something", "x"])  # not a ServerApp: started as is
+    launcher.Popen([SERVERAPP_COMMAND, "--token", "t"])  # no spare listens: started cold
+    assert started == [["flower-something", "x"], [SERVERAPP_COMMAND, "--token", "t"]]
+    assert launcher.handed_over == 0
+
+
+def _wait_for(predicate, timeout: float = 60.0) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_a_spare_takes_a_run_and_the_pool_starts_the_next(short_tmp: Path) -> None:
+    folder = short_tmp / "spares"
+    pool = SparePool(folder, env={}, check_every=0.1).start()
+    try:
+        _wait_for(lambda: len(list(folder.glob("*" + SOCKET_SUFFIX))) == 1)
+        first = pool._proc
+        # flwr-serverapp's arguments; --help makes it print its usage and exit 0
+        assert hand_over(str(folder), ["--help"])
+        assert first is not None and first.wait(120) == 0
+        _wait_for(lambda: pool.started == 2 and len(list(folder.glob("*" + SOCKET_SUFFIX))) == 1)
+        second = pool._proc
+    finally:
+        pool.stop()
+    assert second is not None and second.wait(10) is not None  # the idle spare ended
+    assert list(folder.glob("*" + SOCKET_SUFFIX)) == []
