@@ -39,6 +39,7 @@ log = logging.getLogger("medfed.server")
 SPARES_ENV = "MEDFED_SERVERAPP_SPARES"
 TAKEN = b"taken\n"
 SOCKET_SUFFIX = ".sock"
+TAKEN_SUFFIX = ".taken"  # a spare's socket, renamed once it took a run
 MAX_SOCKET_PATH = 100  # AF_UNIX paths are limited to 107 bytes on Linux
 
 
@@ -71,7 +72,8 @@ class SparePool:
             return self
         self._stop.clear()
         self.folder.mkdir(parents=True, exist_ok=True)
-        for stale in self.folder.glob("*" + SOCKET_SUFFIX):  # of a crashed predecessor
+        for stale in [*self.folder.glob("*" + SOCKET_SUFFIX),  # of a crashed predecessor
+                      *self.folder.glob("*" + TAKEN_SUFFIX)]:
             with contextlib.suppress(OSError):
                 stale.unlink()
         self.replenish()
@@ -119,7 +121,12 @@ class SparePool:
         if self._socket.exists():
             self._bound = True
             return True
-        return not self._bound  # bound once and now gone: taken
+        taken = self._socket.with_name(self._socket.name + TAKEN_SUFFIX)
+        if taken.exists():
+            with contextlib.suppress(OSError):
+                taken.unlink()
+            return False
+        return not self._bound  # not bound yet: about to wait for a run
 
     def stop(self) -> None:
         """Stop keeping a spare; end the idle one."""
@@ -225,7 +232,7 @@ def _wait_for_run(path: str) -> list[str]:
             with conn:
                 try:
                     argv = json.loads(conn.makefile("rb").readline())
-                    os.unlink(path)  # no second run: the pool sees it taken
+                    os.rename(path, path + TAKEN_SUFFIX)  # no second run; the pool sees it
                     conn.sendall(TAKEN)
                 except (OSError, ValueError):
                     continue
