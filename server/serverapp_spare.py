@@ -33,6 +33,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from medfed.core.procs import RestartBackoff
+
 log = logging.getLogger("medfed.server")
 
 #: The folder of the spares' sockets (set for the SuperLink and its SuperExec).
@@ -62,6 +64,8 @@ class SparePool:
         self._socket: Path | None = None
         self._bound = False
         self._taken: list[subprocess.Popen[bytes]] = []  # spares now running a ServerApp
+        self._backoff = RestartBackoff()
+        self._not_before = 0.0  # no new spare before this time.monotonic()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -92,7 +96,15 @@ class SparePool:
         """Start a new spare if the last one was taken or is gone."""
         with self._lock:
             self._taken = [p for p in self._taken if p.poll() is None]  # reaps ended runs
-            if self._stop.is_set() or self._idle():
+            if self._stop.is_set() or self._idle() or time.monotonic() < self._not_before:
+                return
+            if self._proc is not None and self._proc.poll() is not None and not self._bound:
+                # it died before it could take a run (a broken install, say): back off
+                self._not_before = time.monotonic() + self._backoff.delay(0.0)
+                log.warning("a spare ServerApp ended at its start (exit %s); the next in "
+                            "%.0f s, runs start cold meanwhile", self._proc.returncode,
+                            self._not_before - time.monotonic())
+                self._proc = None
                 return
             if self._proc is not None:
                 self._taken.append(self._proc)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -60,3 +61,15 @@ def test_a_spare_takes_a_run_and_the_pool_starts_the_next(short_tmp: Path) -> No
         pool.stop()
     assert second is not None and second.wait(10) is not None  # the idle spare ended
     assert list(folder.glob("*" + SOCKET_SUFFIX)) == []
+
+
+def test_a_spare_that_dies_at_its_start_is_retried_with_a_back_off(
+        short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "executable", "/bin/false")  # each spare exits 1 at once
+    pool = SparePool(short_tmp / "spares", env={}, check_every=0.05)
+    try:
+        pool.start()
+        time.sleep(1.5)
+    finally:
+        pool.stop()
+    assert 1 <= pool.started <= 3  # 1 s, then 2 s apart: not one every 0.05 s
