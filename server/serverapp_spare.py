@@ -30,9 +30,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
+from medfed.core.parent_watch import exit_when
 from medfed.core.procs import RestartBackoff
 
 log = logging.getLogger("medfed.server")
@@ -204,18 +204,6 @@ def _warm_up() -> None:
     import medfed.server.app  # noqa: F401  (torch, MONAI, Opacus, the strategies)
 
 
-def _end_with(pid_alive: Callable[[], bool], *, grace: float = 5.0, interval: float = 0.5) -> None:
-    """SIGTERM this process once ``pid_alive()`` is false; exit for good ``grace`` s later."""
-    def watch() -> None:
-        while pid_alive():
-            time.sleep(interval)
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(grace)
-        os._exit(3)
-
-    threading.Thread(target=watch, name="medfed-spare-watch", daemon=True).start()
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -259,14 +247,14 @@ def main(path: str) -> int:
     def owner_alive() -> bool:  # an idle spare nobody can hand a run to ends
         return taken.is_set() or os.getppid() == owner
 
-    _end_with(owner_alive, grace=0.0)
+    exit_when(owner_alive, grace=0.0)
     warm = threading.Thread(target=_warm_up, name="medfed-spare-warm-up", daemon=True)
     warm.start()
     argv = _wait_for_run(path)
     taken.set()
     superexec = _parent_pid(argv)
     if superexec is not None:  # a ServerApp ends with its SuperExec (and so its SuperLink)
-        _end_with(lambda: _alive(superexec))
+        exit_when(lambda: _alive(superexec))
     warm.join()
     from flwr.superlink.cli import flwr_serverapp
 

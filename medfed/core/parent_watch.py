@@ -11,6 +11,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 
 # Set by a process that starts medfed daemons it must not leave behind (demo, tests).
 EXIT_WITH_PARENT_ENV = "MEDFED_EXIT_WITH_PARENT"
@@ -41,9 +42,17 @@ def exit_with_parent(grace: float = 5.0, interval: float = 0.5) -> threading.Thr
     be cut (the ServerApp: a run resumes from its last saved round).
     """
     parent = os.getppid()
+    return exit_when(lambda: os.getppid() == parent, grace=grace, interval=interval)
 
+
+def exit_when(alive: Callable[[], bool], *, grace: float = 5.0, interval: float = 0.5
+              ) -> threading.Thread:
+    """Start a daemon thread that ends this process once ``alive()`` turns false.
+
+    SIGTERM first, then ``os._exit(3)`` ``grace`` seconds later (see :func:`exit_with_parent`).
+    """
     def _watch() -> None:
-        while os.getppid() == parent:
+        while alive():
             time.sleep(interval)
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(grace)
