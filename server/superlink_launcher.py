@@ -6,7 +6,8 @@ certificate once, at start. Here that context checks, at most once a second and
 during a handshake, whether the certificate or key file was replaced (`medfed server
 renew-cert`, `rotate-ca --finish`) and hands each new handshake a context loaded
 from the new files. Connections already open keep theirs; a run in progress goes on.
-And it starts Flower's SuperExec again should it stop (:func:`supervise_superexec`).
+And it starts Flower's SuperExec again should it stop (:func:`supervise_superexec`),
+and forgets the site connections of the SuperLink's last life (:mod:`.stale_nodes`).
 
 Usage: ``python -m medfed.server.superlink_launcher [flower-superlink args]``.
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from medfed.core.parent_watch import watch_parent
+from medfed.server.stale_nodes import database_arg, mark_nodes_offline
 
 log = logging.getLogger("flwr")  # the SuperLink's own log
 
@@ -187,6 +189,8 @@ def main() -> int:
     reload_certificates_on_change()
     supervise_superexec()
     launch_superexec_with_spares()
+    if (database := database_arg(sys.argv[1:])) is not None:
+        mark_nodes_offline(database)
     from flwr.superlink.cli import flower_superlink
 
     sys.argv[0] = "flower-superlink"
