@@ -1,8 +1,12 @@
 """Round latency: medfed vs a stock Flower 1.42 deployment, same tiny workload, one run.
 
 Both federations run on 127.0.0.1 with TLS and SuperNode authentication: one
-SuperLink, 3 SuperNodes, 3 rounds of FedAvg (train + evaluate per round) on a
-model of about 2,000 parameters.
+SuperLink, 3 SuperNodes, 5 rounds of FedAvg (train + evaluate per round) on a
+model of about 2,000 parameters, or with ``--params 10M`` / ``--params 50M`` on
+both models padded to that size with parameters whose mean offsets the output
+(stock: the linear model; medfed: ``tiny-seg-10m`` / ``tiny-seg-50m``): every
+message then carries a real-size model while each local step stays as cheap as
+before, so the figure is the platform's cost of moving and adding real-size models.
 
 - anchor: a plain Flower app (``benchmarks/stock_flower_app``: default ServerApp
   and ClientApp, stock ``flower-superlink`` / ``flower-supernode``, launched with
@@ -12,9 +16,9 @@ model of about 2,000 parameters.
   task ``tiny-seg`` (a 1,947-parameter MONAI UNet).
 
 Figure: median seconds per round (train + evaluate + aggregation), ratio
-medfed / stock. Target (issue 2): ratio <= 0.3.
+medfed / stock. Target (issues 2 and 21): ratio <= 0.3, at every model size.
 
-Run: ``python benchmarks/round_latency.py [--quick] [--rounds N]``.
+Run: ``python benchmarks/round_latency.py [--quick] [--rounds N] [--params 10M|50M]``.
 """
 
 from __future__ import annotations
@@ -116,13 +120,26 @@ def _wait_stock_online(env: dict[str, str], count: int) -> None:
     raise RuntimeError("stock SuperNodes did not come online")
 
 
-def run_medfed(root: Path, rounds: int) -> list[float]:
+#: Model sizes (--params) and medfed's task of that size; 0 is tiny-seg's own 1,947.
+TASK_OF_SIZE = {0: "tiny-seg", 10_000_000: "tiny-seg-10m", 50_000_000: "tiny-seg-50m"}
+STOCK_PARAMS = 2_000  # the stock app's linear model
+
+
+def parse_params(text: str) -> int:
+    """``10M`` -> 10_000_000; one of the sizes in :data:`TASK_OF_SIZE`."""
+    value = int(float(text[:-1]) * 1_000_000) if text.upper().endswith("M") else int(text)
+    if value not in TASK_OF_SIZE:
+        raise argparse.ArgumentTypeError(f"--params {text}: one of 0, 10M, 50M")
+    return value
+
+
+def run_medfed(root: Path, rounds: int, task: str = "tiny-seg") -> list[float]:
     """medfed: LocalFederation with real site daemons; returns seconds per round."""
     names = [f"site-{i + 1}" for i in range(SITES)]
     with LocalFederation(root, names, name="bench") as fed:
         fed.create(site_data=lambda i, n: {"num_samples": 64})
         fed.start()
-        _, summary = fed.run(RunConfig(task="tiny-seg", rounds=rounds, min_sites=SITES))
+        _, summary = fed.run(RunConfig(task=task, rounds=rounds, min_sites=SITES))
     if summary.get("status") != "completed":
         raise RuntimeError(f"medfed run failed: {summary}")
     rounds_done = sorted(summary["round_seconds"].items(), key=lambda kv: int(kv[0]))
@@ -132,22 +149,27 @@ def run_medfed(root: Path, rounds: int) -> list[float]:
 def main() -> None:
     """Run both, print per-round times, medians and the BENCH line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 rounds instead of 3")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="2 rounds instead of 5")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--params", type=parse_params, default=0,
+                        help="model size: 10M or 50M (default: the 2,000-parameter models)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folders")
     args = parser.parse_args()
     rounds = 2 if args.quick else args.rounds
     tmp = Path(tempfile.mkdtemp(prefix="medfed-bench-"))
     try:
-        stock = run_stock(tmp / "stock", rounds)
-        medfed = run_medfed(tmp / "medfed", rounds)
+        extra = f"extra-params={args.params - STOCK_PARAMS}" if args.params else ""
+        stock = run_stock(tmp / "stock", rounds, extra_config=extra)
+        medfed = run_medfed(tmp / "medfed", rounds, TASK_OF_SIZE[args.params])
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
     s_med, m_med = statistics.median(stock), statistics.median(medfed)
     print(f"stock Flower 1.42 seconds per round: {stock}  median {s_med:.2f}")
     print(f"medfed            seconds per round: {medfed}  median {m_med:.2f}")
-    print(f"BENCH round_latency median_round_seconds value={m_med:.3f} anchor={s_med:.3f} "
+    measure = "median_round_seconds" + (f"_{args.params // 1_000_000}m" if args.params else "")
+    print(f"model size: {args.params or STOCK_PARAMS:,} parameters (both)")
+    print(f"BENCH round_latency {measure} value={m_med:.3f} anchor={s_med:.3f} "
           f"ratio={m_med / s_med:.3f} target<=0.3 unit=s")
 
 

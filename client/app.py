@@ -3,7 +3,9 @@
 It runs inside the site daemon (``medfed.client.executor``), or, under Flower's
 own isolation, in a process per message; it imports neither torch nor task code,
 so either way it is cheap. The worker (``medfed.client.worker``), which holds the
-model, the decoded data and the GPU context, does the work.
+model, the decoded data and the GPU context, does the work. The simulation engine
+(``medfed.local.simulation``) puts the same two edges, :func:`request_frame` and
+:func:`reply_message`, around an in-process worker.
 """
 
 from __future__ import annotations
@@ -13,21 +15,23 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import SType
 
 from medfed.core import wire
+from medfed.core.packing import npy_bytes, npy_view
 
 app = ClientApp()
 
 
-def _request(op: str, msg: Message) -> wire.Frame:
-    """The local-channel frame of a Flower message.
+def request_frame(op: str, msg: Message) -> wire.Frame:
+    """The local-channel frame of a Flower message (the worker's request).
 
     Config values go in the header; bytes values and arrays travel as typed buffers.
     """
     arrays = msg.content.array_records.get(wire.ARRAYS_KEY, ArrayRecord())
     config = msg.content.config_records.get(wire.CONFIG_KEY, ConfigRecord())
     header_config: dict[str, Any] = {}
-    buffers = {k: a.numpy() for k, a in arrays.items()}
+    buffers = {k: npy_view(a.data) for k, a in arrays.items()}  # read in place, not copied
     for key, value in config.items():
         if isinstance(value, bytes):
             buffers[wire.BYTES_PREFIX + key] = np.frombuffer(value, dtype=np.uint8)
@@ -37,7 +41,7 @@ def _request(op: str, msg: Message) -> wire.Frame:
                       buffers)
 
 
-def _reply(reply: wire.Frame, msg: Message) -> Message:
+def reply_message(reply: wire.Frame, msg: Message) -> Message:
     """The Flower reply of a worker frame (or an error naming the site and the reason)."""
     if not reply.header.get("ok"):
         # A refusal or failure is an explicit error reply naming the site and the reason.
@@ -54,7 +58,9 @@ def _reply(reply: wire.Frame, msg: Message) -> Message:
              if k.startswith(wire.BYTES_PREFIX)}
     if blobs:
         content[wire.SECAGG_RECORD_KEY] = ConfigRecord(blobs)
-    arrays = {k: Array(v) for k, v in reply.arrays.items() if not k.startswith(wire.BYTES_PREFIX)}
+    arrays = {k: Array(dtype=str(v.dtype), shape=tuple(int(n) for n in v.shape),
+                       stype=SType.NUMPY, data=npy_bytes(v))  # one copy (Array(v) makes two)
+              for k, v in reply.arrays.items() if not k.startswith(wire.BYTES_PREFIX)}
     if arrays:
         content[wire.ARRAYS_KEY] = ArrayRecord(arrays)
     return Message(content=content, reply_to=msg)
@@ -67,7 +73,7 @@ def _relay(op: str, msg: Message, context: Context) -> Message:
             f"node config key {wire.NODE_WORKER_SOCKET!r} is missing: this SuperNode was not "
             "started by `medfed site start`"
         )
-    return _reply(wire.call_worker(socket_path, _request(op, msg)), msg)
+    return reply_message(wire.call_worker(socket_path, request_frame(op, msg)), msg)
 
 
 @app.train()

@@ -51,10 +51,10 @@ def arrays_digest(arrays: dict[str, np.ndarray]) -> tuple[str, int]:
     h = hashlib.sha256()
     size = 0
     for name in sorted(arrays):
-        data = np.ascontiguousarray(arrays[name]).tobytes()
+        data = memoryview(np.ascontiguousarray(arrays[name])).cast("B")  # hashed in place
         h.update(name.encode())
         h.update(data)
-        size += len(data)
+        size += data.nbytes
     return "sha256:" + h.hexdigest(), size
 
 

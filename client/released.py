@@ -50,8 +50,8 @@ def participants_of(config: Mapping[str, Any]) -> tuple[str, ...]:
 
 def model_digest(vector: np.ndarray) -> str:
     """SHA-256 of a global model's packed float32 vector."""
-    return "sha256:" + hashlib.sha256(
-        np.ascontiguousarray(vector, dtype=np.float32).tobytes()).hexdigest()
+    return "sha256:" + hashlib.sha256(memoryview(
+        np.ascontiguousarray(vector, dtype=np.float32)).cast("B")).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -55,8 +55,9 @@ class _Run:
 
 
 def _update_digest(delta: np.ndarray, weight: float) -> str:
-    return hashlib.sha256(np.ascontiguousarray(delta).tobytes()
-                          + repr(float(weight)).encode()).hexdigest()
+    h = hashlib.sha256(memoryview(np.ascontiguousarray(delta)).cast("B"))  # no copy
+    h.update(repr(float(weight)).encode())
+    return h.hexdigest()
 
 
 class SecureSite:

@@ -34,6 +34,7 @@ from medfed.server.refusals import SitesRefused
 from medfed.server.rounds import run_rounds
 from medfed.server.run_state import RunStateStore
 from medfed.server.secure_aggregation import SecureAggregation
+from medfed.server.streaming_mean import StreamingMean, streams
 from medfed.strategies import build_strategy
 from medfed.strategies.registry import check_secure_aggregation
 from medfed.tasks import dp, get_task
@@ -68,13 +69,18 @@ def main(grid: Grid, context: Context) -> None:
     folder = (RunFolder.reopen(runs_dir, run.resume_of, context.run_id) if run.resume_of
               else RunFolder.create(runs_dir, context.run_id, run))
     with folder.lock():
-        _run(grid, context, run, folder)
+        run_in_folder(grid, context, run, folder, runs_dir=runs_dir)
 
 
-def _run(grid: Grid, context: Context, run: RunConfig, folder: RunFolder) -> None:
-    """The run in ``folder``; a resumed run goes on after its last completed round."""
+def run_in_folder(grid: Grid, context: Context, run: RunConfig, folder: RunFolder, *,
+                  runs_dir: Path, transport: str = "tls") -> None:
+    """The run in ``folder``; a resumed run goes on after its last completed round.
+
+    ``grid`` reaches the sites: the SuperLink's, or the simulation engine's
+    (:mod:`medfed.local.simulation`, ``transport`` then says so in the summary).
+    ``runs_dir`` holds the earlier runs a warm start (``init_from``) reads.
+    """
     run_id = run.resume_of or str(context.run_id)
-    runs_dir = _runs_dir(context)
     t0 = time.time()
     store = RunStateStore(folder.path)
     if not run.resume_of:
@@ -125,6 +131,7 @@ def _run(grid: Grid, context: Context, run: RunConfig, folder: RunFolder) -> Non
         if run.resume_of:
             folder.event("run-resumed", round=done + 1, flower_run_id=str(context.run_id))
         recorder = RecordingGrid(grid, folder)
+        recorder.expect_replies_of(4 * layout.size)  # float32 updates (or 32-bit masked)
         recorder.restore_timings(folder.read_events())
         if run.secure_aggregation != "off":
             # A resumed run is a new secure-aggregation session (its own Flower run id):
@@ -135,9 +142,12 @@ def _run(grid: Grid, context: Context, run: RunConfig, folder: RunFolder) -> Non
                 size=layout.size, round_timeout=run.round_timeout_s, run_json=run.to_json())
             secure.setup(run.min_sites)
             strategy = secure
-        elif not run.resume_of:
-            folder.event("warning", reason="secure aggregation is off: the server sees every "
-                         "site's update (debugging only)")
+        else:
+            if streams(base):  # each update summed as it arrives: memory O(model)
+                strategy = StreamingMean(base, size=layout.size, folder=folder)
+            if not run.resume_of:
+                folder.event("warning", reason="secure aggregation is off: the server sees "
+                             "every site's update (debugging only)")
 
         previous = [pack(initial)]  # the global model after the last round
 
@@ -174,7 +184,7 @@ def _run(grid: Grid, context: Context, run: RunConfig, folder: RunFolder) -> Non
         folder.write_summary({
             "status": "completed", "run_id": run_id, "task": run.task,
             "strategy": run.strategy, "rounds": run.rounds,
-            "protection": {"transport": "tls", "secure_aggregation": run.secure_aggregation,
+            "protection": {"transport": transport, "secure_aggregation": run.secure_aggregation,
                            "privacy": run.privacy.mode},
             "adaptation": {"hook": run.adaptation, "site_local_parameters": sorted(local)},
             "seconds": round(time.time() - t0, 2),

@@ -8,7 +8,7 @@ them per site, and wants to see progress as replies arrive. Wrapping the Grid
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from flwr.app import Message
@@ -17,6 +17,10 @@ from flwr.serverapp import Grid
 from medfed.core import wire
 from medfed.core.runs import RunFolder
 from medfed.server.refusals import RefusalLog
+
+#: Replies of a round the ServerApp pulls from the SuperLink at once, in bytes: with
+#: large models they are pulled (and folded into the sum) a few at a time.
+PULL_BUDGET_BYTES = 256 << 20
 
 
 class RecordingGrid:
@@ -35,6 +39,7 @@ class RecordingGrid:
         # (e.g. "Node Unavailable") comes from the SuperLink, not from that node
         self._dst_of: dict[str, int] = {}
         self.errors = RefusalLog()
+        self.pull_batch = 1 << 30  # replies pulled at once (see expect_replies_of)
 
     def restore_timings(self, events: Iterable[dict[str, Any]]) -> None:
         """Take over the round times and sites of a resumed run's earlier attempts."""
@@ -47,9 +52,13 @@ class RecordingGrid:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
-                         ) -> Iterable[Message]:
-        """Send, wait for the replies, and record each of them."""
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None,
+                         fold: Callable[[Message], None] | None = None) -> list[Message]:
+        """Send, wait for the replies, and record each of them.
+
+        With ``fold``, each reply that carries a result is handed to it as soon as it is
+        pulled and not kept (streaming aggregation); the replies returned are the others.
+        """
         messages = list(messages)
         if not messages:
             return []
@@ -59,32 +68,51 @@ class RecordingGrid:
         if phase == "train":
             self._round_start[rnd] = time.time()
         self._folder.event("round-sent", round=rnd, phase=phase, sites=len(messages))
-        replies = self._exchange(messages, timeout)
-        for reply in replies:
+        kept: list[Message] = []
+        received = failed = 0
+
+        def take(reply: Message) -> None:
+            nonlocal received, failed
+            received += 1
+            failed += reply.has_error()
             self._record(rnd, phase, reply)
-        missing = len(messages) - len(replies)
+            if fold is not None and not reply.has_error():
+                fold(reply)
+            else:
+                kept.append(reply)
+
+        self._exchange(messages, timeout, take)
+        missing = len(messages) - received
         if missing:
             self._folder.event("sites-missing", round=rnd, phase=phase, count=missing)
-        elif phase != "evaluate" and all(r.has_error() for r in replies):
+        elif phase != "evaluate" and failed == received:
             self.errors.end_if_refused(rnd, phase, "no site replied with a result")
-        return replies
+        return kept
 
-    def _exchange(self, messages: list[Message], timeout: float | None) -> list[Message]:
-        """Push, then pull replies every ``poll_interval`` s (Flower's Grid sleeps 3 s)."""
+    def expect_replies_of(self, nbytes: int) -> None:
+        """Pull at most :data:`PULL_BUDGET_BYTES` of replies of ``nbytes`` each at a time."""
+        self.pull_batch = max(1, PULL_BUDGET_BYTES // max(int(nbytes), 1))
+
+    def _exchange(self, messages: list[Message], timeout: float | None,
+                  take: Callable[[Message], None]) -> None:
+        """Push, then pull replies every ``poll_interval`` s (Flower's Grid sleeps 3 s).
+
+        Replies are pulled ``pull_batch`` at a time and each handed to ``take`` before
+        the next batch is pulled, so that a round of large updates is never all in memory.
+        """
         ids = list(self._grid.push_messages(messages))
         self._dst_of.update((mid, m.metadata.dst_node_id)
                             for mid, m in zip(ids, messages, strict=False))
-        pending = set(ids)
+        pending = dict.fromkeys(ids)  # in the order they were sent
         end = time.monotonic() + (timeout if timeout is not None else float("inf"))
-        replies: list[Message] = []
         while pending and time.monotonic() < end:
-            got = list(self._grid.pull_messages(pending))
-            for reply in got:
-                pending.discard(reply.metadata.reply_to_message_id)
-            replies.extend(got)
+            waiting = list(pending)
+            for start in range(0, len(waiting), self.pull_batch):
+                for reply in self._grid.pull_messages(waiting[start:start + self.pull_batch]):
+                    pending.pop(reply.metadata.reply_to_message_id, None)
+                    take(reply)
             if pending:
                 time.sleep(self.poll_interval)
-        return replies
 
     def _record(self, rnd: int, phase: str, reply: Message) -> None:
         node = self._dst_of.pop(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)

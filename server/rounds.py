@@ -3,11 +3,15 @@
 Flower's ``Strategy.start`` always begins at round 1. A run resumed after a server
 crash begins after its last completed round, with the strategy's state restored
 (:mod:`medfed.server.run_state`); the loop is otherwise the same: configure and
-aggregate training, then evaluation, then the end-of-round hook, every round.
+aggregate training, then evaluation, then the end-of-round hook, every round. A
+strategy with a ``fold(round, reply)`` method (:mod:`medfed.server.streaming_mean`,
+secure aggregation) is handed each training reply as it arrives, on a grid that
+supports it (:class:`medfed.server.recording_grid.RecordingGrid`).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from flwr.app import ArrayRecord, ConfigRecord
@@ -29,8 +33,13 @@ def run_rounds(strategy: Strategy, *, grid: Grid, arrays: ArrayRecord, first_rou
     result = Result() if result is None else result
     result.arrays = arrays
     for rnd in range(first_round, num_rounds + 1):
-        replies = grid.send_and_receive(
-            messages=strategy.configure_train(rnd, arrays, train_config, grid), timeout=timeout)
+        messages = strategy.configure_train(rnd, arrays, train_config, grid)
+        fold = getattr(strategy, "fold", None)
+        if fold is not None:  # streaming: each update is summed as it arrives, then let go
+            replies = grid.send_and_receive(messages, timeout=timeout,  # type: ignore[call-arg]
+                                            fold=functools.partial(fold, rnd))
+        else:
+            replies = grid.send_and_receive(messages=messages, timeout=timeout)
         new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
         if new_arrays is not None:
             result.arrays = arrays = new_arrays

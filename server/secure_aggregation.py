@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 from flwr.app import (
-    Array,
     ArrayRecord,
     ConfigRecord,
     Message,
@@ -35,7 +34,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from medfed.core import wire
 from medfed.core.errors import MedfedError
-from medfed.core.packing import WEIGHTS_KEY
+from medfed.core.packing import WEIGHTS_KEY, npy_view
 from medfed.core.runs import RunFolder
 from medfed.core.secagg import (
     Aggregator,
@@ -48,16 +47,18 @@ from medfed.core.secagg import (
     SecAggError,
 )
 from medfed.server.recording_grid import RecordingGrid
+from medfed.server.streaming_mean import vector_array
+from medfed.server.wrapped_strategy import WrappedStrategy
 
 DEADLINE_MARGIN = 0.1  # sites stop sending this fraction of the round timeout early
 
 
-class SecureAggregation(Strategy):
+class SecureAggregation(WrappedStrategy):
     """Wraps ``inner`` so that it only ever sees the securely aggregated mean."""
 
     def __init__(self, inner: Strategy, *, grid: RecordingGrid, folder: RunFolder, run_id: str,
                  config: SecAggConfig, size: int, round_timeout: float, run_json: str) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.grid = grid
         self.folder = folder
         self.run_id = run_id
@@ -73,6 +74,7 @@ class SecureAggregation(Strategy):
         self.roster_bytes = b""
         self.directory: dict[str, str] = {}
         self._global: np.ndarray | None = None
+        self._metrics: list[dict[str, Any]] = []  # the round's replies' metrics
 
     # ------------------------------------------------------------------ setup
     def setup(self, min_sites: int) -> None:
@@ -134,6 +136,7 @@ class SecureAggregation(Strategy):
             cfg[wire.SECAGG_PARTICIPANTS] = json.dumps(participants)
             cfg[wire.SECAGG_DEADLINE] = deadline
         self.aggregator.begin_round(server_round, participants=participants)
+        self._metrics = []
         return messages
 
     def _end_if_budgets_run_out(self, server_round: int, participants: list[str]) -> None:
@@ -157,26 +160,31 @@ class SecureAggregation(Strategy):
             server_round, "train", f"{len(participants) - len(out)} site(s) have the budget "
             f"for it, {self.aggregator.threshold + 1} are needed for secure aggregation")
 
+    def fold(self, server_round: int, reply: Message) -> None:
+        """Add one site's masked update to the round's sum as it arrives, and let it go."""
+        assert self.aggregator is not None
+        if reply.has_error() or wire.SECAGG_RECORD_KEY not in reply.content:
+            return
+        site = self.site_of.get(reply.metadata.src_node_id, "?")
+        try:
+            update = MaskedUpdate.from_parts(
+                bytes(reply.content[wire.SECAGG_RECORD_KEY]["update"]),
+                npy_view(reply.content[wire.ARRAYS_KEY][WEIGHTS_KEY].data))
+            self.aggregator.add(update)
+        except (SecAggError, KeyError, ValueError) as exc:
+            self.folder.event("update-rejected", round=server_round, site=site,
+                              reason=f"{type(exc).__name__}: {exc}")
+            return
+        if wire.METRICS_KEY in reply.content:
+            self._metrics.append(dict(reply.content[wire.METRICS_KEY]))
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Add the masked updates, unmask if needed, hand the mean to the inner strategy."""
+        """Unmask what was folded (and ``replies``), hand the mean to the inner strategy."""
         assert self.aggregator is not None and self._global is not None
-        metrics: list[dict[str, Any]] = []
         for reply in replies:
-            if reply.has_error() or wire.SECAGG_RECORD_KEY not in reply.content:
-                continue
-            site = self.site_of.get(reply.metadata.src_node_id, "?")
-            try:
-                update = MaskedUpdate.from_parts(
-                    bytes(reply.content[wire.SECAGG_RECORD_KEY]["update"]),
-                    reply.content[wire.ARRAYS_KEY][WEIGHTS_KEY].numpy())
-                self.aggregator.add(update)
-            except (SecAggError, KeyError) as exc:
-                self.folder.event("update-rejected", round=server_round, site=site,
-                                  reason=f"{type(exc).__name__}: {exc}")
-                continue
-            if wire.METRICS_KEY in reply.content:
-                metrics.append(dict(reply.content[wire.METRICS_KEY]))
+            self.fold(server_round, reply)
+        metrics, self._metrics = self._metrics, []
         try:
             status = self.aggregator.close_collection(server_round, deadline_passed=True)
             if status.needs_unmasking:
@@ -190,12 +198,12 @@ class SecureAggregation(Strategy):
         self.folder.event("secure-aggregation", round=server_round, mode=self.config.mode,
                           survivors=list(status.survivors), dropped=list(status.dropped),
                           error_bound=self.aggregator.error_bound(server_round))
-        mean = (self._global.astype(np.float64) + mean_delta).astype(np.float32)
+        mean = np.add(self._global, mean_delta, dtype=np.float32)  # rounded once, as in f64
         summary = {k: float(np.mean([m[k] for m in metrics])) for k in
                    (set.intersection(*(set(m) for m in metrics)) if metrics else set())
                    if k != wire.WEIGHT_KEY}
         combined = Message(
-            RecordDict({wire.ARRAYS_KEY: ArrayRecord({WEIGHTS_KEY: Array(mean)}),
+            RecordDict({wire.ARRAYS_KEY: ArrayRecord({WEIGHTS_KEY: vector_array(mean)}),
                         wire.METRICS_KEY: MetricRecord({**summary, wire.WEIGHT_KEY: total})}),
             dst_node_id=0, message_type=MessageType.TRAIN)
         return self.inner.aggregate_train(server_round, [combined])
@@ -233,18 +241,3 @@ class SecureAggregation(Strategy):
                 timeout=timeout)
         except Exception as exc:  # noqa: BLE001 - the sites' holds then expire on their own
             self.folder.event("warning", reason=f"the sites were not told the run ended: {exc}")
-
-    # ------------------------------------------------------ evaluation, summary
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
-        """Evaluation is unchanged: the global model is not secret."""
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
-                           ) -> MetricRecord | None:
-        """Delegated to the inner strategy."""
-        return self.inner.aggregate_evaluate(server_round, replies)
-
-    def summary(self) -> None:
-        """The inner strategy's summary."""
-        self.inner.summary()

@@ -7,7 +7,8 @@ during a handshake, whether the certificate or key file was replaced (`medfed se
 renew-cert`, `rotate-ca --finish`) and hands each new handshake a context loaded
 from the new files. Connections already open keep theirs; a run in progress goes on.
 And it starts Flower's SuperExec again should it stop (:func:`supervise_superexec`),
-and forgets the site connections of the SuperLink's last life (:mod:`.stale_nodes`).
+forgets the site connections of the SuperLink's last life (:mod:`.stale_nodes`), and
+keeps message payloads in memory, not in its database (:func:`keep_payloads_in_memory`).
 
 Usage: ``python -m medfed.server.superlink_launcher [flower-superlink args]``.
 """
@@ -183,9 +184,35 @@ def launch_superexec_with_spares() -> None:
     module._get_superexec_command = command
 
 
+def keep_payloads_in_memory() -> None:
+    """Keep messages' payloads (model arrays) in memory; the link state stays in the database.
+
+    Flower 1.42 stores every object of every message (each 5 MB chunk of each model
+    sent or received) in the SQLite database when the SuperLink has one: at real model
+    sizes most of a round goes into writing and reading those blobs. Nothing a restart
+    needs is in them: after a SuperLink crash, medfed resumes a run from its checkpoint
+    and sends that round again (:mod:`medfed.server.resume`), so payloads of messages
+    in flight are never read again. Runs, nodes and messages stay in the database.
+    """
+    import importlib
+
+    from flwr.supercore.object_store import ObjectStoreFactory
+
+    module = importlib.import_module("flwr.superlink.config_loader")
+    if getattr(module, "ObjectStoreFactory", None) is not ObjectStoreFactory:
+        log.warning("medfed: Flower changed; message payloads stay in its database")
+        return
+
+    def in_memory(database: str = "") -> ObjectStoreFactory:
+        return ObjectStoreFactory()  # Flower's in-memory object store
+
+    module.ObjectStoreFactory = in_memory
+
+
 def main() -> int:
     """Watch the parent, follow certificate renewals, run the stock flower-superlink."""
     watch_parent()
+    keep_payloads_in_memory()
     reload_certificates_on_change()
     supervise_superexec()
     launch_superexec_with_spares()

@@ -15,6 +15,8 @@ from test_cli import medfed
     (["--adaptations", "fedbm"], "did you mean 'fedbn'"),
     (["--dp", "off,dp-sgd"], "Unknown or repeated DP mode"),
     (["--dp", "sample", "--dp-optimizer", "rmsprop"], "--dp sample"),
+    (["--sites", "20"], "at most 8 site daemons"),
+    (["--engine", "ray"], "Unknown engine"),
 ])
 def test_bad_input_is_refused_before_anything_starts(
         tmp_path: Path, args: list[str], message: str) -> None:

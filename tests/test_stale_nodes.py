@@ -1,4 +1,5 @@
-"""A restarted SuperLink lets its sites in at once (:mod:`medfed.server.stale_nodes`).
+"""A restarted SuperLink lets its sites in at once (:mod:`medfed.server.stale_nodes`);
+its message payloads live in memory, its state on disk.
 
 Driven on Flower's own SQL link state, as the SuperLink keeps it in its database file.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from flwr.server.superlink.linkstate import LinkStateFactory
 from flwr.supercore.object_store import ObjectStoreFactory
 from flwr.superlink.federation.noop_federation_manager import NoOpFederationManager
@@ -49,3 +51,20 @@ def test_the_database_is_read_from_flower_superlinks_arguments() -> None:
     assert database_arg(["--host", "127.0.0.1", "--database", "/s/db"]) == Path("/s/db")
     assert database_arg(["--database=/s/db"]) == Path("/s/db")
     assert database_arg(["--host", "127.0.0.1"]) is None
+
+
+def test_the_superlink_keeps_payloads_in_memory_and_its_state_in_the_database(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import flwr.superlink.config_loader as config_loader
+    from flwr.supercore.object_store.in_memory_object_store import InMemoryObjectStore
+
+    from medfed.server.superlink_launcher import keep_payloads_in_memory
+
+    monkeypatch.setattr(config_loader, "ObjectStoreFactory", config_loader.ObjectStoreFactory)
+    db = tmp_path / "superlink.db"
+    keep_payloads_in_memory()
+    objects, states = config_loader.get_objectstore_linkstate_factories(
+        str(db), NoOpFederationManager())
+    assert isinstance(objects.store(), InMemoryObjectStore)
+    node = states.state().create_node("aid", "site-a", b"key", heartbeat_interval=30.0)
+    assert _state(db).get_node_info(node_ids=[node])[0].status == "registered"  # on disk

@@ -1,20 +1,25 @@
 """`medfed compare`: strategies and domain-adaptation hooks side by side, in simulation.
 
 A researcher's plugin (docs/plugins.md) against the built-ins, on the same sites,
-data, task, rounds and seed: one federation on 127.0.0.1 (a real SuperLink and
-site daemons, as `medfed demo`), one run per strategy x hook x DP mode, and a table
-of the global model's score at every site. With ``--dp off,sample`` each DP run is
+data, task, rounds and seed: one federation on 127.0.0.1 (``--engine deployment``: a
+real SuperLink and site daemons, as `medfed demo`) or simulated sites in this process
+(``--engine simulation``, :mod:`medfed.local.simulation`: many sites, cheaply), one
+run per strategy x hook x DP mode, and a table of the global model's score at every
+site. With ``--dp off,sample`` each DP run is
 also scored against its non-private twin (what ``benchmarks/privacy_utility.py``
 measures for the built-ins), so a hook or strategy is judged under DP too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
+import logging
 import signal
 import statistics
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,13 +30,14 @@ from rich.table import Column, Table
 from medfed.cli.main import console, interrupt_on_signal
 from medfed.core.errors import ConfigError
 
-#: Each site's budget in a comparison: a simulation measures epsilon, it does not ration it.
-SIMULATION_BUDGET = {"epsilon_max": 1e6, "min_noise_multiplier": 0.0,
-                     "max_clipping_norm": 1e3, "dp_required": False}
-
-
 #: What ``--dp`` may list.
 DP_MODES = ("off", "sample", "update")
+#: What ``--engine`` may be, and the most sites a loopback deployment starts.
+ENGINES = ("deployment", "simulation")
+MAX_DEPLOYED_SITES = 8
+
+#: Runs one run configuration to its end: (run folder, summary).
+RunOne = Callable[[Any], tuple[Any, dict[str, Any]]]
 
 
 def _names(text: str, what: str) -> list[str]:
@@ -132,7 +138,11 @@ def register(app: typer.Typer) -> None:
             "--strategy-option", "-o",
             help="STRATEGY:KEY=VALUE, e.g. fedprox:proximal_mu=0.01 (repeatable)")] = None,
         task: Annotated[str, typer.Option(help="task name (`medfed tasks`)")] = "tiny-seg",
-        sites: Annotated[int, typer.Option(min=2, max=8, help="number of sites")] = 3,
+        sites: Annotated[int, typer.Option(
+            min=2, help=f"number of sites (at most {MAX_DEPLOYED_SITES} deployed)")] = 3,
+        engine: Annotated[str, typer.Option(
+            help="deployment (a SuperLink and site daemons on 127.0.0.1) | simulation "
+                 "(simulated sites in this process; many sites)")] = "deployment",
         rounds: Annotated[int, typer.Option(min=1, help="federated rounds per run")] = 3,
         seed: Annotated[int, typer.Option(help="seed of the initial model")] = 0,
         repeats: Annotated[int, typer.Option(
@@ -173,15 +183,21 @@ def register(app: typer.Typer) -> None:
             help="folder for the federation and compare.json "
                  "(default: ./medfed-compare/<time>)")] = None,
     ) -> None:
-        """Compare strategies and adaptation hooks on one simulated federation (loopback)."""
+        """Compare strategies and adaptation hooks on the same sites (loopback or simulated)."""
         from medfed.cli.run_cmd import privacy_options
         from medfed.core.config import RunConfig, validate
-        from medfed.local import LocalFederation
         from medfed.strategies.registry import check_options
         from medfed.tasks import get_task
         from medfed.tasks.adaptation import local_keys
         from medfed.tasks.pretrain import check_init
 
+        if engine not in ENGINES:
+            raise ConfigError(f"Unknown engine {engine!r}.", where="--engine",
+                              expected=" | ".join(ENGINES))
+        if engine == "deployment" and sites > MAX_DEPLOYED_SITES:
+            raise ConfigError(
+                f"--sites {sites}: a loopback deployment starts at most {MAX_DEPLOYED_SITES} "
+                "site daemons.", where="--sites", fix="--engine simulation for more sites")
         chosen = get_task(task)
         names, hooks = _names(strategies, "strategies"), _names(adaptations, "adaptations")
         modes = _dp_modes(dp)
@@ -212,16 +228,11 @@ def register(app: typer.Typer) -> None:
         results: list[dict[str, Any]] = []
         t0 = time.time()
         try:
-            with LocalFederation(root, [f"site-{i + 1}" for i in range(sites)],
-                                 name="compare") as fed:
-                fed.create()
-                if modes != ["off"]:
-                    fed.set_budget(**SIMULATION_BUDGET)
-                console.print(f"[bold]medfed compare[/]: {len(runs)} runs of {task}, {sites} "
-                              f"sites, {rounds} rounds each; federation in {root}")
-                fed.start()
+            console.print(f"[bold]medfed compare[/]: {len(runs)} runs of {task}, {sites} "
+                          f"sites ({engine}), {rounds} rounds each; in {root}")
+            with _engine(engine, root, sites, rationed=modes == ["off"]) as run_one:
                 for strategy, hook, mode, run in runs:
-                    folder, summary = fed.run(run)
+                    folder, summary = run_one(run)
                     result = {"strategy": strategy, "adaptation": hook, "dp": mode,
                               "seed": run.seed, "options": options[strategy]}
                     if summary.get("status") == "completed":
@@ -241,7 +252,8 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(130) from None
         combinations = _combine(results)
         (root / "compare.json").write_text(json.dumps(
-            {"task": task, "sites": sites, "rounds": rounds, "seed": seed, "repeats": repeats,
+            {"task": task, "sites": sites, "engine": engine, "rounds": rounds, "seed": seed,
+             "repeats": repeats,
              "init_weights": init_weights,
              "privacy": privacy, "combinations": combinations, "runs": results}, indent=2))
         _print_table(combinations)
@@ -249,6 +261,34 @@ def register(app: typer.Typer) -> None:
                       f"{time.time() - t0:.1f} s")
         if any(r["status"] != "completed" for r in results):
             raise typer.Exit(1)
+
+
+@contextlib.contextmanager
+def _engine(engine: str, root: Path, sites: int, *, rationed: bool) -> Iterator[RunOne]:
+    """What runs each run: a loopback federation, or simulated sites (the same data).
+
+    ``rationed``: the sites keep a new site's privacy budget; else (DP runs) each site's
+    budget is unlimited: a comparison measures epsilon, it does not ration it.
+    """
+    from medfed.local.simulation import SIMULATION_BUDGET
+
+    if engine == "simulation":
+        from medfed.local.sim_sites import synthetic_sites
+        from medfed.local.simulation import simulate
+
+        logging.getLogger("flwr").setLevel(logging.WARNING)  # the ServerApp's own log lines
+        simulated = synthetic_sites(sites)
+        yield lambda run: simulate(run, simulated, root / "runs",
+                                   budget=None if rationed else SIMULATION_BUDGET)
+        return
+    from medfed.local import LocalFederation
+
+    with LocalFederation(root, [f"site-{i + 1}" for i in range(sites)], name="compare") as fed:
+        fed.create()
+        if not rationed:
+            fed.set_budget(**SIMULATION_BUDGET)
+        fed.start()
+        yield fed.run
 
 
 def _print_table(results: list[dict[str, Any]]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -13,6 +13,9 @@ from rich.table import Column, Table
 from medfed.cli.main import console
 from medfed.cli.progress import ProgressView
 from medfed.core.errors import ConfigError, MedfedError
+
+if TYPE_CHECKING:
+    from medfed.core.config import RunConfig
 
 
 def parse_option(text: str) -> tuple[str, Any]:
@@ -83,6 +86,92 @@ class Target:
         return Control(self.address, self.ca)
 
 
+# The options of a run: `medfed run` and `medfed simulate` take the same ones.
+TaskOpt = Annotated[str, typer.Option(help="task name (`medfed tasks`)")]
+StrategyOpt = Annotated[str, typer.Option(help="strategy name (`medfed strategies`)")]
+RoundsOpt = Annotated[int, typer.Option(help="federated rounds")]
+StrategyOptionOpt = Annotated[list[str] | None, typer.Option(
+    "--strategy-option", "-o", help="KEY=VALUE for the strategy (repeatable)")]
+MinSitesOpt = Annotated[int, typer.Option(help="sites needed per round")]
+LocalEpochsOpt = Annotated[int | None, typer.Option(help="local epochs per round")]
+BatchSizeOpt = Annotated[int | None, typer.Option(help="local batch size")]
+LrOpt = Annotated[float | None, typer.Option(help="local learning rate")]
+SeedOpt = Annotated[int, typer.Option(help="seed of the initial model")]
+RoundTimeoutOpt = Annotated[float, typer.Option(help="seconds to wait for sites")]
+NameOpt = Annotated[str, typer.Option(help="a label for the run")]
+DpOpt = Annotated[str, typer.Option(
+    help="differential privacy: off | sample (DP-SGD) | update (user-level)")]
+NoiseMultiplierOpt = Annotated[float | None, typer.Option(
+    help="DP noise multiplier (default 1.0; with --target-epsilon, a floor, default none)")]
+TargetEpsilonOpt = Annotated[float, typer.Option(
+    help="DP: each site derives the least noise that keeps its epsilon over the run "
+         "at or below this (its data size sets it); 0 = use --noise-multiplier")]
+MaxGradNormOpt = Annotated[float, typer.Option(help="DP-SGD per-sample clip")]
+ClippingNormOpt = Annotated[float, typer.Option(help="update-level DP clip")]
+DeltaOpt = Annotated[float, typer.Option(help="DP target delta")]
+AccountantOpt = Annotated[str, typer.Option(help="rdp | prv")]
+DpOptimizerOpt = Annotated[str, typer.Option(
+    help="DP-SGD optimizer: adam | sgd (momentum 0.9; pair it with --lr 0.33 "
+         "at --max-grad-norm 0.3)")]
+DpAverageOpt = Annotated[float, typer.Option(
+    help="DP-SGD: send the moving average of the iterates with this decay "
+         "(e.g. 0.9); 0 = the last iterate")]
+PrivacyUnitOpt = Annotated[str, typer.Option(
+    help="DP-SGD: what epsilon protects: sample (one training example, a slice "
+         "for 2D tasks) | scan (all of a scan's examples) | patient (all of a "
+         "patient's scans, by DICOM PatientID); --batch-size then counts units")]
+SecureAggregationOpt = Annotated[str, typer.Option(
+    help="default | strict | off (off: the server sees each update; debugging only)")]
+DatasetOpt = Annotated[str, typer.Option(
+    help="the sites' dataset budget to charge (default: each site's default)")]
+AdaptationOpt = Annotated[str, typer.Option(
+    help="domain-adaptation hook: parameters each site keeps local (`medfed adaptations`)")]
+InitFromOpt = Annotated[str, typer.Option(
+    help="start from an earlier run's model: RUN_ID (last round) or RUN_ID:ROUND")]
+InitWeightsOpt = Annotated[str, typer.Option(
+    help="random | public: start from the task's weights pretrained on public data "
+         "(`medfed tasks` marks the tasks that ship them; no privacy cost)")]
+
+
+def build_run_config(*, task: str, strategy: str, rounds: int,
+                     strategy_option: list[str] | None, min_sites: int,
+                     local_epochs: int | None, batch_size: int | None, lr: float | None,
+                     seed: int, round_timeout: float, name: str, dp: str,
+                     noise_multiplier: float | None, target_epsilon: float,
+                     max_grad_norm: float, clipping_norm: float, delta: float, accountant: str,
+                     dp_optimizer: str, dp_average: float, privacy_unit: str,
+                     secure_aggregation: str, dataset: str, adaptation: str, init_from: str,
+                     init_weights: str, where: str) -> RunConfig:
+    """The run configuration of a run's options, checked before anything starts.
+
+    An unknown or unfit strategy option, adaptation hook, initial weights or
+    strategy under secure aggregation fails here, not at the sites.
+    """
+    from medfed.core.config import RunConfig, validate
+    from medfed.strategies.registry import check_options, check_secure_aggregation
+    from medfed.tasks import get_task
+    from medfed.tasks.adaptation import local_keys
+    from medfed.tasks.pretrain import check_init
+
+    options = dict(parse_option(o) for o in strategy_option or [])
+    run_config = validate(RunConfig, {
+        "task": task, "strategy": strategy, "strategy_options": options, "rounds": rounds,
+        "min_sites": min_sites, "local_epochs": local_epochs, "batch_size": batch_size,
+        "learning_rate": lr, "seed": seed, "round_timeout_s": round_timeout, "name": name,
+        "dataset": dataset, "secure_aggregation": secure_aggregation,
+        "adaptation": adaptation, "init_from": init_from, "init_weights": init_weights,
+        "privacy": privacy_options(dp, noise_multiplier, max_grad_norm, clipping_norm,
+                                   delta, accountant, dp_optimizer, dp_average,
+                                   target_epsilon, privacy_unit),
+    }, where=where)
+    chosen = get_task(task)
+    local_keys(chosen, chosen.build_model(), adaptation)
+    check_init(chosen, run_config.init_weights)
+    check_options(strategy, options)
+    check_secure_aggregation(strategy, secure_aggregation)
+    return run_config
+
+
 ConfigOpt = Annotated[Path | None, typer.Option(
     "--config", "-c", help="federation server.toml (default ./server.toml)")]
 ServerOpt = Annotated[str | None, typer.Option("--server", help="server HOST:PORT")]
@@ -94,83 +183,48 @@ def register(app: typer.Typer) -> None:
 
     @app.command("run")
     def run(
-        task: Annotated[str, typer.Option(help="task name (`medfed tasks`)")],
-        strategy: Annotated[str, typer.Option(
-            help="strategy name (`medfed strategies`)")] = "fedavg",
-        rounds: Annotated[int, typer.Option(help="federated rounds")] = 3,
-        strategy_option: Annotated[list[str] | None, typer.Option(
-            "--strategy-option", "-o", help="KEY=VALUE for the strategy (repeatable)")] = None,
-        min_sites: Annotated[int, typer.Option(help="sites needed per round")] = 2,
-        local_epochs: Annotated[int | None, typer.Option(help="local epochs per round")] = None,
-        batch_size: Annotated[int | None, typer.Option(help="local batch size")] = None,
-        lr: Annotated[float | None, typer.Option(help="local learning rate")] = None,
-        seed: Annotated[int, typer.Option(help="seed of the initial model")] = 0,
-        round_timeout: Annotated[float, typer.Option(help="seconds to wait for sites")] = 600.0,
-        name: Annotated[str, typer.Option(help="a label for the run")] = "",
-        dp: Annotated[str, typer.Option(
-            help="differential privacy: off | sample (DP-SGD) | update (user-level)")] = "off",
-        noise_multiplier: Annotated[float | None, typer.Option(
-            help="DP noise multiplier (default 1.0; with --target-epsilon, a floor, default none)")
-        ] = None,
-        target_epsilon: Annotated[float, typer.Option(
-            help="DP: each site derives the least noise that keeps its epsilon over the run "
-                 "at or below this (its data size sets it); 0 = use --noise-multiplier")] = 0.0,
-        max_grad_norm: Annotated[float, typer.Option(help="DP-SGD per-sample clip")] = 1.0,
-        clipping_norm: Annotated[float, typer.Option(help="update-level DP clip")] = 1.0,
-        delta: Annotated[float, typer.Option(help="DP target delta")] = 1e-5,
-        accountant: Annotated[str, typer.Option(help="rdp | prv")] = "rdp",
-        dp_optimizer: Annotated[str, typer.Option(
-            help="DP-SGD optimizer: adam | sgd (momentum 0.9; pair it with --lr 0.33 "
-                 "at --max-grad-norm 0.3)")] = "adam",
-        dp_average: Annotated[float, typer.Option(
-            help="DP-SGD: send the moving average of the iterates with this decay "
-                 "(e.g. 0.9); 0 = the last iterate")] = 0.0,
-        privacy_unit: Annotated[str, typer.Option(
-            help="DP-SGD: what epsilon protects: sample (one training example, a slice "
-                 "for 2D tasks) | scan (all of a scan's examples) | patient (all of a "
-                 "patient's scans, by DICOM PatientID); --batch-size then counts "
-                 "units")] = "sample",
-        secure_aggregation: Annotated[str, typer.Option(
-            help="default | strict | off (off: the server sees each update; debugging only)")
-        ] = "default",
-        dataset: Annotated[str, typer.Option(
-            help="the sites' dataset budget to charge (default: each site's default)")] = "",
-        adaptation: Annotated[str, typer.Option(
-            help="domain-adaptation hook: parameters each site keeps local "
-                 "(`medfed adaptations`)")] = "none",
-        init_from: Annotated[str, typer.Option(
-            help="start from an earlier run's model: RUN_ID (last round) or RUN_ID:ROUND")] = "",
-        init_weights: Annotated[str, typer.Option(
-            help="random | public: start from the task's weights pretrained on public data "
-                 "(`medfed tasks` marks the tasks that ship them; no privacy cost)")
-        ] = "random",
+        task: TaskOpt,
+        strategy: StrategyOpt = "fedavg",
+        rounds: RoundsOpt = 3,
+        strategy_option: StrategyOptionOpt = None,
+        min_sites: MinSitesOpt = 2,
+        local_epochs: LocalEpochsOpt = None,
+        batch_size: BatchSizeOpt = None,
+        lr: LrOpt = None,
+        seed: SeedOpt = 0,
+        round_timeout: RoundTimeoutOpt = 600.0,
+        name: NameOpt = "",
+        dp: DpOpt = "off",
+        noise_multiplier: NoiseMultiplierOpt = None,
+        target_epsilon: TargetEpsilonOpt = 0.0,
+        max_grad_norm: MaxGradNormOpt = 1.0,
+        clipping_norm: ClippingNormOpt = 1.0,
+        delta: DeltaOpt = 1e-5,
+        accountant: AccountantOpt = "rdp",
+        dp_optimizer: DpOptimizerOpt = "adam",
+        dp_average: DpAverageOpt = 0.0,
+        privacy_unit: PrivacyUnitOpt = "sample",
+        secure_aggregation: SecureAggregationOpt = "default",
+        dataset: DatasetOpt = "",
+        adaptation: AdaptationOpt = "none",
+        init_from: InitFromOpt = "",
+        init_weights: InitWeightsOpt = "random",
         detach: Annotated[bool, typer.Option(help="submit and return at once")] = False,
         config: ConfigOpt = None, server: ServerOpt = None, ca: CaOpt = None,
     ) -> None:
         """Launch a federated run on a running server and follow it."""
-        from medfed.core.config import RunConfig, validate
         from medfed.server.follow import follow_run
-        from medfed.strategies.registry import check_options, check_secure_aggregation
-        from medfed.tasks import get_task
-        from medfed.tasks.adaptation import local_keys
-        from medfed.tasks.pretrain import check_init
 
-        options = dict(parse_option(o) for o in strategy_option or [])
-        run_config = validate(RunConfig, {
-            "task": task, "strategy": strategy, "strategy_options": options, "rounds": rounds,
-            "min_sites": min_sites, "local_epochs": local_epochs, "batch_size": batch_size,
-            "learning_rate": lr, "seed": seed, "round_timeout_s": round_timeout, "name": name,
-            "dataset": dataset, "secure_aggregation": secure_aggregation,
-            "adaptation": adaptation, "init_from": init_from, "init_weights": init_weights,
-            "privacy": privacy_options(dp, noise_multiplier, max_grad_norm, clipping_norm,
-                                       delta, accountant, dp_optimizer, dp_average,
-                                       target_epsilon, privacy_unit),
-        }, where="medfed run options")
-        chosen = get_task(task)
-        local_keys(chosen, chosen.build_model(), adaptation)  # fails here, not at the sites
-        check_init(chosen, run_config.init_weights)
-        check_options(strategy, options)
-        check_secure_aggregation(strategy, secure_aggregation)
+        run_config = build_run_config(
+            task=task, strategy=strategy, rounds=rounds, strategy_option=strategy_option,
+            min_sites=min_sites, local_epochs=local_epochs, batch_size=batch_size, lr=lr,
+            seed=seed, round_timeout=round_timeout, name=name, dp=dp,
+            noise_multiplier=noise_multiplier, target_epsilon=target_epsilon,
+            max_grad_norm=max_grad_norm, clipping_norm=clipping_norm, delta=delta,
+            accountant=accountant, dp_optimizer=dp_optimizer, dp_average=dp_average,
+            privacy_unit=privacy_unit, secure_aggregation=secure_aggregation,
+            dataset=dataset, adaptation=adaptation, init_from=init_from,
+            init_weights=init_weights, where="medfed run options")
         if secure_aggregation == "off":
             console.print("[bold yellow]warning:[/] secure aggregation is off: the server will "
                           "see every site's update (use only for debugging)")
@@ -184,7 +238,7 @@ def register(app: typer.Typer) -> None:
             summary = follow_run(control, run_id, target.runs_dir,
                                  on_event=ProgressView(console, rounds),
                                  timeout=round_timeout * rounds * 2 + 120)
-        _print_summary(summary, target.runs_dir / str(run_id))
+        print_summary(summary, target.runs_dir / str(run_id))
         if summary.get("status") != "completed":
             raise typer.Exit(1)
 
@@ -251,7 +305,7 @@ def register(app: typer.Typer) -> None:
             console.print(f"  rounds finished: {len(done)}   folder: {folder.path}")
             summary = folder.read_summary()
             if summary:
-                _print_summary(summary, folder.path)
+                print_summary(summary, folder.path)
 
     @app.command("stop")
     def stop(run_id: int, config: ConfigOpt = None, server: ServerOpt = None,
@@ -387,7 +441,8 @@ def _outcome(target: Target, run_id: int) -> str:
     return str(summary.get("status", "")) if summary else ""
 
 
-def _print_summary(summary: dict[str, Any], folder: Path) -> None:
+def print_summary(summary: dict[str, Any], folder: Path) -> None:
+    """The end of a run on the terminal: its outcome, score and files."""
     from medfed.core.runs import RunFolder
 
     run = RunFolder(folder)

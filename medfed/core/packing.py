@@ -10,6 +10,7 @@ the flattening, and secure aggregation masks one vector.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
@@ -69,3 +70,29 @@ def unpack(vector: np.ndarray, layout: Layout) -> dict[str, np.ndarray]:
         out[name] = vector[offset:offset + n].reshape(shape).astype(np.dtype(dtype), copy=True)
         offset += n
     return out
+
+
+
+def npy_view(data: bytes) -> np.ndarray:
+    """The array of ``.npy`` bytes (a Flower ``Array``'s data), read in place.
+
+    No copy, read-only: ``Array.numpy()`` copies the whole payload, and a server that
+    folds one update after another into a sum only needs to read each once.
+    """
+    head = io.BytesIO(memoryview(data)[:4096])
+    version = np.lib.format.read_magic(head)
+    shape, fortran, dtype = (np.lib.format.read_array_header_1_0(head) if version == (1, 0)
+                             else np.lib.format.read_array_header_2_0(head))
+    if dtype.hasobject or (fortran and len(shape) > 1):
+        raise ValueError(f"an array of {dtype} (fortran order {fortran}), expected a plain "
+                         "numeric vector")
+    count = int(np.prod(shape, dtype=np.int64))
+    return np.frombuffer(data, dtype=dtype, count=count, offset=head.tell()).reshape(shape)
+
+
+def npy_bytes(vector: np.ndarray) -> bytes:
+    """``vector`` as ``.npy`` bytes with one copy (``np.save`` to a buffer makes two)."""
+    vector = np.ascontiguousarray(vector)
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, np.lib.format.header_data_from_array_1_0(vector))
+    return b"".join([head.getvalue(), memoryview(vector).cast("B")])

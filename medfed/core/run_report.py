@@ -48,6 +48,13 @@ def _privacy_lines(privacy: dict[str, Any]) -> list[str]:
             f"{privacy.get('accountant', 'rdp')} accountant (Opacus)"]
 
 
+def _transport(summary: dict[str, Any]) -> str:
+    """How updates travelled: TLS in a deployment, in memory in a simulation."""
+    default = "in memory (simulation)" if summary.get("engine") == "simulation" else "tls"
+    transport = str(summary.get("protection", {}).get("transport", default))
+    return "TLS" if transport == "tls" else transport
+
+
 def render(folder: RunFolder) -> str:
     """The report of the run in ``folder`` (markdown)."""
     info = folder.read_run()
@@ -68,8 +75,13 @@ def render(folder: RunFolder) -> str:
               f"- strategy options: {options or 'defaults'}; adaptation hook: "
               f"{cfg.get('adaptation', 'none')}; seed {cfg.get('seed', 0)}",
               f"- initial model: {_initial_model(cfg)}",
-              f"- transport: TLS; secure aggregation: {cfg.get('secure_aggregation', 'default')}",
+              f"- transport: {_transport(summary)}; secure aggregation: "
+              f"{cfg.get('secure_aggregation', 'default')}",
               *_privacy_lines(cfg.get("privacy", {}))]
+    if summary.get("engine") == "simulation":
+        sim = summary.get("simulation", {})
+        lines.append(f"- engine: simulation ({sim.get('engine', 'in-process')}) of "
+                     f"{sim.get('sites', '?')} sites on one machine")
     lines += [f"- resumed after a server restart at round {e.get('round')} "
               f"({str(e.get('time', '?'))[:19]} UTC, server run {e.get('flower_run_id')}); "
               "the rounds before it were not redone" for e in folder.resumptions()]

@@ -100,7 +100,8 @@ class Frame:
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
+def _recv_exact(sock: socket.socket, n: int) -> bytearray:
+    """``n`` bytes into a buffer of their own (arrays are read in place from it)."""
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
@@ -109,22 +110,27 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
         if k == 0:
             raise ChannelError(f"peer closed the channel after {got} of {n} bytes")
         got += k
-    return bytes(buf)
+    return buf
 
 
 def send_frame(sock: socket.socket, frame: Frame) -> int:
-    """Send ``frame``; returns the number of bytes written."""
+    """Send ``frame``; returns the number of bytes written.
+
+    Arrays go out from their own memory: a model of 50M values is not copied to be sent.
+    """
     manifest = []
     blobs = []
     for name, arr in frame.arrays.items():
         arr = np.ascontiguousarray(arr)
         manifest.append({"name": name, "dtype": arr.dtype.str, "shape": list(arr.shape)})
-        blobs.append(arr.tobytes())
+        blobs.append(memoryview(arr).cast("B") if arr.size else b"")
     header = json.dumps({"header": frame.header, "arrays": manifest}).encode()
     sizes = b"".join(_LEN.pack(len(b)) for b in blobs)
-    payload = [_LEN.pack(len(header)), header, _LEN.pack(len(blobs)), sizes, *blobs]
-    sock.sendall(b"".join(payload))
-    return sum(len(p) for p in payload)
+    head = b"".join([_LEN.pack(len(header)), header, _LEN.pack(len(blobs)), sizes])
+    sock.sendall(head)
+    for blob in blobs:
+        sock.sendall(blob)
+    return len(head) + sum(len(b) for b in blobs)
 
 
 def recv_frame(sock: socket.socket) -> Frame:

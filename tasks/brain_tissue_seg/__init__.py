@@ -111,13 +111,27 @@ def _slices(subjects: list[Subject], bias_correction: str = "off"
     return TensorDataset(torch.cat(images), torch.cat(labels)), units
 
 
-def load_site_data(source: DataSourceConfig) -> SiteData:
-    """The site's labelled scans, split by subject, as 64x64 axial slices."""
+@dataclasses.dataclass(frozen=True)
+class LabelledSplit:
+    """A site's scans with a tissue label, split by subject (patients never straddle)."""
+
+    train: list[Subject]
+    val: list[Subject]
+    unlabelled: int  # series without a label (counted, not used)
+
+    def description(self, train: int, val: int) -> dict[str, int]:
+        """SiteData's counts: ``train``/``val`` examples (slices, patches, scans)."""
+        return {"train": train, "val": val, "subjects-train": len(self.train),
+                "subjects-val": len(self.val), "unlabelled": self.unlabelled}
+
+
+def labelled_split(source: DataSourceConfig, task: str) -> LabelledSplit:
+    """The site's labelled subjects split for ``task``; fewer than 2 is a clear error."""
     subjects = load_subjects(source)
     labelled = [s for s in subjects if s.label is not None]
     if len(labelled) < 2:
         raise MedfedError(
-            f"{NAME} needs at least 2 series with a tissue label, found {len(labelled)} "
+            f"{task} needs at least 2 series with a tissue label, found {len(labelled)} "
             f"of {len(subjects)}",
             where=source.path or "[data] in site.toml",
             expected="label volumes 0 background, 1 CSF, 2 GM, 3 WM per series",
@@ -129,18 +143,17 @@ def load_site_data(source: DataSourceConfig) -> SiteData:
         patients=[s.patient for s in labelled],
     )
     by_key = {s.key: s for s in labelled}
-    train, train_units = _slices([by_key[k] for k in train_keys], source.bias_correction)
-    val, _ = _slices([by_key[k] for k in val_keys], source.bias_correction)
-    return SiteData(
-        train=train,
-        val=val,
-        train_units=train_units,
-        description={
-            "train": len(train), "val": len(val),
-            "subjects-train": len(train_keys), "subjects-val": len(val_keys),
-            "unlabelled": len(subjects) - len(labelled),
-        },
-    )
+    return LabelledSplit([by_key[k] for k in train_keys], [by_key[k] for k in val_keys],
+                         len(subjects) - len(labelled))
+
+
+def load_site_data(source: DataSourceConfig) -> SiteData:
+    """The site's labelled scans, split by subject, as 64x64 axial slices."""
+    split = labelled_split(source, NAME)
+    train, train_units = _slices(split.train, source.bias_correction)
+    val, _ = _slices(split.val, source.bias_correction)
+    return SiteData(train=train, val=val, train_units=train_units,
+                    description=split.description(len(train), len(val)))
 
 
 def public_data(subjects: int, seed: int) -> TensorDataset:

@@ -7,6 +7,9 @@ sites differ. The medical tasks (brain MRI) replace it in the demo once they lan
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import torch
 from monai.metrics import DiceMetric
 from monai.networks.nets import UNet
@@ -87,3 +90,39 @@ TASK = Task(
     input_block=("model.0",),
     output_block=("model.2",),
 )
+
+
+class PaddedUNet(UNet):
+    """tiny-seg's UNet plus ``extra`` parameters: a learned offset of the logits, their mean.
+
+    What the sites and the server move and add is a real-size model (10M, 50M values),
+    while each step costs what tiny-seg's does plus one pass over the extra values:
+    the workload of the transport and aggregation benchmarks at real model sizes
+    (``benchmarks/round_latency.py --params``), equal to the stock Flower app's.
+    """
+
+    def __init__(self, extra: int) -> None:
+        super().__init__(spatial_dims=2, in_channels=1, out_channels=2, channels=(8, 16),
+                         strides=(2,), num_res_units=1, norm="instance")
+        self.padding = nn.Parameter(torch.zeros(extra))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The UNet's logits, offset by the padding's mean."""
+        return super().forward(x) + self.padding.mean()
+
+
+def padded(parameters: int) -> Task:
+    """tiny-seg with its model grown to ``parameters`` values (see :class:`PaddedUNet`)."""
+    extra = parameters - sum(p.numel() for p in build_model().parameters())
+    label = f"{parameters // 1_000_000}m"
+    return dataclasses.replace(
+        TASK, name=f"tiny-seg-{label}",
+        description=f"tiny-seg with its model padded to {parameters // 1_000_000}M parameters "
+                    "(transport benchmarks at real model size; tiny-seg's compute)",
+        build_model=functools.partial(PaddedUNet, extra))
+
+
+#: Real-size transfers at smoke-test compute: the benchmarks' 10M and 50M models.
+TASK_1M = padded(1_000_000)
+TASK_10M = padded(10_000_000)
+TASK_50M = padded(50_000_000)

@@ -10,7 +10,7 @@ app = ClientApp()
 
 
 def _setup(msg: Message, context: Context):
-    model = make_model()
+    model = make_model(int(context.run_config.get("extra-params", 0)))
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     return model, make_data(int(context.node_config.get("partition-id", 0)))
 

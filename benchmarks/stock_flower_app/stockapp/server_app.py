@@ -24,7 +24,8 @@ def main(grid: Grid, context: Context) -> None:
     def on_round_end(server_round: int, arrays: ArrayRecord) -> None:
         marks.append(time.time())  # called before round 1 and after each round
 
-    strategy.start(grid=grid, initial_arrays=ArrayRecord(make_model().state_dict()),
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(
+                       make_model(int(rc.get("extra-params", 0))).state_dict()),
                    num_rounds=int(rc["num-server-rounds"]),
                    train_config=ConfigRecord({"lr": float(rc["lr"])}),
                    evaluate_fn=on_round_end)

@@ -6,10 +6,27 @@ import torch
 DIM = 1999
 
 
-def make_model() -> torch.nn.Module:
-    """1,999 weights + 1 bias."""
+class Padded(torch.nn.Module):
+    """The linear model plus ``extra`` parameters: a learned offset, their mean.
+
+    The real-size workload of ``round_latency.py --params`` (medfed's ``tiny-seg-10m``
+    and ``tiny-seg-50m`` are padded the same way).
+    """
+
+    def __init__(self, extra: int) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(DIM, 1)
+        self.padding = torch.nn.Parameter(torch.zeros(extra))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The linear output, offset by the padding's mean."""
+        return self.linear(x) + self.padding.mean()
+
+
+def make_model(extra: int = 0) -> torch.nn.Module:
+    """1,999 weights + 1 bias (+ ``extra`` parameters)."""
     torch.manual_seed(0)
-    return torch.nn.Linear(DIM, 1)
+    return Padded(extra) if extra > 0 else torch.nn.Linear(DIM, 1)
 
 
 def make_data(partition_id: int, n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,223 @@
+"""`medfed simulate`: the ServerApp's run over simulated sites in-process, and data partitions."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_cli import medfed
+
+from medfed.core.config import RunConfig
+from medfed.core.errors import ConfigError
+from medfed.core.runs import RunFolder
+from medfed.data.partition import mix, partition
+from medfed.local.sim_sites import PartitionSpec, partitioned_sites, synthetic_sites
+from medfed.local.simulation import SITES_DIR, simulate
+
+
+@pytest.fixture(autouse=True)
+def _quiet_flower() -> None:
+    """Flower's per-round INFO lines are the ServerApp's log, not the test's."""
+    flwr = logging.getLogger("flwr")
+    level = flwr.level
+    flwr.setLevel(logging.WARNING)
+    yield
+    flwr.setLevel(level)
+
+
+def tiny_run(**overrides: object) -> RunConfig:
+    return RunConfig.model_validate({"task": "tiny-seg", "rounds": 2, "min_sites": 3,
+                                     "seed": 5, **overrides})
+
+
+def checkpoint(folder: RunFolder, rnd: int) -> dict[str, np.ndarray]:
+    with np.load(folder.checkpoint_file(rnd)) as z:
+        return {k: z[k] for k in z.files}
+
+
+# ------------------------------------------------------------------------ the engine
+
+
+def test_a_simulated_run_writes_the_run_folder_of_a_deployed_run(tmp_path: Path) -> None:
+    folder, summary = simulate(tiny_run(secure_aggregation="off"), synthetic_sites(3), tmp_path)
+    assert summary["status"] == "completed", summary.get("reason")
+    assert summary["engine"] == "simulation" and summary["simulation"]["sites"] == 3
+    assert summary["sites"] == ["site-1", "site-2", "site-3"]
+    assert summary["final_checkpoint"] == "round-002.npz"
+    assert folder.path.parent == tmp_path and folder.read_run()["config"]["task"] == "tiny-seg"
+    assert folder.checkpoint_file(1).is_file() and folder.checkpoint_file(2).is_file()
+    rows = Counter((m["round"], m["site"], m["phase"]) for m in folder.read_metrics())
+    for rnd in (1, 2):
+        for site in ("site-1", "site-2", "site-3"):
+            assert rows[(rnd, site, "train")] == rows[(rnd, site, "evaluate")] == 1
+        assert rows[(rnd, "global", "evaluate")] == 1
+    cross = json.loads(folder.cross_site_file.read_text())["matrix"]["global"]
+    assert set(cross) == {"site-1", "site-2", "site-3"}
+    assert "transport: in memory (simulation)" in folder.report_file.read_text()
+    # each site kept what a deployed site keeps, in its own folder: audit, no last update
+    for site in ("site-1", "site-2", "site-3"):
+        home = folder.path / SITES_DIR / site
+        sent = [json.loads(line) for line in (home / "audit.jsonl").read_text().splitlines()]
+        assert [e["round"] for e in sent if e["event"] == "update-sent"] == [1, 2]
+        assert not list((home / "privacy" / "released").glob("*.npz"))
+
+
+def test_a_simulated_run_with_secure_aggregation_completes(tmp_path: Path) -> None:
+    folder, summary = simulate(tiny_run(), synthetic_sites(3), tmp_path, keep_warm=0)
+    assert summary["status"] == "completed", summary.get("reason")
+    assert summary["protection"]["secure_aggregation"] == "default"
+    events = folder.read_events()
+    assert [e["round"] for e in events if e["event"] == "secure-aggregation"] == [1, 2]
+    for site in ("site-1", "site-2", "site-3"):
+        home = folder.path / SITES_DIR / site
+        audit = [json.loads(line) for line in (home / "audit.jsonl").read_text().splitlines()]
+        sent = [e for e in audit if e["event"] == "update-sent"]
+        assert {e["protection"] for e in sent} == {"tls+secure-aggregation/default"}
+        assert not list((home / "secagg" / "sessions").glob("*"))  # the keys did not outlive it
+
+
+def test_the_same_seed_gives_the_same_final_checkpoint(tmp_path: Path) -> None:
+    # warm workers or one built per message: the same training (seeds of run, round, site)
+    first, a = simulate(tiny_run(), synthetic_sites(4), tmp_path, keep_warm=8)
+    again, b = simulate(tiny_run(), synthetic_sites(4), tmp_path, keep_warm=0)
+    assert a["status"] == b["status"] == "completed"
+    assert first.path != again.path
+    x, y = checkpoint(first, 2), checkpoint(again, 2)
+    assert x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
+    assert a["evaluate_metrics"] == b["evaluate_metrics"]
+
+
+def test_sites_outside_the_sampled_rounds_get_nothing(tmp_path: Path) -> None:
+    run = tiny_run(rounds=1, min_sites=2, secure_aggregation="off",
+                   strategy_options={"fraction_train": 0.3, "fraction_evaluate": 0.3})
+    folder, summary = simulate(run, synthetic_sites(8), tmp_path, keep_warm=0)
+    assert summary["status"] == "completed", summary.get("reason")
+    touched = {m["site"] for m in folder.read_metrics() if m["site"] != "global"}
+    assert 2 <= len(touched) <= 4
+    homes = {p.name for p in (folder.path / SITES_DIR).iterdir()}
+    assert homes == touched  # a site that got no message has no folder, no worker
+
+
+def test_too_few_sites_for_the_run_is_refused_up_front(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="needs 3 sites"):
+        simulate(tiny_run(), synthetic_sites(2), tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------ partitions
+
+
+def test_a_partition_is_deterministic_and_holds_every_item_once() -> None:
+    keys = ["a"] * 30 + ["b"] * 20 + ["c"] * 10
+    for scheme in ("iid", "dirichlet"):
+        parts = partition(keys, 5, scheme=scheme, alpha=0.3, seed=11)
+        assert parts == partition(keys, 5, scheme=scheme, alpha=0.3, seed=11)
+        assert parts != partition(keys, 5, scheme=scheme, alpha=0.3, seed=12)
+        assert sorted(i for p in parts for i in p) == list(range(len(keys)))
+    sizes = [len(p) for p in partition(keys, 7, scheme="iid", seed=0)]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def _dominance(keys: list[str], parts: list[list[int]]) -> float:
+    """The mean share of each site's most common key (1.0: one key per site)."""
+    return float(np.mean([max(m.values()) / sum(m.values()) for m in mix(keys, parts)]))
+
+
+def test_dirichlet_skews_the_sites_mix_and_alpha_sets_how_much() -> None:
+    keys = [k for k in "abcd" for _ in range(100)]
+    iid = np.mean([_dominance(keys, partition(keys, 10, scheme="iid", seed=s))
+                   for s in range(5)])
+    skewed = np.mean([_dominance(keys, partition(keys, 10, scheme="dirichlet", alpha=0.1,
+                                                 seed=s)) for s in range(5)])
+    mild = np.mean([_dominance(keys, partition(keys, 10, scheme="dirichlet", alpha=100.0,
+                                               seed=s)) for s in range(5)])
+    assert iid < 0.4 and mild < 0.4  # four keys, about a quarter each
+    assert skewed > 0.7
+
+
+def test_a_partition_gives_every_site_its_minimum() -> None:
+    keys = ["a"] * 9 + ["b"]
+    for seed in range(20):
+        parts = partition(keys, 5, scheme="dirichlet", alpha=0.05, seed=seed, min_items=2)
+        assert min(len(p) for p in parts) >= 2
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"sites": 6, "min_items": 2}, "cannot be shared among 6 sites"),
+    ({"sites": 2, "scheme": "label-skew"}, "Unknown partition scheme"),
+    ({"sites": 2, "scheme": "dirichlet", "alpha": 0.0}, "alpha must be positive"),
+])
+def test_a_bad_partition_is_refused(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        partition(["a"] * 10, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def synth_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from medfed.synth import synthesize_sites
+
+    out = tmp_path_factory.mktemp("synth") / "data"
+    synthesize_sites(out, sites=2, subjects_per_site=3, seed=3)
+    return out
+
+
+def test_a_partitioned_site_is_a_dicom_folder_of_its_subjects(synth_data: Path,
+                                                              tmp_path: Path) -> None:
+    from medfed.data import DicomFolderSource
+    from medfed.data.targets import load_targets
+    from medfed.synth import read_site_manifest
+
+    spec = PartitionSpec(sites=3, scheme="dirichlet", by="scanner", alpha=0.5, seed=1)
+    sites = partitioned_sites(synth_data, tmp_path / "part", spec)
+    record = json.loads((tmp_path / "part" / "partition.json").read_text())
+    assert [s.name for s in sites] == ["site-1", "site-2", "site-3"]
+    subjects = [record["sites"][s.name]["subjects"] for s in sites]
+    assert sorted(x for part in subjects for x in part) == sorted(
+        f"SYN-site{i}-00{j}" for i in (1, 2) for j in (1, 2, 3))
+    uid = {e.subject: e.series_uid for d in ("site-1", "site-2")
+           for e in read_site_manifest(synth_data / d).series.values()}
+    for site, held in zip(sites, subjects, strict=True):
+        assert len(held) >= 2 and sum(record["sites"][site.name]["mix"].values()) == len(held)
+        source = DicomFolderSource(Path(site.data.path), manifest=Path(site.data.manifest),
+                                   cache_dir=Path(site.data.cache_dir))
+        found = {s.series_uid for s in source.series()}
+        assert found == {uid[x] for x in held} == set(load_targets(Path(site.data.manifest)))
+    # the same partition again reuses the folder; a different one is refused
+    assert partitioned_sites(synth_data, tmp_path / "part", spec) == sites
+    with pytest.raises(ConfigError, match="different partition"):
+        partitioned_sites(synth_data, tmp_path / "part",
+                          PartitionSpec(sites=3, scheme="iid", seed=1))
+
+
+# ------------------------------------------------------------------------ the command
+
+
+def test_simulate_refuses_a_partition_without_data(tmp_path: Path) -> None:
+    out = medfed("simulate", "--task", "tiny-seg", "--partition", "dirichlet",
+                 "--out", str(tmp_path / "runs"), cwd=tmp_path)
+    assert out.returncode == 2 and "no --data was given" in out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_medfed_simulate_runs_and_compare_reads_simulated_runs(tmp_path: Path) -> None:
+    out = medfed("simulate", "--task", "tiny-seg", "--sites", "4", "--rounds", "2",
+                 "--secure-aggregation", "off", "--out", str(tmp_path / "runs"), cwd=tmp_path,
+                 timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "round 2/2" in out.stdout and "completed 2 rounds" in out.stdout
+    (run,) = [p for p in (tmp_path / "runs").iterdir() if (p / "run.json").exists()]
+    assert json.loads((run / "summary.json").read_text())["engine"] == "simulation"
+    out = medfed("compare", "--engine", "simulation", "--strategies", "fedavg,fedprox",
+                 "-o", "fedprox:proximal_mu=0.1", "--sites", "10", "--rounds", "1",
+                 "--out", str(tmp_path / "cmp"), cwd=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert result["engine"] == "simulation"
+    for r in result["runs"]:
+        assert r["status"] == "completed" and len(r["sites"]) == 10
