@@ -13,16 +13,20 @@ model of 1,000,000 float32 parameters (4 MB), on this machine's CPUs:
   1,947-parameter UNet padded to 1M parameters (a learned offset of the logits, their
   mean), so every message carries a real-size model while each local step stays
   cheap. Each site generates its own data (tiny-seg's synthetic blobs, seed
-  ``1000 + i``): 16 images of 32x32, 12 to train on, 4 to evaluate; one local epoch
-  at batch size 4 = 3 SGD steps per round.
+  ``1000 + i``): 4 images of 32x32, 3 to train on, 1 to evaluate; one local epoch at
+  batch size 1 = 3 steps of medfed's trainer (Adam) per training message. Sites'
+  workers are built for each message and dropped after (the engine's default beyond
+  8 sites: nothing is held for sites outside a round).
 - anchor: Flower 1.42's Simulation Engine (Ray 2.55, ``flwr[simulation]``), in process
   via ``flwr.simulation.run_simulation``: a ServerApp running Flower's ``FedAvg`` with
   the same fractions (``min_train_nodes = min_evaluate_nodes = 2``) and the ClientApp
   of ``benchmarks/stock_flower_app`` (its ``train`` / ``evaluate``, the run config it
   reads given by a mod): the linear model padded the same way to 1M parameters
-  (``extra-params``), 3 full-batch SGD steps on its node's 256 samples, an MSE
-  evaluation. Ray gets the 2 cores: ``num_cpus=2`` and 1 CPU per ClientApp (2 actors),
-  Flower's defaults otherwise; the same tuning effort as medfed's engine (none).
+  (``extra-params``), built for each message: 3 full-batch SGD steps on its node's 256
+  generated samples, an MSE evaluation. Local work of the same kind and size: a few
+  milliseconds a step for either model on one core. Ray gets this machine's 2 cores
+  (``num_cpus=2``) and 1 CPU per ClientApp (2 actors, in parallel), Flower's defaults
+  otherwise: the same tuning effort as medfed's engine (none).
 
 Figures (each engine in a subprocess of its own, so that its peak memory is its own):
 
@@ -36,14 +40,18 @@ Figures (each engine in a subprocess of its own, so that its peak memory is its 
   any round and is printed apart.
 - peak RSS: of the process that aggregates. medfed's engine is one process (server
   and sites): its peak resident memory (VmHWM) minus its resident memory after
-  start-up (imports of torch, MONAI, Flower, medfed and matplotlib, which the run's
-  plots use), in MB and in model sizes (4 MB); target (the issue's): growth <= 3
-  models, the fixed overhead being that start-up RSS (printed). The growth includes
-  the run's start-up (initial model, strategy), the site being trained (its model,
-  gradients, optimizer state, data) and the server's running sum. Flower's driver
-  (ServerApp + Simulation Engine, after ``ray.init``) is measured the same way; its Ray
-  processes (ClientApp actors, raylet, GCS) are sampled every 0.25 s and reported
-  apart (their peak VmHWM).
+  start-up, in MB and in model sizes (4 MB); target (the issue's): growth <= 3 models,
+  the fixed overhead being that start-up RSS (printed; about 0.55 GB: torch, MONAI,
+  Flower, medfed, matplotlib, which the run's plots use, and one training step of
+  tiny-seg's 1,947-parameter UNet, which loads what torch's optimizers import lazily).
+  The growth includes the run's own start-up (initial model, strategy), the site at
+  work (its model, gradients, Adam state, update) and the server's running sum.
+  Flower's driver (ServerApp + Simulation Engine, after ``ray.init``) is measured the
+  same way; its Ray processes (ClientApp actors, raylet, GCS, ...) are sampled every
+  0.25 s and reported apart (their peak VmHWM). Both engines run with
+  ``MALLOC_MMAP_THRESHOLD_=1048576`` (as ``benchmarks/aggregation.py``): freed
+  model-size buffers go back to the system, so that the resident memory is what is
+  alive, not what glibc keeps on its heap.
 
 ``BENCH ... secure_round_seconds_100_sites``: medfed with secure aggregation (default
 mode) over 100 sites, against medfed plain over the same 100 sites. Every site is
@@ -94,15 +102,18 @@ PARAMS = 1_000_000
 TASK = "tiny-seg-1m"
 STOCK_PARAMS = 2_000  # the stock linear model: 1,999 weights + 1 bias
 MODEL_BYTES = 4 * PARAMS
-#: Each medfed site's local work: 16 images (12 train, 4 evaluate), batch 4: 3 steps.
-NUM_SAMPLES, BATCH_SIZE, LOCAL_EPOCHS = 16, 4, 1
+#: Each medfed site's local work: 4 images (3 train, 1 evaluate), batch 1: 3 steps.
+NUM_SAMPLES, BATCH_SIZE, LOCAL_EPOCHS = 4, 1, 1
 #: The stock ClientApp's: 3 full-batch SGD steps on its 256 samples.
 STOCK_CONFIG = {"lr": 0.02, "local-steps": 3, "extra-params": PARAMS - STOCK_PARAMS}
 #: Ray on the loopback interface, quiet, no usage statistics.
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_DISABLE_USAGE_STATS": "1", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+#: Every engine's process. Buffers of 1 MiB and more come from mmap and go back to the
+#: system when freed, so that the resident memory measured is what is alive (glibc would
+#: otherwise keep freed model-size buffers on its heap); as benchmarks/aggregation.py.
 CHILD_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-             "PYTHONUNBUFFERED": "1"}
+             "PYTHONUNBUFFERED": "1", "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 
 
 # ------------------------------------------------------------------ memory and processes
@@ -146,11 +157,18 @@ def _descendants(root: int) -> list[int]:
 
 
 def _process_name(pid: int) -> str:
+    """The program a process runs (a Python script's name; Ray's title for its workers)."""
     try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
         return "?"
-    return Path(cmd.split()[0]).name if cmd else "?"
+    words = [w for a in args for w in a.split()]
+    if not words:
+        return "?"
+    name = Path(words[0]).name
+    if name.startswith("python"):
+        name = next((Path(w).name for w in words[1:] if w.endswith(".py")), name)
+    return name
 
 
 class TreeSampler:
@@ -174,9 +192,11 @@ class TreeSampler:
         while not self._stop.is_set():
             for pid in _descendants(os.getpid()):
                 hwm = _status_kb("VmHWM", pid)
-                name, best = self.peaks.get(pid, (_process_name(pid), 0))
-                if hwm > best:
-                    self.peaks[pid] = (name, hwm)
+                name, best = self.peaks.get(pid, ("?", 0))
+                if "ClientAppActor" not in name:  # Ray renames a worker once it is an actor
+                    now = _process_name(pid)
+                    name = name if now == "?" else now
+                self.peaks[pid] = (name, max(best, hwm))
             self._stop.wait(self._every)
 
 
@@ -217,7 +237,7 @@ def _check_loopback(where: str) -> list[str]:
 
 
 def _child_medfed(sites: int, rounds: int, fraction: float, secure: str) -> dict[str, Any]:
-    """medfed's in-process engine: its round seconds and peak RSS."""
+    """Run medfed's in-process engine; return its round seconds and peak RSS."""
     import logging
 
     import matplotlib.pyplot  # noqa: F401  (the run's plots: start-up, not growth)
@@ -225,10 +245,9 @@ def _child_medfed(sites: int, rounds: int, fraction: float, secure: str) -> dict
     from medfed.core.config import DataSourceConfig, RunConfig, validate
     from medfed.local.sim_sites import SimSite
     from medfed.local.simulation import simulate
-    from medfed.tasks import get_task
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    get_task(TASK).build_model()  # registry, MONAI
+    _warm_up_code()
     run = RunConfig.model_validate({
         "task": TASK, "rounds": rounds, "min_sites": 2, "seed": 0,
         "strategy": "fedavg",
@@ -264,6 +283,23 @@ def _child_medfed(sites: int, rounds: int, fraction: float, secure: str) -> dict
             "total_seconds": total, "setup_seconds": setup}
 
 
+def _warm_up_code() -> None:
+    """Load what a site's first step loads lazily (torch's optimizer machinery), at no model size.
+
+    One Adam step of tiny-seg's 1,947-parameter UNet: start-up, not growth with the model.
+    """
+    import torch
+
+    from medfed.tasks import get_task
+
+    task = get_task("tiny-seg")
+    model = task.build_model()
+    optimizer = torch.optim.Adam(model.parameters())
+    task.build_loss()(model(torch.zeros(1, 1, 32, 32)),
+                      torch.zeros(1, 1, 32, 32, dtype=torch.long)).backward()
+    optimizer.step()
+
+
 def _stock_apps(sites: int, rounds: int, fraction: float, marks: list[float]) -> tuple[Any, Any]:
     """Flower's ServerApp (FedAvg, ``fraction``) and the stock ClientApp, with its config."""
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message
@@ -275,9 +311,13 @@ def _stock_apps(sites: int, rounds: int, fraction: float, marks: list[float]) ->
 
     def stock_config(msg: Message, context: Context, call_next: Callable[..., Message]
                      ) -> Message:
-        """The run config the stock ClientApp reads (a deployment's pyproject gives it)."""
-        context.run_config.update(STOCK_CONFIG)
-        return call_next(msg, context)
+        """The run config the stock ClientApp reads (a deployment's pyproject gives it).
+
+        Handed over in a copy of the context: Flower forbids changing a node's run config.
+        """
+        return call_next(msg, Context(
+            run_id=context.run_id, node_id=context.node_id, node_config=context.node_config,
+            state=context.state, run_config={**context.run_config, **STOCK_CONFIG}))
 
     client = ClientApp(mods=[stock_config])
     client.train()(stock.train)
@@ -310,6 +350,7 @@ def _child_flower(sites: int, rounds: int, fraction: float) -> dict[str, Any]:
     import torch  # noqa: F401  (start-up, as medfed's)
     from flwr.simulation import run_simulation
 
+    logging.getLogger("flwr").setLevel(logging.WARNING)  # as medfed's (per-round INFO lines)
     sys.path.insert(0, str(STOCK_APP))
     marks: list[float] = []
     server, client = _stock_apps(sites, rounds, fraction, marks)
@@ -431,12 +472,13 @@ def main() -> None:
     f_growth = (flower["peak_kb"] - flower["base_kb"]) * 1024
     print(f"  medfed process: fixed overhead (RSS after start-up) {_mb(medfed['base_kb']):.0f} MB; "
           f"peak {_mb(medfed['peak_kb']):.0f} MB; growth {m_growth / 1e6:.1f} MB = "
-          f"{m_growth / MODEL_BYTES:.2f} models")
+          f"{m_growth / MODEL_BYTES:.2f} models (the server and the site at work)")
     print(f"  Flower driver:  fixed overhead (RSS after ray.init) {_mb(flower['base_kb']):.0f} MB; "
           f"peak {_mb(flower['peak_kb']):.0f} MB; growth {f_growth / 1e6:.1f} MB = "
           f"{f_growth / MODEL_BYTES:.2f} models")
     actors = flower["actor_peak_kb"]
-    others = ", ".join(f"{n} {_mb(kb):.0f}" for n, kb in sorted(flower["ray_other_peak_kb"].items()))
+    others = ", ".join(f"{n} {_mb(kb):.0f}"
+                       for n, kb in sorted(flower["ray_other_peak_kb"].items()))
     print(f"  Ray processes' peak RSS (MB): {len(actors)} ClientApp actors "
           f"{' '.join(f'{_mb(kb):.0f}' for kb in actors)}; {others}")
 
