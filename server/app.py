@@ -7,6 +7,7 @@ the run folder under the federation's runs directory (``MEDFED_RUNS_DIR``, set b
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result, Strategy
 from flwr.superlink.grid import http_grid
@@ -22,7 +23,7 @@ from flwr.superlink.grid import http_grid
 from medfed.core import wire
 from medfed.core.config import RunConfig
 from medfed.core.flower_tuning import shorten_object_pull_backoff
-from medfed.core.packing import WEIGHTS_KEY, Layout, pack, shared_state, unpack
+from medfed.core.packing import WEIGHTS_KEY, Layout, npy_view, pack, shared_state, unpack
 from medfed.core.parent_watch import exit_with_parent
 from medfed.core.report import plot_metrics
 from medfed.core.run_report import write_report
@@ -34,7 +35,7 @@ from medfed.server.refusals import SitesRefused
 from medfed.server.rounds import run_rounds
 from medfed.server.run_state import RunStateStore
 from medfed.server.secure_aggregation import SecureAggregation
-from medfed.server.streaming_mean import StreamingMean, streams
+from medfed.server.streaming_mean import StreamingMean, streams, vector_array
 from medfed.strategies import build_strategy
 from medfed.strategies.registry import check_secure_aggregation
 from medfed.tasks import dp, get_task
@@ -97,6 +98,8 @@ def run_in_folder(grid: Grid, context: Context, run: RunConfig, folder: RunFolde
         # Parameters a site keeps (domain adaptation) are neither sent nor aggregated:
         # the global model, its checkpoints and the masked vectors hold the rest.
         local = local_keys(task, model, run.adaptation)
+        local_values = sum(model.state_dict()[k].numel() for k in local)
+        del model  # the server holds weights, not a model: memory O(model) is its budget
         initial = shared_state(initial_weights(task, seed=run.seed, init=run.init_weights),
                                local)
         layout = Layout.of(initial)
@@ -112,8 +115,7 @@ def run_in_folder(grid: Grid, context: Context, run: RunConfig, folder: RunFolde
                 folder.event("warning", reason=warning)
             if local:
                 folder.event("adaptation", hook=run.adaptation, site_local_tensors=len(local),
-                             site_local_values=sum(model.state_dict()[k].numel()
-                                                   for k in local))
+                             site_local_values=local_values)
         check_secure_aggregation(run.strategy, run.secure_aggregation)
         base = build_strategy(run.strategy, dict(run.strategy_options),
                               min_sites=run.min_sites)
@@ -149,22 +151,25 @@ def run_in_folder(grid: Grid, context: Context, run: RunConfig, folder: RunFolde
                 folder.event("warning", reason="secure aggregation is off: the server sees "
                              "every site's update (debugging only)")
 
-        previous = [pack(initial)]  # the global model after the last round
+        start = ArrayRecord({WEIGHTS_KEY: vector_array(pack(initial))})
+        del initial  # the run holds the global model once, in ``start`` then each round's
+        previous = [_digest(npy_view(start[WEIGHTS_KEY].data))]  # the last round's model
 
         def end_of_round(server_round: int, arrays: ArrayRecord, so_far: Result) -> None:
-            vector = arrays[WEIGHTS_KEY].numpy()
+            vector = npy_view(arrays[WEIGHTS_KEY].data)
             path = folder.save_checkpoint(server_round, unpack(vector, layout))
             store.save(server_round, base, train_metrics=so_far.train_metrics_clientapp,
                        evaluate_metrics=so_far.evaluate_metrics_clientapp)
             # A lost round (no site's update, or secure aggregation could not unmask)
             # leaves the model as it was: say so rather than report a finished round.
+            digest = _digest(vector)
             recorder.finish_round(server_round, checkpoint=path.name,
-                                  unchanged=bool(np.array_equal(previous[0], vector)))
-            previous[:] = [vector.copy()]
+                                  unchanged=digest == previous[0])
+            previous[:] = [digest]
 
         config = ConfigRecord({wire.RUN_CONFIG_KEY: run.to_json()})
         result = run_rounds(
-            strategy, grid=recorder, arrays=ArrayRecord({WEIGHTS_KEY: Array(pack(initial))}),
+            strategy, grid=recorder, arrays=start,
             first_round=done + 1, num_rounds=run.rounds, timeout=run.round_timeout_s,
             train_config=config,
             evaluate_config=ConfigRecord({wire.RUN_CONFIG_KEY: run.to_json()}),
@@ -217,6 +222,11 @@ def run_in_folder(grid: Grid, context: Context, run: RunConfig, folder: RunFolde
         if secure is not None:
             secure.end("failed")
         raise
+
+
+def _digest(vector: np.ndarray) -> bytes:
+    """SHA-256 of a model vector: whether a round changed the model, without a copy of it."""
+    return hashlib.sha256(memoryview(np.ascontiguousarray(vector)).cast("B")).digest()
 
 
 def _write_report(folder: RunFolder) -> None:
