@@ -13,7 +13,9 @@ before, so the figure is the platform's cost of moving and adding real-size mode
   ``flwr run``), 2,000-parameter linear model. Flower starts a fresh ClientApp
   process per message and polls every 3 s.
 - value: ``medfed`` (``LocalFederation``: real site daemons with warm workers),
-  task ``tiny-seg`` (a 1,947-parameter MONAI UNet).
+  task ``tiny-seg`` (a 1,947-parameter MONAI UNet), with secure aggregation on (its
+  default; stock Flower has none, so medfed does more work) unless
+  ``--secure-aggregation off`` gives both the same workload.
 
 Figure: median seconds per round (train + evaluate + aggregation), ratio
 medfed / stock. Target (issues 2 and 21): ratio <= 0.3, at every model size.
@@ -133,13 +135,15 @@ def parse_params(text: str) -> int:
     return value
 
 
-def run_medfed(root: Path, rounds: int, task: str = "tiny-seg") -> list[float]:
+def run_medfed(root: Path, rounds: int, task: str = "tiny-seg",
+               secure_aggregation: str = "default") -> list[float]:
     """medfed: LocalFederation with real site daemons; returns seconds per round."""
     names = [f"site-{i + 1}" for i in range(SITES)]
     with LocalFederation(root, names, name="bench") as fed:
         fed.create(site_data=lambda i, n: {"num_samples": 64})
         fed.start()
-        _, summary = fed.run(RunConfig(task=task, rounds=rounds, min_sites=SITES))
+        _, summary = fed.run(RunConfig(task=task, rounds=rounds, min_sites=SITES,
+                                       secure_aggregation=secure_aggregation))
     if summary.get("status") != "completed":
         raise RuntimeError(f"medfed run failed: {summary}")
     rounds_done = sorted(summary["round_seconds"].items(), key=lambda kv: int(kv[0]))
@@ -153,6 +157,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--params", type=parse_params, default=0,
                         help="model size: 10M or 50M (default: the 2,000-parameter models)")
+    parser.add_argument("--secure-aggregation", choices=("default", "strict", "off"),
+                        default="default", help="medfed's (stock Flower has none)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folders")
     args = parser.parse_args()
     rounds = 2 if args.quick else args.rounds
@@ -160,7 +166,8 @@ def main() -> None:
     try:
         extra = f"extra-params={args.params - STOCK_PARAMS}" if args.params else ""
         stock = run_stock(tmp / "stock", rounds, extra_config=extra)
-        medfed = run_medfed(tmp / "medfed", rounds, TASK_OF_SIZE[args.params])
+        medfed = run_medfed(tmp / "medfed", rounds, TASK_OF_SIZE[args.params],
+                            args.secure_aggregation)
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -168,7 +175,10 @@ def main() -> None:
     print(f"stock Flower 1.42 seconds per round: {stock}  median {s_med:.2f}")
     print(f"medfed            seconds per round: {medfed}  median {m_med:.2f}")
     measure = "median_round_seconds" + (f"_{args.params // 1_000_000}m" if args.params else "")
-    print(f"model size: {args.params or STOCK_PARAMS:,} parameters (both)")
+    if args.secure_aggregation != "default":
+        measure += f"_secagg_{args.secure_aggregation}"
+    print(f"model size: {args.params or STOCK_PARAMS:,} parameters (both); medfed's secure "
+          f"aggregation: {args.secure_aggregation}")
     print(f"BENCH round_latency {measure} value={m_med:.3f} anchor={s_med:.3f} "
           f"ratio={m_med / s_med:.3f} target<=0.3 unit=s")
 
