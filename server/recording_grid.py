@@ -67,7 +67,6 @@ class RecordingGrid:
             if wire.CONFIG_KEY in messages[0].content else 0
         if phase == "train":
             self._round_start[rnd] = time.time()
-        self._folder.event("round-sent", round=rnd, phase=phase, sites=len(messages))
         kept: list[Message] = []
         received = failed = 0
 
@@ -81,7 +80,8 @@ class RecordingGrid:
             else:
                 kept.append(reply)
 
-        self._exchange(messages, timeout, take)
+        self._exchange(messages, timeout, take, sent=lambda: self._folder.event(
+            "round-sent", round=rnd, phase=phase, sites=len(messages)))
         missing = len(messages) - received
         if missing:
             self._folder.event("sites-missing", round=rnd, phase=phase, count=missing)
@@ -94,13 +94,17 @@ class RecordingGrid:
         self.pull_batch = max(1, PULL_BUDGET_BYTES // max(int(nbytes), 1))
 
     def _exchange(self, messages: list[Message], timeout: float | None,
-                  take: Callable[[Message], None]) -> None:
-        """Push, then pull replies every ``poll_interval`` s (Flower's Grid sleeps 3 s).
+                  take: Callable[[Message], None], *, sent: Callable[[], None]) -> None:
+        """Push, call ``sent``, then pull replies every ``poll_interval`` s.
+
+        ``sent`` comes once the SuperLink holds every message, arrays too (so a crash
+        after it lost messages the sites could fetch). Flower's Grid polls every 3 s.
 
         Replies are pulled ``pull_batch`` at a time and each handed to ``take`` before
         the next batch is pulled, so that a round of large updates is never all in memory.
         """
         ids = list(self._grid.push_messages(messages))
+        sent()
         self._dst_of.update((mid, m.metadata.dst_node_id)
                             for mid, m in zip(ids, messages, strict=False))
         pending = dict.fromkeys(ids)  # in the order they were sent

@@ -11,6 +11,7 @@ sites had sent it is sent again, unchanged, and not charged twice.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -23,6 +24,7 @@ import pytest
 
 from medfed.client.ledger import PrivacyLedger
 from medfed.core.config import RunConfig
+from medfed.core.errors import MedfedError
 from medfed.core.runs import RunFolder, find_run
 from medfed.local import LocalFederation
 from medfed.server.follow import follow_run
@@ -34,10 +36,36 @@ pytestmark = pytest.mark.slow
 Events = list[dict[str, Any]]
 
 
+def _run_holder(folder: RunFolder) -> int:
+    """The pid of the ServerApp that holds ``folder`` (its flock, from /proc/locks)."""
+    st = os.stat(folder.path / ".lock")
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if fields[1] == "FLOCK" and fields[5] == dev:
+            return int(fields[4])
+    raise AssertionError(f"no process holds {folder.path}/.lock")
+
+
+def _sites_sent(fed: LocalFederation, rnd: int) -> bool:
+    """Whether every site's audit log says it sent its round-``rnd`` update."""
+    return all(any(r.get("event") == "update-sent" and r.get("round") == rnd
+                   for r in map(json.loads, (fed.root / s / "audit.jsonl").read_text()
+                                .splitlines()))
+               for s in fed.site_names)
+
+
 def _crash_and_resume(fed: LocalFederation, config: RunConfig,
-                      crash_when: Callable[[Events], bool]) -> tuple[RunFolder, dict[str, Any]]:
-    """Submit ``config``; kill -9 the SuperLink (and its ServerApp) once ``crash_when``
-    holds of the run's events; start the server again; follow the run to its end."""
+                      crash_when: Callable[[Events], bool], *,
+                      after_sites_sent: int | None = None
+                      ) -> tuple[RunFolder, dict[str, Any]]:
+    """Submit ``config``; kill -9 the SuperLink and its ServerApp once ``crash_when``
+    holds of the run's events; start the server again; follow the run to its end.
+
+    With ``after_sites_sent`` a round, the ServerApp is paused (SIGSTOP) at that point
+    and killed only once every site sent that round's update: the server lost a round
+    that every site had sent, whatever the timing of the machine.
+    """
     with fed.control() as control:
         run_id = control.submit(config)
     runs_dir = fed.fed.runs_dir
@@ -46,24 +74,47 @@ def _crash_and_resume(fed: LocalFederation, config: RunConfig,
     while not crash_when(folder.read_events()):
         assert time.monotonic() < deadline, "the run did not reach the point of the crash"
         time.sleep(0.05)
+    serverapp = _run_holder(folder)
+    if after_sites_sent is not None:
+        os.kill(serverapp, signal.SIGSTOP)
+        while not _sites_sent(fed, after_sites_sent):
+            assert time.monotonic() < deadline, "the sites did not send their updates"
+            time.sleep(0.1)
+        time.sleep(1.0)  # the SuperNodes push what the sites handed them
+        assert not any(e["event"] == "round-finished" and e["round"] == after_sites_sent
+                       for e in folder.read_events())
     superlink = fed.group.members[0]
-    os.killpg(superlink.proc.pid, signal.SIGKILL)
+    os.killpg(superlink.proc.pid, signal.SIGKILL)  # as a power cut: the ServerApp too
+    os.kill(serverapp, signal.SIGKILL)
     superlink.proc.wait(timeout=10)
     assert folder.read_summary() is None
     fed.group.members[0] = start_superlink(fed.fed)
     with fed.control() as control:
-        summary = follow_run(control, run_id, runs_dir, on_event=lambda e: None, timeout=300)
+        try:
+            summary = follow_run(control, run_id, runs_dir, on_event=lambda e: None,
+                                 timeout=300)
+        except MedfedError as exc:  # what each part did, for a failure seen only in CI
+            raise AssertionError(f"{exc}\n{_state_of(fed, folder)}") from exc
     return folder, summary
+
+
+def _state_of(fed: LocalFederation, folder: RunFolder) -> str:
+    """The run's last events and the tails of the SuperLink's and the sites' logs."""
+    def tail(path: Path, n: int) -> str:
+        lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
+        return "\n".join(f"  {line[:300]}" for line in lines[-n:])
+
+    parts = [f"events of {folder.path}:", tail(folder.path / "events.jsonl", 15)]
+    parts += ["SuperLink log:", tail(fed.root / "server" / "state" / "superlink.log", 60)]
+    for site in fed.site_names:
+        for log_file in sorted((fed.root / site / "logs").glob("*.log")):
+            parts += [f"{site} {log_file.name}:", tail(log_file, 25)]
+    return "\n".join(parts)
 
 
 def _in_round_2(events: Events) -> bool:
     return any(e["event"] == "round-sent" and e["round"] == 2 and e["phase"] == "train"
                for e in events)
-
-
-def _after_round_2_replies(events: Events) -> bool:
-    return sum(e["event"] == "site-replied" and e["round"] == 2 and e["phase"] == "train"
-               for e in events) == 2
 
 
 def _final(folder: RunFolder, rounds: int) -> dict[str, np.ndarray]:
@@ -113,7 +164,7 @@ def test_a_dp_round_the_server_lost_is_sent_again_and_charged_once(short_tmp: Pa
         fed.set_budget(epsilon_max=1000.0)
         fed.start()
         # both sites trained, masked and sent round 2; the server dies before aggregating
-        folder, summary = _crash_and_resume(fed, config, _after_round_2_replies)
+        folder, summary = _crash_and_resume(fed, config, _in_round_2, after_sites_sent=2)
 
     _resumed_once_at_round_2(folder, summary)
     run_id = folder.path.name
