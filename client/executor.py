@@ -42,7 +42,7 @@ from flwr.supercore.inflatable.inflatable_protobuf_utils import (
 from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
 from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
 from flwr.supercore.retry import make_simple_http_retry_invoker
-from flwr.supercore.retry.retry_invoker import exponential
+from flwr.supercore.retry.retry_invoker import RetryInvoker, exponential
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
@@ -98,14 +98,9 @@ class InProcessExecutor:
         self.tasks_run = 0
 
     def _client(self, *interceptors: object) -> RuntimeHttpClient:
-        # Flower's retries back off to 20 s, logging each attempt; a restarted SuperNode
-        # (the site daemon restarts one that stopped) is dialled again within a second.
-        invoker = make_simple_http_retry_invoker()
-        invoker.wait_gen_factory = lambda: exponential(base_delay=0.2, max_delay=1)
-        invoker.wait_function = time.sleep
         return RuntimeHttpClient.from_server_address(
             server_address=self.runtime_address, insecure=True, root_certificates=None,
-            interceptors=list(interceptors), retry_invoker=invoker,
+            interceptors=list(interceptors), retry_invoker=retry_invoker(),
         )
 
     def start(self) -> None:
@@ -178,6 +173,38 @@ class InProcessExecutor:
                 heartbeat.stop()
             client.close()
             self.tasks_run += 1
+
+
+def retry_invoker() -> RetryInvoker:
+    """Flower's retries of the runtime API, re-tuned for a ClientApp inside the daemon.
+
+    Flower backs off to 20 s, logging each attempt; a restarted SuperNode (the site
+    daemon restarts one that stopped) is dialled again within a second. A withdrawn
+    task ends that task, not the daemon (:func:`task_refusal_ends_the_task`).
+    """
+    invoker = make_simple_http_retry_invoker()
+    invoker.wait_gen_factory = lambda: exponential(base_delay=0.2, max_delay=1)
+    invoker.wait_function = time.sleep
+    invoker.should_giveup = task_refusal_ends_the_task(invoker.should_giveup)
+    return invoker
+
+
+def task_refusal_ends_the_task(flower_giveup: Callable[[Exception], bool] | None
+                               ) -> Callable[[Exception], bool]:
+    """Give up on a 401 (the task's token was withdrawn: its run ended) without a signal.
+
+    Flower's retry sends SIGINT to its own process on a 401, made for a ClientApp in a
+    process of its own. Here that process is the site daemon: a run that ended while its
+    message arrived (a server crash, say) stopped the whole site. Now the call raises
+    the 401 into the task, which fails alone; every other case is Flower's.
+    """
+    def should_giveup(exc: Exception) -> bool:
+        if isinstance(exc, httpx.HTTPStatusError) \
+                and exc.response.status_code == httpx.codes.UNAUTHORIZED:
+            return True
+        return flower_giveup(exc) if flower_giveup is not None else False
+
+    return should_giveup
 
 
 def _tolerate_withdrawal(push: Callable[..., object], *args: object) -> None:
