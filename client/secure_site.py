@@ -63,8 +63,10 @@ def _update_digest(delta: np.ndarray, weight: float) -> str:
 class SecureSite:
     """Secure-aggregation sessions of one site, by run (in memory, mirrored on disk)."""
 
-    def __init__(self, site: str, site_dir: Path, *, keep_days: float = KEEP_DAYS) -> None:
+    def __init__(self, site: str, site_dir: Path, *, keep_days: float = KEEP_DAYS,
+                 min_participants: int = 2) -> None:
         self.site = site
+        self.min_participants = min_participants  # site.toml [privacy] secagg_min_participants
         self.site_dir = site_dir
         self.pins = PeerPins(site_dir / PINS_FILE)
         self.store = SessionStore(site_dir / SESSIONS_DIR)
@@ -133,6 +135,15 @@ class SecureSite:
             session.accept_roster(Roster.from_bytes(blobs[wire.SECAGG_ROSTER]))
             self.pins.add(directory, new, run_id=run_id)
             pinned = {s: fingerprint(directory[s]) for s in new}
+        if session.threshold + 1 < self.min_participants:
+            raise ProtocolError(
+                f"run {run_id}'s secure-aggregation threshold ({session.threshold}) lets "
+                f"rounds of {session.threshold + 1} sites through; this site masks its "
+                f"update only with {self.min_participants} or more, and refuses the run",
+                where=f"site {self.site!r}: site.toml [privacy] secagg_min_participants",
+                fix="the coordinator raises --secagg-threshold to at least "
+                f"{self.min_participants - 1}, or the site operator lowers "
+                "secagg_min_participants")
         delta = (local_vec.astype(np.float64) - global_vec.astype(np.float64)).astype(np.float32)
         digest = _update_digest(delta, weight)
         if rnd in run.masked:

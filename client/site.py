@@ -48,6 +48,8 @@ allowed_strategies = ["*"]    # e.g. ["fedavg", "fedprox"]
 # (`medfed site budget`). A run asking for less privacy than a rule allows is refused.
 default = "default"
 ledger = "privacy/ledger.sqlite"
+secagg_min_participants = 2  # the fewest sites this site masks its update with: a run whose
+                             # secure-aggregation threshold allows smaller rounds is refused
 
 [privacy.datasets.default]
 epsilon_max = 10.0           # total epsilon this dataset may ever spend, across all runs

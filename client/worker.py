@@ -75,7 +75,9 @@ class SiteWorker:
             torch.set_num_threads(self.config.compute.threads)
         self.audit = AuditLog(resolve(self.config_path, self.config.site.audit_log))
         self.privacy = PrivacyGate(self.config, self.config_path, audit=self.audit)
-        self.secure = SecureSite(self.site, Path(self.config_path).resolve().parent)
+        self.secure = SecureSite(
+            self.site, Path(self.config_path).resolve().parent,
+            min_participants=self.config.privacy.secagg_min_participants)
         self.site_local = SiteLocalStore(Path(self.config_path).resolve().parent)
         self.released = ReleasedUpdates(Path(self.config_path).resolve().parent)
 

@@ -140,7 +140,8 @@ def run_in_folder(grid: Grid, context: Context, run: RunConfig, folder: RunFolde
             # fresh per-run keys at every site, so no mask of the crashed session recurs.
             secure = SecureAggregation(
                 strategy, grid=recorder, folder=folder, run_id=str(context.run_id),
-                config=SecAggConfig(mode=run.secure_aggregation, clip_range=run.secagg_clip),
+                config=SecAggConfig(mode=run.secure_aggregation, clip_range=run.secagg_clip,
+                                    threshold=run.secagg_threshold),
                 size=layout.size, round_timeout=run.round_timeout_s, run_json=run.to_json())
             secure.setup(run.min_sites)
             strategy = secure

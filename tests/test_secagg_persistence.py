@@ -143,3 +143,18 @@ def test_run_ids_cannot_escape_the_sessions_folder(tmp_path: Path) -> None:
     site = SecureSite("site-a", tmp_path)
     path = site.store.path("../../keys/secagg-identity")
     assert path.parent == site.store.root and path.name.startswith("h-")
+
+
+def test_a_site_refuses_a_threshold_below_its_own_minimum_every_round(tmp_path: Path) -> None:
+    """site.toml [privacy] secagg_min_participants: the site's floor, not the coordinator's."""
+    fed = joined(tmp_path, n=4, threshold=1)  # rounds of 2 sites would pass
+    fed.sites["site-a"].min_participants = 3
+    x = np.full(64, 0.25, dtype=np.float32)
+    for rnd in (1, 2):  # refused at the roster's round and after it alike
+        with pytest.raises(ProtocolError, match="secagg_min_participants") as err:
+            mask(fed, "site-a", rnd, x, 1.0, sorted(fed.sites))
+        assert "--secagg-threshold to at least 2" in str(err.value)
+    # a run whose threshold meets the floor is served
+    ok = joined(tmp_path / "ok", n=4, threshold=2)
+    ok.sites["site-a"].min_participants = 3
+    assert mask(ok, "site-a", 1, x, 1.0, sorted(ok.sites)).server_round == 1

@@ -7,7 +7,7 @@ import pytest
 
 from medfed.core.secagg import InputError, SecAggConfig, SecAggConfigError
 from medfed.core.secagg.config import FixedPoint
-from medfed.core.secagg.quantize import decode_sum, encode, error_bound
+from medfed.core.secagg.quantize import CHUNK, decode_sum, encode, error_bound, quantize_weight
 
 
 def _sum(encoded: list[np.ndarray], fp: FixedPoint) -> np.ndarray:
@@ -95,3 +95,46 @@ def test_config_rejects_bad_values() -> None:
     with pytest.raises(SecAggConfigError, match="do not fit"):
         FixedPoint.of(SecAggConfig(), 2**31)  # more sites than a 32-bit sum can hold
     assert SecAggConfig.from_dict(SecAggConfig(mode="strict").to_dict()).mode == "strict"
+
+
+def _numpy_encode(x: np.ndarray, weight: float, fp: FixedPoint, rounding: str,
+                  rng: np.random.Generator | None) -> tuple[np.ndarray, int]:
+    """The encoding spelled out in numpy, one pass per step (the reference)."""
+    wq = quantize_weight(weight, fp)
+    v = x.astype(np.float64)
+    clipped = int(np.count_nonzero(np.abs(v) > fp.clip_range))
+    v = np.clip(v, -fp.clip_range, fp.clip_range) * (wq / fp.weight_scale * fp.scale)
+    if rounding == "stochastic":
+        assert rng is not None
+        noise = np.concatenate([rng.random(min(CHUNK, v.size - s))
+                                for s in range(0, v.size, CHUNK)])
+        v = np.floor(v + noise)
+    else:
+        v = np.rint(v)
+    out = v.astype(np.int64).astype(fp.dtype)  # wraps mod 2**k
+    return np.append(out, np.array(wq, dtype=fp.dtype)), clipped
+
+
+@pytest.mark.parametrize("bits", [32, 64])
+@pytest.mark.parametrize("rounding", ["deterministic", "stochastic"])
+def test_encoding_and_decoding_equal_the_numpy_reference_bit_for_bit(bits: int,
+                                                                    rounding: str) -> None:
+    cfg = SecAggConfig(modulus_bits=bits, rounding=rounding, clip_range=0.3)  # type: ignore[arg-type]
+    fp = FixedPoint.of(cfg, 5)
+    rng = np.random.default_rng(11)
+    d = CHUNK + 1234  # a partial last chunk
+    x = (rng.standard_normal(d) * 0.2).astype(np.float32)
+    x[:6] = [0.3, -0.3, 7.0, -7.0, 0.0, np.float32(0.3).item()]  # at and beyond the clip
+    for weight in (1.0, 37.0, fp.max_weight):
+        got, got_clipped = encode(x, weight, fp, rounding=cfg.rounding,
+                                  rng=np.random.default_rng(5))
+        want, want_clipped = _numpy_encode(x, weight, fp, cfg.rounding,
+                                           np.random.default_rng(5))
+        assert got.dtype == want.dtype and got_clipped == want_clipped
+        np.testing.assert_array_equal(got, want)
+    total = _sum([encode(x, w, fp)[0] for w in (3.0, 500.0)], fp)
+    s = total.view(fp.signed_dtype)
+    w_norm = int(s[-1]) / fp.weight_scale
+    want_mean = (s[:-1].astype(np.float64) * (1.0 / (fp.scale * w_norm))).astype(np.float32)
+    mean, _ = decode_sum(total, fp)
+    np.testing.assert_array_equal(mean, want_mean)

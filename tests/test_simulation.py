@@ -221,3 +221,19 @@ def test_medfed_simulate_runs_and_compare_reads_simulated_runs(tmp_path: Path) -
     assert result["engine"] == "simulation"
     for r in result["runs"]:
         assert r["status"] == "completed" and len(r["sites"]) == 10
+
+
+def test_sampled_rounds_under_secure_aggregation_need_a_threshold_below_the_sample(
+        tmp_path: Path) -> None:
+    """10 sites, 4 a round: the roster's default threshold (5) needs 6; t = 2 serves them."""
+    sampled = {"fraction_train": 0.4, "fraction_evaluate": 0.4}
+    run = tiny_run(rounds=1, min_sites=2, strategy_options=sampled)
+    folder, summary = simulate(run, synthetic_sites(10), tmp_path / "default", keep_warm=0)
+    assert summary["status"] != "completed"
+    assert "threshold" in json.dumps(summary) or "threshold" in folder.events_file.read_text()
+    run = tiny_run(rounds=1, min_sites=2, strategy_options=sampled, secagg_threshold=2)
+    folder, summary = simulate(run, synthetic_sites(10), tmp_path / "t2", keep_warm=0)
+    assert summary["status"] == "completed", summary.get("reason")
+    trained = {m["site"] for m in folder.read_metrics()
+               if m["site"] != "global" and m["phase"] == "train"}
+    assert len(trained) == 4

@@ -122,6 +122,10 @@ PrivacyUnitOpt = Annotated[str, typer.Option(
          "patient's scans, by DICOM PatientID); --batch-size then counts units")]
 SecureAggregationOpt = Annotated[str, typer.Option(
     help="default | strict | off (off: the server sees each update; debugging only)")]
+SecaggThresholdOpt = Annotated[int | None, typer.Option(
+    "--secagg-threshold", help="secure aggregation's t: rounds need t + 1 sites, t survivors "
+    "unmask a dropped one (default: ceil((n-1)/2) of the n enrolled sites; set it below the "
+    "sites a round samples when -o fraction_train < 1)")]
 DatasetOpt = Annotated[str, typer.Option(
     help="the sites' dataset budget to charge (default: each site's default)")]
 AdaptationOpt = Annotated[str, typer.Option(
@@ -141,7 +145,8 @@ def build_run_config(*, task: str, strategy: str, rounds: int,
                      max_grad_norm: float, clipping_norm: float, delta: float, accountant: str,
                      dp_optimizer: str, dp_average: float, privacy_unit: str,
                      secure_aggregation: str, dataset: str, adaptation: str, init_from: str,
-                     init_weights: str, where: str) -> RunConfig:
+                     init_weights: str, where: str,
+                     secagg_threshold: int | None = None) -> RunConfig:
     """The run configuration of a run's options, checked before anything starts.
 
     An unknown or unfit strategy option, adaptation hook, initial weights or
@@ -159,7 +164,8 @@ def build_run_config(*, task: str, strategy: str, rounds: int,
         "min_sites": min_sites, "local_epochs": local_epochs, "batch_size": batch_size,
         "learning_rate": lr, "seed": seed, "round_timeout_s": round_timeout, "name": name,
         "dataset": dataset, "secure_aggregation": secure_aggregation,
-        "adaptation": adaptation, "init_from": init_from, "init_weights": init_weights,
+        "secagg_threshold": secagg_threshold, "adaptation": adaptation,
+        "init_from": init_from, "init_weights": init_weights,
         "privacy": privacy_options(dp, noise_multiplier, max_grad_norm, clipping_norm,
                                    delta, accountant, dp_optimizer, dp_average,
                                    target_epsilon, privacy_unit),
@@ -205,6 +211,7 @@ def register(app: typer.Typer) -> None:
         dp_average: DpAverageOpt = 0.0,
         privacy_unit: PrivacyUnitOpt = "sample",
         secure_aggregation: SecureAggregationOpt = "default",
+        secagg_threshold: SecaggThresholdOpt = None,
         dataset: DatasetOpt = "",
         adaptation: AdaptationOpt = "none",
         init_from: InitFromOpt = "",
@@ -224,7 +231,8 @@ def register(app: typer.Typer) -> None:
             accountant=accountant, dp_optimizer=dp_optimizer, dp_average=dp_average,
             privacy_unit=privacy_unit, secure_aggregation=secure_aggregation,
             dataset=dataset, adaptation=adaptation, init_from=init_from,
-            init_weights=init_weights, where="medfed run options")
+            init_weights=init_weights, where="medfed run options",
+            secagg_threshold=secagg_threshold)
         if secure_aggregation == "off":
             console.print("[bold yellow]warning:[/] secure aggregation is off: the server will "
                           "see every site's update (use only for debugging)")

@@ -32,6 +32,7 @@ from medfed.cli.run_cmd import (
     PrivacyUnitOpt,
     RoundsOpt,
     RoundTimeoutOpt,
+    SecaggThresholdOpt,
     SecureAggregationOpt,
     SeedOpt,
     StrategyOpt,
@@ -91,6 +92,7 @@ def register(app: typer.Typer) -> None:
         dp_average: DpAverageOpt = 0.0,
         privacy_unit: PrivacyUnitOpt = "sample",
         secure_aggregation: SecureAggregationOpt = "default",
+        secagg_threshold: SecaggThresholdOpt = None,
         dataset: DatasetOpt = "",
         adaptation: AdaptationOpt = "none",
         init_from: InitFromOpt = "",
@@ -129,7 +131,8 @@ def register(app: typer.Typer) -> None:
             accountant=accountant, dp_optimizer=dp_optimizer, dp_average=dp_average,
             privacy_unit=privacy_unit, secure_aggregation=secure_aggregation,
             dataset=dataset, adaptation=adaptation, init_from=init_from,
-            init_weights=init_weights, where="medfed simulate options")
+            init_weights=init_weights, where="medfed simulate options",
+            secagg_threshold=secagg_threshold)
         if partition not in PARTITIONS:
             raise ConfigError(f"Unknown partition {partition!r}.", where="--partition",
                               expected=" | ".join(PARTITIONS))

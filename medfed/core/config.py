@@ -162,6 +162,10 @@ class RunConfig(_Strict):
     secagg_clip: float = Field(
         1.0, gt=0, description="each coordinate of a site's update (local - global) is "
         "clipped to +-secagg_clip before quantization")
+    secagg_threshold: int | None = Field(
+        None, ge=1, description="secure aggregation's threshold t: a round needs t + 1 "
+        "sites, and t survivors unmask a dropped one; default ceil((n - 1) / 2) of the n "
+        "enrolled sites. Set it below the sites a round samples (fraction_train < 1)")
     dataset: str = Field("", description="the site dataset budget to charge; default: the "
                          "site's privacy.default")
     adaptation: str = Field("none", description="domain-adaptation hook (`medfed "

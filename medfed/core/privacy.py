@@ -80,6 +80,9 @@ class SitePrivacyPolicy(_Strict):
     datasets: dict[str, DatasetBudget] = {}
     default: str = Field("", description="the dataset a run uses when it names none")
     ledger: str = Field("privacy/ledger.sqlite", description="SQLite ledger, relative to site.toml")
+    secagg_min_participants: int = Field(
+        2, ge=2, description="the fewest sites this site masks its update with: a run whose "
+        "secure-aggregation threshold lets smaller rounds through is refused")
 
     @model_validator(mode="after")
     def _check_names(self) -> SitePrivacyPolicy:

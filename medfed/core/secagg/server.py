@@ -105,8 +105,11 @@ class Aggregator:
             raise ProtocolError(f"participants {sorted(set(parts) - set(self.sites))} "
                                 "are not in the roster")
         if len(parts) < self.threshold + 1:
-            raise ProtocolError(f"{len(parts)} participants; at least {self.threshold + 1} "
-                                "are needed (threshold + 1)")
+            raise ProtocolError(
+                f"{len(parts)} participants in round {server_round}; at least "
+                f"{self.threshold + 1} are needed (threshold {self.threshold} + 1)",
+                fix="sample more sites per round, or set the run's secagg_threshold "
+                f"(--secagg-threshold) to at most {len(parts) - 1}")
         if self._round is not None and self._round.status is not None:
             self._history[self._round.number] = self._round.status.dropped
         self._round = _Round(server_round, parts, np.zeros(self.size + 1, dtype=self.fp.dtype))
