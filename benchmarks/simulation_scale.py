@@ -55,10 +55,10 @@ Figures (each engine in a subprocess of its own, so that its peak memory is its 
 
 ``BENCH ... secure_round_seconds_100_sites``: medfed with secure aggregation (default
 mode) over 100 sites, against medfed plain over the same 100 sites. Every site is
-sampled in every round (fraction 1.0), for both: secure aggregation's threshold is
-fixed from the whole roster when the run starts, so a round that samples half of
-the sites or fewer cannot complete (a known limitation). The run's key set-up
-(before round 1: every site advertises its per-run key) is printed apart.
+sampled in every round (fraction 1.0), for both: the heaviest secure round (every
+site masks against 99 peers). Sampled secure rounds need ``--secagg-threshold``
+below the sample (the default threshold is set from the whole roster). The run's
+key set-up (before round 1: every site advertises its per-run key) is printed apart.
 
 Ray stays on the loopback interface: ``ray.init(_node_ip_address="127.0.0.1",
 include_dashboard=False)`` with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (without it Ray

@@ -90,3 +90,65 @@ def withdraw_tasks_of_ended_runs(module: ModuleType) -> bool:
     pull_and_store._medfed_withdraws = True  # type: ignore[attr-defined]
     module._pull_and_store_message = pull_and_store  # type: ignore[attr-defined]
     return True
+
+
+def drop_replies_of_ended_runs(module: ModuleType) -> bool:
+    """Patch ``module._push_messages``: a reply whose content is gone is dropped, not fatal.
+
+    A task of a run that ended can still finish and hand its reply to the SuperNode after
+    :func:`withdraw_ended_run` cleared the run's objects. Flower reads the reply's object
+    tree before its guarded send, so the missing tree raised out of the SuperNode's loop:
+    the SuperNode exited, and the first message of the run that took over (a resumed
+    run's join) was lost with it ("Secure aggregation needs 2 sites, 1 joined"). Now such
+    a reply is deleted, and the SuperNode goes on waiting for the replies still due.
+    """
+    original = getattr(module, "_push_messages", None)
+    if original is None or getattr(original, "_medfed_drops", False):
+        if original is None:
+            log.warning("%s has no _push_messages; a reply of an ended run may stop the "
+                        "SuperNode", module.__name__)
+        return False
+
+    @functools.wraps(original)
+    def push_messages(*, state: Any, object_store: Any, **kwargs: Any) -> None:
+        return original(state=_DroppingOrphans(state, object_store), object_store=object_store,
+                        **kwargs)
+
+    push_messages._medfed_drops = True  # type: ignore[attr-defined]
+    module._push_messages = push_messages  # type: ignore[attr-defined]
+    return True
+
+
+class _DroppingOrphans:
+    """A SuperNode state whose replies on offer are only those with content to send.
+
+    Flower marks each reply it is offered as taken: one that then fails cannot be
+    offered again, so an orphan is deleted here, before Flower sees it.
+    """
+
+    def __init__(self, state: Any, store: Any) -> None:
+        self._state = state
+        self._store = store
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._state, name)
+
+    def get_messages_legacy(self, **kwargs: Any) -> Any:
+        from flwr.supercore.object_store import NoObjectInStoreError
+
+        messages = self._state.get_messages_legacy(**kwargs)
+        if not kwargs.get("is_reply"):
+            return messages
+        kept = []
+        for message in messages:
+            mid = message.metadata.message_id
+            try:
+                self._store.get_object_tree(mid)
+            except NoObjectInStoreError:
+                self._state.delete_messages(
+                    message_ids=[mid, message.metadata.reply_to_message_id])
+                log.warning("dropped a reply of run %s, which ended: its content was "
+                            "cleared with the run", message.metadata.run_id)
+                continue
+            kept.append(message)
+        return kept

@@ -7,7 +7,8 @@ and 0.5 s between checks for the ClientApp's reply; each round pays these twice
 seconds, then runs the stock ``flower-supernode`` entry point unchanged.
 
 A message of a run that ended while it was being received no longer leaves a task
-that blocks the site's executor (:mod:`medfed.client.ended_run_tasks`).
+that blocks the site's executor, nor a reply that stops the SuperNode
+(:mod:`medfed.client.ended_run_tasks`).
 
 A SuperNode whose connection to the SuperLink ended on an error exits (status 1)
 rather than lingering, so that the site daemon restarts it.
@@ -20,7 +21,7 @@ from __future__ import annotations
 import os
 import sys
 
-from medfed.client.ended_run_tasks import withdraw_tasks_of_ended_runs
+from medfed.client.ended_run_tasks import drop_replies_of_ended_runs, withdraw_tasks_of_ended_runs
 from medfed.core.flower_tuning import cap_module_sleeps, shorten_object_pull_backoff
 from medfed.core.parent_watch import watch_parent
 
@@ -33,6 +34,7 @@ def main() -> int:
     from flwr.supernode import start_client_internal
 
     withdraw_tasks_of_ended_runs(start_client_internal)
+    drop_replies_of_ended_runs(start_client_internal)
     cap = os.environ.get(POLL_ENV)
     if cap:
         cap_module_sleeps(start_client_internal, float(cap))

@@ -28,6 +28,7 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
@@ -51,6 +52,7 @@ from medfed.server.streaming_mean import vector_array
 from medfed.server.wrapped_strategy import WrappedStrategy
 
 DEADLINE_MARGIN = 0.1  # sites stop sending this fraction of the round timeout early
+JOIN_RETRY_S = 30.0  # how long a site that the SuperLink says is unavailable is asked again
 
 
 class SecureAggregation(WrappedStrategy):
@@ -80,16 +82,9 @@ class SecureAggregation(WrappedStrategy):
     def setup(self, min_sites: int) -> None:
         """Once per run: collect every site's signed key advert and build the roster."""
         sample_nodes(self.grid, min_sites, min_sites)  # waits until min_sites are online
-        nodes = list(self.grid.get_node_ids())
-        join = ConfigRecord({wire.RUN_CONFIG_KEY: self.run_json,
-                             wire.SECAGG_JOIN: json.dumps(self.config.to_dict())})
-        replies = self.grid.send_and_receive(
-            [Message(RecordDict({wire.CONFIG_KEY: join}), dst_node_id=n,
-                     message_type=MessageType.QUERY) for n in nodes],
-            timeout=self.round_timeout)
         adverts: list[KeyAdvert] = []
         directory: dict[str, bytes] = {}
-        for reply in replies:
+        for reply in self._join_replies():
             if reply.has_error() or wire.SECAGG_RECORD_KEY not in reply.content:
                 continue
             record = reply.content[wire.SECAGG_RECORD_KEY]
@@ -117,6 +112,36 @@ class SecureAggregation(WrappedStrategy):
         self.directory = {s: k.hex() for s, k in directory.items()}
         self.folder.event("secure-aggregation-ready", mode=self.config.mode,
                           sites=list(roster.site_ids), threshold=self.aggregator.threshold)
+
+    def _join_replies(self) -> list[Message]:
+        """Every online site's answer to the join; a site unavailable is asked again.
+
+        A site whose SuperNode is restarting (after the server's own restart, say)
+        misses its heartbeats for a few seconds and the SuperLink answers "Node
+        Unavailable" for it: it is asked again (its node id may be new) for up to
+        ``JOIN_RETRY_S``, so that a run does not start, or resume, without it.
+        """
+        join = ConfigRecord({wire.RUN_CONFIG_KEY: self.run_json,
+                             wire.SECAGG_JOIN: json.dumps(self.config.to_dict())})
+        end = time.monotonic() + min(JOIN_RETRY_S, self.round_timeout)
+        answered: set[int] = set()
+        kept: list[Message] = []
+        while True:
+            nodes = [n for n in self.grid.get_node_ids() if n not in answered]
+            replies = self.grid.send_and_receive(
+                [Message(RecordDict({wire.CONFIG_KEY: join}), dst_node_id=n,
+                         message_type=MessageType.QUERY) for n in nodes],
+                timeout=self.round_timeout)
+            unavailable = False
+            for reply in replies:
+                if reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE:
+                    unavailable = True
+                    continue
+                answered.add(reply.metadata.src_node_id)
+                kept.append(reply)
+            if not unavailable or time.monotonic() >= end:
+                return kept
+            time.sleep(1.0)
 
     # --------------------------------------------------------------- training
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

@@ -13,6 +13,7 @@ import types
 import zipfile
 
 import numpy as np
+import pytest
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.app.metadata import Metadata
 from flwr.supercore.fab import Fab
@@ -22,7 +23,7 @@ from flwr.supercore.run import Run, RunNotRunningException, RunStatus
 from flwr.supernode import start_client_internal
 from flwr.supernode.nodestate import NodeStateFactory
 
-from medfed.client.ended_run_tasks import withdraw_tasks_of_ended_runs
+from medfed.client.ended_run_tasks import drop_replies_of_ended_runs, withdraw_tasks_of_ended_runs
 
 RUN = 7
 
@@ -97,3 +98,67 @@ def test_other_receive_failures_are_left_to_flower() -> None:
     (task,) = state.get_tasks()
     assert task.status.status == "finished"
     assert "Pulling message objects failed" in task.status.details
+
+
+def _message(run_id: int, kind: str, value: float, reply_to: Message | None = None) -> Message:
+    content = RecordDict({"w": ArrayRecord({"a": Array(np.full(3, value, dtype=np.float32))})})
+    if reply_to is not None:
+        message = Message(content=content, reply_to=reply_to)
+    else:
+        message = Message(metadata=Metadata(
+            run_id=run_id, message_id="", src_node_id=1, dst_node_id=2, reply_to_message_id="",
+            group_id="", created_at=time.time(), ttl=60.0, message_type=kind), content=content)
+    message.metadata.__dict__["_message_id"] = message.object_id
+    return message
+
+
+def _replies_pending(orphan: str) -> object:
+    """A SuperNode's state: the new run's query and its reply, and an ended run's reply
+    whose objects were cleared with the run (``orphan``: "first", "last" or "none")."""
+    state = NodeStateFactory(ObjectStoreFactory()).state()
+    state.set_node_id(2)
+    query = _message(RUN + 1, "query", 1.0)
+    start_client_internal._insert_message(query, state, state.object_store)
+    ended = _message(RUN, "train", 2.0)
+    start_client_internal._insert_message(ended, state, state.object_store)
+
+    def add_orphan() -> None:
+        state.store_message(_message(RUN, "train", 3.0, reply_to=ended))
+    if orphan == "first":
+        add_orphan()
+    start_client_internal._insert_message(_message(RUN + 1, "query", 4.0, reply_to=query),
+                                          state, state.object_store)
+    if orphan == "last":
+        add_orphan()
+    return state
+
+
+def _push(module: types.ModuleType, state) -> list[int]:
+    sent: list[int] = []
+
+    def send(message: Message, tree: object, runtime: float) -> tuple[set[str], str]:
+        sent.append(message.metadata.run_id)
+        return set(), "session"
+    module._push_messages(state=state, object_store=state.object_store, send=send,
+                          push_object=lambda *a: None)
+    return sent
+
+
+def test_flower_alone_stops_the_supernode_on_a_reply_whose_content_is_gone() -> None:
+    from flwr.supercore.object_store import NoObjectInStoreError
+    with pytest.raises(NoObjectInStoreError):
+        _push(start_client_internal, _replies_pending("first"))
+
+
+@pytest.mark.parametrize("orphan", ["first", "last", "none"])
+def test_a_reply_of_an_ended_run_is_dropped_and_the_new_runs_reply_is_sent(orphan: str
+                                                                           ) -> None:
+    module = types.ModuleType("sci_copy")
+    module._push_messages = start_client_internal._push_messages
+    assert drop_replies_of_ended_runs(module)
+    assert not drop_replies_of_ended_runs(module)  # applied once
+    state = _replies_pending(orphan)
+    assert _push(module, state) == [RUN + 1]
+    left = [e.message.metadata.run_id for e in state.msg_store.values()
+            if e.message.metadata.reply_to_message_id]
+    assert left == []  # neither reply stays behind

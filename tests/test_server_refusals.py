@@ -196,3 +196,46 @@ def test_a_lost_round_is_not_reported_as_done(tmp_path: Path) -> None:
     printed = out.getvalue()
     assert "round 1 done" in printed
     assert "round 2 gave no new model" in printed and "round 2 done" not in printed
+
+
+def test_a_site_unavailable_at_the_join_is_asked_again(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SuperNode restarting when a run starts (or resumes) is not left out of it."""
+    from flwr.common.constant import ErrorCode
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for key, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, key, value)  # as in a ServerApp
+    from medfed.core.secagg import SecAggConfig
+    from medfed.server.secure_aggregation import SecureAggregation
+
+    class Restarting(FakeGrid):
+        """Node 8 misses its heartbeats at the first join, then answers; node 9 is gone."""
+
+        def __init__(self) -> None:
+            super().__init__({7: None, 8: None, 9: None})
+            self.asked: list[int] = []
+
+        def get_node_ids(self) -> list[int]:
+            return [7, 8, 9]
+
+        def _reply(self, mid: str, node: int) -> Any:
+            self.asked.append(node)
+            if node == 9 or (node == 8 and self.asked.count(8) == 1):
+                return SimpleNamespace(
+                    metadata=SimpleNamespace(src_node_id=1, reply_to_message_id=mid),
+                    has_error=lambda: True,
+                    error=SimpleNamespace(code=ErrorCode.NODE_UNAVAILABLE,
+                                          reason="Error: Node Unavailable"))
+            return super()._reply(mid, node)
+
+    folder = _folder(tmp_path)
+    fake = Restarting()
+    secure = SecureAggregation(
+        None, grid=RecordingGrid(fake, folder), folder=folder,  # type: ignore[arg-type]
+        run_id="7", config=SecAggConfig(mode="default"), size=1, round_timeout=2.5,
+        run_json="{}")
+    replies = secure._join_replies()
+    assert sorted(r.metadata.src_node_id for r in replies) == [7, 8]
+    assert fake.asked.count(7) == 1  # a site that answered is not asked again
+    assert fake.asked.count(9) >= 2  # asked until the retry window (the round timeout) ends
