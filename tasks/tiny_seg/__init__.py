@@ -92,23 +92,37 @@ TASK = Task(
 )
 
 
+#: Scale of the padding's values and of its term: the offset stays about 1e-3 * extra *
+#: 5e-3 (0.05 at 10M), and each step moves every padding value by a distinct amount.
+PADDING_SCALE = 1e-3
+PADDING_WEIGHT = 5e-3
+
+
 class PaddedUNet(UNet):
-    """tiny-seg's UNet plus ``extra`` parameters: a learned offset of the logits, their mean.
+    """tiny-seg's UNet plus ``extra`` parameters: a learned offset of the class-0 logit.
 
     What the sites and the server move and add is a real-size model (10M, 50M values),
     while each step costs what tiny-seg's does plus one pass over the extra values:
     the workload of the transport and aggregation benchmarks at real model sizes
     (``benchmarks/round_latency.py --params``), equal to the stock Flower app's.
+
+    The padding starts random and its gradient differs per value (the offset is a
+    weighted sum of squares, added to one class only: an offset of every class would
+    cancel in the softmax and leave it no gradient). A constant padding, or a constant
+    update of it, would let Flower send each distinct 5 MB chunk once (objects are
+    stored by content hash): transport figures of a model that does not exist.
     """
 
     def __init__(self, extra: int) -> None:
         super().__init__(spatial_dims=2, in_channels=1, out_channels=2, channels=(8, 16),
                          strides=(2,), num_res_units=1, norm="instance")
-        self.padding = nn.Parameter(torch.zeros(extra))
+        self.padding = nn.Parameter(torch.randn(extra) * PADDING_SCALE)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The UNet's logits, offset by the padding's mean."""
-        return super().forward(x) + self.padding.mean()
+        """The UNet's logits, class 0's offset by the padding's weighted sum of squares."""
+        logits = super().forward(x)
+        offset = PADDING_WEIGHT * self.padding.pow(2).sum()
+        return torch.cat([logits[:, :1] + offset, logits[:, 1:]], dim=1)
 
 
 def padded(parameters: int) -> Task:

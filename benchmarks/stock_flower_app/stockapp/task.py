@@ -7,20 +7,22 @@ DIM = 1999
 
 
 class Padded(torch.nn.Module):
-    """The linear model plus ``extra`` parameters: a learned offset, their mean.
+    """The linear model plus ``extra`` parameters: a learned offset, a weighted sum of squares.
 
     The real-size workload of ``round_latency.py --params`` (medfed's ``tiny-seg-10m``
-    and ``tiny-seg-50m`` are padded the same way).
+    and ``tiny-seg-50m`` are padded the same way). The padding starts random and every
+    value gets its own gradient: a constant padding or update would let Flower send
+    each distinct 5 MB chunk once (objects are stored by content hash).
     """
 
     def __init__(self, extra: int) -> None:
         super().__init__()
         self.linear = torch.nn.Linear(DIM, 1)
-        self.padding = torch.nn.Parameter(torch.zeros(extra))
+        self.padding = torch.nn.Parameter(torch.randn(extra) * 1e-3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The linear output, offset by the padding's mean."""
-        return self.linear(x) + self.padding.mean()
+        """The linear output, offset by the padding's weighted sum of squares."""
+        return self.linear(x) + 5e-3 * self.padding.pow(2).sum()
 
 
 def make_model(extra: int = 0) -> torch.nn.Module:
