@@ -10,9 +10,9 @@ model of 1,000,000 float32 parameters (4 MB), on this machine's CPUs:
   worker at every site, sites one after another in one process, secure aggregation
   off (Flower's engine has none), ``--strategy-option fraction_train=0.1
   fraction_evaluate=0.1``, ``--min-sites 2``. Task ``tiny-seg-1m``: tiny-seg's
-  1,947-parameter UNet padded to 1M parameters (a learned offset of the logits, their
-  mean), so every message carries a real-size model while each local step stays
-  cheap. Each site generates its own data (tiny-seg's synthetic blobs, seed
+  1,947-parameter UNet padded to 1M parameters (random values, each with its own
+  update: ``PaddedUNet``), so every message carries a real-size model while each
+  local step stays cheap. Each site generates its own data (tiny-seg's synthetic blobs, seed
   ``1000 + i``): 4 images of 32x32, 3 to train on, 1 to evaluate; one local epoch at
   batch size 1 = 3 steps of medfed's trainer (Adam) per training message. Sites'
   workers are built for each message and dropped after (the engine's default beyond
