@@ -11,7 +11,9 @@ queues behind it and times out (seen as "Secure aggregation needs 2 sites, 1 joi
 :func:`withdraw_tasks_of_ended_runs` wraps Flower's receive step: when a pull reports
 the run is no longer running, every unfinished task of that run is finished as failed
 (its task token stops working, so an executor already holding it gives up at once),
-and the run's stored message and objects are dropped.
+and the run's stored message and objects are dropped. :func:`drop_replies_of_ended_runs`
+wraps its send step: a reply that a task of such a run still handed over, whose
+content went with the run, is dropped instead of stopping the SuperNode.
 """
 
 from __future__ import annotations
