@@ -75,17 +75,19 @@ def _crash_and_resume(fed: LocalFederation, config: RunConfig,
         assert time.monotonic() < deadline, "the run did not reach the point of the crash"
         time.sleep(0.05)
     serverapp = _run_holder(folder)
-    if after_sites_sent is not None:
-        os.kill(serverapp, signal.SIGSTOP)
-        while not _sites_sent(fed, after_sites_sent):
-            assert time.monotonic() < deadline, "the sites did not send their updates"
-            time.sleep(0.1)
-        time.sleep(1.0)  # the SuperNodes push what the sites handed them
-        assert not any(e["event"] == "round-finished" and e["round"] == after_sites_sent
-                       for e in folder.read_events())
-    superlink = fed.group.members[0]
-    os.killpg(superlink.proc.pid, signal.SIGKILL)  # as a power cut: the ServerApp too
-    os.kill(serverapp, signal.SIGKILL)
+    try:
+        if after_sites_sent is not None:
+            os.kill(serverapp, signal.SIGSTOP)
+            while not _sites_sent(fed, after_sites_sent):
+                assert time.monotonic() < deadline, "the sites did not send their updates"
+                time.sleep(0.1)
+            time.sleep(1.0)  # the SuperNodes push what the sites handed them
+            assert not any(e["event"] == "round-finished" and e["round"] == after_sites_sent
+                           for e in folder.read_events())
+    finally:  # as a power cut: the SuperLink and its ServerApp (never left paused)
+        superlink = fed.group.members[0]
+        os.killpg(superlink.proc.pid, signal.SIGKILL)
+        os.kill(serverapp, signal.SIGKILL)
     superlink.proc.wait(timeout=10)
     assert folder.read_summary() is None
     fed.group.members[0] = start_superlink(fed.fed)
