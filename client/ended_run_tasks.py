@@ -45,15 +45,26 @@ def withdraw_ended_run(state: Any, object_store: Any, run_id: int,
     return withdrawn
 
 
+def _unpatched(module: ModuleType, name: str, flag: str, risk: str) -> Any | None:
+    """Flower's ``module.name`` if it is there and not yet patched (marked by ``flag``).
+
+    A Flower without it is warned about, with ``risk``: what is then left unguarded.
+    """
+    original = getattr(module, name, None)
+    if original is None:
+        log.warning("%s has no %s; %s", module.__name__, name, risk)
+        return None
+    return None if getattr(original, flag, False) else original
+
+
 def withdraw_tasks_of_ended_runs(module: ModuleType) -> bool:
     """Patch ``module._pull_and_store_message`` (flwr.supernode.start_client_internal)."""
     from flwr.supercore.run import RunNotRunningException
 
-    original = getattr(module, "_pull_and_store_message", None)
-    if original is None or getattr(original, "_medfed_withdraws", False):
-        if original is None:
-            log.warning("%s has no _pull_and_store_message; tasks of a run that ends while "
-                        "its message arrives are left to expire", module.__name__)
+    original = _unpatched(module, "_pull_and_store_message", "_medfed_withdraws",
+                          "tasks of a run that ends while its message arrives are left "
+                          "to expire")
+    if original is None:
         return False
 
     @functools.wraps(original)
@@ -104,11 +115,9 @@ def drop_replies_of_ended_runs(module: ModuleType) -> bool:
     run's join) was lost with it ("Secure aggregation needs 2 sites, 1 joined"). Now such
     a reply is deleted, and the SuperNode goes on waiting for the replies still due.
     """
-    original = getattr(module, "_push_messages", None)
-    if original is None or getattr(original, "_medfed_drops", False):
-        if original is None:
-            log.warning("%s has no _push_messages; a reply of an ended run may stop the "
-                        "SuperNode", module.__name__)
+    original = _unpatched(module, "_push_messages", "_medfed_drops",
+                          "a reply of an ended run may stop the SuperNode")
+    if original is None:
         return False
 
     @functools.wraps(original)
