@@ -5,9 +5,12 @@ sampling the same fraction of them for training and for evaluation each round
 (default: 1,000 sites, 10%: 100 train + 100 evaluate messages per round), on a
 model of 1,000,000 float32 parameters (4 MB), on this machine's CPUs:
 
-- value: ``medfed``'s in-process simulation engine (:func:`medfed.local.simulation.simulate`,
-  what `medfed simulate` runs): the deployment's ServerApp code and the real site
-  worker at every site, sites one after another in one process, secure aggregation
+- value: ``medfed``'s simulation engine (:func:`medfed.local.simulation.simulate`,
+  what `medfed simulate` runs, with its defaults): the deployment's ServerApp code in
+  the calling process and the real site worker at every site, the sites in worker
+  processes (the default beyond 8 sites: one per core, here 2, with 1 torch thread
+  each, as Ray's 2 actors of 1 CPU; until 2026-12-03 one after another in the calling
+  process, ratio 1.043), secure aggregation
   off (Flower's engine has none), ``--strategy-option fraction_train=0.1
   fraction_evaluate=0.1``, ``--min-sites 2``. Task ``tiny-seg-1m``: tiny-seg's
   1,947-parameter UNet padded to 1M parameters (random values, each with its own
@@ -38,14 +41,15 @@ Figures (each engine in a subprocess of its own, so that its peak memory is its 
   start and import the ClientApp; medfed: first site folders) and is also printed
   on its own. The engines' start-up before round 1 (Ray's start, imports) is not in
   any round and is printed apart.
-- peak RSS: of the process that aggregates. medfed's engine is one process (server
-  and sites): its peak resident memory (VmHWM) minus its resident memory after
-  start-up, in MB and in model sizes (4 MB); target (the issue's): growth <= 3 models,
+- peak RSS: of the process that aggregates. medfed's server process (the site
+  processes are sampled every 0.25 s and reported apart, as Ray's): its peak resident
+  memory (VmHWM) minus its resident memory after start-up, in MB and in model sizes
+  (4 MB); target (the issue's): growth <= 3 models,
   the fixed overhead being that start-up RSS (printed; about 0.55 GB: torch, MONAI,
   Flower, medfed, matplotlib, which the run's plots use, and one training step of
   tiny-seg's 1,947-parameter UNet, which loads what torch's optimizers import lazily).
-  The growth includes the run's own start-up (initial model, strategy), the site at
-  work (its model, gradients, Adam state, update) and the server's running sum.
+  The growth includes the run's own start-up (initial model, strategy), the replies
+  in flight (at most workers + 1) and the server's running sum.
   Flower's driver (ServerApp + Simulation Engine, after ``ray.init``) is measured the
   same way; its Ray processes (ClientApp actors, raylet, GCS, ...) are sampled every
   0.25 s and reported apart (their peak VmHWM). Both engines run with
@@ -237,7 +241,7 @@ def _check_loopback(where: str) -> list[str]:
 
 
 def _child_medfed(sites: int, rounds: int, fraction: float, secure: str) -> dict[str, Any]:
-    """Run medfed's in-process engine; return its round seconds and peak RSS."""
+    """Run medfed's engine (as `medfed simulate`); return its round seconds and peak RSS."""
     import logging
 
     import matplotlib.pyplot  # noqa: F401  (the run's plots: start-up, not growth)
@@ -259,11 +263,12 @@ def _child_medfed(sites: int, rounds: int, fraction: float, secure: str) -> dict
         where="benchmark site")) for i in range(sites)]
     runs = Path(tempfile.mkdtemp(prefix="medfed-simscale-"))
     try:
-        base = _reset_peak()
-        t0 = time.perf_counter()
-        folder, summary = simulate(run, chosen, runs)
-        total = time.perf_counter() - t0
-        peak = _status_kb("VmHWM")
+        with TreeSampler() as tree:
+            base = _reset_peak()
+            t0 = time.perf_counter()
+            folder, summary = simulate(run, chosen, runs)
+            total = time.perf_counter() - t0
+            peak = _status_kb("VmHWM")
         if summary.get("status") != "completed":
             raise RuntimeError(f"medfed simulation {summary.get('status')}: "
                                f"{summary.get('reason')}")
@@ -280,7 +285,9 @@ def _child_medfed(sites: int, rounds: int, fraction: float, secure: str) -> dict
     seconds = [float(v) for _, v in sorted(summary["round_seconds"].items(),
                                            key=lambda kv: int(kv[0]))]
     return {"round_seconds": seconds, "base_kb": base, "peak_kb": peak,
-            "total_seconds": total, "setup_seconds": setup}
+            "total_seconds": total, "setup_seconds": setup,
+            "workers": summary["simulation"]["workers"],
+            "site_process_peak_kb": [kb for _, kb in tree.peaks.values()]}
 
 
 def _warm_up_code() -> None:
@@ -463,7 +470,7 @@ def main() -> None:
     flower = _run_child("flower", args.sites, args.rounds, args.fraction)
     medfed = _run_child("medfed", args.sites, args.rounds, args.fraction)
     f_med = _describe("Flower Simulation Engine (Ray)", flower)
-    m_med = _describe("medfed simulate (in-process) ", medfed)
+    m_med = _describe(f"medfed simulate ({medfed['workers']} site processes)", medfed)
     print(f"  Ray start-up (not in any round): {flower['ray_start_seconds']:.1f} s; Ray listens "
           f"on: {', '.join(flower['listening'])} (loopback only: checked after start and in "
           f"round 1)")
@@ -472,7 +479,10 @@ def main() -> None:
     f_growth = (flower["peak_kb"] - flower["base_kb"]) * 1024
     print(f"  medfed process: fixed overhead (RSS after start-up) {_mb(medfed['base_kb']):.0f} MB; "
           f"peak {_mb(medfed['peak_kb']):.0f} MB; growth {m_growth / 1e6:.1f} MB = "
-          f"{m_growth / MODEL_BYTES:.2f} models (the server and the site at work)")
+          f"{m_growth / MODEL_BYTES:.2f} models (the server: strategy, running sum, replies "
+          f"in flight)")
+    print(f"  medfed site processes' peak RSS (MB): "
+          f"{' '.join(f'{_mb(kb):.0f}' for kb in medfed['site_process_peak_kb'])}")
     print(f"  Flower driver:  fixed overhead (RSS after ray.init) {_mb(flower['base_kb']):.0f} MB; "
           f"peak {_mb(flower['peak_kb']):.0f} MB; growth {f_growth / 1e6:.1f} MB = "
           f"{f_growth / MODEL_BYTES:.2f} models")

@@ -46,6 +46,8 @@ from flwr.supercore.retry.retry_invoker import RetryInvoker, exponential
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
+from medfed.core.idle_backoff import IdleBackoff
+
 log = logging.getLogger("medfed.site")
 
 INSTALLED_CLIENTAPP = "medfed.client.app:app"
@@ -93,6 +95,7 @@ class InProcessExecutor:
         self.runtime_address = runtime_address
         self.app = app
         self.poll_interval = poll_interval
+        self._pace = IdleBackoff(poll_interval)  # fast while tasks come, slower when idle
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.tasks_run = 0
@@ -135,9 +138,11 @@ class InProcessExecutor:
                     self._stop.wait(0.5)
                     continue
                 if res.HasField("task") and res.token:
+                    self._pace.active()
                     self.run_task(res.token)
+                    self._pace.active()
                 else:
-                    self._stop.wait(self.poll_interval)
+                    self._stop.wait(self._pace.interval())
         finally:
             client.close()
 

@@ -3,8 +3,10 @@
 Flower 1.42's SuperNode sleeps 3 s whenever a poll of the SuperLink finds no
 message (the ``time.sleep(3)`` in ``flwr/supernode/start_client_internal.py``),
 and 0.5 s between checks for the ClientApp's reply; each round pays these twice
-(train, evaluate). This launcher caps those sleeps at ``MEDFED_POLL_INTERVAL``
-seconds, then runs the stock ``flower-supernode`` entry point unchanged.
+(train, evaluate). This launcher polls every ``MEDFED_POLL_INTERVAL`` seconds while
+the site is busy and backs off to Flower's 3 s once it has been idle a while
+(:class:`medfed.core.idle_backoff.IdleBackoff`), caps the other sleeps at that
+interval, then runs the stock ``flower-supernode`` entry point unchanged.
 
 A message of a run that ended while it was being received no longer leaves a task
 that blocks the site's executor, nor a reply that stops the SuperNode
@@ -22,7 +24,8 @@ import os
 import sys
 
 from medfed.client.ended_run_tasks import drop_replies_of_ended_runs, withdraw_tasks_of_ended_runs
-from medfed.core.flower_tuning import cap_module_sleeps, shorten_object_pull_backoff
+from medfed.core.flower_tuning import back_off_idle_polls, shorten_object_pull_backoff
+from medfed.core.idle_backoff import IdleBackoff
 from medfed.core.parent_watch import watch_parent
 
 POLL_ENV = "MEDFED_POLL_INTERVAL"
@@ -37,7 +40,9 @@ def main() -> int:
     drop_replies_of_ended_runs(start_client_internal)
     cap = os.environ.get(POLL_ENV)
     if cap:
-        cap_module_sleeps(start_client_internal, float(cap))
+        # the 3 s sleep after an empty poll; a message's replies are pushed by _push_messages
+        back_off_idle_polls(start_client_internal, IdleBackoff(float(cap)), idle_sleep=3,
+                            activity="_push_messages")
         shorten_object_pull_backoff(start_client_internal, float(cap) / 4, 1.0)
     from flwr.supernode.cli import flower_supernode
 

@@ -9,14 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from test_cli import medfed
 
 from medfed.core.config import RunConfig
 from medfed.core.errors import ConfigError
 from medfed.core.runs import RunFolder
+from medfed.core.wire import Frame
 from medfed.data.partition import mix, partition
 from medfed.local.sim_sites import PartitionSpec, partitioned_sites, synthetic_sites
 from medfed.local.simulation import SITES_DIR, simulate
+from medfed.local.site_processes import SiteProcesses
 
 
 @pytest.fixture(autouse=True)
@@ -81,14 +84,28 @@ def test_a_simulated_run_with_secure_aggregation_completes(tmp_path: Path) -> No
 
 
 def test_the_same_seed_gives_the_same_final_checkpoint(tmp_path: Path) -> None:
-    # warm workers or one built per message: the same training (seeds of run, round, site)
-    first, a = simulate(tiny_run(), synthetic_sites(4), tmp_path, keep_warm=8)
-    again, b = simulate(tiny_run(), synthetic_sites(4), tmp_path, keep_warm=0)
-    assert a["status"] == b["status"] == "completed"
-    assert first.path != again.path
-    x, y = checkpoint(first, 2), checkpoint(again, 2)
-    assert x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
-    assert a["evaluate_metrics"] == b["evaluate_metrics"]
+    # warm workers, one built per message, or sites in two worker processes: the same
+    # training (seeds of run, round, site) and the same order of aggregation, at the
+    # same number of torch threads (CPU kernels sum in an order that depends on it)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        first, a = simulate(tiny_run(), synthetic_sites(4), tmp_path, keep_warm=8)
+        again, b = simulate(tiny_run(), synthetic_sites(4), tmp_path, keep_warm=0)
+    finally:
+        torch.set_num_threads(threads)
+    spread, c = simulate(tiny_run(), synthetic_sites(4), tmp_path, workers=2, threads=1)
+    assert a["status"] == b["status"] == c["status"] == "completed"
+    assert (a["simulation"]["engine"], c["simulation"]["engine"]) == ("in-process", "processes")
+    assert len({first.path, again.path, spread.path}) == 3
+    x = checkpoint(first, 2)
+    for other in (again, spread):
+        y = checkpoint(other, 2)
+        assert x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
+    assert a["evaluate_metrics"] == b["evaluate_metrics"] == c["evaluate_metrics"]
+    # the worker processes ended the run at their sites, as in-process sites do
+    for site in ("site-1", "site-2", "site-3", "site-4"):
+        assert not list((spread.path / SITES_DIR / site / "secagg" / "sessions").glob("*"))
 
 
 def test_sites_outside_the_sampled_rounds_get_nothing(tmp_path: Path) -> None:
@@ -100,6 +117,20 @@ def test_sites_outside_the_sampled_rounds_get_nothing(tmp_path: Path) -> None:
     assert 2 <= len(touched) <= 4
     homes = {p.name for p in (folder.path / SITES_DIR).iterdir()}
     assert homes == touched  # a site that got no message has no folder, no worker
+
+
+@pytest.mark.slow
+def test_a_site_process_that_dies_fails_its_request_and_is_started_again(
+        tmp_path: Path) -> None:
+    sites = synthetic_sites(2)
+    with SiteProcesses(tmp_path, sites, workers=1, keep_warm=0, threads=1) as procs:
+        assert procs.handle(1, Frame({"op": "ping"})).header == {
+            "ok": True, "site": "site-2", "metrics": {}}
+        procs._lanes[0].process.kill()  # what an out-of-memory kill does
+        lost = procs.handle(0, Frame({"op": "ping"})).header
+        assert lost["ok"] is False and lost["site"] == "site-1"
+        assert "process ended" in lost["reason"]
+        assert procs.handle(0, Frame({"op": "ping"})).header["ok"] is True  # a new process
 
 
 def test_too_few_sites_for_the_run_is_refused_up_front(tmp_path: Path) -> None:

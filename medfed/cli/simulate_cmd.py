@@ -104,14 +104,18 @@ def register(app: typer.Typer) -> None:
             min=0, help="site workers (model, decoded data) kept built between messages "
                         "(default: all, for up to 8 sites; else none, the lowest memory)")
         ] = None,
+        workers: Annotated[int | None, typer.Option(
+            min=1, help="processes that run the sites' training in parallel; 1 runs them in "
+                        "this process, one after another (default: 1 for up to 8 sites, "
+                        "else one per core, at most 8)")] = None,
         out: Annotated[Path, typer.Option(
             help="runs folder: the run folder goes to OUT/<run id>/")] = Path("medfed-sim"),
     ) -> None:
-        """Run the ServerApp's strategies over N simulated sites in this process.
+        """Run the ServerApp's strategies over N simulated sites on this machine.
 
         The same strategies, site training, DP and secure aggregation as a deployed
-        run, and the same run folder (metrics, checkpoints, report); sites run one
-        after another on this machine.
+        run, and the same run folder (metrics, checkpoints, report); the server runs
+        in this process, the sites in it or in --workers processes.
         """
         from medfed.local.sim_sites import (
             PartitionSpec,
@@ -174,7 +178,7 @@ def register(app: typer.Typer) -> None:
         logging.getLogger("flwr").setLevel(logging.WARNING)
         signal.signal(signal.SIGTERM, interrupt_on_signal)
         console.print(f"[bold]medfed simulate[/]: {task} with {strategy}, {len(chosen)} "
-                      f"simulated sites, {rounds} rounds, in this process; runs in {out}")
+                      f"simulated sites, {rounds} rounds, on this machine; runs in {out}")
         view = ProgressView(console, rounds)
         from rich.progress import Progress
 
@@ -187,7 +191,7 @@ def register(app: typer.Typer) -> None:
 
             try:
                 folder, summary = run_simulation(
-                    run_config, chosen, out, keep_warm=keep_warm,
+                    run_config, chosen, out, keep_warm=keep_warm, workers=workers,
                     budget=SIMULATION_BUDGET if site_budget == "unlimited" else None,
                     on_event=view, on_site=on_site, describe=source)
             except KeyboardInterrupt:

@@ -12,23 +12,40 @@ import logging
 import time as _time
 from types import ModuleType, SimpleNamespace
 
+from medfed.core.idle_backoff import IdleBackoff
+
 log = logging.getLogger("medfed")
 
 
-def capped_time(cap: float) -> SimpleNamespace:
-    """A stand-in for the ``time`` module whose ``sleep`` never exceeds ``cap`` seconds."""
-    ns = SimpleNamespace(**{k: getattr(_time, k) for k in dir(_time) if not k.startswith("__")})
-    ns.sleep = lambda seconds: _time.sleep(min(float(seconds), cap))
-    return ns
+def back_off_idle_polls(module: ModuleType, backoff: IdleBackoff, *, idle_sleep: float,
+                        activity: str) -> bool:
+    """Pace ``module``'s idle polls by ``backoff``; every other sleep is capped at its base.
 
-
-def cap_module_sleeps(module: ModuleType, cap: float) -> bool:
-    """Cap every ``time.sleep`` of ``module`` (which must ``import time``) at ``cap`` s."""
-    if getattr(module, "time", None) is not _time:
-        log.warning("%s no longer imports time; its polling is left at Flower's default",
-                    module.__name__)
+    ``module`` sleeps ``idle_sleep`` seconds after a poll that found nothing (Flower's
+    SuperNode: 3 s); the sleep takes ``backoff.interval()`` instead. ``module.<activity>``
+    (a function it calls when it has work) marks activity on each call.
+    """
+    work = getattr(module, activity, None)
+    if getattr(module, "time", None) is not _time or not callable(work):
+        log.warning("%s changed; its polling is left at Flower's default", module.__name__)
         return False
-    module.time = capped_time(cap)  # type: ignore[attr-defined]
+
+    def sleep(seconds: float) -> None:
+        seconds = float(seconds)
+        _time.sleep(backoff.interval() if seconds == idle_sleep else min(seconds, backoff.base))
+
+    @functools.wraps(work)
+    def marked(*args: object, **kwargs: object) -> object:
+        backoff.active()
+        try:
+            return work(*args, **kwargs)
+        finally:
+            backoff.active()
+
+    ns = SimpleNamespace(**{k: getattr(_time, k) for k in dir(_time) if not k.startswith("__")})
+    ns.sleep = sleep
+    module.time = ns  # type: ignore[attr-defined]
+    setattr(module, activity, marked)
     return True
 
 

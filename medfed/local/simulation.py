@@ -18,21 +18,26 @@ secure-aggregation keys, site-local parameters: what a real site keeps between
 rounds). Its worker (model, decoded data) is built when a message for it is
 delivered and dropped after (a federation of up to :data:`WARM_SITES_MAX` sites keeps
 all of them warm, as deployed sites do; ``keep_warm`` sets how many). Messages are
-delivered one at a time, in the order they were pushed, lazily: a pull runs a site
-only when its reply is asked for, so a consumer that aggregates replies as they come
-holds one at a time. A site's training seed depends on (run seed, round, site name)
-only (the worker's own ``_seed``), as in a deployment; so does its data.
+delivered in the order they were pushed, lazily: a pull runs a site only when its
+reply is due, so a consumer that aggregates replies as they come holds one at a time
+(with worker processes, at most ``workers + 1``). A site's training seed depends on
+(run seed, round, site name) only (the worker's own ``_seed``), as in a deployment;
+so does its data.
 
-Why in-process and not Flower's Simulation Engine
--------------------------------------------------
-Flower's Simulation Engine runs each ClientApp call in a Ray actor. Ray is not
-installed here (``flwr[simulation]`` is not a dependency), and it would bring
-process isolation and multi-machine scale-out at the cost of serialising every
-message, a Ray runtime per machine and a ClientApp that cannot reach the site's warm
-worker. In-process gives no serialisation beyond the ClientApp's own edges, the
-lowest memory, a deterministic order of sites, and the exact ServerApp code; sites
-run one after another (each uses all of torch's threads). Many machines: deploy
-(Flower's Deployment Engine, `deploy/`).
+Why not Flower's Simulation Engine
+----------------------------------
+Flower's Simulation Engine runs each ClientApp call in a Ray actor: process
+isolation and multi-machine scale-out, at the cost of a Ray runtime per machine,
+serialising every message through Ray's object store, and a ClientApp that cannot
+reach the site's warm worker. medfed's engine keeps the server (strategies,
+streaming aggregation, secure aggregation, run folder) in this process and runs the
+sites either here, one after another (``workers=1``: no serialisation beyond the
+ClientApp's own edges, the lowest memory, the default up to :data:`WARM_SITES_MAX`
+sites), or in ``workers`` processes of their own
+(:mod:`medfed.local.site_processes`: every core trains, and the server's memory is
+the server's alone; the default beyond that). Either way the replies are aggregated
+in the order the messages were sent, so the number of processes does not change the
+result. Many machines: deploy (Flower's Deployment Engine, `deploy/`).
 """
 
 from __future__ import annotations
@@ -43,8 +48,9 @@ import json
 import logging
 import secrets
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +72,7 @@ from medfed.core.errors import ConfigError, MedfedError
 from medfed.core.run_report import write_report
 from medfed.core.runs import RunFolder
 from medfed.local.sim_sites import SimSite
+from medfed.local.site_processes import SiteProcesses, default_workers
 from medfed.server.app import run_in_folder
 
 log = logging.getLogger("medfed.simulation")
@@ -179,13 +186,24 @@ class SimulationGrid(Grid):
     """
 
     def __init__(self, sites: SitePool, *, run_id: int,
-                 on_site: SiteProgress | None = None) -> None:
+                 on_site: SiteProgress | None = None,
+                 processes: SiteProcesses | None = None) -> None:
         self.sites = sites
         self._run = Run.create_empty(run_id)
         self._on_site = on_site
+        self._processes = processes
+        self._executor = (None if processes is None else ThreadPoolExecutor(
+            processes.workers, thread_name_prefix="medfed-sim"))
+        self._ahead = 1 if processes is None else processes.workers + 1
         self._pending: OrderedDict[str, Message] = OrderedDict()
+        self._started: OrderedDict[str, tuple[Message, _Reply]] = OrderedDict()
         self._count = 0  # messages pushed, for their ids
         self._batch = (0, 0)  # (delivered, pushed) since the queue was last empty
+
+    def close(self) -> None:
+        """Wait for the sites still at work (their replies are dropped)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
 
     def set_run(self, run: Run) -> None:
         """Set the run this grid works in."""
@@ -224,44 +242,96 @@ class SimulationGrid(Grid):
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterator[Message]:
-        """The replies to ``message_ids``: each site runs as its reply is taken."""
+        """The replies to ``message_ids``, in push order: each site runs as its reply is due.
+
+        In-process, a site runs when its reply is taken. With worker processes, up
+        to ``workers + 1`` messages are at the sites ahead of the reply taken, so every
+        process is busy while the consumer aggregates; no more are held.
+        """
         wanted = set(message_ids)
-        for mid in [m for m in self._pending if m in wanted]:
-            msg = self._pending.pop(mid, None)
-            if msg is None:  # taken by an earlier pull meanwhile
+        due = iter([m for m in [*self._started, *self._pending] if m in wanted])
+        window: deque[str] = deque()
+
+        def fill() -> None:
+            while len(window) < self._ahead:
+                mid = next(due, None)
+                if mid is None:
+                    return
+                if mid not in self._started:
+                    msg = self._pending.pop(mid, None)
+                    if msg is None:  # taken by an earlier pull meanwhile
+                        continue
+                    self._started[mid] = (msg, self._start(msg))
+                window.append(mid)
+
+        fill()
+        while window:
+            mid = window.popleft()
+            started = self._started.get(mid)
+            if started is None:  # taken by an earlier pull meanwhile
                 continue
-            yield self._deliver(msg)
+            msg, reply = started
+            result = self._finish(msg, reply.result())
+            del self._started[mid]  # only once taken: an abandoned pull leaves it for the next
+            fill()
+            yield result
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
         """Push, then deliver every message; ``timeout`` is not applied (sites run here)."""
         return list(self.pull_messages(self.push_messages(messages)))
 
-    def _deliver(self, msg: Message) -> Message:
+    def _start(self, msg: Message) -> _Reply:
+        """Hand ``msg`` to its site: now on a worker process, or when its reply is taken."""
+        if self._executor is None:
+            return _Later(lambda: self._answer(msg))
+        return self._executor.submit(self._answer, msg)
+
+    def _answer(self, msg: Message) -> Message:
         """Message -> frame -> the site's worker -> frame -> reply, as the site daemon does."""
         index = msg.metadata.dst_node_id - NODE_ID_BASE
         phase = str(msg.metadata.message_type).split(".")[0]
-        name = self.sites.sites[index].name if 0 <= index < len(self.sites) else "?"
         try:
-            if name == "?":
-                reply = Message(Error(code=ErrorCode.NODE_UNAVAILABLE,
-                                      reason="Node Unavailable"), reply_to=msg)
-            elif phase not in ("train", "evaluate", "query"):
+            if not 0 <= index < len(self.sites):
+                return Message(Error(code=ErrorCode.NODE_UNAVAILABLE,
+                                     reason="Node Unavailable"), reply_to=msg)
+            if phase not in ("train", "evaluate", "query"):
                 raise ValueError(f"the ClientApp has no handler for message type "
                                  f"{msg.metadata.message_type!r}")
-            else:
-                worker = self.sites.worker(index)
-                reply = reply_message(worker.handle(request_frame(phase, msg)), msg)
+            request = request_frame(phase, msg)
+            frame = (self.sites.worker(index).handle(request) if self._processes is None
+                     else self._processes.handle(index, request))
+            return reply_message(frame, msg)
         except Exception as exc:  # an error reply, as the site daemon's executor sends
-            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
-                                  reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                 reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+
+    def _finish(self, msg: Message, reply: Message) -> Message:
+        """Give the reply its id; report the site's progress."""
+        index = msg.metadata.dst_node_id - NODE_ID_BASE
+        name = self.sites.sites[index].name if 0 <= index < len(self.sites) else "?"
         reply.metadata.__dict__["_message_id"] = f"{msg.metadata.message_id}-reply"
         done, total = self._batch
         done += 1
-        self._batch = (0, 0) if not self._pending else (done, total)
+        self._batch = (0, 0) if not (self._pending or self._started.keys() - {
+            msg.metadata.message_id}) else (done, total)
         if self._on_site is not None:
-            self._on_site(phase, _round_of(msg), done, total, name)
+            self._on_site(str(msg.metadata.message_type).split(".")[0], _round_of(msg), done,
+                          total, name)
         return reply
+
+
+class _Later:
+    """A reply computed when it is asked for (in-process delivery)."""
+
+    def __init__(self, compute: Callable[[], Message]) -> None:
+        self._compute = compute
+
+    def result(self) -> Message:
+        return self._compute()
+
+
+_Reply = _Later | Future
 
 
 def _round_of(msg: Message) -> int:
@@ -317,6 +387,7 @@ def _new_run_id(runs_dir: Path) -> int:
 
 def simulate(run: RunConfig, sites: Sequence[SimSite], runs_dir: Path, *,
              keep_warm: int | None = None, budget: Mapping[str, Any] | None = None,
+             workers: int | None = None, threads: int | None = None,
              on_event: Callable[[dict[str, Any]], None] | None = None,
              on_site: SiteProgress | None = None,
              describe: Mapping[str, Any] | None = None) -> tuple[RunFolder, dict[str, Any]]:
@@ -332,6 +403,16 @@ def simulate(run: RunConfig, sites: Sequence[SimSite], runs_dir: Path, *,
         Where the run folder goes (``runs_dir/<run id>/``).
     keep_warm, budget
         See :class:`SitePool`.
+    workers : int, optional
+        Processes that run the sites (:class:`medfed.local.site_processes.SiteProcesses`);
+        1 runs them in this process, one after another. Default:
+        :func:`~medfed.local.site_processes.default_workers`. Replies are aggregated
+        in the order the messages were sent, whatever the number of processes: the
+        global model is the same bit for bit at the same number of torch threads (CPU
+        kernels sum in an order that depends on it).
+    threads : int, optional
+        torch threads of each worker process (default: the cores shared out among
+        them); in-process sites use this process's setting.
     on_event : callable, optional
         Called with each progress event of the run folder as it is written.
     on_site : callable, optional
@@ -356,6 +437,11 @@ def simulate(run: RunConfig, sites: Sequence[SimSite], runs_dir: Path, *,
     run_id = _new_run_id(runs_dir)
     folder = RunFolder.create(runs_dir, run_id, run)
     pool = SitePool(folder.path / SITES_DIR, sites, keep_warm=keep_warm, budget=budget)
+    workers = default_workers(len(sites)) if workers is None else workers
+    if workers < 1:
+        raise ConfigError(f"workers must be >= 1, got {workers}.", where="--workers")
+    processes = (SiteProcesses(pool.root, sites, workers=workers, keep_warm=pool.keep_warm,
+                               budget=budget, threads=threads) if workers > 1 else None)
     tail = EventTail(folder)
 
     def forward() -> None:
@@ -368,7 +454,7 @@ def simulate(run: RunConfig, sites: Sequence[SimSite], runs_dir: Path, *,
         if on_site is not None:
             on_site(phase, rnd, done, total, site)
 
-    grid = SimulationGrid(pool, run_id=run_id, on_site=site_done)
+    grid = SimulationGrid(pool, run_id=run_id, on_site=site_done, processes=processes)
     context = Context(run_id=run_id, node_id=SUPERLINK_NODE_ID, node_config={},
                       state=RecordDict(), run_config={wire.RUN_CONFIG_KEY: run.to_json()})
     t0 = time.time()
@@ -387,12 +473,18 @@ def simulate(run: RunConfig, sites: Sequence[SimSite], runs_dir: Path, *,
         if not isinstance(exc, MedfedError):
             log.error("simulated run %s failed", run_id, exc_info=exc)
     finally:
-        pool.end_run(str(run_id))
+        grid.close()
+        if processes is None:
+            pool.end_run(str(run_id))
+        else:
+            processes.end_run(str(run_id))
+            processes.close()
         forward()
     summary = folder.read_summary() or {"status": "failed", "run_id": str(run_id),
                                         "reason": reason}
     summary["engine"] = "simulation"
-    summary["simulation"] = {"engine": "in-process", "sites": len(sites),
+    summary["simulation"] = {"engine": "in-process" if processes is None else "processes",
+                             "workers": workers, "sites": len(sites),
                              "site_folders": str(pool.root), "keep_warm": pool.keep_warm,
                              **dict(describe or {})}
     folder.write_summary(summary)

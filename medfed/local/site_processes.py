@@ -1,0 +1,218 @@
+"""Simulated sites in worker processes: site training on every core, the server alone.
+
+:class:`SiteProcesses` starts ``workers`` processes (``spawn``: a fresh interpreter,
+no copy of the parent's threads or torch state), each with its own
+:class:`medfed.local.simulation.SitePool` over the same site folders, and talks to
+each over a socket pair with the site daemon's own local channel
+(:func:`medfed.core.wire.send_frame` / :func:`~medfed.core.wire.recv_frame`): the
+frame a process gets is the one a deployed site's worker gets.
+
+A site always goes to the same process (site ``i`` to process ``i % workers``), so a
+warm worker is never built twice and a site's requests run in order. Each process
+runs one request at a time with ``threads`` torch threads, so ``workers x threads``
+matches the cores. A process that dies is started again for the next request; the
+request it held gets an error reply naming the site, as a crashed site daemon's would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medfed.core import wire
+from medfed.core.parent_watch import exit_with_parent
+from medfed.local.sim_sites import SimSite
+
+log = logging.getLogger("medfed.simulation")
+
+#: Header key of a request's site index (the process's pool has the same sites).
+SITE_KEY = "sim_site"
+#: First frame a process gets: its sites, folders, budget and threads.
+SETUP_OP = "sim-setup"
+#: Operation that ends the run at every site the process served.
+END_RUN_OP = "sim-end-run"
+
+
+def default_workers(sites: int) -> int:
+    """Worker processes a simulation of ``sites`` sites gets by default.
+
+    One (sites in the calling process) up to the few sites a deployment-like run has;
+    beyond, one per core (at most 8): a many-site study is bound by site training.
+    """
+    from medfed.local.simulation import WARM_SITES_MAX
+
+    if sites <= WARM_SITES_MAX:
+        return 1
+    return max(1, min(os.cpu_count() or 1, 8, sites))
+
+
+@dataclass
+class _Lane:
+    """One worker process and the parent's end of its channel."""
+
+    index: int
+    process: subprocess.Popen[bytes] | None = None
+    channel: socket.socket | None = None
+    lock: threading.Lock = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        self.lock = threading.Lock()
+
+
+class SiteProcesses:
+    """Worker processes that run the simulated sites' requests.
+
+    Parameters
+    ----------
+    root, sites, keep_warm, budget
+        As :class:`medfed.local.simulation.SitePool` (every process builds one).
+    workers : int
+        Number of processes (>= 1).
+    threads : int, optional
+        torch threads per process; default: the cores shared out among the processes.
+    """
+
+    def __init__(self, root: Path, sites: Sequence[SimSite], *, workers: int,
+                 keep_warm: int, budget: Mapping[str, Any] | None = None,
+                 threads: int | None = None) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self._setup = {"root": str(root), "keep_warm": keep_warm, "budget": dict(budget or {}),
+                       "threads": threads or max(1, (os.cpu_count() or 1) // workers),
+                       "sites": [{"name": s.name, "data": s.data.model_dump(mode="json")}
+                                 for s in sites]}
+        self._names = [s.name for s in sites]
+        self._lanes = [_Lane(i) for i in range(workers)]
+
+    @property
+    def workers(self) -> int:
+        """Number of worker processes."""
+        return len(self._lanes)
+
+    def start(self) -> None:
+        """Start every process now (otherwise each starts with its first request)."""
+        for lane in self._lanes:
+            with lane.lock:
+                self._ensure(lane)
+
+    def handle(self, index: int, request: wire.Frame) -> wire.Frame:
+        """Site ``index``'s reply to ``request`` (blocks while its process is busy)."""
+        lane = self._lanes[index % len(self._lanes)]
+        frame = wire.Frame({**request.header, SITE_KEY: index}, request.arrays)
+        with lane.lock:
+            try:
+                return self._call(lane, frame)
+            except (OSError, wire.ChannelError) as exc:
+                code = self._stop(lane)
+                return wire.Frame({"ok": False, "site": self._names[index], "status": "failed",
+                                   "reason": f"the simulated site's process ended ({exc}; "
+                                             f"exit code {code})"})
+
+    def end_run(self, run_id: str) -> None:
+        """Every process forgets the run's last updates and keys at the sites it served."""
+        for lane in self._lanes:
+            with lane.lock:
+                if lane.process is None:
+                    continue
+                with contextlib.suppress(OSError, wire.ChannelError):
+                    self._call(lane, wire.Frame({"op": END_RUN_OP, "run_id": run_id}))
+
+    def close(self) -> None:
+        """Stop every process (a request in progress is abandoned)."""
+        for lane in self._lanes:
+            self._stop(lane)
+
+    def __enter__(self) -> SiteProcesses:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, lane: _Lane, frame: wire.Frame) -> wire.Frame:
+        self._ensure(lane)
+        assert lane.channel is not None
+        wire.send_frame(lane.channel, frame)
+        return wire.recv_frame(lane.channel)
+
+    def _ensure(self, lane: _Lane) -> None:
+        if lane.process is not None and lane.process.poll() is None:
+            return
+        self._stop(lane)
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", __name__, str(child.fileno())],
+                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
+        finally:
+            child.close()
+        lane.process, lane.channel = process, parent
+        wire.send_frame(parent, wire.Frame({"op": SETUP_OP, **self._setup}))
+
+    @staticmethod
+    def _stop(lane: _Lane) -> int | None:
+        if lane.channel is not None:
+            lane.channel.close()  # the process's next read ends: it exits
+        code = None
+        if lane.process is not None:
+            try:
+                code = lane.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                lane.process.kill()
+                code = lane.process.wait()
+        lane.process, lane.channel = None, None
+        return code
+
+
+def _serve(channel: socket.socket) -> None:
+    """A worker process: answer requests until the parent closes the channel."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    with channel:
+        try:
+            setup = wire.recv_frame(channel).header
+        except (wire.ChannelError, OSError):
+            return
+        import torch
+
+        from medfed.core.config import DataSourceConfig, validate
+        from medfed.local.simulation import SitePool
+
+        torch.set_num_threads(int(setup["threads"]))
+        sites = [SimSite(s["name"], validate(DataSourceConfig, s["data"], where=s["name"]))
+                 for s in setup["sites"]]
+        pool = SitePool(Path(setup["root"]), sites, keep_warm=int(setup["keep_warm"]),
+                        budget=setup["budget"])
+        while True:
+            try:
+                request = wire.recv_frame(channel)
+            except (wire.ChannelError, OSError):
+                return  # the parent closed the channel or is gone
+            wire.send_frame(channel, _answer(pool, request))
+
+
+def _answer(pool: Any, request: wire.Frame) -> wire.Frame:
+    if request.header.get("op") == END_RUN_OP:
+        pool.end_run(str(request.header["run_id"]))
+        return wire.Frame({"ok": True})
+    header = dict(request.header)
+    index = int(header.pop(SITE_KEY))
+    try:
+        return pool.worker(index).handle(wire.Frame(header, request.arrays))
+    except Exception as exc:  # noqa: BLE001 - an error reply, as the site daemon's executor sends
+        log.error("simulated site %s failed", pool.sites[index].name, exc_info=exc)
+        return wire.Frame({"ok": False, "site": pool.sites[index].name, "status": "failed",
+                           "reason": f"{type(exc).__name__}: {exc}"})
+
+
+if __name__ == "__main__":
+    exit_with_parent()  # a simulation's site process never outlives the simulation
+    _serve(socket.socket(fileno=int(sys.argv[1])))
