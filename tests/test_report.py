@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from medfed.core.report import plot_metrics, plot_panels
+from medfed.core.report import LABELLED_SITES_MAX, panel_lines, plot_metrics, plot_panels
 
 
 def _png_width(path: Path) -> int:
@@ -39,6 +39,24 @@ def test_a_dp_run_plots_epsilon_and_no_training_loss(tmp_path: Path, dp: bool,
 def test_evaluation_alone_gives_one_panel(tmp_path: Path) -> None:
     rows = [r for r in _rows(dp=True) if r["phase"] == "evaluate"]
     assert plot_panels(rows, "dice") == [("dice", "evaluate")]
+    assert _png_width(plot_metrics(rows, "dice", tmp_path / "m.png", title="t")) == 550
+
+
+def test_a_few_sites_get_a_line_each_and_many_a_bundle_with_their_median(
+        tmp_path: Path) -> None:
+    def series(n: int) -> dict[str, list[tuple[int, float]]]:
+        out = {f"site-{i}": [(1, 0.1 * (i % 5)), (2, 0.2 + 0.1 * (i % 5))] for i in range(n)}
+        return {**out, "global": [(1, 0.3), (2, 0.5)]}
+
+    few = [label for label, *_ in panel_lines(series(3))]
+    assert few == ["site-0", "site-1", "site-2", "global"]
+    many = panel_lines(series(LABELLED_SITES_MAX + 30))
+    assert [label for label, *_ in many if label] == [f"{LABELLED_SITES_MAX + 30} sites",
+                                                       "site median", "global"]
+    median_line = next(line for line in many if line[0] == "site median")
+    assert median_line[1:3] == ([1, 2], [0.2, 0.4])  # per round, of the sites only
+    rows = [{"phase": "evaluate", "round": r, "site": s, "dice": v}
+            for s, points in series(200).items() for r, v in points]
     assert _png_width(plot_metrics(rows, "dice", tmp_path / "m.png", title="t")) == 550
 
 
