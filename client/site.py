@@ -28,6 +28,8 @@ audit_log = "audit.jsonl"
 [data]
 # kind = "dicom-folder" reads DICOM series under `path` (labels through `manifest`,
 # default <path>/manifest.json; decoded series cached in `cache_dir`);
+# "nifti-folder" (keys images/labels), "msd" (a Decathlon task folder; key modality
+# for a multi-modal task) and "bids" (keys modality = "T1w", label_pipeline) read NIfTI;
 # "synthetic" generates data. Check a folder with `medfed site scan`.
 kind = "synthetic"
 path = ""

@@ -10,6 +10,10 @@ Both brain tasks read subjects the same way:
     targets come from ``manifest``, by default ``<path>/manifest.json`` when present
     (see :mod:`medfed.data.labels` and :mod:`medfed.data.targets`). A site written by
     ``medfed data synth`` is such a folder (``DIR/site-N``).
+``kind = "nifti-folder"``, ``"msd"``, ``"bids"``
+    A NIfTI dataset in that layout, read with :class:`medfed.data.nifti_source.NiftiSource`
+    (cached the same way); the subject (BIDS: ``sub-<label>``) is the patient, targets
+    come from ``targets.json`` (BIDS: ``participants.tsv``).
 ``kind = "synthetic"``
     ``max(2, num_samples // SAMPLES_PER_SYNTHETIC_SUBJECT)`` subjects are
     synthesized in memory with :mod:`medfed.synth`, as site ``profile`` of the
@@ -23,6 +27,7 @@ slices on both sides (:func:`split_subjects`).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +57,7 @@ MANIFEST_NAME = "manifest.json"
 #: ``kind = "synthetic"``: one subject per this many ``num_samples`` (at least 2 subjects).
 SAMPLES_PER_SYNTHETIC_SUBJECT = 8
 _SPLIT_STREAM = 0x5B117
+log = logging.getLogger("medfed.tasks")
 _LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
@@ -87,11 +93,40 @@ def load_subjects(source: DataSourceConfig) -> list[Subject]:
         return synthetic_subjects(source)
     if source.kind == "dicom-folder":
         return dicom_subjects(source)
+    if source.kind in ("nifti-folder", "msd", "bids"):
+        return nifti_subjects(source)
     raise MedfedError(  # unreachable while the config's Literal holds; fail closed anyway
         f"unknown data source kind {source.kind!r}",
         where="[data] kind in site.toml",
-        expected="'synthetic' or 'dicom-folder'",
+        expected="'synthetic', 'dicom-folder', 'nifti-folder', 'msd' or 'bids'",
     )
+
+
+def nifti_subjects(source: DataSourceConfig) -> list[Subject]:
+    """Every usable scan of a NIfTI dataset (folder, MSD, BIDS) with its label and targets.
+
+    Scans left out (see `medfed site scan`) are logged by count; none usable is an error.
+    """
+    from medfed.data.nifti_source import NiftiSource
+
+    dataset = NiftiSource(source)
+    entries, left_out = dataset.usable()
+    if left_out:
+        log.warning("%d scan(s) of the %s dataset left out; `medfed site scan` says why",
+                    len(left_out), source.kind)
+    targets = dataset.layout().targets
+    subjects = []
+    for entry in entries:
+        image, label = dataset.load(entry)
+        subjects.append(Subject(key=entry.key, image=image, label=label,
+                                targets=targets.get(entry.key, {}), patient=entry.patient))
+    if not subjects:
+        raise MedfedError(
+            f"the {source.kind} dataset holds no usable scan",
+            where=source.path,
+            fix="run `medfed site scan` to see which files were left out and why",
+        )
+    return subjects
 
 
 def dicom_subjects(source: DataSourceConfig) -> list[Subject]:

@@ -21,14 +21,22 @@ def synth(
     subjects: Annotated[int, typer.Option(min=2, help="subjects per site")] = 10,
     seed: Annotated[int, typer.Option(help="seed; same seed, same files")] = 0,
     overwrite: Annotated[bool, typer.Option(help="replace a previous synth output")] = False,
+    fmt: Annotated[list[str] | None, typer.Option(
+        "--format", help="layouts to write, repeatable: dicom (always), nifti, msd, bids; "
+                         "each in site-N/<format>")] = None,
 ) -> None:
-    """Write synthetic brain MRI sites (DICOM + labels) built on the real MNI152 template."""
+    """Write synthetic brain MRI sites (DICOM + labels) built on the real MNI152 template.
+
+    With --format nifti|msd|bids the same subjects are also written as a NIfTI folder,
+    a Medical Segmentation Decathlon task or a BIDS dataset, read with data.kind =
+    "nifti-folder", "msd" or "bids" and data.path = "DIR/site-N/<format>".
+    """
     from medfed.synth import SUMMARY_HEADER, synthesize_sites
 
     with Progress(console=console, transient=True) as bar:
         job = bar.add_task("synthesizing", total=sites * subjects)
         manifest = synthesize_sites(out, sites=sites, subjects_per_site=subjects, seed=seed,
-                                    overwrite=overwrite,
+                                    overwrite=overwrite, formats=tuple(fmt or ()),
                                     progress=lambda done, total, _name: bar.update(
                                         job, completed=done, total=total))
     table = Table(*SUMMARY_HEADER)

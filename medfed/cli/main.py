@@ -26,10 +26,12 @@ app = typer.Typer(
 
 def fail(exc: MedfedError) -> None:
     """Print a user error (no traceback) and exit non-zero."""
-    err_console.print(f"[bold red]error:[/] {exc.what}", highlight=False)
+    from rich.markup import escape  # the texts name TOML tables ("[data]") and paths
+
+    err_console.print(f"[bold red]error:[/] {escape(exc.what)}", highlight=False)
     for label, value in (("where", exc.where), ("expected", exc.expected), ("fix", exc.fix)):
         if value:
-            err_console.print(f"  [bold]{label}:[/] {value}", highlight=False)
+            err_console.print(f"  [bold]{label}:[/] {escape(value)}", highlight=False)
     raise SystemExit(2)
 
 

@@ -347,7 +347,7 @@ def scan(config: ConfigOpt = Path("site.toml"),
          report: Annotated[Path | None, typer.Option(
              help="where to write the JSON report (default: scan-report.json beside site.toml)")]
          = None) -> None:
-    """Read every file of the site's DICOM folder and check its cache; report what was found."""
+    """Read every file of the site's data folder (DICOM, NIfTI, MSD, BIDS) and check its cache."""
     from rich.progress import Progress
 
     from medfed.core.config import SiteConfig, load_toml
@@ -355,9 +355,11 @@ def scan(config: ConfigOpt = Path("site.toml"),
     from medfed.data import check_source_available, scan_source
 
     cfg = load_toml(config, SiteConfig)
-    if cfg.data.kind != "dicom-folder":
-        raise ConfigError("This site has no DICOM folder to scan.", where=f"{config} [data]",
-                          expected='data.kind = "dicom-folder" and data.path',
+    if cfg.data.kind == "synthetic":
+        raise ConfigError("This site has no data folder to scan (data.kind = 'synthetic').",
+                          where=f"{config} [data]",
+                          expected='data.kind = "dicom-folder", "nifti-folder", "msd" or "bids" '
+                                   "and data.path",
                           fix="set them in site.toml")
     source = check_source_available(config, cfg.data)  # a missing folder: exit 2, with the fix
     with Progress(transient=True, console=console) as bar:

@@ -83,12 +83,26 @@ class DataSourceConfig(_Strict):
     """A site's data source for a task.
 
     ``kind = "synthetic"`` generates data deterministically from ``seed`` (demo,
-    tests); ``kind = "dicom-folder"`` reads DICOM series under ``path``.
+    tests); ``kind = "dicom-folder"`` reads DICOM series under ``path``;
+    ``"nifti-folder"``, ``"msd"`` and ``"bids"`` read a NIfTI dataset in that layout
+    (:mod:`medfed.data.nifti_layouts`).
     """
 
-    kind: Literal["synthetic", "dicom-folder"] = "synthetic"
-    path: str = Field("", description="DICOM folder (dicom-folder), relative to site.toml")
-    manifest: str = Field("", description="label manifest; default <path>/manifest.json")
+    kind: Literal["synthetic", "dicom-folder", "nifti-folder", "msd", "bids"] = "synthetic"
+    path: str = Field("", description="the data folder (all but synthetic), relative to "
+                                      "site.toml")
+    manifest: str = Field("", description="dicom-folder: label manifest; default "
+                                          "<path>/manifest.json")
+    images: str = Field("", description="nifti-folder: image path template, default "
+                                        "images/{subject}.nii.gz")
+    labels: str = Field("", description="nifti-folder: label path template, default "
+                                        "labels/{subject}.nii.gz")
+    modality: str = Field("", description="msd: the modality of a multi-modal task; bids: "
+                                          "the scan suffix (T1w, T2w, FLAIR, ...)")
+    label_pipeline: str = Field("", description="bids: the derivatives pipeline holding "
+                                                "the _dseg labels")
+    targets: str = Field("", description="per-subject targets (JSON or TSV/CSV); default "
+                                         "targets.json (bids: participants.tsv)")
     cache_dir: str = Field("", description="decoded-series cache; site.toml default: cache/")
     seed: int = 0
     num_samples: int = Field(64, gt=0)
@@ -247,16 +261,36 @@ def write_toml(path: Path, model: BaseModel, *, header: str = "") -> None:
         fh.write(header + text)
 
 
+#: Keys of [data] that only some kinds read; set for another kind they are a mistake.
+_KIND_KEYS = {"manifest": ("dicom-folder",), "images": ("nifti-folder",),
+              "labels": ("nifti-folder",), "modality": ("msd", "bids"),
+              "label_pipeline": ("bids",), "targets": ("nifti-folder", "msd", "bids")}
+
+
 def resolve_data_source(config_path: Path, source: DataSourceConfig) -> DataSourceConfig:
     """``source`` with its paths made absolute (relative to the site.toml that declared them)."""
-    if source.kind != "dicom-folder":
+    if source.kind == "synthetic":
         return source
+    for key, kinds in _KIND_KEYS.items():
+        if getattr(source, key) and source.kind not in kinds:
+            raise ConfigError(
+                f"data.{key} does not apply to data.kind = {source.kind!r}.",
+                where=f"{config_path} [data] {key}",
+                expected=f"data.{key} only with kind {' or '.join(map(repr, kinds))}",
+                fix=f"remove data.{key}, or set the kind it belongs to")
     if not source.path:
         raise ConfigError(
-            "data.kind is 'dicom-folder' but data.path is empty.", where=f"{config_path} [data]",
-            expected="the folder holding the site's DICOM files", fix='set data.path = "dicom"',
-        )
+            f"data.kind is {source.kind!r} but data.path is empty.", where=f"{config_path} [data]",
+            expected="the folder holding the site's " + (
+                "DICOM files" if source.kind == "dicom-folder" else "dataset"),
+            fix='set data.path = "dicom"' if source.kind == "dicom-folder" else
+            'set data.path = "data"')
     root = resolve(config_path, source.path)
+    if source.kind != "dicom-folder":
+        targets = resolve(config_path, source.targets) if source.targets else None
+        return source.model_copy(update={
+            "path": str(root), "targets": str(targets) if targets else "",
+            "cache_dir": str(resolve(config_path, source.cache_dir or "cache"))})
     manifest = resolve(config_path, source.manifest) if source.manifest else root / "manifest.json"
     return source.model_copy(update={
         "path": str(root),

@@ -19,10 +19,10 @@ from medfed.core.errors import ConfigError
 def check_source_available(config_path: Path, source: DataSourceConfig) -> DataSourceConfig:
     """``source`` with absolute paths, once its files are there; else a ConfigError.
 
-    Only a ``dicom-folder`` source has files to miss: its folder must exist, be
-    readable and hold something (an empty folder is most often a share that is not
-    mounted); a manifest named in site.toml must exist; the cache folder must be
-    writable. A ``synthetic`` source is returned as it is.
+    A folder source (DICOM, NIfTI, MSD, BIDS) has files to miss: its folder must
+    exist, be readable and hold something (an empty folder is most often a share
+    that is not mounted); a manifest or targets file named in site.toml must exist;
+    the cache folder must be writable. A ``synthetic`` source is returned as it is.
 
     Parameters
     ----------
@@ -37,7 +37,26 @@ def check_source_available(config_path: Path, source: DataSourceConfig) -> DataS
         Naming the site.toml key, the path and the fix.
     """
     resolved = resolve_data_source(config_path, source)
+    if resolved.kind == "synthetic":
+        return resolved
     if resolved.kind != "dicom-folder":
+        key = f"{config_path} key data.path = {source.path!r}"
+        what = {"msd": "MSD task folder", "bids": "BIDS dataset"}.get(resolved.kind,
+                                                                       "NIfTI folder")
+        require_folder(Path(resolved.path), where=f"{key} ({resolved.path})", what=what,
+                       fix="mount or restore the folder, or set data.path in site.toml to the "
+                           f"{what}; then check it with "
+                           f"`medfed site scan --config {config_path}`")
+        if resolved.targets and not Path(resolved.targets).is_file():
+            raise ConfigError(
+                "The site's targets file does not exist.",
+                where=f"{config_path} key data.targets = {source.targets!r} "
+                      f"({resolved.targets})",
+                expected="a JSON or TSV/CSV file of per-subject targets",
+                fix='restore the file, or set data.targets = "" to use the default')
+        _require_writable(Path(resolved.cache_dir),
+                          where=f"{config_path} key data.cache_dir = {source.cache_dir!r} "
+                                f"({resolved.cache_dir})")
         return resolved
     key = f"{config_path} key data.path = {source.path!r}"
     require_folder(Path(resolved.path), where=f"{key} ({resolved.path})",
@@ -59,8 +78,8 @@ def check_source_available(config_path: Path, source: DataSourceConfig) -> DataS
     return resolved
 
 
-def require_folder(root: Path, *, where: str = "", fix: str = "", allow_empty: bool = False
-                   ) -> None:
+def require_folder(root: Path, *, where: str = "", fix: str = "", allow_empty: bool = False,
+                   what: str = "DICOM folder") -> None:
     """Raise a ConfigError unless ``root`` is a readable folder with at least one entry.
 
     Hidden entries (such as a cache folder inside it) do not count: they are never
@@ -69,21 +88,22 @@ def require_folder(root: Path, *, where: str = "", fix: str = "", allow_empty: b
     where = where or str(root)
     fix = fix or ("mount or restore the folder, or correct data.path in site.toml; then "
                   "check it with `medfed site scan`")
-    expected = "a folder of DICOM files (any layout) readable by the user running medfed"
+    expected = ("a folder of DICOM files (any layout)" if what == "DICOM folder" else
+                f"the {what}") + " readable by the user running medfed"
     if not root.exists():
-        raise ConfigError("The site's DICOM folder does not exist.", where=where,
+        raise ConfigError(f"The site's {what} does not exist.", where=where,
                           expected=expected, fix=fix)
     if not root.is_dir():
-        raise ConfigError("The site's DICOM folder is not a folder.", where=where,
+        raise ConfigError(f"The site's {what} is not a folder.", where=where,
                           expected=expected, fix=fix)
     try:
         with os.scandir(root) as entries:
             empty = all(e.name.startswith(".") for e in entries)
     except OSError as exc:
-        raise ConfigError(f"The site's DICOM folder cannot be read ({exc.strerror}).",
+        raise ConfigError(f"The site's {what} cannot be read ({exc.strerror}).",
                           where=where, expected=expected, fix=fix) from None
     if empty and not allow_empty:
-        raise ConfigError("The site's DICOM folder is empty (a share that is not mounted?).",
+        raise ConfigError(f"The site's {what} is empty (a share that is not mounted?).",
                           where=where, expected=expected, fix=fix)
 
 

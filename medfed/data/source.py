@@ -22,6 +22,8 @@ from medfed.data.decode import FileProblem
 from medfed.data.heal import CacheCheck
 from medfed.data.index import FolderIndex, Progress, index_folder
 from medfed.data.labels import load_manifest, nifti_label_volume
+from medfed.data.nifti_layouts import NIFTI_KINDS
+from medfed.data.nifti_source import NiftiSource
 from medfed.data.records import FileRecord
 from medfed.data.scan import ScanReport, scan_folder, short_hash
 from medfed.data.seg import seg_label_volume
@@ -187,7 +189,10 @@ class DicomFolderSource:
 def scan_source(
     source: DataSourceConfig, *, decode: bool = True, progress: Progress | None = None
 ) -> ScanReport:
-    """What `medfed site scan` reports: a ``dicom-folder`` source's files and its cache.
+    """What `medfed site scan` reports: a folder source's files and its cache.
+
+    A ``dicom-folder`` reads every file; a NIfTI source (``nifti-folder``, ``msd``,
+    ``bids``) every scan its layout lists (:meth:`NiftiSource.scan`).
 
     Parameters
     ----------
@@ -204,6 +209,8 @@ def scan_source(
         With ``cache`` set: damaged cache entries are removed (their series are
         decoded again at the next run) and counted.
     """
+    if source.kind in NIFTI_KINDS:
+        return NiftiSource(source).scan(decode=decode)
     root = Path(source.path)
     cache_dir = Path(source.cache_dir) if source.cache_dir else root / CACHE_DIRNAME
     report = scan_folder(root, manifest=Path(source.manifest) if source.manifest else None,

@@ -16,6 +16,14 @@ import numpy as np
 from medfed.core.errors import MedfedError
 from medfed.synth.dicom_io import read_series, series_ids, write_series
 from medfed.synth.generate import FOV_MM, quantise, synthesize_subject
+from medfed.synth.layouts import (
+    FORMATS,
+    LayoutSubject,
+    decoded_image,
+    nifti_image,
+    write_indexes,
+    write_subject,
+)
 from medfed.synth.profiles import LABEL_NAMES, ScannerProfile, profile_for_site
 from medfed.synth.template import TEMPLATE_CITATION, TEMPLATE_NOTICE, TEMPLATE_RESOLUTION_MM
 
@@ -269,7 +277,12 @@ class SynthManifest:
         }
 
 
-def _check_args(sites: int, subjects_per_site: int, seed: int, lesion_fraction: float) -> None:
+def _check_args(sites: int, subjects_per_site: int, seed: int, lesion_fraction: float,
+                formats: tuple[str, ...] = ("dicom",)) -> None:
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise MedfedError(f"unknown format {unknown[0]!r}", where="--format",
+                          expected=f"one or more of {', '.join(FORMATS)}")
     if not 1 <= sites <= MAX_SITES:
         raise MedfedError(f"--sites {sites} is out of range", where="--sites",
                           expected=f"1 to {MAX_SITES}")
@@ -326,6 +339,7 @@ def synthesize_sites(
     lesion_fraction: float = 0.5,
     overwrite: bool = False,
     progress: ProgressFn | None = None,
+    formats: tuple[str, ...] = ("dicom",),
 ) -> SynthManifest:
     """Write a synthetic multi-site brain MRI benchmark under ``out``.
 
@@ -334,9 +348,14 @@ def synthesize_sites(
     The same ``seed`` gives byte-identical files; site N and subject M are the same
     whatever ``sites`` and ``subjects_per_site`` are (lesion assignment aside).
     ``synth.json`` is written last, so its presence marks a complete output.
+
+    ``formats`` beyond ``"dicom"`` (always written: the manifest describes it) add the
+    same subjects as NIfTI datasets in ``out/site-N/nifti``, ``msd`` and ``bids``
+    (:mod:`medfed.synth.layouts`).
     """
     out = Path(out)
-    _check_args(sites, subjects_per_site, seed, lesion_fraction)
+    formats = tuple(dict.fromkeys(("dicom", *formats)))
+    _check_args(sites, subjects_per_site, seed, lesion_fraction, formats)
     _prepare_out(out, overwrite)
     start = time.perf_counter()
     total = sites * subjects_per_site
@@ -365,13 +384,15 @@ def synthesize_sites(
             )
             label_rel = f"labels/{subject}.nii.gz"
             (site_dir / "labels").mkdir(parents=True, exist_ok=True)
-            nii = nib.Nifti1Image(vol.label, vol.geometry.affine_ras())
-            nii.set_qform(vol.geometry.affine_ras(), code=1)
-            nii.set_sform(vol.geometry.affine_ras(), code=1)
-            nii.header.set_xyzt_units("mm")
-            nib.save(nii, site_dir / label_rel)
+            nib.save(nifti_image(vol.label, vol.geometry.affine_ras()), site_dir / label_rel)
             n_files += len(files) + 1
             n_bytes += sum(f.stat().st_size for f in files) + (site_dir / label_rel).stat().st_size
+            if len(formats) > 1:
+                n_bytes += write_subject(site_dir, formats, LayoutSubject(
+                    name=subject, image=decoded_image(stored, slope, intercept),
+                    label=vol.label, affine_ras=vol.geometry.affine_ras(),
+                    lesion=vol.lesion is not None), contrast=profile.contrast)
+                n_files += 2 * (len(formats) - 1)
             les = vol.lesion
             entries[ids.series_uid] = SubjectEntry(
                 subject=subject, series_uid=ids.series_uid, dicom=f"dicom/{subject}",
@@ -383,6 +404,10 @@ def synthesize_sites(
             done += 1
             if progress is not None:
                 progress(done, total, f"{name}/{subject}")
+        if len(formats) > 1:
+            n_bytes += write_indexes(site_dir, formats,
+                                     {e.subject: e.lesion for e in entries.values()},
+                                     site=name, contrast=profile.contrast)
         manifest = SiteManifest(site=name, profile=profile, series=entries)
         (site_dir / "manifest.json").write_text(json.dumps(manifest.as_dict(), indent=2) + "\n")
         assert geometry is not None
