@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed-stamp
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: demo test test-quick bench env clean
+.PHONY: demo test test-quick bench env clean orthanc
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -17,12 +17,28 @@ $(STAMP): pyproject.toml constraints.txt
 
 env: $(STAMP)
 
+# The PACS tests run against a real Orthanc with its DICOMweb plugin; install the
+# Debian packages when missing (as root, or through sudo), without starting the
+# system service: the tests start their own Orthanc on a free loopback port.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+orthanc:
+	@if ! command -v Orthanc >/dev/null 2>&1 || [ ! -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then \
+	  echo "installing orthanc and orthanc-dicomweb (the PACS tests need them)"; \
+	  had_policy=0; [ -e /usr/sbin/policy-rc.d ] && had_policy=1; \
+	  [ $$had_policy = 1 ] || printf '#!/bin/sh\nexit 101\n' | $(SUDO) tee /usr/sbin/policy-rc.d >/dev/null; \
+	  $(SUDO) chmod +x /usr/sbin/policy-rc.d; \
+	  ( $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
+	      --no-install-recommends orthanc orthanc-dicomweb >/dev/null ) \
+	    || echo "could not install orthanc: the PACS tests will be skipped"; \
+	  [ $$had_policy = 1 ] || $(SUDO) rm -f /usr/sbin/policy-rc.d; \
+	fi
+
 demo: $(STAMP)
 	$(BIN)/medfed demo
 
 # Tests run on every core (pytest-xdist), a module per worker: the end-to-end tests
 # mostly wait on processes and loopback, so two of them share two cores well.
-test: $(STAMP)
+test: $(STAMP) orthanc
 	$(BIN)/python -m pytest -n auto --dist loadscope
 
 test-quick: $(STAMP)

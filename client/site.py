@@ -30,7 +30,10 @@ audit_log = "audit.jsonl"
 # default <path>/manifest.json; decoded series cached in `cache_dir`);
 # "nifti-folder" (keys images/labels), "msd" (a Decathlon task folder; key modality
 # for a multi-modal task) and "bids" (keys modality = "T1w", label_pipeline) read NIfTI;
-# "synthetic" generates data. Check a folder with `medfed site scan`.
+# "dicomweb" reads a PACS (no path: a [data.pacs] table with url, credentials = a mode-600
+# file, ca_bundle, and a [data.pacs.query] with modality, series_description, date_from,
+# date_to or study_uids; see the README); "synthetic" generates data. Check the source,
+# and fetch what is new from a PACS, with `medfed site scan`.
 kind = "synthetic"
 path = ""
 manifest = ""

@@ -14,6 +14,9 @@ Both brain tasks read subjects the same way:
     A NIfTI dataset in that layout, read with :class:`medfed.data.nifti_source.NiftiSource`
     (cached the same way); the subject (BIDS: ``sub-<label>``) is the patient, targets
     come from ``targets.json`` (BIDS: ``participants.tsv``).
+``kind = "dicomweb"``
+    The series a PACS holds for ``[data.pacs.query]``, fetched into the cache and read as
+    a DICOM folder (:mod:`medfed.data.dicomweb`).
 ``kind = "synthetic"``
     ``max(2, num_samples // SAMPLES_PER_SYNTHETIC_SUBJECT)`` subjects are
     synthesized in memory with :mod:`medfed.synth`, as site ``profile`` of the
@@ -95,11 +98,31 @@ def load_subjects(source: DataSourceConfig) -> list[Subject]:
         return dicom_subjects(source)
     if source.kind in ("nifti-folder", "msd", "bids"):
         return nifti_subjects(source)
+    if source.kind == "dicomweb":
+        return pacs_subjects(source)
     raise MedfedError(  # unreachable while the config's Literal holds; fail closed anyway
         f"unknown data source kind {source.kind!r}",
         where="[data] kind in site.toml",
-        expected="'synthetic', 'dicom-folder', 'nifti-folder', 'msd' or 'bids'",
+        expected="'synthetic', 'dicom-folder', 'nifti-folder', 'msd', 'bids' or 'dicomweb'",
     )
+
+
+def pacs_subjects(source: DataSourceConfig) -> list[Subject]:
+    """The series fetched from the site's PACS (`medfed site scan` fetches what is new).
+
+    A site that never fetched fetches now; after that, training reads what the last
+    scan fetched, so the data of a run do not change under it.
+    """
+    from medfed.data.dicomweb import PacsMirror
+
+    mirror = PacsMirror(source)
+    mirror.ensure_synced()
+    if not any(mirror.folder.glob("s-*")):
+        raise MedfedError(
+            "nothing was fetched from the PACS: the query matched no series",
+            where=f"{source.pacs.url if source.pacs else ''} ([data.pacs.query] in site.toml)",
+            fix="run `medfed site scan` to see what the query matches; widen the query")
+    return dicom_subjects(mirror.folder_source())
 
 
 def nifti_subjects(source: DataSourceConfig) -> list[Subject]:

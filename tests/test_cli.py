@@ -203,3 +203,6 @@ def test_a_bad_demo_option_is_refused_before_anything_starts(tmp_path: Path) -> 
     out = medfed("demo", "--dp", "smaple", "--out", str(tmp_path / "demo"), cwd=tmp_path)
     assert out.returncode == 2 and "privacy.mode" in out.stderr and "'sample'" in out.stderr
     assert not (tmp_path / "demo").exists()  # no federation was created or started
+    out = medfed("demo", "--source", "pacs", "--out", str(tmp_path / "demo"), cwd=tmp_path)
+    assert out.returncode == 2 and "--source" in out.stderr and "dicomweb" in out.stderr
+    assert not (tmp_path / "demo").exists()

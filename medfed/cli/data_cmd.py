@@ -45,3 +45,31 @@ def synth(
     console.print(table)
     console.print(f"wrote {out} in {manifest.elapsed_s:.1f} s; what is real and what is "
                   f"synthetic: {out / 'synth.json'}")
+
+
+@app.command("push")
+def push(
+    folder: Annotated[Path, typer.Argument(help="a folder of DICOM files, e.g. DIR/site-1/dicom")],
+    to: Annotated[str, typer.Option("--to", help="the PACS's DICOMweb root URL")],
+    credentials: Annotated[Path | None, typer.Option(
+        help="credentials file (mode 600: username/password or token); default: the "
+             "MEDFED_PACS_* environment variables")] = None,
+    ca_bundle: Annotated[Path | None, typer.Option(help="PEM CA that signs the PACS's "
+                                                        "certificate")] = None,
+) -> None:
+    """Upload a folder of DICOM files to a PACS with STOW-RS (for tests and demos).
+
+    The only medfed command that writes to a PACS; a site's dicomweb source only reads.
+    """
+    from medfed.core.config import PacsSection
+    from medfed.data.pacs_push import push_folder
+
+    pacs = PacsSection(url=to, credentials=str(credentials or ""),
+                       ca_bundle=str(ca_bundle or ""))
+    with Progress(console=console, transient=True) as bar:
+        job = bar.add_task("storing", total=None)
+        result = push_folder(folder, pacs, progress=lambda done, total: bar.update(
+            job, completed=done, total=total))
+    console.print(f"stored {result.files} DICOM files ({result.bytes / 1e6:.1f} MB) in "
+                  f"{result.seconds:.1f} s; {result.skipped} other files left out",
+                  highlight=False)

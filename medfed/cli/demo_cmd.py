@@ -6,6 +6,7 @@ import datetime as dt
 import signal
 import statistics
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated
 
@@ -13,6 +14,7 @@ import typer
 
 from medfed.cli.main import console, interrupt_on_signal
 from medfed.cli.progress import ProgressView
+from medfed.core.errors import MedfedError
 
 
 def register(app: typer.Typer) -> None:
@@ -36,11 +38,16 @@ def register(app: typer.Typer) -> None:
             help="default | strict | off (debugging only)")] = "default",
         init_weights: Annotated[str, typer.Option(
             help="random | public (start from the task's public-data weights)")] = "random",
+        source: Annotated[str, typer.Option(
+            help="where sites read data: synthetic (generated in memory) | dicom-folder "
+                 "(DICOM files written for each site) | dicomweb (each site's own Orthanc "
+                 "PACS, read over DICOMweb)")] = "synthetic",
     ) -> None:
         """Run a server and sites with their own data on loopback (TLS), train, report, stop."""
         from medfed.cli.run_cmd import privacy_options
         from medfed.core.config import RunConfig, validate
         from medfed.local import LocalFederation
+        from medfed.local.demo_data import SOURCES, prepare_demo_data
         from medfed.strategies.registry import check_options, check_secure_aggregation
         from medfed.tasks import get_task
         from medfed.tasks.pretrain import check_init
@@ -57,6 +64,9 @@ def register(app: typer.Typer) -> None:
         check_options(strategy, {})
         check_secure_aggregation(strategy, secure_aggregation)
         check_init(chosen, run.init_weights)
+        if source not in SOURCES:
+            raise MedfedError(f"unknown data source {source!r}", where="medfed demo --source",
+                              expected=" | ".join(SOURCES))
         if secure_aggregation == "off":
             console.print("[bold yellow]warning:[/] secure aggregation is off (debugging only)")
         signal.signal(signal.SIGTERM, interrupt_on_signal)  # stop everything, as on Ctrl-C
@@ -64,9 +74,11 @@ def register(app: typer.Typer) -> None:
         names = [f"site-{i + 1}" for i in range(sites)]
         t0 = time.time()
         try:
-            with LocalFederation(root, names, name="demo") as fed:
-                fed.create()
-                console.print(f"[bold]medfed demo[/]: federation in {fed.root}")
+            with ExitStack() as servers, LocalFederation(root, names, name="demo") as fed:
+                console.print(f"[bold]medfed demo[/]: federation in {root.resolve()}")
+                site_data = prepare_demo_data(source, root.resolve(), names, servers,
+                                              say=lambda line: console.print(line, highlight=False))
+                fed.create(site_data=site_data)
                 console.print(f"  server + {sites} sites on 127.0.0.1 (TLS, enrolled keys) ...")
                 fed.start()
                 console.print(f"  {sites} sites online after {time.time() - t0:.1f} s")

@@ -79,16 +79,47 @@ class ServerConfig(_Strict):
 # ----------------------------------------------------------------------------- site
 
 
+class PacsQuery(_Strict):
+    """Which series of the PACS a site trains on (QIDO-RS filters; all given must match)."""
+
+    modality: str = Field("", description="e.g. MR; empty: any")
+    study_description: str = Field("", description="QIDO match, * and ? as wildcards")
+    series_description: str = Field("", description="QIDO match, * and ? as wildcards")
+    date_from: str = Field("", pattern=r"^(\d{8})?$", description="StudyDate from, YYYYMMDD")
+    date_to: str = Field("", pattern=r"^(\d{8})?$", description="StudyDate to, YYYYMMDD")
+    study_uids: list[str] = Field([], description="only these StudyInstanceUIDs")
+
+
+class PacsSection(_Strict):
+    """A PACS reached over DICOMweb (QIDO-RS to search, WADO-RS to fetch; never written to).
+
+    Credentials never stand in site.toml: ``credentials`` names a file (mode 600) with
+    ``username``/``password`` or ``token``; without it the environment's
+    ``MEDFED_PACS_USERNAME``/``MEDFED_PACS_PASSWORD`` or ``MEDFED_PACS_TOKEN`` are used.
+    """
+
+    url: str = Field("", description="the DICOMweb root, e.g. https://pacs.example/dicom-web")
+    credentials: str = Field("", description="credentials file, relative to site.toml")
+    ca_bundle: str = Field("", description="PEM CA(s) that sign the PACS's certificate; "
+                                           "default: the system's")
+    client_cert: str = Field("", description="PEM client certificate (mutual TLS)")
+    client_key: str = Field("", description="its key")
+    timeout_s: float = Field(60.0, gt=0)
+    query: PacsQuery = PacsQuery()
+
+
 class DataSourceConfig(_Strict):
     """A site's data source for a task.
 
     ``kind = "synthetic"`` generates data deterministically from ``seed`` (demo,
     tests); ``kind = "dicom-folder"`` reads DICOM series under ``path``;
     ``"nifti-folder"``, ``"msd"`` and ``"bids"`` read a NIfTI dataset in that layout
-    (:mod:`medfed.data.nifti_layouts`).
+    (:mod:`medfed.data.nifti_layouts`); ``"dicomweb"`` fetches the series that
+    ``[data.pacs.query]`` matches from a PACS (:mod:`medfed.data.dicomweb`).
     """
 
-    kind: Literal["synthetic", "dicom-folder", "nifti-folder", "msd", "bids"] = "synthetic"
+    kind: Literal["synthetic", "dicom-folder", "nifti-folder", "msd", "bids",
+                  "dicomweb"] = "synthetic"
     path: str = Field("", description="the data folder (all but synthetic), relative to "
                                       "site.toml")
     manifest: str = Field("", description="dicom-folder: label manifest; default "
@@ -103,6 +134,7 @@ class DataSourceConfig(_Strict):
                                                 "the _dseg labels")
     targets: str = Field("", description="per-subject targets (JSON or TSV/CSV); default "
                                          "targets.json (bids: participants.tsv)")
+    pacs: PacsSection | None = Field(None, description="dicomweb: the PACS and the query")
     cache_dir: str = Field("", description="decoded-series cache; site.toml default: cache/")
     seed: int = 0
     num_samples: int = Field(64, gt=0)
@@ -262,8 +294,8 @@ def write_toml(path: Path, model: BaseModel, *, header: str = "") -> None:
 
 
 #: Keys of [data] that only some kinds read; set for another kind they are a mistake.
-_KIND_KEYS = {"manifest": ("dicom-folder",), "images": ("nifti-folder",),
-              "labels": ("nifti-folder",), "modality": ("msd", "bids"),
+_KIND_KEYS = {"manifest": ("dicom-folder", "dicomweb"), "pacs": ("dicomweb",),
+              "images": ("nifti-folder",), "labels": ("nifti-folder",), "modality": ("msd", "bids"),
               "label_pipeline": ("bids",), "targets": ("nifti-folder", "msd", "bids")}
 
 
@@ -278,6 +310,8 @@ def resolve_data_source(config_path: Path, source: DataSourceConfig) -> DataSour
                 where=f"{config_path} [data] {key}",
                 expected=f"data.{key} only with kind {' or '.join(map(repr, kinds))}",
                 fix=f"remove data.{key}, or set the kind it belongs to")
+    if source.kind == "dicomweb":
+        return _resolve_pacs(config_path, source)
     if not source.path:
         raise ConfigError(
             f"data.kind is {source.kind!r} but data.path is empty.", where=f"{config_path} [data]",
@@ -295,6 +329,28 @@ def resolve_data_source(config_path: Path, source: DataSourceConfig) -> DataSour
     return source.model_copy(update={
         "path": str(root),
         "manifest": str(manifest) if manifest.exists() else "",
+        "cache_dir": str(resolve(config_path, source.cache_dir or "cache")),
+    })
+
+
+def _resolve_pacs(config_path: Path, source: DataSourceConfig) -> DataSourceConfig:
+    where = f"{config_path} [data.pacs]"
+    pacs = source.pacs
+    if pacs is None or not pacs.url:
+        raise ConfigError("data.kind is 'dicomweb' but no PACS is named.", where=where,
+                          expected="[data.pacs] with url = the DICOMweb root",
+                          fix='add [data.pacs] url = "https://pacs.example/dicom-web"')
+    if source.path:
+        raise ConfigError("data.path does not apply to data.kind = 'dicomweb'.",
+                          where=f"{config_path} [data] path",
+                          expected="the series come from [data.pacs]; they are kept in "
+                                   "data.cache_dir", fix="remove data.path")
+    paths = {key: str(resolve(config_path, getattr(pacs, key))) if getattr(pacs, key) else ""
+             for key in ("credentials", "ca_bundle", "client_cert", "client_key")}
+    manifest = resolve(config_path, source.manifest) if source.manifest else None
+    return source.model_copy(update={
+        "pacs": pacs.model_copy(update=paths),
+        "manifest": str(manifest) if manifest else "",
         "cache_dir": str(resolve(config_path, source.cache_dir or "cache")),
     })
 

@@ -32,6 +32,25 @@ def atomic_write(path: Path, data: bytes) -> Path:
     return _atomic(path, lambda fh: fh.write(data))
 
 
+def sync_filesystem(path: Path) -> None:
+    """Flush to disk everything written on the filesystem that holds ``path`` (syncfs).
+
+    One journal commit for many files written unsynced, instead of an fsync each.
+    """
+    import ctypes
+    import ctypes.util
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        if libc.syncfs(fd) != 0:
+            raise OSError(ctypes.get_errno(), "syncfs failed", str(path))
+    except AttributeError:  # no syncfs (not Linux): flush every filesystem
+        os.sync()
+    finally:
+        os.close(fd)
+
+
 def atomic_savez(path: Path, **arrays: np.ndarray) -> Path:
     """Write numpy arrays as ``.npz`` (no pickle) atomically."""
     return _atomic(path, lambda fh: np.savez(fh, **arrays), suffix=".npz")

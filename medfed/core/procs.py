@@ -102,6 +102,9 @@ class Managed:
     started_at: float = 0.0  # time.monotonic() of the last start
     _read_to: int = 0  # how far new_output() has read
     on_stop: Callable[[], None] | None = None  # called by stop(), after the group ended
+    #: The kernel kills the child when this process dies (Linux): for programs that are
+    #: not medfed's own and so cannot watch their parent (Orthanc).
+    die_with_parent: bool = False
 
     def start(self) -> Managed:
         """Start the process; its stdout and stderr go to ``log_path``."""
@@ -112,6 +115,7 @@ class Managed:
             list(self.argv), stdout=self._log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, env={**os.environ, **self.env},
             cwd=self.cwd, start_new_session=True,
+            preexec_fn=_kill_with_parent if self.die_with_parent else None,
         )
         self.started_at = time.monotonic()
         return self
@@ -177,6 +181,16 @@ class Managed:
             self._log = None
         if self.on_stop is not None:
             self.on_stop()
+
+
+def _kill_with_parent() -> None:
+    """In the child before exec: SIGKILL it when the parent dies (prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: stop() still ends it
+        pass
 
 
 class ProcessGroup:

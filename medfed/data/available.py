@@ -39,6 +39,11 @@ def check_source_available(config_path: Path, source: DataSourceConfig) -> DataS
     resolved = resolve_data_source(config_path, source)
     if resolved.kind == "synthetic":
         return resolved
+    if resolved.kind == "dicomweb":  # reached at scan or training; the cache must take it
+        _require_writable(Path(resolved.cache_dir),
+                          where=f"{config_path} key data.cache_dir = {source.cache_dir!r} "
+                                f"({resolved.cache_dir})")
+        return resolved
     if resolved.kind != "dicom-folder":
         key = f"{config_path} key data.path = {source.path!r}"
         what = {"msd": "MSD task folder", "bids": "BIDS dataset"}.get(resolved.kind,

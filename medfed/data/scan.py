@@ -66,6 +66,9 @@ class ScanReport:
     series: tuple[SeriesSummary, ...]
     skipped: tuple[SkippedFile, ...]
     cache: CacheCheck | None = None
+    #: What a remote source (a PACS) said and what was fetched: counts, and lines to show.
+    pacs: dict[str, Any] | None = None
+    pacs_lines: tuple[str, ...] = ()
 
     @property
     def files_used(self) -> int:
@@ -113,11 +116,13 @@ class ScanReport:
                 for f in self.skipped
             ],
             **cache,
+            **({"pacs": self.pacs} if self.pacs is not None else {}),
         }
 
     def render_text(self, *, include_paths: bool = False) -> str:
         """A plain-text summary for the terminal."""
         lines = [
+            *self.pacs_lines,
             f"{self.files_total} files: {self.files_used} used, {len(self.skipped)} skipped; "
             f"{len(self.series)} series",
         ]

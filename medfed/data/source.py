@@ -211,12 +211,27 @@ def scan_source(
     """
     if source.kind in NIFTI_KINDS:
         return NiftiSource(source).scan(decode=decode)
+    if source.kind == "dicomweb":
+        return _scan_pacs(source, decode=decode, progress=progress)
     root = Path(source.path)
     cache_dir = Path(source.cache_dir) if source.cache_dir else root / CACHE_DIRNAME
     report = scan_folder(root, manifest=Path(source.manifest) if source.manifest else None,
                          decode=decode, exclude=(cache_dir,), progress=progress)
     check = SeriesCache(cache_dir).check() if cache_dir.is_dir() else CacheCheck(entries=0)
     return replace(report, cache=check)
+
+
+def _scan_pacs(source: DataSourceConfig, *, decode: bool, progress: Progress | None
+               ) -> ScanReport:
+    """Fetch what is new from the PACS, then scan the mirror as a DICOM folder."""
+    from dataclasses import asdict
+
+    from medfed.data.dicomweb import PacsMirror
+
+    mirror = PacsMirror(source)
+    fetch = mirror.sync()
+    report = scan_source(mirror.folder_source(), decode=decode, progress=progress)
+    return replace(report, pacs=asdict(fetch), pacs_lines=tuple(fetch.render_lines()))
 
 
 def load_series(paths: Sequence[Path]) -> tuple[MetaTensor, Series]:
