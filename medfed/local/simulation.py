@@ -140,7 +140,7 @@ class SitePool:
         site = self.sites[index]
         data = copy.deepcopy(self._template)
         data["site"]["name"] = site.name
-        data["data"] = site.data.model_dump(mode="json")
+        data["data"] = site.data.model_dump(mode="json", exclude_none=True)
         default = data["privacy"]["default"]
         data["privacy"]["datasets"][default].update(self._budget)
         return validate(SiteConfig, data, where=f"simulated site {site.name}")
@@ -153,8 +153,9 @@ class SitePool:
         config, path = self.config(index), self.config_path(index)
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(f"# simulated site {config.site.name} (medfed simulate)\n"
-                            + tomli_w.dumps(config.model_dump(mode="json")), encoding="utf-8")
+            toml = tomli_w.dumps(config.model_dump(mode="json", exclude_none=True))
+            path.write_text(f"# simulated site {config.site.name} (medfed simulate)\n" + toml,
+                            encoding="utf-8")
         worker = SiteWorker(config, path)
         self.used.add(index)
         if self.keep_warm:

@@ -89,7 +89,8 @@ class SiteProcesses:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self._setup = {"root": str(root), "keep_warm": keep_warm, "budget": dict(budget or {}),
                        "threads": threads or max(1, (os.cpu_count() or 1) // workers),
-                       "sites": [{"name": s.name, "data": s.data.model_dump(mode="json")}
+                       "sites": [{"name": s.name,
+                                  "data": s.data.model_dump(mode="json", exclude_none=True)}
                                  for s in sites]}
         self._names = [s.name for s in sites]
         self._lanes = [_Lane(i) for i in range(workers)]
