@@ -45,10 +45,10 @@ STATE_FILE = ".sync.json"  # hidden: the folder reader skips it
 ENV_PREFIX = "MEDFED_PACS_"
 _STUDY, _SERIES, _SOP = "0020000D", "0020000E", "00080018"
 _COUNT = "00201209"
-#: Instances as the PACS stores them: a PACS asked to transcode may fail (Orthanc answers
-#: HTTP 500 for JPEG 2000 it cannot decode); pydicom's plugins decode them here.
 #: Fetched series are made durable and moved in by this many at a time (one syncfs each).
 MOVE_IN_EVERY = 16
+#: Instances as the PACS stores them: a PACS asked to transcode may fail (Orthanc answers
+#: HTTP 500 for JPEG 2000 it cannot decode); pydicom's plugins decode them here.
 ACCEPT_AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 _SERIES_DESCRIPTION, _STUDY_DESCRIPTION = "0008103E", "00081030"
 
@@ -268,13 +268,13 @@ class PacsMirror:
         fetch.matched_series = len(images)
         fetch.matched_instances = sum(s["count"] or 0 for s in images)
         fetch.label_series = len(labels)
-        skipped: Counter[str] = Counter()
-        self.folder.mkdir(parents=True, exist_ok=True)
+        skipped: Counter[str] = Counter()  # the folder exists: made by _locked
         wanted = set()
         staged: list[str] = []  # complete series waiting to be made durable and moved in
         try:
             for series in images + labels:
-                wanted.add(_series_dir(series["series"]))
+                name = _series_dir(series["series"])
+                wanted.add(name)
                 with pacs_errors(self.pacs.url, f"fetching series {fetch.fetched_series + 1} "
                                                 f"(WADO-RS; {fetch.fetched_series} done)"):
                     got = self._fetch(client, series, skipped)
@@ -284,7 +284,7 @@ class PacsMirror:
                 fetch.fetched_series += 1
                 fetch.fetched_instances += got[0]
                 fetch.fetched_bytes += got[1]
-                staged.append(_series_dir(series["series"]))
+                staged.append(name)
                 if len(staged) >= MOVE_IN_EVERY:
                     self._move_in(staged)
         finally:  # what was fetched whole counts, even when the PACS went away after it
