@@ -34,7 +34,7 @@ import os
 from collections.abc import Iterator
 
 import torch
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader
 
@@ -44,6 +44,8 @@ from medfed.core.errors import MedfedError
 #: 16 k 8.0 ms, 64 k 6.6 ms, 128 k 5.0 ms, 256 k 4.9 ms.
 _CHUNK = 1 << 18
 _MANTISSA = (1 << 53) - 1
+#: Keystream bytes one (key, nonce) gives before ChaCha20's 32-bit block counter wraps.
+_STREAM_BYTES = (1 << 32) * 64
 
 
 class SecureRandom:
@@ -51,16 +53,34 @@ class SecureRandom:
 
     def __init__(self, key: bytes | None = None) -> None:
         """A fresh OS key; ``key`` (32 bytes, zero nonce) replays a stream, for tests only."""
-        nonce = os.urandom(16) if key is None else bytes(16)
-        cipher = Cipher(algorithms.ChaCha20(key or os.urandom(32), nonce), mode=None)
-        self._keystream = cipher.encryptor()
+        self._replay_key = key
+        self._streams = 0
+        self._keystream = self._new_keystream()
         self._zeros = bytes(8 * _CHUNK)
         self._buffer = bytearray(8 * _CHUNK + 64)  # update_into wants room for a block
         self._words = torch.frombuffer(self._buffer, dtype=torch.int64, count=_CHUNK)
         self._uniform = torch.empty(_CHUNK, dtype=torch.float64)
 
+    def _new_keystream(self) -> CipherContext:
+        """A keystream whose block counter starts at 0, under a fresh key.
+
+        ``cryptography``'s 16-byte ChaCha20 nonce is a 32-bit little-endian block
+        counter followed by the 96-bit nonce. A random counter (os.urandom(16)) can
+        start near 2^32 and overflow within one round's noise (an H200 run of the
+        10 M-parameter task raised it); starting at 0 leaves 256 GiB per stream, and
+        :meth:`_chunk` moves to a fresh stream before that runs out.
+        """
+        key = self._replay_key or os.urandom(32)
+        nonce = self._streams.to_bytes(12, "little") if self._replay_key else os.urandom(12)
+        self._streams += 1
+        self._left = _STREAM_BYTES
+        return Cipher(algorithms.ChaCha20(key, bytes(4) + nonce), mode=None).encryptor()
+
     def _chunk(self, k: int) -> torch.Tensor:
         """``k <= _CHUNK`` uniforms in (0, 1], float64, in a buffer the next call reuses."""
+        if 8 * k > self._left:
+            self._keystream = self._new_keystream()
+        self._left -= 8 * k
         self._keystream.update_into(self._zeros[:8 * k], self._buffer)
         words, u = self._words[:k], self._uniform[:k]
         torch.bitwise_and(words, _MANTISSA, out=words)  # 53 random bits, non-negative

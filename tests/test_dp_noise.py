@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from medfed.core.config import DataSourceConfig
 from medfed.core.errors import MedfedError
-from medfed.tasks import dp, dp_optimizer, get_task
+from medfed.tasks import dp, dp_noise, dp_optimizer, get_task
 from medfed.tasks.dp_noise import SecurePoissonSampler, SecureRandom, sample_securely
 from tests.test_dp_optimizer import BATCH, _model, _optimizers, _pre_step
 
@@ -145,3 +145,25 @@ def test_a_loader_without_poisson_sampling_is_refused() -> None:
     plain = DataLoader(TensorDataset(torch.arange(10)), batch_size=2)
     with pytest.raises(MedfedError, match="cannot take its coin flips"):
         sample_securely(plain, SecureRandom())
+
+
+def test_a_stream_starts_its_block_counter_at_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An OS draw of all ones: with the counter taken from it (the old 16 random nonce
+    # bytes), ChaCha20's 32-bit block counter overflowed on the second block.
+    monkeypatch.setattr(dp_noise.os, "urandom", lambda n: b"\xff" * n)
+    source = SecureRandom()
+    drawn = torch.cat([source.uniform(1 << 18) for _ in range(3)])
+    assert drawn.numel() == 3 << 18 and bool(((drawn > 0) & (drawn <= 1)).all())
+
+
+def test_an_exhausted_stream_moves_to_a_fresh_nonce_not_a_repeat(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dp_noise, "_STREAM_BYTES", 8 * 300)  # 300 uniforms per stream
+    key = bytes(range(32))
+    source = SecureRandom(key=key)
+    first, second, third = (source.uniform(200) for _ in range(3))
+    values = torch.cat([first, second, third])
+    assert values.unique().numel() == values.numel()  # no keystream reused
+    again = SecureRandom(key=key)
+    replayed = [again.uniform(200) for _ in range(3)]
+    assert all(torch.equal(a, b) for a, b in zip((first, second, third), replayed, strict=True))
