@@ -28,7 +28,18 @@ dropped: ``ew`` (PyTorch expanded weights: fails on MONAI's PReLU and DenseNet) 
 issue's anchor; medfed's make_private refuses it).
 See the docstring of ``medfed.tasks.dp`` for the findings.
 
-    python benchmarks/dp_overhead.py [--steps 30] [--tasks tiny-seg,...] [--modes hooks]
+Second figure per task, the whole round (``--rounds`` N, default 5; 0 skips it):
+value is the median wall time of one ``dp.dp_train`` call of one epoch, as a site's
+DP round runs it (``make_private``, Poisson sampling and noise from a fresh
+``SecureRandom``, the per-sample mode the process chose, the RDP accountant, removing
+Opacus's hooks); anchor the median of one ``engine.train`` epoch, the plain round,
+same data (``num_samples`` 32, batch 16: the same expected number of steps), same
+initial weights, same learning rate. The model is built outside the timer (a site
+keeps it); one warm-up round of each, then DP and plain rounds alternate. Target
+<= 1.6 (issue 23).
+
+    python benchmarks/dp_overhead.py [--steps 30] [--rounds 5] [--tasks tiny-seg,...]
+                                     [--modes hooks]
 """
 
 from __future__ import annotations
@@ -43,7 +54,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from medfed.core.config import DataSourceConfig
-from medfed.tasks import TASKS, Task, dp
+from medfed.tasks import TASKS, Task, dp, engine
 from medfed.tasks.dp_noise import SecureRandom
 
 BATCH = 16
@@ -104,12 +115,38 @@ def measure(plain: Callable[[], None], private: Callable[[], None], steps: int
     return statistics.median(a), statistics.median(b)
 
 
+def round_times(task: Task, rounds: int) -> tuple[float, float]:
+    """Median seconds of a plain and a DP round (one epoch each), alternately."""
+    data = task.load_site_data(DataSourceConfig(num_samples=32)).train
+    lr, cpu = task.defaults.learning_rate, torch.device("cpu")
+
+    def one(private: bool) -> float:
+        torch.manual_seed(0)
+        model = task.build_model()
+        t0 = time.perf_counter()
+        if private:
+            dp.dp_train(task, model, data, epochs=1, batch_size=BATCH, learning_rate=lr,
+                        noise_multiplier=1.0, max_grad_norm=1.0, device=cpu)
+        else:
+            engine.train(task, model, data, epochs=1, batch_size=BATCH, learning_rate=lr,
+                         device=cpu, generator=torch.Generator().manual_seed(0))
+        return time.perf_counter() - t0
+
+    one(False), one(True)  # warm-up; the DP one also fixes the process's per-sample mode
+    a, b = [], []
+    for _ in range(rounds):
+        a.append(one(False))
+        b.append(one(True))
+    return statistics.median(a), statistics.median(b)
+
+
 def main() -> None:
     """Measure every task (and mode) and print the BENCH lines."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--tasks", default=",".join(TASKS.names()))
     parser.add_argument("--modes", default="auto", help="auto = dp.choose_grad_sample_mode")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per median; 0: none")
     args = parser.parse_args()
     torch.set_num_threads(2)
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -131,6 +168,13 @@ def main() -> None:
             if i == 0:
                 bench.append(f"BENCH dp_overhead {name}_step_time value={value:.4f} "
                              f"anchor={anchor:.4f} ratio={ratio:.2f} target<=1.4 unit=s")
+        if args.rounds > 0:
+            plain_round, dp_round = round_times(task, args.rounds)
+            ratio = dp_round / plain_round
+            print(f"{name:22s} round      dp={dp_round:.4f}s plain={plain_round:.4f}s "
+                  f"ratio={ratio:.2f}", flush=True)
+            bench.append(f"BENCH dp_overhead {name}_round_time value={dp_round:.4f} "
+                         f"anchor={plain_round:.4f} ratio={ratio:.2f} target<=1.6 unit=s")
     for line in bench:
         print(line)
 

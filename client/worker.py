@@ -208,6 +208,7 @@ class SiteWorker:
             return self._refuse(run_id, "privacy.unit", str(exc), rnd=rnd)
         except PrivacyRefusal as refusal:
             return self._refuse(run_id, refusal.rule, refusal.reason, rnd=rnd)
+        proximal_mu = float(config.get(wire.PROXIMAL_MU_KEY, 0.0))
         t0 = time.perf_counter()
         if privacy.mode == "sample":
             stats = dp_train(task, model, data.train, epochs=epochs, batch_size=batch_size,
@@ -216,14 +217,15 @@ class SiteWorker:
                              accountant=run.privacy.accountant,
                              optimizer=run.privacy.optimizer,
                              average_iterates=run.privacy.average_iterates,
-                             units=data.train_units.get(run.privacy.unit))
+                             units=data.train_units.get(run.privacy.unit),
+                             proximal_mu=proximal_mu)
         else:
             stats = engine.train(
                 task, model, data.train, epochs=epochs, batch_size=batch_size,
                 learning_rate=lr, device=self.device,
                 generator=torch.Generator().manual_seed(_seed(run.seed, rnd, self.site)),
                 amp=self.config.compute.amp,
-                proximal_mu=float(config.get(wire.PROXIMAL_MU_KEY, 0.0)),
+                proximal_mu=proximal_mu,
             )
         seconds = time.perf_counter() - t0
         trained = engine.get_weights(model)

@@ -167,3 +167,12 @@ def test_an_exhausted_stream_moves_to_a_fresh_nonce_not_a_repeat(
     again = SecureRandom(key=key)
     replayed = [again.uniform(200) for _ in range(3)]
     assert all(torch.equal(a, b) for a, b in zip((first, second, third), replayed, strict=True))
+
+
+def test_the_accelerator_path_draws_the_same_gaussians_as_the_cpu_path() -> None:
+    # _chunk_on is the path a CUDA gradient takes (Box-Muller on the device); run on
+    # the CPU here, it must give the very values of the CPU path for the same stream.
+    key = bytes(range(32))
+    cpu, accelerated = SecureRandom(key=key), SecureRandom(key=key)
+    for k in (5, 1 << 18, 3):
+        assert torch.equal(cpu._chunk(k), accelerated._chunk_on(k, torch.device("cpu")))

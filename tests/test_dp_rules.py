@@ -197,3 +197,17 @@ def test_a_loss_that_couples_the_batch_is_refused_when_vmap_cannot_check_it() ->
     with pytest.raises(dp.LossNotPerSample, match="not the mean of each sample"):
         dp.choose_grad_sample_mode(
             model, DiceCELoss(to_onehot_y=True, softmax=True, batch=True), (x, y))
+
+
+def test_vmap_is_chosen_only_when_clearly_faster_than_the_rules(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    cost = {"rules": 1.0, "vmap": 0.95}  # seconds per call, as the timer would read them
+    order: list[str] = []
+    monkeypatch.setattr(dp, "_PER_SAMPLE", {m: (lambda *_, m=m: m) for m in cost})
+    monkeypatch.setattr(dp.dp_rules, "wall_time",
+                        lambda call, device: (order.append(call()), cost[order[-1]])[1])
+    x = torch.zeros(2, 1)
+    assert dp._faster_mode(["rules", "vmap"], nn.Identity(), nn.MSELoss(), x, x) == "rules"
+    assert order == ["rules", "vmap"] * dp._TIMED_CALLS  # interleaved
+    cost["vmap"] = 0.8
+    assert dp._faster_mode(["rules", "vmap"], nn.Identity(), nn.MSELoss(), x, x) == "vmap"

@@ -126,6 +126,33 @@ def test_sgd_with_averaged_iterates_sends_the_moving_average() -> None:
                                    rtol=1e-5, atol=1e-6)
 
 
+def test_fedprox_proximal_term_is_applied_under_dp_sgd_after_the_noise() -> None:
+    # SGD, momentum 0.9, two full-batch steps on the same draws. The term's gradient at
+    # step 1 is 0 (the weights are the anchor); at step 2 it is mu (w1 - w0), added to
+    # the noised gradient, so the second step moves by lr * mu * (w1 - w0) more.
+    task = TASKS.get("tiny-seg")
+    data = task.load_site_data(DataSourceConfig(num_samples=16, seed=3)).train
+    lr, mu = 0.05, 4.0
+
+    def train(epochs: int, proximal_mu: float) -> tuple[dict, dict]:
+        torch.manual_seed(0)
+        model = task.build_model()
+        before = engine.get_weights(model)
+        dp.dp_train(task, model, data, epochs=epochs, batch_size=len(data),
+                    learning_rate=lr, noise_multiplier=1.0, max_grad_norm=1.0,
+                    device=torch.device("cpu"), generator=torch.Generator().manual_seed(0),
+                    optimizer="sgd", proximal_mu=proximal_mu)
+        return before, engine.get_weights(model)
+
+    w0, w1 = train(1, 0.0)
+    _, w2 = train(2, 0.0)
+    _, w2_proximal = train(2, mu)
+    assert any(not np.allclose(w1[k], w0[k]) for k in w1)
+    for k in w2:
+        np.testing.assert_allclose(w2_proximal[k], w2[k] - lr * mu * (w1[k] - w0[k]),
+                                   rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["tiny-seg", "brain-tissue-seg", "brain-lesion-cls"])
 def test_vmap_per_sample_gradients_equal_opacus_hooks(name: str) -> None:
     import copy

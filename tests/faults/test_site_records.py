@@ -146,7 +146,11 @@ def test_a_deleted_ledger_is_rebuilt_and_concurrent_runs_are_admitted_only_while
     assert later["status"] == "refused" and later["rounds_finished"] == 0, later
     for site, why in later["refusals"].items():
         assert why["rule"] == "privacy.datasets.tight.epsilon_max", (site, why)
-        assert f"run '{first}' holds" in why["reason"], why
+        # Refused for what the first run holds (joined, not yet spent); on a machine so
+        # loaded that the second run's ServerApp starts only after the first has spent
+        # all 6 rounds, refused for that spend: either way it never trains.
+        assert (f"run '{first}' holds" in why["reason"]
+                or f"spent {eps(6):.4g} +" in why["reason"]), why
     for site in ("site-a", "site-b"):
         ledger = PrivacyLedger(short_tmp / site / "privacy" / "ledger.sqlite", create=False)
         assert ledger.spent("tight") == pytest.approx(eps(6), rel=1e-6)
