@@ -72,7 +72,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -82,8 +82,9 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 from medfed.core.errors import MedfedError
 from medfed.tasks import dp_rules, dp_samplers, dp_vmap
 from medfed.tasks.base import Task
-from medfed.tasks.dp_noise import SecureRandom, sample_securely
-from medfed.tasks.dp_optimizer import BatchedDPOptimizer, batch_optimizer_steps
+
+if TYPE_CHECKING:  # imported where DP-SGD runs: Opacus costs a plain site ~1 s of start-up
+    from medfed.tasks.dp_noise import SecureRandom
 
 AccountantName = Literal["rdp", "prv"]
 #: One accountant history entry, as Opacus keeps it: (noise_multiplier, sample_rate, steps).
@@ -473,6 +474,9 @@ def make_private(
             grad_sample_mode="no_op" if mode in _PER_SAMPLE else mode,
             noise_generator=noise_generator,
         )
+    from medfed.tasks.dp_noise import sample_securely
+    from medfed.tasks.dp_optimizer import BatchedDPOptimizer, batch_optimizer_steps
+
     private_opt = batch_optimizer_steps(private_opt)  # the same math, fewer small ops
     if randomness is not None:  # fail closed: no weaker noise or sampling
         if not isinstance(private_opt, BatchedDPOptimizer):
@@ -557,6 +561,8 @@ def dp_train(
     still charged to the accountant (over-counting is the safe side).
     ``stats.history`` is this call's accountant history, equal to :func:`plan_round`.
     """
+    from medfed.tasks.dp_noise import SecureRandom
+
     n = len(dataset)  # type: ignore[arg-type]
     randomness = SecureRandom() if generator is None else None
     model.to(device).train()
@@ -806,6 +812,8 @@ def clip_and_noise_update(
     norm = float(np.linalg.norm(vec))
     clipped = vec * min(1.0, clipping_norm / norm) if norm > 0 else vec.copy()
     std = noise_multiplier * clipping_norm
+    from medfed.tasks.dp_noise import SecureRandom
+
     noise = (generator.normal(0.0, std, size=vec.shape) if generator is not None
              else SecureRandom().normal(std, torch.empty(vec.shape, dtype=torch.float64))
              .numpy())
