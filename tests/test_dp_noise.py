@@ -107,7 +107,8 @@ def test_make_private_refuses_a_source_its_optimizer_cannot_use(
     model = _model()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(
         torch.zeros(16, 1, 5, 5), torch.zeros(16, dtype=torch.long)), batch_size=BATCH)
-    monkeypatch.setattr(dp, "batch_optimizer_steps", lambda opt: opt)  # Opacus's own class
+    # make_private imports it when it runs: Opacus's own class comes back
+    monkeypatch.setattr(dp_optimizer, "batch_optimizer_steps", lambda opt: opt)
     with pytest.raises(MedfedError, match="cryptographic generator"):
         dp.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), loader,
                         noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode="hooks",
