@@ -798,6 +798,8 @@ def clip_and_noise_update(
     from :class:`~medfed.tasks.dp_noise.SecureRandom`; a seeded one is for tests.
     Fails closed on a non-finite update.
     """
+    from medfed.tasks.dp_noise import SecureRandom
+
     if clipping_norm <= 0 or noise_multiplier < 0:
         raise ValueError(
             f"need clipping_norm > 0 and noise_multiplier >= 0, got {clipping_norm}, "
@@ -812,8 +814,6 @@ def clip_and_noise_update(
     norm = float(np.linalg.norm(vec))
     clipped = vec * min(1.0, clipping_norm / norm) if norm > 0 else vec.copy()
     std = noise_multiplier * clipping_norm
-    from medfed.tasks.dp_noise import SecureRandom
-
     noise = (generator.normal(0.0, std, size=vec.shape) if generator is not None
              else SecureRandom().normal(std, torch.empty(vec.shape, dtype=torch.float64))
              .numpy())
