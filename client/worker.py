@@ -95,8 +95,10 @@ class SiteWorker:
             for healed in take_healed():  # damaged cache entries decoded again
                 self.audit.record("cache-healed", task=task.name, file=healed.file,
                                   series=healed.series_id, reason=healed.reason)
+            description = self._data[task.name].description  # counts only, no identifiers
             log.info("loaded %s data in %.2fs: %s", task.name, time.perf_counter() - t0,
-                     self._data[task.name].description)
+                     description)
+            self.audit.record("data-loaded", task=task.name, data=dict(description))
         return self._data[task.name]
 
     def model_for(self, task: Task) -> torch.nn.Module:

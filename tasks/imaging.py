@@ -155,6 +155,7 @@ def nifti_subjects(source: DataSourceConfig) -> list[Subject]:
 def dicom_subjects(source: DataSourceConfig) -> list[Subject]:
     """Read every usable series under ``source.path`` with its manifest label and targets."""
     from medfed.data import DicomFolderSource
+    from medfed.data.source import UnusableSeries
     from medfed.data.targets import load_targets
 
     if not source.path:
@@ -171,11 +172,20 @@ def dicom_subjects(source: DataSourceConfig) -> list[Subject]:
     folder = DicomFolderSource(root, manifest=manifest_or_none, cache_dir=cache)
     targets = load_targets(manifest) if manifest_or_none is not None else {}
     subjects = []
+    unusable = 0
     for series in folder.series():
-        image, label = folder.load(series.series_uid)
+        try:
+            image, label = folder.load(series.series_uid)
+        except UnusableSeries as exc:  # one bad file never takes the site down
+            unusable += 1
+            log.warning("series left out: %s", exc.what)
+            continue
         subjects.append(Subject(key=series.series_uid, image=image, label=label,
                                 targets=targets.get(series.series_uid, {}),
                                 patient=series.patient_id))
+    if unusable:
+        log.warning("%d series of the DICOM folder left out (their pixels do not decode); "
+                    "`medfed site scan` names the files", unusable)
     if not subjects:
         raise MedfedError(
             "the DICOM folder holds no usable series",

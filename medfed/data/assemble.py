@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from medfed.data.decode import describe_error
 from medfed.data.geometry import (
     AXIAL,
     GeometryProblem,
@@ -17,6 +19,8 @@ from medfed.data.geometry import (
     stack_slices,
 )
 from medfed.data.records import FileRecord, FrameInfo, Skipped, SkipReason
+
+log = logging.getLogger("medfed.data")
 
 
 @dataclass(frozen=True)
@@ -82,8 +86,20 @@ def assemble(records: Iterable[FileRecord]) -> tuple[list[SeriesPlan], list[Skip
             plans[uid] = plan_series(group)
         except GeometryProblem as problem:
             skipped.extend(Skipped(r.path, problem.reason, problem.detail) for r in group)
+        except Exception as exc:  # one odd series never stops the others
+            # the traceback for a bug report; the report line carries the exception
+            log.info("unexpected error assembling a series of %d files", len(group),
+                     exc_info=True)
+            detail = f"assembling its series: {describe_error(exc)}"
+            skipped.extend(Skipped(r.path, SkipReason.UNEXPECTED, detail) for r in group)
     for seg in sorted(segs, key=lambda r: r.path):
-        target = _seg_target(seg, plans)
+        try:
+            target = _seg_target(seg, plans)
+        except Exception as exc:
+            log.info("unexpected error matching a SEG to its series", exc_info=True)
+            skipped.append(Skipped(seg.path, SkipReason.UNEXPECTED,
+                                   f"matching it to a series: {describe_error(exc)}"))
+            continue
         if target is None:
             skipped.append(
                 Skipped(seg.path, SkipReason.UNMATCHED_SEG, "no referenced series found")

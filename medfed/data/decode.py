@@ -2,7 +2,10 @@
 
 Compressed transfer syntaxes (RLE, JPEG baseline/extended/lossless, JPEG-LS,
 JPEG 2000, deflate) decode through whichever of pydicom's plugins are installed
-(pydicom's own RLE decoder, pylibjpeg, pylibjpeg-openjpeg, Pillow, GDCM).
+(pydicom's own RLE decoder, pylibjpeg, pylibjpeg-openjpeg, Pillow, GDCM); so do
+1-bit images and float / double-float pixel data (parametric maps). A private or
+unknown transfer syntax, and 1-bit RLE (no decoder handles it), are reported as
+unsupported before any decoding is tried.
 """
 
 from __future__ import annotations
@@ -20,19 +23,25 @@ from pydicom.uid import (
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    RLELossless,
 )
 
+from medfed.data.heal import describe
 from medfed.data.records import SkipReason
 
 _MAX_DETAIL = 160
 
 
 class FileProblem(Exception):
-    """A file cannot be used; carries the :class:`SkipReason` and a short detail."""
+    """A file cannot be used; carries the :class:`SkipReason` and a short detail.
 
-    def __init__(self, reason: SkipReason, detail: str = "") -> None:
+    ``path`` (relative to the site folder) is set where one file of several failed.
+    """
+
+    def __init__(self, reason: SkipReason, detail: str = "", *, path: str = "") -> None:
         self.reason = reason
         self.detail = detail[:_MAX_DETAIL]
+        self.path = path
         super().__init__(f"{reason.value}: {self.detail}")
 
 
@@ -59,9 +68,19 @@ def open_dataset(path: Path) -> Dataset:
     except FileProblem:
         raise
     except Exception as exc:  # pydicom raises many types on corrupt headers
-        raise FileProblem(SkipReason.UNREADABLE, _describe(exc)) from exc
+        raise FileProblem(SkipReason.UNREADABLE, describe_error(exc)) from exc
     _ensure_transfer_syntax(ds)
+    _check_known_syntax(transfer_syntax(ds))
     return ds
+
+
+#: Names of the elements that can hold an image's pixels (PS3.5 8.1).
+PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+def pixel_element(ds: Dataset) -> str | None:
+    """Keyword of the element holding the pixels, or ``None`` when there is none."""
+    return next((k for k in PIXEL_KEYWORDS if k in ds), None)
 
 
 def transfer_syntax(ds: Dataset) -> UID:
@@ -72,8 +91,15 @@ def transfer_syntax(ds: Dataset) -> UID:
 def check_decodable(ds: Dataset) -> None:
     """Raise :class:`FileProblem` if no installed plugin can decode this syntax."""
     ts = transfer_syntax(ds)
+    _check_known_syntax(ts)
     if not ts.is_compressed:
         return
+    if ts == RLELossless and _int(ds.get("BitsAllocated", 8) or 8) == 1:
+        raise FileProblem(
+            SkipReason.UNSUPPORTED_SYNTAX,
+            "1-bit RLE: no installed decoder handles RLE Lossless with 1 bit allocated; "
+            "export the image uncompressed",
+        )
     try:
         decoder = get_decoder(ts)
     except NotImplementedError as exc:
@@ -110,9 +136,17 @@ def decode_frames(ds: Dataset) -> np.ndarray:
             if "less than expected" in text or "truncated" in text.lower()
             else SkipReason.DECODE_FAILED
         )
-        raise FileProblem(reason, _describe(exc)) from exc
-    n_frames = _int(ds.get("NumberOfFrames", 1) or 1)
-    arr = arr.reshape(n_frames, int(ds.Rows), int(ds.Columns), -1)
+        raise FileProblem(reason, describe_error(exc)) from exc
+    try:
+        n_frames = _int(ds.get("NumberOfFrames", 1) or 1)
+        shape = (n_frames, _int(ds.Rows), _int(ds.Columns))
+        arr = arr.reshape(*shape, -1)
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise FileProblem(
+            SkipReason.DECODE_FAILED,
+            f"decoded {arr.size} values, which do not fill the frames the header describes "
+            f"({describe_error(exc)})",
+        ) from exc
     return np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("="))
 
 
@@ -137,11 +171,26 @@ def _ensure_transfer_syntax(ds: Dataset) -> None:
         meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
 
 
+def _check_known_syntax(ts: UID) -> None:
+    """Refuse a transfer syntax UID that is malformed, private or unknown to DICOM.
+
+    pydicom reads such a file by guessing its encoding; its pixel data cannot be
+    trusted, and ``UID.is_compressed`` would raise.
+    """
+    if ts.is_valid and ts.is_transfer_syntax:
+        return
+    kind = "a private or unknown" if ts.is_valid else "a malformed"
+    raise FileProblem(
+        SkipReason.UNSUPPORTED_SYNTAX,
+        f"{str(ts)!r} is {kind} UID, not a DICOM transfer syntax; export the file in a "
+        "standard one",
+    )
+
+
 def _int(value: object) -> int:
     return int(str(value).strip())
 
 
-def _describe(exc: BaseException) -> str:
-    """One line about an exception, without file paths."""
-    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-    return f"{type(exc).__name__}: {text}"[:_MAX_DETAIL]
+def describe_error(exc: BaseException) -> str:
+    """One short line about an exception, without file paths (for a report's detail)."""
+    return describe(exc)[:_MAX_DETAIL]

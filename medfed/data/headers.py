@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import warnings
@@ -13,10 +14,20 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from medfed.data.decode import FileProblem, check_decodable, decode_frames, open_dataset
+from medfed.data.decode import (
+    FileProblem,
+    check_decodable,
+    decode_frames,
+    describe_error,
+    open_dataset,
+    pixel_element,
+)
 from medfed.data.records import FileRecord, FrameInfo, Skipped, SkipReason
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+log = logging.getLogger("medfed.data")
+#: Attributes every DICOM object carries some of; a data set with none is no object.
+_IDENTITY = ("SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality")
 
 
 def read_record(path: Path, root: Path, *, decode: bool = False) -> FileRecord | Skipped:
@@ -36,12 +47,18 @@ def read_record(path: Path, root: Path, *, decode: bool = False) -> FileRecord |
     Returns
     -------
     FileRecord or Skipped
-        Never raises for a bad file: every problem becomes a :class:`Skipped`.
+        Never raises for a bad file: every problem becomes a :class:`Skipped`, one
+        nobody foresaw as ``UNEXPECTED`` with the exception's type (and a log line
+        with its traceback, at the site).
     """
     rel = path.relative_to(root).as_posix()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom warns on odd values; problems are reported
-        return _read(path, rel, decode=decode)
+        try:
+            return _read(path, rel, decode=decode)
+        except Exception as exc:  # a file never stops the scan of the others
+            log.info("unexpected error reading %s", path, exc_info=True)
+            return Skipped(rel, SkipReason.UNEXPECTED, describe_error(exc))
 
 
 def _read(path: Path, rel: str, *, decode: bool) -> FileRecord | Skipped:
@@ -70,20 +87,24 @@ def patient_key(patient_id: str) -> str:
 
 
 def _record_from_dataset(ds: Dataset, rel: str, stat: os.stat_result) -> FileRecord:
-    if "PixelData" not in ds:
+    if pixel_element(ds) is None:
         if "Rows" in ds and "Columns" in ds:
             raise FileProblem(
                 SkipReason.TRUNCATED_PIXEL_DATA, "image attributes present but pixel data missing"
             )
+        if not any(k in ds for k in _IDENTITY):  # random bytes after a preamble, a cut file
+            raise FileProblem(SkipReason.UNREADABLE,
+                              "no DICOM object in it: no SOP class, study, series or modality "
+                              "(damaged, cut short, or a fragment)")
         raise FileProblem(SkipReason.NO_PIXEL_DATA, f"modality {ds.get('Modality', '?')}")
     try:
         for keyword in ("SeriesInstanceUID", "Rows", "Columns", "BitsAllocated"):
             if ds.get(keyword) in (None, ""):
                 raise FileProblem(SkipReason.INVALID_ATTRIBUTES, f"{keyword} missing")
-        n_frames = _int(ds.get("NumberOfFrames", 1) or 1)
+        n_frames = _number(ds, "NumberOfFrames", int, 1)
         is_seg = ds.get("SOPClassUID", "") == SEG_SOP_CLASS or ds.get("Modality") == "SEG"
         photometric = ds.get("PhotometricInterpretation", "")
-        samples = 3 if photometric == "PALETTE COLOR" else _int(ds.get("SamplesPerPixel", 1))
+        samples = 3 if photometric == "PALETTE COLOR" else _number(ds, "SamplesPerPixel", int, 1)
         return FileRecord(
             path=rel,
             size=stat.st_size,
@@ -91,13 +112,13 @@ def _record_from_dataset(ds: Dataset, rel: str, stat: os.stat_result) -> FileRec
             series_uid=str(ds.SeriesInstanceUID),
             sop_uid=str(ds.get("SOPInstanceUID", "")),
             modality=str(ds.get("Modality", "OT") or "OT"),
-            rows=_int(ds.Rows),
-            columns=_int(ds.Columns),
+            rows=_number(ds, "Rows", int, 0),
+            columns=_number(ds, "Columns", int, 0),
             samples=samples,
             transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
-            instance_number=_int(ds.get("InstanceNumber", 0) or 0),
-            slice_thickness=_float_or_none(ds.get("SliceThickness")),
-            spacing_between_slices=_float_or_none(ds.get("SpacingBetweenSlices")),
+            instance_number=_optional(ds, "InstanceNumber", int) or 0,
+            slice_thickness=_optional(ds, "SliceThickness", float),
+            spacing_between_slices=_optional(ds, "SpacingBetweenSlices", float),
             frames=_frames(ds, n_frames),
             is_seg=is_seg,
             referenced_series=tuple(
@@ -109,8 +130,9 @@ def _record_from_dataset(ds: Dataset, rel: str, stat: os.stat_result) -> FileRec
         )
     except FileProblem:
         raise
-    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
-        raise FileProblem(SkipReason.INVALID_ATTRIBUTES, f"{type(exc).__name__}: {exc}") from exc
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError) as exc:
+        # pydicom converts values lazily: a malformed one (an IS of '1A') raises here
+        raise FileProblem(SkipReason.INVALID_ATTRIBUTES, describe_error(exc)) from exc
 
 
 def _frames(ds: Dataset, n_frames: int) -> tuple[FrameInfo, ...]:
@@ -170,9 +192,8 @@ def _legacy_positions(
         values = np.asarray([float(v) for v in grid])
         offsets = values - values[0]
     else:
-        step = _float_or_none(ds.get("SpacingBetweenSlices")) or _float_or_none(
-            ds.get("SliceThickness")
-        )
+        step = _optional(ds, "SpacingBetweenSlices", float) or _optional(
+            ds, "SliceThickness", float)
         if step is None:
             return [None] * n_frames
         offsets = step * np.arange(n_frames)
@@ -182,10 +203,10 @@ def _legacy_positions(
 
 
 def _rescale(item: Dataset) -> tuple[float, float]:
-    slope = _float_or_none(item.get("RescaleSlope"))
+    slope = _number(item, "RescaleSlope", float, None)
     if slope is None and item.get("Modality") == "RTDOSE":
-        slope = _float_or_none(item.get("DoseGridScaling"))
-    intercept = _float_or_none(item.get("RescaleIntercept"))
+        slope = _number(item, "DoseGridScaling", float, None)
+    intercept = _number(item, "RescaleIntercept", float, None)
     return (1.0 if slope is None else slope, 0.0 if intercept is None else intercept)
 
 
@@ -216,13 +237,13 @@ def _source_sop(group: Dataset | None) -> str | None:
 def _check_native_length(ds: Dataset, record: FileRecord) -> None:
     if UID(record.transfer_syntax).is_compressed:
         return
-    bits = _int(ds.BitsAllocated)
-    samples = _int(ds.get("SamplesPerPixel", 1))
+    bits = _number(ds, "BitsAllocated", int, 0)
+    samples = _number(ds, "SamplesPerPixel", int, 1)
     n_values = record.rows * record.columns * samples * len(record.frames)
     if ds.get("PhotometricInterpretation") == "YBR_FULL_422":
         n_values = n_values * 2 // 3
     expected = math.ceil(n_values * bits / 8)
-    actual = len(ds.PixelData)
+    actual = len(ds[pixel_element(ds) or "PixelData"].value or b"")
     if actual < expected:
         raise FileProblem(
             SkipReason.TRUNCATED_PIXEL_DATA, f"{actual} of {expected} pixel bytes present"
@@ -239,11 +260,44 @@ def _vec(value: Any) -> Any:
         return None
 
 
-def _float_or_none(value: Any) -> float | None:
+def _number(ds: Dataset, keyword: str, kind: type[Any], default: Any) -> Any:
+    """``keyword``'s value as ``kind`` (int or float), ``default`` when absent or empty.
+
+    Raises
+    ------
+    FileProblem
+        ``INVALID_ATTRIBUTES`` naming the attribute and its malformed value (an IS
+        of '1A'), which pydicom, converting lazily, raises on at first access.
+    """
+    try:
+        value = ds.get(keyword)
+    except Exception:  # pydicom's lazy value conversion: ValueError, TypeError, ...
+        value = _raw_text(ds, keyword)
     if value is None or value == "":
+        return default
+    try:
+        return kind(str(value).strip())
+    except (ValueError, OverflowError):
+        expected = "a whole number" if kind is int else "a number"
+        raise FileProblem(SkipReason.INVALID_ATTRIBUTES,
+                          f"{keyword} is {str(value)[:40]!r}, expected {expected}") from None
+
+
+def _optional(ds: Dataset, keyword: str, kind: type[Any]) -> Any:
+    """Like :func:`_number`; a malformed value counts as absent.
+
+    For attributes a volume can do without (InstanceNumber, SliceThickness).
+    """
+    try:
+        return _number(ds, keyword, kind, None)
+    except FileProblem:
         return None
-    return float(value)
 
 
-def _int(value: object) -> int:
-    return int(str(value).strip())
+def _raw_text(ds: Dataset, keyword: str) -> str:
+    """The undecoded text of an element whose value pydicom cannot convert."""
+    raw = ds.get_item(keyword)
+    value = getattr(raw, "value", None)
+    if isinstance(value, bytes):
+        return value.decode("ascii", "replace").strip("\0 ")
+    return "" if value is None else str(value)

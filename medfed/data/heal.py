@@ -83,5 +83,5 @@ def describe(exc: BaseException) -> str:
     """What went wrong reading a file, without the file's path."""
     if isinstance(exc, OSError) and exc.strerror:
         return f"{type(exc).__name__}: {exc.strerror}"  # str(exc) would name the path
-    text = str(exc).splitlines()[0] if str(exc) else ""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

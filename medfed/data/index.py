@@ -23,11 +23,14 @@ from medfed.data.heal import HealedFile, describe, note_healed
 from medfed.data.records import (
     FileRecord,
     Skipped,
+    SkipReason,
     skipped_from_json,
     skipped_to_json,
 )
 
-_INDEX_VERSION = 3  # 3: records carry a key of PatientID (2 had the ID itself)
+# 3: records carry a key of PatientID (2 had the ID itself); 4: float pixel data, transfer
+# syntax checks and unexpected errors are read again rather than reused
+_INDEX_VERSION = 4
 Progress = Callable[[int, int], None]
 log = logging.getLogger("medfed.data")
 
@@ -94,7 +97,15 @@ def index_folder(
     changed = len(known) != len(files)
     for done, path in enumerate(files, start=1):
         rel = path.relative_to(root).as_posix()
-        stat = path.stat()
+        try:
+            stat = path.stat()
+        except OSError as exc:  # gone since the walk, a dangling link, no permission
+            skipped.append(
+                Skipped(rel, SkipReason.UNREADABLE, f"cannot read file ({describe(exc)})"))
+            changed = True
+            if progress is not None:
+                progress(done, len(files))
+            continue
         entry = known.get(rel)
         result = _reuse(entry, stat)
         if result is None and _unchanged(entry, stat):

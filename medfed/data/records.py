@@ -32,6 +32,8 @@ class SkipReason(str, Enum):
     UNMATCHED_SEG = "segmentation matches no series"
     INVALID_SEG = "invalid segmentation"
     DUPLICATE_LABEL = "second label for a series"
+    #: Anything the reader did not foresee; the detail names the exception type.
+    UNEXPECTED = "unexpected error"
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import replace
@@ -18,19 +19,27 @@ from medfed.core.errors import MedfedError
 from medfed.data.assemble import SeriesPlan, assemble
 from medfed.data.available import require_folder
 from medfed.data.cache import CachedSeries, SeriesCache, fingerprint
-from medfed.data.decode import FileProblem
+from medfed.data.decode import FileProblem, describe_error
 from medfed.data.heal import CacheCheck
 from medfed.data.index import FolderIndex, Progress, index_folder
 from medfed.data.labels import load_manifest, nifti_label_volume
 from medfed.data.nifti_layouts import NIFTI_KINDS
 from medfed.data.nifti_source import NiftiSource
-from medfed.data.records import FileRecord
+from medfed.data.records import FileRecord, SkipReason
 from medfed.data.scan import ScanReport, scan_folder, short_hash
 from medfed.data.seg import seg_label_volume
 from medfed.data.series import Series, label_source_of, series_from_plan
 from medfed.data.volume import decode_volume
 
 CACHE_DIRNAME = ".medfed-cache"
+log = logging.getLogger("medfed.data")
+
+
+class UnusableSeries(MedfedError):
+    """A series listed from the headers whose pixels turned out not to decode.
+
+    A task leaves such a series out (and says so) rather than failing the site.
+    """
 
 
 class DicomFolderSource:
@@ -72,6 +81,9 @@ class DicomFolderSource:
         self._index: FolderIndex | None = None
         self._plans: dict[str, SeriesPlan] = {}
         self._records: dict[str, FileRecord] = {}
+        #: Files whose headers read but whose pixels did not decode, with why; left out
+        #: of the series (as `medfed site scan` leaves them out) until they change.
+        self._set_aside: dict[str, tuple[FileRecord, FileProblem]] = {}
 
     def refresh(self) -> None:
         """Re-read the folder (only new or changed files are parsed again)."""
@@ -81,9 +93,16 @@ class DicomFolderSource:
             index_file=self.cache.folder / "index.json",
             progress=self._progress,
         )
-        plans, _ = assemble(self._index.records)
-        self._plans = {p.series_uid: p for p in plans}
         self._records = {r.path: r for r in self._index.records}
+        self._set_aside = {path: (record, problem)
+                           for path, (record, problem) in self._set_aside.items()
+                           if self._records.get(path) == record}  # changed: try it again
+        self._assemble()
+
+    def _assemble(self) -> None:
+        assert self._index is not None
+        plans, _ = assemble(r for r in self._index.records if r.path not in self._set_aside)
+        self._plans = {p.series_uid: p for p in plans}
 
     def series(self) -> list[Series]:
         """The usable series, sorted by UID."""
@@ -106,18 +125,39 @@ class DicomFolderSource:
 
         Raises
         ------
+        UnusableSeries
+            A file of it does not decode (the headers read, the pixels do not).
         MedfedError
-            Unknown series, a file of it that no longer decodes, or a label that
-            does not fit the series.
+            Unknown series, or a label that does not fit the series.
         """
-        plan = self._plan(series_uid)
-        sources = self._sources(plan)
-        key = fingerprint(self.root, sources)
-        cached = self.cache.get(series_uid, key, shape=plan.shape)
-        if cached is None:  # absent, stale or damaged: decode again from the DICOM files
-            cached = self._decode(plan)
-            self.cache.put(series_uid, key, cached)
-        return _to_metatensors(cached, plan)
+        while True:  # each pass sets aside one more file that does not decode
+            plan = self._plan(series_uid)
+            key = fingerprint(self.root, self._sources(plan))
+            cached = self.cache.get(series_uid, key, shape=plan.shape)
+            if cached is None:  # absent, stale or damaged: decode again from the DICOM files
+                try:
+                    cached = self._decode(plan)
+                except FileProblem as problem:
+                    self._set_aside_file(plan, problem)
+                    continue
+                self.cache.put(series_uid, key, cached)
+            return _to_metatensors(cached, plan)
+
+    def _set_aside_file(self, plan: SeriesPlan, problem: FileProblem) -> None:
+        """Leave the file out and assemble again; none left to try: :class:`UnusableSeries`."""
+        path = problem.path or plan.seg_file or ""
+        record = self._records.get(path)
+        log.warning("a file of series %s left out: %s (%s)", short_hash(plan.series_uid),
+                    problem.reason.value, problem.detail)
+        if record is None or path in self._set_aside:  # cannot narrow it down further
+            raise UnusableSeries(
+                f"a file of series {short_hash(plan.series_uid)} cannot be used: "
+                f"{problem.reason.value} ({problem.detail})",
+                where=str(self.root),
+                fix="run `medfed site scan` to find the file, then replace or remove it",
+            ) from problem
+        self._set_aside[path] = (record, problem)
+        self._assemble()
 
     def _plan(self, series_uid: str) -> SeriesPlan:
         plans = self._current_plans()
@@ -125,6 +165,16 @@ class DicomFolderSource:
             return plans[series_uid]
         self.refresh()
         if series_uid not in self._plans:
+            left_out = [problem for record, problem in self._set_aside.values()
+                        if record.series_uid == series_uid]
+            if left_out:
+                raise UnusableSeries(
+                    f"series {short_hash(series_uid)} is unusable without its "
+                    f"{len(left_out)} file(s) that do not decode: {left_out[-1].reason.value} "
+                    f"({left_out[-1].detail})",
+                    where=str(self.root),
+                    fix="run `medfed site scan` to find the files, then replace or remove them",
+                )
             raise MedfedError(
                 "no usable series with this SeriesInstanceUID in the DICOM folder",
                 where=f"{self.root} (series {short_hash(series_uid)})",
@@ -161,16 +211,23 @@ class DicomFolderSource:
         return sources
 
     def _decode(self, plan: SeriesPlan) -> CachedSeries:
+        """Decode image and label; a file that does not decode raises FileProblem (path set).
+
+        A label that does not fit (the operator's manifest, not the files) raises
+        MedfedError.
+        """
+        image = decode_volume(plan, self.root)
         try:
-            image = decode_volume(plan, self.root)
             label = self._label(plan)
-        except FileProblem as problem:
-            raise MedfedError(
-                f"a file of series {short_hash(plan.series_uid)} cannot be used: "
-                f"{problem.reason.value} ({problem.detail})",
-                where=str(self.root),
-                fix="run `medfed site scan` to find the file, then replace or remove it",
-            ) from problem
+        except FileProblem as problem:  # the series' DICOM SEG
+            problem.path = plan.seg_file or ""
+            raise
+        except MedfedError:
+            raise
+        except Exception as exc:  # a SEG the reader did not foresee
+            log.info("unexpected error reading a SEG", exc_info=True)
+            raise FileProblem(SkipReason.UNEXPECTED, describe_error(exc),
+                              path=plan.seg_file or "") from exc
         return CachedSeries(image=image, affine=plan.affine, label=label)
 
     def _label(self, plan: SeriesPlan) -> np.ndarray | None:

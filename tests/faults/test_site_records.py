@@ -1,6 +1,8 @@
 """Faults (e) to (h) at a site, in a real federation on 127.0.0.1 (TLS, secure aggregation).
 
-(f) a truncated cache entry is decoded again and the run goes on; (g) a torn last line
+(f) a truncated cache entry is decoded again and the run goes on, at a site whose DICOM
+folder also holds every file pydicom ships, odd and damaged ones (tests/dicom_zoo.py),
+which never stop it; (g) a torn last line
 of the audit log is reported by `medfed site audit --verify` and the records after it
 stay whole; (e) a deleted privacy ledger refuses DP until `medfed site budget
 --rebuild-from-audit` restores what was spent; (h) of two DP runs that do not both fit
@@ -17,6 +19,7 @@ from pathlib import Path
 import pytest
 import tomli_w
 import tomllib
+from dicom_zoo import build_zoo
 
 from medfed.client.audit import AuditLog
 from medfed.client.ledger import PrivacyLedger
@@ -41,6 +44,7 @@ def test_a_damaged_cache_entry_and_a_torn_audit_line_do_not_stop_a_site(
     from medfed.synth import synthesize_sites
 
     synthesize_sites(short_tmp / "data", sites=2, subjects_per_site=3, seed=5)
+    build_zoo(short_tmp / "data" / "site-1" / "dicom" / "zoo")
     fed = LocalFederation(short_tmp, ["site-a", "site-b"], name="records")
     with fed:
         fed.create(site_data=lambda i, name: {
@@ -53,6 +57,11 @@ def test_a_damaged_cache_entry_and_a_torn_audit_line_do_not_stop_a_site(
         _, first = fed.run(config, timeout=600)
         assert first["status"] == "completed", first
         site_a = short_tmp / "site-a"
+        (loaded,) = [r for r in AuditLog(site_a / "audit.jsonl").read()
+                     if r["event"] == "data-loaded"]
+        # trained on its 3 labelled series; the zoo's series that decode are counted
+        assert loaded["data"]["subjects-train"] + loaded["data"]["subjects-val"] == 3, loaded
+        assert loaded["data"]["unlabelled"] > 20, loaded
         daemon = next(p for p in fed.group.members if p.name == "site daemon site-a")
         daemon.stop()  # the warm worker keeps decoded data: a restart reads the cache again
         entries = sorted((site_a / "cache").glob("series-*.npz"))
