@@ -20,7 +20,13 @@ import pydicom.data
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels import pack_bits
-from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, generate_uid
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    RLELossless,
+    generate_uid,
+)
 
 #: Folders of shipped test files: pydicom's own, and the pydicom-data package's.
 SHIPPED = (Path(pydicom.data.__file__).parent / "test_files",)
@@ -38,6 +44,8 @@ MADE: dict[str, tuple[str, str]] = {
     "double_float_parametric_map.dcm": ("series", ""),
     "one_bit_native.dcm": ("series", ""),
     "instance_number_1A.dcm": ("series", ""),
+    "deflated.dcm": ("series", ""),
+    "deflated_stream_damaged.dcm": ("truncated pixel data", "deflated data set is damaged"),
     "one_bit_rle.dcm": ("unsupported transfer syntax", "1-bit RLE"),
     "private_transfer_syntax.dcm": ("unsupported transfer syntax", "1.2.826.0.1.3680043.9.7"),
     "malformed_transfer_syntax.dcm": ("unsupported transfer syntax", "malformed"),
@@ -129,6 +137,13 @@ def _made_files(rng: np.random.Generator) -> dict[str, bytes]:
     wrong_vr = _fresh(ct)
     wrong_vr.add_new(0x00280010, "LO", "sixty-four")  # Rows is US, here text
     out["rows_as_text.dcm"] = _bytes(wrong_vr)
+
+    deflated = _fresh(pydicom.dcmread(mr_path))
+    deflated.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    out["deflated.dcm"] = _bytes(deflated)
+    damaged = bytearray(out["deflated.dcm"])
+    damaged[-2000:-1000] = rng.integers(0, 256, 1000, dtype=np.uint8).tobytes()
+    out["deflated_stream_damaged.dcm"] = bytes(damaged)
 
     whole = mr_path.read_bytes()
     out["truncated_half.dcm"] = whole[: len(whole) - 4096]

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from medfed.data.decode import (
     FileProblem,
@@ -245,8 +245,10 @@ def _check_native_length(ds: Dataset, record: FileRecord) -> None:
     expected = math.ceil(n_values * bits / 8)
     actual = len(ds[pixel_element(ds) or "PixelData"].value or b"")
     if actual < expected:
+        deflated = record.transfer_syntax == DeflatedExplicitVRLittleEndian
         raise FileProblem(
             SkipReason.TRUNCATED_PIXEL_DATA, f"{actual} of {expected} pixel bytes present"
+            + (" (its deflated data set is damaged or cut short)" if deflated else "")
         )
 
 
