@@ -29,6 +29,7 @@ from medfed.core import wire
 from medfed.core.config import RunConfig
 from medfed.core.errors import MedfedError
 from medfed.core.identity import TlsProblem, diagnose_tls
+from medfed.server.coordinators import CoordinatorCredential, CoordinatorSigner
 
 
 def _fab_bytes() -> bytes:
@@ -94,9 +95,11 @@ def tls_error(address: str, ca_cert: Path, *, what: str) -> MedfedError:
 class Control:
     """A connection to one SuperLink's Control API."""
 
-    def __init__(self, address: str, ca_cert: Path) -> None:
+    def __init__(self, address: str, ca_cert: Path,
+                 credential: CoordinatorCredential | None = None) -> None:
         self.address = address
         self.ca_cert = Path(ca_cert)
+        self.credential = credential
         if not Path(ca_cert).exists():
             raise MedfedError(
                 "The federation CA certificate is missing.", where=str(ca_cert),
@@ -105,7 +108,9 @@ class Control:
         self._client = ControlHttpClient.from_server_address(
             server_address=address, insecure=False, root_certificates=str(ca_cert),
             interceptors=[CliClientHttpInterceptor(),
-                          RuntimeVersionHttpInterceptor(component_name="flwr CLI")],
+                          RuntimeVersionHttpInterceptor(component_name="flwr CLI"),
+                          # last: it signs the request as it will be sent
+                          *([CoordinatorSigner(credential)] if credential else [])],
         )
 
     def close(self) -> None:
@@ -125,10 +130,23 @@ class Control:
             raise self._transport_error(what, exc) from None
         except httpx.HTTPStatusError as exc:
             body = exc.response.text[:300]
+            if exc.response.status_code == 401 and body.startswith("refused by medfed"):
+                raise self._refused(what, body) from None
             raise MedfedError(
                 f"The server refused to {what} (HTTP {exc.response.status_code}): {body}",
                 where=self.address,
             ) from None
+
+    def _refused(self, what: str, body: str) -> MedfedError:
+        """The server's coordinator check said no: who must do what."""
+        who = f"coordinator {self.credential.name!r}" if self.credential else "this client"
+        return MedfedError(
+            f"The server refused to let {who} {what}: {body.removeprefix('refused by medfed: ')}",
+            where=self.address,
+            fix="use a coordinator credential the federation has registered: `medfed` reads "
+                "[coordinator] credential of server.toml, or pass --credential FILE; a "
+                "coordinator makes one with `medfed server coordinators add NAME`",
+        )
 
     def _transport_error(self, what: str, exc: httpx.TransportError) -> MedfedError:
         """What went wrong on the way to the server, and who must do what about it."""

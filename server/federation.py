@@ -26,6 +26,7 @@ from medfed.core.identity import (
     save_server_identity,
     write_ca_bundle,
 )
+from medfed.server.coordinators import CoordinatorCredential, CoordinatorRegistry
 
 SERVER_TOML_HEADER = """\
 # medfed federation server configuration (written by `medfed server init`).
@@ -59,6 +60,30 @@ class Federation:
     def runs_dir(self) -> Path:
         """Where run folders go."""
         return self.path(self.config.state.runs_dir)
+
+    @property
+    def coordinators(self) -> CoordinatorRegistry:
+        """Who may use the Control API (``coordinators.toml``)."""
+        return CoordinatorRegistry(self.path(self.config.state.coordinators_file))
+
+    def credential(self, path: Path | None = None) -> CoordinatorCredential:
+        """The coordinator credential at ``path``, else this folder's own."""
+        return CoordinatorCredential.load(path or self.path(self.config.coordinator.credential))
+
+    def ensure_coordinator(self) -> bool:
+        """Give a federation made before coordinator credentials its first one.
+
+        Returns whether one was made: a registry that does not exist yet gets this
+        folder's credential (made if missing) as its first coordinator.
+        """
+        registry = self.coordinators
+        if registry.path.exists():
+            return False
+        path = self.path(self.config.coordinator.credential)
+        credential = (CoordinatorCredential.load(path) if path.exists()
+                      else CoordinatorCredential.create(path, "coordinator"))
+        registry.add(credential.name, credential.public_pem())
+        return True
 
     @property
     def sites_file(self) -> Path:
@@ -257,4 +282,5 @@ def init_federation(
     for sub in (config.state.runs_dir, Path(config.state.database).parent):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     write_toml(config_path, config, header=SERVER_TOML_HEADER)
+    Federation.load(config_path).ensure_coordinator()  # the Control API's first coordinator
     return config_path

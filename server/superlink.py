@@ -14,6 +14,7 @@ from medfed.core.identity import check_certificate_valid, check_issued_by, load_
 from medfed.core.procs import Managed, RestartBackoff, require_free_port, wait_for_port
 from medfed.server.app import RUNS_DIR_ENV
 from medfed.server.control import Control
+from medfed.server.coordinators import AUDIT_ENV, REGISTRY_ENV
 from medfed.server.federation import Federation, server_trust_file
 from medfed.server.resume import ResumeOutcome, resume_unfinished
 from medfed.server.serverapp_spare import SPARES_ENV, spare_pool
@@ -51,7 +52,10 @@ def superlink_process(fed: Federation) -> Managed:
         "--host", link.host, "--port", str(link.port),
     ]
     env = {**flower_env(db.parent / "flwr_home"), RUNS_DIR_ENV: str(fed.runs_dir),
-           SPARES_ENV: str(spares_folder(fed))}
+           SPARES_ENV: str(spares_folder(fed)),
+           # only the registry's coordinators pass the Control API (server/coordinators.py)
+           REGISTRY_ENV: str(fed.coordinators.path),
+           AUDIT_ENV: str(fed.path(state.control_audit_log))}
     return Managed("SuperLink", argv, fed.path(state.log_file), env=env)
 
 
@@ -71,6 +75,10 @@ def start_superlink(fed: Federation, *, timeout: float = 60.0, resume: bool = Tr
     (:mod:`medfed.server.resume`).
     """
     check_tls(fed)
+    if fed.ensure_coordinator():
+        log.warning("this federation had no coordinator registry: made %s with the "
+                    "credential %s; the Control API now takes only registered coordinators",
+                    fed.coordinators.path, fed.config.coordinator.credential)
     link = fed.config.superlink
     require_free_port(link.host, link.port, what="SuperLink",
                       key=f"{fed.config_path} key superlink.port")
@@ -91,7 +99,7 @@ def start_superlink(fed: Federation, *, timeout: float = 60.0, resume: bool = Tr
         )
     try:
         sync_enrolment(fed)
-        with Control(link.address, fed.ca_cert) as control:
+        with Control(link.address, fed.ca_cert, fed.credential()) as control:
             for outcome in resume_unfinished(control, fed.runs_dir, resume=resume):
                 if on_resumed is not None:
                     on_resumed(outcome)
@@ -135,7 +143,7 @@ def sync_enrolment(fed: Federation) -> int:
     sites = fed.enrolled()
     if not sites:
         return 0
-    with Control(fed.config.superlink.address, fed.ca_cert) as control:
+    with Control(fed.config.superlink.address, fed.ca_cert, fed.credential()) as control:
         known = {bytes(n["public_key"]).strip() for n in control.nodes()}
         added = 0
         for site in sites:

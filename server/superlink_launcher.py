@@ -7,8 +7,9 @@ during a handshake, whether the certificate or key file was replaced (`medfed se
 renew-cert`, `rotate-ca --finish`) and hands each new handshake a context loaded
 from the new files. Connections already open keep theirs; a run in progress goes on.
 And it starts Flower's SuperExec again should it stop (:func:`supervise_superexec`),
-forgets the site connections of the SuperLink's last life (:mod:`.stale_nodes`), and
-keeps message payloads in memory, not in its database (:func:`keep_payloads_in_memory`).
+forgets the site connections of the SuperLink's last life (:mod:`.stale_nodes`),
+keeps message payloads in memory, not in its database (:func:`keep_payloads_in_memory`),
+and lets only registered coordinators use the Control API (:func:`gate_control_api`).
 
 Usage: ``python -m medfed.server.superlink_launcher [flower-superlink args]``.
 """
@@ -209,9 +210,31 @@ def keep_payloads_in_memory() -> None:
     module.ObjectStoreFactory = in_memory
 
 
+def gate_control_api() -> None:
+    """Put :class:`~medfed.server.coordinators.ControlGate` in front of every API.
+
+    Flower builds its app's middleware from ``flwr.superlink.extensions.get_middleware``
+    (outermost first); the gate goes first, so no Control API request reaches Flower
+    without a registered coordinator's signature. No registry in the environment:
+    every Control API request is refused.
+    """
+    import os
+
+    from flwr.superlink import extensions
+    from starlette.middleware import Middleware
+
+    from medfed.server.coordinators import AUDIT_ENV, REGISTRY_ENV, ControlGate
+
+    gate = Middleware(ControlGate, registry=os.environ.get(REGISTRY_ENV, ""),
+                      audit=os.environ.get(AUDIT_ENV, ""))
+    stock = extensions.get_middleware
+    extensions.get_middleware = lambda: (gate, *stock())
+
+
 def main() -> int:
     """Watch the parent, follow certificate renewals, run the stock flower-superlink."""
     watch_parent()
+    gate_control_api()
     keep_payloads_in_memory()
     reload_certificates_on_change()
     supervise_superexec()

@@ -57,8 +57,10 @@ def privacy_options(mode: str, noise: float | None, max_grad_norm: float, clippi
 class Target:
     """Where the server is: address, CA, and (when local) the runs folder."""
 
-    def __init__(self, config: Path | None, server: str | None, ca: Path | None) -> None:
+    def __init__(self, config: Path | None, server: str | None, ca: Path | None,
+                 credential: Path | None = None) -> None:
         self.runs_dir: Path | None = None
+        self.credential_path = credential
         address, ca_path = server, ca
         if config is None and Path("server.toml").exists():
             config = Path("server.toml")
@@ -69,6 +71,7 @@ class Target:
             address = address or fed.config.superlink.address
             ca_path = ca_path or fed.ca_cert
             self.runs_dir = fed.runs_dir
+            self.credential_path = credential or fed.path(fed.config.coordinator.credential)
         if not address or not ca_path:
             raise ConfigError(
                 "No server given.", where="medfed run",
@@ -82,8 +85,11 @@ class Target:
     def control(self):  # noqa: ANN201
         """A Control API client."""
         from medfed.server.control import Control
+        from medfed.server.coordinators import CoordinatorCredential
 
-        return Control(self.address, self.ca)
+        credential = (CoordinatorCredential.load(self.credential_path)
+                      if self.credential_path is not None else None)
+        return Control(self.address, self.ca, credential)
 
 
 # The options of a run: `medfed run` and `medfed simulate` take the same ones.
@@ -182,6 +188,8 @@ ConfigOpt = Annotated[Path | None, typer.Option(
     "--config", "-c", help="federation server.toml (default ./server.toml)")]
 ServerOpt = Annotated[str | None, typer.Option("--server", help="server HOST:PORT")]
 CaOpt = Annotated[Path | None, typer.Option("--ca", help="federation CA (ca.pem)")]
+CredentialOpt = Annotated[Path | None, typer.Option(
+    "--credential", help="coordinator credential (default: server.toml's [coordinator])")]
 
 
 def register(app: typer.Typer) -> None:
@@ -218,6 +226,7 @@ def register(app: typer.Typer) -> None:
         init_weights: InitWeightsOpt = "random",
         detach: Annotated[bool, typer.Option(help="submit and return at once")] = False,
         config: ConfigOpt = None, server: ServerOpt = None, ca: CaOpt = None,
+        credential: CredentialOpt = None,
     ) -> None:
         """Launch a federated run on a running server and follow it."""
         from medfed.server.follow import follow_run
@@ -236,7 +245,7 @@ def register(app: typer.Typer) -> None:
         if secure_aggregation == "off":
             console.print("[bold yellow]warning:[/] secure aggregation is off: the server will "
                           "see every site's update (use only for debugging)")
-        target = Target(config, server, ca)
+        target = Target(config, server, ca, credential)
         with target.control() as control:
             run_id = control.submit(run_config)
             console.print(f"submitted run [bold]{run_id}[/] to {target.address}")
@@ -251,12 +260,13 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(1)
 
     @app.command("runs")
-    def runs(config: ConfigOpt = None, server: ServerOpt = None, ca: CaOpt = None) -> None:
+    def runs(config: ConfigOpt = None, server: ServerOpt = None, ca: CaOpt = None,
+             credential: CredentialOpt = None) -> None:
         """List the runs of the federation."""
         from medfed.core.runs import RunFolder
         from medfed.server.control import ServerUnreachable
 
-        target = Target(config, server, ca)
+        target = Target(config, server, ca, credential)
         try:
             with target.control() as control:
                 infos = sorted(control.runs(), key=lambda r: r.pending_at, reverse=True)
@@ -282,12 +292,12 @@ def register(app: typer.Typer) -> None:
 
     @app.command("status")
     def status(run_id: int, config: ConfigOpt = None, server: ServerOpt = None,
-               ca: CaOpt = None) -> None:
+               ca: CaOpt = None, credential: CredentialOpt = None) -> None:
         """Show one run: state, rounds done, latest metrics."""
         from medfed.core.runs import RunFolder
         from medfed.server.control import ServerUnreachable
 
-        target = Target(config, server, ca)
+        target = Target(config, server, ca, credential)
         run_id = _run_of(target, run_id)
         try:
             with target.control() as control:
@@ -317,9 +327,9 @@ def register(app: typer.Typer) -> None:
 
     @app.command("stop")
     def stop(run_id: int, config: ConfigOpt = None, server: ServerOpt = None,
-             ca: CaOpt = None) -> None:
+             ca: CaOpt = None, credential: CredentialOpt = None) -> None:
         """Stop a run."""
-        target = Target(config, server, ca)
+        target = Target(config, server, ca, credential)
         run_id = _run_of(target, run_id)
         attempt = _last_attempt(target, run_id)
         with target.control() as control:

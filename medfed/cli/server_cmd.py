@@ -37,6 +37,8 @@ def init(
     console.print(f"[green]created[/] federation {name!r} in {directory}")
     console.print(f"  config:  {path}")
     console.print(f"  CA:      {directory / 'ca' / 'ca.pem'}  (give this to each site)")
+    console.print(f"  coordinator credential: {directory / 'coordinator' / 'coordinator.key'}  "
+                  "(keep it private: it launches runs)")
     console.print(f"  next:    medfed server start --config {path}")
 
 
@@ -193,7 +195,7 @@ def sites(config: ConfigOpt = Path("server.toml")) -> None:
     status: dict[str, str] = {}
     unknown = "server not running"
     try:
-        with Control(fed.config.superlink.address, fed.ca_cert) as control:
+        with Control(fed.config.superlink.address, fed.ca_cert, fed.credential()) as control:
             for node in control.nodes():
                 status[bytes(node["public_key"]).decode().strip()] = str(node["status"])
     except ServerUnreachable:
@@ -208,4 +210,53 @@ def sites(config: ConfigOpt = Path("server.toml")) -> None:
         table.add_row(site["name"], site["fingerprint"], site["enrolled"],
                       status.get(site["public_key"].strip(), unknown
                                  if not status else "never connected"))
+    console.print(table)
+
+
+coordinators_app = typer.Typer(
+    help="Who may enrol sites and launch, stop or list runs (the Control API).",
+    no_args_is_help=True)
+app.add_typer(coordinators_app, name="coordinators")
+
+
+@coordinators_app.command("add")
+def coordinators_add(
+    name: Annotated[str, typer.Argument(help="the new coordinator's name")],
+    out: Annotated[Path, typer.Option(help="where to write the credential (private key)")],
+    config: ConfigOpt = Path("server.toml"),
+) -> None:
+    """Make a credential for another coordinator and register its public key."""
+    from medfed.server.coordinators import CoordinatorCredential
+    from medfed.server.federation import Federation
+
+    fed = Federation.load(config)
+    registry = fed.coordinators
+    registry.check_free(name)  # before a credential file is written
+    credential = CoordinatorCredential.create(out, name)
+    registry.add(name, credential.public_pem())
+    console.print(f"[green]added[/] coordinator {name!r}; credential: {out} (mode 600)")
+    console.print(f"  they use it as: medfed run ... --server {fed.config.superlink.address} "
+                  f"--ca ca.pem --credential {out.name}")
+
+
+@coordinators_app.command("revoke")
+def coordinators_revoke(
+    name: Annotated[str, typer.Argument(help="the coordinator to refuse from now on")],
+    config: ConfigOpt = Path("server.toml"),
+) -> None:
+    """Refuse a coordinator's Control API calls from now on (no restart needed)."""
+    from medfed.server.federation import Federation
+
+    Federation.load(config).coordinators.revoke(name)
+    console.print(f"[green]revoked[/] coordinator {name!r}: the server refuses its calls now")
+
+
+@coordinators_app.command("list")
+def coordinators_list(config: ConfigOpt = Path("server.toml")) -> None:
+    """The registered coordinators, and which are revoked."""
+    from medfed.server.federation import Federation
+
+    table = Table("coordinator", "added", "revoked")
+    for entry in Federation.load(config).coordinators.entries().values():
+        table.add_row(entry["name"], entry.get("added", ""), entry.get("revoked", ""))
     console.print(table)

@@ -65,6 +65,16 @@ class StateSection(_Strict):
     runs_dir: str = "runs"
     sites_file: str = "sites.toml"
     log_file: str = "state/superlink.log"
+    #: Coordinators' public keys: who may use the Control API (enrol, start, stop, list).
+    coordinators_file: str = "coordinators.toml"
+    #: Every Control API call, allowed or refused, with who made it.
+    control_audit_log: str = "state/control-audit.jsonl"
+
+
+class CoordinatorSection(_Strict):
+    """The federation folder's own coordinator credential (`medfed server init` made it)."""
+
+    credential: str = "coordinator/coordinator.key"
 
 
 class ServerConfig(_Strict):
@@ -74,6 +84,7 @@ class ServerConfig(_Strict):
     superlink: SuperLinkSection = SuperLinkSection()
     tls: TlsSection = TlsSection()
     state: StateSection = StateSection()
+    coordinator: CoordinatorSection = CoordinatorSection()
 
 
 # ----------------------------------------------------------------------------- site

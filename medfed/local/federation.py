@@ -90,7 +90,8 @@ class LocalFederation:
 
     def control(self) -> Control:
         """A Control API client of this federation's SuperLink."""
-        return Control(self.fed.config.superlink.address, self.fed.ca_cert)
+        return Control(self.fed.config.superlink.address, self.fed.ca_cert,
+                       self.fed.credential())
 
     def start(self, *, sites: list[str] | None = None, wait_online: bool = True,
               timeout: float = 120.0) -> LocalFederation:
