@@ -123,7 +123,7 @@ class SiteDaemon:
     def start(self) -> None:
         """Start the worker (in a thread of this process) and the SuperNode."""
         self.check()
-        self.worker = SiteWorker(self.config, self.config_path)
+        self.worker = SiteWorker(self.config, self.config_path, verify_identities=True)
         self._server = bind(self.worker, self.path(self.config.site.worker_socket))
         self._thread = threading.Thread(target=self._server.serve_forever,
                                         kwargs={"poll_interval": 0.2}, daemon=True,

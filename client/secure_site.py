@@ -2,29 +2,43 @@
 
 The update that leaves the site is ``mask(local - global)``: the server can only
 recover the sum over sites. Nothing here ever falls back to sending a plaintext
-update: any failure refuses the round (fail closed). Peer identity keys are pinned
-on first use (peer_pins.py); each run's state is kept on disk until the run ends
-(secagg_sessions.py), so a daemon restart does not drop the site from its run.
+update: any failure refuses the round (fail closed). A site daemon trusts a peer's
+identity key only with a certificate the federation CA issued at enrolment
+(key_certs.py), so the relay cannot substitute keys; in-process simulation, which has
+no CA, pins them on first use (peer_pins.py). Each run's state is kept on disk until
+the run ends (secagg_sessions.py), so a daemon restart does not drop the site from
+its run.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from medfed.client.peer_pins import PINS_FILE, PeerPins
 from medfed.client.secagg_sessions import KEEP_DAYS, SESSIONS_DIR, SessionStore
 from medfed.core import wire
 from medfed.core.errors import MedfedError
-from medfed.core.identity import write_private
+from medfed.core.identity import write_private, write_public
+from medfed.core.key_certs import (
+    SECAGG_PUBLIC_NAME,
+    SECAGG_USAGE,
+    CertificateRejected,
+    check_key_cert,
+    raw_public_bytes,
+)
 from medfed.core.secagg import (
     ProtocolError,
     Roster,
+    RosterError,
     SecAggConfig,
     SiteIdentity,
     SiteSession,
@@ -33,6 +47,8 @@ from medfed.core.secagg import (
 )
 
 IDENTITY_FILE = "keys/secagg-identity.key"
+#: The public half, which the coordinator enrols beside keys/site.pub (PEM).
+IDENTITY_PUBLIC_FILE = f"keys/{SECAGG_PUBLIC_NAME}"
 
 
 def load_identity(site_dir: Path) -> SiteIdentity:
@@ -40,7 +56,12 @@ def load_identity(site_dir: Path) -> SiteIdentity:
     path = site_dir / IDENTITY_FILE
     if not path.exists():
         write_private(path, SiteIdentity.generate().private_bytes())
-    return SiteIdentity.from_private_bytes(path.read_bytes())
+    identity = SiteIdentity.from_private_bytes(path.read_bytes())
+    public = site_dir / IDENTITY_PUBLIC_FILE
+    if not public.exists():
+        write_public(public, identity.private_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return identity
 
 
 @dataclass
@@ -64,8 +85,12 @@ class SecureSite:
     """Secure-aggregation sessions of one site, by run (in memory, mirrored on disk)."""
 
     def __init__(self, site: str, site_dir: Path, *, keep_days: float = KEEP_DAYS,
-                 min_participants: int = 2) -> None:
+                 min_participants: int = 2,
+                 federation_cas: Callable[[], list[x509.Certificate]] | None = None) -> None:
         self.site = site
+        #: The CA certificates peers' identity keys must be certified by (read at each
+        #: run's first round); None: no CA (simulation), peers pinned on first use.
+        self.federation_cas = federation_cas
         self.min_participants = min_participants  # site.toml [privacy] secagg_min_participants
         self.site_dir = site_dir
         self.pins = PeerPins(site_dir / PINS_FILE)
@@ -130,7 +155,14 @@ class SecureSite:
         if not session.has_roster:  # first round: check the directory, then the roster
             directory = {s: bytes.fromhex(k) for s, k in
                          json.loads(str(config[wire.SECAGG_DIRECTORY])).items()}
-            new = self.pins.check(directory, own=self.site)  # a changed peer key fails here
+            if self.federation_cas is not None:  # every key certified by the CA, or none used
+                self._check_certified(directory, str(config.get(wire.SECAGG_CERTIFICATES, "")),
+                                      run_id)
+                held = self.pins.load()
+                new = sorted(s for s, k in directory.items()
+                             if s != self.site and (s not in held or held[s].key != k))
+            else:
+                new = self.pins.check(directory, own=self.site)  # a changed key fails here
             session.pin_directory(directory)
             session.accept_roster(Roster.from_bytes(blobs[wire.SECAGG_ROSTER]))
             self.pins.add(directory, new, run_id=run_id)
@@ -161,9 +193,42 @@ class SecureSite:
         self.store.save(run_id, run.state())  # recorded before the update leaves the site
         header, vector = update.to_parts()
         entry = session.audit_entry(rnd)
-        if pinned:
-            entry["peers_pinned"] = pinned  # trust on first use: audited
+        if pinned:  # keys first seen (certified by the CA, or trusted on first use)
+            entry["peers_certified" if self.federation_cas else "peers_pinned"] = pinned
         return header, vector, entry
+
+    def _check_certified(self, directory: dict[str, bytes], certificates: str,
+                         run_id: str) -> None:
+        """Raise unless each key in ``directory`` is its site's, as the federation CA says."""
+        try:
+            pems = dict(json.loads(certificates or "{}"))
+        except (ValueError, TypeError):
+            pems = {}
+        cas = self.federation_cas() if self.federation_cas else []
+        where = f"site {self.site!r}, run {run_id}"
+        for site, relayed in sorted(directory.items()):
+            if site not in pems:
+                raise RosterError(
+                    f"peer site {site!r}'s secure-aggregation identity key comes without a "
+                    "certificate of the federation CA; the round is refused", where=where,
+                    fix=f"the coordinator enrols {site!r} again with its "
+                    f"{IDENTITY_PUBLIC_FILE} (`medfed server enrol SITE.pub --name {site} "
+                    "--secagg-key secagg-identity.pub`)")
+            try:
+                certified = raw_public_bytes(check_key_cert(
+                    x509.load_pem_x509_certificate(str(pems[site]).encode()), cas,
+                    name=site, usage=SECAGG_USAGE, what=f"site {site!r}"))
+            except (ValueError, CertificateRejected) as exc:
+                raise RosterError(f"peer site {site!r}'s secure-aggregation key is not "
+                                  f"certified: {exc}; the round is refused", where=where,
+                                  fix="the coordinator checks the site's enrolment") from None
+            if certified != relayed:
+                raise RosterError(
+                    f"the identity key relayed for site {site!r} ({fingerprint(relayed)}) is "
+                    f"not the one the federation CA certified for it ({fingerprint(certified)})"
+                    "; the round is refused", where=where,
+                    fix="stop the run: the relay may be substituting keys; if the site "
+                    "re-keyed, the coordinator enrols its new secagg-identity.pub")
 
     def reveal(self, run_id: str, request_bytes: bytes) -> tuple[bytes, dict[str, Any]]:
         """Answer an unmasking request; returns the reveal and the audit entry to write first."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from medfed.client.secure_site import load_identity
 from medfed.core.config import SiteConfig, load_toml
 from medfed.core.errors import ConfigError
 from medfed.core.identity import SiteKeys, check_certificate_valid, load_certificate
@@ -20,7 +21,7 @@ name = "{name}"
 server = "{server}"                    # the coordinator's SuperLink, HOST:PORT
 federation_ca = "federation-ca.pem"    # pinned CA of the federation
 private_key = "keys/site.key"          # SuperNode authentication key (never leaves this folder)
-public_key = "keys/site.pub"           # send this file to the coordinator to be enrolled
+public_key = "keys/site.pub"           # send it and keys/secagg-identity.pub to be enrolled
 runtime_port = {runtime_port}          # local port of the SuperNode's runtime API
 worker_socket = "run/worker.sock"      # local channel to the warm worker
 audit_log = "audit.jsonl"
@@ -102,4 +103,5 @@ def init_site(
     config = load_toml(config_path, SiteConfig)  # the template must itself be valid
     shutil.copyfile(federation_ca, folder / config.site.federation_ca)
     SiteKeys.create().save(folder / config.site.private_key, folder / config.site.public_key)
+    load_identity(folder)  # the secure-aggregation identity, enrolled beside site.pub
     return config_path

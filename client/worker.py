@@ -15,9 +15,11 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from cryptography import x509
 
 from medfed.client.audit import AuditLog, arrays_digest
 from medfed.client.policy import decide
@@ -29,12 +31,16 @@ from medfed.client.released import (
     participants_of,
     run_digest,
 )
+from medfed.client.revocations import REVOCATIONS_FILE, CoordinatorRevocations
 from medfed.client.secure_site import SecureSite
+from medfed.client.signed_runs import SIGNED_RUNS_FILE, SignedRuns
 from medfed.client.site_local import SiteLocalStore
 from medfed.core import wire
 from medfed.core.config import RunConfig, SiteConfig, resolve, resolve_data_source
 from medfed.core.errors import MedfedError
+from medfed.core.identity import load_certificates
 from medfed.core.packing import WEIGHTS_KEY, Layout, pack, shared_state, unpack
+from medfed.core.run_proof import RunProofError, verify_run
 from medfed.data import take_healed
 from medfed.tasks import SiteData, Task, engine, get_task
 from medfed.tasks.adaptation import local_keys
@@ -58,12 +64,18 @@ class SiteWorker:
 
     config: SiteConfig
     config_path: Path
+    #: The site daemon's trust: train only runs a coordinator signed, and mask only
+    #: with peers whose keys the federation CA certified. In-process simulation has no
+    #: CA: it signs nothing and pins peers' keys on first use.
+    verify_identities: bool = False
     device: torch.device = field(init=False)
     audit: AuditLog = field(init=False)
     privacy: PrivacyGate = field(init=False)
     secure: SecureSite = field(init=False)
     site_local: SiteLocalStore = field(init=False)
     released: ReleasedUpdates = field(init=False)
+    signed_runs: SignedRuns = field(init=False)
+    revocations: CoordinatorRevocations = field(init=False)
     _data: dict[str, SiteData] = field(default_factory=dict, init=False)
     _models: dict[str, torch.nn.Module] = field(default_factory=dict, init=False)
     _shared: dict[tuple[str, str], tuple[frozenset[str], Layout]] = field(
@@ -77,9 +89,14 @@ class SiteWorker:
         self.privacy = PrivacyGate(self.config, self.config_path, audit=self.audit)
         self.secure = SecureSite(
             self.site, Path(self.config_path).resolve().parent,
-            min_participants=self.config.privacy.secagg_min_participants)
+            min_participants=self.config.privacy.secagg_min_participants,
+            federation_cas=self._federation_cas if self.verify_identities else None)
         self.site_local = SiteLocalStore(Path(self.config_path).resolve().parent)
         self.released = ReleasedUpdates(Path(self.config_path).resolve().parent)
+        self.signed_runs = SignedRuns(Path(self.config_path).resolve().parent
+                                      / SIGNED_RUNS_FILE)
+        self.revocations = CoordinatorRevocations(Path(self.config_path).resolve().parent
+                                                  / REVOCATIONS_FILE)
 
     @property
     def site(self) -> str:
@@ -144,6 +161,13 @@ class SiteWorker:
         # run's first id, so a resumed run's rounds add up under one run.
         session = str(run_id)
         run_id = run.resume_of or run_id
+        if self.verify_identities:
+            try:
+                self._check_signed(config, session)
+            except (RunProofError, MedfedError) as exc:  # (MedfedError: no pinned CA to
+                # check with) never trains, joins or spends for it
+                return self._refuse(run_id, "run.signature", str(exc),
+                                    rnd=int(config.get(wire.SERVER_ROUND_KEY, 0) or 0))
         decision = decide(self.config.policy, run)
         if not decision.allowed:
             return self._refuse(run_id, decision.rule, decision.reason,
@@ -161,6 +185,21 @@ class SiteWorker:
             self.audit.record("error", run_id=run_id, op=op, reason=str(exc))
             return wire.Frame({"ok": False, "site": self.site, "status": "failed",
                                "reason": _reply_reason(exc)})
+
+    def _federation_cas(self) -> list[x509.Certificate]:
+        """The CA certificates this site pinned (read each time: a rotation replaces them)."""
+        return load_certificates(resolve(self.config_path, self.config.site.federation_ca))
+
+    def _check_signed(self, config: dict[str, Any], session: str) -> None:
+        """Refuse (RunProofError) a run unsigned, signed by a revoked coordinator, or replayed."""
+        cas = self._federation_cas()
+        verified = verify_run(str(config.get(wire.RUN_CONFIG_KEY, "")),
+                              str(config.get(wire.RUN_PROOF_KEY, "") or ""), cas)
+        if verified.serial in self.revocations.revoked(
+                str(config.get(wire.REVOCATIONS_KEY, "") or ""), cas):
+            raise RunProofError(f"coordinator {verified.coordinator!r} was revoked by the "
+                                "federation (its certificate is on the CA's revocation list)")
+        self.signed_runs.claim(verified, session)
 
     def _refuse(self, run_id: object, rule: str, reason: str, *, status: str = "refused",
                 rnd: int | None = None) -> wire.Frame:

@@ -30,6 +30,7 @@ from medfed.core.run_report import write_report
 from medfed.core.runs import RunFolder
 from medfed.core.secagg import SecAggConfig
 from medfed.core.warm_start import load_start_weights
+from medfed.server.federation import secagg_certificates
 from medfed.server.recording_grid import RecordingGrid
 from medfed.server.refusals import SitesRefused
 from medfed.server.rounds import run_rounds
@@ -43,6 +44,10 @@ from medfed.tasks.adaptation import local_keys
 from medfed.tasks.pretrain import initial_weights
 
 RUNS_DIR_ENV = "MEDFED_RUNS_DIR"
+#: The enrolled-sites registry: their secure-aggregation certificates, for the sites.
+SITES_FILE_ENV = "MEDFED_SITES_FILE"
+#: The CA's revocation list of coordinator certificates, sent with every message.
+REVOCATIONS_ENV = "MEDFED_REVOCATIONS_FILE"
 
 app = ServerApp()
 
@@ -73,6 +78,27 @@ def main(grid: Grid, context: Context) -> None:
         run_in_folder(grid, context, run, folder, runs_dir=runs_dir)
 
 
+def _secagg_certificates() -> dict[bytes, str]:
+    """Enrolled sites' secure-aggregation certificates, by key (none outside a server)."""
+    sites_file = os.environ.get(SITES_FILE_ENV)
+    return secagg_certificates(Path(sites_file)) if sites_file else {}
+
+
+def signed_run_entries(context: Context, run: RunConfig) -> dict[str, str]:
+    """What sites check a run by: its JSON, its signature, the CA's revoked coordinators.
+
+    The JSON is passed on as received, never re-serialized: the signature covers its bytes.
+    """
+    entries = {wire.RUN_CONFIG_KEY: str(context.run_config.get(wire.RUN_CONFIG_KEY)
+                                        or run.to_json())}
+    if proof := context.run_config.get(wire.RUN_PROOF_KEY):
+        entries[wire.RUN_PROOF_KEY] = str(proof)
+    crl = Path(os.environ.get(REVOCATIONS_ENV) or "/nonexistent")
+    if crl.is_file():  # read as the run starts: a revocation reaches sites with the next run
+        entries[wire.REVOCATIONS_KEY] = crl.read_text(encoding="ascii")
+    return entries
+
+
 def run_in_folder(grid: Grid, context: Context, run: RunConfig, folder: RunFolder, *,
                   runs_dir: Path, transport: str = "tls") -> None:
     """The run in ``folder``; a resumed run goes on after its last completed round.
@@ -82,6 +108,7 @@ def run_in_folder(grid: Grid, context: Context, run: RunConfig, folder: RunFolde
     ``runs_dir`` holds the earlier runs a warm start (``init_from``) reads.
     """
     run_id = run.resume_of or str(context.run_id)
+    signed_run = signed_run_entries(context, run)
     t0 = time.time()
     store = RunStateStore(folder.path)
     if not run.resume_of:
@@ -142,7 +169,8 @@ def run_in_folder(grid: Grid, context: Context, run: RunConfig, folder: RunFolde
                 strategy, grid=recorder, folder=folder, run_id=str(context.run_id),
                 config=SecAggConfig(mode=run.secure_aggregation, clip_range=run.secagg_clip,
                                     threshold=run.secagg_threshold),
-                size=layout.size, round_timeout=run.round_timeout_s, run_json=run.to_json())
+                size=layout.size, round_timeout=run.round_timeout_s, run_entries=signed_run,
+                certificates=_secagg_certificates())
             secure.setup(run.min_sites)
             strategy = secure
         else:
@@ -168,12 +196,12 @@ def run_in_folder(grid: Grid, context: Context, run: RunConfig, folder: RunFolde
                                   unchanged=digest == previous[0])
             previous[:] = [digest]
 
-        config = ConfigRecord({wire.RUN_CONFIG_KEY: run.to_json()})
+        config = ConfigRecord(signed_run)
         result = run_rounds(
             strategy, grid=recorder, arrays=start,
             first_round=done + 1, num_rounds=run.rounds, timeout=run.round_timeout_s,
             train_config=config,
-            evaluate_config=ConfigRecord({wire.RUN_CONFIG_KEY: run.to_json()}),
+            evaluate_config=ConfigRecord(signed_run),
             end_of_round=end_of_round, result=result)
         metrics = folder.read_metrics()
         # Cross-site row of the global model: the last round's evaluation at every site.

@@ -174,10 +174,12 @@ class Control:
         """Submit a run; returns its run id."""
         fab_bytes = _fab_bytes()
         fab = Fab(hashlib.sha256(fab_bytes).hexdigest(), fab_bytes, {})
-        req = StartRunRequest(
-            fab=fab_to_proto(fab),
-            override_config=user_config_to_proto({wire.RUN_CONFIG_KEY: run.to_json()}),
-        )
+        run_json = run.to_json()
+        signed = {wire.RUN_CONFIG_KEY: run_json}
+        if self.credential is not None and (proof := self.credential.sign_run(run_json)):
+            signed[wire.RUN_PROOF_KEY] = proof  # each site checks it before it trains
+        req = StartRunRequest(fab=fab_to_proto(fab),
+                              override_config=user_config_to_proto(signed))
         res = self._call("start a run", self._client.StartRun, req)
         if not res.HasField("run_id"):
             raise MedfedError("The server did not start the run.", where=self.address)

@@ -28,6 +28,7 @@ from typing import Any
 
 import tomli_w
 import tomllib
+from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
@@ -37,6 +38,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 from medfed.core.errors import ConfigError, MedfedError
 from medfed.core.files import atomic_write
+from medfed.core.identity import CertificateAuthority
+from medfed.core.key_certs import COORDINATOR_USAGE, certificate_pem
+from medfed.core.run_proof import sign_run
+from medfed.server.control_sources import SourceFilter
 
 CONTROL_PREFIX = "/v1/control/"
 HEADER_NAME = "x-medfed-coordinator"
@@ -48,6 +53,7 @@ MAX_SKEW_S = 300.0
 #: Environment of the SuperLink process: the registry and the control audit log.
 REGISTRY_ENV = "MEDFED_COORDINATORS"
 AUDIT_ENV = "MEDFED_CONTROL_AUDIT"
+SOURCES_ENV = "MEDFED_CONTROL_FROM"
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
@@ -63,27 +69,39 @@ def signed_message(method: str, path: str, when: str, nonce: str, body: bytes) -
 
 @dataclass(frozen=True)
 class CoordinatorCredential:
-    """A coordinator's name and private key (``<name>.key``, PEM, mode 600)."""
+    """A coordinator's name, private key and certificate (``<name>.key``, PEM, mode 600).
+
+    The certificate (issued by the federation CA) lets sites check the runs it signs.
+    """
 
     name: str
     key: Ed25519PrivateKey
+    certificate: x509.Certificate | None = None
 
     @classmethod
-    def create(cls, path: Path, name: str) -> CoordinatorCredential:
-        """Make a new key pair and write the private key to ``path`` (refuses to overwrite)."""
+    def create(cls, path: Path, name: str, *, ca: CertificateAuthority) -> CoordinatorCredential:
+        """Make a key pair, have ``ca`` certify it, write both to ``path`` (never overwrites)."""
         check_name(name)
         if path.exists():
             raise ConfigError("A coordinator credential already exists here.", where=str(path),
                               fix="choose another file, or use the existing credential")
-        credential = cls(name, Ed25519PrivateKey.generate())
-        pem = credential.key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption())
+        return cls._write(path, name, Ed25519PrivateKey.generate(), ca)
+
+    def recertify(self, path: Path, ca: CertificateAuthority) -> CoordinatorCredential:
+        """The same key with a certificate of ``ca`` (a rotated CA), written to ``path``."""
+        return self._write(path, self.name, self.key, ca)
+
+    @classmethod
+    def _write(cls, path: Path, name: str, key: Ed25519PrivateKey,
+               ca: CertificateAuthority) -> CoordinatorCredential:
+        certificate = ca.issue_key_cert(name, key.public_key(), COORDINATOR_USAGE)
+        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
         path.parent.mkdir(parents=True, exist_ok=True)
         header = f"# medfed coordinator credential: {name}\n".encode()
-        atomic_write(path, header + pem)
+        atomic_write(path, header + pem + certificate.public_bytes(serialization.Encoding.PEM))
         os.chmod(path, 0o600)
-        return credential
+        return cls(name, key, certificate)
 
     @classmethod
     def load(cls, path: Path) -> CoordinatorCredential:
@@ -97,19 +115,31 @@ class CoordinatorCredential:
                          "wrote",
                 fix="pass --credential FILE, or ask the federation's coordinator for one "
                     "(`medfed server coordinators add NAME`)") from None
-        first, _, pem = data.partition(b"\n")
+        first, _, rest = data.partition(b"\n")
         prefix = b"# medfed coordinator credential: "
         if not first.startswith(prefix):
             raise ConfigError("Not a medfed coordinator credential.", where=str(path),
                               expected="a file written by `medfed server coordinators add`")
+        pem, marker, cert_pem = rest.partition(b"-----BEGIN CERTIFICATE-----")
         try:
             key = serialization.load_pem_private_key(pem, password=None)
+            cert = x509.load_pem_x509_certificate(marker + cert_pem) if marker else None
         except ValueError as exc:
             raise ConfigError(f"The coordinator credential is damaged ({exc}).",
                               where=str(path)) from None
         if not isinstance(key, Ed25519PrivateKey):
             raise ConfigError("The coordinator credential holds no Ed25519 key.", where=str(path))
-        return cls(first[len(prefix):].decode().strip(), key)
+        return cls(first[len(prefix):].decode().strip(), key, cert)
+
+    def sign_run(self, run_json: str) -> str:
+        """The proof sites check before training ``run_json`` ("" without a certificate)."""
+        if self.certificate is None:
+            return ""
+        return sign_run(run_json, name=self.name, key=self.key, certificate=self.certificate)
+
+    def certificate_pem(self) -> str:
+        """The certificate, PEM ("" without one)."""
+        return certificate_pem(self.certificate) if self.certificate is not None else ""
 
     def public_pem(self) -> str:
         """The public key, PEM (what the registry keeps)."""
@@ -172,12 +202,21 @@ class CoordinatorRegistry:
             self._keys = {}
         return self._cache[1]
 
-    def add(self, name: str, public_pem: str) -> None:
-        """Register a coordinator's public key (a revoked name cannot come back)."""
+    def add(self, name: str, public_pem: str, certificate_pem: str = "") -> None:
+        """Register a coordinator's public key and certificate (a revoked name cannot come back).
+
+        The certificate's serial is what a revocation puts on the CA's revocation list.
+        """
         self.check_free(name)
         entries = dict(self.entries())
-        entries[name] = {"name": name, "public_key": public_pem, "added": _now_text()}
+        entries[name] = {"name": name, "public_key": public_pem, "added": _now_text(),
+                         **({"certificate": certificate_pem} if certificate_pem else {})}
         self._write(entries)
+
+    def revoked_serials(self) -> list[int]:
+        """Serials of the revoked coordinators' certificates (those registered with one)."""
+        return [x509.load_pem_x509_certificate(e["certificate"].encode()).serial_number
+                for e in self.entries().values() if e.get("revoked") and e.get("certificate")]
 
     def check_free(self, name: str) -> None:
         """Refuse a malformed name, or one registered before (revoked names stay taken)."""
@@ -271,8 +310,10 @@ class ControlGate:
     """
 
     def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], *,
-                 registry: str = "", audit: str = "") -> None:
+                 registry: str = "", audit: str = "", control_from: str = "") -> None:
         self.app = app
+        #: JSON list of admitted sources (server.toml [superlink] control_from); "": any
+        self.sources = SourceFilter(json.loads(control_from)) if control_from else None
         self.registry = CoordinatorRegistry(Path(registry)) if registry else None
         self.audit = Path(audit) if audit else None
         self.nonces = NonceLedger()
@@ -292,6 +333,9 @@ class ControlGate:
                    for k, v in scope.get("headers", [])}
         now = time.time()
         try:
+            peer = (scope.get("client") or ("", 0))[0]
+            if self.sources is not None and (why := self.sources.refusal(peer)):
+                raise Refused(why)
             if self.registry is None:
                 raise Refused("the server has no coordinator registry (a medfed SuperLink "
                               "started without it refuses every Control API request)")

@@ -59,7 +59,9 @@ class SecureAggregation(WrappedStrategy):
     """Wraps ``inner`` so that it only ever sees the securely aggregated mean."""
 
     def __init__(self, inner: Strategy, *, grid: RecordingGrid, folder: RunFolder, run_id: str,
-                 config: SecAggConfig, size: int, round_timeout: float, run_json: str) -> None:
+                 config: SecAggConfig, size: int, round_timeout: float,
+                 run_entries: dict[str, str],
+                 certificates: dict[bytes, str] | None = None) -> None:
         super().__init__(inner)
         self.grid = grid
         self.folder = folder
@@ -67,7 +69,11 @@ class SecureAggregation(WrappedStrategy):
         self.config = config
         self.size = size
         self.round_timeout = round_timeout
-        self.run_json = run_json
+        self.run_entries = run_entries  # the run's JSON and its coordinator's signature
+        #: Enrolled sites' secure-aggregation certificates, by identity key: each site
+        #: checks its peers' keys with them (the server cannot make them).
+        self.certificates = certificates or {}
+        self.certified: dict[str, str] = {}
         self.aggregator: Aggregator | None = None
         self.site_of: dict[int, str] = {}
         #: Sites whose privacy budget covers fewer rounds than the run's, as they said
@@ -110,6 +116,8 @@ class SecureAggregation(WrappedStrategy):
                                      size=self.size)
         self.roster_bytes = roster.to_bytes()
         self.directory = {s: k.hex() for s, k in directory.items()}
+        self.certified = {s: self.certificates[k] for s, k in directory.items()
+                          if k in self.certificates}
         self.folder.event("secure-aggregation-ready", mode=self.config.mode,
                           sites=list(roster.site_ids), threshold=self.aggregator.threshold)
 
@@ -121,7 +129,7 @@ class SecureAggregation(WrappedStrategy):
         Unavailable" for it: it is asked again (its node id may be new) for up to
         ``JOIN_RETRY_S``, so that a run does not start, or resume, without it.
         """
-        join = ConfigRecord({wire.RUN_CONFIG_KEY: self.run_json,
+        join = ConfigRecord({**self.run_entries,
                              wire.SECAGG_JOIN: json.dumps(self.config.to_dict())})
         end = time.monotonic() + min(JOIN_RETRY_S, self.round_timeout)
         answered: set[int] = set()
@@ -158,6 +166,7 @@ class SecureAggregation(WrappedStrategy):
             cfg = message.content[wire.CONFIG_KEY]
             cfg[wire.SECAGG_ROSTER] = self.roster_bytes
             cfg[wire.SECAGG_DIRECTORY] = json.dumps(self.directory)
+            cfg[wire.SECAGG_CERTIFICATES] = json.dumps(self.certified)
             cfg[wire.SECAGG_PARTICIPANTS] = json.dumps(participants)
             cfg[wire.SECAGG_DEADLINE] = deadline
         self.aggregator.begin_round(server_round, participants=participants)
@@ -237,7 +246,7 @@ class SecureAggregation(WrappedStrategy):
         assert self.aggregator is not None
         node_of = {s: n for n, s in self.site_of.items()}
         messages = [Message(RecordDict({wire.CONFIG_KEY: ConfigRecord({
-            wire.RUN_CONFIG_KEY: self.run_json, wire.SECAGG_UNMASK: request.to_bytes(),
+            **self.run_entries, wire.SECAGG_UNMASK: request.to_bytes(),
             wire.SERVER_ROUND_KEY: server_round})}), dst_node_id=node_of[site],
             message_type=MessageType.QUERY) for site, request in requests.items()]
         for reply in self.grid.send_and_receive(messages, timeout=self.round_timeout):
@@ -258,7 +267,7 @@ class SecureAggregation(WrappedStrategy):
         """
         if not self.site_of:
             return
-        config = ConfigRecord({wire.RUN_CONFIG_KEY: self.run_json, wire.RUN_ENDED: status})
+        config = ConfigRecord({**self.run_entries, wire.RUN_ENDED: status})
         try:
             self.grid.send_and_receive(
                 [Message(RecordDict({wire.CONFIG_KEY: config}), dst_node_id=n,

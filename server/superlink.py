@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import threading
@@ -12,9 +13,9 @@ from medfed.core.errors import MedfedError, ProcessError
 from medfed.core.flower_env import flower_env
 from medfed.core.identity import check_certificate_valid, check_issued_by, load_certificate
 from medfed.core.procs import Managed, RestartBackoff, require_free_port, wait_for_port
-from medfed.server.app import RUNS_DIR_ENV
+from medfed.server.app import REVOCATIONS_ENV, RUNS_DIR_ENV, SITES_FILE_ENV
 from medfed.server.control import Control
-from medfed.server.coordinators import AUDIT_ENV, REGISTRY_ENV
+from medfed.server.coordinators import AUDIT_ENV, REGISTRY_ENV, SOURCES_ENV
 from medfed.server.federation import Federation, server_trust_file
 from medfed.server.resume import ResumeOutcome, resume_unfinished
 from medfed.server.serverapp_spare import SPARES_ENV, spare_pool
@@ -52,9 +53,12 @@ def superlink_process(fed: Federation) -> Managed:
         "--host", link.host, "--port", str(link.port),
     ]
     env = {**flower_env(db.parent / "flwr_home"), RUNS_DIR_ENV: str(fed.runs_dir),
+           SITES_FILE_ENV: str(fed.sites_file),  # read by each run (enrolments go on)
+           REVOCATIONS_ENV: str(fed.revocations_file),
            SPARES_ENV: str(spares_folder(fed)),
            # only the registry's coordinators pass the Control API (server/coordinators.py)
            REGISTRY_ENV: str(fed.coordinators.path),
+           SOURCES_ENV: json.dumps(link.control_from),  # from where, too
            AUDIT_ENV: str(fed.path(state.control_audit_log))}
     return Managed("SuperLink", argv, fed.path(state.log_file), env=env)
 

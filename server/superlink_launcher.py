@@ -223,10 +223,11 @@ def gate_control_api() -> None:
     from flwr.superlink import extensions
     from starlette.middleware import Middleware
 
-    from medfed.server.coordinators import AUDIT_ENV, REGISTRY_ENV, ControlGate
+    from medfed.server.coordinators import AUDIT_ENV, REGISTRY_ENV, SOURCES_ENV, ControlGate
 
     gate = Middleware(ControlGate, registry=os.environ.get(REGISTRY_ENV, ""),
-                      audit=os.environ.get(AUDIT_ENV, ""))
+                      audit=os.environ.get(AUDIT_ENV, ""),
+                      control_from=os.environ.get(SOURCES_ENV, '["this-host"]'))
     stock = extensions.get_middleware
     extensions.get_middleware = lambda: (gate, *stock())
 

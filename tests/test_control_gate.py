@@ -23,7 +23,10 @@ from flwr.proto.control_pb2 import (  # pylint: disable=E0611
 )
 from flwr.supercore.control import ControlHttpClient
 
+from medfed.core.config import SuperLinkSection
 from medfed.core.errors import ConfigError, MedfedError
+from medfed.core.identity import CertificateAuthority
+from medfed.server.control_sources import is_this_host
 from medfed.server.coordinators import (
     HEADER_NAME,
     MAX_SKEW_S,
@@ -35,12 +38,13 @@ from medfed.server.coordinators import (
 )
 
 PATH = "/v1/control/start-run"
+CA = CertificateAuthority.create("gate")
 
 
 @pytest.fixture
 def registry(tmp_path: Path) -> tuple[CoordinatorRegistry, CoordinatorCredential]:
     registry = CoordinatorRegistry(tmp_path / "coordinators.toml")
-    alice = CoordinatorCredential.create(tmp_path / "alice.key", "alice")
+    alice = CoordinatorCredential.create(tmp_path / "alice.key", "alice", ca=CA)
     registry.add("alice", alice.public_pem())
     return registry, alice
 
@@ -54,7 +58,7 @@ def test_a_signed_request_names_its_coordinator_and_any_change_breaks_it(
                                                          b"body"), ("GET", PATH, b"body")):
         with pytest.raises(Refused, match="does not verify"):
             reg.verify(dict(headers), method, path, body, now=1000.0)
-    mallory = CoordinatorCredential.create(tmp_path / "m.key", "alice")  # same name, own key
+    mallory = CoordinatorCredential.create(tmp_path / "m.key", "alice", ca=CA)  # own key
     with pytest.raises(Refused, match="does not verify"):
         reg.verify(mallory.headers("POST", PATH, b""), "POST", PATH, b"")
     with pytest.raises(Refused, match="off the server's clock"):
@@ -87,8 +91,8 @@ def test_a_replayed_request_and_a_credential_file_of_another_kind_are_refused(
     assert "coordinators add" in missing.value.fix
 
 
-def _call(gate: ControlGate, path: str, body: bytes, headers: dict[str, str]
-          ) -> tuple[int, bytes]:
+def _call(gate: ControlGate, path: str, body: bytes, headers: dict[str, str], *,
+          client: str = "10.0.0.9") -> tuple[int, bytes]:
     sent: list[dict[str, Any]] = []
     chunks = [{"type": "http.request", "body": body[:3], "more_body": True},
               {"type": "http.request", "body": body[3:], "more_body": False}]
@@ -99,7 +103,7 @@ def _call(gate: ControlGate, path: str, body: bytes, headers: dict[str, str]
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {"type": "http", "method": "POST", "path": path, "client": ("10.0.0.9", 5555),
+    scope = {"type": "http", "method": "POST", "path": path, "client": (client, 5555),
              "headers": [(k.encode(), v.encode()) for k, v in headers.items()]}
     asyncio.run(gate(scope, receive, send))
     return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
@@ -136,6 +140,37 @@ def test_the_gate_passes_fleet_calls_and_only_signed_control_calls(
     assert records[0]["peer"] == "10.0.0.9:5555"
     closed = ControlGate(flower, registry="", audit="")  # no registry: fail closed
     assert _call(closed, PATH, b"abcdef", alice.headers("POST", PATH, b"abcdef"))[0] == 401
+
+
+def _flower_ok() -> Any:
+    async def flower(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+    return flower
+
+
+def test_control_calls_come_only_from_the_admitted_sources(
+        registry: tuple[CoordinatorRegistry, CoordinatorCredential], tmp_path: Path) -> None:
+    reg, alice = registry
+    outside = "192.0.2.7"  # TEST-NET-1: never this machine's
+    assert is_this_host("127.0.0.1") and is_this_host("::1") and not is_this_host(outside)
+    gate = ControlGate(_flower_ok(), registry=str(reg.path), audit=str(tmp_path / "a.jsonl"),
+                       control_from='["this-host"]')
+    status, text = _call(gate, PATH, b"abcdef", alice.headers("POST", PATH, b"abcdef"),
+                         client=outside)
+    assert status == 401
+    assert b"only from this-host (server.toml [superlink] control_from)" in text
+    assert b"came from 192.0.2.7" in text
+    assert _call(gate, "/v1/fleet/pull-messages", b"abcdef", {}, client=outside)[0] == 200
+    assert _call(gate, PATH, b"abcdef", alice.headers("POST", PATH, b"abcdef"),
+                 client="127.0.0.1") == (200, b"ok")
+    lan = ControlGate(_flower_ok(), registry=str(reg.path), control_from='["192.0.2.0/24"]')
+    assert _call(lan, PATH, b"abcdef", alice.headers("POST", PATH, b"abcdef"),
+                 client=outside) == (200, b"ok")
+    status, text = _call(lan, PATH, b"abcdef", {}, client=outside)
+    assert status == 401 and b"no coordinator credential" in text  # a signature is still due
+    with pytest.raises(ValueError, match="'nope' is not 'this-host', 'any' or a network"):
+        SuperLinkSection(control_from=["this-host", "nope"])
 
 
 @pytest.mark.slow

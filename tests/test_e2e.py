@@ -11,9 +11,13 @@ import pytest
 from medfed.core import wire
 from medfed.core.config import RunConfig
 from medfed.core.errors import ProcessError
+from medfed.core.identity import CertificateAuthority
 from medfed.core.procs import Managed
 from medfed.local import LocalFederation
 from medfed.local.federation import site_daemon_argv
+from medfed.server.control import Control
+from medfed.server.coordinators import CoordinatorCredential
+from medfed.server.follow import follow_run
 from medfed.server.superlink import start_superlink
 
 pytestmark = pytest.mark.slow
@@ -40,6 +44,16 @@ def test_two_sites_two_rounds_and_an_unenrolled_site_is_refused(short_tmp: Path)
             rogue_proc.proc.wait(timeout=60)
         finally:
             rogue_proc.stop()
+        # A coordinator the server lets in, certified by no CA the sites pinned (as after
+        # a break-in at the server): every site refuses its run before training.
+        mallory = CoordinatorCredential.create(short_tmp / "mallory.key", "mallory",
+                                               ca=CertificateAuthority.create("rogue"))
+        fed.fed.coordinators.add("mallory", mallory.public_pem())
+        with Control(fed.fed.config.superlink.address, fed.fed.ca_cert, mallory) as control:
+            forged_id = control.submit(RunConfig(task="tiny-seg", rounds=1, min_sites=2,
+                                                 round_timeout_s=60))
+            forged = follow_run(control, forged_id, fed.fed.runs_dir, timeout=300,
+                                on_event=lambda e: None)
     assert summary["status"] == "completed", summary
     assert sorted(summary["sites"]) == ["site-a", "site-b"]
     for r in (1, 2):
@@ -59,6 +73,11 @@ def test_two_sites_two_rounds_and_an_unenrolled_site_is_refused(short_tmp: Path)
     # each site audited what it sent, before sending
     audit = (short_tmp / "site-a" / "audit.jsonl").read_text()
     assert audit.count('"update-sent"') == 2
+    assert forged["status"] == "refused", forged
+    assert {site: r["rule"] for site, r in forged["refusals"].items()} == {
+        "site-a": "run.signature", "site-b": "run.signature"}
+    assert "not issued by the federation CA" in forged["refusals"]["site-a"]["reason"]
+    assert '"rule": "run.signature"' in audit
     # nothing is left running
     assert len(started) == 3
     for proc in started:

@@ -132,7 +132,7 @@ def test_a_run_ends_before_a_round_the_sites_budgets_cannot_carry(tmp_path: Path
     secure = SecureAggregation(
         None, grid=RecordingGrid(FakeGrid({}), folder), folder=folder,  # type: ignore[arg-type]
         run_id="7", config=SecAggConfig(mode="default"), size=1, round_timeout=1.0,
-        run_json="{}")
+        run_entries={wire.RUN_CONFIG_KEY: "{}"})
     secure.aggregator = SimpleNamespace(threshold=1)  # type: ignore[assignment]
     secure.covers = {"site-a": 2}
     secure._end_if_budgets_run_out(2, ["site-a", "site-b"])  # covered: the round goes ahead
@@ -234,7 +234,7 @@ def test_a_site_unavailable_at_the_join_is_asked_again(tmp_path: Path,
     secure = SecureAggregation(
         None, grid=RecordingGrid(fake, folder), folder=folder,  # type: ignore[arg-type]
         run_id="7", config=SecAggConfig(mode="default"), size=1, round_timeout=2.5,
-        run_json="{}")
+        run_entries={wire.RUN_CONFIG_KEY: "{}"})
     replies = secure._join_replies()
     assert sorted(r.metadata.src_node_id for r in replies) == [7, 8]
     assert fake.asked.count(7) == 1  # a site that answered is not asked again

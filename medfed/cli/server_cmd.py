@@ -28,12 +28,17 @@ def init(
     )] = None,
     port: Annotated[int, typer.Option(help="SuperLink port")] = 9200,
     bind: Annotated[str, typer.Option(help="address the SuperLink listens on")] = "127.0.0.1",
+    control_from: Annotated[list[str] | None, typer.Option(
+        "--control-from", help="where coordinators may call the Control API from: "
+        "'this-host' (default), a network such as 10.20.0.0/16, or 'any' (repeatable)"
+    )] = None,
 ) -> None:
     """Create a federation folder: CA, server TLS certificate, server.toml."""
     from medfed.server.federation import init_federation
 
     hosts = host or ["127.0.0.1", "localhost"]
-    path = init_federation(directory, name=name, hosts=hosts, port=port, bind_host=bind)
+    path = init_federation(directory, name=name, hosts=hosts, port=port, bind_host=bind,
+                           control_from=control_from)
     console.print(f"[green]created[/] federation {name!r} in {directory}")
     console.print(f"  config:  {path}")
     console.print(f"  CA:      {directory / 'ca' / 'ca.pem'}  (give this to each site)")
@@ -46,17 +51,30 @@ def init(
 def enrol(
     public_key: Annotated[Path, typer.Argument(help="the site's keys/site.pub")],
     name: Annotated[str, typer.Option("--name", help="the site's name")],
+    secagg_key: Annotated[Path | None, typer.Option(
+        "--secagg-key", help="the site's keys/secagg-identity.pub (default: the one beside "
+        "PUBLIC_KEY); the federation CA certifies it for secure aggregation")] = None,
     config: ConfigOpt = Path("server.toml"),
 ) -> None:
-    """Enrol a site: only enrolled site keys can join the federation."""
+    """Enrol a site: only enrolled site keys can join the federation.
+
+    Its secure-aggregation identity key is certified by the federation CA, so that the
+    other sites can check it; enrolling the site again with a new one replaces it.
+    """
     from medfed.core.errors import MedfedError
     from medfed.server.control import ServerUnreachable
     from medfed.server.federation import Federation
     from medfed.server.superlink import sync_enrolment
 
     fed = Federation.load(config)
-    entry = fed.enrol(public_key, name)
+    entry = fed.enrol(public_key, name, secagg_key)
     console.print(f"[green]enrolled[/] site {name!r} ({entry['fingerprint']})")
+    if "secagg_fingerprint" in entry:
+        console.print(f"  secure-aggregation key certified ({entry['secagg_fingerprint']})")
+    else:
+        console.print("  [yellow]no secure-aggregation key:[/] the other sites refuse to mask "
+                      "with it until it is enrolled again with --secagg-key "
+                      "(the site's keys/secagg-identity.pub)")
     try:
         added = sync_enrolment(fed)
         if added:
@@ -232,8 +250,8 @@ def coordinators_add(
     fed = Federation.load(config)
     registry = fed.coordinators
     registry.check_free(name)  # before a credential file is written
-    credential = CoordinatorCredential.create(out, name)
-    registry.add(name, credential.public_pem())
+    credential = CoordinatorCredential.create(out, name, ca=fed.certificate_authority())
+    registry.add(name, credential.public_pem(), credential.certificate_pem())
     console.print(f"[green]added[/] coordinator {name!r}; credential: {out} (mode 600)")
     console.print(f"  they use it as: medfed run ... --server {fed.config.superlink.address} "
                   f"--ca ca.pem --credential {out.name}")
@@ -244,11 +262,18 @@ def coordinators_revoke(
     name: Annotated[str, typer.Argument(help="the coordinator to refuse from now on")],
     config: ConfigOpt = Path("server.toml"),
 ) -> None:
-    """Refuse a coordinator's Control API calls from now on (no restart needed)."""
+    """Refuse a coordinator's Control API calls from now on, and its runs at the sites."""
     from medfed.server.federation import Federation
 
-    Federation.load(config).coordinators.revoke(name)
+    fed = Federation.load(config)
+    listed = fed.revoke_coordinator(name)
     console.print(f"[green]revoked[/] coordinator {name!r}: the server refuses its calls now")
+    if listed:
+        console.print(f"  its certificate is on the CA's revocation list ({fed.revocations_file})"
+                      "; sites refuse its runs from the next message the server sends them")
+    else:
+        console.print("  [yellow]it was registered without a certificate:[/] sites cannot be "
+                      "told; runs it signed before still verify there until the CA rotates")
 
 
 @coordinators_app.command("list")

@@ -37,8 +37,11 @@ def init(
                      runtime_port=runtime_port)
     console.print(f"[green]created[/] site {name!r} in {directory}")
     console.print(f"  config:      {path}   (data source, privacy policy, compute)")
-    console.print(f"  public key:  {directory / 'keys' / 'site.pub'}  -> send to the coordinator:")
-    console.print(f"               medfed server enrol site.pub --name {name}")
+    keys = directory / "keys"
+    console.print(f"  public keys: {keys / 'site.pub'} and {keys / 'secagg-identity.pub'}")
+    console.print("               -> send both to the coordinator, who runs:")
+    console.print(f"               medfed server enrol site.pub --name {name} "
+                  "--secagg-key secagg-identity.pub")
     console.print(f"  next:        medfed site start --config {path}")
 
 
@@ -378,7 +381,11 @@ def peers(config: ConfigOpt = Path("site.toml"),
           forget: Annotated[str | None, typer.Option(
               "--forget", help="remove this peer's pinned identity key (it re-keyed)")] = None
           ) -> None:
-    """Pinned peer identity keys (trust on first use) and this site's own fingerprint."""
+    """Peers' identity keys as this site last saw them, and its own fingerprint.
+
+    The site daemon takes a peer's key only with the federation CA's certificate for it
+    (and records it here); in-process simulation pins keys on first use.
+    """
     from medfed.client.peer_pins import PINS_FILE, PeerPins
     from medfed.client.secure_site import load_identity
     from medfed.core.config import SiteConfig, load_toml
@@ -393,7 +400,8 @@ def peers(config: ConfigOpt = Path("site.toml"),
                       "the key it then presents")
         return
     own = fingerprint(load_identity(site_dir).public_bytes)
-    console.print(f"this site {cfg.site.name!r}: {own}   (compare out of band with peers)")
+    console.print(f"this site {cfg.site.name!r}: {own}   (the coordinator's `medfed server "
+                  "enrol` prints the fingerprint it certified: they must match)")
     console.print(f"pinned peers: {pins.path}", highlight=False)
     pinned = pins.load()
     if not pinned:

@@ -6,6 +6,7 @@ the key instead of a silently ignored setting.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -42,6 +43,23 @@ class SuperLinkSection(_Strict):
     public_host: str = Field(
         "127.0.0.1", description="the host name sites use; must be one of the certificate's SANs"
     )
+    control_from: list[str] = Field(
+        ["this-host"], description="sources the Control API (enrol, launch, stop, list) "
+        "accepts calls from: 'this-host' (the server host's own addresses), networks such "
+        "as '10.20.0.0/16' for coordinators elsewhere, or 'any'; a signature is needed "
+        "either way")
+
+    @field_validator("control_from")
+    @classmethod
+    def _sources(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if item not in ("this-host", "any"):
+                try:
+                    ipaddress.ip_network(item, strict=False)
+                except ValueError:
+                    raise ValueError(f"{item!r} is not 'this-host', 'any' or a network such "
+                                     "as '10.20.0.0/16'") from None
+        return value
 
     @property
     def address(self) -> str:

@@ -18,16 +18,16 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
 from medfed.core.errors import IdentityError
 from medfed.core.files import atomic_write
+from medfed.core.key_certs import issue_key_cert, issue_revocations
 
 CURVE = ec.SECP384R1()
 CA_VALIDITY_DAYS = 3650
 SERVER_VALIDITY_DAYS = 825  # the maximum most TLS clients accept for a leaf
-
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
@@ -129,6 +129,16 @@ class CertificateAuthority:
             .sign(self.key, hashes.SHA384())
         )
         return key, cert
+
+    def issue_key_cert(self, name: str, public_key: ed25519.Ed25519PublicKey,
+                       usage: ObjectIdentifier) -> x509.Certificate:
+        """Certify an Ed25519 signing key as ``name``'s, for ``usage`` (key_certs.py)."""
+        return issue_key_cert(self.key, self.cert, name, public_key, usage)
+
+    def issue_revocations(self, serials: list[int], *,
+                          number: int) -> x509.CertificateRevocationList:
+        """A CRL naming ``serials`` (revoked coordinator certificates)."""
+        return issue_revocations(self.key, self.cert, serials, number=number)
 
     def save(self, cert_path: Path, key_path: Path) -> None:
         """Write the CA certificate and its (owner-only) key."""

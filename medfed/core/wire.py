@@ -20,6 +20,8 @@ import numpy as np
 
 # ---- keys of Flower messages (one schema, written by the server, read by the site)
 RUN_CONFIG_KEY = "medfed-run"  # ConfigRecord value: RunConfig as JSON
+RUN_PROOF_KEY = "medfed-run-proof"  # the coordinator's signature on it (core/run_proof.py)
+REVOCATIONS_KEY = "medfed-revoked-coordinators"  # the CA's CRL of coordinator certificates
 PROXIMAL_MU_KEY = "proximal-mu"  # set by Flower's FedProx.configure_train
 SERVER_ROUND_KEY = "server-round"  # set by every Flower strategy
 ARRAYS_KEY = "arrays"  # Flower strategies' default ArrayRecord key
@@ -41,6 +43,7 @@ SECAGG_UNMASK = "secagg-unmask"  # query config: UnmaskRequest bytes
 RUN_ENDED = "run-ended"
 SECAGG_ROSTER = "secagg-roster"  # train config: Roster bytes
 SECAGG_DIRECTORY = "secagg-directory"  # train config: JSON {site: identity key hex}
+SECAGG_CERTIFICATES = "secagg-certificates"  # {site: PEM}: the CA vouches for each key
 SECAGG_PARTICIPANTS = "secagg-participants"  # train config: JSON list of site ids
 SECAGG_DEADLINE = "secagg-deadline"  # train config: epoch seconds; no update after it
 SECAGG_RECORD_KEY = "medfed-secagg"  # reply ConfigRecord: advert/identity/update/reveal bytes
