@@ -14,7 +14,7 @@ the split is smaller); warm-up steps, then plain and DP steps ALTERNATE so that
 load from other processes hits both alike; the median of N each.
 
 Modes (``--modes auto,rules,vmap,hooks,functorch``; the BENCH lines use the first;
-``auto`` is what ``dp_train`` picks, ``dp.choose_grad_sample_mode``: the faster of
+``auto`` is what ``dp_train`` picks, ``dp_modes.choose_grad_sample_mode``: the faster of
 ``rules`` and ``vmap`` on the first batch, timed there): ``rules`` is one
 activation-only backward and a per-sample rule per layer (``medfed.tasks.dp_rules``),
 ``vmap`` one ``torch.func.vmap(grad)`` over the whole model
@@ -55,7 +55,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from medfed.core.config import DataSourceConfig
-from medfed.tasks import TASKS, Task, dp, engine
+from medfed.tasks import TASKS, Task, dp, dp_validation, engine
 from medfed.tasks.dp_noise import SecureRandom
 
 BATCH = 16
@@ -72,7 +72,7 @@ def plain_step(task: Task, x: torch.Tensor, y: torch.Tensor) -> Callable[[], Non
     """One plain Adam step of a fresh model (the anchor)."""
     torch.manual_seed(0)
     model, loss_fn = task.build_model().train(), task.build_loss()
-    dp.disable_inplace(model)  # same module graph as the DP model
+    dp_validation.disable_inplace(model)  # same module graph as the DP model
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def step() -> None:
@@ -150,7 +150,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--tasks", default=",".join(TASKS.names()))
-    parser.add_argument("--modes", default="auto", help="auto = dp.choose_grad_sample_mode")
+    parser.add_argument("--modes", default="auto", help="auto = dp_modes.choose_grad_sample_mode")
     parser.add_argument("--rounds", type=int, default=5, help="rounds per median; 0: none")
     args = parser.parse_args()
     torch.set_num_threads(2)

@@ -70,11 +70,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from medfed.core import privacy_accounting
 from medfed.core.config import RunConfig
 from medfed.data.sites import site_sources
 from medfed.local import LocalFederation
 from medfed.synth import synthesize_sites
-from medfed.tasks import dp, get_task
+from medfed.tasks import dp_units, get_task
 
 TASK = "brain-tissue-seg"
 ADAPTATION = "site-input-output"
@@ -215,13 +216,15 @@ def noise_for(target: float, sizes: list[int], batch: int, epochs: int,
               accountant: str = "prv") -> float:
     """Smallest noise multiplier keeping every site at or below ``target`` after ``epochs``.
 
-    The sites' own derivation (``dp.plan_round`` and ``dp.noise_for_target``), maximized.
+    The sites' own derivation (``privacy_accounting.plan_round`` and
+    ``privacy_accounting.noise_for_target``), maximized.
     """
     zs = []
     for n in sizes:
-        (_, rate, steps), = dp.plan_round(n, batch_size=batch, epochs=epochs, noise_multiplier=1.0)
-        zs.append(dp.noise_for_target(target, DELTA, sample_rate=rate, steps=steps,
-                                      accountant=accountant))
+        (_, rate, steps), = privacy_accounting.plan_round(n, batch_size=batch, epochs=epochs,
+                                                          noise_multiplier=1.0)
+        zs.append(privacy_accounting.noise_for_target(target, DELTA, sample_rate=rate,
+                                                      steps=steps, accountant=accountant))
     return max(zs)
 
 
@@ -298,7 +301,7 @@ def main() -> None:
     try:
         synthesize_sites(tmp / "data", sites=4, subjects_per_site=subjects, seed=0)
         sources = site_sources(tmp / "data", seed=0)
-        sizes = [dp.privacy_units(len(d.train), d.train_units, args.privacy_unit)
+        sizes = [dp_units.privacy_units(len(d.train), d.train_units, args.privacy_unit)
                  for d in map(task.load_site_data, sources.values())] if args.shared_noise else []
         t0 = time.time()
         plain, _, _ = run_once(tmp / "plain", sources, rounds, {}, adaptation=args.adaptation,

@@ -66,7 +66,7 @@ from pathlib import Path
 
 from medfed.core.errors import MedfedError
 from medfed.core.privacy import DatasetBudget, unit_covers
-from medfed.tasks.dp import HistoryEntry, epsilon_of_history
+from medfed.core.privacy_accounting import HistoryEntry, epsilon_of_history
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS budgets (
@@ -653,7 +653,7 @@ class PrivacyLedger:
                 raise LedgerError(
                     f"Training ran {steps} DP steps but the ledger reserved {row['steps']}; "
                     "the reply is blocked.", where=str(self.path),
-                    fix="plan the round with medfed.tasks.dp.plan_round before training",
+                    fix="plan the round with privacy_accounting.plan_round (core) before training",
                 )
             con.execute("UPDATE spends SET status = 'committed', committed_at = ? WHERE id = ?",
                         (_now(), record_id))

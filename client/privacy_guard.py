@@ -51,11 +51,12 @@ from medfed.client.ledger_audit import (
     build_from_audit,
     check_ledger,
 )
+from medfed.core import privacy_accounting
 from medfed.core.config import RunConfig, SiteConfig, resolve
 from medfed.core.errors import ConfigError, MedfedError
 from medfed.core.privacy import DatasetBudget, check_run_against_policy
-from medfed.tasks import dp
-from medfed.tasks.dp import HistoryEntry
+from medfed.core.privacy_accounting import HistoryEntry
+from medfed.tasks import dp_update, dp_validation
 
 #: Relative precision of a noise multiplier fitted to a remaining budget (on the safe side).
 FIT_TOLERANCE = 5e-3
@@ -246,7 +247,7 @@ class PrivacyGate:
                         num_examples: int, batch_size: int, epochs: int) -> RoundPrivacy:
         """Check policy, validate the model, reserve the round's epsilon; or refuse.
 
-        ``num_examples`` counts the units DP-SGD samples from (``dp.privacy_units``):
+        ``num_examples`` counts the units DP-SGD samples from (``dp_units.privacy_units``):
         training examples, or the scans or patients ``privacy.unit`` names.
         """
         plan = self._plan(run, run_id, model=model, num_examples=num_examples,
@@ -402,8 +403,9 @@ class PrivacyGate:
         target = min(left, run.privacy.target_epsilon or left)
         _, rate, steps = plan.entry
         try:
-            return dp.noise_for_target(target, run.privacy.target_delta, sample_rate=rate,
-                                       steps=steps * rounds, accountant=run.privacy.accountant)
+            return privacy_accounting.noise_for_target(
+                target, run.privacy.target_delta, sample_rate=rate, steps=steps * rounds,
+                accountant=run.privacy.accountant)
         except ValueError:  # nothing left, or no noise reaches it: bisect instead
             return 0.0
 
@@ -426,7 +428,7 @@ class PrivacyGate:
                 raise PrivacyRefusal(decision.rule, decision.reason)
             return RoundPrivacy(mode, name, budget)
         if mode == "sample":
-            (_, sample_rate, steps), = dp.plan_round(
+            (_, sample_rate, steps), = privacy_accounting.plan_round(
                 num_examples, batch_size=batch_size, epochs=epochs, noise_multiplier=1.0)
         else:  # update-level: one Gaussian mechanism on the clipped update per round
             sample_rate, steps = 1.0, 1
@@ -437,7 +439,7 @@ class PrivacyGate:
             raise PrivacyRefusal(decision.rule, decision.reason)
         if mode == "sample":
             try:
-                dp.validate_for_dp(model)
+                dp_validation.validate_for_dp(model)
             except MedfedError as exc:
                 raise PrivacyRefusal("task model", str(exc)) from None
         self._require_ledger()  # before every DP round and join: refused if untrusted
@@ -553,8 +555,9 @@ def site_noise_multiplier(run: RunConfig, *, sample_rate: float, steps_per_round
     if p.target_epsilon <= 0:
         return p.noise_multiplier
     try:
-        derived = dp.noise_for_target(p.target_epsilon, p.target_delta, sample_rate=sample_rate,
-                                      steps=steps_per_round * run.rounds, accountant=p.accountant)
+        derived = privacy_accounting.noise_for_target(
+            p.target_epsilon, p.target_delta, sample_rate=sample_rate,
+            steps=steps_per_round * run.rounds, accountant=p.accountant)
     except ValueError as exc:
         raise PrivacyRefusal("privacy.target_epsilon", str(exc)) from None
     return max(derived, p.noise_multiplier)
@@ -564,6 +567,6 @@ def noised_update(global_vec: np.ndarray, local_vec: np.ndarray, run: RunConfig,
                   noise_multiplier: float) -> np.ndarray:
     """Update-level DP: global + clip-and-noise(local - global), noise from ChaCha20."""
     delta = local_vec.astype(np.float64) - global_vec.astype(np.float64)
-    noised = dp.clip_and_noise_update(delta, clipping_norm=run.privacy.clipping_norm,
-                                      noise_multiplier=noise_multiplier)
+    noised = dp_update.clip_and_noise_update(delta, clipping_norm=run.privacy.clipping_norm,
+                                             noise_multiplier=noise_multiplier)
     return (global_vec.astype(np.float64) + noised).astype(np.float32)

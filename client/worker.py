@@ -44,7 +44,8 @@ from medfed.core.run_proof import RunProofError, verify_run
 from medfed.data import take_healed
 from medfed.tasks import SiteData, Task, engine, get_task
 from medfed.tasks.adaptation import local_keys
-from medfed.tasks.dp import UnitUnknown, dp_train, privacy_units
+from medfed.tasks.dp import dp_train
+from medfed.tasks.dp_units import UnitUnknown, privacy_units
 from medfed.tasks.pretrain import initial_weights
 
 log = logging.getLogger("medfed.site")

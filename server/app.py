@@ -20,7 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result, Strategy
 from flwr.superlink.grid import http_grid
 
-from medfed.core import wire
+from medfed.core import privacy_accounting, wire
 from medfed.core.config import RunConfig
 from medfed.core.flower_tuning import shorten_object_pull_backoff
 from medfed.core.packing import WEIGHTS_KEY, Layout, npy_view, pack, shared_state, unpack
@@ -39,7 +39,7 @@ from medfed.server.secure_aggregation import SecureAggregation
 from medfed.server.streaming_mean import StreamingMean, streams, vector_array
 from medfed.strategies import build_strategy
 from medfed.strategies.registry import check_secure_aggregation
-from medfed.tasks import dp, get_task
+from medfed.tasks import get_task
 from medfed.tasks.adaptation import local_keys
 from medfed.tasks.pretrain import initial_weights
 
@@ -279,8 +279,9 @@ def _update_dp_warning(run: RunConfig, size: int) -> str | None:
     z = p.noise_multiplier
     if p.target_epsilon > 0:  # what each site derives (one mechanism per round, no sampling)
         try:
-            z = max(z, dp.noise_for_target(p.target_epsilon, p.target_delta, sample_rate=1.0,
-                                           steps=run.rounds, accountant=p.accountant))
+            z = max(z, privacy_accounting.noise_for_target(
+                p.target_epsilon, p.target_delta, sample_rate=1.0, steps=run.rounds,
+                accountant=p.accountant))
         except ValueError:
             return None  # the sites refuse such a target themselves, with the reason
     ratio = z * (size / max(run.min_sites, 1)) ** 0.5

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from medfed.core.config import DataSourceConfig
 from medfed.core.errors import MedfedError
-from medfed.tasks import dp, dp_noise, dp_optimizer, get_task
+from medfed.tasks import dp, dp_noise, dp_optimizer, dp_update, get_task
 from medfed.tasks.dp_noise import SecurePoissonSampler, SecureRandom, sample_securely
 from tests.test_dp_optimizer import BATCH, _model, _optimizers, _pre_step
 
@@ -95,10 +95,10 @@ def test_a_sites_dp_training_never_draws_from_torch(monkeypatch: pytest.MonkeyPa
 
 def test_update_level_noise_without_a_generator_comes_from_the_source() -> None:
     zero = np.zeros(200_000, dtype=np.float32)
-    noised = dp.clip_and_noise_update(zero, clipping_norm=0.5, noise_multiplier=2.0)
+    noised = dp_update.clip_and_noise_update(zero, clipping_norm=0.5, noise_multiplier=2.0)
     assert noised.dtype == np.float32
     assert float(noised.std()) == pytest.approx(1.0, rel=0.02)
-    again = dp.clip_and_noise_update(zero, clipping_norm=0.5, noise_multiplier=2.0)
+    again = dp_update.clip_and_noise_update(zero, clipping_norm=0.5, noise_multiplier=2.0)
     assert abs(float(np.corrcoef(noised, again)[0, 1])) < 0.02
 
 

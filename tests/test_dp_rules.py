@@ -9,16 +9,16 @@ import torch
 from torch import nn
 
 from medfed.core.config import DataSourceConfig
-from medfed.tasks import TASKS, dp, dp_rules, dp_samplers, dp_vmap
+from medfed.tasks import TASKS, dp_modes, dp_rules, dp_samplers, dp_validation, dp_vmap
 
 
 def _batch(name: str, n: int = 3) -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor]:
     task = TASKS.get(name)
     data = task.load_site_data(DataSourceConfig(num_samples=32, seed=3)).train
-    x, y = dp.first_samples(data, n)
+    x, y = dp_modes.first_samples(data, n)
     torch.manual_seed(0)
     model = task.build_model().train()
-    dp.disable_inplace(model)
+    dp_validation.disable_inplace(model)
     return model, task.build_loss(), x, y
 
 
@@ -185,7 +185,7 @@ def test_a_layer_without_a_rule_is_named_and_vmap_is_used() -> None:
     y = torch.randn(4, 1, generator=torch.Generator().manual_seed(1))
     model(x)
     assert dp_rules.unsupported(model) == ["1 (Scale)"]
-    assert dp.choose_grad_sample_mode(model, nn.MSELoss(), (x, y)) == "vmap"
+    assert dp_modes.choose_grad_sample_mode(model, nn.MSELoss(), (x, y)) == "vmap"
 
 
 def test_a_loss_that_couples_the_batch_is_refused_when_vmap_cannot_check_it() -> None:
@@ -193,9 +193,9 @@ def test_a_loss_that_couples_the_batch_is_refused_when_vmap_cannot_check_it() ->
 
     model, _, x, y = _batch("tiny-seg", 4)
     per_sample = DiceCELoss(to_onehot_y=True, softmax=True)  # batch=False: a mean of samples
-    assert dp.choose_grad_sample_mode(model, per_sample, (x, y)) == "rules"
-    with pytest.raises(dp.LossNotPerSample, match="not the mean of each sample"):
-        dp.choose_grad_sample_mode(
+    assert dp_modes.choose_grad_sample_mode(model, per_sample, (x, y)) == "rules"
+    with pytest.raises(dp_modes.LossNotPerSample, match="not the mean of each sample"):
+        dp_modes.choose_grad_sample_mode(
             model, DiceCELoss(to_onehot_y=True, softmax=True, batch=True), (x, y))
 
 
@@ -203,11 +203,11 @@ def test_vmap_is_chosen_only_when_clearly_faster_than_the_rules(
         monkeypatch: pytest.MonkeyPatch) -> None:
     cost = {"rules": 1.0, "vmap": 0.95}  # seconds per call, as the timer would read them
     order: list[str] = []
-    monkeypatch.setattr(dp, "_PER_SAMPLE", {m: (lambda *_, m=m: m) for m in cost})
-    monkeypatch.setattr(dp.dp_rules, "wall_time",
+    monkeypatch.setattr(dp_modes, "PER_SAMPLE_GRADS", {m: (lambda *_, m=m: m) for m in cost})
+    monkeypatch.setattr(dp_rules, "wall_time",
                         lambda call, device: (order.append(call()), cost[order[-1]])[1])
     x = torch.zeros(2, 1)
-    assert dp._faster_mode(["rules", "vmap"], nn.Identity(), nn.MSELoss(), x, x) == "rules"
-    assert order == ["rules", "vmap"] * dp._TIMED_CALLS  # interleaved
+    assert dp_modes._faster_mode(["rules", "vmap"], nn.Identity(), nn.MSELoss(), x, x) == "rules"
+    assert order == ["rules", "vmap"] * dp_modes._TIMED_CALLS  # interleaved
     cost["vmap"] = 0.8
-    assert dp._faster_mode(["rules", "vmap"], nn.Identity(), nn.MSELoss(), x, x) == "vmap"
+    assert dp_modes._faster_mode(["rules", "vmap"], nn.Identity(), nn.MSELoss(), x, x) == "vmap"

@@ -15,7 +15,7 @@ from medfed.client.ledger import HOLD_MAX_S, HOLD_MIN_S, PrivacyLedger, hold_ttl
 from medfed.client.privacy_guard import Forecast, PrivacyGate, PrivacyRefusal
 from medfed.core import wire
 from medfed.core.config import RunConfig, SiteConfig, load_toml
-from medfed.tasks.dp import epsilon_of_history
+from medfed.core.privacy_accounting import epsilon_of_history
 
 SITE_TOML = """
 [site]

@@ -28,7 +28,7 @@ from medfed.client.privacy_guard import (
     rebuild_ledger,
 )
 from medfed.core.config import RunConfig, SiteConfig, load_toml
-from medfed.tasks.dp import epsilon_of_history
+from medfed.core.privacy_accounting import epsilon_of_history
 
 SITE_TOML = """
 [site]

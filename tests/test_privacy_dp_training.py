@@ -8,15 +8,16 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
+from medfed.core import privacy_accounting
 from medfed.core.config import DataSourceConfig
-from medfed.tasks import TASKS, dp, dp_samplers, engine
+from medfed.tasks import TASKS, dp, dp_modes, dp_samplers, dp_validation, engine
 
 
 @pytest.mark.parametrize("name", TASKS.names())
 def test_dp_training_of_each_registered_task(name: str) -> None:
     task = TASKS.get(name)
     model = task.build_model().eval()  # a cached model may come from evaluation
-    dp.validate_for_dp(model)  # raises on an incompatible model
+    dp_validation.validate_for_dp(model)  # raises on an incompatible model
     data = task.load_site_data(DataSourceConfig(num_samples=32, seed=3)).train
     data = Subset(data, range(min(6, len(data))))  # type: ignore[arg-type]
     batch = (len(data) + 1) // 2  # two Poisson steps
@@ -26,7 +27,7 @@ def test_dp_training_of_each_registered_task(name: str) -> None:
         noise_multiplier=1.0, max_grad_norm=1.0, device=torch.device("cpu"),
         generator=torch.Generator().manual_seed(0),
     )
-    assert stats.steps == 2 and stats.history == dp.plan_round(
+    assert stats.steps == 2 and stats.history == privacy_accounting.plan_round(
         len(data), batch_size=batch, epochs=1, noise_multiplier=1.0)
     assert stats.sample_rate == pytest.approx(0.5)
     after = engine.get_weights(model)
@@ -39,8 +40,8 @@ def test_dp_training_of_each_registered_task(name: str) -> None:
 
 def test_a_batchnorm_model_is_rejected_with_the_fix_named() -> None:
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten())
-    with pytest.raises(dp.DPIncompatibleModel) as caught:
-        dp.validate_for_dp(model)
+    with pytest.raises(dp_validation.DPIncompatibleModel) as caught:
+        dp_validation.validate_for_dp(model)
     text = str(caught.value)
     assert "1 (BatchNorm2d)" in text  # the offending module, by name
     assert "GroupNorm" in text and "ModuleValidator.fix" in text
@@ -48,8 +49,8 @@ def test_a_batchnorm_model_is_rejected_with_the_fix_named() -> None:
 
 def test_inplace_activations_are_noted_not_rejected() -> None:
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.ReLU(inplace=True))
-    assert [n.split(":")[0] for n in dp.validate_for_dp(model)] == ["2"]
-    assert dp.disable_inplace(model) == ["2"] and not model[2].inplace
+    assert [n.split(":")[0] for n in dp_validation.validate_for_dp(model)] == ["2"]
+    assert dp_validation.disable_inplace(model) == ["2"] and not model[2].inplace
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -163,14 +164,14 @@ def test_vmap_per_sample_gradients_equal_opacus_hooks(name: str) -> None:
 
     task = TASKS.get(name)
     data = task.load_site_data(DataSourceConfig(num_samples=32, seed=3)).train
-    x, y = dp.first_samples(data, 3)
+    x, y = dp_modes.first_samples(data, 3)
     torch.manual_seed(0)
     model = task.build_model().train()
-    dp.disable_inplace(model)
+    dp_validation.disable_inplace(model)
     dp_samplers.register()
     loss_fn = task.build_loss()
     assert dp_vmap.supported(model, loss_fn, x, y)
-    assert dp.choose_grad_sample_mode(model, loss_fn, (x, y)) in ("rules", "vmap")  # timed
+    assert dp_modes.choose_grad_sample_mode(model, loss_fn, (x, y)) in ("rules", "vmap")  # timed
     hooked = GradSampleModule(copy.deepcopy(model))  # Opacus's reference (loss mean)
     reference = loss_fn(hooked(x), y)
     reference.backward()
@@ -183,5 +184,6 @@ def test_vmap_per_sample_gradients_equal_opacus_hooks(name: str) -> None:
 
 
 def test_without_a_sample_opacus_picks_hooks_or_functorch() -> None:
-    assert dp.choose_grad_sample_mode(TASKS.get("tiny-seg").build_model()) == "hooks"
-    assert dp.choose_grad_sample_mode(TASKS.get("brain-lesion-cls").build_model()) == "functorch"
+    assert dp_modes.choose_grad_sample_mode(TASKS.get("tiny-seg").build_model()) == "hooks"
+    assert dp_modes.choose_grad_sample_mode(
+        TASKS.get("brain-lesion-cls").build_model()) == "functorch"

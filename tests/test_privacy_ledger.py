@@ -12,8 +12,8 @@ import pytest
 from opacus.accountants import PRVAccountant
 
 from medfed.client.ledger import BudgetExceeded, LedgerError, PrivacyLedger, UnitNotCovered
+from medfed.core import privacy_accounting
 from medfed.core.privacy import DatasetBudget
-from medfed.tasks import dp
 
 BUDGET = DatasetBudget(epsilon_max=10.0, delta=1e-5, min_noise_multiplier=0.5,
                        max_clipping_norm=1.0)
@@ -29,8 +29,8 @@ def test_rounds_of_a_run_compose_through_the_accountant(tmp_path: Path) -> None:
     first = _reserve(ledger, "run-a", 1)
     ledger.commit(first.record_id, steps=10)
     second = _reserve(ledger, "run-a", 2)
-    assert first.epsilon == pytest.approx(dp.epsilon_for(10, 0.1, 1.0, 1e-5))
-    assert second.run_epsilon == pytest.approx(dp.epsilon_for(20, 0.1, 1.0, 1e-5))
+    assert first.epsilon == pytest.approx(privacy_accounting.epsilon_for(10, 0.1, 1.0, 1e-5))
+    assert second.run_epsilon == pytest.approx(privacy_accounting.epsilon_for(20, 0.1, 1.0, 1e-5))
     assert ledger.spent("brain") == pytest.approx(second.run_epsilon)
     assert ledger.remaining("brain", BUDGET) == pytest.approx(10.0 - second.run_epsilon)
     assert ledger.run_history("run-a", "brain") == [(1.0, 0.1, 10), (1.0, 0.1, 10)]
@@ -179,4 +179,4 @@ def test_a_reserved_spend_survives_a_kill_before_sending(tmp_path: Path) -> None
     assert [r.status for r in ledger.history("brain")] == ["reserved"]
     # the restarted run continues the accountant's history, not from zero
     nxt = _reserve(ledger, "run-a", 2)
-    assert nxt.run_epsilon == pytest.approx(dp.epsilon_for(20, 0.1, 1.0, 1e-5))
+    assert nxt.run_epsilon == pytest.approx(privacy_accounting.epsilon_for(20, 0.1, 1.0, 1e-5))

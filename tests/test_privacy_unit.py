@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from medfed.client.ledger import PrivacyLedger
 from medfed.client.worker import SiteWorker
-from medfed.core import wire
+from medfed.core import privacy_accounting, wire
 from medfed.core.config import DataSourceConfig, RunConfig, SiteConfig, validate
 from medfed.core.errors import MedfedError
 from medfed.core.packing import WEIGHTS_KEY, pack
@@ -23,7 +23,7 @@ from medfed.core.privacy import DatasetBudget, RunPrivacy, check_run_against_pol
 from medfed.data import DicomFolderSource
 from medfed.data.headers import patient_key
 from medfed.data.synthetic import SyntheticGeometry, write_series
-from medfed.tasks import dp, engine, get_task
+from medfed.tasks import dp, dp_units, engine, get_task
 from medfed.tasks.imaging import Subject, split_subjects, unit_indices
 
 #: Four scans of 3, 2, 4 and 3 examples, their ids not contiguous.
@@ -79,13 +79,14 @@ def test_dp_train_per_scan_samples_and_accounts_scans() -> None:
                         noise_multiplier=1.0, max_grad_norm=1.0, device=torch.device("cpu"),
                         generator=torch.Generator().manual_seed(1), units=SCANS)
     # 4 scans at 2 per batch: q = 1/2, 2 steps per epoch; the examples still weigh FedAvg
-    assert stats.history == dp.plan_round(4, batch_size=2, epochs=2, noise_multiplier=1.0)
+    assert stats.history == privacy_accounting.plan_round(4, batch_size=2, epochs=2,
+                                                          noise_multiplier=1.0)
     assert stats.sample_rate == pytest.approx(0.5) and stats.steps == 4
     assert stats.num_examples == len(SCANS)
-    assert dp.privacy_units(len(SCANS), {"scan": SCANS}, "scan") == 4
-    assert dp.privacy_units(len(SCANS), {"scan": SCANS}, "sample") == len(SCANS)
-    with pytest.raises(dp.UnitUnknown, match="train_units"):  # fail closed
-        dp.privacy_units(len(SCANS), {"scan": SCANS}, "patient")
+    assert dp_units.privacy_units(len(SCANS), {"scan": SCANS}, "scan") == 4
+    assert dp_units.privacy_units(len(SCANS), {"scan": SCANS}, "sample") == len(SCANS)
+    with pytest.raises(dp_units.UnitUnknown, match="train_units"):  # fail closed
+        dp_units.privacy_units(len(SCANS), {"scan": SCANS}, "patient")
 
 
 def test_unit_indices_that_do_not_match_the_examples_are_refused() -> None:

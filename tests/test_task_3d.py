@@ -10,7 +10,7 @@ from torch.utils.data import TensorDataset
 
 from medfed.core.config import DataSourceConfig
 from medfed.synth import synthesize_sites
-from medfed.tasks import SiteData, dp, dp_rules, engine, get_task
+from medfed.tasks import SiteData, dp, dp_modes, dp_rules, dp_validation, engine, get_task
 from medfed.tasks.adaptation import ADAPTATIONS
 from medfed.tasks.brain_tissue_seg_3d import (
     PATCH,
@@ -37,7 +37,7 @@ def _params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def test_the_model_is_real_size_and_dp_ready() -> None:
     model = TASK.build_model()
     assert sum(p.numel() for p in model.parameters()) == 5_586_196  # the docstring's count
-    assert dp.validate_for_dp(model) == []  # no BatchNorm, nothing in place
+    assert dp_validation.validate_for_dp(model) == []  # no BatchNorm, nothing in place
     assert dp_rules.unsupported(model) == []  # a per-sample rule for every layer
     for name in ("site-input-block", "site-input-output"):  # the blocks name real modules
         assert list(ADAPTATIONS.get(name).local_parameters(TASK, model))
@@ -102,7 +102,7 @@ def test_the_site_loader_reads_a_synthesized_dicom_site(tmp_path: Path) -> None:
 
 
 def test_a_few_training_steps_on_patches_lower_the_loss(data: SiteData) -> None:
-    x, y = dp.first_samples(data.train, 2)
+    x, y = dp_modes.first_samples(data.train, 2)
     torch.manual_seed(0)
     model = TASK.build_model()
     loss_fn = TASK.build_loss()

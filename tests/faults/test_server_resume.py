@@ -25,11 +25,11 @@ import pytest
 from medfed.client.ledger import PrivacyLedger
 from medfed.core.config import RunConfig
 from medfed.core.errors import MedfedError
+from medfed.core.privacy_accounting import epsilon_of_history
 from medfed.core.runs import RunFolder, find_run
 from medfed.local import LocalFederation
 from medfed.server.follow import follow_run
 from medfed.server.superlink import start_superlink
-from medfed.tasks.dp import epsilon_of_history
 
 pytestmark = pytest.mark.slow
 

@@ -24,10 +24,10 @@ from dicom_zoo import build_zoo
 from medfed.client.audit import AuditLog
 from medfed.client.ledger import PrivacyLedger
 from medfed.core.config import RunConfig
+from medfed.core.privacy_accounting import epsilon_of_history
 from medfed.core.runs import RunFolder
 from medfed.local import LocalFederation
 from medfed.server.follow import follow_run
-from medfed.tasks.dp import epsilon_of_history
 
 pytestmark = pytest.mark.slow
 
