@@ -28,6 +28,23 @@ from rich import box
 from rich.table import Column, Table
 
 from medfed.cli.main import console, interrupt_on_signal
+from medfed.cli.options import (
+    AccountantOpt,
+    BatchSizeOpt,
+    ClippingNormOpt,
+    DeltaOpt,
+    DpAverageOpt,
+    DpOptimizerOpt,
+    InitWeightsOpt,
+    LocalEpochsOpt,
+    LrOpt,
+    MaxGradNormOpt,
+    NoiseMultiplierOpt,
+    RoundsOpt,
+    SeedOpt,
+    TargetEpsilonOpt,
+    TaskOpt,
+)
 from medfed.core.errors import ConfigError
 
 #: What ``--dp`` may list.
@@ -137,48 +154,39 @@ def register(app: typer.Typer) -> None:
         strategy_option: Annotated[list[str] | None, typer.Option(
             "--strategy-option", "-o",
             help="STRATEGY:KEY=VALUE, e.g. fedprox:proximal_mu=0.01 (repeatable)")] = None,
-        task: Annotated[str, typer.Option(help="task name (`medfed tasks`)")] = "tiny-seg",
+        task: TaskOpt = "tiny-seg",
         sites: Annotated[int, typer.Option(
             min=2, help=f"number of sites (at most {MAX_DEPLOYED_SITES} deployed)")] = 3,
         engine: Annotated[str, typer.Option(
             help="deployment (a SuperLink and site daemons on 127.0.0.1) | simulation "
                  "(simulated sites in this process; many sites)")] = "deployment",
-        rounds: Annotated[int, typer.Option(min=1, help="federated rounds per run")] = 3,
-        seed: Annotated[int, typer.Option(help="seed of the initial model")] = 0,
+        rounds: RoundsOpt = 3,
+        seed: SeedOpt = 0,
         repeats: Annotated[int, typer.Option(
             min=1, help="runs of each combination, at seeds SEED, SEED+1, ...: the table "
                         "shows their mean and standard deviation")] = 1,
-        local_epochs: Annotated[int | None, typer.Option(
-            help="local epochs per round (default: the task's)")] = None,
-        batch_size: Annotated[int | None, typer.Option(
-            help="local batch size (default: the task's)")] = None,
-        lr: Annotated[float | None, typer.Option(
-            help="local learning rate (default: the task's)")] = None,
+        local_epochs: LocalEpochsOpt = None,
+        batch_size: BatchSizeOpt = None,
+        lr: LrOpt = None,
         dp: Annotated[str, typer.Option(
             help="comma-separated DP modes to compare: off | sample (DP-SGD) | update; "
                  "with off among others, each DP run is scored against its off twin")
         ] = "off",
-        noise_multiplier: Annotated[float | None, typer.Option(
-            help="DP noise multiplier (default 1.0; with --target-epsilon, a floor)")] = None,
-        target_epsilon: Annotated[float, typer.Option(
-            help="DP: each site derives the least noise that keeps its epsilon over the run "
-                 "at or below this; 0 = use --noise-multiplier")] = 0.0,
-        max_grad_norm: Annotated[float, typer.Option(help="DP-SGD per-sample clip")] = 1.0,
-        clipping_norm: Annotated[float, typer.Option(help="update-level DP clip")] = 1.0,
-        delta: Annotated[float, typer.Option(help="DP target delta")] = 1e-5,
-        accountant: Annotated[str, typer.Option(help="rdp | prv")] = "rdp",
-        dp_optimizer: Annotated[str, typer.Option(help="DP-SGD optimizer: adam | sgd")] = "adam",
-        dp_average: Annotated[float, typer.Option(
-            help="DP-SGD: send the moving average of the iterates (decay); 0 = off")] = 0.0,
+        noise_multiplier: NoiseMultiplierOpt = None,
+        target_epsilon: TargetEpsilonOpt = 0.0,
+        max_grad_norm: MaxGradNormOpt = 1.0,
+        clipping_norm: ClippingNormOpt = 1.0,
+        delta: DeltaOpt = 1e-5,
+        accountant: AccountantOpt = "rdp",
+        dp_optimizer: DpOptimizerOpt = "adam",
+        dp_average: DpAverageOpt = 0.0,
         dp_local_epochs: Annotated[int | None, typer.Option(
             help="local epochs of the DP runs (default: --local-epochs)")] = None,
         dp_batch_size: Annotated[int | None, typer.Option(
             help="batch size of the DP runs (default: --batch-size)")] = None,
         dp_lr: Annotated[float | None, typer.Option(
             help="learning rate of the DP runs (default: --lr)")] = None,
-        init_weights: Annotated[str, typer.Option(
-            help="every run's starting weights: random | public (the task's weights "
-                 "pretrained on public data)")] = "random",
+        init_weights: InitWeightsOpt = "random",
         out: Annotated[Path | None, typer.Option(
             help="folder for the federation and compare.json "
                  "(default: ./medfed-compare/<time>)")] = None,

@@ -13,6 +13,16 @@ from typing import Annotated
 import typer
 
 from medfed.cli.main import console, interrupt_on_signal
+from medfed.cli.options import (
+    DpOpt,
+    InitWeightsOpt,
+    NoiseMultiplierOpt,
+    RoundsOpt,
+    SecureAggregationOpt,
+    StrategyOpt,
+    TargetEpsilonOpt,
+    TaskOpt,
+)
 from medfed.cli.progress import ProgressView
 from medfed.core.errors import MedfedError
 
@@ -25,19 +35,14 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path | None, typer.Option(
             help="folder for the federation (default: ./medfed-demo/<time>)")] = None,
         sites: Annotated[int, typer.Option(min=2, max=8, help="number of sites")] = 3,
-        rounds: Annotated[int, typer.Option(min=1, help="federated rounds")] = 3,
-        task: Annotated[str, typer.Option(help="task name")] = "brain-tissue-seg",
-        strategy: Annotated[str, typer.Option(help="strategy name")] = "fedavg",
-        dp: Annotated[str, typer.Option(help="off | sample (DP-SGD) | update")] = "off",
-        noise_multiplier: Annotated[float | None, typer.Option(
-            help="DP noise multiplier (default 1.0; with --target-epsilon, a floor)")] = None,
-        target_epsilon: Annotated[float, typer.Option(
-            help="DP: each site derives the least noise that keeps its epsilon over the run "
-                 "at or below this; 0 = use --noise-multiplier")] = 0.0,
-        secure_aggregation: Annotated[str, typer.Option(
-            help="default | strict | off (debugging only)")] = "default",
-        init_weights: Annotated[str, typer.Option(
-            help="random | public (start from the task's public-data weights)")] = "random",
+        rounds: RoundsOpt = 3,
+        task: TaskOpt = "brain-tissue-seg",
+        strategy: StrategyOpt = "fedavg",
+        dp: DpOpt = "off",
+        noise_multiplier: NoiseMultiplierOpt = None,
+        target_epsilon: TargetEpsilonOpt = 0.0,
+        secure_aggregation: SecureAggregationOpt = "default",
+        init_weights: InitWeightsOpt = "random",
         source: Annotated[str, typer.Option(
             help="where sites read data: synthetic (generated in memory) | dicom-folder "
                  "(DICOM files written for each site) | dicomweb (each site's own Orthanc "

@@ -10,8 +10,7 @@ from typing import Annotated
 import typer
 
 from medfed.cli.main import console, interrupt_on_signal
-from medfed.cli.progress import ProgressView
-from medfed.cli.run_cmd import (
+from medfed.cli.options import (
     AccountantOpt,
     AdaptationOpt,
     BatchSizeOpt,
@@ -39,9 +38,9 @@ from medfed.cli.run_cmd import (
     StrategyOptionOpt,
     TargetEpsilonOpt,
     TaskOpt,
-    build_run_config,
-    print_summary,
 )
+from medfed.cli.progress import ProgressView
+from medfed.cli.run_cmd import build_run_config, print_summary
 from medfed.core.errors import ConfigError
 
 #: What ``--partition`` may be: each site's data as it is, or a pooled dataset shared out.
