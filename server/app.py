@@ -11,7 +11,9 @@ import hashlib
 import os
 import random
 import time
+from collections.abc import MutableMapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -93,10 +95,21 @@ def signed_run_entries(context: Context, run: RunConfig) -> dict[str, str]:
                                         or run.to_json())}
     if proof := context.run_config.get(wire.RUN_PROOF_KEY):
         entries[wire.RUN_PROOF_KEY] = str(proof)
-    crl = Path(os.environ.get(REVOCATIONS_ENV) or "/nonexistent")
-    if crl.is_file():  # read as the run starts: a revocation reaches sites with the next run
-        entries[wire.REVOCATIONS_KEY] = crl.read_text(encoding="ascii")
+    pass_on_revocations(entries)
     return entries
+
+
+def pass_on_revocations(*holders: MutableMapping[str, Any]) -> None:
+    """Put the CA's current revocation list of coordinators in each of ``holders``.
+
+    Called as the run starts and after every round, so that a coordinator revoked
+    while its run goes on is refused by the sites from the next round on.
+    """
+    crl = Path(os.environ.get(REVOCATIONS_ENV) or "/nonexistent")
+    if crl.is_file():
+        text = crl.read_text(encoding="ascii")
+        for holder in holders:
+            holder[wire.REVOCATIONS_KEY] = text
 
 
 def run_in_folder(grid: Grid, context: Context, run: RunConfig, folder: RunFolder, *,
@@ -195,13 +208,13 @@ def run_in_folder(grid: Grid, context: Context, run: RunConfig, folder: RunFolde
             recorder.finish_round(server_round, checkpoint=path.name,
                                   unchanged=digest == previous[0])
             previous[:] = [digest]
+            pass_on_revocations(signed_run, config, evaluate_config)  # revoked meanwhile?
 
-        config = ConfigRecord(signed_run)
+        config, evaluate_config = ConfigRecord(signed_run), ConfigRecord(signed_run)
         result = run_rounds(
             strategy, grid=recorder, arrays=start,
             first_round=done + 1, num_rounds=run.rounds, timeout=run.round_timeout_s,
-            train_config=config,
-            evaluate_config=ConfigRecord(signed_run),
+            train_config=config, evaluate_config=evaluate_config,
             end_of_round=end_of_round, result=result)
         metrics = folder.read_metrics()
         # Cross-site row of the global model: the last round's evaluation at every site.

@@ -158,3 +158,23 @@ def test_a_revoked_coordinators_runs_are_refused_at_sites_and_stay_refused(
                   revocations=listed).header["ok"]
     assert [r["rule"] for r in worker.audit.read() if r["event"] == "refused"] == \
         ["run.signature"] * 4
+
+
+def test_the_server_passes_on_the_revocation_list_current_at_each_round(
+        ca: CertificateAuthority, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.app import ConfigRecord
+
+    from medfed.server.app import REVOCATIONS_ENV, pass_on_revocations
+
+    crl = tmp_path / "revoked-coordinators.pem"
+    monkeypatch.setenv(REVOCATIONS_ENV, str(crl))
+    entries = {wire.RUN_CONFIG_KEY: RUN}
+    train, evaluate = ConfigRecord(entries), ConfigRecord(entries)
+    pass_on_revocations(entries, train, evaluate)  # nobody revoked yet: nothing attached
+    assert all(wire.REVOCATIONS_KEY not in h for h in (entries, train, evaluate))
+    for number in (0, 1):  # a revocation during the run reaches the next round's messages
+        crl.write_bytes(ca.issue_revocations([100 + number], number=number)
+                        .public_bytes(serialization.Encoding.PEM))
+        pass_on_revocations(entries, train, evaluate)
+        assert entries[wire.REVOCATIONS_KEY] == train[wire.REVOCATIONS_KEY] == \
+            evaluate[wire.REVOCATIONS_KEY] == crl.read_text()
