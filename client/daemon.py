@@ -37,6 +37,7 @@ from medfed.core.errors import ConfigError, IdentityError, MedfedError, ProcessE
 from medfed.core.flower_env import flower_env
 from medfed.core.identity import TlsProblem, diagnose_tls, load_certificates
 from medfed.core.procs import Managed, RestartBackoff, require_free_port, wait_for_port
+from medfed.core.secagg import fingerprint
 
 log = logging.getLogger("medfed.site")
 
@@ -124,12 +125,16 @@ class SiteDaemon:
         """Start the worker (in a thread of this process) and the SuperNode."""
         self.check()
         self.worker = SiteWorker(self.config, self.config_path, verify_identities=True)
+        # a site made before identities were enrolled gets keys/secagg-identity.pub here,
+        # to send to the coordinator (its peers mask only with a certified key)
+        identity = self.worker.secure.identity
         self._server = bind(self.worker, self.path(self.config.site.worker_socket))
         self._thread = threading.Thread(target=self._server.serve_forever,
                                         kwargs={"poll_interval": 0.2}, daemon=True,
                                         name="medfed-worker")
         self._thread.start()
-        self.worker.audit.record("daemon-started", site=self.name, device=str(self.worker.device))
+        self.worker.audit.record("daemon-started", site=self.name, device=str(self.worker.device),
+                                 secagg_identity=fingerprint(identity.public_bytes))
         self.worker.privacy.check_at_start()  # a ledger the audit log disowns refuses DP rounds
         self.supernode = self.supernode_process().start()
         # The executor dials the SuperNode's runtime API; dialling before it listens only

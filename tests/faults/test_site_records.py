@@ -23,9 +23,11 @@ from dicom_zoo import build_zoo
 
 from medfed.client.audit import AuditLog
 from medfed.client.ledger import PrivacyLedger
+from medfed.client.secure_site import load_identity
 from medfed.core.config import RunConfig
 from medfed.core.privacy_accounting import epsilon_of_history
 from medfed.core.runs import RunFolder
+from medfed.core.secagg import fingerprint
 from medfed.local import LocalFederation
 from medfed.server.follow import follow_run
 
@@ -62,6 +64,10 @@ def test_a_damaged_cache_entry_and_a_torn_audit_line_do_not_stop_a_site(
         # trained on its 3 labelled series; the zoo's series that decode are counted
         assert loaded["data"]["subjects-train"] + loaded["data"]["subjects-val"] == 3, loaded
         assert loaded["data"]["unlabelled"] > 20, loaded
+        # the daemon says which secure-aggregation key it holds: the one enrolment certified
+        (started, *_) = [r for r in AuditLog(site_a / "audit.jsonl").read()
+                         if r["event"] == "daemon-started"]
+        assert started["secagg_identity"] == fingerprint(load_identity(site_a).public_bytes)
         daemon = next(p for p in fed.group.members if p.name == "site daemon site-a")
         daemon.stop()  # the warm worker keeps decoded data: a restart reads the cache again
         entries = sorted((site_a / "cache").glob("series-*.npz"))
