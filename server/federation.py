@@ -92,9 +92,10 @@ class Federation:
         registry = self.coordinators
         path = self.path(self.config.coordinator.credential)
         if registry.path.exists():
-            if path.exists() and CoordinatorCredential.load(path).certificate is None:
+            own = CoordinatorCredential.load(path) if path.exists() else None
+            if own is not None and own.certificate is None:
                 # made before runs were signed: certify it, or sites refuse its runs
-                CoordinatorCredential.load(path).recertify(path, self.certificate_authority())
+                own.recertify(path, self.certificate_authority())
             return False
         credential = (CoordinatorCredential.load(path) if path.exists()
                       else CoordinatorCredential.create(path, "coordinator",
@@ -205,13 +206,15 @@ def read_enrolled(sites_file: Path) -> list[dict[str, str]]:
 
 def secagg_certificates(sites_file: Path) -> dict[bytes, str]:
     """Enrolled sites' secure-aggregation certificates (PEM), by the raw key they certify."""
-    certificates = {}
-    for site in read_enrolled(sites_file):
-        if pem := site.get("secagg_certificate"):
-            key = x509.load_pem_x509_certificate(pem.encode()).public_key()
-            if isinstance(key, Ed25519PublicKey):
-                certificates[raw_public_bytes(key)] = pem
-    return certificates
+    return {raw_public_bytes(key): site["secagg_certificate"]
+            for site in read_enrolled(sites_file) if (key := _secagg_key(site)) is not None}
+
+
+def _secagg_key(site: dict[str, str]) -> Ed25519PublicKey | None:
+    """The secure-aggregation key an enrolled site's certificate vouches for (None: none)."""
+    pem = site.get("secagg_certificate")
+    key = x509.load_pem_x509_certificate(pem.encode()).public_key() if pem else None
+    return key if isinstance(key, Ed25519PublicKey) else None
 
 
 def load_secagg_public_key(path: Path) -> Ed25519PublicKey:
@@ -235,11 +238,9 @@ def _recertify_secagg(fed: Federation, ca: CertificateAuthority) -> None:
     """Certify every enrolled site's secure-aggregation key again, with ``ca``."""
     sites = fed.enrolled()
     for site in sites:
-        if pem := site.get("secagg_certificate"):
-            key = x509.load_pem_x509_certificate(pem.encode()).public_key()
-            if isinstance(key, Ed25519PublicKey):
-                site["secagg_certificate"] = certificate_pem(
-                    ca.issue_key_cert(site["name"], key, SECAGG_USAGE))
+        if (key := _secagg_key(site)) is not None:
+            site["secagg_certificate"] = certificate_pem(
+                ca.issue_key_cert(site["name"], key, SECAGG_USAGE))
     if sites:
         atomic_write(fed.sites_file, tomli_w.dumps({"site": sites}).encode())
 

@@ -23,7 +23,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
 from medfed.core.errors import IdentityError
 from medfed.core.files import atomic_write
-from medfed.core.key_certs import issue_key_cert, issue_revocations
+from medfed.core.key_certs import issue_key_cert, issue_revocations, issued_by
 
 CURVE = ec.SECP384R1()
 CA_VALIDITY_DAYS = 3650
@@ -352,13 +352,6 @@ def _cn(name: x509.Name) -> str:
     return str(cns[0].value) if cns else name.rfc4514_string()
 
 
-def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
-    try:
-        cert.verify_directly_issued_by(ca)
-    except Exception:  # noqa: BLE001 - a wrong issuer, signature or key type: not issued by it
-        return False
-    return True
-
 
 def _names_host(cert: x509.Certificate, host: str) -> bool:
     try:
@@ -388,7 +381,7 @@ def diagnose_server_certificate(
     day = "%Y-%m-%d %H:%M UTC"
     if server_cert is None:
         return TlsDiagnosis(TlsProblem.NO_CERTIFICATE, "no server presented a certificate")
-    issuer = next((ca for ca in pinned if _issued_by(server_cert, ca)), None)
+    issuer = next((ca for ca in pinned if issued_by(server_cert, ca)), None)
     valid_pins = [ca for ca in pinned if ca.not_valid_after_utc >= now]
     if issuer is None and pinned and not valid_pins:
         last = max(ca.not_valid_after_utc for ca in pinned)

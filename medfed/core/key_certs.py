@@ -60,7 +60,7 @@ def check_key_cert(cert: x509.Certificate, cas: list[x509.Certificate], *, name:
     ``cas``: the CA certificates the site trusts (two during a rotation); ``what``
     names the certificate in messages ("coordinator 'alice'", "site 'b'").
     """
-    if not any(_issued_by(cert, ca) for ca in cas):
+    if not any(issued_by(cert, ca) for ca in cas):
         raise CertificateRejected(f"{what}'s certificate was not issued by the federation CA "
                                   "this site pinned")
     moment = now or dt.datetime.now(dt.timezone.utc)
@@ -95,14 +95,24 @@ def issue_revocations(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certific
     return builder.sign(ca_key, hashes.SHA384())
 
 
-def check_revocations(pem: str, cas: list[x509.Certificate]) -> tuple[int, frozenset[int]]:
-    """(CRL number, revoked serials) of a CRL one of ``cas`` signed; CertificateRejected if not."""
+def _load_revocations(pem: str) -> tuple[x509.CertificateRevocationList, int]:
     try:
         crl = x509.load_pem_x509_crl(pem.encode())
-        number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+        return crl, crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
     except (ValueError, x509.ExtensionNotFound) as exc:
         raise CertificateRejected(f"the coordinator revocation list is malformed ({exc})"
                                   ) from None
+
+
+def read_revocations(pem: str) -> tuple[int, frozenset[int]]:
+    """(CRL number, revoked serials) of a CRL already checked; CertificateRejected if malformed."""
+    crl, number = _load_revocations(pem)
+    return number, frozenset(r.serial_number for r in crl)
+
+
+def check_revocations(pem: str, cas: list[x509.Certificate]) -> tuple[int, frozenset[int]]:
+    """(CRL number, revoked serials) of a CRL one of ``cas`` signed; CertificateRejected if not."""
+    crl, number = _load_revocations(pem)
     for ca in cas:
         try:
             if crl.issuer == ca.subject and crl.is_signature_valid(ca.public_key()):
@@ -123,7 +133,8 @@ def certificate_pem(cert: x509.Certificate) -> str:
     return cert.public_bytes(serialization.Encoding.PEM).decode()
 
 
-def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+def issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    """Whether ``cert`` carries a valid signature of ``ca``."""
     try:
         cert.verify_directly_issued_by(ca)
     except Exception:  # InvalidSignature, ValueError, TypeError: not this CA's
