@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed-stamp
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: demo test test-quick bench env clean orthanc
+.PHONY: demo test test-quick lint bench env clean orthanc
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -38,7 +38,12 @@ demo: $(STAMP)
 
 # Tests run on every core (pytest-xdist), a module per worker: the end-to-end tests
 # mostly wait on processes and loopback, so two of them share two cores well.
-test: $(STAMP) orthanc
+# Style first (seconds): ruff's formatter and linter over the whole tree, as pinned.
+lint: $(STAMP)
+	$(BIN)/ruff format --check --quiet .
+	$(BIN)/ruff check --quiet .
+
+test: $(STAMP) lint orthanc
 	$(BIN)/python -m pytest -n auto --dist loadscope
 
 test-quick: $(STAMP)

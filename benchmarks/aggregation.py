@@ -102,11 +102,17 @@ def _one_round(path: str, size: int, updates: int, seed: int) -> tuple[float, fl
 
     def reply(weight: int, data: bytes) -> Message:
         array = Array(dtype="float32", shape=(size,), stype=SType.NUMPY, data=data)
-        return Message(RecordDict({
-            wire.ARRAYS_KEY: ArrayRecord({WEIGHTS_KEY: array}),
-            wire.METRICS_KEY: MetricRecord({wire.WEIGHT_KEY: weight, "loss": 0.5}),
-            wire.SITE_RECORD_KEY: ConfigRecord({"name": "site"})}),
-            dst_node_id=0, message_type=MessageType.TRAIN)
+        return Message(
+            RecordDict(
+                {
+                    wire.ARRAYS_KEY: ArrayRecord({WEIGHTS_KEY: array}),
+                    wire.METRICS_KEY: MetricRecord({wire.WEIGHT_KEY: weight, "loss": 0.5}),
+                    wire.SITE_RECORD_KEY: ConfigRecord({"name": "site"}),
+                }
+            ),
+            dst_node_id=0,
+            message_type=MessageType.TRAIN,
+        )
 
     spent = 0.0
     arrivals = _arrivals(size, updates, seed)
@@ -167,12 +173,14 @@ def _scratch_folder() -> Any:
     from medfed.core.config import RunConfig
     from medfed.core.runs import RunFolder
 
-    return RunFolder.create(Path(tempfile.mkdtemp(prefix="medfed-bench-")), 1,
-                            RunConfig(task="tiny-seg", rounds=1))
+    return RunFolder.create(
+        Path(tempfile.mkdtemp(prefix="medfed-bench-")), 1, RunConfig(task="tiny-seg", rounds=1)
+    )
 
 
-def _secure(size: int, updates: int, seed: int) -> tuple[Callable[[int, bytes], None],
-                                                       Callable[[], Any], int]:
+def _secure(
+    size: int, updates: int, seed: int
+) -> tuple[Callable[[int, bytes], None], Callable[[], Any], int]:
     """The server's secure path over ``updates`` sites' signed 32-bit vectors."""
     from medfed.core.packing import npy_bytes, npy_view
     from medfed.core.secagg import (
@@ -200,11 +208,20 @@ def _secure(size: int, updates: int, seed: int) -> tuple[Callable[[int, bytes], 
     for site in ids:  # the sites' part: outside the timer and the memory baseline
         words = rng.integers(0, 2**bits, size=size, dtype=np.uint32 if bits == 32 else np.uint64)
         words[-1] = 1  # the weight coordinate: its masks would cancel; keep the sum positive
-        unsigned = MaskedUpdate("bench", 1, site, bits, parts, size, words,
-                                digest=vector_digest(words))
-        update = MaskedUpdate("bench", 1, site, bits, parts, size, words,
-                              digest=unsigned.digest,
-                              signature=idents[site].sign(unsigned.signed_payload()))
+        unsigned = MaskedUpdate(
+            "bench", 1, site, bits, parts, size, words, digest=vector_digest(words)
+        )
+        update = MaskedUpdate(
+            "bench",
+            1,
+            site,
+            bits,
+            parts,
+            size,
+            words,
+            digest=unsigned.digest,
+            signature=idents[site].sign(unsigned.signed_payload()),
+        )
         signed.append((update.header(), npy_bytes(words)))
         del words
     queue = iter(signed)
@@ -226,8 +243,7 @@ def _child(args: argparse.Namespace) -> None:
 
     # Flower stamps each message with the run of the ServerApp process it is made in
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    rounds = [_one_round(args.child, args.size, args.updates, seed) for seed in
-              range(args.rounds)]
+    rounds = [_one_round(args.child, args.size, args.updates, seed) for seed in range(args.rounds)]
     print(json.dumps({"seconds": [r[0] for r in rounds], "peak": [r[1] for r in rounds]}))
 
 
@@ -247,8 +263,10 @@ def main() -> None:
         return
     model = 4 * args.size
     per_round = model * args.updates
-    print(f"aggregation of {args.updates} updates x {args.size:,} float32 parameters "
-          f"({per_round / 1e9:.2f} GB per round), median of {args.rounds} rounds")
+    print(
+        f"aggregation of {args.updates} updates x {args.size:,} float32 parameters "
+        f"({per_round / 1e9:.2f} GB per round), median of {args.rounds} rounds"
+    )
     figures: dict[str, dict[str, float]] = {}
     # Large buffers come from mmap and go back to the system when freed, so that the
     # resident memory measured is what is alive (glibc would otherwise keep freed
@@ -256,29 +274,54 @@ def main() -> None:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
     for path in PATHS:
         out = subprocess.run(
-            [sys.executable, __file__, "--child", path, "--size", str(args.size),
-             "--updates", str(args.updates), "--rounds", str(args.rounds)],
-            capture_output=True, text=True, check=True, env=env)
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                path,
+                "--size",
+                str(args.size),
+                "--updates",
+                str(args.updates),
+                "--rounds",
+                str(args.rounds),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+        )
         got = json.loads(out.stdout.strip().splitlines()[-1])
         seconds = statistics.median(got["seconds"])
-        figures[path] = {"gbps": per_round / seconds / 1e9, "seconds": seconds,
-                         "peak_models": max(got["peak"]) / model}
-        print(f"  {path:7s} {seconds * 1e3:8.1f} ms/round  {figures[path]['gbps']:6.2f} GB/s  "
-              f"peak RSS growth {figures[path]['peak_models']:5.2f} models")
+        figures[path] = {
+            "gbps": per_round / seconds / 1e9,
+            "seconds": seconds,
+            "peak_models": max(got["peak"]) / model,
+        }
+        print(
+            f"  {path:7s} {seconds * 1e3:8.1f} ms/round  {figures[path]['gbps']:6.2f} GB/s  "
+            f"peak RSS growth {figures[path]['peak_models']:5.2f} models"
+        )
     anchor = figures["numpy"]["gbps"]
     for path in ("medfed", "secure"):
         f = figures[path]
         name = "plain" if path == "medfed" else "secure"
-        print(f"BENCH aggregation {name}_throughput value={f['gbps']:.3f} anchor={anchor:.3f} "
-              f"ratio={f['gbps'] / anchor:.3f} target>=0.8 unit=GB/s")
+        print(
+            f"BENCH aggregation {name}_throughput value={f['gbps']:.3f} anchor={anchor:.3f} "
+            f"ratio={f['gbps'] / anchor:.3f} target>=0.8 unit=GB/s"
+        )
     flower = figures["flower"]
-    print(f"BENCH aggregation flower_throughput value={flower['gbps']:.3f} anchor={anchor:.3f} "
-          f"ratio={flower['gbps'] / anchor:.3f} target>=0 unit=GB/s")
+    print(
+        f"BENCH aggregation flower_throughput value={flower['gbps']:.3f} anchor={anchor:.3f} "
+        f"ratio={flower['gbps'] / anchor:.3f} target>=0 unit=GB/s"
+    )
     for path in ("medfed", "secure"):
         name = "plain" if path == "medfed" else "secure"
         f = figures[path]
-        print(f"BENCH aggregation {name}_peak_rss value={f['peak_models'] * model / 1e6:.1f} "
-              f"anchor={model / 1e6:.1f} ratio={f['peak_models']:.3f} target<=3 unit=MB")
+        print(
+            f"BENCH aggregation {name}_peak_rss value={f['peak_models'] * model / 1e6:.1f} "
+            f"anchor={model / 1e6:.1f} ratio={f['peak_models']:.3f} target<=3 unit=MB"
+        )
 
 
 if __name__ == "__main__":

@@ -57,10 +57,16 @@ def make_site(root: Path, *, n_series: int, n_slices: int, size: int, seed: int 
     rng = np.random.default_rng(seed)
     for s in range(n_series):
         base = rng.integers(0, 1500, size=(size, size, 1), dtype=np.int16)
-        stored = (base + rng.integers(0, 50, size=(size, size, n_slices), dtype=np.int16))
+        stored = base + rng.integers(0, 50, size=(size, size, n_slices), dtype=np.int16)
         geometry = SyntheticGeometry(spacing=(0.8, 0.8, 2.0), origin=(-50.0, -50.0, 10.0 * s))
-        write_series(root / f"study{s:02d}" / "series", stored.astype(np.int16), geometry=geometry,
-                     slope=1.0, intercept=-1024.0, transfer_syntax=SYNTAXES[s % len(SYNTAXES)])
+        write_series(
+            root / f"study{s:02d}" / "series",
+            stored.astype(np.int16),
+            geometry=geometry,
+            slope=1.0,
+            intercept=-1024.0,
+            transfer_syntax=SYNTAXES[s % len(SYNTAXES)],
+        )
     return n_series * n_slices
 
 
@@ -86,17 +92,23 @@ def pacs_path(root: Path, work: Path, total: int, repeats: int) -> list[str]:
         print(f"PACS path skipped: {missing} (apt-get install orthanc orthanc-dicomweb)")
         return []
     with LocalOrthanc(work / "orthanc") as server:
-        pacs = PacsSection(url=server.url, credentials=str(
-            server.write_credentials(work / "pacs-credentials.toml")), query=PacsQuery())
+        pacs = PacsSection(
+            url=server.url,
+            credentials=str(server.write_credentials(work / "pacs-credentials.toml")),
+            query=PacsQuery(),
+        )
         pushed = push_folder(root, pacs)
         megabytes = pushed.bytes / 1e6
-        print(f"Orthanc holds {pushed.files} files ({megabytes:.1f} MB), stored in "
-              f"{pushed.seconds:.1f} s")
+        print(
+            f"Orthanc holds {pushed.files} files ({megabytes:.1f} MB), stored in "
+            f"{pushed.seconds:.1f} s"
+        )
         cold, warm, fetch, raw = [], [], [], []
         for rep in range(repeats):
             raw.append(_raw_wado(pacs_client(pacs), pacs.url))
-            source = DataSourceConfig(kind="dicomweb", pacs=pacs,
-                                      cache_dir=str(work / f"pacs-cache-{rep}"))
+            source = DataSourceConfig(
+                kind="dicomweb", pacs=pacs, cache_dir=str(work / f"pacs-cache-{rep}")
+            )
             mirror = PacsMirror(source)
             t0 = time.perf_counter()
             got = mirror.sync()
@@ -113,16 +125,22 @@ def pacs_path(root: Path, work: Path, total: int, repeats: int) -> list[str]:
             fetch.append(fetched)
     cold_s, warm_s = statistics.median(cold), statistics.median(warm)
     fetch_s, raw_s = statistics.median(fetch), statistics.median(raw)
-    print(f"PACS first pass (fetch + decode): {cold_s:.2f} s; next pass (search + cached "
-          f"read): {warm_s:.3f} s; medians of {repeats}")
-    print(f"WADO-RS: medfed fetch {fetch_s:.2f} s ({megabytes / fetch_s:.1f} MB/s); plain "
-          f"GETs {raw_s:.2f} s ({megabytes / raw_s:.1f} MB/s)")
-    return [f"BENCH data_path pacs_cache_speedup value={total / warm_s:.1f} "
-            f"anchor={total / cold_s:.1f} ratio={cold_s / warm_s:.2f} target>=10 "
-            "unit=slices_per_s",
-            f"BENCH data_path wado_throughput value={megabytes / fetch_s:.1f} "
-            f"anchor={megabytes / raw_s:.1f} ratio={raw_s / fetch_s:.2f} target>=0.5 "
-            "unit=MB_per_s"]
+    print(
+        f"PACS first pass (fetch + decode): {cold_s:.2f} s; next pass (search + cached "
+        f"read): {warm_s:.3f} s; medians of {repeats}"
+    )
+    print(
+        f"WADO-RS: medfed fetch {fetch_s:.2f} s ({megabytes / fetch_s:.1f} MB/s); plain "
+        f"GETs {raw_s:.2f} s ({megabytes / raw_s:.1f} MB/s)"
+    )
+    return [
+        f"BENCH data_path pacs_cache_speedup value={total / warm_s:.1f} "
+        f"anchor={total / cold_s:.1f} ratio={cold_s / warm_s:.2f} target>=10 "
+        "unit=slices_per_s",
+        f"BENCH data_path wado_throughput value={megabytes / fetch_s:.1f} "
+        f"anchor={megabytes / raw_s:.1f} ratio={raw_s / fetch_s:.2f} target>=0.5 "
+        "unit=MB_per_s",
+    ]
 
 
 def _raw_wado(client: Any, url: str) -> float:
@@ -131,9 +149,11 @@ def _raw_wado(client: Any, url: str) -> float:
     t0 = time.perf_counter()
     for record in client.search_for_series(get_remaining=True):
         study, series = (record[tag]["Value"][0] for tag in ("0020000D", "0020000E"))
-        answer = session.get(f"{url}/studies/{study}/series/{series}", stream=True,
-                             headers={"Accept": 'multipart/related; type="application/dicom"; '
-                                                'transfer-syntax=*'})
+        answer = session.get(
+            f"{url}/studies/{study}/series/{series}",
+            stream=True,
+            headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'},
+        )
         answer.raise_for_status()
         for _ in answer.iter_content(1 << 20):
             pass
@@ -151,8 +171,10 @@ def main() -> None:
         root, cache = Path(tmp) / "site", Path(tmp) / "cache"
         t0 = time.perf_counter()
         total = make_site(root, n_series=n_series, n_slices=n_slices, size=size)
-        print(f"wrote {n_series} series x {n_slices} slices of {size}x{size} "
-              f"in {time.perf_counter() - t0:.1f} s")
+        print(
+            f"wrote {n_series} series x {n_slices} slices of {size}x{size} "
+            f"in {time.perf_counter() - t0:.1f} s"
+        )
         t0 = time.perf_counter()
         cold = load_all(root, cache)
         cold_s = time.perf_counter() - t0
@@ -162,10 +184,14 @@ def main() -> None:
         pacs_lines = pacs_path(root, Path(tmp), total, args.repeats)
     assert cold == warm == total, (cold, warm, total)
     anchor, value = total / cold_s, total / warm_s
-    print(f"first decode: {cold_s:.2f} s ({anchor:.0f} slices/s); "
-          f"cached: {warm_s:.3f} s ({value:.0f} slices/s)")
-    print(f"BENCH data_path cache_speedup value={value:.1f} anchor={anchor:.1f} "
-          f"ratio={value / anchor:.2f} target>=10 unit=slices_per_s")
+    print(
+        f"first decode: {cold_s:.2f} s ({anchor:.0f} slices/s); "
+        f"cached: {warm_s:.3f} s ({value:.0f} slices/s)"
+    )
+    print(
+        f"BENCH data_path cache_speedup value={value:.1f} anchor={anchor:.1f} "
+        f"ratio={value / anchor:.2f} target>=10 unit=slices_per_s"
+    )
     for line in pacs_lines:
         print(line)
 

@@ -83,23 +83,31 @@ def plain_step(task: Task, x: torch.Tensor, y: torch.Tensor) -> Callable[[], Non
     return step
 
 
-def dp_step(task: Task, x: torch.Tensor, y: torch.Tensor, mode: str
-            ) -> tuple[Callable[[], None], str]:
+def dp_step(
+    task: Task, x: torch.Tensor, y: torch.Tensor, mode: str
+) -> tuple[Callable[[], None], str]:
     """One DP-SGD step of the same fresh model through ``dp.make_private`` (as dp_train)."""
     torch.manual_seed(0)
     model, loss_fn = task.build_model().train(), task.build_loss()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     loader = DataLoader(TensorDataset(x, y), batch_size=BATCH)
     private = dp.make_private(
-        model, opt, loader, noise_multiplier=1.0, max_grad_norm=1.0,
-        grad_sample_mode=None if mode == "auto" else mode, loss_fn=loss_fn,
-        noise_generator=torch.Generator().manual_seed(0), randomness=SecureRandom(),
+        model,
+        opt,
+        loader,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        grad_sample_mode=None if mode == "auto" else mode,
+        loss_fn=loss_fn,
+        noise_generator=torch.Generator().manual_seed(0),
+        randomness=SecureRandom(),
     )
     return lambda: private.step(loss_fn, x, y), private.mode
 
 
-def measure(plain: Callable[[], None], private: Callable[[], None], steps: int
-            ) -> tuple[float, float]:
+def measure(
+    plain: Callable[[], None], private: Callable[[], None], steps: int
+) -> tuple[float, float]:
     """Median seconds of a plain and a DP step, measured alternately after warm-up."""
     for _ in range(3):
         plain()
@@ -129,11 +137,28 @@ def round_times(task: Task, rounds: int) -> tuple[float, float, float]:
         model = task.build_model()
         t0 = time.perf_counter()
         if private:
-            dp.dp_train(task, model, data, epochs=1, batch_size=BATCH, learning_rate=lr,
-                        noise_multiplier=1.0, max_grad_norm=1.0, device=cpu)
+            dp.dp_train(
+                task,
+                model,
+                data,
+                epochs=1,
+                batch_size=BATCH,
+                learning_rate=lr,
+                noise_multiplier=1.0,
+                max_grad_norm=1.0,
+                device=cpu,
+            )
         else:
-            engine.train(task, model, data, epochs=1, batch_size=BATCH, learning_rate=lr,
-                         device=cpu, generator=torch.Generator().manual_seed(0))
+            engine.train(
+                task,
+                model,
+                data,
+                epochs=1,
+                batch_size=BATCH,
+                learning_rate=lr,
+                device=cpu,
+                generator=torch.Generator().manual_seed(0),
+            )
         return time.perf_counter() - t0
 
     one(False)  # warm-up
@@ -168,19 +193,28 @@ def main() -> None:
                 print(f"{name:22s} {mode:10s} FAILED {type(exc).__name__}: {str(exc)[:120]}")
                 continue
             ratio = value / anchor
-            print(f"{name:22s} {mode}->{used:10s} dp={value:.4f}s plain={anchor:.4f}s "
-                  f"ratio={ratio:.2f}", flush=True)
+            print(
+                f"{name:22s} {mode}->{used:10s} dp={value:.4f}s plain={anchor:.4f}s "
+                f"ratio={ratio:.2f}",
+                flush=True,
+            )
             if i == 0:
-                bench.append(f"BENCH dp_overhead {name}_step_time value={value:.4f} "
-                             f"anchor={anchor:.4f} ratio={ratio:.2f} target<=1.4 unit=s")
+                bench.append(
+                    f"BENCH dp_overhead {name}_step_time value={value:.4f} "
+                    f"anchor={anchor:.4f} ratio={ratio:.2f} target<=1.4 unit=s"
+                )
         if args.rounds > 0:
             plain_round, dp_round, first = round_times(task, args.rounds)
             ratio = dp_round / plain_round
-            print(f"{name:22s} round      dp={dp_round:.4f}s plain={plain_round:.4f}s "
-                  f"ratio={ratio:.2f} (first DP round, with the mode probe: {first:.4f}s)",
-                  flush=True)
-            bench.append(f"BENCH dp_overhead {name}_round_time value={dp_round:.4f} "
-                         f"anchor={plain_round:.4f} ratio={ratio:.2f} target<=1.6 unit=s")
+            print(
+                f"{name:22s} round      dp={dp_round:.4f}s plain={plain_round:.4f}s "
+                f"ratio={ratio:.2f} (first DP round, with the mode probe: {first:.4f}s)",
+                flush=True,
+            )
+            bench.append(
+                f"BENCH dp_overhead {name}_round_time value={dp_round:.4f} "
+                f"anchor={plain_round:.4f} ratio={ratio:.2f} target<=1.6 unit=s"
+            )
     for line in bench:
         print(line)
 

@@ -52,8 +52,9 @@ def centralized(sources: dict, epochs: int) -> tuple[float, dict]:
     task = get_task(TASK)
     torch.set_num_threads(2)
     sites = {name: task.load_site_data(src) for name, src in sources.items()}
-    result = run_baseline(task, sites, "centralized", epochs=epochs,
-                          device=engine.select_device(), seed=0)
+    result = run_baseline(
+        task, sites, "centralized", epochs=epochs, device=engine.select_device(), seed=0
+    )
     row = {s: m[task.primary_metric] for s, m in result.matrix["centralized"].items()}
     return mean_over_sites(result.matrix, task.primary_metric)["centralized"], row
 
@@ -61,18 +62,29 @@ def centralized(sources: dict, epochs: int) -> tuple[float, dict]:
 ADAPTATION = "site-input-output"
 
 
-def federated(root: Path, sources: dict, epochs: int, adaptation: str
-              ) -> tuple[float, dict, dict]:
+def federated(root: Path, sources: dict, epochs: int, adaptation: str) -> tuple[float, dict, dict]:
     """FedAvg over real site daemons; returns mean Dice over sites, the row, the summary."""
     names = list(sources)
     with LocalFederation(root, names, name=f"bench-{adaptation}") as fed:
-        fed.create(site_data=lambda i, name: {
-            k: v for k, v in sources[name].model_dump().items()
-            if k in ("kind", "path", "manifest", "cache_dir", "seed", "val_fraction")})
+        fed.create(
+            site_data=lambda i, name: {
+                k: v
+                for k, v in sources[name].model_dump().items()
+                if k in ("kind", "path", "manifest", "cache_dir", "seed", "val_fraction")
+            }
+        )
         fed.start(timeout=300)
-        folder, summary = fed.run(RunConfig(task=TASK, rounds=epochs, local_epochs=1,
-                                            min_sites=len(names), seed=0,
-                                            adaptation=adaptation), timeout=3600)
+        folder, summary = fed.run(
+            RunConfig(
+                task=TASK,
+                rounds=epochs,
+                local_epochs=1,
+                min_sites=len(names),
+                seed=0,
+                adaptation=adaptation,
+            ),
+            timeout=3600,
+        )
     if summary.get("status") != "completed":
         raise RuntimeError(f"federated run failed: {summary}")
     matrix = json.loads(folder.cross_site_file.read_text())["matrix"]
@@ -87,8 +99,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer subjects and epochs")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--subjects", type=int, default=None)
-    parser.add_argument("--no-shared-only", action="store_true",
-                        help="skip the second federated run without the adaptation hook")
+    parser.add_argument(
+        "--no-shared-only",
+        action="store_true",
+        help="skip the second federated run without the adaptation hook",
+    )
     args = parser.parse_args()
     epochs = args.epochs or (3 if args.quick else 20)
     subjects = args.subjects or (4 if args.quick else 10)
@@ -107,17 +122,23 @@ def main() -> None:
             f_mean, f_row, summary = federated(tmp / adaptation, sources, epochs, adaptation)
             results[adaptation] = f_mean
             median = sorted(summary["round_seconds"].values())[epochs // 2]
-            print(f"federated ({adaptation}): {epochs} rounds x 1 local epoch in "
-                  f"{time.time() - t0:.0f} s (median round {median:.1f} s); "
-                  f"dice per site {f_row}")
+            print(
+                f"federated ({adaptation}): {epochs} rounds x 1 local epoch in "
+                f"{time.time() - t0:.0f} s (median round {median:.1f} s); "
+                f"dice per site {f_row}"
+            )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"mean dice over sites: centralized {c_mean:.4f}, federated "
-          + ", ".join(f"{a} {v:.4f}" for a, v in results.items()))
+    print(
+        f"mean dice over sites: centralized {c_mean:.4f}, federated "
+        + ", ".join(f"{a} {v:.4f}" for a, v in results.items())
+    )
     for adaptation, f_mean in results.items():
         measure = "mean_dice" if adaptation == ADAPTATION else "mean_dice_all_shared"
-        print(f"BENCH fl_vs_central {measure} value={f_mean:.4f} anchor={c_mean:.4f} "
-              f"ratio={f_mean / c_mean:.4f} target>=0.99 unit=dice")
+        print(
+            f"BENCH fl_vs_central {measure} value={f_mean:.4f} anchor={c_mean:.4f} "
+            f"ratio={f_mean / c_mean:.4f} target>=0.99 unit=dice"
+        )
 
 
 if __name__ == "__main__":

@@ -44,19 +44,41 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _train(task: Task, model: torch.nn.Module, data: object, device: torch.device,
-           epochs: int, private: bool) -> tuple[float, int, float]:
+def _train(
+    task: Task,
+    model: torch.nn.Module,
+    data: object,
+    device: torch.device,
+    epochs: int,
+    private: bool,
+) -> tuple[float, int, float]:
     """One call of ``epochs`` epochs, as a site's round is; (seconds, steps, mean loss)."""
     _sync(device)
     t0 = time.perf_counter()
     if private:
-        stats = dp.dp_train(task, model, data, epochs=epochs, batch_size=BATCH,
-                            learning_rate=task.defaults.learning_rate,
-                            noise_multiplier=1.0, max_grad_norm=1.0, device=device)
+        stats = dp.dp_train(
+            task,
+            model,
+            data,
+            epochs=epochs,
+            batch_size=BATCH,
+            learning_rate=task.defaults.learning_rate,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            device=device,
+        )
     else:
-        stats = engine.train(task, model, data, epochs=epochs, batch_size=BATCH,
-                             learning_rate=task.defaults.learning_rate, device=device,
-                             generator=torch.Generator().manual_seed(0), amp=True)
+        stats = engine.train(
+            task,
+            model,
+            data,
+            epochs=epochs,
+            batch_size=BATCH,
+            learning_rate=task.defaults.learning_rate,
+            device=device,
+            generator=torch.Generator().manual_seed(0),
+            amp=True,
+        )
     _sync(device)
     return time.perf_counter() - t0, stats.steps, float(stats.loss)
 
@@ -72,14 +94,20 @@ def check(task: Task, device: torch.device, epochs: int) -> tuple[float, float]:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         seconds, steps, loss = _train(task, model, data, device, epochs, private)
-        peak = (f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
-                if device.type == "cuda" else "n/a on CPU")
+        peak = (
+            f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
+            if device.type == "cuda"
+            else "n/a on CPU"
+        )
         if not (math.isfinite(first) and math.isfinite(loss)):
             raise RuntimeError(f"{task.name}: non-finite loss {first}, {loss} (DP {private})")
         results[private] = seconds / max(steps, 1)
-        print(f"  {task.name:<24} {'DP-SGD' if private else 'plain ':<6} "
-              f"{results[private] * 1e3:8.1f} ms/step over {steps} steps; mean loss "
-              f"{first:.4f} (warm-up epoch) -> {loss:.4f}; peak memory {peak}", flush=True)
+        print(
+            f"  {task.name:<24} {'DP-SGD' if private else 'plain ':<6} "
+            f"{results[private] * 1e3:8.1f} ms/step over {steps} steps; mean loss "
+            f"{first:.4f} (warm-up epoch) -> {loss:.4f}; peak memory {peak}",
+            flush=True,
+        )
     return results[True], results[False]
 
 
@@ -90,16 +118,21 @@ def main() -> None:
     parser.add_argument("--tasks", default="", help="comma-separated (default: all)")
     parser.add_argument("--quick", action="store_true", help="tiny-seg only, 2 epochs")
     args = parser.parse_args()
-    names = (["tiny-seg"] if args.quick else
-             [n for n in args.tasks.split(",") if n] or sorted(TASKS.names()))
+    names = (
+        ["tiny-seg"]
+        if args.quick
+        else [n for n in args.tasks.split(",") if n] or sorted(TASKS.names())
+    )
     epochs = 2 if args.quick else args.epochs
     device = engine.select_device("auto")
     label = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device: {device} ({label}); torch {torch.__version__}; batch {BATCH}", flush=True)
     figures = [(name, *check(TASKS.get(name), device, epochs)) for name in names]
     for name, private, plain in figures:
-        print(f"BENCH gpu_check dp_step_{name} value={private:.5f} anchor={plain:.5f} "
-              f"ratio={private / plain:.3f} target<=1.4 unit=s_per_step_{device.type}")
+        print(
+            f"BENCH gpu_check dp_step_{name} value={private:.5f} anchor={plain:.5f} "
+            f"ratio={private / plain:.3f} target<=1.4 unit=s_per_step_{device.type}"
+        )
 
 
 if __name__ == "__main__":

@@ -212,8 +212,9 @@ SUBJECTS = 40
 BIAS_CORRECTION = "n4"
 
 
-def noise_for(target: float, sizes: list[int], batch: int, epochs: int,
-              accountant: str = "prv") -> float:
+def noise_for(
+    target: float, sizes: list[int], batch: int, epochs: int, accountant: str = "prv"
+) -> float:
     """Smallest noise multiplier keeping every site at or below ``target`` after ``epochs``.
 
     The sites' own derivation (``privacy_accounting.plan_round`` and
@@ -221,32 +222,63 @@ def noise_for(target: float, sizes: list[int], batch: int, epochs: int,
     """
     zs = []
     for n in sizes:
-        (_, rate, steps), = privacy_accounting.plan_round(n, batch_size=batch, epochs=epochs,
-                                                          noise_multiplier=1.0)
-        zs.append(privacy_accounting.noise_for_target(target, DELTA, sample_rate=rate,
-                                                      steps=steps, accountant=accountant))
+        ((_, rate, steps),) = privacy_accounting.plan_round(
+            n, batch_size=batch, epochs=epochs, noise_multiplier=1.0
+        )
+        zs.append(
+            privacy_accounting.noise_for_target(
+                target, DELTA, sample_rate=rate, steps=steps, accountant=accountant
+            )
+        )
     return max(zs)
 
 
-def run_once(root: Path, sources: dict, rounds: int, privacy: dict, local_epochs: int = 1,
-             adaptation: str = ADAPTATION, bias_correction: str = BIAS_CORRECTION,
-             init_weights: str = INIT_WEIGHTS, **hyper: float | int
-             ) -> tuple[float, dict[str, float], dict[str, float]]:
+def run_once(
+    root: Path,
+    sources: dict,
+    rounds: int,
+    privacy: dict,
+    local_epochs: int = 1,
+    adaptation: str = ADAPTATION,
+    bias_correction: str = BIAS_CORRECTION,
+    init_weights: str = INIT_WEIGHTS,
+    **hyper: float | int,
+) -> tuple[float, dict[str, float], dict[str, float]]:
     """One federated run: the mean Dice over sites, and each site's epsilon spent and noise."""
-    budget = {"epsilon_max": 1000.0, "delta": DELTA, "min_noise_multiplier": 0.0,
-              "max_clipping_norm": 10.0, "dp_required": False}
+    budget = {
+        "epsilon_max": 1000.0,
+        "delta": DELTA,
+        "min_noise_multiplier": 0.0,
+        "max_clipping_norm": 10.0,
+        "dp_required": False,
+    }
     with LocalFederation(root, list(sources), name="pu") as fed:
-        fed.create(site_data=lambda i, name: {
-            **{k: v for k, v in sources[name].model_dump().items()
-               if k in ("kind", "path", "manifest", "cache_dir", "seed", "val_fraction")},
-            "bias_correction": bias_correction})
+        fed.create(
+            site_data=lambda i, name: {
+                **{
+                    k: v
+                    for k, v in sources[name].model_dump().items()
+                    if k in ("kind", "path", "manifest", "cache_dir", "seed", "val_fraction")
+                },
+                "bias_correction": bias_correction,
+            }
+        )
         fed.set_budget(**budget)  # a generous budget: the benchmark measures spend
         fed.start(timeout=300)
-        folder, summary = fed.run(RunConfig(task=TASK, rounds=rounds, local_epochs=local_epochs,
-                                            min_sites=len(sources), seed=0, privacy=privacy,
-                                            adaptation=adaptation,
-                                            init_weights=init_weights, **hyper),
-                                  timeout=3600)
+        folder, summary = fed.run(
+            RunConfig(
+                task=TASK,
+                rounds=rounds,
+                local_epochs=local_epochs,
+                min_sites=len(sources),
+                seed=0,
+                privacy=privacy,
+                adaptation=adaptation,
+                init_weights=init_weights,
+                **hyper,
+            ),
+            timeout=3600,
+        )
     if summary.get("status") != "completed":
         raise RuntimeError(f"run failed: {summary}")
     metric = get_task(TASK).primary_metric
@@ -254,8 +286,10 @@ def run_once(root: Path, sources: dict, rounds: int, privacy: dict, local_epochs
     last = [m for m in folder.read_metrics() if m["phase"] == "train" and m["round"] == rounds]
     eps = {m["site"]: m.get("epsilon-run", 0.0) for m in last}
     noise = {m["site"]: m.get("noise-multiplier", 0.0) for m in last}
-    print(f"  {metric} per site: { {s: round(r[metric], 4) for s, r in sorted(row.items())} }",
-          flush=True)
+    print(
+        f"  {metric} per site: { {s: round(r[metric], 4) for s, r in sorted(row.items())} }",
+        flush=True,
+    )
     return sum(r[metric] for r in row.values()) / len(row), eps, noise
 
 
@@ -265,82 +299,155 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--subjects", type=int, default=None)
-    parser.add_argument("--dp-batch", type=int, default=DP_BATCH,
-                        help="expected DP-SGD batch size (Poisson sampling rate x site size)")
+    parser.add_argument(
+        "--dp-batch",
+        type=int,
+        default=DP_BATCH,
+        help="expected DP-SGD batch size (Poisson sampling rate x site size)",
+    )
     parser.add_argument("--dp-lr", type=float, default=DP_LR)
     parser.add_argument("--dp-optimizer", default=DP_OPTIMIZER, choices=("adam", "sgd"))
-    parser.add_argument("--dp-average", type=float, default=DP_AVERAGE,
-                        help="moving-average decay of the DP iterates a site sends (0 = off)")
-    parser.add_argument("--dp-epochs", type=int, default=DP_EPOCHS,
-                        help="local epochs per round of the DP runs")
+    parser.add_argument(
+        "--dp-average",
+        type=float,
+        default=DP_AVERAGE,
+        help="moving-average decay of the DP iterates a site sends (0 = off)",
+    )
+    parser.add_argument(
+        "--dp-epochs", type=int, default=DP_EPOCHS, help="local epochs per round of the DP runs"
+    )
     parser.add_argument("--accountant", default=ACCOUNTANT, choices=("rdp", "prv"))
-    parser.add_argument("--epsilons", default=None,
-                        help="comma-separated target epsilons (default 1,3,8; --quick: 8)")
-    parser.add_argument("--noise-multiplier", type=float, default=None,
-                        help="also run the DP recipe at this fixed noise multiplier")
-    parser.add_argument("--shared-noise", action="store_true",
-                        help="one noise multiplier for all sites, the smallest site's "
-                             "(the earlier recipe) instead of each site's own")
-    parser.add_argument("--adaptation", default=ADAPTATION,
-                        help="domain-adaptation hook of every run")
-    parser.add_argument("--bias-correction", default=BIAS_CORRECTION, choices=("off", "n4"),
-                        help="the sites' MRI bias-field correction ([data] bias_correction)")
-    parser.add_argument("--init-weights", default=INIT_WEIGHTS, choices=("random", "public"),
-                        help="every run's starting weights (random: the earlier benchmark)")
-    parser.add_argument("--privacy-unit", default="sample",
-                        choices=("sample", "scan", "patient"),
-                        help="what epsilon protects: one slice, or a whole scan or patient "
-                             "(then --dp-batch counts those)")
+    parser.add_argument(
+        "--epsilons",
+        default=None,
+        help="comma-separated target epsilons (default 1,3,8; --quick: 8)",
+    )
+    parser.add_argument(
+        "--noise-multiplier",
+        type=float,
+        default=None,
+        help="also run the DP recipe at this fixed noise multiplier",
+    )
+    parser.add_argument(
+        "--shared-noise",
+        action="store_true",
+        help="one noise multiplier for all sites, the smallest site's "
+        "(the earlier recipe) instead of each site's own",
+    )
+    parser.add_argument(
+        "--adaptation", default=ADAPTATION, help="domain-adaptation hook of every run"
+    )
+    parser.add_argument(
+        "--bias-correction",
+        default=BIAS_CORRECTION,
+        choices=("off", "n4"),
+        help="the sites' MRI bias-field correction ([data] bias_correction)",
+    )
+    parser.add_argument(
+        "--init-weights",
+        default=INIT_WEIGHTS,
+        choices=("random", "public"),
+        help="every run's starting weights (random: the earlier benchmark)",
+    )
+    parser.add_argument(
+        "--privacy-unit",
+        default="sample",
+        choices=("sample", "scan", "patient"),
+        help="what epsilon protects: one slice, or a whole scan or patient "
+        "(then --dp-batch counts those)",
+    )
     args = parser.parse_args()
     rounds = args.rounds or (3 if args.quick else 10)
     subjects = args.subjects or (4 if args.quick else SUBJECTS)
-    epsilons = ([float(e) for e in args.epsilons.split(",")] if args.epsilons
-                else [8.0] if args.quick else [1.0, 3.0, 8.0])
+    epsilons = (
+        [float(e) for e in args.epsilons.split(",")]
+        if args.epsilons
+        else [8.0]
+        if args.quick
+        else [1.0, 3.0, 8.0]
+    )
     task = get_task(TASK)
     tmp = Path(tempfile.mkdtemp(prefix="medfed-pu-"))
     try:
         synthesize_sites(tmp / "data", sites=4, subjects_per_site=subjects, seed=0)
         sources = site_sources(tmp / "data", seed=0)
-        sizes = [dp_units.privacy_units(len(d.train), d.train_units, args.privacy_unit)
-                 for d in map(task.load_site_data, sources.values())] if args.shared_noise else []
+        sizes = (
+            [
+                dp_units.privacy_units(len(d.train), d.train_units, args.privacy_unit)
+                for d in map(task.load_site_data, sources.values())
+            ]
+            if args.shared_noise
+            else []
+        )
         t0 = time.time()
-        plain, _, _ = run_once(tmp / "plain", sources, rounds, {}, adaptation=args.adaptation,
-                               bias_correction=args.bias_correction,
-                               init_weights=args.init_weights)
+        plain, _, _ = run_once(
+            tmp / "plain",
+            sources,
+            rounds,
+            {},
+            adaptation=args.adaptation,
+            bias_correction=args.bias_correction,
+            init_weights=args.init_weights,
+        )
         print(f"no DP: dice {plain:.4f} ({time.time() - t0:.0f} s)", flush=True)
         results = {}
         # (target epsilon, noise): each site derives its own noise from the target, or
         # (--shared-noise, --noise-multiplier) every site adds the noise given.
         runs: list[tuple[float | None, dict[str, float]]] = [
-            (eps, {"noise_multiplier": noise_for(eps, sizes, args.dp_batch,
-                                                 rounds * args.dp_epochs, args.accountant)}
-             if args.shared_noise else {"target_epsilon": eps})
-            for eps in epsilons]
+            (
+                eps,
+                {
+                    "noise_multiplier": noise_for(
+                        eps, sizes, args.dp_batch, rounds * args.dp_epochs, args.accountant
+                    )
+                }
+                if args.shared_noise
+                else {"target_epsilon": eps},
+            )
+            for eps in epsilons
+        ]
         if args.noise_multiplier is not None:
             runs.append((None, {"noise_multiplier": args.noise_multiplier}))
         for i, (eps, noise_asked) in enumerate(runs):
             t0 = time.time()
-            dice, spent, noise = run_once(tmp / f"dp{i}", sources, rounds, {
-                "mode": "sample", **noise_asked, "max_grad_norm": CLIP,
-                "target_delta": DELTA, "accountant": args.accountant,
-                "optimizer": args.dp_optimizer,
-                "average_iterates": args.dp_average, "unit": args.privacy_unit},
-                adaptation=args.adaptation, bias_correction=args.bias_correction,
-                init_weights=args.init_weights, batch_size=args.dp_batch,
-                learning_rate=args.dp_lr, local_epochs=args.dp_epochs)
+            dice, spent, noise = run_once(
+                tmp / f"dp{i}",
+                sources,
+                rounds,
+                {
+                    "mode": "sample",
+                    **noise_asked,
+                    "max_grad_norm": CLIP,
+                    "target_delta": DELTA,
+                    "accountant": args.accountant,
+                    "optimizer": args.dp_optimizer,
+                    "average_iterates": args.dp_average,
+                    "unit": args.privacy_unit,
+                },
+                adaptation=args.adaptation,
+                bias_correction=args.bias_correction,
+                init_weights=args.init_weights,
+                batch_size=args.dp_batch,
+                learning_rate=args.dp_lr,
+                local_epochs=args.dp_epochs,
+            )
             label = f"epsilon {eps:g}" if eps is not None else "fixed noise"
             per_site = lambda d: {s: round(v, 3) for s, v in sorted(d.items())}  # noqa: E731
-            print(f"{label}: dice {dice:.4f} ({time.time() - t0:.0f} s); noise multiplier "
-                  f"per site {per_site(noise)}; epsilon spent per site {per_site(spent)}",
-                  flush=True)
+            print(
+                f"{label}: dice {dice:.4f} ({time.time() - t0:.0f} s); noise multiplier "
+                f"per site {per_site(noise)}; epsilon spent per site {per_site(spent)}",
+                flush=True,
+            )
             if eps is not None:
                 results[eps] = dice
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for eps, dice in results.items():
         target = " target>=0.95" if eps == 8.0 else ""
-        print(f"BENCH privacy_utility dice_at_eps{eps:g} value={dice:.4f} anchor={plain:.4f} "
-              f"ratio={dice / plain:.4f}{target} unit=dice")
+        print(
+            f"BENCH privacy_utility dice_at_eps{eps:g} value={dice:.4f} anchor={plain:.4f} "
+            f"ratio={dice / plain:.4f}{target} unit=dice"
+        )
 
 
 if __name__ == "__main__":

@@ -57,20 +57,20 @@ def _at(event: dict[str, Any]) -> float:
     return dt.datetime.fromisoformat(event["time"]).timestamp()
 
 
-def _first(events: list[dict[str, Any]], kind: str, after: float, **match: Any
-           ) -> dict[str, Any]:
+def _first(events: list[dict[str, Any]], kind: str, after: float, **match: Any) -> dict[str, Any]:
     for e in events:
-        if e["event"] == kind and _at(e) >= after and all(e.get(k) == v
-                                                          for k, v in match.items()):
+        if e["event"] == kind and _at(e) >= after and all(e.get(k) == v for k, v in match.items()):
             return e
     raise RuntimeError(f"no {kind} event {match} after the restart")
 
 
-def measure(root: Path, *, task: str, rounds: int, crash_round: int, samples: int
-            ) -> dict[str, Any]:
+def measure(
+    root: Path, *, task: str, rounds: int, crash_round: int, samples: int
+) -> dict[str, Any]:
     """Run, crash, restart, follow; return the timings read from the run's events."""
     fed = LocalFederation(root, SITES, name="recovery")
     if task == "tiny-seg":
+
         def data(i: int, name: str) -> dict[str, Any]:
             return {"num_samples": samples}
     else:  # the synthesized brain MRI benchmark, as DICOM folders
@@ -80,18 +80,23 @@ def measure(root: Path, *, task: str, rounds: int, crash_round: int, samples: in
 
         def data(i: int, name: str) -> dict[str, Any]:
             site = root / "data" / f"site-{i + 1}"
-            return {"kind": "dicom-folder", "path": str(site / "dicom"),
-                    "manifest": str(site / "manifest.json")}
-    config = RunConfig(task=task, rounds=rounds, min_sites=len(SITES), seed=1,
-                       round_timeout_s=600)
+            return {
+                "kind": "dicom-folder",
+                "path": str(site / "dicom"),
+                "manifest": str(site / "manifest.json"),
+            }
+
+    config = RunConfig(task=task, rounds=rounds, min_sites=len(SITES), seed=1, round_timeout_s=600)
     with fed:
         fed.create(site_data=data)
         fed.start(timeout=300)
         with fed.control() as control:
             run_id = control.submit(config)
         folder = RunFolder(fed.fed.runs_dir / str(run_id))
-        while not any(e["event"] == "round-sent" and e["round"] == crash_round
-                      and e["phase"] == "train" for e in folder.read_events()):
+        while not any(
+            e["event"] == "round-sent" and e["round"] == crash_round and e["phase"] == "train"
+            for e in folder.read_events()
+        ):
             time.sleep(0.05)
         superlink = fed.group.members[0]
         os.killpg(superlink.proc.pid, signal.SIGKILL)
@@ -100,25 +105,33 @@ def measure(root: Path, *, task: str, rounds: int, crash_round: int, samples: in
         fed.group.members[0] = start_superlink(fed.fed)
         server_up = time.time()
         with fed.control() as control:
-            summary = follow_run(control, run_id, fed.fed.runs_dir, on_event=lambda e: None,
-                                 timeout=3600)
+            summary = follow_run(
+                control, run_id, fed.fed.runs_dir, on_event=lambda e: None, timeout=3600
+            )
     if summary.get("status") != "completed":
         raise RuntimeError(f"the resumed run did not complete: {summary}")
     events = folder.read_events()
     resumed = _first(events, "run-resumed", restart)
     joined = _first(events, "secure-aggregation-ready", restart)
     redone = _first(events, "round-finished", restart)
-    others = [e["seconds"] for e in events if e["event"] == "round-finished"
-              and e["round"] != redone["round"]]
-    trained = [e["round"] for e in events if e["event"] == "round-sent"
-               and e["phase"] == "train"]
+    others = [
+        e["seconds"]
+        for e in events
+        if e["event"] == "round-finished" and e["round"] != redone["round"]
+    ]
+    trained = [e["round"] for e in events if e["event"] == "round-sent" and e["phase"] == "train"]
     extra = sum(trained.count(r) - 1 for r in set(trained)) - 1  # the interrupted one is due
     return {
-        "resume_seconds": _at(redone) - restart, "median_round": statistics.median(others),
-        "rounds_median": len(others), "server_start": server_up - restart,
-        "serverapp_start": _at(resumed) - server_up, "join": _at(joined) - _at(resumed),
-        "redone_round": _at(redone) - _at(joined), "resumed_at": resumed["round"],
-        "extra_rounds": extra, "rounds": rounds,
+        "resume_seconds": _at(redone) - restart,
+        "median_round": statistics.median(others),
+        "rounds_median": len(others),
+        "server_start": server_up - restart,
+        "serverapp_start": _at(resumed) - server_up,
+        "join": _at(joined) - _at(resumed),
+        "redone_round": _at(redone) - _at(joined),
+        "resumed_at": resumed["round"],
+        "extra_rounds": extra,
+        "rounds": rounds,
     }
 
 
@@ -137,22 +150,33 @@ def main() -> int:
     samples = 24 if task == "tiny-seg" else 6
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     with tempfile.TemporaryDirectory(prefix="mf-rec-", dir="/tmp") as tmp:
-        r = measure(Path(tmp), task=task, rounds=rounds, crash_round=args.crash_round,
-                    samples=samples)
+        r = measure(
+            Path(tmp), task=task, rounds=rounds, crash_round=args.crash_round, samples=samples
+        )
     ratio = r["resume_seconds"] / r["median_round"]
-    print(f"task {task}, {rounds} rounds, 3 sites, secure aggregation on; server killed in "
-          f"round {args.crash_round}, resumed at round {r['resumed_at']}")
-    print(f"  restart -> redone round finished: {r['resume_seconds']:.2f} s = "
-          f"{ratio:.2f} rounds' worth (median round {r['median_round']:.2f} s over "
-          f"{r['rounds_median']} rounds)")
-    print(f"    SuperLink start {r['server_start']:.2f} s, resumed ServerApp start "
-          f"{r['serverapp_start']:.2f} s, secure-aggregation join {r['join']:.2f} s, "
-          f"redone round {r['redone_round']:.2f} s")
+    print(
+        f"task {task}, {rounds} rounds, 3 sites, secure aggregation on; server killed in "
+        f"round {args.crash_round}, resumed at round {r['resumed_at']}"
+    )
+    print(
+        f"  restart -> redone round finished: {r['resume_seconds']:.2f} s = "
+        f"{ratio:.2f} rounds' worth (median round {r['median_round']:.2f} s over "
+        f"{r['rounds_median']} rounds)"
+    )
+    print(
+        f"    SuperLink start {r['server_start']:.2f} s, resumed ServerApp start "
+        f"{r['serverapp_start']:.2f} s, secure-aggregation join {r['join']:.2f} s, "
+        f"redone round {r['redone_round']:.2f} s"
+    )
     print(f"  rounds trained more than once besides the interrupted one: {r['extra_rounds']}")
-    print(f"BENCH recovery resume_seconds value={r['resume_seconds']:.3f} "
-          f"anchor={r['median_round']:.3f} ratio={ratio:.3f} target<=3 unit=rounds")
-    print(f"BENCH recovery rounds_redone value={r['extra_rounds']} anchor={rounds} "
-          f"ratio={r['extra_rounds'] / rounds:.3f} target<=0 unit=fraction")
+    print(
+        f"BENCH recovery resume_seconds value={r['resume_seconds']:.3f} "
+        f"anchor={r['median_round']:.3f} ratio={ratio:.3f} target<=3 unit=rounds"
+    )
+    print(
+        f"BENCH recovery rounds_redone value={r['extra_rounds']} anchor={rounds} "
+        f"ratio={r['extra_rounds'] / rounds:.3f} target<=0 unit=fraction"
+    )
     return 0
 
 

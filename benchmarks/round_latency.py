@@ -49,14 +49,18 @@ SITES = 3
 def _flwr_env(home: Path) -> dict[str, str]:
     # Stock settings; PATH only so that Flower finds its own helpers (flower-superexec)
     # when this interpreter's environment is not activated.
-    return {"FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1",
-            "PATH": os.pathsep.join([str(Path(sys.executable).parent),
-                                     os.environ.get("PATH", "")])}
+    return {
+        "FLWR_HOME": str(home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "PYTHONUNBUFFERED": "1",
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    }
 
 
-def run_stock(root: Path, rounds: int, app: Path = HERE / "stock_flower_app",
-              extra_config: str = "") -> list[float]:
+def run_stock(
+    root: Path, rounds: int, app: Path = HERE / "stock_flower_app", extra_config: str = ""
+) -> list[float]:
     """Stock Flower: SuperLink + SuperNodes + `flwr run` of ``app``; returns seconds per round.
 
     The app's ServerApp writes ``round_seconds`` to ``out-dir/result.json``.
@@ -71,34 +75,82 @@ def run_stock(root: Path, rounds: int, app: Path = HERE / "stock_flower_app",
     home.mkdir(parents=True)
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\naddress = "127.0.0.1:{port}"\n'
-        f'root-certificates = "{certs / "ca.pem"}"\n')
+        f'root-certificates = "{certs / "ca.pem"}"\n'
+    )
     with ProcessGroup() as group:
-        link = group.start(Managed("stock SuperLink", [
-            str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(certs / "ca.pem"),
-            "--ssl-certfile", str(certs / "server.pem"), "--ssl-keyfile", str(certs / "server.key"),
-            "--enable-supernode-auth", "--database", str(root / "state.db"),
-            "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port),
-        ], root / "superlink.log", env=env))
+        link = group.start(
+            Managed(
+                "stock SuperLink",
+                [
+                    str(BIN / "flower-superlink"),
+                    "--ssl-ca-certfile",
+                    str(certs / "ca.pem"),
+                    "--ssl-certfile",
+                    str(certs / "server.pem"),
+                    "--ssl-keyfile",
+                    str(certs / "server.key"),
+                    "--enable-supernode-auth",
+                    "--database",
+                    str(root / "state.db"),
+                    "--disable-runtime-dependency-installation",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                ],
+                root / "superlink.log",
+                env=env,
+            )
+        )
         if not wait_for_port("127.0.0.1", port, timeout=60, alive=link.alive):
             raise RuntimeError(f"stock SuperLink did not start:\n{link.log_tail()}")
         for i in range(SITES):
             node_key = SiteKeys.create()
             node_key.save(keys / f"node{i}", keys / f"node{i}.pub")
-            subprocess.run([str(BIN / "flwr"), "supernode", "register", str(keys / f"node{i}.pub"),
-                            "bench"], env={**os.environ, **env}, check=True,
-                           capture_output=True, timeout=60)
-            group.start(Managed(f"stock SuperNode {i}", [
-                str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{port}",
-                "--root-certificates", str(certs / "ca.pem"),
-                "--auth-supernode-private-key", str(keys / f"node{i}"),
-                "--node-config", f"partition-id={i}", "--port", str(free_port()),
-            ], root / f"node{i}.log", env=env))
+            subprocess.run(
+                [str(BIN / "flwr"), "supernode", "register", str(keys / f"node{i}.pub"), "bench"],
+                env={**os.environ, **env},
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
+            group.start(
+                Managed(
+                    f"stock SuperNode {i}",
+                    [
+                        str(BIN / "flower-supernode"),
+                        "--superlink",
+                        f"127.0.0.1:{port}",
+                        "--root-certificates",
+                        str(certs / "ca.pem"),
+                        "--auth-supernode-private-key",
+                        str(keys / f"node{i}"),
+                        "--node-config",
+                        f"partition-id={i}",
+                        "--port",
+                        str(free_port()),
+                    ],
+                    root / f"node{i}.log",
+                    env=env,
+                )
+            )
         _wait_stock_online(env, SITES)
         out = root / "result"
-        subprocess.run([str(BIN / "flwr"), "run", str(app), "bench", "-c",
-                        f"out-dir='{out}' num-server-rounds={rounds} min-nodes={SITES} "
-                        f"{extra_config}".strip()],
-                       env={**os.environ, **env}, check=True, capture_output=True, timeout=120)
+        subprocess.run(
+            [
+                str(BIN / "flwr"),
+                "run",
+                str(app),
+                "bench",
+                "-c",
+                f"out-dir='{out}' num-server-rounds={rounds} min-nodes={SITES} "
+                f"{extra_config}".strip(),
+            ],
+            env={**os.environ, **env},
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
         deadline = time.time() + 120 * rounds
         while not (out / "result.json").exists():
             group.check_alive()
@@ -110,8 +162,13 @@ def run_stock(root: Path, rounds: int, app: Path = HERE / "stock_flower_app",
 
 def _wait_stock_online(env: dict[str, str], count: int) -> None:
     for _ in range(120):
-        res = subprocess.run([str(BIN / "flwr"), "supernode", "ls", "bench", "--format", "json"],
-                             env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+        res = subprocess.run(
+            [str(BIN / "flwr"), "supernode", "ls", "bench", "--format", "json"],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         try:
             nodes = json.loads(res.stdout).get("nodes", [])
         except json.JSONDecodeError:
@@ -135,15 +192,19 @@ def parse_params(text: str) -> int:
     return value
 
 
-def run_medfed(root: Path, rounds: int, task: str = "tiny-seg",
-               secure_aggregation: str = "default") -> list[float]:
+def run_medfed(
+    root: Path, rounds: int, task: str = "tiny-seg", secure_aggregation: str = "default"
+) -> list[float]:
     """medfed: LocalFederation with real site daemons; returns seconds per round."""
     names = [f"site-{i + 1}" for i in range(SITES)]
     with LocalFederation(root, names, name="bench") as fed:
         fed.create(site_data=lambda i, n: {"num_samples": 64})
         fed.start()
-        _, summary = fed.run(RunConfig(task=task, rounds=rounds, min_sites=SITES,
-                                       secure_aggregation=secure_aggregation))
+        _, summary = fed.run(
+            RunConfig(
+                task=task, rounds=rounds, min_sites=SITES, secure_aggregation=secure_aggregation
+            )
+        )
     if summary.get("status") != "completed":
         raise RuntimeError(f"medfed run failed: {summary}")
     rounds_done = sorted(summary["round_seconds"].items(), key=lambda kv: int(kv[0]))
@@ -155,10 +216,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 rounds instead of 5")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--params", type=parse_params, default=0,
-                        help="model size: 10M or 50M (default: the 2,000-parameter models)")
-    parser.add_argument("--secure-aggregation", choices=("default", "strict", "off"),
-                        default="default", help="medfed's (stock Flower has none)")
+    parser.add_argument(
+        "--params",
+        type=parse_params,
+        default=0,
+        help="model size: 10M or 50M (default: the 2,000-parameter models)",
+    )
+    parser.add_argument(
+        "--secure-aggregation",
+        choices=("default", "strict", "off"),
+        default="default",
+        help="medfed's (stock Flower has none)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folders")
     args = parser.parse_args()
     rounds = 2 if args.quick else args.rounds
@@ -166,8 +235,9 @@ def main() -> None:
     try:
         extra = f"extra-params={args.params - STOCK_PARAMS}" if args.params else ""
         stock = run_stock(tmp / "stock", rounds, extra_config=extra)
-        medfed = run_medfed(tmp / "medfed", rounds, TASK_OF_SIZE[args.params],
-                            args.secure_aggregation)
+        medfed = run_medfed(
+            tmp / "medfed", rounds, TASK_OF_SIZE[args.params], args.secure_aggregation
+        )
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -177,10 +247,14 @@ def main() -> None:
     measure = "median_round_seconds" + (f"_{args.params // 1_000_000}m" if args.params else "")
     if args.secure_aggregation != "default":
         measure += f"_secagg_{args.secure_aggregation}"
-    print(f"model size: {args.params or STOCK_PARAMS:,} parameters (both); medfed's secure "
-          f"aggregation: {args.secure_aggregation}")
-    print(f"BENCH round_latency {measure} value={m_med:.3f} anchor={s_med:.3f} "
-          f"ratio={m_med / s_med:.3f} target<=0.3 unit=s")
+    print(
+        f"model size: {args.params or STOCK_PARAMS:,} parameters (both); medfed's secure "
+        f"aggregation: {args.secure_aggregation}"
+    )
+    print(
+        f"BENCH round_latency {measure} value={m_med:.3f} anchor={s_med:.3f} "
+        f"ratio={m_med / s_med:.3f} target<=0.3 unit=s"
+    )
 
 
 if __name__ == "__main__":

@@ -61,9 +61,16 @@ def plain_average(xs: list[np.ndarray], ws: list[float]) -> np.ndarray:
     return acc.astype(np.float32)
 
 
-def secure_round(sessions: dict[str, SiteSession], agg: Aggregator, ids: list[str], rnd: int,
-                 xs: list[np.ndarray], ws: list[float], dropped: int = 0,
-                 trace: bool = False) -> dict[str, float]:
+def secure_round(
+    sessions: dict[str, SiteSession],
+    agg: Aggregator,
+    ids: list[str],
+    rnd: int,
+    xs: list[np.ndarray],
+    ws: list[float],
+    dropped: int = 0,
+    trace: bool = False,
+) -> dict[str, float]:
     """One round; returns site and server seconds (and server peak bytes if traced)."""
     agg.begin_round(rnd)
     senders = ids[: len(ids) - dropped]
@@ -90,8 +97,7 @@ def secure_round(sessions: dict[str, SiteSession], agg: Aggregator, ids: list[st
         agg.add_reveal(r)
     agg.result(rnd)
     t_unmask = time.perf_counter() - t2
-    out = {"site": max(site_times), "server": t_collect + t_unmask,
-           "tail": t_tail + t_unmask}
+    out = {"site": max(site_times), "server": t_collect + t_unmask, "tail": t_tail + t_unmask}
     if trace:
         out["peak"] = float(tracemalloc.get_traced_memory()[1])
         tracemalloc.stop()
@@ -125,35 +131,48 @@ def main() -> None:
     results: dict[str, dict[str, float]] = {}
     for mode, dropped in (("default", 0), ("default", 1), ("strict", 0)):
         sessions, agg, ids = build(n, d, mode)
-        runs = [secure_round(sessions, agg, ids, r, xs, ws, dropped)
-                for r in range(1, args.repeats + 2)]
+        runs = [
+            secure_round(sessions, agg, ids, r, xs, ws, dropped) for r in range(1, args.repeats + 2)
+        ]
         traced = secure_round(sessions, agg, ids, args.repeats + 2, xs, ws, dropped, trace=True)
         med = {k: statistics.median(r[k] for r in runs[1:]) for k in ("site", "server", "tail")}
         med["peak"] = traced["peak"]
         results[f"{mode}-drop{dropped}"] = med
-        print(f"# {mode:7s} dropped={dropped}: slowest site mask_update {med['site']:.3f} s, "
-              f"server {med['server']:.3f} s (after the last arrival {med['tail']:.3f} s), "
-              f"peak {med['peak'] / 2**20:.0f} MiB")
+        print(
+            f"# {mode:7s} dropped={dropped}: slowest site mask_update {med['site']:.3f} s, "
+            f"server {med['server']:.3f} s (after the last arrival {med['tail']:.3f} s), "
+            f"peak {med['peak'] / 2**20:.0f} MiB"
+        )
     print(f"# plain weighted average (anchor): {anchor:.3f} s, peak {plain_peak / 2**20:.0f} MiB")
     base = results["default-drop0"]
     value = base["site"] + base["server"]
     tag = f"{n}x{d // 1_000_000}M" if d >= 1_000_000 else f"{n}x{d}"
-    print(f"BENCH secagg_core round_time_{tag} value={value:.3f} anchor={anchor:.3f} "
-          f"ratio={value / anchor:.2f} target<=1.25 unit=s")
+    print(
+        f"BENCH secagg_core round_time_{tag} value={value:.3f} anchor={anchor:.3f} "
+        f"ratio={value / anchor:.2f} target<=1.25 unit=s"
+    )
     crit = base["site"] + base["tail"]
-    print(f"BENCH secagg_core round_critical_path_{tag} value={crit:.3f} anchor={anchor:.3f} "
-          f"ratio={crit / anchor:.2f} unit=s")
+    print(
+        f"BENCH secagg_core round_critical_path_{tag} value={crit:.3f} anchor={anchor:.3f} "
+        f"ratio={crit / anchor:.2f} unit=s"
+    )
     print(f"BENCH secagg_core site_mask_time_{tag} value={base['site']:.3f} unit=s")
     drop = results["default-drop1"]
-    print(f"BENCH secagg_core round_time_1dropout_{tag} "
-          f"value={drop['site'] + drop['server']:.3f} anchor={anchor:.3f} "
-          f"ratio={(drop['site'] + drop['server']) / anchor:.2f} unit=s")
+    print(
+        f"BENCH secagg_core round_time_1dropout_{tag} "
+        f"value={drop['site'] + drop['server']:.3f} anchor={anchor:.3f} "
+        f"ratio={(drop['site'] + drop['server']) / anchor:.2f} unit=s"
+    )
     strict = results["strict-drop0"]
-    print(f"BENCH secagg_core round_time_strict_{tag} "
-          f"value={strict['site'] + strict['server']:.3f} anchor={anchor:.3f} "
-          f"ratio={(strict['site'] + strict['server']) / anchor:.2f} unit=s")
-    print(f"BENCH secagg_core server_peak_mem_{tag} value={base['peak'] / 2**20:.1f} "
-          f"anchor={plain_peak / 2**20:.1f} ratio={base['peak'] / plain_peak:.2f} unit=MiB")
+    print(
+        f"BENCH secagg_core round_time_strict_{tag} "
+        f"value={strict['site'] + strict['server']:.3f} anchor={anchor:.3f} "
+        f"ratio={(strict['site'] + strict['server']) / anchor:.2f} unit=s"
+    )
+    print(
+        f"BENCH secagg_core server_peak_mem_{tag} value={base['peak'] / 2**20:.1f} "
+        f"anchor={plain_peak / 2**20:.1f} ratio={base['peak'] / plain_peak:.2f} unit=MiB"
+    )
 
 
 if __name__ == "__main__":

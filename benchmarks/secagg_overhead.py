@@ -53,8 +53,11 @@ def _setup_seconds(events: list[dict]) -> float:
     """Seconds from the run's start to its secure-aggregation key set-up being done."""
     from datetime import datetime
 
-    when = {e["event"]: datetime.fromisoformat(e["time"]).timestamp() for e in events
-            if e["event"] in ("run-started", "secure-aggregation-ready")}
+    when = {
+        e["event"]: datetime.fromisoformat(e["time"]).timestamp()
+        for e in events
+        if e["event"] in ("run-started", "secure-aggregation-ready")
+    }
     if "secure-aggregation-ready" not in when:
         return 0.0
     return when["secure-aggregation-ready"] - when["run-started"]
@@ -65,10 +68,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=6, help="per mode; the first is left out")
     parser.add_argument("--sites", type=int, default=5)
-    parser.add_argument("--params", type=parse_params, default=10_000_000,
-                        help="10M (tiny-seg-10m) or 0 (brain-tissue-seg-wide, 0.82M)")
-    parser.add_argument("--with-flower", action="store_true",
-                        help="also stock Flower's SecAgg+ (820k-parameter MLP)")
+    parser.add_argument(
+        "--params",
+        type=parse_params,
+        default=10_000_000,
+        help="10M (tiny-seg-10m) or 0 (brain-tissue-seg-wide, 0.82M)",
+    )
+    parser.add_argument(
+        "--with-flower",
+        action="store_true",
+        help="also stock Flower's SecAgg+ (820k-parameter MLP)",
+    )
     args = parser.parse_args()
     if args.params not in TASKS:
         parser.error("--params: 10M or 0")
@@ -83,17 +93,23 @@ def main() -> None:
             fed.create(site_data=lambda i, name: {"num_samples": 16})
             fed.start(timeout=300)
             for mode in ("off", "default", "strict", "off"):
-                folder, summary = fed.run(RunConfig(
-                    task=task, rounds=args.rounds, min_sites=args.sites,
-                    secure_aggregation=mode), timeout=1800)
+                folder, summary = fed.run(
+                    RunConfig(
+                        task=task, rounds=args.rounds, min_sites=args.sites, secure_aggregation=mode
+                    ),
+                    timeout=1800,
+                )
                 if summary.get("status") != "completed":
                     raise RuntimeError(f"{mode}: {summary}")
-                rounds = list(summary["round_seconds"].values())[1:] or \
-                    list(summary["round_seconds"].values())  # round 1 warms the sites up
+                rounds = list(summary["round_seconds"].values())[1:] or list(
+                    summary["round_seconds"].values()
+                )  # round 1 warms the sites up
                 medians[mode] = min(medians.get(mode, float("inf")), statistics.median(rounds))
                 setup[mode] = _setup_seconds(folder.read_events())
-                print(f"{mode:>7}: seconds per round {summary['round_seconds']}, key set-up "
-                      f"{setup[mode]:.2f} s")
+                print(
+                    f"{mode:>7}: seconds per round {summary['round_seconds']}, key set-up "
+                    f"{setup[mode]:.2f} s"
+                )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     plain = medians["off"]
@@ -101,10 +117,14 @@ def main() -> None:
         _flower(args.rounds, tmp)
     for mode, target in (("default", 1.25), ("strict", 1.5)):
         amortized = medians[mode] + setup[mode] / args.rounds
-        print(f"BENCH secagg_overhead {mode}_round_seconds value={amortized:.3f} "
-              f"anchor={plain:.3f} ratio={amortized / plain:.3f} target<={target} unit=s")
-        print(f"BENCH secagg_overhead {mode}_key_setup_seconds value={setup[mode]:.3f} "
-              f"anchor={plain:.3f} ratio={setup[mode] / plain:.3f} target>=0 unit=s")
+        print(
+            f"BENCH secagg_overhead {mode}_round_seconds value={amortized:.3f} "
+            f"anchor={plain:.3f} ratio={amortized / plain:.3f} target<={target} unit=s"
+        )
+        print(
+            f"BENCH secagg_overhead {mode}_key_setup_seconds value={setup[mode]:.3f} "
+            f"anchor={plain:.3f} ratio={setup[mode] / plain:.3f} target>=0 unit=s"
+        )
 
 
 def _flower(rounds: int, tmp: Path) -> None:
@@ -114,19 +134,27 @@ def _flower(rounds: int, tmp: Path) -> None:
         app = tmp.with_name(tmp.name + f"-{mode}")
         shutil.copytree(HERE / "stock_secaggplus_app", app)
         (app / "pyproject.toml").write_text(
-            (app / "pyproject.template.toml").read_text().replace(
-                "CLIENTAPP", f"legacyapp.client:{mode}"))
+            (app / "pyproject.template.toml")
+            .read_text()
+            .replace("CLIENTAPP", f"legacyapp.client:{mode}")
+        )
         try:
-            seconds = run_stock(Path(str(app) + "-deploy"), rounds, app=app,
-                                extra_config=f"secaggplus={str(mode != 'plain').lower()}")
+            seconds = run_stock(
+                Path(str(app) + "-deploy"),
+                rounds,
+                app=app,
+                extra_config=f"secaggplus={str(mode != 'plain').lower()}",
+            )
         finally:
             shutil.rmtree(app, ignore_errors=True)
             shutil.rmtree(Path(str(app) + "-deploy"), ignore_errors=True)
         flower[mode] = statistics.median(seconds[1:])
         print(f"flower legacy {mode:>10}: seconds per round {seconds}")
-    print(f"BENCH secagg_overhead flower_secaggplus_round_seconds value={flower['secaggplus']:.3f} "
-          f"anchor={flower['plain']:.3f} ratio={flower['secaggplus'] / flower['plain']:.3f} "
-          f"target>=0 unit=s")
+    print(
+        f"BENCH secagg_overhead flower_secaggplus_round_seconds value={flower['secaggplus']:.3f} "
+        f"anchor={flower['plain']:.3f} ratio={flower['secaggplus'] / flower['plain']:.3f} "
+        f"target>=0 unit=s"
+    )
 
 
 if __name__ == "__main__":

@@ -111,13 +111,21 @@ NUM_SAMPLES, BATCH_SIZE, LOCAL_EPOCHS = 4, 1, 1
 #: The stock ClientApp's: 3 full-batch SGD steps on its 256 samples.
 STOCK_CONFIG = {"lr": 0.02, "local-steps": 3, "extra-params": PARAMS - STOCK_PARAMS}
 #: Ray on the loopback interface, quiet, no usage statistics.
-RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_DISABLE_USAGE_STATS": "1", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+RAY_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DISABLE_USAGE_STATS": "1",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+}
 #: Every engine's process. Buffers of 1 MiB and more come from mmap and go back to the
 #: system when freed, so that the resident memory measured is what is alive (glibc would
 #: otherwise keep freed model-size buffers on its heap); as benchmarks/aggregation.py.
-CHILD_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-             "PYTHONUNBUFFERED": "1", "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+CHILD_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "PYTHONUNBUFFERED": "1",
+    "MALLOC_MMAP_THRESHOLD_": str(1 << 20),
+}
 
 
 # ------------------------------------------------------------------ memory and processes
@@ -220,7 +228,7 @@ def _listening(pids: set[int]) -> list[str]:
 def _loopback(entry: str) -> bool:
     host = entry.split(" ")[0].rsplit(":", 1)[0].strip("[]")
     if host.startswith("::ffff:"):
-        host = host[len("::ffff:"):]
+        host = host[len("::ffff:") :]
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:  # '*', '0.0.0.0' is an address; '*' is not: all interfaces
@@ -252,15 +260,31 @@ def _child_medfed(sites: int, rounds: int, fraction: float, secure: str) -> dict
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
     _warm_up_code()
-    run = RunConfig.model_validate({
-        "task": TASK, "rounds": rounds, "min_sites": 2, "seed": 0,
-        "strategy": "fedavg",
-        "strategy_options": {"fraction_train": fraction, "fraction_evaluate": fraction},
-        "local_epochs": LOCAL_EPOCHS, "batch_size": BATCH_SIZE, "secure_aggregation": secure,
-        "round_timeout_s": 86_400.0})
-    chosen = [SimSite(f"site-{i + 1}", validate(DataSourceConfig, {
-        "kind": "synthetic", "seed": 1000 + i, "profile": i, "num_samples": NUM_SAMPLES},
-        where="benchmark site")) for i in range(sites)]
+    run = RunConfig.model_validate(
+        {
+            "task": TASK,
+            "rounds": rounds,
+            "min_sites": 2,
+            "seed": 0,
+            "strategy": "fedavg",
+            "strategy_options": {"fraction_train": fraction, "fraction_evaluate": fraction},
+            "local_epochs": LOCAL_EPOCHS,
+            "batch_size": BATCH_SIZE,
+            "secure_aggregation": secure,
+            "round_timeout_s": 86_400.0,
+        }
+    )
+    chosen = [
+        SimSite(
+            f"site-{i + 1}",
+            validate(
+                DataSourceConfig,
+                {"kind": "synthetic", "seed": 1000 + i, "profile": i, "num_samples": NUM_SAMPLES},
+                where="benchmark site",
+            ),
+        )
+        for i in range(sites)
+    ]
     runs = Path(tempfile.mkdtemp(prefix="medfed-simscale-"))
     try:
         with TreeSampler() as tree:
@@ -270,8 +294,9 @@ def _child_medfed(sites: int, rounds: int, fraction: float, secure: str) -> dict
             total = time.perf_counter() - t0
             peak = _status_kb("VmHWM")
         if summary.get("status") != "completed":
-            raise RuntimeError(f"medfed simulation {summary.get('status')}: "
-                               f"{summary.get('reason')}")
+            raise RuntimeError(
+                f"medfed simulation {summary.get('status')}: {summary.get('reason')}"
+            )
         events = folder.read_events()
     finally:
         shutil.rmtree(runs, ignore_errors=True)
@@ -280,14 +305,22 @@ def _child_medfed(sites: int, rounds: int, fraction: float, secure: str) -> dict
     if "secure-aggregation-ready" in stamp:
         from datetime import datetime
 
-        setup = (datetime.fromisoformat(stamp["secure-aggregation-ready"])
-                 - datetime.fromisoformat(stamp["run-started"])).total_seconds()
-    seconds = [float(v) for _, v in sorted(summary["round_seconds"].items(),
-                                           key=lambda kv: int(kv[0]))]
-    return {"round_seconds": seconds, "base_kb": base, "peak_kb": peak,
-            "total_seconds": total, "setup_seconds": setup,
-            "workers": summary["simulation"]["workers"],
-            "site_process_peak_kb": [kb for _, kb in tree.peaks.values()]}
+        setup = (
+            datetime.fromisoformat(stamp["secure-aggregation-ready"])
+            - datetime.fromisoformat(stamp["run-started"])
+        ).total_seconds()
+    seconds = [
+        float(v) for _, v in sorted(summary["round_seconds"].items(), key=lambda kv: int(kv[0]))
+    ]
+    return {
+        "round_seconds": seconds,
+        "base_kb": base,
+        "peak_kb": peak,
+        "total_seconds": total,
+        "setup_seconds": setup,
+        "workers": summary["simulation"]["workers"],
+        "site_process_peak_kb": [kb for _, kb in tree.peaks.values()],
+    }
 
 
 def _warm_up_code() -> None:
@@ -302,8 +335,9 @@ def _warm_up_code() -> None:
     task = get_task("tiny-seg")
     model = task.build_model()
     optimizer = torch.optim.Adam(model.parameters())
-    task.build_loss()(model(torch.zeros(1, 1, 32, 32)),
-                      torch.zeros(1, 1, 32, 32, dtype=torch.long)).backward()
+    task.build_loss()(
+        model(torch.zeros(1, 1, 32, 32)), torch.zeros(1, 1, 32, 32, dtype=torch.long)
+    ).backward()
     optimizer.step()
 
 
@@ -316,15 +350,21 @@ def _stock_apps(sites: int, rounds: int, fraction: float, marks: list[float]) ->
     from stockapp import client_app as stock
     from stockapp.task import make_model
 
-    def stock_config(msg: Message, context: Context, call_next: Callable[..., Message]
-                     ) -> Message:
+    def stock_config(msg: Message, context: Context, call_next: Callable[..., Message]) -> Message:
         """The run config the stock ClientApp reads (a deployment's pyproject gives it).
 
         Handed over in a copy of the context: Flower forbids changing a node's run config.
         """
-        return call_next(msg, Context(
-            run_id=context.run_id, node_id=context.node_id, node_config=context.node_config,
-            state=context.state, run_config={**context.run_config, **STOCK_CONFIG}))
+        return call_next(
+            msg,
+            Context(
+                run_id=context.run_id,
+                node_id=context.node_id,
+                node_config=context.node_config,
+                state=context.state,
+                run_config={**context.run_config, **STOCK_CONFIG},
+            ),
+        )
 
     client = ClientApp(mods=[stock_config])
     client.train()(stock.train)
@@ -333,18 +373,26 @@ def _stock_apps(sites: int, rounds: int, fraction: float, marks: list[float]) ->
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        strategy = FedAvg(fraction_train=fraction, fraction_evaluate=fraction,
-                          min_train_nodes=2, min_evaluate_nodes=2, min_available_nodes=sites)
+        strategy = FedAvg(
+            fraction_train=fraction,
+            fraction_evaluate=fraction,
+            min_train_nodes=2,
+            min_evaluate_nodes=2,
+            min_available_nodes=sites,
+        )
 
         def on_round_end(server_round: int, arrays: ArrayRecord) -> None:
             marks.append(time.time())  # before round 1, then after each round
             if server_round == 1:
                 _check_loopback("during round 1")
 
-        strategy.start(grid=grid, initial_arrays=ArrayRecord(
-                           make_model(int(STOCK_CONFIG["extra-params"])).state_dict()),
-                       num_rounds=rounds, train_config=ConfigRecord({"lr": STOCK_CONFIG["lr"]}),
-                       evaluate_fn=on_round_end)
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(make_model(int(STOCK_CONFIG["extra-params"])).state_dict()),
+            num_rounds=rounds,
+            train_config=ConfigRecord({"lr": STOCK_CONFIG["lr"]}),
+            evaluate_fn=on_round_end,
+        )
 
     return server, client
 
@@ -362,9 +410,14 @@ def _child_flower(sites: int, rounds: int, fraction: float) -> dict[str, Any]:
     marks: list[float] = []
     server, client = _stock_apps(sites, rounds, fraction, marks)
     scratch = Path(tempfile.mkdtemp(prefix="ray-"))
-    init_args = {"num_cpus": 2, "_node_ip_address": "127.0.0.1", "include_dashboard": False,
-                 "logging_level": logging.WARNING, "log_to_driver": False,
-                 "_temp_dir": str(scratch)}
+    init_args = {
+        "num_cpus": 2,
+        "_node_ip_address": "127.0.0.1",
+        "include_dashboard": False,
+        "logging_level": logging.WARNING,
+        "log_to_driver": False,
+        "_temp_dir": str(scratch),
+    }
     t0 = time.perf_counter()
     # As Flower's RayBackend starts Ray (workers find the app through PYTHONPATH), done
     # here so that the driver's RSS after start-up can be read before round 1.
@@ -377,9 +430,15 @@ def _child_flower(sites: int, rounds: int, fraction: float) -> dict[str, Any]:
         with TreeSampler() as tree:
             base = _reset_peak()
             t0 = time.perf_counter()
-            run_simulation(server_app=server, client_app=client, num_supernodes=sites,
-                           backend_config={"init_args": init_args,
-                                           "client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+            run_simulation(
+                server_app=server,
+                client_app=client,
+                num_supernodes=sites,
+                backend_config={
+                    "init_args": init_args,
+                    "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                },
+            )
             total = time.perf_counter() - t0
             peak = _status_kb("VmHWM")
     finally:
@@ -392,23 +451,44 @@ def _child_flower(sites: int, rounds: int, fraction: float) -> dict[str, Any]:
     for name, kb in tree.peaks.values():
         if "ClientAppActor" not in name:
             others[name] = max(others.get(name, 0), kb)
-    return {"round_seconds": [b - a for a, b in zip(marks, marks[1:], strict=False)],
-            "base_kb": base, "peak_kb": peak, "total_seconds": total,
-            "ray_start_seconds": started, "actor_peak_kb": actors, "ray_other_peak_kb": others,
-            "listening": sockets_at_start}
+    return {
+        "round_seconds": [b - a for a, b in zip(marks, marks[1:], strict=False)],
+        "base_kb": base,
+        "peak_kb": peak,
+        "total_seconds": total,
+        "ray_start_seconds": started,
+        "actor_peak_kb": actors,
+        "ray_other_peak_kb": others,
+        "listening": sockets_at_start,
+    }
 
 
-def _run_child(engine: str, sites: int, rounds: int, fraction: float,
-               secure: str = "off") -> dict[str, Any]:
+def _run_child(
+    engine: str, sites: int, rounds: int, fraction: float, secure: str = "off"
+) -> dict[str, Any]:
     env = {**os.environ, **CHILD_ENV, **(RAY_ENV if engine == "flower" else {})}
-    cmd = [sys.executable, __file__, "--child", engine, "--sites", str(sites), "--rounds",
-           str(rounds), "--fraction", str(fraction), "--secure", secure]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        engine,
+        "--sites",
+        str(sites),
+        "--rounds",
+        str(rounds),
+        "--fraction",
+        str(fraction),
+        "--secure",
+        secure,
+    ]
     t0 = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
         sys.stderr.write(out.stderr[-4000:])
-        raise SystemExit(f"the {engine} run ({sites} sites, secure aggregation {secure}) "
-                         f"failed with exit code {out.returncode}")
+        raise SystemExit(
+            f"the {engine} run ({sites} sites, secure aggregation {secure}) "
+            f"failed with exit code {out.returncode}"
+        )
     got = json.loads(out.stdout.strip().splitlines()[-1])
     got["wall_seconds"] = time.perf_counter() - t0
     return got
@@ -426,9 +506,11 @@ def _describe(label: str, r: dict[str, Any]) -> float:
     seconds = r["round_seconds"]
     median = statistics.median(seconds)
     later = statistics.median(seconds[1:]) if len(seconds) > 1 else median
-    print(f"  {label}: rounds {' '.join(f'{s:.2f}' for s in seconds)} s; median {median:.2f} s "
-          f"(round 1, with warm-up: {seconds[0]:.2f} s; median of rounds 2+: {later:.2f} s); "
-          f"child process {r['wall_seconds']:.1f} s in all")
+    print(
+        f"  {label}: rounds {' '.join(f'{s:.2f}' for s in seconds)} s; median {median:.2f} s "
+        f"(round 1, with warm-up: {seconds[0]:.2f} s; median of rounds 2+: {later:.2f} s); "
+        f"child process {r['wall_seconds']:.1f} s in all"
+    )
     return median
 
 
@@ -436,13 +518,22 @@ def main() -> None:
     """Run every engine in a process of its own; print the figures and BENCH lines."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sites", type=int, default=1000, help="simulated sites")
-    ap.add_argument("--fraction", type=float, default=0.1,
-                    help="fraction of the sites sampled per round (train and evaluate)")
+    ap.add_argument(
+        "--fraction",
+        type=float,
+        default=0.1,
+        help="fraction of the sites sampled per round (train and evaluate)",
+    )
     ap.add_argument("--rounds", type=int, default=5, help="rounds per median")
-    ap.add_argument("--secure-sites", type=int, default=100,
-                    help="sites of the secure-aggregation figure (all sampled every round)")
-    ap.add_argument("--quick", action="store_true",
-                    help="100 sites, 2 rounds; secure aggregation over 10 sites")
+    ap.add_argument(
+        "--secure-sites",
+        type=int,
+        default=100,
+        help="sites of the secure-aggregation figure (all sampled every round)",
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="100 sites, 2 rounds; secure aggregation over 10 sites"
+    )
     ap.add_argument("--child", choices=("medfed", "flower"), help=argparse.SUPPRESS)
     ap.add_argument("--secure", default="off", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -453,61 +544,89 @@ def main() -> None:
         print(json.dumps(_child_flower(args.sites, args.rounds, args.fraction)))
         return
     if importlib.util.find_spec("ray") is None:
-        print(f"error: the anchor, Flower's Simulation Engine, needs Ray, which is not "
-              f"installed.\n  fix: {INSTALL}", file=sys.stderr)
+        print(
+            f"error: the anchor, Flower's Simulation Engine, needs Ray, which is not "
+            f"installed.\n  fix: {INSTALL}",
+            file=sys.stderr,
+        )
         sys.exit(2)
     if shutil.which("ss") is None:
-        print("error: `ss` (iproute2) is needed to check that Ray listens on loopback only",
-              file=sys.stderr)
+        print(
+            "error: `ss` (iproute2) is needed to check that Ray listens on loopback only",
+            file=sys.stderr,
+        )
         sys.exit(2)
     if args.quick:
         args.sites, args.rounds, args.secure_sites = 100, 2, 10
     per_round = max(2, int(args.sites * args.fraction))
-    print(f"simulation_scale: FedAvg, {args.sites} sites, {per_round} sampled per round "
-          f"(train and evaluate), {args.rounds} rounds, {PARAMS:,}-parameter model "
-          f"({MODEL_BYTES / 1e6:.0f} MB)")
+    print(
+        f"simulation_scale: FedAvg, {args.sites} sites, {per_round} sampled per round "
+        f"(train and evaluate), {args.rounds} rounds, {PARAMS:,}-parameter model "
+        f"({MODEL_BYTES / 1e6:.0f} MB)"
+    )
 
     flower = _run_child("flower", args.sites, args.rounds, args.fraction)
     medfed = _run_child("medfed", args.sites, args.rounds, args.fraction)
     f_med = _describe("Flower Simulation Engine (Ray)", flower)
     m_med = _describe(f"medfed simulate ({medfed['workers']} site processes)", medfed)
-    print(f"  Ray start-up (not in any round): {flower['ray_start_seconds']:.1f} s; Ray listens "
-          f"on: {', '.join(flower['listening'])} (loopback only: checked after start and in "
-          f"round 1)")
+    print(
+        f"  Ray start-up (not in any round): {flower['ray_start_seconds']:.1f} s; Ray listens "
+        f"on: {', '.join(flower['listening'])} (loopback only: checked after start and in "
+        f"round 1)"
+    )
 
     m_growth = (medfed["peak_kb"] - medfed["base_kb"]) * 1024
     f_growth = (flower["peak_kb"] - flower["base_kb"]) * 1024
-    print(f"  medfed process: fixed overhead (RSS after start-up) {_mb(medfed['base_kb']):.0f} MB; "
-          f"peak {_mb(medfed['peak_kb']):.0f} MB; growth {m_growth / 1e6:.1f} MB = "
-          f"{m_growth / MODEL_BYTES:.2f} models (the server: strategy, running sum, replies "
-          f"in flight)")
-    print(f"  medfed site processes' peak RSS (MB): "
-          f"{' '.join(f'{_mb(kb):.0f}' for kb in medfed['site_process_peak_kb'])}")
-    print(f"  Flower driver:  fixed overhead (RSS after ray.init) {_mb(flower['base_kb']):.0f} MB; "
-          f"peak {_mb(flower['peak_kb']):.0f} MB; growth {f_growth / 1e6:.1f} MB = "
-          f"{f_growth / MODEL_BYTES:.2f} models")
+    print(
+        f"  medfed process: fixed overhead (RSS after start-up) {_mb(medfed['base_kb']):.0f} MB; "
+        f"peak {_mb(medfed['peak_kb']):.0f} MB; growth {m_growth / 1e6:.1f} MB = "
+        f"{m_growth / MODEL_BYTES:.2f} models (the server: strategy, running sum, replies "
+        f"in flight)"
+    )
+    print(
+        f"  medfed site processes' peak RSS (MB): "
+        f"{' '.join(f'{_mb(kb):.0f}' for kb in medfed['site_process_peak_kb'])}"
+    )
+    print(
+        f"  Flower driver:  fixed overhead (RSS after ray.init) {_mb(flower['base_kb']):.0f} MB; "
+        f"peak {_mb(flower['peak_kb']):.0f} MB; growth {f_growth / 1e6:.1f} MB = "
+        f"{f_growth / MODEL_BYTES:.2f} models"
+    )
     actors = flower["actor_peak_kb"]
-    others = ", ".join(f"{n} {_mb(kb):.0f}"
-                       for n, kb in sorted(flower["ray_other_peak_kb"].items()))
-    print(f"  Ray processes' peak RSS (MB): {len(actors)} ClientApp actors "
-          f"{' '.join(f'{_mb(kb):.0f}' for kb in actors)}; {others}")
+    others = ", ".join(
+        f"{n} {_mb(kb):.0f}" for n, kb in sorted(flower["ray_other_peak_kb"].items())
+    )
+    print(
+        f"  Ray processes' peak RSS (MB): {len(actors)} ClientApp actors "
+        f"{' '.join(f'{_mb(kb):.0f}' for kb in actors)}; {others}"
+    )
 
     secure = _run_child("medfed", args.secure_sites, args.rounds, 1.0, secure="default")
     plain = _run_child("medfed", args.secure_sites, args.rounds, 1.0)
-    print(f"secure aggregation: {args.secure_sites} sites, all sampled every round "
-          f"(fraction 1.0: see the docstring)")
+    print(
+        f"secure aggregation: {args.secure_sites} sites, all sampled every round "
+        f"(fraction 1.0: see the docstring)"
+    )
     s_med = _describe("medfed secure (default mode)", secure)
     p_med = _describe("medfed plain                ", plain)
     print(f"  key set-up before round 1: {secure['setup_seconds']:.2f} s")
 
-    print(f"BENCH simulation_scale round_seconds_{args.sites}_sites value={m_med:.3f} "
-          f"anchor={f_med:.3f} ratio={m_med / f_med:.3f} target<=1.0 unit=s")
-    print(f"fixed overhead of the peak_rss figure: {_mb(medfed['base_kb']):.0f} MB (medfed's RSS "
-          f"after start-up; the value is the growth above it)")
-    print(f"BENCH simulation_scale peak_rss value={m_growth / 1e6:.1f} "
-          f"anchor={MODEL_BYTES / 1e6:.1f} ratio={m_growth / MODEL_BYTES:.3f} target<=3 unit=MB")
-    print(f"BENCH simulation_scale secure_round_seconds_{args.secure_sites}_sites "
-          f"value={s_med:.3f} anchor={p_med:.3f} ratio={s_med / p_med:.3f} target>=0 unit=s")
+    print(
+        f"BENCH simulation_scale round_seconds_{args.sites}_sites value={m_med:.3f} "
+        f"anchor={f_med:.3f} ratio={m_med / f_med:.3f} target<=1.0 unit=s"
+    )
+    print(
+        f"fixed overhead of the peak_rss figure: {_mb(medfed['base_kb']):.0f} MB (medfed's RSS "
+        f"after start-up; the value is the growth above it)"
+    )
+    print(
+        f"BENCH simulation_scale peak_rss value={m_growth / 1e6:.1f} "
+        f"anchor={MODEL_BYTES / 1e6:.1f} ratio={m_growth / MODEL_BYTES:.3f} target<=3 unit=MB"
+    )
+    print(
+        f"BENCH simulation_scale secure_round_seconds_{args.secure_sites}_sites "
+        f"value={s_med:.3f} anchor={p_med:.3f} ratio={s_med / p_med:.3f} target>=0 unit=s"
+    )
 
 
 if __name__ == "__main__":

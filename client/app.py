@@ -37,30 +37,44 @@ def request_frame(op: str, msg: Message) -> wire.Frame:
             buffers[wire.BYTES_PREFIX + key] = np.frombuffer(value, dtype=np.uint8)
         else:
             header_config[key] = value
-    return wire.Frame({"op": op, "config": header_config, "run_id": msg.metadata.run_id},
-                      buffers)
+    return wire.Frame({"op": op, "config": header_config, "run_id": msg.metadata.run_id}, buffers)
 
 
 def reply_message(reply: wire.Frame, msg: Message) -> Message:
     """The Flower reply of a worker frame (or an error naming the site and the reason)."""
     if not reply.header.get("ok"):
         # A refusal or failure is an explicit error reply naming the site and the reason.
-        raise RuntimeError(wire.SiteError(
-            site=str(reply.header.get("site", "?")),
-            status="refused" if reply.header.get("status") == "refused" else "failed",
-            rule=str(reply.header.get("rule", "")),
-            reason=str(reply.header.get("reason", "no reason given"))).text())
-    content = RecordDict({
-        wire.METRICS_KEY: MetricRecord(reply.header.get("metrics", {})),
-        wire.SITE_RECORD_KEY: ConfigRecord({"name": reply.header["site"]}),
-    })
-    blobs = {k[len(wire.BYTES_PREFIX):]: v.tobytes() for k, v in reply.arrays.items()
-             if k.startswith(wire.BYTES_PREFIX)}
+        raise RuntimeError(
+            wire.SiteError(
+                site=str(reply.header.get("site", "?")),
+                status="refused" if reply.header.get("status") == "refused" else "failed",
+                rule=str(reply.header.get("rule", "")),
+                reason=str(reply.header.get("reason", "no reason given")),
+            ).text()
+        )
+    content = RecordDict(
+        {
+            wire.METRICS_KEY: MetricRecord(reply.header.get("metrics", {})),
+            wire.SITE_RECORD_KEY: ConfigRecord({"name": reply.header["site"]}),
+        }
+    )
+    blobs = {
+        k[len(wire.BYTES_PREFIX) :]: v.tobytes()
+        for k, v in reply.arrays.items()
+        if k.startswith(wire.BYTES_PREFIX)
+    }
     if blobs:
         content[wire.SECAGG_RECORD_KEY] = ConfigRecord(blobs)
-    arrays = {k: Array(dtype=str(v.dtype), shape=tuple(int(n) for n in v.shape),
-                       stype=SType.NUMPY, data=npy_bytes(v))  # one copy (Array(v) makes two)
-              for k, v in reply.arrays.items() if not k.startswith(wire.BYTES_PREFIX)}
+    arrays = {
+        k: Array(
+            dtype=str(v.dtype),
+            shape=tuple(int(n) for n in v.shape),
+            stype=SType.NUMPY,
+            data=npy_bytes(v),
+        )  # one copy (Array(v) makes two)
+        for k, v in reply.arrays.items()
+        if not k.startswith(wire.BYTES_PREFIX)
+    }
     if arrays:
         content[wire.ARRAYS_KEY] = ArrayRecord(arrays)
     return Message(content=content, reply_to=msg)

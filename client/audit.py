@@ -81,8 +81,9 @@ def _salvage(line: bytes) -> dict[str, Any] | None:
     start = line.find(b'{"', 1)
     while start > 0:
         record = parse_line(line[start:])
-        if record is not None and "event" in record and "time" in record \
-                and "prev" not in record:  # only the old writer glued, and it did not chain
+        if (
+            record is not None and "event" in record and "time" in record and "prev" not in record
+        ):  # only the old writer glued, and it did not chain
             return record
         start = line.find(b'{"', start + 1)
     return None
@@ -153,7 +154,7 @@ def _lines_backward(fd: int, end: int) -> Iterator[tuple[int, bytes]]:
     while True:
         cut = buf.rfind(b"\n")
         if cut >= 0:
-            yield pos + cut + 1, buf[cut + 1:]
+            yield pos + cut + 1, buf[cut + 1 :]
             buf = buf[:cut]
         elif pos > 0:
             start = max(0, pos - _BLOCK)
@@ -196,9 +197,17 @@ class AuditLog:
                     prev, seq = line_hash(fragment), _seq(parse_line(fragment))
                 else:
                     seq += 1
-                    note = _dumps({"time": _now(), "event": TORN_EVENT, "offset": offset,
-                                   "bytes": len(fragment), "hash": line_hash(fragment),
-                                   "seq": seq, "prev": prev})
+                    note = _dumps(
+                        {
+                            "time": _now(),
+                            "event": TORN_EVENT,
+                            "offset": offset,
+                            "bytes": len(fragment),
+                            "hash": line_hash(fragment),
+                            "seq": seq,
+                            "prev": prev,
+                        }
+                    )
                     out += note + b"\n"
                     prev = line_hash(note)
             entry = {"time": _now(), "event": event, **fields, "seq": seq + 1, "prev": prev}
@@ -206,7 +215,7 @@ class AuditLog:
             out += line + b"\n"
             view = memoryview(out)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
             self._tail_cache = ((st.st_ino, st.st_size + len(out)), line_hash(line), seq + 1)
         finally:
@@ -276,28 +285,46 @@ class AuditLog:
             if record is None:
                 pending.append((number, at, line))
                 continue
-            noted = (record.get("event") == TORN_EVENT and len(pending) == 1
-                     and record.get("hash") == line_hash(pending[0][2]))
-            torn += [TornLine(n, o, len(b), True, noted, _salvage(b) is not None)
-                     for n, o, b in pending]
+            noted = (
+                record.get("event") == TORN_EVENT
+                and len(pending) == 1
+                and record.get("hash") == line_hash(pending[0][2])
+            )
+            torn += [
+                TornLine(n, o, len(b), True, noted, _salvage(b) is not None) for n, o, b in pending
+            ]
             pending = []
             records += 1
             if "prev" not in record:
                 if chained:
-                    breaks.append(ChainBreak(number, prev, "(none)",
-                                             "a record without a link after the chain began"))
+                    breaks.append(
+                        ChainBreak(
+                            number, prev, "(none)", "a record without a link after the chain began"
+                        )
+                    )
                 else:
                     legacy += 1
             else:
                 chained += 1
                 if record["prev"] != prev:
-                    breaks.append(ChainBreak(
-                        number, prev, str(record["prev"]),
-                        "its link does not match the record before it (a line before it "
-                        "was edited, inserted or deleted)"))
+                    breaks.append(
+                        ChainBreak(
+                            number,
+                            prev,
+                            str(record["prev"]),
+                            "its link does not match the record before it (a line before it "
+                            "was edited, inserted or deleted)",
+                        )
+                    )
                 elif _seq(record) != seq + 1:
-                    breaks.append(ChainBreak(number, f"seq {seq + 1}", f"seq {record.get('seq')}",
-                                             "its sequence number does not follow"))
+                    breaks.append(
+                        ChainBreak(
+                            number,
+                            f"seq {seq + 1}",
+                            f"seq {record.get('seq')}",
+                            "its sequence number does not follow",
+                        )
+                    )
             prev, seq = line_hash(line), _seq(record)
         for n, o, b in pending:
             last = bool(unterminated) and n == len(lines) + 1

@@ -47,19 +47,23 @@ DEFAULT_POLL_INTERVAL = 0.2  # seconds between SuperNode polls when idle (Flower
 #: SuperLink refuses to activate it again until then, with the same error as an unknown
 #: key. For that long a refused activation is retried before it is called "not enrolled"
 #: (``MEDFED_ACTIVATION_PATIENCE_S`` sets another span, e.g. 0 to fail at once).
-ACTIVATION_PATIENCE_S = float(os.environ.get(
-    "MEDFED_ACTIVATION_PATIENCE_S", HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL + 15.0))
+ACTIVATION_PATIENCE_S = float(
+    os.environ.get(
+        "MEDFED_ACTIVATION_PATIENCE_S", HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL + 15.0
+    )
+)
 ACTIVATION_RETRY_S = 5.0
 #: The longest wait between two restarts of a SuperNode that keeps stopping
 #: (``MEDFED_RESTART_MAX_S`` sets another, e.g. a few seconds in tests).
 RESTART_MAX_S = float(os.environ.get("MEDFED_RESTART_MAX_S", 60.0))
 #: What flower-supernode writes when TLS with the server failed.
-TLS_MARKERS = ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed",
-               "SSL/TLS handshake error")
+TLS_MARKERS = ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed", "SSL/TLS handshake error")
 #: flower-supernode exit codes (its log's "Exit Code: N") for a configuration that no
 #: restart fixes: the site's key unreadable, the server address malformed.
-CONFIG_EXIT_CODES = {302: "the site's private key could not be loaded",
-                     600: "the server address in site.toml cannot be parsed"}
+CONFIG_EXIT_CODES = {
+    302: "the site's private key could not be loaded",
+    600: "the server address in site.toml cannot be parsed",
+}
 
 
 @dataclass
@@ -99,27 +103,44 @@ class SiteDaemon:
         from medfed.data import check_source_available
 
         check_source_available(self.config_path, self.config.data)  # e.g. a missing DICOM folder
-        require_free_port("127.0.0.1", s.runtime_port, what="SuperNode runtime API",
-                          key=f"{self.config_path} key site.runtime_port")
+        require_free_port(
+            "127.0.0.1",
+            s.runtime_port,
+            what="SuperNode runtime API",
+            key=f"{self.config_path} key site.runtime_port",
+        )
 
     def supernode_process(self) -> Managed:
         """The SuperNode as a managed process (not started yet)."""
         s = self.config.site
-        node_config = (f'{wire.NODE_WORKER_SOCKET}="{self.path(s.worker_socket)}" '
-                       f'{wire.NODE_SITE_NAME}="{s.name}"')
+        node_config = (
+            f'{wire.NODE_WORKER_SOCKET}="{self.path(s.worker_socket)}" '
+            f'{wire.NODE_SITE_NAME}="{s.name}"'
+        )
         argv = [
-            sys.executable, "-m", "medfed.client.supernode_launcher",
-            "--superlink", s.server,
-            "--root-certificates", str(self.path(s.federation_ca)),
-            "--auth-supernode-private-key", str(self.path(s.private_key)),
-            "--node-config", node_config,
-            "--port", str(s.runtime_port),
-            "--isolation", "process",  # ClientApp tasks run in this daemon (InProcessExecutor)
+            sys.executable,
+            "-m",
+            "medfed.client.supernode_launcher",
+            "--superlink",
+            s.server,
+            "--root-certificates",
+            str(self.path(s.federation_ca)),
+            "--auth-supernode-private-key",
+            str(self.path(s.private_key)),
+            "--node-config",
+            node_config,
+            "--port",
+            str(s.runtime_port),
+            "--isolation",
+            "process",  # ClientApp tasks run in this daemon (InProcessExecutor)
         ]
-        env = {**flower_env(self.path("state/flwr_home")),
-               "MEDFED_POLL_INTERVAL": str(self.poll_interval)}
-        return Managed(f"SuperNode of site {s.name}", argv, self.path("logs/supernode.log"),
-                       env=env)
+        env = {
+            **flower_env(self.path("state/flwr_home")),
+            "MEDFED_POLL_INTERVAL": str(self.poll_interval),
+        }
+        return Managed(
+            f"SuperNode of site {s.name}", argv, self.path("logs/supernode.log"), env=env
+        )
 
     def start(self) -> None:
         """Start the worker (in a thread of this process) and the SuperNode."""
@@ -129,22 +150,29 @@ class SiteDaemon:
         # to send to the coordinator (its peers mask only with a certified key)
         identity = self.worker.secure.identity
         self._server = bind(self.worker, self.path(self.config.site.worker_socket))
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        kwargs={"poll_interval": 0.2}, daemon=True,
-                                        name="medfed-worker")
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.2},
+            daemon=True,
+            name="medfed-worker",
+        )
         self._thread.start()
-        self.worker.audit.record("daemon-started", site=self.name, device=str(self.worker.device),
-                                 secagg_identity=fingerprint(identity.public_bytes))
+        self.worker.audit.record(
+            "daemon-started",
+            site=self.name,
+            device=str(self.worker.device),
+            secagg_identity=fingerprint(identity.public_bytes),
+        )
         self.worker.privacy.check_at_start()  # a ledger the audit log disowns refuses DP rounds
         self.supernode = self.supernode_process().start()
         # The executor dials the SuperNode's runtime API; dialling before it listens only
         # fills the console with refused connections. If it never listens, wait() reports why.
-        wait_for_port("127.0.0.1", self.config.site.runtime_port, timeout=60,
-                      alive=self.supernode.alive)
+        wait_for_port(
+            "127.0.0.1", self.config.site.runtime_port, timeout=60, alive=self.supernode.alive
+        )
         from medfed.client.app import app as client_app
 
-        self.executor = InProcessExecutor(f"127.0.0.1:{self.config.site.runtime_port}",
-                                           client_app)
+        self.executor = InProcessExecutor(f"127.0.0.1:{self.config.site.runtime_port}", client_app)
         self.executor.start()
 
     def wait(self, *, stop: threading.Event | None = None) -> None:
@@ -172,9 +200,12 @@ class SiteDaemon:
             return
         log.error("the worker of site %r stopped serving; starting it again", self.name)
         self._record("worker-restarted")
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        kwargs={"poll_interval": 0.2}, daemon=True,
-                                        name="medfed-worker")
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.2},
+            daemon=True,
+            name="medfed-worker",
+        )
         self._thread.start()
 
     def _watch_running(self) -> None:
@@ -186,8 +217,11 @@ class SiteDaemon:
             sup.connected = True
             sup.refused_since = None
             if sup.reported:
-                log.warning("site %r is connected to the server at %s again", self.name,
-                            self.config.site.server)
+                log.warning(
+                    "site %r is connected to the server at %s again",
+                    self.name,
+                    self.config.site.server,
+                )
                 sup.reported.clear()
         if any(m in since for m in TLS_MARKERS):
             sup.tls_seen = sup.tls_seen or time.monotonic()
@@ -220,10 +254,15 @@ class SiteDaemon:
                 # lost its connection without signing off): free it, once per streak (a
                 # second daemon with this key would not be pushed off again and again)
                 self._release_node(sup.node_id)
-            log.warning("the server at %s did not accept site %r yet: it may still count the "
-                        "site's last connection as live (up to %.0f s after a crash or a server "
-                        "restart); retrying in %.0f s", self.config.site.server, self.name,
-                        ACTIVATION_PATIENCE_S, ACTIVATION_RETRY_S)
+            log.warning(
+                "the server at %s did not accept site %r yet: it may still count the "
+                "site's last connection as live (up to %.0f s after a crash or a server "
+                "restart); retrying in %.0f s",
+                self.config.site.server,
+                self.name,
+                ACTIVATION_PATIENCE_S,
+                ACTIVATION_RETRY_S,
+            )
             return ACTIVATION_RETRY_S
         sup.refused_since = None
         delay = sup.backoff.delay(uptime)
@@ -234,12 +273,21 @@ class SiteDaemon:
             if node_id is not None:  # it was in: free its place at the server at once
                 self._release_node(node_id)
         sup.node_id = node_id if node_id is not None else sup.node_id
-        log.warning("restarting the SuperNode of site %r in %.0f s (restart %d in a row): %s",
-                    self.name, delay, sup.backoff.restarts, reason)
+        log.warning(
+            "restarting the SuperNode of site %r in %.0f s (restart %d in a row): %s",
+            self.name,
+            delay,
+            sup.backoff.restarts,
+            reason,
+        )
         if sup.backoff.restarts == 1 or reason != sup.audited:  # once per streak and reason
             sup.audited = reason
-            self._record("supernode-restarted", reason=reason, delay_s=delay,
-                         restarts_in_a_row=sup.backoff.restarts)
+            self._record(
+                "supernode-restarted",
+                reason=reason,
+                delay_s=delay,
+                restarts_in_a_row=sup.backoff.restarts,
+            )
         return delay
 
     def _explain_exit(self, text: str) -> str:
@@ -249,8 +297,7 @@ class SiteDaemon:
         port = self.config.site.runtime_port
         if f"{port}): address already in use" in text:
             error = self.failure()
-            self._report_once("port", f"{error.what}\n  fix: {error.fix}; the site keeps "
-                              "retrying")
+            self._report_once("port", f"{error.what}\n  fix: {error.fix}; the site keeps retrying")
             return f"runtime port {port} taken"
         if code is not None and code < 0:
             return f"it was killed (signal {-code})"
@@ -265,8 +312,9 @@ class SiteDaemon:
             return "TLS failed, but the pinned CA file now accepts the server's certificate"
         if diagnosis.problem is TlsProblem.NO_CERTIFICATE:
             return "TLS failed, and no server answers now"
-        self._report_once(diagnosis.problem.name, tls_advice(diagnosis, server=s.server,
-                                                            ca_path=ca))
+        self._report_once(
+            diagnosis.problem.name, tls_advice(diagnosis, server=s.server, ca_path=ca)
+        )
         return diagnosis.problem.value
 
     def _report_once(self, key: str, message: str) -> None:
@@ -300,9 +348,13 @@ class SiteDaemon:
         try:
             key = load_ssh_private_key(self.path(s.private_key).read_bytes(), password=None)
             with FleetHttpClient.from_server_address(
-                    s.server, False, str(self.path(s.federation_ca)),
-                    interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperNode"),
-                                  NodeAuthHttpInterceptor(key, key.public_key())],
+                s.server,
+                False,
+                str(self.path(s.federation_ca)),
+                interceptors=[
+                    RuntimeVersionHttpInterceptor(component_name="SuperNode"),
+                    NodeAuthHttpInterceptor(key, key.public_key()),
+                ],
             ) as client:
                 client.DeactivateNode(DeactivateNodeRequest(node_id=node_id))
         except Exception as exc:  # noqa: BLE001 - the server then frees it after its patience
@@ -322,11 +374,14 @@ class SiteDaemon:
                 where=f"{self.path(s.private_key)} (site.toml key site.private_key)",
                 expected="the OpenSSH private key `medfed site init` wrote",
                 fix="restore it from backup, or create a new site with `medfed site init` and "
-                    "enrol it again")
+                "enrol it again",
+            )
         return ConfigError(
             f"The SuperNode of site {self.name!r} stopped: {CONFIG_EXIT_CODES[code]}.",
-            where=f"{self.config_path} key site.server", expected="HOST:PORT",
-            fix="set the server's address as the coordinator gave it, then start the site")
+            where=f"{self.config_path} key site.server",
+            expected="HOST:PORT",
+            fix="set the server's address as the coordinator gave it, then start the site",
+        )
 
     def _missing_key(self) -> MedfedError:
         s = self.config.site
@@ -362,10 +417,12 @@ class SiteDaemon:
                 "machine?).",
                 where=f"{self.config_path} key site.runtime_port",
                 fix="give each site daemon on a machine its own runtime_port, or stop the "
-                    f"program using it (`ss -ltnp | grep :{port}`)")
+                f"program using it (`ss -ltnp | grep :{port}`)",
+            )
         return ProcessError(
             f"The SuperNode of site {self.name!r} stopped (exit code {code}).",
-            where=str(self.supernode.log_path), fix="read its log; last lines:\n" + tail,
+            where=str(self.supernode.log_path),
+            fix="read its log; last lines:\n" + tail,
         )
 
     def stop(self) -> None:

@@ -29,16 +29,18 @@ log = logging.getLogger("medfed.site")
 UNFINISHED = ("pending", "starting", "running")
 
 
-def withdraw_ended_run(state: Any, object_store: Any, run_id: int,
-                       message_ids: list[str]) -> int:
+def withdraw_ended_run(state: Any, object_store: Any, run_id: int, message_ids: list[str]) -> int:
     """Finish ``run_id``'s unfinished tasks as failed; drop its messages and objects.
 
     Returns how many tasks were withdrawn.
     """
     withdrawn = 0
     for task in state.get_tasks(run_ids=[run_id], statuses=list(UNFINISHED)):
-        if state.finish_task(task.task_id, sub_status="failed",
-                             details=f"run {run_id} ended before its message arrived"):
+        if state.finish_task(
+            task.task_id,
+            sub_status="failed",
+            details=f"run {run_id} ended before its message arrived",
+        ):
             withdrawn += 1
     state.delete_messages(message_ids=message_ids)
     object_store.delete_objects_in_run(run_id)
@@ -61,17 +63,25 @@ def withdraw_tasks_of_ended_runs(module: ModuleType) -> bool:
     """Patch ``module._pull_and_store_message`` (flwr.supernode.start_client_internal)."""
     from flwr.supercore.run import RunNotRunningException
 
-    original = _unpatched(module, "_pull_and_store_message", "_medfed_withdraws",
-                          "tasks of a run that ends while its message arrives are left "
-                          "to expire")
+    original = _unpatched(
+        module,
+        "_pull_and_store_message",
+        "_medfed_withdraws",
+        "tasks of a run that ends while its message arrives are left to expire",
+    )
     if original is None:
         return False
 
     @functools.wraps(original)
-    def pull_and_store(*, state: Any, object_store: Any, receive: Callable[[], Any],
-                       pull_object: Callable[[int, str], bytes],
-                       confirm_message_received: Callable[[int, str], None],
-                       **kwargs: Any) -> int | None:
+    def pull_and_store(
+        *,
+        state: Any,
+        object_store: Any,
+        receive: Callable[[], Any],
+        pull_object: Callable[[int, str], bytes],
+        confirm_message_received: Callable[[int, str], None],
+        **kwargs: Any,
+    ) -> int | None:
         received: list[str] = []
         ended: list[int] = []
 
@@ -88,16 +98,22 @@ def withdraw_tasks_of_ended_runs(module: ModuleType) -> bool:
                 except RunNotRunningException:
                     ended.append(run_id)
                     raise
+
             return wrapped
 
-        run_id = original(state=state, object_store=object_store, receive=note_receive,
-                          pull_object=noting_end(pull_object),
-                          confirm_message_received=noting_end(confirm_message_received),
-                          **kwargs)
+        run_id = original(
+            state=state,
+            object_store=object_store,
+            receive=note_receive,
+            pull_object=noting_end(pull_object),
+            confirm_message_received=noting_end(confirm_message_received),
+            **kwargs,
+        )
         for stopped in dict.fromkeys(ended):
             n = withdraw_ended_run(state, object_store, stopped, received)
-            log.warning("run %s ended while a message of it arrived; %d task(s) withdrawn",
-                        stopped, n)
+            log.warning(
+                "run %s ended while a message of it arrived; %d task(s) withdrawn", stopped, n
+            )
         return run_id
 
     pull_and_store._medfed_withdraws = True  # type: ignore[attr-defined]
@@ -115,15 +131,17 @@ def drop_replies_of_ended_runs(module: ModuleType) -> bool:
     run's join) was lost with it ("Secure aggregation needs 2 sites, 1 joined"). Now such
     a reply is deleted, and the SuperNode goes on waiting for the replies still due.
     """
-    original = _unpatched(module, "_push_messages", "_medfed_drops",
-                          "a reply of an ended run may stop the SuperNode")
+    original = _unpatched(
+        module, "_push_messages", "_medfed_drops", "a reply of an ended run may stop the SuperNode"
+    )
     if original is None:
         return False
 
     @functools.wraps(original)
     def push_messages(*, state: Any, object_store: Any, **kwargs: Any) -> None:
-        return original(state=_DroppingOrphans(state, object_store), object_store=object_store,
-                        **kwargs)
+        return original(
+            state=_DroppingOrphans(state, object_store), object_store=object_store, **kwargs
+        )
 
     push_messages._medfed_drops = True  # type: ignore[attr-defined]
     module._push_messages = push_messages  # type: ignore[attr-defined]
@@ -156,10 +174,11 @@ class _DroppingOrphans:
             try:
                 self._store.get_object_tree(mid)
             except NoObjectInStoreError:
-                self._state.delete_messages(
-                    message_ids=[mid, message.metadata.reply_to_message_id])
-                log.warning("dropped a reply of run %s, which ended: its content was "
-                            "cleared with the run", message.metadata.run_id)
+                self._state.delete_messages(message_ids=[mid, message.metadata.reply_to_message_id])
+                log.warning(
+                    "dropped a reply of run %s, which ended: its content was cleared with the run",
+                    message.metadata.run_id,
+                )
                 continue
             kept.append(message)
         return kept

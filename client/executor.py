@@ -70,8 +70,9 @@ def pull_task(client: RuntimeHttpClient) -> tuple[Message, Context, bytes]:
     message = pull_and_inflate_object_from_tree(
         tree,
         make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
-        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node,
-                                                  context.run_id),
+        make_confirm_message_received_fn_protobuf(
+            client.ConfirmMessageReceived, node, context.run_id
+        ),
         return_type=Message,
         initial_backoff=0.02,
         backoff_cap=0.5,
@@ -90,8 +91,9 @@ def bundle_clientapp(fab_content: bytes) -> str:
 class InProcessExecutor:
     """Polls the SuperNode for ClientApp tasks and runs them with ``app`` in this process."""
 
-    def __init__(self, runtime_address: str, app: ClientApp, *, poll_interval: float = 0.05
-                 ) -> None:
+    def __init__(
+        self, runtime_address: str, app: ClientApp, *, poll_interval: float = 0.05
+    ) -> None:
         self.runtime_address = runtime_address
         self.app = app
         self.poll_interval = poll_interval
@@ -102,8 +104,11 @@ class InProcessExecutor:
 
     def _client(self, *interceptors: object) -> RuntimeHttpClient:
         return RuntimeHttpClient.from_server_address(
-            server_address=self.runtime_address, insecure=True, root_certificates=None,
-            interceptors=list(interceptors), retry_invoker=retry_invoker(),
+            server_address=self.runtime_address,
+            insecure=True,
+            root_certificates=None,
+            interceptors=list(interceptors),
+            retry_invoker=retry_invoker(),
         )
 
     def start(self) -> None:
@@ -123,8 +128,7 @@ class InProcessExecutor:
             try:
                 self._poll()
             except Exception as exc:  # noqa: BLE001 - keep taking tasks
-                log.warning("the ClientApp executor lost the SuperNode (%s); polling again",
-                            exc)
+                log.warning("the ClientApp executor lost the SuperNode (%s); polling again", exc)
                 self._stop.wait(1.0)
 
     def _poll(self) -> None:
@@ -148,8 +152,10 @@ class InProcessExecutor:
 
     def run_task(self, token: str) -> None:
         """Run one task: pull its message, call the ClientApp, push the reply and status."""
-        client = self._client(RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
-                              RuntimeTokenHttpInterceptor(token))
+        client = self._client(
+            RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+            RuntimeTokenHttpInterceptor(token),
+        )
         heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
         heartbeat.start()
         message = context = reply = None
@@ -168,8 +174,10 @@ class InProcessExecutor:
             log.error("ClientApp task failed: %s", exc)
             details = f"{type(exc).__name__}: {exc}"
             if message is not None:
-                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
-                                      reason=details), reply_to=message)
+                reply = Message(
+                    Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details),
+                    reply_to=message,
+                )
         finally:
             if reply is not None and context is not None:
                 _tolerate_withdrawal(push_message, client, reply, context)
@@ -194,8 +202,9 @@ def retry_invoker() -> RetryInvoker:
     return invoker
 
 
-def task_refusal_ends_the_task(flower_giveup: Callable[[Exception], bool] | None
-                               ) -> Callable[[Exception], bool]:
+def task_refusal_ends_the_task(
+    flower_giveup: Callable[[Exception], bool] | None,
+) -> Callable[[Exception], bool]:
     """Give up on a 401 (the task's token was withdrawn: its run ended) without a signal.
 
     Flower's retry sends SIGINT to its own process on a 401, made for a ClientApp in a
@@ -203,9 +212,12 @@ def task_refusal_ends_the_task(flower_giveup: Callable[[Exception], bool] | None
     message arrived (a server crash, say) stopped the whole site. Now the call raises
     the 401 into the task, which fails alone; every other case is Flower's.
     """
+
     def should_giveup(exc: Exception) -> bool:
-        if isinstance(exc, httpx.HTTPStatusError) \
-                and exc.response.status_code == httpx.codes.UNAUTHORIZED:
+        if (
+            isinstance(exc, httpx.HTTPStatusError)
+            and exc.response.status_code == httpx.codes.UNAUTHORIZED
+        ):
             return True
         return flower_giveup(exc) if flower_giveup is not None else False
 
@@ -217,5 +229,6 @@ def _tolerate_withdrawal(push: Callable[..., object], *args: object) -> None:
     try:
         push(*args)
     except Exception as exc:  # noqa: BLE001 - the next task must still be taken
-        log.warning("the SuperNode did not take this task's result (its run may have "
-                    "ended): %s", exc)
+        log.warning(
+            "the SuperNode did not take this task's result (its run may have ended): %s", exc
+        )

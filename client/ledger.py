@@ -126,8 +126,10 @@ class LedgerError(MedfedError):
 
 def rebuild_fix(config: str | Path | None = None) -> str:
     """The command that restores a ledger from the audit log."""
-    return (f"restore it from the audit log: medfed site budget --config {config or 'site.toml'} "
-            "--rebuild-from-audit (a damaged file is kept aside, never deleted)")
+    return (
+        f"restore it from the audit log: medfed site budget --config {config or 'site.toml'} "
+        "--rebuild-from-audit (a damaged file is kept aside, never deleted)"
+    )
 
 
 class LedgerUntrusted(LedgerError):
@@ -137,11 +139,16 @@ class LedgerUntrusted(LedgerError):
     refuses DP rounds and DP joins; runs without DP go on.
     """
 
-    def __init__(self, what: str, *, where: str, config: str | Path | None = None,
-                 expected: str = "") -> None:
+    def __init__(
+        self, what: str, *, where: str, config: str | Path | None = None, expected: str = ""
+    ) -> None:
         self.problem = what  # what happened, without the consequence
-        super().__init__(what + " Every DP round is refused until it is restored.",
-                         where=where, expected=expected, fix=rebuild_fix(config))
+        super().__init__(
+            what + " Every DP round is refused until it is restored.",
+            where=where,
+            expected=expected,
+            fix=rebuild_fix(config),
+        )
 
 
 class LedgerMissing(LedgerUntrusted):
@@ -159,8 +166,16 @@ class LedgerDamaged(LedgerUntrusted):
 class BudgetExceeded(LedgerError):
     """A round would take a dataset past its epsilon budget (other live runs' holds count)."""
 
-    def __init__(self, *, dataset: str, spent: float, asked: float, budget: float,
-                 what: str = "this round", holds: Sequence[tuple[str, float]] = ()) -> None:
+    def __init__(
+        self,
+        *,
+        dataset: str,
+        spent: float,
+        asked: float,
+        budget: float,
+        what: str = "this round",
+        holds: Sequence[tuple[str, float]] = (),
+    ) -> None:
         self.dataset, self.spent, self.asked, self.budget = dataset, spent, asked, budget
         self.holds = list(holds)  # (run id, epsilon it holds and has not spent yet)
         held = sum(e for _, e in self.holds)
@@ -176,8 +191,12 @@ class BudgetExceeded(LedgerError):
             expected=f"{what} spending at most {left:.4g}",
             fix=f"the site refuses {what}; the coordinator may ask for fewer rounds, more "
             f"noise or a --target-epsilon of at most {left:.4g}"
-            + (", or wait until the other runs end (their holds: `medfed site budget`)"
-               if self.holds else "") + ", and only the site operator may raise epsilon_max",
+            + (
+                ", or wait until the other runs end (their holds: `medfed site budget`)"
+                if self.holds
+                else ""
+            )
+            + ", and only the site operator may raise epsilon_max",
         )
 
 
@@ -331,8 +350,9 @@ def _now() -> str:
 
 
 def _later(seconds: float) -> str:
-    return (dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=seconds)
-            ).isoformat(timespec="seconds")
+    return (dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=seconds)).isoformat(
+        timespec="seconds"
+    )
 
 
 def _new_id() -> str:
@@ -348,14 +368,16 @@ class PrivacyLedger:
     (:func:`check_ledger`). ``config``: the site.toml named in the errors' fix.
     """
 
-    def __init__(self, path: Path | str, *, create: bool = True,
-                 config: str | Path | None = None) -> None:
+    def __init__(
+        self, path: Path | str, *, create: bool = True, config: str | Path | None = None
+    ) -> None:
         self.path = Path(path)
         self.config = config
         if not self.path.exists():
             if not create:
-                raise LedgerMissing("The privacy ledger is missing.", where=str(self.path),
-                                    config=config)
+                raise LedgerMissing(
+                    "The privacy ledger is missing.", where=str(self.path), config=config
+                )
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(FileExistsError):  # made meanwhile by another process
                 _build(self.path)
@@ -364,15 +386,21 @@ class PrivacyLedger:
     def _open(self) -> str:
         """Check the file is a ledger, add what older ledgers lack; its identity."""
         if self.path.stat().st_size == 0:  # never written so: a new ledger is made whole
-            raise LedgerDamaged("The privacy ledger file is empty (truncated).",
-                                where=str(self.path), config=self.config)
+            raise LedgerDamaged(
+                "The privacy ledger file is empty (truncated).",
+                where=str(self.path),
+                config=self.config,
+            )
         with self._connect() as con:  # reads first: no write lock on every open
-            tables = {r[0] for r in con.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            tables = {
+                r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            }
             if "spends" not in tables:
-                raise LedgerDamaged("The privacy ledger file holds no spends table: it is "
-                                    "not a privacy ledger.", where=str(self.path),
-                                    config=self.config)
+                raise LedgerDamaged(
+                    "The privacy ledger file holds no spends table: it is not a privacy ledger.",
+                    where=str(self.path),
+                    config=self.config,
+                )
             if {"meta", "holds", "histories", "budgets"} <= tables:
                 row = con.execute("SELECT value FROM meta WHERE key = 'ledger_id'").fetchone()
                 columns = {r["name"] for r in con.execute("PRAGMA table_info(spends)")}
@@ -381,10 +409,10 @@ class PrivacyLedger:
             con.executescript(_SCHEMA)
         self._migrate()
         with self._connect() as con:  # a ledger written before identities gets one now
-            con.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('ledger_id', ?)",
-                        (_new_id(),))
-            return str(con.execute("SELECT value FROM meta WHERE key = 'ledger_id'"
-                                   ).fetchone()[0])
+            con.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('ledger_id', ?)", (_new_id(),)
+            )
+            return str(con.execute("SELECT value FROM meta WHERE key = 'ledger_id'").fetchone()[0])
 
     def _migrate(self) -> None:
         """Add the columns older ledgers lack.
@@ -394,6 +422,7 @@ class PrivacyLedger:
         and ``resent`` (how often a round's update was sent again, unchanged, after the
         server lost it: no new epsilon).
         """
+
         def missing(con: sqlite3.Connection) -> set[str]:
             have = {r["name"] for r in con.execute("PRAGMA table_info(spends)")}
             return {"unit", "resent"} - have
@@ -431,13 +460,22 @@ class PrivacyLedger:
         """A sqlite error as what it means for the site: damaged, missing, or else."""
         name = getattr(exc, "sqlite_errorname", "")
         if name in ("SQLITE_CORRUPT", "SQLITE_NOTADB") or type(exc) is sqlite3.DatabaseError:
-            return LedgerDamaged(f"The privacy ledger cannot be read: {exc}.",
-                                 where=str(self.path), config=self.config)
+            return LedgerDamaged(
+                f"The privacy ledger cannot be read: {exc}.",
+                where=str(self.path),
+                config=self.config,
+            )
         if name == "SQLITE_CANTOPEN" and not self.path.exists():
-            return LedgerMissing("The privacy ledger is missing (deleted while in use?).",
-                                 where=str(self.path), config=self.config)
-        return LedgerError(f"Cannot use the privacy ledger: {exc}", where=str(self.path),
-                           fix="check the file's permissions and free disk space")
+            return LedgerMissing(
+                "The privacy ledger is missing (deleted while in use?).",
+                where=str(self.path),
+                config=self.config,
+            )
+        return LedgerError(
+            f"Cannot use the privacy ledger: {exc}",
+            where=str(self.path),
+            fix="check the file's permissions and free disk space",
+        )
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -455,8 +493,11 @@ class PrivacyLedger:
         with self._connect() as con:
             rows = [str(r[0]) for r in con.execute("PRAGMA quick_check")]
         if rows != ["ok"]:
-            raise LedgerDamaged("The privacy ledger is damaged: " + "; ".join(rows[:3]) + ".",
-                                where=str(self.path), config=self.config)
+            raise LedgerDamaged(
+                "The privacy ledger is damaged: " + "; ".join(rows[:3]) + ".",
+                where=str(self.path),
+                config=self.config,
+            )
 
     # ------------------------------------------------------------------ reads
 
@@ -491,13 +532,25 @@ class PrivacyLedger:
         ).fetchone()
         if row is None:
             return [], None, None
-        return ([(float(z), float(q), int(s)) for z, q, s in json.loads(row["history"])],
-                row["accountant"], float(row["delta"]))
+        return (
+            [(float(z), float(q), int(s)) for z, q, s in json.loads(row["history"])],
+            row["accountant"],
+            float(row["delta"]),
+        )
 
     def _assess(
-        self, con: sqlite3.Connection, run_id: str, dataset: str, *, budget: DatasetBudget,
-        entries: list[HistoryEntry], delta: float, accountant: str, unit: str,
-        run_epsilon_max: float | None, what: str,
+        self,
+        con: sqlite3.Connection,
+        run_id: str,
+        dataset: str,
+        *,
+        budget: DatasetBudget,
+        entries: list[HistoryEntry],
+        delta: float,
+        accountant: str,
+        unit: str,
+        run_epsilon_max: float | None,
+        what: str,
     ) -> tuple[list[HistoryEntry], float, float, float]:
         """Check ``entries`` on top of the run's history, or raise the refusal.
 
@@ -511,11 +564,17 @@ class PrivacyLedger:
                 fix="the run's target_delta must not exceed the site's delta",
             )
         if unit not in ("sample", "scan", "patient", "site"):
-            raise LedgerError(f"Unknown privacy unit {unit!r} for a spend on {dataset!r}.",
-                              expected="sample, scan, patient or site")
-        finer = {u: n for u, n in con.execute(
-            "SELECT unit, COUNT(*) FROM spends WHERE dataset = ? GROUP BY unit", (dataset,))
-            if not unit_covers(u, budget.privacy_unit)}
+            raise LedgerError(
+                f"Unknown privacy unit {unit!r} for a spend on {dataset!r}.",
+                expected="sample, scan, patient or site",
+            )
+        finer = {
+            u: n
+            for u, n in con.execute(
+                "SELECT unit, COUNT(*) FROM spends WHERE dataset = ? GROUP BY unit", (dataset,)
+            )
+            if not unit_covers(u, budget.privacy_unit)
+        }
         if not unit_covers(unit, budget.privacy_unit):
             finer[f"{unit} ({what})"] = 1
         if finer:
@@ -531,26 +590,35 @@ class PrivacyLedger:
         after = epsilon_of_history([*history, *entries], delta, accountant)  # type: ignore[arg-type]
         asked = max(after - before, 0.0)
         if run_epsilon_max is not None and after > run_epsilon_max * (1 + TARGET_SLACK):
-            raise RunTargetExceeded(run_id=run_id, dataset=dataset, after=after,
-                                    target=run_epsilon_max)
+            raise RunTargetExceeded(
+                run_id=run_id, dataset=dataset, after=after, target=run_epsilon_max
+            )
         spent = self._spent(con, dataset)
         holds = self._held(con, dataset, exclude=run_id)
         if spent + sum(e for _, e in holds) + asked > budget.epsilon_max:
-            raise BudgetExceeded(dataset=dataset, spent=spent, asked=asked,
-                                 budget=budget.epsilon_max, what=what, holds=holds)
+            raise BudgetExceeded(
+                dataset=dataset,
+                spent=spent,
+                asked=asked,
+                budget=budget.epsilon_max,
+                what=what,
+                holds=holds,
+            )
         return history, after, asked, spent
 
     @staticmethod
-    def _held(con: sqlite3.Connection, dataset: str, *, exclude: str = ""
-              ) -> list[tuple[str, float]]:
+    def _held(
+        con: sqlite3.Connection, dataset: str, *, exclude: str = ""
+    ) -> list[tuple[str, float]]:
         """(run, epsilon) each other live hold on ``dataset`` has not spent yet."""
         rows = con.execute(
             "SELECT h.run_id, h.epsilon - COALESCE((SELECT SUM(s.epsilon) FROM spends s "
             "WHERE s.run_id = h.run_id AND s.dataset = h.dataset), 0.0) AS outstanding "
             "FROM holds h WHERE h.dataset = ? AND h.run_id != ? AND h.expires > ? "
-            "ORDER BY h.created, h.run_id", (dataset, exclude, _now())).fetchall()
-        return [(str(r["run_id"]), float(r["outstanding"])) for r in rows
-                if r["outstanding"] > 0]
+            "ORDER BY h.created, h.run_id",
+            (dataset, exclude, _now()),
+        ).fetchall()
+        return [(str(r["run_id"]), float(r["outstanding"])) for r in rows if r["outstanding"] > 0]
 
     def held(self, dataset: str, *, exclude: str = "") -> float:
         """Epsilon that live holds on ``dataset`` (other than ``exclude``'s) keep back."""
@@ -560,14 +628,23 @@ class PrivacyLedger:
     def rounds_charged(self, run_id: str, dataset: str) -> int:
         """How many rounds of ``run_id`` are charged to ``dataset`` (reserved or committed)."""
         with self._connect() as con:
-            row = con.execute("SELECT COUNT(*) FROM spends WHERE run_id = ? AND dataset = ?",
-                              (run_id, dataset)).fetchone()
+            row = con.execute(
+                "SELECT COUNT(*) FROM spends WHERE run_id = ? AND dataset = ?", (run_id, dataset)
+            ).fetchone()
         return int(row[0])
 
     def check_plan(
-        self, run_id: str, dataset: str, *, budget: DatasetBudget,
-        plan: Sequence[HistoryEntry], delta: float, accountant: str = "rdp",
-        mode: str = "sample", unit: str = "sample", run_epsilon_max: float | None = None,
+        self,
+        run_id: str,
+        dataset: str,
+        *,
+        budget: DatasetBudget,
+        plan: Sequence[HistoryEntry],
+        delta: float,
+        accountant: str = "rdp",
+        mode: str = "sample",
+        unit: str = "sample",
+        run_epsilon_max: float | None = None,
         rounds: int = 1,
     ) -> float:
         """Check whether the run's remaining ``rounds`` (``plan``: their history) fit.
@@ -579,17 +656,33 @@ class PrivacyLedger:
         entries = [(float(z), float(q), int(s)) for z, q, s in plan]
         with self._connect() as con:
             return self._assess(
-                con, run_id, dataset, budget=budget, entries=entries, delta=delta,
-                accountant=accountant, unit=_protected_unit(mode, unit),
+                con,
+                run_id,
+                dataset,
+                budget=budget,
+                entries=entries,
+                delta=delta,
+                accountant=accountant,
+                unit=_protected_unit(mode, unit),
                 run_epsilon_max=run_epsilon_max,
-                what="this run's next round" if rounds == 1 else f"this run's {rounds} rounds")[1]
+                what="this run's next round" if rounds == 1 else f"this run's {rounds} rounds",
+            )[1]
 
     # ------------------------------------------------------------------ writes
 
     def reserve(
-        self, run_id: str, rnd: int, dataset: str, *, budget: DatasetBudget,
-        round_history: Sequence[HistoryEntry], delta: float, accountant: str = "rdp",
-        mode: str = "sample", unit: str = "sample", run_epsilon_max: float | None = None,
+        self,
+        run_id: str,
+        rnd: int,
+        dataset: str,
+        *,
+        budget: DatasetBudget,
+        round_history: Sequence[HistoryEntry],
+        delta: float,
+        accountant: str = "rdp",
+        mode: str = "sample",
+        unit: str = "sample",
+        run_epsilon_max: float | None = None,
     ) -> Reservation:
         """Atomically charge one round to ``dataset``, or refuse it.
 
@@ -607,9 +700,17 @@ class PrivacyLedger:
         entries = [(float(z), float(q), int(s)) for z, q, s in round_history]
         with self._transaction() as con:
             history, after, asked, spent = self._assess(
-                con, run_id, dataset, budget=budget, entries=entries, delta=delta,
-                accountant=accountant, unit=unit,
-                run_epsilon_max=run_epsilon_max, what="this round")
+                con,
+                run_id,
+                dataset,
+                budget=budget,
+                entries=entries,
+                delta=delta,
+                accountant=accountant,
+                unit=unit,
+                run_epsilon_max=run_epsilon_max,
+                what="this round",
+            )
             now = _now()
             con.execute(
                 "INSERT INTO budgets (dataset, epsilon_max, delta, updated) VALUES (?, ?, ?, ?) "
@@ -623,8 +724,20 @@ class PrivacyLedger:
                 "INSERT INTO spends (run_id, round, dataset, mode, epsilon, delta, accountant, "
                 "noise_multiplier, sample_rate, steps, unit, status, reserved_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'reserved', ?)",
-                (run_id, int(rnd), dataset, mode, asked, delta, accountant, noise, rate,
-                 sum(e[2] for e in entries), unit, now),
+                (
+                    run_id,
+                    int(rnd),
+                    dataset,
+                    mode,
+                    asked,
+                    delta,
+                    accountant,
+                    noise,
+                    rate,
+                    sum(e[2] for e in entries),
+                    unit,
+                    now,
+                ),
             )
             con.execute(
                 "INSERT INTO histories (run_id, dataset, accountant, delta, history, updated) "
@@ -644,25 +757,39 @@ class PrivacyLedger:
         more steps than were charged blocks the reply (fail closed).
         """
         with self._transaction() as con:
-            row = con.execute("SELECT steps, status FROM spends WHERE id = ?",
-                              (record_id,)).fetchone()
+            row = con.execute(
+                "SELECT steps, status FROM spends WHERE id = ?", (record_id,)
+            ).fetchone()
             if row is None:
-                raise LedgerError(f"No spend record {record_id} in the privacy ledger.",
-                                  where=str(self.path))
+                raise LedgerError(
+                    f"No spend record {record_id} in the privacy ledger.", where=str(self.path)
+                )
             if steps is not None and int(steps) > int(row["steps"]):
                 raise LedgerError(
                     f"Training ran {steps} DP steps but the ledger reserved {row['steps']}; "
-                    "the reply is blocked.", where=str(self.path),
+                    "the reply is blocked.",
+                    where=str(self.path),
                     fix="plan the round with privacy_accounting.plan_round (core) before training",
                 )
-            con.execute("UPDATE spends SET status = 'committed', committed_at = ? WHERE id = ?",
-                        (_now(), record_id))
+            con.execute(
+                "UPDATE spends SET status = 'committed', committed_at = ? WHERE id = ?",
+                (_now(), record_id),
+            )
 
     def hold(
-        self, run_id: str, dataset: str, *, budget: DatasetBudget,
-        plan: Sequence[HistoryEntry], delta: float, accountant: str = "rdp",
-        mode: str = "sample", unit: str = "sample", run_epsilon_max: float | None = None,
-        rounds: int = 1, round_timeout_s: float = 600.0,
+        self,
+        run_id: str,
+        dataset: str,
+        *,
+        budget: DatasetBudget,
+        plan: Sequence[HistoryEntry],
+        delta: float,
+        accountant: str = "rdp",
+        mode: str = "sample",
+        unit: str = "sample",
+        run_epsilon_max: float | None = None,
+        rounds: int = 1,
+        round_timeout_s: float = 600.0,
     ) -> Hold:
         """Hold the epsilon of the run's next ``rounds`` rounds (``plan``) on ``dataset``.
 
@@ -674,13 +801,23 @@ class PrivacyLedger:
         entries = [(float(z), float(q), int(s)) for z, q, s in plan]
         with self._transaction() as con:
             _, after, _, _ = self._assess(
-                con, run_id, dataset, budget=budget, entries=entries, delta=delta,
-                accountant=accountant, unit=_protected_unit(mode, unit),
+                con,
+                run_id,
+                dataset,
+                budget=budget,
+                entries=entries,
+                delta=delta,
+                accountant=accountant,
+                unit=_protected_unit(mode, unit),
                 run_epsilon_max=run_epsilon_max,
-                what="this run's next round" if rounds == 1 else f"this run's {rounds} rounds")
-            charged = int(con.execute(
-                "SELECT COUNT(*) FROM spends WHERE run_id = ? AND dataset = ?",
-                (run_id, dataset)).fetchone()[0])
+                what="this run's next round" if rounds == 1 else f"this run's {rounds} rounds",
+            )
+            charged = int(
+                con.execute(
+                    "SELECT COUNT(*) FROM spends WHERE run_id = ? AND dataset = ?",
+                    (run_id, dataset),
+                ).fetchone()[0]
+            )
             now = _now()
             expires = _later(hold_ttl(rounds, round_timeout_s))
             con.execute(
@@ -688,22 +825,41 @@ class PrivacyLedger:
                 "expires) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(run_id, dataset) DO UPDATE "
                 "SET epsilon = excluded.epsilon, rounds = excluded.rounds, round_timeout_s = "
                 "excluded.round_timeout_s, created = excluded.created, expires = excluded.expires",
-                (run_id, dataset, after, charged + int(rounds), float(round_timeout_s), now,
-                 expires))
+                (
+                    run_id,
+                    dataset,
+                    after,
+                    charged + int(rounds),
+                    float(round_timeout_s),
+                    now,
+                    expires,
+                ),
+            )
         return next(h for h in self.holds() if h.run_id == run_id and h.dataset == dataset)
 
     @staticmethod
     def _renew_hold(con: sqlite3.Connection, run_id: str, dataset: str) -> None:
         """A round of a run with a live hold: the hold lasts for its remaining rounds."""
-        row = con.execute("SELECT rounds, round_timeout_s FROM holds WHERE run_id = ? AND "
-                          "dataset = ? AND expires > ?", (run_id, dataset, _now())).fetchone()
+        row = con.execute(
+            "SELECT rounds, round_timeout_s FROM holds WHERE run_id = ? AND "
+            "dataset = ? AND expires > ?",
+            (run_id, dataset, _now()),
+        ).fetchone()
         if row is None:
             return
-        charged = int(con.execute("SELECT COUNT(*) FROM spends WHERE run_id = ? AND "
-                                  "dataset = ?", (run_id, dataset)).fetchone()[0])
-        con.execute("UPDATE holds SET expires = ? WHERE run_id = ? AND dataset = ?",
-                    (_later(hold_ttl(int(row["rounds"]) - charged, row["round_timeout_s"])),
-                     run_id, dataset))
+        charged = int(
+            con.execute(
+                "SELECT COUNT(*) FROM spends WHERE run_id = ? AND dataset = ?", (run_id, dataset)
+            ).fetchone()[0]
+        )
+        con.execute(
+            "UPDATE holds SET expires = ? WHERE run_id = ? AND dataset = ?",
+            (
+                _later(hold_ttl(int(row["rounds"]) - charged, row["round_timeout_s"])),
+                run_id,
+                dataset,
+            ),
+        )
 
     def release(self, run_id: str) -> list[Hold]:
         """End the run's holds (it ended, or left); returns what they were."""
@@ -722,50 +878,69 @@ class PrivacyLedger:
             rows = con.execute(
                 "SELECT h.*, h.epsilon - COALESCE((SELECT SUM(s.epsilon) FROM spends s "
                 "WHERE s.run_id = h.run_id AND s.dataset = h.dataset), 0.0) AS outstanding "
-                "FROM holds h ORDER BY h.created, h.run_id").fetchall()
-        return [Hold(run_id=str(r["run_id"]), dataset=r["dataset"], epsilon=float(r["epsilon"]),
-                     outstanding=max(float(r["outstanding"]), 0.0), rounds=int(r["rounds"]),
-                     created=r["created"], expires=r["expires"], expired=r["expires"] <= now)
-                for r in rows]
+                "FROM holds h ORDER BY h.created, h.run_id"
+            ).fetchall()
+        return [
+            Hold(
+                run_id=str(r["run_id"]),
+                dataset=r["dataset"],
+                epsilon=float(r["epsilon"]),
+                outstanding=max(float(r["outstanding"]), 0.0),
+                rounds=int(r["rounds"]),
+                created=r["created"],
+                expires=r["expires"],
+                expired=r["expires"] <= now,
+            )
+            for r in rows
+        ]
 
     def committed_round(self, run_id: str, rnd: int) -> SpendRecord | None:
         """The committed spend of ``run_id``'s round ``rnd`` (its last), if any."""
         with self._connect() as con:
-            row = con.execute("SELECT * FROM spends WHERE run_id = ? AND round = ? AND "
-                              "status = 'committed' ORDER BY id DESC LIMIT 1",
-                              (run_id, int(rnd))).fetchone()
+            row = con.execute(
+                "SELECT * FROM spends WHERE run_id = ? AND round = ? AND "
+                "status = 'committed' ORDER BY id DESC LIMIT 1",
+                (run_id, int(rnd)),
+            ).fetchone()
         return None if row is None else SpendRecord(**dict(row))
 
     def mark_resent(self, record_id: int) -> None:
         """Count one more sending of the update ``record_id`` paid for: no new epsilon."""
         with self._transaction() as con:
-            cur = con.execute("UPDATE spends SET resent = resent + 1 WHERE id = ? AND "
-                              "status = 'committed'", (record_id,))
+            cur = con.execute(
+                "UPDATE spends SET resent = resent + 1 WHERE id = ? AND status = 'committed'",
+                (record_id,),
+            )
             if cur.rowcount != 1:
-                raise LedgerError(f"No committed spend record {record_id} to send again.",
-                                  where=str(self.path))
+                raise LedgerError(
+                    f"No committed spend record {record_id} to send again.", where=str(self.path)
+                )
 
     def record(self, record_id: int) -> SpendRecord:
         """One spend record by id."""
         with self._connect() as con:
             row = con.execute("SELECT * FROM spends WHERE id = ?", (record_id,)).fetchone()
         if row is None:
-            raise LedgerError(f"No spend record {record_id} in the privacy ledger.",
-                              where=str(self.path))
+            raise LedgerError(
+                f"No spend record {record_id} in the privacy ledger.", where=str(self.path)
+            )
         return SpendRecord(**dict(row))
 
     def spend_totals(self) -> dict[tuple[str, int, str], float]:
         """Epsilon per (run, round, dataset): what the audit log is compared with."""
         with self._connect() as con:
-            rows = con.execute("SELECT run_id, round, dataset, SUM(epsilon) FROM spends "
-                               "GROUP BY run_id, round, dataset").fetchall()
+            rows = con.execute(
+                "SELECT run_id, round, dataset, SUM(epsilon) FROM spends "
+                "GROUP BY run_id, round, dataset"
+            ).fetchall()
         return {(str(r[0]), int(r[1]), str(r[2])): float(r[3]) for r in rows}
 
     def history(self, dataset: str) -> list[SpendRecord]:
         """Every spend record of ``dataset``, oldest first."""
         with self._connect() as con:
-            rows = con.execute("SELECT * FROM spends WHERE dataset = ? ORDER BY id",
-                               (dataset,)).fetchall()
+            rows = con.execute(
+                "SELECT * FROM spends WHERE dataset = ? ORDER BY id", (dataset,)
+            ).fetchall()
         return [SpendRecord(**dict(r)) for r in rows]
 
     def summary(self) -> LedgerSummary:
@@ -786,16 +961,34 @@ class PrivacyLedger:
                 "FROM spends GROUP BY run_id, dataset ORDER BY first, run_id"
             ).fetchall()
         return LedgerSummary(
-            datasets=[DatasetSummary(
-                dataset=r["dataset"], epsilon_max=r["epsilon_max"], spent=float(r["spent"]),
-                remaining=None if r["epsilon_max"] is None else r["epsilon_max"] - r["spent"],
-                runs=r["runs"], rounds=r["rounds"], first=r["first"], last=r["last"],
-            ) for r in ds],
-            runs=[RunSummary(
-                run_id=r["run_id"], dataset=r["dataset"], epsilon=float(r["epsilon"]),
-                delta=float(r["delta"]), rounds=r["rounds"], reserved=int(r["reserved"]),
-                unit=r["unit"], first=r["first"], last=r["last"], resent=int(r["resent"] or 0),
-            ) for r in runs],
+            datasets=[
+                DatasetSummary(
+                    dataset=r["dataset"],
+                    epsilon_max=r["epsilon_max"],
+                    spent=float(r["spent"]),
+                    remaining=None if r["epsilon_max"] is None else r["epsilon_max"] - r["spent"],
+                    runs=r["runs"],
+                    rounds=r["rounds"],
+                    first=r["first"],
+                    last=r["last"],
+                )
+                for r in ds
+            ],
+            runs=[
+                RunSummary(
+                    run_id=r["run_id"],
+                    dataset=r["dataset"],
+                    epsilon=float(r["epsilon"]),
+                    delta=float(r["delta"]),
+                    rounds=r["rounds"],
+                    reserved=int(r["reserved"]),
+                    unit=r["unit"],
+                    first=r["first"],
+                    last=r["last"],
+                    resent=int(r["resent"] or 0),
+                )
+                for r in runs
+            ],
         )
 
 
@@ -815,8 +1008,10 @@ def _build(path: Path, fill: Callable[[sqlite3.Connection], None] | None = None)
             con.execute("PRAGMA synchronous=FULL")
             con.executescript(_SCHEMA)
             con.execute("BEGIN IMMEDIATE")
-            con.executemany("INSERT INTO meta (key, value) VALUES (?, ?)",
-                            [("ledger_id", ledger_id), ("created", _now())])
+            con.executemany(
+                "INSERT INTO meta (key, value) VALUES (?, ?)",
+                [("ledger_id", ledger_id), ("created", _now())],
+            )
             if fill is not None:
                 fill(con)
             con.execute("COMMIT")

@@ -51,18 +51,27 @@ def _spend_of_record(record: Mapping[str, Any]) -> tuple[tuple[Any, Any], dict[s
         if event == "privacy-reserved":
             entry = {k: v for k, v in record.items() if k not in ("status", "committed_at")}
             rid = (record.get("ledger_id"), record.get("record"))
-        elif event == "update-sent" and isinstance(record.get("privacy"), dict) \
-                and "epsilon_round" in record["privacy"]:
+        elif (
+            event == "update-sent"
+            and isinstance(record.get("privacy"), dict)
+            and "epsilon_round" in record["privacy"]
+        ):
             p = record["privacy"]
             mode = str(p.get("mode", "sample"))
             entry = {
-                "run_id": record.get("run_id"), "round": record.get("round"),
-                "dataset": p.get("dataset"), "mode": mode, "epsilon": p["epsilon_round"],
-                "delta": p.get("delta"), "accountant": p.get("accountant", "rdp"),
+                "run_id": record.get("run_id"),
+                "round": record.get("round"),
+                "dataset": p.get("dataset"),
+                "mode": mode,
+                "epsilon": p["epsilon_round"],
+                "delta": p.get("delta"),
+                "accountant": p.get("accountant", "rdp"),
                 "noise_multiplier": p.get("noise_multiplier", 0.0),
-                "sample_rate": p.get("sample_rate", 0.0), "steps": p.get("steps", 0),
+                "sample_rate": p.get("sample_rate", 0.0),
+                "steps": p.get("steps", 0),
                 "unit": "site" if mode == "update" else p.get("unit", "sample"),
-                "status": "committed", "committed_at": record.get("time"),
+                "status": "committed",
+                "committed_at": record.get("time"),
             }
             rid = (p.get("ledger_id"), p.get("ledger_record"))
         else:
@@ -70,8 +79,11 @@ def _spend_of_record(record: Mapping[str, Any]) -> tuple[tuple[Any, Any], dict[s
         _key(entry["run_id"], entry["round"], entry["dataset"])
         entry["epsilon"] = float(entry["epsilon"])
         if not entry.get("history"):  # one round's accountant entry, as the ledger planned it
-            z, q, s = (float(entry["noise_multiplier"]), float(entry["sample_rate"]),
-                       int(entry["steps"]))
+            z, q, s = (
+                float(entry["noise_multiplier"]),
+                float(entry["sample_rate"]),
+                int(entry["steps"]),
+            )
             # update-level DP: one Gaussian mechanism per round, whatever SGD ran
             entry["history"] = [[z, q, s] if entry["mode"] == "sample" else [z, 1.0, 1]]
         float(entry["delta"])
@@ -125,8 +137,9 @@ class AuditedSpends:
         return out
 
 
-def check_ledger(path: Path, audited: AuditedSpends, *, config: str | Path | None = None
-                 ) -> PrivacyLedger | None:
+def check_ledger(
+    path: Path, audited: AuditedSpends, *, config: str | Path | None = None
+) -> PrivacyLedger | None:
     """The ledger at ``path`` if it holds every spend the audit log records; else raise.
 
     Returns None when there is no ledger and the audit log neither names one nor records
@@ -139,35 +152,49 @@ def check_ledger(path: Path, audited: AuditedSpends, *, config: str | Path | Non
     if not path.exists():
         if audited.ledger_id is None and not audited.spends:
             return None
-        said = [f"names ledger {audited.ledger_id} ({audited.named_by})"] \
-            if audited.ledger_id else []
+        said = (
+            [f"names ledger {audited.ledger_id} ({audited.named_by})"] if audited.ledger_id else []
+        )
         if audited.spends:
-            per = ", ".join(f"{d}: epsilon {e:.4g}" for d, e in sorted(
-                audited.per_dataset().items()))
+            per = ", ".join(
+                f"{d}: epsilon {e:.4g}" for d, e in sorted(audited.per_dataset().items())
+            )
             said.append(f"records DP spends ({per})")
         raise LedgerMissing(
             f"The privacy ledger is missing, but the audit log {' and '.join(said)}: a new, "
-            "empty ledger would forget those spends.", where=str(path), config=config,
-            expected="the ledger the audit log names")
+            "empty ledger would forget those spends.",
+            where=str(path),
+            config=config,
+            expected="the ledger the audit log names",
+        )
     ledger = PrivacyLedger(path, create=False, config=config)
     ledger.integrity()
     if audited.ledger_id is not None and ledger.ledger_id != audited.ledger_id:
         raise LedgerMismatch(
             f"The privacy ledger was replaced: the file is ledger {ledger.ledger_id}, but the "
             f"audit log's {audited.named_by} names {audited.ledger_id} (another site's ledger, "
-            "or a copy?).", where=str(path), config=config,
-            expected=f"ledger {audited.ledger_id}")
+            "or a copy?).",
+            where=str(path),
+            config=config,
+            expected=f"ledger {audited.ledger_id}",
+        )
     totals = ledger.spend_totals()
-    short = sorted((key, eps, totals.get(key, 0.0)) for key, eps in audited.spends.items()
-                   if totals.get(key, 0.0) < eps - _MATCH_SLACK * max(1.0, abs(eps)))
+    short = sorted(
+        (key, eps, totals.get(key, 0.0))
+        for key, eps in audited.spends.items()
+        if totals.get(key, 0.0) < eps - _MATCH_SLACK * max(1.0, abs(eps))
+    )
     if short:
         (run, rnd, dataset), eps, held = short[0]
         raise LedgerMismatch(
             f"The privacy ledger holds less epsilon than the audit log records as spent, "
             f"for {len(short)} round(s) (e.g. run {run!r} round {rnd} on dataset {dataset!r}: "
             f"ledger {held:.4g}, audit log {eps:.4g}): an older copy of the ledger, or one "
-            "edited?", where=str(path), config=config,
-            expected="at least every audited spend in the ledger")
+            "edited?",
+            where=str(path),
+            config=config,
+            expected="at least every audited spend in the ledger",
+        )
     return ledger
 
 
@@ -193,8 +220,9 @@ class RebuildResult:
     legacy: int
 
 
-def build_from_audit(path: Path, records: Iterable[Mapping[str, Any]], *,
-                     budgets: Mapping[str, DatasetBudget]) -> RebuildResult:
+def build_from_audit(
+    path: Path, records: Iterable[Mapping[str, Any]], *, budgets: Mapping[str, DatasetBudget]
+) -> RebuildResult:
     """Make a new ledger at ``path`` (absent) holding every spend the audit log records.
 
     Conservative: every audited reservation counts as spent, sent or not. Each spend keeps
@@ -222,8 +250,11 @@ def build_from_audit(path: Path, records: Iterable[Mapping[str, Any]], *,
             if event == "update-sent":  # the reservation was sent (again, if resent)
                 row = by_id[rid]
                 resent = row["status"] == "committed"
-                row.update(status="committed", committed_at=row.get("committed_at")
-                           or record.get("time"), resent=row.get("resent", 0) + resent)
+                row.update(
+                    status="committed",
+                    committed_at=row.get("committed_at") or record.get("time"),
+                    resent=row.get("resent", 0) + resent,
+                )
             continue
         row = {"status": "reserved", "committed_at": None, **entry}
         legacy += event == "update-sent"
@@ -241,41 +272,75 @@ def build_from_audit(path: Path, records: Iterable[Mapping[str, Any]], *,
                 "INSERT INTO spends (run_id, round, dataset, mode, epsilon, delta, accountant, "
                 "noise_multiplier, sample_rate, steps, unit, status, reserved_at, committed_at, "
                 "resent) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (run_id, int(row["round"]), dataset, str(row["mode"]), row["epsilon"],
-                 float(row["delta"]), str(row["accountant"]), float(row["noise_multiplier"]),
-                 float(row["sample_rate"]), int(row["steps"]), str(row["unit"]), row["status"],
-                 _seconds(row["reserved_at"]) or now, _seconds(row["committed_at"]),
-                 int(row.get("resent", 0))))
+                (
+                    run_id,
+                    int(row["round"]),
+                    dataset,
+                    str(row["mode"]),
+                    row["epsilon"],
+                    float(row["delta"]),
+                    str(row["accountant"]),
+                    float(row["noise_multiplier"]),
+                    float(row["sample_rate"]),
+                    int(row["steps"]),
+                    str(row["unit"]),
+                    row["status"],
+                    _seconds(row["reserved_at"]) or now,
+                    _seconds(row["committed_at"]),
+                    int(row.get("resent", 0)),
+                ),
+            )
             acc, delta, history = histories.get(
-                (run_id, dataset), (str(row["accountant"]), float(row["delta"]), []))
+                (run_id, dataset), (str(row["accountant"]), float(row["delta"]), [])
+            )
             history += [[float(z), float(q), int(s)] for z, q, s in row["history"]]
             histories[(run_id, dataset)] = (acc, delta, history)
         for (run_id, dataset), (acc, delta, history) in histories.items():
-            con.execute("INSERT INTO histories (run_id, dataset, accountant, delta, history, "
-                        "updated) VALUES (?, ?, ?, ?, ?, ?)",
-                        (run_id, dataset, acc, delta, json.dumps(history), now))
+            con.execute(
+                "INSERT INTO histories (run_id, dataset, accountant, delta, history, "
+                "updated) VALUES (?, ?, ?, ?, ?, ?)",
+                (run_id, dataset, acc, delta, json.dumps(history), now),
+            )
         for dataset in sorted({str(r["dataset"]) for r in rows} & set(budgets)):
-            con.execute("INSERT INTO budgets (dataset, epsilon_max, delta, updated) "
-                        "VALUES (?, ?, ?, ?)", (dataset, budgets[dataset].epsilon_max,
-                                                budgets[dataset].delta, now))
+            con.execute(
+                "INSERT INTO budgets (dataset, epsilon_max, delta, updated) VALUES (?, ?, ?, ?)",
+                (dataset, budgets[dataset].epsilon_max, budgets[dataset].delta, now),
+            )
         for h in live:
-            con.execute("INSERT INTO holds (run_id, dataset, epsilon, rounds, round_timeout_s, "
-                        "created, expires) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (str(h["run_id"]), str(h["dataset"]), float(h["epsilon"]),
-                         int(h.get("rounds", 1)), float(h.get("round_timeout_s", 600.0)),
-                         _seconds(h.get("time")) or now, str(h["expires"])))
+            con.execute(
+                "INSERT INTO holds (run_id, dataset, epsilon, rounds, round_timeout_s, "
+                "created, expires) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    str(h["run_id"]),
+                    str(h["dataset"]),
+                    float(h["epsilon"]),
+                    int(h.get("rounds", 1)),
+                    float(h.get("round_timeout_s", 600.0)),
+                    _seconds(h.get("time")) or now,
+                    str(h["expires"]),
+                ),
+            )
         con.execute("INSERT INTO meta (key, value) VALUES ('rebuilt_from_audit', ?)", (now,))
 
     ledger_id = _build(Path(path), fill)
     restored = []
     for dataset in sorted({str(r["dataset"]) for r in rows}):
         mine = [r for r in rows if str(r["dataset"]) == dataset]
-        restored.append(RestoredDataset(
-            dataset, math.fsum(r["epsilon"] for r in mine), len({str(r["run_id"]) for r in mine}),
-            len(mine), sum(r["status"] == "reserved" for r in mine)))
-    return RebuildResult(ledger_id, restored,
-                         [(str(h["run_id"]), str(h["dataset"]), float(h["epsilon"]))
-                          for h in live], legacy)
+        restored.append(
+            RestoredDataset(
+                dataset,
+                math.fsum(r["epsilon"] for r in mine),
+                len({str(r["run_id"]) for r in mine}),
+                len(mine),
+                sum(r["status"] == "reserved" for r in mine),
+            )
+        )
+    return RebuildResult(
+        ledger_id,
+        restored,
+        [(str(h["run_id"]), str(h["dataset"]), float(h["epsilon"])) for h in live],
+        legacy,
+    )
 
 
 def _seconds(iso: Any) -> str | None:
@@ -283,7 +348,10 @@ def _seconds(iso: Any) -> str | None:
     if iso is None:
         return None
     try:
-        return dt.datetime.fromisoformat(str(iso)).astimezone(dt.timezone.utc).isoformat(
-            timespec="seconds")
+        return (
+            dt.datetime.fromisoformat(str(iso))
+            .astimezone(dt.timezone.utc)
+            .isoformat(timespec="seconds")
+        )
     except ValueError:
         return _now()

@@ -48,14 +48,18 @@ class PeerPins:
             return {}
         try:
             peers = json.loads(self.path.read_text(encoding="utf-8"))["peers"]
-            return {s: Pin(s, bytes.fromhex(p["key"]), str(p["first_seen"]), str(p["run"]))
-                    for s, p in peers.items()}
+            return {
+                s: Pin(s, bytes.fromhex(p["key"]), str(p["first_seen"]), str(p["run"]))
+                for s, p in peers.items()
+            }
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise MedfedError(f"The pinned peer keys file is unreadable: {exc}.",
-                              where=str(self.path),
-                              expected='{"peers": {site: {"key", "first_seen", "run"}}}',
-                              fix="restore it from a backup; deleting it re-pins every peer "
-                              "on the next run (trust on first use again)") from None
+            raise MedfedError(
+                f"The pinned peer keys file is unreadable: {exc}.",
+                where=str(self.path),
+                expected='{"peers": {site: {"key", "first_seen", "run"}}}',
+                fix="restore it from a backup; deleting it re-pins every peer "
+                "on the next run (trust on first use again)",
+            ) from None
 
     def check(self, directory: Mapping[str, bytes], *, own: str) -> list[str]:
         """Names in ``directory`` not pinned yet; raises if a pinned peer's key changed."""
@@ -72,7 +76,8 @@ class PeerPins:
                 expected="the pinned key (trust on first use, like SSH known_hosts)",
                 fix=f"if {site!r} really re-keyed (confirm the new fingerprint with its "
                 f"operator out of band), run `medfed site peers --config site.toml --forget "
-                f"{site}`; otherwise stop the run: the relay may be substituting keys")
+                f"{site}`; otherwise stop the run: the relay may be substituting keys",
+            )
         return sorted(s for s in directory if s != own and s not in pins)
 
     def add(self, directory: Mapping[str, bytes], names: list[str], *, run_id: str) -> None:
@@ -90,16 +95,24 @@ class PeerPins:
         pins = self.load()
         if site not in pins:
             close = difflib.get_close_matches(site, list(pins), n=1)
-            raise MedfedError(f"No pinned peer named {site!r}.", where=str(self.path),
-                              expected=f"one of {sorted(pins)}" if pins else "a pinned peer",
-                              fix=f"did you mean {close[0]!r}?" if close
-                              else "list them with `medfed site peers --config site.toml`")
+            raise MedfedError(
+                f"No pinned peer named {site!r}.",
+                where=str(self.path),
+                expected=f"one of {sorted(pins)}" if pins else "a pinned peer",
+                fix=f"did you mean {close[0]!r}?"
+                if close
+                else "list them with `medfed site peers --config site.toml`",
+            )
         pin = pins.pop(site)
         self._write(pins)
         return pin
 
     def _write(self, pins: Mapping[str, Pin]) -> None:
-        body = {"peers": {s: {"key": p.key.hex(), "first_seen": p.first_seen, "run": p.run_id}
-                          for s, p in sorted(pins.items())}}
+        body = {
+            "peers": {
+                s: {"key": p.key.hex(), "first_seen": p.first_seen, "run": p.run_id}
+                for s, p in sorted(pins.items())
+            }
+        }
         # atomic_write's temporary file is created 0600 (mkstemp) and renamed: owner-only
         atomic_write(self.path, (json.dumps(body, indent=2) + "\n").encode())

@@ -97,17 +97,23 @@ class RoundPrivacy:
             return {"mode": self.mode}
         r = self.reservation
         return {
-            "mode": self.mode, "dataset": self.dataset, "epsilon_round": r.epsilon,
-            "epsilon_run": r.run_epsilon, "epsilon_spent": r.spent,
-            "epsilon_remaining": r.remaining, "delta": run.privacy.target_delta,
+            "mode": self.mode,
+            "dataset": self.dataset,
+            "epsilon_round": r.epsilon,
+            "epsilon_run": r.run_epsilon,
+            "epsilon_spent": r.spent,
+            "epsilon_remaining": r.remaining,
+            "delta": run.privacy.target_delta,
             "accountant": run.privacy.accountant,
             "noise_multiplier": self.noise_multiplier,
             "noise_fitted_to_budget": self.fitted,
             "target_epsilon": run.privacy.target_epsilon,
             "unit": run.privacy.unit if self.mode == "sample" else "site",
-            "clipping": run.privacy.clipping, "sample_rate": self.history[-1][1]
-            if self.history else 0.0, "steps": steps,
-            "ledger_id": self.ledger_id, "ledger_record": r.record_id,
+            "clipping": run.privacy.clipping,
+            "sample_rate": self.history[-1][1] if self.history else 0.0,
+            "steps": steps,
+            "ledger_id": self.ledger_id,
+            "ledger_record": r.record_id,
         }
 
     def metrics(self) -> dict[str, float]:
@@ -115,8 +121,12 @@ class RoundPrivacy:
         if self.reservation is None:
             return {}
         r = self.reservation
-        return {"epsilon": r.epsilon, "epsilon-run": r.run_epsilon,
-                "epsilon-remaining": r.remaining, "noise-multiplier": self.noise_multiplier}
+        return {
+            "epsilon": r.epsilon,
+            "epsilon-run": r.run_epsilon,
+            "epsilon-remaining": r.remaining,
+            "noise-multiplier": self.noise_multiplier,
+        }
 
 
 @dataclass(frozen=True)
@@ -151,8 +161,9 @@ class _Plan:
 class PrivacyGate:
     """The site's privacy policy and ledger, the ledger checked against the audit log."""
 
-    def __init__(self, config: SiteConfig, config_path: Path, *,
-                 audit: AuditLog | None = None) -> None:
+    def __init__(
+        self, config: SiteConfig, config_path: Path, *, audit: AuditLog | None = None
+    ) -> None:
         self.policy = config.privacy
         self.config_path = Path(config_path)
         self.ledger_path = resolve(config_path, config.privacy.ledger)
@@ -195,12 +206,17 @@ class PrivacyGate:
         ledger = check_ledger(self.ledger_path, audited, config=self.config_path)
         if ledger is None:
             ledger = PrivacyLedger(self.ledger_path, config=self.config_path)
-            self.audit.record("ledger-created", ledger_id=ledger.ledger_id,
-                              path=str(self.ledger_path))
+            self.audit.record(
+                "ledger-created", ledger_id=ledger.ledger_id, path=str(self.ledger_path)
+            )
         elif audited.ledger_id is None:
             spent = {d.dataset: d.spent for d in ledger.summary().datasets}
-            self.audit.record("ledger-adopted", ledger_id=ledger.ledger_id,
-                              path=str(self.ledger_path), spent=spent)
+            self.audit.record(
+                "ledger-adopted",
+                ledger_id=ledger.ledger_id,
+                path=str(self.ledger_path),
+                spent=spent,
+            )
         self._ledger = ledger
         return ledger
 
@@ -224,8 +240,13 @@ class PrivacyGate:
             self._bound_ledger()
         except LedgerError as exc:
             log.error("%s", exc)
-            self.audit.record("ledger-refused", rule=LEDGER_RULE, reason=exc.what, fix=exc.fix,
-                              path=str(self.ledger_path))
+            self.audit.record(
+                "ledger-refused",
+                rule=LEDGER_RULE,
+                reason=exc.what,
+                fix=exc.fix,
+                path=str(self.ledger_path),
+            )
             return exc
         return None
 
@@ -239,42 +260,98 @@ class PrivacyGate:
             log.warning("could not release the holds of run %s: %s", run_id, exc.what)
             return []
         for h in released:
-            self.audit.record("privacy-hold-released", run_id=run_id, dataset=h.dataset,
-                              epsilon=h.epsilon, unspent=h.outstanding, reason=reason)
+            self.audit.record(
+                "privacy-hold-released",
+                run_id=run_id,
+                dataset=h.dataset,
+                epsilon=h.epsilon,
+                unspent=h.outstanding,
+                reason=reason,
+            )
         return released
 
-    def before_training(self, run: RunConfig, run_id: str, rnd: int, *, model: Any,
-                        num_examples: int, batch_size: int, epochs: int) -> RoundPrivacy:
+    def before_training(
+        self,
+        run: RunConfig,
+        run_id: str,
+        rnd: int,
+        *,
+        model: Any,
+        num_examples: int,
+        batch_size: int,
+        epochs: int,
+    ) -> RoundPrivacy:
         """Check policy, validate the model, reserve the round's epsilon; or refuse.
 
         ``num_examples`` counts the units DP-SGD samples from (``dp_units.privacy_units``):
         training examples, or the scans or patients ``privacy.unit`` names.
         """
-        plan = self._plan(run, run_id, model=model, num_examples=num_examples,
-                          batch_size=batch_size, epochs=epochs)
+        plan = self._plan(
+            run,
+            run_id,
+            model=model,
+            num_examples=num_examples,
+            batch_size=batch_size,
+            epochs=epochs,
+        )
         if isinstance(plan, RoundPrivacy):
             return plan
         with _ledger_refusals(plan.dataset):
             reservation = self.ledger.reserve(
-                run_id, rnd, plan.dataset, budget=plan.budget, round_history=[plan.entry],
-                delta=run.privacy.target_delta, accountant=run.privacy.accountant,
-                mode=run.privacy.mode, unit=run.privacy.unit,
-                run_epsilon_max=run.privacy.target_epsilon or None)
+                run_id,
+                rnd,
+                plan.dataset,
+                budget=plan.budget,
+                round_history=[plan.entry],
+                delta=run.privacy.target_delta,
+                accountant=run.privacy.accountant,
+                mode=run.privacy.mode,
+                unit=run.privacy.unit,
+                run_epsilon_max=run.privacy.target_epsilon or None,
+            )
             spend = self.ledger.record(reservation.record_id)
         # audited before training: a ledger rebuilt from the audit log counts this round
         # even if the site dies before it is sent
         self.audit.record(
-            "privacy-reserved", run_id=run_id, round=rnd, dataset=plan.dataset,
-            ledger_id=self.ledger.ledger_id, record=spend.id, mode=spend.mode,
-            unit=spend.unit, epsilon=spend.epsilon, epsilon_run=reservation.run_epsilon,
-            delta=spend.delta, accountant=spend.accountant,
-            noise_multiplier=spend.noise_multiplier, sample_rate=spend.sample_rate,
-            steps=spend.steps, history=[list(plan.entry)], reserved_at=spend.reserved_at)
-        return RoundPrivacy(run.privacy.mode, plan.dataset, plan.budget, reservation,
-                            [plan.entry], plan.noise, plan.fitted, self.ledger.ledger_id)
+            "privacy-reserved",
+            run_id=run_id,
+            round=rnd,
+            dataset=plan.dataset,
+            ledger_id=self.ledger.ledger_id,
+            record=spend.id,
+            mode=spend.mode,
+            unit=spend.unit,
+            epsilon=spend.epsilon,
+            epsilon_run=reservation.run_epsilon,
+            delta=spend.delta,
+            accountant=spend.accountant,
+            noise_multiplier=spend.noise_multiplier,
+            sample_rate=spend.sample_rate,
+            steps=spend.steps,
+            history=[list(plan.entry)],
+            reserved_at=spend.reserved_at,
+        )
+        return RoundPrivacy(
+            run.privacy.mode,
+            plan.dataset,
+            plan.budget,
+            reservation,
+            [plan.entry],
+            plan.noise,
+            plan.fitted,
+            self.ledger.ledger_id,
+        )
 
-    def preflight(self, run: RunConfig, run_id: str, *, model: Any, num_examples: int,
-                  batch_size: int, epochs: int) -> Forecast | None:
+    def preflight(
+        self,
+        run: RunConfig,
+        run_id: str,
+        *,
+        model: Any,
+        num_examples: int,
+        batch_size: int,
+        epochs: int,
+    ) -> Forecast | None:
         """Refuse, before anyone trains, a run this site would refuse in its first round.
 
         The checks of :meth:`before_training` (policy, model, privacy unit, budget) for
@@ -290,16 +367,36 @@ class PrivacyGate:
         join releases what the same run held before.
         """
         try:
-            return self._forecast(run, run_id, model=model, num_examples=num_examples,
-                                  batch_size=batch_size, epochs=epochs)
+            return self._forecast(
+                run,
+                run_id,
+                model=model,
+                num_examples=num_examples,
+                batch_size=batch_size,
+                epochs=epochs,
+            )
         except PrivacyRefusal:
             self.release(run_id, reason="refused at a join")
             raise
 
-    def _forecast(self, run: RunConfig, run_id: str, *, model: Any, num_examples: int,
-                  batch_size: int, epochs: int) -> Forecast | None:
-        plan = self._plan(run, run_id, model=model, num_examples=num_examples,
-                          batch_size=batch_size, epochs=epochs)
+    def _forecast(
+        self,
+        run: RunConfig,
+        run_id: str,
+        *,
+        model: Any,
+        num_examples: int,
+        batch_size: int,
+        epochs: int,
+    ) -> Forecast | None:
+        plan = self._plan(
+            run,
+            run_id,
+            model=model,
+            num_examples=num_examples,
+            batch_size=batch_size,
+            epochs=epochs,
+        )
         if isinstance(plan, RoundPrivacy):
             return None
         charged = self.ledger.rounds_charged(run_id, plan.dataset)
@@ -333,22 +430,43 @@ class PrivacyGate:
         """Hold the epsilon of the ``rounds`` the run will spend here, from other runs."""
         with _ledger_refusals(plan.dataset):
             hold = self.ledger.hold(
-                run_id, plan.dataset, budget=plan.budget, plan=[plan.entry] * rounds,
-                delta=run.privacy.target_delta, accountant=run.privacy.accountant,
-                mode=run.privacy.mode, unit=run.privacy.unit,
-                run_epsilon_max=run.privacy.target_epsilon or None, rounds=rounds,
-                round_timeout_s=run.round_timeout_s)
-        self.audit.record("privacy-hold", run_id=run_id, dataset=hold.dataset,
-                          epsilon=hold.epsilon, unspent=hold.outstanding, rounds=hold.rounds,
-                          round_timeout_s=run.round_timeout_s, expires=hold.expires)
+                run_id,
+                plan.dataset,
+                budget=plan.budget,
+                plan=[plan.entry] * rounds,
+                delta=run.privacy.target_delta,
+                accountant=run.privacy.accountant,
+                mode=run.privacy.mode,
+                unit=run.privacy.unit,
+                run_epsilon_max=run.privacy.target_epsilon or None,
+                rounds=rounds,
+                round_timeout_s=run.round_timeout_s,
+            )
+        self.audit.record(
+            "privacy-hold",
+            run_id=run_id,
+            dataset=hold.dataset,
+            epsilon=hold.epsilon,
+            unspent=hold.outstanding,
+            rounds=hold.rounds,
+            round_timeout_s=run.round_timeout_s,
+            expires=hold.expires,
+        )
 
     def _check(self, run: RunConfig, run_id: str, plan: _Plan, rounds: int) -> None:
         """The ledger's checks for ``rounds`` more rounds like ``plan``; raises its refusals."""
         self.ledger.check_plan(
-            run_id, plan.dataset, budget=plan.budget, plan=[plan.entry] * rounds,
-            delta=run.privacy.target_delta, accountant=run.privacy.accountant,
-            mode=run.privacy.mode, unit=run.privacy.unit,
-            run_epsilon_max=run.privacy.target_epsilon or None, rounds=rounds)
+            run_id,
+            plan.dataset,
+            budget=plan.budget,
+            plan=[plan.entry] * rounds,
+            delta=run.privacy.target_delta,
+            accountant=run.privacy.accountant,
+            mode=run.privacy.mode,
+            unit=run.privacy.unit,
+            run_epsilon_max=run.privacy.target_epsilon or None,
+            rounds=rounds,
+        )
 
     def _fit(self, run: RunConfig, run_id: str, plan: _Plan) -> _Plan:
         """More noise, so that the run's remaining rounds fit this dataset's remaining budget.
@@ -398,26 +516,40 @@ class PrivacyGate:
 
     def _first_guess(self, run: RunConfig, run_id: str, plan: _Plan, rounds: int) -> float:
         """The noise whose ``rounds`` rounds spend what the dataset has left (or the target)."""
-        left = self.ledger.remaining(plan.dataset, plan.budget) \
-            - self.ledger.held(plan.dataset, exclude=run_id)
+        left = self.ledger.remaining(plan.dataset, plan.budget) - self.ledger.held(
+            plan.dataset, exclude=run_id
+        )
         target = min(left, run.privacy.target_epsilon or left)
         _, rate, steps = plan.entry
         try:
             return privacy_accounting.noise_for_target(
-                target, run.privacy.target_delta, sample_rate=rate, steps=steps * rounds,
-                accountant=run.privacy.accountant)
+                target,
+                run.privacy.target_delta,
+                sample_rate=rate,
+                steps=steps * rounds,
+                accountant=run.privacy.accountant,
+            )
         except ValueError:  # nothing left, or no noise reaches it: bisect instead
             return 0.0
 
-    def _plan(self, run: RunConfig, run_id: str, *, model: Any, num_examples: int,
-              batch_size: int, epochs: int) -> RoundPrivacy | _Plan:
+    def _plan(
+        self,
+        run: RunConfig,
+        run_id: str,
+        *,
+        model: Any,
+        num_examples: int,
+        batch_size: int,
+        epochs: int,
+    ) -> RoundPrivacy | _Plan:
         """The round's dataset, budget, noise and accountant entry; or a round without DP."""
         mode = run.privacy.mode
         if not self.policy.datasets:
             if mode == "off":
                 return RoundPrivacy(mode)  # the site declares no budget and requires no DP
-            raise PrivacyRefusal("privacy.datasets",
-                                 "the run asks for DP but this site has no privacy budget")
+            raise PrivacyRefusal(
+                "privacy.datasets", "the run asks for DP but this site has no privacy budget"
+            )
         try:
             name, budget = self.policy.budget_for(run.dataset)
         except ConfigError as exc:
@@ -428,13 +560,15 @@ class PrivacyGate:
                 raise PrivacyRefusal(decision.rule, decision.reason)
             return RoundPrivacy(mode, name, budget)
         if mode == "sample":
-            (_, sample_rate, steps), = privacy_accounting.plan_round(
-                num_examples, batch_size=batch_size, epochs=epochs, noise_multiplier=1.0)
+            ((_, sample_rate, steps),) = privacy_accounting.plan_round(
+                num_examples, batch_size=batch_size, epochs=epochs, noise_multiplier=1.0
+            )
         else:  # update-level: one Gaussian mechanism on the clipped update per round
             sample_rate, steps = 1.0, 1
         noise = site_noise_multiplier(run, sample_rate=sample_rate, steps_per_round=steps)
-        decision = check_run_against_policy(run.privacy, budget, dataset=name,
-                                            noise_multiplier=noise)
+        decision = check_run_against_policy(
+            run.privacy, budget, dataset=name, noise_multiplier=noise
+        )
         if not decision.allowed:
             raise PrivacyRefusal(decision.rule, decision.reason)
         if mode == "sample":
@@ -452,8 +586,9 @@ class PrivacyGate:
     def commit(self, rp: RoundPrivacy, *, steps: int) -> None:
         """Mark the reserved spend committed; more steps than reserved blocks the reply."""
         if rp.reservation is not None:
-            self.ledger.commit(rp.reservation.record_id,
-                               steps=steps if rp.mode == "sample" else None)
+            self.ledger.commit(
+                rp.reservation.record_id, steps=steps if rp.mode == "sample" else None
+            )
 
 
 @contextlib.contextmanager
@@ -506,7 +641,8 @@ def rebuild_ledger(config: SiteConfig, config_path: Path) -> Rebuilt:
             f"at line {first.line}: {first.what}); a ledger rebuilt from it could miss spends.",
             where=str(audit.path),
             fix=f"restore the audit log from a backup (`medfed site audit --config "
-            f"{config_path} --verify` lists the breaks), then rebuild again")
+            f"{config_path} --verify` lists the breaks), then rebuild again",
+        )
     records = audit.read()
     try:
         check_ledger(path, AuditedSpends.of(records), config=config_path)
@@ -515,9 +651,12 @@ def rebuild_ledger(config: SiteConfig, config_path: Path) -> Rebuilt:
     else:
         raise LedgerError(
             "The privacy ledger matches the audit log: there is nothing to rebuild."
-            if path.exists() else "There is no privacy ledger and the audit log records no "
+            if path.exists()
+            else "There is no privacy ledger and the audit log records no "
             "spend: there is nothing to rebuild (the site makes a new ledger when it needs one).",
-            where=str(path), fix="none needed; `medfed site budget` shows what was spent")
+            where=str(path),
+            fix="none needed; `medfed site budget` shows what was spent",
+        )
     tmp = path.with_name(f".{path.name}.rebuild-{os.getpid()}")
     tmp.unlink(missing_ok=True)
     result = build_from_audit(tmp, records, budgets=config.privacy.datasets)
@@ -530,12 +669,24 @@ def rebuild_ledger(config: SiteConfig, config_path: Path) -> Rebuilt:
                 kept = path.with_name(f"{path.name}.damaged-{stamp}{suffix}")
                 os.rename(old, kept)
                 aside.append(kept)
-        audit.record("ledger-rebuilt", ledger_id=result.ledger_id, path=str(path),
-                     problem=problem, kept_aside=[str(a) for a in aside],
-                     restored={d.dataset: {"epsilon": d.epsilon, "runs": d.runs,
-                                           "rounds": d.rounds, "unsent": d.unsent}
-                               for d in result.datasets},
-                     holds=[list(h) for h in result.holds], legacy_spends=result.legacy)
+        audit.record(
+            "ledger-rebuilt",
+            ledger_id=result.ledger_id,
+            path=str(path),
+            problem=problem,
+            kept_aside=[str(a) for a in aside],
+            restored={
+                d.dataset: {
+                    "epsilon": d.epsilon,
+                    "runs": d.runs,
+                    "rounds": d.rounds,
+                    "unsent": d.unsent,
+                }
+                for d in result.datasets
+            },
+            holds=[list(h) for h in result.holds],
+            legacy_spends=result.legacy,
+        )
         os.link(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -556,17 +707,23 @@ def site_noise_multiplier(run: RunConfig, *, sample_rate: float, steps_per_round
         return p.noise_multiplier
     try:
         derived = privacy_accounting.noise_for_target(
-            p.target_epsilon, p.target_delta, sample_rate=sample_rate,
-            steps=steps_per_round * run.rounds, accountant=p.accountant)
+            p.target_epsilon,
+            p.target_delta,
+            sample_rate=sample_rate,
+            steps=steps_per_round * run.rounds,
+            accountant=p.accountant,
+        )
     except ValueError as exc:
         raise PrivacyRefusal("privacy.target_epsilon", str(exc)) from None
     return max(derived, p.noise_multiplier)
 
 
-def noised_update(global_vec: np.ndarray, local_vec: np.ndarray, run: RunConfig,
-                  noise_multiplier: float) -> np.ndarray:
+def noised_update(
+    global_vec: np.ndarray, local_vec: np.ndarray, run: RunConfig, noise_multiplier: float
+) -> np.ndarray:
     """Update-level DP: global + clip-and-noise(local - global), noise from ChaCha20."""
     delta = local_vec.astype(np.float64) - global_vec.astype(np.float64)
-    noised = dp_update.clip_and_noise_update(delta, clipping_norm=run.privacy.clipping_norm,
-                                             noise_multiplier=noise_multiplier)
+    noised = dp_update.clip_and_noise_update(
+        delta, clipping_norm=run.privacy.clipping_norm, noise_multiplier=noise_multiplier
+    )
     return (global_vec.astype(np.float64) + noised).astype(np.float32)

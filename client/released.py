@@ -50,8 +50,12 @@ def participants_of(config: Mapping[str, Any]) -> tuple[str, ...]:
 
 def model_digest(vector: np.ndarray) -> str:
     """SHA-256 of a global model's packed float32 vector."""
-    return "sha256:" + hashlib.sha256(memoryview(
-        np.ascontiguousarray(vector, dtype=np.float32)).cast("B")).hexdigest()
+    return (
+        "sha256:"
+        + hashlib.sha256(
+            memoryview(np.ascontiguousarray(vector, dtype=np.float32)).cast("B")
+        ).hexdigest()
+    )
 
 
 @dataclass(frozen=True)
@@ -80,15 +84,29 @@ class ReleasedUpdates:
 
     def save(self, run_id: str, update: Released) -> None:
         """Keep ``update`` as the run's last release (replacing the one before)."""
-        meta = {"round": update.round, "run": update.run_digest,
-                "global": update.global_digest, "participants": list(update.participants),
-                "weight": update.weight, "metrics": update.metrics,
-                "privacy": update.privacy}
-        atomic_savez(self._path(run_id), vector=np.asarray(update.vector, dtype=np.float32),
-                     meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+        meta = {
+            "round": update.round,
+            "run": update.run_digest,
+            "global": update.global_digest,
+            "participants": list(update.participants),
+            "weight": update.weight,
+            "metrics": update.metrics,
+            "privacy": update.privacy,
+        }
+        atomic_savez(
+            self._path(run_id),
+            vector=np.asarray(update.vector, dtype=np.float32),
+            meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+        )
 
-    def matching(self, run_id: str, run: RunConfig, rnd: int, global_vec: np.ndarray,
-                 participants: tuple[str, ...]) -> Released | None:
+    def matching(
+        self,
+        run_id: str,
+        run: RunConfig,
+        rnd: int,
+        global_vec: np.ndarray,
+        participants: tuple[str, ...],
+    ) -> Released | None:
         """The release of round ``rnd`` if it was trained under ``run`` from ``global_vec``.
 
         An unreadable file is no release (the round is trained and charged anew).
@@ -102,13 +120,23 @@ class ReleasedUpdates:
                 vector = stored["vector"]
         except (OSError, ValueError, KeyError):
             return None
-        if (int(meta["round"]) != int(rnd) or meta.get("run") != run_digest(run)
-                or meta["global"] != model_digest(global_vec)
-                or tuple(meta.get("participants", ())) != tuple(participants)):
+        if (
+            int(meta["round"]) != int(rnd)
+            or meta.get("run") != run_digest(run)
+            or meta["global"] != model_digest(global_vec)
+            or tuple(meta.get("participants", ())) != tuple(participants)
+        ):
             return None
-        return Released(int(meta["round"]), meta["run"], meta["global"],
-                        tuple(meta["participants"]), vector, float(meta["weight"]),
-                        dict(meta["metrics"]), dict(meta["privacy"]))
+        return Released(
+            int(meta["round"]),
+            meta["run"],
+            meta["global"],
+            tuple(meta["participants"]),
+            vector,
+            float(meta["weight"]),
+            dict(meta["metrics"]),
+            dict(meta["privacy"]),
+        )
 
     def forget(self, run_id: str) -> None:
         """The run ended: its last release is no longer needed."""

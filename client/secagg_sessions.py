@@ -46,13 +46,19 @@ class SessionStore:
         except FileNotFoundError:
             return None
         except ValueError as exc:
-            raise MedfedError(f"The secure-aggregation state of run {run_id} is unreadable: "
-                              f"{exc}; the round is refused.", where=str(path),
-                              fix="the run cannot continue at this site: the coordinator "
-                              "restarts it (the file can then be deleted)") from None
+            raise MedfedError(
+                f"The secure-aggregation state of run {run_id} is unreadable: "
+                f"{exc}; the round is refused.",
+                where=str(path),
+                fix="the run cannot continue at this site: the coordinator "
+                "restarts it (the file can then be deleted)",
+            ) from None
         if not isinstance(state, dict):
-            raise MedfedError(f"The secure-aggregation state of run {run_id} is not a JSON "
-                              "object; the round is refused.", where=str(path))
+            raise MedfedError(
+                f"The secure-aggregation state of run {run_id} is not a JSON "
+                "object; the round is refused.",
+                where=str(path),
+            )
         return state
 
     def delete(self, run_id: str) -> bool:

@@ -59,8 +59,12 @@ def load_identity(site_dir: Path) -> SiteIdentity:
     identity = SiteIdentity.from_private_bytes(path.read_bytes())
     public = site_dir / IDENTITY_PUBLIC_FILE
     if not public.exists():
-        write_public(public, identity.private_key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+        write_public(
+            public,
+            identity.private_key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            ),
+        )
     return identity
 
 
@@ -71,8 +75,10 @@ class _Run:
     restored: frozenset[int] = frozenset()  # rounds masked before a daemon restart
 
     def state(self) -> dict[str, Any]:
-        return {"session": self.session.to_state(),
-                "masked": {str(r): d for r, d in self.masked.items()}}
+        return {
+            "session": self.session.to_state(),
+            "masked": {str(r): d for r, d in self.masked.items()},
+        }
 
 
 def _update_digest(delta: np.ndarray, weight: float) -> str:
@@ -84,9 +90,15 @@ def _update_digest(delta: np.ndarray, weight: float) -> str:
 class SecureSite:
     """Secure-aggregation sessions of one site, by run (in memory, mirrored on disk)."""
 
-    def __init__(self, site: str, site_dir: Path, *, keep_days: float = KEEP_DAYS,
-                 min_participants: int = 2,
-                 federation_cas: Callable[[], list[x509.Certificate]] | None = None) -> None:
+    def __init__(
+        self,
+        site: str,
+        site_dir: Path,
+        *,
+        keep_days: float = KEEP_DAYS,
+        min_participants: int = 2,
+        federation_cas: Callable[[], list[x509.Certificate]] | None = None,
+    ) -> None:
         self.site = site
         #: The CA certificates peers' identity keys must be certified by (read at each
         #: run's first round); None: no CA (simulation), peers pinned on first use.
@@ -109,13 +121,17 @@ class SecureSite:
     def join(self, run_id: str, config_json: str) -> dict[str, bytes]:
         """Start the run's session; returns the signed key advert and the identity key."""
         config = SecAggConfig.from_dict(json.loads(config_json))
-        session = SiteSession(self.site, self.identity, config, run_id,
-                              directory={self.site: self.identity.public_bytes})
+        session = SiteSession(
+            self.site,
+            self.identity,
+            config,
+            run_id,
+            directory={self.site: self.identity.public_bytes},
+        )
         run = _Run(session)
         self.store.save(run_id, run.state())  # before the advert leaves: a restart keeps it
         self._runs[run_id] = run
-        return {"advert": session.advertise().to_bytes(),
-                "identity": self.identity.public_bytes}
+        return {"advert": session.advertise().to_bytes(), "identity": self.identity.public_bytes}
 
     def _run(self, run_id: str) -> _Run:
         if run_id not in self._runs:  # after a daemon restart: resume from disk
@@ -124,15 +140,19 @@ class SecureSite:
                 raise MedfedError(
                     f"Run {run_id} asks for secure aggregation but this site holds no session "
                     "for it (it never joined, or the run ended); the round is refused.",
-                    where=str(self.store.path(run_id)), fix="the coordinator restarts the run")
+                    where=str(self.store.path(run_id)),
+                    fix="the coordinator restarts the run",
+                )
             try:
                 masked = {int(r): str(d) for r, d in state["masked"].items()}
                 session = SiteSession.from_state(self.identity, state["session"])
             except (KeyError, ValueError, TypeError, AttributeError) as exc:
                 raise MedfedError(
                     f"The secure-aggregation state of run {run_id} is damaged ({exc!r}); "
-                    "the round is refused.", where=str(self.store.path(run_id)),
-                    fix="the coordinator restarts the run") from None
+                    "the round is refused.",
+                    where=str(self.store.path(run_id)),
+                    fix="the coordinator restarts the run",
+                ) from None
             self._runs[run_id] = _Run(session, masked, frozenset(masked))
         return self._runs[run_id]
 
@@ -145,22 +165,36 @@ class SecureSite:
         self._runs.pop(run_id, None)
         self.store.delete(run_id)
 
-    def mask(self, run_id: str, rnd: int, config: dict[str, Any], blobs: dict[str, bytes],
-             *, global_vec: np.ndarray, local_vec: np.ndarray, weight: float
-             ) -> tuple[bytes, np.ndarray, dict[str, Any]]:
+    def mask(
+        self,
+        run_id: str,
+        rnd: int,
+        config: dict[str, Any],
+        blobs: dict[str, bytes],
+        *,
+        global_vec: np.ndarray,
+        local_vec: np.ndarray,
+        weight: float,
+    ) -> tuple[bytes, np.ndarray, dict[str, Any]]:
         """Mask ``local - global`` for round ``rnd``; returns header, vector, audit entry."""
         run = self._run(run_id)
         session = run.session
         pinned: dict[str, str] = {}
         if not session.has_roster:  # first round: check the directory, then the roster
-            directory = {s: bytes.fromhex(k) for s, k in
-                         json.loads(str(config[wire.SECAGG_DIRECTORY])).items()}
+            directory = {
+                s: bytes.fromhex(k)
+                for s, k in json.loads(str(config[wire.SECAGG_DIRECTORY])).items()
+            }
             if self.federation_cas is not None:  # every key certified by the CA, or none used
-                self._check_certified(directory, str(config.get(wire.SECAGG_CERTIFICATES, "")),
-                                      run_id)
+                self._check_certified(
+                    directory, str(config.get(wire.SECAGG_CERTIFICATES, "")), run_id
+                )
                 held = self.pins.load()
-                new = sorted(s for s, k in directory.items()
-                             if s != self.site and (s not in held or held[s].key != k))
+                new = sorted(
+                    s
+                    for s, k in directory.items()
+                    if s != self.site and (s not in held or held[s].key != k)
+                )
             else:
                 new = self.pins.check(directory, own=self.site)  # a changed key fails here
             session.pin_directory(directory)
@@ -175,7 +209,8 @@ class SecureSite:
                 where=f"site {self.site!r}: site.toml [privacy] secagg_min_participants",
                 fix="the coordinator raises --secagg-threshold to at least "
                 f"{self.min_participants - 1}, or the site operator lowers "
-                "secagg_min_participants")
+                "secagg_min_participants",
+            )
         delta = (local_vec.astype(np.float64) - global_vec.astype(np.float64)).astype(np.float32)
         digest = _update_digest(delta, weight)
         if rnd in run.masked:
@@ -183,12 +218,17 @@ class SecureSite:
             raise ProtocolError(
                 f"round {rnd} of run {run_id} was already masked and sent with {what}; the "
                 "round is refused (two updates under one round's pairwise masks would reveal "
-                "their difference to the server)", where=f"site {self.site!r}",
-                fix="the round is lost for this site; it takes part again from the next one")
+                "their difference to the server)",
+                where=f"site {self.site!r}",
+                fix="the round is lost for this site; it takes part again from the next one",
+            )
         update = session.mask_update(
-            rnd, delta, weight,
+            rnd,
+            delta,
+            weight,
             participants=json.loads(str(config[wire.SECAGG_PARTICIPANTS])),
-            deadline=float(config[wire.SECAGG_DEADLINE]))
+            deadline=float(config[wire.SECAGG_DEADLINE]),
+        )
         run.masked[rnd] = digest
         self.store.save(run_id, run.state())  # recorded before the update leaves the site
         header, vector = update.to_parts()
@@ -197,8 +237,7 @@ class SecureSite:
             entry["peers_certified" if self.federation_cas else "peers_pinned"] = pinned
         return header, vector, entry
 
-    def _check_certified(self, directory: dict[str, bytes], certificates: str,
-                         run_id: str) -> None:
+    def _check_certified(self, directory: dict[str, bytes], certificates: str, run_id: str) -> None:
         """Raise unless each key in ``directory`` is its site's, as the federation CA says."""
         try:
             pems = dict(json.loads(certificates or "{}"))
@@ -210,25 +249,38 @@ class SecureSite:
             if site not in pems:
                 raise RosterError(
                     f"peer site {site!r}'s secure-aggregation identity key comes without a "
-                    "certificate of the federation CA; the round is refused", where=where,
+                    "certificate of the federation CA; the round is refused",
+                    where=where,
                     fix=f"the coordinator enrols {site!r} again with its "
                     f"{IDENTITY_PUBLIC_FILE} (`medfed server enrol SITE.pub --name {site} "
-                    "--secagg-key secagg-identity.pub`)")
+                    "--secagg-key secagg-identity.pub`)",
+                )
             try:
-                certified = raw_public_bytes(check_key_cert(
-                    x509.load_pem_x509_certificate(str(pems[site]).encode()), cas,
-                    name=site, usage=SECAGG_USAGE, what=f"site {site!r}"))
+                certified = raw_public_bytes(
+                    check_key_cert(
+                        x509.load_pem_x509_certificate(str(pems[site]).encode()),
+                        cas,
+                        name=site,
+                        usage=SECAGG_USAGE,
+                        what=f"site {site!r}",
+                    )
+                )
             except (ValueError, CertificateRejected) as exc:
-                raise RosterError(f"peer site {site!r}'s secure-aggregation key is not "
-                                  f"certified: {exc}; the round is refused", where=where,
-                                  fix="the coordinator checks the site's enrolment") from None
+                raise RosterError(
+                    f"peer site {site!r}'s secure-aggregation key is not "
+                    f"certified: {exc}; the round is refused",
+                    where=where,
+                    fix="the coordinator checks the site's enrolment",
+                ) from None
             if certified != relayed:
                 raise RosterError(
                     f"the identity key relayed for site {site!r} ({fingerprint(relayed)}) is "
                     f"not the one the federation CA certified for it ({fingerprint(certified)})"
-                    "; the round is refused", where=where,
+                    "; the round is refused",
+                    where=where,
                     fix="stop the run: the relay may be substituting keys; if the site "
-                    "re-keyed, the coordinator enrols its new secagg-identity.pub")
+                    "re-keyed, the coordinator enrols its new secagg-identity.pub",
+                )
 
     def reveal(self, run_id: str, request_bytes: bytes) -> tuple[bytes, dict[str, Any]]:
         """Answer an unmasking request; returns the reveal and the audit entry to write first."""
@@ -240,6 +292,7 @@ class SecureSite:
                 "what this site revealed for it then is not known, so it reveals nothing "
                 "(a second, different answer could expose its update)",
                 where=f"site {self.site!r}, run {run_id}",
-                fix="the round is lost; later rounds are unaffected")
+                fix="the round is lost; later rounds are unaffected",
+            )
         reveal = run.session.reveal(request)
         return reveal.to_bytes(), run.session.audit_entry(request.server_round)

@@ -39,10 +39,12 @@ class SignedRuns:
                 except (ValueError, KeyError, TypeError) as exc:
                     raise MedfedError(  # fail closed: without it a replay goes unseen
                         f"The record of signed runs is unreadable ({exc}); no run is "
-                        "accepted until it is fixed.", where=str(self.path),
+                        "accepted until it is fixed.",
+                        where=str(self.path),
                         expected='{"runs": {proof digest: {"server_run", "coordinator", '
                         '"first_seen"}}}',
-                        fix="restore it from a backup") from None
+                        fix="restore it from a backup",
+                    ) from None
         return self._seen
 
     def claim(self, verified: VerifiedRun, server_run: str) -> None:
@@ -52,12 +54,15 @@ class SignedRuns:
             first = seen.get(verified.digest)
             if first is None:
                 seen[verified.digest] = {
-                    "server_run": server_run, "coordinator": verified.coordinator,
-                    "first_seen": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+                    "server_run": server_run,
+                    "coordinator": verified.coordinator,
+                    "first_seen": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                }
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write(self.path, json.dumps({"runs": seen}, indent=1).encode())
             elif first["server_run"] != server_run:
                 raise RunProofError(
                     f"coordinator {verified.coordinator!r}'s launch was already trained as "
                     f"server run {first['server_run']} (first seen {first['first_seen']}); "
-                    f"server run {server_run} replays it and is refused")
+                    f"server run {server_run} replays it and is refused"
+                )

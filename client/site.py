@@ -91,14 +91,16 @@ def init_site(
     config_path = folder / "site.toml"
     if config_path.exists():
         raise ConfigError(
-            "A site already exists in this folder.", where=str(config_path),
+            "A site already exists in this folder.",
+            where=str(config_path),
             fix="choose an empty folder, or keep using the existing site.toml",
         )
     ca = load_certificate(federation_ca)
     check_certificate_valid(ca, where=str(federation_ca))
     folder.mkdir(parents=True, exist_ok=True)
-    text = SITE_TOML.format(name=name, server=server, runtime_port=runtime_port,
-                            seed=seed, profile=profile)
+    text = SITE_TOML.format(
+        name=name, server=server, runtime_port=runtime_port, seed=seed, profile=profile
+    )
     config_path.write_text(text, encoding="utf-8")
     config = load_toml(config_path, SiteConfig)  # the template must itself be valid
     shutil.copyfile(federation_ca, folder / config.site.federation_ca)

@@ -41,8 +41,9 @@ def main() -> int:
     cap = os.environ.get(POLL_ENV)
     if cap:
         # the 3 s sleep after an empty poll; a message's replies are pushed by _push_messages
-        back_off_idle_polls(start_client_internal, IdleBackoff(float(cap)), idle_sleep=3,
-                            activity="_push_messages")
+        back_off_idle_polls(
+            start_client_internal, IdleBackoff(float(cap)), idle_sleep=3, activity="_push_messages"
+        )
         shorten_object_pull_backoff(start_client_internal, float(cap) / 4, 1.0)
     from flwr.supernode.cli import flower_supernode
 

@@ -74,8 +74,11 @@ def main(grid: Grid, context: Context) -> None:
     exit_with_parent()
     run = RunConfig.from_json(str(context.run_config[wire.RUN_CONFIG_KEY]))
     runs_dir = _runs_dir(context)
-    folder = (RunFolder.reopen(runs_dir, run.resume_of, context.run_id) if run.resume_of
-              else RunFolder.create(runs_dir, context.run_id, run))
+    folder = (
+        RunFolder.reopen(runs_dir, run.resume_of, context.run_id)
+        if run.resume_of
+        else RunFolder.create(runs_dir, context.run_id, run)
+    )
     with folder.lock():
         run_in_folder(grid, context, run, folder, runs_dir=runs_dir)
 
@@ -91,8 +94,9 @@ def signed_run_entries(context: Context, run: RunConfig) -> dict[str, str]:
 
     The JSON is passed on as received, never re-serialized: the signature covers its bytes.
     """
-    entries = {wire.RUN_CONFIG_KEY: str(context.run_config.get(wire.RUN_CONFIG_KEY)
-                                        or run.to_json())}
+    entries = {
+        wire.RUN_CONFIG_KEY: str(context.run_config.get(wire.RUN_CONFIG_KEY) or run.to_json())
+    }
     if proof := context.run_config.get(wire.RUN_PROOF_KEY):
         entries[wire.RUN_PROOF_KEY] = str(proof)
     pass_on_revocations(entries)
@@ -112,8 +116,15 @@ def pass_on_revocations(*holders: MutableMapping[str, Any]) -> None:
             holder[wire.REVOCATIONS_KEY] = text
 
 
-def run_in_folder(grid: Grid, context: Context, run: RunConfig, folder: RunFolder, *,
-                  runs_dir: Path, transport: str = "tls") -> None:
+def run_in_folder(
+    grid: Grid,
+    context: Context,
+    run: RunConfig,
+    folder: RunFolder,
+    *,
+    runs_dir: Path,
+    transport: str = "tls",
+) -> None:
     """The run in ``folder``; a resumed run goes on after its last completed round.
 
     ``grid`` reaches the sites: the SuperLink's, or the simulation engine's
@@ -140,25 +151,30 @@ def run_in_folder(grid: Grid, context: Context, run: RunConfig, folder: RunFolde
         local = local_keys(task, model, run.adaptation)
         local_values = sum(model.state_dict()[k].numel() for k in local)
         del model  # the server holds weights, not a model: memory O(model) is its budget
-        initial = shared_state(initial_weights(task, seed=run.seed, init=run.init_weights),
-                               local)
+        initial = shared_state(initial_weights(task, seed=run.seed, init=run.init_weights), local)
         layout = Layout.of(initial)
         if run.init_from:  # warm start: the weights of an earlier run, checked against ours
             source, initial = load_start_weights(runs_dir, run.init_from, layout)
         if not run.resume_of:  # said once, when the run starts
             if run.init_weights == "public":
-                folder.event("initial-model", source=f"public weights of {task.name}",
-                             path=str(task.public_weights))
+                folder.event(
+                    "initial-model",
+                    source=f"public weights of {task.name}",
+                    path=str(task.public_weights),
+                )
             if run.init_from:
                 folder.event("initial-model", source=str(source))
             if (warning := _update_dp_warning(run, layout.size)) is not None:
                 folder.event("warning", reason=warning)
             if local:
-                folder.event("adaptation", hook=run.adaptation, site_local_tensors=len(local),
-                             site_local_values=local_values)
+                folder.event(
+                    "adaptation",
+                    hook=run.adaptation,
+                    site_local_tensors=len(local),
+                    site_local_values=local_values,
+                )
         check_secure_aggregation(run.strategy, run.secure_aggregation)
-        base = build_strategy(run.strategy, dict(run.strategy_options),
-                              min_sites=run.min_sites)
+        base = build_strategy(run.strategy, dict(run.strategy_options), min_sites=run.min_sites)
         strategy: Strategy = base
         saved = store.load() if run.resume_of else None
         result = Result()
@@ -166,9 +182,11 @@ def run_in_folder(grid: Grid, context: Context, run: RunConfig, folder: RunFolde
             store.restore(saved, base)
             _, initial = load_start_weights(runs_dir, f"{run_id}:{saved.round}", layout)
             result.train_metrics_clientapp.update(
-                {int(r): MetricRecord(m) for r, m in saved.train_metrics.items()})
+                {int(r): MetricRecord(m) for r, m in saved.train_metrics.items()}
+            )
             result.evaluate_metrics_clientapp.update(
-                {int(r): MetricRecord(m) for r, m in saved.evaluate_metrics.items()})
+                {int(r): MetricRecord(m) for r, m in saved.evaluate_metrics.items()}
+            )
         done = saved.round if saved is not None else 0
         if run.resume_of:
             folder.event("run-resumed", round=done + 1, flower_run_id=str(context.run_id))
@@ -179,19 +197,31 @@ def run_in_folder(grid: Grid, context: Context, run: RunConfig, folder: RunFolde
             # A resumed run is a new secure-aggregation session (its own Flower run id):
             # fresh per-run keys at every site, so no mask of the crashed session recurs.
             secure = SecureAggregation(
-                strategy, grid=recorder, folder=folder, run_id=str(context.run_id),
-                config=SecAggConfig(mode=run.secure_aggregation, clip_range=run.secagg_clip,
-                                    threshold=run.secagg_threshold),
-                size=layout.size, round_timeout=run.round_timeout_s, run_entries=signed_run,
-                certificates=_secagg_certificates())
+                strategy,
+                grid=recorder,
+                folder=folder,
+                run_id=str(context.run_id),
+                config=SecAggConfig(
+                    mode=run.secure_aggregation,
+                    clip_range=run.secagg_clip,
+                    threshold=run.secagg_threshold,
+                ),
+                size=layout.size,
+                round_timeout=run.round_timeout_s,
+                run_entries=signed_run,
+                certificates=_secagg_certificates(),
+            )
             secure.setup(run.min_sites)
             strategy = secure
         else:
             if streams(base):  # each update summed as it arrives: memory O(model)
                 strategy = StreamingMean(base, size=layout.size, folder=folder)
             if not run.resume_of:
-                folder.event("warning", reason="secure aggregation is off: the server sees "
-                             "every site's update (debugging only)")
+                folder.event(
+                    "warning",
+                    reason="secure aggregation is off: the server sees "
+                    "every site's update (debugging only)",
+                )
 
         start = ArrayRecord({WEIGHTS_KEY: vector_array(pack(initial))})
         del initial  # the run holds the global model once, in ``start`` then each round's
@@ -200,48 +230,78 @@ def run_in_folder(grid: Grid, context: Context, run: RunConfig, folder: RunFolde
         def end_of_round(server_round: int, arrays: ArrayRecord, so_far: Result) -> None:
             vector = npy_view(arrays[WEIGHTS_KEY].data)
             path = folder.save_checkpoint(server_round, unpack(vector, layout))
-            store.save(server_round, base, train_metrics=so_far.train_metrics_clientapp,
-                       evaluate_metrics=so_far.evaluate_metrics_clientapp)
+            store.save(
+                server_round,
+                base,
+                train_metrics=so_far.train_metrics_clientapp,
+                evaluate_metrics=so_far.evaluate_metrics_clientapp,
+            )
             # A lost round (no site's update, or secure aggregation could not unmask)
             # leaves the model as it was: say so rather than report a finished round.
             digest = _digest(vector)
-            recorder.finish_round(server_round, checkpoint=path.name,
-                                  unchanged=digest == previous[0])
+            recorder.finish_round(
+                server_round, checkpoint=path.name, unchanged=digest == previous[0]
+            )
             previous[:] = [digest]
             pass_on_revocations(signed_run, config, evaluate_config)  # revoked meanwhile?
 
         config, evaluate_config = ConfigRecord(signed_run), ConfigRecord(signed_run)
         result = run_rounds(
-            strategy, grid=recorder, arrays=start,
-            first_round=done + 1, num_rounds=run.rounds, timeout=run.round_timeout_s,
-            train_config=config, evaluate_config=evaluate_config,
-            end_of_round=end_of_round, result=result)
+            strategy,
+            grid=recorder,
+            arrays=start,
+            first_round=done + 1,
+            num_rounds=run.rounds,
+            timeout=run.round_timeout_s,
+            train_config=config,
+            evaluate_config=evaluate_config,
+            end_of_round=end_of_round,
+            result=result,
+        )
         metrics = folder.read_metrics()
         # Cross-site row of the global model: the last round's evaluation at every site.
-        last = {m["site"]: {k: v for k, v in m.items() if k not in ("round", "site", "phase")}
-                for m in metrics if m["round"] == run.rounds and m["phase"] == "evaluate"
-                and m["site"] != "global"}
+        last = {
+            m["site"]: {k: v for k, v in m.items() if k not in ("round", "site", "phase")}
+            for m in metrics
+            if m["round"] == run.rounds and m["phase"] == "evaluate" and m["site"] != "global"
+        }
         folder.write_cross_site(
-            {"global": last}, metric=task.primary_metric,
+            {"global": last},
+            metric=task.primary_metric,
             note=f"each site scored the shared model with its own site-local parameters "
-                 f"(adaptation {run.adaptation!r})" if local else "")
-        plot_metrics(metrics, task.primary_metric, folder.plot_file,
-                     title=f"{run.task} / {run.strategy} (run {run_id})")
+            f"(adaptation {run.adaptation!r})"
+            if local
+            else "",
+        )
+        plot_metrics(
+            metrics,
+            task.primary_metric,
+            folder.plot_file,
+            title=f"{run.task} / {run.strategy} (run {run_id})",
+        )
         final = {str(r): dict(m) for r, m in result.evaluate_metrics_clientapp.items()}
-        folder.write_summary({
-            "status": "completed", "run_id": run_id, "task": run.task,
-            "strategy": run.strategy, "rounds": run.rounds,
-            "protection": {"transport": transport, "secure_aggregation": run.secure_aggregation,
-                           "privacy": run.privacy.mode},
-            "adaptation": {"hook": run.adaptation, "site_local_parameters": sorted(local)},
-            "seconds": round(time.time() - t0, 2),
-            "round_seconds": recorder.round_seconds,
-            **({"resumed": folder.resumptions()} if run.resume_of else {}),
-            "sites": sorted(recorder.sites_seen),
-            "evaluate_metrics": final,
-            "primary_metric": task.primary_metric,
-            "final_checkpoint": folder.checkpoint_file(run.rounds).name,
-        })
+        folder.write_summary(
+            {
+                "status": "completed",
+                "run_id": run_id,
+                "task": run.task,
+                "strategy": run.strategy,
+                "rounds": run.rounds,
+                "protection": {
+                    "transport": transport,
+                    "secure_aggregation": run.secure_aggregation,
+                    "privacy": run.privacy.mode,
+                },
+                "adaptation": {"hook": run.adaptation, "site_local_parameters": sorted(local)},
+                "seconds": round(time.time() - t0, 2),
+                "round_seconds": recorder.round_seconds,
+                **({"resumed": folder.resumptions()} if run.resume_of else {}),
+                "sites": sorted(recorder.sites_seen),
+                "evaluate_metrics": final,
+                "primary_metric": task.primary_metric,
+                "final_checkpoint": folder.checkpoint_file(run.rounds).name,
+            }
+        )
         folder.event("run-finished", seconds=round(time.time() - t0, 2))
         _write_report(folder)
     except SitesRefused as exc:  # a clean end: the sites said no, and why
@@ -252,13 +312,21 @@ def run_in_folder(grid: Grid, context: Context, run: RunConfig, folder: RunFolde
     except (KeyboardInterrupt, SystemExit) as exc:
         # The process is told to end (its SuperLink went away, or a stop): the run is
         # interrupted, not failed. No summary, so a restarted server resumes it.
-        folder.event("run-interrupted", reason=f"the ServerApp was stopped "
-                     f"({type(exc).__name__}) after {round(time.time() - t0, 2)} s")
+        folder.event(
+            "run-interrupted",
+            reason=f"the ServerApp was stopped "
+            f"({type(exc).__name__}) after {round(time.time() - t0, 2)} s",
+        )
         raise
     except BaseException as exc:
-        folder.write_summary({"status": "failed", "run_id": run_id,
-                              "reason": f"{type(exc).__name__}: {exc}",
-                              "seconds": round(time.time() - t0, 2)})
+        folder.write_summary(
+            {
+                "status": "failed",
+                "run_id": run_id,
+                "reason": f"{type(exc).__name__}: {exc}",
+                "seconds": round(time.time() - t0, 2),
+            }
+        )
         folder.event("run-failed", reason=f"{type(exc).__name__}: {exc}")
         _write_report(folder)
         if secure is not None:
@@ -292,37 +360,64 @@ def _update_dp_warning(run: RunConfig, size: int) -> str | None:
     z = p.noise_multiplier
     if p.target_epsilon > 0:  # what each site derives (one mechanism per round, no sampling)
         try:
-            z = max(z, privacy_accounting.noise_for_target(
-                p.target_epsilon, p.target_delta, sample_rate=1.0, steps=run.rounds,
-                accountant=p.accountant))
+            z = max(
+                z,
+                privacy_accounting.noise_for_target(
+                    p.target_epsilon,
+                    p.target_delta,
+                    sample_rate=1.0,
+                    steps=run.rounds,
+                    accountant=p.accountant,
+                ),
+            )
         except ValueError:
             return None  # the sites refuse such a target themselves, with the reason
     ratio = z * (size / max(run.min_sites, 1)) ** 0.5
     if ratio <= 1.0:
         return None
-    noise_norm = z * p.clipping * size ** 0.5
-    return (f"update-level DP: each site adds noise of norm about {noise_norm:.3g} "
-            f"(noise multiplier {z:.3g}, {size} values) to an update clipped to norm "
-            f"{p.clipping:g}; averaged over {run.min_sites} site(s) the noise is still about "
-            f"{ratio:.3g} times the largest update, so the model will barely learn. "
-            "Update-level DP needs many sites (hundreds); between a few hospitals, protect "
-            "examples instead (--dp sample)")
+    noise_norm = z * p.clipping * size**0.5
+    return (
+        f"update-level DP: each site adds noise of norm about {noise_norm:.3g} "
+        f"(noise multiplier {z:.3g}, {size} values) to an update clipped to norm "
+        f"{p.clipping:g}; averaged over {run.min_sites} site(s) the noise is still about "
+        f"{ratio:.3g} times the largest update, so the model will barely learn. "
+        "Update-level DP needs many sites (hundreds); between a few hospitals, protect "
+        "examples instead (--dp sample)"
+    )
 
 
-def _end_refused(folder: RunFolder, exc: SitesRefused, run: RunConfig, run_id: str, *,
-                 seconds: float) -> None:
+def _end_refused(
+    folder: RunFolder, exc: SitesRefused, run: RunConfig, run_id: str, *, seconds: float
+) -> None:
     """Close a run the sites' refusals stopped: the rounds done, and each site's rule."""
     done = sorted(e["round"] for e in folder.read_events() if e["event"] == "round-finished")
-    folder.event("run-refused", round=exc.round, phase=exc.phase, reason=exc.what,
-                 sites={s: {"rule": e.rule, "reason": e.reason} for s, e in exc.refusals.items()})
-    folder.write_summary({
-        "status": "refused", "run_id": run_id, "task": run.task, "strategy": run.strategy,
-        "rounds": run.rounds, "rounds_finished": len(done), "reason": str(exc),
-        "refusals": {s: {"rule": e.rule, "reason": e.reason}
-                     for s, e in sorted(exc.refusals.items())},
-        "final_checkpoint": folder.checkpoint_file(done[-1]).name if done else None,
-        "seconds": seconds,
-    })
+    folder.event(
+        "run-refused",
+        round=exc.round,
+        phase=exc.phase,
+        reason=exc.what,
+        sites={s: {"rule": e.rule, "reason": e.reason} for s, e in exc.refusals.items()},
+    )
+    folder.write_summary(
+        {
+            "status": "refused",
+            "run_id": run_id,
+            "task": run.task,
+            "strategy": run.strategy,
+            "rounds": run.rounds,
+            "rounds_finished": len(done),
+            "reason": str(exc),
+            "refusals": {
+                s: {"rule": e.rule, "reason": e.reason} for s, e in sorted(exc.refusals.items())
+            },
+            "final_checkpoint": folder.checkpoint_file(done[-1]).name if done else None,
+            "seconds": seconds,
+        }
+    )
     if done:  # the rounds it finished, plotted
-        plot_metrics(folder.read_metrics(), get_task(run.task).primary_metric, folder.plot_file,
-                     title=f"{run.task} / {run.strategy} (run {run_id}, refused)")
+        plot_metrics(
+            folder.read_metrics(),
+            get_task(run.task).primary_metric,
+            folder.plot_file,
+            title=f"{run.task} / {run.strategy} (run {run_id}, refused)",
+        )

@@ -63,54 +63,73 @@ def tls_error(address: str, ca_cert: Path, *, what: str) -> MedfedError:
         return MedfedError(
             f"{head}: {d.detail} ({ca_cert}). Another federation's server or another "
             "program answers at this address, or the server's certificate or this CA file "
-            "was replaced.", where=address,
+            "was replaced.",
+            where=address,
             expected=f"a certificate issued by the federation CA in {ca_cert}",
             fix="check superlink.public_host and superlink.port in server.toml and that "
-                "`medfed server start` runs with this server.toml; after `medfed server "
-                "rotate-ca --finish` use the federation's new ca/ca.pem")
+            "`medfed server start` runs with this server.toml; after `medfed server "
+            "rotate-ca --finish` use the federation's new ca/ca.pem",
+        )
     if problem is TlsProblem.SERVER_CERT_EXPIRED:
         return MedfedError(
-            f"{head}: {d.detail}.", where=address,
+            f"{head}: {d.detail}.",
+            where=address,
             fix="run `medfed server renew-cert --config server.toml`: the running server "
-                "serves the new certificate at once and the sites reconnect on their own")
+            "serves the new certificate at once and the sites reconnect on their own",
+        )
     if problem is TlsProblem.PINNED_CA_EXPIRED:
         return MedfedError(
-            f"{head}: {d.detail} ({ca_cert}); no site can connect either.", where=address,
+            f"{head}: {d.detail} ({ca_cert}); no site can connect either.",
+            where=address,
             fix="run `medfed server rotate-ca --config server.toml`, then `medfed server "
-                "rotate-ca --finish --config server.toml`, and send every site the new "
-                "ca/ca-bundle.pem for its site.federation_ca")
+            "rotate-ca --finish --config server.toml`, and send every site the new "
+            "ca/ca-bundle.pem for its site.federation_ca",
+        )
     if problem is TlsProblem.NOT_YET_VALID:
-        return MedfedError(f"{head}: {d.detail}.", where=address,
-                           fix="set the clocks of this machine and the server (NTP)")
+        return MedfedError(
+            f"{head}: {d.detail}.",
+            where=address,
+            fix="set the clocks of this machine and the server (NTP)",
+        )
     if problem is TlsProblem.WRONG_HOST:
         return MedfedError(
-            f"{head}: {d.detail}.", where=address,
+            f"{head}: {d.detail}.",
+            where=address,
             fix="set superlink.public_host in server.toml to a name the certificate holds, "
-                "or dial one of them")
+            "or dial one of them",
+        )
     return MedfedError(
-        f"{head} (the CA file {ca_cert} was not accepted).", where=address,
-        fix="pass the federation's ca/ca.pem (--federation DIR or --ca CA.pem)")
+        f"{head} (the CA file {ca_cert} was not accepted).",
+        where=address,
+        fix="pass the federation's ca/ca.pem (--federation DIR or --ca CA.pem)",
+    )
 
 
 class Control:
     """A connection to one SuperLink's Control API."""
 
-    def __init__(self, address: str, ca_cert: Path,
-                 credential: CoordinatorCredential | None = None) -> None:
+    def __init__(
+        self, address: str, ca_cert: Path, credential: CoordinatorCredential | None = None
+    ) -> None:
         self.address = address
         self.ca_cert = Path(ca_cert)
         self.credential = credential
         if not Path(ca_cert).exists():
             raise MedfedError(
-                "The federation CA certificate is missing.", where=str(ca_cert),
+                "The federation CA certificate is missing.",
+                where=str(ca_cert),
                 fix="pass --federation DIR (the folder `medfed server init` made) or --ca CA.pem",
             )
         self._client = ControlHttpClient.from_server_address(
-            server_address=address, insecure=False, root_certificates=str(ca_cert),
-            interceptors=[CliClientHttpInterceptor(),
-                          RuntimeVersionHttpInterceptor(component_name="flwr CLI"),
-                          # last: it signs the request as it will be sent
-                          *([CoordinatorSigner(credential)] if credential else [])],
+            server_address=address,
+            insecure=False,
+            root_certificates=str(ca_cert),
+            interceptors=[
+                CliClientHttpInterceptor(),
+                RuntimeVersionHttpInterceptor(component_name="flwr CLI"),
+                # last: it signs the request as it will be sent
+                *([CoordinatorSigner(credential)] if credential else []),
+            ],
         )
 
     def close(self) -> None:
@@ -144,8 +163,8 @@ class Control:
             f"The server refused to let {who} {what}: {body.removeprefix('refused by medfed: ')}",
             where=self.address,
             fix="use a coordinator credential the federation has registered: `medfed` reads "
-                "[coordinator] credential of server.toml, or pass --credential FILE; a "
-                "coordinator makes one with `medfed server coordinators add NAME`",
+            "[coordinator] credential of server.toml, or pass --credential FILE; a "
+            "coordinator makes one with `medfed server coordinators add NAME`",
         )
 
     def _transport_error(self, what: str, exc: httpx.TransportError) -> MedfedError:
@@ -166,8 +185,8 @@ class Control:
             f"({type(exc).__name__}{': ' + text if text else ''}).",
             where=self.address,
             fix="check that `medfed server start` runs for this federation at this address "
-                "(another program may listen there), read the server's log "
-                "(server.toml key state.log_file), and try again",
+            "(another program may listen there), read the server's log "
+            "(server.toml key state.log_file), and try again",
         )
 
     def submit(self, run: RunConfig) -> int:
@@ -178,8 +197,7 @@ class Control:
         signed = {wire.RUN_CONFIG_KEY: run_json}
         if self.credential is not None and (proof := self.credential.sign_run(run_json)):
             signed[wire.RUN_PROOF_KEY] = proof  # each site checks it before it trains
-        req = StartRunRequest(fab=fab_to_proto(fab),
-                              override_config=user_config_to_proto(signed))
+        req = StartRunRequest(fab=fab_to_proto(fab), override_config=user_config_to_proto(signed))
         res = self._call("start a run", self._client.StartRun, req)
         if not res.HasField("run_id"):
             raise MedfedError("The server did not start the run.", where=self.address)
@@ -195,15 +213,25 @@ class Control:
         req = ListRunsRequest(run_id=run_id) if run_id is not None else ListRunsRequest()
         res = self._call("list runs", self._client.ListRuns, req)
         return [
-            RunInfo(int(rid), r.status.status, r.status.sub_status, r.status.details,
-                    r.pending_at, r.running_at, r.finished_at)
+            RunInfo(
+                int(rid),
+                r.status.status,
+                r.status.sub_status,
+                r.status.details,
+                r.pending_at,
+                r.running_at,
+                r.finished_at,
+            )
             for rid, r in res.run_dict.items()
         ]
 
     def register_node(self, public_key_pem: bytes, name: str) -> int:
         """Register a site's public key; returns the node id."""
-        res = self._call("enrol a site", self._client.RegisterNode,
-                         RegisterNodeRequest(public_key=public_key_pem, name=name))
+        res = self._call(
+            "enrol a site",
+            self._client.RegisterNode,
+            RegisterNodeRequest(public_key=public_key_pem, name=name),
+        )
         return int(res.node_id)
 
     def nodes(self) -> list[dict[str, object]]:
@@ -211,7 +239,12 @@ class Control:
         res = self._call("list sites", self._client.ListNodes, ListNodesRequest())
         out = []
         for n in res.nodes_info:
-            out.append({"node_id": int(n.node_id), "status": n.status,
-                        "name": getattr(n, "name", ""),
-                        "public_key": bytes(n.public_key)})
+            out.append(
+                {
+                    "node_id": int(n.node_id),
+                    "status": n.status,
+                    "name": getattr(n, "name", ""),
+                    "public_key": bytes(n.public_key),
+                }
+            )
         return out

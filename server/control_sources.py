@@ -41,8 +41,9 @@ class SourceFilter:
 
     def __init__(self, items: list[str]) -> None:
         self.items = list(items)  # checked where server.toml is read (core/config.py)
-        self.networks = [ipaddress.ip_network(i, strict=False) for i in self.items
-                         if i not in (THIS_HOST, ANY)]
+        self.networks = [
+            ipaddress.ip_network(i, strict=False) for i in self.items if i not in (THIS_HOST, ANY)
+        ]
 
     def refusal(self, address: str) -> str:
         """Why a call from ``address`` is refused ("" if it is admitted)."""
@@ -56,5 +57,7 @@ class SourceFilter:
             ip = None
         if ip is not None and any(ip in n for n in self.networks):
             return ""
-        return (f"the Control API accepts calls only from {', '.join(self.items)} (server.toml "
-                f"[superlink] control_from); this one came from {address or 'an unknown peer'}")
+        return (
+            f"the Control API accepts calls only from {', '.join(self.items)} (server.toml "
+            f"[superlink] control_from); this one came from {address or 'an unknown peer'}"
+        )

@@ -83,8 +83,11 @@ class CoordinatorCredential:
         """Make a key pair, have ``ca`` certify it, write both to ``path`` (never overwrites)."""
         check_name(name)
         if path.exists():
-            raise ConfigError("A coordinator credential already exists here.", where=str(path),
-                              fix="choose another file, or use the existing credential")
+            raise ConfigError(
+                "A coordinator credential already exists here.",
+                where=str(path),
+                fix="choose another file, or use the existing credential",
+            )
         return cls._write(path, name, Ed25519PrivateKey.generate(), ca)
 
     def recertify(self, path: Path, ca: CertificateAuthority) -> CoordinatorCredential:
@@ -92,11 +95,15 @@ class CoordinatorCredential:
         return self._write(path, self.name, self.key, ca)
 
     @classmethod
-    def _write(cls, path: Path, name: str, key: Ed25519PrivateKey,
-               ca: CertificateAuthority) -> CoordinatorCredential:
+    def _write(
+        cls, path: Path, name: str, key: Ed25519PrivateKey, ca: CertificateAuthority
+    ) -> CoordinatorCredential:
         certificate = ca.issue_key_cert(name, key.public_key(), COORDINATOR_USAGE)
-        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         header = f"# medfed coordinator credential: {name}\n".encode()
         atomic_write(path, header + pem + certificate.public_bytes(serialization.Encoding.PEM))
@@ -110,26 +117,31 @@ class CoordinatorCredential:
             data = Path(path).read_bytes()
         except FileNotFoundError:
             raise ConfigError(
-                "The coordinator credential is missing.", where=str(path),
-                expected="the file `medfed server init` or `medfed server coordinators add` "
-                         "wrote",
+                "The coordinator credential is missing.",
+                where=str(path),
+                expected="the file `medfed server init` or `medfed server coordinators add` wrote",
                 fix="pass --credential FILE, or ask the federation's coordinator for one "
-                    "(`medfed server coordinators add NAME`)") from None
+                "(`medfed server coordinators add NAME`)",
+            ) from None
         first, _, rest = data.partition(b"\n")
         prefix = b"# medfed coordinator credential: "
         if not first.startswith(prefix):
-            raise ConfigError("Not a medfed coordinator credential.", where=str(path),
-                              expected="a file written by `medfed server coordinators add`")
+            raise ConfigError(
+                "Not a medfed coordinator credential.",
+                where=str(path),
+                expected="a file written by `medfed server coordinators add`",
+            )
         pem, marker, cert_pem = rest.partition(b"-----BEGIN CERTIFICATE-----")
         try:
             key = serialization.load_pem_private_key(pem, password=None)
             cert = x509.load_pem_x509_certificate(marker + cert_pem) if marker else None
         except ValueError as exc:
-            raise ConfigError(f"The coordinator credential is damaged ({exc}).",
-                              where=str(path)) from None
+            raise ConfigError(
+                f"The coordinator credential is damaged ({exc}).", where=str(path)
+            ) from None
         if not isinstance(key, Ed25519PrivateKey):
             raise ConfigError("The coordinator credential holds no Ed25519 key.", where=str(path))
-        return cls(first[len(prefix):].decode().strip(), key, cert)
+        return cls(first[len(prefix) :].decode().strip(), key, cert)
 
     def sign_run(self, run_json: str) -> str:
         """The proof sites check before training ``run_json`` ("" without a certificate)."""
@@ -143,17 +155,33 @@ class CoordinatorCredential:
 
     def public_pem(self) -> str:
         """The public key, PEM (what the registry keeps)."""
-        return self.key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+        return (
+            self.key.public_key()
+            .public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            .decode()
+        )
 
-    def headers(self, method: str, path: str, body: bytes, *, now: float | None = None,
-                nonce: str | None = None) -> dict[str, str]:
+    def headers(
+        self,
+        method: str,
+        path: str,
+        body: bytes,
+        *,
+        now: float | None = None,
+        nonce: str | None = None,
+    ) -> dict[str, str]:
         """The headers that authenticate one request."""
         when = f"{time.time() if now is None else now:.3f}"
         nonce = nonce or secrets.token_hex(16)
         signature = self.key.sign(signed_message(method, path, when, nonce, body))
-        return {HEADER_NAME: self.name, HEADER_TIME: when, HEADER_NONCE: nonce,
-                HEADER_SIGNATURE: base64.b64encode(signature).decode()}
+        return {
+            HEADER_NAME: self.name,
+            HEADER_TIME: when,
+            HEADER_NONCE: nonce,
+            HEADER_SIGNATURE: base64.b64encode(signature).decode(),
+        }
 
 
 class CoordinatorSigner:
@@ -165,16 +193,19 @@ class CoordinatorSigner:
     def intercept(self, context: Any, call_next: Callable[[Any], Any]) -> Any:
         """Add the signature headers, then send."""
         request = context.request
-        request.headers.update(self.credential.headers(request.method, request.url.path,
-                                                       request.content))
+        request.headers.update(
+            self.credential.headers(request.method, request.url.path, request.content)
+        )
         return call_next(context)
 
 
 def check_name(name: str) -> None:
     """Refuse a coordinator name that is empty or not a plain word."""
     if not name or not set(name) <= _NAME_CHARS or len(name) > 64:
-        raise ConfigError(f"Not a usable coordinator name: {name!r}.",
-                          expected="letters, digits, '.', '_' or '-', at most 64")
+        raise ConfigError(
+            f"Not a usable coordinator name: {name!r}.",
+            expected="letters, digits, '.', '_' or '-', at most 64",
+        )
 
 
 class CoordinatorRegistry:
@@ -196,8 +227,9 @@ class CoordinatorRegistry:
             try:
                 data = tomllib.loads(self.path.read_text(encoding="utf-8"))
             except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-                raise ConfigError(f"The coordinator registry is not valid TOML ({exc}).",
-                                  where=str(self.path)) from None
+                raise ConfigError(
+                    f"The coordinator registry is not valid TOML ({exc}).", where=str(self.path)
+                ) from None
             self._cache = (stamp, {c["name"]: c for c in data.get("coordinator", [])})
             self._keys = {}
         return self._cache[1]
@@ -209,14 +241,21 @@ class CoordinatorRegistry:
         """
         self.check_free(name)
         entries = dict(self.entries())
-        entries[name] = {"name": name, "public_key": public_pem, "added": _now_text(),
-                         **({"certificate": certificate_pem} if certificate_pem else {})}
+        entries[name] = {
+            "name": name,
+            "public_key": public_pem,
+            "added": _now_text(),
+            **({"certificate": certificate_pem} if certificate_pem else {}),
+        }
         self._write(entries)
 
     def revoked_serials(self) -> list[int]:
         """Serials of the revoked coordinators' certificates (those registered with one)."""
-        return [x509.load_pem_x509_certificate(e["certificate"].encode()).serial_number
-                for e in self.entries().values() if e.get("revoked") and e.get("certificate")]
+        return [
+            x509.load_pem_x509_certificate(e["certificate"].encode()).serial_number
+            for e in self.entries().values()
+            if e.get("revoked") and e.get("certificate")
+        ]
 
     def check_free(self, name: str) -> None:
         """Refuse a malformed name, or one registered before (revoked names stay taken)."""
@@ -224,25 +263,40 @@ class CoordinatorRegistry:
         entry = self.entries().get(name)
         if entry is not None:
             state = "was revoked" if entry.get("revoked") else "exists"
-            raise ConfigError(f"A coordinator named {name!r} {state}.", where=str(self.path),
-                              fix="choose another name")
+            raise ConfigError(
+                f"A coordinator named {name!r} {state}.",
+                where=str(self.path),
+                fix="choose another name",
+            )
 
     def revoke(self, name: str) -> None:
         """Refuse this coordinator's requests from now on (the entry stays, for the record)."""
         entries = dict(self.entries())
         if name not in entries:
-            raise ConfigError(f"No coordinator named {name!r}.", where=str(self.path),
-                              expected=", ".join(sorted(entries)) or "a registered name")
+            raise ConfigError(
+                f"No coordinator named {name!r}.",
+                where=str(self.path),
+                expected=", ".join(sorted(entries)) or "a registered name",
+            )
         entries[name] = {**entries[name], "revoked": _now_text()}
         self._write(entries)
 
-    def verify(self, headers: MutableMapping[str, str], method: str, path: str, body: bytes,
-               *, now: float | None = None) -> str:
+    def verify(
+        self,
+        headers: MutableMapping[str, str],
+        method: str,
+        path: str,
+        body: bytes,
+        *,
+        now: float | None = None,
+    ) -> str:
         """The name of the coordinator who signed this request; :class:`Refused` if none did."""
         name = headers.get(HEADER_NAME, "")
         if not name or HEADER_SIGNATURE not in headers:
-            raise Refused("no coordinator credential: only the federation's coordinators may "
-                          "use the Control API (enrol sites, start, stop or list runs)")
+            raise Refused(
+                "no coordinator credential: only the federation's coordinators may "
+                "use the Control API (enrol sites, start, stop or list runs)"
+            )
         entry = self.entries().get(name)
         if entry is None:
             raise Refused(f"unknown coordinator {name!r}")
@@ -254,13 +308,15 @@ class CoordinatorRegistry:
         except ValueError:
             raise Refused("the request carries no valid time") from None
         if skew > MAX_SKEW_S:
-            raise Refused(f"the request's time is {skew:.0f} s off the server's clock "
-                          f"(more than {MAX_SKEW_S:.0f} s: a replay, or a clock to set)")
+            raise Refused(
+                f"the request's time is {skew:.0f} s off the server's clock "
+                f"(more than {MAX_SKEW_S:.0f} s: a replay, or a clock to set)"
+            )
         try:
             signature = base64.b64decode(headers[HEADER_SIGNATURE], validate=True)
             self._key(name, entry).verify(
-                signature, signed_message(method, path, when, headers.get(HEADER_NONCE, ""),
-                                          body))
+                signature, signed_message(method, path, when, headers.get(HEADER_NONCE, ""), body)
+            )
         except (InvalidSignature, ValueError):
             raise Refused(f"the signature does not verify for coordinator {name!r}") from None
         return name
@@ -309,8 +365,14 @@ class ControlGate:
     registry configured every Control API request is refused (fail closed).
     """
 
-    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], *,
-                 registry: str = "", audit: str = "", control_from: str = "") -> None:
+    def __init__(
+        self,
+        app: Callable[[Scope, Receive, Send], Awaitable[None]],
+        *,
+        registry: str = "",
+        audit: str = "",
+        control_from: str = "",
+    ) -> None:
         self.app = app
         #: JSON list of admitted sources (server.toml [superlink] control_from); "": any
         self.sources = SourceFilter(json.loads(control_from)) if control_from else None
@@ -329,16 +391,19 @@ class ControlGate:
             message = await receive()
             body += message.get("body", b"")
             more = bool(message.get("more_body", False))
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
-                   for k, v in scope.get("headers", [])}
+        headers = {
+            k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])
+        }
         now = time.time()
         try:
             peer = (scope.get("client") or ("", 0))[0]
             if self.sources is not None and (why := self.sources.refusal(peer)):
                 raise Refused(why)
             if self.registry is None:
-                raise Refused("the server has no coordinator registry (a medfed SuperLink "
-                              "started without it refuses every Control API request)")
+                raise Refused(
+                    "the server has no coordinator registry (a medfed SuperLink "
+                    "started without it refuses every Control API request)"
+                )
             who = self.registry.verify(headers, scope.get("method", ""), path, body, now=now)
             self.nonces.check(headers.get(HEADER_NONCE, ""), now)
         except (Refused, MedfedError) as exc:
@@ -358,14 +423,20 @@ class ControlGate:
 
         await self.app(scope, replay, send)
 
-    def _record(self, who: str, path: str, scope: Scope, *, allowed: bool,
-                reason: str = "") -> None:
+    def _record(
+        self, who: str, path: str, scope: Scope, *, allowed: bool, reason: str = ""
+    ) -> None:
         if self.audit is None:
             return
         client = scope.get("client") or ("", 0)
-        entry = {"time": _now_text(), "coordinator": who, "call": path[len(CONTROL_PREFIX):],
-                 "allowed": allowed, "peer": f"{client[0]}:{client[1]}",
-                 **({"reason": reason} if reason else {})}
+        entry = {
+            "time": _now_text(),
+            "coordinator": who,
+            "call": path[len(CONTROL_PREFIX) :],
+            "allowed": allowed,
+            "peer": f"{client[0]}:{client[1]}",
+            **({"reason": reason} if reason else {}),
+        }
         line = (json.dumps(entry, sort_keys=True) + "\n").encode()
         self.audit.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.audit, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
@@ -378,9 +449,16 @@ class ControlGate:
 
 async def _refuse(send: Send, reason: str) -> None:
     body = f"refused by medfed: {reason}".encode()
-    await send({"type": "http.response.start", "status": 401,
-                "headers": [(b"content-type", b"text/plain; charset=utf-8"),
-                            (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 401,
+            "headers": [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 

@@ -97,9 +97,11 @@ class Federation:
                 # made before runs were signed: certify it, or sites refuse its runs
                 own.recertify(path, self.certificate_authority())
             return False
-        credential = (CoordinatorCredential.load(path) if path.exists()
-                      else CoordinatorCredential.create(path, "coordinator",
-                                                        ca=self.certificate_authority()))
+        credential = (
+            CoordinatorCredential.load(path)
+            if path.exists()
+            else CoordinatorCredential.create(path, "coordinator", ca=self.certificate_authority())
+        )
         registry.add(credential.name, credential.public_pem(), credential.certificate_pem())
         return True
 
@@ -144,8 +146,9 @@ class Federation:
         """Enrolled sites: name, fingerprint, public key (PEM), date, secagg certificate."""
         return read_enrolled(self.sites_file)
 
-    def enrol(self, public_key_path: Path, name: str,
-              secagg_key_path: Path | None = None) -> dict[str, str]:
+    def enrol(
+        self, public_key_path: Path, name: str, secagg_key_path: Path | None = None
+    ) -> dict[str, str]:
         """Add a site's public key to the registry (idempotent for the same key and name).
 
         The site's secure-aggregation identity key (``secagg_key_path``, by default the
@@ -178,10 +181,13 @@ class Federation:
                     where=str(self.sites_file),
                     fix="choose another --name, or remove the old entry from sites.toml",
                 )
-        entry = {"name": name, "fingerprint": fingerprint,
-                 "public_key": public_key_pem(key).decode(),
-                 "enrolled": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                 **secagg}
+        entry = {
+            "name": name,
+            "fingerprint": fingerprint,
+            "public_key": public_key_pem(key).decode(),
+            "enrolled": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            **secagg,
+        }
         atomic_write(self.sites_file, tomli_w.dumps({"site": [*sites, entry]}).encode())
         return entry
 
@@ -189,8 +195,10 @@ class Federation:
         """The registry fields of a site's certified secure-aggregation identity key."""
         key = load_secagg_public_key(path)
         cert = self.certificate_authority().issue_key_cert(name, key, SECAGG_USAGE)
-        return {"secagg_fingerprint": secagg_fingerprint(raw_public_bytes(key)),
-                "secagg_certificate": certificate_pem(cert)}
+        return {
+            "secagg_fingerprint": secagg_fingerprint(raw_public_bytes(key)),
+            "secagg_certificate": certificate_pem(cert),
+        }
 
 
 def read_enrolled(sites_file: Path) -> list[dict[str, str]]:
@@ -206,8 +214,11 @@ def read_enrolled(sites_file: Path) -> list[dict[str, str]]:
 
 def secagg_certificates(sites_file: Path) -> dict[bytes, str]:
     """Enrolled sites' secure-aggregation certificates (PEM), by the raw key they certify."""
-    return {raw_public_bytes(key): site["secagg_certificate"]
-            for site in read_enrolled(sites_file) if (key := _secagg_key(site)) is not None}
+    return {
+        raw_public_bytes(key): site["secagg_certificate"]
+        for site in read_enrolled(sites_file)
+        if (key := _secagg_key(site)) is not None
+    }
 
 
 def _secagg_key(site: dict[str, str]) -> Ed25519PublicKey | None:
@@ -222,15 +233,20 @@ def load_secagg_public_key(path: Path) -> Ed25519PublicKey:
     try:
         key = serialization.load_pem_public_key(path.read_bytes())
     except OSError as exc:
-        raise IdentityError(f"Cannot read the site's secure-aggregation key: {exc.strerror}.",
-                            where=str(path), fix="ask the site operator for their "
-                            f"keys/{SECAGG_PUBLIC_NAME}") from None
+        raise IdentityError(
+            f"Cannot read the site's secure-aggregation key: {exc.strerror}.",
+            where=str(path),
+            fix=f"ask the site operator for their keys/{SECAGG_PUBLIC_NAME}",
+        ) from None
     except ValueError:
         key = None
     if not isinstance(key, Ed25519PublicKey):
-        raise IdentityError("Not a secure-aggregation identity key.", where=str(path),
-                            expected=f"the site's keys/{SECAGG_PUBLIC_NAME} (an Ed25519 public "
-                            "key, PEM), written by `medfed site init`")
+        raise IdentityError(
+            "Not a secure-aggregation identity key.",
+            where=str(path),
+            expected=f"the site's keys/{SECAGG_PUBLIC_NAME} (an Ed25519 public "
+            "key, PEM), written by `medfed site init`",
+        )
     return key
 
 
@@ -240,7 +256,8 @@ def _recertify_secagg(fed: Federation, ca: CertificateAuthority) -> None:
     for site in sites:
         if (key := _secagg_key(site)) is not None:
             site["secagg_certificate"] = certificate_pem(
-                ca.issue_key_cert(site["name"], key, SECAGG_USAGE))
+                ca.issue_key_cert(site["name"], key, SECAGG_USAGE)
+            )
     if sites:
         atomic_write(fed.sites_file, tomli_w.dumps({"site": sites}).encode())
 
@@ -264,8 +281,10 @@ def _server_hosts(fed: Federation) -> list[str]:
     try:
         old = load_certificate(fed.path(fed.config.tls.cert))
         sans = old.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        names = [*sans.get_values_for_type(x509.DNSName),
-                 *(str(ip) for ip in sans.get_values_for_type(x509.IPAddress))]
+        names = [
+            *sans.get_values_for_type(x509.DNSName),
+            *(str(ip) for ip in sans.get_values_for_type(x509.IPAddress)),
+        ]
     except (IdentityError, x509.ExtensionNotFound):
         names = []
     return [public] + [h for h in names if h != public]
@@ -295,9 +314,13 @@ class CaFiles:
     def of(cls, fed: Federation) -> CaFiles:
         """The rotation files of ``fed``."""
         ca = fed.ca_cert
-        return cls(next_cert=ca.with_name("ca-next.pem"), next_key=ca.with_name("ca-next.key"),
-                   old_cert=ca.with_name("ca-old.pem"), old_key=ca.with_name("ca-old.key"),
-                   bundle=ca.with_name("ca-bundle.pem"))
+        return cls(
+            next_cert=ca.with_name("ca-next.pem"),
+            next_key=ca.with_name("ca-next.key"),
+            old_cert=ca.with_name("ca-old.pem"),
+            old_key=ca.with_name("ca-old.key"),
+            bundle=ca.with_name("ca-bundle.pem"),
+        )
 
 
 def rotation_under_way(fed: Federation) -> bool:
@@ -315,7 +338,8 @@ def begin_ca_rotation(fed: Federation, *, days: int = CA_VALIDITY_DAYS) -> Path:
     files = CaFiles.of(fed)
     if files.next_cert.exists():
         raise IdentityError(
-            "A CA rotation is already under way.", where=str(files.next_cert),
+            "A CA rotation is already under way.",
+            where=str(files.next_cert),
             fix="give every site ca-bundle.pem, then run `medfed server rotate-ca --finish`",
         )
     current = load_certificate(fed.ca_cert)
@@ -338,9 +362,10 @@ def finish_ca_rotation(fed: Federation, *, days: int = 825) -> Path:
     tls = fed.config.tls
     if not files.next_cert.exists():
         raise IdentityError(
-            "No CA rotation is under way.", where=str(files.next_cert),
+            "No CA rotation is under way.",
+            where=str(files.next_cert),
             fix="start one with `medfed server rotate-ca`, give every site ca-bundle.pem, "
-                "then run `medfed server rotate-ca --finish`",
+            "then run `medfed server rotate-ca --finish`",
         )
     nxt = CertificateAuthority.load(files.next_cert, files.next_key)
     old = load_certificate(fed.ca_cert)
@@ -384,7 +409,12 @@ def server_trusts(fed: Federation, ca: x509.Certificate) -> bool:
 
 
 def init_federation(
-    folder: Path, *, name: str, hosts: list[str], port: int, bind_host: str = "127.0.0.1",
+    folder: Path,
+    *,
+    name: str,
+    hosts: list[str],
+    port: int,
+    bind_host: str = "127.0.0.1",
     control_from: list[str] | None = None,
 ) -> Path:
     """Create a federation folder: CA, server TLS identity, server.toml. Returns server.toml.
@@ -395,17 +425,23 @@ def init_federation(
     config_path = folder / "server.toml"
     if config_path.exists():
         raise ConfigError(
-            "A federation already exists in this folder.", where=str(config_path),
+            "A federation already exists in this folder.",
+            where=str(config_path),
             fix="choose an empty folder, or use the existing server.toml",
         )
     try:
-        link = SuperLinkSection(host=bind_host, port=port, public_host=hosts[0],
-                                control_from=control_from or ["this-host"])
+        link = SuperLinkSection(
+            host=bind_host,
+            port=port,
+            public_host=hosts[0],
+            control_from=control_from or ["this-host"],
+        )
     except ValidationError as exc:
-        raise ConfigError(f"Not a usable setting: {exc.errors()[0]['msg']}.",
-                          where="--control-from / --port",
-                          expected="'this-host', 'any' or networks such as 10.20.0.0/16"
-                          ) from None
+        raise ConfigError(
+            f"Not a usable setting: {exc.errors()[0]['msg']}.",
+            where="--control-from / --port",
+            expected="'this-host', 'any' or networks such as 10.20.0.0/16",
+        ) from None
     folder.mkdir(parents=True, exist_ok=True)
     config = ServerConfig(federation=name, superlink=link)
     ca = CertificateAuthority.create(name)

@@ -63,9 +63,11 @@ def follow_run(
                 if summary is not None:
                     return summary
                 if int(folder.attempt_ids()[-1]) == attempt:  # not resumed meanwhile
-                    return {"status": runs[0].sub_status or "failed", "run_id": str(run_id),
-                            "reason": runs[0].details
-                            or "the ServerApp ended without a summary"}
+                    return {
+                        "status": runs[0].sub_status or "failed",
+                        "run_id": str(run_id),
+                        "reason": runs[0].details or "the ServerApp ended without a summary",
+                    }
         if now > deadline:
             raise MedfedError(
                 f"Run {run_id} did not finish within {timeout:.0f} s.",

@@ -52,8 +52,13 @@ class RecordingGrid:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None,
-                         fold: Callable[[Message], None] | None = None) -> list[Message]:
+    def send_and_receive(
+        self,
+        messages: Iterable[Message],
+        *,
+        timeout: float | None = None,
+        fold: Callable[[Message], None] | None = None,
+    ) -> list[Message]:
         """Send, wait for the replies, and record each of them.
 
         With ``fold``, each reply that carries a result is handed to it as soon as it is
@@ -63,8 +68,11 @@ class RecordingGrid:
         if not messages:
             return []
         phase = str(messages[0].metadata.message_type).split(".")[-1]
-        rnd = int(messages[0].content[wire.CONFIG_KEY].get(wire.SERVER_ROUND_KEY, 0)) \
-            if wire.CONFIG_KEY in messages[0].content else 0
+        rnd = (
+            int(messages[0].content[wire.CONFIG_KEY].get(wire.SERVER_ROUND_KEY, 0))
+            if wire.CONFIG_KEY in messages[0].content
+            else 0
+        )
         if phase == "train":
             self._round_start[rnd] = time.time()
         kept: list[Message] = []
@@ -80,8 +88,14 @@ class RecordingGrid:
             else:
                 kept.append(reply)
 
-        self._exchange(messages, timeout, take, sent=lambda: self._folder.event(
-            "round-sent", round=rnd, phase=phase, sites=len(messages)))
+        self._exchange(
+            messages,
+            timeout,
+            take,
+            sent=lambda: self._folder.event(
+                "round-sent", round=rnd, phase=phase, sites=len(messages)
+            ),
+        )
         missing = len(messages) - received
         if missing:
             self._folder.event("sites-missing", round=rnd, phase=phase, count=missing)
@@ -93,8 +107,14 @@ class RecordingGrid:
         """Pull at most :data:`PULL_BUDGET_BYTES` of replies of ``nbytes`` each at a time."""
         self.pull_batch = max(1, PULL_BUDGET_BYTES // max(int(nbytes), 1))
 
-    def _exchange(self, messages: list[Message], timeout: float | None,
-                  take: Callable[[Message], None], *, sent: Callable[[], None]) -> None:
+    def _exchange(
+        self,
+        messages: list[Message],
+        timeout: float | None,
+        take: Callable[[Message], None],
+        *,
+        sent: Callable[[], None],
+    ) -> None:
         """Push, call ``sent``, then pull replies every ``poll_interval`` s.
 
         ``sent`` comes once the SuperLink holds every message, arrays too (so a crash
@@ -105,14 +125,15 @@ class RecordingGrid:
         """
         ids = list(self._grid.push_messages(messages))
         sent()
-        self._dst_of.update((mid, m.metadata.dst_node_id)
-                            for mid, m in zip(ids, messages, strict=False))
+        self._dst_of.update(
+            (mid, m.metadata.dst_node_id) for mid, m in zip(ids, messages, strict=False)
+        )
         pending = dict.fromkeys(ids)  # in the order they were sent
         end = time.monotonic() + (timeout if timeout is not None else float("inf"))
         while pending and time.monotonic() < end:
             waiting = list(pending)
             for start in range(0, len(waiting), self.pull_batch):
-                for reply in self._grid.pull_messages(waiting[start:start + self.pull_batch]):
+                for reply in self._grid.pull_messages(waiting[start : start + self.pull_batch]):
                     pending.pop(reply.metadata.reply_to_message_id, None)
                     take(reply)
             if pending:
@@ -126,14 +147,19 @@ class RecordingGrid:
             site = self._site_of.get(node) or (error.site if error else f"node-{node}")
             if phase != "evaluate":  # a missing score does not stop training
                 self.errors.add(rnd, site, error)
-            detail = ({"status": error.status, "rule": error.rule, "reason": error.reason}
-                      if error else {"status": "failed", "reason": reply.error.reason})
-            self._folder.event("site-error", round=rnd, phase=phase, site=site, node=node,
-                               **detail)
+            detail = (
+                {"status": error.status, "rule": error.rule, "reason": error.reason}
+                if error
+                else {"status": "failed", "reason": reply.error.reason}
+            )
+            self._folder.event("site-error", round=rnd, phase=phase, site=site, node=node, **detail)
             return
         content = reply.content
-        site = str(content[wire.SITE_RECORD_KEY]["name"]) \
-            if wire.SITE_RECORD_KEY in content else f"node-{node}"
+        site = (
+            str(content[wire.SITE_RECORD_KEY]["name"])
+            if wire.SITE_RECORD_KEY in content
+            else f"node-{node}"
+        )
         self._site_of[node] = site
         self.sites_seen.add(site)
         metrics = dict(content[wire.METRICS_KEY]) if wire.METRICS_KEY in content else {}
@@ -154,10 +180,14 @@ class RecordingGrid:
         total = sum(float(m.get(wire.WEIGHT_KEY, 0)) for m in rows)
         if rows and total > 0:
             keys = set.intersection(*(set(m) for m in rows))
-            glob = {k: sum(float(m[k]) * float(m[wire.WEIGHT_KEY]) for m in rows) / total
-                    for k in keys if k != wire.WEIGHT_KEY}
+            glob = {
+                k: sum(float(m[k]) * float(m[wire.WEIGHT_KEY]) for m in rows) / total
+                for k in keys
+                if k != wire.WEIGHT_KEY
+            }
             glob[wire.WEIGHT_KEY] = total
             self._folder.metrics(rnd, "global", "evaluate", glob)
         extra = {"model_unchanged": True} if unchanged else {}
-        self._folder.event("round-finished", round=rnd, seconds=round(seconds, 3),
-                           checkpoint=checkpoint, **extra)
+        self._folder.event(
+            "round-finished", round=rnd, seconds=round(seconds, 3), checkpoint=checkpoint, **extra
+        )

@@ -22,17 +22,17 @@ class SitesRefused(MedfedError):
 
     def __init__(self, rnd: int, phase: str, refusals: dict[str, SiteError], why: str) -> None:
         self.round, self.phase, self.refusals = rnd, phase, refusals
-        listed = "\n".join(f"    {site} [{e.rule or 'policy'}]: {e.reason}"
-                           for site, e in sorted(refusals.items()))
+        listed = "\n".join(
+            f"    {site} [{e.rule or 'policy'}]: {e.reason}" for site, e in sorted(refusals.items())
+        )
         when = f"Round {rnd} ({phase})" if rnd else "Set-up, before any site trained"
         super().__init__(
-            f"{when}: {why}; a refusal repeats every round, so the run ends.\n"
-            f"{listed}",
+            f"{when}: {why}; a refusal repeats every round, so the run ends.\n{listed}",
             where="the refusing sites' site.toml rules named above",
             expected="a run every site's policy and remaining budget allow",
             fix="ask for what the rules allow (more noise, fewer rounds, a smaller "
-                "--target-epsilon, another task or strategy), leave those sites out, or ask "
-                "their operators; `medfed site budget` shows a site's remaining epsilon",
+            "--target-epsilon, another task or strategy), leave those sites out, or ask "
+            "their operators; `medfed site budget` shows a site's remaining epsilon",
         )
 
 

@@ -43,8 +43,7 @@ class ResumeOutcome:
 RELEASE_WAIT_S = 20.0
 
 
-def unfinished_runs(runs_dir: Path, *, release_wait: float = RELEASE_WAIT_S
-                    ) -> list[RunFolder]:
+def unfinished_runs(runs_dir: Path, *, release_wait: float = RELEASE_WAIT_S) -> list[RunFolder]:
     """Run folders with no summary that no ServerApp holds, oldest first."""
     out = []
     deadline = time.monotonic() + release_wait
@@ -60,14 +59,17 @@ def unfinished_runs(runs_dir: Path, *, release_wait: float = RELEASE_WAIT_S
 
 def end_unresumable(folder: RunFolder, reason: str, *, status: str = "failed") -> None:
     """Close a run that will not go on: a summary and an event with the reason."""
-    done = sorted({int(e["round"]) for e in folder.read_events()
-                   if e["event"] == "round-finished"})
+    done = sorted({int(e["round"]) for e in folder.read_events() if e["event"] == "round-finished"})
     folder.event(f"run-{status}", reason=reason)
-    folder.write_summary({
-        "status": status, "run_id": folder.path.name, "reason": reason,
-        "rounds_finished": len(done),
-        "final_checkpoint": folder.checkpoint_file(done[-1]).name if done else None,
-    })
+    folder.write_summary(
+        {
+            "status": status,
+            "run_id": folder.path.name,
+            "reason": reason,
+            "rounds_finished": len(done),
+            "final_checkpoint": folder.checkpoint_file(done[-1]).name if done else None,
+        }
+    )
 
 
 def _stopped_on_purpose(control: Control, folder: RunFolder) -> bool:
@@ -79,8 +81,9 @@ def _stopped_on_purpose(control: Control, folder: RunFolder) -> bool:
     return bool(infos) and infos[0].status == "finished" and infos[0].sub_status == "stopped"
 
 
-def resume_unfinished(control: Control, runs_dir: Path, *, resume: bool = True,
-                      release_wait: float = RELEASE_WAIT_S) -> list[ResumeOutcome]:
+def resume_unfinished(
+    control: Control, runs_dir: Path, *, resume: bool = True, release_wait: float = RELEASE_WAIT_S
+) -> list[ResumeOutcome]:
     """Resubmit (or, with ``resume`` off, close) every run the server lost."""
     outcomes = []
     for folder in unfinished_runs(runs_dir, release_wait=release_wait):
@@ -88,8 +91,10 @@ def resume_unfinished(control: Control, runs_dir: Path, *, resume: bool = True,
         try:
             config = RunConfig.model_validate(folder.read_run()["config"])
         except (MedfedError, ValueError, KeyError, OSError) as exc:
-            reason = f"the server stopped during the run, whose configuration no longer " \
-                     f"reads back ({type(exc).__name__}: {exc})"
+            reason = (
+                f"the server stopped during the run, whose configuration no longer "
+                f"reads back ({type(exc).__name__}: {exc})"
+            )
             end_unresumable(folder, reason)
             outcomes.append(ResumeOutcome(run_id, None, reason))
             continue
@@ -118,7 +123,8 @@ def resume_unfinished(control: Control, runs_dir: Path, *, resume: bool = True,
                 control.stop(int(attempt))
             except (MedfedError, ValueError):
                 pass  # already finished, or unknown to this SuperLink
-        log.warning("resumed run %s (the server stopped during it) as server run %s",
-                    run_id, new_id)
+        log.warning(
+            "resumed run %s (the server stopped during it) as server run %s", run_id, new_id
+        )
         outcomes.append(ResumeOutcome(run_id, new_id))
     return outcomes

@@ -22,10 +22,19 @@ from flwr.serverapp.strategy import Result, Strategy
 EndOfRound = Callable[[int, ArrayRecord, Result], None]
 
 
-def run_rounds(strategy: Strategy, *, grid: Grid, arrays: ArrayRecord, first_round: int,
-               num_rounds: int, timeout: float, train_config: ConfigRecord,
-               evaluate_config: ConfigRecord, end_of_round: EndOfRound,
-               result: Result | None = None) -> Result:
+def run_rounds(
+    strategy: Strategy,
+    *,
+    grid: Grid,
+    arrays: ArrayRecord,
+    first_round: int,
+    num_rounds: int,
+    timeout: float,
+    train_config: ConfigRecord,
+    evaluate_config: ConfigRecord,
+    end_of_round: EndOfRound,
+    result: Result | None = None,
+) -> Result:
     """Rounds ``first_round`` .. ``num_rounds`` of ``strategy``; returns the result.
 
     ``result``: what earlier rounds produced (a resumed run's metrics so far).
@@ -36,8 +45,11 @@ def run_rounds(strategy: Strategy, *, grid: Grid, arrays: ArrayRecord, first_rou
         messages = strategy.configure_train(rnd, arrays, train_config, grid)
         fold = getattr(strategy, "fold", None)
         if fold is not None:  # streaming: each update is summed as it arrives, then let go
-            replies = grid.send_and_receive(messages, timeout=timeout,  # type: ignore[call-arg]
-                                            fold=functools.partial(fold, rnd))
+            replies = grid.send_and_receive(
+                messages,
+                timeout=timeout,  # type: ignore[call-arg]
+                fold=functools.partial(fold, rnd),
+            )
         else:
             replies = grid.send_and_receive(messages=messages, timeout=timeout)
         new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
@@ -47,7 +59,8 @@ def run_rounds(strategy: Strategy, *, grid: Grid, arrays: ArrayRecord, first_rou
             result.train_metrics_clientapp[rnd] = train_metrics
         replies = grid.send_and_receive(
             messages=strategy.configure_evaluate(rnd, arrays, evaluate_config, grid),
-            timeout=timeout)
+            timeout=timeout,
+        )
         evaluate_metrics = strategy.aggregate_evaluate(rnd, replies)
         if evaluate_metrics is not None:
             result.evaluate_metrics_clientapp[rnd] = evaluate_metrics

@@ -48,9 +48,14 @@ def _chain(strategy: Any) -> list[Any]:
     """The strategy and every strategy it wraps, outermost first."""
     out = [strategy]
     while True:
-        inner = next((getattr(out[-1], a) for a in WRAPPED_ATTRIBUTES
-                      if hasattr(out[-1], a) and hasattr(getattr(out[-1], a),
-                                                         "aggregate_train")), None)
+        inner = next(
+            (
+                getattr(out[-1], a)
+                for a in WRAPPED_ATTRIBUTES
+                if hasattr(out[-1], a) and hasattr(getattr(out[-1], a), "aggregate_train")
+            ),
+            None,
+        )
         if inner is None or any(inner is s for s in out):
             return out
         out.append(inner)
@@ -92,8 +97,8 @@ def _encode(value: Any, prefix: str, arrays: dict[str, np.ndarray]) -> dict[str,
         f"The strategy's state {prefix!r} is a {type(value).__name__}, which medfed cannot "
         "save for resuming.",
         expected="numpy arrays, dicts or lists of them, an ArrayRecord, or a number",
-        fix="give the strategy state_dict() and load_state_dict() methods (see "
-        "docs/plugins.md)")
+        fix="give the strategy state_dict() and load_state_dict() methods (see docs/plugins.md)",
+    )
 
 
 def _decode(entry: dict[str, Any], prefix: str, arrays: Any) -> Any:
@@ -138,7 +143,8 @@ def restore_strategy_state(strategy: Any, manifest: dict[str, Any], arrays: Any)
             raise ResumeError(
                 f"The saved strategy state is of {saved and saved['class']!r}, the run's "
                 f"strategy is {type(s).__name__!r}.",
-                fix="a run resumes with the strategy it was started with")
+                fix="a run resumes with the strategy it was started with",
+            )
         values = {n: _decode(e, f"{depth}/{n}", arrays) for n, e in saved["values"].items()}
         if hasattr(s, "state_dict") and hasattr(s, "load_state_dict"):
             s.load_state_dict(values)
@@ -178,9 +184,14 @@ class RunStateStore:
         """strategy-round-NNN.npz."""
         return self.dir / f"strategy-round-{server_round:03d}.npz"
 
-    def save(self, server_round: int, strategy: Any, *,
-             train_metrics: dict[int, MetricRecord], evaluate_metrics: dict[int, MetricRecord]
-             ) -> None:
+    def save(
+        self,
+        server_round: int,
+        strategy: Any,
+        *,
+        train_metrics: dict[int, MetricRecord],
+        evaluate_metrics: dict[int, MetricRecord],
+    ) -> None:
         """Save the state after ``server_round`` (its checkpoint must be written already)."""
         manifest, arrays = strategy_state(strategy)
         atomic_savez(self.strategy_file(server_round), **arrays)
@@ -203,14 +214,18 @@ class RunStateStore:
             return None
         try:
             data = json.loads(self.state_file.read_text(encoding="utf-8"))
-            return RunState(round=int(data["round"]), strategy=data["strategy"],
-                            python_random=data["python_random"],
-                            numpy_random=data["numpy_random"],
-                            train_metrics=data.get("train_metrics", {}),
-                            evaluate_metrics=data.get("evaluate_metrics", {}))
+            return RunState(
+                round=int(data["round"]),
+                strategy=data["strategy"],
+                python_random=data["python_random"],
+                numpy_random=data["numpy_random"],
+                train_metrics=data.get("train_metrics", {}),
+                evaluate_metrics=data.get("evaluate_metrics", {}),
+            )
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ResumeError(f"The run's saved state is unreadable: {exc}",
-                              where=str(self.state_file)) from exc
+            raise ResumeError(
+                f"The run's saved state is unreadable: {exc}", where=str(self.state_file)
+            ) from exc
 
     def restore(self, state: RunState, strategy: Any) -> None:
         """Put the strategy's state and the random-number states of ``state`` back."""
@@ -219,8 +234,9 @@ class RunStateStore:
             with np.load(path, allow_pickle=False) as arrays:
                 restore_strategy_state(strategy, state.strategy, arrays)
         except (OSError, ValueError, KeyError) as exc:
-            raise ResumeError(f"The strategy state of round {state.round} is unreadable: {exc}",
-                              where=str(path)) from exc
+            raise ResumeError(
+                f"The strategy state of round {state.round} is unreadable: {exc}", where=str(path)
+            ) from exc
         random.setstate(_tupled(state.python_random))
         np.random.set_state(_numpy_state(state.numpy_random))
 

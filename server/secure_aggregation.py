@@ -58,10 +58,19 @@ JOIN_RETRY_S = 30.0  # how long a site that the SuperLink says is unavailable is
 class SecureAggregation(WrappedStrategy):
     """Wraps ``inner`` so that it only ever sees the securely aggregated mean."""
 
-    def __init__(self, inner: Strategy, *, grid: RecordingGrid, folder: RunFolder, run_id: str,
-                 config: SecAggConfig, size: int, round_timeout: float,
-                 run_entries: dict[str, str],
-                 certificates: dict[bytes, str] | None = None) -> None:
+    def __init__(
+        self,
+        inner: Strategy,
+        *,
+        grid: RecordingGrid,
+        folder: RunFolder,
+        run_id: str,
+        config: SecAggConfig,
+        size: int,
+        round_timeout: float,
+        run_entries: dict[str, str],
+        certificates: dict[bytes, str] | None = None,
+    ) -> None:
         super().__init__(inner)
         self.grid = grid
         self.folder = folder
@@ -98,28 +107,35 @@ class SecureAggregation(WrappedStrategy):
             adverts.append(advert)
             directory[advert.site_id] = bytes(record["identity"])
             self.site_of[reply.metadata.src_node_id] = advert.site_id
-            said = (reply.content[wire.METRICS_KEY] if wire.METRICS_KEY in reply.content
-                    else {})
+            said = reply.content[wire.METRICS_KEY] if wire.METRICS_KEY in reply.content else {}
             if wire.BUDGET_ROUNDS_KEY in said:
                 self.covers[advert.site_id] = int(said[wire.BUDGET_ROUNDS_KEY])
         # Masking needs threshold + 1 sites, and a sum of fewer than two is one site's update.
         needed = max(min_sites, 2, (self.config.threshold or 0) + 1)
         if len(adverts) < needed:
             self.grid.errors.end_if_refused(
-                0, "query", f"{len(adverts)} of the {needed} sites needed joined")
+                0, "query", f"{len(adverts)} of the {needed} sites needed joined"
+            )
             raise MedfedError(
                 f"Secure aggregation needs {needed} sites, {len(adverts)} joined.",
                 fix="see the site errors above (refusals name the site's rule); or lower "
-                "--min-sites")
+                "--min-sites",
+            )
         roster = Roster.of(self.run_id, adverts)
-        self.aggregator = Aggregator(self.config, self.run_id, roster, directory=directory,
-                                     size=self.size)
+        self.aggregator = Aggregator(
+            self.config, self.run_id, roster, directory=directory, size=self.size
+        )
         self.roster_bytes = roster.to_bytes()
         self.directory = {s: k.hex() for s, k in directory.items()}
-        self.certified = {s: self.certificates[k] for s, k in directory.items()
-                          if k in self.certificates}
-        self.folder.event("secure-aggregation-ready", mode=self.config.mode,
-                          sites=list(roster.site_ids), threshold=self.aggregator.threshold)
+        self.certified = {
+            s: self.certificates[k] for s, k in directory.items() if k in self.certificates
+        }
+        self.folder.event(
+            "secure-aggregation-ready",
+            mode=self.config.mode,
+            sites=list(roster.site_ids),
+            threshold=self.aggregator.threshold,
+        )
 
     def _join_replies(self) -> list[Message]:
         """Every online site's answer to the join; a site unavailable is asked again.
@@ -129,17 +145,25 @@ class SecureAggregation(WrappedStrategy):
         Unavailable" for it: it is asked again (its node id may be new) for up to
         ``JOIN_RETRY_S``, so that a run does not start, or resume, without it.
         """
-        join = ConfigRecord({**self.run_entries,
-                             wire.SECAGG_JOIN: json.dumps(self.config.to_dict())})
+        join = ConfigRecord(
+            {**self.run_entries, wire.SECAGG_JOIN: json.dumps(self.config.to_dict())}
+        )
         end = time.monotonic() + min(JOIN_RETRY_S, self.round_timeout)
         answered: set[int] = set()
         kept: list[Message] = []
         while True:
             nodes = [n for n in self.grid.get_node_ids() if n not in answered]
             replies = self.grid.send_and_receive(
-                [Message(RecordDict({wire.CONFIG_KEY: join}), dst_node_id=n,
-                         message_type=MessageType.QUERY) for n in nodes],
-                timeout=self.round_timeout)
+                [
+                    Message(
+                        RecordDict({wire.CONFIG_KEY: join}),
+                        dst_node_id=n,
+                        message_type=MessageType.QUERY,
+                    )
+                    for n in nodes
+                ],
+                timeout=self.round_timeout,
+            )
             unavailable = False
             for reply in replies:
                 if reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE:
@@ -152,13 +176,17 @@ class SecureAggregation(WrappedStrategy):
             time.sleep(1.0)
 
     # --------------------------------------------------------------- training
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """The inner strategy's messages, for roster sites, with this round's secagg keys."""
         assert self.aggregator is not None, "call setup() first"
         self._global = arrays[WEIGHTS_KEY].numpy().astype(np.float32)
-        messages = [m for m in self.inner.configure_train(server_round, arrays, config, grid)
-                    if m.metadata.dst_node_id in self.site_of]
+        messages = [
+            m
+            for m in self.inner.configure_train(server_round, arrays, config, grid)
+            if m.metadata.dst_node_id in self.site_of
+        ]
         participants = sorted(self.site_of[m.metadata.dst_node_id] for m in messages)
         self._end_if_budgets_run_out(server_round, participants)
         deadline = time.time() + self.round_timeout * (1 - DEADLINE_MARGIN)
@@ -186,13 +214,23 @@ class SecureAggregation(WrappedStrategy):
         if not out or len(participants) - len(out) >= self.aggregator.threshold + 1:
             return
         for site in out:
-            self.grid.errors.add(server_round, site, wire.SiteError(
-                site=site, status="refused", rule="epsilon_max",
-                reason=f"its privacy budget covers {self.covers[site]} of the run's rounds "
-                       "(said when it joined)"))
+            self.grid.errors.add(
+                server_round,
+                site,
+                wire.SiteError(
+                    site=site,
+                    status="refused",
+                    rule="epsilon_max",
+                    reason=f"its privacy budget covers {self.covers[site]} of the run's rounds "
+                    "(said when it joined)",
+                ),
+            )
         self.grid.errors.end_if_refused(
-            server_round, "train", f"{len(participants) - len(out)} site(s) have the budget "
-            f"for it, {self.aggregator.threshold + 1} are needed for secure aggregation")
+            server_round,
+            "train",
+            f"{len(participants) - len(out)} site(s) have the budget "
+            f"for it, {self.aggregator.threshold + 1} are needed for secure aggregation",
+        )
 
     def fold(self, server_round: int, reply: Message) -> None:
         """Add one site's masked update to the round's sum as it arrives, and let it go."""
@@ -203,17 +241,23 @@ class SecureAggregation(WrappedStrategy):
         try:
             update = MaskedUpdate.from_parts(
                 bytes(reply.content[wire.SECAGG_RECORD_KEY]["update"]),
-                npy_view(reply.content[wire.ARRAYS_KEY][WEIGHTS_KEY].data))
+                npy_view(reply.content[wire.ARRAYS_KEY][WEIGHTS_KEY].data),
+            )
             self.aggregator.add(update)
         except (SecAggError, KeyError, ValueError) as exc:
-            self.folder.event("update-rejected", round=server_round, site=site,
-                              reason=f"{type(exc).__name__}: {exc}")
+            self.folder.event(
+                "update-rejected",
+                round=server_round,
+                site=site,
+                reason=f"{type(exc).__name__}: {exc}",
+            )
             return
         if wire.METRICS_KEY in reply.content:
             self._metrics.append(dict(reply.content[wire.METRICS_KEY]))
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Unmask what was folded (and ``replies``), hand the mean to the inner strategy."""
         assert self.aggregator is not None and self._global is not None
         for reply in replies:
@@ -226,35 +270,64 @@ class SecureAggregation(WrappedStrategy):
             mean_delta, total = self.aggregator.result(server_round)
         except (RecoveryError, SecAggError) as exc:
             self.folder.event("round-lost", round=server_round, reason=str(exc))
-            self.grid.errors.end_if_refused(server_round, "train",
-                                            "too few sites trained for secure aggregation")
+            self.grid.errors.end_if_refused(
+                server_round, "train", "too few sites trained for secure aggregation"
+            )
             return None, None
-        self.folder.event("secure-aggregation", round=server_round, mode=self.config.mode,
-                          survivors=list(status.survivors), dropped=list(status.dropped),
-                          error_bound=self.aggregator.error_bound(server_round))
+        self.folder.event(
+            "secure-aggregation",
+            round=server_round,
+            mode=self.config.mode,
+            survivors=list(status.survivors),
+            dropped=list(status.dropped),
+            error_bound=self.aggregator.error_bound(server_round),
+        )
         mean = np.add(self._global, mean_delta, dtype=np.float32)  # rounded once, as in f64
-        summary = {k: float(np.mean([m[k] for m in metrics])) for k in
-                   (set.intersection(*(set(m) for m in metrics)) if metrics else set())
-                   if k != wire.WEIGHT_KEY}
+        summary = {
+            k: float(np.mean([m[k] for m in metrics]))
+            for k in (set.intersection(*(set(m) for m in metrics)) if metrics else set())
+            if k != wire.WEIGHT_KEY
+        }
         combined = Message(
-            RecordDict({wire.ARRAYS_KEY: ArrayRecord({WEIGHTS_KEY: vector_array(mean)}),
-                        wire.METRICS_KEY: MetricRecord({**summary, wire.WEIGHT_KEY: total})}),
-            dst_node_id=0, message_type=MessageType.TRAIN)
+            RecordDict(
+                {
+                    wire.ARRAYS_KEY: ArrayRecord({WEIGHTS_KEY: vector_array(mean)}),
+                    wire.METRICS_KEY: MetricRecord({**summary, wire.WEIGHT_KEY: total}),
+                }
+            ),
+            dst_node_id=0,
+            message_type=MessageType.TRAIN,
+        )
         return self.inner.aggregate_train(server_round, [combined])
 
     def _unmask(self, server_round: int, requests: dict[str, Any]) -> None:
         assert self.aggregator is not None
         node_of = {s: n for n, s in self.site_of.items()}
-        messages = [Message(RecordDict({wire.CONFIG_KEY: ConfigRecord({
-            **self.run_entries, wire.SECAGG_UNMASK: request.to_bytes(),
-            wire.SERVER_ROUND_KEY: server_round})}), dst_node_id=node_of[site],
-            message_type=MessageType.QUERY) for site, request in requests.items()]
+        messages = [
+            Message(
+                RecordDict(
+                    {
+                        wire.CONFIG_KEY: ConfigRecord(
+                            {
+                                **self.run_entries,
+                                wire.SECAGG_UNMASK: request.to_bytes(),
+                                wire.SERVER_ROUND_KEY: server_round,
+                            }
+                        )
+                    }
+                ),
+                dst_node_id=node_of[site],
+                message_type=MessageType.QUERY,
+            )
+            for site, request in requests.items()
+        ]
         for reply in self.grid.send_and_receive(messages, timeout=self.round_timeout):
             if reply.has_error() or wire.SECAGG_RECORD_KEY not in reply.content:
                 continue
             try:
                 self.aggregator.add_reveal(
-                    Reveal.from_bytes(bytes(reply.content[wire.SECAGG_RECORD_KEY]["reveal"])))
+                    Reveal.from_bytes(bytes(reply.content[wire.SECAGG_RECORD_KEY]["reveal"]))
+                )
             except SecAggError as exc:
                 self.folder.event("reveal-rejected", round=server_round, reason=str(exc))
 
@@ -270,8 +343,15 @@ class SecureAggregation(WrappedStrategy):
         config = ConfigRecord({**self.run_entries, wire.RUN_ENDED: status})
         try:
             self.grid.send_and_receive(
-                [Message(RecordDict({wire.CONFIG_KEY: config}), dst_node_id=n,
-                         message_type=MessageType.QUERY) for n in self.site_of],
-                timeout=timeout)
+                [
+                    Message(
+                        RecordDict({wire.CONFIG_KEY: config}),
+                        dst_node_id=n,
+                        message_type=MessageType.QUERY,
+                    )
+                    for n in self.site_of
+                ],
+                timeout=timeout,
+            )
         except Exception as exc:  # noqa: BLE001 - the sites' holds then expire on their own
             self.folder.event("warning", reason=f"the sites were not told the run ended: {exc}")

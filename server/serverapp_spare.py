@@ -53,8 +53,14 @@ class SparePool:
     and ends with its SuperExec, as Flower's would.
     """
 
-    def __init__(self, folder: Path, env: dict[str, str], *, log_path: Path | None = None,
-                 check_every: float = 0.5) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        env: dict[str, str],
+        *,
+        log_path: Path | None = None,
+        check_every: float = 0.5,
+    ) -> None:
         self.folder = folder
         self.env = env
         self.log_path = log_path  # where a ServerApp writes (the SuperLink's log)
@@ -76,8 +82,10 @@ class SparePool:
             return self
         self._stop.clear()
         self.folder.mkdir(parents=True, exist_ok=True)
-        for stale in [*self.folder.glob("*" + SOCKET_SUFFIX),  # of a crashed predecessor
-                      *self.folder.glob("*" + TAKEN_SUFFIX)]:
+        for stale in [
+            *self.folder.glob("*" + SOCKET_SUFFIX),  # of a crashed predecessor
+            *self.folder.glob("*" + TAKEN_SUFFIX),
+        ]:
             with contextlib.suppress(OSError):
                 stale.unlink()
         self.replenish()
@@ -101,9 +109,12 @@ class SparePool:
             if self._proc is not None and self._proc.poll() is not None and not self._bound:
                 # it died before it could take a run (a broken install, say): back off
                 self._not_before = time.monotonic() + self._backoff.delay(0.0)
-                log.warning("a spare ServerApp ended at its start (exit %s); the next in "
-                            "%.0f s, runs start cold meanwhile", self._proc.returncode,
-                            self._not_before - time.monotonic())
+                log.warning(
+                    "a spare ServerApp ended at its start (exit %s); the next in "
+                    "%.0f s, runs start cold meanwhile",
+                    self._proc.returncode,
+                    self._not_before - time.monotonic(),
+                )
                 self._proc = None
                 return
             if self._proc is not None:
@@ -117,7 +128,9 @@ class SparePool:
             try:
                 self._proc = subprocess.Popen(
                     [sys.executable, "-m", "medfed.server.serverapp_spare", str(self._socket)],
-                    env={**os.environ, **self.env}, stdin=subprocess.DEVNULL, stdout=out,
+                    env={**os.environ, **self.env},
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
                     stderr=subprocess.STDOUT if out else None,
                     start_new_session=True,  # as Flower starts a ServerApp
                 )
@@ -159,8 +172,7 @@ class SparePool:
 _pools: dict[Path, SparePool] = {}
 
 
-def spare_pool(folder: Path, env: dict[str, str], log_path: Path | None = None
-               ) -> SparePool:
+def spare_pool(folder: Path, env: dict[str, str], log_path: Path | None = None) -> SparePool:
     """The pool of this process for ``folder`` (one per federation), started."""
     folder = folder.resolve()
     if len(str(folder)) + 20 > MAX_SOCKET_PATH:

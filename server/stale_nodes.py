@@ -30,16 +30,25 @@ def mark_nodes_offline(database: Path) -> int:
     now = dt.datetime.now(dt.timezone.utc)
     try:
         with sqlite3.connect(database, timeout=30.0) as conn:
-            if conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='node'"
-                            ).fetchone() is None:
+            if (
+                conn.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type='table' AND name='node'"
+                ).fetchone()
+                is None
+            ):
                 return 0
             changed = conn.execute(
                 "UPDATE node SET status='offline', online_until=?, last_deactivated_at=? "
-                "WHERE status='online'", (now.timestamp(), now.isoformat())).rowcount
+                "WHERE status='online'",
+                (now.timestamp(), now.isoformat()),
+            ).rowcount
     except sqlite3.Error as exc:  # Flower changed its schema: sites then wait it out
-        log.warning("medfed: could not mark the sites of the last start offline in %s (%s); "
-                    "a site may be let in only after its old connection times out",
-                    database, exc)
+        log.warning(
+            "medfed: could not mark the sites of the last start offline in %s (%s); "
+            "a site may be let in only after its old connection times out",
+            database,
+            exc,
+        )
         return 0
     if changed:
         log.info("medfed: %d site connection(s) of the last start marked offline", changed)

@@ -43,20 +43,27 @@ from medfed.core.weighted_sum import WeightedSum
 from medfed.server.wrapped_strategy import WrappedStrategy
 
 #: ``aggregate_train`` methods that compute the weighted mean of the replies (and use it).
-MEAN_AGGREGATIONS = frozenset(c.aggregate_train for c in
-                              (FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad))
+MEAN_AGGREGATIONS = frozenset(
+    c.aggregate_train for c in (FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad)
+)
 
 
 def streams(strategy: Strategy) -> bool:
     """True if ``strategy`` aggregates a round as the weighted mean of its replies."""
-    return (type(strategy).aggregate_train in MEAN_AGGREGATIONS
-            or getattr(strategy, "aggregates_weighted_mean", False) is True)
+    return (
+        type(strategy).aggregate_train in MEAN_AGGREGATIONS
+        or getattr(strategy, "aggregates_weighted_mean", False) is True
+    )
 
 
 def vector_array(vector: np.ndarray) -> Array:
     """A Flower ``Array`` of a flat vector, its bytes copied once."""
-    return Array(dtype=str(vector.dtype), shape=(int(vector.size),), stype=SType.NUMPY,
-                 data=npy_bytes(vector))
+    return Array(
+        dtype=str(vector.dtype),
+        shape=(int(vector.size),),
+        stype=SType.NUMPY,
+        data=npy_bytes(vector),
+    )
 
 
 class StreamingMean(WrappedStrategy):
@@ -70,8 +77,9 @@ class StreamingMean(WrappedStrategy):
         self._metrics: dict[str, float] = {}  # weighted sums of each metric
         self._metric_keys: set[str] | None = None  # the keys every reply carried
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """The inner strategy's messages; a new sum for the round."""
         self._sum = WeightedSum(self.size)
         self._metrics, self._metric_keys = {}, None
@@ -87,34 +95,49 @@ class StreamingMean(WrappedStrategy):
             weight = float(said[wire.WEIGHT_KEY])
             self._sum.add(npy_view(content[wire.ARRAYS_KEY][WEIGHTS_KEY].data), weight)
         except (KeyError, ValueError, TypeError) as exc:
-            site = (str(content[wire.SITE_RECORD_KEY]["name"])
-                    if wire.SITE_RECORD_KEY in content else f"node-{reply.metadata.src_node_id}")
-            self.folder.event("update-rejected", round=server_round, site=site,
-                              reason=f"{type(exc).__name__}: {exc}")
+            site = (
+                str(content[wire.SITE_RECORD_KEY]["name"])
+                if wire.SITE_RECORD_KEY in content
+                else f"node-{reply.metadata.src_node_id}"
+            )
+            self.folder.event(
+                "update-rejected",
+                round=server_round,
+                site=site,
+                reason=f"{type(exc).__name__}: {exc}",
+            )
             return
-        numeric = {k: float(v) for k, v in said.items()
-                   if k != wire.WEIGHT_KEY and isinstance(v, int | float)}
-        self._metric_keys = (set(numeric) if self._metric_keys is None
-                             else self._metric_keys & set(numeric))
+        numeric = {
+            k: float(v)
+            for k, v in said.items()
+            if k != wire.WEIGHT_KEY and isinstance(v, int | float)
+        }
+        self._metric_keys = (
+            set(numeric) if self._metric_keys is None else self._metric_keys & set(numeric)
+        )
         for key, value in numeric.items():
             self._metrics[key] = self._metrics.get(key, 0.0) + weight * value
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The weighted mean of what was folded (and of ``replies``, if any are given)."""
         for reply in replies:
             self.fold(server_round, reply)
         if self._sum.count == 0:
             return None, None
         total = self._sum.total
-        metrics: dict[str, Any] = {k: self._metrics[k] / total
-                                   for k in sorted(self._metric_keys or ())}
+        metrics: dict[str, Any] = {
+            k: self._metrics[k] / total for k in sorted(self._metric_keys or ())
+        }
         metrics[wire.WEIGHT_KEY] = total
         mean = ArrayRecord({WEIGHTS_KEY: vector_array(self._sum.take_mean())})
         self._sum = WeightedSum(self.size)
         if type(self.inner).aggregate_train is FedAvg.aggregate_train:
             return mean, MetricRecord(metrics)  # FedAvg's own result: the mean
-        combined = Message(RecordDict({wire.ARRAYS_KEY: mean,
-                                       wire.METRICS_KEY: MetricRecord(metrics)}),
-                           dst_node_id=0, message_type=MessageType.TRAIN)
+        combined = Message(
+            RecordDict({wire.ARRAYS_KEY: mean, wire.METRICS_KEY: MetricRecord(metrics)}),
+            dst_node_id=0,
+            message_type=MessageType.TRAIN,
+        )
         return self.inner.aggregate_train(server_round, [combined])

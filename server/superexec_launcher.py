@@ -51,8 +51,7 @@ def use_spares() -> bool:
     from flwr.supercore.superexec.executor import subprocess_executor
 
     if getattr(subprocess_executor, "subprocess", None) is not subprocess:
-        log.warning("medfed: Flower's subprocess executor changed; each ServerApp starts "
-                    "cold")
+        log.warning("medfed: Flower's subprocess executor changed; each ServerApp starts cold")
         return False
     subprocess_executor.subprocess = SpareFirst(os.environ.get(SPARES_ENV))  # type: ignore[assignment]
     return True

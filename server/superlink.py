@@ -32,8 +32,11 @@ def check_tls(fed: Federation) -> None:
     check_certificate_valid(cert, where=where)
     check_issued_by(cert, ca, where=where)
     if not fed.path(tls.key).exists():
-        raise MedfedError("The server's TLS key is missing.", where=str(fed.path(tls.key)),
-                          fix="restore it from backup or re-create the federation")
+        raise MedfedError(
+            "The server's TLS key is missing.",
+            where=str(fed.path(tls.key)),
+            fix="restore it from backup or re-create the federation",
+        )
 
 
 def superlink_process(fed: Federation) -> Managed:
@@ -43,23 +46,35 @@ def superlink_process(fed: Federation) -> Managed:
     db.parent.mkdir(parents=True, exist_ok=True)
     fed.runs_dir.mkdir(parents=True, exist_ok=True)
     argv = [
-        sys.executable, "-m", "medfed.server.superlink_launcher",
-        "--ssl-ca-certfile", str(server_trust_file(fed)),  # the CA, + the next in a rotation
-        "--ssl-certfile", str(fed.path(tls.cert)),
-        "--ssl-keyfile", str(fed.path(tls.key)),
+        sys.executable,
+        "-m",
+        "medfed.server.superlink_launcher",
+        "--ssl-ca-certfile",
+        str(server_trust_file(fed)),  # the CA, + the next in a rotation
+        "--ssl-certfile",
+        str(fed.path(tls.cert)),
+        "--ssl-keyfile",
+        str(fed.path(tls.key)),
         "--enable-supernode-auth",
-        "--database", str(db),
+        "--database",
+        str(db),
         "--disable-runtime-dependency-installation",
-        "--host", link.host, "--port", str(link.port),
+        "--host",
+        link.host,
+        "--port",
+        str(link.port),
     ]
-    env = {**flower_env(db.parent / "flwr_home"), RUNS_DIR_ENV: str(fed.runs_dir),
-           SITES_FILE_ENV: str(fed.sites_file),  # read by each run (enrolments go on)
-           REVOCATIONS_ENV: str(fed.revocations_file),
-           SPARES_ENV: str(spares_folder(fed)),
-           # only the registry's coordinators pass the Control API (server/coordinators.py)
-           REGISTRY_ENV: str(fed.coordinators.path),
-           SOURCES_ENV: json.dumps(link.control_from),  # from where, too
-           AUDIT_ENV: str(fed.path(state.control_audit_log))}
+    env = {
+        **flower_env(db.parent / "flwr_home"),
+        RUNS_DIR_ENV: str(fed.runs_dir),
+        SITES_FILE_ENV: str(fed.sites_file),  # read by each run (enrolments go on)
+        REVOCATIONS_ENV: str(fed.revocations_file),
+        SPARES_ENV: str(spares_folder(fed)),
+        # only the registry's coordinators pass the Control API (server/coordinators.py)
+        REGISTRY_ENV: str(fed.coordinators.path),
+        SOURCES_ENV: json.dumps(link.control_from),  # from where, too
+        AUDIT_ENV: str(fed.path(state.control_audit_log)),
+    }
     return Managed("SuperLink", argv, fed.path(state.log_file), env=env)
 
 
@@ -68,8 +83,13 @@ def spares_folder(fed: Federation) -> Path:
     return fed.path(fed.config.state.database).parent / "spares"
 
 
-def start_superlink(fed: Federation, *, timeout: float = 60.0, resume: bool = True,
-                    on_resumed: Callable[[ResumeOutcome], None] | None = None) -> Managed:
+def start_superlink(
+    fed: Federation,
+    *,
+    timeout: float = 60.0,
+    resume: bool = True,
+    on_resumed: Callable[[ResumeOutcome], None] | None = None,
+) -> Managed:
     """Check TLS and the port, start the SuperLink, wait until it serves, enrol known sites.
 
     This process keeps a warm spare ServerApp for the SuperLink's runs, which outlives
@@ -80,12 +100,16 @@ def start_superlink(fed: Federation, *, timeout: float = 60.0, resume: bool = Tr
     """
     check_tls(fed)
     if fed.ensure_coordinator():
-        log.warning("this federation had no coordinator registry: made %s with the "
-                    "credential %s; the Control API now takes only registered coordinators",
-                    fed.coordinators.path, fed.config.coordinator.credential)
+        log.warning(
+            "this federation had no coordinator registry: made %s with the "
+            "credential %s; the Control API now takes only registered coordinators",
+            fed.coordinators.path,
+            fed.config.coordinator.credential,
+        )
     link = fed.config.superlink
-    require_free_port(link.host, link.port, what="SuperLink",
-                      key=f"{fed.config_path} key superlink.port")
+    require_free_port(
+        link.host, link.port, what="SuperLink", key=f"{fed.config_path} key superlink.port"
+    )
     proc = superlink_process(fed)
     try:  # a warm ServerApp for the first run (a resumed one, say): this process keeps one
         pool = spare_pool(spares_folder(fed), proc.env, proc.log_path)
@@ -98,7 +122,8 @@ def start_superlink(fed: Federation, *, timeout: float = 60.0, resume: bool = Tr
         tail = proc.log_tail()
         proc.stop()
         raise ProcessError(
-            "The SuperLink did not start.", where=str(proc.log_path),
+            "The SuperLink did not start.",
+            where=str(proc.log_path),
             fix="read its log; last lines:\n" + tail,
         )
     try:
@@ -113,9 +138,14 @@ def start_superlink(fed: Federation, *, timeout: float = 60.0, resume: bool = Tr
     return proc
 
 
-def keep_running(proc: Managed, restart: Callable[[], Managed], *,
-                 report: Callable[[str], None], stop: threading.Event | None = None,
-                 poll: float = 0.5) -> None:
+def keep_running(
+    proc: Managed,
+    restart: Callable[[], Managed],
+    *,
+    report: Callable[[str], None],
+    stop: threading.Event | None = None,
+    poll: float = 0.5,
+) -> None:
     """Start the SuperLink ``proc`` again, with ``restart``, whenever it stops.
 
     Waits a back-off first (1 s doubling to 60 s while it keeps failing); ``restart``
@@ -131,8 +161,10 @@ def keep_running(proc: Managed, restart: Callable[[], Managed], *,
                 continue
             delay = backoff.delay(proc.uptime())
             code = proc.proc.returncode if proc.proc is not None else None
-            report(f"the SuperLink stopped (exit {code}); starting it again in {delay:.0f} s; "
-                   f"last log lines:\n{proc.log_tail()}")
+            report(
+                f"the SuperLink stopped (exit {code}); starting it again in {delay:.0f} s; "
+                f"last log lines:\n{proc.log_tail()}"
+            )
             proc.on_stop = None  # closes its log; the spare stays for the next SuperLink
             proc.stop()
             if stop.wait(delay):

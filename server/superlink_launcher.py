@@ -51,8 +51,13 @@ class CertificateReloader:
     calls it for every handshake, with or without a server name).
     """
 
-    def __init__(self, build: Callable[[], ssl.SSLContext], files: tuple[Path, ...], *,
-                 check_every: float = 0.0) -> None:
+    def __init__(
+        self,
+        build: Callable[[], ssl.SSLContext],
+        files: tuple[Path, ...],
+        *,
+        check_every: float = 0.0,
+    ) -> None:
         self.build = build
         self.files = files
         self.check_every = check_every
@@ -75,16 +80,20 @@ class CertificateReloader:
             try:
                 context = self.build()
             except (OSError, ssl.SSLError) as exc:  # half replaced: try again in a second
-                log.warning("medfed: the renewed TLS certificate did not load yet (%s); "
-                            "serving the previous one", exc)
+                log.warning(
+                    "medfed: the renewed TLS certificate did not load yet (%s); "
+                    "serving the previous one",
+                    exc,
+                )
                 return self.context
             self.context, self._seen = context, seen
             self.reloads += 1
             log.info("medfed: serving the renewed TLS certificate %s", self.files[0])
             return context
 
-    def sni_callback(self, ssl_object: Any, server_name: str | None,
-                     context: ssl.SSLContext) -> None:
+    def sni_callback(
+        self, ssl_object: Any, server_name: str | None, context: ssl.SSLContext
+    ) -> None:
         """Switch a handshake to the current context (Python's ``sni_callback`` protocol)."""
         current = self.current()
         if current is not context:
@@ -97,8 +106,9 @@ def reload_certificates_on_change() -> None:
 
     original = uvicorn.config.create_ssl_context
 
-    def create_ssl_context(certfile: Any, keyfile: Any, *args: Any, **kwargs: Any
-                           ) -> ssl.SSLContext:
+    def create_ssl_context(
+        certfile: Any, keyfile: Any, *args: Any, **kwargs: Any
+    ) -> ssl.SSLContext:
         def build() -> ssl.SSLContext:
             return original(certfile, keyfile, *args, **kwargs)
 
@@ -138,8 +148,9 @@ def supervise_superexec() -> None:
     def start(self: Any) -> None:
         original(self)
         if self.superexec_process is not None:
-            threading.Thread(target=_watch, args=(self,), daemon=True,
-                             name="medfed-superexec-watch").start()
+            threading.Thread(
+                target=_watch, args=(self,), daemon=True, name="medfed-superexec-watch"
+            ).start()
 
     def _watch(self: Any) -> None:
         backoff, proc, since = RestartBackoff(cap=30.0), self.superexec_process, time.monotonic()
@@ -150,8 +161,11 @@ def supervise_superexec() -> None:
             if proc.poll() is None:
                 continue
             delay = backoff.delay(time.monotonic() - since)
-            log.warning("medfed: the SuperExec stopped (exit code %s); starting it again "
-                        "in %.0f s", proc.returncode, delay)
+            log.warning(
+                "medfed: the SuperExec stopped (exit code %s); starting it again in %.0f s",
+                proc.returncode,
+                delay,
+            )
             time.sleep(delay)
             if self.superexec_process is not proc:
                 return
@@ -225,9 +239,12 @@ def gate_control_api() -> None:
 
     from medfed.server.coordinators import AUDIT_ENV, REGISTRY_ENV, SOURCES_ENV, ControlGate
 
-    gate = Middleware(ControlGate, registry=os.environ.get(REGISTRY_ENV, ""),
-                      audit=os.environ.get(AUDIT_ENV, ""),
-                      control_from=os.environ.get(SOURCES_ENV, '["this-host"]'))
+    gate = Middleware(
+        ControlGate,
+        registry=os.environ.get(REGISTRY_ENV, ""),
+        audit=os.environ.get(AUDIT_ENV, ""),
+        control_from=os.environ.get(SOURCES_ENV, '["this-host"]'),
+    )
     stock = extensions.get_middleware
     extensions.get_middleware = lambda: (gate, *stock())
 

@@ -39,9 +39,16 @@ for _name, _cls in _BUILTINS.items():
     STRATEGIES.register(_name, _cls)
 
 # Options medfed sets itself from the run config; a user may not pass them.
-_MANAGED = {"min_train_nodes", "min_evaluate_nodes", "min_available_nodes",
-            "weighted_by_key", "arrayrecord_key", "configrecord_key",
-            "train_metrics_aggr_fn", "evaluate_metrics_aggr_fn"}
+_MANAGED = {
+    "min_train_nodes",
+    "min_evaluate_nodes",
+    "min_available_nodes",
+    "weighted_by_key",
+    "arrayrecord_key",
+    "configrecord_key",
+    "train_metrics_aggr_fn",
+    "evaluate_metrics_aggr_fn",
+}
 
 
 REQUIRED = "(required)"
@@ -54,7 +61,8 @@ def strategy_options(name: str) -> dict[str, Any]:
     return {
         p.name: (REQUIRED if p.default is inspect.Parameter.empty else p.default)
         for p in params.values()
-        if p.name != "self" and p.name not in _MANAGED
+        if p.name != "self"
+        and p.name not in _MANAGED
         and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
     }
 
@@ -87,8 +95,7 @@ def check_options(name: str, options: dict[str, Any]) -> None:
 
 # Strategies that look at each site's update (robust statistics, per-site losses): with
 # secure aggregation the server only ever holds the sum, so they cannot run.
-NEEDS_INDIVIDUAL_UPDATES = {"fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan",
-                            "qfedavg"}
+NEEDS_INDIVIDUAL_UPDATES = {"fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan", "qfedavg"}
 
 
 def check_secure_aggregation(name: str, mode: str) -> None:
@@ -109,7 +116,10 @@ def build_strategy(name: str, options: dict[str, Any], *, min_sites: int) -> fl.
     check_options(name, options)
     cls = STRATEGIES.get(name)
     params = inspect.signature(cls.__init__).parameters
-    managed = {"min_train_nodes": min_sites, "min_evaluate_nodes": min_sites,
-               "min_available_nodes": min_sites}
+    managed = {
+        "min_train_nodes": min_sites,
+        "min_evaluate_nodes": min_sites,
+        "min_available_nodes": min_sites,
+    }
     kwargs = {k: v for k, v in managed.items() if k in params}
     return cls(**kwargs, **options)

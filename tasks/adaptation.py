@@ -58,7 +58,8 @@ def _blocks(task: Task, model: nn.Module, which: str) -> list[str]:
             "nothing to keep local there.",
             expected=f"Task.{which}_block naming the model's {which} block, e.g. ('model.0',)",
             fix=f"set {which}_block in the task, or pick another adaptation "
-                "(`medfed adaptations` lists them)")
+            "(`medfed adaptations` lists them)",
+        )
     prefixes = tuple(f"{name}." for name in names)
     keys = [k for k in model.state_dict() if k.startswith(prefixes)]
     if not keys:
@@ -66,7 +67,8 @@ def _blocks(task: Task, model: nn.Module, which: str) -> list[str]:
             f"Task {task.name!r} names {which} block {names}, but its model has no "
             "parameters under that name.",
             expected="module names of the task's model (see model.named_modules())",
-            fix=f"correct Task.{which}_block")
+            fix=f"correct Task.{which}_block",
+        )
     return keys
 
 
@@ -79,31 +81,49 @@ def _input_output(task: Task, model: nn.Module) -> Iterable[str]:
 
 
 def _fedbn(task: Task, model: nn.Module) -> Iterable[str]:
-    keys = [f"{name}.{p}" if name else p
-            for name, module in model.named_modules() if isinstance(module, _NORMS)
-            for p, _ in module.named_parameters(recurse=False)]
+    keys = [
+        f"{name}.{p}" if name else p
+        for name, module in model.named_modules()
+        if isinstance(module, _NORMS)
+        for p, _ in module.named_parameters(recurse=False)
+    ]
     if not keys:
         raise MedfedError(
             f"The model of task {task.name!r} has no normalization parameters (its "
             "normalization layers are not affine), so 'fedbn' would keep nothing local.",
-            fix="pick 'site-input-block' or 'none' (`medfed adaptations` lists them)")
+            fix="pick 'site-input-block' or 'none' (`medfed adaptations` lists them)",
+        )
     return keys
 
 
 ADAPTATIONS: Registry[DomainAdaptation] = Registry(
-    "adaptation", plural="adaptations", entry_point_group="medfed.adaptations")
+    "adaptation", plural="adaptations", entry_point_group="medfed.adaptations"
+)
 
 for _hook in (
-    DomainAdaptation(name="none", description="every parameter is shared (plain federated "
-                     "training)", local_parameters=_none),
-    DomainAdaptation(name="site-input-block", description="each site keeps its own first "
-                     "block (its scanner's contrast and intensity mapping); the rest is shared",
-                     local_parameters=_input_block),
-    DomainAdaptation(name="site-input-output", description="each site keeps its own first "
-                     "block and prediction head; the body in between is shared (FedPer-style)",
-                     local_parameters=_input_output),
-    DomainAdaptation(name="fedbn", description="each site keeps its normalization layers' "
-                     "scale and shift (FedBN, Li et al. 2021)", local_parameters=_fedbn),
+    DomainAdaptation(
+        name="none",
+        description="every parameter is shared (plain federated training)",
+        local_parameters=_none,
+    ),
+    DomainAdaptation(
+        name="site-input-block",
+        description="each site keeps its own first "
+        "block (its scanner's contrast and intensity mapping); the rest is shared",
+        local_parameters=_input_block,
+    ),
+    DomainAdaptation(
+        name="site-input-output",
+        description="each site keeps its own first "
+        "block and prediction head; the body in between is shared (FedPer-style)",
+        local_parameters=_input_output,
+    ),
+    DomainAdaptation(
+        name="fedbn",
+        description="each site keeps its normalization layers' "
+        "scale and shift (FedBN, Li et al. 2021)",
+        local_parameters=_fedbn,
+    ),
 ):
     ADAPTATIONS.register(_hook.name, _hook)
 
@@ -121,5 +141,6 @@ def local_keys(task: Task, model: nn.Module, adaptation: str) -> frozenset[str]:
         raise MedfedError(
             f"Adaptation {adaptation!r} names parameters the model of task {task.name!r} "
             f"does not have: {sorted(unknown)[:3]}",
-            fix="fix the adaptation hook's local_parameters")
+            fix="fix the adaptation hook's local_parameters",
+        )
     return keys

@@ -28,31 +28,64 @@ class BaselineResult:
     matrix: Matrix
 
 
-def train_model(task: Task, data: torch.utils.data.Dataset, *, epochs: int, batch_size: int,
-                learning_rate: float, device: torch.device, seed: int) -> nn.Module:
+def train_model(
+    task: Task,
+    data: torch.utils.data.Dataset,
+    *,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    device: torch.device,
+    seed: int,
+) -> nn.Module:
     """A fresh model of ``task`` (seeded like a federated run's) trained on ``data``."""
     torch.manual_seed(seed)
     model = task.build_model()
-    engine.train(task, model, data, epochs=epochs, batch_size=batch_size,
-                 learning_rate=learning_rate, device=device,
-                 generator=torch.Generator().manual_seed(seed))
+    engine.train(
+        task,
+        model,
+        data,
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        device=device,
+        generator=torch.Generator().manual_seed(seed),
+    )
     return model
 
 
-def cross_site(task: Task, models: dict[str, nn.Module], sites: dict[str, SiteData],
-               *, device: torch.device) -> Matrix:
+def cross_site(
+    task: Task, models: dict[str, nn.Module], sites: dict[str, SiteData], *, device: torch.device
+) -> Matrix:
     """Evaluate every model on every site's validation split."""
-    return {name: {site: engine.evaluate(task, model, data.val, device=device)
-                   for site, data in sites.items()}
-            for name, model in models.items()}
+    return {
+        name: {
+            site: engine.evaluate(task, model, data.val, device=device)
+            for site, data in sites.items()
+        }
+        for name, model in models.items()
+    }
 
 
-def run_baseline(task: Task, sites: dict[str, SiteData], mode: Mode, *, epochs: int,
-                 batch_size: int | None = None, learning_rate: float | None = None,
-                 device: torch.device, seed: int = 0) -> BaselineResult:
+def run_baseline(
+    task: Task,
+    sites: dict[str, SiteData],
+    mode: Mode,
+    *,
+    epochs: int,
+    batch_size: int | None = None,
+    learning_rate: float | None = None,
+    device: torch.device,
+    seed: int = 0,
+) -> BaselineResult:
     """Train pooled over all sites (``centralized``) or one model per site (``local``)."""
-    hp = dict(epochs=epochs, batch_size=batch_size or task.defaults.batch_size,
-              learning_rate=learning_rate or task.defaults.learning_rate, device=device, seed=seed)
+    hp = dict(
+        epochs=epochs,
+        batch_size=batch_size or task.defaults.batch_size,
+        learning_rate=learning_rate or task.defaults.learning_rate,
+        device=device,
+        seed=seed,
+    )
     if mode == "centralized":
         pooled = ConcatDataset([d.train for d in sites.values()])
         models = {"centralized": train_model(task, pooled, **hp)}

@@ -57,8 +57,10 @@ def n4_correct(image: MetaTensor) -> MetaTensor:
         reason = str(exc).strip().splitlines()[-1][:200]
         raise MedfedError(
             f"N4 bias-field correction failed on a scan of {volume.shape} voxels: {reason}",
-            where="[data] bias_correction in site.toml", expected="3D scans of several slices",
-            fix="set bias_correction = 'off' for this data") from None
+            where="[data] bias_correction in site.toml",
+            expected="3D scans of several slices",
+            fix="set bias_correction = 'off' for this data",
+        ) from None
     log_field = log_field.transpose(2, 1, 0)
     corrected = image.clone()
     corrected[0] = torch.as_tensor(volume / np.exp(log_field), dtype=corrected.dtype)

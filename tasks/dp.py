@@ -66,9 +66,14 @@ class PrivateTraining:
     data_loader: DataLoader
     mode: str = "hooks"
 
-    def step(self, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor,
-             units: torch.Tensor | None = None,
-             proximal: tuple[float, list[torch.Tensor]] | None = None) -> float:
+    def step(
+        self,
+        loss_fn: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        units: torch.Tensor | None = None,
+        proximal: tuple[float, list[torch.Tensor]] | None = None,
+    ) -> float:
         """One DP-SGD step on the batch ``(x, y)``; returns its mean loss.
 
         ``proximal`` ``(mu, anchors)``: FedProx's term ``mu/2 ||w - anchor||^2``, one
@@ -107,8 +112,9 @@ class PrivateTraining:
             self.optimizer.original_optimizer.step()
         return float(loss.detach())
 
-    def _per_unit_in_chunks(self, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                            units: torch.Tensor) -> torch.Tensor:
+    def _per_unit_in_chunks(
+        self, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor, units: torch.Tensor
+    ) -> torch.Tensor:
         """Set each ``p.grad_sample`` to one row per unit (the mean), a chunk at a time."""
         params = self.optimizer.params
         units = units.to(x.device)
@@ -141,8 +147,9 @@ def _grad_per_unit(params: Sequence[nn.Parameter], units: torch.Tensor) -> None:
     _set_unit_means(params, sums, units)
 
 
-def _add_per_unit(params: Sequence[nn.Parameter], units: torch.Tensor, k: int,
-                  sums: list[torch.Tensor]) -> None:
+def _add_per_unit(
+    params: Sequence[nn.Parameter], units: torch.Tensor, k: int, sums: list[torch.Tensor]
+) -> None:
     """Add each ``p.grad_sample`` row to its unit's row of ``sums`` (created on first use)."""
     for i, p in enumerate(params):
         g = p.grad_sample
@@ -154,8 +161,9 @@ def _add_per_unit(params: Sequence[nn.Parameter], units: torch.Tensor, k: int,
         p.grad_sample = None
 
 
-def _set_unit_means(params: Sequence[nn.Parameter], sums: list[torch.Tensor],
-                    units: torch.Tensor) -> None:
+def _set_unit_means(
+    params: Sequence[nn.Parameter], sums: list[torch.Tensor], units: torch.Tensor
+) -> None:
     """Set each ``p.grad_sample`` to its per-unit sums divided by the units' sizes."""
     k = len(sums[0])
     counts = torch.bincount(units, minlength=k).to(sums[0].dtype)
@@ -222,8 +230,11 @@ def make_private(
         if accountant_state is not None:
             engine.accountant.load_state_dict(accountant_state)
         private_model, private_opt, private_loader = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=data_loader,
-            noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+            module=model,
+            optimizer=optimizer,
+            data_loader=data_loader,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
             poisson_sampling=poisson_sampling,
             grad_sample_mode="no_op" if mode in PER_SAMPLE_GRADS else mode,
             noise_generator=noise_generator,
@@ -238,7 +249,8 @@ def make_private(
                 f"Opacus returned a {type(private_opt).__name__}, which cannot draw its noise "
                 "from the site's cryptographic generator.",
                 expected="Opacus's DPOptimizer (flat clipping)",
-                fix="train with flat per-sample clipping; the round is refused")
+                fix="train with flat per-sample clipping; the round is refused",
+            )
         private_opt.noise_source = randomness
         if poisson_sampling:
             sample_securely(private_loader, randomness)
@@ -309,35 +321,50 @@ def dp_train(
     loss_fn = task.build_loss()
     if optimizer == "sgd":
         base: torch.optim.Optimizer = torch.optim.SGD(
-            model.parameters(), lr=learning_rate, momentum=0.9,
-            weight_decay=task.defaults.weight_decay)
+            model.parameters(),
+            lr=learning_rate,
+            momentum=0.9,
+            weight_decay=task.defaults.weight_decay,
+        )
     else:
         base = torch.optim.Adam(
-            model.parameters(), lr=learning_rate, weight_decay=task.defaults.weight_decay)
+            model.parameters(), lr=learning_rate, weight_decay=task.defaults.weight_decay
+        )
     averaged = [(p, p.detach().clone()) for p in model.parameters()] if average_iterates else []
     members = unit_members(units, n) if units is not None else None
     # Poisson sampling draws units: examples, or the indices of scans or patients
-    drawn_from: Dataset[Any] = dataset if members is None else TensorDataset(
-        torch.arange(len(members)))
+    drawn_from: Dataset[Any] = (
+        dataset if members is None else TensorDataset(torch.arange(len(members)))
+    )
     loader = DataLoader(drawn_from, batch_size=batch_size, shuffle=True, generator=generator)
     private = make_private(
-        model, base, loader, noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm, accountant=accountant, noise_generator=generator,
+        model,
+        base,
+        loader,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        accountant=accountant,
+        noise_generator=generator,
         randomness=randomness,
-        grad_sample_mode=grad_sample_mode or _MODE_BY_TASK.get(task.name), loss_fn=loss_fn,
+        grad_sample_mode=grad_sample_mode or _MODE_BY_TASK.get(task.name),
+        loss_fn=loss_fn,
         examples=dataset,
     )
     if grad_sample_mode is None:  # probe vmap once per task, not every round
         _MODE_BY_TASK.setdefault(task.name, private.mode)
-    proximal = ((proximal_mu, [p.detach().clone() for p in private.optimizer.params])
-                if proximal_mu > 0 else None)
+    proximal = (
+        (proximal_mu, [p.detach().clone() for p in private.optimizer.params])
+        if proximal_mu > 0
+        else None
+    )
     sample_rate = 1.0 / len(private.data_loader)
     total, seen, empty = 0.0, 0, 0
     try:
         for _ in range(epochs):
             for batch in private.data_loader:
-                x, y, owner = (*batch, None) if members is None else unit_batch(
-                    dataset, members, batch[0])
+                x, y, owner = (
+                    (*batch, None) if members is None else unit_batch(dataset, members, batch[0])
+                )
                 if len(x) == 0:
                     private.engine.accountant.step(
                         noise_multiplier=noise_multiplier, sample_rate=sample_rate
@@ -360,7 +387,12 @@ def dp_train(
             p.copy_(avg)
     history = [(float(a), float(b), int(c)) for a, b, c in private.engine.accountant.history]
     return DPTrainStats(
-        loss=total / max(seen, 1), num_examples=n, steps=sum(h[2] for h in history),
-        sample_rate=sample_rate, noise_multiplier=float(noise_multiplier),
-        max_grad_norm=float(max_grad_norm), history=history, empty_batches=empty,
+        loss=total / max(seen, 1),
+        num_examples=n,
+        steps=sum(h[2] for h in history),
+        sample_rate=sample_rate,
+        noise_multiplier=float(noise_multiplier),
+        max_grad_norm=float(max_grad_norm),
+        history=history,
+        empty_batches=empty,
     )

@@ -29,15 +29,16 @@ class LossNotPerSample(MedfedError):
     """The task's loss couples the samples of a batch: DP-SGD's clipping would not bound them."""
 
 
-def _loss_is_mean_of_samples(model: nn.Module, loss_fn: nn.Module, x: torch.Tensor,
-                             y: torch.Tensor) -> bool:
+def _loss_is_mean_of_samples(
+    model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> bool:
     """Whether the batch loss equals the mean of each sample's own loss (model in eval mode)."""
     was_training = model.training
     model.eval()  # no dropout draws: the same function of each sample both times
     try:
         with torch.no_grad():
             batch = loss_fn(model(x), y)
-            alone = torch.stack([loss_fn(model(x[i:i + 1]), y[i:i + 1]) for i in range(len(x))])
+            alone = torch.stack([loss_fn(model(x[i : i + 1]), y[i : i + 1]) for i in range(len(x))])
     finally:
         model.train(was_training)
     return bool(torch.allclose(batch, alone.mean(), rtol=1e-4, atol=1e-6))
@@ -50,8 +51,9 @@ _TIMED_CALLS = 5
 _VMAP_MARGIN = 0.10
 
 
-def _faster_mode(modes: list[str], model: nn.Module, loss_fn: nn.Module,
-                 x: torch.Tensor, y: torch.Tensor) -> str:
+def _faster_mode(
+    modes: list[str], model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> str:
     """``"rules"`` unless vmap's median time beats it by :data:`_VMAP_MARGIN`.
 
     Calls alternate between the modes, so a slow spell of a shared machine (another
@@ -70,8 +72,9 @@ def _faster_mode(modes: list[str], model: nn.Module, loss_fn: nn.Module,
     return "rules"
 
 
-def _rules_agree(model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                 against_vmap: bool) -> bool:
+def _rules_agree(
+    model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor, against_vmap: bool
+) -> bool:
     """Whether the layer rules run on this batch and, if asked, give vmap's gradients."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     try:
@@ -81,7 +84,8 @@ def _rules_agree(model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch
         dp_rules.per_sample_grads(model, loss_fn, x, y)
         return not against_vmap or all(
             torch.allclose(p.grad_sample, r, rtol=1e-3, atol=1e-6 * float(r.abs().max()) + 1e-9)
-            for p, r in zip(trainable, reference, strict=True))
+            for p, r in zip(trainable, reference, strict=True)
+        )
     except Exception:  # a layer the rules cannot follow (e.g. tuple outputs): not this mode
         return False
     finally:
@@ -95,7 +99,8 @@ def _opacus_mode(model: nn.Module) -> str:
 
 
 def choose_grad_sample_mode(
-    model: nn.Module, loss_fn: nn.Module | None = None,
+    model: nn.Module,
+    loss_fn: nn.Module | None = None,
     sample: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> str:
     """The fastest correct per-sample gradient mode for ``model`` and ``loss_fn``, measured.

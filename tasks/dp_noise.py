@@ -82,14 +82,14 @@ class SecureRandom:
         if 8 * k > self._left:
             self._keystream = self._new_keystream()
         self._left -= 8 * k
-        self._keystream.update_into(self._zeros[:8 * k], into)
+        self._keystream.update_into(self._zeros[: 8 * k], into)
 
     def _chunk(self, k: int) -> torch.Tensor:
         """``k <= _CHUNK`` uniforms in (0, 1], float64, in a buffer the next call reuses."""
         self._next_words(k, self._buffer)
         words, u = self._words[:k], self._uniform[:k]
         torch.bitwise_and(words, _MANTISSA, out=words)  # 53 random bits, non-negative
-        return u.copy_(words).add_(0.5).mul_(2.0 ** -53)  # never 0: the log stays finite
+        return u.copy_(words).add_(0.5).mul_(2.0**-53)  # never 0: the log stays finite
 
     def _chunk_on(self, k: int, device: torch.device) -> torch.Tensor:
         """:meth:`_chunk` computed on an accelerator: only the keystream is made on the CPU.
@@ -98,19 +98,20 @@ class SecureRandom:
         copy is synchronous, as the buffer is refilled at the next call.
         """
         if self._pinned is None:
-            self._pinned = torch.empty(8 * _CHUNK + 64, dtype=torch.uint8,
-                                       pin_memory=device.type == "cuda")
+            self._pinned = torch.empty(
+                8 * _CHUNK + 64, dtype=torch.uint8, pin_memory=device.type == "cuda"
+            )
         self._next_words(k, memoryview(self._pinned.numpy()))
-        words = self._pinned[:8 * k].view(torch.int64).to(device)
+        words = self._pinned[: 8 * k].view(torch.int64).to(device)
         words.bitwise_and_(_MANTISSA)
-        return words.to(torch.float64).add_(0.5).mul_(2.0 ** -53)
+        return words.to(torch.float64).add_(0.5).mul_(2.0**-53)
 
     def uniform(self, n: int) -> torch.Tensor:
         """``n`` independent uniforms in (0, 1], float64 (1 only with probability 2^-53)."""
         out = torch.empty(n, dtype=torch.float64)
         for start in range(0, n, _CHUNK):
             k = min(_CHUNK, n - start)
-            out[start:start + k] = self._chunk(k)
+            out[start : start + k] = self._chunk(k)
         return out
 
     def normal(self, std: float, like: torch.Tensor) -> torch.Tensor:
@@ -123,16 +124,19 @@ class SecureRandom:
         n = like.numel()
         half = (n + 1) // 2
         device = like.device
-        out = torch.empty(2 * half, dtype=torch.float64 if like.dtype == torch.float64
-                          else torch.float32, device=device)
+        out = torch.empty(
+            2 * half,
+            dtype=torch.float64 if like.dtype == torch.float64 else torch.float32,
+            device=device,
+        )
         pairs = _CHUNK // 2
         for start in range(0, half, pairs):
             k = min(pairs, half - start)
             u = self._chunk(2 * k) if device.type == "cpu" else self._chunk_on(2 * k, device)
             radius = u[:k].log_().mul_(-2.0).sqrt_().mul_(std)
             angle = u[k:].mul_(2.0 * math.pi)
-            torch.mul(radius, torch.cos(angle), out=out[start:start + k])
-            torch.mul(radius, angle.sin_(), out=out[half + start:half + start + k])
+            torch.mul(radius, torch.cos(angle), out=out[start : start + k])
+            torch.mul(radius, angle.sin_(), out=out[half + start : half + start + k])
         return out[:n].view(like.shape).to(dtype=like.dtype)
 
 
@@ -161,6 +165,7 @@ def sample_securely(loader: DataLoader, source: SecureRandom) -> None:
             f"The DP data loader samples with {type(sampler).__name__}, which cannot take "
             "its coin flips from the site's cryptographic generator.",
             expected="Opacus's Poisson sampling (UniformWithReplacementSampler)",
-            fix="train with poisson_sampling=True; the round is refused")
+            fix="train with poisson_sampling=True; the round is refused",
+        )
     sampler.__class__ = SecurePoissonSampler
     sampler.source = source  # type: ignore[attr-defined]

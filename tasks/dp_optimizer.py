@@ -66,8 +66,10 @@ class BatchedDPOptimizer(DPOptimizer):
             return False
         first = params[0]
         return all(
-            isinstance(p.grad_sample, torch.Tensor) and p.summed_grad is None
-            and p.grad_sample.device == first.device and p.dtype == first.dtype
+            isinstance(p.grad_sample, torch.Tensor)
+            and p.summed_grad is None
+            and p.grad_sample.device == first.device
+            and p.dtype == first.dtype
             and len(p.grad_sample) == len(first.grad_sample) > 0
             for p in params
         )
@@ -83,21 +85,32 @@ class BatchedDPOptimizer(DPOptimizer):
         batch = len(params[0].grad_sample)
         small = [i for i, p in enumerate(params) if p.numel() <= SMALL_TENSOR]
         large = [i for i, p in enumerate(params) if p.numel() > SMALL_TENSOR]
-        blocks = {i: _memory_order_blocks(params[i].grad_sample.to(params[i].dtype), batch)
-                  for i in large}
-        parts = [torch.cat([params[i].grad_sample.to(params[i].dtype).reshape(batch, -1)
-                            for i in small], dim=1).unsqueeze(0)] if small else []
+        blocks = {
+            i: _memory_order_blocks(params[i].grad_sample.to(params[i].dtype), batch) for i in large
+        }
+        parts = (
+            [
+                torch.cat(
+                    [params[i].grad_sample.to(params[i].dtype).reshape(batch, -1) for i in small],
+                    dim=1,
+                ).unsqueeze(0)
+            ]
+            if small
+            else []
+        )
         parts += [blocks[i][0] for i in large]
         # the norm over the contiguous dim first: dim=(0, 2) at once took 3.5x as long
-        part_norms = torch.stack([torch.linalg.vector_norm(
-            torch.linalg.vector_norm(b, dim=2), dim=0) for b in parts], dim=1)
+        part_norms = torch.stack(
+            [torch.linalg.vector_norm(torch.linalg.vector_norm(b, dim=2), dim=0) for b in parts],
+            dim=1,
+        )
         per_sample_norms = torch.linalg.vector_norm(part_norms, dim=1)
         clip_factor = (self.max_grad_norm / (per_sample_norms + 1e-6)).clamp(max=1.0)
         summed = parts[0].new_empty(sum(p.numel() for p in params))
         start = 0
         for part, i in zip(parts, ([None] if small else []) + large, strict=True):
             size = part.shape[0] * part.shape[2]
-            slot = summed[start:start + size]
+            slot = summed[start : start + size]
             order = None if i is None else blocks[i][1]
             if order is None:  # columns in the parameters' own order
                 torch.matmul(clip_factor, part, out=slot.view(part.shape[0], part.shape[2]))
@@ -105,13 +118,14 @@ class BatchedDPOptimizer(DPOptimizer):
                 p = params[i]
                 inverse = sorted(range(len(order)), key=order.__getitem__)
                 in_memory = torch.matmul(clip_factor, part)
-                slot.view(p.shape).copy_(in_memory.view([p.shape[d] for d in order])
-                                         .permute(inverse))
+                slot.view(p.shape).copy_(
+                    in_memory.view([p.shape[d] for d in order]).permute(inverse)
+                )
             start += size
         self._layout, start = [], 0
         for i in small + large:  # the buffer's order: the small tensors, then the large
             p = params[i]
-            p.summed_grad = summed[start:start + p.numel()].view_as(p)
+            p.summed_grad = summed[start : start + p.numel()].view_as(p)
             self._layout.append((p, start))
             start += p.numel()
             _mark_as_processed(p.grad_sample)
@@ -133,14 +147,15 @@ class BatchedDPOptimizer(DPOptimizer):
         noised = self._noise(std, self._flat_summed)
         noised.add_(self._flat_summed)
         for p, start in self._layout:
-            p.grad = noised[start:start + p.numel()].view_as(p)
+            p.grad = noised[start : start + p.numel()].view_as(p)
             _mark_as_processed(p.summed_grad)
         self._flat_grad = noised
 
     def _noise(self, std: float, reference: torch.Tensor) -> torch.Tensor:
         if self.noise_source is None:
-            return _generate_noise(std=std, reference=reference, generator=self.generator,
-                                   secure_mode=False)
+            return _generate_noise(
+                std=std, reference=reference, generator=self.generator, secure_mode=False
+            )
         if std == 0:
             return torch.zeros_like(reference)
         return self.noise_source.normal(std, reference)

@@ -75,11 +75,14 @@ def _backward_args(layer: nn.Module, dims: int) -> tuple[Any, ...]:
 def _weight_loop(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """The layer's own weight-gradient kernel on one sample at a time."""
     args = _backward_args(layer, x.dim() - 2)
-    return torch.stack([
-        torch.ops.aten.convolution_backward(
-            g[i:i + 1], x[i:i + 1], layer.weight, *args, layer.groups, [False, True, False])[1]
-        for i in range(x.shape[0])
-    ])
+    return torch.stack(
+        [
+            torch.ops.aten.convolution_backward(
+                g[i : i + 1], x[i : i + 1], layer.weight, *args, layer.groups, [False, True, False]
+            )[1]
+            for i in range(x.shape[0])
+        ]
+    )
 
 
 def _weight_grouped(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -89,8 +92,13 @@ def _weight_grouped(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch
     # only its shape is read, but a real tensor: an expanded one gave a zero-stride gradient
     grouped = weight.new_empty((n * weight.shape[0], *weight.shape[1:]))
     grad = torch.ops.aten.convolution_backward(
-        g.reshape(1, -1, *g.shape[2:]), x.reshape(1, -1, *x.shape[2:]), grouped,
-        *_backward_args(layer, x.dim() - 2), layer.groups * n, [False, True, False])[1]
+        g.reshape(1, -1, *g.shape[2:]),
+        x.reshape(1, -1, *x.shape[2:]),
+        grouped,
+        *_backward_args(layer, x.dim() - 2),
+        layer.groups * n,
+        [False, True, False],
+    )[1]
     return grad.view(n, *weight.shape)
 
 
@@ -104,10 +112,13 @@ def _weight_gemm(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Te
     out = x.new_empty((n, g.shape[1], c_in, *layer.kernel_size))
     for k in itertools.product(*(range(size) for size in layer.kernel_size)):
         window = tuple(
-            slice(k[d] * layer.dilation[d],
-                  k[d] * layer.dilation[d] + layer.stride[d] * (spatial[d] - 1) + 1,
-                  layer.stride[d])
-            for d in range(len(spatial)))
+            slice(
+                k[d] * layer.dilation[d],
+                k[d] * layer.dilation[d] + layer.stride[d] * (spatial[d] - 1) + 1,
+                layer.stride[d],
+            )
+            for d in range(len(spatial))
+        )
         xk = xp[(slice(None), slice(None), *window)].reshape(n, c_in, -1)
         out[(slice(None), slice(None), slice(None), *k)] = torch.bmm(gf, xk.transpose(1, 2))
     return out
@@ -158,10 +169,10 @@ def _weight_shifted(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch
     dims = len(spatial)
     kernel, dilation, padding = layer.kernel_size, layer.dilation, layer.padding
     read = [s + (k - 1) * d for s, k, d in zip(spatial, kernel, dilation, strict=True)]
-    steps = [math.prod(read[i + 1:]) for i in range(dims)]
+    steps = [math.prod(read[i + 1 :]) for i in range(dims)]
     tail = sum((k - 1) * d * st for k, d, st in zip(kernel, dilation, steps, strict=True))
     flat = x.new_zeros((n, c_in, math.prod(read) + tail))  # the tail: the last shifts' overrun
-    grid = flat[:, :, :math.prod(read)].view(n, c_in, *read)
+    grid = flat[:, :, : math.prod(read)].view(n, c_in, *read)
     src, dst = [], []  # x at its padding offset, cropped to what the kernel reads
     for i in range(dims):
         lo = max(0, -padding[i])
@@ -177,20 +188,23 @@ def _weight_shifted(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch
     out = x.new_empty((len(offsets), n, c_out, c_in))
     for index, k in enumerate(offsets):
         shift = sum(kk * d * st for kk, d, st in zip(k, dilation, steps, strict=True))
-        torch.bmm(g_grid, flat[:, :, shift:shift + length].transpose(1, 2), out=out[index])
+        torch.bmm(g_grid, flat[:, :, shift : shift + length].transpose(1, 2), out=out[index])
     out = out.view(*kernel, n, c_out, c_in)
     return out.permute(dims, dims + 1, dims + 2, *range(dims))  # (N, O, C, k..), a view
 
 
-def _weight_unfold_transposed(layer: nn.Module, x: torch.Tensor, g: torch.Tensor
-                              ) -> torch.Tensor:
+def _weight_unfold_transposed(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Transposed convolutions: medfed's unfold rule (:mod:`medfed.tasks.dp_samplers`)."""
     return dp_samplers.conv_transpose_grad_sample(layer, [x], g)[layer.weight]
 
 
 _METHODS: dict[str, Method] = {
-    "loop": _weight_loop, "grouped": _weight_grouped, "gemm": _weight_gemm,
-    "slabs": _weight_slabs, "shifted": _weight_shifted, "unfold": _weight_unfold_transposed,
+    "loop": _weight_loop,
+    "grouped": _weight_grouped,
+    "gemm": _weight_gemm,
+    "slabs": _weight_slabs,
+    "shifted": _weight_shifted,
+    "unfold": _weight_unfold_transposed,
 }
 
 
@@ -205,8 +219,12 @@ def _candidates(layer: nn.Module) -> list[str]:
     stride_one = all(s == 1 for s in layer.stride)
     unit = stride_one and all(d == 1 for d in layer.dilation)
     few_offsets = math.prod(layer.kernel_size) <= 27  # one matmul each
-    return (["loop", *grouped] + (["gemm"] if few_offsets else [])
-            + (["slabs"] if unit else []) + (["shifted"] if stride_one else []))
+    return (
+        ["loop", *grouped]
+        + (["gemm"] if few_offsets else [])
+        + (["slabs"] if unit else [])
+        + (["shifted"] if stride_one else [])
+    )
 
 
 def wall_time(fn: Callable[[], object], device: torch.device) -> float:
@@ -221,16 +239,28 @@ def wall_time(fn: Callable[[], object], device: torch.device) -> float:
 
 def _conv_method(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> str:
     """The fastest exact method for this layer and input shape, timed once and remembered."""
-    key = (type(layer), tuple(layer.weight.shape), layer.stride, layer.padding,
-           layer.dilation, layer.groups, getattr(layer, "output_padding", None),
-           tuple(x.shape[1:]), x.device.type)
+    key = (
+        type(layer),
+        tuple(layer.weight.shape),
+        layer.stride,
+        layer.padding,
+        layer.dilation,
+        layer.groups,
+        getattr(layer, "output_padding", None),
+        tuple(x.shape[1:]),
+        x.device.type,
+    )
     if key not in _METHOD:
         # "loop" is the layer's own kernel, as autograd runs it on one sample: the
         # reference. A method that disagrees with it on this batch is not used.
         reference = _weight_loop(layer, x, g)
         tolerance = 1e-5 * float(reference.abs().max()) + 1e-12
-        methods = [m for m in _candidates(layer) if m == "loop" or torch.allclose(
-            _METHODS[m](layer, x, g), reference, rtol=1e-3, atol=tolerance)]
+        methods = [
+            m
+            for m in _candidates(layer)
+            if m == "loop"
+            or torch.allclose(_METHODS[m](layer, x, g), reference, rtol=1e-3, atol=tolerance)
+        ]
         # Each was run once above (a warm-up). Three timed rounds, the methods taking
         # turns, and each method's fastest run decides: a burst of load from another
         # process then slows one run, not a method's every run (a wrong pick for the
@@ -243,8 +273,9 @@ def _conv_method(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> str:
     return _METHOD[key]
 
 
-def conv_grad_sample(layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor
-                     ) -> dict[nn.Parameter, torch.Tensor]:
+def conv_grad_sample(
+    layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
     """Per-sample gradients of a (transposed) convolution's weight and bias."""
     x = activations[0].to(backprops.dtype)
     out: dict[nn.Parameter, torch.Tensor] = {}
@@ -269,8 +300,9 @@ def _rule_for(module: nn.Module) -> Rule | None:
 
 def _layers(module: nn.Module) -> list[nn.Module]:
     """The modules that own trainable parameters directly."""
-    return [m for m in module.modules()
-            if any(p.requires_grad for p in m.parameters(recurse=False))]
+    return [
+        m for m in module.modules() if any(p.requires_grad for p in m.parameters(recurse=False))
+    ]
 
 
 def unsupported(module: nn.Module) -> list[str]:
@@ -280,8 +312,9 @@ def unsupported(module: nn.Module) -> list[str]:
     return [f"{names[m]} ({type(m).__name__})" for m in _layers(module) if _rule_for(m) is None]
 
 
-def per_sample_grads(module: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor
-                     ) -> torch.Tensor:
+def per_sample_grads(
+    module: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
     """Set ``p.grad_sample`` (each sample's own loss gradient) on every trainable parameter.
 
     ``loss_fn`` must average per-sample losses over the batch (as for Opacus's hooks).
@@ -317,9 +350,11 @@ def per_sample_grads(module: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: 
     return loss.detach()
 
 
-def _apply_rules(layers: list[nn.Module],
-                 captured: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]],
-                 grads: dict[nn.Parameter, torch.Tensor]) -> None:
+def _apply_rules(
+    layers: list[nn.Module],
+    captured: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]],
+    grads: dict[nn.Parameter, torch.Tensor],
+) -> None:
     for layer in layers:
         rule = _rule_for(layer)
         if rule is None:

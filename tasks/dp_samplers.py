@@ -26,8 +26,9 @@ from torch import nn
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
-def prelu_grad_sample(layer: nn.PReLU, activations: list[torch.Tensor], backprops: torch.Tensor
-                      ) -> dict[nn.Parameter, torch.Tensor]:
+def prelu_grad_sample(
+    layer: nn.PReLU, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
     """Per-sample gradient of PReLU's slope(s)."""
     # PReLU(x) = max(0, x) + a * min(0, x), so dPReLU/da = min(x, 0), per element.
     x = activations[0].to(backprops.dtype)
@@ -48,16 +49,21 @@ def _unfold(t: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     kernel, stride = layer.kernel_size, layer.stride  # type: ignore[attr-defined]
     padding, dilation = layer.padding, layer.dilation  # type: ignore[attr-defined]
     if dims == 1:  # as a 2D unfold of height 1
-        return unfold2d(t.unsqueeze(-2), kernel_size=(1, kernel[0]), padding=(0, padding[0]),
-                        stride=(1, stride[0]), dilation=(1, dilation[0]))
+        return unfold2d(
+            t.unsqueeze(-2),
+            kernel_size=(1, kernel[0]),
+            padding=(0, padding[0]),
+            stride=(1, stride[0]),
+            dilation=(1, dilation[0]),
+        )
     if dims == 2:
-        return unfold2d(t, kernel_size=kernel, padding=padding, stride=stride,
-                        dilation=dilation)
+        return unfold2d(t, kernel_size=kernel, padding=padding, stride=stride, dilation=dilation)
     return unfold3d(t, kernel_size=kernel, padding=padding, stride=stride, dilation=dilation)
 
 
-def conv_transpose_grad_sample(layer: nn.Module, activations: list[torch.Tensor],
-                               backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+def conv_transpose_grad_sample(
+    layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
     """Per-sample gradients of a transposed convolution's weight and bias (groups = 1)."""
     if layer.groups != 1:  # type: ignore[attr-defined]
         raise NotImplementedError("medfed's per-sample rule covers ConvTranspose with groups=1")
@@ -72,8 +78,9 @@ def conv_transpose_grad_sample(layer: nn.Module, activations: list[torch.Tensor]
     return out
 
 
-def group_norm_grad_sample(layer: nn.GroupNorm, activations: list[torch.Tensor],
-                           backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+def group_norm_grad_sample(
+    layer: nn.GroupNorm, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
     """Per-sample gradients of GroupNorm's affine weight and bias.
 
     The same math as Opacus's rule (``group_norm(x) * backprops`` summed over space),

@@ -12,7 +12,10 @@ from medfed.core.errors import MedfedError
 
 
 def clip_and_noise_update(
-    delta_vector: np.ndarray, *, clipping_norm: float, noise_multiplier: float,
+    delta_vector: np.ndarray,
+    *,
+    clipping_norm: float,
+    noise_multiplier: float,
     generator: np.random.Generator | None = None,
 ) -> np.ndarray:
     """L2-clip a site's update to ``clipping_norm`` and add Gaussian noise (a new array).
@@ -42,9 +45,11 @@ def clip_and_noise_update(
     norm = float(np.linalg.norm(vec))
     clipped = vec * min(1.0, clipping_norm / norm) if norm > 0 else vec.copy()
     std = noise_multiplier * clipping_norm
-    noise = (generator.normal(0.0, std, size=vec.shape) if generator is not None
-             else SecureRandom().normal(std, torch.empty(vec.shape, dtype=torch.float64))
-             .numpy())
+    noise = (
+        generator.normal(0.0, std, size=vec.shape)
+        if generator is not None
+        else SecureRandom().normal(std, torch.empty(vec.shape, dtype=torch.float64)).numpy()
+    )
     noised = clipped + noise
     out_dtype = delta_vector.dtype if np.issubdtype(delta_vector.dtype, np.floating) else np.float64
     return noised.astype(out_dtype)

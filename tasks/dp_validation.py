@@ -54,7 +54,8 @@ def validate_for_dp(model: nn.Module) -> list[str]:
     if errors:
         raise DPIncompatibleModel(
             f"The model cannot be trained with DP-SGD: {len(lines)} incompatible module(s): "
-            + "; ".join(lines) + ".",
+            + "; ".join(lines)
+            + ".",
             where=f"{type(model).__name__}",
             expected="no BatchNorm or other layers that mix samples of a batch",
             fix="build the model with GroupNorm or InstanceNorm in the task's build_model "

@@ -21,8 +21,9 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 
-def _per_sample(module: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor
-                ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def _per_sample(
+    module: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     params = {k: p.detach() for k, p in module.named_parameters() if p.requires_grad}
     buffers = {k: b.detach() for k, b in module.named_buffers()}
 
@@ -30,12 +31,12 @@ def _per_sample(module: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch
         out = functional_call(module, (p, buffers), (xi.unsqueeze(0),))
         return loss_fn(out, yi.unsqueeze(0))
 
-    return vmap(grad_and_value(one), in_dims=(None, 0, 0), randomness="different")(
-        params, x, y)
+    return vmap(grad_and_value(one), in_dims=(None, 0, 0), randomness="different")(params, x, y)
 
 
-def per_sample_grads(module: nn.Module, loss_fn: nn.Module, x: torch.Tensor,
-                     y: torch.Tensor) -> torch.Tensor:
+def per_sample_grads(
+    module: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
     """Set ``p.grad_sample`` (each sample's own loss gradient) on every trainable parameter.
 
     Returns the batch's mean loss (detached), as ``loss_fn`` on the batch would.
@@ -47,8 +48,7 @@ def per_sample_grads(module: nn.Module, loss_fn: nn.Module, x: torch.Tensor,
     return losses.mean()
 
 
-def supported(module: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor
-              ) -> bool:
+def supported(module: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor) -> bool:
     """Whether vmap can trace ``module`` and ``loss_fn`` on these samples (nothing is set)."""
     try:
         _per_sample(module, loss_fn, x[:2], y[:2])

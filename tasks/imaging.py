@@ -121,7 +121,8 @@ def pacs_subjects(source: DataSourceConfig) -> list[Subject]:
         raise MedfedError(
             "nothing was fetched from the PACS: the query matched no series",
             where=f"{source.pacs.url if source.pacs else ''} ([data.pacs.query] in site.toml)",
-            fix="run `medfed site scan` to see what the query matches; widen the query")
+            fix="run `medfed site scan` to see what the query matches; widen the query",
+        )
     return dicom_subjects(mirror.folder_source())
 
 
@@ -135,14 +136,24 @@ def nifti_subjects(source: DataSourceConfig) -> list[Subject]:
     dataset = NiftiSource(source)
     entries, left_out = dataset.usable()
     if left_out:
-        log.warning("%d scan(s) of the %s dataset left out; `medfed site scan` says why",
-                    len(left_out), source.kind)
+        log.warning(
+            "%d scan(s) of the %s dataset left out; `medfed site scan` says why",
+            len(left_out),
+            source.kind,
+        )
     targets = dataset.layout().targets
     subjects = []
     for entry in entries:
         image, label = dataset.load(entry)
-        subjects.append(Subject(key=entry.key, image=image, label=label,
-                                targets=targets.get(entry.key, {}), patient=entry.patient))
+        subjects.append(
+            Subject(
+                key=entry.key,
+                image=image,
+                label=label,
+                targets=targets.get(entry.key, {}),
+                patient=entry.patient,
+            )
+        )
     if not subjects:
         raise MedfedError(
             f"the {source.kind} dataset holds no usable scan",
@@ -180,12 +191,21 @@ def dicom_subjects(source: DataSourceConfig) -> list[Subject]:
             unusable += 1
             log.warning("series left out: %s", exc.what)
             continue
-        subjects.append(Subject(key=series.series_uid, image=image, label=label,
-                                targets=targets.get(series.series_uid, {}),
-                                patient=series.patient_id))
+        subjects.append(
+            Subject(
+                key=series.series_uid,
+                image=image,
+                label=label,
+                targets=targets.get(series.series_uid, {}),
+                patient=series.patient_id,
+            )
+        )
     if unusable:
-        log.warning("%d series of the DICOM folder left out (their pixels do not decode); "
-                    "`medfed site scan` names the files", unusable)
+        log.warning(
+            "%d series of the DICOM folder left out (their pixels do not decode); "
+            "`medfed site scan` names the files",
+            unusable,
+        )
     if not subjects:
         raise MedfedError(
             "the DICOM folder holds no usable series",
@@ -204,10 +224,16 @@ def synthetic_subjects(source: DataSourceConfig) -> list[Subject]:
     site = source.profile
     profile = profile_for_site(site, seed=source.seed)
     flags = lesion_flags(n, seed=source.seed, site_index=site, fraction=0.5)
-    return [_as_subject(synthesize_subject(profile, seed=source.seed, site_index=site,
-                                           subject_index=i, lesion=bool(flags[i])),
-                        key=f"synthetic-{i:03d}", targets={"lesion": float(flags[i])})
-            for i in range(n)]
+    return [
+        _as_subject(
+            synthesize_subject(
+                profile, seed=source.seed, site_index=site, subject_index=i, lesion=bool(flags[i])
+            ),
+            key=f"synthetic-{i:03d}",
+            targets={"lesion": float(flags[i])},
+        )
+        for i in range(n)
+    ]
 
 
 def public_atlas_subjects(count: int, *, seed: int) -> list[Subject]:
@@ -217,8 +243,10 @@ def public_atlas_subjects(count: int, *, seed: int) -> list[Subject]:
     """
     from medfed.synth.public import public_subjects
 
-    return [_as_subject(vol, key=f"public-{i:04d}", targets={})
-            for i, vol in enumerate(public_subjects(count, seed=seed))]
+    return [
+        _as_subject(vol, key=f"public-{i:04d}", targets={})
+        for i, vol in enumerate(public_subjects(count, seed=seed))
+    ]
 
 
 def _as_subject(vol: SubjectVolume, *, key: str, targets: dict[str, float]) -> Subject:
@@ -227,8 +255,11 @@ def _as_subject(vol: SubjectVolume, *, key: str, targets: dict[str, float]) -> S
     return Subject(
         key=key,
         image=MetaTensor(torch.from_numpy(vol.image[None]), affine=affine, meta=dict(meta)),
-        label=MetaTensor(torch.from_numpy(vol.label[None].astype(np.int16)),
-                         affine=affine.clone(), meta=dict(meta)),
+        label=MetaTensor(
+            torch.from_numpy(vol.label[None].astype(np.int16)),
+            affine=affine.clone(),
+            meta=dict(meta),
+        ),
         targets=targets,
         patient=key,  # one scan per synthesized patient
     )
@@ -260,8 +291,9 @@ def split_subjects(
         Fewer than two subjects, or keys that repeat.
     """
     if len(set(keys)) != len(keys):
-        raise MedfedError("subject keys repeat", where="split_subjects",
-                          expected="one entry per series")
+        raise MedfedError(
+            "subject keys repeat", where="split_subjects", expected="one entry per series"
+        )
     if patients is not None:  # split the patients, each represented by its first scan
         owner = {k: p or f"scan:{k}" for k, p in zip(keys, patients, strict=True)}
         first: dict[str, str] = {}
@@ -270,11 +302,16 @@ def split_subjects(
         stratum = dict(zip(keys, strata, strict=True)) if strata is not None else {}
         firsts = sorted(first.values())
         _, val_firsts = split_subjects(
-            firsts, seed=seed, val_fraction=val_fraction,
-            strata=[stratum[k] for k in firsts] if stratum else None)
+            firsts,
+            seed=seed,
+            val_fraction=val_fraction,
+            strata=[stratum[k] for k in firsts] if stratum else None,
+        )
         on_val = {owner[k] for k in val_firsts}
-        return (sorted(k for k in keys if owner[k] not in on_val),
-                sorted(k for k in keys if owner[k] in on_val))
+        return (
+            sorted(k for k in keys if owner[k] not in on_val),
+            sorted(k for k in keys if owner[k] in on_val),
+        )
     n = len(keys)
     if n < 2:
         raise MedfedError(
@@ -300,8 +337,7 @@ def split_subjects(
     return train, val
 
 
-def unit_indices(subjects: Sequence[Subject], examples: Sequence[int]
-                 ) -> dict[str, torch.Tensor]:
+def unit_indices(subjects: Sequence[Subject], examples: Sequence[int]) -> dict[str, torch.Tensor]:
     """For ``SiteData.train_units``: the scan and the patient of each training example.
 
     ``examples[i]`` is how many consecutive examples subject ``i`` gave. ``"patient"``
@@ -318,7 +354,10 @@ def unit_indices(subjects: Sequence[Subject], examples: Sequence[int]
 
 
 def preprocess(
-    subject: Subject, *, pixdim: Sequence[float], spatial_size: Sequence[int],
+    subject: Subject,
+    *,
+    pixdim: Sequence[float],
+    spatial_size: Sequence[int],
     bias_correction: str = "off",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Resample, normalise and pad/crop one subject to a fixed grid (MONAI transforms).
@@ -339,14 +378,21 @@ def preprocess(
         int64 ``(1, X, Y, Z)``.
     """
     keys = ["image", "label"] if subject.label is not None else ["image"]
-    transform = Compose([
-        Orientationd(keys=keys, axcodes="LPS", labels=None),
-        Spacingd(keys=keys, pixdim=tuple(pixdim),
-                 mode=("bilinear", "nearest")[: len(keys)], padding_mode="zeros"),
-        ScaleIntensityRangePercentilesd(keys="image", lower=1.0, upper=99.0,
-                                        b_min=0.0, b_max=1.0, clip=True),
-        ResizeWithPadOrCropd(keys=keys, spatial_size=tuple(spatial_size)),
-    ])
+    transform = Compose(
+        [
+            Orientationd(keys=keys, axcodes="LPS", labels=None),
+            Spacingd(
+                keys=keys,
+                pixdim=tuple(pixdim),
+                mode=("bilinear", "nearest")[: len(keys)],
+                padding_mode="zeros",
+            ),
+            ScaleIntensityRangePercentilesd(
+                keys="image", lower=1.0, upper=99.0, b_min=0.0, b_max=1.0, clip=True
+            ),
+            ResizeWithPadOrCropd(keys=keys, spatial_size=tuple(spatial_size)),
+        ]
+    )
     data = {"image": subject.image.float()}
     if bias_correction == "n4":
         data["image"] = n4_correct(data["image"])

@@ -42,16 +42,19 @@ class PretrainRecipe:
     seed: int = 12345
 
 
-def pretrain(task: Task, recipe: PretrainRecipe, *, device: torch.device | None = None
-             ) -> tuple[dict[str, np.ndarray], dict[str, object]]:
+def pretrain(
+    task: Task, recipe: PretrainRecipe, *, device: torch.device | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, object]]:
     """Train a fresh model of ``task`` on its public data; its weights and what was done."""
     if task.public_data is None:
         raise MedfedError(
             f"Task {task.name!r} declares no public training data (Task.public_data), so "
             "there is nothing to pretrain it on.",
-            where=f"task {task.name!r}", expected="a task whose Task.public_data is set",
+            where=f"task {task.name!r}",
+            expected="a task whose Task.public_data is set",
             fix="pretrain a task that declares public data (`medfed tasks` marks those that "
-                "ship public weights), or give this task a public_data (docs/plugins.md)")
+            "ship public weights), or give this task a public_data (docs/plugins.md)",
+        )
     device = device or engine.select_device()
     t0 = time.time()
     data = task.public_data(recipe.subjects, recipe.seed)
@@ -59,15 +62,28 @@ def pretrain(task: Task, recipe: PretrainRecipe, *, device: torch.device | None 
     torch.manual_seed(recipe.seed)
     model = task.build_model()
     epochs = max(1, round(recipe.steps * recipe.batch_size / examples))
-    stats = engine.train(task, model, data, epochs=epochs, batch_size=recipe.batch_size,
-                         learning_rate=recipe.learning_rate, device=device,
-                         generator=torch.Generator().manual_seed(recipe.seed))
+    stats = engine.train(
+        task,
+        model,
+        data,
+        epochs=epochs,
+        batch_size=recipe.batch_size,
+        learning_rate=recipe.learning_rate,
+        device=device,
+        generator=torch.Generator().manual_seed(recipe.seed),
+    )
     info: dict[str, object] = {
-        "task": task.name, "recipe": asdict(recipe), "examples": examples, "epochs": epochs,
-        "steps": stats.steps, "final-loss": round(stats.loss, 5),
-        "seconds": round(time.time() - t0, 1), "torch": torch.__version__,
+        "task": task.name,
+        "recipe": asdict(recipe),
+        "examples": examples,
+        "epochs": epochs,
+        "steps": stats.steps,
+        "final-loss": round(stats.loss, 5),
+        "seconds": round(time.time() - t0, 1),
+        "torch": torch.__version__,
         "data": "public: the MNI152 atlas (nilearn) under randomized scanner physics; "
-                "no site's data"}
+        "no site's data",
+    }
     return engine.get_weights(model.cpu()), info
 
 
@@ -88,14 +104,17 @@ def load_public_weights(task: Task) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as stored:
             weights = {k: stored[k] for k in stored.files}
     except FileNotFoundError:
-        raise _no_public(task, f"names public weights at {path}, and that file is missing"
-                         ) from None
+        raise _no_public(
+            task, f"names public weights at {path}, and that file is missing"
+        ) from None
     expected = {k: tuple(v.shape) for k, v in task.build_model().state_dict().items()}
     if {k: tuple(v.shape) for k, v in weights.items()} != expected:
         raise MedfedError(
             f"The public weights of task {task.name!r} do not fit its model.",
-            where=str(path), expected=f"{len(expected)} tensors of the task's model",
-            fix=f"re-create them with `medfed pretrain --task {task.name} --out {path}`")
+            where=str(path),
+            expected=f"{len(expected)} tensors of the task's model",
+            fix=f"re-create them with `medfed pretrain --task {task.name} --out {path}`",
+        )
     return weights
 
 
@@ -117,6 +136,8 @@ def check_init(task: Task, init: InitWeights) -> None:
 def _no_public(task: Task, what: str) -> MedfedError:
     return MedfedError(
         f"Task {task.name!r} {what}, so a run cannot start from public weights.",
-        where="run config 'init_weights'", expected="'random' for this task",
+        where="run config 'init_weights'",
+        expected="'random' for this task",
         fix="drop --init-weights public, or pick a task with public weights "
-            "(`medfed tasks` marks them)")
+        "(`medfed tasks` marks them)",
+    )

@@ -18,8 +18,16 @@ def _register_builtins() -> None:
     from medfed.tasks.tiny_seg import TASK_10M as tiny_seg_10m
     from medfed.tasks.tiny_seg import TASK_50M as tiny_seg_50m
 
-    for task in (tiny_seg, brain_tissue_seg, brain_tissue_seg_wide, brain_tissue_seg_3d,
-                 brain_lesion_cls, tiny_seg_1m, tiny_seg_10m, tiny_seg_50m):
+    for task in (
+        tiny_seg,
+        brain_tissue_seg,
+        brain_tissue_seg_wide,
+        brain_tissue_seg_3d,
+        brain_lesion_cls,
+        tiny_seg_1m,
+        tiny_seg_10m,
+        tiny_seg_50m,
+    ):
         TASKS.register(task.name, task)
 
 

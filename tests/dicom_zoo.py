@@ -92,8 +92,13 @@ def _made_files(rng: np.random.Generator) -> dict[str, bytes]:
 
     pm = _fresh(ct)
     del pm.PixelData
-    for keyword in ("BitsStored", "HighBit", "PixelRepresentation", "RescaleSlope",
-                    "RescaleIntercept"):
+    for keyword in (
+        "BitsStored",
+        "HighBit",
+        "PixelRepresentation",
+        "RescaleSlope",
+        "RescaleIntercept",
+    ):
         delattr(pm, keyword)
     values = rng.random((int(pm.Rows), int(pm.Columns)))
     pm.BitsAllocated = 32
@@ -132,8 +137,7 @@ def _made_files(rng: np.random.Generator) -> dict[str, bytes]:
     out["instance_number_1A.dcm"] = _patch(_bytes(bad_is), b"\x20\x00\x13\x00IS", b"91", b"1A")
     bad_ds = _fresh(ct)
     bad_ds.RescaleSlope = "9.0"
-    out["rescale_slope_abc.dcm"] = _patch(_bytes(bad_ds), b"\x28\x00\x53\x10DS", b"9.0 ",
-                                          b"abc ")
+    out["rescale_slope_abc.dcm"] = _patch(_bytes(bad_ds), b"\x28\x00\x53\x10DS", b"9.0 ", b"abc ")
     wrong_vr = _fresh(ct)
     wrong_vr.add_new(0x00280010, "LO", "sixty-four")  # Rows is US, here text
     out["rows_as_text.dcm"] = _bytes(wrong_vr)
@@ -152,7 +156,8 @@ def _made_files(rng: np.random.Generator) -> dict[str, bytes]:
     zeroed[:1024] = bytes(1024)
     out["zeroed_header.dcm"] = bytes(zeroed)
     out["random_with_preamble.dcm"] = (
-        bytes(128) + b"DICM" + rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
+        bytes(128) + b"DICM" + rng.integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    )
     out["empty.dcm"] = b""
     return out
 
@@ -182,16 +187,16 @@ def _bytes(ds: Dataset, *, meta_syntax: str | None = None) -> bytes:
 def _replace_meta_uid(data: bytes, new: bytes) -> bytes:
     """Set the file meta's TransferSyntaxUID to ``new``, fixing its length fields."""
     at = data.index(b"\x02\x00\x10\x00UI", 132)
-    length = struct.unpack("<H", data[at + 6: at + 8])[0]
-    patched = data[:at + 6] + struct.pack("<H", len(new)) + new + data[at + 8 + length:]
+    length = struct.unpack("<H", data[at + 6 : at + 8])[0]
+    patched = data[: at + 6] + struct.pack("<H", len(new)) + new + data[at + 8 + length :]
     group_at = data.index(b"\x02\x00\x00\x00UL", 132)
-    group_len = struct.unpack("<I", data[group_at + 8: group_at + 12])[0]
+    group_len = struct.unpack("<I", data[group_at + 8 : group_at + 12])[0]
     fixed = struct.pack("<I", group_len + len(new) - length)
-    return patched[:group_at + 8] + fixed + patched[group_at + 12:]
+    return patched[: group_at + 8] + fixed + patched[group_at + 12 :]
 
 
 def _patch(data: bytes, header: bytes, old: bytes, new: bytes) -> bytes:
     """Replace an explicit-VR element's value (``header``: tag and VR) by one as long."""
     at = data.index(header) + len(header) + 2
-    assert data[at: at + len(old)] == old and len(old) == len(new)
-    return data[:at] + new + data[at + len(old):]
+    assert data[at : at + len(old)] == old and len(old) == len(new)
+    return data[:at] + new + data[at + len(old) :]

@@ -39,21 +39,29 @@ def _key(seed: int, tag: int) -> bytes:
     return np.random.default_rng([seed, tag]).bytes(32)
 
 
-def federation(n: int = 4, *, size: int = 257, seed: int = 0, run_id: str = RUN,
-               **config: object) -> Federation:
+def federation(
+    n: int = 4, *, size: int = 257, seed: int = 0, run_id: str = RUN, **config: object
+) -> Federation:
     """``n`` sites (``site-a``, ``site-b``, ...) with seeded keys, roster accepted."""
     cfg = SecAggConfig(**config)  # type: ignore[arg-type]
     ids = [f"site-{chr(ord('a') + i)}" for i in range(n)]
     identities = {s: SiteIdentity.from_private_bytes(_key(seed, 2 * i)) for i, s in enumerate(ids)}
     directory = {s: identities[s].public_bytes for s in ids}
     sessions = {
-        s: SiteSession(s, identities[s], cfg, run_id, directory=directory,
-                       exchange_key=X25519PrivateKey.from_private_bytes(_key(seed, 2 * i + 1)))
+        s: SiteSession(
+            s,
+            identities[s],
+            cfg,
+            run_id,
+            directory=directory,
+            exchange_key=X25519PrivateKey.from_private_bytes(_key(seed, 2 * i + 1)),
+        )
         for i, s in enumerate(ids)
     }
     # adverts travel as bytes, the roster too (what Flower carries)
-    adverts = [type(sessions[s].advertise()).from_bytes(sessions[s].advertise().to_bytes())
-               for s in ids]
+    adverts = [
+        type(sessions[s].advertise()).from_bytes(sessions[s].advertise().to_bytes()) for s in ids
+    ]
     roster = Roster.from_bytes(Roster.of(run_id, adverts).to_bytes())
     for s in ids:
         sessions[s].accept_roster(roster)
@@ -61,8 +69,9 @@ def federation(n: int = 4, *, size: int = 257, seed: int = 0, run_id: str = RUN,
     return Federation(cfg, ids, identities, directory, sessions, roster, aggregator)
 
 
-def updates(fed: Federation, size: int, *, seed: int = 1, scale: float = 1.0
-            ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+def updates(
+    fed: Federation, size: int, *, seed: int = 1, scale: float = 1.0
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Seeded float32 updates in [-scale, scale] and integer example counts."""
     rng = np.random.default_rng(seed)
     xs = {s: rng.uniform(-scale, scale, size).astype(np.float32) for s in fed.ids}
@@ -76,8 +85,13 @@ def wire(update: MaskedUpdate) -> MaskedUpdate:
     return MaskedUpdate.from_parts(header, vector.copy())
 
 
-def run_round(fed: Federation, rnd: int, xs: dict[str, np.ndarray], ws: dict[str, float],
-              senders: Iterable[str] | None = None) -> tuple[np.ndarray, float]:
+def run_round(
+    fed: Federation,
+    rnd: int,
+    xs: dict[str, np.ndarray],
+    ws: dict[str, float],
+    senders: Iterable[str] | None = None,
+) -> tuple[np.ndarray, float]:
     """One full round where only ``senders`` (default all) send; returns the result."""
     senders = list(fed.ids if senders is None else senders)
     agg = fed.aggregator
@@ -91,8 +105,9 @@ def run_round(fed: Federation, rnd: int, xs: dict[str, np.ndarray], ws: dict[str
     return agg.result(rnd)
 
 
-def weighted_mean(xs: dict[str, np.ndarray], ws: dict[str, float], sites: Iterable[str],
-                  clip: float = 1.0) -> np.ndarray:
+def weighted_mean(
+    xs: dict[str, np.ndarray], ws: dict[str, float], sites: Iterable[str], clip: float = 1.0
+) -> np.ndarray:
     """The plaintext reference, in float64."""
     sites = list(sites)
     num = sum(ws[s] * np.clip(xs[s].astype(np.float64), -clip, clip) for s in sites)

@@ -41,8 +41,9 @@ class SiteFederation:
         return self.sites[site]
 
 
-def joined(root: Path, n: int = 4, *, size: int = 64, run_id: str = RUN,
-           **config: Any) -> SiteFederation:
+def joined(
+    root: Path, n: int = 4, *, size: int = 64, run_id: str = RUN, **config: Any
+) -> SiteFederation:
     """``n`` sites join ``run_id`` as the server's join query makes them do."""
     cfg = SecAggConfig(**config)
     ids = [f"site-{chr(ord('a') + i)}" for i in range(n)]
@@ -54,32 +55,54 @@ def joined(root: Path, n: int = 4, *, size: int = 64, run_id: str = RUN,
         adverts.append(KeyAdvert.from_bytes(out["advert"]))
         directory[s] = out["identity"]
     roster = Roster.of(run_id, adverts)
-    return SiteFederation(cfg, folders, sites, roster, directory,
-                          Aggregator(cfg, run_id, roster, directory=directory, size=size))
+    return SiteFederation(
+        cfg,
+        folders,
+        sites,
+        roster,
+        directory,
+        Aggregator(cfg, run_id, roster, directory=directory, size=size),
+    )
 
 
-def train_message(fed: SiteFederation, participants: list[str],
-                  directory: dict[str, bytes] | None = None
-                  ) -> tuple[dict[str, Any], dict[str, bytes]]:
+def train_message(
+    fed: SiteFederation, participants: list[str], directory: dict[str, bytes] | None = None
+) -> tuple[dict[str, Any], dict[str, bytes]]:
     """The secure-aggregation part of a train message: (config, blobs)."""
-    config = {wire.SECAGG_DIRECTORY: json.dumps(
-                  {s: k.hex() for s, k in (directory or fed.directory).items()}),
-              wire.SECAGG_PARTICIPANTS: json.dumps(sorted(participants)),
-              wire.SECAGG_DEADLINE: time.time() + 600}
+    config = {
+        wire.SECAGG_DIRECTORY: json.dumps(
+            {s: k.hex() for s, k in (directory or fed.directory).items()}
+        ),
+        wire.SECAGG_PARTICIPANTS: json.dumps(sorted(participants)),
+        wire.SECAGG_DEADLINE: time.time() + 600,
+    }
     return config, {wire.SECAGG_ROSTER: fed.roster.to_bytes()}
 
 
-def mask(fed: SiteFederation, site: str, rnd: int, x: np.ndarray, w: float,
-         participants: list[str], run_id: str = RUN) -> MaskedUpdate:
+def mask(
+    fed: SiteFederation,
+    site: str,
+    rnd: int,
+    x: np.ndarray,
+    w: float,
+    participants: list[str],
+    run_id: str = RUN,
+) -> MaskedUpdate:
     """One site masks ``x`` (local - global with a zero global model) for round ``rnd``."""
     config, blobs = train_message(fed, participants)
-    header, vector, _ = fed.sites[site].mask(run_id, rnd, config, blobs,
-                                             global_vec=np.zeros_like(x), local_vec=x, weight=w)
+    header, vector, _ = fed.sites[site].mask(
+        run_id, rnd, config, blobs, global_vec=np.zeros_like(x), local_vec=x, weight=w
+    )
     return MaskedUpdate.from_parts(header, vector.copy())
 
 
-def secure_round(fed: SiteFederation, rnd: int, xs: dict[str, np.ndarray],
-                 ws: dict[str, float], senders: list[str]) -> tuple[np.ndarray, float]:
+def secure_round(
+    fed: SiteFederation,
+    rnd: int,
+    xs: dict[str, np.ndarray],
+    ws: dict[str, float],
+    senders: list[str],
+) -> tuple[np.ndarray, float]:
     """A whole round through the sites' SecureSite and the server's Aggregator."""
     agg = fed.aggregator
     participants = sorted(fed.sites)

@@ -18,8 +18,11 @@ from medfed.tasks.adaptation import ADAPTATIONS, local_keys
 
 
 def make_worker(tmp: Path) -> SiteWorker:
-    cfg = validate(SiteConfig, {"site": {"name": "site-x"}, "data": {"num_samples": 32},
-                                "compute": {"threads": 1}}, where="test")
+    cfg = validate(
+        SiteConfig,
+        {"site": {"name": "site-x"}, "data": {"num_samples": 32}, "compute": {"threads": 1}},
+        where="test",
+    )
     return SiteWorker(cfg, tmp / "site.toml")
 
 
@@ -29,9 +32,14 @@ def initial(task: str, local: frozenset[str]) -> dict[str, np.ndarray]:
 
 
 def request(op: str, run: RunConfig, vector: np.ndarray, rnd: int) -> wire.Frame:
-    return wire.Frame({"op": op, "run_id": 11, "config": {wire.RUN_CONFIG_KEY: run.to_json(),
-                                                          wire.SERVER_ROUND_KEY: rnd}},
-                      {WEIGHTS_KEY: vector})
+    return wire.Frame(
+        {
+            "op": op,
+            "run_id": 11,
+            "config": {wire.RUN_CONFIG_KEY: run.to_json(), wire.SERVER_ROUND_KEY: rnd},
+        },
+        {WEIGHTS_KEY: vector},
+    )
 
 
 @pytest.mark.parametrize("task_name", ["tiny-seg", "brain-tissue-seg", "brain-lesion-cls"])

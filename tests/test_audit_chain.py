@@ -47,8 +47,17 @@ def test_an_edited_deleted_or_inserted_line_breaks_the_chain(tmp_path: Path, tam
     elif tamper == "delete":
         del raw[1]
     elif tamper == "insert":
-        raw.insert(2, json.dumps({"event": "update-sent", "seq": 3, "prev": line_hash(raw[1]),
-                                  "time": "2026-01-01T00:00:00+00:00"}).encode())
+        raw.insert(
+            2,
+            json.dumps(
+                {
+                    "event": "update-sent",
+                    "seq": 3,
+                    "prev": line_hash(raw[1]),
+                    "time": "2026-01-01T00:00:00+00:00",
+                }
+            ).encode(),
+        )
     else:  # a record without a link after the chain began
         raw.insert(2, b'{"event": "forged", "time": "2026-01-01T00:00:00+00:00"}')
     log.path.write_bytes(b"\n".join(raw) + b"\n")
@@ -71,7 +80,8 @@ def test_a_line_edited_into_garbage_is_not_mistaken_for_a_torn_line(tmp_path: Pa
 
 
 def test_a_torn_last_line_is_ended_and_noted_and_the_next_record_stays_whole(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     log = log_with(tmp_path, 2)
     good = lines(log)
     with open(log.path, "ab") as fh:  # the daemon died while writing a record
@@ -83,8 +93,12 @@ def test_a_torn_last_line_is_ended_and_noted_and_the_next_record_stays_whole(
     after = AuditLog(log.path)  # the restarted daemon
     after.record("daemon-started", site="s")
     records = after.read()
-    assert [r["event"] for r in records] == ["update-sent", "update-sent", TORN_EVENT,
-                                             "daemon-started"]
+    assert [r["event"] for r in records] == [
+        "update-sent",
+        "update-sent",
+        TORN_EVENT,
+        "daemon-started",
+    ]
     note = records[2]
     torn = lines(after)[2]
     assert note["hash"] == line_hash(torn) and note["bytes"] == len(torn)
@@ -107,15 +121,21 @@ def test_a_last_record_that_only_lost_its_newline_is_kept_as_a_record(tmp_path: 
 
 
 def test_a_log_written_before_the_chain_still_reads_and_the_chain_continues_it(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     path = tmp_path / "audit.jsonl"
-    old = [{"event": "update-sent", "time": "2026-01-01T00:00:00+00:00", "round": r}
-           for r in (1, 2)]
-    glued = (b'{"event": "update-sent", "ti'  # the old writer's torn line, glued onto the next
-             + json.dumps({"event": "refused", "time": "2026-01-02T00:00:00+00:00",
-                           "rule": "r"}, sort_keys=True).encode())
-    path.write_bytes(b"\n".join([json.dumps(r, sort_keys=True).encode() for r in old]
-                                + [glued]) + b"\n")
+    old = [
+        {"event": "update-sent", "time": "2026-01-01T00:00:00+00:00", "round": r} for r in (1, 2)
+    ]
+    glued = (
+        b'{"event": "update-sent", "ti'  # the old writer's torn line, glued onto the next
+        + json.dumps(
+            {"event": "refused", "time": "2026-01-02T00:00:00+00:00", "rule": "r"}, sort_keys=True
+        ).encode()
+    )
+    path.write_bytes(
+        b"\n".join([json.dumps(r, sort_keys=True).encode() for r in old] + [glued]) + b"\n"
+    )
     log = AuditLog(path)
     assert [r["event"] for r in log.read()] == ["update-sent", "update-sent", "refused"]
     log.record("daemon-started")
@@ -167,8 +187,7 @@ def test_site_audit_verify_exits_0_when_intact_and_1_when_broken(tmp_path: Path)
     out = CliRunner().invoke(site_cmd.app, ["audit", "--config", str(config), "--verify"])
     assert out.exit_code == 1, out.output
     assert "broken:" in out.output and "line 2" in out.output and "chain broken" in out.output
-    out = CliRunner().invoke(site_cmd.app, ["audit", "--config", str(config), "--verify",
-                                            "--json"])
+    out = CliRunner().invoke(site_cmd.app, ["audit", "--config", str(config), "--verify", "--json"])
     assert out.exit_code == 1
     said = json.loads(out.output)
     assert said["intact"] is False and said["breaks"][0]["line"] == 2

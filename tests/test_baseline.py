@@ -15,9 +15,10 @@ from medfed.tasks.baseline import mean_over_sites, run_baseline
 @pytest.fixture(scope="module")
 def sites():
     task = get_task("tiny-seg")
-    return task, {f"site-{i}": task.load_site_data(DataSourceConfig(seed=i, profile=i,
-                                                                    num_samples=48))
-                  for i in range(3)}
+    return task, {
+        f"site-{i}": task.load_site_data(DataSourceConfig(seed=i, profile=i, num_samples=48))
+        for i in range(3)
+    }
 
 
 def test_centralized_baseline_fills_the_matrix(sites) -> None:

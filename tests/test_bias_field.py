@@ -17,15 +17,18 @@ from medfed.tasks.bias_field import n4_correct
 def _phantom(field_strength: float) -> tuple[MetaTensor, np.ndarray]:
     """A head of two tissues (1.0 inside, 0.6 around) on a 3 x 3 x 4 mm grid, times a field."""
     gen = np.random.default_rng(0)
-    x, y, z = np.meshgrid(np.linspace(-1, 1, 48), np.linspace(-1, 1, 56), np.linspace(-1, 1, 32),
-                          indexing="ij")
+    x, y, z = np.meshgrid(
+        np.linspace(-1, 1, 48), np.linspace(-1, 1, 56), np.linspace(-1, 1, 32), indexing="ij"
+    )
     r = np.sqrt(x**2 + y**2 + z**2)
     inner = r < 0.5
     volume = np.where(inner, 1.0, np.where(r < 0.85, 0.6, 0.0))
     field = np.exp(field_strength * (x + 0.5 * y))  # smooth, like a receive coil's
     noisy = volume * field + 0.01 * gen.standard_normal(volume.shape)
-    image = MetaTensor(torch.as_tensor(noisy[None], dtype=torch.float32),
-                       affine=torch.diag(torch.tensor([3.0, 3.0, 4.0, 1.0], dtype=torch.float64)))
+    image = MetaTensor(
+        torch.as_tensor(noisy[None], dtype=torch.float32),
+        affine=torch.diag(torch.tensor([3.0, 3.0, 4.0, 1.0], dtype=torch.float64)),
+    )
     return image, inner
 
 
@@ -50,8 +53,11 @@ def test_n4_flattens_a_tissue_that_a_field_made_uneven() -> None:
 
 def test_a_scan_n4_cannot_fit_gets_a_clear_error() -> None:
     single_slice = MetaTensor(torch.rand(1, 64, 64, 1, generator=torch.Generator().manual_seed(0)))
-    with pytest.raises(MedfedError, match=r"N4 bias-field correction failed on a scan of "
-                                          r"\(64, 64, 1\) voxels") as info:
+    with pytest.raises(
+        MedfedError,
+        match=r"N4 bias-field correction failed on a scan of "
+        r"\(64, 64, 1\) voxels",
+    ) as info:
         n4_correct(single_slice)
     assert "bias_correction = 'off'" in str(info.value.fix)
 
@@ -67,7 +73,8 @@ def test_a_site_with_n4_trains_on_corrected_slices() -> None:
     task = get_task("brain-tissue-seg")
     plain = task.load_site_data(DataSourceConfig(num_samples=16, seed=1, profile=1))
     corrected = task.load_site_data(
-        DataSourceConfig(num_samples=16, seed=1, profile=1, bias_correction="n4"))
+        DataSourceConfig(num_samples=16, seed=1, profile=1, bias_correction="n4")
+    )
     x0, y0 = plain.train.tensors
     x1, y1 = corrected.train.tensors
     assert torch.equal(y0, y1) and x0.shape == x1.shape  # same slices and labels

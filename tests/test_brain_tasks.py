@@ -63,12 +63,15 @@ def test_split_is_by_subject_deterministic_and_stratified() -> None:
     train, val = split_subjects(keys, seed=3, val_fraction=0.4, strata=strata)
     assert len(val) == 4 and set(train) | set(val) == set(keys) and not set(train) & set(val)
     assert sum(strata[keys.index(k)] for k in val) == 2  # both classes, in proportion
-    again = split_subjects(list(reversed(keys)), seed=3, val_fraction=0.4,
-                           strata=list(reversed(strata)))
+    again = split_subjects(
+        list(reversed(keys)), seed=3, val_fraction=0.4, strata=list(reversed(strata))
+    )
     assert again == (train, val)
     assert split_subjects(keys, seed=4, val_fraction=0.4, strata=strata) != (train, val)
-    assert split_subjects(keys[:2], seed=0, val_fraction=0.9) == (["uid-0"], ["uid-1"]) or \
-        split_subjects(keys[:2], seed=0, val_fraction=0.9) == (["uid-1"], ["uid-0"])
+    assert split_subjects(keys[:2], seed=0, val_fraction=0.9) == (
+        ["uid-0"],
+        ["uid-1"],
+    ) or split_subjects(keys[:2], seed=0, val_fraction=0.9) == (["uid-1"], ["uid-0"])
     with pytest.raises(MedfedError, match="at least 2 subjects"):
         split_subjects(keys[:1], seed=0, val_fraction=0.5)
 
@@ -140,9 +143,16 @@ def test_tissue_seg_short_training_reduces_loss(sites: Path) -> None:
     torch.manual_seed(0)
     model = task.build_model()
     before = engine.evaluate(task, model, data.train, device=CPU)["loss"]
-    engine.train(task, model, data.train, epochs=2, batch_size=16,
-                 learning_rate=task.defaults.learning_rate, device=CPU,
-                 generator=torch.Generator().manual_seed(0))
+    engine.train(
+        task,
+        model,
+        data.train,
+        epochs=2,
+        batch_size=16,
+        learning_rate=task.defaults.learning_rate,
+        device=CPU,
+        generator=torch.Generator().manual_seed(0),
+    )
     after = engine.evaluate(task, model, data.train, device=CPU)
     assert after["loss"] < 0.8 * before
     assert after["dice"] > 0.3

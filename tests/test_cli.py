@@ -10,12 +10,19 @@ from pathlib import Path
 import pytest
 
 
-def medfed(*args: str, cwd: Path | None = None, timeout: float = 120,
-           env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def medfed(
+    *args: str, cwd: Path | None = None, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     import os
 
-    return subprocess.run([sys.executable, "-m", "medfed", *args], capture_output=True,
-                          text=True, cwd=cwd, timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "medfed", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_listings() -> None:
@@ -27,29 +34,56 @@ def test_listings() -> None:
     assert out.returncode == 0 and "site-input-output" in out.stdout and "fedbn" in out.stdout
 
 
-@pytest.mark.parametrize(("adaptation", "message"), [
-    ("fedbm", "did you mean 'fedbn'"),
-    ("fedbn", "no normalization parameters"),  # the tissue UNet's norms are not affine
-])
+@pytest.mark.parametrize(
+    ("adaptation", "message"),
+    [
+        ("fedbm", "did you mean 'fedbn'"),
+        ("fedbn", "no normalization parameters"),  # the tissue UNet's norms are not affine
+    ],
+)
 def test_an_adaptation_that_does_not_fit_is_refused_before_submitting(
-        tmp_path: Path, adaptation: str, message: str) -> None:
-    out = medfed("run", "--task", "brain-tissue-seg", "--adaptation", adaptation,
-                 "--server", "127.0.0.1:1", "--ca", "x.pem", cwd=tmp_path)
+    tmp_path: Path, adaptation: str, message: str
+) -> None:
+    out = medfed(
+        "run",
+        "--task",
+        "brain-tissue-seg",
+        "--adaptation",
+        adaptation,
+        "--server",
+        "127.0.0.1:1",
+        "--ca",
+        "x.pem",
+        cwd=tmp_path,
+    )
     assert out.returncode == 2 and message in out.stderr
     assert "Traceback" not in out.stderr + out.stdout
 
 
 def test_unknown_task_gets_did_you_mean_without_traceback(tmp_path: Path) -> None:
-    out = medfed("run", "--task", "tiny-sge", "--server", "127.0.0.1:1", "--ca", "x.pem",
-                 cwd=tmp_path)
+    out = medfed(
+        "run", "--task", "tiny-sge", "--server", "127.0.0.1:1", "--ca", "x.pem", cwd=tmp_path
+    )
     assert out.returncode == 2
     assert "did you mean 'tiny-seg'" in out.stderr
     assert "Traceback" not in out.stderr + out.stdout
 
 
 def test_bad_strategy_option_is_named(tmp_path: Path) -> None:
-    out = medfed("run", "--task", "tiny-seg", "--strategy", "fedprox", "-o", "proximal_m=0.1",
-                 "--server", "127.0.0.1:1", "--ca", "x.pem", cwd=tmp_path)
+    out = medfed(
+        "run",
+        "--task",
+        "tiny-seg",
+        "--strategy",
+        "fedprox",
+        "-o",
+        "proximal_m=0.1",
+        "--server",
+        "127.0.0.1:1",
+        "--ca",
+        "x.pem",
+        cwd=tmp_path,
+    )
     assert out.returncode == 2 and "proximal_mu" in out.stderr
 
 
@@ -58,11 +92,26 @@ def test_init_enrol_and_config_error_flow(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     server_toml = tmp_path / "fed" / "server.toml"
     assert server_toml.exists() and (tmp_path / "fed" / "ca" / "ca.pem").exists()
-    out = medfed("site", "init", "site-a", str(tmp_path / "a"), "--federation-ca",
-                 str(tmp_path / "fed" / "ca" / "ca.pem"), "--server", "127.0.0.1:9555")
+    out = medfed(
+        "site",
+        "init",
+        "site-a",
+        str(tmp_path / "a"),
+        "--federation-ca",
+        str(tmp_path / "fed" / "ca" / "ca.pem"),
+        "--server",
+        "127.0.0.1:9555",
+    )
     assert out.returncode == 0, out.stderr
-    out = medfed("server", "enrol", str(tmp_path / "a" / "keys" / "site.pub"), "--name", "site-a",
-                 "--config", str(server_toml))
+    out = medfed(
+        "server",
+        "enrol",
+        str(tmp_path / "a" / "keys" / "site.pub"),
+        "--name",
+        "site-a",
+        "--config",
+        str(server_toml),
+    )
     assert out.returncode == 0 and "enrolled" in out.stdout
     assert "site-a" in (tmp_path / "fed" / "sites.toml").read_text()
     # a typo in site.toml: the error names the file and key, no traceback
@@ -76,8 +125,9 @@ def test_init_enrol_and_config_error_flow(tmp_path: Path) -> None:
 
 def test_wrong_ca_for_site_init(tmp_path: Path) -> None:
     (tmp_path / "ca.pem").write_text("not a cert")
-    out = medfed("site", "init", "s", str(tmp_path / "s"), "--federation-ca",
-                 str(tmp_path / "ca.pem"))
+    out = medfed(
+        "site", "init", "s", str(tmp_path / "s"), "--federation-ca", str(tmp_path / "ca.pem")
+    )
     assert out.returncode == 2 and "Not a PEM certificate" in out.stderr
 
 
@@ -96,17 +146,21 @@ def test_site_budget_lists_spend(tmp_path: Path) -> None:
 
     ca = CertificateAuthority.create("t")
     ca.save(tmp_path / "ca.pem", tmp_path / "ca.key")
-    assert medfed("site", "init", "s", str(tmp_path / "s"), "--federation-ca",
-                  str(tmp_path / "ca.pem")).returncode == 0
+    assert (
+        medfed(
+            "site", "init", "s", str(tmp_path / "s"), "--federation-ca", str(tmp_path / "ca.pem")
+        ).returncode
+        == 0
+    )
     cfg = load_toml(tmp_path / "s" / "site.toml", SiteConfig)
     name, budget = cfg.privacy.budget_for()
     ledger = PrivacyLedger(tmp_path / "s" / cfg.privacy.ledger)
     run_id = "6265552103838161844"  # Flower's run ids have up to 20 digits
-    res = ledger.reserve(run_id, 1, name, budget=budget, round_history=[(1.0, 0.5, 2)],
-                         delta=1e-5)
+    res = ledger.reserve(run_id, 1, name, budget=budget, round_history=[(1.0, 0.5, 2)], delta=1e-5)
     ledger.commit(res.record_id, steps=2)
-    out = medfed("site", "budget", "--config", str(tmp_path / "s" / "site.toml"),
-                 env={"COLUMNS": "80"})
+    out = medfed(
+        "site", "budget", "--config", str(tmp_path / "s" / "site.toml"), env={"COLUMNS": "80"}
+    )
     assert out.returncode == 0, out.stderr
     # at 80 columns the run's row reads whole on one line: its id, unit, epsilon and date
     row = next(line for line in out.stdout.splitlines() if run_id in line).split()
@@ -119,32 +173,50 @@ def test_site_budget_lists_spend(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     said = json.loads(out.stdout)
     assert said["datasets"]["default"]["spent"] == pytest.approx(res.epsilon)
-    assert said["datasets"]["default"]["remaining"] == pytest.approx(budget.epsilon_max
-                                                                     - res.epsilon)
+    assert said["datasets"]["default"]["remaining"] == pytest.approx(
+        budget.epsilon_max - res.epsilon
+    )
     assert [(r["run_id"], r["rounds"]) for r in said["runs"]] == [(run_id, 1)]
     # a refusal in the audit log reads whole: its rule, its reason and its round
     from medfed.client.audit import AuditLog
 
     AuditLog(tmp_path / "s" / cfg.site.audit_log).record(
-        "refused", run_id=78, round=3, rule="privacy.datasets.default.epsilon_max",
+        "refused",
+        run_id=78,
+        round=3,
+        rule="privacy.datasets.default.epsilon_max",
         reason="Privacy budget exceeded for dataset 'default': spent 9.5 + this round 1.2 > "
-        "epsilon_max 10 (remaining 0.5).")
-    out = medfed("site", "audit", "--config", str(tmp_path / "s" / "site.toml"),
-                 env={"COLUMNS": "80"})
+        "epsilon_max 10 (remaining 0.5).",
+    )
+    out = medfed(
+        "site", "audit", "--config", str(tmp_path / "s" / "site.toml"), env={"COLUMNS": "80"}
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     at = next(i for i, line in enumerate(lines) if " refused " in line)
     assert lines[at].split()[1:] == ["refused", "78", "round", "3"], lines[at]
-    said = " ".join(line.strip() for line in lines[at + 1:at + 4])
-    assert said.startswith("privacy.datasets.default.epsilon_max: Privacy budget exceeded for "
-                           "dataset 'default': spent 9.5 + this round 1.2 > epsilon_max 10 "
-                           "(remaining 0.5)."), said
+    said = " ".join(line.strip() for line in lines[at + 1 : at + 4])
+    assert said.startswith(
+        "privacy.datasets.default.epsilon_max: Privacy budget exceeded for "
+        "dataset 'default': spent 9.5 + this round 1.2 > epsilon_max 10 "
+        "(remaining 0.5)."
+    ), said
     assert all(len(line) <= 80 for line in lines)
 
 
 def test_robust_strategy_with_secure_aggregation_is_refused(tmp_path: Path) -> None:
-    out = medfed("run", "--task", "tiny-seg", "--strategy", "krum", "--server", "127.0.0.1:1",
-                 "--ca", "x.pem", cwd=tmp_path)
+    out = medfed(
+        "run",
+        "--task",
+        "tiny-seg",
+        "--strategy",
+        "krum",
+        "--server",
+        "127.0.0.1:1",
+        "--ca",
+        "x.pem",
+        cwd=tmp_path,
+    )
     assert out.returncode == 2
     assert "individual update" in out.stderr and "secure" in out.stderr
 
@@ -180,10 +252,12 @@ def test_runs_and_status_read_the_run_folders_while_the_server_is_down(tmp_path:
     from medfed.core.runs import RunFolder
 
     medfed("server", "init", str(tmp_path / "fed"), "--port", "9")
-    folder = RunFolder.create(tmp_path / "fed" / "runs", 123456789012345678,
-                              RunConfig(task="tiny-seg", rounds=2))
-    folder.write_summary({"status": "refused", "rounds_finished": 0, "reason": "no budget",
-                          "final_checkpoint": None})
+    folder = RunFolder.create(
+        tmp_path / "fed" / "runs", 123456789012345678, RunConfig(task="tiny-seg", rounds=2)
+    )
+    folder.write_summary(
+        {"status": "refused", "rounds_finished": 0, "reason": "no budget", "final_checkpoint": None}
+    )
     RunFolder.create(tmp_path / "fed" / "runs", 77, RunConfig(task="tiny-seg"))  # unfinished
     cfg = str(tmp_path / "fed" / "server.toml")
     runs = medfed("runs", "--config", cfg)

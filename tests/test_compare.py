@@ -9,19 +9,30 @@ import pytest
 from test_cli import medfed
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["-o", "fedadam:eta=0.1"], "names no strategy of this comparison"),
-    (["-o", "fedprox:proximal_m=0.1"], "did you mean 'proximal_mu'"),
-    (["--adaptations", "fedbm"], "did you mean 'fedbn'"),
-    (["--dp", "off,dp-sgd"], "Unknown or repeated DP mode"),
-    (["--dp", "sample", "--dp-optimizer", "rmsprop"], "--dp sample"),
-    (["--sites", "20"], "at most 8 site daemons"),
-    (["--engine", "ray"], "Unknown engine"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-o", "fedadam:eta=0.1"], "names no strategy of this comparison"),
+        (["-o", "fedprox:proximal_m=0.1"], "did you mean 'proximal_mu'"),
+        (["--adaptations", "fedbm"], "did you mean 'fedbn'"),
+        (["--dp", "off,dp-sgd"], "Unknown or repeated DP mode"),
+        (["--dp", "sample", "--dp-optimizer", "rmsprop"], "--dp sample"),
+        (["--sites", "20"], "at most 8 site daemons"),
+        (["--engine", "ray"], "Unknown engine"),
+    ],
+)
 def test_bad_input_is_refused_before_anything_starts(
-        tmp_path: Path, args: list[str], message: str) -> None:
-    out = medfed("compare", "--strategies", "fedavg,fedprox", *args, "--out",
-                 str(tmp_path / "cmp"), cwd=tmp_path)
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    out = medfed(
+        "compare",
+        "--strategies",
+        "fedavg,fedprox",
+        *args,
+        "--out",
+        str(tmp_path / "cmp"),
+        cwd=tmp_path,
+    )
     assert out.returncode == 2 and message in out.stderr
     assert "Traceback" not in out.stderr + out.stdout
     assert not (tmp_path / "cmp").exists()  # nothing was created or started
@@ -29,13 +40,33 @@ def test_bad_input_is_refused_before_anything_starts(
 
 @pytest.mark.slow
 def test_two_strategies_are_compared_on_the_same_sites(short_tmp: Path) -> None:
-    out = medfed("compare", "--strategies", "fedavg,fedprox", "-o", "fedprox:proximal_mu=0.1",
-                 "--sites", "2", "--rounds", "1", "--repeats", "2", "--seed", "5",
-                 "--out", str(short_tmp / "cmp"), cwd=short_tmp, timeout=600)
+    out = medfed(
+        "compare",
+        "--strategies",
+        "fedavg,fedprox",
+        "-o",
+        "fedprox:proximal_mu=0.1",
+        "--sites",
+        "2",
+        "--rounds",
+        "1",
+        "--repeats",
+        "2",
+        "--seed",
+        "5",
+        "--out",
+        str(short_tmp / "cmp"),
+        cwd=short_tmp,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads((short_tmp / "cmp" / "compare.json").read_text())
     assert sorted((r["strategy"], r["seed"]) for r in result["runs"]) == [
-        ("fedavg", 5), ("fedavg", 6), ("fedprox", 5), ("fedprox", 6)]
+        ("fedavg", 5),
+        ("fedavg", 6),
+        ("fedprox", 5),
+        ("fedprox", 6),
+    ]
     for r in result["runs"]:
         assert r["status"] == "completed" and r["adaptation"] == "none"
         assert set(r["sites"]) == {"site-1", "site-2"}
@@ -49,16 +80,37 @@ def test_two_strategies_are_compared_on_the_same_sites(short_tmp: Path) -> None:
         means = [r["mean"] for r in result["runs"] if r["strategy"] == strategy]
         assert row["runs"] == row["completed"] == 2
         assert row["mean"] == pytest.approx(sum(means) / 2)
-        assert row["std"] == pytest.approx(abs(means[0] - means[1]) / 2 ** 0.5)
+        assert row["std"] == pytest.approx(abs(means[0] - means[1]) / 2**0.5)
     assert "mean dice" in out.stdout and "fedprox" in out.stdout and " ± " in out.stdout
 
 
 @pytest.mark.slow
 def test_dp_runs_are_scored_against_their_non_private_twins(short_tmp: Path) -> None:
-    out = medfed("compare", "--strategies", "fedavg", "--dp", "off,sample",
-                 "--target-epsilon", "50", "--accountant", "prv", "--dp-optimizer", "sgd",
-                 "--dp-lr", "0.1", "--max-grad-norm", "0.5", "--sites", "2", "--rounds", "1",
-                 "--out", str(short_tmp / "cmp"), cwd=short_tmp, timeout=600)
+    out = medfed(
+        "compare",
+        "--strategies",
+        "fedavg",
+        "--dp",
+        "off,sample",
+        "--target-epsilon",
+        "50",
+        "--accountant",
+        "prv",
+        "--dp-optimizer",
+        "sgd",
+        "--dp-lr",
+        "0.1",
+        "--max-grad-norm",
+        "0.5",
+        "--sites",
+        "2",
+        "--rounds",
+        "1",
+        "--out",
+        str(short_tmp / "cmp"),
+        cwd=short_tmp,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads((short_tmp / "cmp" / "compare.json").read_text())
     runs = {r["dp"]: r for r in result["runs"]}
@@ -68,8 +120,7 @@ def test_dp_runs_are_scored_against_their_non_private_twins(short_tmp: Path) -> 
     assert runs["off"]["epsilon"] is None and "vs_no_dp" not in rows["off"]
     # each site spends at most the target (PRV; the sites derive their noise from it)
     assert 0.0 < runs["sample"]["epsilon"] <= 50.0
-    assert rows["sample"]["vs_no_dp"] == pytest.approx(
-        runs["sample"]["mean"] / runs["off"]["mean"])
+    assert rows["sample"]["vs_no_dp"] == pytest.approx(runs["sample"]["mean"] / runs["off"]["mean"])
     # the DP run trained with its own recipe, the plain one with the task's defaults
     dp_run = json.loads(Path(runs["sample"]["run_folder"], "run.json").read_text())
     plain_run = json.loads(Path(runs["off"]["run_folder"], "run.json").read_text())

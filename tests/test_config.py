@@ -54,8 +54,9 @@ def test_missing_file_and_bad_toml(tmp_path: Path) -> None:
 
 
 def test_run_config_round_trip_and_rejects_garbage() -> None:
-    run = RunConfig(task="tiny-seg", strategy="fedprox", strategy_options={"proximal_mu": 0.1},
-                    rounds=4)
+    run = RunConfig(
+        task="tiny-seg", strategy="fedprox", strategy_options={"proximal_mu": 0.1}, rounds=4
+    )
     assert RunConfig.from_json(run.to_json()) == run
     with pytest.raises(ConfigError):
         RunConfig.from_json("{not json")

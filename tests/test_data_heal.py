@@ -76,7 +76,7 @@ def _flip_in_image(data: bytes) -> bytes:
     with zipfile.ZipFile(io.BytesIO(data)) as z:
         info = z.getinfo("image.npy")
     at = info.header_offset + 30 + len(info.filename) + len(info.extra) + 200
-    return data[:at] + bytes([data[at] ^ 0x10]) + data[at + 1:]
+    return data[:at] + bytes([data[at] ^ 0x10]) + data[at + 1 :]
 
 
 DAMAGE: dict[str, Callable[[bytes], bytes]] = {
@@ -88,8 +88,9 @@ DAMAGE: dict[str, Callable[[bytes], bytes]] = {
     "bit-flip": _flip_in_image,
     "no-image": lambda b: _without(b, "image"),
     "no-label": lambda b: _without(b, "label"),
-    "wrong-shape": lambda b: _with(b, image=np.zeros((1, 6, 5, 3), np.float32),
-                                   label=np.zeros((6, 5, 3), np.int16)),
+    "wrong-shape": lambda b: _with(
+        b, image=np.zeros((1, 6, 5, 3), np.float32), label=np.zeros((6, 5, 3), np.int16)
+    ),
     "wrong-dtype": lambda b: _with(b, image=np.zeros((1, 6, 5, 4), np.float64)),
     "bare-array": lambda b: _npy(np.zeros(3)),
 }
@@ -103,8 +104,8 @@ def _npy(array: np.ndarray) -> bytes:
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_a_damaged_cache_entry_is_decoded_again_and_reported(
-        damage: str, tmp_path: Path, decode_calls: list[Path],
-        caplog: pytest.LogCaptureFixture) -> None:
+    damage: str, tmp_path: Path, decode_calls: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
     root = tmp_path / "site"
     uid, stored, labels = _site(root)
     first = DicomFolderSource(root, cache_dir=tmp_path / "cache")
@@ -123,8 +124,7 @@ def test_a_damaged_cache_entry_is_decoded_again_and_reported(
     (healed,) = take_healed()
     assert healed.file == entry.name and healed.series_id == short_hash(uid) and healed.reason
     assert str(tmp_path) not in healed.reason
-    assert any(entry.name in r.getMessage() and "damaged" in r.getMessage()
-               for r in caplog.records)
+    assert any(entry.name in r.getMessage() and "damaged" in r.getMessage() for r in caplog.records)
     # the entry is whole again: the next load is a hit
     read_entry(entry)
     source.load(uid)
@@ -146,8 +146,9 @@ def test_a_tasks_subjects_are_unaffected_by_a_truncated_entry(tmp_path: Path) ->
     root = tmp_path / "site"
     uid, _, _ = _site(root / "a")
     _site(root / "b")
-    source = DataSourceConfig(kind="dicom-folder", path=str(root),
-                              cache_dir=str(tmp_path / "cache"))
+    source = DataSourceConfig(
+        kind="dicom-folder", path=str(root), cache_dir=str(tmp_path / "cache")
+    )
     before = dicom_subjects(source)
     entry = DicomFolderSource(root, cache_dir=tmp_path / "cache").cache.entry_path(uid)
     entry.write_bytes(entry.read_bytes()[:100])
@@ -175,20 +176,23 @@ def test_a_changed_source_is_a_plain_miss_not_damage(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("damage", ["truncated", "not-json", "wrong-type", "bad-entry"])
 def test_a_damaged_header_index_is_read_again_and_reported(
-        damage: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
+    damage: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     root = tmp_path / "site"
     uid, _, _ = _site(root)
     DicomFolderSource(root, cache_dir=tmp_path / "cache").series()
     index = tmp_path / "cache" / "index.json"
     text = index.read_text()
-    index.write_text({
-        "truncated": text[: len(text) // 2],
-        "not-json": "\0" * 40,
-        "wrong-type": "[1, 2]",
-        "bad-entry": text.replace('"record": {', '"record": {"x": 1, ', 1)
-                         .replace('"skipped": {', '"skipped": {"x": 1, ', 1),
-    }[damage])
+    index.write_text(
+        {
+            "truncated": text[: len(text) // 2],
+            "not-json": "\0" * 40,
+            "wrong-type": "[1, 2]",
+            "bad-entry": text.replace('"record": {', '"record": {"x": 1, ', 1).replace(
+                '"skipped": {', '"skipped": {"x": 1, ', 1
+            ),
+        }[damage]
+    )
     calls: list[Path] = []
     real = index_module.read_record
 
@@ -250,12 +254,16 @@ def test_a_missing_folder_names_the_key_the_path_and_the_fix(tmp_path: Path) -> 
     assert "medfed site scan" in error.fix and "mount" in error.fix
 
 
-@pytest.mark.parametrize(("make", "message"), [
-    (lambda p: p.write_text("x"), "not a folder"),
-    (lambda p: (p.mkdir(), (p / ".medfed-cache").mkdir()), "is empty"),
-])
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: p.write_text("x"), "not a folder"),
+        (lambda p: (p.mkdir(), (p / ".medfed-cache").mkdir()), "is empty"),
+    ],
+)
 def test_a_file_or_an_empty_folder_is_refused(
-        make: Callable[[Path], object], message: str, tmp_path: Path) -> None:
+    make: Callable[[Path], object], message: str, tmp_path: Path
+) -> None:
     make(tmp_path / "dicom")
     with pytest.raises(ConfigError, match=message):
         check_source_available(tmp_path / "site.toml", _dicom_source())
@@ -269,7 +277,8 @@ def test_a_named_manifest_that_is_missing_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_present_folder_passes_resolved_and_synthetic_data_has_nothing_to_miss(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     _site(tmp_path / "dicom")
     resolved = check_source_available(tmp_path / "site.toml", _dicom_source())
     assert resolved.path == str(tmp_path / "dicom")
@@ -284,11 +293,15 @@ def _site_folder(short_tmp: Path) -> Path:
     from medfed.core.procs import free_port
 
     CertificateAuthority.create("fed").save(short_tmp / "ca.pem", short_tmp / "ca.key")
-    config = init_site(short_tmp / "s", name="s", federation_ca=short_tmp / "ca.pem",
-                       runtime_port=free_port())
+    config = init_site(
+        short_tmp / "s", name="s", federation_ca=short_tmp / "ca.pem", runtime_port=free_port()
+    )
     text = config.read_text()
-    config.write_text(text.replace('kind = "synthetic"', 'kind = "dicom-folder"')
-                      .replace('path = ""', 'path = "dicom"', 1))
+    config.write_text(
+        text.replace('kind = "synthetic"', 'kind = "dicom-folder"').replace(
+            'path = ""', 'path = "dicom"', 1
+        )
+    )
     return config
 
 
@@ -304,17 +317,32 @@ def test_site_start_refuses_a_missing_folder_before_starting_anything(short_tmp:
 
 
 def test_a_run_on_a_vanished_folder_fails_without_telling_the_coordinator_its_path(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     from medfed.client.worker import SiteWorker
     from medfed.core import wire
     from medfed.core.config import RunConfig, SiteConfig, validate
 
-    cfg = validate(SiteConfig, {"site": {"name": "site-x"}, "compute": {"threads": 1},
-                                "data": {"kind": "dicom-folder", "path": "gone"}}, where="test")
+    cfg = validate(
+        SiteConfig,
+        {
+            "site": {"name": "site-x"},
+            "compute": {"threads": 1},
+            "data": {"kind": "dicom-folder", "path": "gone"},
+        },
+        where="test",
+    )
     worker = SiteWorker(cfg, tmp_path / "site.toml")
     run = RunConfig(secure_aggregation="off", task="brain-tissue-seg")
-    reply = worker.handle(wire.Frame({"op": "train", "run_id": 7, "config": {
-        wire.RUN_CONFIG_KEY: run.to_json(), wire.SERVER_ROUND_KEY: 1}}))
+    reply = worker.handle(
+        wire.Frame(
+            {
+                "op": "train",
+                "run_id": 7,
+                "config": {wire.RUN_CONFIG_KEY: run.to_json(), wire.SERVER_ROUND_KEY: 1},
+            }
+        )
+    )
     reason = reply.header["reason"]
     assert reply.header["status"] == "failed" and "does not exist" in reason
     assert str(tmp_path) not in reason and "gone" not in reason
@@ -327,14 +355,16 @@ def test_reply_reason_keeps_paths_at_the_site() -> None:
     error = MedfedError("it broke", where="/hospital/x", expected="y", fix="do z")
     assert _reply_reason(error) == "MedfedError: it broke\n  expected: y\n  fix:      do z"
     missing = FileNotFoundError(2, "No such file or directory", "/hospital/a.npz")
-    assert _reply_reason(missing) == ("FileNotFoundError: No such file or directory "
-                                      "(the file is named in the site's log)")
+    assert _reply_reason(missing) == (
+        "FileNotFoundError: No such file or directory (the file is named in the site's log)"
+    )
     assert _reply_reason(ValueError("bad")) == "ValueError: bad"
 
 
 def _medfed(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "medfed", *args], capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "medfed", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_site_scan_and_start_exit_2_on_a_missing_folder(short_tmp: Path) -> None:

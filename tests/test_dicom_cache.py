@@ -73,8 +73,12 @@ def test_changed_source_file_invalidates_the_entry(
     if change == "touch":
         os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     else:  # same size, new pixels: slice z=2 becomes all 7
-        write_series(tmp_path / "other", np.full(stored.shape, 7, np.int16),
-                     geometry=SyntheticGeometry(), series_uid=uid)
+        write_series(
+            tmp_path / "other",
+            np.full(stored.shape, 7, np.int16),
+            geometry=SyntheticGeometry(),
+            series_uid=uid,
+        )
         data = (tmp_path / "other" / target.name).read_bytes()
         target.write_bytes(data)
         os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))

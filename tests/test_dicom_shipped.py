@@ -108,16 +108,24 @@ def _pixel_span(path: Path) -> tuple[int, int]:
 def test_truncated_copies_are_reported_never_crash(where: str, tmp_path: Path) -> None:
     source = Path(get_testdata_file("CT_small.dcm"))
     start, end = _pixel_span(source)
-    cut = {"header": 400, "pixel_start": start + 10, "pixel_middle": (start + end) // 2,
-           "pixel_end": end - 1}[where]
+    cut = {
+        "header": 400,
+        "pixel_start": start + 10,
+        "pixel_middle": (start + end) // 2,
+        "pixel_end": end - 1,
+    }[where]
     folder = tmp_path / "site"
     folder.mkdir()
     (folder / "cut.dcm").write_bytes(source.read_bytes()[:cut])
     report = scan_folder(folder)
     assert report.series == ()
     (item,) = report.skipped
-    expected = {SkipReason.TRUNCATED_PIXEL_DATA.value, SkipReason.NO_PIXEL_DATA.value,
-                SkipReason.UNREADABLE.value, SkipReason.INVALID_ATTRIBUTES.value}
+    expected = {
+        SkipReason.TRUNCATED_PIXEL_DATA.value,
+        SkipReason.NO_PIXEL_DATA.value,
+        SkipReason.UNREADABLE.value,
+        SkipReason.INVALID_ATTRIBUTES.value,
+    }
     assert item.reason in expected
     if where.startswith("pixel"):
         assert item.reason == SkipReason.TRUNCATED_PIXEL_DATA.value

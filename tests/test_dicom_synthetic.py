@@ -37,8 +37,15 @@ def test_shuffled_oblique_series_round_trips(syntax: str | None, tmp_path: Path)
     names = _names(rng, stored.shape[2])
     rng.shuffle(names)
     kwargs = {"transfer_syntax": syntax} if syntax else {}
-    write_series(tmp_path / "site" / "a" / "b", stored, geometry=OBLIQUE, slope=2.5,
-                 intercept=-1024.0, names=names, **kwargs)
+    write_series(
+        tmp_path / "site" / "a" / "b",
+        stored,
+        geometry=OBLIQUE,
+        slope=2.5,
+        intercept=-1024.0,
+        names=names,
+        **kwargs,
+    )
     source = DicomFolderSource(tmp_path / "site", cache_dir=tmp_path / "cache")
     (series,) = source.series()
     image, label = source.load(series.series_uid)
@@ -56,8 +63,14 @@ def test_multiframe_with_per_frame_groups_round_trips(tmp_path: Path) -> None:
     slopes = rng.uniform(0.5, 2.0, size=6).round(2)
     intercepts = rng.integers(-100, 100, size=6).astype(float)
     order = rng.permutation(6)
-    write_multiframe(tmp_path / "site" / "mf.dcm", stored, geometry=OBLIQUE, slopes=slopes,
-                     intercepts=intercepts, frame_order=order)
+    write_multiframe(
+        tmp_path / "site" / "mf.dcm",
+        stored,
+        geometry=OBLIQUE,
+        slopes=slopes,
+        intercepts=intercepts,
+        frame_order=order,
+    )
     source = DicomFolderSource(tmp_path / "site", cache_dir=tmp_path / "cache")
     (series,) = source.series()
     image, _ = source.load(series.series_uid)
@@ -114,8 +127,10 @@ def test_nifti_label_from_manifest_lands_on_the_series(flip_x: bool, tmp_path: P
         flip[0, 0], flip[0, 3] = -1, labels.shape[0] - 1
         affine = affine @ flip
     (tmp_path / "labels").mkdir()
-    nib.save(nib.Nifti1Image(np.ascontiguousarray(data), _ras_affine(affine)),
-             str(tmp_path / "labels" / "l.nii.gz"))
+    nib.save(
+        nib.Nifti1Image(np.ascontiguousarray(data), _ras_affine(affine)),
+        str(tmp_path / "labels" / "l.nii.gz"),
+    )
     manifest = tmp_path / "manifest.json"
     manifest.write_text(json.dumps({"version": 1, "labels": {uid: "labels/l.nii.gz"}}))
     source = DicomFolderSource(tmp_path / "site", cache_dir=tmp_path / "cache", manifest=manifest)
@@ -144,13 +159,24 @@ def test_synthetic_seg_decodes_onto_its_series(by_sop: bool, tmp_path: Path) -> 
     uid = generate_uid()
     sops = [generate_uid() for _ in range(7)]
     names = _names(rng, 7)
-    write_series(tmp_path / "site" / "ct", _volume(rng), geometry=OBLIQUE, series_uid=uid,
-                 sop_uids=sops, names=names)
+    write_series(
+        tmp_path / "site" / "ct",
+        _volume(rng),
+        geometry=OBLIQUE,
+        series_uid=uid,
+        sop_uids=sops,
+        names=names,
+    )
     labels = np.zeros((12, 10, 7), dtype=np.int16)
     labels[2:6, 3:8, 1:4] = 1
     labels[7:11, 1:4, 4:6] = 2
-    write_seg(tmp_path / "site" / "seg" / "seg.dcm", labels, geometry=OBLIQUE, series_uid=uid,
-              source_sops=sops if by_sop else None)
+    write_seg(
+        tmp_path / "site" / "seg" / "seg.dcm",
+        labels,
+        geometry=OBLIQUE,
+        series_uid=uid,
+        source_sops=sops if by_sop else None,
+    )
     source = DicomFolderSource(tmp_path / "site", cache_dir=tmp_path / "cache")
     (series,) = source.series()
     assert series.label_source == "seg"
@@ -168,13 +194,23 @@ def test_shipped_liver_seg_decodes_onto_a_matching_series(tmp_path: Path) -> Non
     seg = pydicom.dcmread(seg_path)
     ref = seg.ReferencedSeriesSequence[0]
     sops = [str(item.ReferencedSOPInstanceUID) for item in ref.ReferencedInstanceSequence][::-1]
-    position = [float(v) for v in seg.PerFrameFunctionalGroupsSequence[0]
-                .PlanePositionSequence[0].ImagePositionPatient]
+    position = [
+        float(v)
+        for v in seg.PerFrameFunctionalGroupsSequence[0]
+        .PlanePositionSequence[0]
+        .ImagePositionPatient
+    ]
     spacing = float(seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing[0])
-    geometry = SyntheticGeometry(spacing=(spacing, spacing, 1.0),
-                                 origin=(position[0], position[1], position[2] - 2.0))
-    write_series(tmp_path / "site" / "ct", np.zeros((512, 512, 3), np.int16), geometry=geometry,
-                 series_uid=str(ref.SeriesInstanceUID), sop_uids=sops)
+    geometry = SyntheticGeometry(
+        spacing=(spacing, spacing, 1.0), origin=(position[0], position[1], position[2] - 2.0)
+    )
+    write_series(
+        tmp_path / "site" / "ct",
+        np.zeros((512, 512, 3), np.int16),
+        geometry=geometry,
+        series_uid=str(ref.SeriesInstanceUID),
+        sop_uids=sops,
+    )
     shutil.copy(seg_path, tmp_path / "site" / "seg.dcm")
     source = DicomFolderSource(tmp_path / "site", cache_dir=tmp_path / "cache")
     (series,) = source.series()

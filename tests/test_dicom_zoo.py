@@ -29,8 +29,12 @@ from medfed.data.scan import short_hash
 from medfed.tasks.imaging import dicom_subjects
 
 #: Reasons that say medfed could not decode the pixels.
-DECODE_REASONS = {SkipReason.DECODE_FAILED.value, SkipReason.TRUNCATED_PIXEL_DATA.value,
-                  SkipReason.UNSUPPORTED_SYNTAX.value, SkipReason.UNEXPECTED.value}
+DECODE_REASONS = {
+    SkipReason.DECODE_FAILED.value,
+    SkipReason.TRUNCATED_PIXEL_DATA.value,
+    SkipReason.UNSUPPORTED_SYNTAX.value,
+    SkipReason.UNEXPECTED.value,
+}
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +46,9 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def scanned(zoo: tuple[Path, list[str]], tmp_path_factory: pytest.TempPathFactory
-            ) -> tuple[int, str, dict[str, Any]]:
+def scanned(
+    zoo: tuple[Path, list[str]], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[int, str, dict[str, Any]]:
     """`medfed site scan` on the zoo: exit code, everything printed, the JSON report.
 
     (Module-scoped, so it captures output itself: capsys is per test.)
@@ -51,18 +56,24 @@ def scanned(zoo: tuple[Path, list[str]], tmp_path_factory: pytest.TempPathFactor
     folder, _ = zoo
     site = tmp_path_factory.mktemp("site")
     config = site / "site.toml"
-    config.write_text(f'[site]\nname = "zoo"\n[data]\nkind = "dicom-folder"\npath = "{folder}"\n'
-                      f'cache_dir = "{site / "cache"}"\n')
+    config.write_text(
+        f'[site]\nname = "zoo"\n[data]\nkind = "dicom-folder"\npath = "{folder}"\n'
+        f'cache_dir = "{site / "cache"}"\n'
+    )
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
-            pytest.raises(SystemExit) as done:
+    with (
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+        pytest.raises(SystemExit) as done,
+    ):
         main(["site", "scan", "--config", str(config)])
     report = json.loads((site / "scan-report.json").read_text())
     return int(done.value.code or 0), out.getvalue() + err.getvalue(), report
 
 
 def test_site_scan_exits_0_without_a_traceback_and_accounts_for_every_file(
-        zoo: tuple[Path, list[str]], scanned: tuple[int, str, dict[str, Any]]) -> None:
+    zoo: tuple[Path, list[str]], scanned: tuple[int, str, dict[str, Any]]
+) -> None:
     _, files = zoo
     code, printed, report = scanned
     assert code == 0, printed
@@ -74,12 +85,16 @@ def test_site_scan_exits_0_without_a_traceback_and_accounts_for_every_file(
     assert {s["file"] for s in report["skipped"]} <= ids
     assert set(report["skipped_by_reason"]) <= {r.value for r in SkipReason}
     assert SkipReason.UNEXPECTED.value not in report["skipped_by_reason"], report["skipped"]
-    assert all(s["detail"] or s["reason"] == SkipReason.NO_PIXEL_DATA.value
-               for s in report["skipped"] if s["reason"] != SkipReason.UNMATCHED_SEG.value)
+    assert all(
+        s["detail"] or s["reason"] == SkipReason.NO_PIXEL_DATA.value
+        for s in report["skipped"]
+        if s["reason"] != SkipReason.UNMATCHED_SEG.value
+    )
 
 
 def test_each_made_file_gets_the_outcome_that_names_its_problem(
-        scanned: tuple[int, str, dict[str, Any]]) -> None:
+    scanned: tuple[int, str, dict[str, Any]],
+) -> None:
     _, _, report = scanned
     skipped = {s["file"]: s for s in report["skipped"]}
     for name, (outcome, phrase) in MADE.items():
@@ -106,7 +121,8 @@ def _plain_pydicom(path: Path) -> np.ndarray | None:
 
 
 def test_medfed_decodes_every_file_plain_pydicom_decodes_with_identical_values(
-        zoo: tuple[Path, list[str]], scanned: tuple[int, str, dict[str, Any]]) -> None:
+    zoo: tuple[Path, list[str]], scanned: tuple[int, str, dict[str, Any]]
+) -> None:
     folder, files = zoo
     skipped = {s["file"]: s for s in scanned[2]["skipped"]}
     compared = 0
@@ -121,18 +137,27 @@ def test_medfed_decodes_every_file_plain_pydicom_decodes_with_identical_values(
         assert entry is None or entry["reason"] not in DECODE_REASONS, (rel, entry)
         compared += 1
     assert compared > 100
-    for name in ("float_parametric_map.dcm", "double_float_parametric_map.dcm",
-                 "one_bit_native.dcm", "image_dfl.dcm"):  # float, 1-bit, deflated
-        assert any(rel.endswith(name) for rel in files if _plain_pydicom(folder / rel)
-                   is not None), name
+    for name in (
+        "float_parametric_map.dcm",
+        "double_float_parametric_map.dcm",
+        "one_bit_native.dcm",
+        "image_dfl.dcm",
+    ):  # float, 1-bit, deflated
+        assert any(
+            rel.endswith(name) for rel in files if _plain_pydicom(folder / rel) is not None
+        ), name
 
 
 def test_the_folder_source_yields_every_series_that_decodes(
-        zoo: tuple[Path, list[str]], scanned: tuple[int, str, dict[str, Any]],
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    zoo: tuple[Path, list[str]],
+    scanned: tuple[int, str, dict[str, Any]],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     folder, _ = zoo
-    source = DataSourceConfig(kind="dicom-folder", path=str(folder),
-                              cache_dir=str(tmp_path / "cache"))
+    source = DataSourceConfig(
+        kind="dicom-folder", path=str(folder), cache_dir=str(tmp_path / "cache")
+    )
     with caplog.at_level(logging.WARNING, logger="medfed.tasks"):
         subjects = dicom_subjects(source)
     decoded = scanned[2]["series"]  # the scan decoded every file
@@ -143,7 +168,8 @@ def test_the_folder_source_yields_every_series_that_decodes(
 
 
 def test_a_file_whose_pixels_do_not_decode_is_set_aside_and_its_series_assembled_again(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     # Both files are one series (same UID, no positions); the second's JPEG 2000 stream
     # is broken, which a header-only index cannot see.
     folder = tmp_path / "site"
@@ -162,7 +188,8 @@ def test_a_file_whose_pixels_do_not_decode_is_set_aside_and_its_series_assembled
 
 
 def test_an_error_nobody_foresaw_is_reported_with_its_type_and_the_rest_is_read(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     folder = tmp_path / "site"
     folder.mkdir()
     for name in ("CT_small.dcm", "MR_small.dcm"):

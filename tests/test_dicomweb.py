@@ -27,8 +27,9 @@ from medfed.local.orthanc import LocalOrthanc, orthanc_missing
 from medfed.synth import synthesize_sites
 from medfed.tasks.imaging import load_subjects
 
-pytestmark = pytest.mark.skipif(bool(orthanc_missing()),
-                                reason=f"needs Orthanc with DICOMweb: {orthanc_missing()}")
+pytestmark = pytest.mark.skipif(
+    bool(orthanc_missing()), reason=f"needs Orthanc with DICOMweb: {orthanc_missing()}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +54,13 @@ def _pacs(url: str, credentials: Path | str = "", **query: object) -> PacsSectio
 
 
 def _source(pacs: PacsSection, cache: Path, manifest: Path | None = None) -> DataSourceConfig:
-    return DataSourceConfig(kind="dicomweb", pacs=pacs, cache_dir=str(cache),
-                            manifest=str(manifest or ""), val_fraction=0.34)
+    return DataSourceConfig(
+        kind="dicomweb",
+        pacs=pacs,
+        cache_dir=str(cache),
+        manifest=str(manifest or ""),
+        val_fraction=0.34,
+    )
 
 
 def _files(folder: Path) -> int:
@@ -62,25 +68,42 @@ def _files(folder: Path) -> int:
 
 
 def _instances(server: LocalOrthanc) -> int:
-    answer = requests.get(f"http://127.0.0.1:{server.port}/statistics", timeout=5,
-                          auth=(server.username, server.password))
+    answer = requests.get(
+        f"http://127.0.0.1:{server.port}/statistics",
+        timeout=5,
+        auth=(server.username, server.password),
+    )
     return int(answer.json()["CountInstances"])
 
 
 def test_site_trains_on_what_the_pacs_holds_same_as_the_folder(
-        pacs, synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pacs, synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     server, credentials = pacs
     before = _instances(server)
     methods: list[str] = []
     send = requests.Session.send
-    monkeypatch.setattr(requests.Session, "send",
-                        lambda self, req, **kw: methods.append(req.method) or send(self, req, **kw))
+    monkeypatch.setattr(
+        requests.Session,
+        "send",
+        lambda self, req, **kw: methods.append(req.method) or send(self, req, **kw),
+    )
     site = synth / "site-1"
-    from_pacs = load_subjects(_source(_pacs(server.url, credentials, modality="MR"),
-                                      tmp_path / "cache", site / "manifest.json"))
-    from_folder = load_subjects(DataSourceConfig(
-        kind="dicom-folder", path=str(site / "dicom"), manifest=str(site / "manifest.json"),
-        cache_dir=str(tmp_path / "folder-cache")))
+    from_pacs = load_subjects(
+        _source(
+            _pacs(server.url, credentials, modality="MR"),
+            tmp_path / "cache",
+            site / "manifest.json",
+        )
+    )
+    from_folder = load_subjects(
+        DataSourceConfig(
+            kind="dicom-folder",
+            path=str(site / "dicom"),
+            manifest=str(site / "manifest.json"),
+            cache_dir=str(tmp_path / "folder-cache"),
+        )
+    )
     assert [s.key for s in from_pacs] == [s.key for s in from_folder] and len(from_pacs) == 3
     for a, b in zip(from_pacs, from_folder, strict=True):
         assert torch.equal(a.image.as_tensor(), b.image.as_tensor())
@@ -90,13 +113,16 @@ def test_site_trains_on_what_the_pacs_holds_same_as_the_folder(
     assert set(methods) == {"GET"} and _instances(server) == before  # nothing written
 
 
-def test_scan_fetches_once_then_only_what_is_new(pacs, synth: Path, tmp_path: Path,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_scan_fetches_once_then_only_what_is_new(
+    pacs, synth: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     server, credentials = pacs
     config = tmp_path / "site.toml"
-    config.write_text(f'[site]\nname = "a"\n[data]\nkind = "dicomweb"\n'
-                      f'[data.pacs]\nurl = "{server.url}"\ncredentials = "{credentials}"\n'
-                      f'[data.pacs.query]\nmodality = "MR"\n')
+    config.write_text(
+        f'[site]\nname = "a"\n[data]\nkind = "dicomweb"\n'
+        f'[data.pacs]\nurl = "{server.url}"\ncredentials = "{credentials}"\n'
+        f'[data.pacs.query]\nmodality = "MR"\n'
+    )
     for _ in range(2):
         with pytest.raises(SystemExit) as done:
             main(["site", "scan", "--config", str(config)])
@@ -112,13 +138,18 @@ def test_scan_fetches_once_then_only_what_is_new(pacs, synth: Path, tmp_path: Pa
     # a series added to the PACS: the next sync fetches it alone
     push_folder(synth / "site-2" / "dicom" / "SYN-site2-001", _pacs(server.url, credentials))
     try:
-        mirror = PacsMirror(_source(_pacs(server.url, credentials, modality="MR"),
-                                    tmp_path / "cache"))
+        mirror = PacsMirror(
+            _source(_pacs(server.url, credentials, modality="MR"), tmp_path / "cache")
+        )
         fetch = mirror.sync()
         assert (fetch.matched_series, fetch.fetched_series, fetch.cached_series) == (4, 1, 3)
         # a narrower query: the series it no longer matches leave the cache
-        narrow = PacsMirror(_source(_pacs(server.url, credentials, modality="MR",
-                                          series_description="*t1w-2*"), tmp_path / "cache"))
+        narrow = PacsMirror(
+            _source(
+                _pacs(server.url, credentials, modality="MR", series_description="*t1w-2*"),
+                tmp_path / "cache",
+            )
+        )
         fetch = narrow.sync()
         assert fetch.matched_series == 1 and fetch.removed_series == 3
         assert len(list(narrow.folder.glob("s-*"))) == 1
@@ -135,7 +166,8 @@ def _delete_series(server: LocalOrthanc, folder: Path) -> None:
 
 
 def test_a_pacs_lost_mid_fetch_leaves_the_cache_whole_and_the_next_scan_resumes(
-        pacs, synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pacs, synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import medfed.data.dicomweb as dicomweb
 
     server, credentials = pacs
@@ -169,17 +201,20 @@ def test_labels_from_a_seg_in_the_same_study(pacs, tmp_path: Path) -> None:
     labels = np.zeros(stored.shape, np.int16)
     labels[2:6, 1:4, 1:4] = 1
     uid = pydicom.uid.generate_uid()
-    files = write_series(tmp_path / "ct" / "img", stored, geometry=SyntheticGeometry(),
-                         series_uid=uid)
-    seg = write_seg(tmp_path / "ct" / "seg.dcm", labels, geometry=SyntheticGeometry(),
-                    series_uid=uid)
+    files = write_series(
+        tmp_path / "ct" / "img", stored, geometry=SyntheticGeometry(), series_uid=uid
+    )
+    seg = write_seg(
+        tmp_path / "ct" / "seg.dcm", labels, geometry=SyntheticGeometry(), series_uid=uid
+    )
     ds = pydicom.dcmread(seg)
     ds.StudyInstanceUID = pydicom.dcmread(files[0]).StudyInstanceUID
     ds.save_as(seg)
     push_folder(tmp_path / "ct", _pacs(server.url, credentials))
     try:
-        subjects = load_subjects(_source(_pacs(server.url, credentials, modality="CT"),
-                                         tmp_path / "cache"))
+        subjects = load_subjects(
+            _source(_pacs(server.url, credentials, modality="CT"), tmp_path / "cache")
+        )
         assert len(subjects) == 1
         assert torch.equal(subjects[0].label.as_tensor()[0], torch.from_numpy(labels))
         assert torch.equal(subjects[0].image.as_tensor()[0], torch.from_numpy(stored).float())
@@ -199,8 +234,9 @@ def test_what_goes_wrong_with_a_pacs_is_named(pacs, tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         closed = s.getsockname()[1]
     with pytest.raises(MedfedError, match="cannot reach the PACS") as err:
-        PacsMirror(_source(_pacs(f"http://127.0.0.1:{closed}/dicom-web", credentials),
-                           tmp_path / "c2")).sync()
+        PacsMirror(
+            _source(_pacs(f"http://127.0.0.1:{closed}/dicom-web", credentials), tmp_path / "c2")
+        ).sync()
     assert str(closed) in err.value.where
     nothing = _source(_pacs(server.url, credentials, modality="XA"), tmp_path / "c3")
     assert "the query matched nothing" in "\n".join(PacsMirror(nothing).sync().render_lines())
@@ -215,8 +251,9 @@ def test_what_goes_wrong_with_a_pacs_is_named(pacs, tmp_path: Path) -> None:
         pacs_client(_pacs("http://pacs.example/dicom-web", credentials))
 
 
-def test_tls_needs_the_pacs_ca(tmp_path: Path, synth: Path,
-                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tls_needs_the_pacs_ca(
+    tmp_path: Path, synth: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with LocalOrthanc(tmp_path / "pacs", tls=True) as server:
         monkeypatch.setenv("MEDFED_PACS_USERNAME", server.username)
         monkeypatch.setenv("MEDFED_PACS_PASSWORD", server.password)
@@ -231,13 +268,23 @@ def test_tls_needs_the_pacs_ca(tmp_path: Path, synth: Path,
         assert fetch.fetched_series == 1 and fetch.fetched_instances > 0
 
 
-def test_data_push_command_stores_a_site(tmp_path: Path, synth: Path,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_data_push_command_stores_a_site(
+    tmp_path: Path, synth: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with LocalOrthanc(tmp_path / "pacs") as server:
         credentials = server.write_credentials(tmp_path / "cred.toml")
         with pytest.raises(SystemExit) as done:
-            main(["data", "push", str(synth / "site-2"), "--to", server.url,
-                  "--credentials", str(credentials)])
+            main(
+                [
+                    "data",
+                    "push",
+                    str(synth / "site-2"),
+                    "--to",
+                    server.url,
+                    "--credentials",
+                    str(credentials),
+                ]
+            )
         out = capsys.readouterr().out
         assert done.value.code == 0, out
         n = _files(synth / "site-2" / "dicom")
@@ -252,9 +299,26 @@ def test_demo_sites_each_read_their_own_orthanc(tmp_path: Path) -> None:
     import sys
 
     root = tmp_path / "demo"
-    out = subprocess.run([sys.executable, "-m", "medfed", "demo", "--source", "dicomweb",
-                          "--sites", "2", "--rounds", "1", "--out", str(root)],
-                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medfed",
+            "demo",
+            "--source",
+            "dicomweb",
+            "--sites",
+            "2",
+            "--rounds",
+            "1",
+            "--out",
+            str(root),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert out.stdout.count("Orthanc at https://127.0.0.1:") == 2
     for i in (1, 2):

@@ -26,8 +26,7 @@ def test_secure_gaussian_has_the_asked_spread_shape_and_dtype() -> None:
     # a normal's quantiles, not only its moments
     assert float((flat.abs() < 1.0).double().mean()) == pytest.approx(0.6827, abs=0.005)
     assert float((flat.abs() > 3.0).double().mean()) == pytest.approx(0.0027, abs=0.0008)
-    assert SecureRandom().normal(2.0, torch.empty(4, dtype=torch.float64)).dtype == \
-        torch.float64
+    assert SecureRandom().normal(2.0, torch.empty(4, dtype=torch.float64)).dtype == torch.float64
 
 
 def test_secure_gaussian_ignores_torch_seeds_and_instances_differ() -> None:
@@ -43,8 +42,9 @@ def test_secure_gaussian_ignores_torch_seeds_and_instances_differ() -> None:
         assert abs(float(torch.corrcoef(torch.stack([x, y]))[0, 1])) < 0.06  # 6 sigma
 
 
-def test_the_batched_and_per_tensor_paths_draw_from_the_source(monkeypatch: pytest.MonkeyPatch
-                                                               ) -> None:
+def test_the_batched_and_per_tensor_paths_draw_from_the_source(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     def no_torch_noise(**_: object) -> torch.Tensor:
         raise AssertionError("noise drawn from torch's generator")
 
@@ -86,8 +86,17 @@ def test_a_sites_dp_training_never_draws_from_torch(monkeypatch: pytest.MonkeyPa
     task = get_task("tiny-seg")
     data = task.load_site_data(_tiny_source())
     model = task.build_model()
-    stats = dp.dp_train(task, model, data.train, epochs=1, batch_size=8, learning_rate=0.01,
-                        noise_multiplier=1.0, max_grad_norm=1.0, device=torch.device("cpu"))
+    stats = dp.dp_train(
+        task,
+        model,
+        data.train,
+        epochs=1,
+        batch_size=8,
+        learning_rate=0.01,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        device=torch.device("cpu"),
+    )
     params = sum(p.numel() for p in model.parameters())
     assert calls and set(calls) == {params}
     assert len(calls) == stats.steps - stats.empty_batches
@@ -103,16 +112,25 @@ def test_update_level_noise_without_a_generator_comes_from_the_source() -> None:
 
 
 def test_make_private_refuses_a_source_its_optimizer_cannot_use(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     model = _model()
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(
-        torch.zeros(16, 1, 5, 5), torch.zeros(16, dtype=torch.long)), batch_size=BATCH)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.zeros(16, 1, 5, 5), torch.zeros(16, dtype=torch.long)),
+        batch_size=BATCH,
+    )
     # make_private imports it when it runs: Opacus's own class comes back
     monkeypatch.setattr(dp_optimizer, "batch_optimizer_steps", lambda opt: opt)
     with pytest.raises(MedfedError, match="cryptographic generator"):
-        dp.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), loader,
-                        noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode="hooks",
-                        randomness=SecureRandom())
+        dp.make_private(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            loader,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            grad_sample_mode="hooks",
+            randomness=SecureRandom(),
+        )
 
 
 def _tiny_source() -> DataSourceConfig:
@@ -137,8 +155,10 @@ def test_secure_poisson_sampling_keeps_each_index_with_the_rate() -> None:
     torch.manual_seed(0)
     assert list(loader.batch_sampler)[0] != batches[0]  # not replayed by torch's seed
     replay = UniformWithReplacementSampler(num_samples=2000, sample_rate=0.05, steps=2)
-    sample_securely(DataLoader(TensorDataset(torch.arange(2000)), batch_sampler=replay),
-                    SecureRandom(key=bytes(32)))
+    sample_securely(
+        DataLoader(TensorDataset(torch.arange(2000)), batch_sampler=replay),
+        SecureRandom(key=bytes(32)),
+    )
     assert list(replay) == batches[:2]  # the key alone fixes the stream
 
 
@@ -158,7 +178,8 @@ def test_a_stream_starts_its_block_counter_at_zero(monkeypatch: pytest.MonkeyPat
 
 
 def test_an_exhausted_stream_moves_to_a_fresh_nonce_not_a_repeat(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setattr(dp_noise, "_STREAM_BYTES", 8 * 300)  # 300 uniforms per stream
     key = bytes(range(32))
     source = SecureRandom(key=key)

@@ -17,14 +17,26 @@ BATCH = 8
 
 def _model() -> nn.Module:
     """Small and large parameter tensors (either side of ``SMALL_TENSOR``)."""
-    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.Conv2d(4, 512, 3),
-                         nn.Flatten(), nn.Linear(512, 3))
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3),
+        nn.GroupNorm(2, 4),
+        nn.Conv2d(4, 512, 3),
+        nn.Flatten(),
+        nn.Linear(512, 3),
+    )
 
 
 def _optimizers(model: nn.Module, noise: float, clip: float) -> tuple[DPOptimizer, DPOptimizer]:
     params = list(model.parameters())
-    make = lambda: DPOptimizer(torch.optim.SGD(params, lr=0.1), noise_multiplier=noise,  # noqa: E731
-                               max_grad_norm=clip, expected_batch_size=BATCH)
+
+    def make() -> DPOptimizer:
+        return DPOptimizer(
+            torch.optim.SGD(params, lr=0.1),
+            noise_multiplier=noise,
+            max_grad_norm=clip,
+            expected_batch_size=BATCH,
+        )
+
     return make(), batch_optimizer_steps(make())
 
 
@@ -32,12 +44,15 @@ def _grad_samples(model: nn.Module, seed: int) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     # per-sample scales from 0.01 to 10: some samples clipped, some not
     scales = torch.logspace(-2, 1, BATCH)
-    return [torch.randn((BATCH, *p.shape), generator=gen) * scales.view(-1, *[1] * p.dim()) / 30
-            for p in model.parameters()]
+    return [
+        torch.randn((BATCH, *p.shape), generator=gen) * scales.view(-1, *[1] * p.dim()) / 30
+        for p in model.parameters()
+    ]
 
 
-def _pre_step(opt: DPOptimizer, model: nn.Module, samples: list[torch.Tensor]
-              ) -> list[torch.Tensor]:
+def _pre_step(
+    opt: DPOptimizer, model: nn.Module, samples: list[torch.Tensor]
+) -> list[torch.Tensor]:
     opt.zero_grad(set_to_none=True)
     for p, g in zip(model.parameters(), samples, strict=True):
         p.grad_sample = g.clone()
@@ -70,8 +85,10 @@ def test_per_sample_gradients_in_permuted_layouts_give_the_same_sums() -> None:
     samples = _grad_samples(model, seed=4)
     expected = _pre_step(opacus, model, samples)
     # (N, O, C, k0, k1) stored as (k0, N, O, C, k1), as _weight_slabs does
-    permuted = [g.permute(3, 0, 1, 2, 4).contiguous().permute(1, 2, 3, 0, 4) if g.dim() == 5
-                else g for g in samples]
+    permuted = [
+        g.permute(3, 0, 1, 2, 4).contiguous().permute(1, 2, 3, 0, 4) if g.dim() == 5 else g
+        for g in samples
+    ]
     assert any(not g.is_contiguous() for g in permuted)
     batched.zero_grad(set_to_none=True)
     for p, g in zip(model.parameters(), permuted, strict=True):
@@ -102,7 +119,7 @@ def test_accumulated_grad_samples_use_opacus_own_steps() -> None:
     model = _model()
     opacus, batched = _optimizers(model, noise=0.0, clip=1.0)
     samples = _grad_samples(model, seed=2)
-    halves = [[g[: BATCH // 2].clone(), g[BATCH // 2:].clone()] for g in samples]
+    halves = [[g[: BATCH // 2].clone(), g[BATCH // 2 :].clone()] for g in samples]
 
     def run(opt: DPOptimizer) -> list[torch.Tensor]:
         opt.zero_grad(set_to_none=True)
@@ -132,9 +149,15 @@ def test_make_private_trains_with_it_and_the_accountant_counts_each_step() -> No
     data = TensorDataset(torch.randn(64, 1, 5, 5, generator=gen), torch.randint(0, 3, (64,)))
     loader = DataLoader(data, batch_size=BATCH, generator=gen)
     loss_fn = nn.CrossEntropyLoss()
-    private = make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), loader,
-                           noise_multiplier=1.0, max_grad_norm=1.0, noise_generator=gen,
-                           loss_fn=loss_fn)
+    private = make_private(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        loader,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        noise_generator=gen,
+        loss_fn=loss_fn,
+    )
     assert type(private.optimizer) is BatchedDPOptimizer
     before = [p.detach().clone() for p in model.parameters()]
     steps = 0
@@ -152,8 +175,10 @@ def test_other_opacus_optimizers_are_left_alone() -> None:
     from opacus.optimizers import DPPerLayerOptimizer
 
     model = _model()
-    per_layer = DPPerLayerOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
-                                    noise_multiplier=1.0,
-                                    max_grad_norm=[1.0] * len(list(model.parameters())),
-                                    expected_batch_size=BATCH)
+    per_layer = DPPerLayerOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        noise_multiplier=1.0,
+        max_grad_norm=[1.0] * len(list(model.parameters())),
+        expected_batch_size=BATCH,
+    )
     assert type(batch_optimizer_steps(per_layer)) is DPPerLayerOptimizer

@@ -100,13 +100,15 @@ def _check_conv_methods(kind: str) -> None:
     expected = []
     for i in range(len(x)):
         exact.zero_grad()
-        (exact(x[i:i + 1].double()) * g[i:i + 1].double()).sum().backward()
+        (exact(x[i : i + 1].double()) * g[i : i + 1].double()).sum().backward()
         expected.append([p.grad.clone() for p in exact.parameters()])
     methods = dp_rules._candidates(conv)
     assert "loop" in methods and ("grouped" in methods) == (conv.weight.dim() < 5)
-    stride_one = not isinstance(conv, nn.ConvTranspose1d | nn.ConvTranspose2d
-                                | nn.ConvTranspose3d) and conv.groups == 1 and all(
-        s == 1 for s in conv.stride)
+    stride_one = (
+        not isinstance(conv, nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d)
+        and conv.groups == 1
+        and all(s == 1 for s in conv.stride)
+    )
     assert ("shifted" in methods) == stride_one
     for method in methods:
         got = dp_rules._METHODS[method](conv, x, g)
@@ -120,21 +122,28 @@ def _assert_float32_close(got: torch.Tensor, exact: torch.Tensor, method: str) -
     # float32 sums of a few hundred products: within a few 1e-7 of the largest value
     # (seen up to 7e-7); a wrong method is off by the values themselves
     assert got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), exact, rtol=0,
-                               atol=2e-6 * float(exact.abs().max()),
-                               msg=lambda m: f"{method}: {m}")
+    torch.testing.assert_close(
+        got.double(),
+        exact,
+        rtol=0,
+        atol=2e-6 * float(exact.abs().max()),
+        msg=lambda m: f"{method}: {m}",
+    )
 
 
 def test_a_method_that_disagrees_with_the_layers_own_kernel_is_never_chosen(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     conv = nn.Conv2d(3, 4, 3, padding=1)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(4, 3, 8, 8, generator=gen)
     g = torch.randn(4, 4, 8, 8, generator=gen)
     wrong = lambda layer, x, g: torch.zeros(len(x), *layer.weight.shape)  # noqa: E731  # fast
-    monkeypatch.setattr(dp_rules, "_METHODS", {**dp_rules._METHODS, "gemm": wrong,
-                                               "slabs": wrong, "grouped": wrong,
-                                               "shifted": wrong})
+    monkeypatch.setattr(
+        dp_rules,
+        "_METHODS",
+        {**dp_rules._METHODS, "gemm": wrong, "slabs": wrong, "grouped": wrong, "shifted": wrong},
+    )
     monkeypatch.setattr(dp_rules, "_METHOD", {})
     assert dp_rules._conv_method(conv, x, g) == "loop"
 
@@ -196,16 +205,19 @@ def test_a_loss_that_couples_the_batch_is_refused_when_vmap_cannot_check_it() ->
     assert dp_modes.choose_grad_sample_mode(model, per_sample, (x, y)) == "rules"
     with pytest.raises(dp_modes.LossNotPerSample, match="not the mean of each sample"):
         dp_modes.choose_grad_sample_mode(
-            model, DiceCELoss(to_onehot_y=True, softmax=True, batch=True), (x, y))
+            model, DiceCELoss(to_onehot_y=True, softmax=True, batch=True), (x, y)
+        )
 
 
 def test_vmap_is_chosen_only_when_clearly_faster_than_the_rules(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     cost = {"rules": 1.0, "vmap": 0.95}  # seconds per call, as the timer would read them
     order: list[str] = []
     monkeypatch.setattr(dp_modes, "PER_SAMPLE_GRADS", {m: (lambda *_, m=m: m) for m in cost})
-    monkeypatch.setattr(dp_rules, "wall_time",
-                        lambda call, device: (order.append(call()), cost[order[-1]])[1])
+    monkeypatch.setattr(
+        dp_rules, "wall_time", lambda call, device: (order.append(call()), cost[order[-1]])[1]
+    )
     x = torch.zeros(2, 1)
     assert dp_modes._faster_mode(["rules", "vmap"], nn.Identity(), nn.MSELoss(), x, x) == "rules"
     assert order == ["rules", "vmap"] * dp_modes._TIMED_CALLS  # interleaved

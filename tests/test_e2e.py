@@ -31,29 +31,42 @@ def test_two_sites_two_rounds_and_an_unenrolled_site_is_refused(short_tmp: Path)
         from medfed.client.site import init_site
         from medfed.core.procs import free_port
 
-        rogue = init_site(short_tmp / "rogue", name="rogue", federation_ca=fed.fed.ca_cert,
-                          server=fed.fed.config.superlink.address, runtime_port=free_port())
+        rogue = init_site(
+            short_tmp / "rogue",
+            name="rogue",
+            federation_ca=fed.fed.ca_cert,
+            server=fed.fed.config.superlink.address,
+            runtime_port=free_port(),
+        )
         fed.start()
         started = list(fed.group.members)
         # (no retries: an unknown key and a site the server still counts online look alike)
-        rogue_proc = Managed("rogue", site_daemon_argv(rogue), short_tmp / "rogue.log",
-                             env={"MEDFED_ACTIVATION_PATIENCE_S": "0"}).start()
+        rogue_proc = Managed(
+            "rogue",
+            site_daemon_argv(rogue),
+            short_tmp / "rogue.log",
+            env={"MEDFED_ACTIVATION_PATIENCE_S": "0"},
+        ).start()
         try:
-            folder, summary = fed.run(RunConfig(task="tiny-seg", rounds=2, min_sites=2),
-                                      timeout=300)
+            folder, summary = fed.run(
+                RunConfig(task="tiny-seg", rounds=2, min_sites=2), timeout=300
+            )
             rogue_proc.proc.wait(timeout=60)
         finally:
             rogue_proc.stop()
         # A coordinator the server lets in, certified by no CA the sites pinned (as after
         # a break-in at the server): every site refuses its run before training.
-        mallory = CoordinatorCredential.create(short_tmp / "mallory.key", "mallory",
-                                               ca=CertificateAuthority.create("rogue"))
+        mallory = CoordinatorCredential.create(
+            short_tmp / "mallory.key", "mallory", ca=CertificateAuthority.create("rogue")
+        )
         fed.fed.coordinators.add("mallory", mallory.public_pem())
         with Control(fed.fed.config.superlink.address, fed.fed.ca_cert, mallory) as control:
-            forged_id = control.submit(RunConfig(task="tiny-seg", rounds=1, min_sites=2,
-                                                 round_timeout_s=60))
-            forged = follow_run(control, forged_id, fed.fed.runs_dir, timeout=300,
-                                on_event=lambda e: None)
+            forged_id = control.submit(
+                RunConfig(task="tiny-seg", rounds=1, min_sites=2, round_timeout_s=60)
+            )
+            forged = follow_run(
+                control, forged_id, fed.fed.runs_dir, timeout=300, on_event=lambda e: None
+            )
     assert summary["status"] == "completed", summary
     assert sorted(summary["sites"]) == ["site-a", "site-b"]
     for r in (1, 2):
@@ -75,7 +88,9 @@ def test_two_sites_two_rounds_and_an_unenrolled_site_is_refused(short_tmp: Path)
     assert audit.count('"update-sent"') == 2
     assert forged["status"] == "refused", forged
     assert {site: r["rule"] for site, r in forged["refusals"].items()} == {
-        "site-a": "run.signature", "site-b": "run.signature"}
+        "site-a": "run.signature",
+        "site-b": "run.signature",
+    }
     assert "not issued by the federation CA" in forged["refusals"]["site-a"]["reason"]
     assert '"rule": "run.signature"' in audit
     # nothing is left running
@@ -110,8 +125,7 @@ def test_site_with_wrong_ca_is_told_so(short_tmp: Path) -> None:
         proc = fed.group.members[-1]
         log = short_tmp / "site-a" / "logs" / "daemon.log"
         deadline = time.time() + 60
-        while "not signed by the federation CA" not in log.read_text() \
-                and time.time() < deadline:
+        while "not signed by the federation CA" not in log.read_text() and time.time() < deadline:
             time.sleep(0.5)
         assert proc.alive()  # it says so and keeps retrying: the coordinator may fix it
     assert "not signed by the federation CA" in log.read_text()
@@ -122,16 +136,21 @@ def test_secure_aggregation_gives_the_plain_global_model(short_tmp: Path) -> Non
     with fed:
         fed.create(site_data=lambda i, name: {"num_samples": 32})
         fed.start()
-        plain, s1 = fed.run(RunConfig(task="tiny-seg", rounds=2, min_sites=3,
-                                      secure_aggregation="off"), timeout=300)
+        plain, s1 = fed.run(
+            RunConfig(task="tiny-seg", rounds=2, min_sites=3, secure_aggregation="off"), timeout=300
+        )
         secure, s2 = fed.run(RunConfig(task="tiny-seg", rounds=2, min_sites=3), timeout=300)
-        adapted, s3 = fed.run(RunConfig(task="tiny-seg", rounds=2, min_sites=3,
-                                        adaptation="site-input-block"), timeout=300)
+        adapted, s3 = fed.run(
+            RunConfig(task="tiny-seg", rounds=2, min_sites=3, adaptation="site-input-block"),
+            timeout=300,
+        )
         # Warm start from the plain run's last checkpoint; a mismatched model is refused.
-        warm, s4 = fed.run(RunConfig(task="tiny-seg", rounds=1, min_sites=3,
-                                     init_from=s1["run_id"]), timeout=300)
-        _, s5 = fed.run(RunConfig(task="tiny-seg", rounds=1, min_sites=3,
-                                  init_from=s3["run_id"]), timeout=300)
+        warm, s4 = fed.run(
+            RunConfig(task="tiny-seg", rounds=1, min_sites=3, init_from=s1["run_id"]), timeout=300
+        )
+        _, s5 = fed.run(
+            RunConfig(task="tiny-seg", rounds=1, min_sites=3, init_from=s3["run_id"]), timeout=300
+        )
     assert s4["status"] == "completed"
     started = [e for e in warm.read_events() if e["event"] == "initial-model"]
     assert started and started[0]["source"].endswith(f"{s1['run_id']}/checkpoints/round-002.npz")
@@ -173,30 +192,47 @@ def test_a_site_dropping_mid_run_is_recovered_by_the_survivors(short_tmp: Path) 
         fed.create(site_data=lambda i, name: {"num_samples": 32})
         for name, cfg in fed.site_configs.items():
             data = tomllib.loads(cfg.read_text())
-            data["privacy"]["datasets"]["default"]["epsilon_max"] = \
+            data["privacy"]["datasets"]["default"]["epsilon_max"] = (
                 2.5 if name == "site-c" else 100.0
+            )
             cfg.write_text(tomli_w.dumps(data))
         fed.start()
         # z = 2, q = 1/2, 2 steps per round: run epsilon 2.06 after round 1, 2.81 after 2
-        folder, summary = fed.run(RunConfig(
-            task="tiny-seg", rounds=2, min_sites=2, round_timeout_s=60,
-            privacy={"mode": "sample", "noise_multiplier": 2.0, "max_grad_norm": 1.0}),
-            timeout=300)
+        folder, summary = fed.run(
+            RunConfig(
+                task="tiny-seg",
+                rounds=2,
+                min_sites=2,
+                round_timeout_s=60,
+                privacy={"mode": "sample", "noise_multiplier": 2.0, "max_grad_norm": 1.0},
+            ),
+            timeout=300,
+        )
         # Less noise than every site's policy allows: each refuses when it joins and the
         # run ends there, cleanly, naming each site's rule (no untrained "completed" run).
-        refused, refused_summary = fed.run(RunConfig(
-            task="tiny-seg", rounds=3, min_sites=2, round_timeout_s=60,
-            privacy={"mode": "sample", "noise_multiplier": 0.3, "max_grad_norm": 1.0}),
-            timeout=300)
+        refused, refused_summary = fed.run(
+            RunConfig(
+                task="tiny-seg",
+                rounds=3,
+                min_sites=2,
+                round_timeout_s=60,
+                privacy={"mode": "sample", "noise_multiplier": 0.3, "max_grad_norm": 1.0},
+            ),
+            timeout=300,
+        )
     assert refused_summary["status"] == "refused", refused_summary
     assert refused_summary["rounds_finished"] == 0
     assert {s: r["rule"] for s, r in refused_summary["refusals"].items()} == {
-        s: "privacy.datasets.default.min_noise_multiplier" for s in ("site-a", "site-b", "site-c")}
+        s: "privacy.datasets.default.min_noise_multiplier" for s in ("site-a", "site-b", "site-c")
+    }
     assert not any(e["event"] == "round-finished" for e in refused.read_events())
     assert [e["round"] for e in refused.read_events() if e["event"] == "run-refused"] == [0]
     assert summary["status"] == "completed", summary
-    joined = {e["site"]: e["metrics"] for e in folder.read_events()
-              if e["event"] == "site-replied" and e["phase"] == "query" and e["round"] == 0}
+    joined = {
+        e["site"]: e["metrics"]
+        for e in folder.read_events()
+        if e["event"] == "site-replied" and e["phase"] == "query" and e["round"] == 0
+    }
     assert joined == {"site-a": {}, "site-b": {}, "site-c": {wire.BUDGET_ROUNDS_KEY: 1}}
     rounds = {e["round"]: e for e in folder.read_events() if e["event"] == "secure-aggregation"}
     assert rounds[1]["dropped"] == [] and rounds[2]["dropped"] == ["site-c"]
@@ -207,8 +243,11 @@ def test_a_site_dropping_mid_run_is_recovered_by_the_survivors(short_tmp: Path) 
     assert "privacy.datasets.default.epsilon_max" in report
     assert "status: **refused**, 0 of 3 rounds" in (refused.path / "report.md").read_text()
     # both rounds gave a new model (round 2 from the survivors' sum)
-    assert [e.get("model_unchanged", False) for e in folder.read_events()
-            if e["event"] == "round-finished"] == [False, False]
+    assert [
+        e.get("model_unchanged", False)
+        for e in folder.read_events()
+        if e["event"] == "round-finished"
+    ] == [False, False]
     refused = [e for e in folder.read_events() if e["event"] == "site-error"]
     assert any("epsilon_max" in e["reason"] for e in refused)
     audit_a = (short_tmp / "site-a" / "audit.jsonl").read_text()
@@ -258,13 +297,18 @@ def test_a_site_killed_and_restarted_at_once_is_let_back_in(short_tmp: Path) -> 
         restarted = fed.start_site("site-b")
         deadline = time.monotonic() + 150
         # "SuperNode ID" is printed once the server let a SuperNode in
-        while "SuperNode ID:" not in (since := supernode_log.read_text(errors="replace")[
-                before:]).rsplit("Starting Flower SuperNode", 1)[-1]:
+        while (
+            "SuperNode ID:"
+            not in (since := supernode_log.read_text(errors="replace")[before:]).rsplit(
+                "Starting Flower SuperNode", 1
+            )[-1]
+        ):
             assert restarted.alive() and time.monotonic() < deadline, restarted.log_tail()
             time.sleep(1)
         assert "Failed to activate SuperNode" in since  # refused at first, then let in
-        folder, summary = fed.run(RunConfig(task="tiny-seg", rounds=1, min_sites=2,
-                                            round_timeout_s=120), timeout=300)
+        folder, summary = fed.run(
+            RunConfig(task="tiny-seg", rounds=1, min_sites=2, round_timeout_s=120), timeout=300
+        )
         daemon_log = restarted.log_of_this_start()
     assert "did not accept site 'site-b' yet" in daemon_log, daemon_log[-2000:]
     assert "not enrolled" not in daemon_log

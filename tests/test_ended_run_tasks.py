@@ -31,37 +31,69 @@ RUN = 7
 def _fab() -> Fab:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
-        zf.writestr("pyproject.toml", '[project]\nname="x"\nversion="1.0.0"\n'
-                    '[tool.flwr.app]\npublisher="m"\n[tool.flwr.app.components]\n'
-                    'serverapp="a:b"\nclientapp="a:c"\n[tool.flwr.app.config]\n')
+        zf.writestr(
+            "pyproject.toml",
+            '[project]\nname="x"\nversion="1.0.0"\n'
+            '[tool.flwr.app]\npublisher="m"\n[tool.flwr.app.components]\n'
+            'serverapp="a:b"\nclientapp="a:c"\n[tool.flwr.app.config]\n',
+        )
     return Fab(hashlib.sha256(buf.getvalue()).hexdigest(), buf.getvalue(), {})
 
 
 def _receive_one_message_of_a_stopped_run(module: types.ModuleType, *, stopped: bool):
-    metadata = Metadata(run_id=RUN, message_id="", src_node_id=1, dst_node_id=2,
-                        reply_to_message_id="", group_id="", created_at=time.time(),
-                        ttl=60.0, message_type="query")
+    metadata = Metadata(
+        run_id=RUN,
+        message_id="",
+        src_node_id=1,
+        dst_node_id=2,
+        reply_to_message_id="",
+        group_id="",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type="query",
+    )
     array = Array(np.zeros(3, dtype=np.float32))
     message = Message(metadata=metadata, content=RecordDict({"w": ArrayRecord({"a": array})}))
     message.metadata.__dict__["_message_id"] = message.object_id
     pending = [(message, get_object_tree(message))]
     fab = _fab()
-    run = Run(run_id=RUN, fab_id="", fab_version="", fab_hash=fab.hash_str, override_config={},
-              pending_at="", starting_at="", running_at="", finished_at="",
-              status=RunStatus("running", "", ""), flwr_aid="", federation_id="",
-              primary_task_id=None, bytes_sent=0, bytes_recv=0, clientapp_runtime=0.0)
+    run = Run(
+        run_id=RUN,
+        fab_id="",
+        fab_version="",
+        fab_hash=fab.hash_str,
+        override_config={},
+        pending_at="",
+        starting_at="",
+        running_at="",
+        finished_at="",
+        status=RunStatus("running", "", ""),
+        flwr_aid="",
+        federation_id="",
+        primary_task_id=None,
+        bytes_sent=0,
+        bytes_recv=0,
+        clientapp_runtime=0.0,
+    )
 
     def pull_object(run_id: int, object_id: str) -> bytes:
         if stopped:
             raise RunNotRunningException(f"run {run_id} stopped")
         raise ConnectionError("the link dropped")  # Flower's own failure path
+
     state = NodeStateFactory(ObjectStoreFactory()).state()
     state.set_node_id(2)
     returned = module._pull_and_store_message(
-        state=state, object_store=state.object_store, node_config={},
-        receive=lambda: pending.pop() if pending else None, get_run=lambda rid: run,
-        get_fab=lambda fab_hash, rid: fab, pull_object=pull_object,
-        confirm_message_received=lambda rid, oid: None, trusted_entities=None)
+        state=state,
+        object_store=state.object_store,
+        node_config={},
+        receive=lambda: pending.pop() if pending else None,
+        get_run=lambda rid: run,
+        get_fab=lambda fab_hash, rid: fab,
+        pull_object=pull_object,
+        confirm_message_received=lambda rid, oid: None,
+        trusted_entities=None,
+    )
     assert returned is None
     return state
 
@@ -105,9 +137,20 @@ def _message(run_id: int, kind: str, value: float, reply_to: Message | None = No
     if reply_to is not None:
         message = Message(content=content, reply_to=reply_to)
     else:
-        message = Message(metadata=Metadata(
-            run_id=run_id, message_id="", src_node_id=1, dst_node_id=2, reply_to_message_id="",
-            group_id="", created_at=time.time(), ttl=60.0, message_type=kind), content=content)
+        message = Message(
+            metadata=Metadata(
+                run_id=run_id,
+                message_id="",
+                src_node_id=1,
+                dst_node_id=2,
+                reply_to_message_id="",
+                group_id="",
+                created_at=time.time(),
+                ttl=60.0,
+                message_type=kind,
+            ),
+            content=content,
+        )
     message.metadata.__dict__["_message_id"] = message.object_id
     return message
 
@@ -124,10 +167,12 @@ def _replies_pending(orphan: str) -> object:
 
     def add_orphan() -> None:
         state.store_message(_message(RUN, "train", 3.0, reply_to=ended))
+
     if orphan == "first":
         add_orphan()
-    start_client_internal._insert_message(_message(RUN + 1, "query", 4.0, reply_to=query),
-                                          state, state.object_store)
+    start_client_internal._insert_message(
+        _message(RUN + 1, "query", 4.0, reply_to=query), state, state.object_store
+    )
     if orphan == "last":
         add_orphan()
     return state
@@ -139,26 +184,31 @@ def _push(module: types.ModuleType, state) -> list[int]:
     def send(message: Message, tree: object, runtime: float) -> tuple[set[str], str]:
         sent.append(message.metadata.run_id)
         return set(), "session"
-    module._push_messages(state=state, object_store=state.object_store, send=send,
-                          push_object=lambda *a: None)
+
+    module._push_messages(
+        state=state, object_store=state.object_store, send=send, push_object=lambda *a: None
+    )
     return sent
 
 
 def test_flower_alone_stops_the_supernode_on_a_reply_whose_content_is_gone() -> None:
     from flwr.supercore.object_store import NoObjectInStoreError
+
     with pytest.raises(NoObjectInStoreError):
         _push(start_client_internal, _replies_pending("first"))
 
 
 @pytest.mark.parametrize("orphan", ["first", "last", "none"])
-def test_a_reply_of_an_ended_run_is_dropped_and_the_new_runs_reply_is_sent(orphan: str
-                                                                           ) -> None:
+def test_a_reply_of_an_ended_run_is_dropped_and_the_new_runs_reply_is_sent(orphan: str) -> None:
     module = types.ModuleType("sci_copy")
     module._push_messages = start_client_internal._push_messages
     assert drop_replies_of_ended_runs(module)
     assert not drop_replies_of_ended_runs(module)  # applied once
     state = _replies_pending(orphan)
     assert _push(module, state) == [RUN + 1]
-    left = [e.message.metadata.run_id for e in state.msg_store.values()
-            if e.message.metadata.reply_to_message_id]
+    left = [
+        e.message.metadata.run_id
+        for e in state.msg_store.values()
+        if e.message.metadata.reply_to_message_id
+    ]
     assert left == []  # neither reply stays behind

@@ -35,8 +35,9 @@ def _fab_bytes_text() -> str:
 
 def _status_error(code: int, text: str = "") -> httpx.HTTPStatusError:
     request = httpx.Request("POST", "http://127.0.0.1:1/v1/runtime/pull-object")
-    return httpx.HTTPStatusError(f"{code}", request=request,
-                                 response=httpx.Response(code, text=text, request=request))
+    return httpx.HTTPStatusError(
+        f"{code}", request=request, response=httpx.Response(code, text=text, request=request)
+    )
 
 
 def test_a_withdrawn_task_fails_alone_and_does_not_interrupt_the_daemon() -> None:

@@ -51,8 +51,10 @@ def test_site_keys_are_openssh_ec(tmp_path: Path) -> None:
     keys = SiteKeys.create()
     keys.save(tmp_path / "site.key", tmp_path / "site.pub")
     private = load_ssh_private_key((tmp_path / "site.key").read_bytes(), None)
-    assert private.public_key().public_numbers() == \
-        load_site_public_key(tmp_path / "site.pub").public_numbers()
+    assert (
+        private.public_key().public_numbers()
+        == load_site_public_key(tmp_path / "site.pub").public_numbers()
+    )
     assert (tmp_path / "site.key").stat().st_mode & 0o077 == 0
     assert (tmp_path / "site.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
 
@@ -64,8 +66,9 @@ def test_not_a_key_is_explained(tmp_path: Path) -> None:
 
 
 def test_enrolment_is_idempotent_and_unique(tmp_path: Path) -> None:
-    fed = Federation.load(init_federation(tmp_path / "fed", name="f", hosts=["127.0.0.1"],
-                                          port=9999))
+    fed = Federation.load(
+        init_federation(tmp_path / "fed", name="f", hosts=["127.0.0.1"], port=9999)
+    )
     for n in ("a", "b"):
         SiteKeys.create().save(tmp_path / f"{n}.key", tmp_path / f"{n}.pub")
     fed.enrol(tmp_path / "a.pub", "site-a")
@@ -87,8 +90,9 @@ def test_renew_server_cert_keeps_hosts_and_ca(tmp_path: Path) -> None:
     from medfed.core.identity import load_certificate
     from medfed.server.federation import renew_server_cert
 
-    fed = Federation.load(init_federation(tmp_path / "fed", name="f",
-                                          hosts=["127.0.0.1", "localhost"], port=9999))
+    fed = Federation.load(
+        init_federation(tmp_path / "fed", name="f", hosts=["127.0.0.1", "localhost"], port=9999)
+    )
     old = load_certificate(fed.path(fed.config.tls.cert))
     new_path = renew_server_cert(fed)
     new = load_certificate(new_path)

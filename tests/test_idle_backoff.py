@@ -50,6 +50,7 @@ def test_the_supernode_patch_paces_idle_sleeps_and_marks_work() -> None:
 
 def test_a_changed_flower_module_is_left_alone() -> None:
     module = ModuleType("fake_supernode")  # no `time`, no `_push_messages`
-    assert not back_off_idle_polls(module, IdleBackoff(0.2), idle_sleep=3,
-                                   activity="_push_messages")
+    assert not back_off_idle_polls(
+        module, IdleBackoff(0.2), idle_sleep=3, activity="_push_messages"
+    )
     assert not hasattr(module, "time")

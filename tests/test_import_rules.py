@@ -14,9 +14,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 #: Where each part of the one import package lives in the repository.
 PARTS = {
-    "server": ROOT / "server", "client": ROOT / "client", "strategies": ROOT / "strategies",
-    "tasks": ROOT / "tasks", "core": ROOT / "medfed" / "core", "cli": ROOT / "medfed" / "cli",
-    "data": ROOT / "medfed" / "data", "synth": ROOT / "medfed" / "synth",
+    "server": ROOT / "server",
+    "client": ROOT / "client",
+    "strategies": ROOT / "strategies",
+    "tasks": ROOT / "tasks",
+    "core": ROOT / "medfed" / "core",
+    "cli": ROOT / "medfed" / "cli",
+    "data": ROOT / "medfed" / "data",
+    "synth": ROOT / "medfed" / "synth",
     "local": ROOT / "medfed" / "local",
 }
 #: Who may import whom (the part itself always may; "package" is ``medfed/__init__``).
@@ -50,8 +55,9 @@ def imported_parts(source: str) -> list[tuple[int, str, str]]:
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            names = [node.module] + ([f"{node.module}.{a.name}" for a in node.names]
-                                     if node.module == "medfed" else [])
+            names = [node.module] + (
+                [f"{node.module}.{a.name}" for a in node.names] if node.module == "medfed" else []
+            )
         else:
             continue
         for name in names:
@@ -64,9 +70,11 @@ def imported_parts(source: str) -> list[tuple[int, str, str]]:
 def violations(part: str, path: Path, source: str) -> list[str]:
     """Each import in ``source`` (a file of ``part``) that no arrow allows."""
     allowed = ALLOWED[part] | {part}
-    return [f"{path.relative_to(ROOT)}:{line} ({part}) imports {name}"
-            for line, name, target in imported_parts(source)
-            if target not in allowed]
+    return [
+        f"{path.relative_to(ROOT)}:{line} ({part}) imports {name}"
+        for line, name, target in imported_parts(source)
+        if target not in allowed
+    ]
 
 
 def test_every_module_imports_only_what_the_architecture_allows() -> None:
@@ -81,14 +89,17 @@ def test_every_module_imports_only_what_the_architecture_allows() -> None:
 
 def test_the_check_reports_a_broken_arrow_with_file_and_line() -> None:
     path = PARTS["tasks"] / "made_up.py"
-    source = ("import numpy\nfrom medfed.core import wire\n"
-              "def f():\n    from medfed.client.worker import SiteWorker\n"
-              "import medfed.server.app\nfrom medfed import local\n")
+    source = (
+        "import numpy\nfrom medfed.core import wire\n"
+        "def f():\n    from medfed.client.worker import SiteWorker\n"
+        "import medfed.server.app\nfrom medfed import local\n"
+    )
     assert violations("tasks", path, source) == [
         "tasks/made_up.py:4 (tasks) imports medfed.client.worker",
         "tasks/made_up.py:5 (tasks) imports medfed.server.app",
         "tasks/made_up.py:6 (tasks) imports medfed.local",
     ]
     assert violations("core", PARTS["core"] / "x.py", "from medfed.tasks import dp\n") == [
-        "medfed/core/x.py:1 (core) imports medfed.tasks"]
+        "medfed/core/x.py:1 (core) imports medfed.tasks"
+    ]
     assert violations("cli", PARTS["cli"] / "x.py", "import medfed.local\n") == []

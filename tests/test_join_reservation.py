@@ -42,30 +42,40 @@ def make_gate(tmp_path: Path, epsilon_max: float) -> tuple[PrivacyGate, Path]:
 
 
 def secure_run(rounds: int = 2, timeout: float = 600.0) -> RunConfig:
-    return RunConfig(task="tiny-seg", rounds=rounds, secure_aggregation="default",
-                     round_timeout_s=timeout,
-                     privacy={"mode": "update", "noise_multiplier": Z, "clipping_norm": 0.5})
+    return RunConfig(
+        task="tiny-seg",
+        rounds=rounds,
+        secure_aggregation="default",
+        round_timeout_s=timeout,
+        privacy={"mode": "update", "noise_multiplier": Z, "clipping_norm": 0.5},
+    )
 
 
 def join(gate: PrivacyGate, run_id: str, run: RunConfig | None = None) -> Forecast | None:
-    return gate.preflight(run or secure_run(), run_id, model=None, num_examples=32,
-                          batch_size=16, epochs=1)
+    return gate.preflight(
+        run or secure_run(), run_id, model=None, num_examples=32, batch_size=16, epochs=1
+    )
 
 
 def train(gate: PrivacyGate, run_id: str, rnd: int) -> float:
-    rp = gate.before_training(secure_run(), run_id, rnd, model=None, num_examples=32,
-                              batch_size=16, epochs=1)
+    rp = gate.before_training(
+        secure_run(), run_id, rnd, model=None, num_examples=32, batch_size=16, epochs=1
+    )
     gate.commit(rp, steps=1)
     return rp.reservation.epsilon
 
 
 def test_the_second_run_that_does_not_fit_beside_the_first_is_refused_at_join(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     gate, _ = make_gate(tmp_path, epsilon_max=3.0)  # one 2-round run fits (2.03), two do not
     assert join(gate, "run-a") == Forecast(2, Z)
     (hold,) = gate.ledger.holds()
-    assert (hold.run_id, hold.epsilon, hold.outstanding) == ("run-a", pytest.approx(eps(2)),
-                                                             pytest.approx(eps(2)))
+    assert (hold.run_id, hold.epsilon, hold.outstanding) == (
+        "run-a",
+        pytest.approx(eps(2)),
+        pytest.approx(eps(2)),
+    )
     assert gate.ledger.spent("brain") == 0.0  # a hold is not a spend
     with pytest.raises(PrivacyRefusal) as caught:
         join(gate, "run-b")
@@ -77,7 +87,8 @@ def test_the_second_run_that_does_not_fit_beside_the_first_is_refused_at_join(
 
 
 def test_runs_that_fit_together_are_both_admitted_and_each_draws_on_its_own_hold(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     gate, _ = make_gate(tmp_path, epsilon_max=2 * eps(2) + 0.01)
     assert join(gate, "run-a").rounds == 2 and join(gate, "run-b").rounds == 2
     # each run's rounds are charged against its own hold, never refused for the other's
@@ -89,8 +100,7 @@ def test_runs_that_fit_together_are_both_admitted_and_each_draws_on_its_own_hold
         join(gate, "run-c")
 
 
-def test_the_hold_is_released_when_the_run_ends_and_the_next_run_then_fits(
-        tmp_path: Path) -> None:
+def test_the_hold_is_released_when_the_run_ends_and_the_next_run_then_fits(tmp_path: Path) -> None:
     gate, config = make_gate(tmp_path, epsilon_max=3.0)
     join(gate, "run-a")
     train(gate, "run-a", 1)  # spent 1.386 of its 2.029
@@ -114,17 +124,18 @@ def test_an_expired_hold_no_longer_blocks_and_is_shown_as_expired(tmp_path: Path
     out = CliRunner().invoke(site_cmd.app, ["budget", "--config", str(config), "--json"])
     assert out.exit_code == 0, out.output
     said = json.loads(out.output)
-    assert {h["run_id"]: h["expired"] for h in said["holds"]} == {"crashed": True,
-                                                                  "run-b": False}
+    assert {h["run_id"]: h["expired"] for h in said["holds"]} == {"crashed": True, "run-b": False}
     assert said["datasets"]["brain"]["held"] == pytest.approx(eps(2))
-    out = CliRunner().invoke(site_cmd.app, ["budget", "--config", str(config)],
-                             env={"COLUMNS": "120"})
+    out = CliRunner().invoke(
+        site_cmd.app, ["budget", "--config", str(config)], env={"COLUMNS": "120"}
+    )
     assert out.exit_code == 0, out.output
     assert "holds of joined runs" in out.output and "(expired)" in out.output
 
 
 def test_a_hold_lasts_for_the_runs_remaining_rounds_and_each_round_renews_it(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     assert hold_ttl(3, 600.0) == 3600.0  # 2 x 3 x 600 s
     assert hold_ttl(1, 10.0) == HOLD_MIN_S and hold_ttl(10_000, 600.0) == HOLD_MAX_S
     gate, config = make_gate(tmp_path, epsilon_max=30.0)
@@ -142,8 +153,9 @@ def test_a_hold_lasts_for_the_runs_remaining_rounds_and_each_round_renews_it(
 def test_a_run_refused_when_it_joins_again_gives_up_its_earlier_hold(tmp_path: Path) -> None:
     gate, _ = make_gate(tmp_path, epsilon_max=3.0)
     join(gate, "run-a")
-    looser = secure_run().model_copy(update={"privacy": secure_run().privacy.model_copy(
-        update={"noise_multiplier": 0.1})})
+    looser = secure_run().model_copy(
+        update={"privacy": secure_run().privacy.model_copy(update={"noise_multiplier": 0.1})}
+    )
     with pytest.raises(PrivacyRefusal):  # 0.1 noise on a 3.0 budget: not even one round
         join(gate, "run-a", looser)
     assert gate.ledger.holds() == []
@@ -157,10 +169,16 @@ def _site_worker(tmp_path: Path):  # noqa: ANN202 - a SiteWorker
     from medfed.client.worker import SiteWorker
     from medfed.core.config import validate
 
-    cfg = validate(SiteConfig, {
-        "site": {"name": "site-x"}, "data": {"num_samples": 32}, "compute": {"threads": 1},
-        "privacy": {"default": "brain", "datasets": {"brain": {"epsilon_max": 3.0}}}},
-        where="test")
+    cfg = validate(
+        SiteConfig,
+        {
+            "site": {"name": "site-x"},
+            "data": {"num_samples": 32},
+            "compute": {"threads": 1},
+            "privacy": {"default": "brain", "datasets": {"brain": {"epsilon_max": 3.0}}},
+        },
+        where="test",
+    )
     return SiteWorker(cfg, tmp_path / "site.toml")
 
 
@@ -173,17 +191,34 @@ def test_the_worker_holds_at_join_and_releases_at_the_end_of_the_run(tmp_path: P
     run = secure_run()
 
     def query(run_id: int) -> wire.Frame:
-        return worker.handle(wire.Frame({"op": "query", "run_id": run_id, "config": {
-            wire.RUN_CONFIG_KEY: run.to_json(),
-            wire.SECAGG_JOIN: json.dumps(SecAggConfig(mode="default").to_dict())}}))
+        return worker.handle(
+            wire.Frame(
+                {
+                    "op": "query",
+                    "run_id": run_id,
+                    "config": {
+                        wire.RUN_CONFIG_KEY: run.to_json(),
+                        wire.SECAGG_JOIN: json.dumps(SecAggConfig(mode="default").to_dict()),
+                    },
+                }
+            )
+        )
 
     assert query(41).header["ok"]
     second = query(42).header
     assert second["status"] == "refused" and "run '41' holds" in second["reason"]
     torch.manual_seed(0)
     weights = {WEIGHTS_KEY: pack(engine.get_weights(get_task(run.task).build_model()))}
-    ended = worker.handle(wire.Frame({"op": "evaluate", "run_id": 41, "config": {
-        wire.RUN_CONFIG_KEY: run.to_json(), wire.SERVER_ROUND_KEY: run.rounds}}, weights))
+    ended = worker.handle(
+        wire.Frame(
+            {
+                "op": "evaluate",
+                "run_id": 41,
+                "config": {wire.RUN_CONFIG_KEY: run.to_json(), wire.SERVER_ROUND_KEY: run.rounds},
+            },
+            weights,
+        )
+    )
     assert ended.header["ok"], ended.header
     events = [r["event"] for r in worker.audit.read()]
     assert events[-2:] == ["secure-aggregation-ended", "privacy-hold-released"]
@@ -197,8 +232,15 @@ def test_a_run_the_server_ended_early_releases_its_hold_and_keys(tmp_path: Path)
     run = secure_run()
 
     def query(run_id: int, **config: str) -> wire.Frame:
-        return worker.handle(wire.Frame({"op": "query", "run_id": run_id, "config": {
-            wire.RUN_CONFIG_KEY: run.to_json(), **config}}))
+        return worker.handle(
+            wire.Frame(
+                {
+                    "op": "query",
+                    "run_id": run_id,
+                    "config": {wire.RUN_CONFIG_KEY: run.to_json(), **config},
+                }
+            )
+        )
 
     join = {wire.SECAGG_JOIN: json.dumps(SecAggConfig(mode="default").to_dict())}
     assert query(41, **join).header["ok"]
@@ -207,8 +249,10 @@ def test_a_run_the_server_ended_early_releases_its_hold_and_keys(tmp_path: Path)
     # the other sites refused: the server ends run 41 at set-up and says so
     assert query(41, **{wire.RUN_ENDED: "refused"}).header["ok"]
     records = worker.audit.read()
-    assert [r["event"] for r in records][-2:] == ["secure-aggregation-ended",
-                                                  "privacy-hold-released"]
+    assert [r["event"] for r in records][-2:] == [
+        "secure-aggregation-ended",
+        "privacy-hold-released",
+    ]
     assert records[-1]["reason"] == "run refused at the server"
     assert worker.secure.store.load("41") is None  # its secret key is gone
     assert query(42, **join).header["ok"]  # its budget is free again

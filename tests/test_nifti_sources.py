@@ -29,8 +29,7 @@ LAYOUTS = {"nifti-folder": "nifti", "msd": "msd", "bids": "bids"}
 def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One synthesized site of 3 subjects in every layout."""
     out = tmp_path_factory.mktemp("layouts") / "synth"
-    synthesize_sites(out, sites=1, subjects_per_site=3, seed=5,
-                     formats=("nifti", "msd", "bids"))
+    synthesize_sites(out, sites=1, subjects_per_site=3, seed=5, formats=("nifti", "msd", "bids"))
     return out / "site-1"
 
 
@@ -38,9 +37,12 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def dicom_subjects(site: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The DICOM folder's subjects by synthesized subject name."""
     names = {uid: e.subject for uid, e in read_site_manifest(site).series.items()}
-    source = DataSourceConfig(kind="dicom-folder", path=str(site / "dicom"),
-                              manifest=str(site / "manifest.json"),
-                              cache_dir=str(tmp_path_factory.mktemp("dicom-cache")))
+    source = DataSourceConfig(
+        kind="dicom-folder",
+        path=str(site / "dicom"),
+        manifest=str(site / "manifest.json"),
+        cache_dir=str(tmp_path_factory.mktemp("dicom-cache")),
+    )
     return {names[s.key]: s for s in load_subjects(source)}
 
 
@@ -49,13 +51,15 @@ def _copy(site: Path, layout: str, tmp_path: Path) -> Path:
 
 
 def _nifti(kind: str, path: Path, **kwargs: object) -> DataSourceConfig:
-    return DataSourceConfig(kind=kind, path=str(path), cache_dir=str(path.parent / "cache"),
-                            **kwargs)
+    return DataSourceConfig(
+        kind=kind, path=str(path), cache_dir=str(path.parent / "cache"), **kwargs
+    )
 
 
 @pytest.mark.parametrize("kind", list(LAYOUTS))
 def test_layout_gives_the_dicom_folders_voxels_labels_and_targets(
-        kind: str, site: Path, dicom_subjects: dict, tmp_path: Path) -> None:
+    kind: str, site: Path, dicom_subjects: dict, tmp_path: Path
+) -> None:
     subjects = load_subjects(_nifti(kind, _copy(site, LAYOUTS[kind], tmp_path)))
     assert len(subjects) == len(dicom_subjects) == 3
     for s in subjects:
@@ -71,7 +75,8 @@ def test_layout_gives_the_dicom_folders_voxels_labels_and_targets(
 
 
 def test_second_load_reads_the_cache_and_a_changed_file_is_read_again(
-        site: Path, tmp_path: Path) -> None:
+    site: Path, tmp_path: Path
+) -> None:
     root = _copy(site, "nifti", tmp_path)
     dataset = NiftiSource(_nifti("nifti-folder", root))
     entry = dataset.layout().entries[0]
@@ -84,12 +89,10 @@ def test_second_load_reads_the_cache_and_a_changed_file_is_read_again(
     nib.save(nifti_image(np.asarray(img.dataobj) * 2, img.affine), image)
     third = NiftiSource(_nifti("nifti-folder", root))
     changed, _ = third.load(entry)
-    assert third.cache.stats.hits == 0 and torch.equal(changed.as_tensor(),
-                                                       first.as_tensor() * 2)
+    assert third.cache.stats.hits == 0 and torch.equal(changed.as_tensor(), first.as_tensor() * 2)
 
 
-def test_scan_reports_counts_and_each_bad_scan_with_its_reason(site: Path,
-                                                               tmp_path: Path) -> None:
+def test_scan_reports_counts_and_each_bad_scan_with_its_reason(site: Path, tmp_path: Path) -> None:
     root = _copy(site, "nifti", tmp_path)
     entries = NiftiSource(_nifti("nifti-folder", root)).layout().entries
     a, b, c = (root / e.label for e in entries)
@@ -177,8 +180,9 @@ def test_config_keys_belong_to_their_kind_and_a_missing_folder_is_named(tmp_path
         load_subjects(resolved)
 
 
-def test_site_scan_and_training_on_a_bids_site(site: Path, tmp_path: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_site_scan_and_training_on_a_bids_site(
+    site: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     root = _copy(site, "bids", tmp_path)
     config = tmp_path / "site.toml"
     config.write_text('[site]\nname = "a"\n[data]\nkind = "bids"\npath = "bids"\n')

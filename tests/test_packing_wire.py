@@ -14,8 +14,11 @@ from medfed.core.packing import Layout, pack, unpack
 
 def test_pack_unpack_round_trip() -> None:
     rng = np.random.default_rng(0)
-    state = {"a": rng.normal(size=(3, 4)).astype(np.float32), "b": np.arange(5, dtype=np.int64),
-             "c": rng.normal(size=(2, 1, 2)).astype(np.float32)}
+    state = {
+        "a": rng.normal(size=(3, 4)).astype(np.float32),
+        "b": np.arange(5, dtype=np.int64),
+        "c": rng.normal(size=(2, 1, 2)).astype(np.float32),
+    }
     layout = Layout.of(state)
     vec = pack(state)
     assert vec.shape == (layout.size,) and vec.dtype == np.float32
@@ -33,8 +36,9 @@ def test_unpack_rejects_wrong_size() -> None:
 
 def test_frame_round_trip() -> None:
     a, b = socket.socketpair()
-    frame = wire.Frame({"op": "train", "config": {"x": 1}},
-                       {"w": np.arange(6, dtype=np.float32).reshape(2, 3)})
+    frame = wire.Frame(
+        {"op": "train", "config": {"x": 1}}, {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    )
     wire.send_frame(a, frame)
     got = wire.recv_frame(b)
     assert got.header == frame.header
@@ -49,8 +53,13 @@ def test_malformed_frames_are_rejected() -> None:
         wire.recv_frame(b)
     a2, b2 = socket.socketpair()
     header = b'{"header": {}, "arrays": [{"name": "w", "dtype": "<f4", "shape": [4]}]}'
-    a2.sendall(struct.pack(">Q", len(header)) + header + struct.pack(">Q", 1)
-               + struct.pack(">Q", 3) + b"abc")
+    a2.sendall(
+        struct.pack(">Q", len(header))
+        + header
+        + struct.pack(">Q", 1)
+        + struct.pack(">Q", 3)
+        + b"abc"
+    )
     with pytest.raises(wire.ChannelError, match="shape needs"):
         wire.recv_frame(b2)
     a3, b3 = socket.socketpair()

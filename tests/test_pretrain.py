@@ -122,27 +122,64 @@ def test_the_run_report_names_the_initial_model(tmp_path: Path) -> None:
 
 
 def _medfed(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "medfed", *args], capture_output=True,
-                          text=True, cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "medfed", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )
 
 
 def test_cli_lists_public_weights_and_refuses_them_where_a_task_has_none(tmp_path: Path) -> None:
     out = _medfed("tasks", cwd=tmp_path)
     assert out.returncode == 0 and "public weights" in out.stdout
-    out = _medfed("run", "--task", "tiny-seg", "--init-weights", "public",
-                  "--server", "127.0.0.1:1", "--ca", "x.pem", cwd=tmp_path)
+    out = _medfed(
+        "run",
+        "--task",
+        "tiny-seg",
+        "--init-weights",
+        "public",
+        "--server",
+        "127.0.0.1:1",
+        "--ca",
+        "x.pem",
+        cwd=tmp_path,
+    )
     assert out.returncode == 2 and "ships no public weights" in out.stderr
     assert "Traceback" not in out.stderr
-    out = _medfed("run", "--task", "tiny-seg", "--init-weights", "pubic",
-                  "--server", "127.0.0.1:1", "--ca", "x.pem", cwd=tmp_path)
+    out = _medfed(
+        "run",
+        "--task",
+        "tiny-seg",
+        "--init-weights",
+        "pubic",
+        "--server",
+        "127.0.0.1:1",
+        "--ca",
+        "x.pem",
+        cwd=tmp_path,
+    )
     assert out.returncode == 2 and "init_weights" in out.stderr
     out = _medfed("pretrain", "--task", "tiny-seg", "--out", "w.npz", cwd=tmp_path)
     assert out.returncode == 2 and "no public training data" in out.stderr
 
 
 def test_cli_pretrain_writes_a_weights_file(tmp_path: Path) -> None:
-    out = _medfed("pretrain", "--task", "brain-tissue-seg", "--out", "w.npz", "--subjects", "2",
-                  "--steps", "2", "--batch-size", "8", cwd=tmp_path)
+    out = _medfed(
+        "pretrain",
+        "--task",
+        "brain-tissue-seg",
+        "--out",
+        "w.npz",
+        "--subjects",
+        "2",
+        "--steps",
+        "2",
+        "--batch-size",
+        "8",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     assert "wrote" in out.stdout and (tmp_path / "w.npz").is_file()
     assert json.loads((tmp_path / "w.json").read_text())["recipe"]["steps"] == 2

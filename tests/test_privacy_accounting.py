@@ -66,41 +66,55 @@ def test_update_dp_epsilon_is_the_rdp_accountant() -> None:
 def test_clip_and_noise_bounds_the_norm_and_has_the_right_std() -> None:
     rng = np.random.default_rng(0)
     update = rng.normal(size=20_000).astype(np.float32) * 10
-    clipped = dp_update.clip_and_noise_update(update, clipping_norm=1.0, noise_multiplier=0.0,
-                                              generator=np.random.default_rng(1))
+    clipped = dp_update.clip_and_noise_update(
+        update, clipping_norm=1.0, noise_multiplier=0.0, generator=np.random.default_rng(1)
+    )
     assert clipped.dtype == np.float32
     assert np.linalg.norm(clipped) == pytest.approx(1.0, rel=1e-5)
-    np.testing.assert_allclose(clipped / np.linalg.norm(clipped),
-                               update / np.linalg.norm(update), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(
+        clipped / np.linalg.norm(clipped), update / np.linalg.norm(update), rtol=1e-4, atol=1e-7
+    )
     small = np.full(4, 0.1, dtype=np.float32)  # norm 0.2 < 1: left as is
     np.testing.assert_allclose(
-        dp_update.clip_and_noise_update(small, clipping_norm=1.0, noise_multiplier=0.0,
-                                        generator=np.random.default_rng(1)), small)
+        dp_update.clip_and_noise_update(
+            small, clipping_norm=1.0, noise_multiplier=0.0, generator=np.random.default_rng(1)
+        ),
+        small,
+    )
     zero = np.zeros(200_000)
-    noised = dp_update.clip_and_noise_update(zero, clipping_norm=0.5, noise_multiplier=2.0,
-                                             generator=np.random.default_rng(2))
+    noised = dp_update.clip_and_noise_update(
+        zero, clipping_norm=0.5, noise_multiplier=2.0, generator=np.random.default_rng(2)
+    )
     # std 1.0 = 2.0 * 0.5; the sample std of 2e5 draws is within ~0.3% (5 sigma: 1.6%)
     assert noised.std() == pytest.approx(1.0, rel=0.016)
     assert abs(noised.mean()) < 5 / np.sqrt(200_000)
     assert update[0] != clipped[0]  # the caller's array is not mutated
-    assert np.all(update == rng.__class__(np.random.PCG64(0)).normal(size=20_000)
-                  .astype(np.float32) * 10)
+    assert np.all(
+        update == rng.__class__(np.random.PCG64(0)).normal(size=20_000).astype(np.float32) * 10
+    )
 
 
 def test_clip_and_noise_refuses_a_non_finite_update() -> None:
     from medfed.core.errors import MedfedError
 
     with pytest.raises(MedfedError, match="NaN"):
-        dp_update.clip_and_noise_update(np.array([1.0, np.nan]), clipping_norm=1.0,
-                                        noise_multiplier=1.0, generator=np.random.default_rng(0))
+        dp_update.clip_and_noise_update(
+            np.array([1.0, np.nan]),
+            clipping_norm=1.0,
+            noise_multiplier=1.0,
+            generator=np.random.default_rng(0),
+        )
 
 
 def test_the_coordinator_is_warned_when_update_level_noise_drowns_the_update() -> None:
     from medfed.core.config import RunConfig
     from medfed.server.app import _update_dp_warning
 
-    few = RunConfig(task="tiny-seg", min_sites=2, privacy={
-        "mode": "update", "noise_multiplier": 1.0, "clipping_norm": 1.0})
+    few = RunConfig(
+        task="tiny-seg",
+        min_sites=2,
+        privacy={"mode": "update", "noise_multiplier": 1.0, "clipping_norm": 1.0},
+    )
     text = _update_dp_warning(few, 20_000)  # noise 1 * sqrt(20000 / 2) = 100x the update
     assert text is not None and "still about 100 times the largest update" in text
     assert "--dp sample" in text
@@ -116,8 +130,10 @@ def test_a_run_of_equal_rounds_is_accounted_as_one_long_training(accountant: str
     # ten rounds of six steps must give its epsilon, not a coarser composition.
     rounds = [(0.9, 0.05, 6)] * 10
     assert privacy_accounting.epsilon_of_history(rounds, 1e-5, accountant) == pytest.approx(
-        privacy_accounting.epsilon_for(60, 0.05, 0.9, 1e-5, accountant), rel=1e-12)
+        privacy_accounting.epsilon_for(60, 0.05, 0.9, 1e-5, accountant), rel=1e-12
+    )
     # a round at another noise in between is its own entry: not merged across it
     mixed = [*rounds[:5], (2.0, 0.05, 6), *rounds[5:]]
-    assert privacy_accounting.epsilon_of_history(mixed, 1e-5, accountant) < \
-        privacy_accounting.epsilon_for(66, 0.05, 0.9, 1e-5, accountant)
+    assert privacy_accounting.epsilon_of_history(
+        mixed, 1e-5, accountant
+    ) < privacy_accounting.epsilon_for(66, 0.05, 0.9, 1e-5, accountant)

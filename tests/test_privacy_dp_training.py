@@ -23,12 +23,20 @@ def test_dp_training_of_each_registered_task(name: str) -> None:
     batch = (len(data) + 1) // 2  # two Poisson steps
     before = engine.get_weights(model)
     stats = dp.dp_train(
-        task, model, data, epochs=1, batch_size=batch, learning_rate=1e-2,
-        noise_multiplier=1.0, max_grad_norm=1.0, device=torch.device("cpu"),
+        task,
+        model,
+        data,
+        epochs=1,
+        batch_size=batch,
+        learning_rate=1e-2,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        device=torch.device("cpu"),
         generator=torch.Generator().manual_seed(0),
     )
     assert stats.steps == 2 and stats.history == privacy_accounting.plan_round(
-        len(data), batch_size=batch, epochs=1, noise_multiplier=1.0)
+        len(data), batch_size=batch, epochs=1, noise_multiplier=1.0
+    )
     assert stats.sample_rate == pytest.approx(0.5)
     after = engine.get_weights(model)
     assert set(after) == set(before)  # the weights' layout is untouched
@@ -59,8 +67,9 @@ def test_prelu_per_sample_gradient_matches_functorch(channels: int) -> None:
 
     def grads(force_functorch: bool) -> torch.Tensor:
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Conv2d(3, 3, 3), nn.PReLU(channels), nn.Flatten(),
-                              nn.LazyLinear(1))
+        model = nn.Sequential(
+            nn.Conv2d(3, 3, 3), nn.PReLU(channels), nn.Flatten(), nn.LazyLinear(1)
+        )
         x = torch.randn(5, 3, 6, 6, generator=torch.Generator().manual_seed(1))
         model(x)
         gsm = GradSampleModule(model, force_functorch=force_functorch)
@@ -73,25 +82,39 @@ def test_prelu_per_sample_gradient_matches_functorch(channels: int) -> None:
     torch.testing.assert_close(fast, grads(True), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize(("dims", "stride", "padding", "output_padding", "dilation", "bias"), [
-    (2, 2, 1, 1, 1, True),   # MONAI UNet's up-sampling layer
-    (2, 1, 0, 0, 1, False),
-    (2, 3, 2, 2, 2, True),
-    (1, 2, 1, 1, 1, True),
-    (3, 2, 1, 1, 1, True),
-])
+@pytest.mark.parametrize(
+    ("dims", "stride", "padding", "output_padding", "dilation", "bias"),
+    [
+        (2, 2, 1, 1, 1, True),  # MONAI UNet's up-sampling layer
+        (2, 1, 0, 0, 1, False),
+        (2, 3, 2, 2, 2, True),
+        (1, 2, 1, 1, 1, True),
+        (3, 2, 1, 1, 1, True),
+    ],
+)
 def test_conv_transpose_per_sample_gradient_matches_functorch(
-        dims: int, stride: int, padding: int, output_padding: int, dilation: int,
-        bias: bool) -> None:
+    dims: int, stride: int, padding: int, output_padding: int, dilation: int, bias: bool
+) -> None:
     from opacus import GradSampleModule
 
     conv_t = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[dims]
 
     def grads(force_functorch: bool) -> list[torch.Tensor]:
         torch.manual_seed(0)
-        model = nn.Sequential(conv_t(3, 4, 3, stride=stride, padding=padding,
-                                     output_padding=output_padding, dilation=dilation,
-                                     bias=bias), nn.Flatten(), nn.LazyLinear(1))
+        model = nn.Sequential(
+            conv_t(
+                3,
+                4,
+                3,
+                stride=stride,
+                padding=padding,
+                output_padding=output_padding,
+                dilation=dilation,
+                bias=bias,
+            ),
+            nn.Flatten(),
+            nn.LazyLinear(1),
+        )
         x = torch.randn(5, 3, *([5] * dims), generator=torch.Generator().manual_seed(1))
         model(x)
         gsm = GradSampleModule(model, force_functorch=force_functorch)
@@ -113,18 +136,29 @@ def test_sgd_with_averaged_iterates_sends_the_moving_average() -> None:
         torch.manual_seed(0)
         model = task.build_model()
         before = engine.get_weights(model)
-        dp.dp_train(task, model, data, epochs=1, batch_size=len(data),  # one step, rate 1
-                    learning_rate=0.1, noise_multiplier=1.0, max_grad_norm=1.0,
-                    device=torch.device("cpu"), generator=torch.Generator().manual_seed(0),
-                    optimizer="sgd", average_iterates=average)
+        dp.dp_train(
+            task,
+            model,
+            data,
+            epochs=1,
+            batch_size=len(data),  # one step, rate 1
+            learning_rate=0.1,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            device=torch.device("cpu"),
+            generator=torch.Generator().manual_seed(0),
+            optimizer="sgd",
+            average_iterates=average,
+        )
         return before, engine.get_weights(model)
 
     start, last = train(0.0)
     _, averaged = train(0.75)
     assert any(not np.allclose(last[k], start[k]) for k in last)
     for k in last:  # one step: EMA = 0.75 * start + 0.25 * last iterate, same noise draw
-        np.testing.assert_allclose(averaged[k], 0.75 * start[k] + 0.25 * last[k],
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            averaged[k], 0.75 * start[k] + 0.25 * last[k], rtol=1e-5, atol=1e-6
+        )
 
 
 def test_fedprox_proximal_term_is_applied_under_dp_sgd_after_the_noise() -> None:
@@ -139,10 +173,20 @@ def test_fedprox_proximal_term_is_applied_under_dp_sgd_after_the_noise() -> None
         torch.manual_seed(0)
         model = task.build_model()
         before = engine.get_weights(model)
-        dp.dp_train(task, model, data, epochs=epochs, batch_size=len(data),
-                    learning_rate=lr, noise_multiplier=1.0, max_grad_norm=1.0,
-                    device=torch.device("cpu"), generator=torch.Generator().manual_seed(0),
-                    optimizer="sgd", proximal_mu=proximal_mu)
+        dp.dp_train(
+            task,
+            model,
+            data,
+            epochs=epochs,
+            batch_size=len(data),
+            learning_rate=lr,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            device=torch.device("cpu"),
+            generator=torch.Generator().manual_seed(0),
+            optimizer="sgd",
+            proximal_mu=proximal_mu,
+        )
         return before, engine.get_weights(model)
 
     w0, w1 = train(1, 0.0)
@@ -150,8 +194,9 @@ def test_fedprox_proximal_term_is_applied_under_dp_sgd_after_the_noise() -> None
     _, w2_proximal = train(2, mu)
     assert any(not np.allclose(w1[k], w0[k]) for k in w1)
     for k in w2:
-        np.testing.assert_allclose(w2_proximal[k], w2[k] - lr * mu * (w1[k] - w0[k]),
-                                   rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(
+            w2_proximal[k], w2[k] - lr * mu * (w1[k] - w0[k]), rtol=1e-4, atol=1e-6
+        )
 
 
 @pytest.mark.parametrize("name", ["tiny-seg", "brain-tissue-seg", "brain-lesion-cls"])
@@ -185,5 +230,6 @@ def test_vmap_per_sample_gradients_equal_opacus_hooks(name: str) -> None:
 
 def test_without_a_sample_opacus_picks_hooks_or_functorch() -> None:
     assert dp_modes.choose_grad_sample_mode(TASKS.get("tiny-seg").build_model()) == "hooks"
-    assert dp_modes.choose_grad_sample_mode(
-        TASKS.get("brain-lesion-cls").build_model()) == "functorch"
+    assert (
+        dp_modes.choose_grad_sample_mode(TASKS.get("brain-lesion-cls").build_model()) == "functorch"
+    )

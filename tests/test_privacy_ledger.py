@@ -15,8 +15,9 @@ from medfed.client.ledger import BudgetExceeded, LedgerError, PrivacyLedger, Uni
 from medfed.core import privacy_accounting
 from medfed.core.privacy import DatasetBudget
 
-BUDGET = DatasetBudget(epsilon_max=10.0, delta=1e-5, min_noise_multiplier=0.5,
-                       max_clipping_norm=1.0)
+BUDGET = DatasetBudget(
+    epsilon_max=10.0, delta=1e-5, min_noise_multiplier=0.5, max_clipping_norm=1.0
+)
 ROUND = [(1.0, 0.1, 10)]  # one round: 10 steps at q = 0.1, sigma = 1
 
 
@@ -46,8 +47,9 @@ def test_a_prv_run_is_charged_what_opacus_prv_accountant_reports(tmp_path: Path)
     assert independent == pytest.approx(4.18855485888563, rel=1e-9)  # Opacus 1.6
     ledger = PrivacyLedger(tmp_path / "ledger.sqlite")
     for rnd in (1, 2, 3):
-        r = ledger.reserve("run-a", rnd, "brain", budget=BUDGET, round_history=ROUND,
-                           delta=1e-5, accountant="prv")
+        r = ledger.reserve(
+            "run-a", rnd, "brain", budget=BUDGET, round_history=ROUND, delta=1e-5, accountant="prv"
+        )
         ledger.commit(r.record_id, steps=10)
     assert r.run_epsilon == pytest.approx(independent, rel=1e-9)
     assert ledger.spent("brain") == pytest.approx(independent, rel=1e-9)
@@ -60,10 +62,15 @@ def test_runs_on_one_dataset_add_up_and_datasets_are_separate(tmp_path: Path) ->
     assert ledger.spent("brain") == pytest.approx(a.epsilon + b.epsilon)  # basic composition
     summary = ledger.summary()
     assert [(d.dataset, d.runs, d.rounds) for d in summary.datasets] == [
-        ("brain", 2, 2), ("lung", 1, 1)]
+        ("brain", 2, 2),
+        ("lung", 1, 1),
+    ]
     assert summary.datasets[0].remaining == pytest.approx(10.0 - a.epsilon - b.epsilon)
     assert {(r.run_id, r.dataset) for r in summary.runs} == {
-        ("run-a", "brain"), ("run-b", "brain"), ("run-a", "lung")}
+        ("run-a", "brain"),
+        ("run-b", "brain"),
+        ("run-a", "lung"),
+    }
     assert all(r.reserved == 1 and r.first for r in summary.runs)
 
 
@@ -73,8 +80,9 @@ def test_the_ledger_refuses_an_over_budget_round(tmp_path: Path) -> None:
     spent = 0.0
     with pytest.raises(BudgetExceeded) as caught:
         for rnd in range(1, 10):
-            spent = ledger.reserve("run-a", rnd, "brain", budget=small, round_history=ROUND,
-                                   delta=1e-5).spent
+            spent = ledger.reserve(
+                "run-a", rnd, "brain", budget=small, round_history=ROUND, delta=1e-5
+            ).spent
     err = caught.value
     assert err.dataset == "brain" and err.budget == 5.0 and rnd == 4  # eps 3.4, 4.2, 4.8, 5.4
     assert err.spent == pytest.approx(spent) and spent + err.asked > 5.0
@@ -101,28 +109,48 @@ def test_commit_blocks_a_round_that_trained_more_steps_than_reserved(tmp_path: P
 def test_spends_name_their_unit_and_a_coarser_policy_refuses_finer_ones(tmp_path: Path) -> None:
     ledger = PrivacyLedger(tmp_path / "ledger.sqlite")
     _reserve(ledger, "run-slices", 1)  # per sample
-    ledger.reserve("run-update", 1, "brain", budget=BUDGET, round_history=[(1.0, 1.0, 1)],
-                   delta=1e-5, mode="update", unit="sample")  # update-level protects the site
+    ledger.reserve(
+        "run-update",
+        1,
+        "brain",
+        budget=BUDGET,
+        round_history=[(1.0, 1.0, 1)],
+        delta=1e-5,
+        mode="update",
+        unit="sample",
+    )  # update-level protects the site
     assert {r.run_id: r.unit for r in ledger.history("brain")} == {
-        "run-slices": "sample", "run-update": "site"}
+        "run-slices": "sample",
+        "run-update": "site",
+    }
     per_scan = BUDGET.model_copy(update={"privacy_unit": "scan"})
     spent = ledger.spent("brain")
     with pytest.raises(UnitNotCovered) as caught:  # the operator raised privacy_unit later
-        ledger.reserve("run-scans", 1, "brain", budget=per_scan, round_history=ROUND,
-                       delta=1e-5, unit="scan")
+        ledger.reserve(
+            "run-scans", 1, "brain", budget=per_scan, round_history=ROUND, delta=1e-5, unit="scan"
+        )
     assert caught.value.finer == {"sample": 1}
     assert "privacy_unit" in caught.value.where and "1 round(s) per sample" in str(caught.value)
     assert ledger.spent("brain") == pytest.approx(spent)  # the refusal wrote nothing
     # another dataset, spent per scan only, takes per-scan and update-level rounds
-    ledger.reserve("run-scans", 1, "lung", budget=per_scan, round_history=ROUND, delta=1e-5,
-                   unit="scan")
-    ledger.reserve("run-update", 1, "lung", budget=per_scan, round_history=[(1.0, 1.0, 1)],
-                   delta=1e-5, mode="update")
+    ledger.reserve(
+        "run-scans", 1, "lung", budget=per_scan, round_history=ROUND, delta=1e-5, unit="scan"
+    )
+    ledger.reserve(
+        "run-update",
+        1,
+        "lung",
+        budget=per_scan,
+        round_history=[(1.0, 1.0, 1)],
+        delta=1e-5,
+        mode="update",
+    )
     with pytest.raises(UnitNotCovered, match="this round"):  # a finer round itself
         ledger.reserve("run-x", 1, "lung", budget=per_scan, round_history=ROUND, delta=1e-5)
     with pytest.raises(LedgerError, match="Unknown privacy unit"):
-        ledger.reserve("run-x", 1, "lung", budget=BUDGET, round_history=ROUND, delta=1e-5,
-                       unit="slice")
+        ledger.reserve(
+            "run-x", 1, "lung", budget=BUDGET, round_history=ROUND, delta=1e-5, unit="slice"
+        )
     units = {(r.run_id, r.dataset): r.unit for r in ledger.summary().runs}
     assert units[("run-scans", "lung")] == "scan" and units[("run-update", "lung")] == "site"
 
@@ -147,11 +175,20 @@ def test_a_ledger_written_before_units_reads_its_spends_as_per_sample(tmp_path: 
     con.close()
     ledger = PrivacyLedger(path)
     assert [(r.run_id, r.unit) for r in ledger.history("brain")] == [
-        ("old", "sample"), ("old-u", "site")]
+        ("old", "sample"),
+        ("old-u", "site"),
+    ]
     assert ledger.spent("brain") == pytest.approx(3.0)  # nothing lost
     with pytest.raises(UnitNotCovered):
-        ledger.reserve("new", 1, "brain", round_history=ROUND, delta=1e-5, unit="patient",
-                       budget=BUDGET.model_copy(update={"privacy_unit": "patient"}))
+        ledger.reserve(
+            "new",
+            1,
+            "brain",
+            round_history=ROUND,
+            delta=1e-5,
+            unit="patient",
+            budget=BUDGET.model_copy(update={"privacy_unit": "patient"}),
+        )
     PrivacyLedger(path)  # opening it again migrates nothing twice
 
 
@@ -170,8 +207,12 @@ CRASHING_SITE = textwrap.dedent("""
 
 def test_a_reserved_spend_survives_a_kill_before_sending(tmp_path: Path) -> None:
     path = tmp_path / "ledger.sqlite"
-    proc = subprocess.run([sys.executable, "-c", CRASHING_SITE, str(path)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", CRASHING_SITE, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     asked = float(proc.stdout.split()[0])
     ledger = PrivacyLedger(path)  # the restarted daemon

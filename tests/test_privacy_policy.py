@@ -13,8 +13,9 @@ from medfed.core.privacy import (
     check_run_against_policy,
 )
 
-BRAIN = DatasetBudget(epsilon_max=8.0, delta=1e-5, min_noise_multiplier=0.8,
-                      max_clipping_norm=1.0, dp_required=True)
+BRAIN = DatasetBudget(
+    epsilon_max=8.0, delta=1e-5, min_noise_multiplier=0.8, max_clipping_norm=1.0, dp_required=True
+)
 
 
 def _check(**run: object):
@@ -31,14 +32,26 @@ def test_a_run_that_meets_the_policy_is_allowed() -> None:
     ("run", "rule", "values"),
     [
         ({"mode": "off"}, "privacy.datasets.brain.dp_required", ["'off'"]),
-        ({"mode": "sample", "noise_multiplier": 0.5}, "privacy.datasets.brain.min_noise_multiplier",
-         ["0.5", "0.8"]),
-        ({"mode": "sample", "noise_multiplier": 1.0, "max_grad_norm": 5.0},
-         "privacy.datasets.brain.max_clipping_norm", ["max_grad_norm = 5", "maximum 1"]),
-        ({"mode": "update", "noise_multiplier": 1.0, "clipping_norm": 2.0},
-         "privacy.datasets.brain.max_clipping_norm", ["clipping_norm = 2", "maximum 1"]),
-        ({"mode": "sample", "noise_multiplier": 1.0, "target_delta": 1e-3},
-         "privacy.datasets.brain.delta", ["0.001", "1e-05"]),
+        (
+            {"mode": "sample", "noise_multiplier": 0.5},
+            "privacy.datasets.brain.min_noise_multiplier",
+            ["0.5", "0.8"],
+        ),
+        (
+            {"mode": "sample", "noise_multiplier": 1.0, "max_grad_norm": 5.0},
+            "privacy.datasets.brain.max_clipping_norm",
+            ["max_grad_norm = 5", "maximum 1"],
+        ),
+        (
+            {"mode": "update", "noise_multiplier": 1.0, "clipping_norm": 2.0},
+            "privacy.datasets.brain.max_clipping_norm",
+            ["clipping_norm = 2", "maximum 1"],
+        ),
+        (
+            {"mode": "sample", "noise_multiplier": 1.0, "target_delta": 1e-3},
+            "privacy.datasets.brain.delta",
+            ["0.001", "1e-05"],
+        ),
     ],
 )
 def test_a_run_loosening_the_policy_is_refused_with_the_rule_named(

@@ -36,8 +36,9 @@ def test_entry_point_plugin_is_registered(monkeypatch: pytest.MonkeyPatch) -> No
         def load(self) -> type:
             return fl.FedAvg
 
-    reg: Registry[type] = Registry("strategy", plural="strategies",
-                                   entry_point_group="medfed.strategies")
+    reg: Registry[type] = Registry(
+        "strategy", plural="strategies", entry_point_group="medfed.strategies"
+    )
     monkeypatch.setattr("medfed.core.registry.entry_points", lambda group: [FakeEP()])
     assert reg.get("my-fedavg") is fl.FedAvg
     assert "mypkg:MyFedAvg" in reg.origin("my-fedavg")

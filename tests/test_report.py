@@ -28,8 +28,7 @@ def _rows(dp: bool) -> list[dict]:
 
 
 @pytest.mark.parametrize(("dp", "second"), [(False, "train-loss"), (True, "epsilon-run")])
-def test_a_dp_run_plots_epsilon_and_no_training_loss(tmp_path: Path, dp: bool,
-                                                     second: str) -> None:
+def test_a_dp_run_plots_epsilon_and_no_training_loss(tmp_path: Path, dp: bool, second: str) -> None:
     rows = _rows(dp)
     assert plot_panels(rows, "dice") == [("dice", "evaluate"), (second, "train")]
     out = plot_metrics(rows, "dice", tmp_path / "m.png", title="t")
@@ -42,8 +41,7 @@ def test_evaluation_alone_gives_one_panel(tmp_path: Path) -> None:
     assert _png_width(plot_metrics(rows, "dice", tmp_path / "m.png", title="t")) == 550
 
 
-def test_a_few_sites_get_a_line_each_and_many_a_bundle_with_their_median(
-        tmp_path: Path) -> None:
+def test_a_few_sites_get_a_line_each_and_many_a_bundle_with_their_median(tmp_path: Path) -> None:
     def series(n: int) -> dict[str, list[tuple[int, float]]]:
         out = {f"site-{i}": [(1, 0.1 * (i % 5)), (2, 0.2 + 0.1 * (i % 5))] for i in range(n)}
         return {**out, "global": [(1, 0.3), (2, 0.5)]}
@@ -51,12 +49,18 @@ def test_a_few_sites_get_a_line_each_and_many_a_bundle_with_their_median(
     few = [label for label, *_ in panel_lines(series(3))]
     assert few == ["site-0", "site-1", "site-2", "global"]
     many = panel_lines(series(LABELLED_SITES_MAX + 30))
-    assert [label for label, *_ in many if label] == [f"{LABELLED_SITES_MAX + 30} sites",
-                                                       "site median", "global"]
+    assert [label for label, *_ in many if label] == [
+        f"{LABELLED_SITES_MAX + 30} sites",
+        "site median",
+        "global",
+    ]
     median_line = next(line for line in many if line[0] == "site median")
     assert median_line[1:3] == ([1, 2], [0.2, 0.4])  # per round, of the sites only
-    rows = [{"phase": "evaluate", "round": r, "site": s, "dice": v}
-            for s, points in series(200).items() for r, v in points]
+    rows = [
+        {"phase": "evaluate", "round": r, "site": s, "dice": v}
+        for s, points in series(200).items()
+        for r, v in points
+    ]
     assert _png_width(plot_metrics(rows, "dice", tmp_path / "m.png", title="t")) == 550
 
 
@@ -65,27 +69,55 @@ def test_the_run_report_tells_protection_scores_epsilon_and_refusals(tmp_path: P
     from medfed.core.run_report import write_report
     from medfed.core.runs import RunFolder
 
-    folder = RunFolder.create(tmp_path, 42, RunConfig(
-        task="tiny-seg", rounds=2, strategy="fedprox", strategy_options={"proximal_mu": 0.1},
-        privacy={"mode": "sample", "target_epsilon": 8.0, "max_grad_norm": 0.3}))
-    folder.event("site-replied", round=0, phase="query", site="site-a",
-                 metrics={"fitted-noise": 0.9})
+    folder = RunFolder.create(
+        tmp_path,
+        42,
+        RunConfig(
+            task="tiny-seg",
+            rounds=2,
+            strategy="fedprox",
+            strategy_options={"proximal_mu": 0.1},
+            privacy={"mode": "sample", "target_epsilon": 8.0, "max_grad_norm": 0.3},
+        ),
+    )
+    folder.event(
+        "site-replied", round=0, phase="query", site="site-a", metrics={"fitted-noise": 0.9}
+    )
     for rnd in (1, 2):
         for site, z in (("site-a", 0.9), ("site-b", 1.1)):
             if (rnd, site) == (2, "site-b"):
-                folder.event("site-error", round=2, phase="train", site="site-b", node=5,
-                             status="refused", rule="privacy.datasets.default.epsilon_max",
-                             reason="Privacy budget exceeded (remaining 0.5).")
+                folder.event(
+                    "site-error",
+                    round=2,
+                    phase="train",
+                    site="site-b",
+                    node=5,
+                    status="refused",
+                    rule="privacy.datasets.default.epsilon_max",
+                    reason="Privacy budget exceeded (remaining 0.5).",
+                )
                 continue
             folder.metrics(rnd, site, "train", {"epsilon-run": 4.0 * rnd, "noise-multiplier": z})
         folder.metrics(rnd, "global", "evaluate", {"dice": 0.5 + rnd / 10})
         folder.event("round-finished", round=rnd, seconds=3.0, checkpoint=f"round-00{rnd}.npz")
     folder.event("secure-aggregation", round=2, dropped=["site-b"], survivors=["site-a"])
-    folder.write_cross_site({"global": {"site-a": {"dice": 0.8, "num-examples": 10.0},
-                                        "site-b": {"dice": 0.6, "num-examples": 12.0}}},
-                            metric="dice")
-    folder.write_summary({"status": "completed", "primary_metric": "dice", "seconds": 12.0,
-                          "final_checkpoint": "round-002.npz"})
+    folder.write_cross_site(
+        {
+            "global": {
+                "site-a": {"dice": 0.8, "num-examples": 10.0},
+                "site-b": {"dice": 0.6, "num-examples": 12.0},
+            }
+        },
+        metric="dice",
+    )
+    folder.write_summary(
+        {
+            "status": "completed",
+            "primary_metric": "dice",
+            "seconds": 12.0,
+            "final_checkpoint": "round-002.npz",
+        }
+    )
     text = write_report(folder).read_text()
     assert text.startswith("# Run 42: tiny-seg with fedprox")
     assert "status: **completed**, 2 of 2 rounds" in text and "proximal_mu=0.1" in text
@@ -109,13 +141,19 @@ def test_the_report_lists_every_round_a_site_missed_and_each_resumption(tmp_path
         for site in ("site-a", "site-b"):
             if site == "site-b" and rnd in (2, 4):
                 if rnd == 2:
-                    folder.event("site-error", round=2, phase="train", site="site-b", node=5,
-                                 status="failed", reason="OSError: disk full")
+                    folder.event(
+                        "site-error",
+                        round=2,
+                        phase="train",
+                        site="site-b",
+                        node=5,
+                        status="failed",
+                        reason="OSError: disk full",
+                    )
                 continue
             folder.event("site-replied", round=rnd, phase="train", site=site, metrics={})
             folder.metrics(rnd, site, "train", {"steps": 2})
-        folder.event("round-finished", round=rnd, seconds=1.0,
-                     checkpoint=f"round-00{rnd}.npz")
+        folder.event("round-finished", round=rnd, seconds=1.0, checkpoint=f"round-00{rnd}.npz")
         if rnd == 2:
             folder.event("run-resumed", round=3, flower_run_id="99")
     text = render(folder)

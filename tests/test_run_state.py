@@ -45,36 +45,65 @@ class LearningGrid:
             if "arrays" in content:  # train: a step towards a site-specific target
                 w = content["arrays"]["w"].numpy()
                 new = w + 0.3 * (np.full_like(w, node / 10.0) - w)
-                body = RecordDict({"arrays": ArrayRecord({"w": Array(new)}),
-                                   "metrics": MetricRecord({"num-examples": node})})
+                body = RecordDict(
+                    {
+                        "arrays": ArrayRecord({"w": Array(new)}),
+                        "metrics": MetricRecord({"num-examples": node}),
+                    }
+                )
             else:
-                body = RecordDict({"metrics": MetricRecord({"num-examples": node,
-                                                            "score": float(node)})})
+                body = RecordDict(
+                    {"metrics": MetricRecord({"num-examples": node, "score": float(node)})}
+                )
             replies.append(Message(body, reply_to=m))
         return replies
 
 
 def _strategies() -> list[Any]:
     kw = {"min_train_nodes": 3, "min_evaluate_nodes": 3, "min_available_nodes": 3}
-    return [fl.FedAvg(**kw), fl.FedAvgM(server_momentum=0.9, **kw),
-            fl.FedAdam(eta=0.05, **kw), fl.FedYogi(eta=0.05, **kw)]
+    return [
+        fl.FedAvg(**kw),
+        fl.FedAvgM(server_momentum=0.9, **kw),
+        fl.FedAdam(eta=0.05, **kw),
+        fl.FedYogi(eta=0.05, **kw),
+    ]
 
 
-def _run(strategy: Any, arrays: ArrayRecord, first: int, last: int, store: RunStateStore | None,
-         result: Result | None = None) -> Result:
+def _run(
+    strategy: Any,
+    arrays: ArrayRecord,
+    first: int,
+    last: int,
+    store: RunStateStore | None,
+    result: Result | None = None,
+) -> Result:
     def end(rnd: int, arr: ArrayRecord, so_far: Result) -> None:
         if store is not None:
-            store.save(rnd, strategy, train_metrics=so_far.train_metrics_clientapp,
-                       evaluate_metrics=so_far.evaluate_metrics_clientapp)
+            store.save(
+                rnd,
+                strategy,
+                train_metrics=so_far.train_metrics_clientapp,
+                evaluate_metrics=so_far.evaluate_metrics_clientapp,
+            )
 
-    return run_rounds(strategy, grid=LearningGrid(), arrays=arrays, first_round=first,
-                      num_rounds=last, timeout=1.0, train_config=ConfigRecord(),
-                      evaluate_config=ConfigRecord(), end_of_round=end, result=result)
+    return run_rounds(
+        strategy,
+        grid=LearningGrid(),
+        arrays=arrays,
+        first_round=first,
+        num_rounds=last,
+        timeout=1.0,
+        train_config=ConfigRecord(),
+        evaluate_config=ConfigRecord(),
+        end_of_round=end,
+        result=result,
+    )
 
 
 @pytest.mark.parametrize("index", range(4), ids=["fedavg", "fedavgm", "fedadam", "fedyogi"])
 def test_a_run_resumed_after_round_2_ends_where_an_uninterrupted_run_ends(
-        tmp_path: Path, index: int) -> None:
+    tmp_path: Path, index: int
+) -> None:
     start = ArrayRecord({"w": Array(np.zeros(5, dtype=np.float32))})
     random.seed(0)  # Flower samples the sites (and so orders their sum) with `random`
     whole = _run(_strategies()[index], start, 1, 4, None)
@@ -91,7 +120,8 @@ def test_a_run_resumed_after_round_2_ends_where_an_uninterrupted_run_ends(
     store.restore(state, second)
     so_far = Result()
     so_far.evaluate_metrics_clientapp.update(
-        {int(r): MetricRecord(m) for r, m in state.evaluate_metrics.items()})
+        {int(r): MetricRecord(m) for r, m in state.evaluate_metrics.items()}
+    )
     rest = _run(second, half.arrays, 3, 4, store, so_far)
 
     np.testing.assert_array_equal(rest.arrays["w"].numpy(), whole.arrays["w"].numpy())
@@ -167,8 +197,12 @@ def test_server_start_resubmits_lost_runs_and_ends_stopped_ones(tmp_path: Path) 
     assert stopped.read_summary()["status"] == "stopped"
     # a run a ServerApp holds is running, not lost: it is left alone
     with lost.lock():
-        again = resume_unfinished(FakeControl(), tmp_path,  # type: ignore[arg-type]
-                                  resume=True, release_wait=0.3)
+        again = resume_unfinished(
+            FakeControl(),
+            tmp_path,  # type: ignore[arg-type]
+            resume=True,
+            release_wait=0.3,
+        )
     assert again == []
 
 

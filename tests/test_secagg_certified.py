@@ -38,12 +38,14 @@ D = 16
 
 def _enrolled(tmp_path: Path, n: int = 3) -> tuple[Federation, SiteFederation, dict[str, str]]:
     """A federation whose ``n`` sites were made by `site init` and enrolled; the run joined."""
-    fed = Federation.load(init_federation(tmp_path / "fed", name="f", hosts=["127.0.0.1"],
-                                          port=9999))
+    fed = Federation.load(
+        init_federation(tmp_path / "fed", name="f", hosts=["127.0.0.1"], port=9999)
+    )
     sites = joined(tmp_path / "sites", n, size=D)
     for i, (name, folder) in enumerate(sites.folders.items()):
-        init_site(tmp_path / "init" / name, name=name, federation_ca=fed.ca_cert,
-                  runtime_port=9300 + i)
+        init_site(
+            tmp_path / "init" / name, name=name, federation_ca=fed.ca_cert, runtime_port=9300 + i
+        )
         keys = tmp_path / "init" / name / "keys"
         # the run's sites use the identity `site init` wrote (same folder layout)
         (folder / "keys").mkdir(parents=True, exist_ok=True)
@@ -57,13 +59,23 @@ def _enrolled(tmp_path: Path, n: int = 3) -> tuple[Federation, SiteFederation, d
     return fed, sites, certified
 
 
-def _first_round(sites: SiteFederation, site: str, certificates: dict[str, str],
-                 directory: dict[str, bytes] | None = None) -> dict:
+def _first_round(
+    sites: SiteFederation,
+    site: str,
+    certificates: dict[str, str],
+    directory: dict[str, bytes] | None = None,
+) -> dict:
     config, blobs = train_message(sites, sorted(sites.sites), directory)
     config[wire.SECAGG_CERTIFICATES] = json.dumps(certificates)
-    _, _, entry = sites.sites[site].mask(RUN, 1, config, blobs,
-                                         global_vec=np.zeros(D, np.float32),
-                                         local_vec=np.ones(D, np.float32), weight=1.0)
+    _, _, entry = sites.sites[site].mask(
+        RUN,
+        1,
+        config,
+        blobs,
+        global_vec=np.zeros(D, np.float32),
+        local_vec=np.ones(D, np.float32),
+        weight=1.0,
+    )
     return entry
 
 
@@ -79,13 +91,15 @@ def test_site_init_writes_the_identity_key_that_enrolment_certifies(tmp_path: Pa
 def test_every_certified_key_is_accepted_and_audited(tmp_path: Path) -> None:
     _, sites, certified = _enrolled(tmp_path)
     entry = _first_round(sites, "site-a", certified)
-    assert entry["peers_certified"] == {s: fingerprint(sites.directory[s])
-                                        for s in ("site-b", "site-c")}
+    assert entry["peers_certified"] == {
+        s: fingerprint(sites.directory[s]) for s in ("site-b", "site-c")
+    }
     assert "peers_pinned" not in entry
 
 
 def test_a_substituted_key_is_detected_even_with_a_matching_self_made_certificate(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     _, sites, certified = _enrolled(tmp_path)
     impostor = SiteIdentity.generate()
     substituted = {**sites.directory, "site-b": impostor.public_bytes}
@@ -95,8 +109,9 @@ def test_a_substituted_key_is_detected_even_with_a_matching_self_made_certificat
     assert fingerprint(impostor.public_bytes) in str(err.value)
     assert not sites.sites["site-a"].session(RUN).has_roster  # nothing was masked
     rogue = CertificateAuthority.create("rogue")
-    forged = certificate_pem(rogue.issue_key_cert(
-        "site-b", impostor.private_key.public_key(), SECAGG_USAGE))
+    forged = certificate_pem(
+        rogue.issue_key_cert("site-b", impostor.private_key.public_key(), SECAGG_USAGE)
+    )
     with pytest.raises(RosterError, match="not issued by the federation CA"):
         _first_round(sites, "site-a", {**certified, "site-b": forged}, substituted)
     missing = {s: c for s, c in certified.items() if s != "site-c"}
@@ -104,17 +119,23 @@ def test_a_substituted_key_is_detected_even_with_a_matching_self_made_certificat
         _first_round(sites, "site-a", missing)
     # a certificate of site-c's key presented for site-b: names differ
     with pytest.raises(RosterError, match="not one for site 'site-b'"):
-        _first_round(sites, "site-a", {**certified, "site-b": certified["site-c"]},
-                     {**sites.directory, "site-b": sites.directory["site-c"]})
+        _first_round(
+            sites,
+            "site-a",
+            {**certified, "site-b": certified["site-c"]},
+            {**sites.directory, "site-b": sites.directory["site-c"]},
+        )
 
 
-def test_re_enrolment_replaces_the_key_and_a_ca_rotation_recertifies_it(
-        tmp_path: Path) -> None:
+def test_re_enrolment_replaces_the_key_and_a_ca_rotation_recertifies_it(tmp_path: Path) -> None:
     fed, sites, _ = _enrolled(tmp_path, 2)
     site_pub = tmp_path / "init" / "site-b" / "keys" / "site.pub"
     new = SiteIdentity.generate()
-    (tmp_path / "new.pub").write_bytes(new.private_key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    (tmp_path / "new.pub").write_bytes(
+        new.private_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
     fed.enrol(site_pub, "site-b", tmp_path / "new.pub")  # the site re-keyed
     by_key = secagg_certificates(fed.sites_file)
     assert new.public_bytes in by_key and sites.directory["site-b"] not in by_key
@@ -125,7 +146,9 @@ def test_re_enrolment_replaces_the_key_and_a_ca_rotation_recertifies_it(
     for key, pem in secagg_certificates(fed.sites_file).items():
         cert = x509.load_pem_x509_certificate(pem.encode())
         name = str(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
-        assert raw_public_bytes(check_key_cert(cert, new_ca, name=name, usage=SECAGG_USAGE,
-                                               what=name)) == key
+        assert (
+            raw_public_bytes(check_key_cert(cert, new_ca, name=name, usage=SECAGG_USAGE, what=name))
+            == key
+        )
         names[name] = key
     assert names == {"site-a": sites.directory["site-a"], "site-b": new.public_bytes}

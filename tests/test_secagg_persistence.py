@@ -23,8 +23,10 @@ D = 64
 
 def _updates(ids: list[str], seed: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     rng = np.random.default_rng(seed)
-    return ({s: rng.uniform(-1, 1, D).astype(np.float32) for s in ids},
-            {s: float(rng.integers(1, 500)) for s in ids})
+    return (
+        {s: rng.uniform(-1, 1, D).astype(np.float32) for s in ids},
+        {s: float(rng.integers(1, 500)) for s in ids},
+    )
 
 
 def _mode(path: Path) -> int:

@@ -25,8 +25,9 @@ def _x(seed: int) -> np.ndarray:
 
 def _first_round(fed, site: str, directory: dict[str, bytes] | None = None) -> dict:
     config, blobs = train_message(fed, sorted(fed.sites), directory)
-    _, _, entry = fed.sites[site].mask(RUN, 1, config, blobs, global_vec=np.zeros(D, np.float32),
-                                       local_vec=_x(1), weight=10.0)
+    _, _, entry = fed.sites[site].mask(
+        RUN, 1, config, blobs, global_vec=np.zeros(D, np.float32), local_vec=_x(1), weight=10.0
+    )
     return entry
 
 
@@ -53,8 +54,9 @@ def test_changed_peer_key_is_refused_naming_the_peer(tmp_path: Path) -> None:
     fed.sites["site-a"].join("18", json.dumps(fed.config.to_dict()))
     config, blobs = train_message(fed, sorted(fed.sites), directory)
     with pytest.raises(RosterError) as err:
-        fed.sites["site-a"].mask("18", 1, config, blobs, global_vec=np.zeros(D, np.float32),
-                                 local_vec=_x(2), weight=10.0)
+        fed.sites["site-a"].mask(
+            "18", 1, config, blobs, global_vec=np.zeros(D, np.float32), local_vec=_x(2), weight=10.0
+        )
     text = str(err.value)
     assert "'site-b'" in text and str(pins_file) in text
     assert fingerprint(fed.directory["site-b"]) in text and fingerprint(impostor) in text
@@ -93,8 +95,7 @@ def test_masked_round_still_sums_with_pinning(tmp_path: Path) -> None:
     agg.close_collection(1, deadline_passed=True)
     mean, total = agg.result(1)
     assert total == 3.0
-    assert np.abs(mean - np.mean([_x(i) for i in range(3)], axis=0)).max() <= \
-        agg.error_bound(1)
+    assert np.abs(mean - np.mean([_x(i) for i in range(3)], axis=0)).max() <= agg.error_bound(1)
 
 
 # ------------------------------------------------------------------ the CLI

@@ -115,8 +115,7 @@ def test_site_never_masks_after_deadline() -> None:
     fed = federation(3, size=D)
     xs, ws = updates(fed, D)
     with pytest.raises(LateUpdateError, match="deadline has passed"):
-        fed.sessions["site-a"].mask_update(1, xs["site-a"], ws["site-a"], deadline=100.0,
-                                           now=101.0)
+        fed.sessions["site-a"].mask_update(1, xs["site-a"], ws["site-a"], deadline=100.0, now=101.0)
     fed.sessions["site-a"].mask_update(1, xs["site-a"], ws["site-a"], deadline=100.0, now=99.0)
 
 
@@ -269,8 +268,9 @@ def test_strict_mode_hides_an_update_the_server_falsely_declares_dropped() -> No
     reveals = {k: fed.sessions[k].reveal(status.unmask[k]) for k in status.survivors}
     assert all("site-d" not in r.b_shares for r in reveals.values())  # b_d never revealed
     # relaying site-d's shares while calling it dropped is caught by the sites
-    bad = dataclasses.replace(status.unmask["site-a"], shares={"site-d": ups["site-d"].shares[
-        "site-a"]})
+    bad = dataclasses.replace(
+        status.unmask["site-a"], shares={"site-d": ups["site-d"].shares["site-a"]}
+    )
     fresh = federation(4, size=D, mode="strict", threshold=2)
     fresh.sessions["site-a"].mask_update(1, xs["site-a"], ws["site-a"])
     with pytest.raises(ProtocolError, match="which it says dropped"):
@@ -330,14 +330,27 @@ def test_substituted_key_is_detected() -> None:
 def test_participants_below_threshold_are_refused() -> None:
     fed = federation(4, size=D, threshold=2)
     with pytest.raises(ProtocolError, match="at least 3"):
-        fed.sessions["site-a"].mask_update(1, np.zeros(D, np.float32), 1.0,
-                                           participants=["site-a", "site-b"])
+        fed.sessions["site-a"].mask_update(
+            1, np.zeros(D, np.float32), 1.0, participants=["site-a", "site-b"]
+        )
 
 
 def test_core_imports_no_flower_or_role_packages() -> None:
     allowed = {"numpy", "cryptography", "medfed", "__future__"}
-    stdlib = {"base64", "hashlib", "json", "math", "secrets", "struct", "time", "collections",
-              "dataclasses", "typing", "itertools", "os"}
+    stdlib = {
+        "base64",
+        "hashlib",
+        "json",
+        "math",
+        "secrets",
+        "struct",
+        "time",
+        "collections",
+        "dataclasses",
+        "typing",
+        "itertools",
+        "os",
+    }
     for path in Path(secagg_pkg.__file__).parent.glob("*.py"):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):

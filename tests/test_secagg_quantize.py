@@ -27,8 +27,10 @@ def test_weighted_mean_within_bound(bits: int, rounding: str, clip: float) -> No
     rng = np.random.default_rng(3)
     xs = [rng.uniform(-1.2 * clip, 1.2 * clip, d).astype(np.float32) for _ in range(n)]
     ws = [float(w) for w in rng.integers(1, 3000, n)]
-    enc = [encode(x, w, fp, rounding=cfg.rounding, rng=np.random.default_rng(i))[0]
-           for i, (x, w) in enumerate(zip(xs, ws, strict=True))]
+    enc = [
+        encode(x, w, fp, rounding=cfg.rounding, rng=np.random.default_rng(i))[0]
+        for i, (x, w) in enumerate(zip(xs, ws, strict=True))
+    ]
     mean, total = decode_sum(_sum(enc, fp), fp)
     exact = sum(w * np.clip(x.astype(np.float64), -clip, clip) for x, w in zip(xs, ws, strict=True))
     exact /= sum(ws)
@@ -97,8 +99,9 @@ def test_config_rejects_bad_values() -> None:
     assert SecAggConfig.from_dict(SecAggConfig(mode="strict").to_dict()).mode == "strict"
 
 
-def _numpy_encode(x: np.ndarray, weight: float, fp: FixedPoint, rounding: str,
-                  rng: np.random.Generator | None) -> tuple[np.ndarray, int]:
+def _numpy_encode(
+    x: np.ndarray, weight: float, fp: FixedPoint, rounding: str, rng: np.random.Generator | None
+) -> tuple[np.ndarray, int]:
     """The encoding spelled out in numpy, one pass per step (the reference)."""
     wq = quantize_weight(weight, fp)
     v = x.astype(np.float64)
@@ -106,8 +109,9 @@ def _numpy_encode(x: np.ndarray, weight: float, fp: FixedPoint, rounding: str,
     v = np.clip(v, -fp.clip_range, fp.clip_range) * (wq / fp.weight_scale * fp.scale)
     if rounding == "stochastic":
         assert rng is not None
-        noise = np.concatenate([rng.random(min(CHUNK, v.size - s))
-                                for s in range(0, v.size, CHUNK)])
+        noise = np.concatenate(
+            [rng.random(min(CHUNK, v.size - s)) for s in range(0, v.size, CHUNK)]
+        )
         v = np.floor(v + noise)
     else:
         v = np.rint(v)
@@ -117,8 +121,9 @@ def _numpy_encode(x: np.ndarray, weight: float, fp: FixedPoint, rounding: str,
 
 @pytest.mark.parametrize("bits", [32, 64])
 @pytest.mark.parametrize("rounding", ["deterministic", "stochastic"])
-def test_encoding_and_decoding_equal_the_numpy_reference_bit_for_bit(bits: int,
-                                                                    rounding: str) -> None:
+def test_encoding_and_decoding_equal_the_numpy_reference_bit_for_bit(
+    bits: int, rounding: str
+) -> None:
     cfg = SecAggConfig(modulus_bits=bits, rounding=rounding, clip_range=0.3)  # type: ignore[arg-type]
     fp = FixedPoint.of(cfg, 5)
     rng = np.random.default_rng(11)
@@ -126,10 +131,10 @@ def test_encoding_and_decoding_equal_the_numpy_reference_bit_for_bit(bits: int,
     x = (rng.standard_normal(d) * 0.2).astype(np.float32)
     x[:6] = [0.3, -0.3, 7.0, -7.0, 0.0, np.float32(0.3).item()]  # at and beyond the clip
     for weight in (1.0, 37.0, fp.max_weight):
-        got, got_clipped = encode(x, weight, fp, rounding=cfg.rounding,
-                                  rng=np.random.default_rng(5))
-        want, want_clipped = _numpy_encode(x, weight, fp, cfg.rounding,
-                                           np.random.default_rng(5))
+        got, got_clipped = encode(
+            x, weight, fp, rounding=cfg.rounding, rng=np.random.default_rng(5)
+        )
+        want, want_clipped = _numpy_encode(x, weight, fp, cfg.rounding, np.random.default_rng(5))
         assert got.dtype == want.dtype and got_clipped == want_clipped
         np.testing.assert_array_equal(got, want)
     total = _sum([encode(x, w, fp)[0] for w in (3.0, 500.0)], fp)

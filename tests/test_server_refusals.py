@@ -20,9 +20,12 @@ from medfed.server.recording_grid import RecordingGrid
 from medfed.server.refusals import SitesRefused
 
 BUDGET = wire.SiteError(
-    "site-a", "refused", "privacy.datasets.default.epsilon_max",
+    "site-a",
+    "refused",
+    "privacy.datasets.default.epsilon_max",
     "Privacy budget exceeded for dataset 'default': spent 2 + this round 1.5 > epsilon_max 3 "
-    "(remaining 1).")
+    "(remaining 1).",
+)
 
 
 def test_a_site_error_reads_back_from_the_executors_text() -> None:
@@ -56,18 +59,27 @@ class FakeGrid:
         text = self.answers[node]
         meta = SimpleNamespace(src_node_id=node, reply_to_message_id=mid)
         if text is None:  # a result
-            content = RecordDict({wire.SITE_RECORD_KEY: ConfigRecord({"name": f"site-{node}"}),
-                                  wire.METRICS_KEY: ConfigRecord({})})
+            content = RecordDict(
+                {
+                    wire.SITE_RECORD_KEY: ConfigRecord({"name": f"site-{node}"}),
+                    wire.METRICS_KEY: ConfigRecord({}),
+                }
+            )
             return SimpleNamespace(metadata=meta, has_error=lambda: False, content=content)
-        return SimpleNamespace(metadata=meta, has_error=lambda: True,
-                               error=SimpleNamespace(reason=text))
+        return SimpleNamespace(
+            metadata=meta, has_error=lambda: True, error=SimpleNamespace(reason=text)
+        )
 
 
 def _train(nodes: list[int], rnd: int = 1) -> list[Any]:
     """Training messages as the strategy hands them to the grid (only what it reads)."""
-    return [SimpleNamespace(
-        metadata=SimpleNamespace(dst_node_id=n, message_type=MessageType.TRAIN),
-        content={wire.CONFIG_KEY: {wire.SERVER_ROUND_KEY: rnd}}) for n in nodes]
+    return [
+        SimpleNamespace(
+            metadata=SimpleNamespace(dst_node_id=n, message_type=MessageType.TRAIN),
+            content={wire.CONFIG_KEY: {wire.SERVER_ROUND_KEY: rnd}},
+        )
+        for n in nodes
+    ]
 
 
 def _folder(tmp_path: Path) -> RunFolder:
@@ -76,10 +88,15 @@ def _folder(tmp_path: Path) -> RunFolder:
 
 def test_a_round_every_site_refuses_ends_the_run_with_each_sites_rule(tmp_path: Path) -> None:
     folder = _folder(tmp_path)
-    other = wire.SiteError("site-b", "refused", "privacy.datasets.default.min_noise_multiplier",
-                           "noise 0.3 is below 0.5")
-    grid = RecordingGrid(FakeGrid({1: "RuntimeError: " + BUDGET.text(),
-                                   2: "RuntimeError: " + other.text()}), folder)
+    other = wire.SiteError(
+        "site-b",
+        "refused",
+        "privacy.datasets.default.min_noise_multiplier",
+        "noise 0.3 is below 0.5",
+    )
+    grid = RecordingGrid(
+        FakeGrid({1: "RuntimeError: " + BUDGET.text(), 2: "RuntimeError: " + other.text()}), folder
+    )
     with pytest.raises(SitesRefused) as caught:
         grid.send_and_receive(_train([1, 2]))
     assert set(caught.value.refusals) == {"site-a", "site-b"} and caught.value.round == 1
@@ -88,7 +105,9 @@ def test_a_round_every_site_refuses_ends_the_run_with_each_sites_rule(tmp_path: 
     assert "min_noise_multiplier" in text and "fix:" in text
     errors = [e for e in folder.read_events() if e["event"] == "site-error"]
     assert {(e["site"], e["status"], e["rule"]) for e in errors} == {
-        ("site-a", "refused", BUDGET.rule), ("site-b", "refused", other.rule)}
+        ("site-a", "refused", BUDGET.rule),
+        ("site-b", "refused", other.rule),
+    }
 
 
 def test_a_failure_or_a_training_site_keeps_the_run_going(tmp_path: Path) -> None:
@@ -108,13 +127,36 @@ def test_a_failure_or_a_training_site_keeps_the_run_going(tmp_path: Path) -> Non
 def test_the_progress_view_names_the_site_and_rule_of_a_refusal(tmp_path: Path) -> None:
     out = io.StringIO()
     view = ProgressView(Console(file=out, width=200, color_system=None), rounds=3)
-    view({"event": "site-error", "round": 1, "phase": "train", "node": 9, "site": "site-a",
-          "status": "refused", "rule": BUDGET.rule, "reason": BUDGET.reason})
+    view(
+        {
+            "event": "site-error",
+            "round": 1,
+            "phase": "train",
+            "node": 9,
+            "site": "site-a",
+            "status": "refused",
+            "rule": BUDGET.rule,
+            "reason": BUDGET.reason,
+        }
+    )
     view({"event": "round-lost", "round": 1, "reason": "0 survivors [threshold 1]"})
-    view({"event": "secure-aggregation", "round": 2, "dropped": ["site-c"],
-          "survivors": ["site-a", "site-b"]})
-    view({"event": "site-error", "round": 1, "phase": "train", "node": 12,
-          "reason": "RuntimeError: SuperNode gone"})
+    view(
+        {
+            "event": "secure-aggregation",
+            "round": 2,
+            "dropped": ["site-c"],
+            "survivors": ["site-a", "site-b"],
+        }
+    )
+    view(
+        {
+            "event": "site-error",
+            "round": 1,
+            "phase": "train",
+            "node": 12,
+            "reason": "RuntimeError: SuperNode gone",
+        }
+    )
     printed = out.getvalue()
     assert f"site-a           refused ({BUDGET.rule}): Privacy budget exceeded" in printed
     assert "round lost (round 1): 0 survivors [threshold 1]" in printed  # brackets kept
@@ -130,9 +172,15 @@ def test_a_run_ends_before_a_round_the_sites_budgets_cannot_carry(tmp_path: Path
 
     folder = _folder(tmp_path)
     secure = SecureAggregation(
-        None, grid=RecordingGrid(FakeGrid({}), folder), folder=folder,  # type: ignore[arg-type]
-        run_id="7", config=SecAggConfig(mode="default"), size=1, round_timeout=1.0,
-        run_entries={wire.RUN_CONFIG_KEY: "{}"})
+        None,
+        grid=RecordingGrid(FakeGrid({}), folder),
+        folder=folder,  # type: ignore[arg-type]
+        run_id="7",
+        config=SecAggConfig(mode="default"),
+        size=1,
+        round_timeout=1.0,
+        run_entries={wire.RUN_CONFIG_KEY: "{}"},
+    )
     secure.aggregator = SimpleNamespace(threshold=1)  # type: ignore[assignment]
     secure.covers = {"site-a": 2}
     secure._end_if_budgets_run_out(2, ["site-a", "site-b"])  # covered: the round goes ahead
@@ -147,25 +195,43 @@ def test_a_run_ends_before_a_round_the_sites_budgets_cannot_carry(tmp_path: Path
 def test_the_progress_view_shows_a_joined_sites_budget_forecast() -> None:
     out = io.StringIO()
     view = ProgressView(Console(file=out, width=200, color_system=None), rounds=3)
-    view({"event": "site-replied", "round": 0, "phase": "query", "site": "site-a",
-          "metrics": {wire.BUDGET_ROUNDS_KEY: 2}})
-    view({"event": "site-replied", "round": 0, "phase": "query", "site": "site-b",
-          "metrics": {}})
-    view({"event": "site-replied", "round": 0, "phase": "query", "site": "site-c",
-          "metrics": {wire.FITTED_NOISE_KEY: 2.2412}})
+    view(
+        {
+            "event": "site-replied",
+            "round": 0,
+            "phase": "query",
+            "site": "site-a",
+            "metrics": {wire.BUDGET_ROUNDS_KEY: 2},
+        }
+    )
+    view({"event": "site-replied", "round": 0, "phase": "query", "site": "site-b", "metrics": {}})
+    view(
+        {
+            "event": "site-replied",
+            "round": 0,
+            "phase": "query",
+            "site": "site-c",
+            "metrics": {wire.FITTED_NOISE_KEY: 2.2412},
+        }
+    )
     view({"event": "run-refused", "round": 0})
     printed = out.getvalue()
-    assert "site-a           joined, but its privacy budget covers only 2 of the 3 rounds" \
-        in printed
+    assert (
+        "site-a           joined, but its privacy budget covers only 2 of the 3 rounds" in printed
+    )
     assert "site-b           ok" in printed
-    assert ("site-c           joined, but it adds more noise than the run asks (noise "
-            "multiplier 2.24) to fit its remaining privacy budget") in printed
+    assert (
+        "site-c           joined, but it adds more noise than the run asks (noise "
+        "multiplier 2.24) to fit its remaining privacy budget"
+    ) in printed
     assert "run ended: the sites refused (at set-up, before any site trained)" in printed
 
 
 def test_an_error_the_superlink_writes_for_a_site_is_recorded_under_that_site(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     """A crashed site's "Node Unavailable" comes from the SuperLink (its own node id)."""
+
     class SuperLinkAnswers(FakeGrid):
         def _reply(self, mid: str, node: int) -> Any:
             reply = super()._reply(mid, node)
@@ -198,8 +264,9 @@ def test_a_lost_round_is_not_reported_as_done(tmp_path: Path) -> None:
     assert "round 2 gave no new model" in printed and "round 2 done" not in printed
 
 
-def test_a_site_unavailable_at_the_join_is_asked_again(tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_site_unavailable_at_the_join_is_asked_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A SuperNode restarting when a run starts (or resumes) is not left out of it."""
     from flwr.common.constant import ErrorCode
     from flwr.supercore.task_identity import TaskIdentity
@@ -225,16 +292,24 @@ def test_a_site_unavailable_at_the_join_is_asked_again(tmp_path: Path,
                 return SimpleNamespace(
                     metadata=SimpleNamespace(src_node_id=1, reply_to_message_id=mid),
                     has_error=lambda: True,
-                    error=SimpleNamespace(code=ErrorCode.NODE_UNAVAILABLE,
-                                          reason="Error: Node Unavailable"))
+                    error=SimpleNamespace(
+                        code=ErrorCode.NODE_UNAVAILABLE, reason="Error: Node Unavailable"
+                    ),
+                )
             return super()._reply(mid, node)
 
     folder = _folder(tmp_path)
     fake = Restarting()
     secure = SecureAggregation(
-        None, grid=RecordingGrid(fake, folder), folder=folder,  # type: ignore[arg-type]
-        run_id="7", config=SecAggConfig(mode="default"), size=1, round_timeout=2.5,
-        run_entries={wire.RUN_CONFIG_KEY: "{}"})
+        None,
+        grid=RecordingGrid(fake, folder),
+        folder=folder,  # type: ignore[arg-type]
+        run_id="7",
+        config=SecAggConfig(mode="default"),
+        size=1,
+        round_timeout=2.5,
+        run_entries={wire.RUN_CONFIG_KEY: "{}"},
+    )
     replies = secure._join_replies()
     assert sorted(r.metadata.src_node_id for r in replies) == [7, 8]
     assert fake.asked.count(7) == 1  # a site that answered is not asked again

@@ -28,7 +28,8 @@ def test_the_socket_of_a_spare_that_died_is_removed(short_tmp: Path) -> None:
 
 
 def test_without_a_spare_the_serverapp_starts_as_flower_starts_it(
-        short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     started: list[list[str]] = []
     monkeypatch.setattr(subprocess, "Popen", lambda args, **kw: started.append(list(args)))
     launcher = SpareFirst(str(short_tmp))
@@ -64,7 +65,8 @@ def test_a_spare_takes_a_run_and_the_pool_starts_the_next(short_tmp: Path) -> No
 
 
 def test_a_spare_that_dies_at_its_start_is_retried_with_a_back_off(
-        short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(sys, "executable", "/bin/false")  # each spare exits 1 at once
     pool = SparePool(short_tmp / "spares", env={}, check_every=0.05)
     try:

@@ -33,8 +33,9 @@ def _quiet_flower() -> None:
 
 
 def tiny_run(**overrides: object) -> RunConfig:
-    return RunConfig.model_validate({"task": "tiny-seg", "rounds": 2, "min_sites": 3,
-                                     "seed": 5, **overrides})
+    return RunConfig.model_validate(
+        {"task": "tiny-seg", "rounds": 2, "min_sites": 3, "seed": 5, **overrides}
+    )
 
 
 def checkpoint(folder: RunFolder, rnd: int) -> dict[str, np.ndarray]:
@@ -109,8 +110,12 @@ def test_the_same_seed_gives_the_same_final_checkpoint(tmp_path: Path) -> None:
 
 
 def test_sites_outside_the_sampled_rounds_get_nothing(tmp_path: Path) -> None:
-    run = tiny_run(rounds=1, min_sites=2, secure_aggregation="off",
-                   strategy_options={"fraction_train": 0.3, "fraction_evaluate": 0.3})
+    run = tiny_run(
+        rounds=1,
+        min_sites=2,
+        secure_aggregation="off",
+        strategy_options={"fraction_train": 0.3, "fraction_evaluate": 0.3},
+    )
     folder, summary = simulate(run, synthetic_sites(8), tmp_path, keep_warm=0)
     assert summary["status"] == "completed", summary.get("reason")
     touched = {m["site"] for m in folder.read_metrics() if m["site"] != "global"}
@@ -120,12 +125,14 @@ def test_sites_outside_the_sampled_rounds_get_nothing(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_site_process_that_dies_fails_its_request_and_is_started_again(
-        tmp_path: Path) -> None:
+def test_a_site_process_that_dies_fails_its_request_and_is_started_again(tmp_path: Path) -> None:
     sites = synthetic_sites(2)
     with SiteProcesses(tmp_path, sites, workers=1, keep_warm=0, threads=1) as procs:
         assert procs.handle(1, Frame({"op": "ping"})).header == {
-            "ok": True, "site": "site-2", "metrics": {}}
+            "ok": True,
+            "site": "site-2",
+            "metrics": {},
+        }
         procs._lanes[0].process.kill()  # what an out-of-memory kill does
         lost = procs.handle(0, Frame({"op": "ping"})).header
         assert lost["ok"] is False and lost["site"] == "site-1"
@@ -160,12 +167,19 @@ def _dominance(keys: list[str], parts: list[list[int]]) -> float:
 
 def test_dirichlet_skews_the_sites_mix_and_alpha_sets_how_much() -> None:
     keys = [k for k in "abcd" for _ in range(100)]
-    iid = np.mean([_dominance(keys, partition(keys, 10, scheme="iid", seed=s))
-                   for s in range(5)])
-    skewed = np.mean([_dominance(keys, partition(keys, 10, scheme="dirichlet", alpha=0.1,
-                                                 seed=s)) for s in range(5)])
-    mild = np.mean([_dominance(keys, partition(keys, 10, scheme="dirichlet", alpha=100.0,
-                                               seed=s)) for s in range(5)])
+    iid = np.mean([_dominance(keys, partition(keys, 10, scheme="iid", seed=s)) for s in range(5)])
+    skewed = np.mean(
+        [
+            _dominance(keys, partition(keys, 10, scheme="dirichlet", alpha=0.1, seed=s))
+            for s in range(5)
+        ]
+    )
+    mild = np.mean(
+        [
+            _dominance(keys, partition(keys, 10, scheme="dirichlet", alpha=100.0, seed=s))
+            for s in range(5)
+        ]
+    )
     assert iid < 0.4 and mild < 0.4  # four keys, about a quarter each
     assert skewed > 0.7
 
@@ -177,11 +191,14 @@ def test_a_partition_gives_every_site_its_minimum() -> None:
         assert min(len(p) for p in parts) >= 2
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"sites": 6, "min_items": 2}, "cannot be shared among 6 sites"),
-    ({"sites": 2, "scheme": "label-skew"}, "Unknown partition scheme"),
-    ({"sites": 2, "scheme": "dirichlet", "alpha": 0.0}, "alpha must be positive"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"sites": 6, "min_items": 2}, "cannot be shared among 6 sites"),
+        ({"sites": 2, "scheme": "label-skew"}, "Unknown partition scheme"),
+        ({"sites": 2, "scheme": "dirichlet", "alpha": 0.0}, "alpha must be positive"),
+    ],
+)
 def test_a_bad_partition_is_refused(kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         partition(["a"] * 10, **kwargs)
@@ -196,8 +213,9 @@ def synth_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_a_partitioned_site_is_a_dicom_folder_of_its_subjects(synth_data: Path,
-                                                              tmp_path: Path) -> None:
+def test_a_partitioned_site_is_a_dicom_folder_of_its_subjects(
+    synth_data: Path, tmp_path: Path
+) -> None:
     from medfed.data import DicomFolderSource
     from medfed.data.targets import load_targets
     from medfed.synth import read_site_manifest
@@ -208,28 +226,44 @@ def test_a_partitioned_site_is_a_dicom_folder_of_its_subjects(synth_data: Path,
     assert [s.name for s in sites] == ["site-1", "site-2", "site-3"]
     subjects = [record["sites"][s.name]["subjects"] for s in sites]
     assert sorted(x for part in subjects for x in part) == sorted(
-        f"SYN-site{i}-00{j}" for i in (1, 2) for j in (1, 2, 3))
-    uid = {e.subject: e.series_uid for d in ("site-1", "site-2")
-           for e in read_site_manifest(synth_data / d).series.values()}
+        f"SYN-site{i}-00{j}" for i in (1, 2) for j in (1, 2, 3)
+    )
+    uid = {
+        e.subject: e.series_uid
+        for d in ("site-1", "site-2")
+        for e in read_site_manifest(synth_data / d).series.values()
+    }
     for site, held in zip(sites, subjects, strict=True):
         assert len(held) >= 2 and sum(record["sites"][site.name]["mix"].values()) == len(held)
-        source = DicomFolderSource(Path(site.data.path), manifest=Path(site.data.manifest),
-                                   cache_dir=Path(site.data.cache_dir))
+        source = DicomFolderSource(
+            Path(site.data.path),
+            manifest=Path(site.data.manifest),
+            cache_dir=Path(site.data.cache_dir),
+        )
         found = {s.series_uid for s in source.series()}
         assert found == {uid[x] for x in held} == set(load_targets(Path(site.data.manifest)))
     # the same partition again reuses the folder; a different one is refused
     assert partitioned_sites(synth_data, tmp_path / "part", spec) == sites
     with pytest.raises(ConfigError, match="different partition"):
-        partitioned_sites(synth_data, tmp_path / "part",
-                          PartitionSpec(sites=3, scheme="iid", seed=1))
+        partitioned_sites(
+            synth_data, tmp_path / "part", PartitionSpec(sites=3, scheme="iid", seed=1)
+        )
 
 
 # ------------------------------------------------------------------------ the command
 
 
 def test_simulate_refuses_a_partition_without_data(tmp_path: Path) -> None:
-    out = medfed("simulate", "--task", "tiny-seg", "--partition", "dirichlet",
-                 "--out", str(tmp_path / "runs"), cwd=tmp_path)
+    out = medfed(
+        "simulate",
+        "--task",
+        "tiny-seg",
+        "--partition",
+        "dirichlet",
+        "--out",
+        str(tmp_path / "runs"),
+        cwd=tmp_path,
+    )
     assert out.returncode == 2 and "no --data was given" in out.stderr
     assert "Traceback" not in out.stderr + out.stdout
     assert not (tmp_path / "runs").exists()
@@ -237,16 +271,42 @@ def test_simulate_refuses_a_partition_without_data(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_medfed_simulate_runs_and_compare_reads_simulated_runs(tmp_path: Path) -> None:
-    out = medfed("simulate", "--task", "tiny-seg", "--sites", "4", "--rounds", "2",
-                 "--secure-aggregation", "off", "--out", str(tmp_path / "runs"), cwd=tmp_path,
-                 timeout=600)
+    out = medfed(
+        "simulate",
+        "--task",
+        "tiny-seg",
+        "--sites",
+        "4",
+        "--rounds",
+        "2",
+        "--secure-aggregation",
+        "off",
+        "--out",
+        str(tmp_path / "runs"),
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "round 2/2" in out.stdout and "completed 2 rounds" in out.stdout
     (run,) = [p for p in (tmp_path / "runs").iterdir() if (p / "run.json").exists()]
     assert json.loads((run / "summary.json").read_text())["engine"] == "simulation"
-    out = medfed("compare", "--engine", "simulation", "--strategies", "fedavg,fedprox",
-                 "-o", "fedprox:proximal_mu=0.1", "--sites", "10", "--rounds", "1",
-                 "--out", str(tmp_path / "cmp"), cwd=tmp_path, timeout=600)
+    out = medfed(
+        "compare",
+        "--engine",
+        "simulation",
+        "--strategies",
+        "fedavg,fedprox",
+        "-o",
+        "fedprox:proximal_mu=0.1",
+        "--sites",
+        "10",
+        "--rounds",
+        "1",
+        "--out",
+        str(tmp_path / "cmp"),
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert result["engine"] == "simulation"
@@ -255,7 +315,8 @@ def test_medfed_simulate_runs_and_compare_reads_simulated_runs(tmp_path: Path) -
 
 
 def test_sampled_rounds_under_secure_aggregation_need_a_threshold_below_the_sample(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     """10 sites, 4 a round: the roster's default threshold (5) needs 6; t = 2 serves them."""
     sampled = {"fraction_train": 0.4, "fraction_evaluate": 0.4}
     run = tiny_run(rounds=1, min_sites=2, strategy_options=sampled)
@@ -265,6 +326,7 @@ def test_sampled_rounds_under_secure_aggregation_need_a_threshold_below_the_samp
     run = tiny_run(rounds=1, min_sites=2, strategy_options=sampled, secagg_threshold=2)
     folder, summary = simulate(run, synthetic_sites(10), tmp_path / "t2", keep_warm=0)
     assert summary["status"] == "completed", summary.get("reason")
-    trained = {m["site"] for m in folder.read_metrics()
-               if m["site"] != "global" and m["phase"] == "train"}
+    trained = {
+        m["site"] for m in folder.read_metrics() if m["site"] != "global" and m["phase"] == "train"
+    }
     assert len(trained) == 4

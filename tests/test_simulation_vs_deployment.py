@@ -36,15 +36,23 @@ def _final(folder: object, rounds: int) -> dict[str, np.ndarray]:
 def test_a_simulation_of_10_sites_ends_where_their_deployment_ends(short_tmp: Path) -> None:
     # A long round timeout: on a loaded 2-core machine the ten sites' first round (data
     # made, kernels prepared) can outlast 300 s, and a late site is dropped.
-    run = RunConfig(task="tiny-seg", rounds=2, min_sites=SITES, seed=5,
-                    secure_aggregation="default", round_timeout_s=1200)
+    run = RunConfig(
+        task="tiny-seg",
+        rounds=2,
+        min_sites=SITES,
+        seed=5,
+        secure_aggregation="default",
+        round_timeout_s=1200,
+    )
     names = [f"site-{i + 1}" for i in range(SITES)]
     with LocalFederation(short_tmp / "deployed", names, name="same") as fed:
         fed.create(site_data=lambda i, name: {"num_samples": 24})
         fed.start(timeout=300)
         deployed_folder, deployed = fed.run(run, timeout=1800)
-    sites = [SimSite(s.name, s.data.model_copy(update={"num_samples": 24}))
-             for s in synthetic_sites(SITES)]
+    sites = [
+        SimSite(s.name, s.data.model_copy(update={"num_samples": 24}))
+        for s in synthetic_sites(SITES)
+    ]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -56,8 +64,9 @@ def test_a_simulation_of_10_sites_ends_where_their_deployment_ends(short_tmp: Pa
     assert deployed["status"] == simulated["status"] == "completed"
     assert deployed["sites"] == simulated["sites"] == sorted(names)
     aggregated = [e for e in deployed_folder.read_events() if e["event"] == "secure-aggregation"]
-    assert [(len(e["survivors"]), e["dropped"]) for e in aggregated] == [(SITES, [])] * 2, \
-        aggregated  # every site in every round, or the models cannot match
+    assert [(len(e["survivors"]), e["dropped"]) for e in aggregated] == [(SITES, [])] * 2, (
+        aggregated
+    )  # every site in every round, or the models cannot match
     bound = sum(e["error_bound"] for e in aggregated)
     a, b = _final(deployed_folder, 2), _final(simulated_folder, 2)
     assert a.keys() == b.keys()

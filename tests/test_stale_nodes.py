@@ -17,8 +17,7 @@ from medfed.server.stale_nodes import database_arg, mark_nodes_offline
 
 
 def _state(db: Path):  # noqa: ANN202 - Flower's LinkState
-    return LinkStateFactory(str(db), NoOpFederationManager(),
-                            ObjectStoreFactory(str(db))).state()
+    return LinkStateFactory(str(db), NoOpFederationManager(), ObjectStoreFactory(str(db))).state()
 
 
 def _status(db: Path, node_id: int) -> str:
@@ -54,7 +53,8 @@ def test_the_database_is_read_from_flower_superlinks_arguments() -> None:
 
 
 def test_the_superlink_keeps_payloads_in_memory_and_its_state_in_the_database(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import flwr.superlink.config_loader as config_loader
     from flwr.supercore.object_store.in_memory_object_store import InMemoryObjectStore
 
@@ -64,7 +64,8 @@ def test_the_superlink_keeps_payloads_in_memory_and_its_state_in_the_database(
     db = tmp_path / "superlink.db"
     keep_payloads_in_memory()
     objects, states = config_loader.get_objectstore_linkstate_factories(
-        str(db), NoOpFederationManager())
+        str(db), NoOpFederationManager()
+    )
     assert isinstance(objects.store(), InMemoryObjectStore)
     node = states.state().create_node("aid", "site-a", b"key", heartbeat_interval=30.0)
     assert _state(db).get_node_info(node_ids=[node])[0].status == "registered"  # on disk

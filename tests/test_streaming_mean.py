@@ -62,14 +62,18 @@ def test_the_weighted_sum_equals_the_reference_average() -> None:
         total.take_mean()  # handed over
 
 
-@pytest.mark.parametrize(("vector", "weight", "said"), [
-    (np.zeros(9, dtype=np.float32), 1.0, "9 float32 values"),
-    (np.zeros(10, dtype=np.int32), 1.0, "10 int32 values"),
-    (np.zeros(10, dtype=np.float32), 0.0, "weighted 0.0"),
-    (np.zeros(10, dtype=np.float32), float("nan"), "weighted nan"),
-])
-def test_a_malformed_update_is_refused_and_adds_nothing(vector: np.ndarray, weight: float,
-                                                        said: str) -> None:
+@pytest.mark.parametrize(
+    ("vector", "weight", "said"),
+    [
+        (np.zeros(9, dtype=np.float32), 1.0, "9 float32 values"),
+        (np.zeros(10, dtype=np.int32), 1.0, "10 int32 values"),
+        (np.zeros(10, dtype=np.float32), 0.0, "weighted 0.0"),
+        (np.zeros(10, dtype=np.float32), float("nan"), "weighted nan"),
+    ],
+)
+def test_a_malformed_update_is_refused_and_adds_nothing(
+    vector: np.ndarray, weight: float, said: str
+) -> None:
     total = WeightedSum(10)
     total.add(np.ones(10, dtype=np.float32), 2.0)
     with pytest.raises(ValueError, match=said):
@@ -90,11 +94,17 @@ def test_npy_bytes_read_back_in_place_as_flower_writes_and_reads_them() -> None:
 def _reply(size: int, node: int, rng: np.random.Generator) -> Message:
     """A site's training reply as it arrives: the update's bytes, no array beside them."""
     update = vector_array(rng.standard_normal(size, dtype=np.float32))
-    return Message(RecordDict({
-        wire.ARRAYS_KEY: ArrayRecord({WEIGHTS_KEY: update}),
-        wire.METRICS_KEY: MetricRecord({wire.WEIGHT_KEY: node, "loss": node / 10}),
-        wire.SITE_RECORD_KEY: ConfigRecord({"name": f"site-{node}"})}),
-        dst_node_id=0, message_type=MessageType.TRAIN)
+    return Message(
+        RecordDict(
+            {
+                wire.ARRAYS_KEY: ArrayRecord({WEIGHTS_KEY: update}),
+                wire.METRICS_KEY: MetricRecord({wire.WEIGHT_KEY: node, "loss": node / 10}),
+                wire.SITE_RECORD_KEY: ConfigRecord({"name": f"site-{node}"}),
+            }
+        ),
+        dst_node_id=0,
+        message_type=MessageType.TRAIN,
+    )
 
 
 def test_folding_a_round_holds_about_one_model_not_one_per_site(tmp_path: Path) -> None:
@@ -130,17 +140,21 @@ class TrainingGrid:
     def get_node_ids(self) -> list[int]:
         return NODES
 
-    def send_and_receive(self, messages: Any, *, timeout: float | None = None,
-                         fold: Any = None) -> list[Message]:
+    def send_and_receive(
+        self, messages: Any, *, timeout: float | None = None, fold: Any = None
+    ) -> list[Message]:
         replies = []
         for m in list(messages):
             node = m.metadata.dst_node_id
             if wire.ARRAYS_KEY in m.content and m.metadata.message_type == MessageType.TRAIN:
                 w = m.content[wire.ARRAYS_KEY][WEIGHTS_KEY].numpy()
                 target = np.sin(np.arange(self.size, dtype=np.float32) * node)
-                body = RecordDict({
-                    wire.ARRAYS_KEY: ArrayRecord({WEIGHTS_KEY: Array(w + 0.3 * (target - w))}),
-                    wire.METRICS_KEY: MetricRecord({wire.WEIGHT_KEY: node, "loss": 1 / node})})
+                body = RecordDict(
+                    {
+                        wire.ARRAYS_KEY: ArrayRecord({WEIGHTS_KEY: Array(w + 0.3 * (target - w))}),
+                        wire.METRICS_KEY: MetricRecord({wire.WEIGHT_KEY: node, "loss": 1 / node}),
+                    }
+                )
             else:
                 body = RecordDict({wire.METRICS_KEY: MetricRecord({wire.WEIGHT_KEY: node})})
             reply = Message(body, reply_to=m)
@@ -151,11 +165,17 @@ class TrainingGrid:
         return replies
 
 
-@pytest.mark.parametrize("make", [
-    lambda kw: fl.FedAvg(**kw), lambda kw: fl.FedProx(proximal_mu=0.1, **kw),
-    lambda kw: fl.FedAvgM(server_momentum=0.9, **kw), lambda kw: fl.FedAdam(eta=0.05, **kw),
-    lambda kw: fl.FedYogi(eta=0.05, **kw)],
-    ids=["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda kw: fl.FedAvg(**kw),
+        lambda kw: fl.FedProx(proximal_mu=0.1, **kw),
+        lambda kw: fl.FedAvgM(server_momentum=0.9, **kw),
+        lambda kw: fl.FedAdam(eta=0.05, **kw),
+        lambda kw: fl.FedYogi(eta=0.05, **kw),
+    ],
+    ids=["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi"],
+)
 def test_a_streamed_run_ends_where_flowers_strategy_ends(tmp_path: Path, make: Any) -> None:
     size = 1_000
     kw = {"min_train_nodes": 4, "min_evaluate_nodes": 4, "min_available_nodes": 4}
@@ -164,18 +184,34 @@ def test_a_streamed_run_ends_where_flowers_strategy_ends(tmp_path: Path, make: A
         random.seed(0)  # Flower samples (and orders) the sites with `random`
         inner = make(kw)
         assert streams(inner)
-        strategy = StreamingMean(inner, size=size, folder=_folder(tmp_path / str(streamed))) \
-            if streamed else inner
+        strategy = (
+            StreamingMean(inner, size=size, folder=_folder(tmp_path / str(streamed)))
+            if streamed
+            else inner
+        )
         start = ArrayRecord({WEIGHTS_KEY: Array(np.zeros(size, dtype=np.float32))})
-        result = run_rounds(strategy, grid=TrainingGrid(size), arrays=start, first_round=1,
-                            num_rounds=3, timeout=1.0, train_config=ConfigRecord(),
-                            evaluate_config=ConfigRecord(), end_of_round=lambda *a: None)
+        result = run_rounds(
+            strategy,
+            grid=TrainingGrid(size),
+            arrays=start,
+            first_round=1,
+            num_rounds=3,
+            timeout=1.0,
+            train_config=ConfigRecord(),
+            evaluate_config=ConfigRecord(),
+            end_of_round=lambda *a: None,
+        )
         results.append(result)
     plain, streamed_result = results
-    np.testing.assert_allclose(streamed_result.arrays[WEIGHTS_KEY].numpy(),
-                               plain.arrays[WEIGHTS_KEY].numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        streamed_result.arrays[WEIGHTS_KEY].numpy(),
+        plain.arrays[WEIGHTS_KEY].numpy(),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     assert streamed_result.train_metrics_clientapp[3]["loss"] == pytest.approx(
-        plain.train_metrics_clientapp[3]["loss"])
+        plain.train_metrics_clientapp[3]["loss"]
+    )
 
 
 def test_only_strategies_that_aggregate_a_weighted_mean_stream() -> None:
@@ -200,8 +236,9 @@ def test_a_malformed_reply_is_recorded_and_left_out_of_the_mean(tmp_path: Path) 
     stream.fold(1, _reply(5, 2, rng))  # another model's size
     arrays, _ = stream.aggregate_train(1, [])
     assert arrays is not None
-    np.testing.assert_allclose(arrays[WEIGHTS_KEY].numpy(),
-                               good.content[wire.ARRAYS_KEY][WEIGHTS_KEY].numpy())
+    np.testing.assert_allclose(
+        arrays[WEIGHTS_KEY].numpy(), good.content[wire.ARRAYS_KEY][WEIGHTS_KEY].numpy()
+    )
     rejected = [e for e in folder.read_events() if e["event"] == "update-rejected"]
     assert len(rejected) == 1 and rejected[0]["site"] == "site-2"
     assert "5 float32 values (shape (5,)), expected 4 float values" in rejected[0]["reason"]
@@ -227,12 +264,18 @@ class PullingGrid:
             node = self._sent[mid].metadata.dst_node_id
             meta = SimpleNamespace(src_node_id=node, reply_to_message_id=mid)
             if node == 13:
-                out.append(SimpleNamespace(metadata=meta, has_error=lambda: True,
-                                           error=SimpleNamespace(reason="ValueError: no data")))
+                out.append(
+                    SimpleNamespace(
+                        metadata=meta,
+                        has_error=lambda: True,
+                        error=SimpleNamespace(reason="ValueError: no data"),
+                    )
+                )
                 continue
             reply = _reply(self.size, node, np.random.default_rng(node))
-            out.append(SimpleNamespace(metadata=meta, has_error=lambda: False,
-                                       content=reply.content))
+            out.append(
+                SimpleNamespace(metadata=meta, has_error=lambda: False, content=reply.content)
+            )
         return out
 
 
@@ -241,13 +284,18 @@ def test_the_recording_grid_folds_results_as_pulled_a_few_at_a_time(tmp_path: Pa
     recorder = RecordingGrid(grid, _folder(tmp_path))  # type: ignore[arg-type]
     recorder.expect_replies_of(300 << 20)  # larger than the pull budget: one at a time
     folded: list[str] = []
-    messages = [SimpleNamespace(metadata=SimpleNamespace(dst_node_id=n,
-                                                         message_type=MessageType.TRAIN),
-                                content={wire.CONFIG_KEY: {wire.SERVER_ROUND_KEY: 1}})
-                for n in NODES]
+    messages = [
+        SimpleNamespace(
+            metadata=SimpleNamespace(dst_node_id=n, message_type=MessageType.TRAIN),
+            content={wire.CONFIG_KEY: {wire.SERVER_ROUND_KEY: 1}},
+        )
+        for n in NODES
+    ]
     kept = recorder.send_and_receive(
-        messages, timeout=5.0,  # type: ignore[arg-type]
-        fold=lambda r: folded.append(str(r.content[wire.SITE_RECORD_KEY]["name"])))
+        messages,
+        timeout=5.0,  # type: ignore[arg-type]
+        fold=lambda r: folded.append(str(r.content[wire.SITE_RECORD_KEY]["name"])),
+    )
     assert folded == ["site-11", "site-12", "site-14"]
     assert [r.metadata.src_node_id for r in kept] == [13]  # the error, for the strategy
     assert grid.pulls == [1, 1, 1, 1]

@@ -29,8 +29,9 @@ def _digest(*arrays: np.ndarray) -> str:
 
 
 def _subject(site: int, subject: int = 0, *, seed: int = 7, lesion: bool = False):
-    return synthesize_subject(DEFAULT_PROFILES[site], seed=seed, site_index=site,
-                              subject_index=subject, lesion=lesion)
+    return synthesize_subject(
+        DEFAULT_PROFILES[site], seed=seed, site_index=site, subject_index=subject, lesion=lesion
+    )
 
 
 def test_template_is_read_offline_with_four_labels() -> None:
@@ -86,8 +87,10 @@ def test_sites_differ_like_scanners() -> None:
     shapes = {v.image.shape for v in vols}
     assert len(shapes) == len(vols)
     # Noise: background spread grows with the profile's noise level.
-    bg = [float(v.image[v.label == 0].std() / (m[2] if m[2] > m[0] else m[0]))
-          for v, m in zip(vols, means, strict=True)]
+    bg = [
+        float(v.image[v.label == 0].std() / (m[2] if m[2] > m[0] else m[0]))
+        for v, m in zip(vols, means, strict=True)
+    ]
     assert bg[2] > bg[0]
 
 
@@ -120,8 +123,13 @@ def test_quantise_error_is_within_half_slope() -> None:
 
 def test_geometry_affine_convention() -> None:
     """Geometry affine convention."""
-    g = axial_geometry(fov_mm=(30, 40, 20), centre_ras=(1, 2, 3), in_plane_mm=2.0,
-                       slice_spacing_mm=4.0, slice_thickness_mm=3.0)
+    g = axial_geometry(
+        fov_mm=(30, 40, 20),
+        centre_ras=(1, 2, 3),
+        in_plane_mm=2.0,
+        slice_spacing_mm=4.0,
+        slice_thickness_mm=3.0,
+    )
     assert g.shape == (15, 20, 5)
     ras = g.affine_ras()
     # i runs toward patient left (RAS -x), j posterior (RAS -y), k superior (RAS +z).

@@ -37,7 +37,8 @@ def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _tree_digest(root: Path) -> dict[str, str]:
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*")) if p.is_file()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
     }
 
 
@@ -69,8 +70,13 @@ def test_dicom_round_trip_equals_generated_volume(synth_dir: Path) -> None:
         site = synth_dir / f"site-{site_index + 1}"
         man = read_site_manifest(site)
         for subject_index, entry in enumerate(man.series.values()):
-            vol = synthesize_subject(man.profile, seed=SEED, site_index=site_index,
-                                     subject_index=subject_index, lesion=entry.lesion)
+            vol = synthesize_subject(
+                man.profile,
+                seed=SEED,
+                site_index=site_index,
+                subject_index=subject_index,
+                lesion=entry.lesion,
+            )
             # Independent read: plain pydicom, sorted by ImagePositionPatient along the normal.
             slices = [pydicom.dcmread(p) for p in (site / entry.dicom).glob("*.dcm")]
             iop = np.asarray(slices[0].ImageOrientationPatient, float)
@@ -78,8 +84,9 @@ def test_dicom_round_trip_equals_generated_volume(synth_dir: Path) -> None:
             slices.sort(key=lambda s: float(np.dot(s.ImagePositionPatient, normal)))
             assert [int(s.InstanceNumber) for s in slices] == list(range(1, len(slices) + 1))
             slope = float(slices[0].RescaleSlope)
-            arr = np.stack([s.pixel_array.T * slope + float(s.RescaleIntercept) for s in slices],
-                           axis=-1)
+            arr = np.stack(
+                [s.pixel_array.T * slope + float(s.RescaleIntercept) for s in slices], axis=-1
+            )
             assert arr.shape == vol.image.shape
             assert np.abs(arr - vol.image).max() <= slope / 2 + 1e-3
             g = vol.geometry
@@ -162,8 +169,12 @@ def test_refuses_non_empty_folder_and_overwrites_only_its_own(tmp_path: Path) ->
 
 @pytest.mark.parametrize(
     ("kwargs", "where"),
-    [({"sites": 0}, "--sites"), ({"subjects_per_site": 0}, "--subjects"),
-     ({"seed": -1}, "--seed"), ({"lesion_fraction": 1.5}, "lesion_fraction")],
+    [
+        ({"sites": 0}, "--sites"),
+        ({"subjects_per_site": 0}, "--subjects"),
+        ({"seed": -1}, "--seed"),
+        ({"lesion_fraction": 1.5}, "lesion_fraction"),
+    ],
 )
 def test_bad_arguments_raise_medfed_error(tmp_path: Path, kwargs: dict, where: str) -> None:
     """Bad arguments raise medfed error."""

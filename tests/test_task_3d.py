@@ -57,7 +57,12 @@ def test_evaluation_runs_sliding_windows_of_the_patch_size() -> None:
     with torch.no_grad():
         torch.testing.assert_close(model(patch), super(type(model), model).forward(patch))
         assert model(torch.rand(1, 1, PATCH + 8, PATCH, PATCH - 8)).shape == (
-            1, 4, PATCH + 8, PATCH, PATCH - 8)
+            1,
+            4,
+            PATCH + 8,
+            PATCH,
+            PATCH - 8,
+        )
     target = torch.randint(0, 4, (2, 1, 8, 8, 8))
     perfect = torch.nn.functional.one_hot(target[:, 0], 4).movedim(-1, 1).float()
     metrics = TASK.compute_metrics(perfect, target)
@@ -80,8 +85,9 @@ def test_random_patches_are_inside_seeded_and_fresh_each_access() -> None:
         assert volume == i // 3
         window = tuple(slice(int(c), int(c) + 16) for c in corner)
         assert torch.equal(x, images[volume][(slice(None), *window)])  # inside, one piece
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, (again[i] for i in range(6)),
-                                                            strict=True))
+    assert all(
+        torch.equal(a[0], b[0]) for a, b in zip(first, (again[i] for i in range(6)), strict=True)
+    )
     assert not all(torch.equal(patches[0][0], patches[0][0]) for _ in range(5))  # new draws
     with pytest.raises(IndexError):
         patches[6]
@@ -89,8 +95,7 @@ def test_random_patches_are_inside_seeded_and_fresh_each_access() -> None:
 
 def test_the_site_loader_reads_a_synthesized_dicom_site(tmp_path: Path) -> None:
     synthesize_sites(tmp_path, sites=1, subjects_per_site=2, seed=7, lesion_fraction=0.5)
-    source = DataSourceConfig(kind="dicom-folder", path=str(tmp_path / "site-1"),
-                              val_fraction=0.5)
+    source = DataSourceConfig(kind="dicom-folder", path=str(tmp_path / "site-1"), val_fraction=0.5)
     site = TASK.load_site_data(source)
     assert site.description["subjects-train"] == site.description["subjects-val"] == 1
     assert len(site.train) == PATCHES_PER_SCAN and len(site.val) == 1
@@ -109,9 +114,16 @@ def test_a_few_training_steps_on_patches_lower_the_loss(data: SiteData) -> None:
     with torch.no_grad():
         before = float(loss_fn(model(x), y))
     start = _params(model)
-    stats = engine.train(TASK, model, TensorDataset(x, y), epochs=2, batch_size=2,
-                         learning_rate=TASK.defaults.learning_rate, device=CPU,
-                         generator=torch.Generator().manual_seed(0))
+    stats = engine.train(
+        TASK,
+        model,
+        TensorDataset(x, y),
+        epochs=2,
+        batch_size=2,
+        learning_rate=TASK.defaults.learning_rate,
+        device=CPU,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert stats.steps == 2
     with torch.no_grad():
         after = float(loss_fn(model(x), y))
@@ -129,10 +141,20 @@ def test_one_dp_sgd_round_per_scan_trains_the_real_size_model(data: SiteData) ->
     start = _params(model)
     units = data.train_units["scan"]
     assert units.tolist() == [0] * PATCHES_PER_SCAN  # one training scan: its patches
-    stats = dp.dp_train(TASK, model, data.train, epochs=1, batch_size=1,
-                        learning_rate=TASK.defaults.learning_rate, noise_multiplier=1.0,
-                        max_grad_norm=1.0, device=CPU, units=units, grad_sample_mode="vmap",
-                        generator=torch.Generator().manual_seed(1))
+    stats = dp.dp_train(
+        TASK,
+        model,
+        data.train,
+        epochs=1,
+        batch_size=1,
+        learning_rate=TASK.defaults.learning_rate,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        device=CPU,
+        units=units,
+        grad_sample_mode="vmap",
+        generator=torch.Generator().manual_seed(1),
+    )
     # one step at sampling rate 1: the scan is drawn, its 4 patches clipped as one unit
     assert stats.history == [(1.0, 1.0, 1)] and stats.empty_batches == 0
     assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -28,8 +28,16 @@ def test_short_training_reduces_loss() -> None:
     model = task.build_model()
     data = task.load_site_data(DataSourceConfig(num_samples=64, seed=3))
     before = engine.evaluate(task, model, data.train, device=torch.device("cpu"))["loss"]
-    engine.train(task, model, data.train, epochs=3, batch_size=16, learning_rate=1e-2,
-                 device=torch.device("cpu"), generator=torch.Generator().manual_seed(0))
+    engine.train(
+        task,
+        model,
+        data.train,
+        epochs=3,
+        batch_size=16,
+        learning_rate=1e-2,
+        device=torch.device("cpu"),
+        generator=torch.Generator().manual_seed(0),
+    )
     after = engine.evaluate(task, model, data.train, device=torch.device("cpu"))["loss"]
     assert after < 0.8 * before
 

@@ -32,11 +32,14 @@ def test_the_last_round_or_a_named_round_is_loaded(tmp_path: Path) -> None:
     np.testing.assert_array_equal(weights["a.bias"], WEIGHTS["a.bias"] + 3)
 
 
-@pytest.mark.parametrize(("spec", "message"), [
-    ("../42", "not a run reference"),
-    ("7", "no such checkpoint"),
-    ("42:9", "no such checkpoint"),
-])
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("../42", "not a run reference"),
+        ("7", "no such checkpoint"),
+        ("42:9", "no such checkpoint"),
+    ],
+)
 def test_bad_references_are_refused_with_the_fix(tmp_path: Path, spec: str, message: str) -> None:
     saved_run(tmp_path, "42", rounds=2)
     with pytest.raises(MedfedError, match=message) as caught:

@@ -17,8 +17,16 @@ from medfed.tasks import engine, get_task
 
 
 def make_worker(tmp: Path, **policy: object) -> SiteWorker:
-    cfg = validate(SiteConfig, {"site": {"name": "site-x"}, "data": {"num_samples": 32},
-                                "policy": policy, "compute": {"threads": 1}}, where="test")
+    cfg = validate(
+        SiteConfig,
+        {
+            "site": {"name": "site-x"},
+            "data": {"num_samples": 32},
+            "policy": policy,
+            "compute": {"threads": 1},
+        },
+        where="test",
+    )
     return SiteWorker(cfg, tmp / "site.toml")
 
 
@@ -28,8 +36,14 @@ def global_weights(task: str = "tiny-seg") -> dict[str, np.ndarray]:
 
 
 def request(op: str, run: RunConfig, arrays: dict[str, np.ndarray], rnd: int = 1) -> wire.Frame:
-    return wire.Frame({"op": op, "run_id": 7, "config": {wire.RUN_CONFIG_KEY: run.to_json(),
-                                                         wire.SERVER_ROUND_KEY: rnd}}, arrays)
+    return wire.Frame(
+        {
+            "op": op,
+            "run_id": 7,
+            "config": {wire.RUN_CONFIG_KEY: run.to_json(), wire.SERVER_ROUND_KEY: rnd},
+        },
+        arrays,
+    )
 
 
 def test_train_returns_an_update_of_the_same_size_and_audits_it(tmp_path: Path) -> None:
@@ -48,8 +62,7 @@ def test_train_returns_an_update_of_the_same_size_and_audits_it(tmp_path: Path) 
 
 def test_evaluate_reports_task_metrics(tmp_path: Path) -> None:
     plain = RunConfig(secure_aggregation="off", task="tiny-seg")
-    reply = make_worker(tmp_path).handle(request("evaluate", plain,
-                                                 global_weights()))
+    reply = make_worker(tmp_path).handle(request("evaluate", plain, global_weights()))
     assert reply.header["ok"]
     assert {"dice", "loss", "num-examples"} <= set(reply.header["metrics"])
 
@@ -57,8 +70,7 @@ def test_evaluate_reports_task_metrics(tmp_path: Path) -> None:
 def test_policy_refusal_is_explicit_and_logged(tmp_path: Path) -> None:
     worker = make_worker(tmp_path, allowed_strategies=["fedavg"])
     krum = RunConfig(secure_aggregation="off", task="tiny-seg", strategy="krum")
-    reply = worker.handle(request("train", krum,
-                                  global_weights()))
+    reply = worker.handle(request("train", krum, global_weights()))
     assert not reply.header["ok"]
     assert reply.header["status"] == "refused"
     assert reply.header["rule"] == "policy.allowed_strategies"
@@ -72,8 +84,13 @@ def test_unknown_task_and_bad_weights_fail_with_reason(tmp_path: Path) -> None:
     typo = RunConfig(secure_aggregation="off", task="tiny-sge")
     reply = worker.handle(request("train", typo, global_weights()))
     assert reply.header["status"] == "failed" and "did you mean" in reply.header["reason"]
-    reply = worker.handle(request("train", RunConfig(secure_aggregation="off", task="tiny-seg"),
-                                  {WEIGHTS_KEY: np.zeros(3, np.float32)}))
+    reply = worker.handle(
+        request(
+            "train",
+            RunConfig(secure_aggregation="off", task="tiny-seg"),
+            {WEIGHTS_KEY: np.zeros(3, np.float32)},
+        )
+    )
     assert reply.header["status"] == "failed" and "model differs" in reply.header["reason"]
     reply = worker.handle(wire.Frame({"op": "train", "config": {}}))
     assert reply.header["status"] == "failed"

@@ -17,29 +17,48 @@ from medfed.core.config import RunConfig, SiteConfig, validate
 from medfed.core.packing import WEIGHTS_KEY, pack
 from medfed.tasks import engine, get_task
 
-BUDGET = {"epsilon_max": 20.0, "delta": 1e-5, "min_noise_multiplier": 0.8,
-          "max_clipping_norm": 2.0, "dp_required": True}
+BUDGET = {
+    "epsilon_max": 20.0,
+    "delta": 1e-5,
+    "min_noise_multiplier": 0.8,
+    "max_clipping_norm": 2.0,
+    "dp_required": True,
+}
 
 
 def make_worker(tmp: Path, num_samples: int = 32, **budget: object) -> SiteWorker:
-    cfg = validate(SiteConfig, {
-        "site": {"name": "site-x"}, "data": {"num_samples": num_samples},
-        "privacy": {"default": "brain", "datasets": {"brain": {**BUDGET, **budget}}},
-        "compute": {"threads": 1}}, where="test")
+    cfg = validate(
+        SiteConfig,
+        {
+            "site": {"name": "site-x"},
+            "data": {"num_samples": num_samples},
+            "privacy": {"default": "brain", "datasets": {"brain": {**BUDGET, **budget}}},
+            "compute": {"threads": 1},
+        },
+        where="test",
+    )
     return SiteWorker(cfg, tmp / "site.toml")
 
 
 def train_request(run: RunConfig, rnd: int = 1) -> wire.Frame:
     torch.manual_seed(0)
     weights = {WEIGHTS_KEY: pack(engine.get_weights(get_task(run.task).build_model()))}
-    return wire.Frame({"op": "train", "run_id": 42, "config": {
-        wire.RUN_CONFIG_KEY: run.to_json(), wire.SERVER_ROUND_KEY: rnd}}, weights)
+    return wire.Frame(
+        {
+            "op": "train",
+            "run_id": 42,
+            "config": {wire.RUN_CONFIG_KEY: run.to_json(), wire.SERVER_ROUND_KEY: rnd},
+        },
+        weights,
+    )
 
 
 def dp_run(**privacy: object) -> RunConfig:
     return RunConfig(
-        secure_aggregation="off", task="tiny-seg",
-        privacy={"mode": "sample", "noise_multiplier": 1.0, "max_grad_norm": 1.0, **privacy})
+        secure_aggregation="off",
+        task="tiny-seg",
+        privacy={"mode": "sample", "noise_multiplier": 1.0, "max_grad_norm": 1.0, **privacy},
+    )
 
 
 def test_dp_round_is_charged_and_reported(tmp_path: Path) -> None:
@@ -68,8 +87,7 @@ def test_round_over_budget_is_refused_with_the_rule(tmp_path: Path) -> None:
     # z = 2, q = 1/2, 2 steps per round: the run's epsilon is 2.06 after one round,
     # 2.81 after two, 3.40 after three (Opacus RDP, delta 1e-5)
     worker = make_worker(tmp_path, epsilon_max=3.0)
-    replies = [worker.handle(train_request(dp_run(noise_multiplier=2.0), rnd=r))
-               for r in (1, 2, 3)]
+    replies = [worker.handle(train_request(dp_run(noise_multiplier=2.0), rnd=r)) for r in (1, 2, 3)]
     assert [r.header["ok"] for r in replies] == [True, True, False]
     assert replies[2].header["rule"] == "privacy.datasets.brain.epsilon_max"
     assert "exceeded" in replies[2].header["reason"]
@@ -77,17 +95,25 @@ def test_round_over_budget_is_refused_with_the_rule(tmp_path: Path) -> None:
     assert spent == pytest.approx(2.813, abs=2e-3)
 
 
-@pytest.mark.parametrize(("privacy", "rule"), [
-    ({"mode": "off"}, "dp_required"),
-    ({"noise_multiplier": 0.5}, "min_noise_multiplier"),
-    ({"max_grad_norm": 5.0}, "max_clipping_norm"),
-])
+@pytest.mark.parametrize(
+    ("privacy", "rule"),
+    [
+        ({"mode": "off"}, "dp_required"),
+        ({"noise_multiplier": 0.5}, "min_noise_multiplier"),
+        ({"max_grad_norm": 5.0}, "max_clipping_norm"),
+    ],
+)
 def test_run_loosening_the_policy_is_refused(tmp_path: Path, privacy: dict, rule: str) -> None:
     worker = make_worker(tmp_path)
-    run = RunConfig(
-        secure_aggregation="off", task="tiny-seg",
-        privacy={"mode": "sample", "noise_multiplier": 1.0, "max_grad_norm": 1.0, **privacy}) \
-        if privacy.get("mode") != "off" else RunConfig(secure_aggregation="off", task="tiny-seg")
+    run = (
+        RunConfig(
+            secure_aggregation="off",
+            task="tiny-seg",
+            privacy={"mode": "sample", "noise_multiplier": 1.0, "max_grad_norm": 1.0, **privacy},
+        )
+        if privacy.get("mode") != "off"
+        else RunConfig(secure_aggregation="off", task="tiny-seg")
+    )
     reply = worker.handle(train_request(run))
     assert not reply.header["ok"] and reply.header["status"] == "refused"
     assert rule in reply.header["rule"]
@@ -95,9 +121,11 @@ def test_run_loosening_the_policy_is_refused(tmp_path: Path, privacy: dict, rule
 
 
 def eps_rdp(z: float, q: float, steps: int) -> float:
-    eps, _ = get_privacy_spent(orders=ORDERS, rdp=compute_rdp(q=q, noise_multiplier=z,
-                                                              steps=steps, orders=ORDERS),
-                               delta=1e-5)
+    eps, _ = get_privacy_spent(
+        orders=ORDERS,
+        rdp=compute_rdp(q=q, noise_multiplier=z, steps=steps, orders=ORDERS),
+        delta=1e-5,
+    )
     return float(eps)
 
 
@@ -125,14 +153,19 @@ def test_target_epsilon_sets_each_sites_noise_from_its_own_data(tmp_path: Path) 
     extra = worker.handle(train_request(run, rnd=4))
     assert extra.header["status"] == "refused"
     assert extra.header["rule"] == "privacy.target_epsilon"
-    assert PrivacyLedger(tmp_path / "128" / "privacy" / "ledger.sqlite").spent("brain") \
-        == pytest.approx(spent[128], rel=1e-9)
+    assert PrivacyLedger(tmp_path / "128" / "privacy" / "ledger.sqlite").spent(
+        "brain"
+    ) == pytest.approx(spent[128], rel=1e-9)
 
 
 def test_target_epsilon_in_update_mode_spreads_over_the_runs_rounds(tmp_path: Path) -> None:
     worker = make_worker(tmp_path, min_noise_multiplier=0.0)
-    run = RunConfig(secure_aggregation="off", task="tiny-seg", rounds=4,
-                    privacy={"mode": "update", "target_epsilon": 4.0, "clipping_norm": 0.5})
+    run = RunConfig(
+        secure_aggregation="off",
+        task="tiny-seg",
+        rounds=4,
+        privacy={"mode": "update", "target_epsilon": 4.0, "clipping_norm": 0.5},
+    )
     reply = worker.handle(train_request(run))
     assert reply.header["ok"], reply.header
     z = reply.header["metrics"]["noise-multiplier"]
@@ -162,8 +195,10 @@ def test_target_epsilon_needing_less_noise_than_the_policy_is_refused(tmp_path: 
 def test_update_level_dp_noises_the_update(tmp_path: Path) -> None:
     worker = make_worker(tmp_path, min_noise_multiplier=0.0)
     run = RunConfig(
-        secure_aggregation="off", task="tiny-seg",
-        privacy={"mode": "update", "noise_multiplier": 1.0, "clipping_norm": 0.5})
+        secure_aggregation="off",
+        task="tiny-seg",
+        privacy={"mode": "update", "noise_multiplier": 1.0, "clipping_norm": 0.5},
+    )
     request = train_request(run)
     reply = worker.handle(request)
     assert reply.header["ok"], reply.header
@@ -175,8 +210,7 @@ def test_update_level_dp_noises_the_update(tmp_path: Path) -> None:
 
 
 def test_site_without_budget_refuses_dp_but_allows_plain_runs(tmp_path: Path) -> None:
-    cfg = validate(SiteConfig, {"site": {"name": "s"}, "data": {"num_samples": 32}},
-                   where="test")
+    cfg = validate(SiteConfig, {"site": {"name": "s"}, "data": {"num_samples": 32}}, where="test")
     worker = SiteWorker(cfg, tmp_path / "site.toml")
     plain = RunConfig(secure_aggregation="off", task="tiny-seg")
     sent = worker.handle(train_request(plain)).header
@@ -188,22 +222,33 @@ def test_site_without_budget_refuses_dp_but_allows_plain_runs(tmp_path: Path) ->
 def join_request(run: RunConfig) -> wire.Frame:
     from medfed.core.secagg import SecAggConfig
 
-    return wire.Frame({"op": "query", "run_id": 42, "config": {
-        wire.RUN_CONFIG_KEY: run.to_json(),
-        wire.SECAGG_JOIN: json.dumps(SecAggConfig(mode="default").to_dict())}})
+    return wire.Frame(
+        {
+            "op": "query",
+            "run_id": 42,
+            "config": {
+                wire.RUN_CONFIG_KEY: run.to_json(),
+                wire.SECAGG_JOIN: json.dumps(SecAggConfig(mode="default").to_dict()),
+            },
+        }
+    )
 
 
 def secure(run: RunConfig, rounds: int) -> RunConfig:
     return run.model_copy(update={"secure_aggregation": "default", "rounds": rounds})
 
 
-@pytest.mark.parametrize(("budget", "privacy", "rule"), [
-    ({"privacy_unit": "patient"}, {}, "privacy.datasets.brain.privacy_unit"),
-    ({}, {"noise_multiplier": 0.5}, "privacy.datasets.brain.min_noise_multiplier"),
-    ({"epsilon_max": 1.0}, {}, "privacy.datasets.brain.epsilon_max"),  # not even round 1
-])
+@pytest.mark.parametrize(
+    ("budget", "privacy", "rule"),
+    [
+        ({"privacy_unit": "patient"}, {}, "privacy.datasets.brain.privacy_unit"),
+        ({}, {"noise_multiplier": 0.5}, "privacy.datasets.brain.min_noise_multiplier"),
+        ({"epsilon_max": 1.0}, {}, "privacy.datasets.brain.epsilon_max"),  # not even round 1
+    ],
+)
 def test_a_run_the_site_would_refuse_is_refused_when_it_joins(
-        tmp_path: Path, budget: dict, privacy: dict, rule: str) -> None:
+    tmp_path: Path, budget: dict, privacy: dict, rule: str
+) -> None:
     """Refused at the join, before any site trains, and nothing is charged or joined."""
     worker = make_worker(tmp_path, **budget)
     reply = worker.handle(join_request(secure(dp_run(**privacy), rounds=3)))
@@ -223,8 +268,12 @@ def test_the_join_says_how_many_rounds_the_budget_covers(tmp_path: Path) -> None
     assert reply.header["metrics"] == {wire.BUDGET_ROUNDS_KEY: 2}
     assert wire.BYTES_PREFIX + "advert" in reply.arrays
     # a run the budget covers whole joins without a note; the join charged nothing
-    assert worker.handle(join_request(secure(dp_run(noise_multiplier=2.0), rounds=2))
-                         ).header["metrics"] == {}
+    assert (
+        worker.handle(join_request(secure(dp_run(noise_multiplier=2.0), rounds=2))).header[
+            "metrics"
+        ]
+        == {}
+    )
     assert PrivacyLedger(tmp_path / "privacy" / "ledger.sqlite").spent("brain") == 0.0
 
 
@@ -264,8 +313,9 @@ def test_another_runs_spend_mid_run_raises_the_fitted_noise(tmp_path: Path) -> N
     first = worker.handle(train_request(run, rnd=1)).header["metrics"]["noise-multiplier"]
     ledger = PrivacyLedger(tmp_path / "privacy" / "ledger.sqlite")
     _, budget = worker.privacy.policy.budget_for("brain")
-    ledger.reserve("other", 1, "brain", budget=budget, round_history=[(8.0, 0.5, 2)],
-                   delta=1e-5)  # another coordinator's run, between this run's rounds
+    ledger.reserve(
+        "other", 1, "brain", budget=budget, round_history=[(8.0, 0.5, 2)], delta=1e-5
+    )  # another coordinator's run, between this run's rounds
     replies = [worker.handle(train_request(run, rnd=r)).header for r in (2, 3)]
     assert [r["ok"] for r in replies] == [True, True]
     later = [r["metrics"]["noise-multiplier"] for r in replies]
@@ -275,7 +325,8 @@ def test_another_runs_spend_mid_run_raises_the_fitted_noise(tmp_path: Path) -> N
 
 @pytest.mark.parametrize("cap", [0.0, 2.1])
 def test_without_room_under_the_cap_the_site_refuses_rounds_as_usual(
-        tmp_path: Path, cap: float) -> None:
+    tmp_path: Path, cap: float
+) -> None:
     """No fitting when the policy does not allow it (0), or when even the cap does not fit."""
     worker = make_worker(tmp_path, epsilon_max=3.0, max_fitted_noise_multiplier=cap)
     run = secure(dp_run(noise_multiplier=2.0), rounds=3)

@@ -23,7 +23,8 @@ def _resumed(request: wire.Frame) -> wire.Frame:
 
 
 def test_the_resumed_run_gets_the_same_dp_update_and_the_ledger_charges_once(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     worker = make_worker(tmp_path)
     first = worker.handle(train_request(dp_run(), rnd=2))
     assert first.header["ok"], first.header
@@ -82,8 +83,19 @@ def test_an_update_is_sent_again_only_to_the_same_participants(tmp_path: Path) -
     run = RunConfig(task="tiny-seg")
     store = ReleasedUpdates(tmp_path)
     model = np.arange(4, dtype=np.float32)
-    store.save("7", Released(2, run_digest(run), model_digest(model), ("site-a", "site-b"),
-                             np.ones(3, dtype=np.float32), 5.0, {}, {}))
+    store.save(
+        "7",
+        Released(
+            2,
+            run_digest(run),
+            model_digest(model),
+            ("site-a", "site-b"),
+            np.ones(3, dtype=np.float32),
+            5.0,
+            {},
+            {},
+        ),
+    )
     same = participants_of({wire.SECAGG_PARTICIPANTS: json.dumps(["site-b", "site-a"])})
     other = participants_of({wire.SECAGG_PARTICIPANTS: json.dumps(["site-a", "site-c"])})
     assert store.matching("7", run, 2, model, same) is not None

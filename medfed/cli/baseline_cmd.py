@@ -46,25 +46,50 @@ def register(app: typer.Typer) -> None:
         from medfed.tasks.baseline import run_baseline
 
         if mode not in ("centralized", "local"):
-            raise ConfigError(f"Unknown baseline mode {mode!r}.", where="--mode",
-                              expected="centralized or local")
-        chosen: Literal["centralized", "local"] = "centralized" if mode == "centralized" \
-            else "local"
+            raise ConfigError(
+                f"Unknown baseline mode {mode!r}.", where="--mode", expected="centralized or local"
+            )
+        chosen: Literal["centralized", "local"] = (
+            "centralized" if mode == "centralized" else "local"
+        )
         t = get_task(task)
         sources = site_sources(data, seed=seed)
         with console.status(f"loading {len(sources)} sites ..."):
             sites = {name: t.load_site_data(src) for name, src in sources.items()}
         device = engine.select_device()
         with console.status(f"training {mode} baseline on {device} ..."):
-            result = run_baseline(t, sites, chosen, epochs=epochs, batch_size=batch_size,
-                                  learning_rate=lr, device=device, seed=seed)
-        console.print(render_matrix(result.matrix, t.primary_metric,
-                                    f"{task}: {mode} baseline, {t.primary_metric} per site"))
+            result = run_baseline(
+                t,
+                sites,
+                chosen,
+                epochs=epochs,
+                batch_size=batch_size,
+                learning_rate=lr,
+                device=device,
+                seed=seed,
+            )
+        console.print(
+            render_matrix(
+                result.matrix,
+                t.primary_metric,
+                f"{task}: {mode} baseline, {t.primary_metric} per site",
+            )
+        )
         folder = out or Path(data) / f"baseline-{mode}-{task}"
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(folder / "cross_site.json", json.dumps(
-            {"task": task, "mode": mode, "epochs": epochs, "metric": t.primary_metric,
-             "matrix": result.matrix}, indent=2).encode())
+        atomic_write(
+            folder / "cross_site.json",
+            json.dumps(
+                {
+                    "task": task,
+                    "mode": mode,
+                    "epochs": epochs,
+                    "metric": t.primary_metric,
+                    "matrix": result.matrix,
+                },
+                indent=2,
+            ).encode(),
+        )
         for name, model in result.models.items():
             np.savez(folder / f"{name.replace(':', '-')}.npz", **engine.get_weights(model))
         console.print(f"results: {folder}")

@@ -60,8 +60,11 @@ RunOne = Callable[[Any], tuple[Any, dict[str, Any]]]
 def _names(text: str, what: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
-        raise ConfigError(f"No {what} named.", where=f"--{what}",
-                          expected="comma-separated names, e.g. fedavg,fedprox")
+        raise ConfigError(
+            f"No {what} named.",
+            where=f"--{what}",
+            expected="comma-separated names, e.g. fedavg,fedprox",
+        )
     return names
 
 
@@ -75,8 +78,10 @@ def _options(texts: list[str], strategies: list[str]) -> dict[str, dict[str, Any
         if not sep or strategy not in out:
             raise ConfigError(
                 f"Strategy option {text!r} names no strategy of this comparison.",
-                where="--strategy-option", expected=f"STRATEGY:KEY=VALUE with STRATEGY one "
-                f"of {', '.join(strategies)}, e.g. fedprox:proximal_mu=0.01")
+                where="--strategy-option",
+                expected=f"STRATEGY:KEY=VALUE with STRATEGY one "
+                f"of {', '.join(strategies)}, e.g. fedprox:proximal_mu=0.01",
+            )
         key, value = parse_option(option)
         out[strategy][key] = value
     return out
@@ -87,9 +92,11 @@ def _dp_modes(text: str) -> list[str]:
     unknown = [m for m in modes if m not in DP_MODES]
     if unknown or len(set(modes)) != len(modes):
         raise ConfigError(
-            f"Unknown or repeated DP mode in --dp {text!r}.", where="--dp",
+            f"Unknown or repeated DP mode in --dp {text!r}.",
+            where="--dp",
             expected=f"comma-separated, each once: {', '.join(DP_MODES)}",
-            fix="e.g. --dp off,sample to score DP-SGD against the same runs without DP")
+            fix="e.g. --dp off,sample to score DP-SGD against the same runs without DP",
+        )
     return modes
 
 
@@ -104,24 +111,40 @@ def _combine(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for (strategy, hook, mode), runs in groups.items():
         done = [r for r in runs if r["status"] == "completed"]
-        row: dict[str, Any] = {"strategy": strategy, "adaptation": hook, "dp": mode,
-                               "options": runs[0]["options"], "runs": len(runs),
-                               "completed": len(done)}
+        row: dict[str, Any] = {
+            "strategy": strategy,
+            "adaptation": hook,
+            "dp": mode,
+            "options": runs[0]["options"],
+            "runs": len(runs),
+            "completed": len(done),
+        }
         if not done:
             rows.append({**row, "status": runs[0]["status"], "reason": runs[0].get("reason")})
             continue
         means = [r["mean"] for r in done]
         site_names = sorted({s for r in done for s in r["sites"]})
         eps = [r["epsilon"] for r in done if r["epsilon"] is not None]
-        rows.append({**row, "status": "completed", "metric": done[0]["metric"],
-                     "mean": statistics.fmean(means),
-                     "std": statistics.stdev(means) if len(means) > 1 else None,
-                     "sites": {s: statistics.fmean(r["sites"][s] for r in done
-                                                   if s in r["sites"]) for s in site_names},
-                     "seconds": statistics.fmean(r["seconds"] for r in done),
-                     "epsilon": max(eps) if eps else None})
-    plain = {(r["strategy"], r["adaptation"]): r["mean"] for r in rows
-             if r["dp"] == "off" and r["status"] == "completed"}
+        rows.append(
+            {
+                **row,
+                "status": "completed",
+                "metric": done[0]["metric"],
+                "mean": statistics.fmean(means),
+                "std": statistics.stdev(means) if len(means) > 1 else None,
+                "sites": {
+                    s: statistics.fmean(r["sites"][s] for r in done if s in r["sites"])
+                    for s in site_names
+                },
+                "seconds": statistics.fmean(r["seconds"] for r in done),
+                "epsilon": max(eps) if eps else None,
+            }
+        )
+    plain = {
+        (r["strategy"], r["adaptation"]): r["mean"]
+        for r in rows
+        if r["dp"] == "off" and r["status"] == "completed"
+    }
     for r in rows:
         twin = plain.get((r["strategy"], r["adaptation"]))
         if r["dp"] != "off" and r["status"] == "completed" and twin:
@@ -134,12 +157,20 @@ def _result(folder: Any, summary: dict[str, Any], rounds: int) -> dict[str, Any]
     metric = summary["primary_metric"]
     row = json.loads(folder.cross_site_file.read_text())["matrix"]["global"]
     per_site = {s: float(m[metric]) for s, m in sorted(row.items())}
-    eps = [m["epsilon-run"] for m in folder.read_metrics()
-           if m["phase"] == "train" and m["round"] == rounds and "epsilon-run" in m]
-    return {"status": "completed", "metric": metric,
-            "mean": sum(per_site.values()) / max(len(per_site), 1), "sites": per_site,
-            "seconds": summary["seconds"], "epsilon": max(eps) if eps else None,
-            "run_folder": str(folder.path)}
+    eps = [
+        m["epsilon-run"]
+        for m in folder.read_metrics()
+        if m["phase"] == "train" and m["round"] == rounds and "epsilon-run" in m
+    ]
+    return {
+        "status": "completed",
+        "metric": metric,
+        "mean": sum(per_site.values()) / max(len(per_site), 1),
+        "sites": per_site,
+        "seconds": summary["seconds"],
+        "epsilon": max(eps) if eps else None,
+        "run_folder": str(folder.path),
+    }
 
 
 def register(app: typer.Typer) -> None:
@@ -147,30 +178,51 @@ def register(app: typer.Typer) -> None:
 
     @app.command("compare")
     def compare(
-        strategies: Annotated[str, typer.Option(
-            help="comma-separated strategies (`medfed strategies`)")] = "fedavg,fedprox",
-        adaptations: Annotated[str, typer.Option(
-            help="comma-separated domain-adaptation hooks (`medfed adaptations`)")] = "none",
-        strategy_option: Annotated[list[str] | None, typer.Option(
-            "--strategy-option", "-o",
-            help="STRATEGY:KEY=VALUE, e.g. fedprox:proximal_mu=0.01 (repeatable)")] = None,
+        strategies: Annotated[
+            str, typer.Option(help="comma-separated strategies (`medfed strategies`)")
+        ] = "fedavg,fedprox",
+        adaptations: Annotated[
+            str, typer.Option(help="comma-separated domain-adaptation hooks (`medfed adaptations`)")
+        ] = "none",
+        strategy_option: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--strategy-option",
+                "-o",
+                help="STRATEGY:KEY=VALUE, e.g. fedprox:proximal_mu=0.01 (repeatable)",
+            ),
+        ] = None,
         task: TaskOpt = "tiny-seg",
-        sites: Annotated[int, typer.Option(
-            min=2, help=f"number of sites (at most {MAX_DEPLOYED_SITES} deployed)")] = 3,
-        engine: Annotated[str, typer.Option(
-            help="deployment (a SuperLink and site daemons on 127.0.0.1) | simulation "
-                 "(simulated sites in this process; many sites)")] = "deployment",
+        sites: Annotated[
+            int,
+            typer.Option(min=2, help=f"number of sites (at most {MAX_DEPLOYED_SITES} deployed)"),
+        ] = 3,
+        engine: Annotated[
+            str,
+            typer.Option(
+                help="deployment (a SuperLink and site daemons on 127.0.0.1) | simulation "
+                "(simulated sites in this process; many sites)"
+            ),
+        ] = "deployment",
         rounds: RoundsOpt = 3,
         seed: SeedOpt = 0,
-        repeats: Annotated[int, typer.Option(
-            min=1, help="runs of each combination, at seeds SEED, SEED+1, ...: the table "
-                        "shows their mean and standard deviation")] = 1,
+        repeats: Annotated[
+            int,
+            typer.Option(
+                min=1,
+                help="runs of each combination, at seeds SEED, SEED+1, ...: the table "
+                "shows their mean and standard deviation",
+            ),
+        ] = 1,
         local_epochs: LocalEpochsOpt = None,
         batch_size: BatchSizeOpt = None,
         lr: LrOpt = None,
-        dp: Annotated[str, typer.Option(
-            help="comma-separated DP modes to compare: off | sample (DP-SGD) | update; "
-                 "with off among others, each DP run is scored against its off twin")
+        dp: Annotated[
+            str,
+            typer.Option(
+                help="comma-separated DP modes to compare: off | sample (DP-SGD) | update; "
+                "with off among others, each DP run is scored against its off twin"
+            ),
         ] = "off",
         noise_multiplier: NoiseMultiplierOpt = None,
         target_epsilon: TargetEpsilonOpt = 0.0,
@@ -180,16 +232,22 @@ def register(app: typer.Typer) -> None:
         accountant: AccountantOpt = "rdp",
         dp_optimizer: DpOptimizerOpt = "adam",
         dp_average: DpAverageOpt = 0.0,
-        dp_local_epochs: Annotated[int | None, typer.Option(
-            help="local epochs of the DP runs (default: --local-epochs)")] = None,
-        dp_batch_size: Annotated[int | None, typer.Option(
-            help="batch size of the DP runs (default: --batch-size)")] = None,
-        dp_lr: Annotated[float | None, typer.Option(
-            help="learning rate of the DP runs (default: --lr)")] = None,
+        dp_local_epochs: Annotated[
+            int | None, typer.Option(help="local epochs of the DP runs (default: --local-epochs)")
+        ] = None,
+        dp_batch_size: Annotated[
+            int | None, typer.Option(help="batch size of the DP runs (default: --batch-size)")
+        ] = None,
+        dp_lr: Annotated[
+            float | None, typer.Option(help="learning rate of the DP runs (default: --lr)")
+        ] = None,
         init_weights: InitWeightsOpt = "random",
-        out: Annotated[Path | None, typer.Option(
-            help="folder for the federation and compare.json "
-                 "(default: ./medfed-compare/<time>)")] = None,
+        out: Annotated[
+            Path | None,
+            typer.Option(
+                help="folder for the federation and compare.json (default: ./medfed-compare/<time>)"
+            ),
+        ] = None,
     ) -> None:
         """Compare strategies and adaptation hooks on the same sites (loopback or simulated)."""
         from medfed.cli.run_cmd import privacy_options
@@ -200,12 +258,16 @@ def register(app: typer.Typer) -> None:
         from medfed.tasks.pretrain import check_init
 
         if engine not in ENGINES:
-            raise ConfigError(f"Unknown engine {engine!r}.", where="--engine",
-                              expected=" | ".join(ENGINES))
+            raise ConfigError(
+                f"Unknown engine {engine!r}.", where="--engine", expected=" | ".join(ENGINES)
+            )
         if engine == "deployment" and sites > MAX_DEPLOYED_SITES:
             raise ConfigError(
                 f"--sites {sites}: a loopback deployment starts at most {MAX_DEPLOYED_SITES} "
-                "site daemons.", where="--sites", fix="--engine simulation for more sites")
+                "site daemons.",
+                where="--sites",
+                fix="--engine simulation for more sites",
+            )
         chosen = get_task(task)
         names, hooks = _names(strategies, "strategies"), _names(adaptations, "adaptations")
         modes = _dp_modes(dp)
@@ -214,59 +276,117 @@ def register(app: typer.Typer) -> None:
             check_options(s, options[s])
         for hook in hooks:  # an unknown hook or one that does not fit fails here
             local_keys(chosen, chosen.build_model(), hook)
-        privacy = {m: privacy_options(m, noise_multiplier, max_grad_norm, clipping_norm, delta,
-                                      accountant, dp_optimizer, dp_average, target_epsilon)
-                   for m in modes}
+        privacy = {
+            m: privacy_options(
+                m,
+                noise_multiplier,
+                max_grad_norm,
+                clipping_norm,
+                delta,
+                accountant,
+                dp_optimizer,
+                dp_average,
+                target_epsilon,
+            )
+            for m in modes
+        }
         plain = {"local_epochs": local_epochs, "batch_size": batch_size, "learning_rate": lr}
-        private = {key: plain[key] if value is None else value for key, value in (
-            ("local_epochs", dp_local_epochs), ("batch_size", dp_batch_size),
-            ("learning_rate", dp_lr))}
-        runs = [(s, h, m, validate(RunConfig, {
-            "task": task, "strategy": s, "strategy_options": options[s], "rounds": rounds,
-            "min_sites": sites, "seed": seed + k, "adaptation": h, "privacy": privacy[m],
-            "init_weights": init_weights,
-            **(plain if m == "off" else private),
-            "name": f"compare {s} {h}" + ("" if m == "off" else f" dp-{m}")},
-            where=f"medfed compare options (--dp {m})"))
-            for s in names for h in hooks for m in modes for k in range(repeats)]
+        private = {
+            key: plain[key] if value is None else value
+            for key, value in (
+                ("local_epochs", dp_local_epochs),
+                ("batch_size", dp_batch_size),
+                ("learning_rate", dp_lr),
+            )
+        }
+        runs = [
+            (
+                s,
+                h,
+                m,
+                validate(
+                    RunConfig,
+                    {
+                        "task": task,
+                        "strategy": s,
+                        "strategy_options": options[s],
+                        "rounds": rounds,
+                        "min_sites": sites,
+                        "seed": seed + k,
+                        "adaptation": h,
+                        "privacy": privacy[m],
+                        "init_weights": init_weights,
+                        **(plain if m == "off" else private),
+                        "name": f"compare {s} {h}" + ("" if m == "off" else f" dp-{m}"),
+                    },
+                    where=f"medfed compare options (--dp {m})",
+                ),
+            )
+            for s in names
+            for h in hooks
+            for m in modes
+            for k in range(repeats)
+        ]
         check_init(chosen, runs[0][3].init_weights)
         signal.signal(signal.SIGTERM, interrupt_on_signal)
-        root = (out or Path("medfed-compare")
-                / dt.datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
+        root = (
+            out or Path("medfed-compare") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        ).resolve()
         results: list[dict[str, Any]] = []
         t0 = time.time()
         try:
-            console.print(f"[bold]medfed compare[/]: {len(runs)} runs of {task}, {sites} "
-                          f"sites ({engine}), {rounds} rounds each; in {root}")
+            console.print(
+                f"[bold]medfed compare[/]: {len(runs)} runs of {task}, {sites} "
+                f"sites ({engine}), {rounds} rounds each; in {root}"
+            )
             with _engine(engine, root, sites, rationed=modes == ["off"]) as run_one:
                 for strategy, hook, mode, run in runs:
                     folder, summary = run_one(run)
-                    result = {"strategy": strategy, "adaptation": hook, "dp": mode,
-                              "seed": run.seed, "options": options[strategy]}
+                    result = {
+                        "strategy": strategy,
+                        "adaptation": hook,
+                        "dp": mode,
+                        "seed": run.seed,
+                        "options": options[strategy],
+                    }
                     if summary.get("status") == "completed":
                         result.update(_result(folder, summary, rounds))
                         shown = f"{result['metric']} {result['mean']:.4f}"
                     else:
-                        result.update(status=summary.get("status", "failed"),
-                                      reason=summary.get("reason", ""))
+                        result.update(
+                            status=summary.get("status", "failed"), reason=summary.get("reason", "")
+                        )
                         shown = f"[red]{result['status']}[/]"
                     dp_shown = "" if modes == ["off"] else f" {mode:<7}"
                     seed_shown = "" if repeats == 1 else f" seed {run.seed:<3}"
-                    console.print(f"  {strategy:<14} {hook:<18}{dp_shown}{seed_shown} {shown}",
-                                  highlight=False)
+                    console.print(
+                        f"  {strategy:<14} {hook:<18}{dp_shown}{seed_shown} {shown}",
+                        highlight=False,
+                    )
                     results.append(result)
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]: every process it started is stopped")
             raise typer.Exit(130) from None
         combinations = _combine(results)
-        (root / "compare.json").write_text(json.dumps(
-            {"task": task, "sites": sites, "engine": engine, "rounds": rounds, "seed": seed,
-             "repeats": repeats,
-             "init_weights": init_weights,
-             "privacy": privacy, "combinations": combinations, "runs": results}, indent=2))
+        (root / "compare.json").write_text(
+            json.dumps(
+                {
+                    "task": task,
+                    "sites": sites,
+                    "engine": engine,
+                    "rounds": rounds,
+                    "seed": seed,
+                    "repeats": repeats,
+                    "init_weights": init_weights,
+                    "privacy": privacy,
+                    "combinations": combinations,
+                    "runs": results,
+                },
+                indent=2,
+            )
+        )
         _print_table(combinations)
-        console.print(f"compare.json and the run folders in {root}; total "
-                      f"{time.time() - t0:.1f} s")
+        console.print(f"compare.json and the run folders in {root}; total {time.time() - t0:.1f} s")
         if any(r["status"] != "completed" for r in results):
             raise typer.Exit(1)
 
@@ -286,8 +406,9 @@ def _engine(engine: str, root: Path, sites: int, *, rationed: bool) -> Iterator[
 
         logging.getLogger("flwr").setLevel(logging.WARNING)  # the ServerApp's own log lines
         simulated = synthetic_sites(sites)
-        yield lambda run: simulate(run, simulated, root / "runs",
-                                   budget=None if rationed else SIMULATION_BUDGET)
+        yield lambda run: simulate(
+            run, simulated, root / "runs", budget=None if rationed else SIMULATION_BUDGET
+        )
         return
     from medfed.local import LocalFederation
 
@@ -310,30 +431,50 @@ def _print_table(results: list[dict[str, Any]]) -> None:
     with_ratio = any("vs_no_dp" in r for r in done)
     number = lambda h: Column(h, justify="right", no_wrap=True)  # noqa: E731
     # fold, never cut: a shortened strategy or hook name would name the wrong run
-    table = Table(number("#"), Column("strategy", overflow="fold"),
-                  Column("adaptation", overflow="fold"), *([Column("dp")] if with_dp else []),
-                  number(f"mean {metric}"), *([number("DP/plain")] if with_ratio else []),
-                  number("s"), *([number("eps")] if with_eps else []),
-                  box=box.SIMPLE_HEAD,
-                  title="global model at each site's held-out split (best first)")
+    table = Table(
+        number("#"),
+        Column("strategy", overflow="fold"),
+        Column("adaptation", overflow="fold"),
+        *([Column("dp")] if with_dp else []),
+        number(f"mean {metric}"),
+        *([number("DP/plain")] if with_ratio else []),
+        number("s"),
+        *([number("eps")] if with_eps else []),
+        box=box.SIMPLE_HEAD,
+        title="global model at each site's held-out split (best first)",
+    )
     for i, r in enumerate(done, 1):
-        table.add_row(str(i), r["strategy"], r["adaptation"], *([r["dp"]] if with_dp else []),
-                      _mean_shown(r),
-                      *([f"{r['vs_no_dp']:.3f}" if "vs_no_dp" in r else ""] if with_ratio
-                        else []),
-                      f"{r['seconds']:.1f}",
-                      *([f"{r['epsilon']:.3g}" if r["epsilon"] is not None else ""]
-                        if with_eps else []))
+        table.add_row(
+            str(i),
+            r["strategy"],
+            r["adaptation"],
+            *([r["dp"]] if with_dp else []),
+            _mean_shown(r),
+            *([f"{r['vs_no_dp']:.3f}" if "vs_no_dp" in r else ""] if with_ratio else []),
+            f"{r['seconds']:.1f}",
+            *([f"{r['epsilon']:.3g}" if r["epsilon"] is not None else ""] if with_eps else []),
+        )
     for r in failed:
-        table.add_row("", r["strategy"], r["adaptation"], *([r["dp"]] if with_dp else []),
-                      r["status"], *("" for _ in range(with_ratio + 1 + with_eps)))
+        table.add_row(
+            "",
+            r["strategy"],
+            r["adaptation"],
+            *([r["dp"]] if with_dp else []),
+            r["status"],
+            *("" for _ in range(with_ratio + 1 + with_eps)),
+        )
     console.print(table)
     if done:
-        per_site = Table(number("#"), *(number(s) for s in site_names), box=box.SIMPLE_HEAD,
-                         title=f"{metric} per site")
+        per_site = Table(
+            number("#"),
+            *(number(s) for s in site_names),
+            box=box.SIMPLE_HEAD,
+            title=f"{metric} per site",
+        )
         for i, r in enumerate(done, 1):
-            per_site.add_row(str(i), *(f"{r['sites'][s]:.4f}" if s in r["sites"] else ""
-                                       for s in site_names))
+            per_site.add_row(
+                str(i), *(f"{r['sites'][s]:.4f}" if s in r["sites"] else "" for s in site_names)
+            )
         console.print(per_site)
 
 

@@ -20,8 +20,9 @@ def register(app: typer.Typer) -> None:
         for name in STRATEGIES.names():
             cls = STRATEGIES.get(name)
             opts = ", ".join(f"{k}={v}" for k, v in strategy_options(name).items())
-            table.add_row(name, f"{cls.__module__}.{cls.__qualname__}", STRATEGIES.origin(name),
-                          opts)
+            table.add_row(
+                name, f"{cls.__module__}.{cls.__qualname__}", STRATEGIES.origin(name), opts
+            )
         console.print(table)
 
     @app.command("tasks")
@@ -33,8 +34,13 @@ def register(app: typer.Typer) -> None:
         for name in TASKS.names():
             task = TASKS.get(name)
             shipped = task.public_weights is not None and task.public_weights.is_file()
-            table.add_row(name, task.description, task.primary_metric,
-                          "yes" if shipped else "-", TASKS.origin(name))
+            table.add_row(
+                name,
+                task.description,
+                task.primary_metric,
+                "yes" if shipped else "-",
+                TASKS.origin(name),
+            )
         console.print(table)
 
     @app.command("adaptations")

@@ -57,8 +57,15 @@ def _register() -> None:
     app.add_typer(server_cmd.app, name="server")
     app.add_typer(site_cmd.app, name="site")
     app.add_typer(data_cmd.app, name="data")
-    for module in (run_cmd, simulate_cmd, info_cmd, demo_cmd, compare_cmd, baseline_cmd,
-                   pretrain_cmd):
+    for module in (
+        run_cmd,
+        simulate_cmd,
+        info_cmd,
+        demo_cmd,
+        compare_cmd,
+        baseline_cmd,
+        pretrain_cmd,
+    ):
         module.register(app)
 
 

@@ -16,8 +16,9 @@ def register(app: typer.Typer) -> None:
     @app.command("pretrain")
     def pretrain(
         task: Annotated[str, typer.Option(help="task name (one with public data)")],
-        out: Annotated[Path, typer.Option(help="weights file to write (.npz; recipe in "
-                                                ".json beside it)")],
+        out: Annotated[
+            Path, typer.Option(help="weights file to write (.npz; recipe in .json beside it)")
+        ],
         subjects: Annotated[int, typer.Option(min=1, help="public subjects")] = 80,
         steps: Annotated[int, typer.Option(min=1, help="Adam steps (rounded to epochs)")] = 3000,
         batch_size: Annotated[int, typer.Option(min=1, help="batch size")] = 16,
@@ -34,11 +35,14 @@ def register(app: typer.Typer) -> None:
         from medfed.tasks.pretrain import pretrain as train_public
 
         chosen = get_task(task)
-        recipe = PretrainRecipe(subjects=subjects, steps=steps, batch_size=batch_size,
-                                learning_rate=lr, seed=seed)
+        recipe = PretrainRecipe(
+            subjects=subjects, steps=steps, batch_size=batch_size, learning_rate=lr, seed=seed
+        )
         with console.status(f"training {task} on {subjects} public subjects ({steps} steps)"):
             weights, info = train_public(chosen, recipe)
         path = save_weights(out, weights, info)
-        console.print(f"wrote {path} ({info['examples']} public examples, {info['steps']} "
-                      f"steps, final loss {info['final-loss']}, {info['seconds']} s)")
+        console.print(
+            f"wrote {path} ({info['examples']} public examples, {info['steps']} "
+            f"steps, final loss {info['final-loss']}, {info['seconds']} s)"
+        )
         console.print(f"  recipe: {path.with_suffix('.json')}")

@@ -34,64 +34,90 @@ class ProgressView:
         rnd = event.get("round")
         c = self.console
         if kind == "run-started":
-            c.print(f"[bold]run started[/]: task {event['task']}, strategy {event['strategy']}, "
-                    f"{event['rounds']} rounds")
+            c.print(
+                f"[bold]run started[/]: task {event['task']}, strategy {event['strategy']}, "
+                f"{event['rounds']} rounds"
+            )
         elif kind == "round-sent" and event.get("phase") == "train":
             c.rule(f"round {rnd}/{self.rounds}")
         elif kind == "site-replied":
             if event["phase"] == "query":  # secure-aggregation set-up or unmasking
                 said = event["metrics"]
                 covered, fitted = said.get(wire.BUDGET_ROUNDS_KEY), said.get(wire.FITTED_NOISE_KEY)
-                notes = [] if covered is None else [
-                    f"its privacy budget covers only {int(covered)} of the {self.rounds} "
-                    "rounds; it will refuse the rest"]
+                notes = (
+                    []
+                    if covered is None
+                    else [
+                        f"its privacy budget covers only {int(covered)} of the {self.rounds} "
+                        "rounds; it will refuse the rest"
+                    ]
+                )
                 if fitted is not None:
-                    notes.append(f"it adds more noise than the run asks (noise multiplier "
-                                 f"{fitted:.3g}) to fit its remaining privacy budget")
+                    notes.append(
+                        f"it adds more noise than the run asks (noise multiplier "
+                        f"{fitted:.3g}) to fit its remaining privacy budget"
+                    )
                 shown = "ok" if not notes else f"[yellow]joined, but {'; '.join(notes)}[/]"
             else:
                 shown = _fmt(event["metrics"])
-            c.print(f"  {event['phase']:<8} [cyan]{event['site']:<16}[/] {shown}",
-                    highlight=False)
+            c.print(f"  {event['phase']:<8} [cyan]{event['site']:<16}[/] {shown}", highlight=False)
         elif kind == "site-error":
             who = escape(event.get("site") or f"node {event['node']}")
             reason = escape(str(event["reason"]))
             if event.get("status") == "refused":
                 rule = escape(event.get("rule") or "policy")
-                c.print(f"  {event['phase']:<8} [red]{who:<16} refused[/] ({rule}): {reason}",
-                        highlight=False)
+                c.print(
+                    f"  {event['phase']:<8} [red]{who:<16} refused[/] ({rule}): {reason}",
+                    highlight=False,
+                )
             else:
-                c.print(f"  {event['phase']:<8} [red]{who:<16} failed:[/] {reason}",
-                        highlight=False)
+                c.print(
+                    f"  {event['phase']:<8} [red]{who:<16} failed:[/] {reason}", highlight=False
+                )
         elif kind in ("round-lost", "update-rejected", "reveal-rejected"):
             who = f" {escape(event['site'])}" if event.get("site") else ""
-            c.print(f"  [red]{kind.replace('-', ' ')}{who}[/] (round {rnd}): "
-                    f"{escape(str(event['reason']))}", highlight=False)
+            c.print(
+                f"  [red]{kind.replace('-', ' ')}{who}[/] (round {rnd}): "
+                f"{escape(str(event['reason']))}",
+                highlight=False,
+            )
         elif kind == "secure-aggregation" and event.get("dropped"):
-            c.print(f"  [yellow]secure aggregation without {', '.join(event['dropped'])}[/]: "
-                    f"the sum of {', '.join(event.get('survivors', []))} (round {rnd})",
-                    highlight=False)
+            c.print(
+                f"  [yellow]secure aggregation without {', '.join(event['dropped'])}[/]: "
+                f"the sum of {', '.join(event.get('survivors', []))} (round {rnd})",
+                highlight=False,
+            )
         elif kind == "warning":
             c.print(f"  [yellow]warning:[/] {escape(str(event['reason']))}", highlight=False)
         elif kind == "run-refused":
             when = f"round {rnd}" if rnd else "at set-up, before any site trained"
             c.print(f"[red]run ended: the sites refused[/] ({when})", highlight=False)
         elif kind == "sites-missing":
-            c.print(f"  [yellow]{event['count']} site(s) did not reply in time "
-                    f"({event['phase']})[/]")
+            c.print(
+                f"  [yellow]{event['count']} site(s) did not reply in time ({event['phase']})[/]"
+            )
         elif kind == "round-finished" and event.get("model_unchanged"):
-            c.print(f"  [yellow]round {rnd} gave no new model[/] in {event['seconds']:.2f} s: "
-                    f"{event['checkpoint']} holds the model it started from")
+            c.print(
+                f"  [yellow]round {rnd} gave no new model[/] in {event['seconds']:.2f} s: "
+                f"{event['checkpoint']} holds the model it started from"
+            )
         elif kind == "round-finished":
-            c.print(f"  [green]round {rnd} done[/] in {event['seconds']:.2f} s "
-                    f"(checkpoint {event['checkpoint']})")
+            c.print(
+                f"  [green]round {rnd} done[/] in {event['seconds']:.2f} s "
+                f"(checkpoint {event['checkpoint']})"
+            )
         elif kind == "server-unreachable":
-            c.print("[yellow]the server is unreachable[/]; waiting for it: a restarted server "
-                    "(`medfed server start`) resumes the run from its last completed round",
-                    highlight=False)
+            c.print(
+                "[yellow]the server is unreachable[/]; waiting for it: a restarted server "
+                "(`medfed server start`) resumes the run from its last completed round",
+                highlight=False,
+            )
         elif kind == "run-resume-submitted":
-            c.print(f"[yellow]the server restarted[/] and resumes the run (server run "
-                    f"{event['flower_run_id']})", highlight=False)
+            c.print(
+                f"[yellow]the server restarted[/] and resumes the run (server run "
+                f"{event['flower_run_id']})",
+                highlight=False,
+            )
         elif kind == "run-resumed":
             c.print(f"[bold]run resumed[/] at round {rnd}", highlight=False)
         elif kind in ("run-failed", "run-stopped"):

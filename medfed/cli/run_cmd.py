@@ -51,8 +51,11 @@ def parse_option(text: str) -> tuple[str, Any]:
     """Parse ``key=value``; the value becomes a bool, int, float or string."""
     key, sep, raw = text.partition("=")
     if not sep or not key:
-        raise ConfigError(f"Malformed strategy option {text!r}.", where="--strategy-option",
-                          expected="KEY=VALUE, e.g. --strategy-option proximal_mu=0.01")
+        raise ConfigError(
+            f"Malformed strategy option {text!r}.",
+            where="--strategy-option",
+            expected="KEY=VALUE, e.g. --strategy-option proximal_mu=0.01",
+        )
     low = raw.lower()
     if low in ("true", "false"):
         return key, low == "true"
@@ -64,10 +67,18 @@ def parse_option(text: str) -> tuple[str, Any]:
     return key, raw
 
 
-def privacy_options(mode: str, noise: float | None, max_grad_norm: float, clipping_norm: float,
-                    delta: float, accountant: str, optimizer: str = "adam",
-                    average_iterates: float = 0.0, target_epsilon: float = 0.0,
-                    unit: str = "sample") -> dict[str, Any]:
+def privacy_options(
+    mode: str,
+    noise: float | None,
+    max_grad_norm: float,
+    clipping_norm: float,
+    delta: float,
+    accountant: str,
+    optimizer: str = "adam",
+    average_iterates: float = 0.0,
+    target_epsilon: float = 0.0,
+    unit: str = "sample",
+) -> dict[str, Any]:
     """The run's privacy section from the command-line options.
 
     Without ``noise`` the noise multiplier is 1.0, or, with a ``target_epsilon``, 0
@@ -77,17 +88,30 @@ def privacy_options(mode: str, noise: float | None, max_grad_norm: float, clippi
         return {"mode": "off"}
     if noise is None:
         noise = 0.0 if target_epsilon > 0 else 1.0
-    return {"mode": mode, "noise_multiplier": noise, "target_epsilon": target_epsilon,
-            "max_grad_norm": max_grad_norm, "clipping_norm": clipping_norm,
-            "target_delta": delta, "accountant": accountant, "optimizer": optimizer,
-            "average_iterates": average_iterates, "unit": unit}
+    return {
+        "mode": mode,
+        "noise_multiplier": noise,
+        "target_epsilon": target_epsilon,
+        "max_grad_norm": max_grad_norm,
+        "clipping_norm": clipping_norm,
+        "target_delta": delta,
+        "accountant": accountant,
+        "optimizer": optimizer,
+        "average_iterates": average_iterates,
+        "unit": unit,
+    }
 
 
 class Target:
     """Where the server is: address, CA, and (when local) the runs folder."""
 
-    def __init__(self, config: Path | None, server: str | None, ca: Path | None,
-                 credential: Path | None = None) -> None:
+    def __init__(
+        self,
+        config: Path | None,
+        server: str | None,
+        ca: Path | None,
+        credential: Path | None = None,
+    ) -> None:
         self.runs_dir: Path | None = None
         self.credential_path = credential
         address, ca_path = server, ca
@@ -103,7 +127,8 @@ class Target:
             self.credential_path = credential or fed.path(fed.config.coordinator.credential)
         if not address or not ca_path:
             raise ConfigError(
-                "No server given.", where="medfed run",
+                "No server given.",
+                where="medfed run",
                 expected="--config server.toml (the federation folder), or --server HOST:PORT "
                 "with --ca ca.pem",
                 fix="pass --config path/to/server.toml",
@@ -116,22 +141,46 @@ class Target:
         from medfed.server.control import Control
         from medfed.server.coordinators import CoordinatorCredential
 
-        credential = (CoordinatorCredential.load(self.credential_path)
-                      if self.credential_path is not None else None)
+        credential = (
+            CoordinatorCredential.load(self.credential_path)
+            if self.credential_path is not None
+            else None
+        )
         return Control(self.address, self.ca, credential)
 
 
 # The options of a run (medfed/cli/options.py): `medfed run` and `simulate` take them all.
-def build_run_config(*, task: str, strategy: str, rounds: int,
-                     strategy_option: list[str] | None, min_sites: int,
-                     local_epochs: int | None, batch_size: int | None, lr: float | None,
-                     seed: int, round_timeout: float, name: str, dp: str,
-                     noise_multiplier: float | None, target_epsilon: float,
-                     max_grad_norm: float, clipping_norm: float, delta: float, accountant: str,
-                     dp_optimizer: str, dp_average: float, privacy_unit: str,
-                     secure_aggregation: str, dataset: str, adaptation: str, init_from: str,
-                     init_weights: str, where: str,
-                     secagg_threshold: int | None = None) -> RunConfig:
+def build_run_config(
+    *,
+    task: str,
+    strategy: str,
+    rounds: int,
+    strategy_option: list[str] | None,
+    min_sites: int,
+    local_epochs: int | None,
+    batch_size: int | None,
+    lr: float | None,
+    seed: int,
+    round_timeout: float,
+    name: str,
+    dp: str,
+    noise_multiplier: float | None,
+    target_epsilon: float,
+    max_grad_norm: float,
+    clipping_norm: float,
+    delta: float,
+    accountant: str,
+    dp_optimizer: str,
+    dp_average: float,
+    privacy_unit: str,
+    secure_aggregation: str,
+    dataset: str,
+    adaptation: str,
+    init_from: str,
+    init_weights: str,
+    where: str,
+    secagg_threshold: int | None = None,
+) -> RunConfig:
     """The run configuration of a run's options, checked before anything starts.
 
     An unknown or unfit strategy option, adaptation hook, initial weights or
@@ -144,17 +193,41 @@ def build_run_config(*, task: str, strategy: str, rounds: int,
     from medfed.tasks.pretrain import check_init
 
     options = dict(parse_option(o) for o in strategy_option or [])
-    run_config = validate(RunConfig, {
-        "task": task, "strategy": strategy, "strategy_options": options, "rounds": rounds,
-        "min_sites": min_sites, "local_epochs": local_epochs, "batch_size": batch_size,
-        "learning_rate": lr, "seed": seed, "round_timeout_s": round_timeout, "name": name,
-        "dataset": dataset, "secure_aggregation": secure_aggregation,
-        "secagg_threshold": secagg_threshold, "adaptation": adaptation,
-        "init_from": init_from, "init_weights": init_weights,
-        "privacy": privacy_options(dp, noise_multiplier, max_grad_norm, clipping_norm,
-                                   delta, accountant, dp_optimizer, dp_average,
-                                   target_epsilon, privacy_unit),
-    }, where=where)
+    run_config = validate(
+        RunConfig,
+        {
+            "task": task,
+            "strategy": strategy,
+            "strategy_options": options,
+            "rounds": rounds,
+            "min_sites": min_sites,
+            "local_epochs": local_epochs,
+            "batch_size": batch_size,
+            "learning_rate": lr,
+            "seed": seed,
+            "round_timeout_s": round_timeout,
+            "name": name,
+            "dataset": dataset,
+            "secure_aggregation": secure_aggregation,
+            "secagg_threshold": secagg_threshold,
+            "adaptation": adaptation,
+            "init_from": init_from,
+            "init_weights": init_weights,
+            "privacy": privacy_options(
+                dp,
+                noise_multiplier,
+                max_grad_norm,
+                clipping_norm,
+                delta,
+                accountant,
+                dp_optimizer,
+                dp_average,
+                target_epsilon,
+                privacy_unit,
+            ),
+        },
+        where=where,
+    )
     chosen = get_task(task)
     local_keys(chosen, chosen.build_model(), adaptation)
     check_init(chosen, run_config.init_weights)
@@ -163,12 +236,18 @@ def build_run_config(*, task: str, strategy: str, rounds: int,
     return run_config
 
 
-ConfigOpt = Annotated[Path | None, typer.Option(
-    "--config", "-c", help="federation server.toml (default ./server.toml)")]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="federation server.toml (default ./server.toml)"),
+]
 ServerOpt = Annotated[str | None, typer.Option("--server", help="server HOST:PORT")]
 CaOpt = Annotated[Path | None, typer.Option("--ca", help="federation CA (ca.pem)")]
-CredentialOpt = Annotated[Path | None, typer.Option(
-    "--credential", help="coordinator credential (default: server.toml's [coordinator])")]
+CredentialOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--credential", help="coordinator credential (default: server.toml's [coordinator])"
+    ),
+]
 
 
 def register(app: typer.Typer) -> None:
@@ -204,26 +283,49 @@ def register(app: typer.Typer) -> None:
         init_from: InitFromOpt = "",
         init_weights: InitWeightsOpt = "random",
         detach: Annotated[bool, typer.Option(help="submit and return at once")] = False,
-        config: ConfigOpt = None, server: ServerOpt = None, ca: CaOpt = None,
+        config: ConfigOpt = None,
+        server: ServerOpt = None,
+        ca: CaOpt = None,
         credential: CredentialOpt = None,
     ) -> None:
         """Launch a federated run on a running server and follow it."""
         from medfed.server.follow import follow_run
 
         run_config = build_run_config(
-            task=task, strategy=strategy, rounds=rounds, strategy_option=strategy_option,
-            min_sites=min_sites, local_epochs=local_epochs, batch_size=batch_size, lr=lr,
-            seed=seed, round_timeout=round_timeout, name=name, dp=dp,
-            noise_multiplier=noise_multiplier, target_epsilon=target_epsilon,
-            max_grad_norm=max_grad_norm, clipping_norm=clipping_norm, delta=delta,
-            accountant=accountant, dp_optimizer=dp_optimizer, dp_average=dp_average,
-            privacy_unit=privacy_unit, secure_aggregation=secure_aggregation,
-            dataset=dataset, adaptation=adaptation, init_from=init_from,
-            init_weights=init_weights, where="medfed run options",
-            secagg_threshold=secagg_threshold)
+            task=task,
+            strategy=strategy,
+            rounds=rounds,
+            strategy_option=strategy_option,
+            min_sites=min_sites,
+            local_epochs=local_epochs,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            round_timeout=round_timeout,
+            name=name,
+            dp=dp,
+            noise_multiplier=noise_multiplier,
+            target_epsilon=target_epsilon,
+            max_grad_norm=max_grad_norm,
+            clipping_norm=clipping_norm,
+            delta=delta,
+            accountant=accountant,
+            dp_optimizer=dp_optimizer,
+            dp_average=dp_average,
+            privacy_unit=privacy_unit,
+            secure_aggregation=secure_aggregation,
+            dataset=dataset,
+            adaptation=adaptation,
+            init_from=init_from,
+            init_weights=init_weights,
+            where="medfed run options",
+            secagg_threshold=secagg_threshold,
+        )
         if secure_aggregation == "off":
-            console.print("[bold yellow]warning:[/] secure aggregation is off: the server will "
-                          "see every site's update (use only for debugging)")
+            console.print(
+                "[bold yellow]warning:[/] secure aggregation is off: the server will "
+                "see every site's update (use only for debugging)"
+            )
         target = Target(config, server, ca, credential)
         with target.control() as control:
             run_id = control.submit(run_config)
@@ -231,16 +333,24 @@ def register(app: typer.Typer) -> None:
             if detach or target.runs_dir is None:
                 console.print(f"  follow it with: medfed status {run_id}")
                 return
-            summary = follow_run(control, run_id, target.runs_dir,
-                                 on_event=ProgressView(console, rounds),
-                                 timeout=round_timeout * rounds * 2 + 120)
+            summary = follow_run(
+                control,
+                run_id,
+                target.runs_dir,
+                on_event=ProgressView(console, rounds),
+                timeout=round_timeout * rounds * 2 + 120,
+            )
         print_summary(summary, target.runs_dir / str(run_id))
         if summary.get("status") != "completed":
             raise typer.Exit(1)
 
     @app.command("runs")
-    def runs(config: ConfigOpt = None, server: ServerOpt = None, ca: CaOpt = None,
-             credential: CredentialOpt = None) -> None:
+    def runs(
+        config: ConfigOpt = None,
+        server: ServerOpt = None,
+        ca: CaOpt = None,
+        credential: CredentialOpt = None,
+    ) -> None:
         """List the runs of the federation."""
         from medfed.core.runs import RunFolder
         from medfed.server.control import ServerUnreachable
@@ -251,7 +361,8 @@ def register(app: typer.Typer) -> None:
                 infos = sorted(control.runs(), key=lambda r: r.pending_at, reverse=True)
         except ServerUnreachable as exc:
             if target.runs_dir is None or not any(
-                    RunFolder(p).run_file.is_file() for p in target.runs_dir.glob("*")):
+                RunFolder(p).run_file.is_file() for p in target.runs_dir.glob("*")
+            ):
                 raise
             _runs_from_folders(target, exc)
             return
@@ -262,16 +373,29 @@ def register(app: typer.Typer) -> None:
                 continue  # a resumed run's later attempt: shown on the run's own row
             now = latest[info.run_id]
             cfg = _local_config(target, info.run_id)
-            status = _outcome(target, info.run_id) or \
-                now.status + (f":{now.sub_status}" if now.sub_status else "")
-            rows.append((str(info.run_id), status + _resumed_note(target, info.run_id),
-                         info.pending_at[:19], now.finished_at[:19],
-                         cfg.get("task", ""), cfg.get("strategy", "")))
+            status = _outcome(target, info.run_id) or now.status + (
+                f":{now.sub_status}" if now.sub_status else ""
+            )
+            rows.append(
+                (
+                    str(info.run_id),
+                    status + _resumed_note(target, info.run_id),
+                    info.pending_at[:19],
+                    now.finished_at[:19],
+                    cfg.get("task", ""),
+                    cfg.get("strategy", ""),
+                )
+            )
         _print_runs(rows, "submitted")
 
     @app.command("status")
-    def status(run_id: int, config: ConfigOpt = None, server: ServerOpt = None,
-               ca: CaOpt = None, credential: CredentialOpt = None) -> None:
+    def status(
+        run_id: int,
+        config: ConfigOpt = None,
+        server: ServerOpt = None,
+        ca: CaOpt = None,
+        credential: CredentialOpt = None,
+    ) -> None:
         """Show one run: state, rounds done, latest metrics."""
         from medfed.core.runs import RunFolder
         from medfed.server.control import ServerUnreachable
@@ -285,13 +409,15 @@ def register(app: typer.Typer) -> None:
             # The run folder is on this machine: what it holds needs no server.
             if target.runs_dir is None or not (target.runs_dir / str(run_id)).is_dir():
                 raise
-            console.print(f"[yellow]{escape(exc.what)}[/] ({escape(exc.fix)})\n"
-                          "  from the run folder instead:")
+            console.print(
+                f"[yellow]{escape(exc.what)}[/] ({escape(exc.fix)})\n  from the run folder instead:"
+            )
             state = _outcome(target, run_id) or _UNFINISHED
         else:
             if not infos:
-                raise ConfigError(f"No run {run_id} on this server.",
-                                  fix="`medfed runs` lists them")
+                raise ConfigError(
+                    f"No run {run_id} on this server.", fix="`medfed runs` lists them"
+                )
             info = infos[0]
             state = _outcome(target, run_id) or f"{info.status} {info.sub_status} {info.details}"
         console.print(f"run {run_id}: [bold]{escape(state + _resumed_note(target, run_id))}[/]")
@@ -305,8 +431,13 @@ def register(app: typer.Typer) -> None:
                 print_summary(summary, folder.path)
 
     @app.command("stop")
-    def stop(run_id: int, config: ConfigOpt = None, server: ServerOpt = None,
-             ca: CaOpt = None, credential: CredentialOpt = None) -> None:
+    def stop(
+        run_id: int,
+        config: ConfigOpt = None,
+        server: ServerOpt = None,
+        ca: CaOpt = None,
+        credential: CredentialOpt = None,
+    ) -> None:
         """Stop a run."""
         target = Target(config, server, ca, credential)
         run_id = _run_of(target, run_id)
@@ -314,12 +445,15 @@ def register(app: typer.Typer) -> None:
         with target.control() as control:
             infos = control.runs(attempt)
             if not infos:
-                raise ConfigError(f"No run {run_id} on this server.",
-                                  fix="`medfed runs` lists them")
+                raise ConfigError(
+                    f"No run {run_id} on this server.", fix="`medfed runs` lists them"
+                )
             if infos[0].status == "finished":
                 outcome = _outcome(target, run_id) or infos[0].sub_status
-                console.print(f"run {run_id} has already finished ({outcome}); there is "
-                              f"nothing to stop. `medfed status {run_id}` shows its result.")
+                console.print(
+                    f"run {run_id} has already finished ({outcome}); there is "
+                    f"nothing to stop. `medfed status {run_id}` shows its result."
+                )
                 return
             ok = control.stop(attempt)
         console.print(f"run {run_id}: {'stopping' if ok else 'not stopped (already finished?)'}")
@@ -336,8 +470,10 @@ def _runs_from_folders(target: Target, exc: MedfedError) -> None:
     from medfed.core.runs import RunFolder
 
     assert target.runs_dir is not None
-    console.print(f"[yellow]{escape(exc.what)}[/] ({escape(exc.fix)})\n"
-                  "  the run folders on this machine instead:")
+    console.print(
+        f"[yellow]{escape(exc.what)}[/] ({escape(exc.fix)})\n"
+        "  the run folders on this machine instead:"
+    )
     rows = []
     for path in target.runs_dir.iterdir():
         folder = RunFolder(path)
@@ -349,12 +485,23 @@ def _runs_from_folders(target: Target, exc: MedfedError) -> None:
         if folder.summary_file.is_file():
             stamp = folder.summary_file.stat().st_mtime
             finished = dt.datetime.fromtimestamp(stamp, dt.timezone.utc).isoformat()[:19]
-        rows.append((info.get("started", "")[:19], path.name,
-                     _outcome(target, int(path.name)) or "not finished", finished,
-                     cfg.get("task", ""), cfg.get("strategy", "")))
-    _print_runs([(run_id, status, started, finished, task, strategy) for
-                 started, run_id, status, finished, task, strategy in sorted(rows, reverse=True)],
-                "started")
+        rows.append(
+            (
+                info.get("started", "")[:19],
+                path.name,
+                _outcome(target, int(path.name)) or "not finished",
+                finished,
+                cfg.get("task", ""),
+                cfg.get("strategy", ""),
+            )
+        )
+    _print_runs(
+        [
+            (run_id, status, started, finished, task, strategy)
+            for started, run_id, status, finished, task, strategy in sorted(rows, reverse=True)
+        ],
+        "started",
+    )
 
 
 def _print_runs(rows: list[tuple[str, ...]], since: str) -> None:
@@ -367,8 +514,11 @@ def _print_runs(rows: list[tuple[str, ...]], since: str) -> None:
     def whole(name: str, i: int) -> Column:
         return Column(name, no_wrap=True, min_width=max((len(r[i]) for r in rows), default=3))
 
-    table = Table(whole("run", 0), whole("status", 1), *(Column(h, overflow="fold") for h in (
-        since, "finished", "task", "strategy")))
+    table = Table(
+        whole("run", 0),
+        whole("status", 1),
+        *(Column(h, overflow="fold") for h in (since, "finished", "task", "strategy")),
+    )
     for row in rows:
         table.add_row(*row)
     console.print(table)
@@ -444,19 +594,25 @@ def print_summary(summary: dict[str, Any], folder: Path) -> None:
 
     run = RunFolder(folder)
     if summary.get("status") != "completed":
-        console.print(f"[red]run {summary.get('status')}[/]: "
-                      f"{escape(str(summary.get('reason', '')))}", highlight=False)
+        console.print(
+            f"[red]run {summary.get('status')}[/]: {escape(str(summary.get('reason', '')))}",
+            highlight=False,
+        )
         if summary.get("final_checkpoint"):  # a refused run keeps the rounds it finished
-            console.print(f"  rounds finished: {summary.get('rounds_finished')} of "
-                          f"{summary.get('rounds')}; last model: "
-                          f"{folder / 'checkpoints' / summary['final_checkpoint']}")
+            console.print(
+                f"  rounds finished: {summary.get('rounds_finished')} of "
+                f"{summary.get('rounds')}; last model: "
+                f"{folder / 'checkpoints' / summary['final_checkpoint']}"
+            )
         if run.report_file.exists():
             console.print(f"  report: {run.report_file}")
         return
     metric = summary.get("primary_metric", "")
     final = summary.get("evaluate_metrics", {}).get(str(summary.get("rounds")), {})
-    console.print(f"[green]completed[/] {summary['rounds']} rounds in {summary['seconds']} s; "
-                  f"final {metric}: {final.get(metric, float('nan')):.4f}")
+    console.print(
+        f"[green]completed[/] {summary['rounds']} rounds in {summary['seconds']} s; "
+        f"final {metric}: {final.get(metric, float('nan')):.4f}"
+    )
     console.print(f"  run folder: {folder}")
     console.print(f"  model:      {folder / 'checkpoints' / summary['final_checkpoint']}")
     console.print(f"  plot:       {run.plot_file}")

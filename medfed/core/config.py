@@ -44,10 +44,12 @@ class SuperLinkSection(_Strict):
         "127.0.0.1", description="the host name sites use; must be one of the certificate's SANs"
     )
     control_from: list[str] = Field(
-        ["this-host"], description="sources the Control API (enrol, launch, stop, list) "
+        ["this-host"],
+        description="sources the Control API (enrol, launch, stop, list) "
         "accepts calls from: 'this-host' (the server host's own addresses), networks such "
         "as '10.20.0.0/16' for coordinators elsewhere, or 'any'; a signature is needed "
-        "either way")
+        "either way",
+    )
 
     @field_validator("control_from")
     @classmethod
@@ -57,8 +59,9 @@ class SuperLinkSection(_Strict):
                 try:
                     ipaddress.ip_network(item, strict=False)
                 except ValueError:
-                    raise ValueError(f"{item!r} is not 'this-host', 'any' or a network such "
-                                     "as '10.20.0.0/16'") from None
+                    raise ValueError(
+                        f"{item!r} is not 'this-host', 'any' or a network such as '10.20.0.0/16'"
+                    ) from None
         return value
 
     @property
@@ -129,8 +132,9 @@ class PacsSection(_Strict):
 
     url: str = Field("", description="the DICOMweb root, e.g. https://pacs.example/dicom-web")
     credentials: str = Field("", description="credentials file, relative to site.toml")
-    ca_bundle: str = Field("", description="PEM CA(s) that sign the PACS's certificate; "
-                                           "default: the system's")
+    ca_bundle: str = Field(
+        "", description="PEM CA(s) that sign the PACS's certificate; default: the system's"
+    )
     client_cert: str = Field("", description="PEM client certificate (mutual TLS)")
     client_key: str = Field("", description="its key")
     timeout_s: float = Field(60.0, gt=0)
@@ -147,22 +151,32 @@ class DataSourceConfig(_Strict):
     ``[data.pacs.query]`` matches from a PACS (:mod:`medfed.data.dicomweb`).
     """
 
-    kind: Literal["synthetic", "dicom-folder", "nifti-folder", "msd", "bids",
-                  "dicomweb"] = "synthetic"
-    path: str = Field("", description="the data folder (all but synthetic), relative to "
-                                      "site.toml")
-    manifest: str = Field("", description="dicom-folder: label manifest; default "
-                                          "<path>/manifest.json")
-    images: str = Field("", description="nifti-folder: image path template, default "
-                                        "images/{subject}.nii.gz")
-    labels: str = Field("", description="nifti-folder: label path template, default "
-                                        "labels/{subject}.nii.gz")
-    modality: str = Field("", description="msd: the modality of a multi-modal task; bids: "
-                                          "the scan suffix (T1w, T2w, FLAIR, ...)")
-    label_pipeline: str = Field("", description="bids: the derivatives pipeline holding "
-                                                "the _dseg labels")
-    targets: str = Field("", description="per-subject targets (JSON or TSV/CSV); default "
-                                         "targets.json (bids: participants.tsv)")
+    kind: Literal["synthetic", "dicom-folder", "nifti-folder", "msd", "bids", "dicomweb"] = (
+        "synthetic"
+    )
+    path: str = Field("", description="the data folder (all but synthetic), relative to site.toml")
+    manifest: str = Field(
+        "", description="dicom-folder: label manifest; default <path>/manifest.json"
+    )
+    images: str = Field(
+        "", description="nifti-folder: image path template, default images/{subject}.nii.gz"
+    )
+    labels: str = Field(
+        "", description="nifti-folder: label path template, default labels/{subject}.nii.gz"
+    )
+    modality: str = Field(
+        "",
+        description="msd: the modality of a multi-modal task; bids: "
+        "the scan suffix (T1w, T2w, FLAIR, ...)",
+    )
+    label_pipeline: str = Field(
+        "", description="bids: the derivatives pipeline holding the _dseg labels"
+    )
+    targets: str = Field(
+        "",
+        description="per-subject targets (JSON or TSV/CSV); default "
+        "targets.json (bids: participants.tsv)",
+    )
     pacs: PacsSection | None = Field(None, description="dicomweb: the PACS and the query")
     cache_dir: str = Field("", description="decoded-series cache; site.toml default: cache/")
     seed: int = 0
@@ -170,8 +184,10 @@ class DataSourceConfig(_Strict):
     val_fraction: float = Field(0.25, gt=0.0, lt=1.0)
     profile: int = Field(0, ge=0, description="synthetic scanner profile of this site")
     bias_correction: Literal["off", "n4"] = Field(
-        "off", description="MRI bias-field correction before a brain task's preprocessing "
-                           "(n4: SimpleITK's N4)")
+        "off",
+        description="MRI bias-field correction before a brain task's preprocessing "
+        "(n4: SimpleITK's N4)",
+    )
 
 
 class SiteSection(_Strict):
@@ -233,27 +249,46 @@ class RunConfig(_Strict):
     name: str = ""
     privacy: RunPrivacy = RunPrivacy()
     secure_aggregation: Literal["default", "strict", "off"] = Field(
-        "default", description="pairwise-masked updates; 'off' only for debugging")
+        "default", description="pairwise-masked updates; 'off' only for debugging"
+    )
     secagg_clip: float = Field(
-        1.0, gt=0, description="each coordinate of a site's update (local - global) is "
-        "clipped to +-secagg_clip before quantization")
+        1.0,
+        gt=0,
+        description="each coordinate of a site's update (local - global) is "
+        "clipped to +-secagg_clip before quantization",
+    )
     secagg_threshold: int | None = Field(
-        None, ge=1, description="secure aggregation's threshold t: a round needs t + 1 "
+        None,
+        ge=1,
+        description="secure aggregation's threshold t: a round needs t + 1 "
         "sites, and t survivors unmask a dropped one; default ceil((n - 1) / 2) of the n "
-        "enrolled sites. Set it below the sites a round samples (fraction_train < 1)")
-    dataset: str = Field("", description="the site dataset budget to charge; default: the "
-                         "site's privacy.default")
-    adaptation: str = Field("none", description="domain-adaptation hook (`medfed "
-                            "adaptations`): which parameters each site keeps local")
-    init_from: str = Field("", description="start from an earlier run's checkpoint: "
-                           "'RUN_ID' (its last round) or 'RUN_ID:ROUND'; default: fresh weights")
+        "enrolled sites. Set it below the sites a round samples (fraction_train < 1)",
+    )
+    dataset: str = Field(
+        "", description="the site dataset budget to charge; default: the site's privacy.default"
+    )
+    adaptation: str = Field(
+        "none",
+        description="domain-adaptation hook (`medfed "
+        "adaptations`): which parameters each site keeps local",
+    )
+    init_from: str = Field(
+        "",
+        description="start from an earlier run's checkpoint: "
+        "'RUN_ID' (its last round) or 'RUN_ID:ROUND'; default: fresh weights",
+    )
     init_weights: Literal["random", "public"] = Field(
-        "random", description="the model's starting weights: 'random' (seeded by seed) or "
+        "random",
+        description="the model's starting weights: 'random' (seeded by seed) or "
         "'public' (the task's weights pretrained on public data; no site's data, no "
-        "privacy budget); init_from then replaces the shared part")
-    resume_of: str = Field("", description="set by the server when it resumes a run after a "
-                           "crash: the run's original id, under which its folder, its sites' "
-                           "privacy ledgers and site-local parameters go on; never set by hand")
+        "privacy budget); init_from then replaces the shared part",
+    )
+    resume_of: str = Field(
+        "",
+        description="set by the server when it resumes a run after a "
+        "crash: the run's original id, under which its folder, its sites' "
+        "privacy ledgers and site-local parameters go on; never set by hand",
+    )
 
     def to_json(self) -> str:
         """Serialise for Flower's run config (one string value)."""
@@ -306,7 +341,8 @@ def load_toml(path: Path, model: type[M]) -> M:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(
-            "Config file not found.", where=str(path),
+            "Config file not found.",
+            where=str(path),
             fix="pass the path of an existing file, or create one with `medfed server init` / "
             "`medfed site init`",
         ) from None
@@ -323,9 +359,15 @@ def write_toml(path: Path, model: BaseModel, *, header: str = "") -> None:
 
 
 #: Keys of [data] that only some kinds read; set for another kind they are a mistake.
-_KIND_KEYS = {"manifest": ("dicom-folder", "dicomweb"), "pacs": ("dicomweb",),
-              "images": ("nifti-folder",), "labels": ("nifti-folder",), "modality": ("msd", "bids"),
-              "label_pipeline": ("bids",), "targets": ("nifti-folder", "msd", "bids")}
+_KIND_KEYS = {
+    "manifest": ("dicom-folder", "dicomweb"),
+    "pacs": ("dicomweb",),
+    "images": ("nifti-folder",),
+    "labels": ("nifti-folder",),
+    "modality": ("msd", "bids"),
+    "label_pipeline": ("bids",),
+    "targets": ("nifti-folder", "msd", "bids"),
+}
 
 
 def resolve_data_source(config_path: Path, source: DataSourceConfig) -> DataSourceConfig:
@@ -338,50 +380,69 @@ def resolve_data_source(config_path: Path, source: DataSourceConfig) -> DataSour
                 f"data.{key} does not apply to data.kind = {source.kind!r}.",
                 where=f"{config_path} [data] {key}",
                 expected=f"data.{key} only with kind {' or '.join(map(repr, kinds))}",
-                fix=f"remove data.{key}, or set the kind it belongs to")
+                fix=f"remove data.{key}, or set the kind it belongs to",
+            )
     if source.kind == "dicomweb":
         return _resolve_pacs(config_path, source)
     if not source.path:
         raise ConfigError(
-            f"data.kind is {source.kind!r} but data.path is empty.", where=f"{config_path} [data]",
-            expected="the folder holding the site's " + (
-                "DICOM files" if source.kind == "dicom-folder" else "dataset"),
-            fix='set data.path = "dicom"' if source.kind == "dicom-folder" else
-            'set data.path = "data"')
+            f"data.kind is {source.kind!r} but data.path is empty.",
+            where=f"{config_path} [data]",
+            expected="the folder holding the site's "
+            + ("DICOM files" if source.kind == "dicom-folder" else "dataset"),
+            fix='set data.path = "dicom"'
+            if source.kind == "dicom-folder"
+            else 'set data.path = "data"',
+        )
     root = resolve(config_path, source.path)
     if source.kind != "dicom-folder":
         targets = resolve(config_path, source.targets) if source.targets else None
-        return source.model_copy(update={
-            "path": str(root), "targets": str(targets) if targets else "",
-            "cache_dir": str(resolve(config_path, source.cache_dir or "cache"))})
+        return source.model_copy(
+            update={
+                "path": str(root),
+                "targets": str(targets) if targets else "",
+                "cache_dir": str(resolve(config_path, source.cache_dir or "cache")),
+            }
+        )
     manifest = resolve(config_path, source.manifest) if source.manifest else root / "manifest.json"
-    return source.model_copy(update={
-        "path": str(root),
-        "manifest": str(manifest) if manifest.exists() else "",
-        "cache_dir": str(resolve(config_path, source.cache_dir or "cache")),
-    })
+    return source.model_copy(
+        update={
+            "path": str(root),
+            "manifest": str(manifest) if manifest.exists() else "",
+            "cache_dir": str(resolve(config_path, source.cache_dir or "cache")),
+        }
+    )
 
 
 def _resolve_pacs(config_path: Path, source: DataSourceConfig) -> DataSourceConfig:
     where = f"{config_path} [data.pacs]"
     pacs = source.pacs
     if pacs is None or not pacs.url:
-        raise ConfigError("data.kind is 'dicomweb' but no PACS is named.", where=where,
-                          expected="[data.pacs] with url = the DICOMweb root",
-                          fix='add [data.pacs] url = "https://pacs.example/dicom-web"')
+        raise ConfigError(
+            "data.kind is 'dicomweb' but no PACS is named.",
+            where=where,
+            expected="[data.pacs] with url = the DICOMweb root",
+            fix='add [data.pacs] url = "https://pacs.example/dicom-web"',
+        )
     if source.path:
-        raise ConfigError("data.path does not apply to data.kind = 'dicomweb'.",
-                          where=f"{config_path} [data] path",
-                          expected="the series come from [data.pacs]; they are kept in "
-                                   "data.cache_dir", fix="remove data.path")
-    paths = {key: str(resolve(config_path, getattr(pacs, key))) if getattr(pacs, key) else ""
-             for key in ("credentials", "ca_bundle", "client_cert", "client_key")}
+        raise ConfigError(
+            "data.path does not apply to data.kind = 'dicomweb'.",
+            where=f"{config_path} [data] path",
+            expected="the series come from [data.pacs]; they are kept in data.cache_dir",
+            fix="remove data.path",
+        )
+    paths = {
+        key: str(resolve(config_path, getattr(pacs, key))) if getattr(pacs, key) else ""
+        for key in ("credentials", "ca_bundle", "client_cert", "client_key")
+    }
     manifest = resolve(config_path, source.manifest) if source.manifest else None
-    return source.model_copy(update={
-        "pacs": pacs.model_copy(update=paths),
-        "manifest": str(manifest) if manifest else "",
-        "cache_dir": str(resolve(config_path, source.cache_dir or "cache")),
-    })
+    return source.model_copy(
+        update={
+            "pacs": pacs.model_copy(update=paths),
+            "manifest": str(manifest) if manifest else "",
+            "cache_dir": str(resolve(config_path, source.cache_dir or "cache")),
+        }
+    )
 
 
 def resolve(config_path: Path, relative: str) -> Path:

@@ -18,9 +18,7 @@ class MedfedError(Exception):
         The command or change that fixes it.
     """
 
-    def __init__(
-        self, what: str, *, where: str = "", expected: str = "", fix: str = ""
-    ) -> None:
+    def __init__(self, what: str, *, where: str = "", expected: str = "", fix: str = "") -> None:
         self.what = what
         self.where = where
         self.expected = expected

@@ -22,4 +22,3 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
         # in this interpreter's environment even when it is not activated.
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
     }
-

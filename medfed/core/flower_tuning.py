@@ -17,8 +17,9 @@ from medfed.core.idle_backoff import IdleBackoff
 log = logging.getLogger("medfed")
 
 
-def back_off_idle_polls(module: ModuleType, backoff: IdleBackoff, *, idle_sleep: float,
-                        activity: str) -> bool:
+def back_off_idle_polls(
+    module: ModuleType, backoff: IdleBackoff, *, idle_sleep: float, activity: str
+) -> bool:
     """Pace ``module``'s idle polls by ``backoff``; every other sleep is capped at its base.
 
     ``module`` sleeps ``idle_sleep`` seconds after a poll that found nothing (Flower's
@@ -58,8 +59,9 @@ def shorten_object_pull_backoff(module: ModuleType, initial: float, cap: float) 
     from flwr.supercore.inflatable import inflatable_utils
 
     if getattr(module, "pull_objects", None) is not inflatable_utils.pull_objects:
-        log.warning("%s.pull_objects changed; object pulls keep Flower's 1 s backoff",
-                    module.__name__)
+        log.warning(
+            "%s.pull_objects changed; object pulls keep Flower's 1 s backoff", module.__name__
+        )
         return False
     module.pull_objects = functools.partial(  # type: ignore[attr-defined]
         inflatable_utils.pull_objects, initial_backoff=initial, backoff_cap=cap

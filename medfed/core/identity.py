@@ -29,6 +29,7 @@ CURVE = ec.SECP384R1()
 CA_VALIDITY_DAYS = 3650
 SERVER_VALIDITY_DAYS = 825  # the maximum most TLS clients accept for a leaf
 
+
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
@@ -80,9 +81,15 @@ class CertificateAuthority:
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(
                 x509.KeyUsage(
-                    digital_signature=False, content_commitment=False,
-                    key_encipherment=False, data_encipherment=False, key_agreement=False,
-                    key_cert_sign=True, crl_sign=True, encipher_only=False, decipher_only=False,
+                    digital_signature=False,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
                 critical=True,
             )
@@ -130,13 +137,15 @@ class CertificateAuthority:
         )
         return key, cert
 
-    def issue_key_cert(self, name: str, public_key: ed25519.Ed25519PublicKey,
-                       usage: ObjectIdentifier) -> x509.Certificate:
+    def issue_key_cert(
+        self, name: str, public_key: ed25519.Ed25519PublicKey, usage: ObjectIdentifier
+    ) -> x509.Certificate:
         """Certify an Ed25519 signing key as ``name``'s, for ``usage`` (key_certs.py)."""
         return issue_key_cert(self.key, self.cert, name, public_key, usage)
 
-    def issue_revocations(self, serials: list[int], *,
-                          number: int) -> x509.CertificateRevocationList:
+    def issue_revocations(
+        self, serials: list[int], *, number: int
+    ) -> x509.CertificateRevocationList:
         """A CRL naming ``serials`` (revoked coordinator certificates)."""
         return issue_revocations(self.key, self.cert, serials, number=number)
 
@@ -191,12 +200,14 @@ def load_certificate(path: Path) -> x509.Certificate:
         return x509.load_pem_x509_certificate(Path(path).read_bytes())
     except FileNotFoundError:
         raise IdentityError(
-            "Certificate file not found.", where=str(path),
+            "Certificate file not found.",
+            where=str(path),
             fix="check the path in the config, or re-run `medfed server init`",
         ) from None
     except ValueError as exc:
         raise IdentityError(
-            f"Not a PEM certificate: {exc}", where=str(path),
+            f"Not a PEM certificate: {exc}",
+            where=str(path),
             expected="a file starting with '-----BEGIN CERTIFICATE-----'",
         ) from None
 
@@ -207,15 +218,16 @@ def load_certificates(path: Path) -> list[x509.Certificate]:
         data = Path(path).read_bytes()
     except FileNotFoundError:
         raise IdentityError(
-            "Certificate file not found.", where=str(path),
-            fix="check the path in the config, or ask the coordinator for the federation's "
-                "ca.pem",
+            "Certificate file not found.",
+            where=str(path),
+            fix="check the path in the config, or ask the coordinator for the federation's ca.pem",
         ) from None
     try:
         return x509.load_pem_x509_certificates(data)
     except ValueError as exc:
         raise IdentityError(
-            f"Not a PEM certificate: {exc}", where=str(path),
+            f"Not a PEM certificate: {exc}",
+            where=str(path),
             expected="a file starting with '-----BEGIN CERTIFICATE-----'",
         ) from None
 
@@ -289,7 +301,8 @@ def load_site_public_key(path: Path) -> ec.EllipticCurvePublicKey:
         data = Path(path).read_bytes()
     except FileNotFoundError:
         raise IdentityError(
-            "Site public key file not found.", where=str(path),
+            "Site public key file not found.",
+            where=str(path),
             fix="the site operator finds it as keys/site.pub in the site folder",
         ) from None
     try:
@@ -299,12 +312,14 @@ def load_site_public_key(path: Path) -> ec.EllipticCurvePublicKey:
             key = serialization.load_ssh_public_key(data.strip())
     except (ValueError, Exception) as exc:
         raise IdentityError(
-            f"Not a public key: {exc}", where=str(path),
+            f"Not a public key: {exc}",
+            where=str(path),
             expected="an OpenSSH 'ecdsa-sha2-nistp384 ...' line or a PEM public key",
         ) from None
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise IdentityError(
-            "The site key is not an elliptic-curve key.", where=str(path),
+            "The site key is not an elliptic-curve key.",
+            where=str(path),
             expected="a NIST EC key (P-384), as `medfed site init` creates",
         )
     return key
@@ -352,7 +367,6 @@ def _cn(name: x509.Name) -> str:
     return str(cns[0].value) if cns else name.rfc4514_string()
 
 
-
 def _names_host(cert: x509.Certificate, host: str) -> bool:
     try:
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -385,30 +399,38 @@ def diagnose_server_certificate(
     valid_pins = [ca for ca in pinned if ca.not_valid_after_utc >= now]
     if issuer is None and pinned and not valid_pins:
         last = max(ca.not_valid_after_utc for ca in pinned)
-        return TlsDiagnosis(TlsProblem.PINNED_CA_EXPIRED,
-                            f"the pinned CA {_cn(pinned[0].subject)!r} expired on {last:{day}}")
+        return TlsDiagnosis(
+            TlsProblem.PINNED_CA_EXPIRED,
+            f"the pinned CA {_cn(pinned[0].subject)!r} expired on {last:{day}}",
+        )
     if issuer is None:
         pins = ", ".join(repr(_cn(ca.subject)) for ca in pinned) or "none"
         return TlsDiagnosis(
             TlsProblem.UNKNOWN_CA,
             f"the server's certificate is issued by {_cn(server_cert.issuer)!r}; the pinned "
-            f"CA file holds {pins}")
+            f"CA file holds {pins}",
+        )
     if issuer.not_valid_after_utc < now:
-        return TlsDiagnosis(TlsProblem.PINNED_CA_EXPIRED,
-                            f"the pinned CA {_cn(issuer.subject)!r} expired on "
-                            f"{issuer.not_valid_after_utc:{day}}")
+        return TlsDiagnosis(
+            TlsProblem.PINNED_CA_EXPIRED,
+            f"the pinned CA {_cn(issuer.subject)!r} expired on {issuer.not_valid_after_utc:{day}}",
+        )
     if server_cert.not_valid_after_utc < now:
-        return TlsDiagnosis(TlsProblem.SERVER_CERT_EXPIRED,
-                            f"the server's certificate expired on "
-                            f"{server_cert.not_valid_after_utc:{day}}")
+        return TlsDiagnosis(
+            TlsProblem.SERVER_CERT_EXPIRED,
+            f"the server's certificate expired on {server_cert.not_valid_after_utc:{day}}",
+        )
     for cert, whose in ((issuer, "the pinned CA"), (server_cert, "the server's certificate")):
         if cert.not_valid_before_utc > now:
-            return TlsDiagnosis(TlsProblem.NOT_YET_VALID,
-                                f"{whose} is valid only from {cert.not_valid_before_utc:{day}} "
-                                f"(this machine's clock says {now:{day}})")
+            return TlsDiagnosis(
+                TlsProblem.NOT_YET_VALID,
+                f"{whose} is valid only from {cert.not_valid_before_utc:{day}} "
+                f"(this machine's clock says {now:{day}})",
+            )
     if not _names_host(server_cert, host):
-        return TlsDiagnosis(TlsProblem.WRONG_HOST,
-                            f"the server's certificate does not name {host!r}")
+        return TlsDiagnosis(
+            TlsProblem.WRONG_HOST, f"the server's certificate does not name {host!r}"
+        )
     return None
 
 
@@ -437,5 +459,6 @@ def diagnose_tls(address: str, ca_file: Path) -> TlsDiagnosis | None:
         pinned = load_certificates(ca_file)
     except IdentityError:
         pinned = []
-    return diagnose_server_certificate(fetch_server_certificate(address), pinned,
-                                       host=split_address(address)[0])
+    return diagnose_server_certificate(
+        fetch_server_certificate(address), pinned, host=split_address(address)[0]
+    )

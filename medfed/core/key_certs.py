@@ -31,9 +31,15 @@ class CertificateRejected(Exception):
     """The certificate does not vouch for the key; ``str`` says why."""
 
 
-def issue_key_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, name: str,
-                   public_key: Ed25519PublicKey, usage: ObjectIdentifier, *,
-                   days: int = KEY_CERT_DAYS) -> x509.Certificate:
+def issue_key_cert(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    name: str,
+    public_key: Ed25519PublicKey,
+    usage: ObjectIdentifier,
+    *,
+    days: int = KEY_CERT_DAYS,
+) -> x509.Certificate:
     """Certify ``public_key`` as ``name``'s, for ``usage`` only."""
     start = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
     return (
@@ -46,28 +52,38 @@ def issue_key_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate
         .not_valid_after(start + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=True)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                       False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
         .sign(ca_key, hashes.SHA384())
     )
 
 
-def check_key_cert(cert: x509.Certificate, cas: list[x509.Certificate], *, name: str,
-                   usage: ObjectIdentifier, what: str,
-                   now: dt.datetime | None = None) -> Ed25519PublicKey:
+def check_key_cert(
+    cert: x509.Certificate,
+    cas: list[x509.Certificate],
+    *,
+    name: str,
+    usage: ObjectIdentifier,
+    what: str,
+    now: dt.datetime | None = None,
+) -> Ed25519PublicKey:
     """The Ed25519 key ``cert`` vouches for as ``name``'s; :class:`CertificateRejected` if not.
 
     ``cas``: the CA certificates the site trusts (two during a rotation); ``what``
     names the certificate in messages ("coordinator 'alice'", "site 'b'").
     """
     if not any(issued_by(cert, ca) for ca in cas):
-        raise CertificateRejected(f"{what}'s certificate was not issued by the federation CA "
-                                  "this site pinned")
+        raise CertificateRejected(
+            f"{what}'s certificate was not issued by the federation CA this site pinned"
+        )
     moment = now or dt.datetime.now(dt.timezone.utc)
     if not cert.not_valid_before_utc <= moment <= cert.not_valid_after_utc:
-        raise CertificateRejected(f"{what}'s certificate is not valid now "
-                                  f"({cert.not_valid_before_utc:%Y-%m-%d} to "
-                                  f"{cert.not_valid_after_utc:%Y-%m-%d})")
+        raise CertificateRejected(
+            f"{what}'s certificate is not valid now "
+            f"({cert.not_valid_before_utc:%Y-%m-%d} to "
+            f"{cert.not_valid_after_utc:%Y-%m-%d})"
+        )
     names = [n.value for n in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
     try:
         usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
@@ -75,23 +91,33 @@ def check_key_cert(cert: x509.Certificate, cas: list[x509.Certificate], *, name:
         usages = []
     key = cert.public_key()
     if names != [name] or usage not in usages or not isinstance(key, Ed25519PublicKey):
-        raise CertificateRejected(f"the certificate attached is not one for {what} "
-                                  f"(it names {', '.join(map(str, names)) or 'no one'})")
+        raise CertificateRejected(
+            f"the certificate attached is not one for {what} "
+            f"(it names {', '.join(map(str, names)) or 'no one'})"
+        )
     return key
 
 
-def issue_revocations(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,
-                      serials: list[int], *, number: int) -> x509.CertificateRevocationList:
+def issue_revocations(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    serials: list[int],
+    *,
+    number: int,
+) -> x509.CertificateRevocationList:
     """A CRL of the CA naming the revoked certificates' serials; ``number`` only grows."""
     now = dt.datetime.now(dt.timezone.utc)
-    builder = (x509.CertificateRevocationListBuilder()
-               .issuer_name(ca_cert.subject)
-               .last_update(now - dt.timedelta(minutes=5))
-               .next_update(now + dt.timedelta(days=KEY_CERT_DAYS))
-               .add_extension(x509.CRLNumber(number), critical=False))
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - dt.timedelta(minutes=5))
+        .next_update(now + dt.timedelta(days=KEY_CERT_DAYS))
+        .add_extension(x509.CRLNumber(number), critical=False)
+    )
     for serial in sorted(set(serials)):
         builder = builder.add_revoked_certificate(
-            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build())
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build()
+        )
     return builder.sign(ca_key, hashes.SHA384())
 
 
@@ -100,8 +126,7 @@ def _load_revocations(pem: str) -> tuple[x509.CertificateRevocationList, int]:
         crl = x509.load_pem_x509_crl(pem.encode())
         return crl, crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
     except (ValueError, x509.ExtensionNotFound) as exc:
-        raise CertificateRejected(f"the coordinator revocation list is malformed ({exc})"
-                                  ) from None
+        raise CertificateRejected(f"the coordinator revocation list is malformed ({exc})") from None
 
 
 def read_revocations(pem: str) -> tuple[int, frozenset[int]]:
@@ -119,8 +144,9 @@ def check_revocations(pem: str, cas: list[x509.Certificate]) -> tuple[int, froze
                 return number, frozenset(r.serial_number for r in crl)
         except TypeError:  # a CA key type that cannot have signed it
             continue
-    raise CertificateRejected("the coordinator revocation list was not signed by the "
-                              "federation CA this site pinned")
+    raise CertificateRejected(
+        "the coordinator revocation list was not signed by the federation CA this site pinned"
+    )
 
 
 def raw_public_bytes(key: Ed25519PublicKey) -> bytes:

@@ -42,8 +42,7 @@ class Layout:
         return int(sum(int(np.prod(s, dtype=np.int64)) for s in self.shapes))
 
 
-def shared_state(state: Mapping[str, np.ndarray], local: Collection[str]
-                 ) -> dict[str, np.ndarray]:
+def shared_state(state: Mapping[str, np.ndarray], local: Collection[str]) -> dict[str, np.ndarray]:
     """``state`` without the entries a site keeps local (domain adaptation), in order."""
     return {k: v for k, v in state.items() if k not in local}
 
@@ -67,10 +66,9 @@ def unpack(vector: np.ndarray, layout: Layout) -> dict[str, np.ndarray]:
     offset = 0
     for name, shape, dtype in zip(layout.names, layout.shapes, layout.dtypes, strict=True):
         n = int(np.prod(shape, dtype=np.int64))
-        out[name] = vector[offset:offset + n].reshape(shape).astype(np.dtype(dtype), copy=True)
+        out[name] = vector[offset : offset + n].reshape(shape).astype(np.dtype(dtype), copy=True)
         offset += n
     return out
-
 
 
 def npy_view(data: bytes) -> np.ndarray:
@@ -81,11 +79,15 @@ def npy_view(data: bytes) -> np.ndarray:
     """
     head = io.BytesIO(memoryview(data)[:4096])
     version = np.lib.format.read_magic(head)
-    shape, fortran, dtype = (np.lib.format.read_array_header_1_0(head) if version == (1, 0)
-                             else np.lib.format.read_array_header_2_0(head))
+    shape, fortran, dtype = (
+        np.lib.format.read_array_header_1_0(head)
+        if version == (1, 0)
+        else np.lib.format.read_array_header_2_0(head)
+    )
     if dtype.hasobject or (fortran and len(shape) > 1):
-        raise ValueError(f"an array of {dtype} (fortran order {fortran}), expected a plain "
-                         "numeric vector")
+        raise ValueError(
+            f"an array of {dtype} (fortran order {fortran}), expected a plain numeric vector"
+        )
     count = int(np.prod(shape, dtype=np.int64))
     return np.frombuffer(data, dtype=dtype, count=count, offset=head.tell()).reshape(shape)
 

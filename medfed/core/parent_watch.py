@@ -45,12 +45,14 @@ def exit_with_parent(grace: float = 5.0, interval: float = 0.5) -> threading.Thr
     return exit_when(lambda: os.getppid() == parent, grace=grace, interval=interval)
 
 
-def exit_when(alive: Callable[[], bool], *, grace: float = 5.0, interval: float = 0.5
-              ) -> threading.Thread:
+def exit_when(
+    alive: Callable[[], bool], *, grace: float = 5.0, interval: float = 0.5
+) -> threading.Thread:
     """Start a daemon thread that ends this process once ``alive()`` turns false.
 
     SIGTERM first, then ``os._exit(3)`` ``grace`` seconds later (see :func:`exit_with_parent`).
     """
+
     def _watch() -> None:
         while alive():
             time.sleep(interval)

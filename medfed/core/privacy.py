@@ -42,6 +42,7 @@ def unit_covers(unit: str, required: str) -> bool:
     """Whether epsilon spent protecting ``unit`` also bounds a whole ``required`` unit."""
     return _UNIT_RANK[unit] >= _UNIT_RANK[required]
 
+
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
 
@@ -65,13 +66,18 @@ class DatasetBudget(_Strict):
     )
     dp_required: bool = Field(True, description="refuse runs without differential privacy")
     privacy_unit: PrivacyUnit = Field(
-        "sample", description="the least a DP-SGD run must protect: 'scan' refuses runs "
+        "sample",
+        description="the least a DP-SGD run must protect: 'scan' refuses runs "
         "whose epsilon covers one training example (a slice); 'patient' also refuses runs "
-        "per scan")
+        "per scan",
+    )
     max_fitted_noise_multiplier: float = Field(
-        0.0, ge=0.0, description="0: refuse the rounds of a run that do not fit the "
+        0.0,
+        ge=0.0,
+        description="0: refuse the rounds of a run that do not fit the "
         "remaining budget. Above 0: take part with more noise instead, the least (up to "
-        "this noise multiplier) that fits the run's remaining rounds into what is left")
+        "this noise multiplier) that fits the run's remaining rounds into what is left",
+    )
 
 
 class SitePrivacyPolicy(_Strict):
@@ -81,8 +87,11 @@ class SitePrivacyPolicy(_Strict):
     default: str = Field("", description="the dataset a run uses when it names none")
     ledger: str = Field("privacy/ledger.sqlite", description="SQLite ledger, relative to site.toml")
     secagg_min_participants: int = Field(
-        2, ge=2, description="the fewest sites this site masks its update with: a run whose "
-        "secure-aggregation threshold lets smaller rounds through is refused")
+        2,
+        ge=2,
+        description="the fewest sites this site masks its update with: a run whose "
+        "secure-aggregation threshold lets smaller rounds through is refused",
+    )
 
     @model_validator(mode="after")
     def _check_names(self) -> SitePrivacyPolicy:
@@ -136,27 +145,39 @@ class RunPrivacy(_Strict):
 
     mode: PrivacyMode = "off"
     noise_multiplier: float = Field(
-        0.0, ge=0.0, description="the noise every site adds; with target_epsilon, a floor")
+        0.0, ge=0.0, description="the noise every site adds; with target_epsilon, a floor"
+    )
     target_epsilon: float = Field(
-        0.0, ge=0.0, description="each site derives its own noise multiplier: the smallest "
-        "keeping its epsilon after the run's rounds at or below this (0 = off)")
+        0.0,
+        ge=0.0,
+        description="each site derives its own noise multiplier: the smallest "
+        "keeping its epsilon after the run's rounds at or below this (0 = off)",
+    )
     max_grad_norm: float = Field(1.0, gt=0.0, description="per-sample clipping norm (sample mode)")
     clipping_norm: float = Field(1.0, gt=0.0, description="update clipping norm (update mode)")
     target_delta: float = Field(1e-5, gt=0.0, le=1e-2)
     accountant: Accountant = "rdp"
     optimizer: DPOptimizer = Field(
-        "adam", description="DP-SGD's optimizer (sample mode): 'adam', or 'sgd' (momentum "
+        "adam",
+        description="DP-SGD's optimizer (sample mode): 'adam', or 'sgd' (momentum "
         "0.9; give it a learning rate near 0.33 at max_grad_norm 0.3 with the run's "
-        "learning_rate)")
+        "learning_rate)",
+    )
     average_iterates: float = Field(
-        0.0, ge=0.0, lt=1.0, description="sample mode: the site sends an exponential moving "
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="sample mode: the site sends an exponential moving "
         "average of its DP iterates with this decay (e.g. 0.9) instead of the last one; "
-        "post-processing, so free in privacy; 0 = off")
+        "post-processing, so free in privacy; 0 = off",
+    )
     unit: PrivacyUnit = Field(
-        "sample", description="sample mode: what epsilon protects. 'sample': one training "
+        "sample",
+        description="sample mode: what epsilon protects. 'sample': one training "
         "example (for brain-tissue-seg one slice); 'scan': all the examples cut from one "
         "scan; 'patient': all of one patient's scans (DICOM PatientID). Poisson sampling "
-        "and clipping then work per unit, and the batch size counts units")
+        "and clipping then work per unit, and the batch size counts units",
+    )
 
     @model_validator(mode="after")
     def _noise_when_on(self) -> RunPrivacy:
@@ -184,7 +205,10 @@ class PrivacyDecision:
 
 
 def check_run_against_policy(
-    run: RunPrivacy, budget: DatasetBudget, *, dataset: str,
+    run: RunPrivacy,
+    budget: DatasetBudget,
+    *,
+    dataset: str,
     noise_multiplier: float | None = None,
 ) -> PrivacyDecision:
     """Refuse a run that asks for less privacy than ``budget`` requires.
@@ -201,7 +225,8 @@ def check_run_against_policy(
     if run.mode == "off":
         if budget.dp_required:
             return PrivacyDecision(
-                False, f"{key}.dp_required",
+                False,
+                f"{key}.dp_required",
                 f"the run asks for privacy.mode = 'off' but this site requires differential "
                 f"privacy on dataset {dataset!r} ({key}.dp_required = true); "
                 "ask for mode 'sample' or 'update'",
@@ -209,7 +234,8 @@ def check_run_against_policy(
         return PrivacyDecision(True)
     if run.mode == "sample" and not unit_covers(run.unit, budget.privacy_unit):
         return PrivacyDecision(
-            False, f"{key}.privacy_unit",
+            False,
+            f"{key}.privacy_unit",
             f"the run asks for privacy.unit = {run.unit!r} but this site protects at least "
             f"a whole {budget.privacy_unit} on dataset {dataset!r} ({key}.privacy_unit = "
             f"{budget.privacy_unit!r}); ask for privacy.unit = {budget.privacy_unit!r} "
@@ -217,11 +243,15 @@ def check_run_against_policy(
         )
     noise = run.noise_multiplier if noise_multiplier is None else noise_multiplier
     if noise < budget.min_noise_multiplier:
-        asked = (f"target_epsilon = {run.target_epsilon:g}, which needs noise_multiplier = "
-                 f"{noise:.4g} on this site's data," if run.target_epsilon > 0
-                 else f"noise_multiplier = {noise:g},")
+        asked = (
+            f"target_epsilon = {run.target_epsilon:g}, which needs noise_multiplier = "
+            f"{noise:.4g} on this site's data,"
+            if run.target_epsilon > 0
+            else f"noise_multiplier = {noise:g},"
+        )
         return PrivacyDecision(
-            False, f"{key}.min_noise_multiplier",
+            False,
+            f"{key}.min_noise_multiplier",
             f"the run asks for {asked} below this site's minimum "
             f"{budget.min_noise_multiplier:g} ({key}.min_noise_multiplier); ask for a "
             "smaller target_epsilon or more noise",
@@ -229,13 +259,15 @@ def check_run_against_policy(
     name = "clipping_norm" if run.mode == "update" else "max_grad_norm"
     if run.clipping > budget.max_clipping_norm:
         return PrivacyDecision(
-            False, f"{key}.max_clipping_norm",
+            False,
+            f"{key}.max_clipping_norm",
             f"the run asks for {name} = {run.clipping:g}, above this site's maximum "
             f"{budget.max_clipping_norm:g} ({key}.max_clipping_norm)",
         )
     if run.target_delta > budget.delta:
         return PrivacyDecision(
-            False, f"{key}.delta",
+            False,
+            f"{key}.delta",
             f"the run asks for target_delta = {run.target_delta:g}, above this site's "
             f"delta {budget.delta:g} ({key}.delta)",
         )

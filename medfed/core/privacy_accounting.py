@@ -42,7 +42,8 @@ def _accountant(name: AccountantName) -> Any:
     if name == "prv":
         return PRVAccountant()
     raise MedfedError(
-        f"Unknown privacy accountant {name!r}.", expected="'rdp' or 'prv'",
+        f"Unknown privacy accountant {name!r}.",
+        expected="'rdp' or 'prv'",
         fix="set privacy.accountant = 'rdp' (or 'prv') in the run configuration",
     )
 
@@ -72,7 +73,10 @@ def epsilon_of_history(
 
 
 def epsilon_for(
-    steps: int, sample_rate: float, noise_multiplier: float, delta: float,
+    steps: int,
+    sample_rate: float,
+    noise_multiplier: float,
+    delta: float,
     accountant: AccountantName = "rdp",
 ) -> float:
     """Epsilon of ``steps`` Poisson-subsampled Gaussian steps at ``delta``."""
@@ -80,7 +84,11 @@ def epsilon_for(
 
 
 def noise_for_target(
-    target_epsilon: float, delta: float, *, sample_rate: float, steps: int,
+    target_epsilon: float,
+    delta: float,
+    *,
+    sample_rate: float,
+    steps: int,
     accountant: AccountantName = "rdp",
 ) -> float:
     """The smallest noise multiplier within ``(target_epsilon, delta)`` after ``steps``.
@@ -89,20 +97,28 @@ def noise_for_target(
     ``get_noise_multiplier`` searches. Its binary search returns the upper end of its
     bracket, so the result's epsilon is at most the target (within 0.01 below it).
     """
-    return _noise_for_target(float(target_epsilon), float(delta), float(sample_rate),
-                             int(steps), accountant)
+    return _noise_for_target(
+        float(target_epsilon), float(delta), float(sample_rate), int(steps), accountant
+    )
 
 
 @functools.lru_cache(maxsize=64)
-def _noise_for_target(target_epsilon: float, delta: float, sample_rate: float, steps: int,
-                      accountant: AccountantName) -> float:
+def _noise_for_target(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: AccountantName
+) -> float:
     # Cached: a site asks the same question every round of a run (PRV takes seconds).
     from opacus.accountants.utils import get_noise_multiplier
 
     try:
-        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                          sample_rate=sample_rate, steps=steps,
-                                          accountant=accountant))
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=accountant,
+            )
+        )
     except ValueError as exc:  # "The privacy budget is too low."
         raise ValueError(
             f"no noise multiplier up to 1e6 keeps {steps} steps at sampling rate "
@@ -112,8 +128,10 @@ def _noise_for_target(target_epsilon: float, delta: float, sample_rate: float, s
 
 
 def epsilon_of_round(
-    history_so_far: Sequence[HistoryEntry], round_history: Sequence[HistoryEntry],
-    delta: float, accountant: AccountantName = "rdp",
+    history_so_far: Sequence[HistoryEntry],
+    round_history: Sequence[HistoryEntry],
+    delta: float,
+    accountant: AccountantName = "rdp",
 ) -> float:
     """Epsilon one more round adds to a run: eps(history + round) - eps(history).
 

@@ -112,9 +112,13 @@ class Managed:
         self._log = open(self.log_path, "ab")
         self._log_start = self._read_to = self._log.tell()
         self.proc = subprocess.Popen(
-            list(self.argv), stdout=self._log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, env={**os.environ, **self.env},
-            cwd=self.cwd, start_new_session=True,
+            list(self.argv),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **self.env},
+            cwd=self.cwd,
+            start_new_session=True,
             preexec_fn=_kill_with_parent if self.die_with_parent else None,
         )
         self.started_at = time.monotonic()

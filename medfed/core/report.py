@@ -55,14 +55,26 @@ def panel_lines(series: dict[str, list[tuple[int, float]]]) -> list[Line]:
         if not many:
             lines.append((site, xs, ys, {"marker": "o"}))
             continue
-        lines.append((f"{len(sites)} sites" if i == 0 else None, xs, ys,
-                      {"color": "0.6", "linewidth": 0.6, "alpha": 0.4}))
+        lines.append(
+            (
+                f"{len(sites)} sites" if i == 0 else None,
+                xs,
+                ys,
+                {"color": "0.6", "linewidth": 0.6, "alpha": 0.4},
+            )
+        )
         for x, y in points:
             by_round[x].append(y)
     if many:
         rounds = sorted(by_round)
-        lines.append(("site median", rounds, [float(median(by_round[r])) for r in rounds],
-                      {"color": "tab:blue", "linestyle": "--", "marker": "o"}))
+        lines.append(
+            (
+                "site median",
+                rounds,
+                [float(median(by_round[r])) for r in rounds],
+                {"color": "tab:blue", "linestyle": "--", "marker": "o"},
+            )
+        )
     if "global" in series:
         xs, ys = (list(t) for t in zip(*series["global"], strict=True))
         lines.append(("global", xs, ys, {"color": "black", "linewidth": 2.5, "marker": "o"}))

@@ -47,27 +47,33 @@ def _message(run_json: str, nonce: str) -> bytes:
     return f"medfed-run-v2\n{nonce}\n".encode() + run_json.encode()
 
 
-def sign_run(run_json: str, *, name: str, key: Ed25519PrivateKey,
-             certificate: x509.Certificate) -> str:
+def sign_run(
+    run_json: str, *, name: str, key: Ed25519PrivateKey, certificate: x509.Certificate
+) -> str:
     """The proof (JSON) that coordinator ``name`` launched the run ``run_json``, now."""
     nonce = secrets.token_hex(16)
-    return json.dumps({
-        "coordinator": name,
-        "nonce": nonce,
-        "certificate": certificate_pem(certificate),
-        "signature": base64.b64encode(key.sign(_message(run_json, nonce))).decode(),
-    })
+    return json.dumps(
+        {
+            "coordinator": name,
+            "nonce": nonce,
+            "certificate": certificate_pem(certificate),
+            "signature": base64.b64encode(key.sign(_message(run_json, nonce))).decode(),
+        }
+    )
 
 
-def verify_run(run_json: str, proof: str, cas: list[x509.Certificate], *,
-               now: dt.datetime | None = None) -> VerifiedRun:
+def verify_run(
+    run_json: str, proof: str, cas: list[x509.Certificate], *, now: dt.datetime | None = None
+) -> VerifiedRun:
     """Who signed ``run_json``; :class:`RunProofError` if no coordinator did.
 
     ``cas``: the federation CA certificates the site trusts (two during a rotation).
     """
     if not proof:
-        raise RunProofError("the run carries no coordinator signature (it was not launched "
-                            "through medfed by one of the federation's coordinators)")
+        raise RunProofError(
+            "the run carries no coordinator signature (it was not launched "
+            "through medfed by one of the federation's coordinators)"
+        )
     try:
         data = json.loads(proof)
         name = str(data["coordinator"])
@@ -77,14 +83,16 @@ def verify_run(run_json: str, proof: str, cas: list[x509.Certificate], *,
     except (ValueError, KeyError, TypeError) as exc:
         raise RunProofError(f"the run's coordinator signature is malformed ({exc})") from None
     try:
-        key = check_key_cert(cert, cas, name=name, usage=COORDINATOR_USAGE,
-                             what=f"coordinator {name!r}", now=now)
+        key = check_key_cert(
+            cert, cas, name=name, usage=COORDINATOR_USAGE, what=f"coordinator {name!r}", now=now
+        )
     except CertificateRejected as exc:
         raise RunProofError(str(exc)) from None
     try:
         key.verify(signature, _message(run_json, nonce))
     except InvalidSignature:
-        raise RunProofError(f"the run's configuration does not match coordinator {name!r}'s "
-                            "signature (changed on the way, or signed by someone else)"
-                            ) from None
+        raise RunProofError(
+            f"the run's configuration does not match coordinator {name!r}'s "
+            "signature (changed on the way, or signed by someone else)"
+        ) from None
     return VerifiedRun(name, hashlib.sha256(signature).hexdigest(), cert.serial_number)

@@ -27,25 +27,36 @@ def _cell(value: Any, digits: int = 4) -> str:
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-            *("| " + " | ".join(_cell(v) for v in row) + " |" for row in rows)]
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(_cell(v) for v in row) + " |" for row in rows),
+    ]
 
 
 def _privacy_lines(privacy: dict[str, Any]) -> list[str]:
     mode = privacy.get("mode", "off")
     if mode == "off":
         return ["- differential privacy: off"]
-    noise = (f"target epsilon {privacy['target_epsilon']:g} (each site derives its noise)"
-             if privacy.get("target_epsilon") else
-             f"noise multiplier {privacy.get('noise_multiplier', 0):g}")
+    noise = (
+        f"target epsilon {privacy['target_epsilon']:g} (each site derives its noise)"
+        if privacy.get("target_epsilon")
+        else f"noise multiplier {privacy.get('noise_multiplier', 0):g}"
+    )
     if mode == "sample":
-        what = (f"DP-SGD, one {privacy.get('unit', 'sample')} protected; per-sample clipping "
-                f"{privacy.get('max_grad_norm', 0):g}")
+        what = (
+            f"DP-SGD, one {privacy.get('unit', 'sample')} protected; per-sample clipping "
+            f"{privacy.get('max_grad_norm', 0):g}"
+        )
     else:
-        what = (f"update-level (a site's whole data protected); update clipping "
-                f"{privacy.get('clipping_norm', 0):g}")
-    return [f"- differential privacy: {what}; {noise}; delta {privacy.get('target_delta', 0):g}; "
-            f"{privacy.get('accountant', 'rdp')} accountant (Opacus)"]
+        what = (
+            f"update-level (a site's whole data protected); update clipping "
+            f"{privacy.get('clipping_norm', 0):g}"
+        )
+    return [
+        f"- differential privacy: {what}; {noise}; delta {privacy.get('target_delta', 0):g}; "
+        f"{privacy.get('accountant', 'rdp')} accountant (Opacus)"
+    ]
 
 
 def _transport(summary: dict[str, Any]) -> str:
@@ -64,27 +75,41 @@ def render(folder: RunFolder) -> str:
     events = folder.read_events()
     metric = summary.get("primary_metric", "dice")
     rounds = int(cfg.get("rounds", 0))
-    lines = [f"# Run {info.get('run_id', folder.path.name)}: {cfg.get('task')} with "
-             f"{cfg.get('strategy')}", ""]
+    lines = [
+        f"# Run {info.get('run_id', folder.path.name)}: {cfg.get('task')} with "
+        f"{cfg.get('strategy')}",
+        "",
+    ]
     options = ", ".join(f"{k}={v}" for k, v in sorted(cfg.get("strategy_options", {}).items()))
-    finished = summary.get("rounds_finished", rounds if summary.get("status") == "completed"
-                           else sum(e["event"] == "round-finished" for e in events))
-    lines += [f"- status: **{summary.get('status')}**, {finished} of {rounds} rounds; "
-              f"started {info.get('started', '?')[:19]} UTC"
-              + (f", {summary['seconds']:.0f} s" if "seconds" in summary else ""),
-              f"- strategy options: {options or 'defaults'}; adaptation hook: "
-              f"{cfg.get('adaptation', 'none')}; seed {cfg.get('seed', 0)}",
-              f"- initial model: {_initial_model(cfg)}",
-              f"- transport: {_transport(summary)}; secure aggregation: "
-              f"{cfg.get('secure_aggregation', 'default')}",
-              *_privacy_lines(cfg.get("privacy", {}))]
+    finished = summary.get(
+        "rounds_finished",
+        rounds
+        if summary.get("status") == "completed"
+        else sum(e["event"] == "round-finished" for e in events),
+    )
+    lines += [
+        f"- status: **{summary.get('status')}**, {finished} of {rounds} rounds; "
+        f"started {info.get('started', '?')[:19]} UTC"
+        + (f", {summary['seconds']:.0f} s" if "seconds" in summary else ""),
+        f"- strategy options: {options or 'defaults'}; adaptation hook: "
+        f"{cfg.get('adaptation', 'none')}; seed {cfg.get('seed', 0)}",
+        f"- initial model: {_initial_model(cfg)}",
+        f"- transport: {_transport(summary)}; secure aggregation: "
+        f"{cfg.get('secure_aggregation', 'default')}",
+        *_privacy_lines(cfg.get("privacy", {})),
+    ]
     if summary.get("engine") == "simulation":
         sim = summary.get("simulation", {})
-        lines.append(f"- engine: simulation ({sim.get('engine', 'in-process')}) of "
-                     f"{sim.get('sites', '?')} sites on one machine")
-    lines += [f"- resumed after a server restart at round {e.get('round')} "
-              f"({str(e.get('time', '?'))[:19]} UTC, server run {e.get('flower_run_id')}); "
-              "the rounds before it were not redone" for e in folder.resumptions()]
+        lines.append(
+            f"- engine: simulation ({sim.get('engine', 'in-process')}) of "
+            f"{sim.get('sites', '?')} sites on one machine"
+        )
+    lines += [
+        f"- resumed after a server restart at round {e.get('round')} "
+        f"({str(e.get('time', '?'))[:19]} UTC, server run {e.get('flower_run_id')}); "
+        "the rounds before it were not redone"
+        for e in folder.resumptions()
+    ]
     if summary.get("reason"):
         lines += ["", "## Why it ended", "", "```", str(summary["reason"]), "```"]
 
@@ -94,9 +119,11 @@ def render(folder: RunFolder) -> str:
             lines += ["", f"## The final model at each site ({metric}, held-out split)", ""]
             sites = sorted(row)
             mean = sum(row[s].get(metric, 0.0) for s in sites) / len(sites)
-            lines += _table(["site", metric, "examples"],
-                            [[s, row[s].get(metric), row[s].get("num-examples")] for s in sites]
-                            + [["mean", mean, ""]])
+            lines += _table(
+                ["site", metric, "examples"],
+                [[s, row[s].get(metric), row[s].get("num-examples")] for s in sites]
+                + [["mean", mean, ""]],
+            )
 
     by_round: dict[int, dict[str, dict[str, Any]]] = defaultdict(dict)
     for m in metrics:
@@ -104,20 +131,42 @@ def render(folder: RunFolder) -> str:
             by_round[m["round"]][m["site"]] = m
     sites_eps = sorted({s for r in by_round.values() for s, m in r.items() if "epsilon-run" in m})
     if sites_eps:
-        lines += ["", "## Privacy: epsilon spent by each site in this run, after each round",
-                  "", "(noise multiplier in brackets; a site's ledger holds its total over all "
-                  "runs: `medfed site budget`)", ""]
-        lines += _table(["round", *sites_eps], [
-            [r, *(f"{by_round[r][s]['epsilon-run']:.4g} ({by_round[r][s]['noise-multiplier']:.3g})"
-                  if s in by_round[r] and "epsilon-run" in by_round[r][s] else "-"
-                  for s in sites_eps)] for r in sorted(by_round)])
-    fitted = {e["site"]: e["metrics"][wire.FITTED_NOISE_KEY] for e in events
-              if e["event"] == "site-replied" and e.get("phase") == "query"
-              and wire.FITTED_NOISE_KEY in e.get("metrics", {})}
+        lines += [
+            "",
+            "## Privacy: epsilon spent by each site in this run, after each round",
+            "",
+            "(noise multiplier in brackets; a site's ledger holds its total over all "
+            "runs: `medfed site budget`)",
+            "",
+        ]
+
+        def spent(row: dict[str, dict[str, Any]], site: str) -> str:
+            m = row.get(site, {})
+            if "epsilon-run" not in m:
+                return "-"
+            return f"{m['epsilon-run']:.4g} ({m['noise-multiplier']:.3g})"
+
+        lines += _table(
+            ["round", *sites_eps],
+            [[r, *(spent(by_round[r], s) for s in sites_eps)] for r in sorted(by_round)],
+        )
+    fitted = {
+        e["site"]: e["metrics"][wire.FITTED_NOISE_KEY]
+        for e in events
+        if e["event"] == "site-replied"
+        and e.get("phase") == "query"
+        and wire.FITTED_NOISE_KEY in e.get("metrics", {})
+    }
     if fitted:
-        lines += ["", *(f"- {s} added more noise than the run asks (noise multiplier {z:.3g}) "
-                        "to fit the run into its remaining privacy budget (its policy's "
-                        "max_fitted_noise_multiplier)" for s, z in sorted(fitted.items()))]
+        lines += [
+            "",
+            *(
+                f"- {s} added more noise than the run asks (noise multiplier {z:.3g}) "
+                "to fit the run into its remaining privacy budget (its policy's "
+                "max_fitted_noise_multiplier)"
+                for s, z in sorted(fitted.items())
+            ),
+        ]
 
     glob = {m["round"]: m for m in metrics if m["site"] == "global" and m["phase"] == "evaluate"}
     finished_ev = {e["round"]: e for e in events if e["event"] == "round-finished"}
@@ -138,36 +187,71 @@ def render(folder: RunFolder) -> str:
     trouble = [e for e in events if e["event"] == "site-error"]
     if trouble:
         lines += ["", "## Refusals and failures", ""]
-        lines += _table(["round", "phase", "site", "status", "rule", "reason"], [
-            [e.get("round"), e.get("phase"), e.get("site"), e.get("status"), e.get("rule", ""),
-             e.get("reason")] for e in trouble])
+        lines += _table(
+            ["round", "phase", "site", "status", "rule", "reason"],
+            [
+                [
+                    e.get("round"),
+                    e.get("phase"),
+                    e.get("site"),
+                    e.get("status"),
+                    e.get("rule", ""),
+                    e.get("reason"),
+                ]
+                for e in trouble
+            ],
+        )
     warnings = [e["reason"] for e in events if e["event"] == "warning"]
     if warnings:
         lines += ["", "## Warnings", "", *(f"- {w}" for w in warnings)]
     model = summary.get("final_checkpoint")
-    lines += ["", "## Files", "",
-              f"- model: `checkpoints/{model}`" if model else "- model: none (no round finished)",
-              "- per-site metrics per round: `metrics.jsonl`; progress: `events.jsonl`; "
-              "plot: `metrics.png`; every site's score: `cross_site.json`", ""]
+    lines += [
+        "",
+        "## Files",
+        "",
+        f"- model: `checkpoints/{model}`" if model else "- model: none (no round finished)",
+        "- per-site metrics per round: `metrics.jsonl`; progress: `events.jsonl`; "
+        "plot: `metrics.png`; every site's score: `cross_site.json`",
+        "",
+    ]
     return "\n".join(lines)
 
 
-def _missed_rounds(events: list[dict[str, Any]], trained: dict[int, dict[str, Any]],
-                   rounds: list[int]) -> list[str]:
+def _missed_rounds(
+    events: list[dict[str, Any]], trained: dict[int, dict[str, Any]], rounds: list[int]
+) -> list[str]:
     """Every finished round each site took no part in, with its reason when it gave one."""
-    sites = sorted({e["site"] for e in events if e["event"] in ("site-replied", "site-error")
-                    and e.get("site")})
-    why = {(e.get("round"), e.get("site")): e for e in events
-           if e["event"] == "site-error" and e.get("phase") == "train"}
+    sites = sorted(
+        {
+            e["site"]
+            for e in events
+            if e["event"] in ("site-replied", "site-error") and e.get("site")
+        }
+    )
+    why = {
+        (e.get("round"), e.get("site")): e
+        for e in events
+        if e["event"] == "site-error" and e.get("phase") == "train"
+    }
     rows = []
     for site in sites:
         for r in rounds:
             if site in trained.get(r, {}):
                 continue
             e = why.get((r, site))
-            rows.append([site, r, (f"{e.get('status')}" + (f" ({e['rule']})" if e.get("rule")
-                                                            else "") + f": {e.get('reason')}")
-                         if e else "no reply in time (or no update accepted)"])
+            rows.append(
+                [
+                    site,
+                    r,
+                    (
+                        f"{e.get('status')}"
+                        + (f" ({e['rule']})" if e.get("rule") else "")
+                        + f": {e.get('reason')}"
+                    )
+                    if e
+                    else "no reply in time (or no update accepted)",
+                ]
+            )
     if not rows:
         return []
     return ["", "## Rounds each site missed", "", *_table(["site", "round", "why"], rows)]
@@ -180,8 +264,11 @@ def write_report(folder: RunFolder) -> Path:
 
 
 def _initial_model(cfg: dict[str, Any]) -> str:
-    start = ("the task's public weights (pretrained on public data, no site's data)"
-             if cfg.get("init_weights") == "public" else "random (seeded)")
+    start = (
+        "the task's public weights (pretrained on public data, no site's data)"
+        if cfg.get("init_weights") == "public"
+        else "random (seeded)"
+    )
     if cfg.get("init_from"):
         return f"shared part from run {cfg['init_from']}; site-local part {start}"
     return start

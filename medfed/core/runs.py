@@ -86,9 +86,11 @@ class RunFolder:
         """
         folder = cls(Path(runs_dir) / str(run_id))
         if not folder.run_file.is_file():
-            raise MedfedError(f"Run {run_id} cannot be resumed: its folder is gone.",
-                              where=str(folder.path),
-                              fix="restore the run folder from backup, or start a new run")
+            raise MedfedError(
+                f"Run {run_id} cannot be resumed: its folder is gone.",
+                where=str(folder.path),
+                fix="restore the run folder from backup, or start a new run",
+            )
         atomic_write(aliases_dir(runs_dir) / str(attempt_id), str(run_id).encode())
         return folder
 
@@ -100,9 +102,11 @@ class RunFolder:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise MedfedError(f"Run {self.path.name} is already running on this server.",
-                                  where=str(self.path),
-                                  fix="wait for it or stop it (`medfed stop`)") from None
+                raise MedfedError(
+                    f"Run {self.path.name} is already running on this server.",
+                    where=str(self.path),
+                    fix="wait for it or stop it (`medfed stop`)",
+                ) from None
             try:
                 yield
             finally:
@@ -123,14 +127,23 @@ class RunFolder:
 
     def resumptions(self) -> list[dict[str, Any]]:
         """Every time the run was resumed: the round it went on from, and when."""
-        return [{"round": e.get("round"), "flower_run_id": e.get("flower_run_id"),
-                 "time": e.get("time")} for e in self.read_events()
-                if e["event"] == "run-resumed"]
+        return [
+            {
+                "round": e.get("round"),
+                "flower_run_id": e.get("flower_run_id"),
+                "time": e.get("time"),
+            }
+            for e in self.read_events()
+            if e["event"] == "run-resumed"
+        ]
 
     def attempt_ids(self) -> list[str]:
         """The server's run ids of this run: the first, then each resumption's."""
-        return [self.path.name] + [str(e["flower_run_id"]) for e in self.read_events()
-                                   if e["event"] == "run-resume-submitted"]
+        return [self.path.name] + [
+            str(e["flower_run_id"])
+            for e in self.read_events()
+            if e["event"] == "run-resume-submitted"
+        ]
 
     @property
     def run_file(self) -> Path:
@@ -172,8 +185,9 @@ class RunFolder:
 
     def metrics(self, server_round: int, site: str, phase: str, values: dict[str, Any]) -> None:
         """Append one metrics line (``site`` is a site name or "global")."""
-        append_jsonl(self.metrics_file,
-                     {"round": server_round, "site": site, "phase": phase, **values})
+        append_jsonl(
+            self.metrics_file, {"round": server_round, "site": site, "phase": phase, **values}
+        )
 
     def save_checkpoint(self, server_round: int, weights: dict[str, np.ndarray]) -> Path:
         """Write the global model of ``server_round`` atomically (numpy .npz, no pickle)."""
@@ -184,8 +198,9 @@ class RunFolder:
         """cross_site.json: every model evaluated on every site's held-out split."""
         return self.path / "cross_site.json"
 
-    def write_cross_site(self, matrix: dict[str, dict[str, dict[str, float]]], *, metric: str,
-                         note: str = "") -> None:
+    def write_cross_site(
+        self, matrix: dict[str, dict[str, dict[str, float]]], *, metric: str, note: str = ""
+    ) -> None:
         """Write the cross-site matrix (model -> site -> metrics), with what it means."""
         body: dict[str, Any] = {"metric": metric, "matrix": matrix}
         if note:

@@ -25,9 +25,12 @@ def checkpoint_path(runs_dir: Path, spec: str) -> Path:
     """The checkpoint file ``spec`` names inside ``runs_dir``."""
     match = _SPEC.fullmatch(spec.strip())
     if match is None:
-        raise MedfedError(f"init_from {spec!r} is not a run reference.",
-                          where="run config 'init_from'", expected="RUN_ID or RUN_ID:ROUND",
-                          fix="`medfed runs` lists the run ids")
+        raise MedfedError(
+            f"init_from {spec!r} is not a run reference.",
+            where="run config 'init_from'",
+            expected="RUN_ID or RUN_ID:ROUND",
+            fix="`medfed runs` lists the run ids",
+        )
     folder = Path(runs_dir) / match["run"] / "checkpoints"
     if match["round"] is not None:
         path = folder / f"round-{int(match['round']):03d}.npz"
@@ -35,13 +38,17 @@ def checkpoint_path(runs_dir: Path, spec: str) -> Path:
         saved = sorted(folder.glob("round-*.npz"), key=lambda p: int(p.stem.split("-")[1]))
         path = saved[-1] if saved else folder / "round-001.npz"
     if not path.exists():
-        raise MedfedError(f"init_from {spec!r}: there is no such checkpoint.", where=str(path),
-                          fix="`medfed status RUN_ID` shows a run's rounds; name one it saved")
+        raise MedfedError(
+            f"init_from {spec!r}: there is no such checkpoint.",
+            where=str(path),
+            fix="`medfed status RUN_ID` shows a run's rounds; name one it saved",
+        )
     return path
 
 
-def load_start_weights(runs_dir: Path, spec: str, layout: Layout
-                       ) -> tuple[Path, dict[str, np.ndarray]]:
+def load_start_weights(
+    runs_dir: Path, spec: str, layout: Layout
+) -> tuple[Path, dict[str, np.ndarray]]:
     """The weights ``spec`` names, checked against this run's shared ``layout``."""
     path = checkpoint_path(runs_dir, spec)
     with np.load(path, allow_pickle=False) as stored:
@@ -50,11 +57,14 @@ def load_start_weights(runs_dir: Path, spec: str, layout: Layout
     found = {k: tuple(v.shape) for k, v in weights.items()}
     if found != expected:
         differ = sorted(set(found) ^ set(expected)) or sorted(
-            k for k in expected if found[k] != expected[k])
+            k for k in expected if found[k] != expected[k]
+        )
         raise MedfedError(
             f"init_from {spec!r}: the checkpoint holds a different model than this run "
             f"shares ({len(found)} tensors, this run {len(expected)}; first differences: "
-            f"{differ[:3]}).", where=str(path),
+            f"{differ[:3]}).",
+            where=str(path),
             expected="a checkpoint of a run with the same task and the same adaptation hook",
-            fix="name a run of this task, or run with that run's --adaptation")
+            fix="name a run of this task, or run with that run's --adaptation",
+        )
     return path, {k: weights[k] for k in layout.names}

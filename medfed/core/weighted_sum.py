@@ -34,11 +34,15 @@ class WeightedSum:
         not a positive finite number; nothing is added then.
         """
         if vector.dtype.kind != "f" or vector.ndim != 1 or vector.size != self.size:
-            raise ValueError(f"an update of {vector.size} {vector.dtype} values "
-                             f"(shape {vector.shape}), expected {self.size} float values")
+            raise ValueError(
+                f"an update of {vector.size} {vector.dtype} values "
+                f"(shape {vector.shape}), expected {self.size} float values"
+            )
         if not (math.isfinite(weight) and weight > 0):
-            raise ValueError(f"an update weighted {weight!r}, expected a positive number "
-                             "(the site's training examples)")
+            raise ValueError(
+                f"an update weighted {weight!r}, expected a positive number "
+                "(the site's training examples)"
+            )
         if self._acc is None:
             self._acc = np.zeros(self.size, dtype=np.float32)
         with warnings.catch_warnings():  # a read-only view (a reply's bytes) is only read

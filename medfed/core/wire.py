@@ -55,8 +55,9 @@ NODE_SITE_NAME = "medfed-site"
 
 #: A site's error reply ends with this text (the ClientApp executor puts the exception's
 #: type before it): ``site NAME refused [RULE]: REASON`` or ``site NAME failed: REASON``.
-_SITE_ERROR = re.compile(r"(?:[\w.]+: )?site (\S+) (refused|failed)(?: \[([^\]]*)\])?: (.*)",
-                         re.DOTALL)
+_SITE_ERROR = re.compile(
+    r"(?:[\w.]+: )?site (\S+) (refused|failed)(?: \[([^\]]*)\])?: (.*)", re.DOTALL
+)
 
 
 @dataclass(frozen=True)

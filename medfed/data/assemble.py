@@ -88,8 +88,7 @@ def assemble(records: Iterable[FileRecord]) -> tuple[list[SeriesPlan], list[Skip
             skipped.extend(Skipped(r.path, problem.reason, problem.detail) for r in group)
         except Exception as exc:  # one odd series never stops the others
             # the traceback for a bug report; the report line carries the exception
-            log.info("unexpected error assembling a series of %d files", len(group),
-                     exc_info=True)
+            log.info("unexpected error assembling a series of %d files", len(group), exc_info=True)
             detail = f"assembling its series: {describe_error(exc)}"
             skipped.extend(Skipped(r.path, SkipReason.UNEXPECTED, detail) for r in group)
     for seg in sorted(segs, key=lambda r: r.path):
@@ -97,8 +96,13 @@ def assemble(records: Iterable[FileRecord]) -> tuple[list[SeriesPlan], list[Skip
             target = _seg_target(seg, plans)
         except Exception as exc:
             log.info("unexpected error matching a SEG to its series", exc_info=True)
-            skipped.append(Skipped(seg.path, SkipReason.UNEXPECTED,
-                                   f"matching it to a series: {describe_error(exc)}"))
+            skipped.append(
+                Skipped(
+                    seg.path,
+                    SkipReason.UNEXPECTED,
+                    f"matching it to a series: {describe_error(exc)}",
+                )
+            )
             continue
         if target is None:
             skipped.append(

@@ -34,8 +34,16 @@ from medfed.data.scan import short_hash
 log = logging.getLogger("medfed.data")
 
 #: What reading a damaged ``.npz`` raises (numpy, zipfile, zlib and the OS).
-_UNREADABLE = (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError,
-               zipfile.BadZipFile, zlib.error)
+_UNREADABLE = (
+    OSError,
+    EOFError,
+    ValueError,
+    KeyError,
+    TypeError,
+    AttributeError,
+    zipfile.BadZipFile,
+    zlib.error,
+)
 _ZIP_MAGIC = b"PK\x03\x04"  # how every .npz archive starts
 #: A temporary file left by a writer that crashed is removed once this old (s).
 STALE_TEMP_S = 3600.0
@@ -97,8 +105,9 @@ def read_entry(path: Path) -> tuple[str, CachedSeries]:
         with open(path, "rb") as fh:
             head = fh.read(len(_ZIP_MAGIC))
             if head != _ZIP_MAGIC:
-                raise DamagedEntry("an empty file" if not head else
-                                   f"not an .npz archive (starts with {head!r})")
+                raise DamagedEntry(
+                    "an empty file" if not head else f"not an .npz archive (starts with {head!r})"
+                )
             fh.seek(0)
             with np.load(fh, allow_pickle=False) as data:
                 stored = data["fingerprint"]
@@ -117,8 +126,9 @@ def read_entry(path: Path) -> tuple[str, CachedSeries]:
     if has_label.shape != () or has_label.dtype != np.bool_:
         raise DamagedEntry(f"has_label is {has_label.dtype} {has_label.shape}, not a bool")
     if label is not None and (label.shape != image.shape[1:] or label.dtype != np.int16):
-        raise DamagedEntry(f"label is {label.dtype} {label.shape}, not int16 "
-                           f"{image.shape[1:]} like the image")
+        raise DamagedEntry(
+            f"label is {label.dtype} {label.shape}, not int16 {image.shape[1:]} like the image"
+        )
     return str(stored), CachedSeries(image=image, affine=affine, label=label)
 
 
@@ -142,7 +152,10 @@ class SeriesCache:
         return self.folder / f"series-{uid_key(series_uid)}.npz"
 
     def get(
-        self, series_uid: str, source_fingerprint: str, *,
+        self,
+        series_uid: str,
+        source_fingerprint: str,
+        *,
         shape: tuple[int, ...] | None = None,
     ) -> CachedSeries | None:
         """The cached series if present and made from the same source files, else ``None``.
@@ -155,8 +168,9 @@ class SeriesCache:
         try:
             stored, found = read_entry(path)
             if shape is not None and found.image.shape != tuple(shape):
-                raise DamagedEntry(f"image is {found.image.shape}, the series' headers "
-                                   f"say {tuple(shape)}")
+                raise DamagedEntry(
+                    f"image is {found.image.shape}, the series' headers say {tuple(shape)}"
+                )
         except FileNotFoundError:
             self.stats.misses += 1
             return None
@@ -184,10 +198,13 @@ class SeriesCache:
         reason = self._damaged.pop(series_uid, None)
         if reason is not None:
             self.stats.healed += 1
-            note_healed(HealedFile(file=path.name, series_id=short_hash(series_uid),
-                                   reason=reason))
-            log.warning("replaced the damaged cache entry %s (series %s) with one decoded "
-                        "again from the DICOM files", path.name, short_hash(series_uid))
+            note_healed(HealedFile(file=path.name, series_id=short_hash(series_uid), reason=reason))
+            log.warning(
+                "replaced the damaged cache entry %s (series %s) with one decoded "
+                "again from the DICOM files",
+                path.name,
+                short_hash(series_uid),
+            )
         return path
 
     def check(self) -> CacheCheck:
@@ -207,17 +224,26 @@ class SeriesCache:
                 _remove(path)
                 self.stats.damaged += 1
                 damaged.append(HealedFile(file=path.name, series_id="", reason=str(damage)))
-                log.warning("removed the damaged cache entry %s (%s); its series is decoded "
-                            "again at its next load", path.name, damage)
-        return CacheCheck(entries=len(entries), damaged=tuple(damaged),
-                          leftovers=self._remove_leftovers())
+                log.warning(
+                    "removed the damaged cache entry %s (%s); its series is decoded "
+                    "again at its next load",
+                    path.name,
+                    damage,
+                )
+        return CacheCheck(
+            entries=len(entries), damaged=tuple(damaged), leftovers=self._remove_leftovers()
+        )
 
     def _discard(self, series_uid: str, path: Path, reason: str) -> None:
         _remove(path)
         self.stats.damaged += 1
         self._damaged[series_uid] = reason
-        log.warning("the cache entry %s (series %s) is damaged (%s); removed it, decoding "
-                    "the series again", path.name, short_hash(series_uid), reason)
+        log.warning(
+            "the cache entry %s (series %s) is damaged (%s); removed it, decoding the series again",
+            path.name,
+            short_hash(series_uid),
+            reason,
+        )
 
     def _remove_leftovers(self) -> int:
         """Remove temporary files that crashed writers left (old enough to be no one's)."""

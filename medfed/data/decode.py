@@ -63,8 +63,7 @@ def open_dataset(path: Path) -> Dataset:
                 # No preamble/meta: accept only if it reads as a plausible image header.
                 ds = pydicom.dcmread(path, force=True)
                 if not any(k in ds for k in ("SOPClassUID", "SeriesInstanceUID", "Modality")):
-                    raise FileProblem(
-                        SkipReason.NOT_DICOM, "no DICOM preamble or header") from None
+                    raise FileProblem(SkipReason.NOT_DICOM, "no DICOM preamble or header") from None
     except FileProblem:
         raise
     except Exception as exc:  # pydicom raises many types on corrupt headers

@@ -70,14 +70,17 @@ class PacsFetch:
 
     def render_lines(self) -> list[str]:
         """Lines for `medfed site scan`."""
-        lines = [f"PACS: the query matched {self.matched_series} series "
-                 f"({self.matched_instances} instances) and {self.label_series} SEG series",
-                 f"  fetched {self.fetched_series} series ({self.fetched_instances} instances, "
-                 f"{self.fetched_bytes / 1e6:.1f} MB) in {self.seconds:.1f} s; "
-                 f"{self.cached_series} already in the cache"]
+        lines = [
+            f"PACS: the query matched {self.matched_series} series "
+            f"({self.matched_instances} instances) and {self.label_series} SEG series",
+            f"  fetched {self.fetched_series} series ({self.fetched_instances} instances, "
+            f"{self.fetched_bytes / 1e6:.1f} MB) in {self.seconds:.1f} s; "
+            f"{self.cached_series} already in the cache",
+        ]
         if self.removed_series:
-            lines.append(f"  {self.removed_series} series no longer matched: removed from "
-                         "the cache")
+            lines.append(
+                f"  {self.removed_series} series no longer matched: removed from the cache"
+            )
         lines += [f"  {n:5d}  skipped: {reason}" for reason, n in self.skipped.items()]
         if not self.matched_series:
             lines.append("  the query matched nothing: check [data.pacs.query] in site.toml")
@@ -107,15 +110,15 @@ def pacs_client(pacs: PacsSection, *, where: str = "[data.pacs]") -> Any:
     elif secret:
         session.auth = (secret["username"], secret["password"])
     if secret and urlsplit(url).scheme == "http" and not _loopback(urlsplit(url).hostname):
-        raise ConfigError("The PACS's credentials would travel in clear over http.",
-                          where=f"{where} url = {pacs.url!r}",
-                          expected="an https:// URL (or a PACS on this machine)",
-                          fix="use the PACS's https:// DICOMweb URL (add ca_bundle for a "
-                              "hospital CA)")
+        raise ConfigError(
+            "The PACS's credentials would travel in clear over http.",
+            where=f"{where} url = {pacs.url!r}",
+            expected="an https:// URL (or a PACS on this machine)",
+            fix="use the PACS's https:// DICOMweb URL (add ca_bundle for a hospital CA)",
+        )
     session.verify = pacs.ca_bundle or True  # verification is never turned off
     if pacs.client_cert:
-        session.cert = (pacs.client_cert, pacs.client_key) if pacs.client_key else \
-            pacs.client_cert
+        session.cert = (pacs.client_cert, pacs.client_key) if pacs.client_key else pacs.client_cert
     client = DICOMwebClient(url, session=session, timeout=pacs.timeout_s)
     client.set_http_retry_params(retry=False)  # a failure is reported, the next scan resumes
     return client
@@ -124,15 +127,20 @@ def pacs_client(pacs: PacsSection, *, where: str = "[data.pacs]") -> Any:
 def _checked_url(url: str, where: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"The PACS URL {url!r} is not an http(s) URL.",
-                          where=f"{where} url", expected="https://host[:port]/dicom-web",
-                          fix="set url to the PACS's DICOMweb root")
+        raise ConfigError(
+            f"The PACS URL {url!r} is not an http(s) URL.",
+            where=f"{where} url",
+            expected="https://host[:port]/dicom-web",
+            fix="set url to the PACS's DICOMweb root",
+        )
     if parts.username or parts.password:
-        raise ConfigError("The PACS URL carries credentials; site.toml must not.",
-                          where=f"{where} url",
-                          expected="a URL without user:password@",
-                          fix="move them to the credentials file (mode 600) or to "
-                              f"{ENV_PREFIX}USERNAME / {ENV_PREFIX}PASSWORD")
+        raise ConfigError(
+            "The PACS URL carries credentials; site.toml must not.",
+            where=f"{where} url",
+            expected="a URL without user:password@",
+            fix="move them to the credentials file (mode 600) or to "
+            f"{ENV_PREFIX}USERNAME / {ENV_PREFIX}PASSWORD",
+        )
     return url.rstrip("/")
 
 
@@ -154,27 +162,42 @@ def _credentials(pacs: PacsSection, where: str) -> dict[str, str]:
             mode = path.stat().st_mode
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise ConfigError("The PACS credentials file does not exist.", where=key,
-                              fix="create it with username and password (or token)") from None
+            raise ConfigError(
+                "The PACS credentials file does not exist.",
+                where=key,
+                fix="create it with username and password (or token)",
+            ) from None
         except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"The PACS credentials file cannot be read: {exc}",
-                              where=key, expected='username = "..."\npassword = "..."') from None
+            raise ConfigError(
+                f"The PACS credentials file cannot be read: {exc}",
+                where=key,
+                expected='username = "..."\npassword = "..."',
+            ) from None
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise ConfigError("The PACS credentials file is readable by other users.",
-                              where=key, expected="mode 600 (owner only)",
-                              fix=f"chmod 600 {path}")
+            raise ConfigError(
+                "The PACS credentials file is readable by other users.",
+                where=key,
+                expected="mode 600 (owner only)",
+                fix=f"chmod 600 {path}",
+            )
         found = {k: str(v) for k, v in data.items() if k in ("username", "password", "token")}
         source = key
     else:
-        found = {k: os.environ[ENV_PREFIX + k.upper()] for k in ("username", "password", "token")
-                 if os.environ.get(ENV_PREFIX + k.upper())}
+        found = {
+            k: os.environ[ENV_PREFIX + k.upper()]
+            for k in ("username", "password", "token")
+            if os.environ.get(ENV_PREFIX + k.upper())
+        }
         source = f"the environment ({ENV_PREFIX}USERNAME/PASSWORD or {ENV_PREFIX}TOKEN)"
     if "token" in found:
         return {"token": found["token"]}
     if found and set(found) != {"username", "password"}:
-        raise ConfigError("The PACS credentials are incomplete.", where=source,
-                          expected="both username and password, or a token",
-                          fix="add the missing one")
+        raise ConfigError(
+            "The PACS credentials are incomplete.",
+            where=source,
+            expected="both username and password, or a token",
+            fix="add the missing one",
+        )
     return found
 
 
@@ -188,23 +211,34 @@ def pacs_errors(url: str, doing: str) -> Iterator[None]:
     except requests.exceptions.SSLError as exc:
         raise MedfedError(
             f"TLS with the PACS failed while {doing}: its certificate is not trusted or does "
-            "not name this host", where=url, expected="a certificate signed by ca_bundle "
-            "(or a system CA) for the URL's host name",
+            "not name this host",
+            where=url,
+            expected="a certificate signed by ca_bundle (or a system CA) for the URL's host name",
             fix="set [data.pacs] ca_bundle to the hospital CA's PEM file, or correct the URL's "
-                "host name") from exc
+            "host name",
+        ) from exc
     except requests.exceptions.HTTPError as exc:
         code = exc.response.status_code if exc.response is not None else 0
         if code in (401, 403):
-            raise MedfedError(f"the PACS refused the credentials (HTTP {code}) while {doing}",
-                              where=url, fix="check the credentials file or MEDFED_PACS_* "
-                                             "variables, and the account's rights") from exc
-        raise MedfedError(f"the PACS answered HTTP {code} while {doing}", where=url,
-                          expected="a DICOMweb server (QIDO-RS and WADO-RS)",
-                          fix="check the URL (the DICOMweb root, e.g. .../dicom-web)") from exc
+            raise MedfedError(
+                f"the PACS refused the credentials (HTTP {code}) while {doing}",
+                where=url,
+                fix="check the credentials file or MEDFED_PACS_* "
+                "variables, and the account's rights",
+            ) from exc
+        raise MedfedError(
+            f"the PACS answered HTTP {code} while {doing}",
+            where=url,
+            expected="a DICOMweb server (QIDO-RS and WADO-RS)",
+            fix="check the URL (the DICOMweb root, e.g. .../dicom-web)",
+        ) from exc
     except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
-        raise MedfedError(f"cannot reach the PACS while {doing}", where=url,
-                          fix="check that it runs and that this machine may reach it; "
-                              "what was fetched is kept and the next scan continues") from exc
+        raise MedfedError(
+            f"cannot reach the PACS while {doing}",
+            where=url,
+            fix="check that it runs and that this machine may reach it; "
+            "what was fetched is kept and the next scan continues",
+        ) from exc
 
 
 # ----------------------------------------------------------------------------- mirror
@@ -223,9 +257,14 @@ class PacsMirror:
 
     def folder_source(self) -> DataSourceConfig:
         """The mirror as a ``dicom-folder`` source (decoded series in ``<cache>/decoded``)."""
-        return self.source.model_copy(update={
-            "kind": "dicom-folder", "path": str(self.folder), "pacs": None,
-            "cache_dir": str(self.folder.parent / "decoded")})
+        return self.source.model_copy(
+            update={
+                "kind": "dicom-folder",
+                "path": str(self.folder),
+                "pacs": None,
+                "cache_dir": str(self.folder.parent / "decoded"),
+            }
+        )
 
     def synced(self) -> bool:
         """Whether a sync ever completed (its state file is there)."""
@@ -275,8 +314,11 @@ class PacsMirror:
             for series in images + labels:
                 name = _series_dir(series["series"])
                 wanted.add(name)
-                with pacs_errors(self.pacs.url, f"fetching series {fetch.fetched_series + 1} "
-                                                f"(WADO-RS; {fetch.fetched_series} done)"):
+                with pacs_errors(
+                    self.pacs.url,
+                    f"fetching series {fetch.fetched_series + 1} "
+                    f"(WADO-RS; {fetch.fetched_series} done)",
+                ):
                     got = self._fetch(client, series, skipped)
                 if got is None:
                     fetch.cached_series += 1
@@ -295,9 +337,13 @@ class PacsMirror:
                 fetch.removed_series += 1
         fetch.skipped = dict(skipped.most_common())
         fetch.seconds = time.perf_counter() - started
-        atomic_write(self.folder / STATE_FILE, json.dumps(
-            {"synced_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-             **asdict(fetch)}, indent=2).encode())
+        atomic_write(
+            self.folder / STATE_FILE,
+            json.dumps(
+                {"synced_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **asdict(fetch)},
+                indent=2,
+            ).encode(),
+        )
         return fetch
 
     def _search(self, client: Any) -> list[dict[str, Any]]:
@@ -311,30 +357,43 @@ class PacsMirror:
         filters = {"Modality": q.modality} if q.modality else {}
         if q.date_from or q.date_to:
             filters["StudyDate"] = f"{q.date_from}-{q.date_to}"
-        fields = ["NumberOfSeriesRelatedInstances", "Modality", "SeriesDescription",
-                  "StudyDescription"]
+        fields = [
+            "NumberOfSeriesRelatedInstances",
+            "Modality",
+            "SeriesDescription",
+            "StudyDescription",
+        ]
         found = []
         for study in q.study_uids or [None]:
-            found += client.search_for_series(study_instance_uid=study, search_filters=filters,
-                                              fields=fields, get_remaining=True)
-        wanted = ((_SERIES_DESCRIPTION, q.series_description),
-                  (_STUDY_DESCRIPTION, q.study_description))
-        return _unique(_series_of(r) for r in found
-                       if all(_matches(_value(r, tag), pattern) for tag, pattern in wanted))
+            found += client.search_for_series(
+                study_instance_uid=study, search_filters=filters, fields=fields, get_remaining=True
+            )
+        wanted = (
+            (_SERIES_DESCRIPTION, q.series_description),
+            (_STUDY_DESCRIPTION, q.study_description),
+        )
+        return _unique(
+            _series_of(r)
+            for r in found
+            if all(_matches(_value(r, tag), pattern) for tag, pattern in wanted)
+        )
 
     def _labels(self, client: Any, images: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The SEG series in the matched studies that the query itself did not match."""
         have = {s["series"] for s in images}
         segs = []
         for study in sorted({s["study"] for s in images}):
-            segs += client.search_for_series(study_instance_uid=study,
-                                             search_filters={"Modality": "SEG"},
-                                             fields=["NumberOfSeriesRelatedInstances"],
-                                             get_remaining=True)
+            segs += client.search_for_series(
+                study_instance_uid=study,
+                search_filters={"Modality": "SEG"},
+                fields=["NumberOfSeriesRelatedInstances"],
+                get_remaining=True,
+            )
         return [s for s in _unique(_series_of(r) for r in segs) if s["series"] not in have]
 
-    def _fetch(self, client: Any, series: dict[str, Any], skipped: Counter[str]
-               ) -> tuple[int, int] | None:
+    def _fetch(
+        self, client: Any, series: dict[str, Any], skipped: Counter[str]
+    ) -> tuple[int, int] | None:
         """Fetch what the cache lacks of one series; ``None`` when it was complete."""
         name = _series_dir(series["series"])
         final, partial = self.folder / name, self.staging / name
@@ -350,17 +409,23 @@ class PacsMirror:
         have = _staged_sop_uids(partial, skipped)
         base = f"{self.pacs.url.rstrip('/')}/studies/{series['study']}/series/{series['series']}"
         if have:  # resume: only the instances not fetched yet
-            listed = client.search_for_instances(study_instance_uid=series["study"],
-                                                 series_instance_uid=series["series"],
-                                                 fields=["SOPInstanceUID"], get_remaining=True)
+            listed = client.search_for_instances(
+                study_instance_uid=series["study"],
+                series_instance_uid=series["series"],
+                fields=["SOPInstanceUID"],
+                get_remaining=True,
+            )
             todo = [r[_SOP]["Value"][0] for r in listed if _SOP in r]
-            parts = (part for sop in todo if sop not in have
-                     for part in _retrieve(client, f"{base}/instances/{sop}"))
+            parts = (
+                part
+                for sop in todo
+                if sop not in have
+                for part in _retrieve(client, f"{base}/instances/{sop}")
+            )
         else:
             parts = _retrieve(client, base)
         count = size = 0
-        number = max((int(p.stem) for p in partial.glob("*.dcm") if p.stem.isdigit()),
-                     default=0)
+        number = max((int(p.stem) for p in partial.glob("*.dcm") if p.stem.isdigit()), default=0)
         for part in parts:
             # Files are numbered as they come: the SOP UIDs are read back only to resume.
             file = _part10(part)
@@ -451,8 +516,11 @@ def _matches(value: Any, pattern: str) -> bool:
 
 def _series_of(record: dict[str, Any]) -> dict[str, Any]:
     count = _value(record, _COUNT)
-    return {"study": _value(record, _STUDY), "series": _value(record, _SERIES),
-            "count": int(count) if count is not None else None}
+    return {
+        "study": _value(record, _STUDY),
+        "series": _value(record, _SERIES),
+        "count": int(count) if count is not None else None,
+    }
 
 
 def _unique(records: Iterator[dict[str, Any]] | Any) -> list[dict[str, Any]]:

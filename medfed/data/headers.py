@@ -93,9 +93,11 @@ def _record_from_dataset(ds: Dataset, rel: str, stat: os.stat_result) -> FileRec
                 SkipReason.TRUNCATED_PIXEL_DATA, "image attributes present but pixel data missing"
             )
         if not any(k in ds for k in _IDENTITY):  # random bytes after a preamble, a cut file
-            raise FileProblem(SkipReason.UNREADABLE,
-                              "no DICOM object in it: no SOP class, study, series or modality "
-                              "(damaged, cut short, or a fragment)")
+            raise FileProblem(
+                SkipReason.UNREADABLE,
+                "no DICOM object in it: no SOP class, study, series or modality "
+                "(damaged, cut short, or a fragment)",
+            )
         raise FileProblem(SkipReason.NO_PIXEL_DATA, f"modality {ds.get('Modality', '?')}")
     try:
         for keyword in ("SeriesInstanceUID", "Rows", "Columns", "BitsAllocated"):
@@ -139,8 +141,10 @@ def _frames(ds: Dataset, n_frames: int) -> tuple[FrameInfo, ...]:
     """Per-frame geometry from functional groups, frame offsets or top-level tags."""
     shared = _first(ds, "SharedFunctionalGroupsSequence")
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-    if per_frame is not None and len(per_frame) < n_frames or (
-        per_frame is not None and len(per_frame) > n_frames and "NumberOfFrames" in ds
+    if (
+        per_frame is not None
+        and len(per_frame) < n_frames
+        or (per_frame is not None and len(per_frame) > n_frames and "NumberOfFrames" in ds)
     ):
         raise FileProblem(
             SkipReason.INVALID_ATTRIBUTES,
@@ -175,9 +179,7 @@ def _frames(ds: Dataset, n_frames: int) -> tuple[FrameInfo, ...]:
     return tuple(frames)
 
 
-def _legacy_positions(
-    ds: Dataset, n_frames: int, position: Any, orientation: Any
-) -> list[Any]:
+def _legacy_positions(ds: Dataset, n_frames: int, position: Any, orientation: Any) -> list[Any]:
     """Frame positions from the top-level position plus frame offsets along the normal.
 
     Uses GridFrameOffsetVector (RT dose), else SpacingBetweenSlices or
@@ -193,7 +195,8 @@ def _legacy_positions(
         offsets = values - values[0]
     else:
         step = _optional(ds, "SpacingBetweenSlices", float) or _optional(
-            ds, "SliceThickness", float)
+            ds, "SliceThickness", float
+        )
         if step is None:
             return [None] * n_frames
         offsets = step * np.arange(n_frames)
@@ -247,8 +250,9 @@ def _check_native_length(ds: Dataset, record: FileRecord) -> None:
     if actual < expected:
         deflated = record.transfer_syntax == DeflatedExplicitVRLittleEndian
         raise FileProblem(
-            SkipReason.TRUNCATED_PIXEL_DATA, f"{actual} of {expected} pixel bytes present"
-            + (" (its deflated data set is damaged or cut short)" if deflated else "")
+            SkipReason.TRUNCATED_PIXEL_DATA,
+            f"{actual} of {expected} pixel bytes present"
+            + (" (its deflated data set is damaged or cut short)" if deflated else ""),
         )
 
 
@@ -281,8 +285,9 @@ def _number(ds: Dataset, keyword: str, kind: type[Any], default: Any) -> Any:
         return kind(str(value).strip())
     except (ValueError, OverflowError):
         expected = "a whole number" if kind is int else "a number"
-        raise FileProblem(SkipReason.INVALID_ATTRIBUTES,
-                          f"{keyword} is {str(value)[:40]!r}, expected {expected}") from None
+        raise FileProblem(
+            SkipReason.INVALID_ATTRIBUTES, f"{keyword} is {str(value)[:40]!r}, expected {expected}"
+        ) from None
 
 
 def _optional(ds: Dataset, keyword: str, kind: type[Any]) -> Any:

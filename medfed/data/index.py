@@ -101,7 +101,8 @@ def index_folder(
             stat = path.stat()
         except OSError as exc:  # gone since the walk, a dangling link, no permission
             skipped.append(
-                Skipped(rel, SkipReason.UNREADABLE, f"cannot read file ({describe(exc)})"))
+                Skipped(rel, SkipReason.UNREADABLE, f"cannot read file ({describe(exc)})")
+            )
             changed = True
             if progress is not None:
                 progress(done, len(files))
@@ -127,20 +128,30 @@ def index_folder(
             progress(done, len(files))
     if damaged_entries and not damage:
         damage = f"{damaged_entries} of its entries unreadable"
-    if index_file is not None and not decode and (
-            changed or damage or fresh.keys() != known.keys()):
+    if (
+        index_file is not None
+        and not decode
+        and (changed or damage or fresh.keys() != known.keys())
+    ):
         _write_index(index_file, fresh)
         if damage:
             note_healed(HealedFile(file=index_file.name, series_id="", reason=damage))
-            log.warning("replaced the damaged header index %s (%s): the headers were read "
-                        "again from the DICOM files", index_file.name, damage)
+            log.warning(
+                "replaced the damaged header index %s (%s): the headers were read "
+                "again from the DICOM files",
+                index_file.name,
+                damage,
+            )
     return FolderIndex(records=tuple(records), skipped=tuple(skipped))
 
 
 def _unchanged(entry: Any, stat: os.stat_result) -> bool:
     """Whether ``entry`` is for the file as it is now (so a failed reuse means damage)."""
-    return isinstance(entry, dict) and entry.get("size") == stat.st_size \
+    return (
+        isinstance(entry, dict)
+        and entry.get("size") == stat.st_size
         and entry.get("mtime_ns") == stat.st_mtime_ns
+    )
 
 
 def _reuse(entry: dict[str, Any] | None, stat: os.stat_result) -> FileRecord | Skipped | None:

@@ -89,8 +89,9 @@ def nifti_stem(name: str) -> str | None:
 # ----------------------------------------------------------------------------- nifti-folder
 
 
-def read_nifti_folder(root: Path, *, images: str = "", labels: str = "",
-                      targets: Path | None = None) -> NiftiLayout:
+def read_nifti_folder(
+    root: Path, *, images: str = "", labels: str = "", targets: Path | None = None
+) -> NiftiLayout:
     """Scans matched by the ``images``/``labels`` templates under ``root``."""
     images = images or DEFAULT_IMAGES
     labels = labels or DEFAULT_LABELS
@@ -112,9 +113,14 @@ def read_nifti_folder(root: Path, *, images: str = "", labels: str = "",
             continue
         subject = match["subject"]
         label = labels.replace(_PLACEHOLDER, subject)
-        entries.append(NiftiEntry(key=subject, image=rel,
-                                  label=label if (root / label).is_file() else None,
-                                  patient=subject))
+        entries.append(
+            NiftiEntry(
+                key=subject,
+                image=rel,
+                label=label if (root / label).is_file() else None,
+                patient=subject,
+            )
+        )
     return NiftiLayout(entries=tuple(entries), targets=_targets(root, targets, "targets.json"))
 
 
@@ -124,25 +130,37 @@ def read_nifti_folder(root: Path, *, images: str = "", labels: str = "",
 def read_msd(root: Path, *, modality: str = "", targets: Path | None = None) -> NiftiLayout:
     """The ``training`` cases of an MSD task folder (``dataset.json``)."""
     index = root / "dataset.json"
-    expected = ('{"modality": {"0": "T1w"}, "training": [{"image": "./imagesTr/x.nii.gz", '
-                '"label": "./labelsTr/x.nii.gz"}]}')
+    expected = (
+        '{"modality": {"0": "T1w"}, "training": [{"image": "./imagesTr/x.nii.gz", '
+        '"label": "./labelsTr/x.nii.gz"}]}'
+    )
     try:
         data = json.loads(index.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise MedfedError("the MSD task folder has no dataset.json", where=str(index),
-                          expected="a Medical Segmentation Decathlon task folder",
-                          fix="point data.path at the folder holding dataset.json, imagesTr "
-                              "and labelsTr (or use kind = 'nifti-folder')") from None
+        raise MedfedError(
+            "the MSD task folder has no dataset.json",
+            where=str(index),
+            expected="a Medical Segmentation Decathlon task folder",
+            fix="point data.path at the folder holding dataset.json, imagesTr "
+            "and labelsTr (or use kind = 'nifti-folder')",
+        ) from None
     except (OSError, ValueError) as exc:
-        raise MedfedError(f"cannot read dataset.json: {exc}", where=str(index),
-                          expected=expected) from None
+        raise MedfedError(
+            f"cannot read dataset.json: {exc}", where=str(index), expected=expected
+        ) from None
     training = data.get("training") if isinstance(data, dict) else None
     modalities = data.get("modality", {}) if isinstance(data, dict) else None
-    if not isinstance(training, list) or not isinstance(modalities, dict) or not all(
-            isinstance(t, dict) and isinstance(t.get("image"), str) for t in training):
-        raise MedfedError("dataset.json lacks a 'training' list of {image, label} pairs "
-                          "or its 'modality' map", where=str(index), expected=expected,
-                          fix="restore the task's dataset.json")
+    if (
+        not isinstance(training, list)
+        or not isinstance(modalities, dict)
+        or not all(isinstance(t, dict) and isinstance(t.get("image"), str) for t in training)
+    ):
+        raise MedfedError(
+            "dataset.json lacks a 'training' list of {image, label} pairs or its 'modality' map",
+            where=str(index),
+            expected=expected,
+            fix="restore the task's dataset.json",
+        )
     names = [str(modalities[k]) for k in sorted(modalities, key=_int_or_text)]
     channel = _msd_channel(names, modality, index)
     entries = []
@@ -155,12 +173,15 @@ def read_msd(root: Path, *, modality: str = "", targets: Path | None = None) -> 
             left_out.append(LeftOut(rel, "not a NIfTI file", "dataset.json names it"))
             continue
         label_rel = _inside(root, label, index) if isinstance(label, str) else None
-        entries.append(NiftiEntry(key=stem, image=rel, label=label_rel, patient=stem,
-                                  channel=channel))
-    return NiftiLayout(entries=tuple(entries), left_out=tuple(left_out),
-                       targets=_targets(root, targets, "targets.json"),
-                       modality=names[channel] if channel is not None else
-                       (names[0] if names else ""))
+        entries.append(
+            NiftiEntry(key=stem, image=rel, label=label_rel, patient=stem, channel=channel)
+        )
+    return NiftiLayout(
+        entries=tuple(entries),
+        left_out=tuple(left_out),
+        targets=_targets(root, targets, "targets.json"),
+        modality=names[channel] if channel is not None else (names[0] if names else ""),
+    )
 
 
 def _msd_channel(names: list[str], modality: str, index: Path) -> int | None:
@@ -169,14 +190,19 @@ def _msd_channel(names: list[str], modality: str, index: Path) -> int | None:
         folded = [n.casefold() for n in names]
         if modality.casefold() not in folded:
             raise MedfedError(
-                f"the MSD task has no modality {modality!r}", where=f"{index} 'modality'",
-                expected=f"one of {names}", fix="set data.modality to one of them")
+                f"the MSD task has no modality {modality!r}",
+                where=f"{index} 'modality'",
+                expected=f"one of {names}",
+                fix="set data.modality to one of them",
+            )
         return folded.index(modality.casefold()) if len(names) > 1 else None
     if len(names) > 1:
         raise MedfedError(
             f"the MSD task is multi-modal ({', '.join(names)}) and the task takes one image",
-            where=f"{index} 'modality'", expected="data.modality naming one of them",
-            fix=f'set data.modality = "{names[0]}" in site.toml')
+            where=f"{index} 'modality'",
+            expected="data.modality naming one of them",
+            fix=f'set data.modality = "{names[0]}" in site.toml',
+        )
     return None
 
 
@@ -184,9 +210,12 @@ def _inside(root: Path, rel: str, index: Path) -> str:
     """``rel`` (``./imagesTr/x.nii.gz``) made relative to ``root``; refuses to leave it."""
     path = (root / rel).resolve()
     if not path.is_relative_to(root.resolve()):
-        raise MedfedError(f"dataset.json names a file outside the task folder: {rel!r}",
-                          where=str(index), expected="paths like ./imagesTr/x.nii.gz",
-                          fix="keep the images and labels inside the task folder")
+        raise MedfedError(
+            f"dataset.json names a file outside the task folder: {rel!r}",
+            where=str(index),
+            expected="paths like ./imagesTr/x.nii.gz",
+            fix="keep the images and labels inside the task folder",
+        )
     return path.relative_to(root.resolve()).as_posix()
 
 
@@ -198,22 +227,31 @@ def _int_or_text(key: object) -> tuple[int, str]:
 # ----------------------------------------------------------------------------- bids
 
 
-def read_bids(root: Path, *, modality: str = "", label_pipeline: str = "",
-              targets: Path | None = None) -> NiftiLayout:
+def read_bids(
+    root: Path, *, modality: str = "", label_pipeline: str = "", targets: Path | None = None
+) -> NiftiLayout:
     """The anatomical scans of one suffix in a BIDS dataset, labels from its derivatives."""
     if not (root / "dataset_description.json").is_file():
-        raise MedfedError("not a BIDS dataset: dataset_description.json is missing",
-                          where=str(root), expected="the root folder of a BIDS dataset",
-                          fix="point data.path at the folder holding dataset_description.json "
-                              "and the sub-* folders")
+        raise MedfedError(
+            "not a BIDS dataset: dataset_description.json is missing",
+            where=str(root),
+            expected="the root folder of a BIDS dataset",
+            fix="point data.path at the folder holding dataset_description.json "
+            "and the sub-* folders",
+        )
     scans: dict[str, list[tuple[dict[str, str], str]]] = {}
     left_out = []
     for path in sorted(root.glob("sub-*/**/anat/*.nii*")):
         rel = path.relative_to(root).as_posix()
         parsed = _bids_name(path.name)
         if parsed is None:
-            left_out.append(LeftOut(rel, "not a BIDS file name",
-                                    "expected sub-<label>[_key-value...]_<suffix>.nii[.gz]"))
+            left_out.append(
+                LeftOut(
+                    rel,
+                    "not a BIDS file name",
+                    "expected sub-<label>[_key-value...]_<suffix>.nii[.gz]",
+                )
+            )
             continue
         entities, suffix = parsed
         scans.setdefault(suffix, []).append((entities, rel))
@@ -224,17 +262,33 @@ def read_bids(root: Path, *, modality: str = "", label_pipeline: str = "",
         key = "_".join(f"{k}-{v}" for k, v in entities.items())
         found = labels.get(_scan_identity(entities), [])
         if len(found) > 1:
-            left_out.append(LeftOut(rel, "several label files match",
-                                    f"{len(found)} _dseg files in derivatives; set "
-                                    "data.label_pipeline to one pipeline"))
+            left_out.append(
+                LeftOut(
+                    rel,
+                    "several label files match",
+                    f"{len(found)} _dseg files in derivatives; set "
+                    "data.label_pipeline to one pipeline",
+                )
+            )
             continue
-        entries.append(NiftiEntry(key=key, image=rel, label=found[0] if found else None,
-                                  patient=f"sub-{entities['sub']}"))
+        entries.append(
+            NiftiEntry(
+                key=key,
+                image=rel,
+                label=found[0] if found else None,
+                patient=f"sub-{entities['sub']}",
+            )
+        )
     participants = _targets(root, targets, "participants.tsv")
-    per_scan = {e.key: participants.get(e.patient, participants.get(e.patient[4:], {}))
-                for e in entries}
-    return NiftiLayout(entries=tuple(entries), left_out=tuple(left_out),
-                       targets={k: v for k, v in per_scan.items() if v}, modality=suffix)
+    per_scan = {
+        e.key: participants.get(e.patient, participants.get(e.patient[4:], {})) for e in entries
+    }
+    return NiftiLayout(
+        entries=tuple(entries),
+        left_out=tuple(left_out),
+        targets={k: v for k, v in per_scan.items() if v},
+        modality=suffix,
+    )
 
 
 def _bids_name(name: str) -> tuple[dict[str, str], str] | None:
@@ -259,15 +313,23 @@ def _bids_suffix(scans: dict[str, list], modality: str, root: Path) -> str:
                 f"the BIDS dataset has no {modality!r} scans",
                 where=f"{root} (sub-*/anat/*_{modality}.nii.gz)",
                 expected=f"one of the suffixes found: {', '.join(present) or 'none'}",
-                fix="set data.modality to one of them (suffixes are case-sensitive)")
+                fix="set data.modality to one of them (suffixes are case-sensitive)",
+            )
         return modality
     if len(present) != 1:
         raise MedfedError(
-            "the BIDS dataset has " + (f"several anatomical suffixes ({', '.join(present)})"
-                                       if present else "no anatomical scans"),
-            where=f"{root} sub-*/anat", expected="data.modality naming the one to train on",
-            fix=f'set data.modality = "{present[0]}"' if present else
-            "check data.path points at the BIDS root with sub-*/anat/*.nii.gz files")
+            "the BIDS dataset has "
+            + (
+                f"several anatomical suffixes ({', '.join(present)})"
+                if present
+                else "no anatomical scans"
+            ),
+            where=f"{root} sub-*/anat",
+            expected="data.modality naming the one to train on",
+            fix=f'set data.modality = "{present[0]}"'
+            if present
+            else "check data.path points at the BIDS root with sub-*/anat/*.nii.gz files",
+        )
     return present[0]
 
 
@@ -277,9 +339,12 @@ def _bids_labels(root: Path, pipeline: str) -> dict[tuple[str, ...], list[str]]:
     if pipeline:
         base = base / pipeline
         if not base.is_dir():
-            raise MedfedError(f"the BIDS dataset has no derivatives pipeline {pipeline!r}",
-                              where=str(base), expected="a folder under derivatives/",
-                              fix="set data.label_pipeline to an existing pipeline folder")
+            raise MedfedError(
+                f"the BIDS dataset has no derivatives pipeline {pipeline!r}",
+                where=str(base),
+                expected="a folder under derivatives/",
+                fix="set data.label_pipeline to an existing pipeline folder",
+            )
     found: dict[tuple[str, ...], list[str]] = {}
     for path in sorted(base.glob("**/sub-*/**/anat/*_dseg.nii*")):
         parsed = _bids_name(path.name)
@@ -291,8 +356,9 @@ def _bids_labels(root: Path, pipeline: str) -> dict[tuple[str, ...], list[str]]:
 
 def _scan_identity(entities: dict[str, str]) -> tuple[str, ...]:
     """The entities that name a scan (a label adds space-/desc-/label- of its own)."""
-    return tuple(f"{k}-{entities[k]}" for k in ("sub", "ses", "acq", "ce", "rec", "run")
-                 if k in entities)
+    return tuple(
+        f"{k}-{entities[k]}" for k in ("sub", "ses", "acq", "ce", "rec", "run") if k in entities
+    )
 
 
 # ----------------------------------------------------------------------------- targets
@@ -314,8 +380,11 @@ def read_targets(path: Path) -> dict[str, dict[str, float]]:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise MedfedError(f"cannot read the targets file: {exc.strerror}", where=str(path),
-                          fix="check data.targets in site.toml") from None
+        raise MedfedError(
+            f"cannot read the targets file: {exc.strerror}",
+            where=str(path),
+            fix="check data.targets in site.toml",
+        ) from None
     if path.suffix.lower() == ".json":
         return _json_targets(text, path)
     rows = list(csv.reader(text.splitlines(), delimiter="\t" if path.suffix == ".tsv" else ","))
@@ -323,9 +392,11 @@ def read_targets(path: Path) -> dict[str, dict[str, float]]:
         return {}
     header, body = rows[0], rows[1:]
     out: dict[str, dict[str, float]] = {}
-    numeric = [i for i in range(1, len(header))
-               if all(_number(r[i]) is not None or r[i].strip() in ("n/a", "")
-                      for r in body if len(r) > i)]
+    numeric = [
+        i
+        for i in range(1, len(header))
+        if all(_number(r[i]) is not None or r[i].strip() in ("n/a", "") for r in body if len(r) > i)
+    ]
     for row in body:
         if not row or not row[0].strip():
             continue
@@ -339,13 +410,19 @@ def _json_targets(text: str, path: Path) -> dict[str, dict[str, float]]:
     try:
         data = json.loads(text)
     except ValueError:
-        raise MedfedError("the targets file is not valid JSON", where=str(path),
-                          expected=expected) from None
+        raise MedfedError(
+            "the targets file is not valid JSON", where=str(path), expected=expected
+        ) from None
     if not isinstance(data, dict) or not all(
-            isinstance(v, dict) and all(_number(x) is not None for x in v.values())
-            for v in data.values()):
-        raise MedfedError("the targets file is malformed", where=str(path), expected=expected,
-                          fix="rewrite it in that form (numbers; 0 or 1 for a flag)")
+        isinstance(v, dict) and all(_number(x) is not None for x in v.values())
+        for v in data.values()
+    ):
+        raise MedfedError(
+            "the targets file is malformed",
+            where=str(path),
+            expected=expected,
+            fix="rewrite it in that form (numbers; 0 or 1 for a flag)",
+        )
     return {str(k): {str(n): float(x) for n, x in v.items()} for k, v in data.items()}
 
 

@@ -88,17 +88,21 @@ class NiftiSource:
             s = self.source
             targets = Path(s.targets) if s.targets else None
             if s.kind == "nifti-folder":
-                self._layout = read_nifti_folder(self.root, images=s.images, labels=s.labels,
-                                                 targets=targets)
+                self._layout = read_nifti_folder(
+                    self.root, images=s.images, labels=s.labels, targets=targets
+                )
             elif s.kind == "msd":
                 self._layout = read_msd(self.root, modality=s.modality, targets=targets)
             elif s.kind == "bids":
-                self._layout = read_bids(self.root, modality=s.modality,
-                                         label_pipeline=s.label_pipeline, targets=targets)
+                self._layout = read_bids(
+                    self.root, modality=s.modality, label_pipeline=s.label_pipeline, targets=targets
+                )
             else:
-                raise MedfedError(f"{s.kind!r} is not a NIfTI data source",
-                                  where="[data] kind in site.toml",
-                                  expected="'nifti-folder', 'msd' or 'bids'")
+                raise MedfedError(
+                    f"{s.kind!r} is not a NIfTI data source",
+                    where="[data] kind in site.toml",
+                    expected="'nifti-folder', 'msd' or 'bids'",
+                )
         return self._layout
 
     def usable(self) -> tuple[list[NiftiEntry], list[Unusable]]:
@@ -127,12 +131,15 @@ class NiftiSource:
             label_affine = _LPS_FROM_RAS @ np.asarray(label.affine, dtype=np.float64)
             if align_to_grid(grid, label_affine, affine, shape) is None:
                 raise Unusable(
-                    entry.label, "label does not fit its image",
+                    entry.label,
+                    "label does not fit its image",
                     f"label {label_shape} vs image {shape}, or another orientation or origin; "
-                    "resample the label onto the image (nearest neighbour)")
+                    "resample the label onto the image (nearest neighbour)",
+                )
         zooms = image.header.get_zooms()[:3]
-        return Header(shape=shape, affine=affine,
-                      spacing=(float(zooms[0]), float(zooms[1]), float(zooms[2])))
+        return Header(
+            shape=shape, affine=affine, spacing=(float(zooms[0]), float(zooms[1]), float(zooms[2]))
+        )
 
     def load(self, entry: NiftiEntry) -> tuple[MetaTensor, MetaTensor | None]:
         """One scan's image and label (or ``None``), from the cache when it is current.
@@ -162,8 +169,9 @@ class NiftiSource:
     def scan(self, *, decode: bool = True) -> ScanReport:
         """What `medfed site scan` reports: usable scans, files left out, the cache."""
         layout = self.layout()
-        skipped = [SkippedFile(short_hash(x.path), x.path, x.reason, x.detail)
-                   for x in layout.left_out]
+        skipped = [
+            SkippedFile(short_hash(x.path), x.path, x.reason, x.detail) for x in layout.left_out
+        ]
         summaries = []
         files = len(layout.left_out)
         for entry in layout.entries:
@@ -174,17 +182,27 @@ class NiftiSource:
                 if decode:
                     self._decode(entry, header)
             except Unusable as problem:
-                skipped += [SkippedFile(short_hash(p), p, problem.reason, problem.detail)
-                            for p in own]
+                skipped += [
+                    SkippedFile(short_hash(p), p, problem.reason, problem.detail) for p in own
+                ]
                 continue
-            summaries.append(SeriesSummary(
-                series_id=short_hash(entry.key), modality=layout.modality or "-",
-                shape=(1, *header.shape), spacing=header.spacing, slices=header.shape[2],
-                files=len(own), geometry="nifti", label="nifti" if entry.label else "none",
-                transfer_syntaxes=()))
+            summaries.append(
+                SeriesSummary(
+                    series_id=short_hash(entry.key),
+                    modality=layout.modality or "-",
+                    shape=(1, *header.shape),
+                    spacing=header.spacing,
+                    slices=header.shape[2],
+                    files=len(own),
+                    geometry="nifti",
+                    label="nifti" if entry.label else "none",
+                    transfer_syntaxes=(),
+                )
+            )
         check = SeriesCache(self.cache_dir).check() if self.cache_dir.is_dir() else None
-        return ScanReport(files_total=files, series=tuple(summaries), skipped=tuple(skipped),
-                          cache=check)
+        return ScanReport(
+            files_total=files, series=tuple(summaries), skipped=tuple(skipped), cache=check
+        )
 
     def _decode(self, entry: NiftiEntry, header: Header) -> CachedSeries:
         image = _read_array(self.root, entry.image, entry.channel)
@@ -192,18 +210,25 @@ class NiftiSource:
         if entry.label is not None:
             raw = _read_array(self.root, entry.label, None)
             if not np.array_equal(raw, np.round(raw)):
-                raise Unusable(entry.label, "label is not integer",
-                               "a segmentation holds class numbers 0, 1, 2, ...")
+                raise Unusable(
+                    entry.label,
+                    "label is not integer",
+                    "a segmentation holds class numbers 0, 1, 2, ...",
+                )
             labelled = _open(self.root, entry.label)
-            aligned = align_to_grid(raw, _LPS_FROM_RAS @ np.asarray(labelled.affine, float),
-                                    header.affine, header.shape)
+            aligned = align_to_grid(
+                raw, _LPS_FROM_RAS @ np.asarray(labelled.affine, float), header.affine, header.shape
+            )
             if aligned is None:  # the header check passed: only a changed file gets here
                 raise Unusable(entry.label, "label does not fit its image", "changed on disk")
             label = np.ascontiguousarray(aligned.astype(np.int16))
         if image.shape != header.shape:
             raise Unusable(entry.image, "image does not match its header", str(image.shape))
-        return CachedSeries(image=np.ascontiguousarray(image[None], dtype=np.float32),
-                            affine=header.affine, label=label)
+        return CachedSeries(
+            image=np.ascontiguousarray(image[None], dtype=np.float32),
+            affine=header.affine,
+            label=label,
+        )
 
 
 def _open(root: Path, rel: str) -> Any:
@@ -222,14 +247,20 @@ def _spatial_shape(image: Any, entry: NiftiEntry) -> tuple[int, int, int]:
     shape = tuple(int(n) for n in image.shape)
     if entry.channel is not None:
         if len(shape) != 4 or entry.channel >= shape[3]:
-            raise Unusable(entry.image, "modality volume missing",
-                           f"image {shape}, volume {entry.channel} of a 4-D image asked for")
+            raise Unusable(
+                entry.image,
+                "modality volume missing",
+                f"image {shape}, volume {entry.channel} of a 4-D image asked for",
+            )
         return shape[0], shape[1], shape[2]
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
     if len(shape) != 3:
-        raise Unusable(entry.image, "not a 3-D image",
-                       f"shape {shape}; a 4-D image needs data.modality (MSD) to pick a volume")
+        raise Unusable(
+            entry.image,
+            "not a 3-D image",
+            f"shape {shape}; a 4-D image needs data.modality (MSD) to pick a volume",
+        )
     return shape[0], shape[1], shape[2]
 
 
@@ -247,8 +278,9 @@ def _read_array(root: Path, rel: str, channel: int | None) -> np.ndarray:
     return data.astype(np.float32, copy=False) if data.dtype != np.float32 else data
 
 
-def _to_metatensors(cached: CachedSeries, entry: NiftiEntry, modality: str
-                    ) -> tuple[MetaTensor, MetaTensor | None]:
+def _to_metatensors(
+    cached: CachedSeries, entry: NiftiEntry, modality: str
+) -> tuple[MetaTensor, MetaTensor | None]:
     affine = torch.as_tensor(np.asarray(cached.affine, dtype=np.float64))
     meta: dict[str, Any] = {
         "space": SpaceKeys.LPS,
@@ -259,5 +291,6 @@ def _to_metatensors(cached: CachedSeries, entry: NiftiEntry, modality: str
     image = MetaTensor(torch.from_numpy(cached.image), affine=affine, meta=dict(meta))
     if cached.label is None:
         return image, None
-    return image, MetaTensor(torch.from_numpy(cached.label[None]), affine=affine.clone(),
-                             meta=dict(meta))
+    return image, MetaTensor(
+        torch.from_numpy(cached.label[None]), affine=affine.clone(), meta=dict(meta)
+    )

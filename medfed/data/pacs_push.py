@@ -31,15 +31,21 @@ class PushResult:
     seconds: float
 
 
-def push_folder(folder: Path, pacs: PacsSection, *,
-                progress: Callable[[int, int], None] | None = None) -> PushResult:
+def push_folder(
+    folder: Path, pacs: PacsSection, *, progress: Callable[[int, int], None] | None = None
+) -> PushResult:
     """Store every DICOM file under ``folder`` (hidden folders aside) on the PACS."""
     if not folder.is_dir():
-        raise MedfedError("no such folder", where=str(folder),
-                          expected="a folder of DICOM files, e.g. DIR/site-1/dicom of "
-                                   "`medfed data synth`")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(
-        part.startswith(".") for part in p.relative_to(folder).parts))
+        raise MedfedError(
+            "no such folder",
+            where=str(folder),
+            expected="a folder of DICOM files, e.g. DIR/site-1/dicom of `medfed data synth`",
+        )
+    files = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
     client = pacs_client(pacs, where="--to")
     started = time.perf_counter()
     done = skipped = size = 0
@@ -64,5 +70,6 @@ def push_folder(folder: Path, pacs: PacsSection, *,
             progress(done, len(files))
     if batch:
         flush()
-    return PushResult(files=done, skipped=skipped, bytes=size,
-                      seconds=time.perf_counter() - started)
+    return PushResult(
+        files=done, skipped=skipped, bytes=size, seconds=time.perf_counter() - started
+    )

@@ -30,8 +30,15 @@ MAX_DRAWS = 100
 _STREAM = 0x9A27  # mixed into the seed: this stream is independent of the run's others
 
 
-def partition(keys: Sequence[Hashable], sites: int, *, scheme: str = "iid", alpha: float = 0.5,
-              seed: int = 0, min_items: int = 1) -> list[list[int]]:
+def partition(
+    keys: Sequence[Hashable],
+    sites: int,
+    *,
+    scheme: str = "iid",
+    alpha: float = 0.5,
+    seed: int = 0,
+    min_items: int = 1,
+) -> list[list[int]]:
     """The indices of ``keys`` each of ``sites`` sites holds, each list sorted.
 
     Parameters
@@ -56,16 +63,24 @@ def partition(keys: Sequence[Hashable], sites: int, *, scheme: str = "iid", alph
     """
     n = len(keys)
     if scheme not in SCHEMES:
-        raise ConfigError(f"Unknown partition scheme {scheme!r}.", where="--partition",
-                          expected=" or ".join(SCHEMES))
+        raise ConfigError(
+            f"Unknown partition scheme {scheme!r}.",
+            where="--partition",
+            expected=" or ".join(SCHEMES),
+        )
     if sites < 1 or n < sites * min_items:
         raise ConfigError(
             f"{n} items cannot be shared among {sites} sites with at least {min_items} each.",
-            where="--sites", expected=f"at most {n // max(min_items, 1)} sites for {n} items",
-            fix="use fewer sites, or more data (e.g. `medfed data synth --subjects`)")
+            where="--sites",
+            expected=f"at most {n // max(min_items, 1)} sites for {n} items",
+            fix="use fewer sites, or more data (e.g. `medfed data synth --subjects`)",
+        )
     if scheme == "dirichlet" and not alpha > 0:
-        raise ConfigError(f"Dirichlet alpha must be positive, got {alpha}.", where="--alpha",
-                          expected="e.g. 0.1 (skewed) to 100 (close to IID)")
+        raise ConfigError(
+            f"Dirichlet alpha must be positive, got {alpha}.",
+            where="--alpha",
+            expected="e.g. 0.1 (skewed) to 100 (close to IID)",
+        )
     rng = np.random.default_rng([seed, _STREAM])
     if scheme == "iid":
         return [sorted(part.tolist()) for part in np.array_split(rng.permutation(n), sites)]

@@ -111,9 +111,7 @@ class FileRecord:
             for f in data["frames"]
         )
         values = {k: v for k, v in data.items() if k not in ("frames", "referenced_series")}
-        return cls(
-            **values, frames=frames, referenced_series=tuple(data["referenced_series"])
-        )
+        return cls(**values, frames=frames, referenced_series=tuple(data["referenced_series"]))
 
 
 def skipped_to_json(item: Skipped) -> dict[str, str]:

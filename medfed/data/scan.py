@@ -81,13 +81,20 @@ class ScanReport:
 
     def to_dict(self, *, include_paths: bool = False) -> dict[str, Any]:
         """JSON-ready dict; file paths only with ``include_paths`` (keep those at the site)."""
-        cache = {} if self.cache is None else {"cache": {
-            "entries": self.cache.entries,
-            "damaged_removed": [
-                {**({"file": d.file} if include_paths else {}), "reason": d.reason}
-                for d in self.cache.damaged],
-            "temporary_files_removed": self.cache.leftovers,
-        }}
+        cache = (
+            {}
+            if self.cache is None
+            else {
+                "cache": {
+                    "entries": self.cache.entries,
+                    "damaged_removed": [
+                        {**({"file": d.file} if include_paths else {}), "reason": d.reason}
+                        for d in self.cache.damaged
+                    ],
+                    "temporary_files_removed": self.cache.leftovers,
+                }
+            }
+        )
         return {
             "files_total": self.files_total,
             "files_used": self.files_used,
@@ -211,8 +218,10 @@ def scan_folder(
 def _render_cache(check: CacheCheck) -> str:
     line = f"cache: {check.entries} decoded series"
     if check.damaged:
-        line += (f", {len(check.damaged)} damaged entries removed (decoded again from the "
-                 "DICOM files at the next run)")
+        line += (
+            f", {len(check.damaged)} damaged entries removed (decoded again from the "
+            "DICOM files at the next run)"
+        )
         for d in check.damaged:
             line += f"\n    {d.file}: {d.reason}"
     else:

@@ -94,9 +94,11 @@ class DicomFolderSource:
             progress=self._progress,
         )
         self._records = {r.path: r for r in self._index.records}
-        self._set_aside = {path: (record, problem)
-                           for path, (record, problem) in self._set_aside.items()
-                           if self._records.get(path) == record}  # changed: try it again
+        self._set_aside = {
+            path: (record, problem)
+            for path, (record, problem) in self._set_aside.items()
+            if self._records.get(path) == record
+        }  # changed: try it again
         self._assemble()
 
     def _assemble(self) -> None:
@@ -147,8 +149,12 @@ class DicomFolderSource:
         """Leave the file out and assemble again; none left to try: :class:`UnusableSeries`."""
         path = problem.path or plan.seg_file or ""
         record = self._records.get(path)
-        log.warning("a file of series %s left out: %s (%s)", short_hash(plan.series_uid),
-                    problem.reason.value, problem.detail)
+        log.warning(
+            "a file of series %s left out: %s (%s)",
+            short_hash(plan.series_uid),
+            problem.reason.value,
+            problem.detail,
+        )
         if record is None or path in self._set_aside:  # cannot narrow it down further
             raise UnusableSeries(
                 f"a file of series {short_hash(plan.series_uid)} cannot be used: "
@@ -165,8 +171,11 @@ class DicomFolderSource:
             return plans[series_uid]
         self.refresh()
         if series_uid not in self._plans:
-            left_out = [problem for record, problem in self._set_aside.values()
-                        if record.series_uid == series_uid]
+            left_out = [
+                problem
+                for record, problem in self._set_aside.values()
+                if record.series_uid == series_uid
+            ]
             if left_out:
                 raise UnusableSeries(
                     f"series {short_hash(series_uid)} is unusable without its "
@@ -226,8 +235,9 @@ class DicomFolderSource:
             raise
         except Exception as exc:  # a SEG the reader did not foresee
             log.info("unexpected error reading a SEG", exc_info=True)
-            raise FileProblem(SkipReason.UNEXPECTED, describe_error(exc),
-                              path=plan.seg_file or "") from exc
+            raise FileProblem(
+                SkipReason.UNEXPECTED, describe_error(exc), path=plan.seg_file or ""
+            ) from exc
         return CachedSeries(image=image, affine=plan.affine, label=label)
 
     def _label(self, plan: SeriesPlan) -> np.ndarray | None:
@@ -272,14 +282,18 @@ def scan_source(
         return _scan_pacs(source, decode=decode, progress=progress)
     root = Path(source.path)
     cache_dir = Path(source.cache_dir) if source.cache_dir else root / CACHE_DIRNAME
-    report = scan_folder(root, manifest=Path(source.manifest) if source.manifest else None,
-                         decode=decode, exclude=(cache_dir,), progress=progress)
+    report = scan_folder(
+        root,
+        manifest=Path(source.manifest) if source.manifest else None,
+        decode=decode,
+        exclude=(cache_dir,),
+        progress=progress,
+    )
     check = SeriesCache(cache_dir).check() if cache_dir.is_dir() else CacheCheck(entries=0)
     return replace(report, cache=check)
 
 
-def _scan_pacs(source: DataSourceConfig, *, decode: bool, progress: Progress | None
-               ) -> ScanReport:
+def _scan_pacs(source: DataSourceConfig, *, decode: bool, progress: Progress | None) -> ScanReport:
     """Fetch what is new from the PACS, then scan the mirror as a DICOM folder."""
     from dataclasses import asdict
 
@@ -358,7 +372,5 @@ def _to_metatensors(cached: CachedSeries, plan: SeriesPlan) -> tuple[MetaTensor,
     image = MetaTensor(torch.from_numpy(cached.image), affine=affine, meta=dict(meta))
     if cached.label is None:
         return image, None
-    label = MetaTensor(
-        torch.from_numpy(cached.label[None]), affine=affine.clone(), meta=dict(meta)
-    )
+    label = MetaTensor(torch.from_numpy(cached.label[None]), affine=affine.clone(), meta=dict(meta))
     return image, label

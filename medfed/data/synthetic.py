@@ -110,7 +110,6 @@ def write_series(
     return paths
 
 
-
 def _shared_groups(geometry: SyntheticGeometry) -> DicomSequence:
     """Orientation and pixel measures shared by every frame of a multi-frame object."""
     shared = Dataset()
@@ -122,6 +121,7 @@ def _shared_groups(geometry: SyntheticGeometry) -> DicomSequence:
         SliceThickness=float(geometry.spacing[2]),
     )
     return DicomSequence([shared])
+
 
 def write_multiframe(
     path: Path,
@@ -174,9 +174,7 @@ def write_seg(
     segments = [int(v) for v in np.unique(labels) if v != 0]
     ds = _base(SEG_STORAGE, "SEG", generate_uid(), generate_uid())
     ds.SegmentationType = "BINARY"
-    ds.SegmentSequence = DicomSequence(
-        [_segment(number) for number in segments]
-    )
+    ds.SegmentSequence = DicomSequence([_segment(number) for number in segments])
     ref = Dataset()
     ref.SeriesInstanceUID = series_uid
     ds.ReferencedSeriesSequence = DicomSequence([ref])

@@ -53,9 +53,11 @@ def decode_volume(plan: SeriesPlan, root: Path, *, decoder: Decoder | None = Non
             problem.path = ref.path
             raise
         except (IndexError, ValueError) as exc:  # fewer frames or other sizes than the header
-            raise FileProblem(SkipReason.DECODE_FAILED,
-                              f"its decoded pixels do not fit the header ({describe_error(exc)})",
-                              path=ref.path) from exc
+            raise FileProblem(
+                SkipReason.DECODE_FAILED,
+                f"its decoded pixels do not fit the header ({describe_error(exc)})",
+                path=ref.path,
+            ) from exc
         except Exception as exc:  # a decoder plugin's own error type
             raise FileProblem(SkipReason.UNEXPECTED, describe_error(exc), path=ref.path) from exc
     return volume

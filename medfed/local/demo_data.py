@@ -24,12 +24,19 @@ SUBJECTS_PER_SITE = 6
 SiteData = Callable[[int, str], dict[str, Any]]
 
 
-def prepare_demo_data(source: str, root: Path, sites: list[str], stack: ExitStack, *,
-                      say: Callable[[str], None] = print) -> SiteData | None:
+def prepare_demo_data(
+    source: str,
+    root: Path,
+    sites: list[str],
+    stack: ExitStack,
+    *,
+    say: Callable[[str], None] = print,
+) -> SiteData | None:
     """The sites' ``[data]`` overrides for ``source``; servers started are closed by ``stack``."""
     if source not in SOURCES:
-        raise MedfedError(f"unknown demo data source {source!r}", where="--source",
-                          expected=" | ".join(SOURCES))
+        raise MedfedError(
+            f"unknown demo data source {source!r}", where="--source", expected=" | ".join(SOURCES)
+        )
     if source == "synthetic":
         return None
     from medfed.synth import synthesize_sites
@@ -39,20 +46,24 @@ def prepare_demo_data(source: str, root: Path, sites: list[str], stack: ExitStac
 
         missing = orthanc_missing()
         if missing:  # before anything is written or started
-            raise MedfedError(f"--source dicomweb needs a local Orthanc: {missing}",
-                              fix=INSTALL_HINT)
+            raise MedfedError(
+                f"--source dicomweb needs a local Orthanc: {missing}", fix=INSTALL_HINT
+            )
     data = root / "data"
     synthesize_sites(data, sites=len(sites), subjects_per_site=SUBJECTS_PER_SITE, seed=0)
     say(f"  wrote {len(sites)} sites x {SUBJECTS_PER_SITE} subjects of DICOM in {data}")
     if source == "dicom-folder":
-        return lambda i, name: {"kind": "dicom-folder",
-                                "path": str(data / f"site-{i + 1}" / "dicom"),
-                                "manifest": str(data / f"site-{i + 1}" / "manifest.json")}
+        return lambda i, name: {
+            "kind": "dicom-folder",
+            "path": str(data / f"site-{i + 1}" / "dicom"),
+            "manifest": str(data / f"site-{i + 1}" / "manifest.json"),
+        }
     return _pacs_per_site(root, data, sites, stack, say)
 
 
-def _pacs_per_site(root: Path, data: Path, sites: list[str], stack: ExitStack,
-                   say: Callable[[str], None]) -> SiteData:
+def _pacs_per_site(
+    root: Path, data: Path, sites: list[str], stack: ExitStack, say: Callable[[str], None]
+) -> SiteData:
     from medfed.core.config import PacsSection
     from medfed.data.pacs_push import push_folder
     from medfed.local.orthanc import LocalOrthanc
@@ -62,11 +73,20 @@ def _pacs_per_site(root: Path, data: Path, sites: list[str], stack: ExitStack,
         folder = root / "pacs" / name
         server = stack.enter_context(LocalOrthanc(folder, tls=True))
         credentials = server.write_credentials(folder / "credentials.toml")
-        section = {"url": server.url, "credentials": str(credentials),
-                   "ca_bundle": str(server.ca_pem), "query": {"modality": "MR"}}
+        section = {
+            "url": server.url,
+            "credentials": str(credentials),
+            "ca_bundle": str(server.ca_pem),
+            "query": {"modality": "MR"},
+        }
         pushed = push_folder(data / f"site-{i + 1}" / "dicom", PacsSection(**section))
-        say(f"  {name}: Orthanc at {server.url} holds {pushed.files} DICOM files "
-            f"({pushed.bytes / 1e6:.1f} MB, stored with STOW-RS in {pushed.seconds:.1f} s)")
+        say(
+            f"  {name}: Orthanc at {server.url} holds {pushed.files} DICOM files "
+            f"({pushed.bytes / 1e6:.1f} MB, stored with STOW-RS in {pushed.seconds:.1f} s)"
+        )
         pacs.append(section)
-    return lambda i, name: {"kind": "dicomweb", "pacs": pacs[i],
-                            "manifest": str(data / f"site-{i + 1}" / "manifest.json")}
+    return lambda i, name: {
+        "kind": "dicomweb",
+        "pacs": pacs[i],
+        "manifest": str(data / f"site-{i + 1}" / "manifest.json"),
+    }

@@ -43,24 +43,32 @@ class LocalFederation:
     group: ProcessGroup = field(default_factory=ProcessGroup)
     federation: Federation | None = None
 
-    def create(self, *, site_data: Callable[[int, str], dict[str, Any]] | None = None
-               ) -> LocalFederation:
+    def create(
+        self, *, site_data: Callable[[int, str], dict[str, Any]] | None = None
+    ) -> LocalFederation:
         """Write the federation folder and one folder per site (enrolled unless ``enrol`` is off).
 
         ``site_data(index, name)`` may return overrides of the sites' ``[data]`` section.
         """
         self.root = Path(self.root).resolve()
         port = free_port()
-        server_toml = init_federation(self.root / "server", name=self.name,
-                                      hosts=["127.0.0.1", "localhost"], port=port)
+        server_toml = init_federation(
+            self.root / "server", name=self.name, hosts=["127.0.0.1", "localhost"], port=port
+        )
         self.federation = Federation.load(server_toml)
         # Sites train at once on this machine's cores: an equal share each, at least one
         # torch thread (more threads than cores slows every site down).
         threads = _threads_per_site(len(self.site_names))
         for i, site in enumerate(self.site_names):
-            cfg = init_site(self.root / site, name=site, federation_ca=self.federation.ca_cert,
-                            server=f"127.0.0.1:{port}", runtime_port=free_port(),
-                            seed=1000 + i, profile=i)
+            cfg = init_site(
+                self.root / site,
+                name=site,
+                federation_ca=self.federation.ca_cert,
+                server=f"127.0.0.1:{port}",
+                runtime_port=free_port(),
+                seed=1000 + i,
+                profile=i,
+            )
             _override(cfg, ("compute",), {"threads": threads})
             if site_data is not None:
                 _override(cfg, ("data",), site_data(i, site))
@@ -90,11 +98,11 @@ class LocalFederation:
 
     def control(self) -> Control:
         """A Control API client of this federation's SuperLink."""
-        return Control(self.fed.config.superlink.address, self.fed.ca_cert,
-                       self.fed.credential())
+        return Control(self.fed.config.superlink.address, self.fed.ca_cert, self.fed.credential())
 
-    def start(self, *, sites: list[str] | None = None, wait_online: bool = True,
-              timeout: float = 120.0) -> LocalFederation:
+    def start(
+        self, *, sites: list[str] | None = None, wait_online: bool = True, timeout: float = 120.0
+    ) -> LocalFederation:
         """Start the SuperLink and the site daemons; wait until the sites are online."""
         self.group.members.append(start_superlink(self.fed))
         names = self.site_names if sites is None else sites
@@ -107,8 +115,12 @@ class LocalFederation:
     def start_site(self, site: str) -> Managed:
         """Start one site daemon as its own process."""
         cfg = self.site_configs[site]
-        proc = Managed(f"site daemon {site}", site_daemon_argv(cfg),
-                       cfg.parent / "logs" / "daemon.log", env={EXIT_WITH_PARENT_ENV: "1"})
+        proc = Managed(
+            f"site daemon {site}",
+            site_daemon_argv(cfg),
+            cfg.parent / "logs" / "daemon.log",
+            env={EXIT_WITH_PARENT_ENV: "1"},
+        )
         return self.group.start(proc)
 
     def wait_online(self, count: int, *, timeout: float = 120.0) -> None:
@@ -121,16 +133,25 @@ class LocalFederation:
                 if sum(n["status"] == "online" for n in nodes) >= count:
                     return
                 time.sleep(0.3)
-        raise ProcessError(f"Only some of {count} sites came online within {timeout:.0f} s.",
-                           where=str(self.root), fix="read the logs under each site's logs/")
+        raise ProcessError(
+            f"Only some of {count} sites came online within {timeout:.0f} s.",
+            where=str(self.root),
+            fix="read the logs under each site's logs/",
+        )
 
-    def run(self, config: RunConfig, *, on_event: Callable[[dict[str, Any]], None] = lambda e: None,
-            timeout: float = 1800.0) -> tuple[RunFolder, dict[str, Any]]:
+    def run(
+        self,
+        config: RunConfig,
+        *,
+        on_event: Callable[[dict[str, Any]], None] = lambda e: None,
+        timeout: float = 1800.0,
+    ) -> tuple[RunFolder, dict[str, Any]]:
         """Submit a run, follow it to its end, return its folder and summary."""
         with self.control() as control:
             run_id = control.submit(config)
-            summary = follow_run(control, run_id, self.fed.runs_dir, on_event=on_event,
-                                 timeout=timeout)
+            summary = follow_run(
+                control, run_id, self.fed.runs_dir, on_event=on_event, timeout=timeout
+            )
         return RunFolder(self.fed.runs_dir / str(run_id)), summary
 
     def stop(self) -> None:

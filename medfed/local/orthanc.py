@@ -63,8 +63,9 @@ class LocalOrthanc:
 
     def write_credentials(self, path: Path) -> Path:
         """The user's credentials as a medfed credentials file (mode 600)."""
-        write_private(path, f'username = "{self.username}"\npassword = "{self.password}"\n'
-                      .encode())
+        write_private(
+            path, f'username = "{self.username}"\npassword = "{self.password}"\n'.encode()
+        )
         return path
 
     def start(self, timeout: float = 30.0) -> LocalOrthanc:
@@ -76,18 +77,26 @@ class LocalOrthanc:
         self.password = self.password or secrets.token_urlsafe(16)
         self._http_port = free_port() if self.tls else (self.port or free_port())
         config = {
-            "Name": "medfed-local", "StorageDirectory": str(self.folder / "storage"),
-            "IndexDirectory": str(self.folder / "storage"), "HttpPort": self._http_port,
-            "DicomServerEnabled": False, "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": True, "RegisteredUsers": {self.username: self.password},
-            "Plugins": [str(_plugin())], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-            "HttpCompressionEnabled": False, "StorageCompression": False,
-            "ExecuteLuaEnabled": False, "RestApiWriteToFileSystemEnabled": False,
+            "Name": "medfed-local",
+            "StorageDirectory": str(self.folder / "storage"),
+            "IndexDirectory": str(self.folder / "storage"),
+            "HttpPort": self._http_port,
+            "DicomServerEnabled": False,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": True,
+            "RegisteredUsers": {self.username: self.password},
+            "Plugins": [str(_plugin())],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            "HttpCompressionEnabled": False,
+            "StorageCompression": False,
+            "ExecuteLuaEnabled": False,
+            "RestApiWriteToFileSystemEnabled": False,
         }
         path = self.folder / "orthanc.json"
         path.write_text(json.dumps(config, indent=2))
-        self._proc = Managed("Orthanc", ["Orthanc", str(path)], self.folder / "orthanc.log",
-                             die_with_parent=True).start()
+        self._proc = Managed(
+            "Orthanc", ["Orthanc", str(path)], self.folder / "orthanc.log", die_with_parent=True
+        ).start()
         if self.tls:
             self._front = TlsFront(self._http_port, *self._certificate(), port=self.port).start()
         self.port = self._front.port if self._front else self._http_port
@@ -117,9 +126,14 @@ class LocalOrthanc:
         self.ca_pem.write_bytes(ca.cert.public_bytes(serialization.Encoding.PEM))
         cert_pem, key_pem = self.folder / "server.pem", self.folder / "server.key"
         cert_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        write_private(key_pem, key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()))
+        write_private(
+            key_pem,
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+        )
         return cert_pem, key_pem
 
     def _wait(self, timeout: float) -> None:
@@ -131,9 +145,12 @@ class LocalOrthanc:
             if not self._proc.alive():
                 break
             try:
-                answer = requests.get(f"{self.url.rsplit('/', 1)[0]}/system", timeout=2,
-                                      auth=(self.username, self.password),
-                                      verify=str(self.ca_pem) if self.ca_pem else True)
+                answer = requests.get(
+                    f"{self.url.rsplit('/', 1)[0]}/system",
+                    timeout=2,
+                    auth=(self.username, self.password),
+                    verify=str(self.ca_pem) if self.ca_pem else True,
+                )
                 if answer.status_code == 200:
                     return
             except requests.RequestException:
@@ -141,5 +158,8 @@ class LocalOrthanc:
             time.sleep(0.1)
         tail = self._proc.log_tail() if self._proc else ""
         self.stop()
-        raise ProcessError("the local Orthanc did not start", where=str(self.folder),
-                           fix="read its log; last lines:\n" + tail)
+        raise ProcessError(
+            "the local Orthanc did not start",
+            where=str(self.folder),
+            fix="read its log; last lines:\n" + tail,
+        )

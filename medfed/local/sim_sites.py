@@ -50,9 +50,17 @@ class SimSite:
 
 def synthetic_sites(count: int) -> list[SimSite]:
     """``site-1`` .. ``site-N`` with generated data, as a LocalFederation of N sites has."""
-    return [SimSite(f"site-{i + 1}", validate(
-        DataSourceConfig, {"kind": "synthetic", "seed": 1000 + i, "profile": i},
-        where="simulated site data")) for i in range(count)]
+    return [
+        SimSite(
+            f"site-{i + 1}",
+            validate(
+                DataSourceConfig,
+                {"kind": "synthetic", "seed": 1000 + i, "profile": i},
+                where="simulated site data",
+            ),
+        )
+        for i in range(count)
+    ]
 
 
 def folder_sites(data_dir: Path) -> list[SimSite]:
@@ -95,39 +103,80 @@ def partitioned_sites(data_dir: Path, out: Path, spec: PartitionSpec) -> list[Si
     from medfed.synth import read_site_manifest
 
     if spec.by not in PARTITION_KEYS:
-        raise ConfigError(f"Cannot partition by {spec.by!r}.", where="--partition-by",
-                          expected=" or ".join(PARTITION_KEYS))
+        raise ConfigError(
+            f"Cannot partition by {spec.by!r}.",
+            where="--partition-by",
+            expected=" or ".join(PARTITION_KEYS),
+        )
     data_dir, out = Path(data_dir).resolve(), Path(out).resolve()
-    pooled = [(site, entry) for site in sorted(p for p in data_dir.iterdir()
-                                               if (p / "manifest.json").is_file())
-              for entry in sorted(read_site_manifest(site).series.values(),
-                                  key=lambda e: e.subject)] if data_dir.is_dir() else []
+    pooled = (
+        [
+            (site, entry)
+            for site in sorted(p for p in data_dir.iterdir() if (p / "manifest.json").is_file())
+            for entry in sorted(read_site_manifest(site).series.values(), key=lambda e: e.subject)
+        ]
+        if data_dir.is_dir()
+        else []
+    )
     if not pooled:
-        raise ConfigError("No subjects to partition.", where=str(data_dir),
-                          expected="a `medfed data synth` output (site-N/manifest.json)",
-                          fix=f"create one with `medfed data synth --out {data_dir}`")
-    keys = [("lesion" if e.lesion else "no lesion") if spec.by == "label" else e.profile
-            for _, e in pooled]
-    parts = partition(keys, spec.sites, scheme=spec.scheme, alpha=spec.alpha, seed=spec.seed,
-                      min_items=MIN_SUBJECTS)
+        raise ConfigError(
+            "No subjects to partition.",
+            where=str(data_dir),
+            expected="a `medfed data synth` output (site-N/manifest.json)",
+            fix=f"create one with `medfed data synth --out {data_dir}`",
+        )
+    keys = [
+        ("lesion" if e.lesion else "no lesion") if spec.by == "label" else e.profile
+        for _, e in pooled
+    ]
+    parts = partition(
+        keys,
+        spec.sites,
+        scheme=spec.scheme,
+        alpha=spec.alpha,
+        seed=spec.seed,
+        min_items=MIN_SUBJECTS,
+    )
     names = [f"site-{i + 1}" for i in range(spec.sites)]
-    record = {"data": str(data_dir), "spec": spec.as_dict(),
-              "sites": {name: {"subjects": [pooled[i][1].subject for i in part],
-                               "mix": {str(k): v for k, v in sorted(m.items(), key=str)}}
-                        for name, part, m in zip(names, parts, mix(keys, parts), strict=True)}}
+    record = {
+        "data": str(data_dir),
+        "spec": spec.as_dict(),
+        "sites": {
+            name: {
+                "subjects": [pooled[i][1].subject for i in part],
+                "mix": {str(k): v for k, v in sorted(m.items(), key=str)},
+            }
+            for name, part, m in zip(names, parts, mix(keys, parts), strict=True)
+        },
+    }
     marker = out / PARTITION_FILE
     if marker.is_file():
         if json.loads(marker.read_text(encoding="utf-8")) != record:
-            raise ConfigError("The folder holds a different partition.", where=str(out),
-                              fix="choose another folder, or delete this one")
+            raise ConfigError(
+                "The folder holds a different partition.",
+                where=str(out),
+                fix="choose another folder, or delete this one",
+            )
     else:
         for name, part in zip(names, parts, strict=True):
             _write_site(out / name, [pooled[i] for i in part])
         atomic_write(marker, json.dumps(record, indent=2).encode())  # last: marks it complete
-    return [SimSite(name, validate(DataSourceConfig, {
-        "kind": "dicom-folder", "path": str(out / name / "dicom"),
-        "manifest": str(out / name / "manifest.json"), "cache_dir": str(out / name / "cache")},
-        where=str(marker))) for name in names]
+    return [
+        SimSite(
+            name,
+            validate(
+                DataSourceConfig,
+                {
+                    "kind": "dicom-folder",
+                    "path": str(out / name / "dicom"),
+                    "manifest": str(out / name / "manifest.json"),
+                    "cache_dir": str(out / name / "cache"),
+                },
+                where=str(marker),
+            ),
+        )
+        for name in names
+    ]
 
 
 def _write_site(folder: Path, subjects: list[tuple[Path, SubjectEntry]]) -> None:

@@ -82,8 +82,12 @@ NODE_ID_BASE = 1_000_000
 #: A federation of at most this many sites keeps every site's worker built (by default).
 WARM_SITES_MAX = 8
 #: Each site's budget where a simulation measures epsilon rather than rationing it.
-SIMULATION_BUDGET = {"epsilon_max": 1e6, "min_noise_multiplier": 0.0,
-                     "max_clipping_norm": 1e3, "dp_required": False}
+SIMULATION_BUDGET = {
+    "epsilon_max": 1e6,
+    "min_noise_multiplier": 0.0,
+    "max_clipping_norm": 1e3,
+    "dp_required": False,
+}
 #: Folder of the simulated sites inside the run folder.
 SITES_DIR = "sites"
 
@@ -110,8 +114,14 @@ class SitePool:
         keys, e.g. ``epsilon_max``); default: a new site's (`medfed site init`).
     """
 
-    def __init__(self, root: Path, sites: Sequence[SimSite], *, keep_warm: int | None = None,
-                 budget: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        sites: Sequence[SimSite],
+        *,
+        keep_warm: int | None = None,
+        budget: Mapping[str, Any] | None = None,
+    ) -> None:
         names = [s.name for s in sites]
         if len(set(names)) != len(names):
             raise ConfigError("Two simulated sites share a name.", where=", ".join(names))
@@ -123,8 +133,11 @@ class SitePool:
         self.sites = list(sites)
         self.keep_warm = keep_warm
         self._budget = dict(budget or {})
-        self._template = tomllib.loads(SITE_TOML.format(
-            name="site", server="127.0.0.1:9200", runtime_port=9300, seed=0, profile=0))
+        self._template = tomllib.loads(
+            SITE_TOML.format(
+                name="site", server="127.0.0.1:9200", runtime_port=9300, seed=0, profile=0
+            )
+        )
         self._warm: OrderedDict[int, SiteWorker] = OrderedDict()
         self.used: set[int] = set()  # sites that got a message
 
@@ -154,8 +167,9 @@ class SitePool:
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             toml = tomli_w.dumps(config.model_dump(mode="json", exclude_none=True))
-            path.write_text(f"# simulated site {config.site.name} (medfed simulate)\n" + toml,
-                            encoding="utf-8")
+            path.write_text(
+                f"# simulated site {config.site.name} (medfed simulate)\n" + toml, encoding="utf-8"
+            )
         worker = SiteWorker(config, path)
         self.used.add(index)
         if self.keep_warm:
@@ -186,15 +200,23 @@ class SimulationGrid(Grid):
     daemon's executor sends one.
     """
 
-    def __init__(self, sites: SitePool, *, run_id: int,
-                 on_site: SiteProgress | None = None,
-                 processes: SiteProcesses | None = None) -> None:
+    def __init__(
+        self,
+        sites: SitePool,
+        *,
+        run_id: int,
+        on_site: SiteProgress | None = None,
+        processes: SiteProcesses | None = None,
+    ) -> None:
         self.sites = sites
         self._run = Run.create_empty(run_id)
         self._on_site = on_site
         self._processes = processes
-        self._executor = (None if processes is None else ThreadPoolExecutor(
-            processes.workers, thread_name_prefix="medfed-sim"))
+        self._executor = (
+            None
+            if processes is None
+            else ThreadPoolExecutor(processes.workers, thread_name_prefix="medfed-sim")
+        )
         self._ahead = 1 if processes is None else processes.workers + 1
         self._pending: OrderedDict[str, Message] = OrderedDict()
         self._started: OrderedDict[str, tuple[Message, _Reply]] = OrderedDict()
@@ -215,8 +237,14 @@ class SimulationGrid(Grid):
         """The run this grid works in."""
         return self._run
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: float | None = None) -> Message:
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
         """A new message (Flower's deprecated helper; strategies build Messages directly)."""
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
@@ -277,8 +305,9 @@ class SimulationGrid(Grid):
             fill()
             yield result
 
-    def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> Iterable[Message]:
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
         """Push, then deliver every message; ``timeout`` is not applied (sites run here)."""
         return list(self.pull_messages(self.push_messages(messages)))
 
@@ -294,18 +323,28 @@ class SimulationGrid(Grid):
         phase = str(msg.metadata.message_type).split(".")[0]
         try:
             if not 0 <= index < len(self.sites):
-                return Message(Error(code=ErrorCode.NODE_UNAVAILABLE,
-                                     reason="Node Unavailable"), reply_to=msg)
+                return Message(
+                    Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Node Unavailable"), reply_to=msg
+                )
             if phase not in ("train", "evaluate", "query"):
-                raise ValueError(f"the ClientApp has no handler for message type "
-                                 f"{msg.metadata.message_type!r}")
+                raise ValueError(
+                    f"the ClientApp has no handler for message type {msg.metadata.message_type!r}"
+                )
             request = request_frame(phase, msg)
-            frame = (self.sites.worker(index).handle(request) if self._processes is None
-                     else self._processes.handle(index, request))
+            frame = (
+                self.sites.worker(index).handle(request)
+                if self._processes is None
+                else self._processes.handle(index, request)
+            )
             return reply_message(frame, msg)
         except Exception as exc:  # an error reply, as the site daemon's executor sends
-            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
-                                 reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+            return Message(
+                Error(
+                    code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                    reason=f"{type(exc).__name__}: {exc}",
+                ),
+                reply_to=msg,
+            )
 
     def _finish(self, msg: Message, reply: Message) -> Message:
         """Give the reply its id; report the site's progress."""
@@ -314,11 +353,15 @@ class SimulationGrid(Grid):
         reply.metadata.__dict__["_message_id"] = f"{msg.metadata.message_id}-reply"
         done, total = self._batch
         done += 1
-        self._batch = (0, 0) if not (self._pending or self._started.keys() - {
-            msg.metadata.message_id}) else (done, total)
+        self._batch = (
+            (0, 0)
+            if not (self._pending or self._started.keys() - {msg.metadata.message_id})
+            else (done, total)
+        )
         if self._on_site is not None:
-            self._on_site(str(msg.metadata.message_type).split(".")[0], _round_of(msg), done,
-                          total, name)
+            self._on_site(
+                str(msg.metadata.message_type).split(".")[0], _round_of(msg), done, total, name
+            )
         return reply
 
 
@@ -386,12 +429,19 @@ def _new_run_id(runs_dir: Path) -> int:
             return run_id
 
 
-def simulate(run: RunConfig, sites: Sequence[SimSite], runs_dir: Path, *,
-             keep_warm: int | None = None, budget: Mapping[str, Any] | None = None,
-             workers: int | None = None, threads: int | None = None,
-             on_event: Callable[[dict[str, Any]], None] | None = None,
-             on_site: SiteProgress | None = None,
-             describe: Mapping[str, Any] | None = None) -> tuple[RunFolder, dict[str, Any]]:
+def simulate(
+    run: RunConfig,
+    sites: Sequence[SimSite],
+    runs_dir: Path,
+    *,
+    keep_warm: int | None = None,
+    budget: Mapping[str, Any] | None = None,
+    workers: int | None = None,
+    threads: int | None = None,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+    on_site: SiteProgress | None = None,
+    describe: Mapping[str, Any] | None = None,
+) -> tuple[RunFolder, dict[str, Any]]:
     """Run ``run`` over the simulated ``sites``; returns its run folder and summary.
 
     Parameters
@@ -428,12 +478,17 @@ def simulate(run: RunConfig, sites: Sequence[SimSite], runs_dir: Path, *,
         the reason); Ctrl-C ends the run as ``stopped`` and is raised again.
     """
     if run.resume_of:
-        raise ConfigError("A simulated run cannot be resumed.", where="resume_of",
-                          fix="start the simulation again")
+        raise ConfigError(
+            "A simulated run cannot be resumed.",
+            where="resume_of",
+            fix="start the simulation again",
+        )
     if len(sites) < run.min_sites:
         raise ConfigError(
             f"The run needs {run.min_sites} sites per round; the simulation has {len(sites)}.",
-            where="--min-sites / --sites", fix=f"--min-sites {len(sites)} or more --sites")
+            where="--min-sites / --sites",
+            fix=f"--min-sites {len(sites)} or more --sites",
+        )
     runs_dir = Path(runs_dir).resolve()
     run_id = _new_run_id(runs_dir)
     folder = RunFolder.create(runs_dir, run_id, run)
@@ -441,8 +496,18 @@ def simulate(run: RunConfig, sites: Sequence[SimSite], runs_dir: Path, *,
     workers = default_workers(len(sites)) if workers is None else workers
     if workers < 1:
         raise ConfigError(f"workers must be >= 1, got {workers}.", where="--workers")
-    processes = (SiteProcesses(pool.root, sites, workers=workers, keep_warm=pool.keep_warm,
-                               budget=budget, threads=threads) if workers > 1 else None)
+    processes = (
+        SiteProcesses(
+            pool.root,
+            sites,
+            workers=workers,
+            keep_warm=pool.keep_warm,
+            budget=budget,
+            threads=threads,
+        )
+        if workers > 1
+        else None
+    )
     tail = EventTail(folder)
 
     def forward() -> None:
@@ -456,18 +521,29 @@ def simulate(run: RunConfig, sites: Sequence[SimSite], runs_dir: Path, *,
             on_site(phase, rnd, done, total, site)
 
     grid = SimulationGrid(pool, run_id=run_id, on_site=site_done, processes=processes)
-    context = Context(run_id=run_id, node_id=SUPERLINK_NODE_ID, node_config={},
-                      state=RecordDict(), run_config={wire.RUN_CONFIG_KEY: run.to_json()})
+    context = Context(
+        run_id=run_id,
+        node_id=SUPERLINK_NODE_ID,
+        node_config={},
+        state=RecordDict(),
+        run_config={wire.RUN_CONFIG_KEY: run.to_json()},
+    )
     t0 = time.time()
     reason = "the run ended without a summary"
     try:
         with folder.lock(), _as_server_app(run_id):
-            run_in_folder(grid, context, run, folder, runs_dir=runs_dir,
-                          transport="in memory (simulation)")
+            run_in_folder(
+                grid, context, run, folder, runs_dir=runs_dir, transport="in memory (simulation)"
+            )
     except KeyboardInterrupt:
-        folder.write_summary({"status": "stopped", "run_id": str(run_id),
-                              "reason": "interrupted (Ctrl-C); a simulation is not resumed",
-                              "seconds": round(time.time() - t0, 2)})
+        folder.write_summary(
+            {
+                "status": "stopped",
+                "run_id": str(run_id),
+                "reason": "interrupted (Ctrl-C); a simulation is not resumed",
+                "seconds": round(time.time() - t0, 2),
+            }
+        )
         raise
     except Exception as exc:  # the summary says why; a fault in code also gets its trace
         reason = f"{type(exc).__name__}: {exc}"
@@ -481,13 +557,16 @@ def simulate(run: RunConfig, sites: Sequence[SimSite], runs_dir: Path, *,
             processes.end_run(str(run_id))
             processes.close()
         forward()
-    summary = folder.read_summary() or {"status": "failed", "run_id": str(run_id),
-                                        "reason": reason}
+    summary = folder.read_summary() or {"status": "failed", "run_id": str(run_id), "reason": reason}
     summary["engine"] = "simulation"
-    summary["simulation"] = {"engine": "in-process" if processes is None else "processes",
-                             "workers": workers, "sites": len(sites),
-                             "site_folders": str(pool.root), "keep_warm": pool.keep_warm,
-                             **dict(describe or {})}
+    summary["simulation"] = {
+        "engine": "in-process" if processes is None else "processes",
+        "workers": workers,
+        "sites": len(sites),
+        "site_folders": str(pool.root),
+        "keep_warm": pool.keep_warm,
+        **dict(describe or {}),
+    }
     folder.write_summary(summary)
     write_report(folder)
     return folder, summary

@@ -82,16 +82,28 @@ class SiteProcesses:
         torch threads per process; default: the cores shared out among the processes.
     """
 
-    def __init__(self, root: Path, sites: Sequence[SimSite], *, workers: int,
-                 keep_warm: int, budget: Mapping[str, Any] | None = None,
-                 threads: int | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        sites: Sequence[SimSite],
+        *,
+        workers: int,
+        keep_warm: int,
+        budget: Mapping[str, Any] | None = None,
+        threads: int | None = None,
+    ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
-        self._setup = {"root": str(root), "keep_warm": keep_warm, "budget": dict(budget or {}),
-                       "threads": threads or max(1, (os.cpu_count() or 1) // workers),
-                       "sites": [{"name": s.name,
-                                  "data": s.data.model_dump(mode="json", exclude_none=True)}
-                                 for s in sites]}
+        self._setup = {
+            "root": str(root),
+            "keep_warm": keep_warm,
+            "budget": dict(budget or {}),
+            "threads": threads or max(1, (os.cpu_count() or 1) // workers),
+            "sites": [
+                {"name": s.name, "data": s.data.model_dump(mode="json", exclude_none=True)}
+                for s in sites
+            ],
+        }
         self._names = [s.name for s in sites]
         self._lanes = [_Lane(i) for i in range(workers)]
 
@@ -115,9 +127,14 @@ class SiteProcesses:
                 return self._call(lane, frame)
             except (OSError, wire.ChannelError) as exc:
                 code = self._stop(lane)
-                return wire.Frame({"ok": False, "site": self._names[index], "status": "failed",
-                                   "reason": f"the simulated site's process ended ({exc}; "
-                                             f"exit code {code})"})
+                return wire.Frame(
+                    {
+                        "ok": False,
+                        "site": self._names[index],
+                        "status": "failed",
+                        "reason": f"the simulated site's process ended ({exc}; exit code {code})",
+                    }
+                )
 
     def end_run(self, run_id: str) -> None:
         """Every process forgets the run's last updates and keys at the sites it served."""
@@ -153,7 +170,9 @@ class SiteProcesses:
         try:
             process = subprocess.Popen(
                 [sys.executable, "-m", __name__, str(child.fileno())],
-                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
+                pass_fds=(child.fileno(),),
+                stdin=subprocess.DEVNULL,
+            )
         finally:
             child.close()
         lane.process, lane.channel = process, parent
@@ -188,10 +207,13 @@ def _serve(channel: socket.socket) -> None:
         from medfed.local.simulation import SitePool
 
         torch.set_num_threads(int(setup["threads"]))
-        sites = [SimSite(s["name"], validate(DataSourceConfig, s["data"], where=s["name"]))
-                 for s in setup["sites"]]
-        pool = SitePool(Path(setup["root"]), sites, keep_warm=int(setup["keep_warm"]),
-                        budget=setup["budget"])
+        sites = [
+            SimSite(s["name"], validate(DataSourceConfig, s["data"], where=s["name"]))
+            for s in setup["sites"]
+        ]
+        pool = SitePool(
+            Path(setup["root"]), sites, keep_warm=int(setup["keep_warm"]), budget=setup["budget"]
+        )
         while True:
             try:
                 request = wire.recv_frame(channel)
@@ -210,8 +232,14 @@ def _answer(pool: Any, request: wire.Frame) -> wire.Frame:
         return pool.worker(index).handle(wire.Frame(header, request.arrays))
     except Exception as exc:  # noqa: BLE001 - an error reply, as the site daemon's executor sends
         log.error("simulated site %s failed", pool.sites[index].name, exc_info=exc)
-        return wire.Frame({"ok": False, "site": pool.sites[index].name, "status": "failed",
-                           "reason": f"{type(exc).__name__}: {exc}"})
+        return wire.Frame(
+            {
+                "ok": False,
+                "site": pool.sites[index].name,
+                "status": "failed",
+                "reason": f"{type(exc).__name__}: {exc}",
+            }
+        )
 
 
 if __name__ == "__main__":

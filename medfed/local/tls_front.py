@@ -37,14 +37,16 @@ class TlsFront:
             def get_request(self) -> tuple[socket.socket, object]:
                 raw, address = self.socket.accept()
                 raw.settimeout(30)
-                return context.wrap_socket(raw, server_side=True,
-                                           do_handshake_on_connect=False), address
+                return context.wrap_socket(
+                    raw, server_side=True, do_handshake_on_connect=False
+                ), address
 
         self.upstream = upstream
         self._server = Server(("127.0.0.1", port), Relay)
         self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
-                                        name="tls-front")
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, daemon=True, name="tls-front"
+        )
 
     def start(self) -> TlsFront:
         """Serve in a background thread."""

@@ -177,12 +177,17 @@ def read_series(directory: Path) -> tuple[np.ndarray, SeriesGeometry, str]:
     normal = np.cross(iop[:3], iop[3:])
     slices.sort(key=lambda s: float(np.dot(np.asarray(s.ImagePositionPatient, float), normal)))
     pos = np.asarray([s.ImagePositionPatient for s in slices], dtype=float)
-    dk = float(np.mean(np.diff(pos @ normal))) if len(slices) > 1 else float(
-        getattr(first, "SpacingBetweenSlices", first.SliceThickness))
+    dk = (
+        float(np.mean(np.diff(pos @ normal)))
+        if len(slices) > 1
+        else float(getattr(first, "SpacingBetweenSlices", first.SliceThickness))
+    )
     dj, di = (float(v) for v in first.PixelSpacing)
     vol = np.stack(
-        [s.pixel_array.T.astype(np.float32) * float(s.RescaleSlope) + float(s.RescaleIntercept)
-         for s in slices],
+        [
+            s.pixel_array.T.astype(np.float32) * float(s.RescaleSlope) + float(s.RescaleIntercept)
+            for s in slices
+        ],
         axis=-1,
     )
     geometry = SeriesGeometry(

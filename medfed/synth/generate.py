@@ -106,9 +106,15 @@ def template_sample_points(
     rot = _rotation(np.deg2rad(rng.normal(0.0, 3.0, size=3)))
     scale = np.diag(np.exp(rng.normal(0.0, 0.04, size=3)))
     shift = rng.normal(0.0, 2.5, size=(3, 1))
-    disp = np.stack(
-        [smooth_random_field(rng, geometry.shape, control_points=4).reshape(-1) for _ in range(3)]
-    ) * 3.0
+    disp = (
+        np.stack(
+            [
+                smooth_random_field(rng, geometry.shape, control_points=4).reshape(-1)
+                for _ in range(3)
+            ]
+        )
+        * 3.0
+    )
     src = centre + (rot @ scale) @ (pts - centre) + shift + disp
     inv = np.linalg.inv(template_affine)
     vox = inv[:3, :3] @ src + inv[:3, 3:4]
@@ -150,8 +156,11 @@ def tissue_image(
         c = inv[:3, :3] @ np.asarray(lesion.centre_mni_mm) + inv[:3, 3]
         s = lesion.sigma_mm / TEMPLATE_RESOLUTION_MM
         gi, gj, gk = (np.arange(n, dtype=np.float32) for n in img.shape)
-        d2 = ((gi - c[0]) ** 2)[:, None, None] + ((gj - c[1]) ** 2)[None, :, None] \
+        d2 = (
+            ((gi - c[0]) ** 2)[:, None, None]
+            + ((gj - c[1]) ** 2)[None, :, None]
             + ((gk - c[2]) ** 2)[None, None, :]
+        )
         blob = np.exp(-d2 / np.float32(2 * s * s))
         img *= 1.0 + np.float32(lesion.contrast) * blob * template.tissue[2]
     res = float(TEMPLATE_RESOLUTION_MM)

@@ -58,22 +58,37 @@ def bids_label(subject: str) -> str:
     return "".join(ch for ch in subject if ch.isalnum())
 
 
-def write_subject(site_dir: Path, formats: Sequence[str], s: LayoutSubject, *, contrast: str
-                  ) -> int:
+def write_subject(
+    site_dir: Path, formats: Sequence[str], s: LayoutSubject, *, contrast: str
+) -> int:
     """Write one subject's image and label in each NIfTI layout of ``formats``; bytes written."""
     image, label = nifti_image(s.image, s.affine_ras), nifti_image(s.label, s.affine_ras)
     paths = []
     if "nifti" in formats:
-        paths += [(image, site_dir / "nifti" / "images" / f"{s.name}.nii.gz"),
-                  (label, site_dir / "nifti" / "labels" / f"{s.name}.nii.gz")]
+        paths += [
+            (image, site_dir / "nifti" / "images" / f"{s.name}.nii.gz"),
+            (label, site_dir / "nifti" / "labels" / f"{s.name}.nii.gz"),
+        ]
     if "msd" in formats:
-        paths += [(image, site_dir / "msd" / "imagesTr" / f"{s.name}.nii.gz"),
-                  (label, site_dir / "msd" / "labelsTr" / f"{s.name}.nii.gz")]
+        paths += [
+            (image, site_dir / "msd" / "imagesTr" / f"{s.name}.nii.gz"),
+            (label, site_dir / "msd" / "labelsTr" / f"{s.name}.nii.gz"),
+        ]
     if "bids" in formats:
         sub = f"sub-{bids_label(s.name)}"
-        paths += [(image, site_dir / "bids" / sub / "anat" / f"{sub}_{contrast}.nii.gz"),
-                  (label, site_dir / "bids" / "derivatives" / BIDS_PIPELINE / sub / "anat"
-                   / f"{sub}_dseg.nii.gz")]
+        paths += [
+            (image, site_dir / "bids" / sub / "anat" / f"{sub}_{contrast}.nii.gz"),
+            (
+                label,
+                site_dir
+                / "bids"
+                / "derivatives"
+                / BIDS_PIPELINE
+                / sub
+                / "anat"
+                / f"{sub}_dseg.nii.gz",
+            ),
+        ]
     written = 0
     for img, path in paths:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -82,32 +97,40 @@ def write_subject(site_dir: Path, formats: Sequence[str], s: LayoutSubject, *, c
     return written
 
 
-def write_indexes(site_dir: Path, formats: Sequence[str], lesions: dict[str, bool], *,
-                  site: str, contrast: str) -> int:
+def write_indexes(
+    site_dir: Path, formats: Sequence[str], lesions: dict[str, bool], *, site: str, contrast: str
+) -> int:
     """Write each layout's index files (targets, dataset.json, participants.tsv); bytes written.
 
     ``lesions`` maps each subject's name to its lesion flag, in subject order.
     """
     written = 0
-    targets = json.dumps({name: {"lesion": int(flag)} for name, flag in lesions.items()},
-                         indent=2) + "\n"
+    targets = (
+        json.dumps({name: {"lesion": int(flag)} for name, flag in lesions.items()}, indent=2) + "\n"
+    )
     if "nifti" in formats:
         written += _write_text(site_dir / "nifti" / "targets.json", targets)
     if "msd" in formats:
         dataset = {
             "name": f"medfed-synth {site}",
             "description": "synthetic brain MRI on the MNI152 template (medfed data synth)",
-            "reference": "medfed.synth", "licence": "CC0 (synthetic)", "release": "1.0",
+            "reference": "medfed.synth",
+            "licence": "CC0 (synthetic)",
+            "release": "1.0",
             "tensorImageSize": "3D",
             "modality": {"0": contrast},
             "labels": {str(i): name for i, name in enumerate(LABEL_NAMES)},
-            "numTraining": len(lesions), "numTest": 0,
-            "training": [{"image": f"./imagesTr/{name}.nii.gz",
-                          "label": f"./labelsTr/{name}.nii.gz"} for name in lesions],
+            "numTraining": len(lesions),
+            "numTest": 0,
+            "training": [
+                {"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"}
+                for name in lesions
+            ],
             "test": [],
         }
-        written += _write_text(site_dir / "msd" / "dataset.json",
-                               json.dumps(dataset, indent=2) + "\n")
+        written += _write_text(
+            site_dir / "msd" / "dataset.json", json.dumps(dataset, indent=2) + "\n"
+        )
         written += _write_text(site_dir / "msd" / "targets.json", targets)
     if "bids" in formats:
         written += _write_bids_indexes(site_dir / "bids", lesions, site=site)
@@ -121,13 +144,32 @@ def _write_text(path: Path, text: str) -> int:
 
 
 def _write_bids_indexes(root: Path, lesions: dict[str, bool], *, site: str) -> int:
-    n = _write_text(root / "dataset_description.json", json.dumps({
-        "Name": f"medfed-synth {site}", "BIDSVersion": BIDS_VERSION, "DatasetType": "raw",
-        "GeneratedBy": [{"Name": "medfed data synth"}]}, indent=2) + "\n")
-    n += _write_text(root / "derivatives" / BIDS_PIPELINE / "dataset_description.json",
-                     json.dumps({"Name": "tissue labels", "BIDSVersion": BIDS_VERSION,
-                                 "DatasetType": "derivative",
-                                 "GeneratedBy": [{"Name": BIDS_PIPELINE}]}, indent=2) + "\n")
+    n = _write_text(
+        root / "dataset_description.json",
+        json.dumps(
+            {
+                "Name": f"medfed-synth {site}",
+                "BIDSVersion": BIDS_VERSION,
+                "DatasetType": "raw",
+                "GeneratedBy": [{"Name": "medfed data synth"}],
+            },
+            indent=2,
+        )
+        + "\n",
+    )
+    n += _write_text(
+        root / "derivatives" / BIDS_PIPELINE / "dataset_description.json",
+        json.dumps(
+            {
+                "Name": "tissue labels",
+                "BIDSVersion": BIDS_VERSION,
+                "DatasetType": "derivative",
+                "GeneratedBy": [{"Name": BIDS_PIPELINE}],
+            },
+            indent=2,
+        )
+        + "\n",
+    )
     table = io.StringIO()
     writer = csv.writer(table, delimiter="\t", lineterminator="\n")
     writer.writerow(["participant_id", "lesion"])

@@ -174,8 +174,9 @@ def profile_for_site(index: int, *, seed: int) -> ScannerProfile:
     if index < len(DEFAULT_PROFILES):
         return base
     rng = np.random.default_rng([seed, index, 0x5C0FE])
-    means = tuple(float(np.clip(m * (1 + 0.08 * rng.standard_normal()), 0.05, 1.0))
-                  for m in base.tissue_means)
+    means = tuple(
+        float(np.clip(m * (1 + 0.08 * rng.standard_normal()), 0.05, 1.0)) for m in base.tissue_means
+    )
     return dataclasses.replace(
         base,
         name=f"{base.name}-v{index // len(DEFAULT_PROFILES)}",

@@ -34,13 +34,20 @@ def random_profile(rng: np.random.Generator) -> ScannerProfile:
     t2 = bool(rng.random() < 0.5)
     means = rng.uniform(0.05, 1.0, 3)
     return dataclasses.replace(
-        DEFAULT_PROFILES[0], name="public-random", contrast="T2w" if t2 else "T1w",
+        DEFAULT_PROFILES[0],
+        name="public-random",
+        contrast="T2w" if t2 else "T1w",
         tissue_means=(float(means[0]), float(means[1]), float(means[2])),
-        texture_gain=float(rng.uniform(0.0, 1.0)), gamma=float(np.exp(rng.normal(0.0, 0.3))),
-        bias_strength=float(rng.uniform(0.0, 0.3)), noise=float(rng.uniform(0.01, 0.08)),
-        in_plane_mm=float(rng.uniform(2.5, 3.5)), slice_spacing_mm=float(rng.uniform(3.0, 4.5)),
-        slice_thickness_mm=float(rng.uniform(2.5, 4.0)), gain=float(rng.uniform(500, 3000)),
-        lesion_contrast=float(rng.uniform(-0.5, 0.6)))
+        texture_gain=float(rng.uniform(0.0, 1.0)),
+        gamma=float(np.exp(rng.normal(0.0, 0.3))),
+        bias_strength=float(rng.uniform(0.0, 0.3)),
+        noise=float(rng.uniform(0.01, 0.08)),
+        in_plane_mm=float(rng.uniform(2.5, 3.5)),
+        slice_spacing_mm=float(rng.uniform(3.0, 4.5)),
+        slice_thickness_mm=float(rng.uniform(2.5, 4.0)),
+        gain=float(rng.uniform(500, 3000)),
+        lesion_contrast=float(rng.uniform(-0.5, 0.6)),
+    )
 
 
 def public_subjects(count: int, *, seed: int) -> list[SubjectVolume]:
@@ -51,6 +58,13 @@ def public_subjects(count: int, *, seed: int) -> list[SubjectVolume]:
     out = []
     for i in range(count):
         profile = random_profile(rng)
-        out.append(synthesize_subject(profile, seed=seed, site_index=PUBLIC_SITE_BASE + i,
-                                      subject_index=i, lesion=bool(rng.random() < 0.5)))
+        out.append(
+            synthesize_subject(
+                profile,
+                seed=seed,
+                site_index=PUBLIC_SITE_BASE + i,
+                subject_index=i,
+                lesion=bool(rng.random() < 0.5),
+            )
+        )
     return out

@@ -122,9 +122,7 @@ class SiteManifest:
             if entry.subject == name:
                 return entry
         known = ", ".join(e.subject for e in self.series.values())
-        raise MedfedError(
-            f"unknown subject {name!r}", where=self.site, expected=f"one of: {known}"
-        )
+        raise MedfedError(f"unknown subject {name!r}", where=self.site, expected=f"one of: {known}")
 
 
 def read_site_manifest(site_dir: Path) -> SiteManifest:
@@ -134,7 +132,8 @@ def read_site_manifest(site_dir: Path) -> SiteManifest:
         data = json.loads(path.read_text())
     except FileNotFoundError as err:
         raise MedfedError(
-            "site manifest not found", where=str(path),
+            "site manifest not found",
+            where=str(path),
             expected="a folder written by `medfed data synth`",
             fix="point at DIR/site-N of a `medfed data synth --out DIR` run",
         ) from err
@@ -143,7 +142,8 @@ def read_site_manifest(site_dir: Path) -> SiteManifest:
     if data.get("format") != SITE_MANIFEST_FORMAT:
         raise MedfedError(
             f"unsupported site manifest format {data.get('format')!r}",
-            where=str(path), expected=SITE_MANIFEST_FORMAT,
+            where=str(path),
+            expected=SITE_MANIFEST_FORMAT,
             fix="regenerate with this medfed version: `medfed data synth`",
         )
     prof = data["profile"]
@@ -175,12 +175,17 @@ def load_subject_arrays(site_dir: Path, subject: str) -> SubjectArrays:
     image, geometry, uid = read_series(site_dir / entry.dicom)
     label_path = site_dir / entry.label
     if not label_path.is_file():
-        raise MedfedError("label volume missing", where=str(label_path),
-                          fix="regenerate the site with `medfed data synth`")
+        raise MedfedError(
+            "label volume missing",
+            where=str(label_path),
+            fix="regenerate the site with `medfed data synth`",
+        )
     nii = nib.Nifti1Image.from_filename(label_path)
     label = np.asarray(nii.dataobj, dtype=np.uint8)
-    if uid != entry.series_uid or label.shape != image.shape or not np.allclose(
-        nii.affine, geometry.affine_ras(), atol=1e-3
+    if (
+        uid != entry.series_uid
+        or label.shape != image.shape
+        or not np.allclose(nii.affine, geometry.affine_ras(), atol=1e-3)
     ):
         raise MedfedError(
             "DICOM series and label volume disagree (UID, shape or affine)",
@@ -208,7 +213,14 @@ class SiteSummary:
 
 
 SUMMARY_HEADER: tuple[str, ...] = (
-    "site", "profile", "contrast", "subjects", "lesion", "shape (i,j,k)", "spacing mm", "files",
+    "site",
+    "profile",
+    "contrast",
+    "subjects",
+    "lesion",
+    "shape (i,j,k)",
+    "spacing mm",
+    "files",
     "MB",
 )
 
@@ -226,10 +238,17 @@ class SynthManifest:
     def summary_rows(self) -> list[tuple[str, ...]]:
         """Return rows matching :data:`SUMMARY_HEADER`, as strings."""
         return [
-            (s.site, s.profile, s.contrast, str(s.subjects), str(s.lesion_subjects),
-             "x".join(str(n) for n in s.shape),
-             "x".join(f"{v:g}" for v in s.spacing) + f" (thk {s.slice_thickness:g})",
-             str(s.files), f"{s.bytes / 1e6:.1f}")
+            (
+                s.site,
+                s.profile,
+                s.contrast,
+                str(s.subjects),
+                str(s.lesion_subjects),
+                "x".join(str(n) for n in s.shape),
+                "x".join(f"{v:g}" for v in s.spacing) + f" (thk {s.slice_thickness:g})",
+                str(s.files),
+                f"{s.bytes / 1e6:.1f}",
+            )
             for s in self.sites
         ]
 
@@ -266,9 +285,13 @@ class SynthManifest:
             "fov_mm": list(FOV_MM),
             "sites": [
                 {
-                    "site": s.site, "profile": s.profile, "contrast": s.contrast,
-                    "subjects": s.subjects, "lesion_subjects": s.lesion_subjects,
-                    "shape": list(s.shape), "spacing_mm": list(s.spacing),
+                    "site": s.site,
+                    "profile": s.profile,
+                    "contrast": s.contrast,
+                    "subjects": s.subjects,
+                    "lesion_subjects": s.lesion_subjects,
+                    "shape": list(s.shape),
+                    "spacing_mm": list(s.spacing),
                     "slice_thickness_mm": s.slice_thickness,
                     "manifest": f"{s.site}/manifest.json",
                 }
@@ -277,42 +300,62 @@ class SynthManifest:
         }
 
 
-def _check_args(sites: int, subjects_per_site: int, seed: int, lesion_fraction: float,
-                formats: tuple[str, ...] = ("dicom",)) -> None:
+def _check_args(
+    sites: int,
+    subjects_per_site: int,
+    seed: int,
+    lesion_fraction: float,
+    formats: tuple[str, ...] = ("dicom",),
+) -> None:
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
-        raise MedfedError(f"unknown format {unknown[0]!r}", where="--format",
-                          expected=f"one or more of {', '.join(FORMATS)}")
+        raise MedfedError(
+            f"unknown format {unknown[0]!r}",
+            where="--format",
+            expected=f"one or more of {', '.join(FORMATS)}",
+        )
     if not 1 <= sites <= MAX_SITES:
-        raise MedfedError(f"--sites {sites} is out of range", where="--sites",
-                          expected=f"1 to {MAX_SITES}")
+        raise MedfedError(
+            f"--sites {sites} is out of range", where="--sites", expected=f"1 to {MAX_SITES}"
+        )
     if not 1 <= subjects_per_site <= MAX_SUBJECTS_PER_SITE:
-        raise MedfedError(f"{subjects_per_site} subjects per site is out of range",
-                          where="--subjects", expected=f"1 to {MAX_SUBJECTS_PER_SITE}")
+        raise MedfedError(
+            f"{subjects_per_site} subjects per site is out of range",
+            where="--subjects",
+            expected=f"1 to {MAX_SUBJECTS_PER_SITE}",
+        )
     if seed < 0:
-        raise MedfedError(f"--seed {seed} is negative", where="--seed",
-                          expected="an integer >= 0")
+        raise MedfedError(f"--seed {seed} is negative", where="--seed", expected="an integer >= 0")
     if not 0.0 <= lesion_fraction <= 1.0:
-        raise MedfedError(f"lesion fraction {lesion_fraction} is out of range",
-                          where="lesion_fraction", expected="0.0 to 1.0")
+        raise MedfedError(
+            f"lesion fraction {lesion_fraction} is out of range",
+            where="lesion_fraction",
+            expected="0.0 to 1.0",
+        )
 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
-        raise MedfedError("output path is a file", where=str(out),
-                          expected="a new or empty folder", fix="choose another --out")
+        raise MedfedError(
+            "output path is a file",
+            where=str(out),
+            expected="a new or empty folder",
+            fix="choose another --out",
+        )
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise MedfedError(
-                "output folder is not empty", where=str(out),
+                "output folder is not empty",
+                where=str(out),
                 expected="a new or empty folder",
                 fix="choose another --out, or pass --overwrite to replace an earlier "
-                    "`medfed data synth` output",
+                "`medfed data synth` output",
             )
         if not (out / "synth.json").is_file():
             raise MedfedError(
                 "refusing to overwrite a folder that `medfed data synth` did not write",
-                where=str(out), expected="a folder holding synth.json",
+                where=str(out),
+                expected="a folder holding synth.json",
                 fix="choose a new or empty --out",
             )
         for child in out.iterdir():
@@ -365,22 +408,35 @@ def synthesize_sites(
         name = site_name(site_index + 1)
         site_dir = out / name
         profile = profile_for_site(site_index, seed=seed)
-        flags = lesion_flags(subjects_per_site, seed=seed, site_index=site_index,
-                             fraction=lesion_fraction)
+        flags = lesion_flags(
+            subjects_per_site, seed=seed, site_index=site_index, fraction=lesion_fraction
+        )
         entries: dict[str, SubjectEntry] = {}
         n_files = n_bytes = 0
         shape: tuple[int, int, int] = (0, 0, 0)
         geometry = None
         for subject_index in range(subjects_per_site):
             subject = subject_name(site_index + 1, subject_index + 1)
-            vol = synthesize_subject(profile, seed=seed, site_index=site_index,
-                                     subject_index=subject_index, lesion=bool(flags[subject_index]))
+            vol = synthesize_subject(
+                profile,
+                seed=seed,
+                site_index=site_index,
+                subject_index=subject_index,
+                lesion=bool(flags[subject_index]),
+            )
             geometry = vol.geometry
             stored, slope, intercept = quantise(vol.image)
             ids = series_ids(seed=seed, site=name, subject=subject, subject_index=subject_index)
             files = write_series(
-                site_dir / "dicom" / subject, stored=stored, slope=slope, intercept=intercept,
-                geometry=vol.geometry, ids=ids, profile=profile, seed=seed, institution=name,
+                site_dir / "dicom" / subject,
+                stored=stored,
+                slope=slope,
+                intercept=intercept,
+                geometry=vol.geometry,
+                ids=ids,
+                profile=profile,
+                seed=seed,
+                institution=name,
             )
             label_rel = f"labels/{subject}.nii.gz"
             (site_dir / "labels").mkdir(parents=True, exist_ok=True)
@@ -388,15 +444,27 @@ def synthesize_sites(
             n_files += len(files) + 1
             n_bytes += sum(f.stat().st_size for f in files) + (site_dir / label_rel).stat().st_size
             if len(formats) > 1:
-                n_bytes += write_subject(site_dir, formats, LayoutSubject(
-                    name=subject, image=decoded_image(stored, slope, intercept),
-                    label=vol.label, affine_ras=vol.geometry.affine_ras(),
-                    lesion=vol.lesion is not None), contrast=profile.contrast)
+                n_bytes += write_subject(
+                    site_dir,
+                    formats,
+                    LayoutSubject(
+                        name=subject,
+                        image=decoded_image(stored, slope, intercept),
+                        label=vol.label,
+                        affine_ras=vol.geometry.affine_ras(),
+                        lesion=vol.lesion is not None,
+                    ),
+                    contrast=profile.contrast,
+                )
                 n_files += 2 * (len(formats) - 1)
             les = vol.lesion
             entries[ids.series_uid] = SubjectEntry(
-                subject=subject, series_uid=ids.series_uid, dicom=f"dicom/{subject}",
-                label=label_rel, lesion=les is not None, profile=profile.name,
+                subject=subject,
+                series_uid=ids.series_uid,
+                dicom=f"dicom/{subject}",
+                label=label_rel,
+                lesion=les is not None,
+                profile=profile.name,
                 lesion_centre_mni_mm=les.centre_mni_mm if les else None,
                 lesion_sigma_mm=les.sigma_mm if les else None,
             )
@@ -405,19 +473,36 @@ def synthesize_sites(
             if progress is not None:
                 progress(done, total, f"{name}/{subject}")
         if len(formats) > 1:
-            n_bytes += write_indexes(site_dir, formats,
-                                     {e.subject: e.lesion for e in entries.values()},
-                                     site=name, contrast=profile.contrast)
+            n_bytes += write_indexes(
+                site_dir,
+                formats,
+                {e.subject: e.lesion for e in entries.values()},
+                site=name,
+                contrast=profile.contrast,
+            )
         manifest = SiteManifest(site=name, profile=profile, series=entries)
         (site_dir / "manifest.json").write_text(json.dumps(manifest.as_dict(), indent=2) + "\n")
         assert geometry is not None
-        summaries.append(SiteSummary(
-            site=name, profile=profile.name, contrast=profile.contrast,
-            subjects=subjects_per_site, lesion_subjects=int(flags.sum()), shape=shape,
-            spacing=geometry.spacing, slice_thickness=geometry.slice_thickness,
-            files=n_files + 1, bytes=n_bytes,
-        ))
-    result = SynthManifest(out=out, seed=seed, subjects_per_site=subjects_per_site,
-                           sites=tuple(summaries), elapsed_s=time.perf_counter() - start)
+        summaries.append(
+            SiteSummary(
+                site=name,
+                profile=profile.name,
+                contrast=profile.contrast,
+                subjects=subjects_per_site,
+                lesion_subjects=int(flags.sum()),
+                shape=shape,
+                spacing=geometry.spacing,
+                slice_thickness=geometry.slice_thickness,
+                files=n_files + 1,
+                bytes=n_bytes,
+            )
+        )
+    result = SynthManifest(
+        out=out,
+        seed=seed,
+        subjects_per_site=subjects_per_site,
+        sites=tuple(summaries),
+        elapsed_s=time.perf_counter() - start,
+    )
     (out / "synth.json").write_text(json.dumps(result.as_dict(), indent=2) + "\n")
     return result

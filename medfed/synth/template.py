@@ -77,5 +77,6 @@ def load_template() -> TemplateVolumes:
         arr.setflags(write=False)
     affine = np.asarray(t1_img.affine, dtype=np.float64)
     affine.setflags(write=False)
-    return TemplateVolumes(t1=t1, tissue=tissue, labels=labels, mask=mask,
-                           texture=texture, affine=affine)
+    return TemplateVolumes(
+        t1=t1, tissue=tissue, labels=labels, mask=mask, texture=texture, affine=affine
+    )

@@ -52,8 +52,13 @@ def build_model() -> nn.Module:
     positions (with the mean, training did not leave chance level here).
     """
     model = DenseNet(
-        spatial_dims=3, in_channels=2, out_channels=1,
-        init_features=16, growth_rate=8, block_config=(2, 4, 4), bn_size=2,
+        spatial_dims=3,
+        in_channels=2,
+        out_channels=1,
+        init_features=16,
+        growth_rate=8,
+        block_config=(2, 4, 4),
+        bn_size=2,
         norm=("group", {"num_groups": 4}),
     )
     model.class_layers.pool = nn.AdaptiveMaxPool3d(1)
@@ -86,13 +91,16 @@ def with_asymmetry(image: torch.Tensor) -> torch.Tensor:
     return torch.cat([image, image - torch.flip(image, dims=(1,))])
 
 
-def _scans(subjects: list[Subject], *, mirrored: bool, bias_correction: str = "off"
-           ) -> TensorDataset:
+def _scans(
+    subjects: list[Subject], *, mirrored: bool, bias_correction: str = "off"
+) -> TensorDataset:
     images, targets = [], []
     for subject in subjects:
         image, _ = preprocess(
             Subject(key=subject.key, image=subject.image, label=None),
-            pixdim=(PIXDIM_MM,) * 3, spatial_size=SHAPE, bias_correction=bias_correction,
+            pixdim=(PIXDIM_MM,) * 3,
+            spatial_size=SHAPE,
+            bias_correction=bias_correction,
         )
         y = torch.tensor([subject.targets[TARGET]], dtype=torch.float32)
         images.append(with_asymmetry(image))
@@ -117,23 +125,31 @@ def load_site_data(source: DataSourceConfig) -> SiteData:
         )
     strata = [int(s.targets[TARGET] > 0.5) for s in usable]
     train_keys, val_keys = split_subjects(
-        [s.key for s in usable], seed=source.seed, val_fraction=source.val_fraction,
-        strata=strata, patients=[s.patient for s in usable],
+        [s.key for s in usable],
+        seed=source.seed,
+        val_fraction=source.val_fraction,
+        strata=strata,
+        patients=[s.patient for s in usable],
     )
     by_key = {s.key: s for s in usable}
-    train = _scans([by_key[k] for k in train_keys], mirrored=True,
-                   bias_correction=source.bias_correction)
-    val = _scans([by_key[k] for k in val_keys], mirrored=False,
-                 bias_correction=source.bias_correction)
+    train = _scans(
+        [by_key[k] for k in train_keys], mirrored=True, bias_correction=source.bias_correction
+    )
+    val = _scans(
+        [by_key[k] for k in val_keys], mirrored=False, bias_correction=source.bias_correction
+    )
     return SiteData(
         train=train,
         val=val,
         # each training scan gives two examples: itself and its mirror image
         train_units=unit_indices([by_key[k] for k in train_keys], [2] * len(train_keys)),
         description={
-            "train": len(train), "val": len(val),
-            "subjects-train": len(train_keys), "subjects-val": len(val_keys),
-            "lesion": sum(strata), "no-target": len(subjects) - len(usable),
+            "train": len(train),
+            "val": len(val),
+            "subjects-train": len(train_keys),
+            "subjects-val": len(val_keys),
+            "lesion": sum(strata),
+            "no-target": len(subjects) - len(usable),
         },
     )
 

@@ -63,9 +63,13 @@ def build_model(width: int = 16) -> nn.Module:
     ``width`` 16 (the task): 0.21 M parameters; 32 (``brain-tissue-seg-wide``): 0.82 M.
     """
     return UNet(
-        spatial_dims=2, in_channels=1, out_channels=1 + len(CLASSES),
-        channels=tuple(width * 2**level for level in range(4)), strides=(2, 2, 2),
-        num_res_units=1, norm="instance",
+        spatial_dims=2,
+        in_channels=1,
+        out_channels=1 + len(CLASSES),
+        channels=tuple(width * 2**level for level in range(4)),
+        strides=(2, 2, 2),
+        num_res_units=1,
+        norm="instance",
     )
 
 
@@ -95,14 +99,18 @@ def compute_metrics(logits: torch.Tensor, target: torch.Tensor) -> dict[str, flo
     return {**per_class, "dice": float(dice.mean())}
 
 
-def _slices(subjects: list[Subject], bias_correction: str = "off"
-            ) -> tuple[TensorDataset, dict[str, torch.Tensor]]:
+def _slices(
+    subjects: list[Subject], bias_correction: str = "off"
+) -> tuple[TensorDataset, dict[str, torch.Tensor]]:
     """The subjects' slices, and the scan and patient of each (``SiteData.train_units``)."""
     images, labels = [], []
     for subject in subjects:
-        image, label = preprocess(subject, pixdim=(PIXDIM_MM, PIXDIM_MM, -1),
-                                  spatial_size=(SIZE, SIZE, -1),
-                                  bias_correction=bias_correction)
+        image, label = preprocess(
+            subject,
+            pixdim=(PIXDIM_MM, PIXDIM_MM, -1),
+            spatial_size=(SIZE, SIZE, -1),
+            bias_correction=bias_correction,
+        )
         assert label is not None  # only labelled subjects come here
         x, y = axial_slices(image, label)
         images.append(x)
@@ -121,8 +129,13 @@ class LabelledSplit:
 
     def description(self, train: int, val: int) -> dict[str, int]:
         """SiteData's counts: ``train``/``val`` examples (slices, patches, scans)."""
-        return {"train": train, "val": val, "subjects-train": len(self.train),
-                "subjects-val": len(self.val), "unlabelled": self.unlabelled}
+        return {
+            "train": train,
+            "val": val,
+            "subjects-train": len(self.train),
+            "subjects-val": len(self.val),
+            "unlabelled": self.unlabelled,
+        }
 
 
 def labelled_split(source: DataSourceConfig, task: str) -> LabelledSplit:
@@ -136,15 +149,20 @@ def labelled_split(source: DataSourceConfig, task: str) -> LabelledSplit:
             where=source.path or "[data] in site.toml",
             expected="label volumes 0 background, 1 CSF, 2 GM, 3 WM per series",
             fix="name a NIfTI label per series in the folder's manifest.json "
-                "(see medfed.data.labels), or add DICOM SEGs",
+            "(see medfed.data.labels), or add DICOM SEGs",
         )
     train_keys, val_keys = split_subjects(
-        [s.key for s in labelled], seed=source.seed, val_fraction=source.val_fraction,
+        [s.key for s in labelled],
+        seed=source.seed,
+        val_fraction=source.val_fraction,
         patients=[s.patient for s in labelled],
     )
     by_key = {s.key: s for s in labelled}
-    return LabelledSplit([by_key[k] for k in train_keys], [by_key[k] for k in val_keys],
-                         len(subjects) - len(labelled))
+    return LabelledSplit(
+        [by_key[k] for k in train_keys],
+        [by_key[k] for k in val_keys],
+        len(subjects) - len(labelled),
+    )
 
 
 def load_site_data(source: DataSourceConfig) -> SiteData:
@@ -152,8 +170,12 @@ def load_site_data(source: DataSourceConfig) -> SiteData:
     split = labelled_split(source, NAME)
     train, train_units = _slices(split.train, source.bias_correction)
     val, _ = _slices(split.val, source.bias_correction)
-    return SiteData(train=train, val=val, train_units=train_units,
-                    description=split.description(len(train), len(val)))
+    return SiteData(
+        train=train,
+        val=val,
+        train_units=train_units,
+        description=split.description(len(train), len(val)),
+    )
 
 
 def public_data(subjects: int, seed: int) -> TensorDataset:
@@ -185,7 +207,8 @@ TASK = Task(
 #: The same task with a UNet twice as wide (0.82 M parameters): for sites with a GPU,
 #: and the ~1 M-parameter model of the secure-aggregation deployment benchmark.
 TASK_WIDE = dataclasses.replace(
-    TASK, name=f"{NAME}-wide",
+    TASK,
+    name=f"{NAME}-wide",
     description="brain-tissue-seg with a 2x wider UNet (0.82 M parameters), for GPU sites",
     build_model=functools.partial(build_model, width=32),
     public_weights=None,  # `medfed pretrain --task brain-tissue-seg-wide` makes them

@@ -110,8 +110,14 @@ class PatchSegResNet(SegResNet):
     out of place (:class:`_ResBlock`).
     """
 
-    def __init__(self, *, roi_size: Sequence[int], overlap: float = 0.25,
-                 sw_batch_size: int = 4, **segresnet: object) -> None:
+    def __init__(
+        self,
+        *,
+        roi_size: Sequence[int],
+        overlap: float = 0.25,
+        sw_batch_size: int = 4,
+        **segresnet: object,
+    ) -> None:
         super().__init__(**segresnet)  # type: ignore[arg-type]
         for block in self.modules():
             if type(block) is ResBlock:  # no state of its own: only forward differs
@@ -125,8 +131,13 @@ class PatchSegResNet(SegResNet):
         if self.training or tuple(x.shape[2:]) == self.roi_size:
             return super().forward(x)
         return sliding_window_inference(  # type: ignore[return-value]
-            x, self.roi_size, self.sw_batch_size, super().forward,
-            overlap=self.overlap, mode="gaussian")
+            x,
+            self.roi_size,
+            self.sw_batch_size,
+            super().forward,
+            overlap=self.overlap,
+            mode="gaussian",
+        )
 
 
 def build_model(patch: int = PATCH) -> nn.Module:
@@ -139,9 +150,15 @@ def build_model(patch: int = PATCH) -> nn.Module:
         raise ValueError(f"the patch edge must be a multiple of 8 (3 halvings), got {patch}")
     return PatchSegResNet(
         roi_size=(patch,) * 3,
-        spatial_dims=3, in_channels=1, out_channels=1 + len(CLASSES), init_filters=16,
-        blocks_down=(1, 2, 2, 5), blocks_up=(1, 1, 1), norm=("GROUP", {"num_groups": 8}),
-        act=("RELU", {"inplace": False}), upsample_mode="nontrainable",
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=1 + len(CLASSES),
+        init_filters=16,
+        blocks_down=(1, 2, 2, 5),
+        blocks_up=(1, 1, 1),
+        norm=("GROUP", {"num_groups": 8}),
+        act=("RELU", {"inplace": False}),
+        upsample_mode="nontrainable",
     )
 
 
@@ -179,11 +196,21 @@ class RandomPatches(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     draw the same patches: load in the main process (as the engine does).
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, size: int,
-                 per_volume: int, seed: int, foreground: float = FOREGROUND_SHARE) -> None:
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        size: int,
+        per_volume: int,
+        seed: int,
+        foreground: float = FOREGROUND_SHARE,
+    ) -> None:
         if images.dim() != 5 or images.shape[0] != labels.shape[0]:
-            raise ValueError(f"need (N, 1, X, Y, Z) images and labels, got "
-                             f"{tuple(images.shape)} and {tuple(labels.shape)}")
+            raise ValueError(
+                f"need (N, 1, X, Y, Z) images and labels, got "
+                f"{tuple(images.shape)} and {tuple(labels.shape)}"
+            )
         if any(s < size for s in images.shape[2:]):
             raise ValueError(f"patch edge {size} exceeds the volume {tuple(images.shape[2:])}")
         self.images, self.labels = images, labels
@@ -203,10 +230,13 @@ class RandomPatches(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         if u < self.foreground and len(brain):
             pick = int(brain[torch.randint(len(brain), (1,), generator=self._generator)])
             centre = torch.unravel_index(torch.tensor(pick), tuple(spatial))
-            return tuple(min(max(int(c) - self.size // 2, 0), s - self.size)
-                         for c, s in zip(centre, spatial, strict=True))
-        return tuple(int(torch.randint(s - self.size + 1, (1,), generator=self._generator))
-                     for s in spatial)
+            return tuple(
+                min(max(int(c) - self.size // 2, 0), s - self.size)
+                for c, s in zip(centre, spatial, strict=True)
+            )
+        return tuple(
+            int(torch.randint(s - self.size + 1, (1,), generator=self._generator)) for s in spatial
+        )
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not -len(self) <= index < len(self):
@@ -217,13 +247,15 @@ class RandomPatches(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return self.images[volume][window].clone(), self.labels[volume][window].clone()
 
 
-def _volumes(subjects: list[Subject], bias_correction: str = "off"
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def _volumes(
+    subjects: list[Subject], bias_correction: str = "off"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The subjects' image and label volumes, ``(N, 1, *SHAPE)`` each."""
     images, labels = [], []
     for subject in subjects:
-        image, label = preprocess(subject, pixdim=(PIXDIM_MM,) * 3, spatial_size=SHAPE,
-                                  bias_correction=bias_correction)
+        image, label = preprocess(
+            subject, pixdim=(PIXDIM_MM,) * 3, spatial_size=SHAPE, bias_correction=bias_correction
+        )
         assert label is not None  # only labelled subjects come here
         images.append(image)
         labels.append(label)
@@ -238,26 +270,33 @@ def _patch_seed(seed: int) -> int:
 def load_site_data(source: DataSourceConfig) -> SiteData:
     """The site's labelled scans split by subject: random patches to train, whole scans to score."""
     split = labelled_split(source, NAME)
-    train = RandomPatches(*_volumes(split.train, source.bias_correction), size=PATCH,
-                          per_volume=PATCHES_PER_SCAN, seed=_patch_seed(source.seed))
+    train = RandomPatches(
+        *_volumes(split.train, source.bias_correction),
+        size=PATCH,
+        per_volume=PATCHES_PER_SCAN,
+        seed=_patch_seed(source.seed),
+    )
     val = TensorDataset(*_volumes(split.val, source.bias_correction))
     return SiteData(
-        train=train, val=val,
+        train=train,
+        val=val,
         train_units=unit_indices(split.train, [PATCHES_PER_SCAN] * len(split.train)),
-        description=split.description(len(train), len(val)))
+        description=split.description(len(train), len(val)),
+    )
 
 
 def public_data(subjects: int, seed: int) -> RandomPatches:
     """Public pretraining patches: the MNI152 atlas under random scanners (no site's data)."""
     images, labels = _volumes(public_atlas_subjects(subjects, seed=seed))
-    return RandomPatches(images, labels, size=PATCH, per_volume=PATCHES_PER_SCAN,
-                         seed=_patch_seed(seed))
+    return RandomPatches(
+        images, labels, size=PATCH, per_volume=PATCHES_PER_SCAN, seed=_patch_seed(seed)
+    )
 
 
 TASK = Task(
     name=NAME,
     description="brain MRI tissue segmentation (CSF/GM/WM) in 3D, MONAI SegResNet "
-                "(5.6 M parameters) on 32^3 patches",
+    "(5.6 M parameters) on 32^3 patches",
     build_model=build_model,
     build_loss=build_loss,
     compute_metrics=compute_metrics,

@@ -26,8 +26,13 @@ SIZE = 32
 def build_model() -> nn.Module:
     """A 2-level MONAI UNet with instance norm (no BatchNorm: DP-compatible)."""
     return UNet(
-        spatial_dims=2, in_channels=1, out_channels=2,
-        channels=(8, 16), strides=(2,), num_res_units=1, norm="instance",
+        spatial_dims=2,
+        in_channels=1,
+        out_channels=2,
+        channels=(8, 16),
+        strides=(2,),
+        num_res_units=1,
+        norm="instance",
     )
 
 
@@ -114,8 +119,15 @@ class PaddedUNet(UNet):
     """
 
     def __init__(self, extra: int) -> None:
-        super().__init__(spatial_dims=2, in_channels=1, out_channels=2, channels=(8, 16),
-                         strides=(2,), num_res_units=1, norm="instance")
+        super().__init__(
+            spatial_dims=2,
+            in_channels=1,
+            out_channels=2,
+            channels=(8, 16),
+            strides=(2,),
+            num_res_units=1,
+            norm="instance",
+        )
         self.padding = nn.Parameter(torch.randn(extra) * PADDING_SCALE)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,10 +142,12 @@ def padded(parameters: int) -> Task:
     extra = parameters - sum(p.numel() for p in build_model().parameters())
     label = f"{parameters // 1_000_000}m"
     return dataclasses.replace(
-        TASK, name=f"tiny-seg-{label}",
+        TASK,
+        name=f"tiny-seg-{label}",
         description=f"tiny-seg with its model padded to {parameters // 1_000_000}M parameters "
-                    "(transport benchmarks at real model size; tiny-seg's compute)",
-        build_model=functools.partial(PaddedUNet, extra))
+        "(transport benchmarks at real model size; tiny-seg's compute)",
+        build_model=functools.partial(PaddedUNet, extra),
+    )
 
 
 #: Real-size transfers at smoke-test compute: the benchmarks' 10M and 50M models.

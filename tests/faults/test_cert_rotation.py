@@ -27,7 +27,8 @@ EXPIRED = "presents an expired TLS certificate"
 
 
 def test_sites_ride_out_an_expired_server_certificate_and_its_renewal(
-        short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("MEDFED_RESTART_MAX_S", "4")  # retry often: the test waits on it
     fed = LocalFederation(short_tmp, ["site-a", "site-b"], name="renewal")
     with fed:
@@ -38,9 +39,11 @@ def test_sites_ride_out_an_expired_server_certificate_and_its_renewal(
         # The certificate expires; the server is restarted with it (a reboot, say).
         fed.group.members[0].stop()
         ca = CertificateAuthority.load(fed.fed.ca_cert, fed.fed.path(tls.ca_key))
-        key, cert = ca.issue_server_cert(["127.0.0.1", "localhost"], days=1,
-                                         not_before=dt.datetime.now(dt.timezone.utc)
-                                         - dt.timedelta(days=3))
+        key, cert = ca.issue_server_cert(
+            ["127.0.0.1", "localhost"],
+            days=1,
+            not_before=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=3),
+        )
         replace_server_identity(key, cert, fed.fed.path(tls.cert), fed.fed.path(tls.key))
         superlink = superlink_process(fed.fed).start()  # `medfed server start` would refuse
         fed.group.members[0] = superlink
@@ -53,19 +56,33 @@ def test_sites_ride_out_an_expired_server_certificate_and_its_renewal(
             time.sleep(0.5)
         # The coordinator renews it; the running server serves it at once.
         renew = subprocess.run(
-            [sys.executable, "-m", "medfed", "server", "renew-cert", "--config",
-             str(fed.fed.config_path)], capture_output=True, text=True, timeout=120)
+            [
+                sys.executable,
+                "-m",
+                "medfed",
+                "server",
+                "renew-cert",
+                "--config",
+                str(fed.fed.config_path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert renew.returncode == 0, renew.stderr
         assert "a running server uses it" in renew.stdout
         fed.wait_online(2, timeout=120)
-        folder, summary = fed.run(RunConfig(task="tiny-seg", rounds=1, min_sites=2,
-                                            round_timeout_s=120), timeout=240)
+        folder, summary = fed.run(
+            RunConfig(task="tiny-seg", rounds=1, min_sites=2, round_timeout_s=120), timeout=240
+        )
         for d in daemons:  # the same daemons throughout
             assert d.alive()
         logs = [d.log_of_this_start() for d in daemons]
     assert summary["status"] == "completed", summary
-    assert {m["site"] for m in folder.read_metrics() if m["phase"] == "train"} == \
-        {"site-a", "site-b"}
+    assert {m["site"] for m in folder.read_metrics() if m["phase"] == "train"} == {
+        "site-a",
+        "site-b",
+    }
     assert summary["protection"]["secure_aggregation"] == "default"
     for log in logs:
         assert log.count(EXPIRED) == 1, log[-3000:]  # said once, however many retries
@@ -75,8 +92,9 @@ def test_sites_ride_out_an_expired_server_certificate_and_its_renewal(
 
 
 def medfed_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "medfed", *args], capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "medfed", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def restart_server(fed: LocalFederation) -> None:
@@ -95,8 +113,11 @@ def test_a_ca_rotation_with_an_overlap_needs_no_site_restart(short_tmp: Path) ->
     with fed:
         fed.create(site_data=lambda i, name: {"num_samples": 16})
         fed.start()
-        daemons = {p.name[len("site daemon "):]: p for p in fed.group.members
-                   if p.name.startswith("site daemon")}
+        daemons = {
+            p.name[len("site daemon ") :]: p
+            for p in fed.group.members
+            if p.name.startswith("site daemon")
+        }
         config = str(fed.fed.config_path)
         begun = medfed_cli("server", "rotate-ca", "--config", config)
         assert begun.returncode == 0, begun.stderr
@@ -118,13 +139,16 @@ def test_a_ca_rotation_with_an_overlap_needs_no_site_restart(short_tmp: Path) ->
             time.sleep(0.5)
         shutil.copyfile(bundle, pinned["site-b"])  # the operator drops the bundle in
         fed.wait_online(2, timeout=120)
-        folder, summary = fed.run(RunConfig(task="tiny-seg", rounds=1, min_sites=2,
-                                            round_timeout_s=120), timeout=240)
+        folder, summary = fed.run(
+            RunConfig(task="tiny-seg", rounds=1, min_sites=2, round_timeout_s=120), timeout=240
+        )
         for d in daemons.values():
             assert d.alive()  # never restarted
         logs = {s: d.log_of_this_start() for s, d in daemons.items()}
     assert summary["status"] == "completed", summary
-    assert {m["site"] for m in folder.read_metrics() if m["phase"] == "train"} == \
-        {"site-a", "site-b"}
+    assert {m["site"] for m in folder.read_metrics() if m["phase"] == "train"} == {
+        "site-a",
+        "site-b",
+    }
     assert told not in logs["site-a"]
     assert logs["site-b"].count(told) == 1 and "ca/ca-bundle.pem" in logs["site-b"]

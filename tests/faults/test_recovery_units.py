@@ -61,14 +61,17 @@ def test_a_good_certificate_needs_no_explanation(cas) -> None:  # noqa: ANN001
     assert diagnose_server_certificate(cert, [ca.cert], host="localhost") is None
 
 
-@pytest.mark.parametrize("case, problem", [
-    ("other CA", TlsProblem.UNKNOWN_CA),
-    ("server expired", TlsProblem.SERVER_CERT_EXPIRED),
-    ("pinned CA expired", TlsProblem.PINNED_CA_EXPIRED),
-    ("not yet valid", TlsProblem.NOT_YET_VALID),
-    ("other host", TlsProblem.WRONG_HOST),
-    ("nothing there", TlsProblem.NO_CERTIFICATE),
-])
+@pytest.mark.parametrize(
+    "case, problem",
+    [
+        ("other CA", TlsProblem.UNKNOWN_CA),
+        ("server expired", TlsProblem.SERVER_CERT_EXPIRED),
+        ("pinned CA expired", TlsProblem.PINNED_CA_EXPIRED),
+        ("not yet valid", TlsProblem.NOT_YET_VALID),
+        ("other host", TlsProblem.WRONG_HOST),
+        ("nothing there", TlsProblem.NO_CERTIFICATE),
+    ],
+)
 def test_each_tls_failure_is_told_apart(cas, case: str, problem: TlsProblem) -> None:  # noqa: ANN001
     ca, other = cas
     now, host = NOW, "127.0.0.1"
@@ -96,8 +99,10 @@ def test_a_bundle_of_both_cas_trusts_either_servers_certificate(cas) -> None:  #
     old, new = cas
     _, by_new = new.issue_server_cert(["127.0.0.1"])
     assert diagnose_server_certificate(by_new, [old.cert, new.cert], host="127.0.0.1") is None
-    assert diagnose_server_certificate(by_new, [old.cert], host="127.0.0.1").problem \
+    assert (
+        diagnose_server_certificate(by_new, [old.cert], host="127.0.0.1").problem
         is TlsProblem.UNKNOWN_CA
+    )
 
 
 def test_the_site_is_told_who_must_do_what(cas, tmp_path: Path) -> None:  # noqa: ANN001
@@ -105,8 +110,9 @@ def test_the_site_is_told_who_must_do_what(cas, tmp_path: Path) -> None:  # noqa
     from medfed.core.identity import TlsDiagnosis
 
     ca_path = tmp_path / "federation-ca.pem"
-    advice = {p: tls_advice(TlsDiagnosis(p, "details"), server="h:1", ca_path=ca_path)
-              for p in TlsProblem}
+    advice = {
+        p: tls_advice(TlsDiagnosis(p, "details"), server="h:1", ca_path=ca_path) for p in TlsProblem
+    }
     assert "ca/ca.pem" in advice[TlsProblem.UNKNOWN_CA]
     assert f"{ca_path} (site.toml key site.federation_ca)" in advice[TlsProblem.UNKNOWN_CA]
     assert "medfed server renew-cert" in advice[TlsProblem.SERVER_CERT_EXPIRED]
@@ -143,10 +149,12 @@ def tls_server(cert: Path, key: Path) -> Iterator[tuple[str, object]]:
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     server = asyncio.run_coroutine_threadsafe(
-        asyncio.start_server(handle, "127.0.0.1", port, ssl=reloader.context), loop).result(5)
+        asyncio.start_server(handle, "127.0.0.1", port, ssl=reloader.context), loop
+    ).result(5)
     try:
         yield f"127.0.0.1:{port}", reloader
     finally:
+
         async def close() -> None:
             server.close()
             await server.wait_closed()
@@ -167,13 +175,11 @@ def test_a_renewed_certificate_is_served_without_a_restart(cas, tmp_path: Path) 
     ca, other = cas
     cert, key = tmp_path / "server.pem", tmp_path / "server.key"
     (tmp_path / "ca.pem").write_bytes(ca.cert.public_bytes(_PEM))
-    k, expired = ca.issue_server_cert(["127.0.0.1"], days=1,
-                                      not_before=NOW - dt.timedelta(days=3))
+    k, expired = ca.issue_server_cert(["127.0.0.1"], days=1, not_before=NOW - dt.timedelta(days=3))
     save_server_identity(k, expired, cert, key)
     with tls_server(cert, key) as (address, reloader):
         assert _serial(address) == expired.serial_number
-        assert diagnose_tls(address, tmp_path / "ca.pem").problem \
-            is TlsProblem.SERVER_CERT_EXPIRED
+        assert diagnose_tls(address, tmp_path / "ca.pem").problem is TlsProblem.SERVER_CERT_EXPIRED
         k, renewed = ca.issue_server_cert(["127.0.0.1"])
         replace_server_identity(k, renewed, cert, key)
         assert _serial(address) == renewed.serial_number
@@ -205,10 +211,13 @@ def test_grpc_and_https_clients_accept_a_bundle_of_two_cas(cas, tmp_path: Path) 
                     assert ok  # the handshake passed (the toy server then hangs up)
 
 
-@pytest.mark.parametrize("presented, phrase", [
-    ("other CA", "Another federation's server"), ("expired", "medfed server renew-cert")])
+@pytest.mark.parametrize(
+    "presented, phrase",
+    [("other CA", "Another federation's server"), ("expired", "medfed server renew-cert")],
+)
 def test_the_coordinator_gets_a_message_not_a_raw_tls_error(
-        cas, tmp_path: Path, presented: str, phrase: str) -> None:  # noqa: ANN001
+    cas, tmp_path: Path, presented: str, phrase: str
+) -> None:  # noqa: ANN001
     from medfed.server.control import Control
 
     ca, other = cas
@@ -235,8 +244,13 @@ def _fake_daemon(short_tmp: Path, server: str = "127.0.0.1:9"):  # noqa: ANN202
     from medfed.client.site import init_site
 
     CertificateAuthority.create("fed").save(short_tmp / "ca.pem", short_tmp / "ca.key")
-    config = init_site(short_tmp / "s", name="s", federation_ca=short_tmp / "ca.pem",
-                       server=server, runtime_port=free_port())
+    config = init_site(
+        short_tmp / "s",
+        name="s",
+        federation_ca=short_tmp / "ca.pem",
+        server=server,
+        runtime_port=free_port(),
+    )
     daemon = SiteDaemon(config)
     daemon.supervision.backoff = RestartBackoff(initial=0.05, cap=0.2)
     return daemon
@@ -274,11 +288,16 @@ def test_a_killed_supernode_is_restarted_with_backoff(short_tmp: Path, caplog) -
     kill = "import os, signal; print('SuperNode ID: 42', flush=True); os.kill(os.getpid(), 9)"
     live = "import time; print('SuperNode ID: 42', flush=True); time.sleep(60)"
     with caplog.at_level(logging.WARNING, logger="medfed.site"):
-        starts = _supervise(daemon, [kill, kill, kill, live], short_tmp,
-                            until=lambda s: len(s) == 4 and daemon.supernode.alive())
+        starts = _supervise(
+            daemon,
+            [kill, kill, kill, live],
+            short_tmp,
+            until=lambda s: len(s) == 4 and daemon.supernode.alive(),
+        )
     assert len(starts) == 4
-    restarts = [r.getMessage() for r in caplog.records if "restarting the SuperNode" in
-                r.getMessage()]
+    restarts = [
+        r.getMessage() for r in caplog.records if "restarting the SuperNode" in r.getMessage()
+    ]
     assert len(restarts) == 3 and "killed (signal 9)" in restarts[0]
     assert "restart 3 in a row" in restarts[2]
 
@@ -290,9 +309,11 @@ def test_a_tls_failure_is_explained_once_and_retried(short_tmp: Path, caplog) ->
     save_server_identity(k, c, cert, key)
     with tls_server(cert, key) as (address, _):
         daemon = _fake_daemon(short_tmp, server=address)
-        tls = ("print('Exit Code: 305'); print('Failed to initialize the connection to the "
-               "SuperLink.'); print('[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify "
-               "failed: unable to get local issuer certificate'); raise SystemExit(1)")
+        tls = (
+            "print('Exit Code: 305'); print('Failed to initialize the connection to the "
+            "SuperLink.'); print('[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify "
+            "failed: unable to get local issuer certificate'); raise SystemExit(1)"
+        )
         with caplog.at_level(logging.WARNING, logger="medfed.site"):
             _supervise(daemon, [tls], short_tmp, until=lambda s: len(s) >= 4)
     told = [r.getMessage() for r in caplog.records if "Ask the coordinator" in r.getMessage()]
@@ -303,8 +324,10 @@ def test_a_tls_failure_is_explained_once_and_retried(short_tmp: Path, caplog) ->
 def test_a_key_the_supernode_cannot_load_stops_the_daemon(short_tmp: Path) -> None:
     daemon = _fake_daemon(short_tmp)
     daemon.supernode_process = lambda: Managed(  # type: ignore[method-assign]
-        "fake", [sys.executable, "-c", "print('Exit Code: 302'); raise SystemExit(1)"],
-        short_tmp / "sn.log")
+        "fake",
+        [sys.executable, "-c", "print('Exit Code: 302'); raise SystemExit(1)"],
+        short_tmp / "sn.log",
+    )
     daemon.supernode = daemon.supernode_process().start()
     with pytest.raises(IdentityError, match="private key"):
         daemon.wait()
@@ -347,8 +370,9 @@ def test_a_ca_rotation_keeps_both_cas_trusted_and_ends_with_the_new_one(tmp_path
     )
     from medfed.server.superlink import check_tls
 
-    fed = Federation.load(init_federation(tmp_path / "fed", name="f",
-                                          hosts=["127.0.0.1", "localhost"], port=9999))
+    fed = Federation.load(
+        init_federation(tmp_path / "fed", name="f", hosts=["127.0.0.1", "localhost"], port=9999)
+    )
     files, tls = CaFiles.of(fed), fed.config.tls
     old_ca = load_certificate(fed.ca_cert)
     old_server = load_certificate(fed.path(tls.cert))
@@ -366,8 +390,10 @@ def test_a_ca_rotation_keeps_both_cas_trusted_and_ends_with_the_new_one(tmp_path
     assert set(load_certificates(files.bundle)) == {old_ca, new_ca}
     new_server = load_certificate(fed.path(tls.cert))
     assert diagnose_server_certificate(new_server, [new_ca], host="localhost") is None
-    assert diagnose_server_certificate(new_server, [old_ca], host="localhost").problem \
+    assert (
+        diagnose_server_certificate(new_server, [old_ca], host="localhost").problem
         is TlsProblem.UNKNOWN_CA
+    )
     check_tls(fed)  # `medfed server start` accepts the result
     ca = CertificateAuthority.load(fed.ca_cert, fed.path(tls.ca_key))
     assert ca.key.public_key() == ca.cert.public_key()  # the key is the new CA's
@@ -376,7 +402,8 @@ def test_a_ca_rotation_keeps_both_cas_trusted_and_ends_with_the_new_one(tmp_path
 
 
 def test_sites_and_enrol_say_who_answers_when_the_server_has_another_certificate(
-        cas, tmp_path: Path) -> None:  # noqa: ANN001
+    cas, tmp_path: Path
+) -> None:  # noqa: ANN001
     import subprocess
 
     from medfed.core.identity import SiteKeys
@@ -388,13 +415,18 @@ def test_sites_and_enrol_say_who_answers_when_the_server_has_another_certificate
     save_server_identity(k, c, cert, key)
     SiteKeys.create().save(tmp_path / "site.key", tmp_path / "site.pub")
     with tls_server(cert, key) as (address, _):
-        config = init_federation(tmp_path / "fed", name="f", hosts=["127.0.0.1"],
-                                 port=int(address.rsplit(":", 1)[1]))
-        outputs = [subprocess.run([sys.executable, "-m", "medfed", "server", *args,
-                                   "--config", str(config)],
-                                  capture_output=True, text=True, timeout=120)
-                   for args in (["enrol", str(tmp_path / "site.pub"), "--name", "a"],
-                                ["sites"])]
+        config = init_federation(
+            tmp_path / "fed", name="f", hosts=["127.0.0.1"], port=int(address.rsplit(":", 1)[1])
+        )
+        outputs = [
+            subprocess.run(
+                [sys.executable, "-m", "medfed", "server", *args, "--config", str(config)],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            for args in (["enrol", str(tmp_path / "site.pub"), "--name", "a"], ["sites"])
+        ]
     for out in outputs:
         assert out.returncode == 0, out.stderr
         text = " ".join(out.stdout.split())  # undo the console's wrapping
@@ -406,7 +438,8 @@ def test_sites_and_enrol_say_who_answers_when_the_server_has_another_certificate
 
 
 def test_the_server_starts_a_superlink_that_stopped_again_and_stops_the_last_one(
-        short_tmp: Path) -> None:
+    short_tmp: Path,
+) -> None:
     from medfed.server.superlink import keep_running
 
     def proc(name: str, code: str) -> Managed:

@@ -49,16 +49,22 @@ def _run_holder(folder: RunFolder) -> int:
 
 def _sites_sent(fed: LocalFederation, rnd: int) -> bool:
     """Whether every site's audit log says it sent its round-``rnd`` update."""
-    return all(any(r.get("event") == "update-sent" and r.get("round") == rnd
-                   for r in map(json.loads, (fed.root / s / "audit.jsonl").read_text()
-                                .splitlines()))
-               for s in fed.site_names)
+    return all(
+        any(
+            r.get("event") == "update-sent" and r.get("round") == rnd
+            for r in map(json.loads, (fed.root / s / "audit.jsonl").read_text().splitlines())
+        )
+        for s in fed.site_names
+    )
 
 
-def _crash_and_resume(fed: LocalFederation, config: RunConfig,
-                      crash_when: Callable[[Events], bool], *,
-                      after_sites_sent: int | None = None
-                      ) -> tuple[RunFolder, dict[str, Any]]:
+def _crash_and_resume(
+    fed: LocalFederation,
+    config: RunConfig,
+    crash_when: Callable[[Events], bool],
+    *,
+    after_sites_sent: int | None = None,
+) -> tuple[RunFolder, dict[str, Any]]:
     """Submit ``config``; kill -9 the SuperLink and its ServerApp once ``crash_when``
     holds of the run's events; start the server again; follow the run to its end.
 
@@ -82,8 +88,10 @@ def _crash_and_resume(fed: LocalFederation, config: RunConfig,
                 assert time.monotonic() < deadline, "the sites did not send their updates"
                 time.sleep(0.1)
             time.sleep(1.0)  # the SuperNodes push what the sites handed them
-            assert not any(e["event"] == "round-finished" and e["round"] == after_sites_sent
-                           for e in folder.read_events())
+            assert not any(
+                e["event"] == "round-finished" and e["round"] == after_sites_sent
+                for e in folder.read_events()
+            )
     finally:  # as a power cut: the SuperLink and its ServerApp (never left paused)
         superlink = fed.group.members[0]
         os.killpg(superlink.proc.pid, signal.SIGKILL)
@@ -93,8 +101,7 @@ def _crash_and_resume(fed: LocalFederation, config: RunConfig,
     fed.group.members[0] = start_superlink(fed.fed)
     with fed.control() as control:
         try:
-            summary = follow_run(control, run_id, runs_dir, on_event=lambda e: None,
-                                 timeout=300)
+            summary = follow_run(control, run_id, runs_dir, on_event=lambda e: None, timeout=300)
         except MedfedError as exc:  # what each part did, for a failure seen only in CI
             raise AssertionError(f"{exc}\n{_state_of(fed, folder)}") from exc
     return folder, summary
@@ -102,6 +109,7 @@ def _crash_and_resume(fed: LocalFederation, config: RunConfig,
 
 def _state_of(fed: LocalFederation, folder: RunFolder) -> str:
     """The run's last events and the tails of the SuperLink's and the sites' logs."""
+
     def tail(path: Path, n: int) -> str:
         lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
         return "\n".join(f"  {line[:300]}" for line in lines[-n:])
@@ -115,8 +123,9 @@ def _state_of(fed: LocalFederation, folder: RunFolder) -> str:
 
 
 def _in_round_2(events: Events) -> bool:
-    return any(e["event"] == "round-sent" and e["round"] == 2 and e["phase"] == "train"
-               for e in events)
+    return any(
+        e["event"] == "round-sent" and e["round"] == 2 and e["phase"] == "train" for e in events
+    )
 
 
 def _final(folder: RunFolder, rounds: int) -> dict[str, np.ndarray]:
@@ -137,7 +146,8 @@ def _resumed_once_at_round_2(folder: RunFolder, summary: dict[str, Any]) -> Even
 
 
 def test_server_killed_in_round_2_of_4_resumes_and_matches_an_uninterrupted_run(
-        short_tmp: Path) -> None:
+    short_tmp: Path,
+) -> None:
     config = RunConfig(task="tiny-seg", rounds=4, min_sites=2, seed=7, round_timeout_s=120)
     fed = LocalFederation(short_tmp, ["site-a", "site-b"], name="resume")
     with fed:
@@ -158,8 +168,14 @@ def test_server_killed_in_round_2_of_4_resumes_and_matches_an_uninterrupted_run(
 
 
 def test_a_dp_round_the_server_lost_is_sent_again_and_charged_once(short_tmp: Path) -> None:
-    config = RunConfig(task="tiny-seg", rounds=4, min_sites=2, seed=3, round_timeout_s=120,
-                       privacy={"mode": "sample", "noise_multiplier": 1.0})
+    config = RunConfig(
+        task="tiny-seg",
+        rounds=4,
+        min_sites=2,
+        seed=3,
+        round_timeout_s=120,
+        privacy={"mode": "sample", "noise_multiplier": 1.0},
+    )
     fed = LocalFederation(short_tmp, ["site-a", "site-b"], name="resume-dp")
     with fed:
         fed.create(site_data=lambda i, name: {"num_samples": 24})

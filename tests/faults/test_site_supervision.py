@@ -23,15 +23,17 @@ def trained(folder) -> set[str]:  # noqa: ANN001 - a RunFolder
 
 
 def test_a_killed_supernode_is_restarted_and_the_site_trains_in_the_next_round(
-        short_tmp: Path) -> None:
+    short_tmp: Path,
+) -> None:
     fed = LocalFederation(short_tmp, ["site-a", "site-b"], name="supervision")
     with fed:
         fed.create(site_data=lambda i, name: {"num_samples": 16})
         fed.start()
         daemon = next(p for p in fed.group.members if p.name == "site daemon site-b")
         assert daemon.proc is not None
-        first, s1 = fed.run(RunConfig(task="tiny-seg", rounds=1, min_sites=2,
-                                      round_timeout_s=120), timeout=240)
+        first, s1 = fed.run(
+            RunConfig(task="tiny-seg", rounds=1, min_sites=2, round_timeout_s=120), timeout=240
+        )
         supernodes = children(daemon.proc.pid)
         assert len(supernodes) == 1, "the site daemon runs one SuperNode as its child"
         log = fed.site_configs["site-b"].parent / "logs" / "supernode.log"
@@ -47,8 +49,9 @@ def test_a_killed_supernode_is_restarted_and_the_site_trains_in_the_next_round(
         back_in = time.monotonic() - killed
         assert children(daemon.proc.pid) not in ([], supernodes)
         fed.wait_online(2, timeout=60)
-        second, s2 = fed.run(RunConfig(task="tiny-seg", rounds=1, min_sites=2,
-                                       round_timeout_s=120), timeout=240)
+        second, s2 = fed.run(
+            RunConfig(task="tiny-seg", rounds=1, min_sites=2, round_timeout_s=120), timeout=240
+        )
         assert daemon.alive()  # the same daemon throughout: never exited, never restarted
         daemon_log = daemon.log_of_this_start()
     assert s1["status"] == s2["status"] == "completed", (s1, s2)

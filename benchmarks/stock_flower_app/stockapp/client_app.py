@@ -25,10 +25,15 @@ def train(msg: Message, context: Context) -> Message:
         loss = torch.nn.functional.mse_loss(model(x), y)
         loss.backward()
         opt.step()
-    return Message(RecordDict({
-        "arrays": ArrayRecord(model.state_dict()),
-        "metrics": MetricRecord({"train_loss": float(loss.item()), "num-examples": len(x)}),
-    }), reply_to=msg)
+    return Message(
+        RecordDict(
+            {
+                "arrays": ArrayRecord(model.state_dict()),
+                "metrics": MetricRecord({"train_loss": float(loss.item()), "num-examples": len(x)}),
+            }
+        ),
+        reply_to=msg,
+    )
 
 
 @app.evaluate()
@@ -37,6 +42,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     model, (x, y) = _setup(msg, context)
     with torch.no_grad():
         loss = torch.nn.functional.mse_loss(model(x), y).item()
-    return Message(RecordDict({"metrics": MetricRecord({"eval_loss": loss,
-                                                        "num-examples": len(x)})}),
-                   reply_to=msg)
+    return Message(
+        RecordDict({"metrics": MetricRecord({"eval_loss": loss, "num-examples": len(x)})}),
+        reply_to=msg,
+    )

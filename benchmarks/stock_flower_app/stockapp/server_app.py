@@ -24,11 +24,13 @@ def main(grid: Grid, context: Context) -> None:
     def on_round_end(server_round: int, arrays: ArrayRecord) -> None:
         marks.append(time.time())  # called before round 1 and after each round
 
-    strategy.start(grid=grid, initial_arrays=ArrayRecord(
-                       make_model(int(rc.get("extra-params", 0))).state_dict()),
-                   num_rounds=int(rc["num-server-rounds"]),
-                   train_config=ConfigRecord({"lr": float(rc["lr"])}),
-                   evaluate_fn=on_round_end)
+    strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(make_model(int(rc.get("extra-params", 0))).state_dict()),
+        num_rounds=int(rc["num-server-rounds"]),
+        train_config=ConfigRecord({"lr": float(rc["lr"])}),
+        evaluate_fn=on_round_end,
+    )
     rounds = [round(b - a, 3) for a, b in zip(marks, marks[1:], strict=False)]
     out = Path(str(rc["out-dir"]))
     out.mkdir(parents=True, exist_ok=True)

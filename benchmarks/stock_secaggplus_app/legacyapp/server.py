@@ -26,15 +26,26 @@ def main(grid, context) -> None:  # noqa: ANN001
         marks.append(time.time())  # before round 1, then after each round's fit
         return None
 
-    strategy = FedAvg(min_fit_clients=n, min_evaluate_clients=n, min_available_clients=n,
-                      initial_parameters=ndarrays_to_parameters(get_params(make_model())),
-                      evaluate_fn=evaluate_fn)
-    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=rounds),
-                           strategy=strategy)
-    fit = SecAggPlusWorkflow(num_shares=n, reconstruction_threshold=2) \
-        if bool(rc["secaggplus"]) else None
+    strategy = FedAvg(
+        min_fit_clients=n,
+        min_evaluate_clients=n,
+        min_available_clients=n,
+        initial_parameters=ndarrays_to_parameters(get_params(make_model())),
+        evaluate_fn=evaluate_fn,
+    )
+    legacy = LegacyContext(
+        context=context, config=ServerConfig(num_rounds=rounds), strategy=strategy
+    )
+    fit = (
+        SecAggPlusWorkflow(num_shares=n, reconstruction_threshold=2)
+        if bool(rc["secaggplus"])
+        else None
+    )
     DefaultWorkflow(fit_workflow=fit)(grid, legacy)
     out = Path(str(rc["out-dir"]))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "result.json").write_text(json.dumps(
-        {"round_seconds": [round(b - a, 3) for a, b in zip(marks, marks[1:], strict=False)]}))
+    (out / "result.json").write_text(
+        json.dumps(
+            {"round_seconds": [round(b - a, 3) for a, b in zip(marks, marks[1:], strict=False)]}
+        )
+    )

@@ -9,8 +9,9 @@ IN, HIDDEN = 400, 2040
 def make_model() -> torch.nn.Module:
     """400 -> 2040 -> 1: 820,081 parameters."""
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(IN, HIDDEN), torch.nn.ReLU(),
-                               torch.nn.Linear(HIDDEN, 1))
+    return torch.nn.Sequential(
+        torch.nn.Linear(IN, HIDDEN), torch.nn.ReLU(), torch.nn.Linear(HIDDEN, 1)
+    )
 
 
 def make_data(partition_id: int, n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:

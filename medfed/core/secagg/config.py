@@ -115,8 +115,11 @@ class SecAggConfig:
     def to_dict(self) -> dict[str, object]:
         """JSON-ready form (rides in the round-1 request; both sides must agree)."""
         return {
-            "mode": self.mode, "threshold": self.threshold, "clip_range": self.clip_range,
-            "modulus_bits": self.modulus_bits, "max_weight": self.max_weight,
+            "mode": self.mode,
+            "threshold": self.threshold,
+            "clip_range": self.clip_range,
+            "modulus_bits": self.modulus_bits,
+            "max_weight": self.max_weight,
             "rounding": self.rounding,
         }
 

@@ -39,7 +39,8 @@ class SiteIdentity:
     def private_bytes(self) -> bytes:
         """The 32 raw private bytes, for the site's key file (owner-only)."""
         return self.private_key.private_bytes(
-            serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
             serialization.NoEncryption(),
         )
 
@@ -75,7 +76,8 @@ def check_directory(directory: Mapping[str, bytes]) -> dict[str, bytes]:
         except ValueError:
             raise RosterError(
                 "an enrolled identity key is not a 32-byte Ed25519 public key",
-                where=f"site {site!r}", fix="re-enrol the site's secure-aggregation identity",
+                where=f"site {site!r}",
+                fix="re-enrol the site's secure-aggregation identity",
             ) from None
         out[site] = bytes(key)
     return out

@@ -38,15 +38,16 @@ def _unb64(text: Any) -> bytes:
 
 
 def _dump(kind: str, body: dict[str, Any]) -> bytes:
-    return MAGIC + json.dumps({"type": kind, **body}, sort_keys=True,
-                              separators=(",", ":")).encode()
+    return (
+        MAGIC + json.dumps({"type": kind, **body}, sort_keys=True, separators=(",", ":")).encode()
+    )
 
 
 def _load(kind: str, raw: bytes) -> dict[str, Any]:
     if not isinstance(raw, (bytes, bytearray)) or not bytes(raw).startswith(MAGIC):
         raise MalformedMessageError(UNKNOWN, f"not a medfed secure-aggregation {kind}")
     try:
-        data = json.loads(bytes(raw)[len(MAGIC):])
+        data = json.loads(bytes(raw)[len(MAGIC) :])
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MalformedMessageError(UNKNOWN, f"{kind} header is not JSON: {exc}") from None
     if not isinstance(data, dict) or data.get("type") != kind:
@@ -79,8 +80,15 @@ class KeyAdvert:
 
     def to_bytes(self) -> bytes:
         """Encode (about 150 bytes)."""
-        return _dump("advert", {"site": self.site_id, "run": self.run_id,
-                                "pub": _b64(self.public_key), "sig": _b64(self.signature)})
+        return _dump(
+            "advert",
+            {
+                "site": self.site_id,
+                "run": self.run_id,
+                "pub": _b64(self.public_key),
+                "sig": _b64(self.signature),
+            },
+        )
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> KeyAdvert:
@@ -92,8 +100,9 @@ class KeyAdvert:
         try:
             return cls(str(d["site"]), str(d["run"]), _unb64(d["pub"]), _unb64(d["sig"]))
         except (KeyError, ValueError) as exc:
-            raise MalformedMessageError(str(d.get("site", UNKNOWN)),
-                                        f"key advert field missing or invalid: {exc}") from None
+            raise MalformedMessageError(
+                str(d.get("site", UNKNOWN)), f"key advert field missing or invalid: {exc}"
+            ) from None
 
 
 @dataclass(frozen=True)
@@ -115,8 +124,13 @@ class Roster:
 
     def to_bytes(self) -> bytes:
         """Encode (about 150 bytes per site)."""
-        return _dump("roster", {"run": self.run_id, "adverts": [
-            json.loads(a.to_bytes()[len(MAGIC):]) for a in self.adverts]})
+        return _dump(
+            "roster",
+            {
+                "run": self.run_id,
+                "adverts": [json.loads(a.to_bytes()[len(MAGIC) :]) for a in self.adverts],
+            },
+        )
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> Roster:
@@ -145,18 +159,34 @@ class MaskedUpdate:
 
     def signed_payload(self) -> bytes:
         """What the identity key signs: ids, round, sizes and hashes of the payload."""
-        return frame("update", self.run_id, self.server_round, self.site_id, self.modulus_bits,
-                     frame(*self.participants), self.length, self.digest,
-                     _digest_map(self.shares))
+        return frame(
+            "update",
+            self.run_id,
+            self.server_round,
+            self.site_id,
+            self.modulus_bits,
+            frame(*self.participants),
+            self.length,
+            self.digest,
+            _digest_map(self.shares),
+        )
 
     def header(self) -> bytes:
         """The small signed header (goes in a ConfigRecord)."""
-        return _dump("update", {
-            "run": self.run_id, "round": self.server_round, "site": self.site_id,
-            "k": self.modulus_bits, "participants": list(self.participants),
-            "length": self.length, "digest": _b64(self.digest),
-            "shares": {k: _b64(v) for k, v in sorted(self.shares.items())},
-            "sig": _b64(self.signature)})
+        return _dump(
+            "update",
+            {
+                "run": self.run_id,
+                "round": self.server_round,
+                "site": self.site_id,
+                "k": self.modulus_bits,
+                "participants": list(self.participants),
+                "length": self.length,
+                "digest": _b64(self.digest),
+                "shares": {k: _b64(v) for k, v in sorted(self.shares.items())},
+                "sig": _b64(self.signature),
+            },
+        )
 
     def to_parts(self) -> tuple[bytes, np.ndarray]:
         """``(header, vector)``: header for a ConfigRecord, vector for an ArrayRecord."""
@@ -175,18 +205,27 @@ class MaskedUpdate:
             vec = np.asarray(vector)
             if vec.ndim != 1 or vec.dtype.kind != "u" or vec.dtype.itemsize != dtype.itemsize:
                 raise ValueError(
-                    f"vector dtype {vec.dtype} shape {vec.shape}, expected 1-D {dtype}")
+                    f"vector dtype {vec.dtype} shape {vec.shape}, expected 1-D {dtype}"
+                )
             shares = d["shares"]
             if not isinstance(shares, dict) or not isinstance(d["participants"], list):
                 raise ValueError("shares/participants have the wrong type")
-            return cls(str(d["run"]), int(d["round"]), site, k,
-                       tuple(str(p) for p in d["participants"]), int(d["length"]),
-                       vec.astype(dtype, copy=False),
-                       {str(p): _unb64(c) for p, c in shares.items()},
-                       _unb64(d["digest"]), _unb64(d["sig"]))
+            return cls(
+                str(d["run"]),
+                int(d["round"]),
+                site,
+                k,
+                tuple(str(p) for p in d["participants"]),
+                int(d["length"]),
+                vec.astype(dtype, copy=False),
+                {str(p): _unb64(c) for p, c in shares.items()},
+                _unb64(d["digest"]),
+                _unb64(d["sig"]),
+            )
         except (KeyError, ValueError, TypeError) as exc:
             raise MalformedMessageError(
-                site, f"update header field missing or invalid: {exc}") from None
+                site, f"update header field missing or invalid: {exc}"
+            ) from None
 
     def to_bytes(self) -> bytes:
         """One blob: 8-byte header length, header, raw vector bytes."""
@@ -202,10 +241,10 @@ class MaskedUpdate:
         (hlen,) = struct.unpack(">Q", raw[:8])
         if 8 + hlen > len(raw):
             raise MalformedMessageError(UNKNOWN, "update header truncated")
-        head = raw[8:8 + hlen]
+        head = raw[8 : 8 + hlen]
         d = _load("update", head)
         item = 4 if d.get("k") == 32 else 8
-        body = raw[8 + hlen:]
+        body = raw[8 + hlen :]
         body = body[: len(body) - len(body) % item]
         return cls.from_parts(head, np.frombuffer(body, dtype=f"<u{item}"))
 
@@ -223,22 +262,35 @@ class UnmaskRequest:
 
     def to_bytes(self) -> bytes:
         """Encode (strict mode: ~100 bytes per survivor)."""
-        return _dump("unmask", {
-            "run": self.run_id, "round": self.server_round, "site": self.site_id,
-            "survivors": list(self.survivors), "dropped": list(self.dropped),
-            "shares": {k: _b64(v) for k, v in sorted(self.shares.items())}})
+        return _dump(
+            "unmask",
+            {
+                "run": self.run_id,
+                "round": self.server_round,
+                "site": self.site_id,
+                "survivors": list(self.survivors),
+                "dropped": list(self.dropped),
+                "shares": {k: _b64(v) for k, v in sorted(self.shares.items())},
+            },
+        )
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> UnmaskRequest:
         """Decode; malformed input raises :class:`MalformedMessageError`."""
         d = _load("unmask", raw)
         try:
-            return cls(str(d["run"]), int(d["round"]), str(d["site"]),
-                       tuple(str(s) for s in d["survivors"]), tuple(str(s) for s in d["dropped"]),
-                       {str(k): _unb64(v) for k, v in d["shares"].items()})
+            return cls(
+                str(d["run"]),
+                int(d["round"]),
+                str(d["site"]),
+                tuple(str(s) for s in d["survivors"]),
+                tuple(str(s) for s in d["dropped"]),
+                {str(k): _unb64(v) for k, v in d["shares"].items()},
+            )
         except (KeyError, ValueError, TypeError, AttributeError) as exc:
-            raise MalformedMessageError(str(d.get("site", UNKNOWN)),
-                                        f"unmask request invalid: {exc}") from None
+            raise MalformedMessageError(
+                str(d.get("site", UNKNOWN)), f"unmask request invalid: {exc}"
+            ) from None
 
 
 @dataclass(frozen=True)
@@ -256,29 +308,49 @@ class Reveal:
 
     def signed_payload(self) -> bytes:
         """What the identity key signs."""
-        return frame("reveal", self.run_id, self.server_round, self.site_id,
-                     frame(*self.survivors), frame(*self.dropped),
-                     _digest_map(self.seeds), _digest_map(self.b_shares))
+        return frame(
+            "reveal",
+            self.run_id,
+            self.server_round,
+            self.site_id,
+            frame(*self.survivors),
+            frame(*self.dropped),
+            _digest_map(self.seeds),
+            _digest_map(self.b_shares),
+        )
 
     def to_bytes(self) -> bytes:
         """Encode (~60 bytes per dropped site, ~100 per survivor in strict mode)."""
-        return _dump("reveal", {
-            "run": self.run_id, "round": self.server_round, "site": self.site_id,
-            "survivors": list(self.survivors), "dropped": list(self.dropped),
-            "seeds": {k: _b64(v) for k, v in sorted(self.seeds.items())},
-            "b_shares": {k: _b64(v) for k, v in sorted(self.b_shares.items())},
-            "sig": _b64(self.signature)})
+        return _dump(
+            "reveal",
+            {
+                "run": self.run_id,
+                "round": self.server_round,
+                "site": self.site_id,
+                "survivors": list(self.survivors),
+                "dropped": list(self.dropped),
+                "seeds": {k: _b64(v) for k, v in sorted(self.seeds.items())},
+                "b_shares": {k: _b64(v) for k, v in sorted(self.b_shares.items())},
+                "sig": _b64(self.signature),
+            },
+        )
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> Reveal:
         """Decode; malformed input raises :class:`MalformedMessageError`."""
         d = _load("reveal", raw)
         try:
-            return cls(str(d["run"]), int(d["round"]), str(d["site"]),
-                       tuple(str(s) for s in d["survivors"]), tuple(str(s) for s in d["dropped"]),
-                       {str(k): _unb64(v) for k, v in d["seeds"].items()},
-                       {str(k): _unb64(v) for k, v in d["b_shares"].items()},
-                       _unb64(d["sig"]))
+            return cls(
+                str(d["run"]),
+                int(d["round"]),
+                str(d["site"]),
+                tuple(str(s) for s in d["survivors"]),
+                tuple(str(s) for s in d["dropped"]),
+                {str(k): _unb64(v) for k, v in d["seeds"].items()},
+                {str(k): _unb64(v) for k, v in d["b_shares"].items()},
+                _unb64(d["sig"]),
+            )
         except (KeyError, ValueError, TypeError, AttributeError) as exc:
-            raise MalformedMessageError(str(d.get("site", UNKNOWN)),
-                                        f"reveal invalid: {exc}") from None
+            raise MalformedMessageError(
+                str(d.get("site", UNKNOWN)), f"reveal invalid: {exc}"
+            ) from None

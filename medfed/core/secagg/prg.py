@@ -39,8 +39,9 @@ def frame(*parts: bytes | str | int) -> bytes:
 
 def hkdf(secret: bytes, *info: bytes | str | int, length: int = SEED_BYTES) -> bytes:
     """HKDF-SHA256 of ``secret`` with a framed ``info`` prefixed by the protocol label."""
-    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None,
-                info=frame(PROTOCOL, *info)).derive(secret)
+    return HKDF(
+        algorithm=hashes.SHA256(), length=length, salt=None, info=frame(PROTOCOL, *info)
+    ).derive(secret)
 
 
 def ordered(a: str, b: str) -> tuple[str, str]:
@@ -98,7 +99,7 @@ def apply_masks(acc: np.ndarray, terms: Iterable[tuple[bytes, int]]) -> None:
     ks_all = np.frombuffer(buf, dtype=acc.dtype)
     for start in range(0, acc.size, per):
         m = min(per, acc.size - start)
-        seg = acc[start:start + m]
+        seg = acc[start : start + m]
         ks = ks_all[:m]
         for enc, sign in streams:
             enc.update_into(zeros[: m * item], buf)  # type: ignore[attr-defined]

@@ -66,7 +66,7 @@ def encode(
     for start in range(0, x.size, CHUNK):
         m = min(CHUNK, x.size - start)
         v = tmp[:m]
-        np.copyto(v, x[start:start + m])  # float64, exact
+        np.copyto(v, x[start : start + m])  # float64, exact
         if not np.isfinite(v).all():
             bad = start + int(np.flatnonzero(~np.isfinite(v))[0])
             raise InputError(
@@ -84,7 +84,7 @@ def encode(
         else:
             np.rint(v, out=v)
         np.copyto(ints[:m], v, casting="unsafe")  # integral values, |v| <= 2**40: exact
-        np.copyto(out[start:start + m], ints[:m], casting="unsafe")  # wraps mod 2**k
+        np.copyto(out[start : start + m], ints[:m], casting="unsafe")  # wraps mod 2**k
     out[-1] = wq
     return out, clipped
 
@@ -109,9 +109,9 @@ def decode_sum(total: np.ndarray, fp: FixedPoint) -> tuple[np.ndarray, float]:
     inv = np.float64(1.0 / (fp.scale * w_norm))
     for start in range(0, mean.size, CHUNK):
         m = min(CHUNK, mean.size - start)
-        np.copyto(tmp[:m], s[start:start + m])
+        np.copyto(tmp[:m], s[start : start + m])
         np.multiply(tmp[:m], inv, out=tmp[:m])
-        np.copyto(mean[start:start + m], tmp[:m], casting="same_kind")
+        np.copyto(mean[start : start + m], tmp[:m], casting="same_kind")
     return mean, w_norm * fp.max_weight
 
 

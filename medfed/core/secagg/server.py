@@ -80,8 +80,15 @@ class Aggregator:
         Length ``d`` of the model's flat update vector.
     """
 
-    def __init__(self, config: SecAggConfig, run_id: str, roster: Roster, *,
-                 directory: Mapping[str, bytes], size: int) -> None:
+    def __init__(
+        self,
+        config: SecAggConfig,
+        run_id: str,
+        roster: Roster,
+        *,
+        directory: Mapping[str, bytes],
+        size: int,
+    ) -> None:
         self.config = config
         self.run_id = run_id
         self.directory = check_directory(directory)
@@ -102,14 +109,16 @@ class Aggregator:
             raise ProtocolError(f"round {server_round} is not after round {self._round.number}")
         parts = _canonical(self.sites if participants is None else participants)
         if set(parts) - set(self.sites):
-            raise ProtocolError(f"participants {sorted(set(parts) - set(self.sites))} "
-                                "are not in the roster")
+            raise ProtocolError(
+                f"participants {sorted(set(parts) - set(self.sites))} are not in the roster"
+            )
         if len(parts) < self.threshold + 1:
             raise ProtocolError(
                 f"{len(parts)} participants in round {server_round}; at least "
                 f"{self.threshold + 1} are needed (threshold {self.threshold} + 1)",
                 fix="sample more sites per round, or set the run's secagg_threshold "
-                f"(--secagg-threshold) to at most {len(parts) - 1}")
+                f"(--secagg-threshold) to at most {len(parts) - 1}",
+            )
         if self._round is not None and self._round.status is not None:
             self._history[self._round.number] = self._round.status.dropped
         self._round = _Round(server_round, parts, np.zeros(self.size + 1, dtype=self.fp.dtype))
@@ -131,42 +140,64 @@ class Aggregator:
         if site not in self._publics:
             raise UnknownSiteError(site, "the sender is not in this run's roster")
         if update.modulus_bits != self.fp.modulus_bits or update.vector.dtype != self.fp.dtype:
-            raise MalformedMessageError(site, f"{update.modulus_bits}-bit update, "
-                                        f"the run uses {self.fp.modulus_bits} bits")
+            raise MalformedMessageError(
+                site, f"{update.modulus_bits}-bit update, the run uses {self.fp.modulus_bits} bits"
+            )
         if update.vector.size != update.length or update.length != self.size + 1:
             raise TruncatedUpdateError(
-                site, f"payload has {update.vector.size} values, header says {update.length}",
-                expected=f"{self.size + 1} values (model size + 1 weight coordinate)")
+                site,
+                f"payload has {update.vector.size} values, header says {update.length}",
+                expected=f"{self.size + 1} values (model size + 1 weight coordinate)",
+            )
         if update.digest != vector_digest(update.vector) or not SiteIdentity.verify(
-                self.directory[site], update.signature, update.signed_payload()):
-            raise TamperedUpdateError(site, "the signature does not match the update received",
-                                      fix="the message was altered in transit; check the relay")
+            self.directory[site], update.signature, update.signed_payload()
+        ):
+            raise TamperedUpdateError(
+                site,
+                "the signature does not match the update received",
+                fix="the message was altered in transit; check the relay",
+            )
         rnd = self._round
         if update.run_id != self.run_id:
-            raise ReplayedUpdateError(site, f"update for run {update.run_id!r}",
-                                      expected=f"run {self.run_id!r}")
+            raise ReplayedUpdateError(
+                site, f"update for run {update.run_id!r}", expected=f"run {self.run_id!r}"
+            )
         if rnd is None or update.server_round > rnd.number:
-            raise ReplayedUpdateError(site, f"update for round {update.server_round}, "
-                                      "which is not open")
+            raise ReplayedUpdateError(
+                site, f"update for round {update.server_round}, which is not open"
+            )
         if update.server_round < rnd.number:
             if site in self._history.get(update.server_round, ()):
-                raise LateUpdateError(site, f"round {update.server_round} closed and this site "
-                                      "was declared dropped; its update is refused")
-            raise ReplayedUpdateError(site, f"update for past round {update.server_round}",
-                                      expected=f"round {rnd.number}")
+                raise LateUpdateError(
+                    site,
+                    f"round {update.server_round} closed and this site "
+                    "was declared dropped; its update is refused",
+                )
+            raise ReplayedUpdateError(
+                site, f"update for past round {update.server_round}", expected=f"round {rnd.number}"
+            )
         if rnd.status is not None:
-            raise LateUpdateError(site, f"round {rnd.number}'s collection closed "
-                                  f"(dropped: {list(rnd.status.dropped)}); the update is refused")
+            raise LateUpdateError(
+                site,
+                f"round {rnd.number}'s collection closed "
+                f"(dropped: {list(rnd.status.dropped)}); the update is refused",
+            )
         if site in rnd.received:
             raise ReplayedUpdateError(site, f"a second update for round {rnd.number}")
         if site not in rnd.participants or update.participants != rnd.participants:
-            raise MalformedMessageError(site, "the update's participant list differs from the "
-                                        "round's", expected=str(list(rnd.participants)))
+            raise MalformedMessageError(
+                site,
+                "the update's participant list differs from the round's",
+                expected=str(list(rnd.participants)),
+            )
         if self.config.mode == "strict":
             others = set(rnd.participants) - {site}
             if set(update.shares) != others:
-                raise MalformedMessageError(site, "strict mode needs one self-mask share per "
-                                            "other participant", expected=str(sorted(others)))
+                raise MalformedMessageError(
+                    site,
+                    "strict mode needs one self-mask share per other participant",
+                    expected=str(sorted(others)),
+                )
             rnd.shares[site] = dict(update.shares)
         assert rnd.acc is not None
         np.add(rnd.acc, update.vector, out=rnd.acc)  # mod 2**k
@@ -186,14 +217,14 @@ class Aggregator:
         if dropped and not deadline_passed:
             raise ProtocolError(
                 f"{list(dropped)} have not sent yet; a dropout is declared only after the "
-                "round deadline plus its margin", fix="wait for the deadline, then close")
+                "round deadline plus its margin",
+                fix="wait for the deadline, then close",
+            )
         unmask: dict[str, UnmaskRequest] = {}
         if dropped or self.config.mode == "strict":
             for k in survivors:
-                relayed = {i: rnd.shares[i][k] for i in survivors
-                           if i != k and i in rnd.shares}
-                unmask[k] = UnmaskRequest(self.run_id, server_round, k, survivors, dropped,
-                                          relayed)
+                relayed = {i: rnd.shares[i][k] for i in survivors if i != k and i in rnd.shares}
+                unmask[k] = UnmaskRequest(self.run_id, server_round, k, survivors, dropped, relayed)
         rnd.status = RoundStatus(server_round, survivors, dropped, unmask)
         rnd.shares.clear()  # relayed once; the server keeps no ciphertexts
         if len(survivors) < self.threshold + 1:
@@ -201,7 +232,9 @@ class Aggregator:
             raise RecoveryError(
                 f"round {server_round}: {len(survivors)} survivors, at least "
                 f"{self.threshold + 1} needed (threshold {self.threshold} + 1); the round is lost",
-                where=f"dropped: {list(dropped)}", fix="rerun the round")
+                where=f"dropped: {list(dropped)}",
+                fix="rerun the round",
+            )
         return rnd.status
 
     # ---- unmasking
@@ -210,13 +243,14 @@ class Aggregator:
         site = reveal.site_id
         if site not in self._publics:
             raise UnknownSiteError(site, "reveal from a site not in the roster")
-        if not SiteIdentity.verify(self.directory[site], reveal.signature,
-                                   reveal.signed_payload()):
+        if not SiteIdentity.verify(self.directory[site], reveal.signature, reveal.signed_payload()):
             raise TamperedUpdateError(site, "the reveal's signature does not verify")
         rnd = self._round
         if reveal.run_id != self.run_id or rnd is None or reveal.server_round != rnd.number:
-            raise ReplayedUpdateError(site, f"reveal for run {reveal.run_id!r} round "
-                                      f"{reveal.server_round}, which is not open")
+            raise ReplayedUpdateError(
+                site,
+                f"reveal for run {reveal.run_id!r} round {reveal.server_round}, which is not open",
+            )
         if rnd.status is None or not rnd.status.unmask:
             raise ProtocolError(f"round {rnd.number} asked for no reveal", where=f"site {site!r}")
         if site not in rnd.status.survivors:
@@ -226,8 +260,11 @@ class Aggregator:
         if site in rnd.reveals:
             raise ReplayedUpdateError(site, f"a second reveal for round {rnd.number}")
         if set(reveal.seeds) != set(rnd.status.dropped):
-            raise MalformedMessageError(site, "the reveal lacks a seed for a dropped site",
-                                        expected=str(list(rnd.status.dropped)))
+            raise MalformedMessageError(
+                site,
+                "the reveal lacks a seed for a dropped site",
+                expected=str(list(rnd.status.dropped)),
+            )
         rnd.reveals[site] = reveal
 
     def result(self, server_round: int) -> tuple[np.ndarray, float]:
@@ -237,8 +274,10 @@ class Aggregator:
             return rnd.result
         status = rnd.status
         if status is None:
-            raise ProtocolError(f"round {server_round}'s collection is still open",
-                                fix="call close_collection first")
+            raise ProtocolError(
+                f"round {server_round}'s collection is still open",
+                fix="call close_collection first",
+            )
         if rnd.acc is None:
             raise RecoveryError(f"round {server_round} was lost (too few survivors)")
         terms: list[tuple[bytes, int]] = []
@@ -248,15 +287,17 @@ class Aggregator:
                 raise RecoveryError(
                     f"round {server_round}: no reveal yet from {missing}; their masks with the "
                     f"dropped sites {list(status.dropped)} cannot be removed",
-                    fix="wait for their reveals; if they are gone, the round is lost")
+                    fix="wait for their reveals; if they are gone, the round is lost",
+                )
             for k in status.survivors:
                 for j, seed in rnd.reveals[k].seeds.items():
                     terms.append((seed, -prg.mask_sign(k, j)))
         if self.config.mode == "strict":
             for i in status.survivors:
                 held = {k: r.b_shares[i] for k, r in rnd.reveals.items() if i in r.b_shares}
-                seed = shamir.combine(held, self.threshold, prg.SEED_BYTES,
-                                      what=f"site {i!r}'s self-mask seed")
+                seed = shamir.combine(
+                    held, self.threshold, prg.SEED_BYTES, what=f"site {i!r}'s self-mask seed"
+                )
                 terms.append((prg.self_mask_key(seed, self.run_id, server_round, i), -1))
         prg.apply_masks(rnd.acc, terms)
         rnd.result = decode_sum(rnd.acc, self.fp)
@@ -268,5 +309,4 @@ class Aggregator:
         rnd = self._current(server_round)
         if rnd.result is None or rnd.status is None:
             raise ProtocolError("no result yet")
-        return error_bound(self.fp, len(rnd.status.survivors), rnd.result[1],
-                           self.config.rounding)
+        return error_bound(self.fp, len(rnd.status.survivors), rnd.result[1], self.config.rounding)

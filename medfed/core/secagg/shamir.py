@@ -59,8 +59,13 @@ def _interpolate(points: Sequence[tuple[int, int]], at: int) -> int:
     return total
 
 
-def combine(shares: Mapping[str, bytes] | Sequence[bytes], threshold: int, length: int,
-            *, what: str = "a secret") -> bytes:
+def combine(
+    shares: Mapping[str, bytes] | Sequence[bytes],
+    threshold: int,
+    length: int,
+    *,
+    what: str = "a secret",
+) -> bytes:
     """Rebuild a ``length``-byte secret from at least ``threshold`` shares.
 
     Extra shares are checked against the polynomial through the first ``threshold``:

@@ -42,16 +42,24 @@ def verify_roster(roster: Roster, run_id: str, directory: Mapping[str, bytes]) -
             raise RosterError("the roster lists a site twice", where=where)
         seen.add(advert.site_id)
         if advert.run_id != run_id:
-            raise RosterError(f"key advert is for run {advert.run_id!r}", where=where,
-                              expected=f"run {run_id!r} (keys are fresh per run)")
+            raise RosterError(
+                f"key advert is for run {advert.run_id!r}",
+                where=where,
+                expected=f"run {run_id!r} (keys are fresh per run)",
+            )
         if advert.site_id not in directory:
-            raise RosterError("key advert from a site that is not enrolled", where=where,
-                              fix="enrol the site's identity with the coordinator")
+            raise RosterError(
+                "key advert from a site that is not enrolled",
+                where=where,
+                fix="enrol the site's identity with the coordinator",
+            )
         if len(advert.public_key) != 32 or not SiteIdentity.verify(
-                directory[advert.site_id], advert.signature, advert.signed_payload()):
+            directory[advert.site_id], advert.signature, advert.signed_payload()
+        ):
             raise RosterError(
                 "key advert signature does not verify against the enrolled identity key",
-                where=where, expected="an advert signed by the site itself",
+                where=where,
+                expected="an advert signed by the site itself",
                 fix="the relay altered or substituted the key: stop the run and investigate",
             )
 
@@ -94,21 +102,32 @@ class SiteSession:
         fixed key to be reproducible. Never reuse one across runs.
     """
 
-    def __init__(self, site_id: str, identity: SiteIdentity, config: SecAggConfig, run_id: str,
-                 *, directory: Mapping[str, bytes],
-                 exchange_key: X25519PrivateKey | None = None) -> None:
+    def __init__(
+        self,
+        site_id: str,
+        identity: SiteIdentity,
+        config: SecAggConfig,
+        run_id: str,
+        *,
+        directory: Mapping[str, bytes],
+        exchange_key: X25519PrivateKey | None = None,
+    ) -> None:
         self.site_id = site_id
         self.identity = identity
         self.config = config
         self.run_id = run_id
         self.directory = check_directory(directory)
         if directory.get(site_id) != identity.public_bytes:
-            raise RosterError("this site's identity key differs from its enrolled one",
-                              where=f"site {site_id!r}", fix="re-enrol the site identity")
+            raise RosterError(
+                "this site's identity key differs from its enrolled one",
+                where=f"site {site_id!r}",
+                fix="re-enrol the site identity",
+            )
         # fresh per run; leaves this object only via to_state (owner-only file, deleted at run end)
         self._key = exchange_key if exchange_key is not None else X25519PrivateKey.generate()
         self._public = self._key.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
         self._pairs: dict[str, bytes] = {}
         self._roster: Roster | None = None
         self._order: tuple[str, ...] = ()
@@ -127,31 +146,41 @@ class SiteSession:
         """
         checked = check_directory(directory)
         if checked.get(self.site_id) != self.identity.public_bytes:
-            raise RosterError("the directory carries another identity key for this site",
-                              where=f"site {self.site_id!r}", fix="stop the run: the relay "
-                              "substituted this site's identity")
+            raise RosterError(
+                "the directory carries another identity key for this site",
+                where=f"site {self.site_id!r}",
+                fix="stop the run: the relay substituted this site's identity",
+            )
         if self._order:
-            raise RosterError("the directory arrived after the roster",
-                              where=f"site {self.site_id!r}")
+            raise RosterError(
+                "the directory arrived after the roster", where=f"site {self.site_id!r}"
+            )
         self.directory = checked
 
     def advertise(self) -> KeyAdvert:
         """Sign and return the per-run X25519 public key (one short message)."""
         advert = KeyAdvert(self.site_id, self.run_id, self._public)
-        return KeyAdvert(advert.site_id, advert.run_id, advert.public_key,
-                         self.identity.sign(advert.signed_payload()))
+        return KeyAdvert(
+            advert.site_id,
+            advert.run_id,
+            advert.public_key,
+            self.identity.sign(advert.signed_payload()),
+        )
 
     def accept_roster(self, roster: Roster) -> None:
         """Verify every advert and derive one pair secret per peer (X25519 + HKDF)."""
         verify_roster(roster, self.run_id, self.directory)
         mine = [a for a in roster.adverts if a.site_id == self.site_id]
         if not mine or mine[0].public_key != self._public:
-            raise RosterError("the roster does not carry this site's own key advert",
-                              where=f"site {self.site_id!r}",
-                              fix="the relay substituted this site's key: stop the run")
+            raise RosterError(
+                "the roster does not carry this site's own key advert",
+                where=f"site {self.site_id!r}",
+                fix="the relay substituted this site's key: stop the run",
+            )
         if self._order and roster.site_ids != self._order:
-            raise RosterError("a second, different roster for the same run",
-                              where=f"site {self.site_id!r}")
+            raise RosterError(
+                "a second, different roster for the same run", where=f"site {self.site_id!r}"
+            )
         n = len(roster.adverts)
         self._threshold = self.config.resolved_threshold(n)
         self._fp = FixedPoint.of(self.config, n)
@@ -162,10 +191,12 @@ class SiteSession:
             try:
                 shared = self._key.exchange(X25519PublicKey.from_public_bytes(advert.public_key))
             except ValueError:
-                raise RosterError("a peer's X25519 key is invalid (low order)",
-                                  where=f"site {advert.site_id!r}") from None
-            pairs[advert.site_id] = prg.pair_secret(shared, self.run_id, self.site_id,
-                                                    self._public, advert.site_id, advert.public_key)
+                raise RosterError(
+                    "a peer's X25519 key is invalid (low order)", where=f"site {advert.site_id!r}"
+                ) from None
+            pairs[advert.site_id] = prg.pair_secret(
+                shared, self.run_id, self.site_id, self._public, advert.site_id, advert.public_key
+            )
         self._pairs = pairs
         self._roster = roster
         self._order = roster.site_ids
@@ -185,10 +216,14 @@ class SiteSession:
         masked before it (it cannot know what it already answered).
         """
         return {
-            "site": self.site_id, "run": self.run_id, "config": self.config.to_dict(),
+            "site": self.site_id,
+            "run": self.run_id,
+            "config": self.config.to_dict(),
             "exchange_key": self._key.private_bytes(
-                serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                serialization.NoEncryption()).hex(),
+                serialization.Encoding.Raw,
+                serialization.PrivateFormat.Raw,
+                serialization.NoEncryption(),
+            ).hex(),
             "directory": {s: k.hex() for s, k in self.directory.items()},
             "roster": None if self._roster is None else self._roster.to_bytes().hex(),
             "last_round": self._last_round,
@@ -197,11 +232,14 @@ class SiteSession:
     @classmethod
     def from_state(cls, identity: SiteIdentity, state: Mapping[str, Any]) -> SiteSession:
         """Rebuild a session from :meth:`to_state` (the roster is verified again)."""
-        session = cls(str(state["site"]), identity, SecAggConfig.from_dict(state["config"]),
-                      str(state["run"]),
-                      directory={s: bytes.fromhex(k) for s, k in state["directory"].items()},
-                      exchange_key=X25519PrivateKey.from_private_bytes(
-                          bytes.fromhex(state["exchange_key"])))
+        session = cls(
+            str(state["site"]),
+            identity,
+            SecAggConfig.from_dict(state["config"]),
+            str(state["run"]),
+            directory={s: bytes.fromhex(k) for s, k in state["directory"].items()},
+            exchange_key=X25519PrivateKey.from_private_bytes(bytes.fromhex(state["exchange_key"])),
+        )
         if state["roster"] is not None:
             session.accept_roster(Roster.from_bytes(bytes.fromhex(state["roster"])))
         session._last_round = int(state["last_round"])
@@ -217,8 +255,10 @@ class SiteSession:
 
     def _check_participants(self, participants: Iterable[str] | None) -> tuple[str, ...]:
         if not self._order:
-            raise ProtocolError("secure aggregation has no roster yet",
-                                fix="call accept_roster with round 1's roster first")
+            raise ProtocolError(
+                "secure aggregation has no roster yet",
+                fix="call accept_roster with round 1's roster first",
+            )
         parts = _canonical(self._order if participants is None else participants)
         unknown = set(parts) - set(self._order)
         if unknown:
@@ -228,14 +268,22 @@ class SiteSession:
         if len(parts) < self._threshold + 1:
             raise ProtocolError(
                 f"only {len(parts)} participants; masking needs at least {self._threshold + 1}",
-                expected="threshold + 1 participants (a sum of fewer reveals too much)")
+                expected="threshold + 1 participants (a sum of fewer reveals too much)",
+            )
         return parts
 
     # ---- every round
-    def mask_update(self, server_round: int, vector: np.ndarray, weight: float, *,
-                    participants: Iterable[str] | None = None, deadline: float | None = None,
-                    now: float | None = None, rng: np.random.Generator | None = None,
-                    ) -> MaskedUpdate:
+    def mask_update(
+        self,
+        server_round: int,
+        vector: np.ndarray,
+        weight: float,
+        *,
+        participants: Iterable[str] | None = None,
+        deadline: float | None = None,
+        now: float | None = None,
+        rng: np.random.Generator | None = None,
+    ) -> MaskedUpdate:
         """Quantize, weight, mask and sign this round's update (the round's one message).
 
         Refuses a round it already masked or an older one (a mask is never reused),
@@ -247,14 +295,24 @@ class SiteSession:
         if server_round <= self._last_round:
             raise ProtocolError(
                 f"round {server_round} is not after round {self._last_round}, already masked",
-                expected="a strictly increasing round number; each round is masked once")
+                expected="a strictly increasing round number; each round is masked once",
+            )
         clock = time.time() if now is None else now
         if deadline is not None and clock > deadline:
-            raise LateUpdateError(self.site_id, f"round {server_round}'s deadline has passed",
-                                  fix="the round is lost for this site; wait for the next one")
+            raise LateUpdateError(
+                self.site_id,
+                f"round {server_round}'s deadline has passed",
+                fix="the round is lost for this site; wait for the next one",
+            )
         out, clipped = encode(vector, weight, self._fp, rounding=self.config.rounding, rng=rng)
-        terms = [(prg.round_mask_seed(self._pairs[p], self.run_id, server_round, self.site_id, p),
-                  prg.mask_sign(self.site_id, p)) for p in parts if p != self.site_id]
+        terms = [
+            (
+                prg.round_mask_seed(self._pairs[p], self.run_id, server_round, self.site_id, p),
+                prg.mask_sign(self.site_id, p),
+            )
+            for p in parts
+            if p != self.site_id
+        ]
         shares: dict[str, bytes] = {}
         if self.config.mode == "strict":
             seed = secrets.token_bytes(prg.SEED_BYTES)
@@ -265,18 +323,38 @@ class SiteSession:
                 key = prg.share_key(self._pairs[p], self.run_id, server_round, self.site_id, p)
                 aad = prg.frame("share", self.run_id, server_round, self.site_id, p)
                 shares[p] = ChaCha20Poly1305(key).encrypt(
-                    _AEAD_NONCE, dealt[self._position(p)], aad)
+                    _AEAD_NONCE, dealt[self._position(p)], aad
+                )
             del seed, dealt
         prg.apply_masks(out, terms)
         digest = vector_digest(out)
-        unsigned = MaskedUpdate(self.run_id, server_round, self.site_id, self._fp.modulus_bits,
-                                parts, int(out.size), out, shares, digest)
-        update = MaskedUpdate(self.run_id, server_round, self.site_id, self._fp.modulus_bits,
-                              parts, int(out.size), out, shares, digest,
-                              self.identity.sign(unsigned.signed_payload()))
+        unsigned = MaskedUpdate(
+            self.run_id,
+            server_round,
+            self.site_id,
+            self._fp.modulus_bits,
+            parts,
+            int(out.size),
+            out,
+            shares,
+            digest,
+        )
+        update = MaskedUpdate(
+            self.run_id,
+            server_round,
+            self.site_id,
+            self._fp.modulus_bits,
+            parts,
+            int(out.size),
+            out,
+            shares,
+            digest,
+            self.identity.sign(unsigned.signed_payload()),
+        )
         self._last_round = server_round
-        self._rounds[server_round] = _SiteRound(parts, digest, out.nbytes, float(weight),
-                                                clipped, clock)
+        self._rounds[server_round] = _SiteRound(
+            parts, digest, out.nbytes, float(weight), clipped, clock
+        )
         return update
 
     def reveal(self, request: UnmaskRequest, *, now: float | None = None) -> Reveal:
@@ -292,56 +370,86 @@ class SiteSession:
         if request.run_id != self.run_id or request.site_id != self.site_id:
             raise ProtocolError("unmask request for another run or site", where=where)
         if rec is None:
-            raise ProtocolError("this site sent no update that round; nothing to reveal",
-                                where=where)
+            raise ProtocolError(
+                "this site sent no update that round; nothing to reveal", where=where
+            )
         survivors, dropped = _canonical(request.survivors), _canonical(request.dropped)
         if rec.reveal is not None:
             if (rec.reveal.survivors, rec.reveal.dropped) == (survivors, dropped):
                 return rec.reveal
-            rec.refused.append(f"second unmask request with survivors={list(survivors)} "
-                               f"dropped={list(dropped)}")
+            rec.refused.append(
+                f"second unmask request with survivors={list(survivors)} dropped={list(dropped)}"
+            )
             raise ProtocolError(
                 "the server changed its account of who dropped out this round",
-                where=where, expected=f"survivors {list(rec.reveal.survivors)}, "
+                where=where,
+                expected=f"survivors {list(rec.reveal.survivors)}, "
                 f"dropped {list(rec.reveal.dropped)} (as first announced)",
-                fix="keep this site's audit record; the server is misbehaving")
+                fix="keep this site's audit record; the server is misbehaving",
+            )
         if set(survivors) & set(dropped) or set(survivors) | set(dropped) != set(rec.participants):
-            raise ProtocolError("survivors and dropped sites do not partition the participants",
-                                where=where, expected=str(list(rec.participants)))
+            raise ProtocolError(
+                "survivors and dropped sites do not partition the participants",
+                where=where,
+                expected=str(list(rec.participants)),
+            )
         if self.site_id not in survivors:
-            raise ProtocolError("the server lists this site as dropped, but it sent its update",
-                                where=where, fix="keep this site's audit record")
+            raise ProtocolError(
+                "the server lists this site as dropped, but it sent its update",
+                where=where,
+                fix="keep this site's audit record",
+            )
         if len(survivors) < self._threshold + 1:
             raise ProtocolError(
                 f"only {len(survivors)} survivors; unmasking needs {self._threshold + 1}",
-                where=where, expected="threshold + 1 survivors: fewer would expose an update")
+                where=where,
+                expected="threshold + 1 survivors: fewer would expose an update",
+            )
         if self.config.mode == "default" and not dropped:
             raise ProtocolError("no site dropped: default mode needs no reveal", where=where)
         relayed_from_dropped = sorted(set(request.shares) & set(dropped))
         if relayed_from_dropped:
             raise ProtocolError(
                 f"the server relays shares from {relayed_from_dropped}, which it says dropped: "
-                "it received their updates", where=where, fix="keep this site's audit record")
-        seeds = {j: prg.round_mask_seed(self._pairs[j], self.run_id, request.server_round,
-                                        self.site_id, j) for j in dropped}
+                "it received their updates",
+                where=where,
+                fix="keep this site's audit record",
+            )
+        seeds = {
+            j: prg.round_mask_seed(
+                self._pairs[j], self.run_id, request.server_round, self.site_id, j
+            )
+            for j in dropped
+        }
         b_shares: dict[str, bytes] = {}
         if self.config.mode == "strict":
             for i in survivors:
                 if i == self.site_id or i not in request.shares:
                     continue
-                key = prg.share_key(self._pairs[i], self.run_id, request.server_round, i,
-                                    self.site_id)
+                key = prg.share_key(
+                    self._pairs[i], self.run_id, request.server_round, i, self.site_id
+                )
                 aad = prg.frame("share", self.run_id, request.server_round, i, self.site_id)
                 try:
-                    b_shares[i] = ChaCha20Poly1305(key).decrypt(
-                        _AEAD_NONCE, request.shares[i], aad)
+                    b_shares[i] = ChaCha20Poly1305(key).decrypt(_AEAD_NONCE, request.shares[i], aad)
                 except InvalidTag:
-                    raise ProtocolError("a relayed self-mask share does not decrypt",
-                                        where=f"{where}, share from site {i!r}") from None
-        unsigned = Reveal(self.run_id, request.server_round, self.site_id, survivors, dropped,
-                          seeds, b_shares)
-        reveal = Reveal(self.run_id, request.server_round, self.site_id, survivors, dropped,
-                        seeds, b_shares, self.identity.sign(unsigned.signed_payload()))
+                    raise ProtocolError(
+                        "a relayed self-mask share does not decrypt",
+                        where=f"{where}, share from site {i!r}",
+                    ) from None
+        unsigned = Reveal(
+            self.run_id, request.server_round, self.site_id, survivors, dropped, seeds, b_shares
+        )
+        reveal = Reveal(
+            self.run_id,
+            request.server_round,
+            self.site_id,
+            survivors,
+            dropped,
+            seeds,
+            b_shares,
+            self.identity.sign(unsigned.signed_payload()),
+        )
         rec.reveal = reveal
         rec.revealed_at = time.time() if now is None else now
         return reveal
@@ -355,15 +463,24 @@ class SiteSession:
         """
         rec = self._rounds.get(server_round)
         if rec is None:
-            raise ProtocolError(f"no secure-aggregation record for round {server_round}",
-                                where=f"site {self.site_id!r}")
+            raise ProtocolError(
+                f"no secure-aggregation record for round {server_round}",
+                where=f"site {self.site_id!r}",
+            )
         entry: dict[str, Any] = {
             "protection": f"secure-aggregation/{self.config.mode}",
-            "run": self.run_id, "round": server_round, "site": self.site_id,
-            "participants": list(rec.participants), "modulus_bits": self.config.modulus_bits,
-            "update_sha256": rec.digest.hex(), "update_bytes": rec.n_bytes,
-            "weight": rec.weight, "clipped_coordinates": rec.clipped, "sent_at": rec.sent_at,
-            "reveal": None, "refused": list(rec.refused),
+            "run": self.run_id,
+            "round": server_round,
+            "site": self.site_id,
+            "participants": list(rec.participants),
+            "modulus_bits": self.config.modulus_bits,
+            "update_sha256": rec.digest.hex(),
+            "update_bytes": rec.n_bytes,
+            "weight": rec.weight,
+            "clipped_coordinates": rec.clipped,
+            "sent_at": rec.sent_at,
+            "reveal": None,
+            "refused": list(rec.refused),
         }
         if rec.reveal is not None:
             entry["reveal"] = {
