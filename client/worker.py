@@ -21,15 +21,14 @@ import numpy as np
 import torch
 from cryptography import x509
 
-from medfed.client.audit import AuditLog, arrays_digest
+from medfed.client.audit import AuditLog
+from medfed.client.outbound import Outbound, OutboundChain, resend_chain, train_chain
 from medfed.client.policy import decide
-from medfed.client.privacy_guard import Forecast, PrivacyGate, PrivacyRefusal, noised_update
+from medfed.client.privacy_guard import Forecast, PrivacyGate, PrivacyRefusal, RoundPrivacy
 from medfed.client.released import (
     Released,
     ReleasedUpdates,
-    model_digest,
     participants_of,
-    run_digest,
 )
 from medfed.client.revocations import REVOCATIONS_FILE, CoordinatorRevocations
 from medfed.client.secure_site import SecureSite
@@ -39,14 +38,14 @@ from medfed.core import wire
 from medfed.core.config import RunConfig, SiteConfig, resolve, resolve_data_source
 from medfed.core.errors import MedfedError
 from medfed.core.identity import load_certificates
-from medfed.core.packing import WEIGHTS_KEY, Layout, pack, shared_state, unpack
+from medfed.core.packing import WEIGHTS_KEY, Layout, shared_state, unpack
 from medfed.core.run_proof import RunProofError, verify_run
 from medfed.data import take_healed
 from medfed.tasks import SiteData, Task, engine, get_task
 from medfed.tasks.adaptation import local_keys
-from medfed.tasks.dp import dp_train
 from medfed.tasks.dp_units import UnitUnknown, privacy_units
 from medfed.tasks.pretrain import initial_weights
+from medfed.tasks.trainer import DpSgdTrainer, PlainTrainer, RoundOptions, Trainer
 
 log = logging.getLogger("medfed.site")
 
@@ -77,10 +76,13 @@ class SiteWorker:
     released: ReleasedUpdates = field(init=False)
     signed_runs: SignedRuns = field(init=False)
     revocations: CoordinatorRevocations = field(init=False)
+    _train_chain: OutboundChain = field(init=False)
+    _resend_chain: OutboundChain = field(init=False)
     _data: dict[str, SiteData] = field(default_factory=dict, init=False)
     _models: dict[str, torch.nn.Module] = field(default_factory=dict, init=False)
     _shared: dict[tuple[str, str], tuple[frozenset[str], Layout]] = field(
-        default_factory=dict, init=False)
+        default_factory=dict, init=False
+    )
 
     def __post_init__(self) -> None:
         self.device = engine.select_device(self.config.compute.device)
@@ -89,15 +91,25 @@ class SiteWorker:
         self.audit = AuditLog(resolve(self.config_path, self.config.site.audit_log))
         self.privacy = PrivacyGate(self.config, self.config_path, audit=self.audit)
         self.secure = SecureSite(
-            self.site, Path(self.config_path).resolve().parent,
+            self.site,
+            Path(self.config_path).resolve().parent,
             min_participants=self.config.privacy.secagg_min_participants,
-            federation_cas=self._federation_cas if self.verify_identities else None)
+            federation_cas=self._federation_cas if self.verify_identities else None,
+        )
         self.site_local = SiteLocalStore(Path(self.config_path).resolve().parent)
         self.released = ReleasedUpdates(Path(self.config_path).resolve().parent)
-        self.signed_runs = SignedRuns(Path(self.config_path).resolve().parent
-                                      / SIGNED_RUNS_FILE)
-        self.revocations = CoordinatorRevocations(Path(self.config_path).resolve().parent
-                                                  / REVOCATIONS_FILE)
+        self.signed_runs = SignedRuns(Path(self.config_path).resolve().parent / SIGNED_RUNS_FILE)
+        self.revocations = CoordinatorRevocations(
+            Path(self.config_path).resolve().parent / REVOCATIONS_FILE
+        )
+        self._train_chain = train_chain(
+            site_local=self.site_local,
+            released=self.released,
+            secure=self.secure,
+            gate=self.privacy,
+            audit=self.audit,
+        )
+        self._resend_chain = resend_chain(secure=self.secure, gate=self.privacy, audit=self.audit)
 
     @property
     def site(self) -> str:
@@ -111,11 +123,17 @@ class SiteWorker:
             source = resolve_data_source(self.config_path, self.config.data)
             self._data[task.name] = task.load_site_data(source)
             for healed in take_healed():  # damaged cache entries decoded again
-                self.audit.record("cache-healed", task=task.name, file=healed.file,
-                                  series=healed.series_id, reason=healed.reason)
+                self.audit.record(
+                    "cache-healed",
+                    task=task.name,
+                    file=healed.file,
+                    series=healed.series_id,
+                    reason=healed.reason,
+                )
             description = self._data[task.name].description  # counts only, no identifiers
-            log.info("loaded %s data in %.2fs: %s", task.name, time.perf_counter() - t0,
-                     description)
+            log.info(
+                "loaded %s data in %.2fs: %s", task.name, time.perf_counter() - t0, description
+            )
             self.audit.record("data-loaded", task=task.name, data=dict(description))
         return self._data[task.name]
 
@@ -149,8 +167,11 @@ class SiteWorker:
         if op == "ping":
             return wire.Frame({"ok": True, "site": self.site, "metrics": {}})
         config = request.header.get("config", {})
-        blobs = {k[len(wire.BYTES_PREFIX):]: v.tobytes() for k, v in request.arrays.items()
-                 if k.startswith(wire.BYTES_PREFIX)}
+        blobs = {
+            k[len(wire.BYTES_PREFIX) :]: v.tobytes()
+            for k, v in request.arrays.items()
+            if k.startswith(wire.BYTES_PREFIX)
+        }
         arrays = {k: v for k, v in request.arrays.items() if not k.startswith(wire.BYTES_PREFIX)}
         run_id = request.header.get("run_id")
         try:
@@ -167,12 +188,20 @@ class SiteWorker:
                 self._check_signed(config, session)
             except (RunProofError, MedfedError) as exc:  # (MedfedError: no pinned CA to
                 # check with) never trains, joins or spends for it
-                return self._refuse(run_id, "run.signature", str(exc),
-                                    rnd=int(config.get(wire.SERVER_ROUND_KEY, 0) or 0))
+                return self._refuse(
+                    run_id,
+                    "run.signature",
+                    str(exc),
+                    rnd=int(config.get(wire.SERVER_ROUND_KEY, 0) or 0),
+                )
         decision = decide(self.config.policy, run)
         if not decision.allowed:
-            return self._refuse(run_id, decision.rule, decision.reason,
-                                rnd=int(config.get(wire.SERVER_ROUND_KEY, 0) or 0))
+            return self._refuse(
+                run_id,
+                decision.rule,
+                decision.reason,
+                rnd=int(config.get(wire.SERVER_ROUND_KEY, 0) or 0),
+            )
         try:
             if op == "train":
                 return self._train(run, run_id, session, config, blobs, arrays)
@@ -184,8 +213,9 @@ class SiteWorker:
         except Exception as exc:  # reply with the reason; never crash the daemon
             log.error("%s failed: %s\n%s", op, exc, traceback.format_exc())
             self.audit.record("error", run_id=run_id, op=op, reason=str(exc))
-            return wire.Frame({"ok": False, "site": self.site, "status": "failed",
-                               "reason": _reply_reason(exc)})
+            return wire.Frame(
+                {"ok": False, "site": self.site, "status": "failed", "reason": _reply_reason(exc)}
+            )
 
     def _federation_cas(self) -> list[x509.Certificate]:
         """The CA certificates this site pinned (read each time: a rotation replaces them)."""
@@ -194,24 +224,39 @@ class SiteWorker:
     def _check_signed(self, config: dict[str, Any], session: str) -> None:
         """Refuse (RunProofError) a run unsigned, signed by a revoked coordinator, or replayed."""
         cas = self._federation_cas()
-        verified = verify_run(str(config.get(wire.RUN_CONFIG_KEY, "")),
-                              str(config.get(wire.RUN_PROOF_KEY, "") or ""), cas)
+        verified = verify_run(
+            str(config.get(wire.RUN_CONFIG_KEY, "")),
+            str(config.get(wire.RUN_PROOF_KEY, "") or ""),
+            cas,
+        )
         if verified.serial in self.revocations.revoked(
-                str(config.get(wire.REVOCATIONS_KEY, "") or ""), cas):
-            raise RunProofError(f"coordinator {verified.coordinator!r} was revoked by the "
-                                "federation (its certificate is on the CA's revocation list)")
+            str(config.get(wire.REVOCATIONS_KEY, "") or ""), cas
+        ):
+            raise RunProofError(
+                f"coordinator {verified.coordinator!r} was revoked by the "
+                "federation (its certificate is on the CA's revocation list)"
+            )
         self.signed_runs.claim(verified, session)
 
-    def _refuse(self, run_id: object, rule: str, reason: str, *, status: str = "refused",
-                rnd: int | None = None) -> wire.Frame:
+    def _refuse(
+        self,
+        run_id: object,
+        rule: str,
+        reason: str,
+        *,
+        status: str = "refused",
+        rnd: int | None = None,
+    ) -> wire.Frame:
         where = {"round": rnd} if rnd else {}
         self.audit.record(status, run_id=run_id, rule=rule, reason=reason, **where)
         log.warning("%s run %s: %s", status, run_id, reason)
-        return wire.Frame({"ok": False, "site": self.site, "status": status, "rule": rule,
-                           "reason": reason})
+        return wire.Frame(
+            {"ok": False, "site": self.site, "status": status, "rule": rule, "reason": reason}
+        )
 
-    def _load_global(self, task: Task, run: RunConfig, run_id: object,
-                     arrays: dict[str, np.ndarray]) -> torch.nn.Module:
+    def _load_global(
+        self, task: Task, run: RunConfig, run_id: object, arrays: dict[str, np.ndarray]
+    ) -> torch.nn.Module:
         """The task model with the global weights and this site's own local parameters."""
         if WEIGHTS_KEY not in arrays:
             raise ValueError(f"the message carries no {WEIGHTS_KEY!r} array")
@@ -219,129 +264,153 @@ class SiteWorker:
         local, layout = self.shared_spec(task, run.adaptation)
         weights = unpack(arrays[WEIGHTS_KEY], layout)
         if local:
-            weights.update(self.site_local.load(str(run_id))
-                           or self._initial_local(task, run, local))
+            weights.update(
+                self.site_local.load(str(run_id)) or self._initial_local(task, run, local)
+            )
         engine.set_weights(model, weights)
         return model
 
     @staticmethod
-    def _initial_local(task: Task, run: RunConfig, local: frozenset[str]
-                       ) -> dict[str, np.ndarray]:
+    def _initial_local(task: Task, run: RunConfig, local: frozenset[str]) -> dict[str, np.ndarray]:
         # The same initial values as the server's model of the run (same seed or weights).
         fresh = initial_weights(task, seed=run.seed, init=run.init_weights)
         return {k: fresh[k] for k in local}
 
-    def _train(self, run: RunConfig, run_id: object, session: str, config: dict,
-               blobs: dict[str, bytes], arrays: dict) -> wire.Frame:
+    def _train(
+        self,
+        run: RunConfig,
+        run_id: object,
+        session: str,
+        config: dict,
+        blobs: dict[str, bytes],
+        arrays: dict,
+    ) -> wire.Frame:
         task = get_task(run.task)
         data = self.data_for(task)
         model = self._load_global(task, run, run_id, arrays)
         rnd = int(config.get(wire.SERVER_ROUND_KEY, 0))
-        if arrays.get(WEIGHTS_KEY) is not None and (replay := self.released.matching(
-                str(run_id), run, rnd, arrays[WEIGHTS_KEY],
-                participants_of(config))) is not None:
+        if (
+            arrays.get(WEIGHTS_KEY) is not None
+            and (
+                replay := self.released.matching(
+                    str(run_id), run, rnd, arrays[WEIGHTS_KEY], participants_of(config)
+                )
+            )
+            is not None
+        ):
             return self._resend(run, run_id, session, rnd, config, blobs, arrays, replay)
         epochs, batch_size, lr = _round_shape(run, task)
+        try:  # every option the strategy sent, checked before any epsilon is reserved
+            mu = float(config.get(wire.PROXIMAL_MU_KEY, 0.0))
+            options = RoundOptions(epochs, batch_size, lr, proximal_mu=mu)
+        except ValueError as exc:
+            return self._refuse(run_id, "strategy.proximal_mu", str(exc), rnd=rnd)
         try:
             privacy = self.privacy.before_training(
-                run, str(run_id), rnd, model=model, batch_size=batch_size, epochs=epochs,
-                num_examples=_privacy_units(run, data))
+                run,
+                str(run_id),
+                rnd,
+                model=model,
+                batch_size=batch_size,
+                epochs=epochs,
+                num_examples=_privacy_units(run, data),
+            )
         except UnitUnknown as exc:
             return self._refuse(run_id, "privacy.unit", str(exc), rnd=rnd)
         except PrivacyRefusal as refusal:
             return self._refuse(run_id, refusal.rule, refusal.reason, rnd=rnd)
-        proximal_mu = float(config.get(wire.PROXIMAL_MU_KEY, 0.0))
         t0 = time.perf_counter()
-        if privacy.mode == "sample":
-            stats = dp_train(task, model, data.train, epochs=epochs, batch_size=batch_size,
-                             learning_rate=lr, noise_multiplier=privacy.noise_multiplier,
-                             max_grad_norm=run.privacy.max_grad_norm, device=self.device,
-                             accountant=run.privacy.accountant,
-                             optimizer=run.privacy.optimizer,
-                             average_iterates=run.privacy.average_iterates,
-                             units=data.train_units.get(run.privacy.unit),
-                             proximal_mu=proximal_mu)
-        else:
-            stats = engine.train(
-                task, model, data.train, epochs=epochs, batch_size=batch_size,
-                learning_rate=lr, device=self.device,
-                generator=torch.Generator().manual_seed(_seed(run.seed, rnd, self.site)),
-                amp=self.config.compute.amp,
-                proximal_mu=proximal_mu,
-            )
+        stats = self._trainer(run, rnd, privacy, data).train(task, model, data.train, options)
         seconds = time.perf_counter() - t0
-        trained = engine.get_weights(model)
-        local, _ = self.shared_spec(task, run.adaptation)
-        if local:  # kept at the site, written before the reply leaves
-            self.site_local.save(str(run_id), {k: trained[k] for k in local})
-        vector = pack(shared_state(trained, local))
-        if privacy.mode == "update":
-            vector = noised_update(arrays[WEIGHTS_KEY], vector, run, privacy.noise_multiplier)
         metrics = {"steps": stats.steps, "train-seconds": seconds, **privacy.metrics()}
         if privacy.mode == "off":
             metrics["train-loss"] = stats.loss
         else:  # a mean loss over the protected examples is neither clipped nor noised:
             # epsilon does not cover it, so it stays in the site's own log
-            log.info("run %s round %s: train loss %.4f (not sent under DP)", run_id, rnd,
-                     stats.loss)
-        # Kept before anything leaves: a server that loses this round gets it again.
-        self.released.save(str(run_id), Released(
-            rnd, run_digest(run), model_digest(arrays[WEIGHTS_KEY]), participants_of(config),
-            vector,
-            float(stats.num_examples), dict(metrics), privacy.record(run, stats.steps)))
-        weights, protection, secagg = self._protect(run, session, rnd, config, blobs, arrays,
-                                                    vector, float(stats.num_examples), metrics)
-        digest, size = arrays_digest(weights)
-        self.privacy.commit(privacy, steps=stats.steps)
-        # The audit record is written before the reply leaves the worker.
-        self.audit.record("update-sent", run_id=run_id, round=rnd, task=run.task,
-                          bytes=size, hash=digest, protection=protection,
-                          privacy=privacy.record(run, stats.steps), secure_aggregation=secagg,
-                          metrics=metrics)
-        return wire.Frame({"ok": True, "site": self.site, "metrics": metrics}, weights)
+            log.info(
+                "run %s round %s: train loss %.4f (not sent under DP)", run_id, rnd, stats.loss
+            )
+        local, _ = self.shared_spec(task, run.adaptation)
+        out = self._train_chain(
+            Outbound(
+                run,
+                str(run_id),
+                session,
+                rnd,
+                config,
+                blobs,
+                arrays[WEIGHTS_KEY],
+                metrics,
+                trained=engine.get_weights(model),
+                local_keys=local,
+                privacy=privacy,
+                steps=stats.steps,
+                weight=float(stats.num_examples),
+            )
+        )
+        return wire.Frame({"ok": True, "site": self.site, "metrics": out.metrics}, out.arrays)
 
-    def _protect(self, run: RunConfig, session: str, rnd: int, config: dict,
-                 blobs: dict[str, bytes], arrays: dict, vector: np.ndarray, weight: float,
-                 metrics: dict) -> tuple[dict[str, np.ndarray], str, dict[str, object] | None]:
-        """The reply's arrays: the update masked for secure aggregation (or plain)."""
-        if run.secure_aggregation == "off":
-            metrics[wire.WEIGHT_KEY] = weight
-            return {WEIGHTS_KEY: vector}, "tls", None
-        # the site's weight travels inside the masked vector, not in plaintext
-        header, masked, secagg = self.secure.mask(
-            session, rnd, config, blobs, global_vec=arrays[WEIGHTS_KEY], local_vec=vector,
-            weight=weight)
-        return ({WEIGHTS_KEY: masked, wire.BYTES_PREFIX + "update": _u8(header)},
-                f"tls+secure-aggregation/{run.secure_aggregation}", secagg)
+    def _trainer(self, run: RunConfig, rnd: int, privacy: RoundPrivacy, data: SiteData) -> Trainer:
+        """Plain training, or DP-SGD when the round's privacy mode is "sample"."""
+        if privacy.mode == "sample":
+            return DpSgdTrainer(
+                self.device,
+                noise_multiplier=privacy.noise_multiplier,
+                max_grad_norm=run.privacy.max_grad_norm,
+                accountant=run.privacy.accountant,
+                optimizer=run.privacy.optimizer,
+                average_iterates=run.privacy.average_iterates,
+                units=data.train_units.get(run.privacy.unit),
+            )
+        return PlainTrainer(
+            self.device, seed=_seed(run.seed, rnd, self.site), amp=self.config.compute.amp
+        )
 
-    def _resend(self, run: RunConfig, run_id: object, session: str, rnd: int, config: dict,
-                blobs: dict[str, bytes], arrays: dict, replay: Released) -> wire.Frame:
+    def _resend(
+        self,
+        run: RunConfig,
+        run_id: object,
+        session: str,
+        rnd: int,
+        config: dict,
+        blobs: dict[str, bytes],
+        arrays: dict,
+        replay: Released,
+    ) -> wire.Frame:
         """Send round ``rnd``'s released update again: the server lost it in a crash.
 
         Same global model, same update, masked under this attempt's keys; no training,
         no new epsilon (:mod:`medfed.client.released`).
         """
-        metrics = dict(replay.metrics)
-        weights, protection, secagg = self._protect(run, session, rnd, config, blobs, arrays,
-                                                    replay.vector, replay.weight, metrics)
-        record = replay.privacy.get("ledger_record")
-        if record is not None:
-            self.privacy.ledger.mark_resent(int(record))
-        digest, size = arrays_digest(weights)
-        self.audit.record("update-sent", run_id=run_id, round=rnd, task=run.task,
-                          bytes=size, hash=digest, protection=protection,
-                          privacy={**replay.privacy, "resent": True},
-                          secure_aggregation=secagg, metrics=metrics, resent=True)
-        log.warning("run %s round %s: the server lost this round; sent the same update "
-                    "again (no new training, no new epsilon)", run_id, rnd)
-        return wire.Frame({"ok": True, "site": self.site, "metrics": metrics}, weights)
+        out = self._resend_chain(
+            Outbound(
+                run,
+                str(run_id),
+                session,
+                rnd,
+                config,
+                blobs,
+                arrays[WEIGHTS_KEY],
+                {},
+                replay=replay,
+            )
+        )
+        log.warning(
+            "run %s round %s: the server lost this round; sent the same update "
+            "again (no new training, no new epsilon)",
+            run_id,
+            rnd,
+        )
+        return wire.Frame({"ok": True, "site": self.site, "metrics": out.metrics}, out.arrays)
 
-    def _query(self, run: RunConfig, run_id: object, session: str, config: dict,
-               blobs: dict[str, bytes]) -> wire.Frame:
+    def _query(
+        self, run: RunConfig, run_id: object, session: str, config: dict, blobs: dict[str, bytes]
+    ) -> wire.Frame:
         """Secure-aggregation set-up (join) and unmasking (reveal) for a run."""
         if run.secure_aggregation == "off":
-            return self._refuse(run_id, "query", "the run has secure aggregation off",
-                                status="failed")
+            return self._refuse(
+                run_id, "query", "the run has secure aggregation off", status="failed"
+            )
         if wire.SECAGG_JOIN in config:
             forecast = self._preflight(run, run_id)
             if isinstance(forecast, wire.Frame):
@@ -353,19 +422,25 @@ class SiteWorker:
                 metrics[wire.BUDGET_ROUNDS_KEY] = forecast.last_round
             if forecast is not None and forecast.fitted:
                 metrics[wire.FITTED_NOISE_KEY] = forecast.noise_multiplier
-            self.audit.record("secure-aggregation-joined", run_id=run_id,
-                              mode=run.secure_aggregation, **metrics)
-            return wire.Frame({"ok": True, "site": self.site, "metrics": metrics},
-                              {wire.BYTES_PREFIX + k: _u8(v) for k, v in out.items()})
+            self.audit.record(
+                "secure-aggregation-joined", run_id=run_id, mode=run.secure_aggregation, **metrics
+            )
+            return wire.Frame(
+                {"ok": True, "site": self.site, "metrics": metrics},
+                {wire.BYTES_PREFIX + k: _u8(v) for k, v in out.items()},
+            )
         if wire.RUN_ENDED in config:  # ended before its last round: nothing more comes
-            self._end_run(run, run_id, session,
-                          reason=f"run {config[wire.RUN_ENDED]} at the server")
+            self._end_run(
+                run, run_id, session, reason=f"run {config[wire.RUN_ENDED]} at the server"
+            )
             return wire.Frame({"ok": True, "site": self.site, "metrics": {}})
         if wire.SECAGG_UNMASK in blobs:
             reveal, entry = self.secure.reveal(session, blobs[wire.SECAGG_UNMASK])
             self.audit.record("reveal-sent", run_id=run_id, secure_aggregation=entry)
-            return wire.Frame({"ok": True, "site": self.site, "metrics": {}},
-                              {wire.BYTES_PREFIX + "reveal": _u8(reveal)})
+            return wire.Frame(
+                {"ok": True, "site": self.site, "metrics": {}},
+                {wire.BYTES_PREFIX + "reveal": _u8(reveal)},
+            )
         return self._refuse(run_id, "query", "unknown query", status="failed")
 
     def _preflight(self, run: RunConfig, run_id: object) -> wire.Frame | Forecast | None:
@@ -380,16 +455,21 @@ class SiteWorker:
         epochs, batch_size, _ = _round_shape(run, task)
         try:
             return self.privacy.preflight(
-                run, str(run_id), model=self.model_for(task),
+                run,
+                str(run_id),
+                model=self.model_for(task),
                 num_examples=_privacy_units(run, self.data_for(task)),
-                batch_size=batch_size, epochs=epochs)
+                batch_size=batch_size,
+                epochs=epochs,
+            )
         except UnitUnknown as exc:
             return self._refuse(run_id, "privacy.unit", str(exc))
         except PrivacyRefusal as refusal:
             return self._refuse(run_id, refusal.rule, refusal.reason)
 
-    def _evaluate(self, run: RunConfig, run_id: object, session: str, config: dict,
-                  arrays: dict) -> wire.Frame:
+    def _evaluate(
+        self, run: RunConfig, run_id: object, session: str, config: dict, arrays: dict
+    ) -> wire.Frame:
         task = get_task(run.task)
         data = self.data_for(task)
         model = self._load_global(task, run, run_id, arrays)
@@ -416,8 +496,11 @@ class SiteWorker:
 def _round_shape(run: RunConfig, task: Task) -> tuple[int, int, float]:
     """Local epochs, batch size and learning rate of a round: the run's, else the task's."""
     hp = task.defaults
-    return (run.local_epochs or hp.local_epochs, run.batch_size or hp.batch_size,
-            run.learning_rate or hp.learning_rate)
+    return (
+        run.local_epochs or hp.local_epochs,
+        run.batch_size or hp.batch_size,
+        run.learning_rate or hp.learning_rate,
+    )
 
 
 def _privacy_units(run: RunConfig, data: SiteData) -> int:
@@ -470,7 +553,8 @@ def bind(worker: SiteWorker, socket_path: Path) -> socketserver.UnixStreamServer
     if len(str(socket_path)) > 100:
         raise MedfedError(
             "The worker socket path is too long for a Unix socket.",
-            where=str(socket_path), expected="at most 100 characters",
+            where=str(socket_path),
+            expected="at most 100 characters",
             fix="set site.worker_socket in site.toml to a shorter path",
         )
     if socket_path.exists():
@@ -482,7 +566,8 @@ def bind(worker: SiteWorker, socket_path: Path) -> socketserver.UnixStreamServer
         else:
             raise MedfedError(
                 "Another site worker is already running on this socket.",
-                where=str(socket_path), fix="stop the other `medfed site start` first",
+                where=str(socket_path),
+                fix="stop the other `medfed site start` first",
             )
         finally:
             probe.close()
@@ -492,5 +577,3 @@ def bind(worker: SiteWorker, socket_path: Path) -> socketserver.UnixStreamServer
     finally:
         os.umask(old)
     return server
-
-
