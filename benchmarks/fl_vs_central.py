@@ -85,7 +85,7 @@ def federated(root: Path, sources: dict, epochs: int, adaptation: str) -> tuple[
             ),
             timeout=3600,
         )
-    if summary.get("status") != "completed":
+    if summary.status != "completed":
         raise RuntimeError(f"federated run failed: {summary}")
     matrix = json.loads(folder.cross_site_file.read_text())["matrix"]
     metric = get_task(TASK).primary_metric
@@ -121,7 +121,7 @@ def main() -> None:
             t0 = time.time()
             f_mean, f_row, summary = federated(tmp / adaptation, sources, epochs, adaptation)
             results[adaptation] = f_mean
-            median = sorted(summary["round_seconds"].values())[epochs // 2]
+            median = sorted(summary.round_seconds.values())[epochs // 2]
             print(
                 f"federated ({adaptation}): {epochs} rounds x 1 local epoch in "
                 f"{time.time() - t0:.0f} s (median round {median:.1f} s); "

@@ -279,7 +279,7 @@ def run_once(
             ),
             timeout=3600,
         )
-    if summary.get("status") != "completed":
+    if summary.status != "completed":
         raise RuntimeError(f"run failed: {summary}")
     metric = get_task(TASK).primary_metric
     row = json.loads(folder.cross_site_file.read_text())["matrix"]["global"]

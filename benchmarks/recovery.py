@@ -108,7 +108,7 @@ def measure(
             summary = follow_run(
                 control, run_id, fed.fed.runs_dir, on_event=lambda e: None, timeout=3600
             )
-    if summary.get("status") != "completed":
+    if summary.status != "completed":
         raise RuntimeError(f"the resumed run did not complete: {summary}")
     events = folder.read_events()
     resumed = _first(events, "run-resumed", restart)

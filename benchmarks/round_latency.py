@@ -205,9 +205,9 @@ def run_medfed(
                 task=task, rounds=rounds, min_sites=SITES, secure_aggregation=secure_aggregation
             )
         )
-    if summary.get("status") != "completed":
+    if summary.status != "completed":
         raise RuntimeError(f"medfed run failed: {summary}")
-    rounds_done = sorted(summary["round_seconds"].items(), key=lambda kv: int(kv[0]))
+    rounds_done = sorted(summary.round_seconds.items(), key=lambda kv: int(kv[0]))
     return [float(v) for _, v in rounds_done]
 
 

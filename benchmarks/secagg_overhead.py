@@ -99,15 +99,15 @@ def main() -> None:
                     ),
                     timeout=1800,
                 )
-                if summary.get("status") != "completed":
+                if summary.status != "completed":
                     raise RuntimeError(f"{mode}: {summary}")
-                rounds = list(summary["round_seconds"].values())[1:] or list(
-                    summary["round_seconds"].values()
+                rounds = list(summary.round_seconds.values())[1:] or list(
+                    summary.round_seconds.values()
                 )  # round 1 warms the sites up
                 medians[mode] = min(medians.get(mode, float("inf")), statistics.median(rounds))
                 setup[mode] = _setup_seconds(folder.read_events())
                 print(
-                    f"{mode:>7}: seconds per round {summary['round_seconds']}, key set-up "
+                    f"{mode:>7}: seconds per round {summary.round_seconds}, key set-up "
                     f"{setup[mode]:.2f} s"
                 )
     finally:

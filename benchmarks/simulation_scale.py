@@ -293,10 +293,8 @@ def _child_medfed(sites: int, rounds: int, fraction: float, secure: str) -> dict
             folder, summary = simulate(run, chosen, runs)
             total = time.perf_counter() - t0
             peak = _status_kb("VmHWM")
-        if summary.get("status") != "completed":
-            raise RuntimeError(
-                f"medfed simulation {summary.get('status')}: {summary.get('reason')}"
-            )
+        if summary.status != "completed":
+            raise RuntimeError(f"medfed simulation {summary.status}: {summary.reason}")
         events = folder.read_events()
     finally:
         shutil.rmtree(runs, ignore_errors=True)
@@ -310,7 +308,7 @@ def _child_medfed(sites: int, rounds: int, fraction: float, secure: str) -> dict
             - datetime.fromisoformat(stamp["run-started"])
         ).total_seconds()
     seconds = [
-        float(v) for _, v in sorted(summary["round_seconds"].items(), key=lambda kv: int(kv[0]))
+        float(v) for _, v in sorted(summary.round_seconds.items(), key=lambda kv: int(kv[0]))
     ]
     return {
         "round_seconds": seconds,
@@ -318,7 +316,7 @@ def _child_medfed(sites: int, rounds: int, fraction: float, secure: str) -> dict
         "peak_kb": peak,
         "total_seconds": total,
         "setup_seconds": setup,
-        "workers": summary["simulation"]["workers"],
+        "workers": summary.simulation.workers if summary.simulation else 0,
         "site_process_peak_kb": [kb for _, kb in tree.peaks.values()],
     }
 

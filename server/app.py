@@ -29,12 +29,19 @@ from medfed.core.packing import WEIGHTS_KEY, Layout, npy_view, pack, shared_stat
 from medfed.core.parent_watch import exit_with_parent
 from medfed.core.report import plot_metrics
 from medfed.core.run_report import write_report
+from medfed.core.run_summary import (
+    Adaptation,
+    Protection,
+    Resumption,
+    RunSummary,
+    SiteRefusal,
+)
 from medfed.core.runs import RunFolder
 from medfed.core.secagg import SecAggConfig
 from medfed.core.warm_start import load_start_weights
 from medfed.server.federation import secagg_certificates
 from medfed.server.recording_grid import RecordingGrid
-from medfed.server.refusals import SitesRefused
+from medfed.server.refusals import RefusalPolicy, SitesRefused
 from medfed.server.rounds import run_rounds
 from medfed.server.run_state import RunStateStore
 from medfed.server.secure_aggregation import SecureAggregation
@@ -190,15 +197,18 @@ def run_in_folder(
         done = saved.round if saved is not None else 0
         if run.resume_of:
             folder.event("run-resumed", round=done + 1, flower_run_id=str(context.run_id))
-        recorder = RecordingGrid(grid, folder)
+        refusals = RefusalPolicy()  # one rule for the grid and secure aggregation
+        recorder = RecordingGrid(grid, folder, refusals=refusals)
         recorder.expect_replies_of(4 * layout.size)  # float32 updates (or 32-bit masked)
         recorder.restore_timings(folder.read_events())
         if run.secure_aggregation != "off":
             # A resumed run is a new secure-aggregation session (its own Flower run id):
             # fresh per-run keys at every site, so no mask of the crashed session recurs.
-            secure = SecureAggregation(
+            secure = SecureAggregation.joined(
                 strategy,
+                min_sites=run.min_sites,
                 grid=recorder,
+                refusals=refusals,
                 folder=folder,
                 run_id=str(context.run_id),
                 config=SecAggConfig(
@@ -211,7 +221,6 @@ def run_in_folder(
                 run_entries=signed_run,
                 certificates=_secagg_certificates(),
             )
-            secure.setup(run.min_sites)
             strategy = secure
         else:
             if streams(base):  # each update summed as it arrives: memory O(model)
@@ -279,28 +288,28 @@ def run_in_folder(
             folder.plot_file,
             title=f"{run.task} / {run.strategy} (run {run_id})",
         )
-        final = {str(r): dict(m) for r, m in result.evaluate_metrics_clientapp.items()}
+        final = {int(r): dict(m) for r, m in result.evaluate_metrics_clientapp.items()}
         folder.write_summary(
-            {
-                "status": "completed",
-                "run_id": run_id,
-                "task": run.task,
-                "strategy": run.strategy,
-                "rounds": run.rounds,
-                "protection": {
-                    "transport": transport,
-                    "secure_aggregation": run.secure_aggregation,
-                    "privacy": run.privacy.mode,
-                },
-                "adaptation": {"hook": run.adaptation, "site_local_parameters": sorted(local)},
-                "seconds": round(time.time() - t0, 2),
-                "round_seconds": recorder.round_seconds,
-                **({"resumed": folder.resumptions()} if run.resume_of else {}),
-                "sites": sorted(recorder.sites_seen),
-                "evaluate_metrics": final,
-                "primary_metric": task.primary_metric,
-                "final_checkpoint": folder.checkpoint_file(run.rounds).name,
-            }
+            RunSummary(
+                status="completed",
+                run_id=run_id,
+                task=run.task,
+                strategy=run.strategy,
+                rounds=run.rounds,
+                protection=Protection(
+                    transport=transport,
+                    secure_aggregation=run.secure_aggregation,
+                    privacy=run.privacy.mode,
+                ),
+                adaptation=Adaptation(hook=run.adaptation, site_local_parameters=sorted(local)),
+                seconds=round(time.time() - t0, 2),
+                round_seconds=recorder.round_seconds,
+                resumed=[Resumption(**r) for r in folder.resumptions()] if run.resume_of else None,
+                sites=sorted(recorder.sites_seen),
+                evaluate_metrics=final,
+                primary_metric=task.primary_metric,
+                final_checkpoint=folder.checkpoint_file(run.rounds).name,
+            )
         )
         folder.event("run-finished", seconds=round(time.time() - t0, 2))
         _write_report(folder)
@@ -320,12 +329,12 @@ def run_in_folder(
         raise
     except BaseException as exc:
         folder.write_summary(
-            {
-                "status": "failed",
-                "run_id": run_id,
-                "reason": f"{type(exc).__name__}: {exc}",
-                "seconds": round(time.time() - t0, 2),
-            }
+            RunSummary(
+                status="failed",
+                run_id=run_id,
+                reason=f"{type(exc).__name__}: {exc}",
+                seconds=round(time.time() - t0, 2),
+            )
         )
         folder.event("run-failed", reason=f"{type(exc).__name__}: {exc}")
         _write_report(folder)
@@ -399,20 +408,20 @@ def _end_refused(
         sites={s: {"rule": e.rule, "reason": e.reason} for s, e in exc.refusals.items()},
     )
     folder.write_summary(
-        {
-            "status": "refused",
-            "run_id": run_id,
-            "task": run.task,
-            "strategy": run.strategy,
-            "rounds": run.rounds,
-            "rounds_finished": len(done),
-            "reason": str(exc),
-            "refusals": {
-                s: {"rule": e.rule, "reason": e.reason} for s, e in sorted(exc.refusals.items())
+        RunSummary(
+            status="refused",
+            run_id=run_id,
+            task=run.task,
+            strategy=run.strategy,
+            rounds=run.rounds,
+            rounds_finished=len(done),
+            reason=str(exc),
+            refusals={
+                s: SiteRefusal(rule=e.rule, reason=e.reason) for s, e in exc.refusals.items()
             },
-            "final_checkpoint": folder.checkpoint_file(done[-1]).name if done else None,
-            "seconds": seconds,
-        }
+            final_checkpoint=folder.checkpoint_file(done[-1]).name if done else None,
+            seconds=seconds,
+        )
     )
     if done:  # the rounds it finished, plotted
         plot_metrics(

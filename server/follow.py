@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from medfed.core.errors import MedfedError
+from medfed.core.run_summary import RunSummary
 from medfed.core.runs import find_run
 from medfed.server.control import Control, ServerUnreachable
 
@@ -22,7 +23,7 @@ def follow_run(
     on_event: Callable[[dict[str, Any]], None],
     timeout: float,
     poll: float = 0.2,
-) -> dict[str, Any]:
+) -> RunSummary:
     """Call ``on_event`` for each new progress event until the run ends; return its summary.
 
     The SuperLink's status is checked too, so a ServerApp that dies before writing
@@ -63,11 +64,12 @@ def follow_run(
                 if summary is not None:
                     return summary
                 if int(folder.attempt_ids()[-1]) == attempt:  # not resumed meanwhile
-                    return {
-                        "status": runs[0].sub_status or "failed",
-                        "run_id": str(run_id),
-                        "reason": runs[0].details or "the ServerApp ended without a summary",
-                    }
+                    stopped = runs[0].sub_status == "stopped"
+                    return RunSummary(
+                        status="stopped" if stopped else "failed",
+                        run_id=str(run_id),
+                        reason=runs[0].details or "the ServerApp ended without a summary",
+                    )
         if now > deadline:
             raise MedfedError(
                 f"Run {run_id} did not finish within {timeout:.0f} s.",

@@ -16,7 +16,7 @@ from flwr.serverapp import Grid
 
 from medfed.core import wire
 from medfed.core.runs import RunFolder
-from medfed.server.refusals import RefusalLog
+from medfed.server.refusals import RefusalPolicy
 
 #: Replies of a round the ServerApp pulls from the SuperLink at once, in bytes: with
 #: large models they are pulled (and folded into the sum) a few at a time.
@@ -26,7 +26,14 @@ PULL_BUDGET_BYTES = 256 << 20
 class RecordingGrid:
     """Delegates to a Grid; logs replies, refusals and per-round timings."""
 
-    def __init__(self, grid: Grid, folder: RunFolder, *, poll_interval: float = 0.1) -> None:
+    def __init__(
+        self,
+        grid: Grid,
+        folder: RunFolder,
+        *,
+        refusals: RefusalPolicy | None = None,
+        poll_interval: float = 0.1,
+    ) -> None:
         self._grid = grid
         self.poll_interval = poll_interval
         self._folder = folder
@@ -38,7 +45,7 @@ class RecordingGrid:
         # message id -> the node it went to: an error the SuperLink writes for a node
         # (e.g. "Node Unavailable") comes from the SuperLink, not from that node
         self._dst_of: dict[str, int] = {}
-        self.errors = RefusalLog()
+        self._refusals = refusals if refusals is not None else RefusalPolicy()
         self.pull_batch = 1 << 30  # replies pulled at once (see expect_replies_of)
 
     def restore_timings(self, events: Iterable[dict[str, Any]]) -> None:
@@ -100,7 +107,7 @@ class RecordingGrid:
         if missing:
             self._folder.event("sites-missing", round=rnd, phase=phase, count=missing)
         elif phase != "evaluate" and failed == received:
-            self.errors.end_if_refused(rnd, phase, "no site replied with a result")
+            self._refusals.end_if_refused(rnd, phase, "no site replied with a result")
         return kept
 
     def expect_replies_of(self, nbytes: int) -> None:
@@ -146,7 +153,7 @@ class RecordingGrid:
             # The name this node replied under before; the error's own claim only if none.
             site = self._site_of.get(node) or (error.site if error else f"node-{node}")
             if phase != "evaluate":  # a missing score does not stop training
-                self.errors.add(rnd, site, error)
+                self._refusals.add(rnd, site, error)
             detail = (
                 {"status": error.status, "rule": error.rule, "reason": error.reason}
                 if error

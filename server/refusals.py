@@ -37,8 +37,14 @@ class SitesRefused(MedfedError):
 
 
 @dataclass
-class RefusalLog:
-    """The sites' error replies per round: refusals by site, and how many failures."""
+class RefusalPolicy:
+    """When refusals end a run: the sites' error replies per round, and the rule over them.
+
+    One object per run, given to the grid wrapper (which records each site's error
+    reply) and to the secure-aggregation strategy (which records the refusals a site's
+    join forecast implies, and asks whether a shortfall ends the run); neither reaches
+    into the other for it.
+    """
 
     refusals: dict[int, dict[str, SiteError]] = field(default_factory=dict)
     failures: dict[int, int] = field(default_factory=dict)

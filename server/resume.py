@@ -20,9 +20,11 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from medfed.core.config import RunConfig
 from medfed.core.errors import MedfedError
+from medfed.core.run_summary import RunSummary
 from medfed.core.runs import RunFolder, list_runs
 from medfed.server.control import Control
 
@@ -57,18 +59,20 @@ def unfinished_runs(runs_dir: Path, *, release_wait: float = RELEASE_WAIT_S) -> 
     return out
 
 
-def end_unresumable(folder: RunFolder, reason: str, *, status: str = "failed") -> None:
+def end_unresumable(
+    folder: RunFolder, reason: str, *, status: Literal["failed", "stopped"] = "failed"
+) -> None:
     """Close a run that will not go on: a summary and an event with the reason."""
     done = sorted({int(e["round"]) for e in folder.read_events() if e["event"] == "round-finished"})
-    folder.event(f"run-{status}", reason=reason)
+    folder.event("run-stopped" if status == "stopped" else "run-failed", reason=reason)
     folder.write_summary(
-        {
-            "status": status,
-            "run_id": folder.path.name,
-            "reason": reason,
-            "rounds_finished": len(done),
-            "final_checkpoint": folder.checkpoint_file(done[-1]).name if done else None,
-        }
+        RunSummary(
+            status=status,
+            run_id=folder.path.name,
+            reason=reason,
+            rounds_finished=len(done),
+            final_checkpoint=folder.checkpoint_file(done[-1]).name if done else None,
+        )
     )
 
 

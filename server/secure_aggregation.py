@@ -48,6 +48,7 @@ from medfed.core.secagg import (
     SecAggError,
 )
 from medfed.server.recording_grid import RecordingGrid
+from medfed.server.refusals import RefusalPolicy, SitesRefused
 from medfed.server.streaming_mean import vector_array
 from medfed.server.wrapped_strategy import WrappedStrategy
 
@@ -69,10 +70,12 @@ class SecureAggregation(WrappedStrategy):
         size: int,
         round_timeout: float,
         run_entries: dict[str, str],
+        refusals: RefusalPolicy,
         certificates: dict[bytes, str] | None = None,
     ) -> None:
         super().__init__(inner)
         self.grid = grid
+        self.refusals = refusals
         self.folder = folder
         self.run_id = run_id
         self.config = config
@@ -93,8 +96,26 @@ class SecureAggregation(WrappedStrategy):
         self._global: np.ndarray | None = None
         self._metrics: list[dict[str, Any]] = []  # the round's replies' metrics
 
+    @classmethod
+    def joined(cls, inner: Strategy, *, min_sites: int, **kwargs: Any) -> SecureAggregation:
+        """The strategy, ready for its first round: every site's key advert collected.
+
+        ``kwargs`` are the constructor's; this is how a run gets one (a strategy that
+        has not joined its sites cannot configure a round).
+        """
+        strategy = cls(inner, **kwargs)
+        try:
+            strategy._join(min_sites)
+        except SitesRefused:  # the sites that joined drop their keys and budget holds
+            strategy.end("refused")
+            raise
+        except Exception:
+            strategy.end("failed")
+            raise
+        return strategy
+
     # ------------------------------------------------------------------ setup
-    def setup(self, min_sites: int) -> None:
+    def _join(self, min_sites: int) -> None:
         """Once per run: collect every site's signed key advert and build the roster."""
         sample_nodes(self.grid, min_sites, min_sites)  # waits until min_sites are online
         adverts: list[KeyAdvert] = []
@@ -113,7 +134,7 @@ class SecureAggregation(WrappedStrategy):
         # Masking needs threshold + 1 sites, and a sum of fewer than two is one site's update.
         needed = max(min_sites, 2, (self.config.threshold or 0) + 1)
         if len(adverts) < needed:
-            self.grid.errors.end_if_refused(
+            self.refusals.end_if_refused(
                 0, "query", f"{len(adverts)} of the {needed} sites needed joined"
             )
             raise MedfedError(
@@ -214,7 +235,7 @@ class SecureAggregation(WrappedStrategy):
         if not out or len(participants) - len(out) >= self.aggregator.threshold + 1:
             return
         for site in out:
-            self.grid.errors.add(
+            self.refusals.add(
                 server_round,
                 site,
                 wire.SiteError(
@@ -225,7 +246,7 @@ class SecureAggregation(WrappedStrategy):
                     "(said when it joined)",
                 ),
             )
-        self.grid.errors.end_if_refused(
+        self.refusals.end_if_refused(
             server_round,
             "train",
             f"{len(participants) - len(out)} site(s) have the budget "
@@ -270,7 +291,7 @@ class SecureAggregation(WrappedStrategy):
             mean_delta, total = self.aggregator.result(server_round)
         except (RecoveryError, SecAggError) as exc:
             self.folder.event("round-lost", round=server_round, reason=str(exc))
-            self.grid.errors.end_if_refused(
+            self.refusals.end_if_refused(
                 server_round, "train", "too few sites trained for secure aggregation"
             )
             return None, None

@@ -255,8 +255,12 @@ def test_runs_and_status_read_the_run_folders_while_the_server_is_down(tmp_path:
     folder = RunFolder.create(
         tmp_path / "fed" / "runs", 123456789012345678, RunConfig(task="tiny-seg", rounds=2)
     )
+    from medfed.core.run_summary import RunSummary
+
     folder.write_summary(
-        {"status": "refused", "rounds_finished": 0, "reason": "no budget", "final_checkpoint": None}
+        RunSummary(
+            status="refused", run_id="123456789012345678", rounds_finished=0, reason="no budget"
+        )
     )
     RunFolder.create(tmp_path / "fed" / "runs", 77, RunConfig(task="tiny-seg"))  # unfinished
     cfg = str(tmp_path / "fed" / "server.toml")

@@ -67,8 +67,8 @@ def test_two_sites_two_rounds_and_an_unenrolled_site_is_refused(short_tmp: Path)
             forged = follow_run(
                 control, forged_id, fed.fed.runs_dir, timeout=300, on_event=lambda e: None
             )
-    assert summary["status"] == "completed", summary
-    assert sorted(summary["sites"]) == ["site-a", "site-b"]
+    assert summary.status == "completed", summary
+    assert sorted(summary.sites) == ["site-a", "site-b"]
     for r in (1, 2):
         ckpt = np.load(folder.checkpoint_file(r))
         assert len(ckpt.files) > 5
@@ -86,12 +86,12 @@ def test_two_sites_two_rounds_and_an_unenrolled_site_is_refused(short_tmp: Path)
     # each site audited what it sent, before sending
     audit = (short_tmp / "site-a" / "audit.jsonl").read_text()
     assert audit.count('"update-sent"') == 2
-    assert forged["status"] == "refused", forged
-    assert {site: r["rule"] for site, r in forged["refusals"].items()} == {
+    assert forged.status == "refused", forged
+    assert {site: r.rule for site, r in forged.refusals.items()} == {
         "site-a": "run.signature",
         "site-b": "run.signature",
     }
-    assert "not issued by the federation CA" in forged["refusals"]["site-a"]["reason"]
+    assert "not issued by the federation CA" in forged.refusals["site-a"].reason
     assert '"rule": "run.signature"' in audit
     # nothing is left running
     assert len(started) == 3
@@ -151,12 +151,12 @@ def test_secure_aggregation_gives_the_plain_global_model(short_tmp: Path) -> Non
         _, s5 = fed.run(
             RunConfig(task="tiny-seg", rounds=1, min_sites=3, init_from=s3["run_id"]), timeout=300
         )
-    assert s4["status"] == "completed"
+    assert s4.status == "completed"
     started = [e for e in warm.read_events() if e["event"] == "initial-model"]
     assert started and started[0]["source"].endswith(f"{s1['run_id']}/checkpoints/round-002.npz")
-    assert s4["evaluate_metrics"]["1"]["loss"] < s1["evaluate_metrics"]["1"]["loss"]
-    assert s5["status"] == "failed" and "different model" in s5["reason"]
-    assert s1["status"] == s2["status"] == s3["status"] == "completed"
+    assert s4.evaluate_metrics[1]["loss"] < s1.evaluate_metrics[1]["loss"]
+    assert s5.status == "failed" and "different model" in s5.reason
+    assert s1.status == s2.status == s3.status == "completed"
     # Site-local parameters (domain adaptation) stay at the sites, even masked.
     local = set(s3["adaptation"]["site_local_parameters"])
     shared, every = (set(np.load(f.checkpoint_file(2)).files) for f in (adapted, plain))
@@ -166,14 +166,14 @@ def test_secure_aggregation_gives_the_plain_global_model(short_tmp: Path) -> Non
         assert set(kept.files) == set(local)
         # The run's pairwise secrets were deleted after its last round.
         assert not list((short_tmp / site / "secagg" / "sessions").glob("*.json"))
-    assert s2["protection"]["secure_aggregation"] == "default"
+    assert s2.protection.secure_aggregation == "default"
     bound = [e["error_bound"] for e in secure.read_events() if e["event"] == "secure-aggregation"]
     assert len(bound) == 2
     a, b = np.load(plain.checkpoint_file(1)), np.load(secure.checkpoint_file(1))
     for key in a.files:
         np.testing.assert_allclose(b[key], a[key], atol=bound[0] + 1e-6, rtol=0)
     # round 2 trains from models that differ by at most the bound: the results agree
-    d1, d2 = (s["evaluate_metrics"]["2"]["dice"] for s in (s1, s2))
+    d1, d2 = (s.evaluate_metrics[2]["dice"] for s in (s1, s2))
     assert abs(d1 - d2) < 0.02
     # the server never received a plaintext update: every site audited a masked one
     audit = (short_tmp / "site-a" / "audit.jsonl").read_text()
@@ -220,14 +220,14 @@ def test_a_site_dropping_mid_run_is_recovered_by_the_survivors(short_tmp: Path) 
             ),
             timeout=300,
         )
-    assert refused_summary["status"] == "refused", refused_summary
-    assert refused_summary["rounds_finished"] == 0
-    assert {s: r["rule"] for s, r in refused_summary["refusals"].items()} == {
+    assert refused_summary.status == "refused", refused_summary
+    assert refused_summary.rounds_finished == 0
+    assert {s: r.rule for s, r in refused_summary.refusals.items()} == {
         s: "privacy.datasets.default.min_noise_multiplier" for s in ("site-a", "site-b", "site-c")
     }
     assert not any(e["event"] == "round-finished" for e in refused.read_events())
     assert [e["round"] for e in refused.read_events() if e["event"] == "run-refused"] == [0]
-    assert summary["status"] == "completed", summary
+    assert summary.status == "completed", summary
     joined = {
         e["site"]: e["metrics"]
         for e in folder.read_events()
@@ -312,7 +312,7 @@ def test_a_site_killed_and_restarted_at_once_is_let_back_in(short_tmp: Path) -> 
         daemon_log = restarted.log_of_this_start()
     assert "did not accept site 'site-b' yet" in daemon_log, daemon_log[-2000:]
     assert "not enrolled" not in daemon_log
-    assert summary["status"] == "completed", summary
-    assert sorted(summary["sites"]) == ["site-a", "site-b"]
+    assert summary.status == "completed", summary
+    assert sorted(summary.sites) == ["site-a", "site-b"]
     trained = {m["site"] for m in folder.read_metrics() if m["phase"] == "train"}
     assert trained == {"site-a", "site-b"}

@@ -110,14 +110,15 @@ def test_a_site_starts_its_own_parameters_from_the_public_weights(tmp_path: Path
 
 def test_the_run_report_names_the_initial_model(tmp_path: Path) -> None:
     from medfed.core.run_report import write_report
+    from medfed.core.run_summary import RunSummary
     from medfed.core.runs import RunFolder
 
     folder = RunFolder.create(tmp_path, 3, RunConfig(task=TISSUE.name, init_weights="public"))
-    folder.write_summary({"status": "completed", "primary_metric": "dice"})
+    folder.write_summary(RunSummary(status="completed", run_id="3", primary_metric="dice"))
     text = write_report(folder).read_text()
     assert "initial model: the task's public weights" in text
     folder = RunFolder.create(tmp_path, 4, RunConfig(task=TISSUE.name))
-    folder.write_summary({"status": "completed", "primary_metric": "dice"})
+    folder.write_summary(RunSummary(status="completed", run_id="4", primary_metric="dice"))
     assert "initial model: random (seeded)" in write_report(folder).read_text()
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from medfed.core.report import LABELLED_SITES_MAX, panel_lines, plot_metrics, plot_panels
+from medfed.core.run_summary import RunSummary
 
 
 def _png_width(path: Path) -> int:
@@ -111,12 +112,13 @@ def test_the_run_report_tells_protection_scores_epsilon_and_refusals(tmp_path: P
         metric="dice",
     )
     folder.write_summary(
-        {
-            "status": "completed",
-            "primary_metric": "dice",
-            "seconds": 12.0,
-            "final_checkpoint": "round-002.npz",
-        }
+        RunSummary(
+            status="completed",
+            run_id="42",
+            primary_metric="dice",
+            seconds=12.0,
+            final_checkpoint="round-002.npz",
+        )
     )
     text = write_report(folder).read_text()
     assert text.startswith("# Run 42: tiny-seg with fedprox")

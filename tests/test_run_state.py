@@ -13,6 +13,7 @@ from flwr.serverapp import strategy as fl
 from flwr.serverapp.strategy import Result
 
 from medfed.core.config import RunConfig
+from medfed.core.run_summary import RunSummary
 from medfed.core.runs import RunFolder, find_run
 from medfed.server.resume import resume_unfinished
 from medfed.server.rounds import run_rounds
@@ -177,7 +178,7 @@ def _folder(runs_dir: Path, run_id: int, *, summary: bool = False) -> RunFolder:
     folder.event("run-started", task="tiny-seg", strategy="fedavg", rounds=4)
     folder.event("round-finished", round=1, seconds=1.0, checkpoint="round-001.npz")
     if summary:
-        folder.write_summary({"status": "completed"})
+        folder.write_summary(RunSummary(status="completed", run_id=str(run_id)))
     return folder
 
 
@@ -194,7 +195,7 @@ def test_server_start_resubmits_lost_runs_and_ends_stopped_ones(tmp_path: Path) 
     assert control.stops == [5]  # the lost attempt, after the new one is named
     assert lost.attempt_ids() == ["5", "901"]
     assert find_run(tmp_path, 901).path == lost.path
-    assert stopped.read_summary()["status"] == "stopped"
+    assert stopped.read_summary().status == "stopped"
     # a run a ServerApp holds is running, not lost: it is left alone
     with lost.lock():
         again = resume_unfinished(
@@ -211,8 +212,8 @@ def test_no_resume_ends_lost_runs_as_failed_with_the_reason(tmp_path: Path) -> N
     outcomes = resume_unfinished(FakeControl(), tmp_path, resume=False)  # type: ignore[arg-type]
     assert outcomes[0].resumed_as is None
     summary = lost.read_summary()
-    assert summary["status"] == "failed" and "--no-resume" in summary["reason"]
-    assert summary["rounds_finished"] == 1
+    assert summary.status == "failed" and "--no-resume" in summary.reason
+    assert summary.rounds_finished == 1
 
 
 class Drifting(fl.FedAvg):

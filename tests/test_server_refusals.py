@@ -17,7 +17,7 @@ from medfed.core import wire
 from medfed.core.config import RunConfig
 from medfed.core.runs import RunFolder
 from medfed.server.recording_grid import RecordingGrid
-from medfed.server.refusals import SitesRefused
+from medfed.server.refusals import RefusalPolicy, SitesRefused
 
 BUDGET = wire.SiteError(
     "site-a",
@@ -117,11 +117,12 @@ def test_a_failure_or_a_training_site_keeps_the_run_going(tmp_path: Path) -> Non
     grid = RecordingGrid(FakeGrid({1: BUDGET.text(), 2: crash}), folder)
     assert len(grid.send_and_receive(_train([1, 2]))) == 2
     # one refusal and one site that trained: the round has a result
-    grid = RecordingGrid(FakeGrid({1: BUDGET.text(), 2: None}), folder)
+    refusals = RefusalPolicy()
+    grid = RecordingGrid(FakeGrid({1: BUDGET.text(), 2: None}), folder, refusals=refusals)
     assert len(grid.send_and_receive(_train([1, 2], rnd=2))) == 2
     # a shortfall explained by refusals alone (secure aggregation's threshold) does end it
     with pytest.raises(SitesRefused, match="too few"):
-        grid.errors.end_if_refused(2, "train", "too few sites trained")
+        refusals.end_if_refused(2, "train", "too few sites trained")
 
 
 def test_the_progress_view_names_the_site_and_rule_of_a_refusal(tmp_path: Path) -> None:
@@ -180,6 +181,7 @@ def test_a_run_ends_before_a_round_the_sites_budgets_cannot_carry(tmp_path: Path
         size=1,
         round_timeout=1.0,
         run_entries={wire.RUN_CONFIG_KEY: "{}"},
+        refusals=RefusalPolicy(),
     )
     secure.aggregator = SimpleNamespace(threshold=1)  # type: ignore[assignment]
     secure.covers = {"site-a": 2}
@@ -309,6 +311,7 @@ def test_a_site_unavailable_at_the_join_is_asked_again(
         size=1,
         round_timeout=2.5,
         run_entries={wire.RUN_CONFIG_KEY: "{}"},
+        refusals=RefusalPolicy(),
     )
     replies = secure._join_replies()
     assert sorted(r.metadata.src_node_id for r in replies) == [7, 8]

@@ -48,10 +48,10 @@ def checkpoint(folder: RunFolder, rnd: int) -> dict[str, np.ndarray]:
 
 def test_a_simulated_run_writes_the_run_folder_of_a_deployed_run(tmp_path: Path) -> None:
     folder, summary = simulate(tiny_run(secure_aggregation="off"), synthetic_sites(3), tmp_path)
-    assert summary["status"] == "completed", summary.get("reason")
-    assert summary["engine"] == "simulation" and summary["simulation"]["sites"] == 3
-    assert summary["sites"] == ["site-1", "site-2", "site-3"]
-    assert summary["final_checkpoint"] == "round-002.npz"
+    assert summary.status == "completed", summary.reason
+    assert summary.engine == "simulation" and summary.simulation.sites == 3
+    assert summary.sites == ["site-1", "site-2", "site-3"]
+    assert summary.final_checkpoint == "round-002.npz"
     assert folder.path.parent == tmp_path and folder.read_run()["config"]["task"] == "tiny-seg"
     assert folder.checkpoint_file(1).is_file() and folder.checkpoint_file(2).is_file()
     rows = Counter((m["round"], m["site"], m["phase"]) for m in folder.read_metrics())
@@ -72,8 +72,8 @@ def test_a_simulated_run_writes_the_run_folder_of_a_deployed_run(tmp_path: Path)
 
 def test_a_simulated_run_with_secure_aggregation_completes(tmp_path: Path) -> None:
     folder, summary = simulate(tiny_run(), synthetic_sites(3), tmp_path, keep_warm=0)
-    assert summary["status"] == "completed", summary.get("reason")
-    assert summary["protection"]["secure_aggregation"] == "default"
+    assert summary.status == "completed", summary.reason
+    assert summary.protection.secure_aggregation == "default"
     events = folder.read_events()
     assert [e["round"] for e in events if e["event"] == "secure-aggregation"] == [1, 2]
     for site in ("site-1", "site-2", "site-3"):
@@ -96,14 +96,14 @@ def test_the_same_seed_gives_the_same_final_checkpoint(tmp_path: Path) -> None:
     finally:
         torch.set_num_threads(threads)
     spread, c = simulate(tiny_run(), synthetic_sites(4), tmp_path, workers=2, threads=1)
-    assert a["status"] == b["status"] == c["status"] == "completed"
-    assert (a["simulation"]["engine"], c["simulation"]["engine"]) == ("in-process", "processes")
+    assert a.status == b.status == c.status == "completed"
+    assert (a.simulation.engine, c.simulation.engine) == ("in-process", "processes")
     assert len({first.path, again.path, spread.path}) == 3
     x = checkpoint(first, 2)
     for other in (again, spread):
         y = checkpoint(other, 2)
         assert x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
-    assert a["evaluate_metrics"] == b["evaluate_metrics"] == c["evaluate_metrics"]
+    assert a.evaluate_metrics == b.evaluate_metrics == c.evaluate_metrics
     # the worker processes ended the run at their sites, as in-process sites do
     for site in ("site-1", "site-2", "site-3", "site-4"):
         assert not list((spread.path / SITES_DIR / site / "secagg" / "sessions").glob("*"))
@@ -117,7 +117,7 @@ def test_sites_outside_the_sampled_rounds_get_nothing(tmp_path: Path) -> None:
         strategy_options={"fraction_train": 0.3, "fraction_evaluate": 0.3},
     )
     folder, summary = simulate(run, synthetic_sites(8), tmp_path, keep_warm=0)
-    assert summary["status"] == "completed", summary.get("reason")
+    assert summary.status == "completed", summary.reason
     touched = {m["site"] for m in folder.read_metrics() if m["site"] != "global"}
     assert 2 <= len(touched) <= 4
     homes = {p.name for p in (folder.path / SITES_DIR).iterdir()}
@@ -321,11 +321,11 @@ def test_sampled_rounds_under_secure_aggregation_need_a_threshold_below_the_samp
     sampled = {"fraction_train": 0.4, "fraction_evaluate": 0.4}
     run = tiny_run(rounds=1, min_sites=2, strategy_options=sampled)
     folder, summary = simulate(run, synthetic_sites(10), tmp_path / "default", keep_warm=0)
-    assert summary["status"] != "completed"
-    assert "threshold" in json.dumps(summary) or "threshold" in folder.events_file.read_text()
+    assert summary.status != "completed"
+    assert "threshold" in summary.to_json() or "threshold" in folder.events_file.read_text()
     run = tiny_run(rounds=1, min_sites=2, strategy_options=sampled, secagg_threshold=2)
     folder, summary = simulate(run, synthetic_sites(10), tmp_path / "t2", keep_warm=0)
-    assert summary["status"] == "completed", summary.get("reason")
+    assert summary.status == "completed", summary.reason
     trained = {
         m["site"] for m in folder.read_metrics() if m["site"] != "global" and m["phase"] == "train"
     }

@@ -61,8 +61,8 @@ def test_a_simulation_of_10_sites_ends_where_their_deployment_ends(short_tmp: Pa
         simulated_folder, simulated = simulate(run, sites, short_tmp / "simulated", workers=1)
     finally:
         torch.set_num_threads(threads)
-    assert deployed["status"] == simulated["status"] == "completed"
-    assert deployed["sites"] == simulated["sites"] == sorted(names)
+    assert deployed.status == simulated.status == "completed"
+    assert deployed.sites == simulated.sites == sorted(names)
     aggregated = [e for e in deployed_folder.read_events() if e["event"] == "secure-aggregation"]
     assert [(len(e["survivors"]), e["dropped"]) for e in aggregated] == [(SITES, [])] * 2, (
         aggregated

@@ -46,6 +46,7 @@ from medfed.cli.options import (
     TaskOpt,
 )
 from medfed.core.errors import ConfigError
+from medfed.core.run_summary import RunSummary
 
 #: What ``--dp`` may list.
 DP_MODES = ("off", "sample", "update")
@@ -54,7 +55,7 @@ ENGINES = ("deployment", "simulation")
 MAX_DEPLOYED_SITES = 8
 
 #: Runs one run configuration to its end: (run folder, summary).
-RunOne = Callable[[Any], tuple[Any, dict[str, Any]]]
+RunOne = Callable[[Any], tuple[Any, RunSummary]]
 
 
 def _names(text: str, what: str) -> list[str]:
@@ -152,9 +153,9 @@ def _combine(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _result(folder: Any, summary: dict[str, Any], rounds: int) -> dict[str, Any]:
+def _result(folder: Any, summary: RunSummary, rounds: int) -> dict[str, Any]:
     """The run's figures: mean and per-site score of the global model, time, epsilon."""
-    metric = summary["primary_metric"]
+    metric = str(summary.primary_metric)
     row = json.loads(folder.cross_site_file.read_text())["matrix"]["global"]
     per_site = {s: float(m[metric]) for s, m in sorted(row.items())}
     eps = [
@@ -167,7 +168,7 @@ def _result(folder: Any, summary: dict[str, Any], rounds: int) -> dict[str, Any]
         "metric": metric,
         "mean": sum(per_site.values()) / max(len(per_site), 1),
         "sites": per_site,
-        "seconds": summary["seconds"],
+        "seconds": summary.seconds,
         "epsilon": max(eps) if eps else None,
         "run_folder": str(folder.path),
     }
@@ -349,13 +350,11 @@ def register(app: typer.Typer) -> None:
                         "seed": run.seed,
                         "options": options[strategy],
                     }
-                    if summary.get("status") == "completed":
+                    if summary.completed:
                         result.update(_result(folder, summary, rounds))
                         shown = f"{result['metric']} {result['mean']:.4f}"
                     else:
-                        result.update(
-                            status=summary.get("status", "failed"), reason=summary.get("reason", "")
-                        )
+                        result.update(status=summary.status, reason=summary.reason or "")
                         shown = f"[red]{result['status']}[/]"
                     dp_shown = "" if modes == ["off"] else f" {mode:<7}"
                     seed_shown = "" if repeats == 1 else f" seed {run.seed:<3}"

@@ -122,17 +122,17 @@ def register(app: typer.Typer) -> None:
                 f"what was written is in {root}"
             )
             raise typer.Exit(130) from None
-        if summary.get("status") != "completed":
-            console.print(f"[red]demo run {summary.get('status')}[/]: {summary.get('reason')}")
+        if not summary.completed:
+            console.print(f"[red]demo run {summary.status}[/]: {summary.reason}")
             raise typer.Exit(1)
-        metric = summary["primary_metric"]
+        metric = str(summary.primary_metric)
         console.rule("result")
-        median = statistics.median(summary["round_seconds"].values())
+        median = statistics.median(summary.round_seconds.values())
         console.print(
             f"{sites} sites, {rounds} rounds of {task} with {strategy} "
-            f"in {summary['seconds']} s (median round {median:.2f} s)"
+            f"in {summary.seconds} s (median round {median:.2f} s)"
         )
-        for r, m in sorted(summary["evaluate_metrics"].items(), key=lambda kv: int(kv[0])):
+        for r, m in sorted(summary.evaluate_metrics.items()):
             console.print(
                 f"  round {r}: {metric} {m.get(metric, float('nan')):.4f}  "
                 f"loss {m.get('loss', float('nan')):.4f}"

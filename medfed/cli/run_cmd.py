@@ -42,6 +42,7 @@ from medfed.cli.options import (
 )
 from medfed.cli.progress import ProgressView
 from medfed.core.errors import ConfigError, MedfedError
+from medfed.core.run_summary import RunSummary
 
 if TYPE_CHECKING:
     from medfed.core.config import RunConfig
@@ -341,7 +342,7 @@ def register(app: typer.Typer) -> None:
                 timeout=round_timeout * rounds * 2 + 120,
             )
         print_summary(summary, target.runs_dir / str(run_id))
-        if summary.get("status") != "completed":
+        if not summary.completed:
             raise typer.Exit(1)
 
     @app.command("runs")
@@ -585,35 +586,34 @@ def _outcome(target: Target, run_id: int) -> str:
     from medfed.core.runs import RunFolder
 
     summary = RunFolder(target.runs_dir / str(run_id)).read_summary()
-    return str(summary.get("status", "")) if summary else ""
+    return summary.status if summary else ""
 
 
-def print_summary(summary: dict[str, Any], folder: Path) -> None:
+def print_summary(summary: RunSummary, folder: Path) -> None:
     """The end of a run on the terminal: its outcome, score and files."""
     from medfed.core.runs import RunFolder
 
     run = RunFolder(folder)
-    if summary.get("status") != "completed":
+    if not summary.completed:
         console.print(
-            f"[red]run {summary.get('status')}[/]: {escape(str(summary.get('reason', '')))}",
-            highlight=False,
+            f"[red]run {summary.status}[/]: {escape(summary.reason or '')}", highlight=False
         )
-        if summary.get("final_checkpoint"):  # a refused run keeps the rounds it finished
+        if summary.final_checkpoint:  # a refused run keeps the rounds it finished
             console.print(
-                f"  rounds finished: {summary.get('rounds_finished')} of "
-                f"{summary.get('rounds')}; last model: "
-                f"{folder / 'checkpoints' / summary['final_checkpoint']}"
+                f"  rounds finished: {summary.rounds_finished} of "
+                f"{summary.rounds}; last model: "
+                f"{folder / 'checkpoints' / summary.final_checkpoint}"
             )
         if run.report_file.exists():
             console.print(f"  report: {run.report_file}")
         return
-    metric = summary.get("primary_metric", "")
-    final = summary.get("evaluate_metrics", {}).get(str(summary.get("rounds")), {})
+    metric = summary.primary_metric or ""
+    final = summary.final_metrics()
     console.print(
-        f"[green]completed[/] {summary['rounds']} rounds in {summary['seconds']} s; "
+        f"[green]completed[/] {summary.rounds} rounds in {summary.seconds} s; "
         f"final {metric}: {final.get(metric, float('nan')):.4f}"
     )
     console.print(f"  run folder: {folder}")
-    console.print(f"  model:      {folder / 'checkpoints' / summary['final_checkpoint']}")
+    console.print(f"  model:      {folder / 'checkpoints' / str(summary.final_checkpoint)}")
     console.print(f"  plot:       {run.plot_file}")
     console.print(f"  report:     {run.report_file}")

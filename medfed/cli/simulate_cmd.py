@@ -283,6 +283,7 @@ def register(app: typer.Typer) -> None:
                 console.print("[yellow]interrupted[/]: the run folder keeps what was written")
                 raise typer.Exit(130) from None
         print_summary(summary, folder.path)
-        console.print(f"  sites:      {summary['simulation']['site_folders']}")
-        if summary.get("status") != "completed":
+        if summary.simulation is not None:
+            console.print(f"  sites:      {summary.simulation.site_folders}")
+        if not summary.completed:
             raise typer.Exit(1)

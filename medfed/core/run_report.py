@@ -15,6 +15,7 @@ from typing import Any
 
 from medfed.core import wire
 from medfed.core.files import atomic_write
+from medfed.core.run_summary import RunSummary
 from medfed.core.runs import RunFolder
 
 
@@ -59,10 +60,13 @@ def _privacy_lines(privacy: dict[str, Any]) -> list[str]:
     ]
 
 
-def _transport(summary: dict[str, Any]) -> str:
+def _transport(summary: RunSummary | None) -> str:
     """How updates travelled: TLS in a deployment, in memory in a simulation."""
-    default = "in memory (simulation)" if summary.get("engine") == "simulation" else "tls"
-    transport = str(summary.get("protection", {}).get("transport", default))
+    if summary is not None and summary.protection is not None:
+        transport = summary.protection.transport
+    else:
+        simulated = summary is not None and summary.engine == "simulation"
+        transport = "in memory (simulation)" if simulated else "tls"
     return "TLS" if transport == "tls" else transport
 
 
@@ -70,10 +74,11 @@ def render(folder: RunFolder) -> str:
     """The report of the run in ``folder`` (markdown)."""
     info = folder.read_run()
     cfg: dict[str, Any] = info.get("config", {})
-    summary = folder.read_summary() or {"status": "not finished"}
+    summary = folder.read_summary()
+    status = summary.status if summary is not None else "not finished"
     metrics = folder.read_metrics()
     events = folder.read_events()
-    metric = summary.get("primary_metric", "dice")
+    metric = (summary.primary_metric if summary is not None else None) or "dice"
     rounds = int(cfg.get("rounds", 0))
     lines = [
         f"# Run {info.get('run_id', folder.path.name)}: {cfg.get('task')} with "
@@ -81,16 +86,17 @@ def render(folder: RunFolder) -> str:
         "",
     ]
     options = ", ".join(f"{k}={v}" for k, v in sorted(cfg.get("strategy_options", {}).items()))
-    finished = summary.get(
-        "rounds_finished",
-        rounds
-        if summary.get("status") == "completed"
-        else sum(e["event"] == "round-finished" for e in events),
-    )
+    if summary is not None and summary.rounds_finished is not None:
+        finished = summary.rounds_finished
+    elif status == "completed":
+        finished = rounds
+    else:
+        finished = sum(e["event"] == "round-finished" for e in events)
+    seconds = summary.seconds if summary is not None else None
     lines += [
-        f"- status: **{summary.get('status')}**, {finished} of {rounds} rounds; "
+        f"- status: **{status}**, {finished} of {rounds} rounds; "
         f"started {info.get('started', '?')[:19]} UTC"
-        + (f", {summary['seconds']:.0f} s" if "seconds" in summary else ""),
+        + (f", {seconds:.0f} s" if seconds is not None else ""),
         f"- strategy options: {options or 'defaults'}; adaptation hook: "
         f"{cfg.get('adaptation', 'none')}; seed {cfg.get('seed', 0)}",
         f"- initial model: {_initial_model(cfg)}",
@@ -98,20 +104,17 @@ def render(folder: RunFolder) -> str:
         f"{cfg.get('secure_aggregation', 'default')}",
         *_privacy_lines(cfg.get("privacy", {})),
     ]
-    if summary.get("engine") == "simulation":
-        sim = summary.get("simulation", {})
-        lines.append(
-            f"- engine: simulation ({sim.get('engine', 'in-process')}) of "
-            f"{sim.get('sites', '?')} sites on one machine"
-        )
+    if summary is not None and summary.simulation is not None:
+        sim = summary.simulation
+        lines.append(f"- engine: simulation ({sim.engine}) of {sim.sites} sites on one machine")
     lines += [
         f"- resumed after a server restart at round {e.get('round')} "
         f"({str(e.get('time', '?'))[:19]} UTC, server run {e.get('flower_run_id')}); "
         "the rounds before it were not redone"
         for e in folder.resumptions()
     ]
-    if summary.get("reason"):
-        lines += ["", "## Why it ended", "", "```", str(summary["reason"]), "```"]
+    if summary is not None and summary.reason:
+        lines += ["", "## Why it ended", "", "```", summary.reason, "```"]
 
     if folder.cross_site_file.exists():
         row = json.loads(folder.cross_site_file.read_text())["matrix"].get("global", {})
@@ -204,7 +207,7 @@ def render(folder: RunFolder) -> str:
     warnings = [e["reason"] for e in events if e["event"] == "warning"]
     if warnings:
         lines += ["", "## Warnings", "", *(f"- {w}" for w in warnings)]
-    model = summary.get("final_checkpoint")
+    model = summary.final_checkpoint if summary is not None else None
     lines += [
         "",
         "## Files",

@@ -33,6 +33,7 @@ import numpy as np
 from medfed.core.config import RunConfig
 from medfed.core.errors import MedfedError
 from medfed.core.files import atomic_savez, atomic_write
+from medfed.core.run_summary import EVENT_KINDS, EventKind, RunSummary
 
 
 def now_iso() -> str:
@@ -179,8 +180,10 @@ class RunFolder:
         """checkpoints/round-NNN.npz."""
         return self.path / "checkpoints" / f"round-{server_round:03d}.npz"
 
-    def event(self, kind: str, **fields: Any) -> None:
-        """Append a progress event."""
+    def event(self, kind: EventKind, **fields: Any) -> None:
+        """Append a progress event (``kind``: one of :data:`~medfed.core.run_summary.EventKind`)."""
+        if kind not in EVENT_KINDS:  # a bug: readers would not know it
+            raise ValueError(f"unknown run event kind {kind!r}; add it to run_summary.EventKind")
         append_jsonl(self.events_file, {"time": now_iso(), "event": kind, **fields})
 
     def metrics(self, server_round: int, site: str, phase: str, values: dict[str, Any]) -> None:
@@ -207,19 +210,20 @@ class RunFolder:
             body["note"] = note
         atomic_write(self.cross_site_file, json.dumps(body, indent=2).encode())
 
-    def write_summary(self, summary: dict[str, Any]) -> None:
+    def write_summary(self, summary: RunSummary) -> None:
         """Write summary.json atomically."""
-        atomic_write(self.summary_file, json.dumps(summary, indent=2, sort_keys=True).encode())
+        atomic_write(self.summary_file, summary.to_json().encode())
 
     def read_run(self) -> dict[str, Any]:
         """run.json as a dict."""
         return json.loads(self.run_file.read_text(encoding="utf-8"))
 
-    def read_summary(self) -> dict[str, Any] | None:
+    def read_summary(self) -> RunSummary | None:
         """summary.json, or None while the run is going."""
         if not self.summary_file.exists():
             return None
-        return json.loads(self.summary_file.read_text(encoding="utf-8"))
+        text = self.summary_file.read_text(encoding="utf-8")
+        return RunSummary.from_json(text, where=str(self.summary_file))
 
     def read_events(self) -> list[dict[str, Any]]:
         """All events so far."""

@@ -15,6 +15,7 @@ from medfed.core.config import RunConfig
 from medfed.core.errors import ProcessError
 from medfed.core.parent_watch import EXIT_WITH_PARENT_ENV
 from medfed.core.procs import Managed, ProcessGroup, free_port
+from medfed.core.run_summary import RunSummary
 from medfed.core.runs import RunFolder
 from medfed.server.control import Control
 from medfed.server.federation import Federation, init_federation
@@ -145,7 +146,7 @@ class LocalFederation:
         *,
         on_event: Callable[[dict[str, Any]], None] = lambda e: None,
         timeout: float = 1800.0,
-    ) -> tuple[RunFolder, dict[str, Any]]:
+    ) -> tuple[RunFolder, RunSummary]:
         """Submit a run, follow it to its end, return its folder and summary."""
         with self.control() as control:
             run_id = control.submit(config)

@@ -70,6 +70,7 @@ from medfed.core import wire
 from medfed.core.config import RunConfig, SiteConfig, validate
 from medfed.core.errors import ConfigError, MedfedError
 from medfed.core.run_report import write_report
+from medfed.core.run_summary import RunSummary, Simulation
 from medfed.core.runs import RunFolder
 from medfed.local.sim_sites import SimSite
 from medfed.local.site_processes import SiteProcesses, default_workers
@@ -441,7 +442,7 @@ def simulate(
     on_event: Callable[[dict[str, Any]], None] | None = None,
     on_site: SiteProgress | None = None,
     describe: Mapping[str, Any] | None = None,
-) -> tuple[RunFolder, dict[str, Any]]:
+) -> tuple[RunFolder, RunSummary]:
     """Run ``run`` over the simulated ``sites``; returns its run folder and summary.
 
     Parameters
@@ -537,12 +538,12 @@ def simulate(
             )
     except KeyboardInterrupt:
         folder.write_summary(
-            {
-                "status": "stopped",
-                "run_id": str(run_id),
-                "reason": "interrupted (Ctrl-C); a simulation is not resumed",
-                "seconds": round(time.time() - t0, 2),
-            }
+            RunSummary(
+                status="stopped",
+                run_id=str(run_id),
+                reason="interrupted (Ctrl-C); a simulation is not resumed",
+                seconds=round(time.time() - t0, 2),
+            )
         )
         raise
     except Exception as exc:  # the summary says why; a fault in code also gets its trace
@@ -557,16 +558,20 @@ def simulate(
             processes.end_run(str(run_id))
             processes.close()
         forward()
-    summary = folder.read_summary() or {"status": "failed", "run_id": str(run_id), "reason": reason}
-    summary["engine"] = "simulation"
-    summary["simulation"] = {
-        "engine": "in-process" if processes is None else "processes",
-        "workers": workers,
-        "sites": len(sites),
-        "site_folders": str(pool.root),
-        "keep_warm": pool.keep_warm,
-        **dict(describe or {}),
-    }
+    ended = folder.read_summary() or RunSummary(status="failed", run_id=str(run_id), reason=reason)
+    summary = ended.model_copy(
+        update={
+            "engine": "simulation",
+            "simulation": Simulation(
+                engine="in-process" if processes is None else "processes",
+                workers=workers,
+                sites=len(sites),
+                site_folders=str(pool.root),
+                keep_warm=pool.keep_warm,
+                **dict(describe or {}),
+            ),
+        }
+    )
     folder.write_summary(summary)
     write_report(folder)
     return folder, summary

@@ -78,12 +78,12 @@ def test_sites_ride_out_an_expired_server_certificate_and_its_renewal(
         for d in daemons:  # the same daemons throughout
             assert d.alive()
         logs = [d.log_of_this_start() for d in daemons]
-    assert summary["status"] == "completed", summary
+    assert summary.status == "completed", summary
     assert {m["site"] for m in folder.read_metrics() if m["phase"] == "train"} == {
         "site-a",
         "site-b",
     }
-    assert summary["protection"]["secure_aggregation"] == "default"
+    assert summary.protection.secure_aggregation == "default"
     for log in logs:
         assert log.count(EXPIRED) == 1, log[-3000:]  # said once, however many retries
         assert "medfed server renew-cert" in log and "Nothing to change at this site" in log
@@ -145,7 +145,7 @@ def test_a_ca_rotation_with_an_overlap_needs_no_site_restart(short_tmp: Path) ->
         for d in daemons.values():
             assert d.alive()  # never restarted
         logs = {s: d.log_of_this_start() for s, d in daemons.items()}
-    assert summary["status"] == "completed", summary
+    assert summary.status == "completed", summary
     assert {m["site"] for m in folder.read_metrics() if m["phase"] == "train"} == {
         "site-a",
         "site-b",

@@ -26,6 +26,7 @@ from medfed.client.ledger import PrivacyLedger
 from medfed.core.config import RunConfig
 from medfed.core.errors import MedfedError
 from medfed.core.privacy_accounting import epsilon_of_history
+from medfed.core.run_summary import RunSummary
 from medfed.core.runs import RunFolder, find_run
 from medfed.local import LocalFederation
 from medfed.server.follow import follow_run
@@ -64,7 +65,7 @@ def _crash_and_resume(
     crash_when: Callable[[Events], bool],
     *,
     after_sites_sent: int | None = None,
-) -> tuple[RunFolder, dict[str, Any]]:
+) -> tuple[RunFolder, RunSummary]:
     """Submit ``config``; kill -9 the SuperLink and its ServerApp once ``crash_when``
     holds of the run's events; start the server again; follow the run to its end.
 
@@ -133,15 +134,15 @@ def _final(folder: RunFolder, rounds: int) -> dict[str, np.ndarray]:
         return {k: ckpt[k] for k in ckpt.files}
 
 
-def _resumed_once_at_round_2(folder: RunFolder, summary: dict[str, Any]) -> Events:
-    assert summary["status"] == "completed", summary
+def _resumed_once_at_round_2(folder: RunFolder, summary: RunSummary) -> Events:
+    assert summary.status == "completed", summary
     events = folder.read_events()
     resumed = [e for e in events if e["event"] == "run-resumed"]
     assert [e["round"] for e in resumed] == [2], resumed  # only round 2 is redone
     assert [e["round"] for e in events if e["event"] == "round-finished"] == [1, 2, 3, 4]
     # the server's later run id names the same run
     assert find_run(folder.path.parent, resumed[0]["flower_run_id"]).path == folder.path
-    assert summary["resumed"][0]["round"] == 2
+    assert summary.resumed[0].round == 2
     return events
 
 
@@ -154,7 +155,7 @@ def test_server_killed_in_round_2_of_4_resumes_and_matches_an_uninterrupted_run(
         fed.create(site_data=lambda i, name: {"num_samples": 24})
         fed.start()
         plain, plain_summary = fed.run(config, timeout=300)
-        assert plain_summary["status"] == "completed", plain_summary
+        assert plain_summary.status == "completed", plain_summary
         folder, summary = _crash_and_resume(fed, config, _in_round_2)
 
     events = _resumed_once_at_round_2(folder, summary)

@@ -62,7 +62,7 @@ def test_a_damaged_cache_entry_and_a_torn_audit_line_do_not_stop_a_site(short_tm
             task="brain-tissue-seg", rounds=1, min_sites=2, local_epochs=1, round_timeout_s=300
         )
         _, first = fed.run(config, timeout=600)
-        assert first["status"] == "completed", first
+        assert first.status == "completed", first
         site_a = short_tmp / "site-a"
         (loaded,) = [
             r for r in AuditLog(site_a / "audit.jsonl").read() if r["event"] == "data-loaded"
@@ -86,7 +86,7 @@ def test_a_damaged_cache_entry_and_a_torn_audit_line_do_not_stop_a_site(short_tm
         fed.start_site("site-a")
         fed.wait_online(2)
         _, second = fed.run(config, timeout=600)
-    assert second["status"] == "completed", second
+    assert second.status == "completed", second
     records = AuditLog(site_a / "audit.jsonl").read()
     assert any(r["event"] == "cache-healed" for r in records)
     assert any(r["event"] == "audit-torn-line" for r in records)
@@ -126,16 +126,16 @@ def test_a_deleted_ledger_is_rebuilt_and_concurrent_runs_are_admitted_only_while
         fed.start()
         dp_run = RunConfig(task="tiny-seg", rounds=2, min_sites=2, round_timeout_s=60, privacy=DP)
         _, done = fed.run(dp_run, timeout=300)
-        assert done["status"] == "completed", done
+        assert done.status == "completed", done
         ledger_b = short_tmp / "site-b" / "privacy" / "ledger.sqlite"
         spent = PrivacyLedger(ledger_b, create=False).spent("default")
         assert spent == pytest.approx(eps(2), rel=1e-6)
 
         ledger_b.unlink()  # (e) while the daemon runs
         refused_folder, refused = fed.run(dp_run, timeout=300)
-        assert refused["status"] == "refused", refused
-        assert refused["refusals"]["site-b"]["rule"] == "privacy.ledger"
-        assert "--rebuild-from-audit" in refused["refusals"]["site-b"]["reason"]
+        assert refused.status == "refused", refused
+        assert refused.refusals["site-b"].rule == "privacy.ledger"
+        assert "--rebuild-from-audit" in refused.refusals["site-b"].reason
         # site-a had joined it: told that the run ended (just after its summary), it
         # holds nothing for it
         ledger_a = PrivacyLedger(short_tmp / "site-a" / "privacy" / "ledger.sqlite", create=False)
@@ -184,16 +184,14 @@ def test_a_deleted_ledger_is_rebuilt_and_concurrent_runs_are_admitted_only_while
             earlier = follow_run(
                 control, first, fed.fed.runs_dir, on_event=lambda e: None, timeout=300
             )
-    assert earlier["status"] == "completed", earlier
-    assert later["status"] == "refused" and later["rounds_finished"] == 0, later
-    for site, why in later["refusals"].items():
-        assert why["rule"] == "privacy.datasets.tight.epsilon_max", (site, why)
+    assert earlier.status == "completed", earlier
+    assert later.status == "refused" and later.rounds_finished == 0, later
+    for site, why in later.refusals.items():
+        assert why.rule == "privacy.datasets.tight.epsilon_max", (site, why)
         # Refused for what the first run holds (joined, not yet spent); on a machine so
         # loaded that the second run's ServerApp starts only after the first has spent
         # all 6 rounds, refused for that spend: either way it never trains.
-        assert (
-            f"run '{first}' holds" in why["reason"] or f"spent {eps(6):.4g} +" in why["reason"]
-        ), why
+        assert f"run '{first}' holds" in why.reason or f"spent {eps(6):.4g} +" in why.reason, why
     for site in ("site-a", "site-b"):
         ledger = PrivacyLedger(short_tmp / site / "privacy" / "ledger.sqlite", create=False)
         assert ledger.spent("tight") == pytest.approx(eps(6), rel=1e-6)

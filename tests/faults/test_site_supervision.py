@@ -54,9 +54,9 @@ def test_a_killed_supernode_is_restarted_and_the_site_trains_in_the_next_round(
         )
         assert daemon.alive()  # the same daemon throughout: never exited, never restarted
         daemon_log = daemon.log_of_this_start()
-    assert s1["status"] == s2["status"] == "completed", (s1, s2)
+    assert s1.status == s2.status == "completed", (s1, s2)
     assert trained(first) == trained(second) == {"site-a", "site-b"}
-    assert second.read_summary()["protection"]["secure_aggregation"] == "default"
+    assert second.read_summary().protection.secure_aggregation == "default"
     assert "restarting the SuperNode of site 'site-b'" in daemon_log, daemon_log[-2000:]
     assert "killed (signal 9)" in daemon_log
     assert "not enrolled" not in daemon_log
