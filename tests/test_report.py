@@ -164,3 +164,38 @@ def test_the_report_lists_every_round_a_site_missed_and_each_resumption(tmp_path
     assert "| site-b | 4 | no reply in time (or no update accepted) |" in text
     assert "| site-a |" not in text.split("## Rounds each site missed")[1]
     assert "resumed after a server restart at round 3" in text and "server run 99" in text
+
+
+def test_report_html_is_one_self_contained_page(tmp_path: Path) -> None:
+    import base64
+    import re
+
+    from medfed.core.config import RunConfig
+    from medfed.core.run_report import write_report
+    from medfed.core.runs import RunFolder
+
+    folder = RunFolder.create(tmp_path, 9, RunConfig(task="tiny-seg", rounds=2))
+    rows = [
+        {"phase": "evaluate", "round": r, "site": s, "dice": 0.5 + r / 10}
+        for s in ("site-a", "site-b")
+        for r in (1, 2)
+    ]
+    for row in rows:
+        folder.metrics(row["round"], row["site"], "evaluate", {"dice": row["dice"]})
+    plot_metrics(rows, "dice", folder.plot_file, title="t")
+    folder.write_cross_site(
+        {"global": {"site-a": {"dice": 0.7}, "site-b": {"dice": 0.6}}}, metric="dice"
+    )
+    folder.write_summary(RunSummary(status="completed", run_id="9", primary_metric="dice"))
+    write_report(folder)
+    page = folder.html_report_file.read_text()
+    assert (
+        page.startswith("<!DOCTYPE html>") and "<title>Run 9: tiny-seg with fedavg</title>" in page
+    )
+    assert "<table>" in page and "<h2>" in page  # report.md's tables and sections, rendered
+    (inlined,) = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert base64.b64decode(inlined) == folder.plot_file.read_bytes()
+    assert '<a href="#metrics-png">metrics.png</a>' in page  # the text links to it
+    # nothing fetched when it is opened: no script, no external reference
+    assert "<script" not in page and "http://" not in page and "https://" not in page
+    assert not re.search(r'(src|href)="(?!data:|#)', page)

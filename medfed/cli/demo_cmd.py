@@ -22,6 +22,7 @@ from medfed.cli.options import (
     StrategyOpt,
     TargetEpsilonOpt,
     TaskOpt,
+    TrackOpt,
 )
 from medfed.cli.progress import ProgressView
 from medfed.core.errors import MedfedError
@@ -53,9 +54,12 @@ def register(app: typer.Typer) -> None:
                 "PACS, read over DICOMweb)"
             ),
         ] = "synthetic",
+        track: TrackOpt = None,
     ) -> None:
         """Run a server and sites with their own data on loopback (TLS), train, report, stop."""
-        from medfed.cli.run_cmd import privacy_options
+        from medfed.cli.run_cmd import log_to_trackers, parse_trackers, privacy_options
+
+        trackers = parse_trackers(track)
         from medfed.core.config import RunConfig, validate
         from medfed.local import LocalFederation
         from medfed.local.demo_data import SOURCES, prepare_demo_data
@@ -140,8 +144,9 @@ def register(app: typer.Typer) -> None:
         console.print(f"run folder: {folder.path}")
         console.print(f"  metrics:  {folder.metrics_file}")
         console.print(f"  plot:     {folder.plot_file}")
-        console.print(f"  report:   {folder.report_file}")
+        console.print(f"  report:   {folder.report_file} (and {folder.html_report_file.name})")
         console.print(f"  model:    {folder.checkpoint_file(rounds)}")
+        log_to_trackers(folder.path, trackers)
         if dp != "off":
             console.print(
                 "a site's privacy ledger: medfed site budget --config "

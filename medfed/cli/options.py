@@ -100,3 +100,11 @@ InitWeightsOpt = Annotated[
         "(`medfed tasks` marks the tasks that ship them; no privacy cost)"
     ),
 ]
+TrackOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--track",
+        help="when the run ends, log it to an experiment tracker: mlflow[:URI] (default: "
+        "sqlite:///mlflow.db here) | tensorboard[:DIR] (default: ./tensorboard); repeatable",
+    ),
+]

@@ -39,6 +39,7 @@ from medfed.cli.options import (
     StrategyOptionOpt,
     TargetEpsilonOpt,
     TaskOpt,
+    TrackOpt,
 )
 from medfed.cli.progress import ProgressView
 from medfed.core.errors import ConfigError, MedfedError
@@ -284,6 +285,7 @@ def register(app: typer.Typer) -> None:
         init_from: InitFromOpt = "",
         init_weights: InitWeightsOpt = "random",
         detach: Annotated[bool, typer.Option(help="submit and return at once")] = False,
+        track: TrackOpt = None,
         config: ConfigOpt = None,
         server: ServerOpt = None,
         ca: CaOpt = None,
@@ -327,7 +329,15 @@ def register(app: typer.Typer) -> None:
                 "[bold yellow]warning:[/] secure aggregation is off: the server will "
                 "see every site's update (use only for debugging)"
             )
+        trackers = parse_trackers(track)  # bad input fails before the run starts
         target = Target(config, server, ca, credential)
+        if trackers and (detach or target.runs_dir is None):
+            raise ConfigError(
+                "--track logs a run this command follows to its end.",
+                where="medfed run --track",
+                expected="no --detach, and --config server.toml (the run folders are local)",
+                fix="drop --detach, or log the run later: medfed track RUN_ID --to mlflow",
+            )
         with target.control() as control:
             run_id = control.submit(run_config)
             console.print(f"submitted run [bold]{run_id}[/] to {target.address}")
@@ -342,8 +352,34 @@ def register(app: typer.Typer) -> None:
                 timeout=round_timeout * rounds * 2 + 120,
             )
         print_summary(summary, target.runs_dir / str(run_id))
+        log_to_trackers(target.runs_dir / str(run_id), trackers)
         if not summary.completed:
             raise typer.Exit(1)
+
+    @app.command("track")
+    def track_cmd(
+        run_id: int,
+        to: Annotated[
+            list[str],
+            typer.Option("--to", help="mlflow[:URI] | tensorboard[:DIR] (as `medfed run --track`)"),
+        ],
+        config: ConfigOpt = None,
+    ) -> None:
+        """Log a run (finished or not) from its run folder to MLflow or TensorBoard."""
+        from medfed.core.runs import find_run
+
+        trackers = parse_trackers(to)
+        cfg = config or Path("server.toml")
+        from medfed.server.federation import Federation
+
+        folder = find_run(Federation.load(cfg).runs_dir, run_id)
+        if not folder.run_file.exists():
+            raise MedfedError(
+                f"No run {run_id} in this federation's run folders.",
+                where=str(folder.path.parent),
+                fix="`medfed runs` lists the runs",
+            )
+        log_to_trackers(folder.path, trackers)
 
     @app.command("runs")
     def runs(
@@ -589,6 +625,23 @@ def _outcome(target: Target, run_id: int) -> str:
     return summary.status if summary else ""
 
 
+def parse_trackers(texts: list[str] | None) -> list[Any]:
+    """The ``--track`` values as trackers (a bad one is a ConfigError naming it)."""
+    from medfed.core.tracking import Tracker
+
+    return [Tracker.parse(t) for t in texts or []]
+
+
+def log_to_trackers(folder: Path, trackers: list[Any]) -> None:
+    """Log the run in ``folder`` to each tracker, saying where it went."""
+    from medfed.core.runs import RunFolder
+
+    for tracker in trackers:
+        with console.status(f"logging the run to {tracker.kind} ..."):
+            where = tracker.log(RunFolder(folder))
+        console.print(f"  tracked:    {escape(where)}")
+
+
 def print_summary(summary: RunSummary, folder: Path) -> None:
     """The end of a run on the terminal: its outcome, score and files."""
     from medfed.core.runs import RunFolder
@@ -616,4 +669,4 @@ def print_summary(summary: RunSummary, folder: Path) -> None:
     console.print(f"  run folder: {folder}")
     console.print(f"  model:      {folder / 'checkpoints' / str(summary.final_checkpoint)}")
     console.print(f"  plot:       {run.plot_file}")
-    console.print(f"  report:     {run.report_file}")
+    console.print(f"  report:     {run.report_file} (and {run.html_report_file.name})")

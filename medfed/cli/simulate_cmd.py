@@ -38,9 +38,10 @@ from medfed.cli.options import (
     StrategyOptionOpt,
     TargetEpsilonOpt,
     TaskOpt,
+    TrackOpt,
 )
 from medfed.cli.progress import ProgressView
-from medfed.cli.run_cmd import build_run_config, print_summary
+from medfed.cli.run_cmd import build_run_config, log_to_trackers, parse_trackers, print_summary
 from medfed.core.errors import ConfigError
 
 #: What ``--partition`` may be: each site's data as it is, or a pooled dataset shared out.
@@ -141,6 +142,7 @@ def register(app: typer.Typer) -> None:
         out: Annotated[
             Path, typer.Option(help="runs folder: the run folder goes to OUT/<run id>/")
         ] = Path("medfed-sim"),
+        track: TrackOpt = None,
     ) -> None:
         """Run the ServerApp's strategies over N simulated sites on this machine.
 
@@ -157,6 +159,7 @@ def register(app: typer.Typer) -> None:
         from medfed.local.simulation import SIMULATION_BUDGET
         from medfed.local.simulation import simulate as run_simulation
 
+        trackers = parse_trackers(track)
         run_config = build_run_config(
             task=task,
             strategy=strategy,
@@ -285,5 +288,6 @@ def register(app: typer.Typer) -> None:
         print_summary(summary, folder.path)
         if summary.simulation is not None:
             console.print(f"  sites:      {summary.simulation.site_folders}")
+        log_to_trackers(folder.path, trackers)
         if not summary.completed:
             raise typer.Exit(1)

@@ -15,6 +15,7 @@ from typing import Any
 
 from medfed.core import wire
 from medfed.core.files import atomic_write
+from medfed.core.html_report import render_html
 from medfed.core.run_summary import RunSummary
 from medfed.core.runs import RunFolder
 
@@ -261,8 +262,15 @@ def _missed_rounds(
 
 
 def write_report(folder: RunFolder) -> Path:
-    """Write ``report.md`` into the run folder (atomically) and return its path."""
-    atomic_write(folder.report_file, render(folder).encode())
+    """Write ``report.md`` and ``report.html`` (atomically); return report.md's path.
+
+    report.html holds the same text and the run's plot inline: one file to mail.
+    """
+    text = render(folder)
+    atomic_write(folder.report_file, text.encode())
+    title = text.splitlines()[0].lstrip("# ") if text else f"Run {folder.path.name}"
+    page = render_html(text, title=title, images={"metrics.png": folder.plot_file})
+    atomic_write(folder.html_report_file, page.encode())
     return folder.report_file
 
 

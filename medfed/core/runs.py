@@ -14,6 +14,7 @@ Layout of ``runs/<run-id>/``::
     cross_site.json    the global model evaluated on every site's held-out split
     metrics.png        per-site primary metric per round
     report.md          the run in one page: protection, scores, epsilon per site per round
+    report.html        the same, with its plot inline: one self-contained file to mail
 """
 
 from __future__ import annotations
@@ -175,6 +176,11 @@ class RunFolder:
     def report_file(self) -> Path:
         """report.md (:mod:`medfed.core.run_report`)."""
         return self.path / "report.md"
+
+    @property
+    def html_report_file(self) -> Path:
+        """report.html: report.md with its plot inline, one self-contained file."""
+        return self.path / "report.html"
 
     def checkpoint_file(self, server_round: int) -> Path:
         """checkpoints/round-NNN.npz."""
