@@ -113,3 +113,21 @@ def test_a_bad_tracker_fails_before_the_run_starts(tmp_path: Path) -> None:
 def test_the_defaults_are_local_files(tmp_path: Path) -> None:
     assert Tracker.parse("mlflow", base=tmp_path).location == f"sqlite:///{tmp_path}/mlflow.db"
     assert Tracker.parse("tensorboard", base=tmp_path).location == str(tmp_path / "tensorboard")
+
+
+def test_medfed_track_logs_a_past_run_from_its_folder(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from medfed.core.config import RunConfig
+
+    assert medfed("server", "init", str(tmp_path / "fed"), "--port", "9").returncode == 0
+    folder = RunFolder.create(tmp_path / "fed" / "runs", 31, RunConfig(task="tiny-seg"))
+    folder.metrics(1, "site-a", "evaluate", {"dice": 0.25, "num-examples": 4})
+    cfg = str(tmp_path / "fed" / "server.toml")
+    out = medfed("track", "31", "--to", "tensorboard:tb", "--config", cfg, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    events = EventAccumulator(str(tmp_path / "tb" / "run-31"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("evaluate/site-a/dice")] == [(1, 0.25)]
+    missing = medfed("track", "32", "--to", "tensorboard", "--config", cfg, cwd=tmp_path)
+    assert missing.returncode != 0 and "No run 32" in missing.stdout + missing.stderr
