@@ -72,6 +72,7 @@ from pathlib import Path
 
 from medfed.core import privacy_accounting
 from medfed.core.config import RunConfig
+from medfed.core.schema import EPSILON_RUN_KEY, NOISE_MULTIPLIER_KEY
 from medfed.data.sites import site_sources
 from medfed.local import LocalFederation
 from medfed.synth import synthesize_sites
@@ -284,8 +285,8 @@ def run_once(
     metric = get_task(TASK).primary_metric
     row = json.loads(folder.cross_site_file.read_text())["matrix"]["global"]
     last = [m for m in folder.read_metrics() if m["phase"] == "train" and m["round"] == rounds]
-    eps = {m["site"]: m.get("epsilon-run", 0.0) for m in last}
-    noise = {m["site"]: m.get("noise-multiplier", 0.0) for m in last}
+    eps = {m["site"]: m.get(EPSILON_RUN_KEY, 0.0) for m in last}
+    noise = {m["site"]: m.get(NOISE_MULTIPLIER_KEY, 0.0) for m in last}
     print(
         f"  {metric} per site: { {s: round(r[metric], 4) for s, r in sorted(row.items())} }",
         flush=True,

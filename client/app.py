@@ -19,6 +19,7 @@ from flwr.common.constant import SType
 
 from medfed.core import wire
 from medfed.core.packing import npy_bytes, npy_view
+from medfed.core.schema import SecAggReply, SiteError
 
 app = ClientApp()
 
@@ -45,7 +46,7 @@ def reply_message(reply: wire.Frame, msg: Message) -> Message:
     if not reply.header.get("ok"):
         # A refusal or failure is an explicit error reply naming the site and the reason.
         raise RuntimeError(
-            wire.SiteError(
+            SiteError(
                 site=str(reply.header.get("site", "?")),
                 status="refused" if reply.header.get("status") == "refused" else "failed",
                 rule=str(reply.header.get("rule", "")),
@@ -63,8 +64,8 @@ def reply_message(reply: wire.Frame, msg: Message) -> Message:
         for k, v in reply.arrays.items()
         if k.startswith(wire.BYTES_PREFIX)
     }
-    if blobs:
-        content[wire.SECAGG_RECORD_KEY] = ConfigRecord(blobs)
+    if blobs:  # checked against the schema before it leaves the site
+        content[wire.SECAGG_RECORD_KEY] = ConfigRecord(SecAggReply.from_record(blobs).blobs())
     arrays = {
         k: Array(
             dtype=str(v.dtype),

@@ -37,6 +37,7 @@ from medfed.client.site_local import SiteLocalStore
 from medfed.core import wire
 from medfed.core.config import RunConfig
 from medfed.core.packing import WEIGHTS_KEY, pack, shared_state
+from medfed.core.schema import SecAggReply
 
 
 class OutboundOrderError(RuntimeError):
@@ -197,10 +198,9 @@ class Mask:
                 local_vec=out.vector,
                 weight=out.weight,
             )
-            out.arrays = {
-                WEIGHTS_KEY: masked,
-                wire.BYTES_PREFIX + "update": np.frombuffer(header, dtype=np.uint8),
-            }
+            out.arrays = {WEIGHTS_KEY: masked}
+            for name, blob in SecAggReply(update=header).blobs().items():
+                out.arrays[wire.BYTES_PREFIX + name] = np.frombuffer(blob, dtype=np.uint8)
             out.protection = f"tls+secure-aggregation/{out.run.secure_aggregation}"
         out.trail.append({"filter": self.name, "protection": out.protection})
 

@@ -56,6 +56,7 @@ from medfed.core.config import RunConfig, SiteConfig, resolve
 from medfed.core.errors import ConfigError, MedfedError
 from medfed.core.privacy import DatasetBudget, check_run_against_policy
 from medfed.core.privacy_accounting import HistoryEntry
+from medfed.core.schema import PrivacyReport
 from medfed.tasks import dp_update, dp_validation
 
 #: Relative precision of a noise multiplier fitted to a remaining budget (on the safe side).
@@ -121,12 +122,12 @@ class RoundPrivacy:
         if self.reservation is None:
             return {}
         r = self.reservation
-        return {
-            "epsilon": r.epsilon,
-            "epsilon-run": r.run_epsilon,
-            "epsilon-remaining": r.remaining,
-            "noise-multiplier": self.noise_multiplier,
-        }
+        return PrivacyReport(
+            epsilon=r.epsilon,
+            epsilon_run=r.run_epsilon,
+            epsilon_remaining=r.remaining,
+            noise_multiplier=self.noise_multiplier,
+        ).metrics()
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from medfed.core.key_certs import (
     check_key_cert,
     raw_public_bytes,
 )
+from medfed.core.schema import SecAggReply
 from medfed.core.secagg import (
     ProtocolError,
     Roster,
@@ -118,7 +119,7 @@ class SecureSite:
             self._identity = load_identity(self.site_dir)
         return self._identity
 
-    def join(self, run_id: str, config_json: str) -> dict[str, bytes]:
+    def join(self, run_id: str, config_json: str) -> SecAggReply:
         """Start the run's session; returns the signed key advert and the identity key."""
         config = SecAggConfig.from_dict(json.loads(config_json))
         session = SiteSession(
@@ -131,7 +132,9 @@ class SecureSite:
         run = _Run(session)
         self.store.save(run_id, run.state())  # before the advert leaves: a restart keeps it
         self._runs[run_id] = run
-        return {"advert": session.advertise().to_bytes(), "identity": self.identity.public_bytes}
+        return SecAggReply(
+            advert=session.advertise().to_bytes(), identity=self.identity.public_bytes
+        )
 
     def _run(self, run_id: str) -> _Run:
         if run_id not in self._runs:  # after a daemon restart: resume from disk

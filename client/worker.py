@@ -40,6 +40,7 @@ from medfed.core.errors import MedfedError
 from medfed.core.identity import load_certificates
 from medfed.core.packing import WEIGHTS_KEY, Layout, shared_state, unpack
 from medfed.core.run_proof import RunProofError, verify_run
+from medfed.core.schema import SecAggReply
 from medfed.data import take_healed
 from medfed.tasks import SiteData, Task, engine, get_task
 from medfed.tasks.adaptation import local_keys
@@ -427,7 +428,7 @@ class SiteWorker:
             )
             return wire.Frame(
                 {"ok": True, "site": self.site, "metrics": metrics},
-                {wire.BYTES_PREFIX + k: _u8(v) for k, v in out.items()},
+                {wire.BYTES_PREFIX + k: _u8(v) for k, v in out.blobs().items()},
             )
         if wire.RUN_ENDED in config:  # ended before its last round: nothing more comes
             self._end_run(
@@ -439,7 +440,10 @@ class SiteWorker:
             self.audit.record("reveal-sent", run_id=run_id, secure_aggregation=entry)
             return wire.Frame(
                 {"ok": True, "site": self.site, "metrics": {}},
-                {wire.BYTES_PREFIX + "reveal": _u8(reveal)},
+                {
+                    wire.BYTES_PREFIX + k: _u8(v)
+                    for k, v in SecAggReply(reveal=reveal).blobs().items()
+                },
             )
         return self._refuse(run_id, "query", "unknown query", status="failed")
 

@@ -16,6 +16,7 @@ from flwr.serverapp import Grid
 
 from medfed.core import wire
 from medfed.core.runs import RunFolder
+from medfed.core.schema import SiteError
 from medfed.server.refusals import RefusalPolicy
 
 #: Replies of a round the ServerApp pulls from the SuperLink at once, in bytes: with
@@ -149,7 +150,7 @@ class RecordingGrid:
     def _record(self, rnd: int, phase: str, reply: Message) -> None:
         node = self._dst_of.pop(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
         if reply.has_error():
-            error = wire.SiteError.parse(reply.error.reason)
+            error = SiteError.parse(reply.error.reason)
             # The name this node replied under before; the error's own claim only if none.
             site = self._site_of.get(node) or (error.site if error else f"node-{node}")
             if phase != "evaluate":  # a missing score does not stop training

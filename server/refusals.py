@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from medfed.core.errors import MedfedError
-from medfed.core.wire import SiteError
+from medfed.core.schema import SiteError
 
 
 class SitesRefused(MedfedError):

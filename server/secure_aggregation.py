@@ -37,6 +37,7 @@ from medfed.core import wire
 from medfed.core.errors import MedfedError
 from medfed.core.packing import WEIGHTS_KEY, npy_view
 from medfed.core.runs import RunFolder
+from medfed.core.schema import SecAggReply, SiteError
 from medfed.core.secagg import (
     Aggregator,
     KeyAdvert,
@@ -123,10 +124,19 @@ class SecureAggregation(WrappedStrategy):
         for reply in self._join_replies():
             if reply.has_error() or wire.SECAGG_RECORD_KEY not in reply.content:
                 continue
-            record = reply.content[wire.SECAGG_RECORD_KEY]
-            advert = KeyAdvert.from_bytes(bytes(record["advert"]))
+            try:
+                record = SecAggReply.from_record(reply.content[wire.SECAGG_RECORD_KEY])
+                advert = KeyAdvert.from_bytes(record.need("advert"))
+                identity = record.need("identity")
+            except (SecAggError, KeyError, ValueError) as exc:  # that site is left out
+                self.folder.event(
+                    "warning",
+                    reason=f"node {reply.metadata.src_node_id}'s join reply is unreadable "
+                    f"({type(exc).__name__}: {exc}); it is left out of the run",
+                )
+                continue
             adverts.append(advert)
-            directory[advert.site_id] = bytes(record["identity"])
+            directory[advert.site_id] = identity
             self.site_of[reply.metadata.src_node_id] = advert.site_id
             said = reply.content[wire.METRICS_KEY] if wire.METRICS_KEY in reply.content else {}
             if wire.BUDGET_ROUNDS_KEY in said:
@@ -238,7 +248,7 @@ class SecureAggregation(WrappedStrategy):
             self.refusals.add(
                 server_round,
                 site,
-                wire.SiteError(
+                SiteError(
                     site=site,
                     status="refused",
                     rule="epsilon_max",
@@ -261,7 +271,7 @@ class SecureAggregation(WrappedStrategy):
         site = self.site_of.get(reply.metadata.src_node_id, "?")
         try:
             update = MaskedUpdate.from_parts(
-                bytes(reply.content[wire.SECAGG_RECORD_KEY]["update"]),
+                SecAggReply.from_record(reply.content[wire.SECAGG_RECORD_KEY]).need("update"),
                 npy_view(reply.content[wire.ARRAYS_KEY][WEIGHTS_KEY].data),
             )
             self.aggregator.add(update)
@@ -346,10 +356,9 @@ class SecureAggregation(WrappedStrategy):
             if reply.has_error() or wire.SECAGG_RECORD_KEY not in reply.content:
                 continue
             try:
-                self.aggregator.add_reveal(
-                    Reveal.from_bytes(bytes(reply.content[wire.SECAGG_RECORD_KEY]["reveal"]))
-                )
-            except SecAggError as exc:
+                record = SecAggReply.from_record(reply.content[wire.SECAGG_RECORD_KEY])
+                self.aggregator.add_reveal(Reveal.from_bytes(record.need("reveal")))
+            except (SecAggError, KeyError, ValueError) as exc:
                 self.folder.event("reveal-rejected", round=server_round, reason=str(exc))
 
     def end(self, status: str, *, timeout: float = 15.0) -> None:

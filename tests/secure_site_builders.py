@@ -52,8 +52,8 @@ def joined(
     adverts, directory = [], {}
     for s in ids:
         out = sites[s].join(run_id, json.dumps(cfg.to_dict()))
-        adverts.append(KeyAdvert.from_bytes(out["advert"]))
-        directory[s] = out["identity"]
+        adverts.append(KeyAdvert.from_bytes(out.need("advert")))
+        directory[s] = out.need("identity")
     roster = Roster.of(run_id, adverts)
     return SiteFederation(
         cfg,

@@ -16,10 +16,11 @@ from medfed.cli.progress import ProgressView
 from medfed.core import wire
 from medfed.core.config import RunConfig
 from medfed.core.runs import RunFolder
+from medfed.core.schema import SiteError
 from medfed.server.recording_grid import RecordingGrid
 from medfed.server.refusals import RefusalPolicy, SitesRefused
 
-BUDGET = wire.SiteError(
+BUDGET = SiteError(
     "site-a",
     "refused",
     "privacy.datasets.default.epsilon_max",
@@ -30,12 +31,14 @@ BUDGET = wire.SiteError(
 
 def test_a_site_error_reads_back_from_the_executors_text() -> None:
     # The ClientApp executor puts the exception type in front of the site's text.
-    assert wire.SiteError.parse(f"RuntimeError: {BUDGET.text()}") == BUDGET
-    failed = wire.SiteError("site-b", "failed", "", "ValueError: no labels\nsecond line")
-    assert wire.SiteError.parse("RuntimeError: " + failed.text()) == failed
-    assert wire.SiteError.parse("ConnectionError: the SuperNode went away") is None
+    assert SiteError.parse(f"RuntimeError: {BUDGET.text()}") == BUDGET
+    failed = SiteError("site-b", "failed", "", "ValueError: no labels\nsecond line")
+    assert SiteError.parse("RuntimeError: " + failed.text()) == failed
+    assert SiteError.parse("ConnectionError: the SuperNode went away") is None
     # a failure that quotes another's text is still not a refusal
-    assert wire.SiteError.parse("ValueError: bad label: site x refused [r]: y") is None
+    quoted = SiteError("site-x", "refused", "r", "y").text()
+    assert SiteError.parse(f"ValueError: bad label: {quoted}") is None
+    assert SiteError.parse(BUDGET.text()[:-2]) is None  # torn: not a record
 
 
 class FakeGrid:
@@ -88,7 +91,7 @@ def _folder(tmp_path: Path) -> RunFolder:
 
 def test_a_round_every_site_refuses_ends_the_run_with_each_sites_rule(tmp_path: Path) -> None:
     folder = _folder(tmp_path)
-    other = wire.SiteError(
+    other = SiteError(
         "site-b",
         "refused",
         "privacy.datasets.default.min_noise_multiplier",
@@ -112,7 +115,7 @@ def test_a_round_every_site_refuses_ends_the_run_with_each_sites_rule(tmp_path: 
 
 def test_a_failure_or_a_training_site_keeps_the_run_going(tmp_path: Path) -> None:
     folder = _folder(tmp_path)
-    crash = wire.SiteError("site-b", "failed", "", "OSError: disk full").text()
+    crash = SiteError("site-b", "failed", "", "OSError: disk full").text()
     # one refusal and one crash: the crash may not repeat, so no end
     grid = RecordingGrid(FakeGrid({1: BUDGET.text(), 2: crash}), folder)
     assert len(grid.send_and_receive(_train([1, 2]))) == 2

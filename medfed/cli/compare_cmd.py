@@ -47,6 +47,7 @@ from medfed.cli.options import (
 )
 from medfed.core.errors import ConfigError
 from medfed.core.run_summary import RunSummary
+from medfed.core.schema import EPSILON_RUN_KEY
 
 #: What ``--dp`` may list.
 DP_MODES = ("off", "sample", "update")
@@ -159,9 +160,9 @@ def _result(folder: Any, summary: RunSummary, rounds: int) -> dict[str, Any]:
     row = json.loads(folder.cross_site_file.read_text())["matrix"]["global"]
     per_site = {s: float(m[metric]) for s, m in sorted(row.items())}
     eps = [
-        m["epsilon-run"]
+        m[EPSILON_RUN_KEY]
         for m in folder.read_metrics()
-        if m["phase"] == "train" and m["round"] == rounds and "epsilon-run" in m
+        if m["phase"] == "train" and m["round"] == rounds and EPSILON_RUN_KEY in m
     ]
     return {
         "status": "completed",

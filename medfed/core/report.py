@@ -7,6 +7,8 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
+from medfed.core.schema import EPSILON_RUN_KEY
+
 
 def per_site_series(
     metrics: list[dict[str, Any]], metric: str, phase: str = "evaluate"
@@ -28,8 +30,8 @@ def plot_panels(metrics: list[dict[str, Any]], metric: str) -> list[tuple[str, s
     panels = [(metric, "evaluate")]
     if any("train-loss" in row for row in metrics):
         panels.append(("train-loss", "train"))
-    if any("epsilon-run" in row for row in metrics):
-        panels.append(("epsilon-run", "train"))
+    if any(EPSILON_RUN_KEY in row for row in metrics):
+        panels.append((EPSILON_RUN_KEY, "train"))
     return panels
 
 

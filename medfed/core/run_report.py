@@ -18,6 +18,7 @@ from medfed.core.files import atomic_write
 from medfed.core.html_report import render_html
 from medfed.core.run_summary import RunSummary
 from medfed.core.runs import RunFolder
+from medfed.core.schema import EPSILON_RUN_KEY, PrivacyReport
 
 
 def _cell(value: Any, digits: int = 4) -> str:
@@ -133,7 +134,7 @@ def render(folder: RunFolder) -> str:
     for m in metrics:
         if m["phase"] == "train":
             by_round[m["round"]][m["site"]] = m
-    sites_eps = sorted({s for r in by_round.values() for s, m in r.items() if "epsilon-run" in m})
+    sites_eps = sorted({s for r in by_round.values() for s, m in r.items() if EPSILON_RUN_KEY in m})
     if sites_eps:
         lines += [
             "",
@@ -146,9 +147,10 @@ def render(folder: RunFolder) -> str:
 
         def spent(row: dict[str, dict[str, Any]], site: str) -> str:
             m = row.get(site, {})
-            if "epsilon-run" not in m:
+            report = PrivacyReport.from_metrics(m)
+            if report is None:
                 return "-"
-            return f"{m['epsilon-run']:.4g} ({m['noise-multiplier']:.3g})"
+            return f"{report.epsilon_run:.4g} ({report.noise_multiplier:.3g})"
 
         lines += _table(
             ["round", *sites_eps],

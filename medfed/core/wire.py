@@ -10,7 +10,6 @@ user can open.
 from __future__ import annotations
 
 import json
-import re
 import socket
 import struct
 from dataclasses import dataclass, field
@@ -52,41 +51,6 @@ BYTES_PREFIX = "bytes:"  # local channel: a bytes value travels as a uint8 array
 # ---- node config keys given to the SuperNode by `medfed site start`
 NODE_WORKER_SOCKET = "medfed-worker"
 NODE_SITE_NAME = "medfed-site"
-
-#: A site's error reply ends with this text (the ClientApp executor puts the exception's
-#: type before it): ``site NAME refused [RULE]: REASON`` or ``site NAME failed: REASON``.
-_SITE_ERROR = re.compile(
-    r"(?:[\w.]+: )?site (\S+) (refused|failed)(?: \[([^\]]*)\])?: (.*)", re.DOTALL
-)
-
-
-@dataclass(frozen=True)
-class SiteError:
-    """Why a site did not reply with a result, as the server reads it from an error reply.
-
-    ``refused``: the site's policy or privacy budget said no, under the site.toml rule
-    ``rule``; it says no again to every later round of the same run. ``failed``: the
-    round broke at the site (bad input, a crash); a later round may succeed.
-    """
-
-    site: str
-    status: str
-    rule: str
-    reason: str
-
-    def text(self) -> str:
-        """The error reply's text (``SiteError.parse`` reads it back)."""
-        rule = f" [{self.rule}]" if self.rule and self.status == "refused" else ""
-        return f"site {self.site} {self.status}{rule}: {self.reason}"
-
-    @classmethod
-    def parse(cls, text: str) -> SiteError | None:
-        """The site error in an error reply's reason, or None when it holds none."""
-        m = _SITE_ERROR.match(text)
-        if m is None:
-            return None
-        return cls(site=m[1], status=m[2], rule=m[3] or "", reason=m[4])
-
 
 _LEN = struct.Struct(">Q")
 MAX_HEADER_BYTES = 16 * 1024 * 1024
