@@ -19,7 +19,7 @@ from flwr.common.constant import SType
 
 from medfed.core import wire
 from medfed.core.packing import npy_bytes, npy_view
-from medfed.core.schema import SecAggReply, SiteError
+from medfed.core.schema import SecAggReply, SiteReply, SiteRequest
 
 app = ClientApp()
 
@@ -38,25 +38,19 @@ def request_frame(op: str, msg: Message) -> wire.Frame:
             buffers[wire.BYTES_PREFIX + key] = np.frombuffer(value, dtype=np.uint8)
         else:
             header_config[key] = value
-    return wire.Frame({"op": op, "config": header_config, "run_id": msg.metadata.run_id}, buffers)
+    return wire.Frame(SiteRequest(op, msg.metadata.run_id, header_config).header(), buffers)
 
 
 def reply_message(reply: wire.Frame, msg: Message) -> Message:
     """The Flower reply of a worker frame (or an error naming the site and the reason)."""
-    if not reply.header.get("ok"):
+    answer = SiteReply.from_header(reply.header)
+    if answer.error is not None:
         # A refusal or failure is an explicit error reply naming the site and the reason.
-        raise RuntimeError(
-            SiteError(
-                site=str(reply.header.get("site", "?")),
-                status="refused" if reply.header.get("status") == "refused" else "failed",
-                rule=str(reply.header.get("rule", "")),
-                reason=str(reply.header.get("reason", "no reason given")),
-            ).text()
-        )
+        raise RuntimeError(answer.error.text())
     content = RecordDict(
         {
-            wire.METRICS_KEY: MetricRecord(reply.header.get("metrics", {})),
-            wire.SITE_RECORD_KEY: ConfigRecord({"name": reply.header["site"]}),
+            wire.METRICS_KEY: MetricRecord(answer.metrics),
+            wire.SITE_RECORD_KEY: ConfigRecord({"name": answer.site}),
         }
     )
     blobs = {

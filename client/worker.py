@@ -15,7 +15,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ from medfed.core.errors import MedfedError
 from medfed.core.identity import load_certificates
 from medfed.core.packing import WEIGHTS_KEY, Layout, shared_state, unpack
 from medfed.core.run_proof import RunProofError, verify_run
-from medfed.core.schema import SecAggReply
+from medfed.core.schema import SecAggReply, SiteReply, SiteRequest
 from medfed.data import take_healed
 from medfed.tasks import SiteData, Task, engine, get_task
 from medfed.tasks.adaptation import local_keys
@@ -164,17 +164,21 @@ class SiteWorker:
 
     def handle(self, request: wire.Frame) -> wire.Frame:
         """Answer one request; every refusal and failure is an explicit reply."""
-        op = request.header.get("op")
+        try:
+            asked = SiteRequest.from_header(request.header)
+        except ValueError as exc:
+            return self._refuse(None, "request", str(exc), status="failed")
+        op = asked.op
         if op == "ping":
-            return wire.Frame({"ok": True, "site": self.site, "metrics": {}})
-        config = request.header.get("config", {})
+            return self._result({})
+        config = asked.config
         blobs = {
             k[len(wire.BYTES_PREFIX) :]: v.tobytes()
             for k, v in request.arrays.items()
             if k.startswith(wire.BYTES_PREFIX)
         }
         arrays = {k: v for k, v in request.arrays.items() if not k.startswith(wire.BYTES_PREFIX)}
-        run_id = request.header.get("run_id")
+        run_id = asked.run_id
         try:
             run = RunConfig.from_json(str(config.get(wire.RUN_CONFIG_KEY, "")))
         except MedfedError as exc:
@@ -214,9 +218,8 @@ class SiteWorker:
         except Exception as exc:  # reply with the reason; never crash the daemon
             log.error("%s failed: %s\n%s", op, exc, traceback.format_exc())
             self.audit.record("error", run_id=run_id, op=op, reason=str(exc))
-            return wire.Frame(
-                {"ok": False, "site": self.site, "status": "failed", "reason": _reply_reason(exc)}
-            )
+            reply = SiteReply.refusal(self.site, "", _reply_reason(exc), status="failed")
+            return wire.Frame(reply.header())
 
     def _federation_cas(self) -> list[x509.Certificate]:
         """The CA certificates this site pinned (read each time: a rotation replaces them)."""
@@ -245,15 +248,19 @@ class SiteWorker:
         rule: str,
         reason: str,
         *,
-        status: str = "refused",
+        status: Literal["refused", "failed"] = "refused",
         rnd: int | None = None,
     ) -> wire.Frame:
         where = {"round": rnd} if rnd else {}
         self.audit.record(status, run_id=run_id, rule=rule, reason=reason, **where)
         log.warning("%s run %s: %s", status, run_id, reason)
-        return wire.Frame(
-            {"ok": False, "site": self.site, "status": status, "rule": rule, "reason": reason}
-        )
+        return wire.Frame(SiteReply.refusal(self.site, rule, reason, status=status).header())
+
+    def _result(
+        self, metrics: dict[str, Any], arrays: dict[str, np.ndarray] | None = None
+    ) -> wire.Frame:
+        """A result frame: the metrics in its header, the arrays beside it."""
+        return wire.Frame(SiteReply.result(self.site, metrics).header(), arrays or {})
 
     def _load_global(
         self, task: Task, run: RunConfig, run_id: object, arrays: dict[str, np.ndarray]
@@ -349,7 +356,7 @@ class SiteWorker:
                 weight=float(stats.num_examples),
             )
         )
-        return wire.Frame({"ok": True, "site": self.site, "metrics": out.metrics}, out.arrays)
+        return self._result(out.metrics, out.arrays)
 
     def _trainer(self, run: RunConfig, rnd: int, privacy: RoundPrivacy, data: SiteData) -> Trainer:
         """Plain training, or DP-SGD when the round's privacy mode is "sample"."""
@@ -402,7 +409,7 @@ class SiteWorker:
             run_id,
             rnd,
         )
-        return wire.Frame({"ok": True, "site": self.site, "metrics": out.metrics}, out.arrays)
+        return self._result(out.metrics, out.arrays)
 
     def _query(
         self, run: RunConfig, run_id: object, session: str, config: dict, blobs: dict[str, bytes]
@@ -426,25 +433,16 @@ class SiteWorker:
             self.audit.record(
                 "secure-aggregation-joined", run_id=run_id, mode=run.secure_aggregation, **metrics
             )
-            return wire.Frame(
-                {"ok": True, "site": self.site, "metrics": metrics},
-                {wire.BYTES_PREFIX + k: _u8(v) for k, v in out.blobs().items()},
-            )
+            return self._result(metrics, _secagg_arrays(out))
         if wire.RUN_ENDED in config:  # ended before its last round: nothing more comes
             self._end_run(
                 run, run_id, session, reason=f"run {config[wire.RUN_ENDED]} at the server"
             )
-            return wire.Frame({"ok": True, "site": self.site, "metrics": {}})
+            return self._result({})
         if wire.SECAGG_UNMASK in blobs:
             reveal, entry = self.secure.reveal(session, blobs[wire.SECAGG_UNMASK])
             self.audit.record("reveal-sent", run_id=run_id, secure_aggregation=entry)
-            return wire.Frame(
-                {"ok": True, "site": self.site, "metrics": {}},
-                {
-                    wire.BYTES_PREFIX + k: _u8(v)
-                    for k, v in SecAggReply(reveal=reveal).blobs().items()
-                },
-            )
+            return self._result({}, _secagg_arrays(SecAggReply(reveal=reveal)))
         return self._refuse(run_id, "query", "unknown query", status="failed")
 
     def _preflight(self, run: RunConfig, run_id: object) -> wire.Frame | Forecast | None:
@@ -482,7 +480,7 @@ class SiteWorker:
         last_round = int(config.get(wire.SERVER_ROUND_KEY, 0)) >= run.rounds
         if last_round:
             self._end_run(run, run_id, session, reason="run ended")
-        return wire.Frame({"ok": True, "site": self.site, "metrics": metrics})
+        return self._result(metrics)
 
     def _end_run(self, run: RunConfig, run_id: object, session: str, *, reason: str) -> None:
         """Forget a run that is over: its secrets, its hold on the budget, its last update.
@@ -527,6 +525,11 @@ def _reply_reason(exc: Exception) -> str:
     else:
         text = str(exc)
     return f"{type(exc).__name__}: {text}"
+
+
+def _secagg_arrays(reply: SecAggReply) -> dict[str, np.ndarray]:
+    """A reply's secure-aggregation bytes as local-channel arrays (``bytes:`` names)."""
+    return {wire.BYTES_PREFIX + k: _u8(v) for k, v in reply.blobs().items()}
 
 
 def _u8(data: bytes) -> np.ndarray:

@@ -65,3 +65,30 @@ def test_text_that_is_not_a_site_error_is_none() -> None:
     assert SiteError.parse("ConnectionError: the SuperNode went away") is None
     assert SiteError.parse(good.replace('"refused"', '"maybe"')) is None  # not a status
     assert SiteError.parse(good.replace('"rule"', '"rules"')) is None  # not its fields
+
+
+def test_a_site_request_reads_back_from_its_header() -> None:
+    from medfed.core.schema import SiteRequest
+
+    request = SiteRequest("train", 12, {"medfed-run": "{}", "server-round": 3})
+    assert SiteRequest.from_header(request.header()) == request
+    with pytest.raises(ValueError, match="config is list"):
+        SiteRequest.from_header({"op": "train", "config": [1]})
+
+
+@pytest.mark.parametrize(
+    "reply_kind",
+    ["result", "refused", "failed"],
+)
+def test_a_site_reply_reads_back_from_its_header(reply_kind: str) -> None:
+    from medfed.core.schema import SiteReply
+
+    if reply_kind == "result":
+        reply = SiteReply.result("site-a", {"dice": 0.5, "num-examples": 12})
+    else:
+        reply = SiteReply.refusal("site-a", "policy.allowed_tasks", "no", status=reply_kind)
+    assert SiteReply.from_header(reply.header()) == reply
+    assert (reply.error is None) == (reply_kind == "result")
+    # a worker that said nothing about why still yields an error naming the site
+    bare = SiteReply.from_header({"ok": False, "site": "site-b"})
+    assert bare.error == SiteError("site-b", "failed", "", "no reason given")

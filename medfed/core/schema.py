@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 #: The fields of a reply's secure-aggregation record (``wire.SECAGG_RECORD_KEY``).
@@ -137,3 +137,80 @@ class SiteError:
         if body["status"] not in ("refused", "failed"):
             return None
         return cls(**{k: str(v) for k, v in body.items()})  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class SiteRequest:
+    """A request to a site's worker: the operation, the server's run id, the round config.
+
+    ``op``: train, evaluate, query (secure-aggregation join and unmasking, a run's
+    early end) or ping; the worker refuses any other by name.
+
+    ``config`` holds the message's config values (``wire.RUN_CONFIG_KEY``, the round,
+    secure-aggregation entries); its bytes values and arrays travel beside it.
+    """
+
+    op: str
+    run_id: str | int | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def header(self) -> dict[str, Any]:
+        """The local-channel frame header."""
+        return {"op": self.op, "config": self.config, "run_id": self.run_id}
+
+    @classmethod
+    def from_header(cls, header: Mapping[str, Any]) -> SiteRequest:
+        """A request from a frame header; a config that is not a mapping is refused."""
+        config = header.get("config") or {}
+        if not isinstance(config, dict):
+            raise ValueError(f"the request's config is {type(config).__name__}, not a mapping")
+        return cls(op=str(header.get("op", "")), run_id=header.get("run_id"), config=config)
+
+
+@dataclass(frozen=True)
+class SiteReply:
+    """A site worker's answer: a result with its metrics, or a refusal/failure with why."""
+
+    site: str
+    ok: bool
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error: SiteError | None = None
+
+    @classmethod
+    def result(cls, site: str, metrics: Mapping[str, Any] | None = None) -> SiteReply:
+        """A result (its arrays travel beside it)."""
+        return cls(site=site, ok=True, metrics=dict(metrics or {}))
+
+    @classmethod
+    def refusal(
+        cls, site: str, rule: str, reason: str, *, status: Literal["refused", "failed"]
+    ) -> SiteReply:
+        """A refusal under a site.toml ``rule``, or a failure (``rule`` may be empty)."""
+        return cls(site=site, ok=False, error=SiteError(site, status, rule, reason))
+
+    def header(self) -> dict[str, Any]:
+        """The local-channel frame header."""
+        if self.ok or self.error is None:
+            return {"ok": True, "site": self.site, "metrics": self.metrics}
+        e = self.error
+        return {
+            "ok": False,
+            "site": self.site,
+            "status": e.status,
+            "rule": e.rule,
+            "reason": e.reason,
+        }
+
+    @classmethod
+    def from_header(cls, header: Mapping[str, Any]) -> SiteReply:
+        """A reply from a frame header (an error reply without a reason says so)."""
+        site = str(header.get("site", "?"))
+        if header.get("ok"):
+            return cls.result(site, header.get("metrics") or {})
+        status = "refused" if header.get("status") == "refused" else "failed"
+        return cls.refusal(
+            site,
+            str(header.get("rule", "")),
+            str(header.get("reason", "no reason given")),
+            status=status,
+        )

@@ -31,6 +31,7 @@ from typing import Any
 
 from medfed.core import wire
 from medfed.core.parent_watch import exit_with_parent
+from medfed.core.schema import SiteReply
 from medfed.local.sim_sites import SimSite
 
 log = logging.getLogger("medfed.simulation")
@@ -127,14 +128,9 @@ class SiteProcesses:
                 return self._call(lane, frame)
             except (OSError, wire.ChannelError) as exc:
                 code = self._stop(lane)
-                return wire.Frame(
-                    {
-                        "ok": False,
-                        "site": self._names[index],
-                        "status": "failed",
-                        "reason": f"the simulated site's process ended ({exc}; exit code {code})",
-                    }
-                )
+                why = f"the simulated site's process ended ({exc}; exit code {code})"
+                reply = SiteReply.refusal(self._names[index], "", why, status="failed")
+                return wire.Frame(reply.header())
 
     def end_run(self, run_id: str) -> None:
         """Every process forgets the run's last updates and keys at the sites it served."""
@@ -232,13 +228,9 @@ def _answer(pool: Any, request: wire.Frame) -> wire.Frame:
         return pool.worker(index).handle(wire.Frame(header, request.arrays))
     except Exception as exc:  # noqa: BLE001 - an error reply, as the site daemon's executor sends
         log.error("simulated site %s failed", pool.sites[index].name, exc_info=exc)
+        why = f"{type(exc).__name__}: {exc}"
         return wire.Frame(
-            {
-                "ok": False,
-                "site": pool.sites[index].name,
-                "status": "failed",
-                "reason": f"{type(exc).__name__}: {exc}",
-            }
+            SiteReply.refusal(pool.sites[index].name, "", why, status="failed").header()
         )
 
 
