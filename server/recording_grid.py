@@ -16,8 +16,8 @@ from flwr.serverapp import Grid
 
 from medfed.core import wire
 from medfed.core.runs import RunFolder
-from medfed.core.schema import SiteError
 from medfed.server.refusals import RefusalPolicy
+from medfed.server.site_replies import SiteAnswer
 
 #: Replies of a round the ServerApp pulls from the SuperLink at once, in bytes: with
 #: large models they are pulled (and folded into the sum) a few at a time.
@@ -149,8 +149,9 @@ class RecordingGrid:
 
     def _record(self, rnd: int, phase: str, reply: Message) -> None:
         node = self._dst_of.pop(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-        if reply.has_error():
-            error = SiteError.parse(reply.error.reason)
+        answer = SiteAnswer.of(reply, node=node)
+        if not answer.ok:
+            error = answer.error
             # The name this node replied under before; the error's own claim only if none.
             site = self._site_of.get(node) or (error.site if error else f"node-{node}")
             if phase != "evaluate":  # a missing score does not stop training
@@ -158,19 +159,14 @@ class RecordingGrid:
             detail = (
                 {"status": error.status, "rule": error.rule, "reason": error.reason}
                 if error
-                else {"status": "failed", "reason": reply.error.reason}
+                else {"status": "failed", "reason": answer.failure}
             )
             self._folder.event("site-error", round=rnd, phase=phase, site=site, node=node, **detail)
             return
-        content = reply.content
-        site = (
-            str(content[wire.SITE_RECORD_KEY]["name"])
-            if wire.SITE_RECORD_KEY in content
-            else f"node-{node}"
-        )
+        site = answer.name()
         self._site_of[node] = site
         self.sites_seen.add(site)
-        metrics = dict(content[wire.METRICS_KEY]) if wire.METRICS_KEY in content else {}
+        metrics = answer.metrics
         if phase != "query":  # secure-aggregation set-up and unmasking carry no metrics
             self._folder.metrics(rnd, site, phase, metrics)
         if phase == "evaluate":

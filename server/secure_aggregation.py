@@ -35,9 +35,9 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from medfed.core import wire
 from medfed.core.errors import MedfedError
-from medfed.core.packing import WEIGHTS_KEY, npy_view
+from medfed.core.packing import WEIGHTS_KEY
 from medfed.core.runs import RunFolder
-from medfed.core.schema import SecAggReply, SiteError
+from medfed.core.schema import SiteError
 from medfed.core.secagg import (
     Aggregator,
     KeyAdvert,
@@ -50,6 +50,7 @@ from medfed.core.secagg import (
 )
 from medfed.server.recording_grid import RecordingGrid
 from medfed.server.refusals import RefusalPolicy, SitesRefused
+from medfed.server.site_replies import SiteAnswer
 from medfed.server.streaming_mean import vector_array
 from medfed.server.wrapped_strategy import WrappedStrategy
 
@@ -122,25 +123,26 @@ class SecureAggregation(WrappedStrategy):
         adverts: list[KeyAdvert] = []
         directory: dict[str, bytes] = {}
         for reply in self._join_replies():
-            if reply.has_error() or wire.SECAGG_RECORD_KEY not in reply.content:
+            answer = SiteAnswer.of(reply)
+            if not answer.ok:
                 continue
             try:
-                record = SecAggReply.from_record(reply.content[wire.SECAGG_RECORD_KEY])
-                advert = KeyAdvert.from_bytes(record.need("advert"))
-                identity = record.need("identity")
+                if answer.unreadable is not None or answer.secagg is None:
+                    raise ValueError(answer.unreadable or "no secure-aggregation record")
+                advert = KeyAdvert.from_bytes(answer.secagg.need("advert"))
+                identity = answer.secagg.need("identity")
             except (SecAggError, KeyError, ValueError) as exc:  # that site is left out
                 self.folder.event(
                     "warning",
-                    reason=f"node {reply.metadata.src_node_id}'s join reply is unreadable "
+                    reason=f"node {answer.node}'s join reply is unreadable "
                     f"({type(exc).__name__}: {exc}); it is left out of the run",
                 )
                 continue
             adverts.append(advert)
             directory[advert.site_id] = identity
-            self.site_of[reply.metadata.src_node_id] = advert.site_id
-            said = reply.content[wire.METRICS_KEY] if wire.METRICS_KEY in reply.content else {}
-            if wire.BUDGET_ROUNDS_KEY in said:
-                self.covers[advert.site_id] = int(said[wire.BUDGET_ROUNDS_KEY])
+            self.site_of[answer.node] = advert.site_id
+            if wire.BUDGET_ROUNDS_KEY in answer.metrics:
+                self.covers[advert.site_id] = int(answer.metrics[wire.BUDGET_ROUNDS_KEY])
         # Masking needs threshold + 1 sites, and a sum of fewer than two is one site's update.
         needed = max(min_sites, 2, (self.config.threshold or 0) + 1)
         if len(adverts) < needed:
@@ -266,14 +268,14 @@ class SecureAggregation(WrappedStrategy):
     def fold(self, server_round: int, reply: Message) -> None:
         """Add one site's masked update to the round's sum as it arrives, and let it go."""
         assert self.aggregator is not None
-        if reply.has_error() or wire.SECAGG_RECORD_KEY not in reply.content:
+        answer = SiteAnswer.of(reply)
+        if not answer.ok or (answer.secagg is None and answer.unreadable is None):
             return
-        site = self.site_of.get(reply.metadata.src_node_id, "?")
+        site = self.site_of.get(answer.node, "?")
         try:
-            update = MaskedUpdate.from_parts(
-                SecAggReply.from_record(reply.content[wire.SECAGG_RECORD_KEY]).need("update"),
-                npy_view(reply.content[wire.ARRAYS_KEY][WEIGHTS_KEY].data),
-            )
+            if answer.unreadable is not None or answer.secagg is None:
+                raise ValueError(answer.unreadable)
+            update = MaskedUpdate.from_parts(answer.secagg.need("update"), answer.update())
             self.aggregator.add(update)
         except (SecAggError, KeyError, ValueError) as exc:
             self.folder.event(
@@ -283,8 +285,8 @@ class SecureAggregation(WrappedStrategy):
                 reason=f"{type(exc).__name__}: {exc}",
             )
             return
-        if wire.METRICS_KEY in reply.content:
-            self._metrics.append(dict(reply.content[wire.METRICS_KEY]))
+        if answer.metrics:
+            self._metrics.append(answer.metrics)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -353,11 +355,13 @@ class SecureAggregation(WrappedStrategy):
             for site, request in requests.items()
         ]
         for reply in self.grid.send_and_receive(messages, timeout=self.round_timeout):
-            if reply.has_error() or wire.SECAGG_RECORD_KEY not in reply.content:
+            answer = SiteAnswer.of(reply)
+            if not answer.ok or (answer.secagg is None and answer.unreadable is None):
                 continue
             try:
-                record = SecAggReply.from_record(reply.content[wire.SECAGG_RECORD_KEY])
-                self.aggregator.add_reveal(Reveal.from_bytes(record.need("reveal")))
+                if answer.unreadable is not None or answer.secagg is None:
+                    raise ValueError(answer.unreadable)
+                self.aggregator.add_reveal(Reveal.from_bytes(answer.secagg.need("reveal")))
             except (SecAggError, KeyError, ValueError) as exc:
                 self.folder.event("reveal-rejected", round=server_round, reason=str(exc))
 

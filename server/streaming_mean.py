@@ -37,9 +37,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi, Strategy
 
 from medfed.core import wire
-from medfed.core.packing import WEIGHTS_KEY, npy_bytes, npy_view
+from medfed.core.packing import WEIGHTS_KEY, npy_bytes
 from medfed.core.runs import RunFolder
 from medfed.core.weighted_sum import WeightedSum
+from medfed.server.site_replies import SiteAnswer
 from medfed.server.wrapped_strategy import WrappedStrategy
 
 #: ``aggregate_train`` methods that compute the weighted mean of the replies (and use it).
@@ -87,23 +88,20 @@ class StreamingMean(WrappedStrategy):
 
     def fold(self, server_round: int, reply: Message) -> None:
         """Add one site's reply to the round's sum; a malformed update is recorded, not used."""
-        if reply.has_error():
+        answer = SiteAnswer.of(reply)
+        if not answer.ok:
             return
-        content = reply.content
+        said = answer.metrics
         try:
-            said = dict(content[wire.METRICS_KEY])
+            if answer.unreadable is not None:
+                raise ValueError(answer.unreadable)
             weight = float(said[wire.WEIGHT_KEY])
-            self._sum.add(npy_view(content[wire.ARRAYS_KEY][WEIGHTS_KEY].data), weight)
+            self._sum.add(answer.update(), weight)
         except (KeyError, ValueError, TypeError) as exc:
-            site = (
-                str(content[wire.SITE_RECORD_KEY]["name"])
-                if wire.SITE_RECORD_KEY in content
-                else f"node-{reply.metadata.src_node_id}"
-            )
             self.folder.event(
                 "update-rejected",
                 round=server_round,
-                site=site,
+                site=answer.name(),
                 reason=f"{type(exc).__name__}: {exc}",
             )
             return
