@@ -146,23 +146,23 @@ def test_secure_aggregation_gives_the_plain_global_model(short_tmp: Path) -> Non
         )
         # Warm start from the plain run's last checkpoint; a mismatched model is refused.
         warm, s4 = fed.run(
-            RunConfig(task="tiny-seg", rounds=1, min_sites=3, init_from=s1["run_id"]), timeout=300
+            RunConfig(task="tiny-seg", rounds=1, min_sites=3, init_from=s1.run_id), timeout=300
         )
         _, s5 = fed.run(
-            RunConfig(task="tiny-seg", rounds=1, min_sites=3, init_from=s3["run_id"]), timeout=300
+            RunConfig(task="tiny-seg", rounds=1, min_sites=3, init_from=s3.run_id), timeout=300
         )
     assert s4.status == "completed"
     started = [e for e in warm.read_events() if e["event"] == "initial-model"]
-    assert started and started[0]["source"].endswith(f"{s1['run_id']}/checkpoints/round-002.npz")
+    assert started and started[0]["source"].endswith(f"{s1.run_id}/checkpoints/round-002.npz")
     assert s4.evaluate_metrics[1]["loss"] < s1.evaluate_metrics[1]["loss"]
     assert s5.status == "failed" and "different model" in s5.reason
     assert s1.status == s2.status == s3.status == "completed"
     # Site-local parameters (domain adaptation) stay at the sites, even masked.
-    local = set(s3["adaptation"]["site_local_parameters"])
+    local = set(s3.adaptation.site_local_parameters)
     shared, every = (set(np.load(f.checkpoint_file(2)).files) for f in (adapted, plain))
     assert local and shared and not local & shared and local | shared == every
     for site in ("site-a", "site-b", "site-c"):
-        kept = np.load(short_tmp / site / "site-local" / f"run-{s3['run_id']}.npz")
+        kept = np.load(short_tmp / site / "site-local" / f"run-{s3.run_id}.npz")
         assert set(kept.files) == set(local)
         # The run's pairwise secrets were deleted after its last round.
         assert not list((short_tmp / site / "secagg" / "sessions").glob("*.json"))
