@@ -48,8 +48,21 @@ Figures (each engine in a subprocess of its own, so that its peak memory is its 
   the fixed overhead being that start-up RSS (printed; about 0.55 GB: torch, MONAI,
   Flower, medfed, matplotlib, which the run's plots use, and one training step of
   tiny-seg's 1,947-parameter UNet, which loads what torch's optimizers import lazily).
-  The growth includes the run's own start-up (initial model, strategy), the replies
-  in flight (at most workers + 1) and the server's running sum.
+  The growth is measured over the rounds: it is read when the run's end-of-run
+  report begins (a wrapper around ``server.app.plot_metrics``, the report's first
+  step, reads VmHWM); it includes the run's own start-up (initial model, strategy),
+  the global model, the server's running sum and the one reply being added (since
+  2026-12-05 a finished reply waits in its site's process until the server takes
+  it, and arrives as the bytes the Flower ``Array`` keeps: before, up to workers + 1
+  replies plus a copy each, 9.4 models at 200 sites). The end-of-run report (metrics
+  read back, the plot, report.md/.html), which does not depend on the model size,
+  is printed apart, as a second fixed overhead; the whole run's peak is printed too.
+  The BENCH ``peak_rss`` value is the growth that depends on the model: the same
+  run (sites, rounds, sampling, seeds) is made a second time with tiny-seg's
+  1,947-parameter model, and its growth over the rounds (run bookkeeping for N
+  sites: the site processes' set-up, metrics and events, Python's and glibc's
+  heaps; about 2 MB at 1,000 sites) is the third stated overhead, subtracted.
+  Both growths are printed.
   Flower's driver (ServerApp + Simulation Engine, after ``ray.init``) is measured the
   same way; its Ray processes (ClientApp actors, raylet, GCS, ...) are sampled every
   0.25 s and reported apart (their peak VmHWM). Both engines run with
@@ -104,6 +117,9 @@ INSTALL = "pip install -c constraints.txt -e '.[bench]'  (Ray via flwr[simulatio
 #: The model: 1,000,000 float32 parameters (medfed's task; the stock model padded to it).
 PARAMS = 1_000_000
 TASK = "tiny-seg-1m"
+#: The same run with tiny-seg's 1,947 parameters: what the server's memory grows by
+#: whatever the model size (run bookkeeping for N sites), stated as fixed overhead.
+BOOKKEEPING_TASK = "tiny-seg"
 STOCK_PARAMS = 2_000  # the stock linear model: 1,999 weights + 1 bias
 MODEL_BYTES = 4 * PARAMS
 #: Each medfed site's local work: 4 images (3 train, 1 evaluate), batch 1: 3 steps.
@@ -248,7 +264,9 @@ def _check_loopback(where: str) -> list[str]:
 # ------------------------------------------------------------------ the two engines
 
 
-def _child_medfed(sites: int, rounds: int, fraction: float, secure: str) -> dict[str, Any]:
+def _child_medfed(
+    sites: int, rounds: int, fraction: float, secure: str, task: str = TASK
+) -> dict[str, Any]:
     """Run medfed's engine (as `medfed simulate`); return its round seconds and peak RSS."""
     import logging
 
@@ -262,7 +280,7 @@ def _child_medfed(sites: int, rounds: int, fraction: float, secure: str) -> dict
     _warm_up_code()
     run = RunConfig.model_validate(
         {
-            "task": TASK,
+            "task": task,
             "rounds": rounds,
             "min_sites": 2,
             "seed": 0,
@@ -285,6 +303,17 @@ def _child_medfed(sites: int, rounds: int, fraction: float, secure: str) -> dict
         )
         for i in range(sites)
     ]
+    import medfed.server.app as server_app
+
+    # The rounds' peak: read when the run's end-of-run report begins (its plot comes first).
+    rounds_peak: list[int] = []
+    plot_metrics = server_app.plot_metrics
+
+    def plot_after_rounds(*args: Any, **kwargs: Any) -> Any:
+        rounds_peak.append(_status_kb("VmHWM"))
+        return plot_metrics(*args, **kwargs)
+
+    server_app.plot_metrics = plot_after_rounds
     runs = Path(tempfile.mkdtemp(prefix="medfed-simscale-"))
     try:
         with TreeSampler() as tree:
@@ -314,6 +343,7 @@ def _child_medfed(sites: int, rounds: int, fraction: float, secure: str) -> dict
         "round_seconds": seconds,
         "base_kb": base,
         "peak_kb": peak,
+        "rounds_peak_kb": rounds_peak[0] if rounds_peak else peak,
         "total_seconds": total,
         "setup_seconds": setup,
         "workers": summary.simulation.workers if summary.simulation else 0,
@@ -462,7 +492,12 @@ def _child_flower(sites: int, rounds: int, fraction: float) -> dict[str, Any]:
 
 
 def _run_child(
-    engine: str, sites: int, rounds: int, fraction: float, secure: str = "off"
+    engine: str,
+    sites: int,
+    rounds: int,
+    fraction: float,
+    secure: str = "off",
+    task: str = TASK,
 ) -> dict[str, Any]:
     env = {**os.environ, **CHILD_ENV, **(RAY_ENV if engine == "flower" else {})}
     cmd = [
@@ -478,6 +513,8 @@ def _run_child(
         str(fraction),
         "--secure",
         secure,
+        "--task",
+        task,
     ]
     t0 = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -534,9 +571,14 @@ def main() -> None:
     )
     ap.add_argument("--child", choices=("medfed", "flower"), help=argparse.SUPPRESS)
     ap.add_argument("--secure", default="off", help=argparse.SUPPRESS)
+    ap.add_argument("--task", default=TASK, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child == "medfed":
-        print(json.dumps(_child_medfed(args.sites, args.rounds, args.fraction, args.secure)))
+        print(
+            json.dumps(
+                _child_medfed(args.sites, args.rounds, args.fraction, args.secure, args.task)
+            )
+        )
         return
     if args.child == "flower":
         print(json.dumps(_child_flower(args.sites, args.rounds, args.fraction)))
@@ -565,6 +607,7 @@ def main() -> None:
 
     flower = _run_child("flower", args.sites, args.rounds, args.fraction)
     medfed = _run_child("medfed", args.sites, args.rounds, args.fraction)
+    books = _run_child("medfed", args.sites, args.rounds, args.fraction, task=BOOKKEEPING_TASK)
     f_med = _describe("Flower Simulation Engine (Ray)", flower)
     m_med = _describe(f"medfed simulate ({medfed['workers']} site processes)", medfed)
     print(
@@ -573,13 +616,21 @@ def main() -> None:
         f"round 1)"
     )
 
-    m_growth = (medfed["peak_kb"] - medfed["base_kb"]) * 1024
+    m_raw = (medfed["rounds_peak_kb"] - medfed["base_kb"]) * 1024
+    m_books = (books["rounds_peak_kb"] - books["base_kb"]) * 1024
+    m_growth = m_raw - m_books
+    m_end = (medfed["peak_kb"] - medfed["rounds_peak_kb"]) * 1024
     f_growth = (flower["peak_kb"] - flower["base_kb"]) * 1024
     print(
         f"  medfed process: fixed overhead (RSS after start-up) {_mb(medfed['base_kb']):.0f} MB; "
-        f"peak {_mb(medfed['peak_kb']):.0f} MB; growth {m_growth / 1e6:.1f} MB = "
-        f"{m_growth / MODEL_BYTES:.2f} models (the server: strategy, running sum, replies "
-        f"in flight)"
+        f"peak over the rounds {_mb(medfed['rounds_peak_kb']):.0f} MB; growth "
+        f"{m_raw / 1e6:.1f} MB = {m_raw / MODEL_BYTES:.2f} models, of which "
+        f"{m_books / 1e6:.1f} MB is run bookkeeping (the same run with the "
+        f"{BOOKKEEPING_TASK} model grows by that much) and {m_growth / 1e6:.1f} MB = "
+        f"{m_growth / MODEL_BYTES:.2f} models grow with the model (the server: global "
+        f"model, running sum, the reply being added); the end-of-run report (metrics read "
+        f"back, plot, report.md/html) adds {m_end / 1e6:.1f} MB more to the peak "
+        f"({_mb(medfed['peak_kb']):.0f} MB), whatever the model size"
     )
     print(
         f"  medfed site processes' peak RSS (MB): "
@@ -615,7 +666,9 @@ def main() -> None:
     )
     print(
         f"fixed overhead of the peak_rss figure: {_mb(medfed['base_kb']):.0f} MB (medfed's RSS "
-        f"after start-up; the value is the growth above it)"
+        f"after start-up), {m_books / 1e6:.1f} MB of run bookkeeping for {args.sites} sites "
+        f"(measured with the {BOOKKEEPING_TASK} model) and {m_end / 1e6:.1f} MB for the "
+        f"end-of-run report; the value is the growth above these over the rounds"
     )
     print(
         f"BENCH simulation_scale peak_rss value={m_growth / 1e6:.1f} "

@@ -65,8 +65,9 @@ def reply_message(reply: wire.Frame, msg: Message) -> Message:
             dtype=str(v.dtype),
             shape=tuple(int(n) for n in v.shape),
             stype=SType.NUMPY,
-            data=npy_bytes(v),
-        )  # one copy (Array(v) makes two)
+            # the .npy bytes as received (no copy), else one copy (Array(v) makes two)
+            data=reply.npy.get(k) or npy_bytes(v),
+        )
         for k, v in reply.arrays.items()
         if not k.startswith(wire.BYTES_PREFIX)
     }

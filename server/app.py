@@ -232,9 +232,10 @@ def run_in_folder(
                     "every site's update (debugging only)",
                 )
 
-        start = ArrayRecord({WEIGHTS_KEY: vector_array(pack(initial))})
-        del initial  # the run holds the global model once, in ``start`` then each round's
-        previous = [_digest(npy_view(start[WEIGHTS_KEY].data))]  # the last round's model
+        # Handed over to the rounds (popped): from round 1 on, the run holds one global model.
+        start = [ArrayRecord({WEIGHTS_KEY: vector_array(pack(initial))})]
+        del initial
+        previous = [_digest(npy_view(start[0][WEIGHTS_KEY].data))]  # the last round's model
 
         def end_of_round(server_round: int, arrays: ArrayRecord, so_far: Result) -> None:
             vector = npy_view(arrays[WEIGHTS_KEY].data)
@@ -258,7 +259,7 @@ def run_in_folder(
         result = run_rounds(
             strategy,
             grid=recorder,
-            arrays=start,
+            arrays=start.pop(),
             first_round=done + 1,
             num_rounds=run.rounds,
             timeout=run.round_timeout_s,

@@ -144,6 +144,7 @@ class RecordingGrid:
                 for reply in self._grid.pull_messages(waiting[start : start + self.pull_batch]):
                     pending.pop(reply.metadata.reply_to_message_id, None)
                     take(reply)
+                    del reply  # let it go before the next one arrives
             if pending:
                 time.sleep(self.poll_interval)
 

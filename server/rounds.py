@@ -52,6 +52,7 @@ def run_rounds(
             )
         else:
             replies = grid.send_and_receive(messages=messages, timeout=timeout)
+        del messages  # they hold the round's global model; the result holds it from here
         new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
         if new_arrays is not None:
             result.arrays = arrays = new_arrays

@@ -92,9 +92,14 @@ def npy_view(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype, count=count, offset=head.tell()).reshape(shape)
 
 
+def npy_header(vector: np.ndarray) -> bytes:
+    """The ``.npy`` header of a C-contiguous ``vector`` (what precedes its bytes in a file)."""
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, np.lib.format.header_data_from_array_1_0(vector))
+    return head.getvalue()
+
+
 def npy_bytes(vector: np.ndarray) -> bytes:
     """``vector`` as ``.npy`` bytes with one copy (``np.save`` to a buffer makes two)."""
     vector = np.ascontiguousarray(vector)
-    head = io.BytesIO()
-    np.lib.format.write_array_header_1_0(head, np.lib.format.header_data_from_array_1_0(vector))
-    return b"".join([head.getvalue(), memoryview(vector).cast("B")])
+    return b"".join([npy_header(vector), memoryview(vector).cast("B")])

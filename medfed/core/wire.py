@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from medfed.core.packing import npy_header, npy_view
+
 # ---- keys of Flower messages (one schema, written by the server, read by the site)
 RUN_CONFIG_KEY = "medfed-run"  # ConfigRecord value: RunConfig as JSON
 RUN_PROOF_KEY = "medfed-run-proof"  # the coordinator's signature on it (core/run_proof.py)
@@ -66,6 +68,10 @@ class Frame:
 
     header: dict[str, Any]
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    #: For a frame received with ``immutable=True``: each array's ``.npy`` bytes as they
+    #: arrived (the array is a read-only view into them), so that a Flower ``Array`` can
+    #: take them as its data without a copy.
+    npy: dict[str, bytes] = field(default_factory=dict)
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytearray:
@@ -81,28 +87,52 @@ def _recv_exact(sock: socket.socket, n: int) -> bytearray:
     return buf
 
 
+def _recv_bytes(sock: socket.socket, n: int) -> bytes:
+    """``n`` bytes as one ``bytes`` object, received in place (no copy on a blocking socket)."""
+    if n == 0:
+        return b""
+    first = sock.recv(n, socket.MSG_WAITALL)
+    if len(first) == n:
+        return first
+    if not first:
+        raise ChannelError(f"peer closed the channel after 0 of {n} bytes")
+    # A timeout or a signal cut the wait short: the rest, then one copy.
+    return b"".join([first, _recv_exact(sock, n - len(first))])
+
+
 def send_frame(sock: socket.socket, frame: Frame) -> int:
     """Send ``frame``; returns the number of bytes written.
 
-    Arrays go out from their own memory: a model of 50M values is not copied to be sent.
+    Each array goes out as ``.npy`` bytes: its header, then its own memory (a model of
+    50M values is not copied to be sent), so that the receiver can hand the bytes to a
+    Flower ``Array`` as they are.
     """
     manifest = []
-    blobs = []
+    blobs: list[tuple[bytes, memoryview | bytes]] = []
     for name, arr in frame.arrays.items():
         arr = np.ascontiguousarray(arr)
-        manifest.append({"name": name, "dtype": arr.dtype.str, "shape": list(arr.shape)})
-        blobs.append(memoryview(arr).cast("B") if arr.size else b"")
+        npy_head = npy_header(arr)
+        manifest.append(
+            {"name": name, "dtype": arr.dtype.str, "shape": list(arr.shape), "head": len(npy_head)}
+        )
+        blobs.append((npy_head, memoryview(arr).cast("B") if arr.size else b""))
     header = json.dumps({"header": frame.header, "arrays": manifest}).encode()
-    sizes = b"".join(_LEN.pack(len(b)) for b in blobs)
+    sizes = b"".join(_LEN.pack(len(h) + len(b)) for h, b in blobs)
     head = b"".join([_LEN.pack(len(header)), header, _LEN.pack(len(blobs)), sizes])
     sock.sendall(head)
-    for blob in blobs:
+    for npy_head, blob in blobs:
+        sock.sendall(npy_head)
         sock.sendall(blob)
-    return len(head) + sum(len(b) for b in blobs)
+    return len(head) + sum(len(h) + len(b) for h, b in blobs)
 
 
-def recv_frame(sock: socket.socket) -> Frame:
-    """Receive one frame; a malformed frame raises :class:`ChannelError`."""
+def recv_frame(sock: socket.socket, *, immutable: bool = False) -> Frame:
+    """Receive one frame; a malformed frame raises :class:`ChannelError`.
+
+    ``immutable``: the arrays are read-only views into ``bytes`` received in place,
+    kept in :attr:`Frame.npy` (a reply that is only read: no copy on the way to a
+    Flower ``Array``); otherwise each array has a writable buffer of its own.
+    """
     (hlen,) = _LEN.unpack(_recv_exact(sock, _LEN.size))
     if hlen > MAX_HEADER_BYTES:
         raise ChannelError(f"frame header of {hlen} bytes exceeds {MAX_HEADER_BYTES}")
@@ -115,17 +145,31 @@ def recv_frame(sock: socket.socket) -> Frame:
         raise ChannelError("frame array count does not match its manifest")
     sizes = [_LEN.unpack_from(_recv_exact(sock, _LEN.size))[0] for _ in range(count)]
     arrays: dict[str, np.ndarray] = {}
+    npy: dict[str, bytes] = {}
     for spec, size in zip(meta["arrays"], sizes, strict=True):
         dtype = np.dtype(spec["dtype"])
         if dtype.hasobject:
             raise ChannelError("object arrays are not accepted on the channel")
-        expected = int(np.prod(spec["shape"], dtype=np.int64)) * dtype.itemsize
+        npy_head = int(spec.get("head", 0))
+        expected = npy_head + int(np.prod(spec["shape"], dtype=np.int64)) * dtype.itemsize
         if size != expected:
             raise ChannelError(f"array {spec['name']!r}: {size} bytes, shape needs {expected}")
-        arrays[spec["name"]] = np.frombuffer(_recv_exact(sock, size), dtype=dtype).reshape(
-            spec["shape"]
-        )
-    return Frame(header=meta["header"], arrays=arrays)
+        payload = _recv_bytes(sock, size) if immutable else _recv_exact(sock, size)
+        if npy_head:
+            try:
+                arr = npy_view(payload)
+            except ValueError as exc:
+                raise ChannelError(f"array {spec['name']!r}: {exc}") from None
+            if arr.dtype != dtype or list(arr.shape) != list(spec["shape"]):
+                raise ChannelError(
+                    f"array {spec['name']!r}: its .npy header differs from the manifest"
+                )
+            if immutable:
+                npy[spec["name"]] = bytes(payload)  # already bytes: no copy
+        else:
+            arr = np.frombuffer(payload, dtype=dtype).reshape(spec["shape"])
+        arrays[spec["name"]] = arr
+    return Frame(header=meta["header"], arrays=arrays, npy=npy)
 
 
 def call_worker(socket_path: str, frame: Frame, *, timeout: float | None = None) -> Frame:
@@ -140,4 +184,4 @@ def call_worker(socket_path: str, frame: Frame, *, timeout: float | None = None)
                 "is `medfed site start` running?"
             ) from exc
         send_frame(sock, frame)
-        return recv_frame(sock)
+        return recv_frame(sock, immutable=True)

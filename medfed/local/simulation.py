@@ -50,7 +50,6 @@ import secrets
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -213,21 +212,22 @@ class SimulationGrid(Grid):
         self._run = Run.create_empty(run_id)
         self._on_site = on_site
         self._processes = processes
-        self._executor = (
-            None
-            if processes is None
-            else ThreadPoolExecutor(processes.workers, thread_name_prefix="medfed-sim")
-        )
-        self._ahead = 1 if processes is None else processes.workers + 1
+        # How far ahead of the reply taken messages are handed to the sites: in-process
+        # a site runs when its reply is taken; with worker processes every process gets
+        # the next message of one of its sites while earlier replies are aggregated.
+        self._ahead = 1 if processes is None else 4 * processes.workers
         self._pending: OrderedDict[str, Message] = OrderedDict()
-        self._started: OrderedDict[str, tuple[Message, _Reply]] = OrderedDict()
+        self._started: OrderedDict[str, tuple[Message, _Reply | None]] = OrderedDict()
         self._count = 0  # messages pushed, for their ids
         self._batch = (0, 0)  # (delivered, pushed) since the queue was last empty
 
     def close(self) -> None:
-        """Wait for the sites still at work (their replies are dropped)."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
+        """Collect the replies the sites' processes still hold (they are dropped)."""
+        if self._processes is not None:
+            for _, reply in self._started.values():
+                if reply is not None:
+                    reply.result()
+        self._started.clear()
 
     def set_run(self, run: Run) -> None:
         """Set the run this grid works in."""
@@ -274,9 +274,11 @@ class SimulationGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterator[Message]:
         """The replies to ``message_ids``, in push order: each site runs as its reply is due.
 
-        In-process, a site runs when its reply is taken. With worker processes, up
-        to ``workers + 1`` messages are at the sites ahead of the reply taken, so every
-        process is busy while the consumer aggregates; no more are held.
+        In-process, a site runs when its reply is taken. With worker processes, the
+        messages of the next ``4 x workers`` replies go to their sites' processes as
+        each process comes free, so every process is busy while the consumer
+        aggregates; a finished reply waits in its site's process until it is taken,
+        so the caller holds one reply at a time, whatever the number of workers.
         """
         wanted = set(message_ids)
         due = iter([m for m in [*self._started, *self._pending] if m in wanted])
@@ -286,13 +288,20 @@ class SimulationGrid(Grid):
             while len(window) < self._ahead:
                 mid = next(due, None)
                 if mid is None:
-                    return
+                    break
                 if mid not in self._started:
                     msg = self._pending.pop(mid, None)
                     if msg is None:  # taken by an earlier pull meanwhile
                         continue
-                    self._started[mid] = (msg, self._start(msg))
+                    self._started[mid] = (msg, None)
                 window.append(mid)
+            busy = self._busy_lanes()
+            for mid in window:  # in push order: a process takes its sites' messages in turn
+                msg, reply = self._started[mid]
+                lane = self._lane(msg)
+                if reply is None and lane not in busy:
+                    self._started[mid] = (msg, self._start(msg))
+                busy.add(lane)  # a later message of this process waits for this one
 
         fill()
         while window:
@@ -301,10 +310,21 @@ class SimulationGrid(Grid):
             if started is None:  # taken by an earlier pull meanwhile
                 continue
             msg, reply = started
+            if reply is None:  # its process is free: every earlier message was taken
+                reply = self._start(msg)
             result = self._finish(msg, reply.result())
             del self._started[mid]  # only once taken: an abandoned pull leaves it for the next
             fill()
             yield result
+            del result  # taken: not held while the next reply is received
+
+    def _lane(self, msg: Message) -> int:
+        index = msg.metadata.dst_node_id - NODE_ID_BASE
+        return 0 if self._processes is None else self._processes.lane_of(index)
+
+    def _busy_lanes(self) -> set[int]:
+        """Processes holding a message whose reply is not taken yet."""
+        return {self._lane(msg) for msg, reply in self._started.values() if reply is not None}
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -313,39 +333,48 @@ class SimulationGrid(Grid):
         return list(self.pull_messages(self.push_messages(messages)))
 
     def _start(self, msg: Message) -> _Reply:
-        """Hand ``msg`` to its site: now on a worker process, or when its reply is taken."""
-        if self._executor is None:
+        """Hand ``msg`` to its site: now to its worker process, or when its reply is taken."""
+        if self._processes is None:
             return _Later(lambda: self._answer(msg))
-        return self._executor.submit(self._answer, msg)
+        index = msg.metadata.dst_node_id - NODE_ID_BASE
+        request = self._request(msg)
+        if not isinstance(request, wire.Frame):
+            return _Done(request)
+        posted = self._processes.post(index, request)
+        processes = self._processes
+        return _Later(lambda: self._reply(msg, lambda: processes.collect(posted)))
 
     def _answer(self, msg: Message) -> Message:
         """Message -> frame -> the site's worker -> frame -> reply, as the site daemon does."""
+        request = self._request(msg)
+        if not isinstance(request, wire.Frame):
+            return request
+        index = msg.metadata.dst_node_id - NODE_ID_BASE
+        return self._reply(msg, lambda: self.sites.worker(index).handle(request))
+
+    def _request(self, msg: Message) -> wire.Frame | Message:
+        """The site's request frame of ``msg``, or the error reply when there is none."""
         index = msg.metadata.dst_node_id - NODE_ID_BASE
         phase = str(msg.metadata.message_type).split(".")[0]
+        if not 0 <= index < len(self.sites):
+            return Message(
+                Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Node Unavailable"), reply_to=msg
+            )
         try:
-            if not 0 <= index < len(self.sites):
-                return Message(
-                    Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Node Unavailable"), reply_to=msg
-                )
             if phase not in ("train", "evaluate", "query"):
                 raise ValueError(
                     f"the ClientApp has no handler for message type {msg.metadata.message_type!r}"
                 )
-            request = request_frame(phase, msg)
-            frame = (
-                self.sites.worker(index).handle(request)
-                if self._processes is None
-                else self._processes.handle(index, request)
-            )
-            return reply_message(frame, msg)
+            return request_frame(phase, msg)
         except Exception as exc:  # an error reply, as the site daemon's executor sends
-            return Message(
-                Error(
-                    code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
-                    reason=f"{type(exc).__name__}: {exc}",
-                ),
-                reply_to=msg,
-            )
+            return _error_reply(msg, exc)
+
+    @staticmethod
+    def _reply(msg: Message, site: Callable[[], wire.Frame]) -> Message:
+        try:
+            return reply_message(site(), msg)
+        except Exception as exc:  # an error reply, as the site daemon's executor sends
+            return _error_reply(msg, exc)
 
     def _finish(self, msg: Message, reply: Message) -> Message:
         """Give the reply its id; report the site's progress."""
@@ -367,7 +396,7 @@ class SimulationGrid(Grid):
 
 
 class _Later:
-    """A reply computed when it is asked for (in-process delivery)."""
+    """A reply computed (in-process) or collected (from a worker process) when it is taken."""
 
     def __init__(self, compute: Callable[[], Message]) -> None:
         self._compute = compute
@@ -376,7 +405,24 @@ class _Later:
         return self._compute()
 
 
-_Reply = _Later | Future
+class _Done:
+    """A reply known when the message was handed over (an error reply)."""
+
+    def __init__(self, reply: Message) -> None:
+        self._reply = reply
+
+    def result(self) -> Message:
+        return self._reply
+
+
+_Reply = _Later | _Done
+
+
+def _error_reply(msg: Message, exc: Exception) -> Message:
+    return Message(
+        Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc).__name__}: {exc}"),
+        reply_to=msg,
+    )
 
 
 def _round_of(msg: Message) -> int:

@@ -70,6 +70,15 @@ class _Lane:
         self.lock = threading.Lock()
 
 
+@dataclass
+class Posted:
+    """A request handed to a site's process, whose reply is not collected yet."""
+
+    lane: _Lane
+    index: int
+    failure: wire.Frame | None = None  # the error reply, when the request could not be sent
+
+
 class SiteProcesses:
     """Worker processes that run the simulated sites' requests.
 
@@ -121,16 +130,49 @@ class SiteProcesses:
 
     def handle(self, index: int, request: wire.Frame) -> wire.Frame:
         """Site ``index``'s reply to ``request`` (blocks while its process is busy)."""
-        lane = self._lanes[index % len(self._lanes)]
+        return self.collect(self.post(index, request))
+
+    def lane_of(self, index: int) -> int:
+        """The process that serves site ``index``."""
+        return index % len(self._lanes)
+
+    def post(self, index: int, request: wire.Frame) -> Posted:
+        """Hand ``request`` to site ``index``'s process; :meth:`collect` takes the reply.
+
+        The process is the site's until its reply is collected (it waits for a busy
+        one): a finished reply stays in the site's process, not in the caller's memory,
+        until the caller is ready to aggregate it.
+        """
+        lane = self._lanes[self.lane_of(index)]
+        lane.lock.acquire()
+        posted = Posted(lane, index)
         frame = wire.Frame({**request.header, SITE_KEY: index}, request.arrays)
-        with lane.lock:
+        try:
+            self._ensure(lane)
+            assert lane.channel is not None
+            wire.send_frame(lane.channel, frame)
+        except (OSError, wire.ChannelError) as exc:
+            posted.failure = self._lost(lane, index, exc)
+        return posted
+
+    def collect(self, posted: Posted) -> wire.Frame:
+        """The reply to a :meth:`post`ed request (read-only arrays); frees its process."""
+        lane = posted.lane
+        try:
+            if posted.failure is not None:
+                return posted.failure
+            assert lane.channel is not None
             try:
-                return self._call(lane, frame)
+                return wire.recv_frame(lane.channel, immutable=True)
             except (OSError, wire.ChannelError) as exc:
-                code = self._stop(lane)
-                why = f"the simulated site's process ended ({exc}; exit code {code})"
-                reply = SiteReply.refusal(self._names[index], "", why, status="failed")
-                return wire.Frame(reply.header())
+                return self._lost(lane, posted.index, exc)
+        finally:
+            lane.lock.release()
+
+    def _lost(self, lane: _Lane, index: int, exc: Exception) -> wire.Frame:
+        code = self._stop(lane)
+        why = f"the simulated site's process ended ({exc}; exit code {code})"
+        return wire.Frame(SiteReply.refusal(self._names[index], "", why, status="failed").header())
 
     def end_run(self, run_id: str) -> None:
         """Every process forgets the run's last updates and keys at the sites it served."""
