@@ -37,7 +37,7 @@ from medfed.client.site_local import SiteLocalStore
 from medfed.core import wire
 from medfed.core.config import RunConfig
 from medfed.core.packing import WEIGHTS_KEY, pack, shared_state
-from medfed.core.schema import SecAggReply
+from medfed.core.schema import SecAggReply, SiteInstruction
 
 
 class OutboundOrderError(RuntimeError):
@@ -52,8 +52,8 @@ class Outbound:
     run_id: str
     session: str
     round: int
-    config: dict[str, Any]
-    blobs: dict[str, bytes]
+    #: What the server asked (the round's secure-aggregation entries among it).
+    asked: SiteInstruction
     #: The round's global model as one vector (what the site trained from).
     global_vec: np.ndarray
     metrics: dict[str, Any]
@@ -145,7 +145,7 @@ class KeepForResend:
                 out.round,
                 run_digest(out.run),
                 model_digest(out.global_vec),
-                participants_of(out.config),
+                participants_of(out.asked),
                 out.vector,
                 out.weight,
                 dict(out.metrics),
@@ -192,8 +192,7 @@ class Mask:
             header, masked, out.secagg = self.secure.mask(
                 out.session,
                 out.round,
-                out.config,
-                out.blobs,
+                out.asked,
                 global_vec=out.global_vec,
                 local_vec=out.vector,
                 weight=out.weight,

@@ -24,16 +24,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from medfed.core import wire
 from medfed.core.config import RunConfig
 from medfed.core.files import atomic_savez
+from medfed.core.schema import SiteInstruction
 
 
 def run_digest(run: RunConfig) -> str:
@@ -42,10 +41,9 @@ def run_digest(run: RunConfig) -> str:
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
-def participants_of(config: Mapping[str, Any]) -> tuple[str, ...]:
+def participants_of(asked: SiteInstruction) -> tuple[str, ...]:
     """The round's secure-aggregation participants a train message names, sorted."""
-    raw = config.get(wire.SECAGG_PARTICIPANTS)
-    return tuple(sorted(json.loads(str(raw)))) if raw else ()
+    return tuple(sorted(asked.participants))
 
 
 def model_digest(vector: np.ndarray) -> str:

@@ -25,7 +25,6 @@ from cryptography.hazmat.primitives import serialization
 
 from medfed.client.peer_pins import PINS_FILE, PeerPins
 from medfed.client.secagg_sessions import KEEP_DAYS, SESSIONS_DIR, SessionStore
-from medfed.core import wire
 from medfed.core.errors import MedfedError
 from medfed.core.identity import write_private, write_public
 from medfed.core.key_certs import (
@@ -35,7 +34,7 @@ from medfed.core.key_certs import (
     check_key_cert,
     raw_public_bytes,
 )
-from medfed.core.schema import SecAggReply
+from medfed.core.schema import SecAggReply, SiteInstruction
 from medfed.core.secagg import (
     ProtocolError,
     Roster,
@@ -172,8 +171,7 @@ class SecureSite:
         self,
         run_id: str,
         rnd: int,
-        config: dict[str, Any],
-        blobs: dict[str, bytes],
+        asked: SiteInstruction,
         *,
         global_vec: np.ndarray,
         local_vec: np.ndarray,
@@ -184,14 +182,15 @@ class SecureSite:
         session = run.session
         pinned: dict[str, str] = {}
         if not session.has_roster:  # first round: check the directory, then the roster
-            directory = {
-                s: bytes.fromhex(k)
-                for s, k in json.loads(str(config[wire.SECAGG_DIRECTORY])).items()
-            }
-            if self.federation_cas is not None:  # every key certified by the CA, or none used
-                self._check_certified(
-                    directory, str(config.get(wire.SECAGG_CERTIFICATES, "")), run_id
+            if not asked.directory or not asked.roster:
+                raise ProtocolError(
+                    f"round {rnd} of run {run_id} is this site's first and came without the "
+                    "run's secure-aggregation directory and roster",
+                    where=f"site {self.site!r}",
                 )
+            directory = {s: bytes.fromhex(k) for s, k in asked.directory.items()}
+            if self.federation_cas is not None:  # every key certified by the CA, or none used
+                self._check_certified(directory, asked.certificates, run_id)
                 held = self.pins.load()
                 new = sorted(
                     s
@@ -201,7 +200,7 @@ class SecureSite:
             else:
                 new = self.pins.check(directory, own=self.site)  # a changed key fails here
             session.pin_directory(directory)
-            session.accept_roster(Roster.from_bytes(blobs[wire.SECAGG_ROSTER]))
+            session.accept_roster(Roster.from_bytes(asked.roster))
             self.pins.add(directory, new, run_id=run_id)
             pinned = {s: fingerprint(directory[s]) for s in new}
         if session.threshold + 1 < self.min_participants:
@@ -229,8 +228,8 @@ class SecureSite:
             rnd,
             delta,
             weight,
-            participants=json.loads(str(config[wire.SECAGG_PARTICIPANTS])),
-            deadline=float(config[wire.SECAGG_DEADLINE]),
+            participants=list(asked.participants),
+            deadline=_deadline(asked, rnd, run_id),
         )
         run.masked[rnd] = digest
         self.store.save(run_id, run.state())  # recorded before the update leaves the site
@@ -240,12 +239,10 @@ class SecureSite:
             entry["peers_certified" if self.federation_cas else "peers_pinned"] = pinned
         return header, vector, entry
 
-    def _check_certified(self, directory: dict[str, bytes], certificates: str, run_id: str) -> None:
+    def _check_certified(
+        self, directory: dict[str, bytes], pems: dict[str, str], run_id: str
+    ) -> None:
         """Raise unless each key in ``directory`` is its site's, as the federation CA says."""
-        try:
-            pems = dict(json.loads(certificates or "{}"))
-        except (ValueError, TypeError):
-            pems = {}
         cas = self.federation_cas() if self.federation_cas else []
         where = f"site {self.site!r}, run {run_id}"
         for site, relayed in sorted(directory.items()):
@@ -299,3 +296,9 @@ class SecureSite:
             )
         reveal = run.session.reveal(request)
         return reveal.to_bytes(), run.session.audit_entry(request.server_round)
+
+
+def _deadline(asked: SiteInstruction, rnd: int, run_id: str) -> float:
+    if asked.deadline is None:
+        raise ProtocolError(f"round {rnd} of run {run_id}'s train message has no deadline")
+    return asked.deadline

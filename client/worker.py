@@ -40,7 +40,7 @@ from medfed.core.errors import MedfedError
 from medfed.core.identity import load_certificates
 from medfed.core.packing import WEIGHTS_KEY, Layout, shared_state, unpack
 from medfed.core.run_proof import RunProofError, verify_run
-from medfed.core.schema import SecAggReply, SiteReply, SiteRequest
+from medfed.core.schema import SecAggReply, SiteInstruction, SiteReply, SiteRequest
 from medfed.data import take_healed
 from medfed.tasks import SiteData, Task, engine, get_task
 from medfed.tasks.adaptation import local_keys
@@ -171,7 +171,6 @@ class SiteWorker:
         op = asked.op
         if op == "ping":
             return self._result({})
-        config = asked.config
         blobs = {
             k[len(wire.BYTES_PREFIX) :]: v.tobytes()
             for k, v in request.arrays.items()
@@ -179,8 +178,12 @@ class SiteWorker:
         }
         arrays = {k: v for k, v in request.arrays.items() if not k.startswith(wire.BYTES_PREFIX)}
         run_id = asked.run_id
+        try:  # the one reading of what the server asked: every key typed and checked
+            instruction = SiteInstruction.read(asked.config, blobs)
+        except ValueError as exc:
+            return self._refuse(run_id, "request", str(exc), status="failed")
         try:
-            run = RunConfig.from_json(str(config.get(wire.RUN_CONFIG_KEY, "")))
+            run = RunConfig.from_json(instruction.run)
         except MedfedError as exc:
             return self._refuse(run_id, "run-config", str(exc), status="failed")
         # The server's id of this attempt keys the secure-aggregation session (a resumed
@@ -190,14 +193,14 @@ class SiteWorker:
         run_id = run.resume_of or run_id
         if self.verify_identities:
             try:
-                self._check_signed(config, session)
+                self._check_signed(instruction, session)
             except (RunProofError, MedfedError) as exc:  # (MedfedError: no pinned CA to
                 # check with) never trains, joins or spends for it
                 return self._refuse(
                     run_id,
                     "run.signature",
                     str(exc),
-                    rnd=int(config.get(wire.SERVER_ROUND_KEY, 0) or 0),
+                    rnd=instruction.server_round,
                 )
         decision = decide(self.config.policy, run)
         if not decision.allowed:
@@ -205,15 +208,15 @@ class SiteWorker:
                 run_id,
                 decision.rule,
                 decision.reason,
-                rnd=int(config.get(wire.SERVER_ROUND_KEY, 0) or 0),
+                rnd=instruction.server_round,
             )
         try:
             if op == "train":
-                return self._train(run, run_id, session, config, blobs, arrays)
+                return self._train(run, run_id, session, instruction, arrays)
             if op == "evaluate":
-                return self._evaluate(run, run_id, session, config, arrays)
+                return self._evaluate(run, run_id, session, instruction, arrays)
             if op == "query":
-                return self._query(run, run_id, session, config, blobs)
+                return self._query(run, run_id, session, instruction)
             return self._refuse(run_id, "op", f"unknown operation {op!r}", status="failed")
         except Exception as exc:  # reply with the reason; never crash the daemon
             log.error("%s failed: %s\n%s", op, exc, traceback.format_exc())
@@ -225,17 +228,11 @@ class SiteWorker:
         """The CA certificates this site pinned (read each time: a rotation replaces them)."""
         return load_certificates(resolve(self.config_path, self.config.site.federation_ca))
 
-    def _check_signed(self, config: dict[str, Any], session: str) -> None:
+    def _check_signed(self, asked: SiteInstruction, session: str) -> None:
         """Refuse (RunProofError) a run unsigned, signed by a revoked coordinator, or replayed."""
         cas = self._federation_cas()
-        verified = verify_run(
-            str(config.get(wire.RUN_CONFIG_KEY, "")),
-            str(config.get(wire.RUN_PROOF_KEY, "") or ""),
-            cas,
-        )
-        if verified.serial in self.revocations.revoked(
-            str(config.get(wire.REVOCATIONS_KEY, "") or ""), cas
-        ):
+        verified = verify_run(asked.run, asked.proof, cas)
+        if verified.serial in self.revocations.revoked(asked.revocations, cas):
             raise RunProofError(
                 f"coordinator {verified.coordinator!r} was revoked by the "
                 "federation (its certificate is on the CA's revocation list)"
@@ -289,28 +286,26 @@ class SiteWorker:
         run: RunConfig,
         run_id: object,
         session: str,
-        config: dict,
-        blobs: dict[str, bytes],
+        asked: SiteInstruction,
         arrays: dict,
     ) -> wire.Frame:
         task = get_task(run.task)
         data = self.data_for(task)
         model = self._load_global(task, run, run_id, arrays)
-        rnd = int(config.get(wire.SERVER_ROUND_KEY, 0))
+        rnd = asked.server_round
         if (
             arrays.get(WEIGHTS_KEY) is not None
             and (
                 replay := self.released.matching(
-                    str(run_id), run, rnd, arrays[WEIGHTS_KEY], participants_of(config)
+                    str(run_id), run, rnd, arrays[WEIGHTS_KEY], participants_of(asked)
                 )
             )
             is not None
         ):
-            return self._resend(run, run_id, session, rnd, config, blobs, arrays, replay)
+            return self._resend(run, run_id, session, rnd, asked, arrays, replay)
         epochs, batch_size, lr = _round_shape(run, task)
         try:  # every option the strategy sent, checked before any epsilon is reserved
-            mu = float(config.get(wire.PROXIMAL_MU_KEY, 0.0))
-            options = RoundOptions(epochs, batch_size, lr, proximal_mu=mu)
+            options = RoundOptions(epochs, batch_size, lr, proximal_mu=asked.proximal_mu)
         except ValueError as exc:
             return self._refuse(run_id, "strategy.proximal_mu", str(exc), rnd=rnd)
         try:
@@ -345,8 +340,7 @@ class SiteWorker:
                 str(run_id),
                 session,
                 rnd,
-                config,
-                blobs,
+                asked,
                 arrays[WEIGHTS_KEY],
                 metrics,
                 trained=engine.get_weights(model),
@@ -380,8 +374,7 @@ class SiteWorker:
         run_id: object,
         session: str,
         rnd: int,
-        config: dict,
-        blobs: dict[str, bytes],
+        asked: SiteInstruction,
         arrays: dict,
         replay: Released,
     ) -> wire.Frame:
@@ -396,8 +389,7 @@ class SiteWorker:
                 str(run_id),
                 session,
                 rnd,
-                config,
-                blobs,
+                asked,
                 arrays[WEIGHTS_KEY],
                 {},
                 replay=replay,
@@ -412,18 +404,18 @@ class SiteWorker:
         return self._result(out.metrics, out.arrays)
 
     def _query(
-        self, run: RunConfig, run_id: object, session: str, config: dict, blobs: dict[str, bytes]
+        self, run: RunConfig, run_id: object, session: str, asked: SiteInstruction
     ) -> wire.Frame:
         """Secure-aggregation set-up (join) and unmasking (reveal) for a run."""
         if run.secure_aggregation == "off":
             return self._refuse(
                 run_id, "query", "the run has secure aggregation off", status="failed"
             )
-        if wire.SECAGG_JOIN in config:
+        if asked.join:
             forecast = self._preflight(run, run_id)
             if isinstance(forecast, wire.Frame):
                 return forecast  # refused
-            out = self.secure.join(session, str(config[wire.SECAGG_JOIN]))
+            out = self.secure.join(session, asked.join)
             metrics: dict[str, float] = {}
             if forecast is not None and forecast.last_round < run.rounds:
                 # the site will refuse the rest; say so now (the last round it covers)
@@ -434,13 +426,11 @@ class SiteWorker:
                 "secure-aggregation-joined", run_id=run_id, mode=run.secure_aggregation, **metrics
             )
             return self._result(metrics, _secagg_arrays(out))
-        if wire.RUN_ENDED in config:  # ended before its last round: nothing more comes
-            self._end_run(
-                run, run_id, session, reason=f"run {config[wire.RUN_ENDED]} at the server"
-            )
+        if asked.run_ended:  # ended before its last round: nothing more comes
+            self._end_run(run, run_id, session, reason=f"run {asked.run_ended} at the server")
             return self._result({})
-        if wire.SECAGG_UNMASK in blobs:
-            reveal, entry = self.secure.reveal(session, blobs[wire.SECAGG_UNMASK])
+        if asked.unmask:
+            reveal, entry = self.secure.reveal(session, asked.unmask)
             self.audit.record("reveal-sent", run_id=run_id, secure_aggregation=entry)
             return self._result({}, _secagg_arrays(SecAggReply(reveal=reveal)))
         return self._refuse(run_id, "query", "unknown query", status="failed")
@@ -470,14 +460,14 @@ class SiteWorker:
             return self._refuse(run_id, refusal.rule, refusal.reason)
 
     def _evaluate(
-        self, run: RunConfig, run_id: object, session: str, config: dict, arrays: dict
+        self, run: RunConfig, run_id: object, session: str, asked: SiteInstruction, arrays: dict
     ) -> wire.Frame:
         task = get_task(run.task)
         data = self.data_for(task)
         model = self._load_global(task, run, run_id, arrays)
         metrics = engine.evaluate(task, model, data.val, device=self.device)
         self.audit.record("metrics-sent", run_id=run_id, task=run.task, metrics=metrics)
-        last_round = int(config.get(wire.SERVER_ROUND_KEY, 0)) >= run.rounds
+        last_round = asked.server_round >= run.rounds
         if last_round:
             self._end_run(run, run_id, session, reason="run ended")
         return self._result(metrics)

@@ -37,6 +37,7 @@ from medfed.core.run_summary import (
     SiteRefusal,
 )
 from medfed.core.runs import RunFolder
+from medfed.core.schema import SiteInstruction
 from medfed.core.secagg import SecAggConfig
 from medfed.core.warm_start import load_start_weights
 from medfed.server.federation import secagg_certificates
@@ -96,16 +97,15 @@ def _secagg_certificates() -> dict[bytes, str]:
     return secagg_certificates(Path(sites_file)) if sites_file else {}
 
 
-def signed_run_entries(context: Context, run: RunConfig) -> dict[str, str]:
+def signed_run_entries(context: Context, run: RunConfig) -> dict[str, Any]:
     """What sites check a run by: its JSON, its signature, the CA's revoked coordinators.
 
     The JSON is passed on as received, never re-serialized: the signature covers its bytes.
     """
-    entries = {
-        wire.RUN_CONFIG_KEY: str(context.run_config.get(wire.RUN_CONFIG_KEY) or run.to_json())
-    }
-    if proof := context.run_config.get(wire.RUN_PROOF_KEY):
-        entries[wire.RUN_PROOF_KEY] = str(proof)
+    entries = SiteInstruction(
+        run=str(context.run_config.get(wire.RUN_CONFIG_KEY) or run.to_json()),
+        proof=str(context.run_config.get(wire.RUN_PROOF_KEY) or ""),
+    ).entries()
     pass_on_revocations(entries)
     return entries
 
@@ -120,7 +120,7 @@ def pass_on_revocations(*holders: MutableMapping[str, Any]) -> None:
     if crl.is_file():
         text = crl.read_text(encoding="ascii")
         for holder in holders:
-            holder[wire.REVOCATIONS_KEY] = text
+            holder.update(SiteInstruction(revocations=text).entries())
 
 
 def run_in_folder(
@@ -239,7 +239,8 @@ def run_in_folder(
 
         def end_of_round(server_round: int, arrays: ArrayRecord, so_far: Result) -> None:
             vector = npy_view(arrays[WEIGHTS_KEY].data)
-            path = folder.save_checkpoint(server_round, unpack(vector, layout))
+            # views of the global vector: the checkpoint is written without a model copy
+            path = folder.save_checkpoint(server_round, unpack(vector, layout, copy=False))
             store.save(
                 server_round,
                 base,
@@ -400,7 +401,9 @@ def _end_refused(
     folder: RunFolder, exc: SitesRefused, run: RunConfig, run_id: str, *, seconds: float
 ) -> None:
     """Close a run the sites' refusals stopped: the rounds done, and each site's rule."""
-    done = sorted(e["round"] for e in folder.read_events() if e["event"] == "round-finished")
+    done = sorted(
+        e.round for e in folder.read_events() if e.is_("round-finished") and e.round is not None
+    )
     folder.event(
         "run-refused",
         round=exc.round,

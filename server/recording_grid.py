@@ -15,6 +15,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from medfed.core import wire
+from medfed.core.run_summary import RunEvent
 from medfed.core.runs import RunFolder
 from medfed.server.refusals import RefusalPolicy
 from medfed.server.site_replies import SiteAnswer
@@ -49,12 +50,12 @@ class RecordingGrid:
         self._refusals = refusals if refusals is not None else RefusalPolicy()
         self.pull_batch = 1 << 30  # replies pulled at once (see expect_replies_of)
 
-    def restore_timings(self, events: Iterable[dict[str, Any]]) -> None:
+    def restore_timings(self, events: Iterable[RunEvent]) -> None:
         """Take over the round times and sites of a resumed run's earlier attempts."""
         for event in events:
-            if event["event"] == "round-finished" and "seconds" in event:
-                self.round_seconds[int(event["round"])] = float(event["seconds"])
-            elif event["event"] == "site-replied" and "site" in event:
+            if event.is_("round-finished") and event.round is not None and "seconds" in event:
+                self.round_seconds[event.round] = float(event["seconds"])
+            elif event.is_("site-replied") and "site" in event:
                 self.sites_seen.add(str(event["site"]))
 
     def __getattr__(self, name: str) -> Any:

@@ -63,7 +63,9 @@ def end_unresumable(
     folder: RunFolder, reason: str, *, status: Literal["failed", "stopped"] = "failed"
 ) -> None:
     """Close a run that will not go on: a summary and an event with the reason."""
-    done = sorted({int(e["round"]) for e in folder.read_events() if e["event"] == "round-finished"})
+    done = sorted(
+        {e.round for e in folder.read_events() if e.is_("round-finished") and e.round is not None}
+    )
     folder.event("run-stopped" if status == "stopped" else "run-failed", reason=reason)
     folder.write_summary(
         RunSummary(

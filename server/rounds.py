@@ -12,6 +12,7 @@ supports it (:class:`medfed.server.recording_grid.RecordingGrid`).
 from __future__ import annotations
 
 import functools
+import gc
 from collections.abc import Callable
 
 from flwr.app import ArrayRecord, ConfigRecord
@@ -56,6 +57,11 @@ def run_rounds(
         new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
         if new_arrays is not None:
             result.arrays = arrays = new_arrays
+        # Flower's records hold themselves in reference cycles (their synced dicts call
+        # back bound methods): the round's messages, and the model they carry, are freed
+        # by the cyclic collector only. Collect now, so the last global model goes here.
+        del replies, new_arrays
+        gc.collect()
         if train_metrics is not None:
             result.train_metrics_clientapp[rnd] = train_metrics
         replies = grid.send_and_receive(

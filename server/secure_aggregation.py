@@ -37,7 +37,7 @@ from medfed.core import wire
 from medfed.core.errors import MedfedError
 from medfed.core.packing import WEIGHTS_KEY
 from medfed.core.runs import RunFolder
-from medfed.core.schema import SiteError
+from medfed.core.schema import SiteError, SiteInstruction
 from medfed.core.secagg import (
     Aggregator,
     KeyAdvert,
@@ -71,7 +71,7 @@ class SecureAggregation(WrappedStrategy):
         config: SecAggConfig,
         size: int,
         round_timeout: float,
-        run_entries: dict[str, str],
+        run_entries: dict[str, Any],
         refusals: RefusalPolicy,
         certificates: dict[bytes, str] | None = None,
     ) -> None:
@@ -179,7 +179,10 @@ class SecureAggregation(WrappedStrategy):
         ``JOIN_RETRY_S``, so that a run does not start, or resume, without it.
         """
         join = ConfigRecord(
-            {**self.run_entries, wire.SECAGG_JOIN: json.dumps(self.config.to_dict())}
+            {
+                **self.run_entries,
+                **SiteInstruction(join=json.dumps(self.config.to_dict())).entries(),
+            }
         )
         end = time.monotonic() + min(JOIN_RETRY_S, self.round_timeout)
         answered: set[int] = set()
@@ -223,13 +226,15 @@ class SecureAggregation(WrappedStrategy):
         participants = sorted(self.site_of[m.metadata.dst_node_id] for m in messages)
         self._end_if_budgets_run_out(server_round, participants)
         deadline = time.time() + self.round_timeout * (1 - DEADLINE_MARGIN)
+        entries = SiteInstruction(
+            roster=self.roster_bytes,
+            directory=self.directory,
+            certificates=self.certified,
+            participants=tuple(participants),
+            deadline=deadline,
+        ).entries()
         for message in messages:
-            cfg = message.content[wire.CONFIG_KEY]
-            cfg[wire.SECAGG_ROSTER] = self.roster_bytes
-            cfg[wire.SECAGG_DIRECTORY] = json.dumps(self.directory)
-            cfg[wire.SECAGG_CERTIFICATES] = json.dumps(self.certified)
-            cfg[wire.SECAGG_PARTICIPANTS] = json.dumps(participants)
-            cfg[wire.SECAGG_DEADLINE] = deadline
+            message.content[wire.CONFIG_KEY].update(entries)
         self.aggregator.begin_round(server_round, participants=participants)
         self._metrics = []
         return messages
@@ -343,8 +348,9 @@ class SecureAggregation(WrappedStrategy):
                         wire.CONFIG_KEY: ConfigRecord(
                             {
                                 **self.run_entries,
-                                wire.SECAGG_UNMASK: request.to_bytes(),
-                                wire.SERVER_ROUND_KEY: server_round,
+                                **SiteInstruction(
+                                    unmask=request.to_bytes(), server_round=server_round
+                                ).entries(),
                             }
                         )
                     }
@@ -374,7 +380,7 @@ class SecureAggregation(WrappedStrategy):
         """
         if not self.site_of:
             return
-        config = ConfigRecord({**self.run_entries, wire.RUN_ENDED: status})
+        config = ConfigRecord({**self.run_entries, **SiteInstruction(run_ended=status).entries()})
         try:
             self.grid.send_and_receive(
                 [

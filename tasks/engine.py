@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from medfed.core.schema import WEIGHT_KEY
 from medfed.tasks.base import Task
 
 
@@ -125,4 +126,4 @@ def evaluate(
         targets.append(y)
     n = len(data)  # type: ignore[arg-type]
     metrics = task.compute_metrics(torch.cat(logits), torch.cat(targets))
-    return {"loss": total / max(n, 1), **metrics, "num-examples": float(n)}
+    return {"loss": total / max(n, 1), **metrics, WEIGHT_KEY: float(n)}

@@ -12,6 +12,7 @@ import numpy as np
 
 from medfed.client.secure_site import SecureSite
 from medfed.core import wire
+from medfed.core.schema import SiteInstruction
 from medfed.core.secagg import (
     Aggregator,
     KeyAdvert,
@@ -91,7 +92,12 @@ def mask(
     """One site masks ``x`` (local - global with a zero global model) for round ``rnd``."""
     config, blobs = train_message(fed, participants)
     header, vector, _ = fed.sites[site].mask(
-        run_id, rnd, config, blobs, global_vec=np.zeros_like(x), local_vec=x, weight=w
+        run_id,
+        rnd,
+        SiteInstruction.read(config, blobs),
+        global_vec=np.zeros_like(x),
+        local_vec=x,
+        weight=w,
     )
     return MaskedUpdate.from_parts(header, vector.copy())
 

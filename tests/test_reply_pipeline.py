@@ -20,6 +20,7 @@ from medfed.core.packing import npy_bytes
 from medfed.core.schema import SiteReply
 from medfed.local.sim_sites import synthetic_sites
 from medfed.local.simulation import NODE_ID_BASE, SimulationGrid, SitePool
+from medfed.local.site_processes import DEPTH
 
 
 @pytest.fixture(autouse=True)
@@ -72,30 +73,35 @@ class _Processes:
     def __init__(self, workers: int, log: list[tuple[str, int]]) -> None:
         self.workers = workers
         self.log = log
-        self.outstanding: dict[int, int] = {}  # lane -> site index whose reply is not collected
+        self.outstanding: dict[int, list[int]] = {}  # lane -> sites posted, not collected
 
     def lane_of(self, index: int) -> int:
         return index % self.workers
 
+    def can_post(self, index: int) -> bool:
+        return len(self.outstanding.get(self.lane_of(index), [])) < DEPTH
+
     def post(self, index: int, request: wire.Frame) -> int:
-        lane = self.lane_of(index)
-        assert lane not in self.outstanding, "a process got a second request before its reply"
-        self.outstanding[lane] = index
+        held = self.outstanding.setdefault(self.lane_of(index), [])
+        assert len(held) < DEPTH, "a process got more requests than it holds"
+        held.append(index)
         self.log.append(("post", index))
         return index
 
     def collect(self, index: int) -> wire.Frame:
-        del self.outstanding[self.lane_of(index)]
+        held = self.outstanding[self.lane_of(index)]
+        assert held[0] == index, "a process's replies are collected in the order posted"
+        held.pop(0)
         self.log.append(("collect", index))
         reply = SiteReply.result(f"site-{index + 1}", {"num-examples": 1})
         return wire.Frame(reply.header(), {"w": np.full(4, index, np.float32)})
 
 
 def test_the_server_takes_replies_in_push_order_and_holds_one_at_a_time(tmp_path: Path) -> None:
-    sites = SitePool(tmp_path, synthetic_sites(6), keep_warm=0)
+    sites = SitePool(tmp_path, synthetic_sites(10), keep_warm=0)
     log: list[tuple[str, int]] = []
     grid = SimulationGrid(sites, run_id=1, processes=_Processes(2, log))  # type: ignore[arg-type]
-    order = [0, 2, 1, 4, 3, 5]  # site 2 waits for site 0's process, site 4 for site 2's
+    order = [0, 2, 4, 6, 8, 1, 3, 5, 7, 9]  # five sites of process 0, then five of process 1
     content = RecordDict(
         {
             "arrays": ArrayRecord({"w": Array(np.zeros(4, np.float32))}),
@@ -114,7 +120,10 @@ def test_the_server_takes_replies_in_push_order_and_holds_one_at_a_time(tmp_path
         assert [i for kind, i in log if kind == "post" and i % 2 == lane] == [
             i for i in order if i % 2 == lane
         ]
-    # Both processes worked at once: site 1 (process 1) was posted before site 0's reply
-    # was taken.
-    assert log.index(("post", 1)) < log.index(("collect", 0))
+    # Both processes worked at once, each on up to DEPTH messages: process 1 had its
+    # first sites before site 0's reply was taken, process 0 never more than DEPTH.
+    first_collect = log.index(("collect", 0))
+    assert [e for e in log[:first_collect] if e[0] == "post"] == [
+        ("post", i) for i in (0, 2, 4, 1, 3, 5)
+    ]
     grid.close()

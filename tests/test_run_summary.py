@@ -103,3 +103,23 @@ def test_every_event_kind_the_code_writes_is_declared() -> None:
             written |= set(re.findall(r"\.event\(\s*\"([a-z-]+)\"", path.read_text()))
     assert len(written) >= 15, written
     assert written <= EVENT_KINDS, sorted(written - EVENT_KINDS)
+
+
+def test_events_read_back_typed_and_a_line_that_is_not_one_is_skipped(tmp_path: Path) -> None:
+    folder = RunFolder.create(tmp_path, 7, RunConfig(task="tiny-seg"))
+    folder.event("site-error", round=2, site="site-b", status="refused", rule="privacy.budget")
+    with folder.events_file.open("a", encoding="utf-8") as fh:  # an older or damaged line
+        fh.write(json.dumps({"event": "round-done", "round": 3}) + "\n")
+        fh.write(json.dumps({"event": "round-finished", "round": "three"}) + "\n")
+    folder.event("round-finished", round=2, seconds=1.5)
+    events = folder.read_events()
+    assert [(e.event, e.round) for e in events] == [("site-error", 2), ("round-finished", 2)]
+    error = events[0]
+    assert error.is_("site-error") and not error.is_("round-finished")
+    assert error.time[:4].isdigit()
+    assert error["rule"] == "privacy.budget" and error.get("seconds") is None
+    assert "site" in error and "seconds" not in error
+    with pytest.raises(KeyError):
+        error["seconds"]
+    with pytest.raises(ValueError, match="round-done"):
+        error.is_("round-done")  # type: ignore[arg-type]

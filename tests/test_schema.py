@@ -6,10 +6,17 @@ import pytest
 
 from medfed.core.schema import (
     EPSILON_RUN_KEY,
+    PROXIMAL_MU_KEY,
+    RUN_CONFIG_KEY,
+    SECAGG_DEADLINE,
+    SECAGG_DIRECTORY,
     SECAGG_FIELDS,
+    SECAGG_PARTICIPANTS,
+    SERVER_ROUND_KEY,
     PrivacyReport,
     SecAggReply,
     SiteError,
+    SiteInstruction,
 )
 
 
@@ -92,3 +99,48 @@ def test_a_site_reply_reads_back_from_its_header(reply_kind: str) -> None:
     # a worker that said nothing about why still yields an error naming the site
     bare = SiteReply.from_header({"ok": False, "site": "site-b"})
     assert bare.error == SiteError("site-b", "failed", "", "no reason given")
+
+
+@pytest.mark.parametrize(
+    "asked",
+    [
+        SiteInstruction(),
+        SiteInstruction(run='{"task": "x"}', proof="sig", revocations="PEM", server_round=3),
+        SiteInstruction(server_round=2, proximal_mu=0.01),
+        SiteInstruction(join='{"mode": "default"}'),
+        SiteInstruction(unmask=b"\x00\x01req", server_round=4),
+        SiteInstruction(run_ended="refused"),
+        SiteInstruction(
+            roster=b"roster",
+            directory={"site-a": "ab", "site-b": "cd"},
+            certificates={"site-a": "-----BEGIN CERTIFICATE-----"},
+            participants=("site-a", "site-b"),
+            deadline=1_700_000_000.5,
+        ),
+    ],
+)
+def test_a_site_instruction_reads_back_from_its_config_entries(asked: SiteInstruction) -> None:
+    entries = asked.entries()
+    # As a request frame carries them: bytes values beside the header's config values.
+    config = {k: v for k, v in entries.items() if not isinstance(v, bytes)}
+    blobs = {k: v for k, v in entries.items() if isinstance(v, bytes)}
+    assert SiteInstruction.read(config, blobs) == asked
+
+
+@pytest.mark.parametrize(
+    ("config", "names"),
+    [
+        ({SERVER_ROUND_KEY: "3"}, SERVER_ROUND_KEY),
+        ({SERVER_ROUND_KEY: 2.5}, SERVER_ROUND_KEY),
+        ({PROXIMAL_MU_KEY: float("nan")}, PROXIMAL_MU_KEY),
+        ({SECAGG_PARTICIPANTS: '{"site-a": 1}'}, SECAGG_PARTICIPANTS),
+        ({SECAGG_DIRECTORY: "not json"}, SECAGG_DIRECTORY),
+        ({SECAGG_DEADLINE: True}, SECAGG_DEADLINE),
+        ({RUN_CONFIG_KEY: 7}, RUN_CONFIG_KEY),
+    ],
+)
+def test_a_site_instruction_of_the_wrong_type_is_refused_naming_its_key(
+    config: dict, names: str
+) -> None:
+    with pytest.raises(ValueError, match=repr(names)):
+        SiteInstruction.read(config, {})

@@ -24,6 +24,7 @@ from medfed.client.site import init_site
 from medfed.core import wire
 from medfed.core.identity import CertificateAuthority, load_certificates
 from medfed.core.key_certs import SECAGG_USAGE, certificate_pem, check_key_cert, raw_public_bytes
+from medfed.core.schema import SiteInstruction
 from medfed.core.secagg import RosterError, SiteIdentity, fingerprint
 from medfed.server.federation import (
     Federation,
@@ -70,8 +71,7 @@ def _first_round(
     _, _, entry = sites.sites[site].mask(
         RUN,
         1,
-        config,
-        blobs,
+        SiteInstruction.read(config, blobs),
         global_vec=np.zeros(D, np.float32),
         local_vec=np.ones(D, np.float32),
         weight=1.0,

@@ -14,6 +14,7 @@ from medfed.cli import site_cmd
 from medfed.client.peer_pins import PeerPins
 from medfed.client.secure_site import load_identity
 from medfed.core.errors import MedfedError
+from medfed.core.schema import SiteInstruction
 from medfed.core.secagg import RosterError, SiteIdentity, fingerprint
 
 D = 16
@@ -26,7 +27,12 @@ def _x(seed: int) -> np.ndarray:
 def _first_round(fed, site: str, directory: dict[str, bytes] | None = None) -> dict:
     config, blobs = train_message(fed, sorted(fed.sites), directory)
     _, _, entry = fed.sites[site].mask(
-        RUN, 1, config, blobs, global_vec=np.zeros(D, np.float32), local_vec=_x(1), weight=10.0
+        RUN,
+        1,
+        SiteInstruction.read(config, blobs),
+        global_vec=np.zeros(D, np.float32),
+        local_vec=_x(1),
+        weight=10.0,
     )
     return entry
 
@@ -55,7 +61,12 @@ def test_changed_peer_key_is_refused_naming_the_peer(tmp_path: Path) -> None:
     config, blobs = train_message(fed, sorted(fed.sites), directory)
     with pytest.raises(RosterError) as err:
         fed.sites["site-a"].mask(
-            "18", 1, config, blobs, global_vec=np.zeros(D, np.float32), local_vec=_x(2), weight=10.0
+            "18",
+            1,
+            SiteInstruction.read(config, blobs),
+            global_vec=np.zeros(D, np.float32),
+            local_vec=_x(2),
+            weight=10.0,
         )
     text = str(err.value)
     assert "'site-b'" in text and str(pins_file) in text

@@ -9,6 +9,7 @@ import numpy as np
 from medfed.client.ledger import PrivacyLedger
 from medfed.core import wire
 from medfed.core.packing import WEIGHTS_KEY
+from medfed.core.schema import SiteInstruction
 from tests.test_worker_privacy import dp_run, make_worker, train_request
 
 
@@ -69,7 +70,6 @@ def test_the_kept_update_goes_when_the_run_ends(tmp_path: Path) -> None:
 
 
 def test_an_update_is_sent_again_only_to_the_same_participants(tmp_path: Path) -> None:
-    import json
 
     from medfed.client.released import (
         Released,
@@ -96,8 +96,8 @@ def test_an_update_is_sent_again_only_to_the_same_participants(tmp_path: Path) -
             {},
         ),
     )
-    same = participants_of({wire.SECAGG_PARTICIPANTS: json.dumps(["site-b", "site-a"])})
-    other = participants_of({wire.SECAGG_PARTICIPANTS: json.dumps(["site-a", "site-c"])})
+    same = participants_of(SiteInstruction(participants=("site-b", "site-a")))
+    other = participants_of(SiteInstruction(participants=("site-a", "site-c")))
     assert store.matching("7", run, 2, model, same) is not None
     # summed with another site, the same update would let the server subtract two sums
     assert store.matching("7", run, 2, model, other) is None

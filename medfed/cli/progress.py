@@ -9,7 +9,7 @@ from rich.markup import escape
 
 from medfed.core import wire
 
-_SKIP = {"num-examples", "steps"}
+_SKIP = {wire.WEIGHT_KEY, "steps"}
 
 
 def _fmt(metrics: dict[str, Any]) -> str:

@@ -461,7 +461,7 @@ def register(app: typer.Typer) -> None:
         if target.runs_dir is not None:
             folder = RunFolder(target.runs_dir / str(run_id))
             events = folder.read_events()
-            done = [e for e in events if e["event"] == "round-finished"]
+            done = [e for e in events if e.is_("round-finished")]
             console.print(f"  rounds finished: {len(done)}   folder: {folder.path}")
             summary = folder.read_summary()
             if summary:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from medfed.core.errors import ConfigError
 from medfed.core.privacy import RunPrivacy, SitePrivacyPolicy
+from medfed.core.schema import RUN_CONFIG_KEY
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -301,7 +302,7 @@ class RunConfig(_Strict):
             return cls.model_validate(json.loads(text))
         except (ValidationError, json.JSONDecodeError) as exc:
             raise ConfigError(
-                f"The run configuration is invalid: {exc}", where="run config 'medfed-run'"
+                f"The run configuration is invalid: {exc}", where=f"run config {RUN_CONFIG_KEY!r}"
             ) from exc
 
 

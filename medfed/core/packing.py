@@ -54,8 +54,11 @@ def pack(state: Mapping[str, np.ndarray]) -> np.ndarray:
     return np.concatenate([np.asarray(a, dtype=np.float32).ravel() for a in state.values()])
 
 
-def unpack(vector: np.ndarray, layout: Layout) -> dict[str, np.ndarray]:
-    """Split a flat vector back into named arrays with their shapes and dtypes."""
+def unpack(vector: np.ndarray, layout: Layout, *, copy: bool = True) -> dict[str, np.ndarray]:
+    """Split a flat vector back into named arrays with their shapes and dtypes.
+
+    ``copy=False``: views into ``vector`` where the dtype allows (to be read, e.g. saved).
+    """
     vector = np.asarray(vector)
     if vector.ndim != 1 or vector.size != layout.size:
         raise ValueError(
@@ -66,7 +69,7 @@ def unpack(vector: np.ndarray, layout: Layout) -> dict[str, np.ndarray]:
     offset = 0
     for name, shape, dtype in zip(layout.names, layout.shapes, layout.dtypes, strict=True):
         n = int(np.prod(shape, dtype=np.int64))
-        out[name] = vector[offset : offset + n].reshape(shape).astype(np.dtype(dtype), copy=True)
+        out[name] = vector[offset : offset + n].reshape(shape).astype(np.dtype(dtype), copy=copy)
         offset += n
     return out
 

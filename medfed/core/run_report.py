@@ -93,7 +93,7 @@ def render(folder: RunFolder) -> str:
     elif status == "completed":
         finished = rounds
     else:
-        finished = sum(e["event"] == "round-finished" for e in events)
+        finished = sum(e.is_("round-finished") for e in events)
     seconds = summary.seconds if summary is not None else None
     lines += [
         f"- status: **{status}**, {finished} of {rounds} rounds; "
@@ -126,7 +126,7 @@ def render(folder: RunFolder) -> str:
             mean = sum(row[s].get(metric, 0.0) for s in sites) / len(sites)
             lines += _table(
                 ["site", metric, "examples"],
-                [[s, row[s].get(metric), row[s].get("num-examples")] for s in sites]
+                [[s, row[s].get(metric), row[s].get(wire.WEIGHT_KEY)] for s in sites]
                 + [["mean", mean, ""]],
             )
 
@@ -159,7 +159,7 @@ def render(folder: RunFolder) -> str:
     fitted = {
         e["site"]: e["metrics"][wire.FITTED_NOISE_KEY]
         for e in events
-        if e["event"] == "site-replied"
+        if e.is_("site-replied")
         and e.get("phase") == "query"
         and wire.FITTED_NOISE_KEY in e.get("metrics", {})
     }
@@ -175,8 +175,8 @@ def render(folder: RunFolder) -> str:
         ]
 
     glob = {m["round"]: m for m in metrics if m["site"] == "global" and m["phase"] == "evaluate"}
-    finished_ev = {e["round"]: e for e in events if e["event"] == "round-finished"}
-    secagg = {e["round"]: e for e in events if e["event"] == "secure-aggregation"}
+    finished_ev = {e.round: e for e in events if e.is_("round-finished")}
+    secagg = {e.round: e for e in events if e.is_("secure-aggregation")}
     if finished_ev:
         lines += ["", "## Rounds", ""]
         rows = []
@@ -190,14 +190,14 @@ def render(folder: RunFolder) -> str:
         lines += _table(["round", f"global {metric}", "seconds", "sites trained", "note"], rows)
 
     lines += _missed_rounds(events, by_round, sorted(finished_ev))
-    trouble = [e for e in events if e["event"] == "site-error"]
+    trouble = [e for e in events if e.is_("site-error")]
     if trouble:
         lines += ["", "## Refusals and failures", ""]
         lines += _table(
             ["round", "phase", "site", "status", "rule", "reason"],
             [
                 [
-                    e.get("round"),
+                    e.round,
                     e.get("phase"),
                     e.get("site"),
                     e.get("status"),
@@ -207,7 +207,7 @@ def render(folder: RunFolder) -> str:
                 for e in trouble
             ],
         )
-    warnings = [e["reason"] for e in events if e["event"] == "warning"]
+    warnings = [e["reason"] for e in events if e.is_("warning")]
     if warnings:
         lines += ["", "## Warnings", "", *(f"- {w}" for w in warnings)]
     model = summary.final_checkpoint if summary is not None else None
@@ -228,16 +228,12 @@ def _missed_rounds(
 ) -> list[str]:
     """Every finished round each site took no part in, with its reason when it gave one."""
     sites = sorted(
-        {
-            e["site"]
-            for e in events
-            if e["event"] in ("site-replied", "site-error") and e.get("site")
-        }
+        {e["site"] for e in events if e.event in ("site-replied", "site-error") and e.get("site")}
     )
     why = {
-        (e.get("round"), e.get("site")): e
+        (e.round, e.get("site")): e
         for e in events
-        if e["event"] == "site-error" and e.get("phase") == "train"
+        if e.is_("site-error") and e.get("phase") == "train"
     }
     rows = []
     for site in sites:

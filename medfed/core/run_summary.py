@@ -6,15 +6,20 @@ report and the benchmarks. :class:`RunSummary` is that file's one schema: a writ
 cannot add a key a reader does not know, and a reader gets attributes, not guesses.
 
 ``events.jsonl`` holds progress events; :data:`EventKind` lists every kind a run
-writes (:meth:`medfed.core.runs.RunFolder.event` refuses another).
+writes (:meth:`medfed.core.runs.RunFolder.event` refuses another), and
+:class:`RunEvent` is how a line is read back: its kind, time and round typed, the
+fields its kind carries beside them.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Literal, get_args
+import logging
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+log = logging.getLogger("medfed.runs")
 
 #: How a run ended: it trained every round, the sites' refusals ended it, it broke,
 #: or the coordinator (or a Ctrl-C of a simulation) stopped it.
@@ -45,6 +50,51 @@ EventKind = Literal[
     "run-interrupted",  # the ServerApp was stopped; a restarted server resumes it
 ]
 EVENT_KINDS: frozenset[str] = frozenset(get_args(EventKind))
+
+
+class RunEvent(BaseModel):
+    """One line of events.jsonl: its kind, when, the round; the fields its kind carries.
+
+    The fields beyond ``event``, ``time`` and ``round`` depend on the kind (a
+    site-error's ``site``, ``status``, ``rule`` and ``reason``; a secure-aggregation
+    event's ``survivors``); :meth:`get` and ``event["name"]`` read them by name.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    event: EventKind
+    time: str = ""
+    round: int | None = None
+
+    @classmethod
+    def parse(cls, line: dict[str, Any]) -> RunEvent | None:
+        """The event of one decoded line; None for a line that is not one (logged)."""
+        try:
+            return cls.model_validate(line)
+        except ValidationError as exc:
+            log.warning("an events.jsonl line that is not a run event is skipped: %s", exc)
+            return None
+
+    def is_(self, kind: EventKind) -> bool:
+        """Whether this event is of ``kind`` (a kind that is not declared is a bug)."""
+        if kind not in EVENT_KINDS:
+            raise ValueError(f"unknown run event kind {kind!r}")
+        return self.event == kind
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """Field ``name`` (common or of this kind), else ``default``."""
+        return self[name] if name in self else default
+
+    def __getitem__(self, name: str) -> Any:
+        if name in type(self).model_fields and name in self.model_fields_set | {"event"}:
+            return getattr(self, name)
+        extra = self.model_extra or {}
+        if name in extra:
+            return extra[name]
+        raise KeyError(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.model_fields_set or name in (self.model_extra or {})
 
 
 class _Part(BaseModel):

@@ -34,7 +34,7 @@ import numpy as np
 from medfed.core.config import RunConfig
 from medfed.core.errors import MedfedError
 from medfed.core.files import atomic_savez, atomic_write
-from medfed.core.run_summary import EVENT_KINDS, EventKind, RunSummary
+from medfed.core.run_summary import EVENT_KINDS, EventKind, RunEvent, RunSummary
 
 
 def now_iso() -> str:
@@ -130,21 +130,15 @@ class RunFolder:
     def resumptions(self) -> list[dict[str, Any]]:
         """Every time the run was resumed: the round it went on from, and when."""
         return [
-            {
-                "round": e.get("round"),
-                "flower_run_id": e.get("flower_run_id"),
-                "time": e.get("time"),
-            }
+            {"round": e.round, "flower_run_id": e.get("flower_run_id"), "time": e.time}
             for e in self.read_events()
-            if e["event"] == "run-resumed"
+            if e.is_("run-resumed")
         ]
 
     def attempt_ids(self) -> list[str]:
         """The server's run ids of this run: the first, then each resumption's."""
         return [self.path.name] + [
-            str(e["flower_run_id"])
-            for e in self.read_events()
-            if e["event"] == "run-resume-submitted"
+            str(e["flower_run_id"]) for e in self.read_events() if e.is_("run-resume-submitted")
         ]
 
     @property
@@ -231,9 +225,9 @@ class RunFolder:
         text = self.summary_file.read_text(encoding="utf-8")
         return RunSummary.from_json(text, where=str(self.summary_file))
 
-    def read_events(self) -> list[dict[str, Any]]:
-        """All events so far."""
-        return read_jsonl(self.events_file)
+    def read_events(self) -> list[RunEvent]:
+        """All events so far, typed (a line that is not an event is skipped)."""
+        return [e for e in map(RunEvent.parse, read_jsonl(self.events_file)) if e is not None]
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """All metrics lines so far."""

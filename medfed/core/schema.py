@@ -19,6 +19,36 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+# ---- keys of Flower messages (one schema, written by the server, read by the site)
+RUN_CONFIG_KEY = "medfed-run"  # ConfigRecord value: RunConfig as JSON
+RUN_PROOF_KEY = "medfed-run-proof"  # the coordinator's signature on it (core/run_proof.py)
+REVOCATIONS_KEY = "medfed-revoked-coordinators"  # the CA's CRL of coordinator certificates
+PROXIMAL_MU_KEY = "proximal-mu"  # set by Flower's FedProx.configure_train
+SERVER_ROUND_KEY = "server-round"  # set by every Flower strategy
+ARRAYS_KEY = "arrays"  # Flower strategies' default ArrayRecord key
+CONFIG_KEY = "config"  # Flower strategies' default ConfigRecord key
+METRICS_KEY = "metrics"
+SITE_RECORD_KEY = "medfed-site"  # reply ConfigRecord: {"name": site, ...}
+WEIGHT_KEY = "num-examples"  # Flower strategies' default weighting key
+#: A join reply's metric: the last round of the run the site's privacy budget covers (counted
+#: from the run's first round, so also after a resume), when it ends before the run does
+BUDGET_ROUNDS_KEY = "budget-rounds"
+#: A join reply's metric: the noise multiplier a site raised to fit its remaining budget
+FITTED_NOISE_KEY = "fitted-noise"
+
+# ---- secure aggregation (medfed.core.secagg) on Flower messages
+SECAGG_JOIN = "secagg-join"  # query config: the run's SecAggConfig as JSON
+SECAGG_UNMASK = "secagg-unmask"  # query config: UnmaskRequest bytes
+#: query config: the run ended before its last round (its status): the sites that joined
+#: forget its secure-aggregation keys and release what they held of their budgets
+RUN_ENDED = "run-ended"
+SECAGG_ROSTER = "secagg-roster"  # train config: Roster bytes
+SECAGG_DIRECTORY = "secagg-directory"  # train config: JSON {site: identity key hex}
+SECAGG_CERTIFICATES = "secagg-certificates"  # {site: PEM}: the CA vouches for each key
+SECAGG_PARTICIPANTS = "secagg-participants"  # train config: JSON list of site ids
+SECAGG_DEADLINE = "secagg-deadline"  # train config: epoch seconds; no update after it
+SECAGG_RECORD_KEY = "medfed-secagg"  # reply ConfigRecord: advert/identity/update/reveal bytes
+
 #: The fields of a reply's secure-aggregation record (``wire.SECAGG_RECORD_KEY``).
 SECAGG_FIELDS = ("advert", "identity", "update", "reveal")
 
@@ -214,3 +244,130 @@ class SiteReply:
             str(header.get("reason", "no reason given")),
             status=status,
         )
+
+
+@dataclass(frozen=True)
+class SiteInstruction:
+    """What the server asks of a site in one train, evaluate or query message, typed.
+
+    Written on the server side with :meth:`entries` (the ServerApp, its secure
+    aggregation; Flower's strategies add the round and FedProx's ``proximal_mu``),
+    read once at the site with :meth:`read`, the only readers of these keys.
+    A value of the wrong type is refused naming its key.
+    """
+
+    run: str = ""  # the run's configuration (RunConfig JSON) as the coordinator signed it
+    proof: str = ""  # the coordinator's signature on ``run`` (core/run_proof.py)
+    revocations: str = ""  # the CA's revocation list of coordinator certificates (PEM)
+    server_round: int = 0
+    proximal_mu: float = 0.0
+    join: str = ""  # query: join the run's secure aggregation (its SecAggConfig, JSON)
+    unmask: bytes = b""  # query: an unmasking request (UnmaskRequest bytes)
+    run_ended: str = ""  # query: the run ended before its last round (its status)
+    roster: bytes = b""  # train, first round: the run's secure-aggregation roster
+    directory: dict[str, str] = field(default_factory=dict)  # site -> identity key (hex)
+    certificates: dict[str, str] = field(default_factory=dict)  # site -> the CA's PEM
+    participants: tuple[str, ...] = ()  # train: the round's secure-aggregation sites
+    deadline: float | None = None  # train: epoch seconds; no masked update after it
+
+    def entries(self) -> dict[str, str | int | float | bytes]:
+        """The ConfigRecord entries of the fields set (a default is left out)."""
+        out: dict[str, str | int | float | bytes] = {}
+        for name, key, encode in _INSTRUCTION_KEYS:
+            value = getattr(self, name)
+            if value != _INSTRUCTION_DEFAULTS[name]:
+                out[key] = encode(value)
+        return out
+
+    @classmethod
+    def read(cls, config: Mapping[str, Any], blobs: Mapping[str, bytes]) -> SiteInstruction:
+        """The instruction of a request's config values and bytes values (ValueError if bad)."""
+        values: dict[str, Any] = {}
+        merged = {**config, **blobs}
+        for name, key, _ in _INSTRUCTION_KEYS:
+            if key not in merged or merged[key] is None:
+                continue
+            try:
+                values[name] = _INSTRUCTION_DECODE[name](merged[key])
+            except (TypeError, ValueError) as exc:
+                raise ValueError(
+                    f"the request's {key!r} is not a valid {name.replace('_', ' ')}: {exc}"
+                ) from None
+        return cls(**values)
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{type(value).__name__}, expected text")
+    return value
+
+
+def _blob(value: Any) -> bytes:
+    if not isinstance(value, bytes | bytearray):
+        raise TypeError(f"{type(value).__name__}, expected bytes")
+    return bytes(value)
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+        raise TypeError(f"{value!r}, expected a whole number")
+    return int(value)
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise TypeError(f"{value!r}, expected a finite number")
+    return float(value)
+
+
+def _text_map(value: Any) -> dict[str, str]:
+    parsed = json.loads(_text(value))
+    if not isinstance(parsed, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in parsed.items()
+    ):
+        raise TypeError("expected a JSON object of text values")
+    return parsed
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    parsed = json.loads(_text(value))
+    if not isinstance(parsed, list) or not all(isinstance(s, str) for s in parsed):
+        raise TypeError("expected a JSON list of site names")
+    return tuple(parsed)
+
+
+#: (field, key, encode) of every SiteInstruction field, in the order they are written.
+_INSTRUCTION_KEYS: tuple[tuple[str, str, Any], ...] = (
+    ("run", RUN_CONFIG_KEY, str),
+    ("proof", RUN_PROOF_KEY, str),
+    ("revocations", REVOCATIONS_KEY, str),
+    ("server_round", SERVER_ROUND_KEY, int),
+    ("proximal_mu", PROXIMAL_MU_KEY, float),
+    ("join", SECAGG_JOIN, str),
+    ("unmask", SECAGG_UNMASK, bytes),
+    ("run_ended", RUN_ENDED, str),
+    ("roster", SECAGG_ROSTER, bytes),
+    ("directory", SECAGG_DIRECTORY, lambda d: json.dumps(d, sort_keys=True)),
+    ("certificates", SECAGG_CERTIFICATES, lambda d: json.dumps(d, sort_keys=True)),
+    ("participants", SECAGG_PARTICIPANTS, lambda p: json.dumps(list(p))),
+    ("deadline", SECAGG_DEADLINE, float),
+)
+_INSTRUCTION_DECODE: dict[str, Any] = {
+    "run": _text,
+    "proof": _text,
+    "revocations": _text,
+    "server_round": _int,
+    "proximal_mu": _number,
+    "join": _text,
+    "unmask": _blob,
+    "run_ended": _text,
+    "roster": _blob,
+    "directory": _text_map,
+    "certificates": _text_map,
+    "participants": _names,
+    "deadline": _number,
+}
+_INSTRUCTION_DEFAULTS: dict[str, Any] = {
+    f.name: (f.default_factory() if callable(f.default_factory) else f.default)  # type: ignore[misc]
+    for f in fields(SiteInstruction)
+}

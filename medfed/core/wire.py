@@ -19,35 +19,31 @@ import numpy as np
 
 from medfed.core.packing import npy_header, npy_view
 
-# ---- keys of Flower messages (one schema, written by the server, read by the site)
-RUN_CONFIG_KEY = "medfed-run"  # ConfigRecord value: RunConfig as JSON
-RUN_PROOF_KEY = "medfed-run-proof"  # the coordinator's signature on it (core/run_proof.py)
-REVOCATIONS_KEY = "medfed-revoked-coordinators"  # the CA's CRL of coordinator certificates
-PROXIMAL_MU_KEY = "proximal-mu"  # set by Flower's FedProx.configure_train
-SERVER_ROUND_KEY = "server-round"  # set by every Flower strategy
-ARRAYS_KEY = "arrays"  # Flower strategies' default ArrayRecord key
-CONFIG_KEY = "config"  # Flower strategies' default ConfigRecord key
-METRICS_KEY = "metrics"
-SITE_RECORD_KEY = "medfed-site"  # reply ConfigRecord: {"name": site, ...}
-WEIGHT_KEY = "num-examples"  # Flower strategies' default weighting key
-#: A join reply's metric: the last round of the run the site's privacy budget covers (counted
-#: from the run's first round, so also after a resume), when it ends before the run does
-BUDGET_ROUNDS_KEY = "budget-rounds"
-#: A join reply's metric: the noise multiplier a site raised to fit its remaining budget
-FITTED_NOISE_KEY = "fitted-noise"
+# The Flower message keys are defined with the typed records in the schema (one place).
+from medfed.core.schema import (  # noqa: E402,F401  (re-exported for the channel's users)
+    ARRAYS_KEY,
+    BUDGET_ROUNDS_KEY,
+    CONFIG_KEY,
+    FITTED_NOISE_KEY,
+    METRICS_KEY,
+    PROXIMAL_MU_KEY,
+    REVOCATIONS_KEY,
+    RUN_CONFIG_KEY,
+    RUN_ENDED,
+    RUN_PROOF_KEY,
+    SECAGG_CERTIFICATES,
+    SECAGG_DEADLINE,
+    SECAGG_DIRECTORY,
+    SECAGG_JOIN,
+    SECAGG_PARTICIPANTS,
+    SECAGG_RECORD_KEY,
+    SECAGG_ROSTER,
+    SECAGG_UNMASK,
+    SERVER_ROUND_KEY,
+    SITE_RECORD_KEY,
+    WEIGHT_KEY,
+)
 
-# ---- secure aggregation (medfed.core.secagg) on Flower messages
-SECAGG_JOIN = "secagg-join"  # query config: the run's SecAggConfig as JSON
-SECAGG_UNMASK = "secagg-unmask"  # query config: UnmaskRequest bytes
-#: query config: the run ended before its last round (its status): the sites that joined
-#: forget its secure-aggregation keys and release what they held of their budgets
-RUN_ENDED = "run-ended"
-SECAGG_ROSTER = "secagg-roster"  # train config: Roster bytes
-SECAGG_DIRECTORY = "secagg-directory"  # train config: JSON {site: identity key hex}
-SECAGG_CERTIFICATES = "secagg-certificates"  # {site: PEM}: the CA vouches for each key
-SECAGG_PARTICIPANTS = "secagg-participants"  # train config: JSON list of site ids
-SECAGG_DEADLINE = "secagg-deadline"  # train config: epoch seconds; no update after it
-SECAGG_RECORD_KEY = "medfed-secagg"  # reply ConfigRecord: advert/identity/update/reveal bytes
 BYTES_PREFIX = "bytes:"  # local channel: a bytes value travels as a uint8 array
 
 # ---- node config keys given to the SuperNode by `medfed site start`

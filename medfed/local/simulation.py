@@ -69,7 +69,7 @@ from medfed.core import wire
 from medfed.core.config import RunConfig, SiteConfig, validate
 from medfed.core.errors import ConfigError, MedfedError
 from medfed.core.run_report import write_report
-from medfed.core.run_summary import RunSummary, Simulation
+from medfed.core.run_summary import RunEvent, RunSummary, Simulation
 from medfed.core.runs import RunFolder
 from medfed.local.sim_sites import SimSite
 from medfed.local.site_processes import SiteProcesses, default_workers
@@ -275,8 +275,8 @@ class SimulationGrid(Grid):
         """The replies to ``message_ids``, in push order: each site runs as its reply is due.
 
         In-process, a site runs when its reply is taken. With worker processes, the
-        messages of the next ``4 x workers`` replies go to their sites' processes as
-        each process comes free, so every process is busy while the consumer
+        messages of the next ``4 x workers`` replies go to their sites' processes (a
+        few each, in push order), so every process is busy while the consumer
         aggregates; a finished reply waits in its site's process until it is taken,
         so the caller holds one reply at a time, whatever the number of workers.
         """
@@ -295,13 +295,16 @@ class SimulationGrid(Grid):
                         continue
                     self._started[mid] = (msg, None)
                 window.append(mid)
-            busy = self._busy_lanes()
+            waiting: set[int] = set()  # processes with an earlier message not handed over
             for mid in window:  # in push order: a process takes its sites' messages in turn
                 msg, reply = self._started[mid]
+                if reply is not None:
+                    continue
                 lane = self._lane(msg)
-                if reply is None and lane not in busy:
+                if lane not in waiting and self._can_start(msg):
                     self._started[mid] = (msg, self._start(msg))
-                busy.add(lane)  # a later message of this process waits for this one
+                else:
+                    waiting.add(lane)
 
         fill()
         while window:
@@ -322,9 +325,10 @@ class SimulationGrid(Grid):
         index = msg.metadata.dst_node_id - NODE_ID_BASE
         return 0 if self._processes is None else self._processes.lane_of(index)
 
-    def _busy_lanes(self) -> set[int]:
-        """Processes holding a message whose reply is not taken yet."""
-        return {self._lane(msg) for msg, reply in self._started.values() if reply is not None}
+    def _can_start(self, msg: Message) -> bool:
+        """Whether the message's site process takes it now (in-process: always)."""
+        index = msg.metadata.dst_node_id - NODE_ID_BASE
+        return self._processes is None or self._processes.can_post(index)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -439,7 +443,7 @@ class EventTail:
         self._path = folder.events_file
         self._offset = 0
 
-    def __call__(self) -> list[dict[str, Any]]:
+    def __call__(self) -> list[RunEvent]:
         """New complete events, oldest first."""
         try:
             with open(self._path, "rb") as fh:
@@ -452,7 +456,8 @@ class EventTail:
         out = []
         for line in data[:end].splitlines():
             with contextlib.suppress(json.JSONDecodeError):
-                out.append(json.loads(line))
+                if (event := RunEvent.parse(json.loads(line))) is not None:
+                    out.append(event)
         return out
 
 

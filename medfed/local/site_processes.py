@@ -19,11 +19,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
 import threading
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +44,8 @@ SITE_KEY = "sim_site"
 SETUP_OP = "sim-setup"
 #: Operation that ends the run at every site the process served.
 END_RUN_OP = "sim-end-run"
+#: Requests a process holds at most (one at work, the others waiting or answered).
+DEPTH = 3
 
 
 def default_workers(sites: int) -> int:
@@ -65,9 +69,14 @@ class _Lane:
     process: subprocess.Popen[bytes] | None = None
     channel: socket.socket | None = None
     lock: threading.Lock = None  # type: ignore[assignment]
+    #: Requests handed over whose replies are not collected yet, oldest first.
+    posted: deque[Posted] = None  # type: ignore[assignment]
+    #: Which process this is (a new one after a crash): older requests were lost with it.
+    generation: int = 0
 
     def __post_init__(self) -> None:
         self.lock = threading.Lock()
+        self.posted = deque()
 
 
 @dataclass
@@ -76,6 +85,7 @@ class Posted:
 
     lane: _Lane
     index: int
+    generation: int = 0
     failure: wire.Frame | None = None  # the error reply, when the request could not be sent
 
 
@@ -136,42 +146,53 @@ class SiteProcesses:
         """The process that serves site ``index``."""
         return index % len(self._lanes)
 
+    def can_post(self, index: int) -> bool:
+        """Whether site ``index``'s process takes another request now (:data:`DEPTH`)."""
+        return len(self._lanes[self.lane_of(index)].posted) < DEPTH
+
     def post(self, index: int, request: wire.Frame) -> Posted:
         """Hand ``request`` to site ``index``'s process; :meth:`collect` takes the reply.
 
-        The process is the site's until its reply is collected (it waits for a busy
-        one): a finished reply stays in the site's process, not in the caller's memory,
-        until the caller is ready to aggregate it.
+        The process reads requests as they come and answers them in order, each reply
+        kept in the process until it is collected: a finished reply waits there, not
+        in the caller's memory, while the process goes on with the next request.
+        Requests of one process are collected in the order they were posted. One
+        caller thread posts and collects.
         """
         lane = self._lanes[self.lane_of(index)]
-        lane.lock.acquire()
-        posted = Posted(lane, index)
         frame = wire.Frame({**request.header, SITE_KEY: index}, request.arrays)
         try:
             self._ensure(lane)
             assert lane.channel is not None
+            posted = Posted(lane, index, lane.generation)
+            lane.posted.append(posted)
             wire.send_frame(lane.channel, frame)
         except (OSError, wire.ChannelError) as exc:
+            posted = Posted(lane, index, lane.generation)
             posted.failure = self._lost(lane, index, exc)
         return posted
 
     def collect(self, posted: Posted) -> wire.Frame:
-        """The reply to a :meth:`post`ed request (read-only arrays); frees its process."""
+        """The reply to a :meth:`post`ed request (read-only arrays, received in place)."""
         lane = posted.lane
+        if posted.failure is not None:
+            return posted.failure
+        if posted.generation != lane.generation:  # its process ended before it answered
+            return self._failed(posted.index, "the simulated site's process ended")
+        if not lane.posted or lane.posted[0] is not posted:
+            raise RuntimeError("a site process's replies are collected in the order posted")
+        lane.posted.popleft()
+        assert lane.channel is not None
         try:
-            if posted.failure is not None:
-                return posted.failure
-            assert lane.channel is not None
-            try:
-                return wire.recv_frame(lane.channel, immutable=True)
-            except (OSError, wire.ChannelError) as exc:
-                return self._lost(lane, posted.index, exc)
-        finally:
-            lane.lock.release()
+            return wire.recv_frame(lane.channel, immutable=True)
+        except (OSError, wire.ChannelError) as exc:
+            return self._lost(lane, posted.index, exc)
 
     def _lost(self, lane: _Lane, index: int, exc: Exception) -> wire.Frame:
         code = self._stop(lane)
-        why = f"the simulated site's process ended ({exc}; exit code {code})"
+        return self._failed(index, f"the simulated site's process ended ({exc}; exit code {code})")
+
+    def _failed(self, index: int, why: str) -> wire.Frame:
         return wire.Frame(SiteReply.refusal(self._names[index], "", why, status="failed").header())
 
     def end_run(self, run_id: str) -> None:
@@ -218,6 +239,9 @@ class SiteProcesses:
 
     @staticmethod
     def _stop(lane: _Lane) -> int | None:
+        if lane.process is not None or lane.posted:
+            lane.generation += 1  # what it held is lost: collected as failures
+            lane.posted.clear()
         if lane.channel is not None:
             lane.channel.close()  # the process's next read ends: it exits
         code = None
@@ -252,12 +276,36 @@ def _serve(channel: socket.socket) -> None:
         pool = SitePool(
             Path(setup["root"]), sites, keep_warm=int(setup["keep_warm"]), budget=setup["budget"]
         )
+        # Requests are read as they come and replies sent as the parent takes them, each
+        # by a thread of its own: the process answers the next request meanwhile.
+        inbox: queue.Queue[wire.Frame | None] = queue.Queue()
+        outbox: queue.Queue[wire.Frame | None] = queue.Queue()
+        reader = threading.Thread(target=_read, args=(channel, inbox), daemon=True)
+        writer = threading.Thread(target=_write, args=(channel, outbox), daemon=True)
+        reader.start()
+        writer.start()
+        try:
+            while (request := inbox.get()) is not None:  # None: the parent closed the channel
+                outbox.put(_answer(pool, request))
+        finally:
+            outbox.put(None)
+            writer.join()
+
+
+def _read(channel: socket.socket, inbox: queue.Queue[wire.Frame | None]) -> None:
+    try:
         while True:
-            try:
-                request = wire.recv_frame(channel)
-            except (wire.ChannelError, OSError):
-                return  # the parent closed the channel or is gone
-            wire.send_frame(channel, _answer(pool, request))
+            inbox.put(wire.recv_frame(channel))
+    except (wire.ChannelError, OSError):
+        inbox.put(None)  # the parent closed the channel or is gone
+
+
+def _write(channel: socket.socket, outbox: queue.Queue[wire.Frame | None]) -> None:
+    while (reply := outbox.get()) is not None:
+        try:
+            wire.send_frame(channel, reply)
+        except OSError:
+            return
 
 
 def _answer(pool: Any, request: wire.Frame) -> wire.Frame:
