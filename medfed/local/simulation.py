@@ -20,7 +20,8 @@ delivered and dropped after (a federation of up to :data:`WARM_SITES_MAX` sites 
 all of them warm, as deployed sites do; ``keep_warm`` sets how many). Messages are
 delivered in the order they were pushed, lazily: a pull runs a site only when its
 reply is due, so a consumer that aggregates replies as they come holds one at a time
-(with worker processes, at most ``workers + 1``). A site's training seed depends on
+(with worker processes too: a process reads a few requests ahead and keeps each
+finished reply until the consumer takes it). A site's training seed depends on
 (run seed, round, site name) only (the worker's own ``_seed``), as in a deployment;
 so does its data.
 
