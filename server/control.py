@@ -235,7 +235,7 @@ class Control:
         return int(res.node_id)
 
     def nodes(self) -> list[dict[str, object]]:
-        """Registered nodes with their status."""
+        """Registered nodes with their status and the times of their last heartbeat."""
         res = self._call("list sites", self._client.ListNodes, ListNodesRequest())
         out = []
         for n in res.nodes_info:
@@ -245,6 +245,11 @@ class Control:
                     "status": n.status,
                     "name": getattr(n, "name", ""),
                     "public_key": bytes(n.public_key),
+                    # when it was last heard from (the dashboard's "last seen")
+                    "last_activated_at": n.last_activated_at,
+                    "last_deactivated_at": n.last_deactivated_at,
+                    "online_until": float(n.online_until),
+                    "heartbeat_interval": float(n.heartbeat_interval),
                 }
             )
         return out

@@ -294,6 +294,44 @@ def sites(config: ConfigOpt = Path("server.toml")) -> None:
     console.print(table)
 
 
+@app.command("dashboard")
+def dashboard(
+    config: ConfigOpt = Path("server.toml"),
+    host: Annotated[
+        str, typer.Option(help="address to listen on; another than loopback needs TLS and a token")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on (0: a free one)")] = 8470,
+    tls_cert: Annotated[Path | None, typer.Option(help="TLS certificate (PEM)")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="its private key (PEM)")] = None,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(help="file holding the login token (or set MEDFED_DASHBOARD_TOKEN)"),
+    ] = None,
+) -> None:
+    """Serve a read-only web page of the federation: sites, runs, live charts, checkpoints.
+
+    It reads what `medfed runs`, `status` and `server sites` read (the run folders and
+    the SuperLink), so it may be started and stopped at any time.
+    """
+    from medfed.core.web import Bind, Dashboard, read_token
+    from medfed.server.dashboard.http import CoordinatorDashboard
+    from medfed.server.federation import Federation
+
+    fed = Federation.load(config)
+    bind = Bind(host, port, tls_cert, tls_key, read_token(token_file))
+    server = Dashboard(bind, CoordinatorDashboard(fed), where="medfed server dashboard").open()
+    console.print(
+        f"[green]dashboard[/] of {fed.config.federation!r}: {server.url}  (Ctrl-C stops it)"
+    )
+    if bind.token:
+        console.print("  open it with ?token=TOKEN once, or log in with the token")
+    signal.signal(signal.SIGTERM, interrupt_on_signal)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        console.print("dashboard stopped")
+
+
 coordinators_app = typer.Typer(
     help="Who may enrol sites and launch, stop or list runs (the Control API).",
     no_args_is_help=True,
