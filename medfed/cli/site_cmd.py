@@ -555,3 +555,33 @@ def peers(
     for pin in sorted(pinned.values(), key=lambda p: p.site):
         table.add_row(pin.site, pin.fingerprint, pin.first_seen[:19], pin.run_id)
     console.print(table)
+
+
+@app.command("dashboard")
+def dashboard(
+    config: ConfigOpt = Path("site.toml"),
+    host: Annotated[
+        str, typer.Option(help="loopback address to listen on (the page is this machine's only)")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on (0: a free one)")] = 8471,
+) -> None:
+    """Serve the site's own read-only page: what left the site, budget, refusals, data scan.
+
+    Counts, sizes, hashes and rules only: no patient identifier is shown.
+    """
+    from medfed.client.site_dashboard import SiteDashboard, site_bind
+    from medfed.client.site_view import SiteView
+    from medfed.core.web import Dashboard
+
+    view = SiteView(config)
+    server = Dashboard(
+        site_bind(host, port), SiteDashboard(view), where="medfed site dashboard"
+    ).open()
+    console.print(
+        f"[green]site dashboard[/] of {view.cfg.site.name!r}: {server.url}  (Ctrl-C stops it)"
+    )
+    signal.signal(signal.SIGTERM, interrupt_on_signal)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        console.print("dashboard stopped")
