@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed-stamp
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: demo test test-quick lint bench env clean orthanc
+.PHONY: demo test test-quick lint bench env clean orthanc chromium
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,16 @@ orthanc:
 	  [ $$had_policy = 1 ] || $(SUDO) rm -f /usr/sbin/policy-rc.d; \
 	fi
 
+# The dashboard's browser tests drive a real headless Chromium through Debian's
+# chromedriver (never one Selenium would download); install both when missing.
+chromium:
+	@if ! command -v chromium >/dev/null 2>&1 || [ ! -x /usr/bin/chromedriver ]; then \
+	  echo "installing chromium and chromium-driver (the dashboard's browser tests need them)"; \
+	  ( $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
+	      --no-install-recommends chromium chromium-driver >/dev/null ) \
+	    || echo "could not install chromium: the dashboard's browser tests will be skipped"; \
+	fi
+
 demo: $(STAMP)
 	$(BIN)/medfed demo
 
@@ -43,7 +53,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check --quiet .
 	$(BIN)/ruff check --quiet .
 
-test: $(STAMP) lint orthanc
+test: $(STAMP) lint orthanc chromium
 	$(BIN)/python -m pytest -n auto --dist loadscope
 
 test-quick: $(STAMP)
@@ -52,6 +62,7 @@ test-quick: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/round_latency.py
 	$(BIN)/python benchmarks/data_path.py
+	$(BIN)/python benchmarks/dashboard.py
 
 clean:
 	rm -rf $(VENV) medfed-demo .pytest_cache

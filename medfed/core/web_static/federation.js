@@ -46,7 +46,7 @@
     var opts = {
       title: title, width: 460, height: 220,
       scales: { x: { time: false } },
-      axes: [{ label: "round" }, {}],
+      axes: [{ label: "round", incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500] }, {}],
       series: [{ label: "round" }].concat(c.sites.map(function (s, i) {
         return { label: s, stroke: palette[i % palette.length], width: 2, spanGaps: true };
       }))
