@@ -347,3 +347,30 @@ def test_site_dashboard_is_loopback_only() -> None:
     with pytest.raises(ConfigError) as err:
         site_bind("0.0.0.0", 8471)
     assert "SSH tunnel" in err.value.fix
+
+
+def test_tls_with_a_token_serves_https_and_a_secure_cookie(fed: Federation) -> None:
+    import ssl
+
+    token = "x" * 24
+    bind = Bind(
+        "127.0.0.1",
+        0,
+        tls_cert=fed.path(fed.config.tls.cert),
+        tls_key=fed.path(fed.config.tls.key),
+        token=token,
+    )
+    context = ssl.create_default_context(cafile=str(fed.ca_cert))
+    with Dashboard(bind, CoordinatorDashboard(fed, live=no_server)) as d:
+        assert d.url.startswith("https://127.0.0.1:")
+        opener = urllib.request.build_opener(
+            urllib.request.HTTPSHandler(context=context), NoRedirect
+        )
+        with pytest.raises(urllib.error.HTTPError) as err:
+            opener.open(d.url + f"?token={token}", timeout=10)
+        assert err.value.code == 303 and "Secure" in err.value.headers["Set-Cookie"]
+        req = urllib.request.Request(d.url, headers={"Authorization": f"Bearer {token}"})
+        with opener.open(req, timeout=10) as res:
+            assert res.status == 200 and b"Runs" in res.read()
+        with pytest.raises(OSError):  # plain HTTP is not served
+            urllib.request.urlopen(d.url.replace("https", "http"), timeout=10)  # noqa: S310

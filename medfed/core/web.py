@@ -283,12 +283,28 @@ class _Server(ThreadingHTTPServer):
         self.app = app
         self.token = bind.token
         self.tls = bind.tls
-        super().__init__((bind.host, bind.port), _Handler)
+        self._tls: ssl.SSLContext | None = None
         if bind.tls:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.minimum_version = ssl.TLSVersion.TLSv1_2
-            context.load_cert_chain(str(bind.tls_cert), str(bind.tls_key))
-            self.socket = context.wrap_socket(self.socket, server_side=True)
+            self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self._tls.minimum_version = ssl.TLSVersion.TLSv1_2
+            self._tls.load_cert_chain(str(bind.tls_cert), str(bind.tls_key))
+        super().__init__((bind.host, bind.port), _Handler)
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """TLS handshake in the request's own thread: a slow client stalls no one else."""
+        if self._tls is None:
+            super().finish_request(request, client_address)
+            return
+        request.settimeout(30.0)
+        tls = self._tls.wrap_socket(request, server_side=True)  # takes over the socket
+        try:
+            super().finish_request(tls, client_address)
+        finally:
+            self.shutdown_request(tls)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that broke off (or spoke plain HTTP to HTTPS): a debug line, no traceback."""
+        log.debug("dashboard request from %s failed", client_address, exc_info=True)
 
 
 @dataclass
