@@ -28,7 +28,8 @@ from medfed.core.config import SiteConfig, load_toml, resolve
 
 #: What leaves the site: these audit events are written before a reply is sent.
 OUTBOUND = ("update-sent", "reveal-sent", "metrics-sent")
-REFUSALS = ("refused",)
+#: Audit events that carry the site rule which refused (its policy; its ledger at start).
+REFUSALS = ("refused", "ledger-refused")
 
 # DICOM UIDs (dotted digit groups) and file paths: masked wherever free text is shown.
 _UID = re.compile(r"\b\d+(?:\.\d+){3,}\b")

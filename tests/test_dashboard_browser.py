@@ -153,6 +153,7 @@ def test_round_counter_advances_while_the_run_trains(
         return cell(browser, f"{row} td.status") == "completed"
 
     wait_for(f"run {run_id} completed", finished, 120)
+    finished()  # the round cell once more: the table may have been swapped between reads
     # the page was not reloaded: the counter moved under the browser's eyes
     assert browser.execute_script("return window.medfedMark") == 42  # type: ignore[attr-defined]
     assert seen[-1] == "2/2"
