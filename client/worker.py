@@ -40,7 +40,14 @@ from medfed.core.errors import MedfedError
 from medfed.core.identity import load_certificates
 from medfed.core.packing import WEIGHTS_KEY, Layout, shared_state, unpack
 from medfed.core.run_proof import RunProofError, verify_run
-from medfed.core.schema import SecAggReply, SiteInstruction, SiteReply, SiteRequest
+from medfed.core.scaffold import gradient_correction, site_control_update
+from medfed.core.schema import (
+    SCAFFOLD_CONTROL_KEY,
+    SecAggReply,
+    SiteInstruction,
+    SiteReply,
+    SiteRequest,
+)
 from medfed.data import take_healed
 from medfed.tasks import SiteData, Task, engine, get_task
 from medfed.tasks.adaptation import local_keys
@@ -74,6 +81,8 @@ class SiteWorker:
     privacy: PrivacyGate = field(init=False)
     secure: SecureSite = field(init=False)
     site_local: SiteLocalStore = field(init=False)
+    #: SCAFFOLD's control variate of this site, per run (never sent)
+    controls: SiteLocalStore = field(init=False)
     released: ReleasedUpdates = field(init=False)
     signed_runs: SignedRuns = field(init=False)
     revocations: CoordinatorRevocations = field(init=False)
@@ -98,6 +107,7 @@ class SiteWorker:
             federation_cas=self._federation_cas if self.verify_identities else None,
         )
         self.site_local = SiteLocalStore(Path(self.config_path).resolve().parent)
+        self.controls = SiteLocalStore(Path(self.config_path).resolve().parent, suffix=".scaffold")
         self.released = ReleasedUpdates(Path(self.config_path).resolve().parent)
         self.signed_runs = SignedRuns(Path(self.config_path).resolve().parent / SIGNED_RUNS_FILE)
         self.revocations = CoordinatorRevocations(
@@ -290,9 +300,9 @@ class SiteWorker:
         arrays: dict,
     ) -> wire.Frame:
         task = get_task(run.task)
+        rnd = asked.server_round
         data = self.data_for(task)
         model = self._load_global(task, run, run_id, arrays)
-        rnd = asked.server_round
         if (
             arrays.get(WEIGHTS_KEY) is not None
             and (
@@ -304,10 +314,43 @@ class SiteWorker:
         ):
             return self._resend(run, run_id, session, rnd, asked, arrays, replay)
         epochs, batch_size, lr = _round_shape(run, task)
+        control = self._control(task, run, run_id, arrays)
         try:  # every option the strategy sent, checked before any epsilon is reserved
-            options = RoundOptions(epochs, batch_size, lr, proximal_mu=asked.proximal_mu)
+            options = RoundOptions(
+                epochs,
+                batch_size,
+                lr,
+                proximal_mu=asked.proximal_mu,
+                local_steps=asked.local_steps,
+                gradient_correction=None
+                if control is None
+                else gradient_correction(control[1], control[0], learning_rate=lr),
+            )
         except ValueError as exc:
-            return self._refuse(run_id, "strategy.proximal_mu", str(exc), rnd=rnd)
+            rule = "strategy.proximal_mu" if asked.proximal_mu < 0 else "strategy.local_steps"
+            return self._refuse(run_id, rule, str(exc), rnd=rnd)
+        if control is not None and run.privacy.mode == "update":
+            return self._refuse(
+                run_id,
+                "privacy.mode",
+                "SCAFFOLD's site control variate would be computed from the un-noised "
+                "local model, which update-level DP does not cover; use --dp sample (the "
+                "control variate is then post-processing of DP-SGD) or another strategy",
+                rnd=rnd,
+            )
+        if run.privacy.mode == "sample" and asked.local_steps:
+            units = _privacy_units(run, data)
+            planned = epochs * -(-units // batch_size)
+            if asked.local_steps > planned:  # DP-SGD cannot take them within its budget
+                return self._refuse(
+                    run_id,
+                    "strategy.local_steps",
+                    f"the strategy asks for {asked.local_steps} local steps, more than the "
+                    f"{planned} DP-SGD steps ({epochs} epoch(s) of {units} units in batches "
+                    f"of {batch_size}) this site's privacy budget is planned for; lower the "
+                    "strategy's local_steps or raise the run's local epochs",
+                    rnd=rnd,
+                )
         try:
             privacy = self.privacy.before_training(
                 run,
@@ -333,7 +376,14 @@ class SiteWorker:
             log.info(
                 "run %s round %s: train loss %.4f (not sent under DP)", run_id, rnd, stats.loss
             )
-        local, _ = self.shared_spec(task, run.adaptation)
+        local, layout = self.shared_spec(task, run.adaptation)
+        if control is not None:  # option II, kept at the site before the reply leaves
+            trained = engine.get_weights(model)
+            sent = unpack(arrays[WEIGHTS_KEY], layout)
+            own = site_control_update(
+                control[1], control[0], sent, trained, local_steps=asked.local_steps
+            )
+            self.controls.save(str(run_id), own)
         out = self._train_chain(
             Outbound(
                 run,
@@ -351,6 +401,22 @@ class SiteWorker:
             )
         )
         return self._result(out.metrics, out.arrays)
+
+    def _control(
+        self, task: Task, run: RunConfig, run_id: object, arrays: dict
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None:
+        """SCAFFOLD's server control variate (as sent) and this site's own (None: not sent).
+
+        The site's own starts at zero and is kept per run in ``site-local/`` (never sent).
+        """
+        if arrays.get(SCAFFOLD_CONTROL_KEY) is None:
+            return None
+        _, layout = self.shared_spec(task, run.adaptation)
+        server = unpack(np.asarray(arrays[SCAFFOLD_CONTROL_KEY], dtype=np.float32), layout)
+        own = self.controls.load(str(run_id)) or {
+            k: np.zeros_like(v, dtype=np.float32) for k, v in server.items()
+        }
+        return server, own
 
     def _trainer(self, run: RunConfig, rnd: int, privacy: RoundPrivacy, data: SiteData) -> Trainer:
         """Plain training, or DP-SGD when the round's privacy mode is "sample"."""

@@ -24,6 +24,11 @@ RUN_CONFIG_KEY = "medfed-run"  # ConfigRecord value: RunConfig as JSON
 RUN_PROOF_KEY = "medfed-run-proof"  # the coordinator's signature on it (core/run_proof.py)
 REVOCATIONS_KEY = "medfed-revoked-coordinators"  # the CA's CRL of coordinator certificates
 PROXIMAL_MU_KEY = "proximal-mu"  # set by Flower's FedProx.configure_train
+#: train config: the fixed number of local steps a round asks of every site (SCAFFOLD)
+LOCAL_STEPS_KEY = "local-steps"
+#: train ArrayRecord key beside the model: SCAFFOLD's server control variate, packed like
+#: the model's shared parameters (drift per local step, ``medfed.core.scaffold``)
+SCAFFOLD_CONTROL_KEY = "scaffold-control"
 SERVER_ROUND_KEY = "server-round"  # set by every Flower strategy
 ARRAYS_KEY = "arrays"  # Flower strategies' default ArrayRecord key
 CONFIG_KEY = "config"  # Flower strategies' default ConfigRecord key
@@ -261,6 +266,7 @@ class SiteInstruction:
     revocations: str = ""  # the CA's revocation list of coordinator certificates (PEM)
     server_round: int = 0
     proximal_mu: float = 0.0
+    local_steps: int = 0  # train: exactly this many local steps (0: the run's epochs)
     join: str = ""  # query: join the run's secure aggregation (its SecAggConfig, JSON)
     unmask: bytes = b""  # query: an unmasking request (UnmaskRequest bytes)
     run_ended: str = ""  # query: the run ended before its last round (its status)
@@ -343,6 +349,7 @@ _INSTRUCTION_KEYS: tuple[tuple[str, str, Any], ...] = (
     ("revocations", REVOCATIONS_KEY, str),
     ("server_round", SERVER_ROUND_KEY, int),
     ("proximal_mu", PROXIMAL_MU_KEY, float),
+    ("local_steps", LOCAL_STEPS_KEY, int),
     ("join", SECAGG_JOIN, str),
     ("unmask", SECAGG_UNMASK, bytes),
     ("run_ended", RUN_ENDED, str),
@@ -358,6 +365,7 @@ _INSTRUCTION_DECODE: dict[str, Any] = {
     "revocations": _text,
     "server_round": _int,
     "proximal_mu": _number,
+    "local_steps": _int,
     "join": _text,
     "unmask": _blob,
     "run_ended": _text,
