@@ -43,6 +43,7 @@ from medfed.core.run_proof import RunProofError, verify_run
 from medfed.core.scaffold import gradient_correction, site_control_update
 from medfed.core.schema import (
     SCAFFOLD_CONTROL_KEY,
+    LandmarkReport,
     SecAggReply,
     SiteInstruction,
     SiteReply,
@@ -52,6 +53,7 @@ from medfed.data import take_healed
 from medfed.tasks import SiteData, Task, engine, get_task
 from medfed.tasks.adaptation import local_keys
 from medfed.tasks.dp_units import UnitUnknown, privacy_units
+from medfed.tasks.harmonization import harmonize, site_landmarks
 from medfed.tasks.pretrain import initial_weights
 from medfed.tasks.trainer import DpSgdTrainer, PlainTrainer, RoundOptions, Trainer
 
@@ -89,6 +91,10 @@ class SiteWorker:
     _train_chain: OutboundChain = field(init=False)
     _resend_chain: OutboundChain = field(init=False)
     _data: dict[str, SiteData] = field(default_factory=dict, init=False)
+    #: The site's data mapped onto a run's standard landmarks: (task, standard) -> data
+    _harmonized: dict[tuple[str, tuple[float, ...]], SiteData] = field(
+        default_factory=dict, init=False
+    )
     _models: dict[str, torch.nn.Module] = field(default_factory=dict, init=False)
     _shared: dict[tuple[str, str], tuple[frozenset[str], Layout]] = field(
         default_factory=dict, init=False
@@ -301,7 +307,9 @@ class SiteWorker:
     ) -> wire.Frame:
         task = get_task(run.task)
         rnd = asked.server_round
-        data = self.data_for(task)
+        data = self._run_data(task, run, asked)
+        if data is None:
+            return self._refuse(run_id, "harmonization", _NO_STANDARD, rnd=rnd, status="failed")
         model = self._load_global(task, run, run_id, arrays)
         if (
             arrays.get(WEIGHTS_KEY) is not None
@@ -402,6 +410,68 @@ class SiteWorker:
         )
         return self._result(out.metrics, out.arrays)
 
+    def _run_data(self, task: Task, run: RunConfig, asked: SiteInstruction) -> SiteData | None:
+        """The site's data as the run sees it: harmonized onto the run's standard, if any.
+
+        None: the run harmonizes but the request carries no standard (never trained or
+        scored unharmonized in its place).
+        """
+        data = self.data_for(task)
+        if run.harmonization == "off":
+            return data
+        if not asked.standard_landmarks:
+            return None
+        key = (task.name, asked.standard_landmarks)
+        if key not in self._harmonized:
+            while len(self._harmonized) >= 2:  # a daemon serves many runs: keep few
+                self._harmonized.pop(next(iter(self._harmonized)))
+            self._harmonized[key] = harmonize(data, asked.standard_landmarks)
+        return self._harmonized[key]
+
+    def _landmarks(self, run: RunConfig, run_id: object) -> wire.Frame:
+        """Answer a landmarks query: the site's intensity landmarks, if its rules allow.
+
+        They are statistics of the site's data that no DP mechanism covers: refused
+        under DP (the run's or the site's), and under secure aggregation unless the
+        site's policy allows them in the clear (``policy.share_landmarks``).
+        """
+        if run.harmonization != "histogram":
+            return self._refuse(
+                run_id, "harmonization", "the run does not harmonize", status="failed"
+            )
+        if run.privacy.mode != "off":
+            return self._refuse(
+                run_id,
+                "privacy.mode",
+                f"the run uses DP ({run.privacy.mode}), which does not cover the intensity "
+                "landmarks harmonization 'histogram' would send; run with harmonization "
+                "off, or without DP",
+            )
+        if self.config.privacy.datasets:
+            try:
+                name, budget = self.config.privacy.budget_for(run.dataset)
+            except MedfedError as exc:
+                return self._refuse(run_id, "privacy.datasets", exc.what)
+            if budget.dp_required:
+                return self._refuse(
+                    run_id,
+                    f"privacy.datasets.{name}.dp_required",
+                    "this site requires DP on its data, which does not cover the intensity "
+                    "landmarks harmonization 'histogram' would send",
+                )
+        if run.secure_aggregation != "off" and not self.config.policy.share_landmarks:
+            return self._refuse(
+                run_id,
+                "policy.share_landmarks",
+                "harmonization 'histogram' needs this site's intensity landmarks in the "
+                "clear, but the run uses secure aggregation and the site's policy does not "
+                "allow them (set policy.share_landmarks = true in site.toml to allow)",
+            )
+        landmarks, scans = site_landmarks(self.data_for(get_task(run.task)))
+        report = LandmarkReport(tuple(float(v) for v in landmarks), scans)
+        self.audit.record("landmarks-sent", run_id=run_id, **report.metrics())
+        return self._result(report.metrics())
+
     def _control(
         self, task: Task, run: RunConfig, run_id: object, arrays: dict
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None:
@@ -472,7 +542,9 @@ class SiteWorker:
     def _query(
         self, run: RunConfig, run_id: object, session: str, asked: SiteInstruction
     ) -> wire.Frame:
-        """Secure-aggregation set-up (join) and unmasking (reveal) for a run."""
+        """Secure-aggregation set-up (join) and unmasking (reveal) for a run; landmarks."""
+        if asked.landmarks_query:
+            return self._landmarks(run, run_id)
         if run.secure_aggregation == "off":
             return self._refuse(
                 run_id, "query", "the run has secure aggregation off", status="failed"
@@ -529,7 +601,11 @@ class SiteWorker:
         self, run: RunConfig, run_id: object, session: str, asked: SiteInstruction, arrays: dict
     ) -> wire.Frame:
         task = get_task(run.task)
-        data = self.data_for(task)
+        data = self._run_data(task, run, asked)
+        if data is None:
+            return self._refuse(
+                run_id, "harmonization", _NO_STANDARD, rnd=asked.server_round, status="failed"
+            )
         model = self._load_global(task, run, run_id, arrays)
         metrics = engine.evaluate(task, model, data.val, device=self.device)
         self.audit.record("metrics-sent", run_id=run_id, task=run.task, metrics=metrics)
@@ -549,6 +625,12 @@ class SiteWorker:
             self.audit.record("secure-aggregation-ended", run_id=run_id, reason=reason)
         self.privacy.release(str(run_id), reason=reason)
         self.released.forget(str(run_id))
+
+
+_NO_STANDARD = (
+    "the run harmonizes intensities ('histogram') but the request carries no standard "
+    "landmarks; the server sends them after its landmarks query"
+)
 
 
 def _round_shape(run: RunConfig, task: Task) -> tuple[int, int, float]:
