@@ -331,3 +331,63 @@ def test_a_simulated_scaffold_run_writes_metrics(tmp_path: Path, dp: str) -> Non
     kept = sorted((folder.path / SITES_DIR).glob("*/site-local/run-*.scaffold.npz"))
     assert len(kept) == 3  # each site's own control variate, at the site
     assert json.loads(json.dumps(summary.strategy)) == "scaffold"
+
+
+def test_medfed_simulate_runs_scaffold_under_dp_sgd(tmp_path: Path) -> None:
+    from test_cli import medfed
+
+    out = medfed(
+        "simulate",
+        "--task",
+        "tiny-seg",
+        "--sites",
+        "3",
+        "--rounds",
+        "2",
+        "--strategy",
+        "scaffold",
+        "-o",
+        "local_steps=3",
+        "--dp",
+        "sample",
+        "--noise-multiplier",
+        "1.0",
+        "--out",
+        str(tmp_path / "runs"),
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "completed 2 rounds" in out.stdout
+    (run,) = [p for p in (tmp_path / "runs").iterdir() if (p / "run.json").exists()]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["phase"] == "train" and r["site"] != "global"]
+    assert len(train) == 6 and all(r["steps"] == 3 and r["epsilon"] > 0 for r in train)
+
+
+@pytest.mark.parametrize(
+    ("privacy", "steps", "rule"),
+    [
+        ({"mode": "sample", "noise_multiplier": 1.0}, 100_000, "strategy.local_steps"),
+        ({"mode": "update", "noise_multiplier": 1.0, "clipping_norm": 0.5}, 2, "privacy.mode"),
+    ],
+)
+def test_a_site_refuses_what_its_dp_cannot_honour_by_rule(
+    tmp_path: Path, privacy: dict[str, Any], steps: int, rule: str
+) -> None:
+    from medfed.local.sim_sites import synthetic_sites
+    from medfed.local.simulation import simulate
+
+    run = RunConfig.model_validate(
+        {
+            "task": "tiny-seg",
+            "rounds": 1,
+            "min_sites": 2,
+            "strategy": "scaffold",
+            "strategy_options": {"local_steps": steps},
+            "secure_aggregation": "off",
+            "privacy": privacy,
+        }
+    )
+    _, summary = simulate(run, synthetic_sites(2), tmp_path)
+    assert summary.status == "refused" and rule in (summary.reason or "")
