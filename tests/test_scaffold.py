@@ -391,3 +391,48 @@ def test_a_site_refuses_what_its_dp_cannot_honour_by_rule(
     )
     _, summary = simulate(run, synthetic_sites(2), tmp_path)
     assert summary.status == "refused" and rule in (summary.reason or "")
+
+
+def test_a_resumed_scaffold_run_ends_where_an_uninterrupted_one_ends(tmp_path: Path) -> None:
+    from medfed.server.run_state import RunStateStore
+
+    size = 16
+    kw = {"local_steps": 4, "min_train_nodes": 4, "min_evaluate_nodes": 4, "min_available_nodes": 4}
+
+    def rounds(
+        strategy: Scaffold,
+        grid: ScaffoldGrid,
+        arrays: ArrayRecord,
+        first: int,
+        last: int,
+        store: RunStateStore | None = None,
+    ) -> ArrayRecord:
+        def end(rnd: int, arr: ArrayRecord, so_far: Any) -> None:
+            if store is not None:
+                store.save(rnd, strategy, train_metrics={}, evaluate_metrics={})
+
+        result = run_rounds(
+            strategy,
+            grid=grid,  # type: ignore[arg-type]
+            arrays=arrays,
+            first_round=first,
+            num_rounds=last,
+            timeout=1.0,
+            train_config=ConfigRecord(),
+            evaluate_config=ConfigRecord(),
+            end_of_round=end,
+        )
+        return result.arrays
+
+    start = ArrayRecord({WEIGHTS_KEY: Array(np.zeros(size, dtype=np.float32))})
+    random.seed(0)
+    whole = rounds(Scaffold(**kw), ScaffoldGrid(size), start, 1, 4)
+    store = RunStateStore(tmp_path)
+    random.seed(0)
+    sites = ScaffoldGrid(size)  # the sites keep their own control variates across it
+    half = rounds(Scaffold(**kw), sites, start, 1, 2, store)
+    second = Scaffold(**kw)
+    store.restore(store.load(), second)
+    assert second.control is not None and np.abs(second.control).max() > 0
+    rest = rounds(second, sites, half, 3, 4, store)
+    np.testing.assert_allclose(rest[WEIGHTS_KEY].numpy(), whole[WEIGHTS_KEY].numpy(), rtol=1e-6)
