@@ -40,7 +40,7 @@ from medfed.core.errors import MedfedError
 from medfed.core.identity import load_certificates
 from medfed.core.packing import WEIGHTS_KEY, Layout, shared_state, unpack
 from medfed.core.run_proof import RunProofError, verify_run
-from medfed.core.scaffold import gradient_correction, site_control_update
+from medfed.core.scaffold import site_control_update, step_correction
 from medfed.core.schema import (
     SCAFFOLD_CONTROL_KEY,
     LandmarkReport,
@@ -330,9 +330,9 @@ class SiteWorker:
                 lr,
                 proximal_mu=asked.proximal_mu,
                 local_steps=asked.local_steps,
-                gradient_correction=None
+                step_correction=None
                 if control is None
-                else gradient_correction(control[1], control[0], learning_rate=lr),
+                else step_correction(control[1], control[0]),
             )
         except ValueError as exc:
             rule = "strategy.proximal_mu" if asked.proximal_mu < 0 else "strategy.local_steps"

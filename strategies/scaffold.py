@@ -36,7 +36,9 @@ class Scaffold(FedAvg):
 
     What the client must do (medfed's site worker does it, plain and DP-SGD alike):
     keep its own control variate ``D_i`` at the site, per run (never sent); train
-    exactly ``local_steps`` steps, adding ``(D - D_i) / lr`` to every gradient; then set
+    exactly ``local_steps`` steps, moving its parameters by ``-(D - D_i)`` after each
+    (with plain SGD the paper's gradient ``g - c_i + c``; applied to the step so that
+    Adam does not rescale it nor momentum accumulate it); then set
     ``D_i += (x - y_i) / K - D``. A site that cannot (DP-SGD planned for fewer steps)
     refuses the round under rule ``strategy.local_steps``; it never drops the correction.
 
@@ -45,10 +47,11 @@ class Scaffold(FedAvg):
     beyond the (masked) model update leaves a site, so it runs under secure
     aggregation, where the server only learns the weighted mean. Under DP-SGD the
     site's ``D_i`` is a function of its DP-trained models (post-processing: no further
-    epsilon), and the correction is a constant added after clipping and noise.
+    epsilon), and the correction is a constant applied after clipping and noise.
 
     Caveats. The theory is for local SGD; with Adam (the plain trainer's optimizer)
-    ``(x - y_i) / K`` is the mean Adam step, a usable but unproven control variate. A site
+    ``D_i`` becomes the site's mean Adam step and the correction swaps it for the
+    federation's mean step: the same idea, without the paper's proof. A site
     that drops out after training has still updated its ``D_i``, and the server counted
     it in ``|S|``: the two drift apart by that round's share until later rounds correct
     them.

@@ -83,8 +83,8 @@ class PrivateTraining:
         outputs, the anchor is the global model), so it costs no privacy, and kept out
         of the per-sample gradients it is neither clipped nor mistaken for data.
 
-        ``correction``: one constant (or None) per ``optimizer.params``, added to the
-        noised gradient the same way (SCAFFOLD's ``c - c_i``: the server's control
+        ``correction``: one constant (or None) per ``optimizer.params``, subtracted from
+        the parameters after the step (SCAFFOLD's ``lr (c - c_i)``: the server's control
         variate and the site's own, both functions of earlier DP outputs only).
 
         ``units`` (``privacy.unit`` "scan" or "patient"): for each example, the index
@@ -110,16 +110,17 @@ class PrivateTraining:
         if proximal is None and correction is None:
             self.optimizer.step()  # Opacus: clip each sample (or unit), sum, add noise, account
         elif self.optimizer.pre_step():  # the same, up to p.grad (False: a skipped step)
-            with torch.no_grad():
-                if proximal is not None:
-                    mu, anchors = proximal
+            if proximal is not None:
+                mu, anchors = proximal
+                with torch.no_grad():
                     for p, anchor in zip(self.optimizer.params, anchors, strict=True):
                         p.grad.add_(p.detach() - anchor, alpha=mu)
-                if correction is not None:
+            self.optimizer.original_optimizer.step()
+            if correction is not None:
+                with torch.no_grad():
                     for p, offset in zip(self.optimizer.params, correction, strict=True):
                         if offset is not None:
-                            p.grad.add_(offset)
-            self.optimizer.original_optimizer.step()
+                            p.sub_(offset)
         return float(loss.detach())
 
     def _per_unit_in_chunks(
@@ -306,7 +307,7 @@ def dp_train(
     units: torch.Tensor | None = None,
     proximal_mu: float = 0.0,
     local_steps: int = 0,
-    gradient_correction: Sequence[torch.Tensor | None] | None = None,
+    step_correction: Sequence[torch.Tensor | None] | None = None,
 ) -> DPTrainStats:
     """Train ``model`` in place with DP-SGD; FedProx's proximal term when ``proximal_mu`` > 0.
 
@@ -335,8 +336,8 @@ def dp_train(
     counts: it is charged), refused (MedfedError) when more than the ``epochs`` passes
     the round's budget was planned for, so the accountant never charges more than was
     reserved (fewer steps over-count: the safe side).
-    ``gradient_correction``: one constant per trainable parameter, added after clipping
-    and noise (:meth:`PrivateTraining.step`).
+    ``step_correction``: one constant per trainable parameter, subtracted after each
+    step, so after clipping and noise (:meth:`PrivateTraining.step`).
     """
     from medfed.tasks.dp_noise import SecureRandom
 
@@ -409,7 +410,7 @@ def dp_train(
                 empty += 1
                 continue
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss = private.step(loss_fn, x, y, owner, proximal, gradient_correction)
+            loss = private.step(loss_fn, x, y, owner, proximal, step_correction)
             with torch.no_grad():
                 for p, avg in averaged:
                     avg.lerp_(p.detach(), 1.0 - average_iterates)

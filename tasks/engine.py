@@ -83,13 +83,13 @@ def train(
     amp: bool = True,
     proximal_mu: float = 0.0,
     local_steps: int = 0,
-    gradient_correction: list[torch.Tensor | None] | None = None,
+    step_correction: list[torch.Tensor | None] | None = None,
 ) -> TrainStats:
     """Train ``model`` in place on ``data``; FedProx's proximal term when ``proximal_mu`` > 0.
 
     ``local_steps`` > 0: exactly that many steps, the data cycled (else ``epochs`` passes).
-    ``gradient_correction``: one tensor (or None) per parameter, added to its gradient
-    before every step (SCAFFOLD's ``c - c_i``; :func:`medfed.tasks.trainer.correction_tensors`).
+    ``step_correction``: one tensor (or None) per trainable parameter, subtracted from it
+    after every step (SCAFFOLD's ``lr (c - c_i)``; :func:`medfed.tasks.trainer.correction_tensors`).
     """
     model.to(device).train()
     loss_fn = task.build_loss()
@@ -110,12 +110,12 @@ def train(
             prox = sum(((p - a) ** 2).sum() for p, a in pairs)
             loss = loss + 0.5 * proximal_mu * prox
         loss.backward()
-        if gradient_correction is not None:
-            with torch.no_grad():
-                for p, offset in zip(trainable, gradient_correction, strict=True):
-                    if offset is not None:
-                        p.grad = offset.clone() if p.grad is None else p.grad.add_(offset)
         optimizer.step()
+        if step_correction is not None:
+            with torch.no_grad():
+                for p, offset in zip(trainable, step_correction, strict=True):
+                    if offset is not None:
+                        p.sub_(offset)
         total += float(loss.detach()) * len(x)
         seen += len(x)
         steps += 1

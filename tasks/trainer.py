@@ -10,10 +10,12 @@ Two options generalise what a strategy may ask of a site's loop:
 
 - ``local_steps`` > 0: exactly that many optimizer steps, the data cycled as needed
   (instead of ``epochs``); SCAFFOLD needs the same K at every site.
-- ``gradient_correction``: a constant per parameter added to every gradient before the
-  optimizer step (SCAFFOLD's ``c - c_i``). Under DP-SGD it is added after clipping and
-  noise, like the proximal term: it depends on no example of this round, so it costs
-  no privacy and is neither clipped nor mistaken for data.
+- ``step_correction``: a constant per parameter subtracted from it after every optimizer
+  step (SCAFFOLD's ``lr (c - c_i)``: with plain SGD the same as adding ``c - c_i`` to the
+  gradient, and unlike that not rescaled by Adam nor accumulated by momentum). Under
+  DP-SGD it comes after clipping and noise, like the proximal term: it depends on no
+  example of this round, so it costs no privacy and is neither clipped nor mistaken
+  for data.
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ class RoundOptions:
     proximal_mu: float = 0.0
     #: Exactly this many local steps (0: ``epochs`` passes over the data), e.g. SCAFFOLD's K.
     local_steps: int = 0
-    #: Added to each named parameter's gradient before every step (SCAFFOLD's c - c_i).
-    gradient_correction: Mapping[str, np.ndarray] | None = None
+    #: Subtracted from each named parameter after every step (SCAFFOLD's lr (c - c_i)).
+    step_correction: Mapping[str, np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         if self.proximal_mu < 0:
@@ -57,9 +59,9 @@ class RoundOptions:
                 f"the strategy's local-steps is {self.local_steps}; expected a value >= 0 "
                 "(strategy option local_steps)"
             )
-        if self.gradient_correction is not None and self.local_steps <= 0:
+        if self.step_correction is not None and self.local_steps <= 0:
             raise ValueError(
-                "the strategy sent a gradient correction (a control variate) without a "
+                "the strategy sent a step correction (a control variate) without a "
                 "fixed number of local steps; expected local_steps > 0 (strategy option "
                 "local_steps)"
             )
@@ -80,7 +82,7 @@ def correction_tensors(
     state = set(model.state_dict())
     unknown = [k for k in correction if k not in names and k not in state]
     if unknown:
-        raise ValueError(f"gradient correction for unknown parameters {sorted(unknown)[:3]}")
+        raise ValueError(f"step correction for unknown parameters {sorted(unknown)[:3]}")
     out: list[torch.Tensor | None] = []
     for name, p in named:
         value = correction.get(name)
@@ -89,7 +91,7 @@ def correction_tensors(
             continue
         if tuple(value.shape) != tuple(p.shape):
             raise ValueError(
-                f"gradient correction of {name!r} has shape {tuple(value.shape)}, "
+                f"step correction of {name!r} has shape {tuple(value.shape)}, "
                 f"the parameter {tuple(p.shape)}"
             )
         out.append(torch.as_tensor(np.asarray(value), dtype=p.dtype, device=device))
@@ -142,7 +144,7 @@ class PlainTrainer:
             amp=self.amp,
             proximal_mu=options.proximal_mu,
             local_steps=options.local_steps,
-            gradient_correction=correction_tensors(model, options.gradient_correction, self.device),
+            step_correction=correction_tensors(model, options.step_correction, self.device),
         )
 
 
@@ -182,5 +184,5 @@ class DpSgdTrainer:
             units=self.units,
             proximal_mu=options.proximal_mu,
             local_steps=options.local_steps,
-            gradient_correction=correction_tensors(model, options.gradient_correction, self.device),
+            step_correction=correction_tensors(model, options.step_correction, self.device),
         )

@@ -28,7 +28,7 @@ from medfed.core.config import RunConfig
 from medfed.core.errors import ConfigError, MedfedError
 from medfed.core.packing import WEIGHTS_KEY
 from medfed.core.runs import RunFolder
-from medfed.core.scaffold import gradient_correction, server_control_update, site_control_update
+from medfed.core.scaffold import server_control_update, site_control_update, step_correction
 from medfed.core.schema import SCAFFOLD_CONTROL_KEY, SiteInstruction
 from medfed.server.rounds import run_rounds
 from medfed.server.streaming_mean import StreamingMean, streams
@@ -87,11 +87,9 @@ def test_the_servers_update_equals_the_reference_from_every_sites_control(sample
     )
 
 
-def test_the_correction_is_the_difference_of_the_control_variates_over_the_learning_rate() -> None:
-    got = gradient_correction(
-        {"w": np.array([0.1, 0.0])}, {"w": np.array([0.3, -0.2])}, learning_rate=0.1
-    )
-    np.testing.assert_allclose(got["w"], [2.0, -2.0], rtol=1e-6)
+def test_the_correction_is_the_difference_of_the_control_variates() -> None:
+    got = step_correction({"w": np.array([0.1, 0.0])}, {"w": np.array([0.3, -0.2])})
+    np.testing.assert_allclose(got["w"], [0.2, -0.2], rtol=1e-6)
     with pytest.raises(ValueError):
         server_control_update(
             np.zeros(2), np.zeros(2), np.zeros(2), local_steps=0, sampled=1, total=1
@@ -119,12 +117,10 @@ class ScaffoldGrid:
                 asked = SiteInstruction.read(dict(m.content[wire.CONFIG_KEY]), {})
                 x = m.content[wire.ARRAYS_KEY][WEIGHTS_KEY].numpy()
                 control = m.content[wire.ARRAYS_KEY][SCAFFOLD_CONTROL_KEY].numpy()
-                corr = gradient_correction(
-                    {"w": self.own[node]}, {"w": control}, learning_rate=self.lr
-                )["w"]
+                corr = step_correction({"w": self.own[node]}, {"w": control})["w"]
                 y = x.copy()
-                for _ in range(asked.local_steps):
-                    y -= self.lr * ((y - self.optimum[node]) + corr)
+                for _ in range(asked.local_steps):  # SGD on the site's quadratic, corrected
+                    y -= self.lr * (y - self.optimum[node]) + corr
                 self.own[node] = site_control_update(
                     {"w": self.own[node]},
                     {"w": control},
@@ -244,35 +240,43 @@ def _correction(model: nn.Module) -> dict[str, np.ndarray]:
     }
 
 
-def test_plain_training_applies_the_correction_to_every_gradient() -> None:
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_both_loops_move_a_model_without_gradient_by_exactly_the_correction(
+    optimizer: str,
+) -> None:
+    task, steps = _flat_task(), 3
+    trainers = {
+        "plain": PlainTrainer(torch.device("cpu"), seed=1),
+        "dp-sgd": DpSgdTrainer(  # no noise: only the correction may move it
+            torch.device("cpu"), noise_multiplier=0.0, max_grad_norm=1.0, optimizer=optimizer
+        ),
+    }
+    for name, trainer in trainers.items():
+        torch.manual_seed(0)
+        model = nn.Linear(3, 2)
+        before = {n: p.detach().numpy().copy() for n, p in model.named_parameters()}
+        corr = _correction(model)
+        options = RoundOptions(steps, 8, 0.01, local_steps=steps, step_correction=corr)
+        stats = trainer.train(task, model, _data(), options)
+        assert stats.steps == steps, name
+        for n, p in model.named_parameters():
+            np.testing.assert_allclose(
+                p.detach().numpy(), before[n] - steps * corr[n], atol=1e-6, err_msg=name
+            )
+
+
+def test_the_correction_is_not_rescaled_by_adam() -> None:
+    """With a gradient, Adam's step is at most about lr long; the correction comes on top."""
+    task = dataclasses.replace(_flat_task(), build_loss=nn.MSELoss)
     torch.manual_seed(0)
-    task, model = _flat_task(), nn.Linear(3, 2)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    corr = _correction(model)
-    options = RoundOptions(1, 8, 0.01, local_steps=1, gradient_correction=corr)
-    stats = PlainTrainer(torch.device("cpu"), seed=1).train(task, model, _data(), options)
-    assert stats.steps == 1
+    model = nn.Linear(3, 2)
+    before = {n: p.detach().numpy().copy() for n, p in model.named_parameters()}
+    corr = {n: np.full(tuple(p.shape), 0.5, np.float32) for n, p in model.named_parameters()}
+    options = RoundOptions(1, 8, 0.01, local_steps=1, step_correction=corr)
+    PlainTrainer(torch.device("cpu"), seed=1).train(task, model, _data(), options)
     for n, p in model.named_parameters():
-        # Adam's first step is lr * g / (|g| + eps): the correction's direction, lr long
-        expected = before[n].numpy() - 0.01 * np.sign(corr[n])
-        np.testing.assert_allclose(p.detach().numpy(), expected, atol=1e-6)
-
-
-def test_dp_sgd_applies_the_correction_after_clipping_and_noise() -> None:
-    torch.manual_seed(0)
-    task, model = _flat_task(), nn.Linear(3, 2)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    corr = _correction(model)
-    options = RoundOptions(1, 8, 0.01, local_steps=1, gradient_correction=corr)
-    trainer = DpSgdTrainer(
-        torch.device("cpu"), noise_multiplier=0.0, max_grad_norm=1.0, optimizer="sgd"
-    )
-    stats = trainer.train(task, model, _data(), options)
-    assert stats.steps == 1
-    for n, p in model.named_parameters():  # SGD: exactly lr times the correction
-        np.testing.assert_allclose(
-            p.detach().numpy(), before[n].numpy() - 0.01 * corr[n], atol=1e-6
-        )
+        moved = before[n] - p.detach().numpy()
+        assert np.all(np.abs(moved - 0.5) <= 0.0101)
 
 
 def test_both_loops_take_exactly_the_strategys_local_steps() -> None:
@@ -294,8 +298,8 @@ def test_dp_sgd_refuses_more_steps_than_its_budget_was_planned_for() -> None:
 
 def test_a_correction_without_fixed_steps_or_for_unknown_parameters_is_refused() -> None:
     with pytest.raises(ValueError, match="local_steps"):
-        RoundOptions(1, 4, 0.01, gradient_correction={"weight": np.zeros((2, 3))})
-    options = RoundOptions(1, 4, 0.01, local_steps=1, gradient_correction={"nope": np.zeros(2)})
+        RoundOptions(1, 4, 0.01, step_correction={"weight": np.zeros((2, 3))})
+    options = RoundOptions(1, 4, 0.01, local_steps=1, step_correction={"nope": np.zeros(2)})
     with pytest.raises(ValueError, match="unknown parameters"):
         PlainTrainer(torch.device("cpu"), seed=1).train(
             _flat_task(), nn.Linear(3, 2), _data(), options

@@ -5,14 +5,18 @@ these; they live in the core because both sides need them.
 
 Units. medfed keeps control variates as *drift per local step*, in parameter units:
 ``D = lr * c``, where ``c`` is the paper's control variate (a gradient) and ``lr`` the
-site's local learning rate. The server then needs no learning rate (the sites know
-theirs); a site turns ``D`` back into a gradient correction by dividing by ``lr``.
+site's local learning rate. Nobody then needs a learning rate: the server updates ``D``
+from models, and a site corrects each of its steps by ``D - D_i`` in parameter space.
 
 One round, with ``x`` the global model sent, ``K`` the strategy's fixed number of local
 steps (the same at every site), ``y_i`` site ``i``'s model after them:
 
-- the site corrects every gradient by ``c - c_i = (D - D_i) / lr`` (added after DP-SGD's
-  clipping and noise: a constant, data-independent offset);
+- after every optimizer step the site moves its parameters by ``-(D - D_i)``. With plain
+  SGD that is the paper's corrected gradient ``g - c_i + c`` (``lr (c - c_i) = D - D_i``);
+  with Adam (medfed's default) or momentum the optimizer would rescale or accumulate a
+  correction added to the gradient (Adam divides it by the gradient's own scale, so a
+  site's data would drown in it), so it is applied to the step instead. Under DP-SGD it
+  comes after clipping and noise: a constant, data-independent offset;
 - the site then sets ``D_i+ = D_i - D + (x - y_i) / K`` (option II) and keeps it;
 - the server, from the aggregated model ``y_bar = sum_S p_i y_i`` alone (``p_i`` the
   aggregation weights, the sites' example counts normalised over the round's sites
@@ -75,13 +79,8 @@ def site_control_update(
     }
 
 
-def gradient_correction(
-    own: Mapping[str, np.ndarray], control: Mapping[str, np.ndarray], *, learning_rate: float
+def step_correction(
+    own: Mapping[str, np.ndarray], control: Mapping[str, np.ndarray]
 ) -> dict[str, np.ndarray]:
-    """What a site adds to each gradient: ``c - c_i = (D - D_i) / lr``, per tensor."""
-    if learning_rate <= 0:
-        raise ValueError(f"learning rate {learning_rate}: expected > 0")
-    return {
-        k: ((control[k].astype(np.float64) - own[k]) / learning_rate).astype(np.float32)
-        for k in control
-    }
+    """What a site subtracts from its parameters after each step: ``D - D_i = lr (c - c_i)``."""
+    return {k: (control[k].astype(np.float64) - own[k]).astype(np.float32) for k in control}
