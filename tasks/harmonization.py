@@ -48,15 +48,29 @@ LANDMARK_PERCENTILES = (1.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.
 MIN_GAP = 1e-6
 
 
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of ``values``: the cut that best separates two intensity classes."""
+    hist, edges = np.histogram(values, bins=bins)
+    centers = (edges[:-1] + edges[1:]) / 2
+    below = np.cumsum(hist)[:-1].astype(np.float64)  # voxels at or below each cut
+    above = hist.sum() - below
+    sum_below = np.cumsum(hist * centers)[:-1]
+    mean_below = sum_below / np.maximum(below, 1)
+    mean_above = (np.sum(hist * centers) - sum_below) / np.maximum(above, 1)
+    between = below * above * (mean_below - mean_above) ** 2
+    return float(edges[int(np.argmax(between)) + 1])
+
+
 def scan_landmarks(image: torch.Tensor) -> np.ndarray:
     """One scan's landmarks: ``LANDMARK_PERCENTILES`` of its foreground voxels.
 
-    Foreground: voxels above the scan's minimum (the background after preprocessing's
-    clipping); a scan without any is taken whole.
+    Foreground: voxels above the scan's Otsu threshold (the head, not the air around
+    it, which after resampling is not exactly at the minimum); a scan where that leaves
+    nothing is taken whole.
     """
     values = image.detach().reshape(-1).double()
-    foreground = values[values > values.min()]
-    if foreground.numel() == 0:
+    foreground = values[values > otsu_threshold(values.numpy())]
+    if foreground.numel() < len(LANDMARK_PERCENTILES):
         foreground = values
     q = torch.tensor(LANDMARK_PERCENTILES, dtype=torch.float64) / 100.0
     return _increasing(torch.quantile(foreground, q).numpy())

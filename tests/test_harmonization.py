@@ -18,20 +18,21 @@ from medfed.tasks.harmonization import (
     LANDMARK_PERCENTILES,
     federated_standard,
     harmonize,
+    otsu_threshold,
     scan_landmarks,
     site_landmarks,
     standardize,
 )
 
 
-def _scan(seed: int, *, gamma: float = 1.0, gain: float = 1.0, n: int = 4096) -> torch.Tensor:
-    """A 'scan': background zeros and a foreground of three tissues, through a scanner curve."""
+def _scan(seed: int, *, gamma: float = 1.0, gain: float = 1.0, n: int = 2048) -> torch.Tensor:
+    """A 'scan': noisy air around a head of three tissues, through a scanner's curve."""
     g = torch.Generator().manual_seed(seed)
     tissue = torch.randint(1, 4, (n,), generator=g).double()
-    values = (tissue / 4 + 0.03 * torch.randn(n, generator=g, dtype=torch.float64)).clamp(0.01, 1)
+    values = (0.3 * tissue + 0.03 * torch.randn(n, generator=g, dtype=torch.float64)).clamp(0.1, 1)
     values = gain * values**gamma
-    background = torch.zeros(n // 4, dtype=torch.float64)
-    return torch.cat([background, values]).float()
+    air = 0.02 * torch.randn(2 * n, generator=g, dtype=torch.float64).abs()
+    return torch.cat([air, values]).float()
 
 
 def test_each_scans_landmarks_go_exactly_onto_the_standard() -> None:
@@ -40,10 +41,11 @@ def test_each_scans_landmarks_go_exactly_onto_the_standard() -> None:
     standard = np.linspace(0.05, 0.95, len(LANDMARK_PERCENTILES))
     mapped = standardize(torch.as_tensor(landmarks), landmarks, standard)
     np.testing.assert_allclose(mapped.numpy(), standard, atol=1e-9)
-    # and the mapped scan's own landmarks are the standard's (up to the quantiles' steps)
-    np.testing.assert_allclose(
-        scan_landmarks(standardize(image, landmarks, standard)), standard, atol=2e-3
-    )
+    # and so are the quantiles of the mapped scan's foreground (the mapping is monotone)
+    foreground = image > otsu_threshold(image.double().numpy())
+    mapped_foreground = standardize(image, landmarks, standard)[foreground].double()
+    q = torch.tensor(LANDMARK_PERCENTILES, dtype=torch.float64) / 100
+    np.testing.assert_allclose(torch.quantile(mapped_foreground, q), standard, atol=2e-3)
 
 
 def test_the_mapping_is_piecewise_linear_and_monotone() -> None:
@@ -79,14 +81,14 @@ def test_the_standard_is_the_scan_weighted_average_the_server_computes() -> None
 
 def _site(seeds: list[int], **scanner: float) -> SiteData:
     scans = [_scan(s, **scanner) for s in seeds]
-    x = torch.stack([s.reshape(1, 80, 64) for s in scans])
-    y = torch.zeros(len(scans), 1, 80, 64, dtype=torch.int64)
+    x = torch.stack([s.reshape(1, 96, 64) for s in scans])
+    y = torch.zeros(len(scans), 1, 96, 64, dtype=torch.int64)
     return SiteData(train=TensorDataset(x[:-1], y[:-1]), val=TensorDataset(x[-1:], y[-1:]))
 
 
 def test_two_scanners_give_matching_histograms_once_harmonized() -> None:
     soft = _site([1, 2, 3, 4], gamma=0.6, gain=1.0)
-    hard = _site([5, 6, 7, 8], gamma=2.0, gain=0.7)
+    hard = _site([5, 6, 7, 8], gamma=1.6, gain=0.8)
     (la, na), (lb, nb) = site_landmarks(soft), site_landmarks(hard)
     assert (na, nb) == (3, 3)
     standard = federated_standard([la, lb], [na, nb])
@@ -96,11 +98,16 @@ def test_two_scanners_give_matching_histograms_once_harmonized() -> None:
         # training one
         scans = [data.val[0][0].reshape(-1), data.train[0][0].reshape(-1)]
         q = np.linspace(0.05, 0.95, 19)
-        return np.stack([np.quantile(v[v > v.min()].numpy(), q) for v in scans])
+        return np.stack(
+            [np.quantile(v[v > otsu_threshold(v.double().numpy())].numpy(), q) for v in scans]
+        )
 
-    before = np.abs(quantiles(soft) - quantiles(hard)).max()
+    before = np.abs(quantiles(soft) - quantiles(hard))
     after = np.abs(quantiles(harmonize(soft, standard)) - quantiles(harmonize(hard, standard)))
-    assert before > 0.2 and after.max() < 0.03, (before, after.max())
+    # the same tissue at the same value: typically within 0.01 (a quantile next to a jump
+    # between tissues may move further), where the scanners put it 0.1 to 0.35 apart
+    assert np.median(before) > 0.1 and np.median(after) < 0.01, (before, after)
+    assert after.max() < 0.2 * before.max()
 
 
 def test_a_landmark_report_reads_back_and_rejects_junk() -> None:
