@@ -48,6 +48,10 @@ bias_correction = "off"   # "n4": divide each MRI scan by its N4 bias field firs
 [policy]
 allowed_tasks = ["*"]         # e.g. ["brain-tissue-seg"]
 allowed_strategies = ["*"]    # e.g. ["fedavg", "fedprox"]
+# Harmonization "histogram" asks for 11 intensity quantiles of your training scans (not
+# covered by DP; refused under DP anyway). Under secure aggregation they are sent in the
+# clear only if this is true.
+share_landmarks = false
 
 [privacy]
 # The site's privacy budget per dataset, enforced here and recorded in the ledger

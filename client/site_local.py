@@ -21,17 +21,24 @@ CACHED_RUNS = 4
 
 
 class SiteLocalStore:
-    """``<site folder>/site-local/run-<id>.npz``: one file per run."""
+    """``<site folder>/site-local/run-<id><suffix>.npz``: one file per run.
 
-    def __init__(self, site_dir: Path) -> None:
+    ``suffix`` names another kind of per-run site state kept the same way, e.g.
+    ``".scaffold"``: SCAFFOLD's control variate of the site (never sent either).
+    """
+
+    def __init__(self, site_dir: Path, *, suffix: str = "") -> None:
+        if suffix and not re.fullmatch(r"\.[a-z0-9-]{1,32}", suffix):
+            raise ValueError(f"invalid site-local suffix {suffix!r}")
         self.folder = Path(site_dir) / FOLDER
+        self.suffix = suffix
         self._cache: dict[str, dict[str, np.ndarray]] = {}  # read from disk once per run
 
     def path(self, run_id: str) -> Path:
         """The file of ``run_id`` (the id is checked: it becomes part of a path)."""
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run_id):
             raise ValueError(f"invalid run id {run_id!r} for a file name")
-        return self.folder / f"run-{run_id}.npz"
+        return self.folder / f"run-{run_id}{self.suffix}.npz"
 
     def load(self, run_id: str) -> dict[str, np.ndarray] | None:
         """The run's site-local parameters, or None before its first training round."""

@@ -40,11 +40,20 @@ from medfed.core.errors import MedfedError
 from medfed.core.identity import load_certificates
 from medfed.core.packing import WEIGHTS_KEY, Layout, shared_state, unpack
 from medfed.core.run_proof import RunProofError, verify_run
-from medfed.core.schema import SecAggReply, SiteInstruction, SiteReply, SiteRequest
+from medfed.core.scaffold import site_control_update, step_correction
+from medfed.core.schema import (
+    SCAFFOLD_CONTROL_KEY,
+    LandmarkReport,
+    SecAggReply,
+    SiteInstruction,
+    SiteReply,
+    SiteRequest,
+)
 from medfed.data import take_healed
 from medfed.tasks import SiteData, Task, engine, get_task
 from medfed.tasks.adaptation import local_keys
 from medfed.tasks.dp_units import UnitUnknown, privacy_units
+from medfed.tasks.harmonization import harmonize, site_landmarks
 from medfed.tasks.pretrain import initial_weights
 from medfed.tasks.trainer import DpSgdTrainer, PlainTrainer, RoundOptions, Trainer
 
@@ -74,12 +83,18 @@ class SiteWorker:
     privacy: PrivacyGate = field(init=False)
     secure: SecureSite = field(init=False)
     site_local: SiteLocalStore = field(init=False)
+    #: SCAFFOLD's control variate of this site, per run (never sent)
+    controls: SiteLocalStore = field(init=False)
     released: ReleasedUpdates = field(init=False)
     signed_runs: SignedRuns = field(init=False)
     revocations: CoordinatorRevocations = field(init=False)
     _train_chain: OutboundChain = field(init=False)
     _resend_chain: OutboundChain = field(init=False)
     _data: dict[str, SiteData] = field(default_factory=dict, init=False)
+    #: The site's data mapped onto a run's standard landmarks: (task, standard) -> data
+    _harmonized: dict[tuple[str, tuple[float, ...]], SiteData] = field(
+        default_factory=dict, init=False
+    )
     _models: dict[str, torch.nn.Module] = field(default_factory=dict, init=False)
     _shared: dict[tuple[str, str], tuple[frozenset[str], Layout]] = field(
         default_factory=dict, init=False
@@ -98,6 +113,7 @@ class SiteWorker:
             federation_cas=self._federation_cas if self.verify_identities else None,
         )
         self.site_local = SiteLocalStore(Path(self.config_path).resolve().parent)
+        self.controls = SiteLocalStore(Path(self.config_path).resolve().parent, suffix=".scaffold")
         self.released = ReleasedUpdates(Path(self.config_path).resolve().parent)
         self.signed_runs = SignedRuns(Path(self.config_path).resolve().parent / SIGNED_RUNS_FILE)
         self.revocations = CoordinatorRevocations(
@@ -290,9 +306,11 @@ class SiteWorker:
         arrays: dict,
     ) -> wire.Frame:
         task = get_task(run.task)
-        data = self.data_for(task)
-        model = self._load_global(task, run, run_id, arrays)
         rnd = asked.server_round
+        data = self._run_data(task, run, asked)
+        if data is None:
+            return self._refuse(run_id, "harmonization", _NO_STANDARD, rnd=rnd, status="failed")
+        model = self._load_global(task, run, run_id, arrays)
         if (
             arrays.get(WEIGHTS_KEY) is not None
             and (
@@ -304,10 +322,43 @@ class SiteWorker:
         ):
             return self._resend(run, run_id, session, rnd, asked, arrays, replay)
         epochs, batch_size, lr = _round_shape(run, task)
+        control = self._control(task, run, run_id, arrays)
         try:  # every option the strategy sent, checked before any epsilon is reserved
-            options = RoundOptions(epochs, batch_size, lr, proximal_mu=asked.proximal_mu)
+            options = RoundOptions(
+                epochs,
+                batch_size,
+                lr,
+                proximal_mu=asked.proximal_mu,
+                local_steps=asked.local_steps,
+                step_correction=None
+                if control is None
+                else step_correction(control[1], control[0]),
+            )
         except ValueError as exc:
-            return self._refuse(run_id, "strategy.proximal_mu", str(exc), rnd=rnd)
+            rule = "strategy.proximal_mu" if asked.proximal_mu < 0 else "strategy.local_steps"
+            return self._refuse(run_id, rule, str(exc), rnd=rnd)
+        if control is not None and run.privacy.mode == "update":
+            return self._refuse(
+                run_id,
+                "privacy.mode",
+                "SCAFFOLD's site control variate would be computed from the un-noised "
+                "local model, which update-level DP does not cover; use --dp sample (the "
+                "control variate is then post-processing of DP-SGD) or another strategy",
+                rnd=rnd,
+            )
+        if run.privacy.mode == "sample" and asked.local_steps:
+            units = _privacy_units(run, data)
+            planned = epochs * -(-units // batch_size)
+            if asked.local_steps > planned:  # DP-SGD cannot take them within its budget
+                return self._refuse(
+                    run_id,
+                    "strategy.local_steps",
+                    f"the strategy asks for {asked.local_steps} local steps, more than the "
+                    f"{planned} DP-SGD steps ({epochs} epoch(s) of {units} units in batches "
+                    f"of {batch_size}) this site's privacy budget is planned for; lower the "
+                    "strategy's local_steps or raise the run's local epochs",
+                    rnd=rnd,
+                )
         try:
             privacy = self.privacy.before_training(
                 run,
@@ -333,7 +384,14 @@ class SiteWorker:
             log.info(
                 "run %s round %s: train loss %.4f (not sent under DP)", run_id, rnd, stats.loss
             )
-        local, _ = self.shared_spec(task, run.adaptation)
+        local, layout = self.shared_spec(task, run.adaptation)
+        if control is not None:  # option II, kept at the site before the reply leaves
+            trained = engine.get_weights(model)
+            sent = unpack(arrays[WEIGHTS_KEY], layout)
+            own = site_control_update(
+                control[1], control[0], sent, trained, local_steps=asked.local_steps
+            )
+            self.controls.save(str(run_id), own)
         out = self._train_chain(
             Outbound(
                 run,
@@ -351,6 +409,84 @@ class SiteWorker:
             )
         )
         return self._result(out.metrics, out.arrays)
+
+    def _run_data(self, task: Task, run: RunConfig, asked: SiteInstruction) -> SiteData | None:
+        """The site's data as the run sees it: harmonized onto the run's standard, if any.
+
+        None: the run harmonizes but the request carries no standard (never trained or
+        scored unharmonized in its place).
+        """
+        data = self.data_for(task)
+        if run.harmonization == "off":
+            return data
+        if not asked.standard_landmarks:
+            return None
+        key = (task.name, asked.standard_landmarks)
+        if key not in self._harmonized:
+            while len(self._harmonized) >= 2:  # a daemon serves many runs: keep few
+                self._harmonized.pop(next(iter(self._harmonized)))
+            self._harmonized[key] = harmonize(data, asked.standard_landmarks)
+        return self._harmonized[key]
+
+    def _landmarks(self, run: RunConfig, run_id: object) -> wire.Frame:
+        """Answer a landmarks query: the site's intensity landmarks, if its rules allow.
+
+        They are statistics of the site's data that no DP mechanism covers: refused
+        under DP (the run's or the site's), and under secure aggregation unless the
+        site's policy allows them in the clear (``policy.share_landmarks``).
+        """
+        if run.harmonization != "histogram":
+            return self._refuse(
+                run_id, "harmonization", "the run does not harmonize", status="failed"
+            )
+        if run.privacy.mode != "off":
+            return self._refuse(
+                run_id,
+                "privacy.mode",
+                f"the run uses DP ({run.privacy.mode}), which does not cover the intensity "
+                "landmarks harmonization 'histogram' would send; run with harmonization "
+                "off, or without DP",
+            )
+        if self.config.privacy.datasets:
+            try:
+                name, budget = self.config.privacy.budget_for(run.dataset)
+            except MedfedError as exc:
+                return self._refuse(run_id, "privacy.datasets", exc.what)
+            if budget.dp_required:
+                return self._refuse(
+                    run_id,
+                    f"privacy.datasets.{name}.dp_required",
+                    "this site requires DP on its data, which does not cover the intensity "
+                    "landmarks harmonization 'histogram' would send",
+                )
+        if run.secure_aggregation != "off" and not self.config.policy.share_landmarks:
+            return self._refuse(
+                run_id,
+                "policy.share_landmarks",
+                "harmonization 'histogram' needs this site's intensity landmarks in the "
+                "clear, but the run uses secure aggregation and the site's policy does not "
+                "allow them (set policy.share_landmarks = true in site.toml to allow)",
+            )
+        landmarks, scans = site_landmarks(self.data_for(get_task(run.task)))
+        report = LandmarkReport(tuple(float(v) for v in landmarks), scans)
+        self.audit.record("landmarks-sent", run_id=run_id, **report.metrics())
+        return self._result(report.metrics())
+
+    def _control(
+        self, task: Task, run: RunConfig, run_id: object, arrays: dict
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None:
+        """SCAFFOLD's server control variate (as sent) and this site's own (None: not sent).
+
+        The site's own starts at zero and is kept per run in ``site-local/`` (never sent).
+        """
+        if arrays.get(SCAFFOLD_CONTROL_KEY) is None:
+            return None
+        _, layout = self.shared_spec(task, run.adaptation)
+        server = unpack(np.asarray(arrays[SCAFFOLD_CONTROL_KEY], dtype=np.float32), layout)
+        own = self.controls.load(str(run_id)) or {
+            k: np.zeros_like(v, dtype=np.float32) for k, v in server.items()
+        }
+        return server, own
 
     def _trainer(self, run: RunConfig, rnd: int, privacy: RoundPrivacy, data: SiteData) -> Trainer:
         """Plain training, or DP-SGD when the round's privacy mode is "sample"."""
@@ -406,7 +542,9 @@ class SiteWorker:
     def _query(
         self, run: RunConfig, run_id: object, session: str, asked: SiteInstruction
     ) -> wire.Frame:
-        """Secure-aggregation set-up (join) and unmasking (reveal) for a run."""
+        """Secure-aggregation set-up (join) and unmasking (reveal) for a run; landmarks."""
+        if asked.landmarks_query:
+            return self._landmarks(run, run_id)
         if run.secure_aggregation == "off":
             return self._refuse(
                 run_id, "query", "the run has secure aggregation off", status="failed"
@@ -463,7 +601,11 @@ class SiteWorker:
         self, run: RunConfig, run_id: object, session: str, asked: SiteInstruction, arrays: dict
     ) -> wire.Frame:
         task = get_task(run.task)
-        data = self.data_for(task)
+        data = self._run_data(task, run, asked)
+        if data is None:
+            return self._refuse(
+                run_id, "harmonization", _NO_STANDARD, rnd=asked.server_round, status="failed"
+            )
         model = self._load_global(task, run, run_id, arrays)
         metrics = engine.evaluate(task, model, data.val, device=self.device)
         self.audit.record("metrics-sent", run_id=run_id, task=run.task, metrics=metrics)
@@ -483,6 +625,12 @@ class SiteWorker:
             self.audit.record("secure-aggregation-ended", run_id=run_id, reason=reason)
         self.privacy.release(str(run_id), reason=reason)
         self.released.forget(str(run_id))
+
+
+_NO_STANDARD = (
+    "the run harmonizes intensities ('histogram') but the request carries no standard "
+    "landmarks; the server sends them after its landmarks query"
+)
 
 
 def _round_shape(run: RunConfig, task: Task) -> tuple[int, int, float]:

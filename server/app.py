@@ -41,6 +41,7 @@ from medfed.core.schema import SiteInstruction
 from medfed.core.secagg import SecAggConfig
 from medfed.core.warm_start import load_start_weights
 from medfed.server.federation import secagg_certificates
+from medfed.server.harmonization import agree_standard
 from medfed.server.recording_grid import RecordingGrid
 from medfed.server.refusals import RefusalPolicy, SitesRefused
 from medfed.server.rounds import run_rounds
@@ -201,6 +202,16 @@ def run_in_folder(
         recorder = RecordingGrid(grid, folder, refusals=refusals)
         recorder.expect_replies_of(4 * layout.size)  # float32 updates (or 32-bit masked)
         recorder.restore_timings(folder.read_events())
+        standard: tuple[float, ...] = ()
+        if run.harmonization == "histogram":  # before any keys are made or epsilon spent
+            standard = agree_standard(
+                recorder,
+                min_sites=run.min_sites,
+                run_entries=signed_run,
+                refusals=refusals,
+                folder=folder,
+                timeout=run.round_timeout_s,
+            )
         if run.secure_aggregation != "off":
             # A resumed run is a new secure-aggregation session (its own Flower run id):
             # fresh per-run keys at every site, so no mask of the crashed session recurs.
@@ -257,6 +268,10 @@ def run_in_folder(
             pass_on_revocations(signed_run, config, evaluate_config)  # revoked meanwhile?
 
         config, evaluate_config = ConfigRecord(signed_run), ConfigRecord(signed_run)
+        if standard:  # every train and evaluate message carries the agreed landmarks
+            entries = SiteInstruction(standard_landmarks=standard).entries()
+            config.update(entries)
+            evaluate_config.update(entries)
         result = run_rounds(
             strategy,
             grid=recorder,

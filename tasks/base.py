@@ -36,6 +36,9 @@ class SiteData:
     #: copies of a mirrored scan). DP-SGD with ``privacy.unit`` set to it samples and
     #: clips per unit, and is refused (fail closed) for a unit the task leaves out.
     train_units: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: The same for the validation examples (``"scan"``), where one scan gives several:
+    #: what per-scan preprocessing at run time (intensity harmonization) groups by.
+    val_units: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)

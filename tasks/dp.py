@@ -73,6 +73,7 @@ class PrivateTraining:
         y: torch.Tensor,
         units: torch.Tensor | None = None,
         proximal: tuple[float, list[torch.Tensor]] | None = None,
+        correction: Sequence[torch.Tensor | None] | None = None,
     ) -> float:
         """One DP-SGD step on the batch ``(x, y)``; returns its mean loss.
 
@@ -81,6 +82,10 @@ class PrivateTraining:
         clipping and noising: it depends on no example (the weights are earlier DP
         outputs, the anchor is the global model), so it costs no privacy, and kept out
         of the per-sample gradients it is neither clipped nor mistaken for data.
+
+        ``correction``: one constant (or None) per ``optimizer.params``, subtracted from
+        the parameters after the step (SCAFFOLD's ``lr (c - c_i)``: the server's control
+        variate and the site's own, both functions of earlier DP outputs only).
 
         ``units`` (``privacy.unit`` "scan" or "patient"): for each example, the index
         (0..k-1) of the privacy unit it belongs to in this batch. The optimizer then
@@ -102,14 +107,20 @@ class PrivateTraining:
                 loss.backward()
         if units is not None and self.mode not in PER_SAMPLE_GRADS:
             _grad_per_unit(self.optimizer.params, units)
-        if proximal is None:
+        if proximal is None and correction is None:
             self.optimizer.step()  # Opacus: clip each sample (or unit), sum, add noise, account
         elif self.optimizer.pre_step():  # the same, up to p.grad (False: a skipped step)
-            mu, anchors = proximal
-            with torch.no_grad():
-                for p, anchor in zip(self.optimizer.params, anchors, strict=True):
-                    p.grad.add_(p.detach() - anchor, alpha=mu)
+            if proximal is not None:
+                mu, anchors = proximal
+                with torch.no_grad():
+                    for p, anchor in zip(self.optimizer.params, anchors, strict=True):
+                        p.grad.add_(p.detach() - anchor, alpha=mu)
             self.optimizer.original_optimizer.step()
+            if correction is not None:
+                with torch.no_grad():
+                    for p, offset in zip(self.optimizer.params, correction, strict=True):
+                        if offset is not None:
+                            p.sub_(offset)
         return float(loss.detach())
 
     def _per_unit_in_chunks(
@@ -271,6 +282,12 @@ class DPTrainStats:
     empty_batches: int
 
 
+def _cycle(loader: DataLoader) -> Any:
+    """The loader's batches, pass after pass (the caller stops it)."""
+    while True:
+        yield from loader
+
+
 def dp_train(
     task: Task,
     model: nn.Module,
@@ -289,6 +306,8 @@ def dp_train(
     average_iterates: float = 0.0,
     units: torch.Tensor | None = None,
     proximal_mu: float = 0.0,
+    local_steps: int = 0,
+    step_correction: Sequence[torch.Tensor | None] | None = None,
 ) -> DPTrainStats:
     """Train ``model`` in place with DP-SGD; FedProx's proximal term when ``proximal_mu`` > 0.
 
@@ -312,6 +331,13 @@ def dp_train(
     An empty Poisson batch (possible on tiny datasets) skips the update but is
     still charged to the accountant (over-counting is the safe side).
     ``stats.history`` is this call's accountant history, equal to :func:`plan_round`.
+
+    ``local_steps`` > 0 (SCAFFOLD's K): exactly that many Poisson draws (an empty one
+    counts: it is charged), refused (MedfedError) when more than the ``epochs`` passes
+    the round's budget was planned for, so the accountant never charges more than was
+    reserved (fewer steps over-count: the safe side).
+    ``step_correction``: one constant per trainable parameter, subtracted after each
+    step, so after clipping and noise (:meth:`PrivateTraining.step`).
     """
     from medfed.tasks.dp_noise import SecureRandom
 
@@ -358,26 +384,38 @@ def dp_train(
         else None
     )
     sample_rate = 1.0 / len(private.data_loader)
+    planned = epochs * len(private.data_loader)
+    if local_steps > planned:
+        private.close()
+        raise MedfedError(
+            f"The strategy asks for {local_steps} local steps, more than the {planned} "
+            f"DP-SGD steps ({epochs} epoch(s) of {len(private.data_loader)}) this round's "
+            "privacy budget is planned for.",
+            where="strategy option local_steps (rule strategy.local_steps)",
+            expected=f"local_steps <= {planned}",
+            fix="lower the strategy's local_steps, or raise --local-epochs",
+        )
     total, seen, empty = 0.0, 0, 0
     try:
-        for _ in range(epochs):
-            for batch in private.data_loader:
-                x, y, owner = (
-                    (*batch, None) if members is None else unit_batch(dataset, members, batch[0])
+        for _, batch in zip(
+            range(local_steps or planned), _cycle(private.data_loader), strict=False
+        ):
+            x, y, owner = (
+                (*batch, None) if members is None else unit_batch(dataset, members, batch[0])
+            )
+            if len(x) == 0:
+                private.engine.accountant.step(
+                    noise_multiplier=noise_multiplier, sample_rate=sample_rate
                 )
-                if len(x) == 0:
-                    private.engine.accountant.step(
-                        noise_multiplier=noise_multiplier, sample_rate=sample_rate
-                    )
-                    empty += 1
-                    continue
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                loss = private.step(loss_fn, x, y, owner, proximal)
-                with torch.no_grad():
-                    for p, avg in averaged:
-                        avg.lerp_(p.detach(), 1.0 - average_iterates)
-                total += loss * len(x)
-                seen += len(x)
+                empty += 1
+                continue
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss = private.step(loss_fn, x, y, owner, proximal, step_correction)
+            with torch.no_grad():
+                for p, avg in averaged:
+                    avg.lerp_(p.detach(), 1.0 - average_iterates)
+            total += loss * len(x)
+            seen += len(x)
     finally:
         private.close()
         for p in model.parameters():

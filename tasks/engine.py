@@ -7,8 +7,9 @@ three train and score a model the same way.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -17,6 +18,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from medfed.core.schema import WEIGHT_KEY
 from medfed.tasks.base import Task
+
+_T = TypeVar("_T")
 
 
 def select_device(preference: str = "auto") -> torch.device:
@@ -79,8 +82,15 @@ def train(
     generator: torch.Generator,
     amp: bool = True,
     proximal_mu: float = 0.0,
+    local_steps: int = 0,
+    step_correction: list[torch.Tensor | None] | None = None,
 ) -> TrainStats:
-    """Train ``model`` in place on ``data``; FedProx's proximal term when ``proximal_mu`` > 0."""
+    """Train ``model`` in place on ``data``; FedProx's proximal term when ``proximal_mu`` > 0.
+
+    ``local_steps`` > 0: exactly that many steps, the data cycled (else ``epochs`` passes).
+    ``step_correction``: one tensor (or None) per trainable parameter, subtracted from it
+    after every step (SCAFFOLD's ``lr (c - c_i)``; :func:`medfed.tasks.trainer.correction_tensors`).
+    """
     model.to(device).train()
     loss_fn = task.build_loss()
     optimizer = torch.optim.Adam(
@@ -88,23 +98,47 @@ def train(
     )
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     total, seen, steps = 0.0, 0, 0
-    for _ in range(epochs):
-        for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            with _autocast(device, amp):
-                loss = loss_fn(model(x), y)
-            if anchor:
-                pairs = zip(model.parameters(), anchor, strict=True)
-                prox = sum(((p - a) ** 2).sum() for p, a in pairs)
-                loss = loss + 0.5 * proximal_mu * prox
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * len(x)
-            seen += len(x)
-            steps += 1
+    for x, y in _round_batches(loader, epochs, local_steps):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(device, amp):
+            loss = loss_fn(model(x), y)
+        if anchor:
+            pairs = zip(model.parameters(), anchor, strict=True)
+            prox = sum(((p - a) ** 2).sum() for p, a in pairs)
+            loss = loss + 0.5 * proximal_mu * prox
+        loss.backward()
+        optimizer.step()
+        if step_correction is not None:
+            with torch.no_grad():
+                for p, offset in zip(trainable, step_correction, strict=True):
+                    if offset is not None:
+                        p.sub_(offset)
+        total += float(loss.detach()) * len(x)
+        seen += len(x)
+        steps += 1
     return TrainStats(loss=total / max(seen, 1), num_examples=len(data), steps=steps)  # type: ignore[arg-type]
+
+
+def _round_batches(loader: Iterable[_T], epochs: int, local_steps: int) -> Iterator[_T]:
+    """``epochs`` passes over ``loader``; with ``local_steps`` > 0 exactly that many batches."""
+    if local_steps <= 0:
+        for _ in range(epochs):
+            yield from loader
+        return
+    steps = 0
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+            steps += 1
+            if steps == local_steps:
+                return
+        if empty:
+            raise ValueError("cannot take local steps on an empty dataset")
 
 
 def _batches(data: Dataset, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -5,13 +5,26 @@ client-side strategy option, such as FedProx's proximal term) is one value,
 :class:`RoundOptions`; each :class:`Trainer` takes all of it, so an option cannot be
 honoured by one training loop and dropped by the other (as ``proximal_mu`` once was
 under DP-SGD).
+
+Two options generalise what a strategy may ask of a site's loop:
+
+- ``local_steps`` > 0: exactly that many optimizer steps, the data cycled as needed
+  (instead of ``epochs``); SCAFFOLD needs the same K at every site.
+- ``step_correction``: a constant per parameter subtracted from it after every optimizer
+  step (SCAFFOLD's ``lr (c - c_i)``: with plain SGD the same as adding ``c - c_i`` to the
+  gradient, and unlike that not rescaled by Adam nor accumulated by momentum). Under
+  DP-SGD it comes after clipping and noise, like the proximal term: it depends on no
+  example of this round, so it costs no privacy and is neither clipped nor mistaken
+  for data.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
@@ -30,6 +43,10 @@ class RoundOptions:
     learning_rate: float
     #: FedProx's proximal term (0: none), sent by the strategy in the round's config.
     proximal_mu: float = 0.0
+    #: Exactly this many local steps (0: ``epochs`` passes over the data), e.g. SCAFFOLD's K.
+    local_steps: int = 0
+    #: Subtracted from each named parameter after every step (SCAFFOLD's lr (c - c_i)).
+    step_correction: Mapping[str, np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         if self.proximal_mu < 0:
@@ -37,6 +54,48 @@ class RoundOptions:
                 f"the strategy's proximal-mu is {self.proximal_mu}; expected a value >= 0 "
                 "(strategy option proximal_mu)"
             )
+        if self.local_steps < 0:
+            raise ValueError(
+                f"the strategy's local-steps is {self.local_steps}; expected a value >= 0 "
+                "(strategy option local_steps)"
+            )
+        if self.step_correction is not None and self.local_steps <= 0:
+            raise ValueError(
+                "the strategy sent a step correction (a control variate) without a "
+                "fixed number of local steps; expected local_steps > 0 (strategy option "
+                "local_steps)"
+            )
+
+
+def correction_tensors(
+    model: nn.Module, correction: Mapping[str, np.ndarray] | None, device: torch.device
+) -> list[torch.Tensor | None] | None:
+    """``correction`` as one tensor (or None) per trainable parameter of ``model``, in order.
+
+    A name that is no trainable parameter, or a shape that differs, is refused
+    (ValueError): a correction that cannot be applied must not be dropped silently.
+    """
+    if correction is None:
+        return None
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    names = {n for n, _ in named}
+    state = set(model.state_dict())
+    unknown = [k for k in correction if k not in names and k not in state]
+    if unknown:
+        raise ValueError(f"step correction for unknown parameters {sorted(unknown)[:3]}")
+    out: list[torch.Tensor | None] = []
+    for name, p in named:
+        value = correction.get(name)
+        if value is None:
+            out.append(None)
+            continue
+        if tuple(value.shape) != tuple(p.shape):
+            raise ValueError(
+                f"step correction of {name!r} has shape {tuple(value.shape)}, "
+                f"the parameter {tuple(p.shape)}"
+            )
+        out.append(torch.as_tensor(np.asarray(value), dtype=p.dtype, device=device))
+    return out
 
 
 class TrainResult(Protocol):
@@ -84,6 +143,8 @@ class PlainTrainer:
             generator=torch.Generator().manual_seed(self.seed),
             amp=self.amp,
             proximal_mu=options.proximal_mu,
+            local_steps=options.local_steps,
+            step_correction=correction_tensors(model, options.step_correction, self.device),
         )
 
 
@@ -122,4 +183,6 @@ class DpSgdTrainer:
             average_iterates=self.average_iterates,
             units=self.units,
             proximal_mu=options.proximal_mu,
+            local_steps=options.local_steps,
+            step_correction=correction_tensors(model, options.step_correction, self.device),
         )

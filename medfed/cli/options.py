@@ -90,6 +90,14 @@ AdaptationOpt = Annotated[
         help="domain-adaptation hook: parameters each site keeps local (`medfed adaptations`)"
     ),
 ]
+HarmonizationOpt = Annotated[
+    str,
+    typer.Option(
+        help="site-side intensity harmonization: 'histogram' maps every scan onto landmarks "
+        "the sites agree on before round 1 (refused under DP; under secure aggregation a "
+        "site sends its landmarks only with policy.share_landmarks = true)"
+    ),
+]
 InitFromOpt = Annotated[
     str, typer.Option(help="start from an earlier run's model: RUN_ID (last round) or RUN_ID:ROUND")
 ]

@@ -21,6 +21,7 @@ from medfed.cli.options import (
     DpAverageOpt,
     DpOpt,
     DpOptimizerOpt,
+    HarmonizationOpt,
     InitFromOpt,
     InitWeightsOpt,
     LocalEpochsOpt,
@@ -182,6 +183,7 @@ def build_run_config(
     init_weights: str,
     where: str,
     secagg_threshold: int | None = None,
+    harmonization: str = "off",
 ) -> RunConfig:
     """The run configuration of a run's options, checked before anything starts.
 
@@ -213,6 +215,7 @@ def build_run_config(
             "secure_aggregation": secure_aggregation,
             "secagg_threshold": secagg_threshold,
             "adaptation": adaptation,
+            "harmonization": harmonization,
             "init_from": init_from,
             "init_weights": init_weights,
             "privacy": privacy_options(
@@ -230,6 +233,14 @@ def build_run_config(
         },
         where=where,
     )
+    if run_config.harmonization != "off" and run_config.privacy.mode != "off":
+        raise ConfigError(
+            f"Harmonization {run_config.harmonization!r} sends each site's intensity "
+            f"landmarks, which DP ({run_config.privacy.mode}) does not cover: every site "
+            "would refuse the run (rule privacy.mode).",
+            where="--harmonization / --dp",
+            fix="run with --harmonization off under DP, or without DP",
+        )
     chosen = get_task(task)
     local_keys(chosen, chosen.build_model(), adaptation)
     check_init(chosen, run_config.init_weights)
@@ -282,6 +293,7 @@ def register(app: typer.Typer) -> None:
         secagg_threshold: SecaggThresholdOpt = None,
         dataset: DatasetOpt = "",
         adaptation: AdaptationOpt = "none",
+        harmonization: HarmonizationOpt = "off",
         init_from: InitFromOpt = "",
         init_weights: InitWeightsOpt = "random",
         detach: Annotated[bool, typer.Option(help="submit and return at once")] = False,
@@ -323,6 +335,7 @@ def register(app: typer.Typer) -> None:
             init_weights=init_weights,
             where="medfed run options",
             secagg_threshold=secagg_threshold,
+            harmonization=harmonization,
         )
         if secure_aggregation == "off":
             console.print(

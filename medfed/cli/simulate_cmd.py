@@ -20,6 +20,7 @@ from medfed.cli.options import (
     DpAverageOpt,
     DpOpt,
     DpOptimizerOpt,
+    HarmonizationOpt,
     InitFromOpt,
     InitWeightsOpt,
     LocalEpochsOpt,
@@ -113,6 +114,7 @@ def register(app: typer.Typer) -> None:
         secagg_threshold: SecaggThresholdOpt = None,
         dataset: DatasetOpt = "",
         adaptation: AdaptationOpt = "none",
+        harmonization: HarmonizationOpt = "off",
         init_from: InitFromOpt = "",
         init_weights: InitWeightsOpt = "random",
         site_budget: Annotated[
@@ -189,6 +191,7 @@ def register(app: typer.Typer) -> None:
             init_weights=init_weights,
             where="medfed simulate options",
             secagg_threshold=secagg_threshold,
+            harmonization=harmonization,
         )
         if partition not in PARTITIONS:
             raise ConfigError(

@@ -211,6 +211,12 @@ class PolicySection(_Strict):
 
     allowed_tasks: list[str] = ["*"]
     allowed_strategies: list[str] = ["*"]
+    share_landmarks: bool = Field(
+        False,
+        description="under secure aggregation, may this site send its intensity "
+        "landmarks (11 quantiles of its training scans' intensities, not covered by "
+        "DP) in the clear, for harmonization 'histogram'",
+    )
 
 
 class ComputeSection(_Strict):
@@ -272,6 +278,12 @@ class RunConfig(_Strict):
         "none",
         description="domain-adaptation hook (`medfed "
         "adaptations`): which parameters each site keeps local",
+    )
+    harmonization: Literal["off", "histogram"] = Field(
+        "off",
+        description="site-side intensity harmonization: 'histogram' maps every scan "
+        "onto landmarks the sites agree on before the first round (Nyul & Udupa); "
+        "refused under DP, and under secure aggregation unless the site allows it",
     )
     init_from: str = Field(
         "",

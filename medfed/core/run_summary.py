@@ -32,6 +32,7 @@ EventKind = Literal[
     "run-resume-submitted",  # the server submitted a resumption of a crashed run
     "initial-model",  # where the initial weights came from
     "adaptation",  # site-local parameters of the domain-adaptation hook
+    "harmonization",  # the standard intensity landmarks the sites agreed on
     "warning",  # something the coordinator should know (no effect on the run)
     "secure-aggregation-ready",  # the sites' keys are in; the roster is fixed
     "sites-missing",  # fewer sites than a round needs are online

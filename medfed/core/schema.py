@@ -24,6 +24,15 @@ RUN_CONFIG_KEY = "medfed-run"  # ConfigRecord value: RunConfig as JSON
 RUN_PROOF_KEY = "medfed-run-proof"  # the coordinator's signature on it (core/run_proof.py)
 REVOCATIONS_KEY = "medfed-revoked-coordinators"  # the CA's CRL of coordinator certificates
 PROXIMAL_MU_KEY = "proximal-mu"  # set by Flower's FedProx.configure_train
+#: train config: the fixed number of local steps a round asks of every site (SCAFFOLD)
+LOCAL_STEPS_KEY = "local-steps"
+#: train ArrayRecord key beside the model: SCAFFOLD's server control variate, packed like
+#: the model's shared parameters (drift per local step, ``medfed.core.scaffold``)
+SCAFFOLD_CONTROL_KEY = "scaffold-control"
+#: query config: 1 asks the site for its intensity landmarks (harmonization "histogram")
+LANDMARKS_QUERY_KEY = "intensity-landmarks"
+#: train/evaluate config: the federation's standard landmarks (JSON list of numbers)
+STANDARD_LANDMARKS_KEY = "standard-landmarks"
 SERVER_ROUND_KEY = "server-round"  # set by every Flower strategy
 ARRAYS_KEY = "arrays"  # Flower strategies' default ArrayRecord key
 CONFIG_KEY = "config"  # Flower strategies' default ConfigRecord key
@@ -117,6 +126,39 @@ class PrivacyReport:
         if EPSILON_RUN_KEY not in metrics:
             return None
         return cls(*(float(metrics.get(k, math.nan)) for k in cls._KEYS))
+
+
+#: The metric keys of a site's landmark report (the answer to a landmarks query).
+LANDMARKS_KEY = "landmarks"
+LANDMARK_SCANS_KEY = "landmark-scans"
+
+
+@dataclass(frozen=True)
+class LandmarkReport:
+    """A site's intensity landmarks (mean over its training scans) and how many scans."""
+
+    landmarks: tuple[float, ...]
+    scans: int
+
+    def metrics(self) -> dict[str, Any]:
+        """The report as reply metrics."""
+        return {LANDMARKS_KEY: [float(v) for v in self.landmarks], LANDMARK_SCANS_KEY: self.scans}
+
+    @classmethod
+    def from_metrics(cls, metrics: Mapping[str, Any]) -> LandmarkReport:
+        """Read a reply's report; a missing, non-finite or unordered one is refused (ValueError)."""
+        try:
+            values = tuple(_number(v) for v in metrics[LANDMARKS_KEY])
+            scans = _int(metrics[LANDMARK_SCANS_KEY])
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not a landmark report: {exc}") from None
+        if (
+            scans < 1
+            or len(values) < 2
+            or any(b <= a for a, b in zip(values, values[1:], strict=False))
+        ):
+            raise ValueError("a landmark report needs >= 1 scan and increasing landmarks")
+        return cls(values, scans)
 
 
 #: What starts the JSON of a site error in an error reply's text.
@@ -261,6 +303,9 @@ class SiteInstruction:
     revocations: str = ""  # the CA's revocation list of coordinator certificates (PEM)
     server_round: int = 0
     proximal_mu: float = 0.0
+    local_steps: int = 0  # train: exactly this many local steps (0: the run's epochs)
+    landmarks_query: int = 0  # query: 1 asks for the site's intensity landmarks
+    standard_landmarks: tuple[float, ...] = ()  # train/evaluate: the agreed standard
     join: str = ""  # query: join the run's secure aggregation (its SecAggConfig, JSON)
     unmask: bytes = b""  # query: an unmasking request (UnmaskRequest bytes)
     run_ended: str = ""  # query: the run ended before its last round (its status)
@@ -336,6 +381,13 @@ def _names(value: Any) -> tuple[str, ...]:
     return tuple(parsed)
 
 
+def _numbers(value: Any) -> tuple[float, ...]:
+    parsed = json.loads(_text(value))
+    if not isinstance(parsed, list):
+        raise TypeError("expected a JSON list of numbers")
+    return tuple(_number(v) for v in parsed)
+
+
 #: (field, key, encode) of every SiteInstruction field, in the order they are written.
 _INSTRUCTION_KEYS: tuple[tuple[str, str, Any], ...] = (
     ("run", RUN_CONFIG_KEY, str),
@@ -343,6 +395,9 @@ _INSTRUCTION_KEYS: tuple[tuple[str, str, Any], ...] = (
     ("revocations", REVOCATIONS_KEY, str),
     ("server_round", SERVER_ROUND_KEY, int),
     ("proximal_mu", PROXIMAL_MU_KEY, float),
+    ("local_steps", LOCAL_STEPS_KEY, int),
+    ("landmarks_query", LANDMARKS_QUERY_KEY, int),
+    ("standard_landmarks", STANDARD_LANDMARKS_KEY, lambda v: json.dumps([float(x) for x in v])),
     ("join", SECAGG_JOIN, str),
     ("unmask", SECAGG_UNMASK, bytes),
     ("run_ended", RUN_ENDED, str),
@@ -358,6 +413,9 @@ _INSTRUCTION_DECODE: dict[str, Any] = {
     "revocations": _text,
     "server_round": _int,
     "proximal_mu": _number,
+    "local_steps": _int,
+    "landmarks_query": _int,
+    "standard_landmarks": _numbers,
     "join": _text,
     "unmask": _blob,
     "run_ended": _text,

@@ -169,11 +169,12 @@ def load_site_data(source: DataSourceConfig) -> SiteData:
     """The site's labelled scans, split by subject, as 64x64 axial slices."""
     split = labelled_split(source, NAME)
     train, train_units = _slices(split.train, source.bias_correction)
-    val, _ = _slices(split.val, source.bias_correction)
+    val, val_units = _slices(split.val, source.bias_correction)
     return SiteData(
         train=train,
         val=val,
         train_units=train_units,
+        val_units={"scan": val_units["scan"]},
         description=split.description(len(train), len(val)),
     )
 
