@@ -19,7 +19,7 @@ from flwr.common.constant import SType
 
 from medfed.core import wire
 from medfed.core.packing import npy_bytes, npy_view
-from medfed.core.schema import SecAggReply, SiteReply, SiteRequest
+from medfed.core.schema import SecAggReply, SiteRecord, SiteReply, SiteRequest
 
 app = ClientApp()
 
@@ -50,7 +50,7 @@ def reply_message(reply: wire.Frame, msg: Message) -> Message:
     content = RecordDict(
         {
             wire.METRICS_KEY: MetricRecord(answer.metrics),
-            wire.SITE_RECORD_KEY: ConfigRecord({"name": answer.site}),
+            wire.SITE_RECORD_KEY: ConfigRecord(SiteRecord.here(answer.site).entries()),
         }
     )
     blobs = {

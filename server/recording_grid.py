@@ -44,6 +44,7 @@ class RecordingGrid:
         self._round_start: dict[int, float] = {}
         self._evaluated: dict[int, list[dict[str, Any]]] = {}  # round -> sites' eval metrics
         self._site_of: dict[int, str] = {}  # node id -> site name, from its replies
+        self._version_of: dict[str, str] = {}  # site -> the medfed version it last reported
         # message id -> the node it went to: an error the SuperLink writes for a node
         # (e.g. "Node Unavailable") comes from the SuperLink, not from that node
         self._dst_of: dict[str, int] = {}
@@ -168,6 +169,9 @@ class RecordingGrid:
         site = answer.name()
         self._site_of[node] = site
         self.sites_seen.add(site)
+        if answer.version is not None and self._version_of.get(site) != answer.version:
+            self._version_of[site] = answer.version  # once per site, not per reply
+            self._folder.event("site-version", round=rnd, site=site, version=answer.version)
         metrics = answer.metrics
         if phase != "query":  # secure-aggregation set-up and unmasking carry no metrics
             self._folder.metrics(rnd, site, phase, metrics)

@@ -16,7 +16,7 @@ from flwr.app import Message
 
 from medfed.core import wire
 from medfed.core.packing import WEIGHTS_KEY, npy_view
-from medfed.core.schema import SecAggReply, SiteError
+from medfed.core.schema import SecAggReply, SiteError, SiteRecord
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,8 @@ class SiteAnswer:
     node: int
     #: The site name the reply carries (None: an error reply, or a reply without one).
     site: str | None = None
+    #: The medfed version the site reports (None: not reported, e.g. an older site).
+    version: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     #: The secure-aggregation bytes (None: the reply has none).
     secagg: SecAggReply | None = None
@@ -59,8 +61,8 @@ class SiteAnswer:
             return cls(src, failure=reason, error=SiteError.parse(reason), _reply=reply)
         content = reply.content
         try:
-            site = (
-                str(content[wire.SITE_RECORD_KEY]["name"])
+            who = (
+                SiteRecord.from_record(content[wire.SITE_RECORD_KEY])
                 if wire.SITE_RECORD_KEY in content
                 else None
             )
@@ -72,4 +74,11 @@ class SiteAnswer:
             )
         except (KeyError, ValueError, TypeError) as exc:
             return cls(src, unreadable=f"{type(exc).__name__}: {exc}", _reply=reply)
-        return cls(src, site=site, metrics=metrics, secagg=secagg, _reply=reply)
+        return cls(
+            src,
+            site=who.name if who else None,
+            version=who.version if who else None,
+            metrics=metrics,
+            secagg=secagg,
+            _reply=reply,
+        )

@@ -3,6 +3,8 @@ writes them (client/app.py): a result, a refusal, a failure, a malformed record.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from flwr.app import Error, Message, RecordDict
@@ -73,3 +75,75 @@ def test_a_malformed_secagg_record_is_unreadable_not_a_crash() -> None:
     )
     answer = SiteAnswer.of(Message(body, reply_to=_sent()), node=7)
     assert answer.ok and answer.unreadable is not None and "updat" in answer.unreadable
+
+
+def test_a_reply_carries_the_sites_medfed_version_and_nothing_else_about_it() -> None:
+    from medfed.core.schema import SITE_VERSION_FIELD, SiteRecord, medfed_version
+
+    frame = wire.Frame(SiteReply.result("site-a", {wire.WEIGHT_KEY: 1.0}).header())
+    reply = reply_message(frame, _sent())
+    record = dict(reply.content[wire.SITE_RECORD_KEY])
+    assert record == {"name": "site-a", SITE_VERSION_FIELD: medfed_version()}
+    answer = SiteAnswer.of(reply, node=7)
+    assert answer.name() == "site-a" and answer.version == medfed_version()
+    assert SiteRecord.from_record(SiteRecord.here("site-a").entries()) == SiteRecord(
+        "site-a", medfed_version()
+    )
+
+
+def test_a_reply_without_a_version_reads_as_not_reported_and_a_bad_one_is_unreadable() -> None:
+    from flwr.app import ConfigRecord, MetricRecord
+
+    from medfed.core.schema import SITE_VERSION_FIELD
+
+    def answer(record: dict[str, str]) -> SiteAnswer:
+        body = RecordDict(
+            {
+                wire.METRICS_KEY: MetricRecord({wire.WEIGHT_KEY: 1.0}),
+                wire.SITE_RECORD_KEY: ConfigRecord(record),
+            }
+        )
+        return SiteAnswer.of(Message(body, reply_to=_sent()), node=7)
+
+    older = answer({"name": "site-a"})  # a site from before the version field
+    assert older.unreadable is None and older.name() == "site-a" and older.version is None
+    bad = answer({"name": "site-a", SITE_VERSION_FIELD: "<script>alert(1)</script>"})
+    assert bad.unreadable is not None and SITE_VERSION_FIELD in bad.unreadable
+
+
+def test_the_grid_records_a_sites_version_once_per_run_not_per_reply(tmp_path: Path) -> None:
+    from flwr.app import ConfigRecord
+
+    from medfed.core.config import RunConfig
+    from medfed.core.runs import RunFolder
+    from medfed.core.schema import medfed_version
+    from medfed.server.recording_grid import RecordingGrid
+
+    class Grid:
+        def __init__(self) -> None:
+            self.sent: list[Message] = []
+
+        def push_messages(self, messages: list[Message]) -> list[str]:
+            self.sent = list(messages)
+            return [m.metadata.message_id for m in messages]
+
+        def pull_messages(self, ids: list[str]) -> list[Message]:
+            frame = wire.Frame(SiteReply.result("site-a", {wire.WEIGHT_KEY: 1.0}).header())
+            return [reply_message(frame, m) for m in self.sent]
+
+    folder = RunFolder.create(tmp_path, 7, RunConfig(task="tiny-seg", rounds=2))
+    grid = RecordingGrid(Grid(), folder)  # type: ignore[arg-type]
+    for rnd in (1, 2):
+        msg = Message(
+            RecordDict({wire.CONFIG_KEY: ConfigRecord({wire.SERVER_ROUND_KEY: rnd})}),
+            dst_node_id=7,
+            message_type=MessageType.TRAIN,
+        )
+        msg.metadata.__dict__["_message_id"] = f"m-{rnd}"
+        grid.send_and_receive([msg])
+    events = folder.read_events()
+    assert [e["event"] for e in events].count("site-replied") == 2
+    versions = [e for e in events if e["event"] == "site-version"]
+    assert [(e["round"], e["site"], e["version"]) for e in versions] == [
+        (1, "site-a", medfed_version())
+    ]

@@ -38,6 +38,7 @@ EventKind = Literal[
     "sites-missing",  # fewer sites than a round needs are online
     "round-sent",  # a round's messages went out
     "site-replied",  # a site's reply (its metrics) arrived
+    "site-version",  # the medfed version a site reports (first seen in the run, or changed)
     "site-error",  # a site refused (with its rule) or failed
     "update-rejected",  # a masked update that could not be added (and why)
     "reveal-rejected",  # a site's unmasking share that did not verify

@@ -4,6 +4,7 @@
 records a site sends back are typed here, each with one way to write it and one way
 to read it:
 
+- :class:`SiteRecord`: who replied, the site's name and its medfed version;
 - :class:`SecAggReply`: the secure-aggregation bytes of a reply (a join's key advert
   and identity key, a masked update's header, an unmasking share);
 - :class:`PrivacyReport`: the epsilon figures a site reports with each DP round;
@@ -15,8 +16,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
+from functools import cache
 from typing import Any, Literal
 
 # ---- keys of Flower messages (one schema, written by the server, read by the site)
@@ -37,7 +40,7 @@ SERVER_ROUND_KEY = "server-round"  # set by every Flower strategy
 ARRAYS_KEY = "arrays"  # Flower strategies' default ArrayRecord key
 CONFIG_KEY = "config"  # Flower strategies' default ConfigRecord key
 METRICS_KEY = "metrics"
-SITE_RECORD_KEY = "medfed-site"  # reply ConfigRecord: {"name": site, ...}
+SITE_RECORD_KEY = "medfed-site"  # reply ConfigRecord: SiteRecord (the site's name, version)
 WEIGHT_KEY = "num-examples"  # Flower strategies' default weighting key
 #: A join reply's metric: the last round of the run the site's privacy budget covers (counted
 #: from the run's first round, so also after a resume), when it ends before the run does
@@ -92,6 +95,64 @@ class SecAggReply:
         if value is None:
             raise KeyError(f"the reply has no secure-aggregation {name!r}")
         return value
+
+
+#: The fields of a reply's site record (``SITE_RECORD_KEY``).
+SITE_NAME_FIELD = "name"
+SITE_VERSION_FIELD = "medfed-version"
+#: A version as a site may report it: a PEP 440 version (a local one too), nothing else.
+_VERSION = re.compile(r"[0-9A-Za-z.+!_-]{1,64}")
+
+
+@cache
+def medfed_version() -> str:
+    """The medfed version installed here (its distribution's, else the package's)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("medfed")
+    except PackageNotFoundError:  # run from a source tree without installing
+        import medfed
+
+        return str(medfed.__version__)
+
+
+@dataclass(frozen=True)
+class SiteRecord:
+    """Who replied: the site's name and the medfed version it runs (nothing else about it).
+
+    Every reply carries one; a reply of a site older than the version field reads
+    with ``version`` None ("not reported").
+    """
+
+    name: str
+    version: str | None = None
+
+    @classmethod
+    def here(cls, name: str) -> SiteRecord:
+        """The record of site ``name`` running this installation."""
+        return cls(name, medfed_version())
+
+    def entries(self) -> dict[str, str]:
+        """The reply ConfigRecord's entries."""
+        out = {SITE_NAME_FIELD: self.name}
+        if self.version is not None:
+            out[SITE_VERSION_FIELD] = self.version
+        return out
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> SiteRecord:
+        """Read a reply's site record; a missing name or a malformed version is refused."""
+        name = record.get(SITE_NAME_FIELD)
+        if not isinstance(name, str):
+            raise ValueError(f"the site record's {SITE_NAME_FIELD!r} is {type(name).__name__}")
+        version = record.get(SITE_VERSION_FIELD)
+        if version is not None and not (isinstance(version, str) and _VERSION.fullmatch(version)):
+            raise ValueError(
+                f"the site record's {SITE_VERSION_FIELD!r} is {version!r}, not a version "
+                "(up to 64 letters, digits and . + ! _ -)"
+            )
+        return cls(name, version)
 
 
 #: The metric keys of a site's privacy report (metrics.jsonl keeps them as sent).
