@@ -19,6 +19,7 @@ from medfed.core.procs import free_port
 from medfed.core.run_summary import RunSummary, SiteRefusal
 from medfed.core.runs import RunFolder
 from medfed.core.web import Bind, Dashboard, check_bind
+from medfed.server.dashboard import page
 from medfed.server.dashboard.http import CoordinatorDashboard
 from medfed.server.dashboard.state import OFFLINE_AFTER_S, RunFolders, sites_view
 from medfed.server.federation import Federation, init_federation
@@ -155,6 +156,31 @@ def test_sites_online_offline_never_and_unreachable() -> None:
     view = sites_view(enrolled, down)
     assert {r.status for r in view.rows} == {"unknown"}
     assert "Cannot reach" in view.server_problem
+
+
+def test_sites_show_the_medfed_version_each_reported_last_from_the_run_folders(
+    tmp_path: Path,
+) -> None:
+    old = write_run(tmp_path, 1, rounds=1, done=1)
+    new = write_run(tmp_path, 2, rounds=1, done=1)
+    for folder, site, version, when in (
+        (old, "site-a", "0.1.0", "2026-12-01T10:00:00.000+00:00"),
+        (old, "site-b", "0.1.0", "2026-12-01T10:00:00.000+00:00"),
+        (new, "site-a", "0.2.0", "2026-12-02T10:00:00.000+00:00"),
+        (old, "site-b", "0.1.1", "2026-12-01T11:00:00.000+00:00"),  # written after run 2's
+    ):
+        folder.event("site-version", round=1, site=site, version=version, time=when)
+    runs = RunFolders(tmp_path)
+    assert runs.site_versions() == {"site-a": "0.2.0", "site-b": "0.1.1"}
+    enrolled = [
+        {"name": n, "fingerprint": f"SHA256:{n}", "public_key": f"key-{n}", "enrolled": "2026"}
+        for n in SITES
+    ]
+    view = sites_view(enrolled, lambda: [], versions=runs.site_versions())
+    assert [r.version for r in view.rows] == ["0.2.0", "0.1.1", ""]
+    html = page.sites_html(view)
+    assert "<td class=version>0.2.0</td>" in html
+    assert "<td class=version><span class=dim>not reported</span></td>" in html
 
 
 @pytest.mark.parametrize(

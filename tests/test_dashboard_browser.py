@@ -2,8 +2,9 @@
 
 One federation for the module (a SuperLink and 3 site daemons, TLS, site
 authentication), one dashboard and one browser; the tests run in order: 3 sites
-online; a run's round counter advances while it trains; a refused run shows its
-rule; a stopped site turns offline within Flower's heartbeat period.
+online, their medfed version not reported yet; a run's round counter advances while
+it trains, and then each site's version is the one its replies reported; a refused
+run shows its rule; a stopped site turns offline within Flower's heartbeat period.
 
 Needs Debian's chromium and chromium-driver (`make chromium` installs them); the
 driver is given explicitly and SE_OFFLINE is set, so Selenium never downloads one.
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from medfed.core.config import RunConfig
+from medfed.core.schema import medfed_version
 from medfed.core.web import Bind, Dashboard
 from medfed.local import LocalFederation
 from medfed.server.dashboard.http import CoordinatorDashboard
@@ -132,6 +134,8 @@ def test_three_sites_online(browser: object, dashboard: Dashboard, shots: Path) 
     wait_for("3 sites online", lambda: cell(browser, "#online-count") == "3", 30)
     for site in SITES:
         assert cell(browser, f"tr[data-site='{site}'] td.status") == "online"
+        # no run yet: no reply has told the server which medfed a site runs
+        assert cell(browser, f"tr[data-site='{site}'] td.version") == "not reported"
     assert shot(browser, shots, "sites.png").stat().st_size > 10_000
 
 
@@ -159,6 +163,14 @@ def test_round_counter_advances_while_the_run_trains(
     assert seen[-1] == "2/2"
     assert len(seen) >= 2 and seen == sorted(seen), seen
     assert "survived" in cell(browser, row)
+    # each site's replies carried its medfed version; the sites table shows it
+    wait_for(
+        "every site's version",
+        lambda: all(
+            cell(browser, f"tr[data-site='{s}'] td.version") == medfed_version() for s in SITES
+        ),
+        10,
+    )
     shot(browser, shots, "dashboard.png")
     # the run's page: per-site charts (uPlot) and secure aggregation per round
     browser.get(dashboard.url + f"run/{run_id}")  # type: ignore[attr-defined]

@@ -81,7 +81,7 @@ class CoordinatorDashboard:
                     raise problem
                 return answer
 
-            view = sites_view(self.fed.enrolled(), nodes)
+            view = sites_view(self.fed.enrolled(), nodes, versions=self.folders.site_versions())
             self._cached = (time.monotonic(), view, runs)
             return view, runs
 

@@ -58,7 +58,7 @@ def sites_html(view: SitesView) -> str:
     rows = "".join(
         f"<tr data-site='{escape(r.name)}'><td>{escape(r.name)}</td>"
         f"<td class=status>{_badge(r.status)}</td><td>{escape(r.last_seen) or '-'}</td>"
-        f"<td>{escape(r.version) or '<span class=dim>not reported</span>'}</td>"
+        f"<td class=version>{escape(r.version) or '<span class=dim>not reported</span>'}</td>"
         f"<td>{escape(r.enrolled)}</td><td class=mono>{escape(r.fingerprint[:23])}</td></tr>"
         for r in view.rows
     )

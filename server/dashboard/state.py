@@ -2,9 +2,10 @@
 
 No second source of truth: sites come from the federation's enrolment registry
 (:meth:`Federation.enrolled`) and the SuperLink's node records (the Control API, as
-`medfed server sites`); runs from their run folders (:mod:`medfed.core.runs`: run.json,
-events.jsonl, summary.json, checkpoints/) and, for a run without a summary, the
-SuperLink's own status (as `medfed runs`).
+`medfed server sites`), a site's medfed version from the ``site-version`` events its
+replies left in the run folders (the latest); runs from their run folders
+(:mod:`medfed.core.runs`: run.json, events.jsonl, summary.json, checkpoints/) and, for
+a run without a summary, the SuperLink's own status (as `medfed runs`).
 
 Polling 50 runs of 100 rounds must stay cheap: a run folder is parsed again only
 when one of its files changed (mtime and size), and the overview reads only the
@@ -51,7 +52,7 @@ class SiteRow:
     status: str
     #: Its last heartbeat (online) or when it went offline; "" if never.
     last_seen: str = ""
-    #: Sites do not report their medfed version to the server yet.
+    #: The medfed version of its latest reply in any run ("": none reported).
     version: str = ""
 
 
@@ -221,6 +222,17 @@ class RunFolders:
             checkpoints=p.checkpoints,
         )
 
+    def site_versions(self) -> dict[str, str]:
+        """Each site's medfed version, as it reported it last in any run (``site-version``)."""
+        latest: dict[str, tuple[str, str]] = {}  # site -> (time, version)
+        for folder in reversed(list(list_runs(self.runs_dir))):  # oldest first: ties go later
+            for e in self.parsed(folder).events:
+                if e.is_("site-version") and isinstance(e.get("site"), str):
+                    seen = latest.get(e["site"])
+                    if seen is None or e.time >= seen[0]:
+                        latest[e["site"]] = (e.time, str(e.get("version", "")))
+        return {site: version for site, (_, version) in latest.items()}
+
     def details(self, folder: RunFolder) -> dict[str, Any]:
         """One run's per-round charts: each metric per site, epsilon per site, secure aggregation.
 
@@ -266,9 +278,13 @@ def sites_view(
     enrolled: list[dict[str, str]],
     nodes: Callable[[], list[dict[str, Any]]],
     *,
+    versions: dict[str, str] | None = None,
     now: Callable[[], float] = time.time,
 ) -> SitesView:
-    """The enrolled sites with the SuperLink's status of each (``nodes``: Control.nodes)."""
+    """The enrolled sites with the SuperLink's status of each (``nodes``: Control.nodes).
+
+    ``versions``: each site's reported medfed version (:meth:`RunFolders.site_versions`).
+    """
     problem = ""
     by_key: dict[str, dict[str, Any]] = {}
     try:
@@ -293,6 +309,7 @@ def sites_view(
                 enrolled=site.get("enrolled", "")[:19].replace("T", " "),
                 status=status,
                 last_seen=seen,
+                version=(versions or {}).get(site["name"], ""),
             )
         )
     return SitesView(rows, server_problem=problem)
