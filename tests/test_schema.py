@@ -17,6 +17,8 @@ from medfed.core.schema import (
     SecAggReply,
     SiteError,
     SiteInstruction,
+    SiteRecord,
+    medfed_version,
 )
 
 
@@ -144,3 +146,15 @@ def test_a_site_instruction_of_the_wrong_type_is_refused_naming_its_key(
 ) -> None:
     with pytest.raises(ValueError, match=repr(names)):
         SiteInstruction.read(config, {})
+
+
+def test_a_site_record_reads_back_and_refuses_a_bad_name_or_version() -> None:
+    here = SiteRecord.here("site-a")
+    assert here.version == medfed_version() and SiteRecord.from_record(here.entries()) == here
+    assert SiteRecord.from_record({"name": "site-a"}) == SiteRecord("site-a")  # an older site
+    assert set(here.entries()) == {"name", "medfed-version"}  # nothing else about the site
+    with pytest.raises(ValueError, match="'name'"):
+        SiteRecord.from_record({"medfed-version": "0.1.0"})
+    for junk in ("", "0.1 beta", "x" * 65, 1.0):
+        with pytest.raises(ValueError, match="medfed-version"):
+            SiteRecord.from_record({"name": "site-a", "medfed-version": junk})
