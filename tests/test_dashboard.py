@@ -247,6 +247,13 @@ def test_token_cookie_and_read_only(fed: Federation) -> None:
             cookie = exc.headers["Set-Cookie"]
         assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
         assert get(d.url, {"Cookie": cookie.split(";")[0]})[0] == 200
+        # a right header with some other ?token= is served, and that token is never echoed
+        echo = urllib.request.Request(
+            d.url + "?token=x%0d%0aSet-Cookie:%20evil=1",
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        with opener.open(echo, timeout=10) as res:  # no redirect: the page itself
+            assert res.status == 200 and "Set-Cookie" not in res.headers
         post = urllib.request.Request(d.url, data=b"x", method="POST")
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(post, timeout=10)  # noqa: S310 - loopback

@@ -244,7 +244,11 @@ class _Handler(BaseHTTPRequestHandler):
             page = _login_page(path, wrong=allowed is False)
             self._send(Response(page, status=HTTPStatus.UNAUTHORIZED), head=head)
             return
-        if "token" in query and self.server.token is not None:  # once: then the cookie
+        token = self.server.token
+        # Once: then the cookie. Only the query's own token, checked (never echo another).
+        if token is not None and hmac.compare_digest(
+            query.get("token", "").encode(), token.encode()
+        ):
             rest = urlencode({k: v for k, v in query.items() if k != "token"})
             secure = "; Secure" if self.server.tls else ""
             self._send(
