@@ -18,7 +18,7 @@ from medfed.core.errors import ConfigError, MedfedError
 from medfed.core.procs import free_port
 from medfed.core.run_summary import RunSummary, SiteRefusal
 from medfed.core.runs import RunFolder
-from medfed.core.web import Bind, Dashboard, check_bind
+from medfed.core.web import Bind, Dashboard, check_bind, read_token
 from medfed.server.dashboard import page
 from medfed.server.dashboard.http import CoordinatorDashboard
 from medfed.server.dashboard.state import OFFLINE_AFTER_S, RunFolders, sites_view
@@ -195,6 +195,16 @@ def test_non_loopback_without_tls_and_token_is_refused(bind: Bind, missing: str)
         check_bind(bind, where="medfed server dashboard")
     assert missing in err.value.what
     assert "--tls-cert" in err.value.fix and "127.0.0.1" in err.value.fix
+
+
+def test_a_token_file_without_a_token_is_refused(tmp_path: Path) -> None:
+    empty = tmp_path / "token.txt"
+    empty.write_text("\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        read_token(empty)  # never a dashboard without the login its operator asked for
+    assert err.value.where == str(empty) and "secrets" in err.value.fix
+    empty.write_text("a-token-of-twenty-chars\n", encoding="utf-8")
+    assert read_token(empty) == "a-token-of-twenty-chars"
 
 
 def test_non_loopback_with_tls_and_token_passes_and_loopback_needs_nothing(fed: Federation) -> None:

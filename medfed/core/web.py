@@ -105,7 +105,13 @@ def read_token(token_file: Path | None) -> str | None:
                 where=str(token_file),
                 fix="pass a readable file holding the token on its first line",
             ) from None
-        return lines[0].strip() if lines and lines[0].strip() else None
+        if not lines or not lines[0].strip():  # asked for a login, got none: fail closed
+            raise ConfigError(
+                "The dashboard's token file holds no token on its first line.",
+                where=str(token_file),
+                fix='write one there: python -c "import secrets; print(secrets.token_urlsafe(24))"',
+            )
+        return lines[0].strip()
     return os.environ.get(TOKEN_ENV) or None
 
 
