@@ -52,6 +52,7 @@ from medfed.core.schema import (
 from medfed.data import take_healed
 from medfed.tasks import SiteData, Task, engine, get_task
 from medfed.tasks.adaptation import local_keys
+from medfed.tasks.augmentation import contrast_randomized
 from medfed.tasks.dp_units import UnitUnknown, privacy_units
 from medfed.tasks.harmonization import harmonize, site_landmarks
 from medfed.tasks.pretrain import initial_weights
@@ -411,22 +412,26 @@ class SiteWorker:
         return self._result(out.metrics, out.arrays)
 
     def _run_data(self, task: Task, run: RunConfig, asked: SiteInstruction) -> SiteData | None:
-        """The site's data as the run sees it: harmonized onto the run's standard, if any.
+        """The site's data as the run sees it (harmonized, contrast-randomized if asked).
 
-        None: the run harmonizes but the request carries no standard (never trained or
-        scored unharmonized in its place).
+        Harmonized onto the run's standard, if any; its training split contrast-randomized
+        when the run asks (seeded by run seed, round and site). None: the run harmonizes
+        but the request carries no standard (never trained or scored unharmonized instead).
         """
         data = self.data_for(task)
-        if run.harmonization == "off":
-            return data
-        if not asked.standard_landmarks:
-            return None
-        key = (task.name, asked.standard_landmarks)
-        if key not in self._harmonized:
-            while len(self._harmonized) >= 2:  # a daemon serves many runs: keep few
-                self._harmonized.pop(next(iter(self._harmonized)))
-            self._harmonized[key] = harmonize(data, asked.standard_landmarks)
-        return self._harmonized[key]
+        if run.harmonization != "off":
+            if not asked.standard_landmarks:
+                return None
+            key = (task.name, asked.standard_landmarks)
+            if key not in self._harmonized:
+                while len(self._harmonized) >= 2:  # a daemon serves many runs: keep few
+                    self._harmonized.pop(next(iter(self._harmonized)))
+                self._harmonized[key] = harmonize(data, asked.standard_landmarks)
+            data = self._harmonized[key]
+        if run.augmentation == "contrast":
+            seed = _seed(run.seed, asked.server_round, self.site, "augmentation")
+            data = contrast_randomized(data, seed=seed)
+        return data
 
     def _landmarks(self, run: RunConfig, run_id: object) -> wire.Frame:
         """Answer a landmarks query: the site's intensity landmarks, if its rules allow.

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import ConcatDataset
@@ -37,10 +38,13 @@ def train_model(
     learning_rate: float,
     device: torch.device,
     seed: int,
+    init: dict[str, np.ndarray] | None = None,
 ) -> nn.Module:
-    """A fresh model of ``task`` (seeded like a federated run's) trained on ``data``."""
+    """A fresh model of ``task`` (seeded as a federated run's, or ``init``) trained on ``data``."""
     torch.manual_seed(seed)
     model = task.build_model()
+    if init is not None:
+        engine.set_weights(model, init)
     engine.train(
         task,
         model,

@@ -330,3 +330,23 @@ def test_sampled_rounds_under_secure_aggregation_need_a_threshold_below_the_samp
         m["site"] for m in folder.read_metrics() if m["site"] != "global" and m["phase"] == "train"
     }
     assert len(trained) == 4
+
+
+def test_site_policy_from_the_command_line_lets_simulated_sites_share_landmarks(
+    tmp_path: Path,
+) -> None:
+    common = ("simulate", "--task", "tiny-seg", "--sites", "2", "--rounds", "1")
+    common += ("--harmonization", "histogram", "--out", str(tmp_path / "runs"))
+    refused = medfed(*common)
+    assert refused.returncode == 1
+    assert "policy.share_landmarks" in refused.stdout
+    assert "--site-policy KEY=VALUE" in refused.stdout
+    # Through worker processes too: each process builds its sites with the policy.
+    done = medfed(*common, "--site-policy", "share_landmarks=true", "--workers", "2")
+    assert done.returncode == 0, done.stdout + done.stderr
+    site_toml = next((tmp_path / "runs").glob("*/sites/site-1/site.toml")).read_text()
+    assert "share_landmarks = true" in site_toml
+    bad = medfed(*common, "--site-policy", "share_landmarks")
+    assert bad.returncode != 0 and "--site-policy share_landmarks=true" in bad.stdout + bad.stderr
+    unknown = medfed(*common, "--site-policy", "share_everything=true")
+    assert unknown.returncode != 0 and "share_everything" in unknown.stdout + unknown.stderr

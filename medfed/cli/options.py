@@ -90,6 +90,14 @@ AdaptationOpt = Annotated[
         help="domain-adaptation hook: parameters each site keeps local (`medfed adaptations`)"
     ),
 ]
+AugmentationOpt = Annotated[
+    str,
+    typer.Option(
+        help="site-side training augmentation: 'contrast' remaps half of each site's "
+        "training images by a random intensity curve, so one shared model learns every "
+        "scanner's contrast (off | contrast)"
+    ),
+]
 HarmonizationOpt = Annotated[
     str,
     typer.Option(

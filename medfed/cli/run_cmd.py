@@ -14,6 +14,7 @@ from medfed.cli.main import console
 from medfed.cli.options import (
     AccountantOpt,
     AdaptationOpt,
+    AugmentationOpt,
     BatchSizeOpt,
     ClippingNormOpt,
     DatasetOpt,
@@ -50,14 +51,16 @@ if TYPE_CHECKING:
     from medfed.core.config import RunConfig
 
 
-def parse_option(text: str) -> tuple[str, Any]:
+def parse_option(
+    text: str, *, where: str = "--strategy-option", example: str = "proximal_mu=0.01"
+) -> tuple[str, Any]:
     """Parse ``key=value``; the value becomes a bool, int, float or string."""
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise ConfigError(
-            f"Malformed strategy option {text!r}.",
-            where="--strategy-option",
-            expected="KEY=VALUE, e.g. --strategy-option proximal_mu=0.01",
+            f"Malformed option {text!r}.",
+            where=where,
+            expected=f"KEY=VALUE, e.g. {where} {example}",
         )
     low = raw.lower()
     if low in ("true", "false"):
@@ -184,6 +187,7 @@ def build_run_config(
     where: str,
     secagg_threshold: int | None = None,
     harmonization: str = "off",
+    augmentation: str = "off",
 ) -> RunConfig:
     """The run configuration of a run's options, checked before anything starts.
 
@@ -216,6 +220,7 @@ def build_run_config(
             "secagg_threshold": secagg_threshold,
             "adaptation": adaptation,
             "harmonization": harmonization,
+            "augmentation": augmentation,
             "init_from": init_from,
             "init_weights": init_weights,
             "privacy": privacy_options(
@@ -294,6 +299,7 @@ def register(app: typer.Typer) -> None:
         dataset: DatasetOpt = "",
         adaptation: AdaptationOpt = "none",
         harmonization: HarmonizationOpt = "off",
+        augmentation: AugmentationOpt = "off",
         init_from: InitFromOpt = "",
         init_weights: InitWeightsOpt = "random",
         detach: Annotated[bool, typer.Option(help="submit and return at once")] = False,
@@ -336,6 +342,7 @@ def register(app: typer.Typer) -> None:
             where="medfed run options",
             secagg_threshold=secagg_threshold,
             harmonization=harmonization,
+            augmentation=augmentation,
         )
         if secure_aggregation == "off":
             console.print(

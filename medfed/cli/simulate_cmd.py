@@ -13,6 +13,7 @@ from medfed.cli.main import console, interrupt_on_signal
 from medfed.cli.options import (
     AccountantOpt,
     AdaptationOpt,
+    AugmentationOpt,
     BatchSizeOpt,
     ClippingNormOpt,
     DatasetOpt,
@@ -42,7 +43,13 @@ from medfed.cli.options import (
     TrackOpt,
 )
 from medfed.cli.progress import ProgressView
-from medfed.cli.run_cmd import build_run_config, log_to_trackers, parse_trackers, print_summary
+from medfed.cli.run_cmd import (
+    build_run_config,
+    log_to_trackers,
+    parse_option,
+    parse_trackers,
+    print_summary,
+)
 from medfed.core.errors import ConfigError
 
 #: What ``--partition`` may be: each site's data as it is, or a pooled dataset shared out.
@@ -115,6 +122,7 @@ def register(app: typer.Typer) -> None:
         dataset: DatasetOpt = "",
         adaptation: AdaptationOpt = "none",
         harmonization: HarmonizationOpt = "off",
+        augmentation: AugmentationOpt = "off",
         init_from: InitFromOpt = "",
         init_weights: InitWeightsOpt = "random",
         site_budget: Annotated[
@@ -124,6 +132,13 @@ def register(app: typer.Typer) -> None:
                 "| unlimited (measure epsilon, do not ration it)"
             ),
         ] = "default",
+        site_policy: Annotated[
+            list[str] | None,
+            typer.Option(
+                help="KEY=VALUE for every simulated site's [policy] in site.toml (repeatable), "
+                "e.g. share_landmarks=true: what a deployed site's operator must allow",
+            ),
+        ] = None,
         keep_warm: Annotated[
             int | None,
             typer.Option(
@@ -192,6 +207,7 @@ def register(app: typer.Typer) -> None:
             where="medfed simulate options",
             secagg_threshold=secagg_threshold,
             harmonization=harmonization,
+            augmentation=augmentation,
         )
         if partition not in PARTITIONS:
             raise ConfigError(
@@ -205,6 +221,10 @@ def register(app: typer.Typer) -> None:
                 where="--site-budget",
                 expected="default | unlimited",
             )
+        policy = dict(
+            parse_option(o, where="--site-policy", example="share_landmarks=true")
+            for o in site_policy or []
+        )
         out = out.resolve()
         if partition != "none":
             if data is None:
@@ -281,6 +301,7 @@ def register(app: typer.Typer) -> None:
                     keep_warm=keep_warm,
                     workers=workers,
                     budget=SIMULATION_BUDGET if site_budget == "unlimited" else None,
+                    policy=policy,
                     on_event=view,
                     on_site=on_site,
                     describe=source,
@@ -289,6 +310,11 @@ def register(app: typer.Typer) -> None:
                 console.print("[yellow]interrupted[/]: the run folder keeps what was written")
                 raise typer.Exit(130) from None
         print_summary(summary, folder.path)
+        if not summary.completed and "[policy." in (summary.reason or ""):
+            console.print(
+                "  simulated sites take a [policy] key from the command line: "
+                "--site-policy KEY=VALUE (e.g. share_landmarks=true)"
+            )
         if summary.simulation is not None:
             console.print(f"  sites:      {summary.simulation.site_folders}")
         log_to_trackers(folder.path, trackers)

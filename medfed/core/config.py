@@ -285,6 +285,12 @@ class RunConfig(_Strict):
         "onto landmarks the sites agree on before the first round (Nyul & Udupa); "
         "refused under DP, and under secure aggregation unless the site allows it",
     )
+    augmentation: Literal["off", "contrast"] = Field(
+        "off",
+        description="site-side training augmentation: 'contrast' remaps half of each "
+        "site's training images by a random intensity curve (SynthSeg-style contrast "
+        "randomization), so one shared model reads every scanner's contrast",
+    )
     init_from: str = Field(
         "",
         description="start from an earlier run's checkpoint: "

@@ -113,6 +113,9 @@ class SitePool:
     budget : mapping, optional
         Overrides of each site's default privacy budget (``[privacy.datasets.NAME]``
         keys, e.g. ``epsilon_max``); default: a new site's (`medfed site init`).
+    policy : mapping, optional
+        Overrides of each site's ``[policy]`` keys (e.g. ``share_landmarks``); default:
+        a new site's, which refuses what a deployed site's operator must allow first.
     """
 
     def __init__(
@@ -122,6 +125,7 @@ class SitePool:
         *,
         keep_warm: int | None = None,
         budget: Mapping[str, Any] | None = None,
+        policy: Mapping[str, Any] | None = None,
     ) -> None:
         names = [s.name for s in sites]
         if len(set(names)) != len(names):
@@ -134,6 +138,7 @@ class SitePool:
         self.sites = list(sites)
         self.keep_warm = keep_warm
         self._budget = dict(budget or {})
+        self._policy = dict(policy or {})
         self._template = tomllib.loads(
             SITE_TOML.format(
                 name="site", server="127.0.0.1:9200", runtime_port=9300, seed=0, profile=0
@@ -157,6 +162,7 @@ class SitePool:
         data["data"] = site.data.model_dump(mode="json", exclude_none=True)
         default = data["privacy"]["default"]
         data["privacy"]["datasets"][default].update(self._budget)
+        data.setdefault("policy", {}).update(self._policy)
         return validate(SiteConfig, data, where=f"simulated site {site.name}")
 
     def worker(self, index: int) -> SiteWorker:
@@ -489,6 +495,7 @@ def simulate(
     *,
     keep_warm: int | None = None,
     budget: Mapping[str, Any] | None = None,
+    policy: Mapping[str, Any] | None = None,
     workers: int | None = None,
     threads: int | None = None,
     on_event: Callable[[dict[str, Any]], None] | None = None,
@@ -505,7 +512,7 @@ def simulate(
         The simulated sites (:mod:`medfed.local.sim_sites`).
     runs_dir : Path
         Where the run folder goes (``runs_dir/<run id>/``).
-    keep_warm, budget
+    keep_warm, budget, policy
         See :class:`SitePool`.
     workers : int, optional
         Processes that run the sites (:class:`medfed.local.site_processes.SiteProcesses`);
@@ -545,7 +552,9 @@ def simulate(
     runs_dir = Path(runs_dir).resolve()
     run_id = _new_run_id(runs_dir)
     folder = RunFolder.create(runs_dir, run_id, run)
-    pool = SitePool(folder.path / SITES_DIR, sites, keep_warm=keep_warm, budget=budget)
+    pool = SitePool(
+        folder.path / SITES_DIR, sites, keep_warm=keep_warm, budget=budget, policy=policy
+    )
     workers = default_workers(len(sites)) if workers is None else workers
     if workers < 1:
         raise ConfigError(f"workers must be >= 1, got {workers}.", where="--workers")
@@ -556,6 +565,7 @@ def simulate(
             workers=workers,
             keep_warm=pool.keep_warm,
             budget=budget,
+            policy=policy,
             threads=threads,
         )
         if workers > 1

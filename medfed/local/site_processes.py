@@ -94,7 +94,7 @@ class SiteProcesses:
 
     Parameters
     ----------
-    root, sites, keep_warm, budget
+    root, sites, keep_warm, budget, policy
         As :class:`medfed.local.simulation.SitePool` (every process builds one).
     workers : int
         Number of processes (>= 1).
@@ -110,6 +110,7 @@ class SiteProcesses:
         workers: int,
         keep_warm: int,
         budget: Mapping[str, Any] | None = None,
+        policy: Mapping[str, Any] | None = None,
         threads: int | None = None,
     ) -> None:
         if workers < 1:
@@ -118,6 +119,7 @@ class SiteProcesses:
             "root": str(root),
             "keep_warm": keep_warm,
             "budget": dict(budget or {}),
+            "policy": dict(policy or {}),
             "threads": threads or max(1, (os.cpu_count() or 1) // workers),
             "sites": [
                 {"name": s.name, "data": s.data.model_dump(mode="json", exclude_none=True)}
@@ -274,7 +276,11 @@ def _serve(channel: socket.socket) -> None:
             for s in setup["sites"]
         ]
         pool = SitePool(
-            Path(setup["root"]), sites, keep_warm=int(setup["keep_warm"]), budget=setup["budget"]
+            Path(setup["root"]),
+            sites,
+            keep_warm=int(setup["keep_warm"]),
+            budget=setup["budget"],
+            policy=setup["policy"],
         )
         # Requests are read as they come and replies sent as the parent takes them, each
         # by a thread of its own: the process answers the next request meanwhile.
