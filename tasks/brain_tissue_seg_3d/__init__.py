@@ -286,7 +286,10 @@ def load_site_data(source: DataSourceConfig) -> SiteData:
 
 
 def public_data(subjects: int, seed: int) -> RandomPatches:
-    """Public pretraining patches: the MNI152 atlas under random scanners (no site's data)."""
+    """Public pretraining patches: Colin27 (mricron-data), another brain than the sites' MNI152.
+
+    Labels from a Gaussian mixture on its own T1, random warps and scanners; no site's data.
+    """
     images, labels = _volumes(public_atlas_subjects(subjects, seed=seed))
     return RandomPatches(
         images, labels, size=PATCH, per_volume=PATCHES_PER_SCAN, seed=_patch_seed(seed)
