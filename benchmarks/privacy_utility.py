@@ -6,13 +6,17 @@ synthesized subjects per site, the ``site-input-output`` adaptation hook as in
 batch 16, 1 local epoch) and with sample-level DP-SGD (Opacus, Poisson sampling,
 per-sample clipping at norm C, PRV accountant, delta 1e-5) at each target epsilon.
 Every run, the anchor included, starts from the task's public weights
-(``init_weights = "public"``: pretrained by ``medfed pretrain`` on the MNI152 atlas
-under randomized scanners, no site's data, no privacy cost; ``--init-weights random``
-gives the earlier benchmark). Public pretraining is the standard remedy for DP-SGD's
-utility loss (Tramèr & Boneh 2021, De et al. 2022): the private fine-tuning has less
-to learn. Caveat: the synthesized sites are warps of that same atlas, so the public
-set shares their anatomy more closely than a public dataset shares a hospital's
-patients (Tramèr, Kamath & Carlini 2022 warn of exactly this); the scanners differ.
+(``init_weights = "public"``: pretrained by ``medfed pretrain`` on Colin27 under
+random warps and randomized scanners, no site's data, no privacy cost;
+``--init-weights random`` gives the earlier benchmark). Public pretraining is the
+standard remedy for DP-SGD's utility loss (Tramèr & Boneh 2021, De et al. 2022): the
+private fine-tuning has less to learn. The public set is another brain than the
+sites': Colin27, one subject (Debian's mricron-data), against the MNI152 average of
+152 subjects that the sites are warps of, and its labels come from another protocol
+(a Gaussian mixture on Colin27's own T1, against MNI152's tissue maps); the scanners
+differ too. Caveat: the figures below were measured with the earlier public weights,
+pretrained on the sites' own MNI152 anatomy (which Tramèr, Kamath & Carlini 2022 warn
+against), and are not yet re-measured with the Colin27 weights.
 The DP runs use DP's own recipe (``--dp-optimizer``, ``--dp-lr``, ``--dp-average``,
 ``--dp-batch``, ``--dp-epochs``; measured choices next to ``DP_BATCH`` below): SGD
 with momentum at lr 0.5, clipping norm 0.3, batch 256, 1 local epoch, and the moving

@@ -52,6 +52,13 @@ def _missing(path: Path, what: str) -> MedfedError:
     )
 
 
+def colin27_missing() -> str:
+    """Why Colin27 cannot be read here ("" when it can): for a test's skip reason."""
+    if COLIN27_PATH.is_file():
+        return ""
+    return f"{COLIN27_PATH} is missing: apt install mricron-data (`make test` installs it)"
+
+
 @functools.lru_cache(maxsize=1)
 def load_colin27() -> TemplateVolumes:
     """Colin27 on the 2 mm MNI grid, its tissue maps from its own T1 (cached, offline)."""
