@@ -45,7 +45,7 @@ to its scan (and patient), so ``privacy.unit = "scan"`` clips and accounts the
 :data:`PATCHES_PER_SCAN` patches of a scan together. With ``privacy.unit = "sample"``
 epsilon protects one patch draw, not a scan.
 
-Public data: :func:`public_data` gives patches of the public atlas subjects, so
+Public data: :func:`public_data` gives patches of the public Colin27 subjects, so
 ``medfed pretrain --task brain-tissue-seg-3d`` can make public weights; none ship
 with medfed (``public_weights`` is ``None``).
 """
