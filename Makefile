@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed-stamp
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: demo test test-quick lint bench env clean orthanc chromium
+.PHONY: demo test test-quick lint bench env clean orthanc chromium mricron-data
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -43,6 +43,17 @@ chromium:
 	    || echo "could not install chromium: the dashboard's browser tests will be skipped"; \
 	fi
 
+# Public pretraining (and its tests) read the Colin27 brain from Debian's mricron-data
+# (MRIcron's templates, BSD-3-clause): another brain than the sites' MNI152. Install
+# it when missing.
+mricron-data:
+	@if [ ! -e /usr/share/mricron/templates/ch2bet.nii.gz ]; then \
+	  echo "installing mricron-data (public pretraining reads Colin27 from it)"; \
+	  ( $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
+	      --no-install-recommends mricron-data >/dev/null ) \
+	    || echo "could not install mricron-data: the tests that read Colin27 will be skipped"; \
+	fi
+
 demo: $(STAMP)
 	$(BIN)/medfed demo
 
@@ -53,7 +64,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check --quiet .
 	$(BIN)/ruff check --quiet .
 
-test: $(STAMP) lint orthanc chromium
+test: $(STAMP) lint orthanc chromium mricron-data
 	$(BIN)/python -m pytest -n auto --dist loadscope
 
 test-quick: $(STAMP)

@@ -237,9 +237,10 @@ def synthetic_subjects(source: DataSourceConfig) -> list[Subject]:
 
 
 def public_atlas_subjects(count: int, *, seed: int) -> list[Subject]:
-    """Labelled public subjects for pretraining: the MNI152 atlas under random scanners.
+    """Labelled public subjects for pretraining: Colin27 under random warps and scanners.
 
-    No site's data (:mod:`medfed.synth.public`); one scan per subject.
+    Another brain than the sites' MNI152 anatomy, its labels from a Gaussian mixture on
+    its own T1; no site's data (:mod:`medfed.synth.public`); one scan per subject.
     """
     from medfed.synth.public import public_subjects
 

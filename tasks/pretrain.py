@@ -81,8 +81,7 @@ def pretrain(
         "final-loss": round(stats.loss, 5),
         "seconds": round(time.time() - t0, 1),
         "torch": torch.__version__,
-        "data": "public: the MNI152 atlas (nilearn) under randomized scanner physics; "
-        "no site's data",
+        "data": _described(task.public_data.__doc__),
     }
     return engine.get_weights(model.cpu()), info
 
@@ -131,6 +130,11 @@ def check_init(task: Task, init: InitWeights) -> None:
     """Refuse ``init`` before a run starts when the task cannot give it."""
     if init == "public":
         load_public_weights(task)
+
+
+def _described(doc: str | None) -> str:
+    """What the task says its public data is: its docstring, on one line."""
+    return " ".join((doc or "").split()) or "the task's Task.public_data (no site's data)"
 
 
 def _no_public(task: Task, what: str) -> MedfedError:

@@ -1,4 +1,4 @@
-"""Public pretraining: the atlas data, `medfed pretrain`, shipped weights, runs that start there."""
+"""Public pretraining: Colin27 data, `medfed pretrain`, shipped weights, runs that start there."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 
 from medfed.core.config import DataSourceConfig, RunConfig
 from medfed.core.errors import MedfedError
+from medfed.synth.colin27 import colin27_missing
 from medfed.synth.public import public_subjects
 from medfed.tasks import engine, get_task
 from medfed.tasks.adaptation import local_keys
@@ -27,8 +28,13 @@ from medfed.tasks.pretrain import (
 )
 
 TISSUE = get_task("brain-tissue-seg")
+#: The public data is Colin27 from Debian's mricron-data (`make test` installs it).
+needs_colin27 = pytest.mark.skipif(
+    bool(colin27_missing()), reason=f"needs Debian's mricron-data: {colin27_missing()}"
+)
 
 
+@needs_colin27
 def test_public_subjects_are_reproducible_and_their_scanners_random() -> None:
     a, b = public_subjects(3, seed=7), public_subjects(3, seed=7)
     for x, y in zip(a, b, strict=True):
@@ -46,6 +52,7 @@ def test_public_subjects_are_reproducible_and_their_scanners_random() -> None:
         public_subjects(0, seed=1)
 
 
+@needs_colin27
 def test_pretrain_writes_weights_and_recipe_that_a_task_then_starts_from(tmp_path: Path) -> None:
     recipe = PretrainRecipe(subjects=2, steps=3, batch_size=8, seed=3)
     weights, info = pretrain(TISSUE, recipe, device=torch.device("cpu"))
@@ -166,6 +173,7 @@ def test_cli_lists_public_weights_and_refuses_them_where_a_task_has_none(tmp_pat
     assert out.returncode == 2 and "no public training data" in out.stderr
 
 
+@needs_colin27
 def test_cli_pretrain_writes_a_weights_file(tmp_path: Path) -> None:
     out = _medfed(
         "pretrain",

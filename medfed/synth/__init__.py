@@ -13,6 +13,10 @@ Labels: 0 background, 1 CSF, 2 GM, 3 WM. CSF is the brain mask minus GM minus WM
 (nilearn ships no CSF map); the label is the argmax of (CSF, GM, WM) inside the mask,
 resampled nearest-neighbour onto each site's grid with the same warp as the image.
 
+Public pretraining data (:mod:`medfed.synth.public`) is built the same way from another
+brain: Colin27 (Debian's mricron-data, :mod:`medfed.synth.colin27`), its labels from a
+Gaussian mixture on its own T1, never from MNI152's maps.
+
 On-disk layout (``synthesize_sites(out, ...)``)::
 
     out/synth.json                               what is real / synthetic, sites, seed

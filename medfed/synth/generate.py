@@ -176,14 +176,19 @@ def synthesize_subject(
     site_index: int,
     subject_index: int,
     lesion: bool,
+    template: TemplateVolumes | None = None,
 ) -> SubjectVolume:
     """Synthesize one subject of one site; the same arguments give the same arrays.
+
+    ``template`` is the anatomy warped: MNI152 (:func:`load_template`, the benchmark's
+    sites) unless another brain on the same grid is given (public pretraining passes
+    Colin27, :mod:`medfed.synth.colin27`).
 
     Each random stream (anatomy warp, tissue jitter, lesion, bias, noise) has its own
     generator seeded from ``(seed, site_index, subject_index, stream)``, so turning the
     lesion on or off changes nothing else.
     """
-    template = load_template()
+    template = load_template() if template is None else template
     geometry = site_geometry(profile, seed=seed, site_index=site_index)
     rng = np.random.default_rng([seed, site_index, subject_index, _SUBJECT_STREAM])
     lesion_rng = np.random.default_rng([seed, site_index, subject_index, _LESION_STREAM])

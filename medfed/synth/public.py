@@ -1,18 +1,21 @@
-"""Public pretraining data: the MNI152 atlas under randomized scanner physics.
+"""Public pretraining data: Colin27, another brain, under randomized scanner physics.
 
-No hospital's images: each subject is the public template (nilearn's bundled MNI
-ICBM152 2009, see :mod:`medfed.synth.template`) under a random warp, seen through a
-scanner whose every setting is drawn at random (SynthSeg-style domain randomization,
-Billot et al. 2023): tissue intensities in any order (T1-like, T2-like or neither),
-contrast curve, bias field, noise, resolution and slice thickness. A model trained
-on it knows brain anatomy and no particular scanner, which is what a private
-(DP-SGD) fine-tuning at the sites then needs to learn least of.
+No hospital's images: each subject is the Colin27 brain (one man, scanned 27 times
+and averaged; Debian's mricron-data, see :mod:`medfed.synth.colin27`) under a random
+warp, seen through a scanner whose every setting is drawn at random (SynthSeg-style
+domain randomization, Billot et al. 2023): tissue intensities in any order (T1-like,
+T2-like or neither), contrast curve, bias field, noise, resolution and slice
+thickness. A model trained on it knows brain anatomy and no particular scanner,
+which is what a private (DP-SGD) fine-tuning at the sites then needs to learn least of.
 
-Caveat, said where the figures are: the benchmark's sites are warps of the same
-template, so this public set shares their anatomy more closely than a public
-dataset shares a hospital's patients. Its random streams are disjoint from the
-sites' (``PUBLIC_SITE_BASE`` above any site index), and no site's scanner profile
-is used.
+Why this is a fair public source: the public and the site anatomy are different
+brains. The benchmark's sites are warps of the MNI152 2009 template (the average of
+152 subjects, :mod:`medfed.synth.template`); the public subjects are warps of
+Colin27, a single subject. Their labels come from different protocols too: a
+Gaussian mixture on Colin27's own T1 here, MNI152's tissue probability maps at the
+sites. Both are on the same MNI-aligned grid, as a public dataset registered to a
+standard space would be. Its random streams are disjoint from the sites'
+(``PUBLIC_SITE_BASE`` above any site index), and no site's scanner profile is used.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import dataclasses
 
 import numpy as np
 
+from medfed.synth.colin27 import load_colin27
 from medfed.synth.generate import SubjectVolume, synthesize_subject
 from medfed.synth.profiles import DEFAULT_PROFILES, ScannerProfile
 
@@ -51,9 +55,10 @@ def random_profile(rng: np.random.Generator) -> ScannerProfile:
 
 
 def public_subjects(count: int, *, seed: int) -> list[SubjectVolume]:
-    """``count`` domain-randomized atlas subjects; the same seed gives the same arrays."""
+    """``count`` domain-randomized Colin27 subjects; the same seed gives the same arrays."""
     if count <= 0:
         raise ValueError(f"public_subjects needs a positive count, got {count}")
+    template = load_colin27()
     rng = np.random.default_rng([seed, _PUBLIC_STREAM])
     out = []
     for i in range(count):
@@ -65,6 +70,7 @@ def public_subjects(count: int, *, seed: int) -> list[SubjectVolume]:
                 site_index=PUBLIC_SITE_BASE + i,
                 subject_index=i,
                 lesion=bool(rng.random() < 0.5),
+                template=template,
             )
         )
     return out

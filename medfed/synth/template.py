@@ -66,17 +66,29 @@ def load_template() -> TemplateVolumes:
     wm = np.clip(wm, 0, 1) * mask
     csf = np.clip(1.0 - gm - wm, 0, 1) * mask
     tissue = np.stack([csf, gm, wm]).astype(np.float32)
+    return template_volumes(t1, tissue, mask, np.asarray(t1_img.affine, dtype=np.float64))
+
+
+def template_volumes(
+    t1: np.ndarray, tissue: np.ndarray, mask: np.ndarray, affine: np.ndarray
+) -> TemplateVolumes:
+    """Label map, texture and read-only arrays from a T1, its (CSF, GM, WM) maps and mask.
+
+    Shared by every template (MNI152 here, Colin27 in :mod:`medfed.synth.colin27`), so
+    their labels and texture are made the same way.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    tissue = np.asarray(tissue, dtype=np.float32)
     labels = np.where(mask, np.argmax(tissue, axis=0) + 1, 0).astype(np.uint8)
-    t1 = np.clip(t1, 0, None) * mask
+    t1 = (np.clip(t1, 0, None) * mask).astype(np.float32)
     # Texture: the T1 template minus its best fit by tissue means (least squares in the mask).
     design = tissue[:, mask].T
     coef, *_ = np.linalg.lstsq(design, t1[mask], rcond=None)
     fit = np.tensordot(coef, tissue, axes=1)
     texture = ((t1 - fit) * mask).astype(np.float32)
-    for arr in (t1, tissue, labels, mask, texture):
+    affine = np.array(affine, dtype=np.float64)
+    for arr in (t1, tissue, labels, mask, texture, affine):
         arr.setflags(write=False)
-    affine = np.asarray(t1_img.affine, dtype=np.float64)
-    affine.setflags(write=False)
     return TemplateVolumes(
         t1=t1, tissue=tissue, labels=labels, mask=mask, texture=texture, affine=affine
     )

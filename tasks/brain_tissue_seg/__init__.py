@@ -180,7 +180,10 @@ def load_site_data(source: DataSourceConfig) -> SiteData:
 
 
 def public_data(subjects: int, seed: int) -> TensorDataset:
-    """Public pretraining slices: the MNI152 atlas under random scanners (no site's data)."""
+    """Public pretraining slices: Colin27 (mricron-data), another brain than the sites' MNI152.
+
+    Labels from a Gaussian mixture on its own T1, random warps and scanners; no site's data.
+    """
     return _slices(public_atlas_subjects(subjects, seed=seed))[0]
 
 

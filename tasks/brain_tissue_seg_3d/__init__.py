@@ -45,7 +45,7 @@ to its scan (and patient), so ``privacy.unit = "scan"`` clips and accounts the
 :data:`PATCHES_PER_SCAN` patches of a scan together. With ``privacy.unit = "sample"``
 epsilon protects one patch draw, not a scan.
 
-Public data: :func:`public_data` gives patches of the public atlas subjects, so
+Public data: :func:`public_data` gives patches of the public Colin27 subjects, so
 ``medfed pretrain --task brain-tissue-seg-3d`` can make public weights; none ship
 with medfed (``public_weights`` is ``None``).
 """
@@ -286,7 +286,10 @@ def load_site_data(source: DataSourceConfig) -> SiteData:
 
 
 def public_data(subjects: int, seed: int) -> RandomPatches:
-    """Public pretraining patches: the MNI152 atlas under random scanners (no site's data)."""
+    """Public pretraining patches: Colin27 (mricron-data), another brain than the sites' MNI152.
+
+    Labels from a Gaussian mixture on its own T1, random warps and scanners; no site's data.
+    """
     images, labels = _volumes(public_atlas_subjects(subjects, seed=seed))
     return RandomPatches(
         images, labels, size=PATCH, per_volume=PATCHES_PER_SCAN, seed=_patch_seed(seed)
