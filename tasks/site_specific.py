@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -36,11 +37,21 @@ def _tie(site_model: nn.Module, base: nn.Module, shared: set[str]) -> None:
 
 
 def site_models(
-    task: Task, adaptation: str, sites: list[str], *, seed: int
+    task: Task,
+    adaptation: str,
+    sites: list[str],
+    *,
+    seed: int,
+    init: dict[str, np.ndarray] | None = None,
 ) -> dict[str, nn.Module]:
-    """One model per site: shared parameters tied, ``adaptation``'s local ones per site."""
+    """One model per site: shared parameters tied, ``adaptation``'s local ones per site.
+
+    Every site's model starts from the same weights: seeded, or ``init``.
+    """
     torch.manual_seed(seed)
     base = task.build_model()
+    if init is not None:
+        engine.set_weights(base, init)
     local = local_keys(task, base, adaptation)
     shared = set(base.state_dict()) - local
     models = {}
@@ -61,9 +72,10 @@ def train_site_specific(
     learning_rate: float,
     device: torch.device,
     seed: int,
+    init: dict[str, np.ndarray] | None = None,
 ) -> dict[str, nn.Module]:
     """Pooled training of :func:`site_models`; each site's model, trained."""
-    models = site_models(task, adaptation, list(sites), seed=seed)
+    models = site_models(task, adaptation, list(sites), seed=seed, init=init)
     unique = {id(p): p for m in models.values() for p in m.parameters()}
     for m in models.values():
         m.to(device).train()
