@@ -118,6 +118,14 @@ def wait_for(what: str, check: Callable[[], object], timeout: float) -> object:
 
 
 def cell(driver: object, selector: str) -> str:
+    """The text of ``selector``, read again when the page's poll replaced the element."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    for _ in range(20):
+        try:
+            return driver.find_element(By.CSS_SELECTOR, selector).text  # type: ignore[attr-defined]
+        except StaleElementReferenceException:  # swapped between the find and the read
+            time.sleep(0.05)
     return driver.find_element(By.CSS_SELECTOR, selector).text  # type: ignore[attr-defined]
 
 
