@@ -332,6 +332,7 @@ def test_sampled_rounds_under_secure_aggregation_need_a_threshold_below_the_samp
     assert len(trained) == 4
 
 
+@pytest.mark.slow
 def test_site_policy_from_the_command_line_lets_simulated_sites_share_landmarks(
     tmp_path: Path,
 ) -> None:
@@ -342,8 +343,18 @@ def test_site_policy_from_the_command_line_lets_simulated_sites_share_landmarks(
     assert "policy.share_landmarks" in refused.stdout
     assert "--site-policy KEY=VALUE" in refused.stdout
     # Through worker processes too: each process builds its sites with the policy.
-    done = medfed(*common, "--site-policy", "share_landmarks=true", "--workers", "2")
+    done = medfed(
+        *common,
+        "--site-policy",
+        "share_landmarks=true",
+        "--workers",
+        "2",
+        "--augmentation",
+        "contrast",
+    )
     assert done.returncode == 0, done.stdout + done.stderr
+    run_json = next((tmp_path / "runs").glob("*/run.json")).read_text()
+    assert json.loads(run_json)["config"]["augmentation"] == "contrast"
     site_toml = next((tmp_path / "runs").glob("*/sites/site-1/site.toml")).read_text()
     assert "share_landmarks = true" in site_toml
     bad = medfed(*common, "--site-policy", "share_landmarks")
