@@ -16,7 +16,10 @@ the sites in this process (a test checks it gives the deployment's model).
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
+import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +30,8 @@ from torch import nn
 from torch.utils.data import ConcatDataset
 
 from medfed.core.config import DataSourceConfig, RunConfig
+from medfed.core.runs import RunFolder
+from medfed.core.schema import EPSILON_RUN_KEY
 from medfed.data.sites import site_sources
 from medfed.local.held_out import score_on_test
 from medfed.local.sim_sites import SimSite
@@ -81,15 +86,30 @@ def federated(runs: Path, dev: dict[str, DataSourceConfig], recipe: str, run: Ru
 
 def epsilons(run_dir: Path, rounds: int) -> dict[str, float]:
     """Each site's epsilon spent over the run (its last training round's report)."""
-    from medfed.core.runs import RunFolder
-    from medfed.core.schema import EPSILON_RUN_KEY
-
     last = RunFolder(run_dir).read_metrics()
     return {
         m["site"]: float(m.get(EPSILON_RUN_KEY, 0.0))
         for m in last
         if m["phase"] == "train" and m["round"] == rounds
     }
+
+
+def run_seeds(
+    seeds: list[int],
+    one_seed: Callable[[Path, int], dict[str, Any]],
+    keep: Path | None,
+    name: str,
+) -> dict[int, dict[str, Any]]:
+    """``one_seed(root, seed)`` for every seed, in a temporary folder unless ``keep``."""
+    root = keep or Path(tempfile.mkdtemp(prefix=f"medfed-{name}-"))
+    t0 = time.time()
+    try:
+        results = {s: one_seed(root / f"seed-{s}", s) for s in seeds}
+    finally:
+        if keep is None:
+            shutil.rmtree(root, ignore_errors=True)
+    print(f"all seeds in {time.time() - t0:.0f} s")
+    return results
 
 
 def test_scores(

@@ -22,7 +22,8 @@ Arms (the same epochs of data: R rounds of 1 local epoch, or R epochs pooled):
   randomization at the sites (``--augmentation contrast``, :data:`SHARED`,
   :mod:`medfed.tasks.augmentation`): half of each site's training images remapped by
   a random intensity curve, so no site's update pulls the model towards its own
-  scanner's contrast.
+  scanner's contrast. The pooled anchor trains without it: it sees the T2-like
+  site's images themselves (not tried: giving the anchor's grid that option too).
 - ``personal``: FedAvg with the ``site-input-output`` hook (each site keeps its first
   block and prediction head), against its own anchor ``pooled-site``: pooled training
   of the same shape (:mod:`medfed.tasks.site_specific`: one model per site, the shared
@@ -58,8 +59,6 @@ Run: ``python benchmarks/fl_vs_central.py [--quick] [--seeds 0,1,2] [--rounds R]
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -71,6 +70,7 @@ from _protocol import (
     choose_and_test,
     federated,
     prepare,
+    run_seeds,
     site_mean,
     sources,
     summarize,
@@ -231,14 +231,7 @@ def main() -> None:
         f"{args.rounds} rounds/epochs, lr grid {args.lrs}, seeds {seeds}, "
         f"init {args.init_weights}, privacy unit none (no DP), shared arm {SHARED}"
     )
-    root = args.keep or Path(tempfile.mkdtemp(prefix="medfed-flvc-"))
-    t0 = time.time()
-    try:
-        results = {s: one_seed(root / f"seed-{s}", s, args) for s in seeds}
-    finally:
-        if args.keep is None:
-            shutil.rmtree(root, ignore_errors=True)
-    print(f"all seeds in {time.time() - t0:.0f} s")
+    results = run_seeds(seeds, lambda root, s: one_seed(root, s, args), args.keep, "flvc")
     report(results)
 
 

@@ -40,8 +40,6 @@ Run: ``python benchmarks/privacy_utility.py [--quick] [--seeds 0,1,2] [--subject
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -56,6 +54,7 @@ from _protocol import (
     mean_sd,
     overall,
     prepare,
+    run_seeds,
     site_mean,
     sources,
     summarize,
@@ -320,14 +319,7 @@ def main() -> None:
         f"bias correction {args.bias_correction}; grids: "
         + "; ".join(f"{k}: {[r for r, _ in v]}" for k, v in arms(args.quick).items())
     )
-    root = args.keep or Path(tempfile.mkdtemp(prefix="medfed-pu-"))
-    t0 = time.time()
-    try:
-        results = {s: one_seed(root / f"seed-{s}", s, args) for s in seeds}
-    finally:
-        if args.keep is None:
-            shutil.rmtree(root, ignore_errors=True)
-    print(f"all seeds in {time.time() - t0:.0f} s")
+    results = run_seeds(seeds, lambda root, s: one_seed(root, s, args), args.keep, "pu")
     summarize(results, "no-dp")
     anchor = arm_mean(results, "no-dp")
     zs = arm_mean(results, "zero-shot")

@@ -51,11 +51,12 @@ def _standard(folder: RunFolder) -> list[float]:
 
 
 def _site_local(site_dir: Path, run_id: str, adaptation: str) -> dict[str, np.ndarray]:
-    params = SiteLocalStore(site_dir).load(run_id)
+    store = SiteLocalStore(site_dir)
+    params = store.load(run_id)
     if params is None:
         raise MedfedError(
             f"the site keeps no parameters of this {adaptation!r} run",
-            where=str(SiteLocalStore(site_dir).path(run_id)),
+            where=str(store.path(run_id)),
             expected="the site's own parameters, written by its last training round",
             fix="pass the site's folder (site_dirs) of the site that trained in this run",
         )
