@@ -337,8 +337,8 @@ def test_site_policy_from_the_command_line_lets_simulated_sites_share_landmarks(
     tmp_path: Path,
 ) -> None:
     common = ("simulate", "--task", "tiny-seg", "--sites", "2", "--rounds", "1")
-    common += ("--harmonization", "histogram", "--out", str(tmp_path / "runs"))
-    refused = medfed(*common)
+    common += ("--harmonization", "histogram")
+    refused = medfed(*common, "--out", str(tmp_path / "refused"))
     assert refused.returncode == 1
     assert "policy.share_landmarks" in refused.stdout
     assert "--site-policy KEY=VALUE" in refused.stdout
@@ -351,13 +351,17 @@ def test_site_policy_from_the_command_line_lets_simulated_sites_share_landmarks(
         "2",
         "--augmentation",
         "contrast",
+        "--out",
+        str(tmp_path / "runs"),
     )
     assert done.returncode == 0, done.stdout + done.stderr
     run_json = next((tmp_path / "runs").glob("*/run.json")).read_text()
     assert json.loads(run_json)["config"]["augmentation"] == "contrast"
     site_toml = next((tmp_path / "runs").glob("*/sites/site-1/site.toml")).read_text()
     assert "share_landmarks = true" in site_toml
-    bad = medfed(*common, "--site-policy", "share_landmarks")
+    bad = medfed(*common, "--site-policy", "share_landmarks", "--out", str(tmp_path / "x"))
     assert bad.returncode != 0 and "--site-policy share_landmarks=true" in bad.stdout + bad.stderr
-    unknown = medfed(*common, "--site-policy", "share_everything=true")
+    unknown = medfed(
+        *common, "--site-policy", "share_everything=true", "--out", str(tmp_path / "x")
+    )
     assert unknown.returncode != 0 and "share_everything" in unknown.stdout + unknown.stderr
