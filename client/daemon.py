@@ -92,6 +92,20 @@ class SiteDaemon:
         """The site's name."""
         return self.config.site.name
 
+    @property
+    def activation_patience_s(self) -> float:
+        """How long a refused activation is retried.
+
+        :data:`ACTIVATION_PATIENCE_S`, or longer when this site declares a heartbeat
+        interval above Flower's 30 s (its last connection then stays "online" longer).
+        """
+        if "MEDFED_ACTIVATION_PATIENCE_S" in os.environ:
+            return ACTIVATION_PATIENCE_S
+        extra = HEARTBEAT_PATIENCE * (
+            self.config.site.heartbeat_interval_s - HEARTBEAT_DEFAULT_INTERVAL
+        )
+        return ACTIVATION_PATIENCE_S + max(0.0, extra)
+
     def check(self) -> None:
         """Fail early, with the fix, on a missing key, a bad CA or a taken port."""
         s = self.config.site
@@ -137,6 +151,7 @@ class SiteDaemon:
         env = {
             **flower_env(self.path("state/flwr_home")),
             "MEDFED_POLL_INTERVAL": str(self.poll_interval),
+            "MEDFED_HEARTBEAT_INTERVAL": str(s.heartbeat_interval_s),
         }
         return Managed(
             f"SuperNode of site {s.name}", argv, self.path("logs/supernode.log"), env=env
@@ -247,7 +262,7 @@ class SiteDaemon:
         if self._activation_refused():
             now = time.monotonic()
             first, sup.refused_since = sup.refused_since is None, sup.refused_since or now
-            if now - sup.refused_since >= ACTIVATION_PATIENCE_S:
+            if now - sup.refused_since >= self.activation_patience_s:
                 raise self.failure()
             if first and sup.node_id is not None:
                 # the server may still hold the place of this daemon's last SuperNode (it
@@ -260,7 +275,7 @@ class SiteDaemon:
                 "restart); retrying in %.0f s",
                 self.config.site.server,
                 self.name,
-                ACTIVATION_PATIENCE_S,
+                self.activation_patience_s,
                 ACTIVATION_RETRY_S,
             )
             return ACTIVATION_RETRY_S
@@ -400,7 +415,7 @@ class SiteDaemon:
             return IdentityError(
                 f"The server at {self.config.site.server} refused site {self.name!r}: "
                 f"its key is not enrolled in this federation (retried for "
-                f"{ACTIVATION_PATIENCE_S:.0f} s, longer than the server keeps a lost "
+                f"{self.activation_patience_s:.0f} s, longer than the server keeps a lost "
                 "connection).",
                 where=str(self.path(self.config.site.public_key)),
                 fix="send this public key to the coordinator, who runs "

@@ -25,6 +25,7 @@ public_key = "keys/site.pub"           # send it and keys/secagg-identity.pub to
 runtime_port = {runtime_port}          # local port of the SuperNode's runtime API
 worker_socket = "run/worker.sock"      # local channel to the warm worker
 audit_log = "audit.jsonl"
+heartbeat_interval_s = 30              # a crashed site is offline after 2 x this (10-1800 s)
 
 [data]
 # kind = "dicom-folder" reads DICOM series under `path` (labels through `manifest`,

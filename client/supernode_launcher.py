@@ -12,6 +12,9 @@ A message of a run that ended while it was being received no longer leaves a tas
 that blocks the site's executor, nor a reply that stops the SuperNode
 (:mod:`medfed.client.ended_run_tasks`).
 
+The SuperNode sends its heartbeat every ``MEDFED_HEARTBEAT_INTERVAL`` seconds (the
+site's ``heartbeat_interval_s``; Flower's is a fixed 30 s).
+
 A SuperNode whose connection to the SuperLink ended on an error exits (status 1)
 rather than lingering, so that the site daemon restarts it.
 
@@ -24,11 +27,16 @@ import os
 import sys
 
 from medfed.client.ended_run_tasks import drop_replies_of_ended_runs, withdraw_tasks_of_ended_runs
-from medfed.core.flower_tuning import back_off_idle_polls, shorten_object_pull_backoff
+from medfed.core.flower_tuning import (
+    back_off_idle_polls,
+    set_heartbeat_interval,
+    shorten_object_pull_backoff,
+)
 from medfed.core.idle_backoff import IdleBackoff
 from medfed.core.parent_watch import watch_parent
 
 POLL_ENV = "MEDFED_POLL_INTERVAL"
+HEARTBEAT_ENV = "MEDFED_HEARTBEAT_INTERVAL"
 
 
 def main() -> int:
@@ -45,6 +53,9 @@ def main() -> int:
             start_client_internal, IdleBackoff(float(cap)), idle_sleep=3, activity="_push_messages"
         )
         shorten_object_pull_backoff(start_client_internal, float(cap) / 4, 1.0)
+    heartbeat = os.environ.get(HEARTBEAT_ENV)
+    if heartbeat:
+        set_heartbeat_interval(float(heartbeat))
     from flwr.supernode.cli import flower_supernode
 
     sys.argv[0] = "flower-supernode"

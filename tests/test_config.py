@@ -62,3 +62,16 @@ def test_run_config_round_trip_and_rejects_garbage() -> None:
         RunConfig.from_json("{not json")
     with pytest.raises(ConfigError, match="rounds"):
         validate(RunConfig, {"task": "t", "rounds": 0}, where="medfed run options")
+
+
+def test_a_heartbeat_flower_would_refuse_is_a_config_error(tmp_path: Path) -> None:
+    from medfed.client.site import SITE_TOML
+
+    cfg = tmp_path / "site.toml"
+    text = SITE_TOML.format(name="s", server="127.0.0.1:9200", runtime_port=9300, seed=0, profile=0)
+    cfg.write_text(text)
+    assert load_toml(cfg, SiteConfig).site.heartbeat_interval_s == 30.0  # Flower's default
+    cfg.write_text(text.replace("heartbeat_interval_s = 30", "heartbeat_interval_s = 5"))
+    with pytest.raises(ConfigError) as err:
+        load_toml(cfg, SiteConfig)
+    assert "heartbeat_interval_s" in str(err.value) and "10" in str(err.value)

@@ -149,6 +149,9 @@ def test_sites_online_offline_never_and_unreachable() -> None:
     assert view.rows[0].last_seen == "1970-01-01 00:16:40"  # online_until - 2 x 30 s
     assert view.rows[1].last_seen == "2026-12-06 01:02:03"
     assert view.online == 1 and OFFLINE_AFTER_S == 60.0
+    assert view.offline_after_s == 60.0  # the declared 30 s interval x Flower's patience 2
+    nodes[0]["heartbeat_interval"] = 10.0  # a site.toml's heartbeat_interval_s = 10
+    assert sites_view(enrolled, lambda: nodes, now=lambda: 1010.0).offline_after_s == 20.0
 
     def down() -> list:
         raise MedfedError("Cannot reach the medfed server.", fix="start it")

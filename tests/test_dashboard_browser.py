@@ -4,7 +4,10 @@ One federation for the module (a SuperLink and 3 site daemons, TLS, site
 authentication), one dashboard and one browser; the tests run in order: 3 sites
 online, their medfed version not reported yet; a run's round counter advances while
 it trains, and then each site's version is the one its replies reported; a refused
-run shows its rule; a stopped site turns offline within Flower's heartbeat period.
+run shows its rule; a stopped site turns offline at once, and a killed one (site daemon
+and SuperNode SIGKILLed together, as in a power cut) within its heartbeat period: the
+sites declare a 10 s heartbeat (``heartbeat_interval_s``, Flower's shortest), so the
+SuperLink counts a silent site offline after 2 x 10 s.
 
 Needs Debian's chromium and chromium-driver (`make chromium` installs them); the
 driver is given explicitly and SE_OFFLINE is set, so Selenium never downloads one.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,7 +30,6 @@ from medfed.core.schema import medfed_version
 from medfed.core.web import Bind, Dashboard
 from medfed.local import LocalFederation
 from medfed.server.dashboard.http import CoordinatorDashboard
-from medfed.server.dashboard.state import OFFLINE_AFTER_S
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -43,6 +46,8 @@ webdriver = pytest.importorskip("selenium.webdriver", reason="selenium (the test
 By = pytest.importorskip("selenium.webdriver.common.by").By
 
 SITES = ["site-a", "site-b", "site-c"]
+HEARTBEAT_S = 10.0
+OFFLINE_AFTER_S = 2 * HEARTBEAT_S  # Flower's patience: two missed heartbeats
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +60,7 @@ def fed() -> Iterator[LocalFederation]:
     import tempfile
 
     root = Path(tempfile.mkdtemp(prefix="mf-dash-", dir="/tmp"))  # short: Unix sockets
-    federation = LocalFederation(root, SITES, name="dash")
+    federation = LocalFederation(root, SITES, name="dash", heartbeat_interval_s=HEARTBEAT_S)
     try:
         with federation:
             federation.create(site_data=lambda i, name: {"num_samples": 16})
@@ -211,26 +216,66 @@ def test_a_refused_run_shows_its_rule(
     shot(browser, shots, "refused.png")
 
 
-def test_a_stopped_site_turns_offline_within_the_heartbeat_period(
+def test_a_stopped_site_turns_offline_at_once(
     browser: object, dashboard: Dashboard, fed: LocalFederation, shots: Path
 ) -> None:
     site_c = next(p for p in fed.group.members if p.name == "site daemon site-c")
     browser.get(dashboard.url)  # type: ignore[attr-defined]
     wait_for("3 online", lambda: cell(browser, "#online-count") == "3", 30)
     t0 = time.monotonic()
-    # SIGTERM to its process group (SIGKILL after 5 s): the SuperNode signs off. A
-    # SIGKILL would leave the node online until Flower's heartbeat patience ran out:
-    # 2 x 30 s, as flower-supernode 1.42 sends a fixed 30 s interval (no option sets
-    # it), which this module's time cannot afford.
-    site_c.stop()
+    site_c.stop()  # SIGTERM to its process group: the SuperNode signs off
     wait_for(
         "site-c offline",
         lambda: cell(browser, "tr[data-site='site-c'] td.status") == "offline",
+        10,
+    )
+    assert time.monotonic() - t0 <= 10
+    assert cell(browser, "#online-count") == "2"
+    assert cell(browser, "tr[data-site='site-a'] td.status") == "online"
+    shot(browser, shots, "offline.png")
+
+
+def test_a_killed_site_turns_offline_within_the_heartbeat_period(
+    browser: object, dashboard: Dashboard, fed: LocalFederation, shots: Path
+) -> None:
+    daemon = next(p for p in fed.group.members if p.name == "site daemon site-b")
+    assert daemon.proc is not None
+    supernodes = _children(daemon.proc.pid)
+    assert supernodes, "site-b's daemon has no SuperNode process"
+    browser.get(dashboard.url)  # type: ignore[attr-defined]
+    wait_for(
+        "site-b online", lambda: cell(browser, "tr[data-site='site-b'] td.status") == "online", 10
+    )
+    # The SuperNode's group first (it runs in its own session), then the daemon before
+    # it could start another: nothing signs off.
+    t0 = time.monotonic()
+    for pid in supernodes:
+        os.killpg(pid, signal.SIGKILL)
+    os.killpg(daemon.proc.pid, signal.SIGKILL)
+    daemon.proc.wait(10)
+    assert cell(browser, "tr[data-site='site-b'] td.status") == "online"  # not signed off
+    wait_for(
+        "site-b offline",
+        lambda: cell(browser, "tr[data-site='site-b'] td.status") == "offline",
         OFFLINE_AFTER_S + 10,
     )
     took = time.monotonic() - t0
-    assert took <= OFFLINE_AFTER_S + 10
-    assert cell(browser, "#online-count") == "2"
-    assert cell(browser, "tr[data-site='site-a'] td.status") == "online"
+    # the SuperLink's deadline is the last heartbeat + 2 x 10 s; the page polls every 0.5 s
+    print(f"site-b offline {took:.1f} s after the SIGKILL")
+    assert took <= OFFLINE_AFTER_S + 2, took
+    assert cell(browser, "#online-count") == "1"
     assert f"{OFFLINE_AFTER_S:.0f} s" in cell(browser, "#sites")  # the period is on the page
-    shot(browser, shots, "offline.png")
+    shot(browser, shots, "killed.png")
+
+
+def _children(pid: int) -> list[int]:
+    """The pids whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found

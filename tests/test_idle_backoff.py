@@ -54,3 +54,23 @@ def test_a_changed_flower_module_is_left_alone() -> None:
         module, IdleBackoff(0.2), idle_sleep=3, activity="_push_messages"
     )
     assert not hasattr(module, "time")
+
+
+def test_the_heartbeat_interval_is_declared_and_paced_by_the_sites_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib
+
+    from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL
+
+    from medfed.core.flower_tuning import HEARTBEAT_MODULES, set_heartbeat_interval
+
+    modules = [importlib.import_module(name) for name in HEARTBEAT_MODULES]
+    for module in modules:  # undone after the test
+        monkeypatch.setattr(module, "HEARTBEAT_DEFAULT_INTERVAL", HEARTBEAT_DEFAULT_INTERVAL)
+    assert set_heartbeat_interval(10.0)
+    assert [m.HEARTBEAT_DEFAULT_INTERVAL for m in modules] == [10.0, 10.0]
+    # once Flower's names no longer hold its default, nothing is patched half-way
+    monkeypatch.setattr(modules[1], "HEARTBEAT_DEFAULT_INTERVAL", 45)
+    assert not set_heartbeat_interval(12.0)
+    assert [m.HEARTBEAT_DEFAULT_INTERVAL for m in modules] == [10.0, 45]

@@ -202,6 +202,14 @@ class SiteSection(_Strict):
     runtime_port: int = Field(9300, gt=0, lt=65536, description="SuperNode's local runtime API")
     worker_socket: str = "run/worker.sock"
     audit_log: str = "audit.jsonl"
+    heartbeat_interval_s: float = Field(
+        30.0,
+        ge=10.0,
+        le=1800.0,
+        description="how often the SuperNode tells the server it is alive; the server "
+        "counts a site that stopped without signing off (crash, power or network cut) "
+        "as offline after two missed intervals. Flower's SuperLink accepts 10 to 1800 s",
+    )
 
     _server = field_validator("server")(lambda cls, v: _check_address(v))
 

@@ -67,3 +67,33 @@ def shorten_object_pull_backoff(module: ModuleType, initial: float, cap: float) 
         inflatable_utils.pull_objects, initial_backoff=initial, backoff_cap=cap
     )
     return True
+
+
+#: The Flower modules of a SuperNode that read the heartbeat interval: the one that
+#: declares it to the SuperLink and the one that paces the heartbeats.
+HEARTBEAT_MODULES = ("flwr.supernode.fleet_http_connection", "flwr.supercore.heartbeat")
+
+
+def set_heartbeat_interval(seconds: float) -> bool:
+    """Make this process's SuperNode send and declare a heartbeat every ``seconds``.
+
+    flower-supernode 1.42 has no option for it (a fixed 30 s); the SuperLink counts a
+    node that missed two declared intervals as offline. If Flower changed, the site
+    keeps the 30 s default, with a warning.
+    """
+    import importlib
+
+    from flwr.common import constant
+
+    modules = [importlib.import_module(name) for name in HEARTBEAT_MODULES]
+    default = constant.HEARTBEAT_DEFAULT_INTERVAL
+    if any(getattr(m, "HEARTBEAT_DEFAULT_INTERVAL", None) != default for m in modules):
+        log.warning(
+            "Flower's heartbeat changed; this site keeps a %s s heartbeat, not %s s",
+            default,
+            seconds,
+        )
+        return False
+    for module in modules:
+        module.HEARTBEAT_DEFAULT_INTERVAL = seconds  # type: ignore[attr-defined]
+    return True

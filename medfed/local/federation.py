@@ -40,6 +40,8 @@ class LocalFederation:
     site_names: list[str]
     name: str = "local"
     enrol: bool = True
+    #: The sites' ``heartbeat_interval_s`` (None: site.toml's default, 30 s).
+    heartbeat_interval_s: float | None = None
     site_configs: dict[str, Path] = field(default_factory=dict)
     group: ProcessGroup = field(default_factory=ProcessGroup)
     federation: Federation | None = None
@@ -71,6 +73,8 @@ class LocalFederation:
                 profile=i,
             )
             _override(cfg, ("compute",), {"threads": threads})
+            if self.heartbeat_interval_s is not None:
+                _override(cfg, ("site",), {"heartbeat_interval_s": self.heartbeat_interval_s})
             if site_data is not None:
                 _override(cfg, ("data",), site_data(i, site))
             self.site_configs[site] = cfg

@@ -65,8 +65,8 @@ def sites_html(view: SitesView) -> str:
     return (
         f"{note}<p><b id=online-count>{view.online}</b> of {len(view.rows)} enrolled sites "
         f"online. <span class=dim>A site that stops without signing off turns offline "
-        f"once it missed its heartbeats for {view.offline_after_s:.0f} s (Flower's "
-        "heartbeat interval times its patience); a clean stop at once.</span></p>"
+        f"once it missed its heartbeats for {view.offline_after_s:.0f} s (its "
+        "heartbeat interval times Flower's patience, 2); a clean stop at once.</span></p>"
         "<table id=sites-table><thead><tr><th>site</th><th>status</th><th>last seen (UTC)"
         "</th><th>version</th><th>enrolled</th><th>fingerprint</th></tr></thead>"
         f"<tbody>{rows or '<tr><td colspan=6>no site enrolled</td></tr>'}</tbody></table>"

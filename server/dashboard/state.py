@@ -20,12 +20,16 @@ import json
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
+from flwr.common.constant import (
+    HEARTBEAT_DEFAULT_INTERVAL,
+    HEARTBEAT_MAX_INTERVAL,
+    HEARTBEAT_PATIENCE,
+)
 
 from medfed.core.errors import MedfedError
 from medfed.core.run_summary import RunEvent, RunSummary
@@ -33,8 +37,9 @@ from medfed.core.runs import RunFolder, list_runs
 from medfed.core.schema import EPSILON_RUN_KEY, WEIGHT_KEY
 
 #: Flower marks a node offline once it missed its heartbeats for this long (the
-#: SuperNode's heartbeat interval, 30 s by default, times the SuperLink's patience, 2);
-#: a site that signs off (a clean stop) is offline at once.
+#: SuperNode's heartbeat interval, 30 s by default, a site's ``heartbeat_interval_s``,
+#: times the SuperLink's patience, 2); a site that signs off (a clean stop) is offline
+#: at once.
 OFFLINE_AFTER_S = float(HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL)
 
 #: Events the overview shows; the rest (every site's reply, mostly) is never decoded.
@@ -312,7 +317,14 @@ def sites_view(
                 version=(versions or {}).get(site["name"], ""),
             )
         )
-    return SitesView(rows, server_problem=problem)
+    return SitesView(rows, server_problem=problem, offline_after_s=_offline_after(by_key.values()))
+
+
+def _offline_after(nodes: Iterable[dict[str, Any]]) -> float:
+    """The longest time any connected site may stay silent before it counts as offline."""
+    intervals = [float(n.get("heartbeat_interval") or 0) for n in nodes]
+    declared = [i for i in intervals if 0 < i <= HEARTBEAT_MAX_INTERVAL]  # not a simulation's inf
+    return HEARTBEAT_PATIENCE * max(declared) if declared else OFFLINE_AFTER_S
 
 
 def _last_seen(node: dict[str, Any], now: float) -> str:
