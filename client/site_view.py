@@ -7,8 +7,10 @@ ledger (checked against the audit log, as `medfed site budget`) and the scan rep
 
 Patients. Audit records of a healed cache entry name a file and a series, an error's
 reason may quote a path; the scan report holds per-series ids. None of that is shown:
-only counts, sizes, hashes, run ids, rules, and reasons with UIDs and paths masked
-(:func:`masked`).
+only counts, sizes, hashes, run ids, rules, and reasons with UIDs, paths and file
+names masked (:func:`masked`). A bare file name without an extension (DICOM files
+often have none) cannot be told from a word; medfed's own messages quote files with
+their folder, which is masked.
 """
 
 from __future__ import annotations
@@ -31,15 +33,26 @@ OUTBOUND = ("update-sent", "reveal-sent", "metrics-sent")
 #: Audit events that carry the site rule which refused (its policy; its ledger at start).
 REFUSALS = ("refused", "ledger-refused")
 
-# DICOM UIDs (dotted digit groups) and file paths: masked wherever free text is shown.
+# DICOM UIDs (dotted digit groups), file paths (any word with a path separator: one
+# is enough, "/Doe^Jane" names a patient) and file names (a word with an image or
+# data file's extension): masked wherever free text is shown. Masking a harmless "and/or" is the
+# price; a count like "3/10" is kept.
 _UID = re.compile(r"\b\d+(?:\.\d+){3,}\b")
-_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[/\\][^\s'\"/\\,;:()]+){2,}[/\\]?")
+_PATH = re.compile(r"[^\s'\"(),;<>\[\]]*[/\\][^\s'\"(),;<>\[\]]*")
+_FILE = re.compile(
+    r"[^\s'\"(),;<>/\\\[\]]+\.(?:dcm|dicom|ima|nii|mgz|mha|mhd|nrrd|img|hdr|raw|json|csv|txt"
+    r"|png|jpe?g|tiff?|zip|tar|npz|npy|pt|pth)(?:\.gz)?\b",
+    re.IGNORECASE,
+)
+_COUNT = re.compile(r"\d+/\d+[:.!?]?")  # "round 3/10:"
 MASK = "[masked]"
 
 
 def masked(text: str) -> str:
-    """``text`` with DICOM UIDs and file paths replaced by [masked]."""
-    return _PATH.sub(MASK, _UID.sub(MASK, text))
+    """``text`` with DICOM UIDs, file paths and file names replaced by [masked]."""
+    text = _UID.sub(MASK, text)
+    text = _PATH.sub(lambda m: m[0] if _COUNT.fullmatch(m[0]) else MASK, text)
+    return _FILE.sub(MASK, text)
 
 
 @dataclass(frozen=True)

@@ -373,6 +373,28 @@ def test_site_view_shows_what_left_rules_budget_and_no_patient_identifier(site: 
     assert s["budget"]["datasets"][0]["spent"] == 0.0
 
 
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        (f"cannot read {PATIENT_PATH}", "cannot read [masked]"),
+        ("cannot read /Doe^Jane (bad header)", "cannot read [masked] (bad header)"),
+        ("skipped PAT-0042/IM0001", "skipped [masked]"),
+        (r"C:\scans\Doe^Jane", "[masked]"),
+        ("IM0001.DCM is not DICOM; Doe_Jane.nii.gz empty", "[masked] is not DICOM; [masked] empty"),
+        (f"series {UID} skipped", "series [masked] skipped"),
+        # what a refusal must still say: its rule, counts, numbers
+        (
+            "round 3/10: noise 0.3 < privacy.datasets.default.min_noise_multiplier 0.5",
+            "round 3/10: noise 0.3 < privacy.datasets.default.min_noise_multiplier 0.5",
+        ),
+    ],
+)
+def test_free_text_masks_paths_with_one_separator_and_file_names(text: str, shown: str) -> None:
+    from medfed.client.site_view import masked
+
+    assert masked(text) == shown
+
+
 def test_site_view_reports_a_broken_chain(site: Path) -> None:
     from medfed.client.site_dashboard import SiteDashboard
     from medfed.client.site_view import SiteView
