@@ -153,6 +153,15 @@ def test_scan_fetches_once_then_only_what_is_new(
         fetch = narrow.sync()
         assert fetch.matched_series == 1 and fetch.removed_series == 3
         assert len(list(narrow.folder.glob("s-*"))) == 1
+        # a query that matches nothing (mistyped; a PACS that lost its index) empties
+        # nothing: refused, the cached series kept
+        none = PacsMirror(
+            _source(_pacs(server.url, credentials, modality="XA"), tmp_path / "cache")
+        )
+        with pytest.raises(MedfedError, match="matched no series at the PACS") as err:
+            none.sync()
+        assert "delete" in err.value.fix and "[data.pacs.query]" in err.value.where
+        assert len(list(none.folder.glob("s-*"))) == 1
     finally:
         _delete_series(server, synth / "site-2" / "dicom" / "SYN-site2-001")
 

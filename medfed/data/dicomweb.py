@@ -9,7 +9,9 @@ fetched into ``<cache>/pacs/.partial/`` and moved into ``<cache>/pacs/`` only wh
 complete, so a PACS that goes away mid-fetch leaves the cache consistent and the
 next scan continues where it stopped. The mirror is then read like any DICOM
 folder (:class:`medfed.data.DicomFolderSource`): decoded once, labels from SEG or
-the manifest. A series the query no longer matches is removed from the mirror.
+the manifest. A series the query no longer matches is removed from the mirror; a
+query that matches nothing at all while the mirror holds series is refused, and the
+mirror kept (a PACS that lost its index or a mistyped query must not empty it).
 
 Only GET requests are sent (search and retrieve): nothing is ever written to the PACS.
 Credentials come from a file (mode 600) or the environment, never from site.toml;
@@ -305,6 +307,19 @@ class PacsMirror:
             images = self._search(client)
             labels = self._labels(client, images)
         fetch.matched_series = len(images)
+        cached = [d for d in self.folder.glob("s-*") if d.is_dir()]
+        if not images and cached:
+            # A PACS that lost its index, a query edited by mistake: emptying the cache
+            # would lose every fetch. Refused (nothing trains on series the PACS no
+            # longer lists either); the operator decides.
+            raise MedfedError(
+                f"The query matched no series at the PACS, and the cache holds "
+                f"{len(cached)}: nothing was removed, and the site does not train on them.",
+                where=f"{self.pacs.url} ([data.pacs.query])",
+                expected="the query to match at least one series",
+                fix="check [data.pacs.query] and that the PACS lists the series; to "
+                f"empty the cache on purpose, delete {self.folder}",
+            )
         fetch.matched_instances = sum(s["count"] or 0 for s in images)
         fetch.label_series = len(labels)
         skipped: Counter[str] = Counter()  # the folder exists: made by _locked
