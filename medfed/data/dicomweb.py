@@ -310,11 +310,12 @@ class PacsMirror:
         cached = [d for d in self.folder.glob("s-*") if d.is_dir()]
         if not images and cached:
             # A PACS that lost its index, a query edited by mistake: emptying the cache
-            # would lose every fetch. Refused (nothing trains on series the PACS no
-            # longer lists either); the operator decides.
+            # would lose every fetch. Refused, as a PACS that cannot be reached is: the
+            # site goes on with its last completed scan; the operator decides.
             raise MedfedError(
                 f"The query matched no series at the PACS, and the cache holds "
-                f"{len(cached)}: nothing was removed, and the site does not train on them.",
+                f"{len(cached)}: nothing was removed; the site goes on with the series of "
+                "its last completed scan.",
                 where=f"{self.pacs.url} ([data.pacs.query])",
                 expected="the query to match at least one series",
                 fix="check [data.pacs.query] and that the PACS lists the series; to "
