@@ -22,6 +22,7 @@ import torch
 from cryptography import x509
 
 from medfed.client.audit import AuditLog
+from medfed.client.held_models import HeldModels
 from medfed.client.outbound import Outbound, OutboundChain, resend_chain, train_chain
 from medfed.client.policy import decide
 from medfed.client.privacy_guard import Forecast, PrivacyGate, PrivacyRefusal, RoundPrivacy
@@ -42,6 +43,7 @@ from medfed.core.packing import WEIGHTS_KEY, Layout, shared_state, unpack
 from medfed.core.run_proof import RunProofError, verify_run
 from medfed.core.scaffold import site_control_update, step_correction
 from medfed.core.schema import (
+    HELD_MODEL_RULE,
     SCAFFOLD_CONTROL_KEY,
     LandmarkReport,
     SecAggReply,
@@ -116,6 +118,7 @@ class SiteWorker:
         self.site_local = SiteLocalStore(Path(self.config_path).resolve().parent)
         self.controls = SiteLocalStore(Path(self.config_path).resolve().parent, suffix=".scaffold")
         self.released = ReleasedUpdates(Path(self.config_path).resolve().parent)
+        self.held_models = HeldModels()
         self.signed_runs = SignedRuns(Path(self.config_path).resolve().parent / SIGNED_RUNS_FILE)
         self.revocations = CoordinatorRevocations(
             Path(self.config_path).resolve().parent / REVOCATIONS_FILE
@@ -227,6 +230,13 @@ class SiteWorker:
                 decision.reason,
                 rnd=instruction.server_round,
             )
+        if instruction.held_model:
+            held = self._held_model(op, session, instruction.held_model, arrays)
+            if isinstance(held, str):  # the server sends the model again on this rule
+                return self._refuse(
+                    run_id, HELD_MODEL_RULE, held, rnd=instruction.server_round, status="failed"
+                )
+            arrays = held
         try:
             if op == "train":
                 return self._train(run, run_id, session, instruction, arrays)
@@ -240,6 +250,34 @@ class SiteWorker:
             self.audit.record("error", run_id=run_id, op=op, reason=str(exc))
             reply = SiteReply.refusal(self.site, "", _reply_reason(exc), status="failed")
             return wire.Frame(reply.header())
+
+    def _held_model(
+        self, op: str, session: str, digest: str, arrays: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray] | str:
+        """The arrays to use when the server names a held model (text: why there are none).
+
+        Evaluate: keep the message's model. Train without arrays: the model kept under
+        ``digest``, the server's name for the model this site last evaluated.
+        """
+        if op == "evaluate" and arrays:
+            kept = self.held_models.keep(session, arrays)
+            if kept != digest:  # the server's digest differs: its next train message
+                # names a model not kept here, and it sends the model again
+                log.warning("kept model digest %s, the server named %s", kept[:12], digest[:12])
+            return arrays
+        if op == "train" and not arrays:
+            held = self.held_models.get(session, digest)
+            if held is not None:
+                return held
+            return (
+                f"this site does not hold the global model {digest[:16]}... the server "
+                "named (its daemon restarted since it evaluated that model?); the server "
+                "sends the model again"
+            )
+        return (
+            f"a {op} message with {len(arrays)} array(s) named a held model; only an "
+            "evaluate message with the model or a train message without it can"
+        )
 
     def _federation_cas(self) -> list[x509.Certificate]:
         """The CA certificates this site pinned (read each time: a rotation replaces them)."""
@@ -630,6 +668,7 @@ class SiteWorker:
             self.audit.record("secure-aggregation-ended", run_id=run_id, reason=reason)
         self.privacy.release(str(run_id), reason=reason)
         self.released.forget(str(run_id))
+        self.held_models.forget(session)
 
 
 _NO_STANDARD = (

@@ -7,6 +7,7 @@ the run folder under the federation's runs directory (``MEDFED_RUNS_DIR``, set b
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import random
@@ -81,6 +82,10 @@ def main(grid: Grid, context: Context) -> None:
     # Flower's own watch of the parent (SIGINT) can leave this process waiting for a
     # SuperLink that is gone, holding the run; end it (the run resumes from disk).
     exit_with_parent()
+    # What exists before the run (modules: torch, MONAI, Flower) lives as long as this
+    # process: keep it out of the collection after every round, which then walks the
+    # run's objects only (0.26 s less per round). Nothing of the run is frozen.
+    gc.freeze()
     run = RunConfig.from_json(str(context.run_config[wire.RUN_CONFIG_KEY]))
     runs_dir = _runs_dir(context)
     folder = (
@@ -199,7 +204,14 @@ def run_in_folder(
         if run.resume_of:
             folder.event("run-resumed", round=done + 1, flower_run_id=str(context.run_id))
         refusals = RefusalPolicy()  # one rule for the grid and secure aggregation
-        recorder = RecordingGrid(grid, folder, refusals=refusals)
+        # Sites keep the model they evaluate, so a train message can name it (deployments;
+        # the simulation's many in-process sites would each keep one: it says no)
+        recorder = RecordingGrid(
+            grid,
+            folder,
+            refusals=refusals,
+            reuse_models=bool(getattr(grid, "sites_keep_models", True)),
+        )
         recorder.expect_replies_of(4 * layout.size)  # float32 updates (or 32-bit masked)
         recorder.restore_timings(folder.read_events())
         standard: tuple[float, ...] = ()

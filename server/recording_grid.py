@@ -17,6 +17,7 @@ from flwr.serverapp import Grid
 from medfed.core import wire
 from medfed.core.run_summary import RunEvent
 from medfed.core.runs import RunFolder
+from medfed.server.model_reuse import ModelReuse
 from medfed.server.refusals import RefusalPolicy
 from medfed.server.site_replies import SiteAnswer
 
@@ -35,8 +36,15 @@ class RecordingGrid:
         *,
         refusals: RefusalPolicy | None = None,
         poll_interval: float = 0.1,
+        reuse_models: bool = False,
     ) -> None:
+        """Wrap ``grid``; replies are recorded in ``folder``.
+
+        ``reuse_models``: sites keep the model they evaluate and the next train
+        message names it instead of carrying it (``server/model_reuse.py``).
+        """
         self._grid = grid
+        self.models = ModelReuse() if reuse_models else None
         self.poll_interval = poll_interval
         self._folder = folder
         self.sites_seen: set[str] = set()
@@ -85,11 +93,19 @@ class RecordingGrid:
         )
         if phase == "train":
             self._round_start[rnd] = time.time()
+        if self.models is not None:
+            messages = self.models.prepare(phase, messages)
+        end = None if timeout is None else time.monotonic() + timeout
         kept: list[Message] = []
+        again: list[Message] = []  # train messages whose site no longer held the model
         received = failed = 0
 
         def take(reply: Message) -> None:
             nonlocal received, failed
+            if self.models is not None and (full := self.models.missed(reply)) is not None:
+                self._dst_of.pop(reply.metadata.reply_to_message_id, None)
+                again.append(full)
+                return
             received += 1
             failed += reply.has_error()
             self._record(rnd, phase, reply)
@@ -98,14 +114,16 @@ class RecordingGrid:
             else:
                 kept.append(reply)
 
-        self._exchange(
-            messages,
-            timeout,
-            take,
-            sent=lambda: self._folder.event(
-                "round-sent", round=rnd, phase=phase, sites=len(messages)
-            ),
-        )
+        def sent() -> None:
+            named = self.models.pushed(phase, messages) if self.models is not None else 0
+            extra = {"models_named": named} if named else {}  # sent without their model
+            self._folder.event("round-sent", round=rnd, phase=phase, sites=len(messages), **extra)
+
+        self._exchange(messages, timeout, take, sent=sent)
+        if again:  # once, with the model: a site that restarted lost the one it held
+            self._folder.event("model-resent", round=rnd, phase=phase, sites=len(again))
+            left = None if end is None else max(end - time.monotonic(), 0.0)
+            self._exchange(again, left, take, sent=lambda: None)
         missing = len(messages) - received
         if missing:
             self._folder.event("sites-missing", round=rnd, phase=phase, count=missing)
@@ -152,6 +170,8 @@ class RecordingGrid:
 
     def _record(self, rnd: int, phase: str, reply: Message) -> None:
         node = self._dst_of.pop(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        if self.models is not None:
+            self.models.replied(reply, node)
         answer = SiteAnswer.of(reply, node=node)
         if not answer.ok:
             error = answer.error

@@ -178,6 +178,11 @@ def test_secure_aggregation_gives_the_plain_global_model(short_tmp: Path) -> Non
     # the server never received a plaintext update: every site audited a masked one
     audit = (short_tmp / "site-a" / "audit.jsonl").read_text()
     assert "tls+secure-aggregation/default" in audit
+    # round 2's train messages named the model each site kept from round 1's evaluation
+    for folder in (plain, secure, adapted):
+        sent = [e for e in folder.read_events() if e.is_("round-sent") and e.round == 2]
+        assert sent[0]["phase"] == "train" and sent[0]["models_named"] == 3
+        assert not [e for e in folder.read_events() if e.is_("model-resent")]
 
 
 def test_a_site_dropping_mid_run_is_recovered_by_the_survivors(short_tmp: Path) -> None:

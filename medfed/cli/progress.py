@@ -96,6 +96,11 @@ class ProgressView:
             c.print(
                 f"  [yellow]{event['count']} site(s) did not reply in time ({event['phase']})[/]"
             )
+        elif kind == "model-resent":
+            c.print(
+                f"  [yellow]{event['sites']} site(s) no longer held the global model they "
+                f"evaluated[/] (a restarted daemon); sent it to them again (round {rnd})"
+            )
         elif kind == "round-finished" and event.get("model_unchanged"):
             c.print(
                 f"  [yellow]round {rnd} gave no new model[/] in {event['seconds']:.2f} s: "

@@ -10,6 +10,7 @@ the flattening, and secure aggregation masks one vector.
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -106,3 +107,18 @@ def npy_bytes(vector: np.ndarray) -> bytes:
     """``vector`` as ``.npy`` bytes with one copy (``np.save`` to a buffer makes two)."""
     vector = np.ascontiguousarray(vector)
     return b"".join([npy_header(vector), memoryview(vector).cast("B")])
+
+
+def model_digest(arrays: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 (hex) of named arrays: names, dtypes, shapes and bytes, in name order.
+
+    The server names a model a site already holds by this digest, and the site finds
+    it by the digest it computed itself on receipt, so the two sides never trust each
+    other's claim about which bytes a digest stands for.
+    """
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()

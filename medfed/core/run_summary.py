@@ -36,7 +36,9 @@ EventKind = Literal[
     "warning",  # something the coordinator should know (no effect on the run)
     "secure-aggregation-ready",  # the sites' keys are in; the roster is fixed
     "sites-missing",  # fewer sites than a round needs are online
-    "round-sent",  # a round's messages went out
+    "round-sent",  # a round's messages went out (models_named: train messages without
+    # their model, which the site kept from its evaluation)
+    "model-resent",  # sites that no longer held the model they were named got it again
     "site-replied",  # a site's reply (its metrics) arrived
     "site-version",  # the medfed version a site reports (first seen in the run, or changed)
     "site-error",  # a site refused (with its rule) or failed

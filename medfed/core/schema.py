@@ -37,6 +37,11 @@ LANDMARKS_QUERY_KEY = "intensity-landmarks"
 #: train/evaluate config: the federation's standard landmarks (JSON list of numbers)
 STANDARD_LANDMARKS_KEY = "standard-landmarks"
 SERVER_ROUND_KEY = "server-round"  # set by every Flower strategy
+#: evaluate config: keep this message's model (its digest, ``packing.model_digest``);
+#: train config, with no arrays: train from the model kept under this digest
+HELD_MODEL_KEY = "medfed-held-model"
+#: The rule of a site's "failed" reply to a train message naming a model it does not hold
+HELD_MODEL_RULE = "held-model"
 ARRAYS_KEY = "arrays"  # Flower strategies' default ArrayRecord key
 CONFIG_KEY = "config"  # Flower strategies' default ConfigRecord key
 METRICS_KEY = "metrics"
@@ -375,6 +380,7 @@ class SiteInstruction:
     certificates: dict[str, str] = field(default_factory=dict)  # site -> the CA's PEM
     participants: tuple[str, ...] = ()  # train: the round's secure-aggregation sites
     deadline: float | None = None  # train: epoch seconds; no masked update after it
+    held_model: str = ""  # evaluate: keep the model; train without arrays: use the one kept
 
     def entries(self) -> dict[str, str | int | float | bytes]:
         """The ConfigRecord entries of the fields set (a default is left out)."""
@@ -467,6 +473,7 @@ _INSTRUCTION_KEYS: tuple[tuple[str, str, Any], ...] = (
     ("certificates", SECAGG_CERTIFICATES, lambda d: json.dumps(d, sort_keys=True)),
     ("participants", SECAGG_PARTICIPANTS, lambda p: json.dumps(list(p))),
     ("deadline", SECAGG_DEADLINE, float),
+    ("held_model", HELD_MODEL_KEY, str),
 )
 _INSTRUCTION_DECODE: dict[str, Any] = {
     "run": _text,
@@ -485,6 +492,7 @@ _INSTRUCTION_DECODE: dict[str, Any] = {
     "certificates": _text_map,
     "participants": _names,
     "deadline": _number,
+    "held_model": _text,
 }
 _INSTRUCTION_DEFAULTS: dict[str, Any] = {
     f.name: (f.default_factory() if callable(f.default_factory) else f.default)  # type: ignore[misc]

@@ -207,6 +207,10 @@ class SimulationGrid(Grid):
     daemon's executor sends one.
     """
 
+    #: The server does not ask simulated sites to keep the model they evaluate
+    #: (``server/model_reuse.py``): a thousand sites would each hold one.
+    sites_keep_models = False
+
     def __init__(
         self,
         sites: SitePool,
