@@ -424,13 +424,13 @@ class SiteWorker:
                 "run %s round %s: train loss %.4f (not sent under DP)", run_id, rnd, stats.loss
             )
         local, layout = self.shared_spec(task, run.adaptation)
-        if control is not None:  # option II, kept at the site before the reply leaves
+        own = None
+        if control is not None:  # option II
             trained = engine.get_weights(model)
             sent = unpack(arrays[WEIGHTS_KEY], layout)
             own = site_control_update(
                 control[1], control[0], sent, trained, local_steps=asked.local_steps
             )
-            self.controls.save(str(run_id), own)
         out = self._train_chain(
             Outbound(
                 run,
@@ -447,6 +447,10 @@ class SiteWorker:
                 weight=float(stats.num_examples),
             )
         )
+        if own is not None:  # kept once the update may leave (a refusing filter raised
+            # above: then the server's control variate never hears of this round, nor
+            # does the site's), and before it leaves (a crash then loses neither)
+            self.controls.save(str(run_id), own)
         return self._result(out.metrics, out.arrays)
 
     def _run_data(self, task: Task, run: RunConfig, asked: SiteInstruction) -> SiteData | None:

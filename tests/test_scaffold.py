@@ -440,3 +440,36 @@ def test_a_resumed_scaffold_run_ends_where_an_uninterrupted_one_ends(tmp_path: P
     assert second.control is not None and np.abs(second.control).max() > 0
     rest = rounds(second, sites, half, 3, 4, store)
     np.testing.assert_allclose(rest[WEIGHTS_KEY].numpy(), whole[WEIGHTS_KEY].numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("secure", ["off", "default"])
+def test_a_site_keeps_its_new_control_variate_only_with_an_update_that_may_leave(
+    tmp_path: Path, secure: str
+) -> None:
+    from medfed.core.schema import LOCAL_STEPS_KEY, SCAFFOLD_CONTROL_KEY
+    from tests.test_worker import global_weights, make_worker
+
+    worker = make_worker(tmp_path)
+    start = global_weights()
+    run = RunConfig(task="tiny-seg", strategy="scaffold", secure_aggregation=secure)
+    frame = wire.Frame(
+        {
+            "op": "train",
+            "run_id": 7,
+            "config": {
+                wire.RUN_CONFIG_KEY: run.to_json(),
+                wire.SERVER_ROUND_KEY: 1,
+                LOCAL_STEPS_KEY: 2,
+            },
+        },
+        {**start, SCAFFOLD_CONTROL_KEY: np.full_like(start[WEIGHTS_KEY], 1e-3)},
+    )
+    reply = worker.handle(frame)
+    kept = worker.controls.load("7")
+    if secure == "off":
+        assert reply.header["ok"], reply.header
+        assert kept is not None and any(np.abs(v).max() > 0 for v in kept.values())
+    else:  # the site never joined the run's secure aggregation: masking fails, nothing
+        # leaves, and the site's control variate stays where the server's believes it is
+        assert not reply.header["ok"]
+        assert kept is None
