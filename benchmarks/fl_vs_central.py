@@ -9,7 +9,8 @@ bright, WM dark), brain-tissue-seg, mean Dice (CSF, GM, WM). For each seed:
    choice reads them. The rest split into train and validation at each site
    (``val_fraction`` 0.25, seeded).
 2. Every arm is trained once per learning rate of the same grid (``--lrs``, the task's
-   default among them): the same tuning budget for all. Each arm's learning rate is
+   default among them): the same tuning budget for all, and the pooled anchor at
+   each rate with and without the shared arm's contrast randomization. Each arm's learning rate is
    chosen by its mean validation Dice over sites; the chosen model alone is scored on
    the test subjects, once.
 
@@ -22,8 +23,10 @@ Arms (the same epochs of data: R = 20 rounds of 1 local epoch, or R epochs poole
   randomization at the sites (``--augmentation contrast``, :data:`SHARED`,
   :mod:`medfed.tasks.augmentation`): half of each site's training images remapped by
   a random intensity curve, so no site's update pulls the model towards its own
-  scanner's contrast. The pooled anchor trains without it: it sees the T2-like
-  site's images themselves (not tried: giving the anchor's grid that option too).
+  scanner's contrast. The pooled anchor's grid has the same option: it trains with
+  and without contrast randomization (the same transform, seeded per site) at every
+  learning rate, and validation picks (:data:`POOLED_AUGMENTATION`; before
+  2026-12-06 late it trained without it only).
 - ``personal``: FedAvg with the ``site-input-output`` hook (each site keeps its first
   block and prediction head), against its own anchor ``pooled-site``: pooled training
   of the same shape (:mod:`medfed.tasks.site_specific`: one model per site, the shared
@@ -95,6 +98,7 @@ from torch.utils.data import ConcatDataset
 
 from medfed.core.config import RunConfig
 from medfed.tasks import engine, get_task
+from medfed.tasks.augmentation import contrast_randomized
 from medfed.tasks.baseline import train_model
 from medfed.tasks.pretrain import initial_weights
 from medfed.tasks.site_specific import train_site_specific
@@ -118,6 +122,9 @@ ARMS: dict[str, dict[str, Any] | None] = {
     "pooled-site": None,
     "personal": {"strategy": "fedavg", "adaptation": "site-input-output"},
 }
+#: The pooled anchor's recipe options beside the learning rate: the shared arm's hook,
+#: contrast randomization, is in its grid too (chosen on validation like the rate).
+POOLED_AUGMENTATION = ("none", "contrast")
 ANCHOR = {"fedavg": "pooled", "shared": "pooled", "personal": "pooled-site"}
 TARGET = {"fedavg": 0.95, "shared": 0.95, "personal": 0.99}
 #: Rounds of one local epoch (pooled: as many epochs); chosen on seed 0's validation
@@ -131,8 +138,14 @@ def one_epoch_steps(sites: dict, batch: int) -> int:
     return max(1, -(-sizes[len(sizes) // 2] // batch))
 
 
-def pooled(arm: str, sites: dict, lr: float, args: argparse.Namespace, seed: int) -> Trained:
-    """Pooled training (one model, or one per site with tied shared parameters)."""
+def pooled(
+    arm: str, sites: dict, lr: float, args: argparse.Namespace, seed: int, augmentation: str
+) -> Trained:
+    """Pooled training (one model, or one per site with tied shared parameters).
+
+    ``augmentation`` "contrast": each site's training images contrast-randomized as
+    that site's worker does it (a fresh curve per fetch, so per epoch), seeded per site.
+    """
     task = get_task(TASK)
     device = engine.select_device()
     hp = dict(
@@ -144,11 +157,17 @@ def pooled(arm: str, sites: dict, lr: float, args: argparse.Namespace, seed: int
     if arm == "pooled-site":
         models = train_site_specific(task, sites, "site-input-output", seed=seed, init=init, **hp)
     else:
-        pooled_data = ConcatDataset([d.train for d in sites.values()])
-        model = train_model(task, pooled_data, seed=seed, init=init, **hp)
+        train = [
+            contrast_randomized(d, seed=seed * 1000 + i).train
+            if augmentation == "contrast"
+            else d.train
+            for i, d in enumerate(sites.values())
+        ]
+        model = train_model(task, ConcatDataset(train), seed=seed, init=init, **hp)
         models = dict.fromkeys(sites, model)
     val = [engine.evaluate(task, models[s], d.val, device=device)["dice"] for s, d in sites.items()]
-    return Trained(f"lr {lr:g}", sum(val) / len(val), models.__getitem__)
+    label = f"lr {lr:g}" + (" contrast" if augmentation == "contrast" else "")
+    return Trained(label, sum(val) / len(val), models.__getitem__)
 
 
 def one_seed(root: Path, seed: int, args: argparse.Namespace) -> dict:
@@ -165,10 +184,15 @@ def one_seed(root: Path, seed: int, args: argparse.Namespace) -> dict:
         if name not in args.arms:
             continue
         tried = []
-        for lr in args.lrs:
+        recipes = [
+            (lr, aug)
+            for lr in args.lrs
+            for aug in (POOLED_AUGMENTATION if name == "pooled" else ("none",))
+        ]
+        for lr, aug in recipes:
             t0 = time.time()
             if arm is None:
-                tried.append(pooled(name, sites, lr, args, seed))
+                tried.append(pooled(name, sites, lr, args, seed, aug))
             else:
                 options = dict(arm.get("strategy_options", {}))
                 if arm["strategy"] == "scaffold":
@@ -187,7 +211,7 @@ def one_seed(root: Path, seed: int, args: argparse.Namespace) -> dict:
                 )
                 tried.append(federated(root / "runs" / name, dev, f"lr {lr:g}", run))
             print(
-                f"  {name:12s} lr {lr:g}: validation {tried[-1].val_mean:.4f} "
+                f"  {name:12s} {tried[-1].recipe}: validation {tried[-1].val_mean:.4f} "
                 f"({time.time() - t0:.0f} s)",
                 flush=True,
             )
