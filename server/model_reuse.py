@@ -35,9 +35,13 @@ class ModelReuse:
     def prepare(self, phase: str, messages: list[Message]) -> list[Message]:
         """The messages to push: evaluate ones ask to keep the model, train ones may omit it."""
         self._digests.clear()
+        # A phase's exchange is over before the next phase is prepared: what is left of
+        # the last one (replies that never came) is let go, the full messages with it.
         if phase == "evaluate":
+            self._evaluating.clear()
             return [self._with_keep(m) for m in messages]
         if phase == "train":
+            self._light.clear()
             return [self._without_model(m) for m in messages]
         return messages
 
