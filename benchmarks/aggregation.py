@@ -14,7 +14,7 @@ its own (so that its peak memory is its own):
 - ``flower``: Flower 1.42's ``aggregate_arrayrecords`` (what its FedAvg calls) over all
   50 replies, which it needs at once.
 - ``secure``: the server's secure-aggregation path (default mode, no dropout): each
-  masked update (32-bit words) checked (SHA-256 digest, Ed25519 signature), added
+  masked update (32-bit words) checked (BLAKE3 digest on every core, Ed25519 signature), added
   mod 2**32, then the sum decoded into the mean. The masked vectors are random words with
   valid signed headers: masking 50 x 10M values at 50 sites is site work, and the
   server's work does not depend on the words (the decoded mean is then noise).
@@ -125,7 +125,7 @@ def _one_round(path: str, size: int, updates: int, seed: int) -> tuple[float, fl
         del contents
     else:
         if path == "secure":  # the sites' signed replies are made first, outside the baseline
-            fold, finish, base = _secure(size, updates, seed)
+            arrive, fold, finish, base = _secure(size, updates, seed)
         elif path == "numpy":
             acc: list[np.ndarray] = []
 
@@ -155,6 +155,8 @@ def _one_round(path: str, size: int, updates: int, seed: int) -> tuple[float, fl
         for w, data in arrivals:
             if path == "medfed":  # the reply as the grid hands it over (not timed)
                 data = reply(w, data)
+            elif path == "secure":  # this site's masked reply instead of the float update
+                data = arrive()
             t = time.perf_counter()
             fold(w, data)
             spent += time.perf_counter() - t
@@ -180,8 +182,13 @@ def _scratch_folder() -> Any:
 
 def _secure(
     size: int, updates: int, seed: int
-) -> tuple[Callable[[int, bytes], None], Callable[[], Any], int]:
-    """The server's secure path over ``updates`` sites' signed 32-bit vectors."""
+) -> tuple[Callable[[], Any], Callable[[int, Any], None], Callable[[], Any], int]:
+    """The server's secure path over ``updates`` sites' signed 32-bit vectors.
+
+    ``arrive()`` hands over the next site's (header, vector bytes) as a fresh copy,
+    outside the timer, as the other paths get each update freshly written (so every
+    path starts from the same cache state).
+    """
     from medfed.core.packing import npy_bytes, npy_view
     from medfed.core.secagg import (
         Aggregator,
@@ -226,8 +233,12 @@ def _secure(
         del words
     queue = iter(signed)
 
-    def fold(weight: int, data: bytes) -> None:
-        header, masked = next(queue)  # this site's reply instead of the float update
+    def arrive() -> tuple[bytes, bytes]:
+        header, masked = next(queue)
+        return header, memoryview(masked).tobytes()
+
+    def fold(weight: int, data: tuple[bytes, bytes]) -> None:
+        header, masked = data
         aggregator.add(MaskedUpdate.from_parts(header, npy_view(masked)))
 
     def finish() -> Any:
@@ -235,7 +246,7 @@ def _secure(
         return aggregator.result(1)
 
     # the prepared replies are the SuperLink's (they arrive one by one), not the server's
-    return fold, finish, _reset_peak()
+    return arrive, fold, finish, _reset_peak()
 
 
 def _child(args: argparse.Namespace) -> None:

@@ -8,7 +8,6 @@ the run folder under the federation's runs directory (``MEDFED_RUNS_DIR``, set b
 from __future__ import annotations
 
 import gc
-import hashlib
 import os
 import random
 import time
@@ -23,7 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result, Strategy
 from flwr.superlink.grid import http_grid
 
-from medfed.core import privacy_accounting, wire
+from medfed.core import bulk_hash, privacy_accounting, wire
 from medfed.core.config import RunConfig
 from medfed.core.flower_tuning import shorten_object_pull_backoff
 from medfed.core.packing import WEIGHTS_KEY, Layout, npy_view, pack, shared_state, unpack
@@ -373,8 +372,8 @@ def run_in_folder(
 
 
 def _digest(vector: np.ndarray) -> bytes:
-    """SHA-256 of a model vector: whether a round changed the model, without a copy of it."""
-    return hashlib.sha256(memoryview(np.ascontiguousarray(vector)).cast("B")).digest()
+    """Whether a round changed the model, without keeping a copy of it."""
+    return bulk_hash.array_digest(vector)
 
 
 def _write_report(folder: RunFolder) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import json
 from pathlib import Path
 
+import blake3
 import numpy as np
 import pytest
 from secagg_builders import RUN, federation, run_round, updates, weighted_mean, wire
@@ -27,6 +29,7 @@ from medfed.core.secagg import (
     UnmaskRequest,
     prg,
 )
+from medfed.core.secagg.messages import MAGIC
 
 D = 257
 MODES = ["default", "strict"]
@@ -164,6 +167,20 @@ def test_truncated_update_is_rejected_and_attributed() -> None:
     with pytest.raises(MalformedMessageError):
         MaskedUpdate.from_bytes(blob[:20])
     fed.aggregator.add(MaskedUpdate.from_bytes(blob))
+
+
+def test_the_vector_is_hashed_by_blake3_and_other_hashes_are_refused_with_the_fix() -> None:
+    fed = federation(4, size=D)
+    xs, ws = _opened(fed)
+    upd = fed.sessions["site-a"].mask_update(1, xs["site-a"], ws["site-a"])
+    assert upd.digest == blake3.blake3(upd.vector.tobytes()).digest()
+    header, vector = upd.to_parts()
+    body = json.loads(header[len(MAGIC) :])
+    for older in ({**body, "hash": "sha256"}, {k: v for k, v in body.items() if k != "hash"}):
+        with pytest.raises(MalformedMessageError, match="same medfed version") as info:
+            MaskedUpdate.from_parts(MAGIC + json.dumps(older).encode(), vector)
+        assert info.value.site_id == "site-a"
+    fed.aggregator.add(MaskedUpdate.from_parts(header, vector))
 
 
 def test_replayed_updates_are_rejected_and_attributed() -> None:

@@ -20,10 +20,14 @@ from typing import Any
 
 import numpy as np
 
+from medfed.core import bulk_hash
 from medfed.core.secagg.errors import MalformedMessageError
 from medfed.core.secagg.prg import frame
 
 MAGIC = b"MFSA1"
+# How a masked update's vector is hashed; named in its header and under its signature.
+# Updates from earlier versions (SHA-256, no name) are refused as malformed, with the fix.
+DIGEST = bulk_hash.ALGORITHM
 UNKNOWN = "<unknown>"
 
 
@@ -61,8 +65,8 @@ def _digest_map(items: Mapping[str, bytes]) -> bytes:
 
 
 def vector_digest(vector: np.ndarray) -> bytes:
-    """SHA-256 of a vector's raw bytes (what a signature covers)."""
-    return hashlib.sha256(memoryview(np.ascontiguousarray(vector)).cast("B")).digest()
+    """The :data:`DIGEST` of a vector's raw bytes (what a signature covers)."""
+    return bulk_hash.array_digest(vector)
 
 
 @dataclass(frozen=True)
@@ -167,6 +171,7 @@ class MaskedUpdate:
             self.modulus_bits,
             frame(*self.participants),
             self.length,
+            DIGEST,
             self.digest,
             _digest_map(self.shares),
         )
@@ -182,6 +187,7 @@ class MaskedUpdate:
                 "k": self.modulus_bits,
                 "participants": list(self.participants),
                 "length": self.length,
+                "hash": DIGEST,
                 "digest": _b64(self.digest),
                 "shares": {k: _b64(v) for k, v in sorted(self.shares.items())},
                 "sig": _b64(self.signature),
@@ -197,6 +203,13 @@ class MaskedUpdate:
         """Rebuild from :meth:`to_parts`; only decoding is checked here (the server verifies)."""
         d = _load("update", header)
         site = str(d.get("site", UNKNOWN))
+        if d.get("hash") != DIGEST:
+            raise MalformedMessageError(
+                site,
+                f"the update's vector is hashed by {d.get('hash', 'SHA-256 (no hash field)')!r}",
+                expected=f"{DIGEST!r}, which this server checks",
+                fix="run the same medfed version at the site as at the server",
+            )
         try:
             k = int(d["k"])
             dtype = np.dtype("<u4" if k == 32 else "<u8")

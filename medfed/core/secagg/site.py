@@ -19,6 +19,7 @@ from medfed.core.secagg.config import FixedPoint, SecAggConfig
 from medfed.core.secagg.errors import LateUpdateError, ProtocolError, RosterError
 from medfed.core.secagg.identity import SiteIdentity, check_directory
 from medfed.core.secagg.messages import (
+    DIGEST,
     KeyAdvert,
     MaskedUpdate,
     Reveal,
@@ -474,7 +475,7 @@ class SiteSession:
             "site": self.site_id,
             "participants": list(rec.participants),
             "modulus_bits": self.config.modulus_bits,
-            "update_sha256": rec.digest.hex(),
+            "update_digest": f"{DIGEST}:{rec.digest.hex()}",
             "update_bytes": rec.n_bytes,
             "weight": rec.weight,
             "clipped_coordinates": rec.clipped,
