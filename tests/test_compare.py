@@ -1,4 +1,4 @@
-"""`medfed compare`: strategies x adaptation hooks on one simulated federation."""
+"""`medfed compare`: strategies x adaptation hooks x preprocessing on one federation."""
 
 from __future__ import annotations
 
@@ -15,7 +15,10 @@ from test_cli import medfed
         (["-o", "fedadam:eta=0.1"], "names no strategy of this comparison"),
         (["-o", "fedprox:proximal_m=0.1"], "did you mean 'proximal_mu'"),
         (["--adaptations", "fedbm"], "did you mean 'fedbn'"),
-        (["--dp", "off,dp-sgd"], "Unknown or repeated DP mode"),
+        (["--dp", "off,dp-sgd"], "Unknown or repeated value in --dp"),
+        (["--harmonizations", "histo"], "Unknown or repeated value in --harmonizations"),
+        (["--augmentations", "contrast,contrast"], "Unknown or repeated value in --augmentations"),
+        (["--harmonizations", "off,histogram", "--dp", "off,sample"], "DP (sample) does not"),
         (["--dp", "sample", "--dp-optimizer", "rmsprop"], "--dp sample"),
         (["--sites", "20"], "at most 8 site daemons"),
         (["--engine", "ray"], "Unknown engine"),
@@ -127,3 +130,50 @@ def test_dp_runs_are_scored_against_their_non_private_twins(short_tmp: Path) -> 
     assert dp_run["config"]["learning_rate"] == 0.1
     assert plain_run["config"]["learning_rate"] is None
     assert "DP/plain" in out.stdout and "dice per site" in out.stdout
+
+
+@pytest.mark.slow
+def test_harmonization_and_augmentation_are_compared_as_options_of_their_own(
+    short_tmp: Path,
+) -> None:
+    out = medfed(
+        "compare",
+        "--strategies",
+        "fedavg",
+        "--harmonizations",
+        "off,histogram",
+        "--augmentations",
+        "off,contrast",
+        "--engine",
+        "simulation",
+        "--sites",
+        "2",
+        "--rounds",
+        "1",
+        "--out",
+        str(short_tmp / "cmp"),
+        cwd=short_tmp,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads((short_tmp / "cmp" / "compare.json").read_text())
+    runs = {(r["harmonization"], r["augmentation"]): r for r in result["runs"]}
+    assert (
+        set(runs)
+        == {(h, a) for h in ("off", "histogram") for a in ("off", "contrast")}
+        == {(r["harmonization"], r["augmentation"]) for r in result["combinations"]}
+    )
+    for (harmonization, augmentation), r in runs.items():
+        assert r["status"] == "completed", r
+        folder = Path(r["run_folder"])
+        config = json.loads((folder / "run.json").read_text())["config"]
+        assert (config["harmonization"], config["augmentation"]) == (harmonization, augmentation)
+        # the sites compare made may send landmarks even under secure aggregation (default)
+        assert config["secure_aggregation"] != "off"
+        events = [json.loads(line) for line in (folder / "events.jsonl").read_text().splitlines()]
+        agreed = [e for e in events if e.get("event") == "harmonization"]
+        assert len(agreed) == (harmonization == "histogram")
+    # same seed and sites: what the preprocessing changes is what the model learns
+    assert len({r["mean"] for r in runs.values()}) == 4
+    assert "preprocessing" in out.stdout and "histogram + contrast" in out.stdout
+    assert "policy.share_landmarks = true" in out.stdout

@@ -4,8 +4,8 @@ A researcher's plugin (docs/plugins.md) against the built-ins, on the same sites
 data, task, rounds and seed: one federation on 127.0.0.1 (``--engine deployment``: a
 real SuperLink and site daemons, as `medfed demo`) or simulated sites in this process
 (``--engine simulation``, :mod:`medfed.local.simulation`: many sites, cheaply), one
-run per strategy x hook x DP mode, and a table of the global model's score at every
-site. With ``--dp off,sample`` each DP run is
+run per strategy x hook x harmonization x augmentation x DP mode, and a table of the
+global model's score at every site. With ``--dp off,sample`` each DP run is
 also scored against its non-private twin (what ``benchmarks/privacy_utility.py``
 measures for the built-ins), so a hook or strategy is judged under DP too.
 """
@@ -19,6 +19,7 @@ import logging
 import signal
 import statistics
 import time
+import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -45,12 +46,17 @@ from medfed.cli.options import (
     TargetEpsilonOpt,
     TaskOpt,
 )
+from medfed.core.config import RunConfig
 from medfed.core.errors import ConfigError
 from medfed.core.run_summary import RunSummary
 from medfed.core.schema import EPSILON_RUN_KEY
 
-#: What ``--dp`` may list.
+#: What ``--dp``, ``--harmonizations`` and ``--augmentations`` may list.
 DP_MODES = ("off", "sample", "update")
+HARMONIZATIONS: tuple[str, ...] = typing.get_args(
+    RunConfig.model_fields["harmonization"].annotation
+)
+AUGMENTATIONS: tuple[str, ...] = typing.get_args(RunConfig.model_fields["augmentation"].annotation)
 #: What ``--engine`` may be, and the most sites a loopback deployment starts.
 ENGINES = ("deployment", "simulation")
 MAX_DEPLOYED_SITES = 8
@@ -89,33 +95,54 @@ def _options(texts: list[str], strategies: list[str]) -> dict[str, dict[str, Any
     return out
 
 
-def _dp_modes(text: str) -> list[str]:
-    modes = _names(text, "dp")
-    unknown = [m for m in modes if m not in DP_MODES]
-    if unknown or len(set(modes)) != len(modes):
+def _choices(text: str, flag: str, allowed: tuple[str, ...], example: str) -> list[str]:
+    """The comma-separated values of ``--flag``, each one of ``allowed``, each once."""
+    chosen = _names(text, flag)
+    unknown = [c for c in chosen if c not in allowed]
+    if unknown or len(set(chosen)) != len(chosen):
         raise ConfigError(
-            f"Unknown or repeated DP mode in --dp {text!r}.",
-            where="--dp",
-            expected=f"comma-separated, each once: {', '.join(DP_MODES)}",
-            fix="e.g. --dp off,sample to score DP-SGD against the same runs without DP",
+            f"Unknown or repeated value in --{flag} {text!r}"
+            + (f": {', '.join(map(repr, unknown))}." if unknown else "."),
+            where=f"--{flag}",
+            expected=f"comma-separated, each once: {', '.join(allowed)}",
+            fix=example,
         )
-    return modes
+    return chosen
+
+
+def _dp_modes(text: str) -> list[str]:
+    return _choices(
+        text,
+        "dp",
+        DP_MODES,
+        "e.g. --dp off,sample to score DP-SGD against the same runs without DP",
+    )
+
+
+def _preprocessing(harmonization: str, augmentation: str) -> str:
+    """How a run's site data was prepared, for the table: ``histogram + contrast``, ``none``."""
+    used = [p for p in (harmonization, augmentation) if p != "off"]
+    return " + ".join(used) or "none"
 
 
 def _combine(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per strategy x hook x DP mode: its runs' mean, spread and per-site means.
+    """One row per combination of strategy, hook, preprocessing and DP mode.
 
+    Each row holds its runs' mean, spread and per-site means.
     ``vs_no_dp`` of a DP row: its mean over the mean of its non-private twin.
     """
-    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, str, str, str, str], list[dict[str, Any]]] = {}
     for r in results:
-        groups.setdefault((r["strategy"], r["adaptation"], r["dp"]), []).append(r)
+        key = (r["strategy"], r["adaptation"], r["harmonization"], r["augmentation"], r["dp"])
+        groups.setdefault(key, []).append(r)
     rows = []
-    for (strategy, hook, mode), runs in groups.items():
+    for (strategy, hook, harmonization, augmentation, mode), runs in groups.items():
         done = [r for r in runs if r["status"] == "completed"]
         row: dict[str, Any] = {
             "strategy": strategy,
             "adaptation": hook,
+            "harmonization": harmonization,
+            "augmentation": augmentation,
             "dp": mode,
             "options": runs[0]["options"],
             "runs": len(runs),
@@ -142,13 +169,10 @@ def _combine(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "epsilon": max(eps) if eps else None,
             }
         )
-    plain = {
-        (r["strategy"], r["adaptation"]): r["mean"]
-        for r in rows
-        if r["dp"] == "off" and r["status"] == "completed"
-    }
+    twin_of = lambda r: (r["strategy"], r["adaptation"], r["harmonization"], r["augmentation"])  # noqa: E731
+    plain = {twin_of(r): r["mean"] for r in rows if r["dp"] == "off" and r["status"] == "completed"}
     for r in rows:
-        twin = plain.get((r["strategy"], r["adaptation"]))
+        twin = plain.get(twin_of(r))
         if r["dp"] != "off" and r["status"] == "completed" and twin:
             r["vs_no_dp"] = r["mean"] / twin
     return rows
@@ -186,6 +210,22 @@ def register(app: typer.Typer) -> None:
         adaptations: Annotated[
             str, typer.Option(help="comma-separated domain-adaptation hooks (`medfed adaptations`)")
         ] = "none",
+        harmonizations: Annotated[
+            str,
+            typer.Option(
+                help="comma-separated site-side intensity harmonizations to compare: "
+                + " | ".join(HARMONIZATIONS)
+                + " (the sites compare creates are allowed to send their landmarks; "
+                "not with DP, which does not cover them)"
+            ),
+        ] = "off",
+        augmentations: Annotated[
+            str,
+            typer.Option(
+                help="comma-separated site-side training augmentations to compare: "
+                + " | ".join(AUGMENTATIONS)
+            ),
+        ] = "off",
         strategy_option: Annotated[
             list[str] | None,
             typer.Option(
@@ -253,7 +293,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Compare strategies and adaptation hooks on the same sites (loopback or simulated)."""
         from medfed.cli.run_cmd import privacy_options
-        from medfed.core.config import RunConfig, validate
+        from medfed.core.config import validate
         from medfed.strategies.registry import check_options
         from medfed.tasks import get_task
         from medfed.tasks.adaptation import local_keys
@@ -273,6 +313,23 @@ def register(app: typer.Typer) -> None:
         chosen = get_task(task)
         names, hooks = _names(strategies, "strategies"), _names(adaptations, "adaptations")
         modes = _dp_modes(dp)
+        harms = _choices(
+            harmonizations, "harmonizations", HARMONIZATIONS, "e.g. --harmonizations off,histogram"
+        )
+        augs = _choices(
+            augmentations, "augmentations", AUGMENTATIONS, "e.g. --augmentations off,contrast"
+        )
+        private_modes = [m for m in modes if m != "off"]
+        harmonized = [h for h in harms if h != "off"]
+        if harmonized and private_modes:
+            raise ConfigError(
+                f"Harmonization {harmonized[0]!r} sends each site's intensity landmarks, which "
+                f"DP ({private_modes[0]}) does not cover: every site would refuse those runs "
+                "(rule privacy.mode).",
+                where="--harmonizations / --dp",
+                fix="compare harmonizations without DP (--dp off), or DP without them "
+                "(--harmonizations off)",
+            )
         options = _options(strategy_option or [], names)
         for s in names:
             check_options(s, options[s])
@@ -305,6 +362,8 @@ def register(app: typer.Typer) -> None:
             (
                 s,
                 h,
+                harm,
+                aug,
                 m,
                 validate(
                     RunConfig,
@@ -316,20 +375,29 @@ def register(app: typer.Typer) -> None:
                         "min_sites": sites,
                         "seed": seed + k,
                         "adaptation": h,
+                        "harmonization": harm,
+                        "augmentation": aug,
                         "privacy": privacy[m],
                         "init_weights": init_weights,
                         **(plain if m == "off" else private),
-                        "name": f"compare {s} {h}" + ("" if m == "off" else f" dp-{m}"),
+                        "name": " ".join(
+                            ["compare", s, h]
+                            + [p for p in (harm, aug) if p != "off"]
+                            + ([] if m == "off" else [f"dp-{m}"])
+                        ),
                     },
                     where=f"medfed compare options (--dp {m})",
                 ),
             )
             for s in names
             for h in hooks
+            for harm in harms
+            for aug in augs
             for m in modes
             for k in range(repeats)
         ]
-        check_init(chosen, runs[0][3].init_weights)
+        check_init(chosen, runs[0][-1].init_weights)
+        prepared = harms != ["off"] or augs != ["off"]
         signal.signal(signal.SIGTERM, interrupt_on_signal)
         root = (
             out or Path("medfed-compare") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -341,12 +409,21 @@ def register(app: typer.Typer) -> None:
                 f"[bold]medfed compare[/]: {len(runs)} runs of {task}, {sites} "
                 f"sites ({engine}), {rounds} rounds each; in {root}"
             )
-            with _engine(engine, root, sites, rationed=modes == ["off"]) as run_one:
-                for strategy, hook, mode, run in runs:
+            if harmonized:
+                console.print(
+                    "  its sites are allowed to send their intensity landmarks for harmonization "
+                    "(policy.share_landmarks = true; a deployed site's operator decides that)"
+                )
+            with _engine(
+                engine, root, sites, rationed=modes == ["off"], share_landmarks=bool(harmonized)
+            ) as run_one:
+                for strategy, hook, harm, aug, mode, run in runs:
                     folder, summary = run_one(run)
                     result = {
                         "strategy": strategy,
                         "adaptation": hook,
+                        "harmonization": harm,
+                        "augmentation": aug,
                         "dp": mode,
                         "seed": run.seed,
                         "options": options[strategy],
@@ -359,8 +436,9 @@ def register(app: typer.Typer) -> None:
                         shown = f"[red]{result['status']}[/]"
                     dp_shown = "" if modes == ["off"] else f" {mode:<7}"
                     seed_shown = "" if repeats == 1 else f" seed {run.seed:<3}"
+                    prep_shown = f" {_preprocessing(harm, aug):<20}" if prepared else ""
                     console.print(
-                        f"  {strategy:<14} {hook:<18}{dp_shown}{seed_shown} {shown}",
+                        f"  {strategy:<14} {hook:<18}{prep_shown}{dp_shown}{seed_shown} {shown}",
                         highlight=False,
                     )
                     results.append(result)
@@ -392,12 +470,17 @@ def register(app: typer.Typer) -> None:
 
 
 @contextlib.contextmanager
-def _engine(engine: str, root: Path, sites: int, *, rationed: bool) -> Iterator[RunOne]:
+def _engine(
+    engine: str, root: Path, sites: int, *, rationed: bool, share_landmarks: bool
+) -> Iterator[RunOne]:
     """What runs each run: a loopback federation, or simulated sites (the same data).
 
     ``rationed``: the sites keep a new site's privacy budget; else (DP runs) each site's
     budget is unlimited: a comparison measures epsilon, it does not ration it.
+    ``share_landmarks``: the sites' policy lets them send their intensity landmarks
+    (harmonization; a new site refuses under secure aggregation).
     """
+    policy = {"share_landmarks": True} if share_landmarks else None
     from medfed.local.simulation import SIMULATION_BUDGET
 
     if engine == "simulation":
@@ -407,7 +490,11 @@ def _engine(engine: str, root: Path, sites: int, *, rationed: bool) -> Iterator[
         logging.getLogger("flwr").setLevel(logging.WARNING)  # the ServerApp's own log lines
         simulated = synthetic_sites(sites)
         yield lambda run: simulate(
-            run, simulated, root / "runs", budget=None if rationed else SIMULATION_BUDGET
+            run,
+            simulated,
+            root / "runs",
+            budget=None if rationed else SIMULATION_BUDGET,
+            policy=policy,
         )
         return
     from medfed.local import LocalFederation
@@ -416,6 +503,8 @@ def _engine(engine: str, root: Path, sites: int, *, rationed: bool) -> Iterator[
         fed.create()
         if not rationed:
             fed.set_budget(**SIMULATION_BUDGET)
+        if policy:
+            fed.set_policy(**policy)
         fed.start()
         yield fed.run
 
@@ -427,6 +516,10 @@ def _print_table(results: list[dict[str, Any]]) -> None:
     site_names = sorted({s for r in done for s in r["sites"]})
     metric = done[0]["metric"] if done else "score"
     with_dp = any(r["dp"] != "off" for r in results)
+    with_prep = any(
+        _preprocessing(r["harmonization"], r["augmentation"]) != "none" for r in results
+    )
+    prep = lambda r: [_preprocessing(r["harmonization"], r["augmentation"])] if with_prep else []  # noqa: E731
     with_eps = any(r["epsilon"] is not None for r in done)
     with_ratio = any("vs_no_dp" in r for r in done)
     number = lambda h: Column(h, justify="right", no_wrap=True)  # noqa: E731
@@ -435,6 +528,7 @@ def _print_table(results: list[dict[str, Any]]) -> None:
         number("#"),
         Column("strategy", overflow="fold"),
         Column("adaptation", overflow="fold"),
+        *([Column("preprocessing", overflow="fold")] if with_prep else []),
         *([Column("dp")] if with_dp else []),
         number(f"mean {metric}"),
         *([number("DP/plain")] if with_ratio else []),
@@ -448,6 +542,7 @@ def _print_table(results: list[dict[str, Any]]) -> None:
             str(i),
             r["strategy"],
             r["adaptation"],
+            *prep(r),
             *([r["dp"]] if with_dp else []),
             _mean_shown(r),
             *([f"{r['vs_no_dp']:.3f}" if "vs_no_dp" in r else ""] if with_ratio else []),
@@ -459,6 +554,7 @@ def _print_table(results: list[dict[str, Any]]) -> None:
             "",
             r["strategy"],
             r["adaptation"],
+            *prep(r),
             *([r["dp"]] if with_dp else []),
             r["status"],
             *("" for _ in range(with_ratio + 1 + with_eps)),

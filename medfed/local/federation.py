@@ -95,6 +95,14 @@ class LocalFederation:
             default = tomllib.loads(cfg.read_text(encoding="utf-8"))["privacy"]["default"]
             _override(cfg, ("privacy", "datasets", default), budget)
 
+    def set_policy(self, **policy: Any) -> None:
+        """Set keys of every site's ``[policy]`` (e.g. ``share_landmarks=True``).
+
+        Call it before :meth:`start`.
+        """
+        for cfg in self.site_configs.values():
+            _override(cfg, ("policy",), policy)
+
     @property
     def fed(self) -> Federation:
         """The loaded federation (after :meth:`create`)."""
