@@ -222,6 +222,7 @@ def run_in_folder(
                 refusals=refusals,
                 folder=folder,
                 timeout=run.round_timeout_s,
+                resumed=bool(run.resume_of),
             )
         if run.secure_aggregation != "off":
             # A resumed run is a new secure-aggregation session (its own Flower run id):

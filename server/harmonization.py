@@ -8,6 +8,11 @@ and evaluate message; each site maps its scans onto it
 whose rules forbid sending them (DP; secure aggregation without
 ``policy.share_landmarks``) refuses the query by rule, and the run ends refused before
 anyone trains.
+
+A resumed run keeps the standard its first start agreed on (from its events): asked
+again, the sites could answer differently (a site's data grew, another site answers),
+and the rounds before and after the crash would have trained on differently mapped
+scans.
 """
 
 from __future__ import annotations
@@ -35,8 +40,15 @@ def agree_standard(
     refusals: RefusalPolicy,
     folder: RunFolder,
     timeout: float,
+    resumed: bool = False,
 ) -> tuple[float, ...]:
-    """The run's standard landmarks: the sites' landmarks, averaged by their scan counts."""
+    """The run's standard landmarks: the sites' landmarks, averaged by their scan counts.
+
+    ``resumed``: the standard already agreed in ``folder`` (none asked of the sites), or,
+    when the run crashed before the sites had answered, asked as at a first start.
+    """
+    if resumed and (kept := _agreed_before(folder)):
+        return kept
     sample_nodes(grid, min_sites, min_sites)  # waits until min_sites are online
     ask = ConfigRecord({**run_entries, **SiteInstruction(landmarks_query=1).entries()})
     replies = grid.send_and_receive(
@@ -75,4 +87,29 @@ def agree_standard(
     )
     values = tuple(round(float(v), 6) for v in standard)
     folder.event("harmonization", method="histogram", sites=sorted(reports), standard=list(values))
+    return values
+
+
+def _agreed_before(folder: RunFolder) -> tuple[float, ...]:
+    """The standard this run agreed on before it was resumed (said again in its events)."""
+    earlier = [e for e in folder.read_events() if e.is_("harmonization")]
+    if not earlier:
+        return ()
+    agreed = earlier[-1]
+    try:
+        values = tuple(float(v) for v in agreed["standard"])
+    except (KeyError, TypeError, ValueError) as exc:
+        folder.event(
+            "warning",
+            reason=f"the standard landmarks agreed before the resume are unreadable in "
+            f"{folder.events_file} ({type(exc).__name__}: {exc}); the sites are asked again",
+        )
+        return ()
+    folder.event(
+        "harmonization",
+        method=agreed.get("method", "histogram"),
+        sites=agreed.get("sites", []),
+        standard=list(values),
+        kept_at_resume=True,
+    )
     return values

@@ -262,3 +262,37 @@ def test_the_run_options_refuse_harmonization_under_dp_before_anything_starts() 
     assert build_run_config(dp="off", **common).harmonization == "histogram"
     with pytest.raises(ConfigError, match="privacy.mode"):
         build_run_config(dp="sample", **common)
+
+
+class _SilentGrid:
+    """A grid that must not be used: any message to the sites fails the test."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"the sites were asked ({name})")
+
+
+def test_a_resumed_run_keeps_the_standard_it_agreed_on_and_asks_no_site(tmp_path: Path) -> None:
+    from medfed.core.runs import RunFolder
+    from medfed.server.harmonization import agree_standard
+    from medfed.server.refusals import RefusalPolicy
+
+    run = RunConfig(task="tiny-seg", rounds=2, harmonization="histogram")
+    folder = RunFolder.create(tmp_path, 1, run)
+    ask: dict[str, Any] = {
+        "grid": _SilentGrid(),
+        "min_sites": 2,
+        "run_entries": {},
+        "refusals": RefusalPolicy(),
+        "folder": folder,
+        "timeout": 5.0,
+    }
+    with pytest.raises(AssertionError, match="the sites were asked"):
+        agree_standard(**ask, resumed=True)  # nothing agreed yet: asked as at a first start
+    agreed = [round(0.1 * i, 6) for i in range(len(LANDMARK_PERCENTILES))]
+    folder.event("harmonization", method="histogram", sites=["site-1", "site-2"], standard=agreed)
+    assert agree_standard(**ask, resumed=True) == tuple(agreed)
+    said = [e for e in folder.read_events() if e.event == "harmonization"]
+    assert len(said) == 2 and said[1]["kept_at_resume"] is True
+    assert said[1]["standard"] == agreed and said[1]["sites"] == ["site-1", "site-2"]
+    with pytest.raises(AssertionError, match="the sites were asked"):
+        agree_standard(**ask)  # a first start always asks
