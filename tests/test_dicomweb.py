@@ -10,6 +10,7 @@ import json
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -20,6 +21,7 @@ import torch
 from medfed.cli.main import main
 from medfed.core.config import DataSourceConfig, PacsQuery, PacsSection
 from medfed.core.errors import ConfigError, MedfedError
+from medfed.core.identity import CertificateAuthority
 from medfed.data.dicomweb import STATE_FILE, PacsMirror, pacs_client
 from medfed.data.pacs_push import push_folder
 from medfed.data.synthetic import SyntheticGeometry, write_seg, write_series
@@ -275,6 +277,57 @@ def test_tls_needs_the_pacs_ca(
         push_folder(synth / "site-2" / "dicom" / "SYN-site2-002", trusted)
         fetch = PacsMirror(_source(trusted, tmp_path / "c2")).sync()
         assert fetch.fetched_series == 1 and fetch.fetched_instances > 0
+
+
+def test_mutual_tls_needs_the_sites_client_certificate(
+    tmp_path: Path, synth: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with LocalOrthanc(tmp_path / "pacs", tls=True, mutual_tls=True) as server:
+        monkeypatch.setenv("MEDFED_PACS_USERNAME", server.username)
+        monkeypatch.setenv("MEDFED_PACS_PASSWORD", server.password)
+        assert server.client_cert_pem is not None and server.client_key_pem is not None
+        trusted = _pacs(server.url).model_copy(update={"ca_bundle": str(server.ca_pem)})
+        with pytest.raises(MedfedError, match="client certificate") as err:
+            PacsMirror(_source(trusted, tmp_path / "c1")).sync()
+        assert "client_cert" in err.value.fix
+        stranger_key, stranger_cert = CertificateAuthority.create("elsewhere").issue_client_cert(
+            "a site of another hospital"
+        )
+        stranger = _write_pem_pair(tmp_path / "stranger", stranger_key, stranger_cert)
+        with pytest.raises(MedfedError, match="refused the site's client certificate"):
+            PacsMirror(
+                _source(
+                    trusted.model_copy(
+                        update={"client_cert": str(stranger[0]), "client_key": str(stranger[1])}
+                    ),
+                    tmp_path / "c1",
+                )
+            ).sync()
+        site = trusted.model_copy(
+            update={
+                "client_cert": str(server.client_cert_pem),
+                "client_key": str(server.client_key_pem),
+            }
+        )
+        push_folder(synth / "site-2" / "dicom" / "SYN-site2-002", site)
+        fetch = PacsMirror(_source(site, tmp_path / "c2")).sync()
+        assert fetch.fetched_series == 1 and fetch.fetched_instances > 0
+
+
+def _write_pem_pair(stem: Path, key: Any, cert: Any) -> tuple[Path, Path]:
+    from cryptography.hazmat.primitives import serialization
+
+    cert_pem, key_pem = stem.with_suffix(".pem"), stem.with_suffix(".key")
+    cert_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_pem.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    key_pem.chmod(0o600)
+    return cert_pem, key_pem
 
 
 def test_data_push_command_stores_a_site(

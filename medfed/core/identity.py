@@ -137,6 +137,29 @@ class CertificateAuthority:
         )
         return key, cert
 
+    def issue_client_cert(
+        self, name: str, *, days: int = SERVER_VALIDITY_DAYS
+    ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+        """Issue a TLS client certificate for ``name`` (mutual TLS, e.g. to a PACS's proxy)."""
+        key = ec.generate_private_key(CURVE)
+        start = _now() - dt.timedelta(minutes=5)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(start + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), False
+            )
+            .sign(self.key, hashes.SHA384())
+        )
+        return key, cert
+
     def issue_key_cert(
         self, name: str, public_key: ed25519.Ed25519PublicKey, usage: ObjectIdentifier
     ) -> x509.Certificate:

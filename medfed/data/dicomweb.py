@@ -211,6 +211,17 @@ def pacs_errors(url: str, doing: str) -> Iterator[None]:
     try:
         yield
     except requests.exceptions.SSLError as exc:
+        said = str(exc).upper()
+        if "CERTIFICATE_REQUIRED" in said:  # TLS 1.3 alert 116: mutual TLS, no certificate
+            raise _no_client_certificate(url, doing) from exc
+        if "ALERT_UNKNOWN_CA" in said or "ALERT_BAD_CERTIFICATE" in said:
+            raise MedfedError(
+                f"TLS with the PACS failed while {doing}: it refused the site's client certificate",
+                where=url,
+                expected="a client certificate issued by the CA the PACS (or its proxy) trusts",
+                fix="check [data.pacs] client_cert and client_key with the hospital's PKI "
+                "(issuer, expiry)",
+            ) from exc
         raise MedfedError(
             f"TLS with the PACS failed while {doing}: its certificate is not trusted or does "
             "not name this host",
@@ -221,6 +232,8 @@ def pacs_errors(url: str, doing: str) -> Iterator[None]:
         ) from exc
     except requests.exceptions.HTTPError as exc:
         code = exc.response.status_code if exc.response is not None else 0
+        if code == 400 and "ssl certificate" in exc.response.text[:4000].lower():
+            raise _no_client_certificate(url, doing) from exc  # nginx's ssl_verify_client
         if code in (401, 403):
             raise MedfedError(
                 f"the PACS refused the credentials (HTTP {code}) while {doing}",
@@ -241,6 +254,18 @@ def pacs_errors(url: str, doing: str) -> Iterator[None]:
             fix="check that it runs and that this machine may reach it; "
             "what was fetched is kept and the next scan continues",
         ) from exc
+
+
+def _no_client_certificate(url: str, doing: str) -> MedfedError:
+    return MedfedError(
+        f"TLS with the PACS failed while {doing}: it asks for a client certificate "
+        "(mutual TLS) and the site sent none",
+        where=url,
+        expected="[data.pacs] client_cert and client_key: the site's certificate from the "
+        "CA the PACS (or its proxy) trusts",
+        fix="set [data.pacs] client_cert and client_key to the PEM files the hospital's "
+        "PKI issued for this site",
+    )
 
 
 # ----------------------------------------------------------------------------- mirror

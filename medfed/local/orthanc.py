@@ -5,7 +5,9 @@ plugin (`make test` installs them when missing). The server gets a free port, it
 own storage folder, one user, no DICOM (C-STORE) listener and, on request, TLS
 with a certificate from a throw-away CA, served by a TLS front as a hospital's
 reverse proxy would (Debian's Orthanc dies on its own TLS: see
-:mod:`medfed.local.tls_front`); it ends with the process that started it.
+:mod:`medfed.local.tls_front`), which with ``mutual_tls`` also wants a client
+certificate from that CA (one is issued for the site); it ends with the process
+that started it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
@@ -48,10 +51,13 @@ class LocalOrthanc:
 
     folder: Path
     tls: bool = False
+    mutual_tls: bool = False
     username: str = "medfed"
     password: str = ""
     port: int = 0
     ca_pem: Path | None = None
+    client_cert_pem: Path | None = None  # the site's, with mutual_tls
+    client_key_pem: Path | None = None
     _proc: Managed | None = None
     _front: TlsFront | None = None
     _http_port: int = 0
@@ -73,6 +79,8 @@ class LocalOrthanc:
         missing = orthanc_missing()
         if missing:
             raise MedfedError(f"cannot start a local PACS: {missing}", fix=INSTALL_HINT)
+        if self.mutual_tls and not self.tls:
+            raise MedfedError("mutual TLS needs tls=True", where="LocalOrthanc")
         self.folder.mkdir(parents=True, exist_ok=True)
         self.password = self.password or secrets.token_urlsafe(16)
         self._http_port = free_port() if self.tls else (self.port or free_port())
@@ -98,7 +106,14 @@ class LocalOrthanc:
             "Orthanc", ["Orthanc", str(path)], self.folder / "orthanc.log", die_with_parent=True
         ).start()
         if self.tls:
-            self._front = TlsFront(self._http_port, *self._certificate(), port=self.port).start()
+            cert, key, ca = self._certificates()
+            self._front = TlsFront(
+                self._http_port,
+                cert,
+                key,
+                port=self.port,
+                client_ca=ca if self.mutual_tls else None,
+            ).start()
         self.port = self._front.port if self._front else self._http_port
         self._wait(timeout)
         return self
@@ -118,23 +133,23 @@ class LocalOrthanc:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _certificate(self) -> tuple[Path, Path]:
-        """A server certificate and key for 127.0.0.1 from a new CA (its PEM in ``ca_pem``)."""
+    def _certificates(self) -> tuple[Path, Path, Path]:
+        """A server certificate and key for 127.0.0.1 from a new CA, and the CA's PEM.
+
+        With ``mutual_tls`` the CA also issues the site's client certificate
+        (``client_cert_pem``, ``client_key_pem``).
+        """
         ca = CertificateAuthority.create("local PACS")
-        key, cert = ca.issue_server_cert(["127.0.0.1", "localhost"])
         self.ca_pem = self.folder / "pacs-ca.pem"
         self.ca_pem.write_bytes(ca.cert.public_bytes(serialization.Encoding.PEM))
-        cert_pem, key_pem = self.folder / "server.pem", self.folder / "server.key"
-        cert_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        write_private(
-            key_pem,
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            ),
+        cert_pem, key_pem = _write_pair(
+            self.folder / "server", *ca.issue_server_cert(["127.0.0.1", "localhost"])
         )
-        return cert_pem, key_pem
+        if self.mutual_tls:
+            self.client_cert_pem, self.client_key_pem = _write_pair(
+                self.folder / "site-client", *ca.issue_client_cert("medfed site")
+            )
+        return cert_pem, key_pem, self.ca_pem
 
     def _wait(self, timeout: float) -> None:
         import requests
@@ -150,6 +165,9 @@ class LocalOrthanc:
                     timeout=2,
                     auth=(self.username, self.password),
                     verify=str(self.ca_pem) if self.ca_pem else True,
+                    cert=(str(self.client_cert_pem), str(self.client_key_pem))
+                    if self.mutual_tls
+                    else None,
                 )
                 if answer.status_code == 200:
                     return
@@ -163,3 +181,18 @@ class LocalOrthanc:
             where=str(self.folder),
             fix="read its log; last lines:\n" + tail,
         )
+
+
+def _write_pair(stem: Path, key: Any, cert: Any) -> tuple[Path, Path]:
+    """``stem.pem`` (the certificate) and ``stem.key`` (its key, owner-only)."""
+    cert_pem, key_pem = stem.with_suffix(".pem"), stem.with_suffix(".key")
+    cert_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    write_private(
+        key_pem,
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    )
+    return cert_pem, key_pem

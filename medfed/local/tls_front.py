@@ -3,7 +3,9 @@
 Debian's Orthanc 1.10 (civetweb built against OpenSSL 3) dies on its first TLS
 connection, and hospitals usually put a PACS's DICOMweb behind a proxy anyway: the
 local PACS therefore listens on plain HTTP on loopback and this front speaks TLS
-to the clients, forwarding the bytes both ways. Loopback only; for tests and the demo.
+to the clients, forwarding the bytes both ways. With ``client_ca`` it also asks each
+client for a certificate signed by that CA (mutual TLS, as many hospitals' proxies
+do). Loopback only; for tests and the demo.
 """
 
 from __future__ import annotations
@@ -20,10 +22,21 @@ _CHUNK = 1 << 16
 class TlsFront:
     """Accept TLS on ``127.0.0.1:port`` and relay each connection to ``127.0.0.1:upstream``."""
 
-    def __init__(self, upstream: int, cert_pem: Path, key_pem: Path, port: int = 0) -> None:
+    def __init__(
+        self,
+        upstream: int,
+        cert_pem: Path,
+        key_pem: Path,
+        port: int = 0,
+        *,
+        client_ca: Path | None = None,
+    ) -> None:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.load_cert_chain(cert_pem, key_pem)
+        if client_ca is not None:  # no certificate from that CA: the handshake fails
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(cafile=client_ca)
         front = self
 
         class Relay(socketserver.BaseRequestHandler):
@@ -62,7 +75,7 @@ class TlsFront:
         try:
             client.do_handshake()  # an untrusting client ends here: nothing is forwarded
         except (ssl.SSLError, OSError):
-            client.close()
+            _close_after_alert(client)
             return
         try:
             up = socket.create_connection(("127.0.0.1", self.upstream), timeout=30)
@@ -74,6 +87,25 @@ class TlsFront:
             back.start()
             _pump(client, up)
             back.join(timeout=30)
+
+
+def _close_after_alert(client: ssl.SSLSocket) -> None:
+    """Close a connection whose handshake failed so that the client reads why.
+
+    The TLS alert (e.g. "certificate required") is already sent; closing with the
+    client's request still unread would reset the connection, and the client would
+    see a bare EOF instead of the alert. So: end our side, drain briefly, then close
+    (a lingering close, as web servers do). The raw socket's calls bypass TLS.
+    """
+    try:
+        socket.socket.shutdown(client, socket.SHUT_WR)
+        client.settimeout(1.0)
+        while socket.socket.recv(client, _CHUNK):
+            pass
+    except OSError:
+        pass
+    finally:
+        client.close()
 
 
 def _pump(source: socket.socket, sink: socket.socket) -> None:
