@@ -41,6 +41,17 @@ def test_bad_input_is_refused_before_anything_starts(
     assert not (tmp_path / "cmp").exists()  # nothing was created or started
 
 
+def test_the_preprocessing_choices_are_the_run_configs() -> None:
+    import typing
+
+    from medfed.cli.compare_cmd import AUGMENTATIONS, HARMONIZATIONS
+    from medfed.core.config import RunConfig
+
+    fields = RunConfig.model_fields
+    assert HARMONIZATIONS == typing.get_args(fields["harmonization"].annotation)
+    assert AUGMENTATIONS == typing.get_args(fields["augmentation"].annotation)
+
+
 @pytest.mark.slow
 def test_two_strategies_are_compared_on_the_same_sites(short_tmp: Path) -> None:
     out = medfed(

@@ -19,7 +19,6 @@ import logging
 import signal
 import statistics
 import time
-import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -46,17 +45,16 @@ from medfed.cli.options import (
     TargetEpsilonOpt,
     TaskOpt,
 )
-from medfed.core.config import RunConfig
 from medfed.core.errors import ConfigError
 from medfed.core.run_summary import RunSummary
 from medfed.core.schema import EPSILON_RUN_KEY
 
 #: What ``--dp``, ``--harmonizations`` and ``--augmentations`` may list.
 DP_MODES = ("off", "sample", "update")
-HARMONIZATIONS: tuple[str, ...] = typing.get_args(
-    RunConfig.model_fields["harmonization"].annotation
-)
-AUGMENTATIONS: tuple[str, ...] = typing.get_args(RunConfig.model_fields["augmentation"].annotation)
+# RunConfig's values, spelled out so that the CLI starts without pydantic's models
+# (tests/test_compare.py checks that they match)
+HARMONIZATIONS = ("off", "histogram")
+AUGMENTATIONS = ("off", "contrast")
 #: What ``--engine`` may be, and the most sites a loopback deployment starts.
 ENGINES = ("deployment", "simulation")
 MAX_DEPLOYED_SITES = 8
@@ -293,7 +291,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Compare strategies and adaptation hooks on the same sites (loopback or simulated)."""
         from medfed.cli.run_cmd import privacy_options
-        from medfed.core.config import validate
+        from medfed.core.config import RunConfig, validate
         from medfed.strategies.registry import check_options
         from medfed.tasks import get_task
         from medfed.tasks.adaptation import local_keys
