@@ -10,7 +10,6 @@ import json
 import os
 import socket
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pydicom
@@ -21,7 +20,7 @@ import torch
 from medfed.cli.main import main
 from medfed.core.config import DataSourceConfig, PacsQuery, PacsSection
 from medfed.core.errors import ConfigError, MedfedError
-from medfed.core.identity import CertificateAuthority
+from medfed.core.identity import CertificateAuthority, save_server_identity
 from medfed.data.dicomweb import STATE_FILE, PacsMirror, pacs_client
 from medfed.data.pacs_push import push_folder
 from medfed.data.synthetic import SyntheticGeometry, write_seg, write_series
@@ -293,7 +292,8 @@ def test_mutual_tls_needs_the_sites_client_certificate(
         stranger_key, stranger_cert = CertificateAuthority.create("elsewhere").issue_client_cert(
             "a site of another hospital"
         )
-        stranger = _write_pem_pair(tmp_path / "stranger", stranger_key, stranger_cert)
+        stranger = (tmp_path / "stranger.pem", tmp_path / "stranger.key")
+        save_server_identity(stranger_key, stranger_cert, *stranger)
         with pytest.raises(MedfedError, match="refused the site's client certificate"):
             PacsMirror(
                 _source(
@@ -312,22 +312,6 @@ def test_mutual_tls_needs_the_sites_client_certificate(
         push_folder(synth / "site-2" / "dicom" / "SYN-site2-002", site)
         fetch = PacsMirror(_source(site, tmp_path / "c2")).sync()
         assert fetch.fetched_series == 1 and fetch.fetched_instances > 0
-
-
-def _write_pem_pair(stem: Path, key: Any, cert: Any) -> tuple[Path, Path]:
-    from cryptography.hazmat.primitives import serialization
-
-    cert_pem, key_pem = stem.with_suffix(".pem"), stem.with_suffix(".key")
-    cert_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_pem.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    key_pem.chmod(0o600)
-    return cert_pem, key_pem
 
 
 def test_data_push_command_stores_a_site(

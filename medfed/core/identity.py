@@ -111,39 +111,35 @@ class CertificateAuthority:
                 "A server certificate needs at least one host name or IP address.",
                 expected="--host 127.0.0.1 (repeatable)",
             )
-        key = ec.generate_private_key(CURVE)
         sans: list[x509.GeneralName] = []
         for host in hosts:
             try:
                 sans.append(x509.IPAddress(ipaddress.ip_address(host)))
             except ValueError:
                 sans.append(x509.DNSName(host))
-        start = not_before or (_now() - dt.timedelta(minutes=5))
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-            .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(start)
-            .not_valid_after(start + dt.timedelta(days=days))
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), False
-            )
-            .sign(self.key, hashes.SHA384())
+        return self._issue_tls_leaf(
+            hosts[0], ExtendedKeyUsageOID.SERVER_AUTH, days, not_before, sans=sans
         )
-        return key, cert
 
     def issue_client_cert(
         self, name: str, *, days: int = SERVER_VALIDITY_DAYS
     ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
         """Issue a TLS client certificate for ``name`` (mutual TLS, e.g. to a PACS's proxy)."""
+        return self._issue_tls_leaf(name, ExtendedKeyUsageOID.CLIENT_AUTH, days, None)
+
+    def _issue_tls_leaf(
+        self,
+        name: str,
+        usage: ObjectIdentifier,
+        days: int,
+        not_before: dt.datetime | None,
+        *,
+        sans: list[x509.GeneralName] | None = None,
+    ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+        """A fresh key and its certificate for ``name``, valid for TLS ``usage`` only."""
         key = ec.generate_private_key(CURVE)
-        start = _now() - dt.timedelta(minutes=5)
-        cert = (
+        start = not_before or (_now() - dt.timedelta(minutes=5))
+        builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
             .issuer_name(self.cert.subject)
@@ -151,8 +147,12 @@ class CertificateAuthority:
             .serial_number(x509.random_serial_number())
             .not_valid_before(start)
             .not_valid_after(start + dt.timedelta(days=days))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)
+        )
+        if sans is not None:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        cert = (
+            builder.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([usage]), False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), False
             )

@@ -23,7 +23,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 
 from medfed.core.errors import MedfedError, ProcessError
-from medfed.core.identity import CertificateAuthority, write_private
+from medfed.core.identity import CertificateAuthority, save_server_identity, write_private
 from medfed.core.procs import Managed, free_port
 from medfed.local.tls_front import TlsFront
 
@@ -80,7 +80,9 @@ class LocalOrthanc:
         if missing:
             raise MedfedError(f"cannot start a local PACS: {missing}", fix=INSTALL_HINT)
         if self.mutual_tls and not self.tls:
-            raise MedfedError("mutual TLS needs tls=True", where="LocalOrthanc")
+            raise MedfedError(
+                "mutual TLS needs tls=True", where="LocalOrthanc", fix="pass tls=True as well"
+            )
         self.folder.mkdir(parents=True, exist_ok=True)
         self.password = self.password or secrets.token_urlsafe(16)
         self._http_port = free_port() if self.tls else (self.port or free_port())
@@ -186,13 +188,5 @@ class LocalOrthanc:
 def _write_pair(stem: Path, key: Any, cert: Any) -> tuple[Path, Path]:
     """``stem.pem`` (the certificate) and ``stem.key`` (its key, owner-only)."""
     cert_pem, key_pem = stem.with_suffix(".pem"), stem.with_suffix(".key")
-    cert_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    write_private(
-        key_pem,
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
-    )
+    save_server_identity(key, cert, cert_pem, key_pem)  # a TLS key and certificate, any role
     return cert_pem, key_pem
