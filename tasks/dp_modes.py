@@ -72,6 +72,22 @@ def _faster_mode(
     return "rules"
 
 
+#: Largest relative L2 distance between the rules' and vmap's gradient of one sample, per
+#: parameter. Both are float32 sums over whole feature maps: on the 3D SegResNet each is
+#: within 1.2e-3 of a float64 reference and they differ by up to 3e-3 (elementwise, at
+#: 1e-3, they were refused there and vmap ran, 20% slower); another sample's gradient is
+#: off by 0.34. The loss's split into per-sample terms is checked apart, tightly.
+_AGREEMENT = 1e-2
+
+
+def _same_per_sample(got: torch.Tensor, reference: torch.Tensor) -> bool:
+    """Whether every sample's gradient is within :data:`_AGREEMENT` of the reference's."""
+    a = got.reshape(len(got), -1).double()
+    b = reference.reshape(len(reference), -1).double()
+    scale = b.norm(dim=1).clamp_min(1e-12)
+    return bool(((a - b).norm(dim=1) <= _AGREEMENT * scale).all())
+
+
 def _rules_agree(
     model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor, against_vmap: bool
 ) -> bool:
@@ -83,8 +99,7 @@ def _rules_agree(
             reference = [p.grad_sample for p in trainable]
         dp_rules.per_sample_grads(model, loss_fn, x, y)
         return not against_vmap or all(
-            torch.allclose(p.grad_sample, r, rtol=1e-3, atol=1e-6 * float(r.abs().max()) + 1e-9)
-            for p, r in zip(trainable, reference, strict=True)
+            _same_per_sample(p.grad_sample, r) for p, r in zip(trainable, reference, strict=True)
         )
     except Exception:  # a layer the rules cannot follow (e.g. tuple outputs): not this mode
         return False
@@ -129,7 +144,13 @@ def choose_grad_sample_mode(
             expected="a loss averaged over per-sample terms (e.g. MONAI Dice with batch=False)",
             fix="compute the loss per sample and average it (no batch-wide Dice or statistics)",
         )
-    rules_ok = not dp_rules.unsupported(model) and _rules_agree(model, loss_fn, x, y, vmap_ok)
+    # the rules assume the batch loss is the mean of the samples' own: checked tightly here
+    # (vmap's gradients agree only to float32 precision, see _AGREEMENT)
+    rules_ok = (
+        not dp_rules.unsupported(model)
+        and (not vmap_ok or _loss_is_mean_of_samples(model, loss_fn, x, y))
+        and _rules_agree(model, loss_fn, x, y, vmap_ok)
+    )
     candidates = [m for m, ok in (("rules", rules_ok), ("vmap", vmap_ok)) if ok]
     if not candidates:
         return _opacus_mode(model)

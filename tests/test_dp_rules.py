@@ -76,8 +76,8 @@ _LAYERS = {
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("kind", sorted(_LAYERS))
 def test_every_conv_weight_method_equals_autograd_per_sample(kind: str, threads: int) -> None:
-    # one thread: how a site configured with compute.threads = 1 runs (a grouped 3D
-    # kernel was wrong there, so it is not offered)
+    # one thread: how a site configured with compute.threads = 1 runs (torch's 3D
+    # kernel is wrong there on an input no larger than the kernel)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -102,8 +102,9 @@ def _check_conv_methods(kind: str) -> None:
         exact.zero_grad()
         (exact(x[i : i + 1].double()) * g[i : i + 1].double()).sum().backward()
         expected.append([p.grad.clone() for p in exact.parameters()])
-    methods = dp_rules._candidates(conv)
-    assert "loop" in methods and ("grouped" in methods) == (conv.weight.dim() < 5)
+    methods = dp_rules._candidates(conv, tuple(x.shape[2:]))
+    assert "loop" in methods
+    assert ("grouped" in methods) == (not isinstance(conv, nn.ConvTranspose3d))
     stride_one = (
         not isinstance(conv, nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d)
         and conv.groups == 1
@@ -131,6 +132,16 @@ def _assert_float32_close(got: torch.Tensor, exact: torch.Tensor, method: str) -
     )
 
 
+def test_grouped_3d_is_not_offered_on_an_input_no_larger_than_the_kernel() -> None:
+    # torch's CPU conv3d weight gradient corrupts the heap or errs there; 2D is unaffected
+    stem = nn.Conv3d(2, 4, 7, stride=2, padding=3)
+    assert "grouped" in dp_rules._candidates(stem, (8, 9, 8))
+    assert "grouped" not in dp_rules._candidates(stem, (8, 7, 8))
+    dilated = nn.Conv3d(2, 4, 3, dilation=2, padding=2)  # reaches 5 voxels
+    assert "grouped" not in dp_rules._candidates(dilated, (9, 5, 9))
+    assert "grouped" in dp_rules._candidates(nn.Conv2d(2, 4, 7, padding=3), (5, 5))
+
+
 def test_a_method_that_disagrees_with_the_layers_own_kernel_is_never_chosen(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -146,6 +157,38 @@ def test_a_method_that_disagrees_with_the_layers_own_kernel_is_never_chosen(
     )
     monkeypatch.setattr(dp_rules, "_METHOD", {})
     assert dp_rules._conv_method(conv, x, g) == "loop"
+
+
+def test_a_method_far_slower_on_its_first_call_is_not_timed_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 8, 8, generator=gen)
+    g = torch.randn(4, 4, 8, 8, generator=gen)
+    cost = {"loop": 1.0, "grouped": 0.2, "gemm": 0.3, "slabs": 0.65, "shifted": 0.25}
+    calls: list[str] = []
+
+    def counted(name: str) -> dp_rules.Method:
+        real = dp_rules._METHODS[name]
+        return lambda *a: (calls.append(name), real(*a))[1]
+
+    def timed(fn: object, device: torch.device) -> tuple[torch.Tensor, float]:
+        out = fn()  # type: ignore[operator]
+        return out, cost[calls[-1]]
+
+    monkeypatch.setattr(dp_rules, "_METHODS", {m: counted(m) for m in dp_rules._METHODS})
+    monkeypatch.setattr(dp_rules, "_timed", timed)
+    monkeypatch.setattr(dp_rules, "_METHOD", {})
+    assert dp_rules._conv_method(conv, x, g) == "grouped"
+    # loop (5x the fastest) and slabs (3.25x) ran once, to be checked; the rest 1 + 3 times
+    assert {m: calls.count(m) for m in cost} == {
+        "loop": 1,
+        "grouped": 4,
+        "gemm": 4,
+        "slabs": 1,
+        "shifted": 4,
+    }
 
 
 def test_group_norm_rule_equals_opacus() -> None:
@@ -207,6 +250,44 @@ def test_a_loss_that_couples_the_batch_is_refused_when_vmap_cannot_check_it() ->
         dp_modes.choose_grad_sample_mode(
             model, DiceCELoss(to_onehot_y=True, softmax=True, batch=True), (x, y)
         )
+
+
+def test_rules_agreement_allows_float32_error_but_not_another_samples_gradient() -> None:
+    gen = torch.Generator().manual_seed(0)
+    reference = torch.randn(4, 8, 3, 3, generator=gen)
+    rounding = 1 + 1e-3 * torch.randn(reference.shape, generator=gen)  # float32 sums' error
+    assert dp_modes._same_per_sample(reference * rounding, reference)
+    swapped = reference[[1, 0, 2, 3]]
+    assert not dp_modes._same_per_sample(swapped, reference)
+    one_off = reference.clone()
+    one_off[3] *= 1.05  # one sample's gradient 5% off
+    assert not dp_modes._same_per_sample(one_off, reference)
+
+
+def test_a_loss_coupling_the_batch_slightly_gets_vmap_not_the_rules() -> None:
+    # vmap scores each sample alone; the rules differentiate the batch loss, so a
+    # coupling too weak for the gradients' float32 tolerance must still be caught
+    class WeaklyCoupled(nn.Module):
+        def forward(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return nn.functional.mse_loss(out, y) + 1e-2 * out.mean() ** 2
+
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(32, 1))
+    x = torch.randn(4, 1, 6, 6, generator=gen)
+    y = torch.randn(4, 1, generator=gen)
+    loss = WeaklyCoupled()
+    assert dp_modes._rules_agree(model, loss, x, y, against_vmap=True)  # within tolerance
+    assert dp_modes.choose_grad_sample_mode(model, loss, (x, y)) == "vmap"
+    assert dp_modes.choose_grad_sample_mode(model, nn.MSELoss(), (x, y)) == "rules"
+
+
+def test_the_3d_segresnet_gets_the_rules() -> None:
+    # its rules' and vmap's float32 gradients differ by up to 3e-3 (each ~1e-3 from
+    # float64): an elementwise 1e-3 check had refused the faster rules
+    model, loss_fn, x, y = _batch("brain-tissue-seg-3d", 4)
+    assert dp_modes._loss_is_mean_of_samples(model, loss_fn, x, y)
+    assert dp_modes._rules_agree(model, loss_fn, x, y, against_vmap=True)
 
 
 def test_vmap_is_chosen_only_when_clearly_faster_than_the_rules(
