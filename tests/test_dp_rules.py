@@ -279,7 +279,9 @@ def test_a_loss_coupling_the_batch_slightly_gets_vmap_not_the_rules() -> None:
     loss = WeaklyCoupled()
     assert dp_modes._rules_agree(model, loss, x, y, against_vmap=True)  # within tolerance
     assert dp_modes.choose_grad_sample_mode(model, loss, (x, y)) == "vmap"
-    assert dp_modes.choose_grad_sample_mode(model, nn.MSELoss(), (x, y)) == "rules"
+    # the same model with a per-sample loss: the rules qualify (which one runs is timed)
+    assert dp_modes._loss_is_mean_of_samples(model, nn.MSELoss(), x, y)
+    assert not dp_modes._loss_is_mean_of_samples(model, loss, x, y)
 
 
 def test_the_3d_segresnet_gets_the_rules() -> None:
