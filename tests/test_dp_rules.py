@@ -142,13 +142,18 @@ def test_grouped_3d_is_not_offered_on_an_input_no_larger_than_the_kernel() -> No
     assert "grouped" in dp_rules._candidates(nn.Conv2d(2, 4, 7, padding=3), (5, 5))
 
 
-def test_a_method_that_disagrees_with_the_layers_own_kernel_is_never_chosen(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def _conv2d_case() -> tuple[nn.Conv2d, torch.Tensor, torch.Tensor]:
+    """A 3x3 convolution, an input batch and an output gradient (seeded)."""
     conv = nn.Conv2d(3, 4, 3, padding=1)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(4, 3, 8, 8, generator=gen)
-    g = torch.randn(4, 4, 8, 8, generator=gen)
+    return conv, x, torch.randn(4, 4, 8, 8, generator=gen)
+
+
+def test_a_method_that_disagrees_with_the_layers_own_kernel_is_never_chosen(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    conv, x, g = _conv2d_case()
     wrong = lambda layer, x, g: torch.zeros(len(x), *layer.weight.shape)  # noqa: E731  # fast
     monkeypatch.setattr(
         dp_rules,
@@ -162,10 +167,7 @@ def test_a_method_that_disagrees_with_the_layers_own_kernel_is_never_chosen(
 def test_a_method_far_slower_on_its_first_call_is_not_timed_again(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    conv = nn.Conv2d(3, 4, 3, padding=1)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(4, 3, 8, 8, generator=gen)
-    g = torch.randn(4, 4, 8, 8, generator=gen)
+    conv, x, g = _conv2d_case()
     cost = {"loop": 1.0, "grouped": 0.2, "gemm": 0.3, "slabs": 0.65, "shifted": 0.25}
     calls: list[str] = []
 
