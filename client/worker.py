@@ -491,8 +491,8 @@ class SiteWorker:
                 run_id,
                 "privacy.mode",
                 f"the run uses DP ({run.privacy.mode}), which does not cover the intensity "
-                "landmarks harmonization 'histogram' would send; run with harmonization "
-                "off, or without DP",
+                "landmarks harmonization 'histogram' would send; under DP harmonize onto "
+                "the task's public landmarks ('histogram-public'), or run without DP",
             )
         if self.config.privacy.datasets:
             try:

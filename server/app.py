@@ -41,7 +41,7 @@ from medfed.core.schema import SiteInstruction
 from medfed.core.secagg import SecAggConfig
 from medfed.core.warm_start import load_start_weights
 from medfed.server.federation import secagg_certificates
-from medfed.server.harmonization import agree_standard
+from medfed.server.harmonization import agree_standard, public_standard
 from medfed.server.recording_grid import RecordingGrid
 from medfed.server.refusals import RefusalPolicy, SitesRefused
 from medfed.server.rounds import run_rounds
@@ -224,6 +224,8 @@ def run_in_folder(
                 timeout=run.round_timeout_s,
                 resumed=bool(run.resume_of),
             )
+        elif run.harmonization == "histogram-public":  # the task's: no site is asked
+            standard = public_standard(run.task, folder=folder, resumed=bool(run.resume_of))
         if run.secure_aggregation != "off":
             # A resumed run is a new secure-aggregation session (its own Flower run id):
             # fresh per-run keys at every site, so no mask of the crashed session recurs.

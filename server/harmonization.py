@@ -9,6 +9,11 @@ whose rules forbid sending them (DP; secure aggregation without
 ``policy.share_landmarks``) refuses the query by rule, and the run ends refused before
 anyone trains.
 
+With ``run.harmonization = "histogram-public"`` the standard is the task's public one
+(the intensity landmarks of its public pretraining scans, shipped with its public
+weights): no site is asked, so nothing about a site's intensities leaves it, and the
+mode runs under DP.
+
 A resumed run keeps the standard its first start agreed on (from its events): asked
 again, the sites could answer differently (a site's data grew, another site answers),
 and the rounds before and after the crash would have trained on differently mapped
@@ -29,7 +34,9 @@ from medfed.core.runs import RunFolder
 from medfed.core.schema import LandmarkReport, SiteInstruction
 from medfed.server.refusals import RefusalPolicy
 from medfed.server.site_replies import SiteAnswer
+from medfed.tasks import get_task
 from medfed.tasks.harmonization import federated_standard
+from medfed.tasks.pretrain import load_public_standard
 
 
 def agree_standard(
@@ -87,6 +94,15 @@ def agree_standard(
     )
     values = tuple(round(float(v), 6) for v in standard)
     folder.event("harmonization", method="histogram", sites=sorted(reports), standard=list(values))
+    return values
+
+
+def public_standard(task: str, *, folder: RunFolder, resumed: bool = False) -> tuple[float, ...]:
+    """The run's standard for harmonization 'histogram-public': the task's public landmarks."""
+    if resumed and (kept := _agreed_before(folder)):
+        return kept
+    values = load_public_standard(get_task(task))
+    folder.event("harmonization", method="histogram-public", sites=[], standard=list(values))
     return values
 
 

@@ -76,6 +76,11 @@ class Task:
         The weights pretrained on ``public_data`` that ship with the task (an ``.npz``
         of the model's ``state_dict``, with a ``.json`` recipe beside it); a run with
         ``init_weights = "public"`` starts from them (:mod:`medfed.tasks.pretrain`).
+    public_standard : Callable[[int, int], tuple[numpy.ndarray, int]] or None
+        The mean intensity landmarks of the public data's scans, ``(subjects, seed) ->
+        (landmarks, scans)``: ``medfed pretrain`` stores them in the public weights'
+        recipe, and harmonization ``"histogram-public"`` maps every site's scans onto
+        them (:mod:`medfed.tasks.harmonization`).
     """
 
     name: str
@@ -90,3 +95,4 @@ class Task:
     output_block: tuple[str, ...] = ()
     public_data: Callable[[int, int], Dataset[Any]] | None = None
     public_weights: Path | None = None
+    public_standard: Callable[[int, int], tuple[Any, int]] | None = None

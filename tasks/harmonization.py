@@ -25,9 +25,23 @@ by DP-SGD's epsilon, so a site refuses to send them under any DP mode (rule
 aggregation, whose point is that the server never sees one site's statistics in the
 clear, only when its operator allowed it (``policy.share_landmarks = true``).
 
-Per-scan mapping: a scan's mapping depends on all its voxels. Under DP-SGD per scan or
-per patient the unit holds the whole scan; the preprocessing's per-scan percentile
-scaling has the same property. (Harmonization is refused under DP anyway, see above.)
+Under DP: the public standard (``run.harmonization = "histogram-public"``). The
+standard need not come from the sites. A task that ships public weights can ship the
+mean landmarks of the same public scans it was pretrained on (``medfed pretrain``
+stores them in the weights' recipe, :func:`medfed.tasks.pretrain.load_public_standard`);
+the server sends those, asks no site anything, and each site maps its scans onto them.
+Nothing about any site's intensities leaves it, so the mode runs under every DP mode
+and under secure aggregation without ``policy.share_landmarks``, at no privacy cost;
+the sites' inputs then also look like the data the public weights were trained on.
+What it gives up: the standard is one public brain under randomized scanners, not the
+federation's own mean.
+
+Per-scan mapping: a scan's mapping depends on all its voxels, and on nothing outside
+it. Under DP-SGD per scan or per patient the unit holds the whole scan (the
+preprocessing's per-scan percentile scaling has the same property). Per slice, a
+slice's mapped values depend on its scan's other slices: the same holds of that
+percentile scaling, which every DP mode already accepts; ``privacy.unit = "scan"``
+is the unit that covers both.
 """
 
 from __future__ import annotations
@@ -129,11 +143,16 @@ def _scan_image(dataset: Dataset[Any], members: list[int]) -> torch.Tensor:
     return torch.cat([torch.as_tensor(dataset[i][0]).reshape(-1) for i in members])
 
 
+def mean_landmarks(dataset: Dataset[Any], scans: torch.Tensor | None) -> tuple[np.ndarray, int]:
+    """The mean landmark vector of ``dataset``'s scans (``scans``: each example's), and how many."""
+    groups = _scans(dataset, scans)
+    per_scan = [scan_landmarks(_scan_image(dataset, m)) for m in groups]
+    return np.mean(per_scan, axis=0), len(per_scan)
+
+
 def site_landmarks(data: SiteData) -> tuple[np.ndarray, int]:
     """The mean landmark vector of the site's training scans, and how many scans."""
-    scans = _scans(data.train, data.train_units.get("scan"))
-    per_scan = [scan_landmarks(_scan_image(data.train, m)) for m in scans]
-    return np.mean(per_scan, axis=0), len(per_scan)
+    return mean_landmarks(data.train, data.train_units.get("scan"))
 
 
 class _Standardized(Dataset[Any]):

@@ -83,7 +83,90 @@ def pretrain(
         "torch": torch.__version__,
         "data": _described(task.public_data.__doc__),
     }
+    if task.public_standard is not None:
+        info["standard"] = public_standard(task, recipe)
     return engine.get_weights(model.cpu()), info
+
+
+def public_standard(task: Task, recipe: PretrainRecipe) -> dict[str, object]:
+    """The mean intensity landmarks of the public scans ``recipe`` names (harmonization)."""
+    from medfed.tasks.harmonization import LANDMARK_PERCENTILES
+
+    if task.public_standard is None:
+        raise MedfedError(
+            f"Task {task.name!r} cannot give the intensity landmarks of its public data.",
+            where=f"task {task.name!r} (Task.public_standard)",
+            expected="a task whose Task.public_standard is set",
+            fix="use harmonization 'histogram' (the sites' own standard), or give the task "
+            "a public_standard (docs/plugins.md)",
+        )
+    landmarks, scans = task.public_standard(recipe.subjects, recipe.seed)
+    return {
+        "landmarks": [round(float(v), 6) for v in landmarks],
+        "percentiles": list(LANDMARK_PERCENTILES),
+        "scans": int(scans),
+        "subjects": recipe.subjects,
+        "seed": recipe.seed,
+    }
+
+
+def add_public_standard(path: Path, task: Task) -> dict[str, object]:
+    """Add the public standard to the recipe beside weights ``path``, from its own recipe."""
+    recipe_file = Path(path).with_suffix(".json")
+    info = _read_recipe(recipe_file, task)
+    recipe = PretrainRecipe(**info["recipe"])  # type: ignore[arg-type]
+    info["standard"] = public_standard(task, recipe)
+    atomic_write(recipe_file, (json.dumps(info, indent=2) + "\n").encode())
+    return info["standard"]  # type: ignore[return-value]
+
+
+def load_public_standard(task: Task) -> tuple[float, ...]:
+    """The standard landmarks shipped with the task's public weights (histogram-public)."""
+    from medfed.tasks.harmonization import LANDMARK_PERCENTILES
+
+    if task.public_weights is None:
+        raise _no_standard(task, "ships no public weights, whose recipe would hold them")
+    recipe_file = task.public_weights.with_suffix(".json")
+    stored = _read_recipe(recipe_file, task).get("standard")
+    if not isinstance(stored, dict) or "landmarks" not in stored:
+        raise _no_standard(task, f"has no 'standard' in {recipe_file}")
+    try:
+        values = tuple(float(v) for v in stored["landmarks"])
+    except (TypeError, ValueError):
+        values = ()
+    if len(values) != len(LANDMARK_PERCENTILES) or any(
+        b <= a for a, b in zip(values, values[1:], strict=False)
+    ):
+        raise _no_standard(
+            task,
+            f"has standard landmarks in {recipe_file} that are not "
+            f"{len(LANDMARK_PERCENTILES)} increasing numbers",
+        )
+    return values
+
+
+def _read_recipe(recipe_file: Path, task: Task) -> dict[str, object]:
+    try:
+        info = json.loads(recipe_file.read_text())
+    except FileNotFoundError:
+        raise _no_standard(
+            task, f"names public weights whose recipe {recipe_file} is missing"
+        ) from None
+    except ValueError as exc:
+        raise _no_standard(task, f"has an unreadable recipe {recipe_file} ({exc})") from None
+    if not isinstance(info, dict) or not isinstance(info.get("recipe"), dict):
+        raise _no_standard(task, f"has a recipe {recipe_file} without its 'recipe' section")
+    return info
+
+
+def _no_standard(task: Task, what: str) -> MedfedError:
+    return MedfedError(
+        f"Task {task.name!r} {what}, so harmonization 'histogram-public' has no standard.",
+        where="run config 'harmonization'",
+        expected="a task whose public weights' recipe holds the public standard landmarks",
+        fix=f"run `medfed pretrain --task {task.name} --out <weights> --standard-only` on the "
+        "task's weights, or harmonize with 'histogram' (the sites' own landmarks; not under DP)",
+    )
 
 
 def save_weights(path: Path, weights: dict[str, np.ndarray], info: dict[str, object]) -> Path:

@@ -226,42 +226,45 @@ def test_a_harmonized_run_under_secure_aggregation_is_refused_by_the_sites_rule(
     assert "policy.share_landmarks" in (summary.reason or "")
 
 
+#: ``build_run_config``'s arguments for a one-round tiny-seg run (``dp`` aside).
+_RUN_OPTIONS: dict[str, Any] = {
+    "task": "tiny-seg",
+    "strategy": "fedavg",
+    "rounds": 1,
+    "strategy_option": None,
+    "min_sites": 2,
+    "local_epochs": None,
+    "batch_size": None,
+    "lr": None,
+    "seed": 0,
+    "round_timeout": 60.0,
+    "name": "",
+    "noise_multiplier": 1.0,
+    "target_epsilon": 0.0,
+    "max_grad_norm": 1.0,
+    "clipping_norm": 1.0,
+    "delta": 1e-5,
+    "accountant": "rdp",
+    "dp_optimizer": "adam",
+    "dp_average": 0.0,
+    "privacy_unit": "sample",
+    "secure_aggregation": "off",
+    "dataset": "",
+    "adaptation": "none",
+    "init_from": "",
+    "init_weights": "random",
+    "where": "test",
+    "harmonization": "histogram",
+}
+
+
 def test_the_run_options_refuse_harmonization_under_dp_before_anything_starts() -> None:
     from medfed.cli.run_cmd import build_run_config
     from medfed.core.errors import ConfigError
 
-    common: dict[str, Any] = {
-        "task": "tiny-seg",
-        "strategy": "fedavg",
-        "rounds": 1,
-        "strategy_option": None,
-        "min_sites": 2,
-        "local_epochs": None,
-        "batch_size": None,
-        "lr": None,
-        "seed": 0,
-        "round_timeout": 60.0,
-        "name": "",
-        "noise_multiplier": 1.0,
-        "target_epsilon": 0.0,
-        "max_grad_norm": 1.0,
-        "clipping_norm": 1.0,
-        "delta": 1e-5,
-        "accountant": "rdp",
-        "dp_optimizer": "adam",
-        "dp_average": 0.0,
-        "privacy_unit": "sample",
-        "secure_aggregation": "off",
-        "dataset": "",
-        "adaptation": "none",
-        "init_from": "",
-        "init_weights": "random",
-        "where": "test",
-        "harmonization": "histogram",
-    }
-    assert build_run_config(dp="off", **common).harmonization == "histogram"
+    assert build_run_config(dp="off", **_RUN_OPTIONS).harmonization == "histogram"
     with pytest.raises(ConfigError, match="privacy.mode"):
-        build_run_config(dp="sample", **common)
+        build_run_config(dp="sample", **_RUN_OPTIONS)
 
 
 class _SilentGrid:
@@ -296,3 +299,112 @@ def test_a_resumed_run_keeps_the_standard_it_agreed_on_and_asks_no_site(tmp_path
     assert said[1]["standard"] == agreed and said[1]["sites"] == ["site-1", "site-2"]
     with pytest.raises(AssertionError, match="the sites were asked"):
         agree_standard(**ask)  # a first start always asks
+
+
+def _task_with_public_standard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """tiny-seg under another name, with public weights and a public standard in tmp_path."""
+    import dataclasses
+
+    from medfed.core.config import DataSourceConfig
+    from medfed.tasks import TASKS, engine, get_task
+    from medfed.tasks.harmonization import mean_landmarks
+    from medfed.tasks.pretrain import PretrainRecipe, save_weights
+
+    base = get_task("tiny-seg")
+
+    def public_standard(subjects: int, seed: int) -> tuple[np.ndarray, int]:
+        data = base.load_site_data(DataSourceConfig(num_samples=subjects, seed=seed))
+        return mean_landmarks(data.train, None)
+
+    weights = tmp_path / "public" / "weights.npz"
+    weights.parent.mkdir()
+    torch.manual_seed(0)
+    recipe = PretrainRecipe(subjects=8, seed=3)
+    save_weights(weights, engine.get_weights(base.build_model()), {"recipe": vars(recipe)})
+    task = dataclasses.replace(
+        base, name="tiny-seg-public", public_weights=weights, public_standard=public_standard
+    )
+    monkeypatch.setitem(TASKS._items, task.name, task)
+    monkeypatch.setitem(TASKS._origins, task.name, "test")
+    return task
+
+
+def test_the_public_standard_is_stored_beside_the_public_weights_and_read_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from medfed.core.errors import MedfedError
+    from medfed.tasks.pretrain import add_public_standard, load_public_standard
+
+    task = _task_with_public_standard(tmp_path, monkeypatch)
+    with pytest.raises(MedfedError, match="has no 'standard'") as missing:
+        load_public_standard(task)
+    assert "--standard-only" in str(missing.value.fix)
+    stored = add_public_standard(task.public_weights, task)
+    expected, scans = task.public_standard(8, 3)  # the recipe's subjects and seed
+    assert stored["scans"] == scans and stored["subjects"] == 8
+    assert load_public_standard(task) == pytest.approx(tuple(expected), abs=1e-6)
+    recipe_file = task.public_weights.with_suffix(".json")
+    info = json.loads(recipe_file.read_text())
+    info["standard"]["landmarks"][3] = info["standard"]["landmarks"][2]  # not increasing
+    recipe_file.write_text(json.dumps(info))
+    with pytest.raises(MedfedError, match="11 increasing numbers"):
+        load_public_standard(task)
+
+
+def test_the_shipped_brain_task_has_its_public_standard() -> None:
+    from medfed.tasks import get_task
+    from medfed.tasks.pretrain import load_public_standard
+
+    values = load_public_standard(get_task("brain-tissue-seg"))
+    assert len(values) == len(LANDMARK_PERCENTILES) and np.all(np.diff(values) > 0)
+
+
+def test_a_dp_run_harmonizes_onto_the_public_standard_without_asking_any_site(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from medfed.local.sim_sites import synthetic_sites
+    from medfed.local.simulation import simulate
+    from medfed.tasks.pretrain import add_public_standard
+
+    task = _task_with_public_standard(tmp_path, monkeypatch)
+    add_public_standard(task.public_weights, task)
+    run = RunConfig.model_validate(
+        {  # DP and secure aggregation: 'histogram' would be refused by every site's rules
+            "task": task.name,
+            "rounds": 2,
+            "min_sites": 2,
+            "seed": 5,
+            "harmonization": "histogram-public",
+            "privacy": {"mode": "sample", "noise_multiplier": 1.0, "max_grad_norm": 1.0},
+        }
+    )
+    folder, summary = simulate(run, synthetic_sites(2), tmp_path / "runs")
+    assert summary.status == "completed", summary.reason
+    agreed = [e for e in folder.read_events() if e.event == "harmonization"]
+    assert len(agreed) == 1 and agreed[0]["method"] == "histogram-public"
+    assert agreed[0]["sites"] == []  # no site was asked for its landmarks
+    expected, _ = task.public_standard(8, 3)
+    assert agreed[0]["standard"] == pytest.approx(list(expected), abs=1e-6)
+    train = [m for m in folder.read_metrics() if m["phase"] == "train" and m["site"] != "global"]
+    assert {m["round"] for m in train} == {1, 2}
+
+
+def test_the_run_options_take_the_public_standard_under_dp_where_the_task_has_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from medfed.cli.run_cmd import build_run_config
+    from medfed.core.errors import ConfigError, MedfedError
+    from medfed.tasks.pretrain import add_public_standard
+
+    task = _task_with_public_standard(tmp_path, monkeypatch)
+    add_public_standard(task.public_weights, task)
+    options = {**_RUN_OPTIONS, "harmonization": "histogram-public", "dp": "sample"}
+    built = build_run_config(**{**options, "task": task.name})
+    assert built.harmonization == "histogram-public" and built.privacy.mode == "sample"
+    with pytest.raises(MedfedError, match="ships no public weights") as refused:
+        build_run_config(**options)  # tiny-seg itself ships no public weights
+    assert "histogram-public" in str(refused.value)
+    with pytest.raises(ConfigError, match="histogram-public"):  # the fix names it
+        build_run_config(**{**options, "harmonization": "histogram"})

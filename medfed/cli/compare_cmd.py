@@ -53,7 +53,7 @@ from medfed.core.schema import EPSILON_RUN_KEY
 DP_MODES = ("off", "sample", "update")
 # RunConfig's values, spelled out so that the CLI starts without pydantic's models
 # (tests/test_compare.py checks that they match)
-HARMONIZATIONS = ("off", "histogram")
+HARMONIZATIONS = ("off", "histogram", "histogram-public")
 AUGMENTATIONS = ("off", "contrast")
 #: What ``--engine`` may be, and the most sites a loopback deployment starts.
 ENGINES = ("deployment", "simulation")
@@ -213,8 +213,8 @@ def register(app: typer.Typer) -> None:
             typer.Option(
                 help="comma-separated site-side intensity harmonizations to compare: "
                 + " | ".join(HARMONIZATIONS)
-                + " (the sites compare creates are allowed to send their landmarks; "
-                "not with DP, which does not cover them)"
+                + " (for 'histogram' the sites compare creates are allowed to send their "
+                "landmarks; not with DP, which does not cover them: 'histogram-public' is)"
             ),
         ] = "off",
         augmentations: Annotated[
@@ -295,7 +295,7 @@ def register(app: typer.Typer) -> None:
         from medfed.strategies.registry import check_options
         from medfed.tasks import get_task
         from medfed.tasks.adaptation import local_keys
-        from medfed.tasks.pretrain import check_init
+        from medfed.tasks.pretrain import check_init, load_public_standard
 
         if engine not in ENGINES:
             raise ConfigError(
@@ -318,15 +318,15 @@ def register(app: typer.Typer) -> None:
             augmentations, "augmentations", AUGMENTATIONS, "e.g. --augmentations off,contrast"
         )
         private_modes = [m for m in modes if m != "off"]
-        harmonized = [h for h in harms if h != "off"]
+        harmonized = [h for h in harms if h == "histogram"]  # the sites send landmarks
         if harmonized and private_modes:
             raise ConfigError(
                 f"Harmonization {harmonized[0]!r} sends each site's intensity landmarks, which "
                 f"DP ({private_modes[0]}) does not cover: every site would refuse those runs "
                 "(rule privacy.mode).",
                 where="--harmonizations / --dp",
-                fix="compare harmonizations without DP (--dp off), or DP without them "
-                "(--harmonizations off)",
+                fix="compare 'histogram' without DP (--dp off); under DP compare "
+                "--harmonizations off,histogram-public",
             )
         options = _options(strategy_option or [], names)
         for s in names:
@@ -395,6 +395,8 @@ def register(app: typer.Typer) -> None:
             for k in range(repeats)
         ]
         check_init(chosen, runs[0][-1].init_weights)
+        if "histogram-public" in harms:
+            load_public_standard(chosen)  # the task must ship them
         prepared = harms != ["off"] or augs != ["off"]
         signal.signal(signal.SIGTERM, interrupt_on_signal)
         root = (

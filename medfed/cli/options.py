@@ -103,7 +103,9 @@ HarmonizationOpt = Annotated[
     typer.Option(
         help="site-side intensity harmonization: 'histogram' maps every scan onto landmarks "
         "the sites agree on before round 1 (refused under DP; under secure aggregation a "
-        "site sends its landmarks only with policy.share_landmarks = true)"
+        "site sends its landmarks only with policy.share_landmarks = true); "
+        "'histogram-public' onto the task's public landmarks (no site sends any: works "
+        "under DP)"
     ),
 ]
 InitFromOpt = Annotated[

@@ -24,17 +24,35 @@ def register(app: typer.Typer) -> None:
         batch_size: Annotated[int, typer.Option(min=1, help="batch size")] = 16,
         lr: Annotated[float, typer.Option(min=0.0, help="learning rate")] = 3e-3,
         seed: Annotated[int, typer.Option(help="seed of the public data and the model")] = 12345,
+        standard_only: Annotated[
+            bool,
+            typer.Option(
+                help="train nothing: add the public scans' intensity landmarks (harmonization "
+                "'histogram-public') to the recipe beside existing weights OUT, from that "
+                "recipe's subjects and seed"
+            ),
+        ] = False,
     ) -> None:
         """Train a task's model on its public data; the task's shipped weights are made so.
 
         Copy the file over the task's ``public_weights`` to ship it; a run starts from
-        the shipped weights with ``medfed run --init-weights public``.
+        the shipped weights with ``medfed run --init-weights public``. The recipe beside
+        it also holds the public scans' intensity landmarks when the task can give them
+        (the standard of ``--harmonization histogram-public``).
         """
         from medfed.tasks import get_task
-        from medfed.tasks.pretrain import PretrainRecipe, save_weights
+        from medfed.tasks.pretrain import PretrainRecipe, add_public_standard, save_weights
         from medfed.tasks.pretrain import pretrain as train_public
 
         chosen = get_task(task)
+        if standard_only:
+            with console.status(f"intensity landmarks of {task}'s public scans"):
+                standard = add_public_standard(out, chosen)
+            console.print(
+                f"wrote the standard landmarks of {standard['scans']} public scans to "
+                f"{out.with_suffix('.json')}"
+            )
+            return
         recipe = PretrainRecipe(
             subjects=subjects, steps=steps, batch_size=batch_size, learning_rate=lr, seed=seed
         )

@@ -198,7 +198,7 @@ def build_run_config(
     from medfed.strategies.registry import check_options, check_secure_aggregation
     from medfed.tasks import get_task
     from medfed.tasks.adaptation import local_keys
-    from medfed.tasks.pretrain import check_init
+    from medfed.tasks.pretrain import check_init, load_public_standard
 
     options = dict(parse_option(o) for o in strategy_option or [])
     run_config = validate(
@@ -238,15 +238,18 @@ def build_run_config(
         },
         where=where,
     )
-    if run_config.harmonization != "off" and run_config.privacy.mode != "off":
+    if run_config.harmonization == "histogram" and run_config.privacy.mode != "off":
         raise ConfigError(
             f"Harmonization {run_config.harmonization!r} sends each site's intensity "
             f"landmarks, which DP ({run_config.privacy.mode}) does not cover: every site "
             "would refuse the run (rule privacy.mode).",
             where="--harmonization / --dp",
-            fix="run with --harmonization off under DP, or without DP",
+            fix="harmonize onto the task's public landmarks under DP (--harmonization "
+            "histogram-public), or run without DP",
         )
     chosen = get_task(task)
+    if run_config.harmonization == "histogram-public":
+        load_public_standard(chosen)  # the task must ship them: refused before anything starts
     local_keys(chosen, chosen.build_model(), adaptation)
     check_init(chosen, run_config.init_weights)
     check_options(strategy, options)

@@ -287,11 +287,13 @@ class RunConfig(_Strict):
         description="domain-adaptation hook (`medfed "
         "adaptations`): which parameters each site keeps local",
     )
-    harmonization: Literal["off", "histogram"] = Field(
+    harmonization: Literal["off", "histogram", "histogram-public"] = Field(
         "off",
         description="site-side intensity harmonization: 'histogram' maps every scan "
         "onto landmarks the sites agree on before the first round (Nyul & Udupa); "
-        "refused under DP, and under secure aggregation unless the site allows it",
+        "refused under DP, and under secure aggregation unless the site allows it. "
+        "'histogram-public' maps them onto the task's public landmarks (its public "
+        "pretraining scans'): no site sends anything, so it runs under DP",
     )
     augmentation: Literal["off", "contrast"] = Field(
         "off",

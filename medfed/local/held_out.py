@@ -84,7 +84,7 @@ def score_on_test(
     global_weights = _final_weights(folder, run.rounds)
     if run.adaptation == "none":
         engine.set_weights(model, global_weights)
-    standard = _standard(folder) if run.harmonization == "histogram" else None
+    standard = _standard(folder) if run.harmonization != "off" else None
     scores = {}
     for site, source in test_sources.items():
         if run.adaptation != "none":

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from pathlib import Path
+from typing import Any
 
 import torch
 from monai.metrics import DiceMetric
@@ -38,6 +39,7 @@ from torch.utils.data import TensorDataset
 from medfed.core.config import DataSourceConfig
 from medfed.core.errors import MedfedError
 from medfed.tasks.base import Hyperparameters, SiteData, Task
+from medfed.tasks.harmonization import mean_landmarks
 from medfed.tasks.imaging import (
     Subject,
     axial_slices,
@@ -187,6 +189,12 @@ def public_data(subjects: int, seed: int) -> TensorDataset:
     return _slices(public_atlas_subjects(subjects, seed=seed))[0]
 
 
+def public_standard(subjects: int, seed: int) -> tuple[Any, int]:
+    """The mean intensity landmarks of :func:`public_data`'s scans (histogram-public)."""
+    data, units = _slices(public_atlas_subjects(subjects, seed=seed))
+    return mean_landmarks(data, units["scan"])
+
+
 #: Pretrained on :func:`public_data` by ``medfed pretrain --task brain-tissue-seg``
 #: (recipe in the .json beside it).
 PUBLIC_WEIGHTS = Path(__file__).with_name("public_weights.npz")
@@ -206,6 +214,7 @@ TASK = Task(
     output_block=("model.1.submodule.2", "model.2"),
     public_data=public_data,
     public_weights=PUBLIC_WEIGHTS,
+    public_standard=public_standard,
 )
 
 #: The same task with a UNet twice as wide (0.82 M parameters): for sites with a GPU,
