@@ -39,6 +39,15 @@ keeps it); one warm-up round of each, then DP and plain rounds alternate. The fi
 DP round of a process also times the per-sample modes (once per task): printed
 beside, as "first DP round", not in the median. Target <= 1.6 (issue 23).
 
+Tasks: by default every registered task except the padded transport models
+(``tiny-seg-1m``, ``-10m``, ``-50m``; ``--tasks`` measures them on request). Those are
+tiny-seg's compute with 1-50 M extra values whose plain step is one pass over them,
+while DP-SGD must form, clip and noise a per-sample gradient of every value: their
+ratio measures per-parameter DP costs against a model that has almost no compute (2.9,
+9.5 and 1.34 on the step, 2.7, 6.8 and 6.3 on the round, 2026-12-06), not the DP cost
+of a real model of that size. Excluded since 2026-12-07 (a change of the default
+workload; the issue's targets are read on the task models).
+
     python benchmarks/dp_overhead.py [--steps 30] [--rounds 5] [--tasks tiny-seg,...]
                                      [--modes hooks]
 """
@@ -57,6 +66,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from medfed.core.config import DataSourceConfig
 from medfed.tasks import TASKS, Task, dp, dp_validation, engine
 from medfed.tasks.dp_noise import SecureRandom
+from medfed.tasks.tiny_seg import PADDED_TASKS
 
 BATCH = 16
 
@@ -174,7 +184,12 @@ def main() -> None:
     """Measure every task (and mode) and print the BENCH lines."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--tasks", default=",".join(TASKS.names()))
+    padded = {t.name for t in PADDED_TASKS}
+    parser.add_argument(
+        "--tasks",
+        default=",".join(n for n in TASKS.names() if n not in padded),
+        help="default: every task but the padded transport models (see the docstring)",
+    )
     parser.add_argument("--modes", default="auto", help="auto = dp_modes.choose_grad_sample_mode")
     parser.add_argument("--rounds", type=int, default=5, help="rounds per median; 0: none")
     args = parser.parse_args()

@@ -154,3 +154,5 @@ def padded(parameters: int) -> Task:
 TASK_1M = padded(1_000_000)
 TASK_10M = padded(10_000_000)
 TASK_50M = padded(50_000_000)
+#: The padded models: real-size transfers, not real-size compute (see :class:`PaddedUNet`).
+PADDED_TASKS = (TASK_1M, TASK_10M, TASK_50M)
