@@ -114,7 +114,15 @@ def add_public_standard(path: Path, task: Task) -> dict[str, object]:
     """Add the public standard to the recipe beside weights ``path``, from its own recipe."""
     recipe_file = Path(path).with_suffix(".json")
     info = _read_recipe(recipe_file, task)
-    recipe = PretrainRecipe(**info["recipe"])  # type: ignore[arg-type]
+    try:
+        recipe = PretrainRecipe(**info["recipe"])  # type: ignore[arg-type]
+    except TypeError as exc:
+        raise MedfedError(
+            f"The recipe section of {recipe_file} is not a pretraining recipe ({exc}).",
+            where=str(recipe_file),
+            expected=f"the keys {sorted(PretrainRecipe.__dataclass_fields__)}",
+            fix=f"re-create the weights with `medfed pretrain --task {task.name} --out {path}`",
+        ) from None
     info["standard"] = public_standard(task, recipe)
     atomic_write(recipe_file, (json.dumps(info, indent=2) + "\n").encode())
     return info["standard"]  # type: ignore[return-value]
