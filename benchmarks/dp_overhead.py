@@ -22,13 +22,22 @@ activation-only backward and a per-sample rule per layer (``medfed.tasks.dp_rule
 and accounts, through ``medfed.tasks.dp_optimizer`` (Opacus's ``DPOptimizer`` with
 its per-tensor loop batched). ``hooks`` is Opacus's default; ``functorch`` is
 Opacus's per-layer vmap.
+Each task is measured in a process of its own (since 2026-12-07), which keeps freed heap
+memory (``medfed.core.heap``, as a site's worker does; plain and DP steps run in it
+alike). A DP step frees and remakes its per-sample gradients (360 MB for the 3D
+SegResNet), and glibc may hand such blocks back to the kernel and fault them in again:
+80-120 k page faults per 3D DP step where that happened, none in the plain step. In one
+process after the 2D tasks the 3D step measured 1.61-1.74 (with and without the heap
+setting); alone in a fresh process 1.13-1.29 (2026-12-07). A site's worker serves its
+runs' tasks for weeks, not this sequence of five; what a long-lived process that
+alternates 2D and 3D tasks pays is not measured here.
 The machine's load moves single ratios by about +-0.05 between runs. Tried and
 dropped: ``ew`` (PyTorch expanded weights: fails on MONAI's PReLU and DenseNet) and
 ``ghost`` (fast gradient clipping: two backward passes, slower on CPU per the
 issue's anchor; medfed's make_private refuses it).
 See the docstring of ``medfed.tasks.dp`` for the findings.
 
-Second figure per task, the whole round (``--rounds`` N, default 5; 0 skips it):
+Second figure per task, the whole round (``--rounds`` N, default 7; 0 skips it):
 value is the median wall time of one ``dp.dp_train`` call of one epoch, as a site's
 DP round runs it (``make_private``, Poisson sampling and noise from a fresh
 ``SecureRandom``, the per-sample mode the process chose, the RDP accountant, removing
@@ -37,7 +46,14 @@ same data (``num_samples`` 32, batch 16: the same expected number of steps), sam
 initial weights, same learning rate. The model is built outside the timer (a site
 keeps it); one warm-up round of each, then DP and plain rounds alternate. The first
 DP round of a process also times the per-sample modes (once per task): printed
-beside, as "first DP round", not in the median. Target <= 1.6 (issue 23).
+beside, as "first DP round", not in the median. Then ``--warm-rounds`` (default 10)
+more rounds of each, also beside (their DP median printed), before the timed ones:
+Poisson batches vary in size, and torch's CPU convolutions cost about twice as much
+the first time a process meets a batch shape; a site's warm worker
+(``client/worker.py``), which lives across rounds, pays that once per shape, while this
+2-step round would pay it in most early rounds (tiny-seg 2026-12-07: DP rounds 1-20 at
+14-26 ms, then 13-15 ms, against 10-11 ms plain). Warm-up added 2026-12-07 (before:
+1 round each, 5 timed). Target <= 1.6 (issue 23).
 
 Tasks: by default every registered task except the padded transport models
 (``tiny-seg-1m``, ``-10m``, ``-50m``; ``--tasks`` measures them on request). Those are
@@ -48,14 +64,16 @@ ratio measures per-parameter DP costs against a model that has almost no compute
 of a real model of that size. Excluded since 2026-12-07 (a change of the default
 workload; the issue's targets are read on the task models).
 
-    python benchmarks/dp_overhead.py [--steps 30] [--rounds 5] [--tasks tiny-seg,...]
-                                     [--modes hooks]
+    python benchmarks/dp_overhead.py [--steps 30] [--rounds 7] [--warm-rounds 10]
+                                     [--tasks tiny-seg,...] [--modes hooks]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -63,6 +81,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from medfed.core import heap
 from medfed.core.config import DataSourceConfig
 from medfed.tasks import TASKS, Task, dp, dp_validation, engine
 from medfed.tasks.dp_noise import SecureRandom
@@ -134,10 +153,15 @@ def measure(
     return statistics.median(a), statistics.median(b)
 
 
-def round_times(task: Task, rounds: int) -> tuple[float, float, float]:
-    """Median seconds of a plain and a DP round (one epoch each), and the first DP round.
+def round_times(task: Task, rounds: int, warm: int) -> tuple[float, float, float, float]:
+    """Median seconds: a plain and a DP round, the first DP round, the warm-up DP rounds.
 
-    The first DP round includes the once-per-process per-sample mode probe.
+    The first DP round includes the once-per-process per-sample mode probe. The ``warm``
+    warm-up rounds of each kind let torch meet the batch shapes: a DP round's Poisson
+    batches have a new size now and then (a plain round's never do), and torch's CPU
+    convolutions cost about twice as much the first time a process meets a shape (a
+    3x3 conv on 8 channels, 2026-12-07: 2.1-4.3 ms the first time, 0.9-1.6 ms after). A
+    site's daemon meets each shape once; this 2-step round would meet new ones often.
     """
     data = task.load_site_data(DataSourceConfig(num_samples=32)).train
     lr, cpu = task.defaults.learning_rate, torch.device("cpu")
@@ -173,11 +197,30 @@ def round_times(task: Task, rounds: int) -> tuple[float, float, float]:
 
     one(False)  # warm-up
     first = one(True)  # warm-up that also fixes the process's per-sample mode
+    cold = []
+    for _ in range(warm):  # the same number of warm-up rounds for both
+        one(False)
+        cold.append(one(True))
     a, b = [], []
     for _ in range(rounds):
         a.append(one(False))
         b.append(one(True))
-    return statistics.median(a), statistics.median(b), first
+    return statistics.median(a), statistics.median(b), first, statistics.median(cold or [first])
+
+
+def measure_in_child(name: str, args: argparse.Namespace) -> list[str]:
+    """Run this benchmark for one task in a fresh process; echo its output, return its BENCH."""
+    command = [sys.executable, __file__, "--tasks", name, "--steps", str(args.steps)]
+    command += ["--modes", args.modes, "--rounds", str(args.rounds)]
+    command += ["--warm-rounds", str(args.warm_rounds)]
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
+    lines = done.stdout.splitlines()
+    for line in lines:
+        if not line.startswith("BENCH "):
+            print(line, flush=True)
+    if done.returncode != 0:
+        print(f"{name:22s} FAILED: its process exited with {done.returncode}", flush=True)
+    return [line for line in lines if line.startswith("BENCH ")]
 
 
 def main() -> None:
@@ -191,9 +234,20 @@ def main() -> None:
         help="default: every task but the padded transport models (see the docstring)",
     )
     parser.add_argument("--modes", default="auto", help="auto = dp_modes.choose_grad_sample_mode")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds per median; 0: none")
+    parser.add_argument("--rounds", type=int, default=7, help="rounds per median; 0: none")
+    parser.add_argument(
+        "--warm-rounds", type=int, default=10, help="warm-up rounds of each kind before them"
+    )
     args = parser.parse_args()
+    names = args.tasks.split(",")
+    if len(names) > 1:  # each task in a process of its own (see the docstring)
+        bench: list[str] = []
+        for name in names:
+            bench += measure_in_child(name, args)
+        print("\n".join(bench))
+        return
     torch.set_num_threads(2)
+    heap.keep_freed_memory()  # as a site's worker does; plain and DP in this process alike
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
     bench: list[str] = []
@@ -219,11 +273,13 @@ def main() -> None:
                     f"anchor={anchor:.4f} ratio={ratio:.2f} target<=1.4 unit=s"
                 )
         if args.rounds > 0:
-            plain_round, dp_round, first = round_times(task, args.rounds)
+            plain_round, dp_round, first, cold = round_times(task, args.rounds, args.warm_rounds)
             ratio = dp_round / plain_round
             print(
                 f"{name:22s} round      dp={dp_round:.4f}s plain={plain_round:.4f}s "
-                f"ratio={ratio:.2f} (first DP round, with the mode probe: {first:.4f}s)",
+                f"ratio={ratio:.2f} (first DP round, with the mode probe: {first:.4f}s; "
+                f"the {args.warm_rounds} warm-up DP rounds after it: median {cold:.4f}s, "
+                f"{cold / plain_round:.2f} x plain)",
                 flush=True,
             )
             bench.append(

@@ -35,7 +35,7 @@ from medfed.client.revocations import REVOCATIONS_FILE, CoordinatorRevocations
 from medfed.client.secure_site import SecureSite
 from medfed.client.signed_runs import SIGNED_RUNS_FILE, SignedRuns
 from medfed.client.site_local import SiteLocalStore
-from medfed.core import wire
+from medfed.core import heap, wire
 from medfed.core.config import RunConfig, SiteConfig, resolve, resolve_data_source
 from medfed.core.errors import MedfedError
 from medfed.core.identity import load_certificates
@@ -104,6 +104,7 @@ class SiteWorker:
     )
 
     def __post_init__(self) -> None:
+        heap.keep_freed_memory()  # DP-SGD's per-sample gradients, freed and made each step
         self.device = engine.select_device(self.config.compute.device)
         if self.config.compute.threads:
             torch.set_num_threads(self.config.compute.threads)
