@@ -53,7 +53,10 @@ the first time a process meets a batch shape; a site's warm worker
 (``client/worker.py``), which lives across rounds, pays that once per shape, while this
 2-step round would pay it in most early rounds (tiny-seg 2026-12-07: DP rounds 1-20 at
 14-26 ms, then 13-15 ms, against 10-11 ms plain). Warm-up added 2026-12-07 (before:
-1 round each, 5 timed). Target <= 1.6 (issue 23).
+1 round each, 5 timed). Timed rounds: ``--rounds`` at least, and for short rounds as
+many as fill ``TIMED_SECONDS`` (5 s) of plain and DP rounds, up to 101: tiny-seg gets
+101, brain-lesion-cls about 60, the UNets 7 (added 2026-12-07: tiny-seg's 7-round
+median had read 1.30-1.43 in six runs and 2.02 in one). Target <= 1.6 (issue 23).
 
 Tasks: by default every registered task except the padded transport models
 (``tiny-seg-1m``, ``-10m``, ``-50m``; ``--tasks`` measures them on request). Those are
@@ -88,6 +91,10 @@ from medfed.tasks.dp_noise import SecureRandom
 from medfed.tasks.tiny_seg import PADDED_TASKS
 
 BATCH = 16
+#: Timed rounds of each kind: at least ``--rounds``, more for short rounds, up to this
+#: many seconds of them (and at most MAX_ROUNDS).
+TIMED_SECONDS = 5.0
+MAX_ROUNDS = 101
 
 
 def one_batch(task: Task) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,12 +204,16 @@ def round_times(task: Task, rounds: int, warm: int) -> tuple[float, float, float
 
     one(False)  # warm-up
     first = one(True)  # warm-up that also fixes the process's per-sample mode
-    cold = []
+    cold, cold_plain = [], []
     for _ in range(warm):  # the same number of warm-up rounds for both
-        one(False)
+        cold_plain.append(one(False))
         cold.append(one(True))
+    # short rounds are many more per median, up to TIMED_SECONDS of them: a 2-step round
+    # of tiny-seg lasts 11-25 ms, and one burst of load moved a 7-round median by 40%
+    pair = statistics.median(cold or [first]) + statistics.median(cold_plain or [first])
+    timed = max(rounds, min(MAX_ROUNDS, int(TIMED_SECONDS / pair)))
     a, b = [], []
-    for _ in range(rounds):
+    for _ in range(timed):
         a.append(one(False))
         b.append(one(True))
     return statistics.median(a), statistics.median(b), first, statistics.median(cold or [first])
