@@ -252,10 +252,10 @@ def main() -> None:
     args = parser.parse_args()
     names = args.tasks.split(",")
     if len(names) > 1:  # each task in a process of its own (see the docstring)
-        bench: list[str] = []
+        collected: list[str] = []
         for name in names:
-            bench += measure_in_child(name, args)
-        print("\n".join(bench))
+            collected += measure_in_child(name, args)
+        print("\n".join(collected))
         return
     torch.set_num_threads(2)
     heap.keep_freed_memory()  # as a site's worker does; plain and DP in this process alike

@@ -11,8 +11,9 @@ and 101 k pages (median per step; plain steps none), its ratio to the plain step
 a process that had trained 2D models first, 110-118 k faults per 3D DP step remained.
 
 :func:`keep_freed_memory` fixes both thresholds: blocks below 32 MiB come from the heap,
-and up to ``TRIM_THRESHOLD`` of free memory stays there. The cost: a site worker's
-resident memory stays near its peak between steps, at most that much above what it uses.
+and up to ``TRIM_THRESHOLD`` (512 MiB) of free memory stays there. The cost: a site
+worker's resident memory stays near its peak between steps, up to 512 MiB above what it
+uses.
 """
 
 from __future__ import annotations
