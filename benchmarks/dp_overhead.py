@@ -88,6 +88,7 @@ from medfed.core import heap
 from medfed.core.config import DataSourceConfig
 from medfed.tasks import TASKS, Task, dp, dp_validation, engine
 from medfed.tasks.dp_noise import SecureRandom
+from medfed.tasks.optimizers import adam
 from medfed.tasks.tiny_seg import PADDED_TASKS
 
 BATCH = 16
@@ -109,7 +110,7 @@ def plain_step(task: Task, x: torch.Tensor, y: torch.Tensor) -> Callable[[], Non
     torch.manual_seed(0)
     model, loss_fn = task.build_model().train(), task.build_loss()
     dp_validation.disable_inplace(model)  # same module graph as the DP model
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = adam(model.parameters(), lr=1e-3)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -125,7 +126,7 @@ def dp_step(
     """One DP-SGD step of the same fresh model through ``dp.make_private`` (as dp_train)."""
     torch.manual_seed(0)
     model, loss_fn = task.build_model().train(), task.build_loss()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = adam(model.parameters(), lr=1e-3)
     loader = DataLoader(TensorDataset(x, y), batch_size=BATCH)
     private = dp.make_private(
         model,

@@ -359,10 +359,11 @@ def _warm_up_code() -> None:
     import torch
 
     from medfed.tasks import get_task
+    from medfed.tasks.optimizers import adam
 
     task = get_task("tiny-seg")
     model = task.build_model()
-    optimizer = torch.optim.Adam(model.parameters())
+    optimizer = adam(model.parameters(), lr=1e-3)  # the sites' own (fused) Adam
     task.build_loss()(
         model(torch.zeros(1, 1, 32, 32)), torch.zeros(1, 1, 32, 32, dtype=torch.long)
     ).backward()

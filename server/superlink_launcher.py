@@ -9,7 +9,9 @@ from the new files. Connections already open keep theirs; a run in progress goes
 And it starts Flower's SuperExec again should it stop (:func:`supervise_superexec`),
 forgets the site connections of the SuperLink's last life (:mod:`.stale_nodes`),
 keeps message payloads in memory, not in its database (:func:`keep_payloads_in_memory`),
-and lets only registered coordinators use the Control API (:func:`gate_control_api`).
+lets only registered coordinators use the Control API (:func:`gate_control_api`), and
+lets model bytes skip the middleware layers that have nothing to do for them
+(:mod:`medfed.server.flower_middleware`).
 
 Usage: ``python -m medfed.server.superlink_launcher [flower-superlink args]``.
 """
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from medfed.core.parent_watch import watch_parent
+from medfed.server.flower_middleware import bypass_idle_middleware
 from medfed.server.stale_nodes import database_arg, mark_nodes_offline
 
 log = logging.getLogger("flwr")  # the SuperLink's own log
@@ -257,6 +260,7 @@ def main() -> int:
     reload_certificates_on_change()
     supervise_superexec()
     launch_superexec_with_spares()
+    bypass_idle_middleware()
     if (database := database_arg(sys.argv[1:])) is not None:
         mark_nodes_offline(database)
     from flwr.superlink.cli import flower_superlink

@@ -40,6 +40,7 @@ from medfed.tasks.dp_modes import (
 )
 from medfed.tasks.dp_units import unit_batch, unit_members
 from medfed.tasks.dp_validation import disable_inplace, validate_for_dp
+from medfed.tasks.optimizers import adam
 
 if TYPE_CHECKING:  # imported where DP-SGD runs: Opacus costs a plain site ~1 s of start-up
     from medfed.tasks.dp_noise import SecureRandom
@@ -353,9 +354,7 @@ def dp_train(
             weight_decay=task.defaults.weight_decay,
         )
     else:
-        base = torch.optim.Adam(
-            model.parameters(), lr=learning_rate, weight_decay=task.defaults.weight_decay
-        )
+        base = adam(model.parameters(), lr=learning_rate, weight_decay=task.defaults.weight_decay)
     averaged = [(p, p.detach().clone()) for p in model.parameters()] if average_iterates else []
     members = unit_members(units, n) if units is not None else None
     # Poisson sampling draws units: examples, or the indices of scans or patients

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from medfed.core.schema import WEIGHT_KEY
 from medfed.tasks.base import Task
+from medfed.tasks.optimizers import adam
 
 _T = TypeVar("_T")
 
@@ -93,9 +94,7 @@ def train(
     """
     model.to(device).train()
     loss_fn = task.build_loss()
-    optimizer = torch.optim.Adam(
-        model.parameters(), lr=learning_rate, weight_decay=task.defaults.weight_decay
-    )
+    optimizer = adam(model.parameters(), lr=learning_rate, weight_decay=task.defaults.weight_decay)
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from medfed.tasks import engine
 from medfed.tasks.adaptation import local_keys
 from medfed.tasks.base import SiteData, Task
+from medfed.tasks.optimizers import adam
 
 
 def _tie(site_model: nn.Module, base: nn.Module, shared: set[str]) -> None:
@@ -80,7 +81,7 @@ def train_site_specific(
     for m in models.values():
         m.to(device).train()
     params = list(unique.values())
-    optimizer = torch.optim.Adam(params, lr=learning_rate, weight_decay=task.defaults.weight_decay)
+    optimizer = adam(params, lr=learning_rate, weight_decay=task.defaults.weight_decay)
     loss_fn = task.build_loss()
     gen = torch.Generator().manual_seed(seed)
     for _ in range(epochs):

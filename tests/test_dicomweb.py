@@ -375,3 +375,87 @@ def test_demo_sites_each_read_their_own_orthanc(tmp_path: Path) -> None:
         assert sync["fetched_instances"] == sync["matched_instances"] == pushed > 0
     alive = subprocess.run(["pgrep", "-f", str(root / "pacs")], capture_output=True)
     assert alive.returncode == 1  # every Orthanc the demo started is stopped
+
+
+class TokenGateway:
+    """A bearer-token gateway in front of the Orthanc (as hospitals front a PACS with one).
+
+    Serves 127.0.0.1 on a free port; a request without ``Authorization: Bearer <token>``
+    gets 401, any other is forwarded to Orthanc with its own credentials.
+    """
+
+    def __init__(self, server: LocalOrthanc, token: str) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.seen: list[str] = []
+        gateway = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _forward(self) -> None:
+                gateway.seen.append(self.headers.get("Authorization", ""))
+                if self.headers.get("Authorization") != f"Bearer {token}":
+                    self.send_response(401)
+                    self.send_header("WWW-Authenticate", "Bearer")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                answer = requests.request(
+                    self.command,
+                    f"http://127.0.0.1:{server.port}{self.path}",
+                    data=body or None,
+                    headers={
+                        k: v
+                        for k, v in self.headers.items()
+                        if k.lower() in ("accept", "content-type")
+                    },
+                    auth=(server.username, server.password),
+                    timeout=30,
+                )
+                self.send_response(answer.status_code)
+                self.send_header("Content-Type", answer.headers.get("Content-Type", ""))
+                self.send_header("Content-Length", str(len(answer.content)))
+                self.end_headers()
+                self.wfile.write(answer.content)
+
+            do_GET = do_POST = _forward
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/dicom-web"
+
+    def __enter__(self) -> TokenGateway:
+        import threading
+
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_a_pacs_behind_a_token_gateway_is_read_with_the_token_and_a_wrong_one_is_named(
+    pacs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server, _ = pacs
+    good = tmp_path / "token.toml"
+    good.write_text('token = "s3cret-token"\n')
+    good.chmod(0o600)
+    with TokenGateway(server, "s3cret-token") as gateway:
+        PacsMirror(_source(_pacs(gateway.url, good), tmp_path / "c1")).sync()
+        assert _files(tmp_path / "c1") == _instances(server) > 0
+        assert gateway.seen and set(gateway.seen) == {"Bearer s3cret-token"}
+
+        monkeypatch.setenv("MEDFED_PACS_TOKEN", "s3cret-token")  # or from the environment
+        PacsMirror(_source(_pacs(gateway.url), tmp_path / "c2")).sync()
+        assert _files(tmp_path / "c2") == _instances(server)
+
+        monkeypatch.setenv("MEDFED_PACS_TOKEN", "expired-token")
+        with pytest.raises(MedfedError, match=r"refused the credentials \(HTTP 401\)"):
+            PacsMirror(_source(_pacs(gateway.url), tmp_path / "c3")).sync()
+        assert _files(tmp_path / "c3") == 0
+    with pytest.raises(ConfigError, match="in clear over http"):
+        pacs_client(_pacs("http://pacs.example/dicom-web", good))
