@@ -17,7 +17,8 @@ model of 1,000,000 float32 parameters (4 MB), on this machine's CPUs:
   update: ``PaddedUNet``), so every message carries a real-size model while each
   local step stays cheap. Each site generates its own data (tiny-seg's synthetic blobs, seed
   ``1000 + i``): 4 images of 32x32, 3 to train on, 1 to evaluate; one local epoch at
-  batch size 1 = 3 steps of medfed's trainer (Adam) per training message. Sites'
+  batch size 1 = 3 steps of medfed's trainer (torch's fused Adam, as at every medfed
+  site; ``medfed.tasks.optimizers``) per training message. Sites'
   workers are built for each message and dropped after (the engine's default beyond
   8 sites: nothing is held for sites outside a round).
 - anchor: Flower 1.42's Simulation Engine (Ray 2.55, ``flwr[simulation]``), in process
