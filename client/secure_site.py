@@ -213,8 +213,8 @@ class SecureSite:
                 f"{self.min_participants - 1}, or the site operator lowers "
                 "secagg_min_participants",
             )
-        # One float32 pass: IEEE subtraction rounds the exact difference once, as the
-        # float64 round trip did, without two model-sized float64 copies.
+        # One float32 pass, no model-sized float64 copies: IEEE subtraction gives the
+        # correctly rounded difference (the float64 round trip's, whenever that was exact).
         delta = np.subtract(local_vec, global_vec, dtype=np.float32)
         digest = _update_digest(delta, weight)
         if rnd in run.masked:

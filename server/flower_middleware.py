@@ -7,9 +7,8 @@ the layers only ever act on Control API paths (``/v1/control/``), one only on Fl
 paths (node authentication), and the Fleet event log only with an event-log plugin
 (the open-source SuperLink has none). Here each of those layers is replaced by a
 subclass that hands a request it would only pass on straight to the next layer; a
-request it acts on goes through it as before. Authentication is never skipped: the
-condition under which a layer is bypassed is exactly the one under which its own
-``dispatch`` calls ``call_next`` and nothing else.
+request it acts on goes through it as before. Authentication is never skipped: a layer
+is bypassed only where its own ``dispatch`` would call ``call_next`` and nothing else.
 """
 
 from __future__ import annotations
@@ -55,7 +54,7 @@ PASS_THROUGH: dict[tuple[str, str], Callable[[dict[str, Any]], bool]] = {
     ("flwr.superlink.routers.control.middlewares", "ControlLicenseMiddleware"): _not_control,
     ("flwr.superlink.routers.control.middlewares", "ControlEventLogMiddleware"): _not_control,
     ("flwr.superlink.routers.fleet.node_auth", "NodeAuthMiddleware"): _not_fleet,
-    ("flwr.superlink.routers.fleet.middlewares", "FleetEventLogMiddleware"): (_no_fleet_event_log),
+    ("flwr.superlink.routers.fleet.middlewares", "FleetEventLogMiddleware"): _no_fleet_event_log,
 }
 
 
