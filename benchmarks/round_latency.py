@@ -6,7 +6,10 @@ model of about 2,000 parameters, or with ``--params 10M`` / ``--params 50M`` on
 both models padded to that size with parameters whose mean offsets the output
 (stock: the linear model; medfed: ``tiny-seg-10m`` / ``tiny-seg-50m``): every
 message then carries a real-size model while each local step stays as cheap as
-before, so the figure is the platform's cost of moving and adding real-size models.
+before, so the figure is the platform's cost of moving and adding real-size models. Local
+steps: the stock app's 5 full-batch SGD steps (torch's SGD, one pass over the
+parameters per step); medfed's tiny-seg recipe, one epoch of Adam at batch 16 (torch's
+fused Adam, one pass per step, as at every medfed site since 2026-12-07).
 
 - anchor: a plain Flower app (``benchmarks/stock_flower_app``: default ServerApp
   and ClientApp, stock ``flower-superlink`` / ``flower-supernode``, launched with

@@ -39,8 +39,9 @@ def _not_fleet(scope: dict[str, Any]) -> bool:
 
 
 def _no_fleet_event_log(scope: dict[str, Any]) -> bool:
-    plugin = getattr(HTTPConnection(scope).app.state, "fleet_event_log_plugin", None)
-    return plugin is None or _not_fleet(scope)
+    if _not_fleet(scope):
+        return True
+    return getattr(HTTPConnection(scope).app.state, "fleet_event_log_plugin", None) is None
 
 
 #: Layer (module, class name) -> when the layer's dispatch only calls ``call_next``.
