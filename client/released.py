@@ -115,15 +115,17 @@ class ReleasedUpdates:
         try:
             with np.load(path, allow_pickle=False) as stored:
                 meta = json.loads(stored["meta"].tobytes().decode())
+                # The vector (a model's size) is read only for the round it answers:
+                # on every other round the file holds the round before.
+                if (
+                    int(meta["round"]) != int(rnd)
+                    or meta.get("run") != run_digest(run)
+                    or tuple(meta.get("participants", ())) != tuple(participants)
+                    or meta["global"] != model_digest(global_vec)
+                ):
+                    return None
                 vector = stored["vector"]
         except (OSError, ValueError, KeyError):
-            return None
-        if (
-            int(meta["round"]) != int(rnd)
-            or meta.get("run") != run_digest(run)
-            or meta["global"] != model_digest(global_vec)
-            or tuple(meta.get("participants", ())) != tuple(participants)
-        ):
             return None
         return Released(
             int(meta["round"]),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from medfed.client.ledger import PrivacyLedger
 from medfed.core import wire
@@ -104,3 +105,33 @@ def test_an_update_is_sent_again_only_to_the_same_participants(tmp_path: Path) -
     assert store.matching("7", run, 3, model, same) is None
     store.forget("7")
     assert store.matching("7", run, 2, model, same) is None
+
+
+def test_the_kept_vector_is_read_only_for_the_round_it_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each train asks for a release; the file then holds the round before (a model's size)."""
+    from medfed.client.released import Released, ReleasedUpdates, model_digest, run_digest
+    from medfed.core.config import RunConfig
+
+    run = RunConfig(task="tiny-seg")
+    store = ReleasedUpdates(tmp_path)
+    model = np.arange(4, dtype=np.float32)
+    store.save(
+        "7",
+        Released(2, run_digest(run), model_digest(model), (), np.ones(3, np.float32), 5.0, {}, {}),
+    )
+    read: list[str] = []
+    real = np.lib.npyio.NpzFile.__getitem__
+
+    def spy(self: np.lib.npyio.NpzFile, key: str) -> np.ndarray:
+        read.append(key)
+        return real(self, key)
+
+    monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__", spy)
+    assert store.matching("7", run, 3, model, ()) is None
+    assert store.matching("7", run, 2, model + 1, ()) is None
+    assert "vector" not in read
+    found = store.matching("7", run, 2, model, ())
+    assert found is not None and read[-1] == "vector"
+    np.testing.assert_array_equal(found.vector, np.ones(3, np.float32))

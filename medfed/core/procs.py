@@ -8,6 +8,7 @@ from SIGTERM to SIGKILL.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -31,8 +32,39 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS reports free right now."""
+#: Where :func:`free_port` looks when the OS's ephemeral range is known: this many
+#: ports just below it (never below 1024).
+LISTEN_SPAN = 10_000
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def ephemeral_range(source: Path = EPHEMERAL_RANGE_FILE) -> tuple[int, int] | None:
+    """The ports the OS gives outgoing connections (Linux), or None where unknown."""
+    try:
+        low, high = (int(v) for v in source.read_text().split())
+    except (OSError, ValueError):
+        return None
+    return low, high
+
+
+def free_port(host: str = "127.0.0.1", *, ephemeral: tuple[int, int] | None = None) -> int:
+    """A port that is free now and that outgoing connections will not take.
+
+    A port picked now is listened on later (a site daemon's SuperNode starts seconds
+    after its folder is written). A port from the OS's ephemeral range (what binding
+    port 0 returns) can meanwhile become the local end of any outgoing connection on
+    the machine, and the listener then fails with "already in use". So the port is
+    drawn at random from the :data:`LISTEN_SPAN` ports below that range, which the OS
+    never hands out on its own; where the range is unknown, the OS picks.
+    """
+    span = ephemeral or ephemeral_range()
+    if span is not None:
+        low = max(1024, span[0] - LISTEN_SPAN)
+        candidates = list(range(low, span[0]))
+        random.SystemRandom().shuffle(candidates)
+        for port in candidates[:200]:
+            if not port_in_use(host, port):
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
