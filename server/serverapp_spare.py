@@ -32,6 +32,7 @@ import threading
 import time
 from pathlib import Path
 
+from medfed.core.heap import with_model_buffers
 from medfed.core.parent_watch import exit_when
 from medfed.core.procs import RestartBackoff
 
@@ -128,7 +129,7 @@ class SparePool:
             try:
                 self._proc = subprocess.Popen(
                     [sys.executable, "-m", "medfed.server.serverapp_spare", str(self._socket)],
-                    env={**os.environ, **self.env},
+                    env=with_model_buffers({**os.environ, **self.env}),
                     stdin=subprocess.DEVNULL,
                     stdout=out,
                     stderr=subprocess.STDOUT if out else None,

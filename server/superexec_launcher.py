@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from medfed.core.heap import with_model_buffers
 from medfed.server.serverapp_spare import SPARES_ENV, hand_over
 
 log = logging.getLogger("flwr")
@@ -43,7 +44,8 @@ class SpareFirst:
             self.handed_over += 1
             return None
         log.warning("medfed: no spare ServerApp took the run; starting %s", SERVERAPP_COMMAND)
-        return subprocess.Popen(args, **kwargs)
+        env = kwargs.pop("env", None)
+        return subprocess.Popen(args, env=with_model_buffers(env or os.environ), **kwargs)
 
 
 def use_spares() -> bool:

@@ -49,3 +49,50 @@ def test_freed_blocks_are_reused_without_page_faults_once_tuned() -> None:
     # untuned, glibc hands (a quarter of, here) the freed blocks back and faults them in
     assert second_pass_faults("default") > pages // 10
     assert second_pass_faults("tuned") < pages // 50
+
+
+# A thread (as Flower's pulls and a site's handler run) makes a 64 MiB block, above
+# glibc's 32 MiB cap on mallopt's threshold, frees it, and makes it again.
+# (Python bytes, as Flower joins a message's chunks; numpy asks for huge pages itself.)
+THREAD_BIG_BLOCK_FAULTS = """
+import resource, threading
+def second_pass(out):
+    b"x" * (64 << 20)  # 64 MiB, every page written, freed at once
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    b"x" * (64 << 20)
+    out.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+out = []
+t = threading.Thread(target=second_pass, args=(out,))
+t.start(); t.join()
+print(out[0])
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's environment")
+def test_a_run_process_reuses_model_size_blocks_with_the_model_buffer_env() -> None:
+    def faults(env: dict[str, str]) -> int:
+        out = subprocess.run(
+            [sys.executable, "-c", THREAD_BIG_BLOCK_FAULTS],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+            env=env,
+        )
+        return int(out.stdout.strip())
+
+    import os
+
+    pages = (64 << 20) // 4096
+    plain = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    assert faults(plain) > pages // 2
+    assert faults(heap.with_model_buffers(plain)) < pages // 50
+
+
+def test_an_operators_own_malloc_settings_are_kept_whole() -> None:
+    assert heap.with_model_buffers({"PATH": "/bin"}) == {"PATH": "/bin", **heap.MODEL_BUFFER_ENV}
+    own = {"PATH": "/bin", "MALLOC_ARENA_MAX": "4"}
+    assert heap.with_model_buffers(own) == own
+    assert heap.with_model_buffers({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"}) == {
+        "GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"
+    }

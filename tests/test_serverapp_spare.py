@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from medfed.core.heap import MODEL_BUFFER_ENV
 from medfed.server.serverapp_spare import SOCKET_SUFFIX, SparePool, hand_over
 from medfed.server.superexec_launcher import SERVERAPP_COMMAND, SpareFirst
 
@@ -31,12 +32,21 @@ def test_without_a_spare_the_serverapp_starts_as_flower_starts_it(
     short_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     started: list[list[str]] = []
-    monkeypatch.setattr(subprocess, "Popen", lambda args, **kw: started.append(list(args)))
+    envs: list[dict[str, str] | None] = []
+
+    def popen(args: list[str], **kw: dict[str, str]) -> None:
+        started.append(list(args))
+        envs.append(kw.get("env"))
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
     launcher = SpareFirst(str(short_tmp))
     launcher.Popen(["flower-something", "x"])  # not a ServerApp: started as is
-    launcher.Popen([SERVERAPP_COMMAND, "--token", "t"])  # no spare listens: started cold
+    launcher.Popen([SERVERAPP_COMMAND, "--token", "t"], env={"PATH": "/bin"})  # started cold
     assert started == [["flower-something", "x"], [SERVERAPP_COMMAND, "--token", "t"]]
     assert launcher.handed_over == 0
+    # the cold ServerApp keeps its model-size buffers as a spare would (medfed.core.heap)
+    assert envs == [None, {"PATH": "/bin", **MODEL_BUFFER_ENV}]
 
 
 def _wait_for(predicate, timeout: float = 60.0) -> None:  # noqa: ANN001
@@ -53,6 +63,9 @@ def test_a_spare_takes_a_run_and_the_pool_starts_the_next(short_tmp: Path) -> No
     try:
         _wait_for(lambda: len(list(folder.glob("*" + SOCKET_SUFFIX))) == 1)
         first = pool._proc
+        assert first is not None
+        environ = Path(f"/proc/{first.pid}/environ").read_bytes().split(b"\0")
+        assert all(f"{k}={v}".encode() in environ for k, v in MODEL_BUFFER_ENV.items())
         # flwr-serverapp's arguments; --help makes it print its usage and exit 0
         assert hand_over(str(folder), ["--help"])
         assert first is not None and first.wait(120) == 0
