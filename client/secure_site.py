@@ -73,6 +73,8 @@ class _Run:
     session: SiteSession
     masked: dict[int, str] = field(default_factory=dict)  # round -> sha256 of the update
     restored: frozenset[int] = frozenset()  # rounds masked before a daemon restart
+    #: Peers whose keys :meth:`SecureSite.accept_peers` pinned, for the next audit entry.
+    pinned: dict[str, str] = field(default_factory=dict)
 
     def state(self) -> dict[str, Any]:
         return {
@@ -167,20 +169,17 @@ class SecureSite:
         self._runs.pop(run_id, None)
         self.store.delete(run_id)
 
-    def mask(
-        self,
-        run_id: str,
-        rnd: int,
-        asked: SiteInstruction,
-        *,
-        global_vec: np.ndarray,
-        local_vec: np.ndarray,
-        weight: float,
-    ) -> tuple[bytes, np.ndarray, dict[str, Any]]:
-        """Mask ``local - global`` for round ``rnd``; returns header, vector, audit entry."""
+    def accept_peers(self, run_id: str, rnd: int, asked: SiteInstruction) -> None:
+        """Check whom round ``rnd`` masks with; called before the site trains for it.
+
+        In the run's first round: every peer's identity key in the directory is the one
+        the federation CA certified for it (or, without a CA, the one pinned before),
+        and the roster is the run's. Every round: the threshold meets this site's
+        ``secagg_min_participants``. Raises :class:`RosterError` (a key not certified,
+        a pinned key changed: the same every round of the run) or :class:`ProtocolError`.
+        """
         run = self._run(run_id)
         session = run.session
-        pinned: dict[str, str] = {}
         if not session.has_roster:  # first round: check the directory, then the roster
             if not asked.directory or not asked.roster:
                 raise ProtocolError(
@@ -202,7 +201,7 @@ class SecureSite:
             session.pin_directory(directory)
             session.accept_roster(Roster.from_bytes(asked.roster))
             self.pins.add(directory, new, run_id=run_id)
-            pinned = {s: fingerprint(directory[s]) for s in new}
+            run.pinned = {s: fingerprint(directory[s]) for s in new}
         if session.threshold + 1 < self.min_participants:
             raise ProtocolError(
                 f"run {run_id}'s secure-aggregation threshold ({session.threshold}) lets "
@@ -213,6 +212,22 @@ class SecureSite:
                 f"{self.min_participants - 1}, or the site operator lowers "
                 "secagg_min_participants",
             )
+
+    def mask(
+        self,
+        run_id: str,
+        rnd: int,
+        asked: SiteInstruction,
+        *,
+        global_vec: np.ndarray,
+        local_vec: np.ndarray,
+        weight: float,
+    ) -> tuple[bytes, np.ndarray, dict[str, Any]]:
+        """Mask ``local - global`` for round ``rnd``; returns header, vector, audit entry."""
+        self.accept_peers(run_id, rnd, asked)  # done before training; again after a restart
+        run = self._run(run_id)
+        session = run.session
+        pinned, run.pinned = run.pinned, {}
         # One float32 pass, no model-sized float64 copies: IEEE subtraction gives the
         # correctly rounded difference (the float64 round trip's, whenever that was exact).
         delta = np.subtract(local_vec, global_vec, dtype=np.float32)

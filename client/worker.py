@@ -51,6 +51,7 @@ from medfed.core.schema import (
     SiteReply,
     SiteRequest,
 )
+from medfed.core.secagg import RosterError
 from medfed.data import take_healed
 from medfed.tasks import SiteData, Task, engine, get_task
 from medfed.tasks.adaptation import local_keys
@@ -347,6 +348,11 @@ class SiteWorker:
     ) -> wire.Frame:
         task = get_task(run.task)
         rnd = asked.server_round
+        if run.secure_aggregation != "off":  # whom the update would be masked with, first:
+            try:  # a peer key the CA did not certify is refused before anyone trains
+                self.secure.accept_peers(session, rnd, asked)
+            except RosterError as exc:  # the run's directory: the same every round
+                return self._refuse(run_id, SECAGG_PEERS_RULE, str(exc), rnd=rnd)
         data = self._run_data(task, run, asked)
         if data is None:
             return self._refuse(run_id, "harmonization", _NO_STANDARD, rnd=rnd, status="failed")
@@ -676,6 +682,9 @@ class SiteWorker:
         self.held_models.forget(session)
 
 
+#: The rule of a site's refusal to mask with a peer whose key the federation CA did
+#: not certify for it (or, without a CA, whose pinned key changed).
+SECAGG_PEERS_RULE = "secagg.peer_key"
 _NO_STANDARD = (
     "the run harmonizes intensities ('histogram') but the request carries no standard "
     "landmarks; the server sends them after its landmarks query"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tomli_w
 
 from medfed.core import wire
 from medfed.core.config import RunConfig
@@ -151,7 +153,34 @@ def test_secure_aggregation_gives_the_plain_global_model(short_tmp: Path) -> Non
         _, s5 = fed.run(
             RunConfig(task="tiny-seg", rounds=1, min_sites=3, init_from=s3.run_id), timeout=300
         )
+        # The server host was broken into (the CA key was not there): its registry now
+        # lists site-c's secure-aggregation certificate for site-b. No site masks.
+        sites = {s["name"]: s for s in fed.fed.enrolled()}
+        sites["site-b"]["secagg_certificate"] = sites["site-c"]["secagg_certificate"]
+        fed.fed.sites_file.write_text(tomli_w.dumps({"site": list(sites.values())}))
+        tampered, s6 = fed.run(RunConfig(task="tiny-seg", rounds=1, min_sites=3), timeout=300)
+        # the server tells the sites that joined once the summary is written; they drop
+        # the run's keys
+        sessions = [
+            short_tmp / f"site-{n}" / "secagg" / "sessions" / f"{s6.run_id}.json" for n in "abc"
+        ]
+        deadline = time.monotonic() + 60
+        while any(f.exists() for f in sessions):
+            assert time.monotonic() < deadline, [f for f in sessions if f.exists()]
+            time.sleep(0.2)
     assert s4.status == "completed"
+    # ... and the run ends refused at its first round, every site naming site-b's key,
+    # before any site trained: a refusal, unlike a failure, repeats every round
+    assert s6.status == "refused", s6
+    assert s6.refusals is not None and set(s6.refusals) == {"site-a", "site-b", "site-c"}
+    for refusal in s6.refusals.values():
+        assert refusal.rule == "secagg.peer_key"
+        assert "site 'site-b'" in refusal.reason and "without a certificate" in refusal.reason
+    assert not [e for e in tampered.read_events() if e.is_("round-finished")]
+    records = [json.loads(line) for line in (short_tmp / "site-a" / "audit.jsonl").open()]
+    mine = [r for r in records if str(r.get("run_id")) == s6.run_id]
+    assert [r["rule"] for r in mine if r["event"] == "refused"] == ["secagg.peer_key"]
+    assert not [r for r in mine if r["event"] in ("privacy-reserved", "update-sent", "error")]
     started = [e for e in warm.read_events() if e["event"] == "initial-model"]
     assert started and started[0]["source"].endswith(f"{s1.run_id}/checkpoints/round-002.npz")
     assert s4.evaluate_metrics[1]["loss"] < s1.evaluate_metrics[1]["loss"]
