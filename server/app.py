@@ -35,6 +35,8 @@ from medfed.core.run_summary import (
     Resumption,
     RunSummary,
     SiteRefusal,
+    no_model_reason,
+    rounds_without_model,
 )
 from medfed.core.runs import RunFolder
 from medfed.core.schema import SiteInstruction
@@ -320,9 +322,14 @@ def run_in_folder(
             title=f"{run.task} / {run.strategy} (run {run_id})",
         )
         final = {int(r): dict(m) for r, m in result.evaluate_metrics_clientapp.items()}
+        events = folder.read_events()
+        lost = rounds_without_model(events, run.rounds)
+        trained = len(lost) < run.rounds  # else the "model" is the initial one: a failure
         folder.write_summary(
             RunSummary(
-                status="completed",
+                status="completed" if trained else "failed",
+                reason=None if trained else no_model_reason(events, run.rounds),
+                rounds_lost=lost or None,
                 run_id=run_id,
                 task=run.task,
                 strategy=run.strategy,
@@ -339,10 +346,13 @@ def run_in_folder(
                 sites=sorted(recorder.sites_seen),
                 evaluate_metrics=final,
                 primary_metric=task.primary_metric,
-                final_checkpoint=folder.checkpoint_file(run.rounds).name,
+                final_checkpoint=folder.checkpoint_file(run.rounds).name if trained else None,
             )
         )
-        folder.event("run-finished", seconds=round(time.time() - t0, 2))
+        if trained:
+            folder.event("run-finished", seconds=round(time.time() - t0, 2))
+        else:
+            folder.event("run-failed", reason=no_model_reason(events, run.rounds))
         _write_report(folder)
     except SitesRefused as exc:  # a clean end: the sites said no, and why
         _end_refused(folder, exc, run, run_id, seconds=round(time.time() - t0, 2))

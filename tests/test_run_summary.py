@@ -123,3 +123,24 @@ def test_events_read_back_typed_and_a_line_that_is_not_one_is_skipped(tmp_path: 
         error["seconds"]
     with pytest.raises(ValueError, match="round-done"):
         error.is_("round-done")  # type: ignore[arg-type]
+
+
+def test_a_run_whose_every_round_was_lost_is_told_apart_from_one_that_trained() -> None:
+    from medfed.core.run_summary import RunEvent, no_model_reason, rounds_without_model
+
+    def events(*lines: dict) -> list[RunEvent]:
+        return [e for line in lines if (e := RunEvent.parse(line)) is not None]
+
+    lost = {"event": "round-lost", "round": 1, "reason": "round 1: 0 survivors\n  where: x"}
+    gave, none = (
+        {"event": "round-finished", "round": r, "checkpoint": f"round-00{r}.npz", **extra}
+        for r, extra in ((2, {}), (1, {"model_unchanged": True}))
+    )
+    # round 1 lost, round 2 gave a model, round 3 never finished
+    assert rounds_without_model(events(lost, none, gave), 3) == [1, 3]
+    # a resumed run: round 1 lost in one attempt, trained in the next
+    again = {**none, "model_unchanged": False}
+    assert rounds_without_model(events(none, again), 1) == []
+    reason = no_model_reason(events(lost, none), 1)
+    assert "all 1 round(s) were lost" in reason and "round 1: 0 survivors" in reason
+    assert "where" not in reason  # the cause's first line only

@@ -689,6 +689,8 @@ def print_summary(summary: RunSummary, folder: Path) -> None:
         f"[green]completed[/] {summary.rounds} rounds in {summary.seconds} s; "
         f"final {metric}: {final.get(metric, float('nan')):.4f}"
     )
+    if summary.rounds_lost:  # the model is that of the last round that gave one
+        console.print(f"  [yellow]rounds lost[/] (no new model): {summary.rounds_lost}")
     console.print(f"  run folder: {folder}")
     console.print(f"  model:      {folder / 'checkpoints' / str(summary.final_checkpoint)}")
     console.print(f"  plot:       {run.plot_file}")

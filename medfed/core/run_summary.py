@@ -160,6 +160,8 @@ class RunSummary(_Part):
     rounds: int | None = None
     #: Rounds with a checkpoint, for a run that did not complete.
     rounds_finished: int | None = None
+    #: Rounds that ended without a new global model (every update lost or failed).
+    rounds_lost: list[int] | None = None
     refusals: dict[str, SiteRefusal] | None = None
     #: The last round's checkpoint (a file name under checkpoints/), if any round finished.
     final_checkpoint: str | None = None
@@ -207,3 +209,27 @@ class RunSummary(_Part):
                 "still hold its history; move summary.json aside to let the server "
                 "resume or close the run again",
             ) from None
+
+
+def rounds_without_model(events: list[RunEvent], rounds: int) -> list[int]:
+    """Rounds 1..``rounds`` that no ``round-finished`` event gave a new model.
+
+    A resumed run's folder holds each attempt's events: a round counts once any of
+    its attempts gave a model.
+    """
+    gave = {
+        e.round
+        for e in events
+        if e.is_("round-finished") and e.round is not None and not e.get("model_unchanged")
+    }
+    return [r for r in range(1, rounds + 1) if r not in gave]
+
+
+def no_model_reason(events: list[RunEvent], rounds: int) -> str:
+    """Why a run whose every round was lost is a failure, with the first round's cause."""
+    causes = [str(e.get("reason", "")) for e in events if e.is_("round-lost")]
+    first = causes[0].splitlines()[0] if causes else "no site's update arrived"
+    return (
+        f"no round gave a new model: all {rounds} round(s) were lost, the model is the "
+        f"initial one (first cause: {first}); see the site errors in events.jsonl"
+    )
