@@ -365,3 +365,27 @@ def test_site_policy_from_the_command_line_lets_simulated_sites_share_landmarks(
         *common, "--site-policy", "share_everything=true", "--out", str(tmp_path / "x")
     )
     assert unknown.returncode != 0 and "share_everything" in unknown.stdout + unknown.stderr
+
+
+def test_a_run_whose_every_round_gave_no_model_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not "completed" with the initial model: every round lost is a failure, saying why."""
+    from flwr.serverapp.strategy import FedAvg
+
+    from medfed.strategies.registry import STRATEGIES
+
+    class NoModel(FedAvg):
+        """As if no site's update ever arrived: each round ends without a model."""
+
+        def aggregate_train(self, server_round: int, replies: object) -> tuple[None, None]:
+            return None, None
+
+    monkeypatch.setitem(STRATEGIES._items, "no-model", NoModel)
+    monkeypatch.setitem(STRATEGIES._origins, "no-model", "this test")
+    run = tiny_run(strategy="no-model", secure_aggregation="off")
+    folder, summary = simulate(run, synthetic_sites(3), tmp_path, workers=1)
+    assert summary.status == "failed", summary
+    assert summary.rounds_lost == [1, 2] and summary.final_checkpoint is None
+    assert "no round gave a new model" in (summary.reason or "")
+    assert [e.event for e in folder.read_events()][-1] == "run-failed"

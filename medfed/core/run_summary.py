@@ -228,7 +228,7 @@ def rounds_without_model(events: list[RunEvent], rounds: int) -> list[int]:
 def no_model_reason(events: list[RunEvent], rounds: int) -> str:
     """Why a run whose every round was lost is a failure, with the first round's cause."""
     causes = [str(e.get("reason", "")) for e in events if e.is_("round-lost")]
-    first = causes[0].splitlines()[0] if causes else "no site's update arrived"
+    first = causes[0].splitlines()[0] if causes else "no update could be aggregated"
     return (
         f"no round gave a new model: all {rounds} round(s) were lost, the model is the "
         f"initial one (first cause: {first}); see the site errors in events.jsonl"
