@@ -89,6 +89,10 @@ def _update_digest(delta: np.ndarray, weight: float) -> str:
     return h.hexdigest()
 
 
+class BelowSiteMinimum(ProtocolError):
+    """The run's threshold lets rounds through with fewer sites than this site masks with."""
+
+
 class SecureSite:
     """Secure-aggregation sessions of one site, by run (in memory, mirrored on disk)."""
 
@@ -176,7 +180,8 @@ class SecureSite:
         the federation CA certified for it (or, without a CA, the one pinned before),
         and the roster is the run's. Every round: the threshold meets this site's
         ``secagg_min_participants``. Raises :class:`RosterError` (a key not certified,
-        a pinned key changed: the same every round of the run) or :class:`ProtocolError`.
+        a pinned key changed) or :class:`BelowSiteMinimum`, both the same every round of
+        the run, or :class:`ProtocolError` (a malformed message).
         """
         run = self._run(run_id)
         session = run.session
@@ -203,7 +208,7 @@ class SecureSite:
             self.pins.add(directory, new, run_id=run_id)
             run.pinned = {s: fingerprint(directory[s]) for s in new}
         if session.threshold + 1 < self.min_participants:
-            raise ProtocolError(
+            raise BelowSiteMinimum(
                 f"run {run_id}'s secure-aggregation threshold ({session.threshold}) lets "
                 f"rounds of {session.threshold + 1} sites through; this site masks its "
                 f"update only with {self.min_participants} or more, and refuses the run",

@@ -32,7 +32,7 @@ from medfed.client.released import (
     participants_of,
 )
 from medfed.client.revocations import REVOCATIONS_FILE, CoordinatorRevocations
-from medfed.client.secure_site import SecureSite
+from medfed.client.secure_site import BelowSiteMinimum, SecureSite
 from medfed.client.signed_runs import SIGNED_RUNS_FILE, SignedRuns
 from medfed.client.site_local import SiteLocalStore
 from medfed.core import heap, wire
@@ -353,6 +353,8 @@ class SiteWorker:
                 self.secure.accept_peers(session, rnd, asked)
             except RosterError as exc:  # the run's directory: the same every round
                 return self._refuse(run_id, SECAGG_PEERS_RULE, str(exc), rnd=rnd)
+            except BelowSiteMinimum as exc:  # the run's threshold, against site.toml
+                return self._refuse(run_id, SECAGG_MINIMUM_RULE, str(exc), rnd=rnd)
         data = self._run_data(task, run, asked)
         if data is None:
             return self._refuse(run_id, "harmonization", _NO_STANDARD, rnd=rnd, status="failed")
@@ -685,6 +687,8 @@ class SiteWorker:
 #: The rule of a site's refusal to mask with a peer whose key the federation CA did
 #: not certify for it (or, without a CA, whose pinned key changed).
 SECAGG_PEERS_RULE = "secagg.peer_key"
+#: ... and to mask in a run whose threshold is below its ``[privacy]`` floor.
+SECAGG_MINIMUM_RULE = "privacy.secagg_min_participants"
 _NO_STANDARD = (
     "the run harmonizes intensities ('histogram') but the request carries no standard "
     "landmarks; the server sends them after its landmarks query"

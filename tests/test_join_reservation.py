@@ -256,3 +256,55 @@ def test_a_run_the_server_ended_early_releases_its_hold_and_keys(tmp_path: Path)
     assert records[-1]["reason"] == "run refused at the server"
     assert worker.secure.store.load("41") is None  # its secret key is gone
     assert query(42, **join).header["ok"]  # its budget is free again
+
+
+def test_a_changed_peer_key_is_refused_before_the_site_trains_or_spends(tmp_path: Path) -> None:
+    """The peers come first: a key the site cannot accept refuses the round, nothing spent."""
+    from medfed.core.packing import WEIGHTS_KEY, pack
+    from medfed.core.schema import SiteInstruction
+    from medfed.core.secagg import SecAggConfig, SiteIdentity
+    from medfed.tasks import engine, get_task
+
+    worker = _site_worker(tmp_path)
+    run = secure_run()
+    joined = worker.handle(
+        wire.Frame(
+            {
+                "op": "query",
+                "run_id": 41,
+                "config": {
+                    wire.RUN_CONFIG_KEY: run.to_json(),
+                    wire.SECAGG_JOIN: json.dumps(SecAggConfig(mode="default").to_dict()),
+                },
+            }
+        )
+    )
+    assert joined.header["ok"], joined.header
+    before, after = SiteIdentity.generate(), SiteIdentity.generate()
+    worker.secure.pins.add({"site-y": before.public_bytes}, ["site-y"], run_id="40")
+    asked = SiteInstruction(
+        directory={
+            "site-x": worker.secure.identity.public_bytes.hex(),
+            "site-y": after.public_bytes.hex(),
+        },
+        roster=b"the roster is read after the keys",
+    )
+    weights = {WEIGHTS_KEY: pack(engine.get_weights(get_task(run.task).build_model()))}
+    reply = worker.handle(
+        wire.Frame(
+            {
+                "op": "train",
+                "run_id": 41,
+                "config": {
+                    wire.RUN_CONFIG_KEY: run.to_json(),
+                    wire.SERVER_ROUND_KEY: 1,
+                    **asked.entries(),
+                },
+            },
+            weights,
+        )
+    )
+    assert reply.header["status"] == "refused", reply.header
+    assert reply.header["rule"] == "secagg.peer_key" and "site-y" in reply.header["reason"]
+    events = [r["event"] for r in worker.audit.read()]
+    assert events[-1] == "refused" and "privacy-reserved" not in events

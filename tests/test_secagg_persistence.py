@@ -14,7 +14,7 @@ from secagg_builders import weighted_mean
 from secure_site_builders import RUN, joined, mask, secure_round
 
 from medfed.client.secagg_sessions import SESSIONS_DIR
-from medfed.client.secure_site import SecureSite
+from medfed.client.secure_site import BelowSiteMinimum, SecureSite
 from medfed.core.errors import MedfedError
 from medfed.core.secagg import ProtocolError
 
@@ -156,6 +156,7 @@ def test_a_site_refuses_a_threshold_below_its_own_minimum_every_round(tmp_path: 
         with pytest.raises(ProtocolError, match="secagg_min_participants") as err:
             mask(fed, "site-a", rnd, x, 1.0, sorted(fed.sites))
         assert "--secagg-threshold to at least 2" in str(err.value)
+        assert isinstance(err.value, BelowSiteMinimum)  # a refusal under the site's rule
     # a run whose threshold meets the floor is served
     ok = joined(tmp_path / "ok", n=4, threshold=2)
     ok.sites["site-a"].min_participants = 3
