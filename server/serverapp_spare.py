@@ -185,8 +185,13 @@ def spare_pool(folder: Path, env: dict[str, str], log_path: Path | None = None) 
     return pool.start()
 
 
-def hand_over(folder: str, argv: list[str], *, timeout: float = 3.0) -> bool:
-    """Give ``argv`` (flwr-serverapp's arguments) to a spare in ``folder``; True if taken."""
+def hand_over(folder: str, argv: list[str], *, timeout: float = 15.0) -> bool:
+    """Give ``argv`` (flwr-serverapp's arguments) to a spare in ``folder``; True if taken.
+
+    ``timeout`` is long because a spare still importing torch can answer late (its
+    accepting thread shares the GIL with the imports; a 3 s limit ran out once in CI on
+    the busy 2-core machine), and a cold start would take longer still.
+    """
     for path in sorted(Path(folder).glob("*" + SOCKET_SUFFIX), key=_mtime):
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
