@@ -43,6 +43,7 @@ SPARES_ENV = "MEDFED_SERVERAPP_SPARES"
 TAKEN = b"taken\n"
 SOCKET_SUFFIX = ".sock"
 TAKEN_SUFFIX = ".taken"  # a spare's socket, renamed once it took a run
+BINDING_SUFFIX = ".b"  # a spare's socket until it listens (then renamed to its name)
 MAX_SOCKET_PATH = 100  # AF_UNIX paths are limited to 107 bytes on Linux
 
 
@@ -86,6 +87,7 @@ class SparePool:
         for stale in [
             *self.folder.glob("*" + SOCKET_SUFFIX),  # of a crashed predecessor
             *self.folder.glob("*" + TAKEN_SUFFIX),
+            *self.folder.glob("*" + BINDING_SUFFIX),
         ]:
             with contextlib.suppress(OSError):
                 stale.unlink()
@@ -188,9 +190,9 @@ def spare_pool(folder: Path, env: dict[str, str], log_path: Path | None = None) 
 def hand_over(folder: str, argv: list[str], *, timeout: float = 15.0) -> bool:
     """Give ``argv`` (flwr-serverapp's arguments) to a spare in ``folder``; True if taken.
 
-    ``timeout`` is long because a spare still importing torch can answer late (its
-    accepting thread shares the GIL with the imports; a 3 s limit ran out once in CI on
-    the busy 2-core machine), and a cold start would take longer still.
+    ``timeout`` allows for a spare still importing torch on a loaded machine (it
+    answered within 0.25 s here with three busy loops beside it); a cold start would
+    take longer than any wait for it.
     """
     for path in sorted(Path(folder).glob("*" + SOCKET_SUFFIX), key=_mtime):
         try:
@@ -243,8 +245,12 @@ def _parent_pid(argv: list[str]) -> int | None:
 def _wait_for_run(path: str) -> list[str]:
     """Accept the hand-over of one run's arguments on ``path``; confirm it."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
-        server.bind(path)
+        # The socket appears under its name only once it listens: a hand-over that
+        # connected between bind and listen was refused and took the spare for gone.
+        binding = path + BINDING_SUFFIX
+        server.bind(binding)
         server.listen(4)
+        os.rename(binding, path)
         while True:
             conn, _ = server.accept()
             with conn:

@@ -88,3 +88,28 @@ def test_a_spare_that_dies_at_its_start_is_retried_with_a_back_off(
     finally:
         pool.stop()
     assert 1 <= pool.started <= 3  # 1 s, then 2 s apart: not one every 0.05 s
+
+
+def test_a_spare_socket_appears_only_once_it_listens(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hand-over between bind and listen was refused, and took a live spare for gone."""
+    import threading
+
+    from medfed.server.serverapp_spare import _wait_for_run
+
+    listen = socket.socket.listen
+
+    def late_listen(self: socket.socket, *args: int) -> None:
+        time.sleep(0.5)  # as a spare descheduled between bind and listen
+        listen(self, *args)
+
+    monkeypatch.setattr(socket.socket, "listen", late_listen)
+    taken: list[list[str]] = []
+    path = short_tmp / ("spare" + SOCKET_SUFFIX)
+    waiter = threading.Thread(target=lambda: taken.append(_wait_for_run(str(path))), daemon=True)
+    waiter.start()
+    _wait_for(path.exists, timeout=10)
+    assert hand_over(str(short_tmp), ["--help"], timeout=5)
+    waiter.join(5)
+    assert taken == [["--help"]]
