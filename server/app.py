@@ -325,10 +325,11 @@ def run_in_folder(
         events = folder.read_events()
         lost = rounds_without_model(events, run.rounds)
         trained = len(lost) < run.rounds  # else the "model" is the initial one: a failure
+        failure = None if trained else no_model_reason(events, run.rounds)
         folder.write_summary(
             RunSummary(
                 status="completed" if trained else "failed",
-                reason=None if trained else no_model_reason(events, run.rounds),
+                reason=failure,
                 rounds_lost=lost or None,
                 run_id=run_id,
                 task=run.task,
@@ -352,7 +353,7 @@ def run_in_folder(
         if trained:
             folder.event("run-finished", seconds=round(time.time() - t0, 2))
         else:
-            folder.event("run-failed", reason=no_model_reason(events, run.rounds))
+            folder.event("run-failed", reason=failure)
         _write_report(folder)
     except SitesRefused as exc:  # a clean end: the sites said no, and why
         _end_refused(folder, exc, run, run_id, seconds=round(time.time() - t0, 2))

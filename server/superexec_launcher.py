@@ -45,7 +45,9 @@ class SpareFirst:
             return None
         log.warning("medfed: no spare ServerApp took the run; starting %s", SERVERAPP_COMMAND)
         env = kwargs.pop("env", None)
-        return subprocess.Popen(args, env=with_model_buffers(env or os.environ), **kwargs)
+        return subprocess.Popen(
+            args, env=with_model_buffers(os.environ if env is None else env), **kwargs
+        )
 
 
 def use_spares() -> bool:

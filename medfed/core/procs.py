@@ -59,10 +59,8 @@ def free_port(host: str = "127.0.0.1", *, ephemeral: tuple[int, int] | None = No
     """
     span = ephemeral or ephemeral_range()
     if span is not None:
-        low = max(1024, span[0] - LISTEN_SPAN)
-        candidates = list(range(low, span[0]))
-        random.SystemRandom().shuffle(candidates)
-        for port in candidates[:200]:
+        below = range(max(1024, span[0] - LISTEN_SPAN), span[0])
+        for port in random.SystemRandom().sample(below, min(200, len(below))):
             if not port_in_use(host, port):
                 return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
