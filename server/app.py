@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import os
 import random
+import shutil
 import time
 from collections.abc import MutableMapping
 from pathlib import Path
@@ -180,6 +181,11 @@ def run_in_folder(
                 folder.event("initial-model", source=str(source))
             if (warning := _update_dp_warning(run, layout.size)) is not None:
                 folder.event("warning", reason=warning)
+            free = shutil.disk_usage(folder.path).free
+            if (
+                warning := checkpoint_space_warning(run, layout.size, free, folder.path)
+            ) is not None:
+                folder.event("warning", reason=warning)
             if local:
                 folder.event(
                     "adaptation",
@@ -281,6 +287,7 @@ def run_in_folder(
                 server_round, checkpoint=path.name, unchanged=digest == previous[0]
             )
             previous[:] = [digest]
+            folder.prune_checkpoints(run.keep_checkpoints)  # after the resume state
             pass_on_revocations(signed_run, config, evaluate_config)  # revoked meanwhile?
 
         config, evaluate_config = ConfigRecord(signed_run), ConfigRecord(signed_run)
@@ -396,6 +403,25 @@ def _write_report(folder: RunFolder) -> None:
         write_report(folder)
     except Exception as exc:  # noqa: BLE001 - the run's own result stands
         folder.event("warning", reason=f"report.md was not written: {type(exc).__name__}: {exc}")
+
+
+def checkpoint_space_warning(run: RunConfig, size: int, free: int, where: Path) -> str | None:
+    """What to say when the run's checkpoints will not fit in ``free`` bytes, or None.
+
+    Each round writes the global model (4 bytes per value); the folder keeps the last
+    ``keep_checkpoints`` of them, or every round.
+    """
+    kept = min(run.keep_checkpoints or run.rounds, run.rounds)
+    needed = 4 * size * kept
+    if needed <= free:
+        return None
+    gib = 1024**3
+    return (
+        f"the run's checkpoints need about {needed / gib:.2f} GiB ({kept} rounds x "
+        f"{4 * size / gib:.3f} GiB) and the disk of {where} has {free / gib:.2f} GiB "
+        "free: the run fails when it is full. Keep fewer rounds (--keep-checkpoints N) "
+        "or free space"
+    )
 
 
 def _update_dp_warning(run: RunConfig, size: int) -> str | None:

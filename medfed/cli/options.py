@@ -108,6 +108,14 @@ HarmonizationOpt = Annotated[
         "under DP)"
     ),
 ]
+KeepCheckpointsOpt = Annotated[
+    int,
+    typer.Option(
+        min=0,
+        help="keep the last N rounds' global models in the run folder (the final one "
+        "always); 0 keeps every round",
+    ),
+]
 InitFromOpt = Annotated[
     str, typer.Option(help="start from an earlier run's model: RUN_ID (last round) or RUN_ID:ROUND")
 ]

@@ -25,6 +25,7 @@ from medfed.cli.options import (
     HarmonizationOpt,
     InitFromOpt,
     InitWeightsOpt,
+    KeepCheckpointsOpt,
     LocalEpochsOpt,
     LrOpt,
     MaxGradNormOpt,
@@ -188,6 +189,7 @@ def build_run_config(
     secagg_threshold: int | None = None,
     harmonization: str = "off",
     augmentation: str = "off",
+    keep_checkpoints: int = 0,
 ) -> RunConfig:
     """The run configuration of a run's options, checked before anything starts.
 
@@ -223,6 +225,7 @@ def build_run_config(
             "augmentation": augmentation,
             "init_from": init_from,
             "init_weights": init_weights,
+            "keep_checkpoints": keep_checkpoints,
             "privacy": privacy_options(
                 dp,
                 noise_multiplier,
@@ -305,6 +308,7 @@ def register(app: typer.Typer) -> None:
         augmentation: AugmentationOpt = "off",
         init_from: InitFromOpt = "",
         init_weights: InitWeightsOpt = "random",
+        keep_checkpoints: KeepCheckpointsOpt = 0,
         detach: Annotated[bool, typer.Option(help="submit and return at once")] = False,
         track: TrackOpt = None,
         config: ConfigOpt = None,
@@ -346,6 +350,7 @@ def register(app: typer.Typer) -> None:
             secagg_threshold=secagg_threshold,
             harmonization=harmonization,
             augmentation=augmentation,
+            keep_checkpoints=keep_checkpoints,
         )
         if secure_aggregation == "off":
             console.print(

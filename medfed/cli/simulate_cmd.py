@@ -24,6 +24,7 @@ from medfed.cli.options import (
     HarmonizationOpt,
     InitFromOpt,
     InitWeightsOpt,
+    KeepCheckpointsOpt,
     LocalEpochsOpt,
     LrOpt,
     MaxGradNormOpt,
@@ -125,6 +126,7 @@ def register(app: typer.Typer) -> None:
         augmentation: AugmentationOpt = "off",
         init_from: InitFromOpt = "",
         init_weights: InitWeightsOpt = "random",
+        keep_checkpoints: KeepCheckpointsOpt = 0,
         site_budget: Annotated[
             str,
             typer.Option(
@@ -208,6 +210,7 @@ def register(app: typer.Typer) -> None:
             secagg_threshold=secagg_threshold,
             harmonization=harmonization,
             augmentation=augmentation,
+            keep_checkpoints=keep_checkpoints,
         )
         if partition not in PARTITIONS:
             raise ConfigError(

@@ -312,6 +312,13 @@ class RunConfig(_Strict):
         "'public' (the task's weights pretrained on public data; no site's data, no "
         "privacy budget); init_from then replaces the shared part",
     )
+    keep_checkpoints: int = Field(
+        0,
+        ge=0,
+        description="how many rounds' global models the run folder keeps: the last N "
+        "(the final model is always one of them); 0 keeps every round. A 50M-parameter "
+        "model's checkpoint is 200 MB, so a long run at real model size fills a disk",
+    )
     resume_of: str = Field(
         "",
         description="set by the server when it resumes a run after a "

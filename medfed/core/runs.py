@@ -9,7 +9,8 @@ Layout of ``runs/<run-id>/``::
     run.json           the validated run configuration and start time
     events.jsonl       progress: round started, site replied/refused, round done, end
     metrics.jsonl      one line per round, per site and phase (train/evaluate), plus "global"
-    checkpoints/round-NNN.npz   the global model after each round
+    checkpoints/round-NNN.npz   the global model after each round (the last
+                       ``keep_checkpoints`` rounds where the run sets it)
     summary.json       final status, timings, last metrics (written at the end)
     cross_site.json    the global model evaluated on every site's held-out split
     metrics.png        per-site primary metric per round
@@ -24,6 +25,7 @@ import datetime as dt
 import fcntl
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +64,10 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return out
+
+
+#: A checkpoint's file name (atomic writes' temporary files start with a dot).
+_CHECKPOINT_NAME = re.compile(r"round-([0-9]+)\.npz")
 
 
 @dataclass(frozen=True)
@@ -195,6 +201,26 @@ class RunFolder:
     def save_checkpoint(self, server_round: int, weights: dict[str, np.ndarray]) -> Path:
         """Write the global model of ``server_round`` atomically (numpy .npz, no pickle)."""
         return atomic_savez(self.checkpoint_file(server_round), **weights)
+
+    def saved_rounds(self) -> list[int]:
+        """The rounds whose checkpoint is in the folder, in order."""
+        found = (
+            _CHECKPOINT_NAME.fullmatch(p.name) for p in (self.path / "checkpoints").glob("round-*")
+        )
+        return sorted(int(m[1]) for m in found if m)
+
+    def prune_checkpoints(self, keep: int) -> list[Path]:
+        """Delete all but the last ``keep`` rounds' checkpoints (0: keep all); returns them.
+
+        Called after a round's checkpoint and resume state are written, so the newest
+        checkpoint, the one a resumed run starts from, is always kept.
+        """
+        if keep <= 0:
+            return []
+        gone = [self.checkpoint_file(r) for r in self.saved_rounds()[:-keep]]
+        for path in gone:
+            path.unlink(missing_ok=True)
+        return gone
 
     @property
     def cross_site_file(self) -> Path:

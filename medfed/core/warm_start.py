@@ -38,10 +38,13 @@ def checkpoint_path(runs_dir: Path, spec: str) -> Path:
         saved = sorted(folder.glob("round-*.npz"), key=lambda p: int(p.stem.split("-")[1]))
         path = saved[-1] if saved else folder / "round-001.npz"
     if not path.exists():
+        kept = sorted(p.name for p in folder.glob("round-*.npz"))
         raise MedfedError(
             f"init_from {spec!r}: there is no such checkpoint.",
             where=str(path),
-            fix="`medfed status RUN_ID` shows a run's rounds; name one it saved",
+            expected=f"one of the run's checkpoints: {', '.join(kept) or 'none'}",
+            fix="`medfed status RUN_ID` shows a run's rounds; name one it saved (a run "
+            "with keep_checkpoints kept only its last rounds)",
         )
     return path
 
