@@ -84,6 +84,9 @@ def test_a_run_keeping_one_checkpoint_ends_with_the_final_model_only(tmp_path: P
     folder = RunFolder(path.parent)
     assert folder.read_summary().final_checkpoint == "round-003.npz"
     assert folder.saved_rounds() == [3]
+    assert "`checkpoints/round-003.npz` (rounds kept: 3; keep_checkpoints)" in (
+        folder.report_file.read_text()
+    )
     finished = [e for e in folder.read_events() if e.is_("round-finished")]
     assert [e.round for e in finished] == [1, 2, 3]  # every round ran; two were let go
     # the next run starts from it

@@ -215,12 +215,22 @@ def render(folder: RunFolder) -> str:
         "",
         "## Files",
         "",
-        f"- model: `checkpoints/{model}`" if model else "- model: none (no round finished)",
+        f"- model: `checkpoints/{model}`{_kept(folder)}"
+        if model
+        else "- model: none (no round finished)",
         "- per-site metrics per round: `metrics.jsonl`; progress: `events.jsonl`; "
         "plot: `metrics.png`; every site's score: `cross_site.json`",
         "",
     ]
     return "\n".join(lines)
+
+
+def _kept(folder: RunFolder) -> str:
+    """Which rounds' checkpoints the folder holds, where the run kept only its last ones."""
+    rounds = folder.saved_rounds()
+    if not rounds or int(folder.read_run().get("config", {}).get("keep_checkpoints", 0)) <= 0:
+        return ""
+    return f" (rounds kept: {', '.join(map(str, rounds))}; keep_checkpoints)"
 
 
 def _missed_rounds(
