@@ -17,6 +17,7 @@ import numpy as np
 
 from medfed.core.errors import MedfedError
 from medfed.core.packing import Layout
+from medfed.core.runs import RunFolder
 
 _SPEC = re.compile(r"(?P<run>[0-9]{1,20})(?::(?P<round>[0-9]{1,6}))?")
 
@@ -38,11 +39,11 @@ def checkpoint_path(runs_dir: Path, spec: str) -> Path:
         saved = sorted(folder.glob("round-*.npz"), key=lambda p: int(p.stem.split("-")[1]))
         path = saved[-1] if saved else folder / "round-001.npz"
     if not path.exists():
-        kept = sorted(p.name for p in folder.glob("round-*.npz"))
+        kept = RunFolder(folder.parent).saved_rounds()
         raise MedfedError(
             f"init_from {spec!r}: there is no such checkpoint.",
             where=str(path),
-            expected=f"one of the run's checkpoints: {', '.join(kept) or 'none'}",
+            expected=f"a round the run kept: {', '.join(map(str, kept)) or 'none'}",
             fix="`medfed status RUN_ID` shows a run's rounds; name one it saved (a run "
             "with keep_checkpoints kept only its last rounds)",
         )
