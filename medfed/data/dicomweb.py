@@ -121,9 +121,54 @@ def pacs_client(pacs: PacsSection, *, where: str = "[data.pacs]") -> Any:
     session.verify = pacs.ca_bundle or True  # verification is never turned off
     if pacs.client_cert:
         session.cert = (pacs.client_cert, pacs.client_key) if pacs.client_key else pacs.client_cert
+    adapter = requests.adapters.HTTPAdapter(max_retries=stale_connection_retry())
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
     client = DICOMwebClient(url, session=session, timeout=pacs.timeout_s)
     client.set_http_retry_params(retry=False)  # a failure is reported, the next scan resumes
     return client
+
+
+def stale_connection_retry() -> Any:
+    """urllib3's retry policy of a PACS session: a GET or HEAD cut off unanswered is sent once more.
+
+    A PACS, or the hospital's proxy in front of it, may close an idle kept-alive
+    connection just as the next request goes out on it; the client then reads no
+    response at all ("Remote end closed connection without response"). Browsers and
+    HTTP libraries send such an idempotent request again on a new connection. Every
+    other failure (a timeout, TLS, an HTTP error status, a cut-off POST) is raised at
+    once, as without retries: the scan reports it and the next scan resumes.
+    """
+    from urllib3.exceptions import ProtocolError
+    from urllib3.util.retry import Retry
+
+    class StaleConnectionRetry(Retry):
+        def increment(
+            self,
+            method: str | None = None,
+            url: str | None = None,
+            response: Any = None,
+            error: Exception | None = None,
+            *args: Any,
+            **kwargs: Any,
+        ) -> Retry:
+            if not isinstance(error, ProtocolError):  # what requests' Retry(0, read=False) does
+                return Retry.increment(
+                    self.new(total=0, read=False), method, url, response, error, *args, **kwargs
+                )
+            return super().increment(method, url, response, error, *args, **kwargs)
+
+    return StaleConnectionRetry(
+        total=1,
+        connect=0,
+        read=1,
+        redirect=False,
+        status=0,
+        other=0,
+        allowed_methods=frozenset({"GET", "HEAD"}),
+        respect_retry_after_header=False,
+        raise_on_status=False,
+    )
 
 
 def _checked_url(url: str, where: str) -> str:
