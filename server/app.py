@@ -181,10 +181,7 @@ def run_in_folder(
                 folder.event("initial-model", source=str(source))
             if (warning := _update_dp_warning(run, layout.size)) is not None:
                 folder.event("warning", reason=warning)
-            free = shutil.disk_usage(folder.path).free
-            if (
-                warning := checkpoint_space_warning(run, layout.size, free, folder.path)
-            ) is not None:
+            if (warning := _checkpoint_space_warning(folder, run, layout.size)) is not None:
                 folder.event("warning", reason=warning)
             if local:
                 folder.event(
@@ -287,7 +284,7 @@ def run_in_folder(
                 server_round, checkpoint=path.name, unchanged=digest == previous[0]
             )
             previous[:] = [digest]
-            folder.prune_checkpoints(run.keep_checkpoints)  # after the resume state
+            _prune_checkpoints(folder, run.keep_checkpoints)  # after the resume state
             pass_on_revocations(signed_run, config, evaluate_config)  # revoked meanwhile?
 
         config, evaluate_config = ConfigRecord(signed_run), ConfigRecord(signed_run)
@@ -403,6 +400,23 @@ def _write_report(folder: RunFolder) -> None:
         write_report(folder)
     except Exception as exc:  # noqa: BLE001 - the run's own result stands
         folder.event("warning", reason=f"report.md was not written: {type(exc).__name__}: {exc}")
+
+
+def _checkpoint_space_warning(folder: RunFolder, run: RunConfig, size: int) -> str | None:
+    """:func:`checkpoint_space_warning` for the run folder's disk; None if it cannot be read."""
+    try:
+        free = shutil.disk_usage(folder.path).free
+    except OSError:  # a warning only: the run does not depend on it
+        return None
+    return checkpoint_space_warning(run, size, free, folder.path)
+
+
+def _prune_checkpoints(folder: RunFolder, keep: int) -> None:
+    """Keep the last ``keep`` checkpoints; one that cannot be deleted is a warning, no failure."""
+    try:
+        folder.prune_checkpoints(keep)
+    except OSError as exc:
+        folder.event("warning", reason=f"old checkpoints were not deleted: {exc}")
 
 
 def checkpoint_space_warning(run: RunConfig, size: int, free: int, where: Path) -> str | None:

@@ -99,3 +99,21 @@ def test_a_run_keeping_one_checkpoint_ends_with_the_final_model_only(tmp_path: P
     assert started[0]["source"].endswith("checkpoints/round-003.npz")
     refused = medfed("simulate", "--task", "tiny-seg", "--keep-checkpoints", "-1", cwd=tmp_path)
     assert refused.returncode == 2 and "--keep-checkpoints" in refused.stderr
+
+
+def test_a_checkpoint_that_cannot_be_deleted_is_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from medfed.server.app import _prune_checkpoints
+
+    folder = RunFolder(tmp_path / "7")
+    saved(folder, range(1, 4))
+
+    def refused(self: Path, missing_ok: bool = False) -> None:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    _prune_checkpoints(folder, 1)  # the run goes on
+    (warning,) = [e for e in folder.read_events() if e.is_("warning")]
+    assert "old checkpoints were not deleted" in warning["reason"]
+    assert "round-001.npz" in warning["reason"] and folder.saved_rounds() == [1, 2, 3]
