@@ -215,7 +215,7 @@ def render(folder: RunFolder) -> str:
         "",
         "## Files",
         "",
-        f"- model: `checkpoints/{model}`{_kept(folder)}"
+        f"- model: `checkpoints/{model}`{_kept(folder, cfg)}"
         if model
         else "- model: none (no round finished)",
         "- per-site metrics per round: `metrics.jsonl`; progress: `events.jsonl`; "
@@ -225,10 +225,12 @@ def render(folder: RunFolder) -> str:
     return "\n".join(lines)
 
 
-def _kept(folder: RunFolder) -> str:
-    """Which rounds' checkpoints the folder holds, where the run kept only its last ones."""
+def _kept(folder: RunFolder, cfg: dict[str, Any]) -> str:
+    """The rounds the folder holds, where the run (``cfg``) kept only its last ones."""
+    if int(cfg.get("keep_checkpoints", 0)) <= 0:
+        return ""
     rounds = folder.saved_rounds()
-    if not rounds or int(folder.read_run().get("config", {}).get("keep_checkpoints", 0)) <= 0:
+    if not rounds:
         return ""
     return f" (rounds kept: {', '.join(map(str, rounds))}; keep_checkpoints)"
 

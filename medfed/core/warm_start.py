@@ -32,14 +32,13 @@ def checkpoint_path(runs_dir: Path, spec: str) -> Path:
             expected="RUN_ID or RUN_ID:ROUND",
             fix="`medfed runs` lists the run ids",
         )
-    folder = Path(runs_dir) / match["run"] / "checkpoints"
+    run = RunFolder(Path(runs_dir) / match["run"])
+    kept = run.saved_rounds()
     if match["round"] is not None:
-        path = folder / f"round-{int(match['round']):03d}.npz"
+        path = run.checkpoint_file(int(match["round"]))
     else:
-        saved = sorted(folder.glob("round-*.npz"), key=lambda p: int(p.stem.split("-")[1]))
-        path = saved[-1] if saved else folder / "round-001.npz"
+        path = run.checkpoint_file(kept[-1] if kept else 1)
     if not path.exists():
-        kept = RunFolder(folder.parent).saved_rounds()
         raise MedfedError(
             f"init_from {spec!r}: there is no such checkpoint.",
             where=str(path),
