@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import struct
 from pathlib import Path
 
 import blake3
@@ -13,6 +14,7 @@ import pytest
 from secagg_builders import RUN, federation, run_round, updates, weighted_mean, wire
 
 import medfed.core.secagg as secagg_pkg
+from medfed.core import bulk_hash
 from medfed.core.secagg import (
     KeyAdvert,
     LateUpdateError,
@@ -156,6 +158,51 @@ def test_tampered_update_is_rejected_and_attributed() -> None:
     fed.aggregator.add(upd)  # the genuine one is still accepted
 
 
+@pytest.mark.parametrize("bits", [32, 64])
+def test_a_tampered_vector_leaves_the_sum_as_it_was(bits: int) -> None:
+    """The vector is added while its digest is checked; a mismatch takes it back out."""
+    size = 700_000  # several 1 MiB segments, hashed and added on every core
+    fed = federation(4, size=size, modulus_bits=bits)
+    xs, ws = updates(fed, size)
+    agg = fed.aggregator
+    agg.begin_round(1)
+    for s in fed.ids:
+        upd = fed.sessions[s].mask_update(1, xs[s], ws[s])
+        forged = upd.vector.copy()
+        forged[-5] += 1  # in the last segment: every earlier one was added before the check
+        with pytest.raises(TamperedUpdateError):
+            agg.add(dataclasses.replace(upd, vector=forged))
+        agg.add(upd)
+    agg.close_collection(1, deadline_passed=False)
+    mean, _ = agg.result(1)
+    assert np.abs(mean - weighted_mean(xs, ws, fed.ids)).max() <= agg.error_bound(1)
+
+
+def test_an_add_that_fails_part_way_loses_the_round_instead_of_decoding_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fed = federation(4, size=D)
+    xs, ws = updates(fed, D)
+    agg = fed.aggregator
+    agg.begin_round(1)
+    agg.add(fed.sessions["site-a"].mask_update(1, xs["site-a"], ws["site-a"]))
+
+    def half_then_fail(acc: np.ndarray, vector: np.ndarray) -> bytes:
+        np.add(acc[:10], vector[:10], out=acc[:10])
+        raise MemoryError("interrupted")
+
+    with monkeypatch.context() as m:
+        m.setattr(bulk_hash, "add_and_digest", half_then_fail)
+        with pytest.raises(MemoryError):
+            agg.add(fed.sessions["site-b"].mask_update(1, xs["site-b"], ws["site-b"]))
+    with pytest.raises(RecoveryError, match="part-way"):
+        agg.add(fed.sessions["site-c"].mask_update(1, xs["site-c"], ws["site-c"]))
+    with pytest.raises(RecoveryError, match="part-way"):
+        agg.close_collection(1, deadline_passed=True)  # nobody is asked to reveal for it
+    with pytest.raises(ProtocolError, match="still open"):
+        agg.result(1)
+
+
 def test_truncated_update_is_rejected_and_attributed() -> None:
     fed = federation(4, size=D)
     xs, ws = _opened(fed)
@@ -169,11 +216,16 @@ def test_truncated_update_is_rejected_and_attributed() -> None:
     fed.aggregator.add(MaskedUpdate.from_bytes(blob))
 
 
-def test_the_vector_is_hashed_by_blake3_and_other_hashes_are_refused_with_the_fix() -> None:
+def test_the_vector_is_hashed_by_segmented_blake3_and_other_hashes_are_refused_with_the_fix() -> (
+    None
+):
     fed = federation(4, size=D)
     xs, ws = _opened(fed)
     upd = fed.sessions["site-a"].mask_update(1, xs["site-a"], ws["site-a"])
-    assert upd.digest == blake3.blake3(upd.vector.tobytes()).digest()
+    # a hash list of 1 MiB segments (one segment here), as bulk_hash documents it
+    listed = b"medfed segmented blake3 v1" + struct.pack("<QQ", upd.vector.nbytes, 1 << 20)
+    expected = blake3.blake3(listed + blake3.blake3(upd.vector.tobytes()).digest()).digest()
+    assert upd.digest == expected
     header, vector = upd.to_parts()
     body = json.loads(header[len(MAGIC) :])
     for older in ({**body, "hash": "sha256"}, {k: v for k, v in body.items() if k != "hash"}):

@@ -27,7 +27,7 @@ from medfed.core.secagg.prg import frame
 MAGIC = b"MFSA1"
 # How a masked update's vector is hashed; named in its header and under its signature.
 # Updates from earlier versions (SHA-256, no name) are refused as malformed, with the fix.
-DIGEST = bulk_hash.ALGORITHM
+DIGEST = bulk_hash.SEGMENTED
 UNKNOWN = "<unknown>"
 
 
@@ -66,7 +66,7 @@ def _digest_map(items: Mapping[str, bytes]) -> bytes:
 
 def vector_digest(vector: np.ndarray) -> bytes:
     """The :data:`DIGEST` of a vector's raw bytes (what a signature covers)."""
-    return bulk_hash.array_digest(vector)
+    return bulk_hash.segmented_digest(vector)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from medfed.core import bulk_hash
 from medfed.core.secagg import prg, shamir
 from medfed.core.secagg.config import FixedPoint, SecAggConfig
 from medfed.core.secagg.errors import (
@@ -27,7 +28,7 @@ from medfed.core.secagg.errors import (
     UnknownSiteError,
 )
 from medfed.core.secagg.identity import SiteIdentity, check_directory
-from medfed.core.secagg.messages import MaskedUpdate, Reveal, Roster, UnmaskRequest, vector_digest
+from medfed.core.secagg.messages import MaskedUpdate, Reveal, Roster, UnmaskRequest
 from medfed.core.secagg.quantize import decode_sum, error_bound
 from medfed.core.secagg.site import _canonical, verify_roster
 
@@ -61,6 +62,7 @@ class _Round:
     status: RoundStatus | None = None
     reveals: dict[str, Reveal] = field(default_factory=dict)
     result: tuple[np.ndarray, float] | None = None
+    broken: bool = False  # an add failed part-way: the sum holds part of a vector
 
 
 class Aggregator:
@@ -149,14 +151,10 @@ class Aggregator:
                 f"payload has {update.vector.size} values, header says {update.length}",
                 expected=f"{self.size + 1} values (model size + 1 weight coordinate)",
             )
-        if update.digest != vector_digest(update.vector) or not SiteIdentity.verify(
-            self.directory[site], update.signature, update.signed_payload()
-        ):
-            raise TamperedUpdateError(
-                site,
-                "the signature does not match the update received",
-                fix="the message was altered in transit; check the relay",
-            )
+        # the signed header first (cheap); the vector's bytes are checked against its
+        # digest while they are added, below
+        if not SiteIdentity.verify(self.directory[site], update.signature, update.signed_payload()):
+            raise _tampered(site)
         rnd = self._round
         if update.run_id != self.run_id:
             raise ReplayedUpdateError(
@@ -198,10 +196,23 @@ class Aggregator:
                     "strict mode needs one self-mask share per other participant",
                     expected=str(sorted(others)),
                 )
+        self._fold(rnd, site, update)
+        if self.config.mode == "strict":
             rnd.shares[site] = dict(update.shares)
-        assert rnd.acc is not None
-        np.add(rnd.acc, update.vector, out=rnd.acc)  # mod 2**k
         rnd.received[site] = update.digest
+
+    def _fold(self, rnd: _Round, site: str, update: MaskedUpdate) -> None:
+        """Add the vector mod 2**k while hashing it; take it back out if the digest differs."""
+        _check_whole(rnd)
+        assert rnd.acc is not None
+        try:
+            digest = bulk_hash.add_and_digest(rnd.acc, update.vector)
+        except BaseException:
+            rnd.broken = True  # fail the round closed: never decode a partial sum
+            raise
+        if digest != update.digest:
+            np.subtract(rnd.acc, update.vector, out=rnd.acc)  # exact: the same words mod 2**k
+            raise _tampered(site)
 
     def close_collection(self, server_round: int, *, deadline_passed: bool) -> RoundStatus:
         """End collection; participants without an update are declared dropped.
@@ -212,6 +223,7 @@ class Aggregator:
         rnd = self._current(server_round)
         if rnd.status is not None:
             return rnd.status
+        _check_whole(rnd)  # no survivor is asked to reveal anything for a lost sum
         survivors = _canonical(rnd.received)
         dropped = _canonical(set(rnd.participants) - set(rnd.received))
         if dropped and not deadline_passed:
@@ -278,6 +290,7 @@ class Aggregator:
                 f"round {server_round}'s collection is still open",
                 fix="call close_collection first",
             )
+        _check_whole(rnd)
         if rnd.acc is None:
             raise RecoveryError(f"round {server_round} was lost (too few survivors)")
         terms: list[tuple[bytes, int]] = []
@@ -310,3 +323,20 @@ class Aggregator:
         if rnd.result is None or rnd.status is None:
             raise ProtocolError("no result yet")
         return error_bound(self.fp, len(rnd.status.survivors), rnd.result[1], self.config.rounding)
+
+
+def _check_whole(rnd: _Round) -> None:
+    if rnd.broken:
+        raise RecoveryError(
+            f"round {rnd.number}'s sum was lost: adding an update failed part-way",
+            fix="the round ends without a new model; the server log names the error that "
+            "interrupted the add",
+        )
+
+
+def _tampered(site: str) -> TamperedUpdateError:
+    return TamperedUpdateError(
+        site,
+        "the signature does not match the update received",
+        fix="the message was altered in transit; check the relay",
+    )
