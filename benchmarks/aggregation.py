@@ -14,8 +14,9 @@ its own (so that its peak memory is its own):
 - ``flower``: Flower 1.42's ``aggregate_arrayrecords`` (what its FedAvg calls) over all
   50 replies, which it needs at once.
 - ``secure``: the server's secure-aggregation path (default mode, no dropout): each
-  masked update (32-bit words) checked (BLAKE3 digest on every core, Ed25519 signature), added
-  mod 2**32, then the sum decoded into the mean. The masked vectors are random words with
+  masked update's signed header checked (Ed25519), its 32-bit words added mod 2**32 while
+  their digest (BLAKE3 of 1 MiB segments) is checked, in one pass on every core, then
+  the sum decoded into the mean. The masked vectors are random words with
   valid signed headers: masking 50 x 10M values at 50 sites is site work, and the
   server's work does not depend on the words (the decoded mean is then noise).
   With no dropout, default mode needs no unmasking; a dropout adds one mask

@@ -126,6 +126,15 @@ def test_run_folders_are_parsed_again_only_when_they_change(tmp_path: Path) -> N
     assert not any(e.is_("site-replied") for e in runs.parsed(folder).events)
 
 
+def test_the_last_checkpoint_is_the_last_round_past_round_999(tmp_path: Path) -> None:
+    folder = write_run(tmp_path, 8, rounds=1000, done=1)
+    for r in (999, 1000):
+        folder.save_checkpoint(r, {"w": np.full(3, r, dtype=np.float32)})
+    row = RunFolders(tmp_path).row(folder, {})
+    assert row.checkpoints == ["round-001.npz", "round-999.npz", "round-1000.npz"]
+    assert "/checkpoint/8/round-1000.npz" in page.runs_html([row])
+
+
 def test_sites_online_offline_never_and_unreachable() -> None:
     enrolled = [
         {"name": n, "fingerprint": f"SHA256:{n}", "public_key": f"key-{n}", "enrolled": "2026"}

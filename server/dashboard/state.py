@@ -170,7 +170,8 @@ class RunFolders:
             run=folder.read_run(),
             summary=summary,
             events=_overview_events(folder.events_file),
-            checkpoints=sorted(p.name for p in ckpt.glob("round-*.npz")) if ckpt.is_dir() else [],
+            # in round order (by name, round-1000 would come before round-999)
+            checkpoints=[folder.checkpoint_file(r).name for r in folder.saved_rounds()],
         )
         with self._lock:
             self._parsed[folder.path.name] = (key, parsed)
