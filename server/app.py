@@ -416,7 +416,11 @@ def _prune_checkpoints(folder: RunFolder, keep: int) -> None:
     try:
         folder.prune_checkpoints(keep)
     except OSError as exc:
-        folder.event("warning", reason=f"old checkpoints were not deleted: {exc}")
+        folder.event(
+            "warning",
+            reason=f"old checkpoints were not deleted: {exc}; delete them by hand, or give "
+            "the server write access to the run's checkpoints folder",
+        )
 
 
 def checkpoint_space_warning(run: RunConfig, size: int, free: int, where: Path) -> str | None:

@@ -290,7 +290,6 @@ class Aggregator:
                 f"round {server_round}'s collection is still open",
                 fix="call close_collection first",
             )
-        _check_whole(rnd)
         if rnd.acc is None:
             raise RecoveryError(f"round {server_round} was lost (too few survivors)")
         terms: list[tuple[bytes, int]] = []
