@@ -165,8 +165,13 @@ def run_in_folder(
         # the global model, its checkpoints and the masked vectors hold the rest.
         local = local_keys(task, model, run.adaptation)
         local_values = sum(model.state_dict()[k].numel() for k in local)
-        del model  # the server holds weights, not a model: memory O(model) is its budget
+        # The server holds weights, not a model: memory O(model) is its budget. A torch
+        # module sits in reference cycles, so each model built here is freed by a
+        # collection, before the next copy of the weights is made.
+        del model
+        gc.collect()
         initial = shared_state(initial_weights(task, seed=run.seed, init=run.init_weights), local)
+        gc.collect()
         layout = Layout.of(initial)
         if run.init_from:  # warm start: the weights of an earlier run, checked against ours
             source, initial = load_start_weights(runs_dir, run.init_from, layout)
@@ -263,8 +268,10 @@ def run_in_folder(
                 )
 
         # Handed over to the rounds (popped): from round 1 on, the run holds one global model.
-        start = [ArrayRecord({WEIGHTS_KEY: vector_array(pack(initial))})]
-        del initial
+        vector = pack(initial)
+        del initial  # at most two copies of the weights at a time
+        start = [ArrayRecord({WEIGHTS_KEY: vector_array(vector)})]
+        del vector
         previous = [_digest(npy_view(start[0][WEIGHTS_KEY].data))]  # the last round's model
 
         def end_of_round(server_round: int, arrays: ArrayRecord, so_far: Result) -> None:

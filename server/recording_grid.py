@@ -26,6 +26,18 @@ from medfed.server.site_replies import SiteAnswer
 PULL_BUDGET_BYTES = 256 << 20
 
 
+def release_arrays(message: Message) -> None:
+    """Drop the arrays a message carries, now.
+
+    A Flower ``RecordDict`` whose ``array_records`` was read sits in a reference
+    cycle, so a folded reply, and the update it carries, would otherwise live on
+    until the cyclic collector runs: a round would hold a few updates at a time,
+    not one (server memory O(model), issue 21).
+    """
+    for record in message.content.array_records.values():
+        record.clear()
+
+
 class RecordingGrid:
     """Delegates to a Grid; logs replies, refusals and per-round timings."""
 
@@ -111,6 +123,7 @@ class RecordingGrid:
             self._record(rnd, phase, reply)
             if fold is not None and not reply.has_error():
                 fold(reply)
+                release_arrays(reply)
             else:
                 kept.append(reply)
 

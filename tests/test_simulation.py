@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 from collections import Counter
@@ -107,6 +108,40 @@ def test_the_same_seed_gives_the_same_final_checkpoint(tmp_path: Path) -> None:
     # the worker processes ended the run at their sites, as in-process sites do
     for site in ("site-1", "site-2", "site-3", "site-4"):
         assert not list((spread.path / SITES_DIR / site / "secagg" / "sessions").glob("*"))
+
+
+def test_the_server_holds_no_model_when_round_1_begins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A torch module sits in reference cycles: the models the ServerApp builds for the
+    # layout and the start weights would live into round 1 (2 more copies of the
+    # weights beside the round's sum) until the cyclic collector ran.
+    import medfed.server.app as server_app
+
+    def modules() -> int:
+        return sum(isinstance(o, torch.nn.Module) for o in gc.get_objects())
+
+    seen: list[int] = []
+    run_rounds = server_app.run_rounds
+
+    def counting(*args: object, **kwargs: object) -> object:
+        seen.append(modules())
+        return run_rounds(*args, **kwargs)
+
+    monkeypatch.setattr(server_app, "run_rounds", counting)
+    gc.collect()
+    before = modules()
+    gc.disable()  # only the ServerApp's own collections run
+    try:
+        _, summary = simulate(
+            tiny_run(secure_aggregation="off", rounds=1, min_sites=2),
+            synthetic_sites(2),
+            tmp_path,
+        )
+    finally:
+        gc.enable()
+    assert summary.status == "completed", summary.reason
+    assert seen == [before]
 
 
 def test_sites_outside_the_sampled_rounds_get_nothing(tmp_path: Path) -> None:

@@ -6,8 +6,10 @@ own strategies over whole runs; the server's memory for a round stays O(model).
 
 from __future__ import annotations
 
+import gc
 import random
 import tracemalloc
+import weakref
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -277,6 +279,36 @@ class PullingGrid:
                 SimpleNamespace(metadata=meta, has_error=lambda: False, content=reply.content)
             )
         return out
+
+
+def test_a_folded_update_is_freed_when_folded_not_by_the_cyclic_collector(
+    tmp_path: Path,
+) -> None:
+    # A RecordDict whose array_records was read sits in a reference cycle: without the
+    # release, each folded update would live until the cyclic collector ran.
+    grid = PullingGrid(size=1_000)
+    recorder = RecordingGrid(grid, _folder(tmp_path))  # type: ignore[arg-type]
+    recorder.expect_replies_of(300 << 20)
+    folded: list[weakref.ref[Array]] = []
+
+    def fold(reply: Any) -> None:
+        assert reply.content.array_records  # read as a strategy reads it
+        folded.append(weakref.ref(reply.content[wire.ARRAYS_KEY][WEIGHTS_KEY]))
+
+    messages = [
+        SimpleNamespace(
+            metadata=SimpleNamespace(dst_node_id=n, message_type=MessageType.TRAIN),
+            content={wire.CONFIG_KEY: {wire.SERVER_ROUND_KEY: 1}},
+        )
+        for n in NODES
+    ]
+    gc.disable()
+    try:
+        recorder.send_and_receive(messages, timeout=5.0, fold=fold)  # type: ignore[arg-type]
+        assert len(folded) == 3
+        assert [ref() for ref in folded] == [None, None, None]
+    finally:
+        gc.enable()
 
 
 def test_the_recording_grid_folds_results_as_pulled_a_few_at_a_time(tmp_path: Path) -> None:
