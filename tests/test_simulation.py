@@ -118,14 +118,16 @@ def test_the_server_holds_no_model_when_round_1_begins(
     # weights beside the round's sum) until the cyclic collector ran.
     import medfed.server.app as server_app
 
-    def modules() -> int:
-        return sum(isinstance(o, torch.nn.Module) for o in gc.get_objects())
+    def modules() -> set[int]:
+        return {id(o) for o in gc.get_objects() if isinstance(o, torch.nn.Module)}
 
     seen: list[int] = []
+    frozen: list[int] = []
     run_rounds = server_app.run_rounds
 
     def counting(*args: object, **kwargs: object) -> object:
-        seen.append(modules())
+        seen.append(len(modules() - before))  # the run's own modules
+        frozen.append(gc.get_freeze_count())
         return run_rounds(*args, **kwargs)
 
     monkeypatch.setattr(server_app, "run_rounds", counting)
@@ -141,7 +143,9 @@ def test_the_server_holds_no_model_when_round_1_begins(
     finally:
         gc.enable()
     assert summary.status == "completed", summary.reason
-    assert seen == [before]
+    assert seen == [0]
+    # What existed before the run was left out of its collections, and is back after it.
+    assert frozen[0] >= len(before) and gc.get_freeze_count() == 0
 
 
 def test_sites_outside_the_sampled_rounds_get_nothing(tmp_path: Path) -> None:

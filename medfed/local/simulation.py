@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import json
 import logging
 import secrets
@@ -484,6 +485,25 @@ def _as_server_app(run_id: int) -> Iterator[None]:
         TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
+@contextlib.contextmanager
+def _collect_only_the_runs_objects() -> Iterator[None]:
+    """Leave what exists before the run out of the collections made during it.
+
+    As the ServerApp process does (``gc.freeze``): the round loop's collection after
+    every round then walks the run's objects, not torch's, MONAI's and Flower's
+    (0.23 s a round on the 2-core machine). A caller that froze objects itself keeps
+    them frozen.
+    """
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def _new_run_id(runs_dir: Path) -> int:
     """A random run id, as Flower's (a positive 63-bit integer), unused in ``runs_dir``."""
     while True:
@@ -598,7 +618,7 @@ def simulate(
     t0 = time.time()
     reason = "the run ended without a summary"
     try:
-        with folder.lock(), _as_server_app(run_id):
+        with folder.lock(), _as_server_app(run_id), _collect_only_the_runs_objects():
             run_in_folder(
                 grid, context, run, folder, runs_dir=runs_dir, transport="in memory (simulation)"
             )
