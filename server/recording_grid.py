@@ -30,9 +30,9 @@ def release_arrays(message: Message) -> None:
     """Drop the arrays a message carries, now.
 
     A Flower ``RecordDict`` whose ``array_records`` was read sits in a reference
-    cycle, so a folded reply, and the update it carries, would otherwise live on
-    until the cyclic collector runs: a round would hold a few updates at a time,
-    not one (server memory O(model), issue 21).
+    cycle, so a folded reply, and the update it carries, would otherwise stay in
+    memory beside the next reply until the cyclic collector next ran (server memory
+    O(model): the global model, the sum and one reply).
     """
     for record in message.content.array_records.values():
         record.clear()
